@@ -1,0 +1,129 @@
+//! `gpu-passthrough`: a thin command-line layer over the `gpu-passthrough` library.
+//!
+//! Each command group lives in its own module; this file holds the global flags and dispatch.
+
+mod host;
+mod initrd;
+mod output;
+mod versions;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Parser, Subcommand};
+
+/// Flags every command honours.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Global {
+    /// Machine-readable JSON output with stable field names.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (repeat for more).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Less output: errors only.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Registry file merged over the embedded default; repeatable, later files win.
+    #[arg(
+        long = "registry",
+        value_name = "FILE",
+        global = true,
+        env = "GPU_PASSTHROUGH_REGISTRY",
+        value_delimiter = ':'
+    )]
+    pub registries: Vec<PathBuf>,
+    /// Artifact and layer cache [default: $XDG_CACHE_HOME/gpu-passthrough, or
+    /// /var/cache/gpu-passthrough for root].
+    #[arg(
+        long,
+        value_name = "DIR",
+        global = true,
+        env = "GPU_PASSTHROUGH_CACHE_DIR"
+    )]
+    pub cache_dir: Option<PathBuf>,
+    /// Root of the sysfs tree to read and write (tests point this at a fake tree).
+    #[arg(long, value_name = "DIR", global = true, default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+    /// Where attachments and the bind journal are kept.
+    #[arg(
+        long,
+        value_name = "DIR",
+        global = true,
+        default_value = "/var/lib/gpu-passthrough"
+    )]
+    pub state_dir: PathBuf,
+}
+
+impl Global {
+    /// The cache directory, resolved from the flag, the environment, or the default.
+    pub fn cache_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.cache_dir {
+            return dir.clone();
+        }
+        if nix::unistd::Uid::effective().is_root() {
+            return PathBuf::from("/var/cache/gpu-passthrough");
+        }
+        match std::env::var_os("XDG_CACHE_HOME") {
+            Some(x) if !x.is_empty() => PathBuf::from(x).join("gpu-passthrough"),
+            _ => match std::env::var_os("HOME") {
+                Some(h) => PathBuf::from(h).join(".cache/gpu-passthrough"),
+                None => PathBuf::from("/var/cache/gpu-passthrough"),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gpu-passthrough",
+    version,
+    about = "Give virtual machines NVIDIA GPUs, safely"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The version registry: guest kernel releases and their pinned NVIDIA artifacts.
+    #[command(subcommand)]
+    Versions(versions::VersionsCommand),
+    /// Build, ensure and inspect initrd layers.
+    #[command(subcommand)]
+    Initrd(initrd::InitrdCommand),
+    /// Host readiness for GPU passthrough, with the fix for each failed check.
+    Doctor(host::DoctorArgs),
+    /// PCI devices that can be passed through (or all of them).
+    Devices(host::DevicesArgs),
+    /// What attach would do, without doing it.
+    Plan(host::PlanArgs),
+    /// Bind devices to vfio-pci for an owner and print the VM's boot spec.
+    Attach(host::AttachArgs),
+    /// Give every device of an owner back to its original driver.
+    Detach(host::DetachArgs),
+    /// Repair what a crash left behind: half-done binds and attachments whose owner is gone.
+    Reconcile(host::ReconcileArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    output::init_logging(&cli.global);
+    let result = match &cli.command {
+        Command::Versions(c) => versions::run(&cli.global, c),
+        Command::Initrd(c) => initrd::run(&cli.global, c),
+        Command::Doctor(a) => host::doctor(&cli.global, a),
+        Command::Devices(a) => host::devices(&cli.global, a),
+        Command::Plan(a) => host::plan(&cli.global, a),
+        Command::Attach(a) => host::attach(&cli.global, a),
+        Command::Detach(a) => host::detach(&cli.global, a),
+        Command::Reconcile(a) => host::reconcile(&cli.global, a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => output::report_error(&cli.global, &err),
+    }
+}

@@ -1,0 +1,97 @@
+//! Output shared by every command: logging set-up, JSON or human printing, and errors as
+//! messages with a hint and an exit code.
+
+use std::process::ExitCode;
+
+use serde::Serialize;
+
+use crate::Global;
+
+/// Exit codes, stable for scripts.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// A general failure (I/O, network, bad input).
+    pub const FAILURE: u8 = 1;
+    /// Verification failed: a digest, a module check, a pin that no longer matches.
+    pub const VERIFY: u8 = 3;
+    /// The request was refused by a safety check (plan refusals, unpinned artifacts).
+    pub const REFUSED: u8 = 4;
+    /// A host readiness check failed (doctor).
+    pub const NOT_READY: u8 = 5;
+}
+
+/// An error that carries its own exit code; anything else exits with [`exit::FAILURE`].
+#[derive(Debug)]
+pub struct Failure {
+    /// Process exit code.
+    pub code: u8,
+    /// The underlying error.
+    pub error: anyhow::Error,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Wrap an error with an exit code.
+pub fn fail(code: u8, error: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(Failure {
+        code,
+        error: error.into(),
+    })
+}
+
+/// Set up `tracing` on stderr according to `-v`/`-q`.
+pub fn init_logging(global: &Global) {
+    let level = if global.quiet {
+        "error"
+    } else {
+        match global.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GPU_PASSTHROUGH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .try_init();
+}
+
+/// Print `value` as pretty JSON when `--json`, else call `human` to print it for people.
+pub fn emit<T: Serialize>(
+    global: &Global,
+    value: &T,
+    human: impl FnOnce(&T),
+) -> anyhow::Result<()> {
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human(value);
+    }
+    Ok(())
+}
+
+/// Print an error (as JSON on stdout with `--json`, else on stderr) and pick the exit code.
+pub fn report_error(global: &Global, err: &anyhow::Error) -> ExitCode {
+    let code = err
+        .downcast_ref::<Failure>()
+        .map_or(exit::FAILURE, |f| f.code);
+    let message = format!("{err:#}");
+    if global.json {
+        let body = serde_json::json!({ "error": message, "exit_code": code });
+        println!("{body}");
+    } else {
+        eprintln!("error: {message}");
+    }
+    ExitCode::from(code)
+}

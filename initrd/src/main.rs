@@ -1,0 +1,2 @@
+//! `gpu-init`: the guest init. To be written.
+fn main() {}

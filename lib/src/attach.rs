@@ -1,0 +1,1 @@
+//! `attach`: to be written.

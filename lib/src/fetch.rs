@@ -1,0 +1,1 @@
+//! `fetch`: to be written.

@@ -1,0 +1,1 @@
+//! `initrd`: to be written.

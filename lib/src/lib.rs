@@ -1,0 +1,24 @@
+//! `gpu-passthrough`: everything a VM platform's control plane embeds to give a guest an NVIDIA GPU.
+//!
+//! One module per concern (see `DESIGN.md`):
+//! - [`registry`]: guest kernel release → NVIDIA driver → pinned artifacts.
+//! - [`fetch`]: download into a content-addressed cache, verifying sha256 while streaming.
+//! - [`archive`]: read tar archives safely; write and read deterministic cpio (newc) archives.
+//! - [`modinfo`]: kernel module metadata from a `.ko`'s ELF `.modinfo` section.
+//! - [`initrd`]: build the base, GPU and combined initrd layers.
+//! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
+//! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
+//! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
+//!
+//! The library never prints: it returns typed results and typed errors, and reports progress
+//! through callbacks the caller supplies.
+#![deny(missing_docs)]
+
+pub mod archive;
+pub mod attach;
+pub mod fetch;
+pub mod initrd;
+pub mod modinfo;
+pub mod pci;
+pub mod registry;
+pub mod vmm;

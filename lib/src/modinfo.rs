@@ -1,0 +1,1 @@
+//! `modinfo`: to be written.

@@ -1,0 +1,1 @@
+//! `pci`: to be written.

@@ -1,0 +1,1 @@
+//! `vmm`: to be written.

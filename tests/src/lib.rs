@@ -1,0 +1,1 @@
+//! Shared test support: fixtures lookup, a loopback HTTP mirror, fake sysfs trees.
