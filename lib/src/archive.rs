@@ -1,1 +1,0 @@
-//! `archive`: to be written.

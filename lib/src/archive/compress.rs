@@ -1,0 +1,1 @@
+//! Output compression for initrd layers: none, legacy-frame LZ4, zstd, gzip. To be written.
