@@ -194,6 +194,14 @@ pub fn inject_libraries(
     }
     report.dir = Some(dir);
 
+    // ld.so.conf.d is only read through an `include` in ld.so.conf; a root without one gets
+    // Debian's default.
+    let main_conf = in_root(root, "/etc/ld.so.conf");
+    if !main_conf.exists() {
+        std::fs::create_dir_all(in_root(root, "/etc")).map_err(io("create", Path::new("/etc")))?;
+        std::fs::write(&main_conf, "include /etc/ld.so.conf.d/*.conf\n")
+            .map_err(io("write", Path::new("/etc/ld.so.conf")))?;
+    }
     let conf = in_root(root, LD_SO_CONF);
     if let Some(parent) = conf.parent() {
         std::fs::create_dir_all(parent).map_err(io("create", Path::new("/etc/ld.so.conf.d")))?;
