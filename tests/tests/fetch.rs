@@ -426,3 +426,29 @@ fn four_processes_fetching_one_artifact_leave_one_valid_file() {
     assert_eq!(tmp_entries(cache.path()), 0);
     assert_eq!(mirror.hits(PATH), 1);
 }
+
+#[test]
+fn a_corrupt_partial_file_is_discarded_and_the_download_restarted() {
+    let body = payload(120_000);
+    let digest = Sha256Digest::of(&body);
+    let mirror = Mirror::files([(PATH, body.clone())]);
+    let cache = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher::new(cache.path(), options()).unwrap();
+    // What a crash mid-download from a bad mirror would leave behind.
+    let partial = cache
+        .path()
+        .join("artifacts/tmp")
+        .join(format!("{digest}.partial"));
+    fs::write(&partial, vec![0u8; 50_000]).unwrap();
+    let a = artifact(vec![mirror.url(PATH)], Some(digest), None);
+
+    let got = fetcher
+        .fetch(&release(), Arch::X86_64, &a, &NoProgress)
+        .unwrap();
+    assert_eq!(fs::read(&got.path).unwrap(), body);
+    let log = mirror.requests();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0].range.as_deref(), Some("bytes=50000-"));
+    assert_eq!(log[1].range, None, "the retry starts from zero");
+    assert_eq!(tmp_entries(cache.path()), 0);
+}
