@@ -296,6 +296,11 @@ fn enodev_is_no_gpu_and_dependents_are_skipped_not_tried() {
     );
     assert!(report.nodes.is_empty());
     assert_eq!(report.gpus, 0);
+    assert_eq!(
+        report.cdi, None,
+        "no CDI spec for a driver that did not load"
+    );
+    assert!(!guest.root.join("etc/cdi/nvidia.json").exists());
     let v = json(&report);
     assert_eq!(v["status"], "failed");
     assert_eq!(v["modules"][0]["class"], "no_gpu");
