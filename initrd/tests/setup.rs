@@ -483,9 +483,18 @@ fn the_drivers_libcuda_wins_over_the_workloads_own_which_is_kept() {
     let theirs = b"workload libcuda 470.57.02";
     std::fs::write(libdir.join("libcuda.so.470.57.02"), theirs).unwrap();
     std::os::unix::fs::symlink("libcuda.so.470.57.02", libdir.join("libcuda.so.1")).unwrap();
+    // A second copy on the loader's default path, outside the chosen library dir.
+    std::fs::create_dir_all(guest.root.join("usr/lib")).unwrap();
+    std::fs::write(guest.root.join("usr/lib/libcuda.so.1"), b"another libcuda").unwrap();
     let report = run(&guest, &FakeKernel::new(&guest));
     assert_eq!(report.status, Status::Ok, "{}", report.line());
-    assert_eq!(report.libraries.shadowed.len(), 1);
+    assert_eq!(
+        report.libraries.shadowed.len(),
+        2,
+        "{:?}",
+        report.libraries.shadowed
+    );
+    assert_eq!(report.libraries.shadowed[1].file, "/usr/lib/libcuda.so.1");
     assert_eq!(report.libraries.shadowed[0].soname, "libcuda.so.1");
     assert_eq!(
         report.libraries.shadowed[0].file,
@@ -502,7 +511,12 @@ fn the_drivers_libcuda_wins_over_the_workloads_own_which_is_kept() {
         json(&report)["libraries"]["shadowed"][0]["file"],
         "/usr/lib/x86_64-linux-gnu/libcuda.so.470.57.02"
     );
+    assert!(std::fs::read(guest.root.join("usr/lib/libcuda.so.1")).unwrap() == ours);
     guest.unmount_all();
+    assert_eq!(
+        std::fs::read(guest.root.join("usr/lib/libcuda.so.1")).unwrap(),
+        b"another libcuda"
+    );
     assert_eq!(
         std::fs::read(libdir.join("libcuda.so.470.57.02")).unwrap(),
         theirs,
