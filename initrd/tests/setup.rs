@@ -541,3 +541,50 @@ fn has_gpu_without_a_gpu_layer_is_a_classified_failure() {
     let report = setup::run(&ctx, &kernel);
     assert_eq!(report.error.as_ref().unwrap().class, "bad_manifest");
 }
+
+#[test]
+fn an_ldconfig_that_cannot_run_is_failed_and_degraded() {
+    let guest = Guest::new(RootKind::Debian, 1);
+    // A dynamically linked program cannot start in a root without its loader.
+    let ldconfig = guest.root.join("usr/sbin/ldconfig");
+    std::fs::remove_file(&ldconfig).unwrap();
+    std::fs::copy("/bin/false", &ldconfig).unwrap();
+    let report = run(&guest, &FakeKernel::new(&guest));
+    assert_eq!(report.libraries.ldconfig, LdconfigStatus::Failed);
+    assert_eq!(report.status, Status::Degraded);
+    assert!(
+        report
+            .libraries
+            .ldconfig_message
+            .as_deref()
+            .unwrap()
+            .contains("/sbin/ldconfig")
+    );
+    assert_eq!(json(&report)["libraries"]["ldconfig"], "failed");
+}
+
+#[test]
+fn mig_capability_nodes_are_made_when_the_driver_registers_them() {
+    let guest = Guest::new(RootKind::Debian, 1);
+    std::fs::write(
+        guest.proc_root.join("devices"),
+        "Character devices:\n195 nvidia-frontend\n236 nvidia-uvm\n237 nvidia-caps\n\nBlock devices:\n",
+    )
+    .unwrap();
+    let caps = guest.proc_root.join("driver/nvidia/capabilities/mig");
+    std::fs::create_dir_all(&caps).unwrap();
+    std::fs::write(
+        caps.join("config"),
+        "DeviceFileMinor: 1\nDeviceFileMode: 256\n",
+    )
+    .unwrap();
+    std::fs::write(
+        caps.join("monitor"),
+        "DeviceFileMinor: 2\nDeviceFileMode: 292\n",
+    )
+    .unwrap();
+    let report = run(&guest, &FakeKernel::new(&guest));
+    assert_eq!(report.status, Status::Ok, "{}", report.line());
+    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap1"), 237, 1);
+    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap2"), 237, 2);
+}
