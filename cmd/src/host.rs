@@ -15,6 +15,9 @@ use gpu_passthrough::registry::ModuleFlavor;
 use crate::Global;
 use crate::output::{emit, exit, fail};
 
+/// Exit code of success.
+const SUCCESS: u8 = 0;
+
 /// Options shared by the host commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HostOpts {
@@ -218,7 +221,7 @@ pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(if report.verdict == CheckStatus::Fail {
         exit::NOT_READY
     } else {
-        exit::OK
+        SUCCESS
     }))
 }
 
@@ -272,7 +275,7 @@ pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> 
             }
         }
     })?;
-    Ok(ExitCode::from(exit::OK))
+    Ok(ExitCode::from(SUCCESS))
 }
 
 fn join(list: &[PciAddress]) -> String {
@@ -317,7 +320,7 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let plan = h.plan(&req).map_err(attach_error)?;
     emit(global, &plan, print_plan)?;
     Ok(ExitCode::from(if plan.refusals.is_empty() {
-        exit::OK
+        SUCCESS
     } else {
         exit::REFUSED
     }))
@@ -357,7 +360,7 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
             println!("note: {h}");
         }
     })?;
-    Ok(ExitCode::from(exit::OK))
+    Ok(ExitCode::from(SUCCESS))
 }
 
 /// `detach`: devices back to their original drivers.
@@ -377,7 +380,7 @@ pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
             println!("removed mdev {m}");
         }
     })?;
-    Ok(ExitCode::from(exit::OK))
+    Ok(ExitCode::from(SUCCESS))
 }
 
 /// `reconcile`: repair what crashes left behind.
@@ -411,7 +414,7 @@ pub fn reconcile(global: &Global, args: &ReconcileArgs) -> anyhow::Result<ExitCo
         }
     })?;
     Ok(ExitCode::from(if report.errors.is_empty() {
-        exit::OK
+        SUCCESS
     } else {
         exit::FAILURE
     }))

@@ -198,7 +198,6 @@ impl Host {
                 None
             };
             self.set_step(j, t, i, Step::Verified)?;
-            failpoint("after-verify");
             if rec.passed {
                 let dev = self.sysfs.device(rec.device)?;
                 boot.push(BootDevice {
@@ -213,6 +212,7 @@ impl Host {
                 });
             }
         }
+        failpoint("after-verify");
         Ok(boot)
     }
 
