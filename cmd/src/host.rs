@@ -10,7 +10,7 @@ use gpu_passthrough::attach::{
     AttachError, AttachRequest, CheckStatus, Host, Owner, PidLiveness, Plan, PlanRequest,
 };
 use gpu_passthrough::pci::PciAddress;
-use gpu_passthrough::registry::ModuleFlavor;
+use gpu_passthrough::registry::{ModuleFlavor, Registry};
 
 use crate::Global;
 use crate::output::{emit, exit, fail};
@@ -149,19 +149,21 @@ fn addresses(list: &[String]) -> anyhow::Result<Vec<PciAddress>> {
         .collect()
 }
 
-/// HOOK (lead): resolve `--release` through the registry (its module flavor) and run
-/// `initrd ensure` for it (the combined layer to boot). Until then the flavor comes from
-/// `--flavor` and the initrd from `--initrd`.
+/// Resolve `--release` through the registry: its module flavor decides the open-module check
+/// (`--flavor` overrides it).
+///
+/// HOOK (lead): also run `initrd ensure` for the release here and return the combined layer's
+/// path, so that the boot spec names the initrd; until then it comes from `--initrd`.
 fn resolve_release(
-    _global: &Global,
+    global: &Global,
     sel: &Selection,
 ) -> anyhow::Result<(Option<ModuleFlavor>, Option<PathBuf>)> {
-    if let Some(r) = &sel.release
-        && sel.flavor.is_none()
-    {
-        tracing::warn!("--release {r} is not resolved through the registry yet: pass --flavor");
-    }
-    Ok((sel.flavor, None))
+    let Some(name) = &sel.release else {
+        return Ok((sel.flavor, None));
+    };
+    let registry = Registry::load(&global.registries)?;
+    let release = registry.release(name)?;
+    Ok((sel.flavor.or(release.module_flavor), None))
 }
 
 fn plan_request(

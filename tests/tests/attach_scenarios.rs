@@ -388,7 +388,7 @@ fn vgpu_host_creates_and_removes_only_its_mdev() {
         .join("bus/pci/devices/0000:3d:00.0/mdev_supported_types/nvidia-735/available_instances");
     assert_eq!(std::fs::read_to_string(&avail).unwrap().trim(), "3");
     let r = host.detach(&owner("vm-v")).unwrap();
-    assert_eq!(r.removed_mdevs, [uuid.clone()]);
+    assert_eq!(r.removed_mdevs, std::slice::from_ref(&uuid));
     assert!(!h.sys.join("bus/mdev/devices").join(&uuid).exists());
     assert!(foreign.exists());
     assert_eq!(std::fs::read_to_string(&avail).unwrap().trim(), "4");

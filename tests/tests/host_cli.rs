@@ -203,3 +203,45 @@ fn doctor_reports_each_check_and_fails_without_iommu() {
     assert_eq!(by_name("gpu 0000:01:00.0")["status"], "warn");
     assert_eq!(r["verdict"], "fail");
 }
+
+#[test]
+fn the_control_plane_example_attaches_and_detaches() {
+    let h = sysfs::server_8gpu();
+    let exe = cli_binary()
+        .parent()
+        .unwrap()
+        .join("examples/control_plane");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "gpu-passthrough",
+            "--example",
+            "control_plane",
+        ])
+        .status()
+        .unwrap();
+    assert!(built.success());
+    let out = Command::new(exe)
+        .args([&h.sys, &h.state, &h.dev].map(|p| p.to_str().unwrap()))
+        .arg("2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = json(&out);
+    assert_eq!(config["devices"].as_array().unwrap().len(), 2);
+    assert!(
+        config["payload"]["cmdline"]
+            .as_str()
+            .unwrap()
+            .ends_with("HAS_GPU=1")
+    );
+    assert!(h.journal_clean());
+    assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
+}
