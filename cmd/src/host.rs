@@ -267,6 +267,12 @@ pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> 
             if !d.iommu_group_members.is_empty() {
                 println!("    group members: {}", join(&d.iommu_group_members));
             }
+            if let Some(total) = dev.sriov_total_vfs {
+                println!(
+                    "    SR-IOV: {} of {total} virtual functions enabled",
+                    dev.sriov_num_vfs.unwrap_or(0)
+                );
+            }
             for m in &dev.mdev_types {
                 println!(
                     "    mdev type {} ({}): {} available",
@@ -347,6 +353,13 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
                 d.sysfs_path.display(),
                 d.iommu_group.map_or("-".to_owned(), |g| g.to_string()),
                 d.vfio_device.display()
+            );
+        }
+        if !s.held_devices.is_empty() {
+            let held: Vec<String> = s.held_devices.iter().map(|a| a.to_string()).collect();
+            println!(
+                "held for group viability (not given to the VM): {}",
+                held.join(" ")
             );
         }
         println!("kernel command line: {}", s.kernel_cmdline.join(" "));

@@ -459,3 +459,36 @@ fn owners_are_validated() {
     assert_eq!(owner("pid:42").pid(), Some(42));
     assert_eq!(owner("vm-1@host").pid(), None);
 }
+
+#[test]
+fn a_named_group_member_moves_and_other_members_are_held_not_passed() {
+    let h = sysfs::shared_group();
+    // An unused USB controller in the GPU's group: moved for viability, not given to the VM.
+    h.add(sysfs::FakeDevice::new("0000:05:00.0", 0x1b21, 0x2142, 0x0c0330).group(7));
+    let spec = h
+        .host()
+        .attach(&AttachRequest {
+            plan: req(&["0000:02:00.0", "0000:03:00.0"]),
+            owner: owner("vm-g"),
+            initrd: None,
+        })
+        .unwrap();
+    let passed: Vec<String> = spec
+        .devices
+        .iter()
+        .map(|d| d.address.unwrap().to_string())
+        .collect();
+    // GPUs first, then the other requested devices, then companions.
+    assert_eq!(passed, ["0000:02:00.0", "0000:03:00.0", "0000:02:00.1"]);
+    assert_eq!(spec.held_devices, [a("0000:05:00.0")]);
+    assert_eq!(h.driver("0000:05:00.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        h.driver("0000:00:1c.0").as_deref(),
+        Some("pcieport"),
+        "bridges stay"
+    );
+    h.host().detach(&owner("vm-g")).unwrap();
+    assert_eq!(h.driver("0000:05:00.0"), None, "it had no driver");
+    assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("igb"));
+    assert!(h.journal_clean());
+}
