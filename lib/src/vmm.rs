@@ -215,6 +215,7 @@ mod tests {
                 gpu("0000:18:00.0", 128 << 30),
                 gpu("0000:2a:00.0", 128 << 30),
             ],
+            Vec::new(),
             None,
         );
         assert!(s.cloud_hypervisor.args[1].ends_with(",x_nv_gpudirect_clique=0"));
