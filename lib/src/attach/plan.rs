@@ -417,7 +417,20 @@ impl Host {
                 owner,
             })
         };
-        if let Some(owner) = state.owner_of(addr) {
+        if let Some(t) = state
+            .transactions
+            .iter()
+            .find(|t| t.devices.iter().any(|d| d.device == addr))
+        {
+            refuse(
+                RefusalReason::AttachedToOwner,
+                format!(
+                    "{addr} is in a transaction for owner {} that did not finish (pid {}): if that process is gone, run `gpu-passthrough reconcile`",
+                    t.owner, t.pid
+                ),
+                Some(t.owner.clone()),
+            );
+        } else if let Some(owner) = state.owner_of(addr) {
             let whose = if req.owner.as_ref() == Some(owner) {
                 " (this owner already holds it)"
             } else {
