@@ -362,7 +362,11 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
                 held.join(" ")
             );
         }
-        println!("kernel command line: {}", s.kernel_cmdline.join(" "));
+        if s.kernel_cmdline.is_empty() {
+            println!("kernel command line: (nothing to add: no GPU among the devices)");
+        } else {
+            println!("kernel command line: {}", s.kernel_cmdline.join(" "));
+        }
         if let Some(i) = &s.initrd {
             println!("initrd: {}", i.display());
         }
@@ -420,6 +424,9 @@ pub fn reconcile(global: &Global, args: &ReconcileArgs) -> anyhow::Result<ExitCo
         }
         for d in &r.released {
             println!("released {} ({} devices)", d.owner, d.restored.len());
+        }
+        for o in &r.kept_alive {
+            println!("kept {o}: still exists");
         }
         for o in &r.kept_unknown {
             println!("kept {o}: cannot tell whether it is gone (use --gone {o})");
