@@ -12,6 +12,7 @@ use gpu_passthrough::registry::{Arch, Registry};
 
 use crate::Global;
 use crate::output::{self, exit};
+use crate::progress::DownloadBar;
 
 /// Initrd commands.
 #[derive(Debug, clap::Subcommand)]
@@ -83,7 +84,7 @@ fn build(global: &Global, args: &BuildArgs, reuse: bool) -> anyhow::Result<ExitC
     let cache = global.cache_dir();
     let fetcher = Fetcher::new(&cache, FetchOptions::default())?;
     let builder = InitrdBuilder::new(&cache, &fetcher);
-    let progress = gpu_passthrough::fetch::NoProgress;
+    let progress = DownloadBar::new(global);
     let result = if reuse {
         builder.ensure(release, &options, &progress)
     } else {
