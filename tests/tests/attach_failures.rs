@@ -103,87 +103,95 @@ fn cli(h: &FakeHost, args: &[&str], failpoint: Option<&str>) -> std::process::Ou
     cmd.output().expect("run the CLI")
 }
 
-/// The CLI process aborted at every failpoint of attach (and of a rollback and a detach);
-/// reconcile (then detach, for the cases past the point of no return) restores everything.
-#[test]
-fn a_crash_at_every_step_is_repaired_by_reconcile() {
-    let mut cases = 0;
-    for fp in FAILPOINTS {
-        if fp == "after-mdev-create" {
-            continue; // covered by the vGPU case below
-        }
-        let h = sysfs::workstation();
-        let attach = ["attach", GPU, "--owner", "vm-crash"];
-        if fp == "mid-rollback" {
-            h.inject("fail-once verify");
-        }
-        if fp == "mid-detach" {
-            let out = cli(&h, &attach, None);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let out = cli(&h, &["detach", "--owner", "vm-crash"], Some(fp));
-            assert_eq!(out.status.code(), None, "{fp}: detach must be killed");
-            // Half detached: the attachment is still recorded, detach again finishes.
-            let out = cli(&h, &["detach", "--owner", "vm-crash"], None);
-            assert!(
-                out.status.success(),
-                "{fp}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert_original(&h, fp);
-            cases += 1;
-            continue;
-        }
-        let out = cli(&h, &attach, Some(fp));
-        assert_eq!(
-            out.status.code(),
-            None,
-            "{fp}: the CLI must be killed, got {:?}",
-            out.status
+/// One crash case on its own fake tree (cases run in parallel threads).
+fn crash_case(fp: &str) {
+    let h = sysfs::workstation();
+    let attach = ["attach", GPU, "--owner", "vm-crash"];
+    if fp == "mid-rollback" {
+        h.inject("fail-once verify");
+    }
+    if fp == "mid-detach" {
+        let out = cli(&h, &attach, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        h.clear_faults();
-        if fp == "after-unbind" {
-            // Until reconcile runs, the half-done device is refused with the fix.
-            let out = cli(&h, &["attach", GPU, "--owner", "vm-other"], None);
-            assert_eq!(out.status.code(), Some(4));
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                err.contains("did not finish") && err.contains("reconcile"),
-                "{err}"
-            );
-        }
-        let out = cli(&h, &["--json", "reconcile"], None);
+        let out = cli(&h, &["detach", "--owner", "vm-crash"], Some(fp));
+        assert_eq!(out.status.code(), None, "{fp}: detach must be killed");
+        // Half detached: the attachment is still recorded, detach again finishes.
+        let out = cli(&h, &["detach", "--owner", "vm-crash"], None);
         assert!(
             out.status.success(),
             "{fp}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let past_point_of_no_return = matches!(fp, "after-verify" | "after-commit");
-        if past_point_of_no_return {
-            if fp == "after-verify" {
-                assert_eq!(report["finished"][0], "vm-crash", "{fp}: {report}");
-            }
-            assert_eq!(h.driver(GPU).as_deref(), Some("vfio-pci"), "{fp}");
-            assert_eq!(report["kept_unknown"][0], "vm-crash", "{fp}: {report}");
-            let out = cli(&h, &["detach", "--owner", "vm-crash"], None);
-            assert!(
-                out.status.success(),
-                "{fp}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        } else {
-            assert!(
-                report["finished"].as_array().unwrap().is_empty(),
-                "{fp}: {report}"
-            );
-        }
         assert_original(&h, fp);
-        cases += 1;
+        return;
     }
+    let out = cli(&h, &attach, Some(fp));
+    assert_eq!(
+        out.status.code(),
+        None,
+        "{fp}: the CLI must be killed, got {:?}",
+        out.status
+    );
+    h.clear_faults();
+    if fp == "after-unbind" {
+        // Until reconcile runs, the half-done device is refused with the fix.
+        let out = cli(&h, &["attach", GPU, "--owner", "vm-other"], None);
+        assert_eq!(out.status.code(), Some(4));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("did not finish") && err.contains("reconcile"),
+            "{err}"
+        );
+    }
+    let out = cli(&h, &["--json", "reconcile"], None);
+    assert!(
+        out.status.success(),
+        "{fp}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let past_point_of_no_return = matches!(fp, "after-verify" | "after-commit");
+    if past_point_of_no_return {
+        if fp == "after-verify" {
+            assert_eq!(report["finished"][0], "vm-crash", "{fp}: {report}");
+        }
+        assert_eq!(h.driver(GPU).as_deref(), Some("vfio-pci"), "{fp}");
+        assert_eq!(report["kept_unknown"][0], "vm-crash", "{fp}: {report}");
+        let out = cli(&h, &["detach", "--owner", "vm-crash"], None);
+        assert!(
+            out.status.success(),
+            "{fp}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        assert!(
+            report["finished"].as_array().unwrap().is_empty(),
+            "{fp}: {report}"
+        );
+    }
+    assert_original(&h, fp);
+}
+
+/// The CLI process aborted at every failpoint of attach (and of a rollback and a detach);
+/// reconcile (then detach, for the cases past the point of no return) restores everything.
+#[test]
+fn a_crash_at_every_step_is_repaired_by_reconcile() {
+    let mut cases = 0;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = FAILPOINTS
+            .iter()
+            .filter(|fp| **fp != "after-mdev-create") // the vGPU case below
+            .map(|fp| s.spawn(move || crash_case(fp)))
+            .collect();
+        for h in handles {
+            h.join().expect("crash case passed");
+            cases += 1;
+        }
+    });
     // vGPU: killed right after the mdev was created; reconcile removes it.
     let h = sysfs::vgpu_host();
     let out = cli(
