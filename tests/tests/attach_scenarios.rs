@@ -108,6 +108,8 @@ fn workstation_plan_moves_gpu_with_its_audio_and_refuses_boot_vga() {
         })
         .unwrap();
     assert!(allowed.refusals.is_empty());
+    let bridge = h.host().plan(&req(&["0000:00:01.0"])).unwrap();
+    assert_eq!(reasons(&bridge), [RefusalReason::Bridge]);
     let missing = h.host().plan(&req(&["0000:09:00.0"])).unwrap();
     assert_eq!(reasons(&missing), [RefusalReason::NoSuchDevice]);
 }

@@ -66,6 +66,8 @@ pub enum RefusalReason {
     OpenSupportUnknown,
     /// The mdev type is not offered or has no free instance.
     MdevUnavailable,
+    /// A bridge was asked for: bridges stay with the host.
+    Bridge,
 }
 
 /// A refusal: the device, the reason, and a message with the fix.
@@ -449,6 +451,15 @@ impl Host {
                 RefusalReason::NoIommuGroup,
                 format!(
                     "{addr} has no IOMMU group: check that the IOMMU covers this device (dmesg | grep -i iommu)"
+                ),
+                None,
+            );
+        }
+        if d.kind == DeviceKind::Bridge {
+            refuse(
+                RefusalReason::Bridge,
+                format!(
+                    "{addr} is a PCI bridge: bridges stay with the host; name the devices behind it instead"
                 ),
                 None,
             );
