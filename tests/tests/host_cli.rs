@@ -1,0 +1,361 @@
+//! The host commands as a user runs them: exit codes, JSON field names, messages.
+
+use std::process::{Command, Output};
+
+use gpu_passthrough_tests::fixtures;
+use gpu_passthrough_tests::sysfs::{self, FakeHost, cli_binary};
+
+fn run(h: &FakeHost, args: &[&str]) -> Output {
+    Command::new(cli_binary())
+        .args(h.cli_args())
+        .args(args)
+        .args(["--dev-dir", h.dev.to_str().unwrap()])
+        .env_remove("GPU_PASSTHROUGH_FAILPOINT")
+        .output()
+        .expect("run the CLI")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn malformed_addresses_are_refused_before_touching_anything() {
+    let h = sysfs::workstation();
+    for bad in [
+        "../../../etc/passwd",
+        "0000:01:00.8",
+        "1:0.0",
+        "0000:01:00.0/x",
+    ] {
+        let out = run(&h, &["plan", bad]);
+        assert_eq!(out.status.code(), Some(4), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is not a PCI address") && err.contains("DDDD:BB:DD.F"),
+            "{err}"
+        );
+    }
+    let out = run(&h, &["attach", "0000:01:00.0", "--owner", "../x"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid owner"));
+    assert!(h.journal().is_none(), "nothing was written");
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
+}
+
+#[test]
+fn devices_json_has_stable_fields() {
+    let h = sysfs::workstation();
+    let gpus = fixtures::path(fixtures::SUPPORTED_GPUS);
+    let out = run(
+        &h,
+        &[
+            "--json",
+            "devices",
+            "--supported-gpus",
+            gpus.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success());
+    let list = json(&out);
+    let gpu = &list[1];
+    assert_eq!(gpu["address"], "0000:01:00.0");
+    assert_eq!(gpu["vendor_id"], 0x10de);
+    assert_eq!(gpu["device_name"], "NVIDIA GeForce RTX 4090");
+    assert_eq!(gpu["driver"], "nvidia");
+    assert_eq!(gpu["iommu_group"], 12);
+    assert_eq!(gpu["numa_node"], 0);
+    assert_eq!(gpu["boot_vga"], false);
+    assert_eq!(gpu["reset_methods"], serde_json::json!(["flr", "bus"]));
+    assert_eq!(gpu["companions"], serde_json::json!(["0000:01:00.1"]));
+    assert_eq!(gpu["ready"], true);
+    assert_eq!(list[0]["ready"], false);
+    let human = run(&h, &["devices"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("0000:01:00.0") && text.contains("ready"),
+        "{text}"
+    );
+    assert!(
+        text.contains("not ready: 0000:00:02.0 is the boot display"),
+        "{text}"
+    );
+}
+
+#[test]
+fn plan_prints_writes_and_exits_4_on_refusal() {
+    let h = sysfs::shared_group();
+    let out = run(&h, &["plan", "0000:02:00.0"]);
+    assert_eq!(out.status.code(), Some(4));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("REFUSED: 0000:03:00.0"), "{text}");
+    assert!(text.contains("bus/pci/drivers/igb/unbind"), "{text}");
+    let ok = run(&h, &["--json", "plan", "0000:02:00.0", "0000:03:00.0"]);
+    assert_eq!(ok.status.code(), Some(0));
+    let plan = json(&ok);
+    assert_eq!(plan["devices"].as_array().unwrap().len(), 3);
+    assert_eq!(plan["writes"].as_array().unwrap().len(), 9);
+    assert_eq!(plan["refusals"], serde_json::json!([]));
+}
+
+#[test]
+fn attach_prints_the_boot_spec_and_detach_restores() {
+    let h = sysfs::workstation();
+    let out = run(
+        &h,
+        &[
+            "attach",
+            "0000:01:00.0",
+            "--owner",
+            "vm-7",
+            "--vmm",
+            "qemu",
+            "--initrd",
+            "/c/i.img",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kernel command line: HAS_GPU=1"), "{text}");
+    assert!(
+        text.contains("-device vfio-pci,host=0000:01:00.0 -device vfio-pci,host=0000:01:00.1"),
+        "{text}"
+    );
+    assert!(text.contains("initrd: /c/i.img"));
+    let again = run(&h, &["--json", "attach", "0000:01:00.0", "--owner", "vm-8"]);
+    assert_eq!(again.status.code(), Some(4));
+    assert!(json(&again)["error"].as_str().unwrap().contains("vm-7"));
+    let out = run(&h, &["--json", "detach", "--owner", "vm-7"]);
+    assert!(out.status.success());
+    let r = json(&out);
+    assert_eq!(r["restored"][0]["device"], "0000:01:00.1");
+    assert_eq!(r["restored"][1]["driver"], "nvidia");
+    assert!(h.journal_clean());
+    let out = run(&h, &["detach", "--owner", "vm-7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vm-7 has no attached devices"));
+}
+
+#[test]
+fn attach_json_has_both_vmm_configs() {
+    let h = sysfs::server_8gpu();
+    let out = run(&h, &["--json", "attach", "--gpus", "2", "--owner", "vm-9"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = json(&out);
+    assert_eq!(spec["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(spec["devices"][0]["iommu_group"], 20);
+    let ch = &spec["cloud_hypervisor"]["vm_config_devices"];
+    assert_eq!(ch[0]["x_nv_gpudirect_clique"], 0);
+    assert!(
+        ch[0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("/bus/pci/devices/0000:18:00.0/")
+    );
+    assert!(
+        spec["qemu"]["args"][1]
+            .as_str()
+            .unwrap()
+            .ends_with("x-nv-gpudirect-clique=0")
+    );
+    assert!(spec["mmio"]["bar64_bytes"].as_u64().unwrap() > 256 << 30);
+    assert_eq!(spec["kernel_cmdline"], serde_json::json!(["HAS_GPU=1"]));
+}
+
+#[test]
+fn doctor_reports_each_check_and_fails_without_iommu() {
+    let h = sysfs::iommu_off();
+    let out = run(&h, &["--json", "doctor"]);
+    assert_eq!(out.status.code(), Some(5));
+    let r = json(&out);
+    let by_name = |n: &str| {
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no check {n}: {r}"))
+    };
+    assert_eq!(by_name("iommu")["status"], "fail");
+    assert!(
+        by_name("iommu")["fix"]
+            .as_str()
+            .unwrap()
+            .contains("intel_iommu=on")
+    );
+    assert_eq!(by_name("vfio_pci")["status"], "ok");
+    assert_eq!(by_name("vfio_container")["status"], "ok");
+    assert_eq!(
+        by_name("kvm")["status"],
+        "fail",
+        "the fake dev dir has no kvm"
+    );
+    assert_eq!(by_name("gpu 0000:01:00.0")["status"], "warn");
+    assert_eq!(r["verdict"], "fail");
+}
+
+#[test]
+fn the_control_plane_example_attaches_and_detaches() {
+    let h = sysfs::server_8gpu();
+    let exe = cli_binary()
+        .parent()
+        .unwrap()
+        .join("examples/control_plane");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "gpu-passthrough",
+            "--example",
+            "control_plane",
+        ])
+        .status()
+        .unwrap();
+    assert!(built.success());
+    let out = Command::new(exe)
+        .args([&h.sys, &h.state, &h.dev].map(|p| p.to_str().unwrap()))
+        .arg("2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = json(&out);
+    assert_eq!(config["devices"].as_array().unwrap().len(), 2);
+    assert!(
+        config["payload"]["cmdline"]
+            .as_str()
+            .unwrap()
+            .ends_with("HAS_GPU=1")
+    );
+    assert!(h.journal_clean());
+    assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
+}
+
+/// A registry pinning the fixtures' artifacts as file:// URLs, with or without digests.
+fn fixture_registry(dir: &std::path::Path, pinned: bool) -> std::path::PathBuf {
+    let sums = fixtures::sha256sums();
+    let mut toml = String::from(
+        "[releases.\"fx\"]\nkernel_version = \"6.1.0-56-amd64\"\n\
+         driver_version = \"535.261.03\"\nmodule_flavor = \"open\"\n",
+    );
+    for (kind, rel) in [
+        ("kernel-modules", fixtures::KERNEL_MODULES),
+        ("nvidia-modules", fixtures::NVIDIA_MODULES),
+        ("nvidia-firmware", fixtures::NVIDIA_FIRMWARE),
+        ("nvidia-driver-libs", fixtures::NVIDIA_DRIVER_LIBS),
+    ] {
+        toml += &format!(
+            "\n[[releases.\"fx\".artifacts.x86_64]]\nkind = \"{kind}\"\nurl = \"file://{}\"\n",
+            fixtures::path(rel).display()
+        );
+        if pinned {
+            toml += &format!("sha256 = \"{}\"\n", sums[rel]);
+        }
+    }
+    let path = dir.join("registry.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// A minimal static x86_64 ELF standing in for gpu-init (the builder checks only that).
+fn guest_init_stand_in(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    (h[4], h[5], h[6], h[16], h[18], h[20], h[52]) = (2, 1, 1, 2, 62, 1, 64);
+    let path = dir.join("gpu-init");
+    std::fs::write(&path, h).unwrap();
+    path
+}
+
+#[test]
+fn attach_with_a_release_that_cannot_be_built_moves_nothing() {
+    let h = sysfs::workstation();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = fixture_registry(dir.path(), false);
+    let init = guest_init_stand_in(dir.path());
+    let out = run(
+        &h,
+        &[
+            "--registry",
+            registry.to_str().unwrap(),
+            "--cache-dir",
+            dir.path().join("cache").to_str().unwrap(),
+            "attach",
+            "0000:01:00.0",
+            "--owner",
+            "vm-1",
+            "--release",
+            "fx",
+            "--guest-init",
+            init.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "unpinned is a refusal");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("versions pin fx"));
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
+    assert!(
+        h.journal().is_none_or(|_| h.journal_clean()),
+        "nothing journaled"
+    );
+}
+
+#[test]
+fn attach_with_a_release_names_its_ensured_combined_initrd() {
+    // No --supported-gpus: the open-module check must use the release driver's own list
+    // (without one, attach refuses an RTX 4090 it cannot vouch for).
+    let h = sysfs::workstation();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = fixture_registry(dir.path(), true);
+    let init = guest_init_stand_in(dir.path());
+    let cache = dir.path().join("cache");
+    let out = run(
+        &h,
+        &[
+            "--json",
+            "--registry",
+            registry.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "attach",
+            "0000:01:00.0",
+            "--owner",
+            "vm-2",
+            "--release",
+            "fx",
+            "--guest-init",
+            init.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = json(&out);
+    let initrd =
+        std::path::PathBuf::from(spec["initrd"].as_str().expect("initrd in the boot spec"));
+    assert!(
+        initrd.starts_with(&cache) && initrd.is_file(),
+        "{}",
+        initrd.display()
+    );
+    assert!(initrd.to_string_lossy().ends_with("combined.cpio.zst"));
+    assert!(spec.to_string().contains("HAS_GPU=1"));
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+}
