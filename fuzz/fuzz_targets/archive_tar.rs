@@ -2,7 +2,6 @@
 //! entry it accepts must have a safe path and a relative symlink target.
 #![no_main]
 
-use std::io::Read;
 use std::path::{Component, Path};
 
 use gpu_passthrough::archive::tar::{EntryKind, Limits, walk_tar_stream};
