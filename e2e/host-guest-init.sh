@@ -24,7 +24,7 @@ find_dev() { # vendor device -> first matching PCI address
         if [ "$(cat $d/vendor)" = "$1" ] && [ "$(cat $d/device)" = "$2" ]; then basename $d; return; fi
     done
 }
-finish() { say done; sync; poweroff -f; }
+finish() { say "done"; sync; poweroff -f; }
 
 for ko in $(cat /modules.order); do
     insmod "$ko" || say check "insmod $(basename $ko)" FAIL
