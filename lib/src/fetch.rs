@@ -1,1 +1,638 @@
-//! `fetch`: to be written.
+//! `fetch`: download artifacts into a content-addressed cache, verifying sha256 while streaming.
+//!
+//! Layout under the cache directory:
+//! - `artifacts/sha256/<hex>`: verified files, named by their digest. A file appears here only by
+//!   an atomic rename after its digest was checked, so a present file is a valid file.
+//! - `artifacts/tmp/`: downloads in progress. A pinned download keeps its partial file
+//!   (`<hex>.partial`) so that a later attempt can resume it with an HTTP `Range` request.
+//! - `artifacts/locks/<hex>.lock`: one `flock` per digest, so that threads and processes fetching
+//!   the same artifact take turns instead of corrupting each other's temp files.
+//!
+//! http(s) URLs go through a blocking reqwest client (rustls) with connect and read timeouts and
+//! bounded retries with exponential backoff; `file://` URLs are read locally with the same checks.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_RANGE, RANGE};
+use sha2::{Digest, Sha256};
+
+use crate::registry::{Arch, Artifact, ArtifactKind, Release, Sha256Digest};
+
+/// Receives download progress. Every method has a no-op default.
+pub trait Progress: Sync {
+    /// A download from `url` (re)starts; `total` is its full size when known.
+    fn begin(&self, _url: &str, _total: Option<u64>) {}
+    /// `bytes` more bytes are on disk (a resumed download first reports the bytes it kept).
+    fn advance(&self, _bytes: u64) {}
+    /// The download from the last `begin`'s URL is over (finished or failed).
+    fn end(&self) {}
+}
+
+/// A [`Progress`] that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// How downloads behave.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Longest wait for the server while reading a response (per read, not per download).
+    pub timeout: Duration,
+    /// Longest wait for a connection.
+    pub connect_timeout: Duration,
+    /// How many times one URL is retried after a transient failure before the next mirror.
+    pub retries: u32,
+    /// Wait before the first retry; doubles after each retry.
+    pub backoff: Duration,
+    /// Upper bound of the wait between retries.
+    pub max_backoff: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(15),
+            retries: 3,
+            backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A verified file in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// Where it is: `<cache>/artifacts/sha256/<hex>`.
+    pub path: PathBuf,
+    /// Its digest.
+    pub sha256: Sha256Digest,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Errors from fetching.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The artifact has no digest, so it cannot be verified.
+    #[error(
+        "release `{release}`: the {kind} artifact for {arch} is unpinned (no sha256), so it cannot \
+         be verified; pin it first: gpu-passthrough versions pin {release} --registry <file>"
+    )]
+    Unpinned {
+        /// The release.
+        release: String,
+        /// The artifact kind.
+        kind: ArtifactKind,
+        /// The architecture.
+        arch: Arch,
+    },
+    /// The artifact lists no URL.
+    #[error("no URL to download from; add `url` or `urls` to the artifact in the registry")]
+    NoUrls,
+    /// The downloaded bytes do not have the expected digest.
+    #[error(
+        "sha256 mismatch for {url}: expected {expected}, got {actual}; the file changed upstream \
+         or was tampered with: check the source, then re-pin with `gpu-passthrough versions pin` \
+         only if the change is legitimate"
+    )]
+    DigestMismatch {
+        /// Where the bytes came from.
+        url: String,
+        /// The pinned digest.
+        expected: Sha256Digest,
+        /// The digest of what was received.
+        actual: Sha256Digest,
+    },
+    /// The download grew beyond the registry's `size`.
+    #[error(
+        "{url} is larger than the size cap of {cap} bytes (at least {seen} bytes); the registry \
+         `size` is wrong or the URL serves something else: check the URL, then fix `size`"
+    )]
+    SizeCap {
+        /// The URL.
+        url: String,
+        /// The cap.
+        cap: u64,
+        /// Bytes seen (or announced) so far.
+        seen: u64,
+    },
+    /// The server answered with an error status.
+    #[error("{url} answered HTTP {status}; check the URL or add a mirror to `urls`")]
+    Http {
+        /// The URL.
+        url: String,
+        /// The HTTP status code.
+        status: u16,
+    },
+    /// The connection failed or broke.
+    #[error("cannot download {url}: {message}; check the network and the URL")]
+    Network {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The URL cannot be used.
+    #[error("bad URL `{url}`: {reason}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// A `file://` URL could not be read.
+    #[error("cannot read {url}: {source}; check that the file exists and is readable")]
+    FileUrl {
+        /// The URL.
+        url: String,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The cache could not be written.
+    #[error("cache error at {path}: {source}; check that --cache-dir is writable and has space")]
+    Cache {
+        /// The path in the cache.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The HTTP client could not be set up.
+    #[error("cannot set up the HTTP client: {0}")]
+    Client(String),
+}
+
+impl FetchError {
+    fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Network { .. } => true,
+            FetchError::Http { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+/// Downloads artifacts into a content-addressed cache.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    store: PathBuf,
+    tmp: PathBuf,
+    locks: PathBuf,
+    options: FetchOptions,
+    client: reqwest::blocking::Client,
+}
+
+impl Fetcher {
+    /// A fetcher over the cache at `cache_dir` (created if missing).
+    pub fn new(cache_dir: &Path, options: FetchOptions) -> Result<Fetcher, FetchError> {
+        let base = cache_dir.join("artifacts");
+        let store = base.join("sha256");
+        let tmp = base.join("tmp");
+        let locks = base.join("locks");
+        for dir in [&store, &tmp, &locks] {
+            fs::create_dir_all(dir).map_err(|source| FetchError::Cache {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let client = reqwest::blocking::Client::builder()
+            .connect_timeout(options.connect_timeout)
+            .timeout(options.timeout)
+            .user_agent(concat!("gpu-passthrough/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| FetchError::Client(e.to_string()))?;
+        Ok(Fetcher {
+            store,
+            tmp,
+            locks,
+            options,
+            client,
+        })
+    }
+
+    /// Pinned artifact → its verified file in the content-addressed cache
+    /// (`<cache>/artifacts/sha256/<hex>`). Mirrors are tried in order. Refuses an unpinned
+    /// artifact with an error naming release, kind, arch and the pin command.
+    pub fn fetch(
+        &self,
+        release: &Release,
+        arch: Arch,
+        artifact: &Artifact,
+        progress: &dyn Progress,
+    ) -> Result<Fetched, FetchError> {
+        let expected = artifact.sha256.ok_or_else(|| FetchError::Unpinned {
+            release: release.name.clone(),
+            kind: artifact.kind,
+            arch,
+        })?;
+        if artifact.urls.is_empty() {
+            return Err(FetchError::NoUrls);
+        }
+        if let Some(found) = self.cached_matching(&expected, artifact.size) {
+            return Ok(found);
+        }
+        let _lock = self.lock(&expected)?;
+        // Someone else may have finished it while we waited for the lock.
+        if let Some(found) = self.cached_matching(&expected, artifact.size) {
+            return Ok(found);
+        }
+        let partial = self.tmp.join(format!("{expected}.partial"));
+        let mut mismatch = None;
+        let mut last = None;
+        for url in &artifact.urls {
+            let result = self.download(url, &partial, artifact.size, progress);
+            progress.end();
+            match result {
+                Ok((actual, size)) if actual == expected => {
+                    let path = self.install(&partial, &expected)?;
+                    return Ok(Fetched {
+                        path,
+                        sha256: expected,
+                        size,
+                    });
+                }
+                Ok((actual, _)) => {
+                    remove_quietly(&partial);
+                    let err = FetchError::DigestMismatch {
+                        url: url.clone(),
+                        expected,
+                        actual,
+                    };
+                    tracing::warn!("{err}");
+                    mismatch.get_or_insert(err);
+                }
+                Err(err) => {
+                    tracing::warn!("{err}");
+                    last = Some(err);
+                }
+            }
+        }
+        // A digest mismatch is the most important thing to tell, whatever other mirrors did.
+        Err(mismatch.or(last).unwrap_or(FetchError::NoUrls))
+    }
+
+    /// Download with no expected digest (for `versions add` / `pin`): returns digest and size.
+    /// The file is still stored under its true digest. `size_cap` aborts oversized downloads.
+    pub fn fetch_unpinned(
+        &self,
+        urls: &[String],
+        size_cap: Option<u64>,
+        progress: &dyn Progress,
+    ) -> Result<Fetched, FetchError> {
+        let mut last = None;
+        for url in urls {
+            let temp = tempfile::Builder::new()
+                .prefix("unpinned-")
+                .tempfile_in(&self.tmp)
+                .map_err(|source| FetchError::Cache {
+                    path: self.tmp.clone(),
+                    source,
+                })?
+                .into_temp_path();
+            let result = self.download(url, &temp, size_cap, progress);
+            progress.end();
+            match result {
+                Ok((digest, size)) => {
+                    let _lock = self.lock(&digest)?;
+                    let path = match self.cached(&digest) {
+                        Some(path) => path,
+                        None => {
+                            let path = self.install(&temp, &digest)?;
+                            // Installed by rename: nothing left for the guard to delete.
+                            let _ = temp.keep();
+                            path
+                        }
+                    };
+                    return Ok(Fetched {
+                        path,
+                        sha256: digest,
+                        size,
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!("{err}");
+                    last = Some(err);
+                }
+            }
+        }
+        Err(last.unwrap_or(FetchError::NoUrls))
+    }
+
+    /// Path where a digest would live in the cache, if that file is present. Files only get
+    /// there by rename after verification, so presence means valid.
+    pub fn cached(&self, sha256: &Sha256Digest) -> Option<PathBuf> {
+        let path = self.store.join(sha256.to_hex());
+        fs::symlink_metadata(&path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|_| path)
+    }
+
+    /// Re-hash a cached file (for `versions verify --cached`); `None` when it is not cached.
+    pub fn rehash_cached(&self, sha256: &Sha256Digest) -> Result<Option<Fetched>, FetchError> {
+        let Some(path) = self.cached(sha256) else {
+            return Ok(None);
+        };
+        let cache_err = |source| FetchError::Cache {
+            path: path.clone(),
+            source,
+        };
+        let mut file = File::open(&path).map_err(cache_err)?;
+        let mut hasher = Sha256::new();
+        let size = io::copy(&mut file, &mut hasher).map_err(cache_err)?;
+        Ok(Some(Fetched {
+            sha256: hasher.finalize().into(),
+            size,
+            path,
+        }))
+    }
+
+    fn cached_matching(&self, sha256: &Sha256Digest, size: Option<u64>) -> Option<Fetched> {
+        let path = self.cached(sha256)?;
+        let actual = fs::metadata(&path).ok()?.len();
+        if size.is_some_and(|s| s != actual) {
+            tracing::warn!(
+                "cached {} has {actual} bytes, the registry says {size:?}: fetching again",
+                path.display()
+            );
+            return None;
+        }
+        Some(Fetched {
+            path,
+            sha256: *sha256,
+            size: actual,
+        })
+    }
+
+    fn lock(&self, sha256: &Sha256Digest) -> Result<Flock<File>, FetchError> {
+        let path = self.locks.join(format!("{sha256}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| FetchError::Cache {
+                path: path.clone(),
+                source,
+            })?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| FetchError::Cache {
+            path,
+            source: io::Error::from(errno),
+        })
+    }
+
+    fn install(&self, temp: &Path, sha256: &Sha256Digest) -> Result<PathBuf, FetchError> {
+        let path = self.store.join(sha256.to_hex());
+        fs::rename(temp, &path).map_err(|source| FetchError::Cache {
+            path: path.clone(),
+            source,
+        })?;
+        // Make the rename itself durable.
+        if let Ok(dir) = File::open(&self.store) {
+            let _ = dir.sync_all();
+        }
+        Ok(path)
+    }
+
+    /// Download `url` into `dest` (resuming what `dest` already holds when the server allows),
+    /// retrying transient failures. Returns the digest and size of the complete file.
+    fn download(
+        &self,
+        url: &str,
+        dest: &Path,
+        cap: Option<u64>,
+        progress: &dyn Progress,
+    ) -> Result<(Sha256Digest, u64), FetchError> {
+        if url.starts_with("file://") {
+            return self.copy_local(url, dest, cap, progress);
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(FetchError::BadUrl {
+                url: url.to_string(),
+                reason: "only https://, http:// and file:// URLs are supported".into(),
+            });
+        }
+        let mut attempt = 0;
+        loop {
+            match self.http_attempt(url, dest, cap, progress) {
+                Ok(done) => return Ok(done),
+                Err(err) if err.is_transient() && attempt < self.options.retries => {
+                    let wait = self
+                        .options
+                        .backoff
+                        .saturating_mul(1u32 << attempt.min(16))
+                        .min(self.options.max_backoff);
+                    attempt += 1;
+                    tracing::info!(
+                        "{err}; retry {attempt} of {} in {wait:?}",
+                        self.options.retries
+                    );
+                    std::thread::sleep(wait);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    fn http_attempt(
+        &self,
+        url: &str,
+        dest: &Path,
+        cap: Option<u64>,
+        progress: &dyn Progress,
+    ) -> Result<(Sha256Digest, u64), FetchError> {
+        let network = |message: String| FetchError::Network {
+            url: url.to_string(),
+            message,
+        };
+        let cache_err = |source| FetchError::Cache {
+            path: dest.to_path_buf(),
+            source,
+        };
+        let have = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+        let mut request = self.client.get(url);
+        if have > 0 {
+            request = request.header(RANGE, format!("bytes={have}-"));
+        }
+        let mut response = request.send().map_err(|e| network(error_chain(&e)))?;
+        let status = response.status();
+        let (mut file, mut hasher, start) = if status == StatusCode::PARTIAL_CONTENT && have > 0 {
+            let expected_range = format!("bytes {have}-");
+            let range_ok = response
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with(&expected_range));
+            if !range_ok {
+                remove_quietly(dest);
+                return Err(network(
+                    "the server sent a range other than the one asked for".into(),
+                ));
+            }
+            let mut hasher = Sha256::new();
+            let mut kept = File::open(dest).map_err(cache_err)?;
+            io::copy(&mut kept, &mut hasher).map_err(cache_err)?;
+            let file = OpenOptions::new()
+                .append(true)
+                .open(dest)
+                .map_err(cache_err)?;
+            tracing::debug!("resuming {url} at byte {have}");
+            (file, hasher, have)
+        } else if status == StatusCode::OK {
+            // A full answer (also to a range request): start over.
+            (File::create(dest).map_err(cache_err)?, Sha256::new(), 0)
+        } else if status == StatusCode::RANGE_NOT_SATISFIABLE {
+            remove_quietly(dest);
+            return Err(network(
+                "the kept partial download does not fit the file: restarting".into(),
+            ));
+        } else {
+            return Err(FetchError::Http {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
+        };
+        let total = response.content_length().map(|len| len + start);
+        if let (Some(cap), Some(total)) = (cap, total)
+            && total > cap
+        {
+            remove_quietly(dest);
+            return Err(FetchError::SizeCap {
+                url: url.to_string(),
+                cap,
+                seen: total,
+            });
+        }
+        progress.begin(url, total);
+        progress.advance(start);
+        let mut written = start;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match response.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Keep what arrived: the retry resumes from it.
+                    let _ = file.sync_all();
+                    return Err(network(format!(
+                        "connection broke after {written} bytes: {e}"
+                    )));
+                }
+            };
+            written += n as u64;
+            if let Some(cap) = cap
+                && written > cap
+            {
+                drop(file);
+                remove_quietly(dest);
+                return Err(FetchError::SizeCap {
+                    url: url.to_string(),
+                    cap,
+                    seen: written,
+                });
+            }
+            file.write_all(&buf[..n]).map_err(cache_err)?;
+            hasher.update(&buf[..n]);
+            progress.advance(n as u64);
+        }
+        file.sync_all().map_err(cache_err)?;
+        if let Some(total) = total
+            && written != total
+        {
+            return Err(network(format!(
+                "the body ended after {written} of {total} bytes"
+            )));
+        }
+        Ok((hasher.finalize().into(), written))
+    }
+
+    fn copy_local(
+        &self,
+        url: &str,
+        dest: &Path,
+        cap: Option<u64>,
+        progress: &dyn Progress,
+    ) -> Result<(Sha256Digest, u64), FetchError> {
+        let path = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+            .ok_or_else(|| FetchError::BadUrl {
+                url: url.to_string(),
+                reason: "not an absolute file:// path".into(),
+            })?;
+        let file_err = |source| FetchError::FileUrl {
+            url: url.to_string(),
+            source,
+        };
+        let mut src = File::open(&path).map_err(file_err)?;
+        let total = src.metadata().map_err(file_err)?.len();
+        if let Some(cap) = cap
+            && total > cap
+        {
+            return Err(FetchError::SizeCap {
+                url: url.to_string(),
+                cap,
+                seen: total,
+            });
+        }
+        let cache_err = |source| FetchError::Cache {
+            path: dest.to_path_buf(),
+            source,
+        };
+        let mut out = File::create(dest).map_err(cache_err)?;
+        progress.begin(url, Some(total));
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut written = 0u64;
+        loop {
+            let n = src.read(&mut buf).map_err(file_err)?;
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+            if let Some(cap) = cap
+                && written > cap
+            {
+                drop(out);
+                remove_quietly(dest);
+                return Err(FetchError::SizeCap {
+                    url: url.to_string(),
+                    cap,
+                    seen: written,
+                });
+            }
+            out.write_all(&buf[..n]).map_err(cache_err)?;
+            hasher.update(&buf[..n]);
+            progress.advance(n as u64);
+        }
+        out.sync_all().map_err(cache_err)?;
+        Ok((hasher.finalize().into(), written))
+    }
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!("cannot remove {}: {e}", path.display());
+    }
+}
+
+/// reqwest's top-level message is terse ("error sending request"); the causes say why.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

@@ -5,6 +5,8 @@
 //! - [`fetch`]: download into a content-addressed cache, verifying sha256 while streaming.
 //! - [`archive`]: read tar archives safely; write and read deterministic cpio (newc) archives.
 //! - [`modinfo`]: kernel module metadata from a `.ko`'s ELF `.modinfo` section.
+//! - [`inspect`]: check extracted artifacts against a release (vermagic, versions, dependencies,
+//!   firmware, libraries) and list them in load order.
 //! - [`initrd`]: build the base, GPU and combined initrd layers.
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
@@ -18,6 +20,7 @@ pub mod archive;
 pub mod attach;
 pub mod fetch;
 pub mod initrd;
+pub mod inspect;
 pub mod modinfo;
 pub mod pci;
 pub mod registry;

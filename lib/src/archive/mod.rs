@@ -1,4 +1,110 @@
 //! `archive`: reading tar artifacts safely; writing and reading deterministic cpio (newc) initrds.
+//!
+//! Reading is defensive by design: artifacts come from the network, so every tar entry is
+//! validated before anything touches the disk (see [`tar`]), and compression is recognised by its
+//! magic bytes, never by a file name (see [`decompress`]).
 
 pub mod compress;
 pub mod cpio;
+pub mod decompress;
+pub mod tar;
+
+use std::io;
+use std::path::PathBuf;
+
+use self::decompress::Compression;
+
+/// Why an archive could not be read or extracted. Every variant names the archive (and the entry,
+/// when there is one) and says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The archive file could not be opened or read.
+    #[error("cannot read archive {archive}: {source}; check that the file exists and is readable")]
+    Io {
+        /// The archive being read.
+        archive: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The compressed stream is damaged or truncated.
+    #[error(
+        "archive {archive}: {compression} stream is corrupt or truncated ({source}); fetch the artifact again and check its sha256"
+    )]
+    Decompress {
+        /// The archive being read.
+        archive: PathBuf,
+        /// The compression detected from the magic bytes.
+        compression: Compression,
+        /// The decoder's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The tar structure itself is malformed.
+    #[error(
+        "archive {archive} is not a valid tar archive ({reason}); fetch the artifact again or re-pack it with GNU tar"
+    )]
+    Malformed {
+        /// The archive being read.
+        archive: PathBuf,
+        /// What the parser found wrong.
+        reason: String,
+    },
+    /// An entry was refused because extracting it could be unsafe.
+    #[error("archive {archive}: entry `{entry}` refused: {reason}; {fix}")]
+    UnsafeEntry {
+        /// The archive being read.
+        archive: PathBuf,
+        /// The entry's path as stored in the archive.
+        entry: String,
+        /// Why the entry is refused.
+        reason: String,
+        /// How to repair the artifact.
+        fix: String,
+    },
+    /// An entry or the whole archive exceeds a size or count limit.
+    #[error(
+        "archive {archive}: entry `{entry}` exceeds the {what} limit of {limit}; re-pack the artifact smaller or raise the limit if the artifact is trusted"
+    )]
+    LimitExceeded {
+        /// The archive being read.
+        archive: PathBuf,
+        /// The entry being read when the limit was hit.
+        entry: String,
+        /// Which limit: `entry size`, `total size` or `entry count`.
+        what: &'static str,
+        /// The limit's value (bytes or entries).
+        limit: u64,
+    },
+    /// The extraction destination is unusable.
+    #[error("cannot extract into {dest}: {reason}")]
+    Destination {
+        /// The destination directory.
+        dest: PathBuf,
+        /// What is wrong with it, and what to do.
+        reason: String,
+    },
+    /// Writing an extracted entry failed.
+    #[error(
+        "cannot write {path} while extracting {archive}: {source}; check free space and permissions"
+    )]
+    Write {
+        /// The archive being extracted.
+        archive: PathBuf,
+        /// The file being written.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The caller's visitor refused an entry.
+    #[error("archive {archive}: entry `{entry}`: {message}")]
+    Visitor {
+        /// The archive being read (may be empty when the visitor does not know it).
+        archive: PathBuf,
+        /// The entry being visited.
+        entry: String,
+        /// The visitor's message.
+        message: String,
+    },
+}

@@ -1,0 +1,702 @@
+//! `inspect`: the checks that move failures from boot time to build time.
+//!
+//! Given the extracted artifact trees of one release, [`inspect`] reads every NVIDIA module's
+//! `.modinfo`, resolves its dependencies against the kernel-modules tree and `modules.builtin`,
+//! finds its firmware, reads the userspace libraries' sonames, and returns the [`Inventory`] the
+//! initrd builder packs, with the modules in load order. Every problem found is collected (a
+//! driver-upgrade review wants the full list), each naming the file and the fix.
+//!
+//! Decision on dependencies without a kernel-modules tree: a dependency that is not an NVIDIA
+//! module is then assumed to be provided by the guest kernel (built in, or loaded by the
+//! platform's own initrd). It is not an error, but it is listed in
+//! [`Inventory::external_dependencies`] so the caller can show it. With a kernel-modules tree,
+//! such a dependency must resolve there or in its `modules.builtin`.
+//!
+//! Firmware is always required: a `firmware=` file missing from both the firmware tree and the
+//! kernel-modules tree's `lib/firmware` is an error, since the module would fail at load time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use object::read::elf::{ElfFile, FileHeader};
+
+use crate::modinfo::{ModInfo, normalize_module_name};
+use crate::registry::Arch;
+
+/// What the registry says the artifacts must be.
+#[derive(Debug, Clone, Copy)]
+pub struct Expectations<'a> {
+    /// The guest kernel's `uname -r`; each module's vermagic must start with it.
+    pub kernel_version: &'a str,
+    /// The NVIDIA driver version; NVIDIA modules' `version=` and library names must carry it.
+    pub driver_version: &'a str,
+    /// The architecture every ELF file must be built for.
+    pub arch: Arch,
+}
+
+/// The extracted artifact roots (each the directory an artifact tar was extracted into).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Trees<'a> {
+    /// The `nvidia-modules` artifact: every `.ko` in it is an NVIDIA module.
+    pub nvidia_modules: Option<&'a Path>,
+    /// The `kernel-modules` artifact (`lib/modules/<kver>/...`).
+    pub kernel_modules: Option<&'a Path>,
+    /// The `nvidia-firmware` artifact (`lib/firmware/...`).
+    pub firmware: Option<&'a Path>,
+    /// The `nvidia-driver-libs` artifact (`usr/lib/...`, `usr/bin/...`).
+    pub driver_libs: Option<&'a Path>,
+}
+
+/// Everything the GPU layer needs, checked.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    /// Modules in load order (dependencies first; ties broken by name): the NVIDIA modules and
+    /// the kernel modules they need that are not built into the kernel.
+    pub modules: Vec<InspectedModule>,
+    /// Every firmware file the modules name.
+    pub firmware: Vec<FirmwareFile>,
+    /// Each real (non-symlink) shared library of the driver-libs tree.
+    pub libraries: Vec<InspectedLibrary>,
+    /// Executables under `usr/bin` of the driver-libs tree (e.g. `nvidia-smi`).
+    pub binaries: Vec<PathBuf>,
+    /// `usr/share/nvidia/supported-gpus.json` of the driver-libs tree, if present.
+    pub supported_gpus: Option<PathBuf>,
+    /// Dependencies assumed to be provided by the guest kernel because no kernel-modules tree
+    /// was given (normalized names, sorted).
+    pub external_dependencies: Vec<String>,
+}
+
+/// One kernel module to load.
+#[derive(Debug, Clone)]
+pub struct InspectedModule {
+    /// The module name as the kernel knows it (`name=`, underscores, e.g. `nvidia_uvm`).
+    pub name: String,
+    /// The `.ko` file.
+    pub source: PathBuf,
+    /// Its metadata.
+    pub info: ModInfo,
+    /// Whether it comes from the NVIDIA modules tree.
+    pub nvidia: bool,
+}
+
+/// One firmware file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareFile {
+    /// The path a module asks for, relative to `/lib/firmware` (e.g.
+    /// `nvidia/535.261.03/gsp_ga10x.bin`).
+    pub rel: PathBuf,
+    /// Where it is in the extracted trees.
+    pub source: PathBuf,
+}
+
+/// One userspace library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InspectedLibrary {
+    /// The file name (e.g. `libcuda.so.535.261.03`).
+    pub real_name: String,
+    /// `DT_SONAME` from its ELF dynamic section (e.g. `libcuda.so.1`).
+    pub soname: Option<String>,
+    /// The file in the extracted tree.
+    pub source: PathBuf,
+}
+
+/// One thing wrong with the artifacts; each names the file and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// A module's vermagic names another kernel.
+    #[error(
+        "{file}: built for kernel {built_for}, release says {expected}: rebuild the modules for {expected} or fix kernel_version"
+    )]
+    WrongKernel {
+        /// The module.
+        file: PathBuf,
+        /// The vermagic's first word.
+        built_for: String,
+        /// The release's kernel version.
+        expected: String,
+    },
+    /// A module has no vermagic at all.
+    #[error(
+        "{file}: no vermagic in .modinfo, the kernel will refuse it: rebuild the module with the kernel's build system"
+    )]
+    NoVermagic {
+        /// The module.
+        file: PathBuf,
+    },
+    /// An NVIDIA module's version is not the driver version.
+    #[error(
+        "{file}: module version is {found}, release says driver {expected}: use the modules of driver {expected} or fix driver_version"
+    )]
+    WrongDriverVersion {
+        /// The module.
+        file: PathBuf,
+        /// Its `version=` (or `none`).
+        found: String,
+        /// The release's driver version.
+        expected: String,
+    },
+    /// An ELF file is built for another architecture.
+    #[error(
+        "{file}: built for ELF machine {machine}, release arch {arch} needs {expected}: use the {arch} build of this artifact"
+    )]
+    WrongArch {
+        /// The file.
+        file: PathBuf,
+        /// Its `e_machine`.
+        machine: u16,
+        /// The expected architecture.
+        arch: Arch,
+        /// The expected `e_machine`.
+        expected: u16,
+    },
+    /// A dependency resolves nowhere.
+    #[error(
+        "{file}: module {module} depends on {dependency}, which is not in the NVIDIA modules, the kernel-modules artifact or its modules.builtin: add {dependency}.ko to the kernel-modules artifact"
+    )]
+    UnresolvedDependency {
+        /// The module that needs it.
+        file: PathBuf,
+        /// That module's name.
+        module: String,
+        /// The missing dependency (as written in `depends=`).
+        dependency: String,
+    },
+    /// Modules depend on each other in a circle.
+    #[error("modules {modules} depend on each other in a cycle and cannot be loaded: rebuild them")]
+    DependencyCycle {
+        /// The modules involved, comma-separated.
+        modules: String,
+    },
+    /// A `firmware=` file is nowhere to be found.
+    #[error(
+        "{file}: needs firmware {firmware}, which is in neither the nvidia-firmware artifact nor the kernel-modules artifact's lib/firmware: add the firmware artifact of this driver version"
+    )]
+    MissingFirmware {
+        /// The module that needs it.
+        file: PathBuf,
+        /// The firmware path relative to `/lib/firmware`.
+        firmware: String,
+    },
+    /// A real library's name does not carry the driver version.
+    #[error(
+        "{file}: library {real_name} does not carry driver version {expected} (expected a name ending in .so.{expected}): use the libraries of driver {expected}"
+    )]
+    LibraryVersion {
+        /// The library.
+        file: PathBuf,
+        /// Its file name.
+        real_name: String,
+        /// The release's driver version.
+        expected: String,
+    },
+    /// Two module files claim the same name.
+    #[error(
+        "module {name} appears twice, in {first} and {second}: keep one of them in the artifacts"
+    )]
+    DuplicateModule {
+        /// The module name.
+        name: String,
+        /// The first file.
+        first: PathBuf,
+        /// The second file.
+        second: PathBuf,
+    },
+    /// The NVIDIA modules tree holds no module.
+    #[error(
+        "{tree}: no kernel modules (.ko) found in the nvidia-modules artifact: check the artifact URL and its layout (lib/modules/<kver>/kernel/drivers/gpu/)"
+    )]
+    NoNvidiaModules {
+        /// The tree's root.
+        tree: PathBuf,
+    },
+    /// A file could not be read or parsed.
+    #[error("{file}: {reason}")]
+    Unreadable {
+        /// The file.
+        file: PathBuf,
+        /// What went wrong, with the fix.
+        reason: String,
+    },
+}
+
+/// The artifacts failed inspection; `problems` lists every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// One or more checks failed.
+    #[error("the artifacts failed {} check(s):\n{}", problems.len(), ProblemList(problems))]
+    Rejected {
+        /// Every problem found, in a stable order.
+        problems: Vec<Problem>,
+    },
+}
+
+impl InspectError {
+    /// Every problem found.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            InspectError::Rejected { problems } => problems,
+        }
+    }
+}
+
+struct ProblemList<'a>(&'a [Problem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Inspect the extracted artifact trees against what the release expects.
+pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, InspectError> {
+    let mut problems = Vec::new();
+
+    // NVIDIA modules: every .ko in the tree.
+    let mut nvidia: BTreeMap<String, InspectedModule> = BTreeMap::new();
+    if let Some(root) = trees.nvidia_modules {
+        let files = module_files(root, &mut problems);
+        if files.is_empty() {
+            problems.push(Problem::NoNvidiaModules {
+                tree: root.to_path_buf(),
+            });
+        }
+        for file in files {
+            if let Some(module) = load_module(&file, true, &mut problems) {
+                check_module(expect, &module, &mut problems);
+                insert_unique(&mut nvidia, module, &mut problems);
+            }
+        }
+    }
+
+    // Kernel modules: indexed by file name, read only when needed.
+    let kernel_dir = trees
+        .kernel_modules
+        .map(|root| root.join("lib/modules").join(expect.kernel_version));
+    let mut kernel_index: HashMap<String, Vec<PathBuf>> = HashMap::new();
+    let mut builtin: BTreeSet<String> = BTreeSet::new();
+    if let Some(dir) = &kernel_dir {
+        for file in module_files(dir, &mut problems) {
+            if let Some(stem) = module_stem(&file) {
+                kernel_index.entry(stem).or_default().push(file);
+            }
+        }
+        builtin = read_builtin(&dir.join("modules.builtin"));
+    }
+
+    // Close over dependencies, breadth first from the NVIDIA modules (sorted, so deterministic).
+    let mut selected: BTreeMap<String, InspectedModule> = nvidia.clone();
+    let mut external: BTreeSet<String> = BTreeSet::new();
+    let mut queue: Vec<String> = selected.keys().cloned().collect();
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut head = 0;
+    while head < queue.len() {
+        let name = queue[head].clone();
+        head += 1;
+        let Some(module) = selected.get(&name) else {
+            continue;
+        };
+        let (source, depends) = (module.source.clone(), module.info.depends());
+        for dep in depends {
+            let dep_name = normalize_module_name(&dep);
+            if selected.contains_key(&dep_name) {
+                edges.entry(name.clone()).or_default().insert(dep_name);
+                continue;
+            }
+            if let Some(files) = kernel_index.get(&dep_name) {
+                let mut found = None;
+                for file in files {
+                    if let Some(m) = load_module(file, false, &mut problems)
+                        && m.name == dep_name
+                    {
+                        found = Some(m);
+                        break;
+                    }
+                }
+                if let Some(m) = found {
+                    check_module(expect, &m, &mut problems);
+                    selected.insert(dep_name.clone(), m);
+                    queue.push(dep_name.clone());
+                    edges.entry(name.clone()).or_default().insert(dep_name);
+                    continue;
+                }
+            }
+            if builtin.contains(&dep_name) {
+                continue;
+            }
+            if kernel_dir.is_none() {
+                external.insert(dep_name);
+                continue;
+            }
+            problems.push(Problem::UnresolvedDependency {
+                file: source.clone(),
+                module: name.clone(),
+                dependency: dep,
+            });
+        }
+    }
+
+    let order = load_order(&selected, &edges, &mut problems);
+    let modules: Vec<InspectedModule> = order
+        .into_iter()
+        .filter_map(|name| selected.remove(&name))
+        .collect();
+
+    let firmware = find_firmware(trees, &modules, &mut problems);
+    let (libraries, binaries, supported_gpus) = match trees.driver_libs {
+        Some(root) => inspect_driver_libs(expect, root, &mut problems),
+        None => (Vec::new(), Vec::new(), None),
+    };
+
+    if problems.is_empty() {
+        Ok(Inventory {
+            modules,
+            firmware,
+            libraries,
+            binaries,
+            supported_gpus,
+            external_dependencies: external.into_iter().collect(),
+        })
+    } else {
+        Err(InspectError::Rejected { problems })
+    }
+}
+
+fn insert_unique(
+    map: &mut BTreeMap<String, InspectedModule>,
+    module: InspectedModule,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(first) = map.get(&module.name) {
+        problems.push(Problem::DuplicateModule {
+            name: module.name.clone(),
+            first: first.source.clone(),
+            second: module.source,
+        });
+        return;
+    }
+    map.insert(module.name.clone(), module);
+}
+
+fn load_module(file: &Path, nvidia: bool, problems: &mut Vec<Problem>) -> Option<InspectedModule> {
+    match ModInfo::from_path(file) {
+        Ok(info) => {
+            let name = info
+                .name()
+                .map(normalize_module_name)
+                .or_else(|| module_stem(file))
+                .unwrap_or_default();
+            Some(InspectedModule {
+                name,
+                source: file.to_path_buf(),
+                info,
+                nvidia,
+            })
+        }
+        Err(e) => {
+            problems.push(Problem::Unreadable {
+                file: file.to_path_buf(),
+                reason: e.to_string(),
+            });
+            None
+        }
+    }
+}
+
+fn check_module(expect: &Expectations, module: &InspectedModule, problems: &mut Vec<Problem>) {
+    let file = &module.source;
+    match module.info.vermagic_release() {
+        None => problems.push(Problem::NoVermagic { file: file.clone() }),
+        Some(release) if release != expect.kernel_version => problems.push(Problem::WrongKernel {
+            file: file.clone(),
+            built_for: release.to_string(),
+            expected: expect.kernel_version.to_string(),
+        }),
+        Some(_) => {}
+    }
+    if module.nvidia && module.info.version() != Some(expect.driver_version) {
+        problems.push(Problem::WrongDriverVersion {
+            file: file.clone(),
+            found: module.info.version().unwrap_or("none").to_string(),
+            expected: expect.driver_version.to_string(),
+        });
+    }
+    let expected = expect.arch.elf_machine();
+    if module.info.elf_machine() != expected {
+        problems.push(Problem::WrongArch {
+            file: file.clone(),
+            machine: module.info.elf_machine(),
+            arch: expect.arch,
+            expected,
+        });
+    }
+}
+
+/// Kahn's algorithm over the selected modules; among the modules ready to load, the
+/// alphabetically first goes next, so the order is stable.
+fn load_order(
+    selected: &BTreeMap<String, InspectedModule>,
+    edges: &BTreeMap<String, BTreeSet<String>>,
+    problems: &mut Vec<Problem>,
+) -> Vec<String> {
+    let mut pending: BTreeMap<&str, usize> = selected
+        .keys()
+        .map(|name| {
+            let deps = edges
+                .get(name)
+                .map(|d| d.iter().filter(|x| selected.contains_key(*x)).count())
+                .unwrap_or(0);
+            (name.as_str(), deps)
+        })
+        .collect();
+    let mut dependents: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (module, deps) in edges {
+        for dep in deps {
+            dependents
+                .entry(dep.as_str())
+                .or_default()
+                .push(module.as_str());
+        }
+    }
+    let mut ready: BTreeSet<&str> = pending
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(name, _)| *name)
+        .collect();
+    let mut order = Vec::with_capacity(selected.len());
+    while let Some(next) = ready.pop_first() {
+        pending.remove(next);
+        order.push(next.to_string());
+        for dependent in dependents.get(next).into_iter().flatten() {
+            if let Some(n) = pending.get_mut(dependent) {
+                *n -= 1;
+                if *n == 0 {
+                    ready.insert(dependent);
+                }
+            }
+        }
+    }
+    if !pending.is_empty() {
+        problems.push(Problem::DependencyCycle {
+            modules: pending.keys().copied().collect::<Vec<_>>().join(","),
+        });
+    }
+    order
+}
+
+fn find_firmware(
+    trees: &Trees,
+    modules: &[InspectedModule],
+    problems: &mut Vec<Problem>,
+) -> Vec<FirmwareFile> {
+    let roots: Vec<PathBuf> = [trees.firmware, trees.kernel_modules]
+        .into_iter()
+        .flatten()
+        .flat_map(|root| [root.join("lib/firmware"), root.join("usr/lib/firmware")])
+        .collect();
+    let mut found: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
+    for module in modules {
+        for firmware in module.info.firmware() {
+            let rel = PathBuf::from(&firmware);
+            if found.contains_key(&rel) {
+                continue;
+            }
+            // Only plain relative names: a module cannot make us look outside the trees.
+            let plain = rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            let source = roots
+                .iter()
+                .map(|root| root.join(&rel))
+                .find(|path| plain && path.is_file());
+            match source {
+                Some(source) => {
+                    found.insert(rel, source);
+                }
+                None => problems.push(Problem::MissingFirmware {
+                    file: module.source.clone(),
+                    firmware,
+                }),
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(rel, source)| FirmwareFile { rel, source })
+        .collect()
+}
+
+fn inspect_driver_libs(
+    expect: &Expectations,
+    root: &Path,
+    problems: &mut Vec<Problem>,
+) -> (Vec<InspectedLibrary>, Vec<PathBuf>, Option<PathBuf>) {
+    let mut libraries = Vec::new();
+    let mut binaries = Vec::new();
+    let version_suffix = format!(".so.{}", expect.driver_version);
+    for file in regular_files(root, problems) {
+        let Some(name) = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let rel = file.strip_prefix(root).unwrap_or(&file);
+        let in_bin = rel.parent().is_some_and(|p| p.ends_with("bin"));
+        if name.starts_with("lib") && (name.ends_with(".so") || name.contains(".so.")) {
+            let soname = match elf_facts(&file) {
+                Ok((machine, soname)) => {
+                    check_machine(expect, &file, machine, problems);
+                    soname
+                }
+                Err(reason) => {
+                    problems.push(Problem::Unreadable {
+                        file: file.clone(),
+                        reason,
+                    });
+                    None
+                }
+            };
+            if !name.ends_with(&version_suffix) {
+                problems.push(Problem::LibraryVersion {
+                    file: file.clone(),
+                    real_name: name.clone(),
+                    expected: expect.driver_version.to_string(),
+                });
+            }
+            libraries.push(InspectedLibrary {
+                real_name: name,
+                soname,
+                source: file,
+            });
+        } else if in_bin && is_executable(&file) {
+            // Scripts are fine; ELF executables must match the architecture.
+            if let Ok((machine, _)) = elf_facts(&file) {
+                check_machine(expect, &file, machine, problems);
+            }
+            binaries.push(file);
+        }
+    }
+    let supported = root.join("usr/share/nvidia/supported-gpus.json");
+    let supported_gpus = supported.is_file().then_some(supported);
+    (libraries, binaries, supported_gpus)
+}
+
+fn check_machine(expect: &Expectations, file: &Path, machine: u16, problems: &mut Vec<Problem>) {
+    let expected = expect.arch.elf_machine();
+    if machine != expected {
+        problems.push(Problem::WrongArch {
+            file: file.to_path_buf(),
+            machine,
+            arch: expect.arch,
+            expected,
+        });
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The ELF machine and `DT_SONAME` of a file, reading only the parts needed.
+pub(crate) fn elf_facts(path: &Path) -> Result<(u16, Option<String>), String> {
+    let file = File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let cache = object::ReadCache::new(file);
+    let data = &cache;
+    let kind = object::FileKind::parse(data)
+        .map_err(|e| format!("not an ELF file ({e}); check the artifact"))?;
+    match kind {
+        object::FileKind::Elf64 => {
+            elf_facts_of::<object::elf::FileHeader64<object::Endianness>, _>(data)
+        }
+        object::FileKind::Elf32 => {
+            elf_facts_of::<object::elf::FileHeader32<object::Endianness>, _>(data)
+        }
+        other => Err(format!(
+            "not an ELF file (it is {other:?}); check the artifact"
+        )),
+    }
+}
+
+fn elf_facts_of<'d, Elf: FileHeader<Endian = object::Endianness>, R: object::ReadRef<'d>>(
+    data: R,
+) -> Result<(u16, Option<String>), String> {
+    let elf = ElfFile::<Elf, R>::parse(data).map_err(|e| format!("malformed ELF file ({e})"))?;
+    let endian = elf.endian();
+    let machine = elf.elf_header().e_machine(endian).0;
+    let table = elf
+        .elf_section_table()
+        .dynamic_table(endian, data)
+        .map_err(|e| format!("malformed ELF dynamic section ({e})"))?;
+    let soname = table
+        .iter()
+        .find(|d| d.tag == object::elf::DT_SONAME)
+        .and_then(|d| table.string(d).ok())
+        .map(|s| String::from_utf8_lossy(s).into_owned());
+    Ok((machine, soname))
+}
+
+/// `drm_kms_helper` from `.../drm_kms_helper.ko[.xz|.zst|.gz]`, normalized.
+fn module_stem(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let stem = name
+        .strip_suffix(".ko")
+        .or_else(|| name.strip_suffix(".ko.xz"))
+        .or_else(|| name.strip_suffix(".ko.zst"))
+        .or_else(|| name.strip_suffix(".ko.gz"))?;
+    Some(normalize_module_name(stem))
+}
+
+fn read_builtin(path: &Path) -> BTreeSet<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| module_stem(Path::new(line.trim())))
+        .collect()
+}
+
+fn module_files(root: &Path, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
+    regular_files(root, problems)
+        .into_iter()
+        .filter(|p| module_stem(p).is_some())
+        .collect()
+}
+
+/// Every regular file under `root`, sorted, not following symlinks.
+fn regular_files(root: &Path, problems: &mut Vec<Problem>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                if dir.as_path() != root || e.kind() != std::io::ErrorKind::NotFound {
+                    problems.push(Problem::Unreadable {
+                        file: dir.clone(),
+                        reason: format!("cannot list the directory: {e}"),
+                    });
+                }
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(t) if t.is_file() => out.push(path),
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}

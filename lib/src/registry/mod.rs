@@ -1,0 +1,440 @@
+//! `registry`: guest kernel release → NVIDIA driver → pinned artifacts.
+//!
+//! A registry is plain TOML (format in `versions/README.md`). The default one is embedded in the
+//! binary; files given by the caller are merged over it, later files adding or replacing whole
+//! releases. Every validation error names the file, the release and the field, and says the fix.
+
+mod digest;
+mod edit;
+mod parse;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub use digest::{DigestError, Sha256Digest};
+pub use edit::{ArtifactPin, pin_artifacts, write_release};
+
+/// A CPU architecture a release has artifacts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Arch {
+    /// 64-bit x86.
+    #[serde(rename = "x86_64")]
+    X86_64,
+    /// 64-bit Arm.
+    #[serde(rename = "aarch64")]
+    Aarch64,
+}
+
+impl Arch {
+    /// The name used in the registry and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// The ELF `e_machine` value of this architecture's binaries and kernel modules.
+    pub fn elf_machine(self) -> u16 {
+        match self {
+            Arch::X86_64 => 62,   // EM_X86_64
+            Arch::Aarch64 => 183, // EM_AARCH64
+        }
+    }
+
+    /// The architecture this program was built for.
+    pub fn host() -> Option<Arch> {
+        match std::env::consts::ARCH {
+            "x86_64" => Some(Arch::X86_64),
+            "aarch64" => Some(Arch::Aarch64),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "x86_64" | "amd64" => Ok(Arch::X86_64),
+            "aarch64" | "arm64" => Ok(Arch::Aarch64),
+            other => Err(format!(
+                "unknown architecture `{other}`: use x86_64 or aarch64"
+            )),
+        }
+    }
+}
+
+/// What an artifact holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ArtifactKind {
+    /// The guest kernel image.
+    Kernel,
+    /// A tar of the guest kernel's own modules (`lib/modules/<release>/...`).
+    KernelModules,
+    /// A tar of the NVIDIA kernel modules built for the guest kernel.
+    NvidiaModules,
+    /// A tar of the GPU firmware (`lib/firmware/nvidia/<version>/...`).
+    NvidiaFirmware,
+    /// A tar of the NVIDIA userspace libraries and tools.
+    NvidiaDriverLibs,
+}
+
+impl ArtifactKind {
+    /// Every kind, in registry order.
+    pub const ALL: [ArtifactKind; 5] = [
+        ArtifactKind::Kernel,
+        ArtifactKind::KernelModules,
+        ArtifactKind::NvidiaModules,
+        ArtifactKind::NvidiaFirmware,
+        ArtifactKind::NvidiaDriverLibs,
+    ];
+
+    /// The name used in the registry and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::Kernel => "kernel",
+            ArtifactKind::KernelModules => "kernel-modules",
+            ArtifactKind::NvidiaModules => "nvidia-modules",
+            ArtifactKind::NvidiaFirmware => "nvidia-firmware",
+            ArtifactKind::NvidiaDriverLibs => "nvidia-driver-libs",
+        }
+    }
+}
+
+impl fmt::Display for ArtifactKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ArtifactKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ArtifactKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown artifact kind `{s}`: use one of kernel, kernel-modules, \
+                     nvidia-modules, nvidia-firmware, nvidia-driver-libs"
+                )
+            })
+    }
+}
+
+/// Which NVIDIA kernel modules a release carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleFlavor {
+    /// The open GPU kernel modules (Turing and newer; needs GSP firmware).
+    Open,
+    /// The proprietary modules.
+    Proprietary,
+}
+
+impl ModuleFlavor {
+    /// The name used in the registry and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModuleFlavor::Open => "open",
+            ModuleFlavor::Proprietary => "proprietary",
+        }
+    }
+}
+
+impl fmt::Display for ModuleFlavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ModuleFlavor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(ModuleFlavor::Open),
+            "proprietary" => Ok(ModuleFlavor::Proprietary),
+            other => Err(format!(
+                "unknown module flavor `{other}`: use open or proprietary"
+            )),
+        }
+    }
+}
+
+/// The registry compiled into the binary (`versions/registry.toml`).
+pub const EMBEDDED_TOML: &str = include_str!("../../../versions/registry.toml");
+
+/// The `source` of releases that come from the embedded registry.
+pub const EMBEDDED_SOURCE: &str = "embedded";
+
+/// One downloadable artifact of a release, for one architecture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Artifact {
+    /// What the artifact holds.
+    pub kind: ArtifactKind,
+    /// Where to download it, mirrors in the order they are tried.
+    pub urls: Vec<String>,
+    /// The pinned digest; `None` means unpinned, which every consumer refuses.
+    pub sha256: Option<Sha256Digest>,
+    /// The pinned size in bytes; also the download size cap.
+    pub size: Option<u64>,
+}
+
+impl Artifact {
+    /// Whether the artifact has a digest every download is checked against.
+    pub fn is_pinned(&self) -> bool {
+        self.sha256.is_some()
+    }
+}
+
+/// A guest kernel release, the NVIDIA driver that goes with it, and their artifacts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Release {
+    /// The release name, e.g. `ch-6.12.8-kernel-1.2-20251213`.
+    pub name: String,
+    /// The guest kernel's `uname -r`, checked against each module's vermagic.
+    pub kernel_version: String,
+    /// The NVIDIA driver version, when the release carries a driver.
+    pub driver_version: Option<String>,
+    /// Which NVIDIA kernel modules the release carries.
+    pub module_flavor: Option<ModuleFlavor>,
+    /// Whether this is the release used when none is named.
+    pub default: bool,
+    /// Artifacts per architecture.
+    pub artifacts: BTreeMap<Arch, Vec<Artifact>>,
+    /// Where the release was defined: `"embedded"` or the registry file's path.
+    pub source: String,
+}
+
+impl Release {
+    /// The artifact of `kind` for `arch`, if the release has one.
+    pub fn artifact(&self, arch: Arch, kind: ArtifactKind) -> Option<&Artifact> {
+        self.artifacts.get(&arch)?.iter().find(|a| a.kind == kind)
+    }
+
+    /// Whether any artifact (any arch) lacks a digest.
+    pub fn has_unpinned(&self) -> bool {
+        self.artifacts.values().flatten().any(|a| !a.is_pinned())
+    }
+}
+
+/// Errors reading, validating, merging or editing registries.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The file could not be read.
+    #[error("cannot read registry {file}: {source}; check the path given to --registry")]
+    Read {
+        /// The registry file.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("registry {file} is not valid TOML: {message}")]
+    Syntax {
+        /// The registry file.
+        file: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A field is missing, unknown or has a bad value.
+    #[error("registry {file}: release `{release}`: field `{field}`: {problem}; {fix}")]
+    Invalid {
+        /// The registry file.
+        file: String,
+        /// The release (empty for top-level problems).
+        release: String,
+        /// The field, as a dotted path inside the release.
+        field: String,
+        /// What is wrong.
+        problem: String,
+        /// How to fix it.
+        fix: String,
+    },
+    /// One file defines the same release twice.
+    #[error(
+        "registry {file}: release `{release}` is defined twice (lines {first_line} and \
+         {second_line}); keep one definition or rename the other"
+    )]
+    DuplicateRelease {
+        /// The registry file.
+        file: String,
+        /// The release.
+        release: String,
+        /// Line of the first definition.
+        first_line: usize,
+        /// Line of the second definition.
+        second_line: usize,
+    },
+    /// One file marks two releases as the default.
+    #[error(
+        "registry {file}: releases `{first}` and `{second}` both set `default = true`; \
+         keep it on exactly one"
+    )]
+    TwoDefaults {
+        /// The registry file.
+        file: String,
+        /// One default release.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// No release has that name.
+    #[error("unknown release `{name}`; known releases: {}", known.join(", "))]
+    UnknownRelease {
+        /// The name asked for.
+        name: String,
+        /// Every release the merged registry knows.
+        known: Vec<String>,
+    },
+    /// No release was named and none is marked default.
+    #[error(
+        "no release named and no release has `default = true`; name one of: {}",
+        known.join(", ")
+    )]
+    NoDefault {
+        /// Every release the merged registry knows.
+        known: Vec<String>,
+    },
+    /// A release to be written already exists in the file.
+    #[error(
+        "registry {file} already has release `{release}`; pass --replace to overwrite it \
+         or choose another name"
+    )]
+    Exists {
+        /// The registry file.
+        file: String,
+        /// The release.
+        release: String,
+    },
+    /// The registry file could not be written.
+    #[error("cannot write registry {file}: {source}; check the directory exists and is writable")]
+    Write {
+        /// The registry file.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Merged releases from the embedded registry and any files over it.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    releases: BTreeMap<String, Release>,
+    default: Option<String>,
+}
+
+impl Registry {
+    /// The registry embedded in the binary.
+    pub fn embedded() -> Result<Registry, RegistryError> {
+        Registry::parse(EMBEDDED_TOML, EMBEDDED_SOURCE)
+    }
+
+    /// The embedded registry with each file merged over it, in order.
+    pub fn load(files: &[PathBuf]) -> Result<Registry, RegistryError> {
+        let mut registry = Registry::embedded()?;
+        for file in files {
+            registry.merge(Registry::read(file)?);
+        }
+        Ok(registry)
+    }
+
+    /// Read and validate one registry file on its own (no embedded default).
+    pub fn read(file: &Path) -> Result<Registry, RegistryError> {
+        let name = file.display().to_string();
+        let text = std::fs::read_to_string(file).map_err(|source| RegistryError::Read {
+            file: name.clone(),
+            source,
+        })?;
+        Registry::parse(&text, &name)
+    }
+
+    /// Parse and validate registry TOML; `source` names it in errors and in each release.
+    pub fn parse(text: &str, source: &str) -> Result<Registry, RegistryError> {
+        let releases = parse::parse(text, source)?;
+        let mut registry = Registry::default();
+        for release in releases {
+            if release.default {
+                registry.default = Some(release.name.clone());
+            }
+            registry.releases.insert(release.name.clone(), release);
+        }
+        Ok(registry)
+    }
+
+    /// Merge `later` over `self`: its releases add to or replace ours; its default, if any,
+    /// becomes the default.
+    pub fn merge(&mut self, later: Registry) {
+        if let Some(new_default) = &later.default {
+            for release in self.releases.values_mut() {
+                release.default = false;
+            }
+            self.default = Some(new_default.clone());
+        }
+        for (name, mut release) in later.releases {
+            // Replacing the default release without `default = true` keeps it the default.
+            if self.default.as_deref() == Some(name.as_str()) {
+                release.default = true;
+            }
+            self.releases.insert(name, release);
+        }
+    }
+
+    /// The release called `name`.
+    pub fn release(&self, name: &str) -> Result<&Release, RegistryError> {
+        self.releases
+            .get(name)
+            .ok_or_else(|| RegistryError::UnknownRelease {
+                name: name.to_string(),
+                known: self.names(),
+            })
+    }
+
+    /// The named release, or the default one when `name` is `None`.
+    pub fn resolve(&self, name: Option<&str>) -> Result<&Release, RegistryError> {
+        match name {
+            Some(name) => self.release(name),
+            None => match &self.default {
+                Some(name) => self.release(name),
+                None => Err(RegistryError::NoDefault {
+                    known: self.names(),
+                }),
+            },
+        }
+    }
+
+    /// Every release, sorted by name.
+    pub fn releases(&self) -> impl Iterator<Item = &Release> {
+        self.releases.values()
+    }
+
+    /// The default release's name, if any.
+    pub fn default_name(&self) -> Option<&str> {
+        self.default.as_deref()
+    }
+
+    /// The registry as TOML in the documented format (sources are not written).
+    pub fn to_toml(&self) -> String {
+        let mut doc = toml_edit::DocumentMut::new();
+        for release in self.releases.values() {
+            edit::insert_release(&mut doc, release);
+        }
+        doc.to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.releases.keys().cloned().collect()
+    }
+}

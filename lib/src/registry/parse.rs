@@ -1,0 +1,404 @@
+//! Registry TOML → validated releases. Walks the TOML tree by hand (rather than serde derive)
+//! so that every error can name the release and the exact field.
+
+use std::collections::{BTreeMap, HashMap};
+
+use toml::{Table, Value};
+
+use super::{Arch, Artifact, ArtifactKind, ModuleFlavor, RegistryError, Release, Sha256Digest};
+
+const RELEASE_KEYS: &[&str] = &[
+    "kernel_version",
+    "driver_version",
+    "module_flavor",
+    "default",
+    "artifacts",
+];
+const ARTIFACT_KEYS: &[&str] = &["kind", "url", "urls", "sha256", "size"];
+const URL_SCHEMES: &[&str] = &["https://", "http://", "file://"];
+
+struct Ctx<'a> {
+    file: &'a str,
+    release: &'a str,
+}
+
+impl Ctx<'_> {
+    fn invalid(
+        &self,
+        field: &str,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> RegistryError {
+        RegistryError::Invalid {
+            file: self.file.to_string(),
+            release: self.release.to_string(),
+            field: field.to_string(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    fn string(&self, field: &str, value: &Value) -> Result<String, RegistryError> {
+        match value {
+            Value::String(s) => Ok(s.clone()),
+            other => Err(self.invalid(
+                field,
+                format!("expected a string, found {}", other.type_str()),
+                "quote the value",
+            )),
+        }
+    }
+}
+
+/// Parse and validate registry text. `file` names the source in errors and in each release.
+pub(super) fn parse(text: &str, file: &str) -> Result<Vec<Release>, RegistryError> {
+    check_duplicate_headers(text, file)?;
+    let table: Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| RegistryError::Syntax {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+    let top = Ctx { file, release: "" };
+    let mut releases_value = None;
+    for (key, value) in &table {
+        if key == "releases" {
+            releases_value = Some(value);
+        } else {
+            return Err(top.invalid(
+                key,
+                "unknown top-level key",
+                "put releases under [releases.\"NAME\"]; the only top-level table is `releases`",
+            ));
+        }
+    }
+    let releases_table = match releases_value {
+        None => return Ok(Vec::new()),
+        Some(Value::Table(t)) => t,
+        Some(other) => {
+            return Err(top.invalid(
+                "releases",
+                format!("expected a table, found {}", other.type_str()),
+                "write each release as [releases.\"NAME\"]",
+            ));
+        }
+    };
+    let mut out = Vec::new();
+    let mut default: Option<String> = None;
+    for (name, value) in releases_table {
+        let release = parse_release(file, name, value)?;
+        if release.default {
+            if let Some(first) = &default {
+                return Err(RegistryError::TwoDefaults {
+                    file: file.to_string(),
+                    first: first.clone(),
+                    second: name.clone(),
+                });
+            }
+            default = Some(name.clone());
+        }
+        out.push(release);
+    }
+    Ok(out)
+}
+
+fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, RegistryError> {
+    let ctx = Ctx {
+        file,
+        release: name,
+    };
+    if name.trim().is_empty() {
+        return Err(ctx.invalid("", "the release name is empty", "give the release a name"));
+    }
+    let Value::Table(table) = value else {
+        return Err(ctx.invalid(
+            "",
+            format!("expected a table, found {}", value.type_str()),
+            "write the release as [releases.\"NAME\"] with its fields below it",
+        ));
+    };
+    for key in table.keys() {
+        if !RELEASE_KEYS.contains(&key.as_str()) {
+            return Err(ctx.invalid(
+                key,
+                "unknown key",
+                format!("remove it; release keys are {}", RELEASE_KEYS.join(", ")),
+            ));
+        }
+    }
+    let kernel_version = match table.get("kernel_version") {
+        None => {
+            return Err(ctx.invalid(
+                "kernel_version",
+                "missing",
+                "add kernel_version = \"<the guest's uname -r>\"",
+            ));
+        }
+        Some(v) => ctx.string("kernel_version", v)?,
+    };
+    if kernel_version.trim().is_empty() {
+        return Err(ctx.invalid(
+            "kernel_version",
+            "is empty",
+            "set it to the guest kernel's `uname -r`, e.g. \"6.1.0-56-amd64\"",
+        ));
+    }
+    let driver_version = match table.get("driver_version") {
+        None => None,
+        Some(v) => {
+            let s = ctx.string("driver_version", v)?;
+            if s.trim().is_empty() {
+                return Err(ctx.invalid(
+                    "driver_version",
+                    "is empty",
+                    "set the NVIDIA driver version, e.g. \"535.261.03\", or remove the key",
+                ));
+            }
+            Some(s)
+        }
+    };
+    let module_flavor = match table.get("module_flavor") {
+        None => None,
+        Some(v) => {
+            let s = ctx.string("module_flavor", v)?;
+            Some(
+                s.parse::<ModuleFlavor>()
+                    .map_err(|e| ctx.invalid("module_flavor", e, "fix the value"))?,
+            )
+        }
+    };
+    let default = match table.get("default") {
+        None => false,
+        Some(Value::Boolean(b)) => *b,
+        Some(other) => {
+            return Err(ctx.invalid(
+                "default",
+                format!("expected true or false, found {}", other.type_str()),
+                "write default = true or remove it",
+            ));
+        }
+    };
+    let mut artifacts = BTreeMap::new();
+    match table.get("artifacts") {
+        None => {}
+        Some(Value::Table(per_arch)) => {
+            for (arch_name, list) in per_arch {
+                let field = format!("artifacts.{arch_name}");
+                let arch: Arch = arch_name.parse().map_err(|e: String| {
+                    ctx.invalid(&field, e, "use [[releases.\"NAME\".artifacts.x86_64]]")
+                })?;
+                let Value::Array(items) = list else {
+                    return Err(ctx.invalid(
+                        &field,
+                        format!("expected an array of tables, found {}", list.type_str()),
+                        format!(
+                            "write each artifact as [[releases.\"{name}\".artifacts.{arch_name}]]"
+                        ),
+                    ));
+                };
+                let mut parsed: Vec<Artifact> = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let field = format!("artifacts.{arch_name}[{i}]");
+                    let artifact = parse_artifact(&ctx, &field, item)?;
+                    if parsed.iter().any(|a| a.kind == artifact.kind) {
+                        return Err(ctx.invalid(
+                            &format!("{field}.kind"),
+                            format!("artifact kind `{}` appears twice for {arch}", artifact.kind),
+                            "keep one entry per kind and architecture; list mirrors in `urls`",
+                        ));
+                    }
+                    parsed.push(artifact);
+                }
+                artifacts.insert(arch, parsed);
+            }
+        }
+        Some(other) => {
+            return Err(ctx.invalid(
+                "artifacts",
+                format!("expected a table, found {}", other.type_str()),
+                "write artifacts as [[releases.\"NAME\".artifacts.x86_64]]",
+            ));
+        }
+    }
+    let has_driver_artifact = artifacts.values().flatten().any(|a| {
+        matches!(
+            a.kind,
+            ArtifactKind::NvidiaModules
+                | ArtifactKind::NvidiaFirmware
+                | ArtifactKind::NvidiaDriverLibs
+        )
+    });
+    if has_driver_artifact && driver_version.is_none() {
+        return Err(ctx.invalid(
+            "driver_version",
+            "missing, but the release has NVIDIA artifacts",
+            "add driver_version = \"<the NVIDIA driver version>\" (module checks compare against it)",
+        ));
+    }
+    Ok(Release {
+        name: name.to_string(),
+        kernel_version,
+        driver_version,
+        module_flavor,
+        default,
+        artifacts,
+        source: file.to_string(),
+    })
+}
+
+fn parse_artifact(ctx: &Ctx<'_>, field: &str, item: &Value) -> Result<Artifact, RegistryError> {
+    let Value::Table(t) = item else {
+        return Err(ctx.invalid(
+            field,
+            format!("expected a table, found {}", item.type_str()),
+            "write the artifact as a [[...artifacts.ARCH]] table",
+        ));
+    };
+    for key in t.keys() {
+        if !ARTIFACT_KEYS.contains(&key.as_str()) {
+            return Err(ctx.invalid(
+                &format!("{field}.{key}"),
+                "unknown key",
+                format!("remove it; artifact keys are {}", ARTIFACT_KEYS.join(", ")),
+            ));
+        }
+    }
+    let kind_field = format!("{field}.kind");
+    let kind = match t.get("kind") {
+        None => {
+            return Err(ctx.invalid(
+                &kind_field,
+                "missing",
+                "add kind = \"kernel\" (or kernel-modules, nvidia-modules, nvidia-firmware, nvidia-driver-libs)",
+            ));
+        }
+        Some(v) => ctx
+            .string(&kind_field, v)?
+            .parse::<ArtifactKind>()
+            .map_err(|e| ctx.invalid(&kind_field, e, "fix the kind"))?,
+    };
+    let mut urls = Vec::new();
+    match (t.get("url"), t.get("urls")) {
+        (Some(_), Some(_)) => {
+            return Err(ctx.invalid(
+                &format!("{field}.urls"),
+                "both `url` and `urls` are set",
+                "use `url` for one location or `urls` for a list of mirrors, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ctx.invalid(
+                &format!("{field}.url"),
+                "missing",
+                "add url = \"https://...\" (or urls = [mirrors])",
+            ));
+        }
+        (Some(v), None) => urls.push(ctx.string(&format!("{field}.url"), v)?),
+        (None, Some(Value::Array(list))) => {
+            for (i, v) in list.iter().enumerate() {
+                urls.push(ctx.string(&format!("{field}.urls[{i}]"), v)?);
+            }
+            if urls.is_empty() {
+                return Err(ctx.invalid(
+                    &format!("{field}.urls"),
+                    "is empty",
+                    "list at least one URL",
+                ));
+            }
+        }
+        (None, Some(other)) => {
+            return Err(ctx.invalid(
+                &format!("{field}.urls"),
+                format!("expected an array of strings, found {}", other.type_str()),
+                "write urls = [\"https://...\", ...]",
+            ));
+        }
+    }
+    for url in &urls {
+        if !URL_SCHEMES.iter().any(|s| url.starts_with(s)) || url.contains(char::is_whitespace) {
+            return Err(ctx.invalid(
+                &format!("{field}.url"),
+                format!("`{url}` is not an https, http or file URL"),
+                "use an https://, http:// or file:// URL",
+            ));
+        }
+    }
+    let sha256 = match t.get("sha256") {
+        None => None,
+        Some(v) => {
+            let sha_field = format!("{field}.sha256");
+            let s = ctx.string(&sha_field, v)?;
+            Some(s.parse::<Sha256Digest>().map_err(|e| {
+                ctx.invalid(
+                    &sha_field,
+                    format!("`{s}` is malformed: {e}"),
+                    format!(
+                        "run `gpu-passthrough versions pin {} --registry {}` to fill it in, or remove it",
+                        ctx.release, ctx.file
+                    ),
+                )
+            })?)
+        }
+    };
+    let size = match t.get("size") {
+        None => None,
+        Some(Value::Integer(n)) if *n >= 0 => Some(*n as u64),
+        Some(other) => {
+            return Err(ctx.invalid(
+                &format!("{field}.size"),
+                format!("expected a byte count (a non-negative integer), found {other}"),
+                "write the size in bytes, or remove it",
+            ));
+        }
+    };
+    Ok(Artifact {
+        kind,
+        urls,
+        sha256,
+        size,
+    })
+}
+
+/// A TOML parser rejects a table defined twice with a generic message; find it first so the
+/// error can name the release and both lines.
+fn check_duplicate_headers(text: &str, file: &str) -> Result<(), RegistryError> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with("[[") || !line.starts_with('[') {
+            continue;
+        }
+        let Some(end) = line.find(']') else { continue };
+        let header = line[1..end].trim();
+        let Some(rest) = header.strip_prefix("releases") else {
+            continue;
+        };
+        let Some(rest) = rest.trim_start().strip_prefix('.') else {
+            continue;
+        };
+        let name = unquote(rest.trim());
+        let Some(name) = name else { continue };
+        if let Some(first_line) = seen.insert(name.clone(), i + 1) {
+            return Err(RegistryError::DuplicateRelease {
+                file: file.to_string(),
+                release: name,
+                first_line,
+                second_line: i + 1,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The release name of a header's remainder, if it is a single key (quoted or bare).
+fn unquote(key: &str) -> Option<String> {
+    for q in ['"', '\''] {
+        if let Some(inner) = key.strip_prefix(q) {
+            let inner = inner.strip_suffix(q)?;
+            return (!inner.contains(q)).then(|| inner.to_string());
+        }
+    }
+    key.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        .then(|| key.to_string())
+}
