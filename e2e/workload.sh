@@ -12,9 +12,9 @@ mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 echo "E2E-A workload started"
 ldconfig -p | grep -E 'lib(cuda|nvidia-ml)\.so\.1 ' | sed 's/^/E2E-A ldconfig /'
-for f in $(ldconfig -p | awk '$1 == "libcuda.so.1" { print $NF }'); do
-    echo "E2E-A libcuda_real $f -> $(readlink -f "$f")"
-done
+# The first cache entry is the one the dynamic loader uses.
+f=$(ldconfig -p | awk '$1 == "libcuda.so.1" { print $NF; exit }')
+echo "E2E-A libcuda_real ${f:-none} -> $([ -e "$f" ] && readlink -f "$f")"
 echo "E2E-A which $(which nvidia-smi || echo none)"
 ls /dev/nvidia* 2>/dev/null | sed 's/^/E2E-A node /'
 nvidia-smi
