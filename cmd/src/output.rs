@@ -9,8 +9,6 @@ use crate::Global;
 
 /// Exit codes, stable for scripts.
 pub mod exit {
-    /// Success.
-    pub const OK: u8 = 0;
     /// A general failure (I/O, network, bad input).
     pub const FAILURE: u8 = 1;
     /// Verification failed: a digest, a module check, a pin that no longer matches.

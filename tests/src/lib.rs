@@ -1,1 +1,4 @@
 //! Shared test support: fixtures lookup, a loopback HTTP mirror, fake sysfs trees.
+
+pub mod fixtures;
+pub mod http;

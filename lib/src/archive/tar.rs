@@ -124,7 +124,7 @@ pub fn walk_tar_stream<R: BufRead>(
                 .max_entries
                 .saturating_mul(STREAM_ALLOWANCE_PER_ENTRY),
         )
-        .saturating_add(1 << 20);
+        .saturating_add(STREAM_SLACK);
     let source = GuardedSource {
         inner: decoded,
         remaining: stream_cap,
@@ -324,6 +324,8 @@ fn ensure_dirs(root: &Path, rel: &Path) -> io::Result<()> {
 /// Header bytes the stream may carry per entry beyond file contents (a header, a GNU long name
 /// or a PAX record of ordinary length).
 const STREAM_ALLOWANCE_PER_ENTRY: u64 = 4096;
+/// Stream bytes allowed beyond the per-entry allowance (end-of-archive blocks, padding).
+const STREAM_SLACK: u64 = 64 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SourceState {
@@ -385,8 +387,9 @@ struct Walker {
     archive: PathBuf,
     limits: Limits,
     nodes: HashMap<PathBuf, Node>,
-    /// Each symlink with its target resolved (lexically) relative to the root.
-    symlinks: Vec<(PathBuf, PathBuf)>,
+    /// Each symlink with the paths its target walks through (lexically, relative to the
+    /// root) before reaching its final component.
+    symlinks: Vec<(PathBuf, Vec<PathBuf>)>,
     summary: TarSummary,
     /// Headers seen, including skipped ones, for the entry-count cap.
     seen: u64,
@@ -649,9 +652,13 @@ impl Walker {
             .parent()
             .map(|p| p.iter().collect())
             .unwrap_or_default();
+        let mut traversed: Vec<PathBuf> = Vec::new();
         for component in target.components() {
             match component {
-                Component::Normal(part) => resolved.push(part),
+                Component::Normal(part) => {
+                    resolved.push(part);
+                    traversed.push(resolved.iter().collect());
+                }
                 Component::CurDir => {}
                 Component::ParentDir => {
                     if resolved.pop().is_none() {
@@ -674,26 +681,32 @@ impl Walker {
                 }
             }
         }
-        self.symlinks
-            .push((path.to_path_buf(), resolved.iter().collect()));
+        // The final component may itself be a symlink (chains are fine); only the ones walked
+        // through matter.
+        let final_path: PathBuf = resolved.iter().collect();
+        if traversed.last() == Some(&final_path) {
+            traversed.pop();
+        }
+        self.symlinks.push((path.to_path_buf(), traversed));
         Ok(target)
     }
 
     /// Checks that need every entry: a symlink's target must not pass through another symlink
     /// (lexical resolution could not vouch for where `..` after a symlink lands).
     fn finish(&self) -> Result<(), ArchiveError> {
-        for (link, resolved) in &self.symlinks {
-            let mut prefix = PathBuf::new();
-            let mut components = resolved.components().peekable();
-            while let Some(component) = components.next() {
-                prefix.push(component);
-                if components.peek().is_some() && self.nodes.get(&prefix) == Some(&Node::Symlink) {
-                    return Err(self.unsafe_entry(
-                        &link.display().to_string(),
-                        format!("the symlink target passes through another symlink `{}`", prefix.display()),
-                        "re-pack the artifact with symlinks that point at real files or directories",
-                    ));
-                }
+        for (link, traversed) in &self.symlinks {
+            if let Some(through) = traversed
+                .iter()
+                .find(|p| self.nodes.get(*p) == Some(&Node::Symlink))
+            {
+                return Err(self.unsafe_entry(
+                    &link.display().to_string(),
+                    format!(
+                        "the symlink target passes through another symlink `{}`",
+                        through.display()
+                    ),
+                    "re-pack the artifact with symlinks that point at real files or directories",
+                ));
             }
         }
         Ok(())

@@ -3,6 +3,7 @@
 //! refused edit leaves the file byte-identical.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, value};
@@ -96,7 +97,13 @@ pub(super) fn insert_release(doc: &mut DocumentMut, release: &Release) {
         releases.set_implicit(true);
         doc.insert("releases", Item::Table(releases));
     }
-    doc["releases"][&release.name] = Item::Table(release_table(release));
+    let mut table = release_table(release);
+    // A replaced release keeps its place in the file and the comment above its header.
+    if let Some(old) = doc["releases"].get(&release.name).and_then(Item::as_table) {
+        *table.decor_mut() = old.decor().clone();
+        table.set_position(old.position());
+    }
+    doc["releases"][&release.name] = Item::Table(table);
 }
 
 fn release_table(release: &Release) -> Table {
@@ -182,6 +189,14 @@ fn save(file: &Path, doc: &DocumentMut) -> Result<(), RegistryError> {
         _ => Path::new("."),
     };
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err)?;
+    // Temp files are 0600; a registry is meant to be readable like any config file.
+    let permissions = match std::fs::metadata(file) {
+        Ok(meta) => meta.permissions(),
+        Err(_) => std::fs::Permissions::from_mode(0o644),
+    };
+    tmp.as_file()
+        .set_permissions(permissions)
+        .map_err(write_err)?;
     tmp.write_all(text.as_bytes()).map_err(write_err)?;
     tmp.as_file().sync_all().map_err(write_err)?;
     tmp.persist(file).map_err(|e| write_err(e.error))?;

@@ -1,0 +1,85 @@
+//! The real artifacts in `shared/fixtures/` (a Debian kernel, its modules, NVIDIA 535.261.03 open
+//! modules, GSP firmware and libraries) and their `SHA256SUMS`.
+//!
+//! The directory is `$GPU_PASSTHROUGH_FIXTURES` when set, else the first `shared/fixtures` found
+//! walking up from this crate (so it works from `/work/main` and from worktrees alike). A missing
+//! directory is a test failure with a message, never a silent skip.
+//!
+//! ```no_run
+//! use gpu_passthrough_tests::fixtures;
+//! let kernel = fixtures::path(fixtures::KERNEL);                 // absolute path
+//! let digest = fixtures::sha256sums()[fixtures::KERNEL].clone(); // lowercase hex
+//! # drop((kernel, digest));
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The guest kernel image (bzImage).
+pub const KERNEL: &str = "linux-6.1.0-56-amd64/vmlinuz";
+/// The guest kernel's `uname -r`.
+pub const KERNEL_VERSION: &str = "6.1.0-56-amd64";
+/// The kernel's own modules (tar.gz).
+pub const KERNEL_MODULES: &str = "linux-6.1.0-56-amd64/kernel-modules-6.1.0-56-amd64-x86_64.tar.gz";
+/// The NVIDIA driver version of the fixtures.
+pub const DRIVER_VERSION: &str = "535.261.03";
+/// The NVIDIA open kernel modules built for [`KERNEL_VERSION`] (tar.gz).
+pub const NVIDIA_MODULES: &str =
+    "nvidia-535.261.03/nvidia-open-modules-535.261.03-6.1.0-56-amd64-x86_64.tar.gz";
+/// The GSP firmware (tar.gz).
+pub const NVIDIA_FIRMWARE: &str = "nvidia-535.261.03/nvidia-gsp-firmware-535.261.03.tar.gz";
+/// The NVIDIA userspace libraries and tools (tar.gz).
+pub const NVIDIA_DRIVER_LIBS: &str =
+    "nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz";
+/// NVIDIA's supported-GPU list.
+pub const SUPPORTED_GPUS: &str = "nvidia-535.261.03/supported-gpus.json";
+
+/// The fixtures directory (see the module docs). Panics with the fix when it is missing.
+pub fn dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GPU_PASSTHROUGH_FIXTURES") {
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("SHA256SUMS").is_file(),
+            "GPU_PASSTHROUGH_FIXTURES={} has no SHA256SUMS; point it at the fixtures directory",
+            dir.display()
+        );
+        return dir;
+    }
+    let start = Path::new(env!("CARGO_MANIFEST_DIR"));
+    start
+        .ancestors()
+        .map(|a| a.join("shared/fixtures"))
+        .find(|d| d.join("SHA256SUMS").is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no shared/fixtures with a SHA256SUMS above {}; set GPU_PASSTHROUGH_FIXTURES to \
+                 the fixtures directory",
+                start.display()
+            )
+        })
+}
+
+/// The absolute path of a fixture given relative to the fixtures directory.
+pub fn path(relative: &str) -> PathBuf {
+    dir().join(relative)
+}
+
+/// `SHA256SUMS` as relative path (no leading `./`) → lowercase hex digest.
+pub fn sha256sums() -> BTreeMap<String, String> {
+    let file = dir().join("SHA256SUMS");
+    let text = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+    parse_sha256sums(&text)
+}
+
+/// Parse `sha256sum` output (`<hex>  <path>` or `<hex> *<path>` lines).
+pub fn parse_sha256sums(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (hex, name) = line.split_once(char::is_whitespace)?;
+            let name = name.trim_start().trim_start_matches('*');
+            let name = name.strip_prefix("./").unwrap_or(name);
+            Some((name.to_string(), hex.to_ascii_lowercase()))
+        })
+        .collect()
+}
