@@ -10,9 +10,23 @@ Two same-length byte edits, so no ELF offset moves:
   still loads). A module really built for another kernel ABI differs in exactly these ways.
 With --release-only the CRC is kept: the module still loads, it only claims the other release
 (used for the kernel modules of a fake release, so that only nvidia.ko is really incompatible).
+An appended module signature is removed: after the edit it would be invalid, and the kernel
+rejects a bad signature (EKEYREJECTED) even when it accepts unsigned modules.
 """
 import struct
 import sys
+
+SIG_MARKER = b"~Module signature appended~\n"
+
+
+def strip_signature(data):
+    """Drop an appended signature: content | signature | struct module_signature (12 bytes,
+    big-endian sig_len last) | marker."""
+    if not data.endswith(SIG_MARKER):
+        return data
+    info_end = len(data) - len(SIG_MARKER)
+    sig_len, = struct.unpack_from(">I", data, info_end - 4)
+    return data[:info_end - 12 - sig_len]
 
 
 def main():
@@ -25,7 +39,7 @@ def main():
     path, old, new = args[0], args[1].encode(), args[2].encode()
     if len(old) != len(new):
         raise SystemExit("doctor-module.py: releases must have the same length")
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(strip_signature(open(path, "rb").read()))
     magic = b"vermagic=" + old + b" "
     if data.count(magic) != 1:
         raise SystemExit(f"doctor-module.py: {path}: expected one '{magic.decode()}'")
