@@ -11,6 +11,7 @@ use gpu_passthrough::initrd::{BuildOptions, InitrdBuilder, LayerFile, Layers};
 use gpu_passthrough::registry::{Arch, Registry};
 
 use crate::Global;
+use crate::progress::DownloadBar;
 use crate::output::{self, exit};
 
 /// Initrd commands.
@@ -83,7 +84,7 @@ fn build(global: &Global, args: &BuildArgs, reuse: bool) -> anyhow::Result<ExitC
     let cache = global.cache_dir();
     let fetcher = Fetcher::new(&cache, FetchOptions::default())?;
     let builder = InitrdBuilder::new(&cache, &fetcher);
-    let progress = gpu_passthrough::fetch::NoProgress;
+    let progress = DownloadBar::new(global);
     let result = if reuse {
         builder.ensure(release, &options, &progress)
     } else {

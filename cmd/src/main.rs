@@ -5,6 +5,7 @@
 mod host;
 mod initrd;
 mod output;
+mod progress;
 mod versions;
 
 use std::path::PathBuf;

@@ -10,7 +10,8 @@
 //! determines their bytes (artifact digests, guest-init digest, options, builder version). A
 //! build writes into a temporary directory and renames it into place, so a reader sees either
 //! nothing or a complete result; an interrupted build leaves only a temporary directory that the
-//! next build of the same key removes.
+//! next build of the same key removes. (`GPU_PASSTHROUGH_FAILPOINT=initrd-midway` aborts a build
+//! half-way through the GPU layer, for tests of exactly that.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -211,7 +212,7 @@ impl<'a> InitrdBuilder<'a> {
         if let Some(layers) = self.cached(&key) {
             return Ok(layers);
         }
-        self.build_key(release, options, &key, progress)
+        self.build_key(release, options, &key, true, progress)
     }
 
     /// Build the layers even when a cached result exists (artifacts still come from the cache),
@@ -223,7 +224,7 @@ impl<'a> InitrdBuilder<'a> {
         progress: &dyn Progress,
     ) -> Result<Layers, InitrdError> {
         let key = self.key(release, options)?;
-        self.build_key(release, options, &key, progress)
+        self.build_key(release, options, &key, false, progress)
     }
 
     fn layers_dir(&self) -> PathBuf {
@@ -292,6 +293,7 @@ impl<'a> InitrdBuilder<'a> {
         release: &Release,
         options: &BuildOptions,
         key: &str,
+        reuse: bool,
         progress: &dyn Progress,
     ) -> Result<Layers, InitrdError> {
         let layers_dir = self.layers_dir();
@@ -299,6 +301,12 @@ impl<'a> InitrdBuilder<'a> {
             .map_err(io_err(format!("creating {}", layers_dir.display())))?;
         // One builder per key at a time; the others wait and then find the result.
         let lock = lock_file(&layers_dir.join(format!("{key}.lock")))?;
+        if reuse {
+            // Someone else may have built it while we waited for the lock.
+            if let Some(layers) = self.cached(key) {
+                return Ok(layers);
+            }
+        }
         let tmp = layers_dir.join(format!("tmp-{key}"));
         if tmp.exists() {
             // Left by a build that was killed: we hold the key's lock, so nobody else owns it.
@@ -674,7 +682,11 @@ impl GpuLayerPlan {
         guest_init: &[u8],
     ) -> Result<(), InitrdError> {
         let manifest = self.manifest_json()?;
-        for (path, source) in &self.entries {
+        let midway = self.entries.len() / 2;
+        for (i, (path, source)) in self.entries.iter().enumerate() {
+            if i == midway {
+                failpoint("initrd-midway");
+            }
             match source {
                 Source::Dir => cpio.directory(path, 0o755)?,
                 Source::Symlink(target) => cpio.symlink(path, target)?,
@@ -852,6 +864,14 @@ fn lock_file(path: &Path) -> Result<nix::fcntl::Flock<File>, InitrdError> {
         .map_err(io_err(format!("opening lock {}", path.display())))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, errno)| io_err(format!("locking {}", path.display()))(io::Error::from(errno)))
+}
+
+/// Crash here when `GPU_PASSTHROUGH_FAILPOINT` names this point: lets tests kill a build at a
+/// known step, as a power cut or an OOM kill would.
+fn failpoint(name: &str) {
+    if std::env::var_os("GPU_PASSTHROUGH_FAILPOINT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
 }
 
 /// Hex sha256 of a file, streamed.

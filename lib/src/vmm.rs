@@ -1,1 +1,224 @@
-//! `vmm`: to be written.
+//! `vmm`: render a boot spec for Cloud Hypervisor and QEMU.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::attach::VfioReport;
+use crate::pci::PciAddress;
+
+/// The kernel command-line word that tells the guest init to set up the GPU.
+pub const HAS_GPU: &str = "HAS_GPU=1";
+
+/// One device handed to the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootDevice {
+    /// PCI address (none for an mdev).
+    pub address: Option<PciAddress>,
+    /// mdev UUID (vGPU), if this is an mdev.
+    pub mdev_uuid: Option<String>,
+    /// Its sysfs directory (what the VMM opens).
+    pub sysfs_path: PathBuf,
+    /// IOMMU group.
+    pub iommu_group: Option<u32>,
+    /// `/dev/vfio/<group>`.
+    pub vfio_device: PathBuf,
+    /// A GPU (display controller or vGPU) rather than a companion function.
+    pub gpu: bool,
+    /// Bytes of 64-bit BARs.
+    pub bar64_bytes: u64,
+    /// What the VFIO check found.
+    pub vfio: Option<VfioReport>,
+}
+
+/// Cloud Hypervisor: command-line arguments and the API's `VmConfig.devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudHypervisor {
+    /// `--device path=…` arguments.
+    pub args: Vec<String>,
+    /// The `devices` array of the API's `VmConfig`.
+    pub vm_config_devices: Vec<ChDeviceConfig>,
+}
+
+/// One entry of Cloud Hypervisor's `VmConfig.devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChDeviceConfig {
+    /// The sysfs path, with a trailing `/`.
+    pub path: String,
+    /// P2P clique id for several GPUs (`x_nv_gpudirect_clique`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x_nv_gpudirect_clique: Option<u8>,
+}
+
+/// QEMU arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Qemu {
+    /// `-device vfio-pci,…` arguments.
+    pub args: Vec<String>,
+}
+
+/// The 64-bit MMIO window the VM needs for large BARs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioHint {
+    /// Sum of the devices' 64-bit BARs.
+    pub bar64_bytes: u64,
+    /// A window that holds them with alignment slack (next power of two of twice the sum).
+    pub window_bytes: u64,
+    /// What to do, when the default window is likely too small.
+    pub hint: Option<String>,
+}
+
+/// Everything a VMM needs to boot the VM with its devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSpec {
+    /// The owner the devices are attached to.
+    pub owner: String,
+    /// The devices, GPUs first.
+    pub devices: Vec<BootDevice>,
+    /// Words to add to the guest kernel command line.
+    pub kernel_cmdline: Vec<String>,
+    /// The initrd to boot (the release's combined layer), when the caller supplied it.
+    pub initrd: Option<PathBuf>,
+    /// Cloud Hypervisor.
+    pub cloud_hypervisor: CloudHypervisor,
+    /// QEMU.
+    pub qemu: Qemu,
+    /// The 64-bit MMIO window.
+    pub mmio: MmioHint,
+}
+
+/// QEMU's default 64-bit PCI hole on q35 (32 GiB); larger BAR sums need a bigger one.
+const DEFAULT_HOLE64: u64 = 32 << 30;
+
+impl BootSpec {
+    /// Render the spec for `devices` attached to `owner`.
+    pub fn new(owner: &str, devices: Vec<BootDevice>, initrd: Option<PathBuf>) -> BootSpec {
+        let gpus = devices.iter().filter(|d| d.gpu).count();
+        // Several GPUs: put them in one P2P clique (both VMMs support the NVIDIA clique option).
+        let clique = (gpus > 1).then_some(0u8);
+        let mut ch_args = Vec::new();
+        let mut ch_devices = Vec::new();
+        let mut qemu_args = Vec::new();
+        for d in &devices {
+            let path = format!("{}/", d.sysfs_path.display());
+            let gpu_clique = clique.filter(|_| d.gpu && d.mdev_uuid.is_none());
+            let mut ch = format!("path={path}");
+            if let Some(c) = gpu_clique {
+                ch.push_str(&format!(",x_nv_gpudirect_clique={c}"));
+            }
+            ch_args.push("--device".to_owned());
+            ch_args.push(ch);
+            ch_devices.push(ChDeviceConfig {
+                path,
+                x_nv_gpudirect_clique: gpu_clique,
+            });
+            let mut q = match (&d.address, &d.mdev_uuid) {
+                (Some(a), _) => format!("vfio-pci,host={a}"),
+                (None, _) => format!("vfio-pci,sysfsdev={}", d.sysfs_path.display()),
+            };
+            if let Some(c) = gpu_clique {
+                q.push_str(&format!(",x-nv-gpudirect-clique={c}"));
+            }
+            qemu_args.push("-device".to_owned());
+            qemu_args.push(q);
+        }
+        let bar64: u64 = devices
+            .iter()
+            .fold(0u64, |a, d| a.saturating_add(d.bar64_bytes));
+        let window = bar64
+            .saturating_mul(2)
+            .checked_next_power_of_two()
+            .unwrap_or(u64::MAX);
+        let hint = (window > DEFAULT_HOLE64).then(|| {
+            let gib = window >> 30;
+            format!(
+                "the devices' 64-bit BARs total {} GiB: give the VM a {gib} GiB 64-bit MMIO window (QEMU: -global q35-pcihost.pci-hole64-size={gib}G; with OVMF also -fw_cfg name=opt/ovmf/X-PciMmio64Mb,string={}; Cloud Hypervisor sizes it from the host's physical address bits, so keep them unrestricted)",
+                bar64 >> 30,
+                gib * 1024
+            )
+        });
+        if let Some(h) = &hint
+            && let Some(gib) = h
+                .split("pci-hole64-size=")
+                .nth(1)
+                .and_then(|s| s.split(';').next())
+        {
+            qemu_args.push("-global".to_owned());
+            qemu_args.push(format!("q35-pcihost.pci-hole64-size={gib}"));
+        }
+        BootSpec {
+            owner: owner.to_owned(),
+            kernel_cmdline: if gpus > 0 {
+                vec![HAS_GPU.to_owned()]
+            } else {
+                Vec::new()
+            },
+            initrd,
+            cloud_hypervisor: CloudHypervisor {
+                args: ch_args,
+                vm_config_devices: ch_devices,
+            },
+            qemu: Qemu { args: qemu_args },
+            mmio: MmioHint {
+                bar64_bytes: bar64,
+                window_bytes: window,
+                hint,
+            },
+            devices,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(addr: &str, bar: u64) -> BootDevice {
+        BootDevice {
+            address: Some(addr.parse().unwrap()),
+            mdev_uuid: None,
+            sysfs_path: PathBuf::from(format!("/sys/bus/pci/devices/{addr}")),
+            iommu_group: Some(3),
+            vfio_device: PathBuf::from("/dev/vfio/3"),
+            gpu: true,
+            bar64_bytes: bar,
+            vfio: None,
+        }
+    }
+
+    #[test]
+    fn one_gpu_has_no_clique_and_cmdline_word() {
+        let s = BootSpec::new("vm", vec![gpu("0000:65:00.0", 16 << 30)], None);
+        assert_eq!(s.kernel_cmdline, vec!["HAS_GPU=1"]);
+        assert_eq!(
+            s.cloud_hypervisor.args,
+            vec!["--device", "path=/sys/bus/pci/devices/0000:65:00.0/"]
+        );
+        assert_eq!(s.qemu.args, vec!["-device", "vfio-pci,host=0000:65:00.0"]);
+        assert!(s.mmio.hint.is_none());
+    }
+
+    #[test]
+    fn several_large_gpus_get_a_clique_and_a_window() {
+        let s = BootSpec::new(
+            "vm",
+            vec![
+                gpu("0000:18:00.0", 128 << 30),
+                gpu("0000:2a:00.0", 128 << 30),
+            ],
+            None,
+        );
+        assert!(s.cloud_hypervisor.args[1].ends_with(",x_nv_gpudirect_clique=0"));
+        assert_eq!(
+            s.cloud_hypervisor.vm_config_devices[1].x_nv_gpudirect_clique,
+            Some(0)
+        );
+        assert!(s.qemu.args[1].ends_with(",x-nv-gpudirect-clique=0"));
+        assert_eq!(s.mmio.window_bytes, 512 << 30);
+        assert!(
+            s.qemu
+                .args
+                .contains(&"q35-pcihost.pci-hole64-size=512G".to_owned())
+        );
+    }
+}

@@ -1,0 +1,323 @@
+//! Making the driver's libraries and programs visible in the workload root without copying them.
+//!
+//! The GPU layer (`/gpu`) is bind-mounted read-only at [`GPU_MOUNT`] inside the root; the root's
+//! library directory gets soname symlinks into it; `ld.so.conf.d` names it; the root's own
+//! `ldconfig` runs chrooted. A workload file with the same soname is hidden by a bind mount of the
+//! driver's file over it, never deleted.
+
+use crate::context::{SetupContext, in_root};
+use crate::report::{LdconfigStatus, LibrariesReport, Shadowed};
+use crate::sys;
+use gpu_passthrough_manifest::Manifest;
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+/// Where the GPU layer appears inside the workload root.
+pub const GPU_MOUNT: &str = "/usr/lib/gpu-passthrough";
+/// The `ld.so.conf.d` entry written into the root.
+pub const LD_SO_CONF: &str = "/etc/ld.so.conf.d/000-nvidia.conf";
+/// Where programs are linked inside the root (on the default PATH of common distributions).
+pub const BIN_DIR: &str = "/usr/local/bin";
+
+/// Why the libraries could not be injected.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// A file operation inside the root failed.
+    #[error("cannot {action} {path} in the workload root: {source}: is the root writable?")]
+    Io {
+        /// What was attempted.
+        action: &'static str,
+        /// Path inside the root.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A mount failed.
+    #[error(
+        "cannot bind-mount {src} on {dst}: {errno}: gpu-init needs CAP_SYS_ADMIN (run it as root)"
+    )]
+    Mount {
+        /// Source.
+        src: String,
+        /// Target.
+        dst: String,
+        /// The errno.
+        errno: nix::errno::Errno,
+    },
+    /// A manifest path is not under `/gpu/`.
+    #[error("manifest path {0} is not under /gpu/: rebuild the GPU layer")]
+    OutsideLayer(String),
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> InjectError + 'a {
+    move |source| InjectError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The path inside the root where a `/gpu/...` manifest path appears after the bind mount.
+pub fn mounted_path(guest_path: &str) -> Result<String, InjectError> {
+    guest_path
+        .strip_prefix("/gpu/")
+        .map(|rest| format!("{GPU_MOUNT}/{rest}"))
+        .ok_or_else(|| InjectError::OutsideLayer(guest_path.to_string()))
+}
+
+/// Debian multiarch triple for the manifest's architecture.
+fn multiarch(arch: &str) -> String {
+    format!("{arch}-linux-gnu")
+}
+
+/// The root's library directory, as a path inside the root.
+pub fn library_dir(root: &Path, arch: &str) -> Option<String> {
+    let triple = multiarch(arch);
+    [
+        format!("/usr/lib/{triple}"),
+        format!("/lib/{triple}"),
+        "/usr/lib64".to_string(),
+        "/lib64".to_string(),
+        "/usr/lib".to_string(),
+        "/lib".to_string(),
+    ]
+    .into_iter()
+    .find(|d| in_root(root, d).is_dir())
+}
+
+/// Follow symlinks of the last component of `path` (inside `root`) as if `root` were `/`.
+pub fn resolve_in_root(root: &Path, path: &str) -> String {
+    let mut current = PathBuf::from(path);
+    for _ in 0..40 {
+        let host = in_root(root, &current.to_string_lossy());
+        let Ok(target) = std::fs::read_link(&host) else {
+            break;
+        };
+        let joined = if target.is_absolute() {
+            target
+        } else {
+            current.parent().unwrap_or(Path::new("/")).join(target)
+        };
+        current = normalize(&joined);
+    }
+    current.to_string_lossy().into_owned()
+}
+
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(p) => out.push(p),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Bind-mount the GPU layer into the root (read-only), unless it is already there.
+pub fn mount_layer(ctx: &SetupContext, root: &Path) -> Result<(), InjectError> {
+    let gpu_dir = ctx.layer_path("/gpu");
+    let mount_point = in_root(root, GPU_MOUNT);
+    std::fs::create_dir_all(&mount_point).map_err(io("create", Path::new(GPU_MOUNT)))?;
+    if sys::same_file(&gpu_dir, &mount_point) {
+        return Ok(());
+    }
+    sys::bind_read_only(&gpu_dir, &mount_point).map_err(|errno| InjectError::Mount {
+        src: gpu_dir.display().to_string(),
+        dst: mount_point.display().to_string(),
+        errno,
+    })
+}
+
+/// Soname links, shadowing, `ld.so.conf.d` and `ldconfig`. Problems are appended to `problems`.
+pub fn inject_libraries(
+    root: &Path,
+    manifest: &Manifest,
+    ctx: &SetupContext,
+    problems: &mut Vec<String>,
+) -> Result<LibrariesReport, InjectError> {
+    let mut report = LibrariesReport {
+        mount: Some(GPU_MOUNT.to_string()),
+        ..LibrariesReport::default()
+    };
+    let dir = match library_dir(root, &manifest.arch) {
+        Some(d) => d,
+        None => {
+            let d = "/usr/lib".to_string();
+            std::fs::create_dir_all(in_root(root, &d))
+                .map_err(io("create", Path::new("/usr/lib")))?;
+            d
+        }
+    };
+    for lib in &manifest.libraries {
+        let real = mounted_path(&lib.path)?;
+        let file_name = Path::new(&lib.path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| InjectError::OutsideLayer(lib.path.clone()))?;
+        let link_name = lib.soname.clone().unwrap_or(file_name);
+        let link = format!("{dir}/{link_name}");
+        let host_link = in_root(root, &link);
+        match std::fs::symlink_metadata(&host_link) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::os::unix::fs::symlink(&real, &host_link)
+                    .map_err(io("link", Path::new(&link)))?;
+            }
+            Err(e) => return Err(io("inspect", Path::new(&link))(e)),
+            Ok(meta)
+                if meta.file_type().is_symlink()
+                    && std::fs::read_link(&host_link).is_ok_and(|t| t == Path::new(&real)) => {}
+            Ok(_) => {
+                // The workload ships its own copy: hide it under the driver's, keep its bytes.
+                let theirs = resolve_in_root(root, &link);
+                let host_theirs = in_root(root, &theirs);
+                let ours = ctx.layer_path(&lib.path);
+                if !sys::same_file(&ours, &host_theirs) {
+                    sys::bind_read_only(&ours, &host_theirs).map_err(|errno| {
+                        InjectError::Mount {
+                            src: ours.display().to_string(),
+                            dst: host_theirs.display().to_string(),
+                            errno,
+                        }
+                    })?;
+                }
+                report.shadowed.push(Shadowed {
+                    soname: link_name.clone(),
+                    file: theirs,
+                });
+            }
+        }
+        report.injected.push(link);
+    }
+    report.dir = Some(dir);
+
+    // ld.so.conf.d is only read through an `include` in ld.so.conf; a root without one gets
+    // Debian's default.
+    let main_conf = in_root(root, "/etc/ld.so.conf");
+    if !main_conf.exists() {
+        std::fs::create_dir_all(in_root(root, "/etc")).map_err(io("create", Path::new("/etc")))?;
+        std::fs::write(&main_conf, "include /etc/ld.so.conf.d/*.conf\n")
+            .map_err(io("write", Path::new("/etc/ld.so.conf")))?;
+    }
+    let conf = in_root(root, LD_SO_CONF);
+    if let Some(parent) = conf.parent() {
+        std::fs::create_dir_all(parent).map_err(io("create", Path::new("/etc/ld.so.conf.d")))?;
+    }
+    std::fs::write(&conf, format!("{GPU_MOUNT}/lib\n"))
+        .map_err(io("write", Path::new(LD_SO_CONF)))?;
+
+    let (status, message) = run_ldconfig(root);
+    report.ldconfig = status;
+    if let Some(m) = &message {
+        problems.push(m.clone());
+    }
+    report.ldconfig_message = message;
+    Ok(report)
+}
+
+/// The root's glibc `ldconfig` (an ELF program; Alpine's is a no-op shell script), inside the root.
+pub fn find_ldconfig(root: &Path) -> Option<&'static str> {
+    [
+        "/sbin/ldconfig.real",
+        "/usr/sbin/ldconfig.real",
+        "/sbin/ldconfig",
+        "/usr/sbin/ldconfig",
+        "/usr/bin/ldconfig",
+    ]
+    .into_iter()
+    .find(|p| {
+        let mut magic = [0u8; 4];
+        std::fs::File::open(in_root(root, p))
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && magic == *b"\x7fELF"
+    })
+}
+
+fn run_ldconfig(root: &Path) -> (LdconfigStatus, Option<String>) {
+    let Some(ldconfig) = find_ldconfig(root) else {
+        return (
+            LdconfigStatus::Missing,
+            Some(format!(
+                "the workload root has no glibc ldconfig (musl or distroless?): the driver libraries \
+                 are reachable only through the soname links and {GPU_MOUNT}/lib; the NVIDIA \
+                 libraries need a glibc root to run"
+            )),
+        );
+    };
+    let mut cmd = Command::new(ldconfig);
+    cmd.env_clear();
+    sys::chroot_command(&mut cmd, root);
+    match cmd.output() {
+        Ok(out) if out.status.success() => (LdconfigStatus::Ok, None),
+        Ok(out) => (
+            LdconfigStatus::Failed,
+            Some(format!(
+                "{ldconfig} in the workload root failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        ),
+        Err(e) => (
+            LdconfigStatus::Failed,
+            Some(format!(
+                "cannot run {ldconfig} chrooted in the workload root: {e}"
+            )),
+        ),
+    }
+}
+
+/// Link the manifest's programs into [`BIN_DIR`] of the root. Returns the paths inside the root.
+pub fn link_binaries(
+    root: &Path,
+    manifest: &Manifest,
+    problems: &mut Vec<String>,
+) -> Result<Vec<String>, InjectError> {
+    let bin_dir = in_root(root, BIN_DIR);
+    std::fs::create_dir_all(&bin_dir).map_err(io("create", Path::new(BIN_DIR)))?;
+    let mut linked = Vec::new();
+    for bin in &manifest.binaries {
+        let real = mounted_path(bin)?;
+        let Some(name) = Path::new(bin).file_name() else {
+            return Err(InjectError::OutsideLayer(bin.clone()));
+        };
+        let link = format!("{BIN_DIR}/{}", name.to_string_lossy());
+        let host_link = in_root(root, &link);
+        match std::fs::read_link(&host_link) {
+            Ok(t) if t == Path::new(&real) => {}
+            _ if std::fs::symlink_metadata(&host_link).is_ok() => {
+                problems.push(format!(
+                    "the workload has its own {link}; the driver's is at {real}"
+                ));
+                continue;
+            }
+            _ => std::os::unix::fs::symlink(&real, &host_link)
+                .map_err(io("link", Path::new(&link)))?,
+        }
+        linked.push(link);
+    }
+    Ok(linked)
+}
+
+/// Expose the layer's firmware inside the bind-mounted layer and point the kernel's firmware loader
+/// at it, so a firmware request after the switch into the root still finds the files.
+/// Returns the firmware path as seen from inside the root.
+pub fn expose_firmware(ctx: &SetupContext) -> Result<String, InjectError> {
+    let fw = ctx.layer_path("/lib/firmware");
+    let in_layer = ctx.layer_path("/gpu/firmware");
+    std::fs::create_dir_all(&in_layer).map_err(io("create", &in_layer))?;
+    if !sys::same_file(&fw, &in_layer) {
+        sys::bind(&fw, &in_layer).map_err(|errno| InjectError::Mount {
+            src: fw.display().to_string(),
+            dst: in_layer.display().to_string(),
+            errno,
+        })?;
+    }
+    let path = format!("{GPU_MOUNT}/firmware");
+    let param = ctx.sys_root.join("module/firmware_class/parameters/path");
+    std::fs::write(&param, &path).map_err(io("write", &param))?;
+    Ok(path)
+}

@@ -1,0 +1,176 @@
+//! The GPU setup: modules, nodes, firmware path, libraries, programs, CDI spec, report.
+
+use crate::context::SetupContext;
+use crate::kmsg::KernelLog;
+use crate::modules::{ModuleLoader, load_modules};
+use crate::report::{Report, ReportError, Status};
+use crate::{cdi, libraries, nodes};
+use gpu_passthrough_manifest::Manifest;
+use std::time::Instant;
+
+/// Run the whole setup. Never fails: everything that goes wrong is in the report.
+pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
+    let start = Instant::now();
+    let mut report = Report::new(ctx.kernel_release.clone());
+    let manifest = match read_manifest(ctx) {
+        Ok(m) => m,
+        Err(error) => {
+            report.error = Some(error);
+            report.finish_status();
+            report.timings_ms.insert("total".into(), ms(start));
+            return report;
+        }
+    };
+    report.driver_version = Some(manifest.driver_version.clone());
+
+    let step = Instant::now();
+    let mut log = KernelLog::open(&ctx.kmsg);
+    let (modules, missing_fw) = load_modules(ctx, &manifest.modules, loader, &mut log);
+    report.modules = modules;
+    for fw in &manifest.firmware {
+        if !ctx.layer_path(fw).is_file() {
+            report.firmware.missing.push(fw.clone());
+        }
+    }
+    for fw in missing_fw {
+        if !report.firmware.missing.iter().any(|m| m.ends_with(&fw)) {
+            report.firmware.missing.push(fw);
+        }
+    }
+    if !report.firmware.missing.is_empty() {
+        report.problems.push(format!(
+            "firmware missing: {}: the GPU will not initialise; rebuild the initrd with the GSP \
+             firmware artifact",
+            report.firmware.missing.join(", ")
+        ));
+    }
+    report.timings_ms.insert("modules".into(), ms(step));
+
+    let step = Instant::now();
+    let driver_up = report.modules.iter().all(|m| m.class.is_none());
+    let majors = std::fs::read_to_string(ctx.proc_root.join("devices"))
+        .map(|t| nodes::char_majors(&t))
+        .unwrap_or_default();
+    report.gpus = nodes::gpu_count(&ctx.proc_root);
+    let planned = nodes::plan(&majors, report.gpus, &ctx.proc_root);
+    if planned.is_empty() && driver_up {
+        report.problems.push(format!(
+            "the NVIDIA driver is not registered in {}: no device nodes made",
+            ctx.proc_root.join("devices").display()
+        ));
+    } else if driver_up && report.gpus == 0 {
+        report.problems.push(format!(
+            "the driver sees no GPU ({} is empty): only control nodes were made",
+            ctx.proc_root.join("driver/nvidia/gpus").display()
+        ));
+    }
+    let mut dev_dirs = vec![ctx.dev_dir.clone()];
+    if let Some(root) = &ctx.root {
+        let root_dev = root.join("dev");
+        if root_dev.is_dir() && !crate::sys::same_file(&root_dev, &ctx.dev_dir) {
+            dev_dirs.push(root_dev);
+        }
+    }
+    for dir in &dev_dirs {
+        for spec in &planned {
+            match nodes::ensure(
+                dir,
+                spec,
+                manifest.device_nodes.mode,
+                manifest.device_nodes.gid,
+            ) {
+                Ok(n) => report.nodes.push(n),
+                Err(e) => report.problems.push(e.to_string()),
+            }
+        }
+    }
+    report.timings_ms.insert("nodes".into(), ms(step));
+
+    let step = Instant::now();
+    match &ctx.root {
+        None => report.problems.push(
+            "no workload root given: libraries, programs and the CDI spec were not installed"
+                .into(),
+        ),
+        Some(root) => {
+            if ctx.layer_path("/lib/firmware").is_dir() {
+                match libraries::expose_firmware(ctx) {
+                    Ok(path) => report.firmware.path = Some(path),
+                    Err(e) => report.problems.push(e.to_string()),
+                }
+            }
+            let injected = libraries::mount_layer(ctx, root).and_then(|()| {
+                let libs = libraries::inject_libraries(root, &manifest, ctx, &mut report.problems)?;
+                let bins = libraries::link_binaries(root, &manifest, &mut report.problems)?;
+                Ok((libs, bins))
+            });
+            match injected {
+                Ok((libs, bins)) => {
+                    report.libraries = libs;
+                    report.binaries = bins;
+                }
+                Err(e) => report.problems.push(e.to_string()),
+            }
+            report.timings_ms.insert("libraries".into(), ms(step));
+
+            let step = Instant::now();
+            let lib_dir = report
+                .libraries
+                .dir
+                .clone()
+                .unwrap_or_else(|| "/usr/lib".into());
+            match cdi::write(
+                root,
+                &manifest,
+                report.gpus,
+                &report.nodes,
+                &ctx.dev_dir,
+                &lib_dir,
+            ) {
+                Ok(path) => report.cdi = Some(path),
+                Err(e) => report.problems.push(e.to_string()),
+            }
+            report.timings_ms.insert("cdi".into(), ms(step));
+        }
+    }
+    report.finish_status();
+    report.timings_ms.insert("total".into(), ms(start));
+    report
+}
+
+/// The report for a guest that was not asked for a GPU.
+pub fn skipped(kernel: String) -> Report {
+    let mut report = Report::new(kernel);
+    report.status = Status::Skipped;
+    report
+}
+
+fn read_manifest(ctx: &SetupContext) -> Result<Manifest, ReportError> {
+    let text = match std::fs::read_to_string(&ctx.manifest) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ReportError {
+                class: "no_gpu_layer".into(),
+                message: format!(
+                    "HAS_GPU=1 but {} does not exist: this initrd has no GPU layer; boot the \
+                     combined initrd (base + GPU layer) or drop HAS_GPU=1",
+                    ctx.manifest.display()
+                ),
+            });
+        }
+        Err(e) => {
+            return Err(ReportError {
+                class: "bad_manifest".into(),
+                message: format!("cannot read {}: {e}", ctx.manifest.display()),
+            });
+        }
+    };
+    Manifest::from_json(&text).map_err(|e| ReportError {
+        class: "bad_manifest".into(),
+        message: format!("{}: {e}", ctx.manifest.display()),
+    })
+}
+
+fn ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}

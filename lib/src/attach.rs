@@ -1,1 +1,0 @@
-//! `attach`: to be written.

@@ -1,0 +1,308 @@
+//! The write-ahead journal under the state dir.
+//!
+//! One JSON file, `journal.json`, holds every in-flight transaction and every attachment. It is
+//! replaced atomically (temp file + fsync + rename + fsync of the directory) and only changed
+//! while holding an exclusive `flock` on `lock` in the same directory. An attach holds that lock
+//! from planning to commit, so a transaction found in the journal by anyone who holds the lock
+//! was abandoned by a process that died: `reconcile` may repair it.
+//!
+//! A device record's `step` is the last step *begun* (it is saved before the sysfs write), so
+//! after a crash the write may or may not have happened; rollback therefore looks at the device's
+//! actual state rather than trusting the step.
+//!
+//! # Failpoints
+//! For crash tests, the environment variable [`FAILPOINT_ENV`] (`GPU_PASSTHROUGH_FAILPOINT`)
+//! names one point at which the process calls `std::process::abort()`:
+//! `after-journal` (transaction recorded, nothing written), `after-override`
+//! (`driver_override` written), `after-unbind` (unbound from the original driver),
+//! `after-probe` (`drivers_probe` written), `after-node` (`/dev/vfio/N` seen), `after-verify`
+//! (VFIO check passed, not yet committed), `after-commit` (attachment recorded),
+//! `after-mdev-create` (mdev created, not yet verified), `mid-rollback` (during a rollback,
+//! after unbinding from vfio-pci), `mid-detach` (during a detach, after the first device).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use super::Owner;
+use crate::pci::PciAddress;
+
+/// The environment variable naming a failpoint (see the module docs).
+pub const FAILPOINT_ENV: &str = "GPU_PASSTHROUGH_FAILPOINT";
+
+/// Every failpoint name, in transaction order.
+pub const FAILPOINTS: [&str; 10] = [
+    "after-journal",
+    "after-override",
+    "after-unbind",
+    "after-probe",
+    "after-node",
+    "after-verify",
+    "after-commit",
+    "after-mdev-create",
+    "mid-rollback",
+    "mid-detach",
+];
+
+/// Abort the process if [`FAILPOINT_ENV`] names `name`.
+pub fn failpoint(name: &str) {
+    if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
+        tracing::error!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Errors reading or writing the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// I/O on the state dir.
+    #[error("cannot {action} {path}: {source}; check that --state-dir is writable (root)")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The journal does not parse.
+    #[error(
+        "{path} is corrupt ({detail}); nothing was changed. Inspect it, move it aside and repair the devices by hand, then rerun"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        detail: String,
+    },
+}
+
+/// How far a device's transaction got (the last step begun).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Recorded; nothing written yet.
+    Planned,
+    /// Persistence mode being turned off for this GPU.
+    PersistenceOff,
+    /// `driver_override=vfio-pci` being written.
+    OverrideSet,
+    /// Unbinding from the original driver.
+    Unbound,
+    /// `drivers_probe` being written.
+    Probed,
+    /// Waiting for `/dev/vfio/<group>`.
+    NodeReady,
+    /// Verified through VFIO: past the point of no return.
+    Verified,
+}
+
+/// One device in a transaction or attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// The device.
+    pub device: PciAddress,
+    /// Driver bound before we touched it (`None`: none, or adopted from vfio-pci).
+    pub original_driver: Option<String>,
+    /// `driver_override` before we touched it.
+    pub original_override: Option<String>,
+    /// It was already on vfio-pci with no owner: adopted, it had no other driver.
+    pub adopted: bool,
+    /// IOMMU group.
+    pub iommu_group: Option<u32>,
+    /// Handed to the VM (requested or companion); otherwise only held for group viability.
+    pub passed: bool,
+    /// We turned persistence mode off with nvidia-smi and turn it back on at restore.
+    #[serde(default)]
+    pub persistence_disabled: bool,
+    /// The last step begun.
+    pub step: Step,
+}
+
+/// An mdev created for an owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MdevRecord {
+    /// The parent device.
+    pub parent: PciAddress,
+    /// The mdev type id.
+    pub mdev_type: String,
+    /// The mdev UUID.
+    pub uuid: String,
+    /// IOMMU group of the mdev, once created.
+    pub iommu_group: Option<u32>,
+    /// Verified: past the point of no return.
+    pub verified: bool,
+}
+
+/// A transaction in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    /// Who the devices are for.
+    pub owner: Owner,
+    /// Process that ran it.
+    pub pid: u32,
+    /// Devices, in the order they are moved.
+    pub devices: Vec<DeviceRecord>,
+    /// mdevs, in the order they are created.
+    pub mdevs: Vec<MdevRecord>,
+}
+
+/// Devices (and mdevs) held for an owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The owner.
+    pub owner: Owner,
+    /// Devices bound to vfio-pci for it.
+    pub devices: Vec<DeviceRecord>,
+    /// mdevs created for it.
+    pub mdevs: Vec<MdevRecord>,
+}
+
+/// Everything in the journal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalState {
+    /// Format version (1).
+    pub version: u32,
+    /// Transactions in flight (or abandoned by a crash).
+    pub transactions: Vec<Transaction>,
+    /// Committed attachments.
+    pub attachments: Vec<Attachment>,
+}
+
+impl JournalState {
+    /// The owner holding `device` (attached or mid-transaction).
+    pub fn owner_of(&self, device: PciAddress) -> Option<&Owner> {
+        self.attachments
+            .iter()
+            .find(|a| a.devices.iter().any(|d| d.device == device))
+            .map(|a| &a.owner)
+            .or_else(|| {
+                self.transactions
+                    .iter()
+                    .find(|t| t.devices.iter().any(|d| d.device == device))
+                    .map(|t| &t.owner)
+            })
+    }
+
+    /// Whether nothing is in flight and nothing is attached.
+    pub fn is_clean(&self) -> bool {
+        self.transactions.is_empty() && self.attachments.is_empty()
+    }
+}
+
+/// The journal in a state dir.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+/// The journal, locked; dropping it releases the lock.
+#[derive(Debug)]
+pub struct LockedJournal {
+    _lock: Flock<File>,
+    path: PathBuf,
+    dir: PathBuf,
+    /// The state as read when the lock was taken, plus changes not saved yet.
+    pub state: JournalState,
+}
+
+impl Journal {
+    /// The journal kept in `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Journal {
+            dir: state_dir.into(),
+        }
+    }
+
+    /// Path of the journal file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("journal.json")
+    }
+
+    /// Take the lock (blocking) and read the state.
+    pub fn lock(&self) -> Result<LockedJournal, JournalError> {
+        let io = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| JournalError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
+        let lock_path = self.dir.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("open", &lock_path))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| io("lock", &lock_path)(std::io::Error::from(e)))?;
+        let path = self.path();
+        let state = read_state(&path)?;
+        Ok(LockedJournal {
+            _lock: lock,
+            path,
+            dir: self.dir.clone(),
+            state,
+        })
+    }
+
+    /// Read the state without locking (a consistent snapshot thanks to atomic replace).
+    pub fn read(&self) -> Result<JournalState, JournalError> {
+        read_state(&self.path())
+    }
+}
+
+fn read_state(path: &Path) -> Result<JournalState, JournalError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(JournalState {
+            version: 1,
+            ..Default::default()
+        }),
+        Err(source) => Err(JournalError::Io {
+            action: "read",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+impl LockedJournal {
+    /// Write the state atomically: temp file, fsync, rename, fsync the directory.
+    pub fn save(&mut self) -> Result<(), JournalError> {
+        self.state.version = 1;
+        let tmp = self
+            .dir
+            .join(format!("journal.json.tmp.{}", std::process::id()));
+        let io = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| JournalError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let bytes = serde_json::to_vec_pretty(&self.state).map_err(|e| JournalError::Corrupt {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(&bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("fsync", &tmp))?;
+        drop(f);
+        fs::rename(&tmp, &self.path).map_err(io("rename", &self.path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", &self.dir))?;
+        Ok(())
+    }
+}

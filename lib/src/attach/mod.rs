@@ -1,0 +1,435 @@
+//! `attach`: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
+//!
+//! A control plane builds one [`Host`] from a sysfs root, a state dir and its own
+//! [`OwnerLiveness`], then calls [`Host::plan`], [`Host::attach`] (which returns the VM's
+//! [`BootSpec`](crate::vmm::BootSpec)), [`Host::detach`] and [`Host::reconcile`].
+//! See [`journal`] for the on-disk format and the crash failpoints, [`kernel`] for the sysfs
+//! writer and its simulation, [`vfio_check`] for the VFIO verification.
+
+mod doctor;
+pub mod journal;
+pub mod kernel;
+mod plan;
+mod transaction;
+pub mod vfio_check;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use doctor::{Check, CheckStatus, DoctorReport};
+pub use journal::{Journal, JournalError, JournalState};
+pub use kernel::{Kernel, RealKernel, SimulatedKernel};
+pub use plan::{DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
+pub use transaction::{DetachReport, ReconcileReport, RestoredDevice};
+pub use vfio_check::{RealVfio, SimulatedVfio, VfioCheckError, VfioReport, VfioVerifier};
+
+use crate::pci::ids::SupportedGpus;
+use crate::pci::{PciAddress, PciError, Sysfs};
+use crate::registry::ModuleFlavor;
+
+/// Who holds attached devices: a validated string (it ends up in journal records).
+///
+/// 1–128 characters from `A–Z a–z 0–9 . _ - : @`, not `.` or `..`, no `/`. The CLI's liveness
+/// check understands `pid:N`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner(String);
+
+/// Why a string is not a valid owner.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid owner `{0}`: use 1-128 characters from A-Z a-z 0-9 . _ - : @ (e.g. `vm-42` or `pid:1234`)"
+)]
+pub struct OwnerError(pub String);
+
+impl Owner {
+    /// Validate an owner string.
+    pub fn new(s: &str) -> Result<Owner, OwnerError> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s != "."
+            && !s.contains("..")
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@'));
+        if ok {
+            Ok(Owner(s.to_owned()))
+        } else {
+            Err(OwnerError(
+                s.chars().take(40).flat_map(char::escape_default).collect(),
+            ))
+        }
+    }
+
+    /// The owner string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The process ID of a `pid:N` owner.
+    pub fn pid(&self) -> Option<u32> {
+        self.0.strip_prefix("pid:")?.parse().ok()
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Owner {
+    type Err = OwnerError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Owner::new(s)
+    }
+}
+
+impl Serialize for Owner {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Owner {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Owner::new(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether an owner still exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    /// It exists (a stopped process still exists).
+    Alive,
+    /// It is gone: its devices may be released.
+    Gone,
+    /// Cannot tell: never released.
+    Unknown,
+}
+
+/// The caller's answer to "does this owner still exist?", used by [`Host::reconcile`].
+pub trait OwnerLiveness: Send + Sync {
+    /// Whether `owner` still exists.
+    fn is_alive(&self, owner: &Owner) -> Liveness;
+}
+
+/// Liveness for `pid:N` owners: gone when `/proc/N` is absent or a zombie; a stopped process is
+/// alive. Any other owner is [`Liveness::Unknown`] unless listed in `gone`.
+#[derive(Debug, Clone)]
+pub struct PidLiveness {
+    /// The proc filesystem (`/proc`).
+    pub proc_root: PathBuf,
+    /// Owners the caller declares gone.
+    pub gone: Vec<Owner>,
+}
+
+impl Default for PidLiveness {
+    fn default() -> Self {
+        PidLiveness {
+            proc_root: PathBuf::from("/proc"),
+            gone: Vec::new(),
+        }
+    }
+}
+
+impl OwnerLiveness for PidLiveness {
+    fn is_alive(&self, owner: &Owner) -> Liveness {
+        if self.gone.contains(owner) {
+            return Liveness::Gone;
+        }
+        let Some(pid) = owner.pid() else {
+            return Liveness::Unknown;
+        };
+        match std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")) {
+            Ok(stat) => {
+                // The state is the first field after the `)` closing the command name.
+                let state = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next());
+                match state {
+                    Some("Z") | Some("X") => Liveness::Gone,
+                    _ => Liveness::Alive,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Liveness::Gone,
+            Err(_) => Liveness::Unknown,
+        }
+    }
+}
+
+/// What to plan or attach.
+#[derive(Debug, Clone, Default)]
+pub struct PlanRequest {
+    /// Devices asked for by address.
+    pub devices: Vec<PciAddress>,
+    /// Instead of (or besides) addresses: pick this many free GPUs, preferring one NUMA node.
+    pub gpus: Option<usize>,
+    /// The owner asking (devices it already holds are reported as attached to it).
+    pub owner: Option<Owner>,
+    /// The release's module flavor: open modules need `kernelopen` GPUs.
+    pub flavor: Option<ModuleFlavor>,
+    /// The driver's `supported-gpus.json`, needed to check the open flavor.
+    pub supported_gpus: Option<PathBuf>,
+    /// Allow moving the boot display.
+    pub allow_boot_vga: bool,
+    /// Create an mdev of this type on each requested device instead of binding it.
+    pub mdev_type: Option<String>,
+}
+
+/// What to attach, and for whom.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    /// The devices (see [`PlanRequest`]).
+    pub plan: PlanRequest,
+    /// The owner.
+    pub owner: Owner,
+    /// The initrd the VM boots (from `initrd::ensure` for the release), put in the boot spec.
+    pub initrd: Option<PathBuf>,
+}
+
+/// Errors of host operations.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// Reading sysfs failed.
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    /// The journal could not be used.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The supported-gpus table could not be read.
+    #[error(transparent)]
+    Ids(#[from] crate::pci::ids::IdsError),
+    /// The plan has refusals; nothing was changed.
+    #[error("refused, nothing was changed: {}", .0.iter().map(|r| r.message.as_str()).collect::<Vec<_>>().join("; "))]
+    Refused(Vec<Refusal>),
+    /// Nothing to attach.
+    #[error("nothing to attach: name devices (DDDD:BB:DD.F) or ask for --gpus N")]
+    NothingRequested,
+    /// Not enough free GPUs for `--gpus N`.
+    #[error(
+        "asked for {wanted} GPUs but only {free} are free and passable; see `gpu-passthrough devices`"
+    )]
+    NotEnoughGpus {
+        /// How many were asked for.
+        wanted: usize,
+        /// How many are free.
+        free: usize,
+    },
+    /// A sysfs write failed (the transaction was rolled back).
+    #[error("writing `{value}` to {path} failed: {source}; the transaction was rolled back{hint}")]
+    Write {
+        /// The attribute.
+        path: PathBuf,
+        /// The value.
+        value: String,
+        /// The I/O error.
+        source: std::io::Error,
+        /// A fix, if known.
+        hint: String,
+    },
+    /// After `drivers_probe` the device is not on vfio-pci.
+    #[error(
+        "{device} is on {driver} after drivers_probe, not vfio-pci; load the driver (modprobe vfio-pci) and retry; the transaction was rolled back"
+    )]
+    NotOnVfio {
+        /// The device.
+        device: PciAddress,
+        /// Its driver now (or `no driver`).
+        driver: String,
+    },
+    /// `/dev/vfio/<group>` did not appear in time.
+    #[error(
+        "{node} did not appear within {waited:?} after binding group {group} to vfio-pci; check dmesg; the transaction was rolled back"
+    )]
+    NoVfioNode {
+        /// The node path.
+        node: PathBuf,
+        /// The group.
+        group: u32,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The VFIO check failed (the transaction was rolled back).
+    #[error("{0}; the transaction was rolled back")]
+    Vfio(#[from] VfioCheckError),
+    /// Rolling back failed too: the journal keeps the transaction for `reconcile`.
+    #[error(
+        "{cause}; rolling back also failed ({rollback}); the journal keeps the transaction: fix the cause and run `gpu-passthrough reconcile`"
+    )]
+    RollbackFailed {
+        /// The original failure.
+        cause: String,
+        /// The rollback failure.
+        rollback: String,
+    },
+    /// Restoring a device's driver failed.
+    #[error(
+        "{device} did not return to {wanted}: it is on {actual}; check dmesg, then rerun the command (it is safe to repeat)"
+    )]
+    Restore {
+        /// The device.
+        device: PciAddress,
+        /// The driver it should be on.
+        wanted: String,
+        /// The driver it is on.
+        actual: String,
+    },
+    /// The owner holds nothing.
+    #[error(
+        "owner {0} has no attached devices; see the attachments in the state dir's journal.json"
+    )]
+    NotAttached(Owner),
+    /// An mdev type name that the device does not offer.
+    #[error(
+        "{device} offers no mdev type `{mdev_type}`; see `gpu-passthrough devices --all` for its mdev types"
+    )]
+    NoSuchMdevType {
+        /// The device.
+        device: PciAddress,
+        /// The type.
+        mdev_type: String,
+    },
+}
+
+/// A host: its sysfs tree, state dir, devices dir and owner-liveness check.
+pub struct Host {
+    sysfs: Sysfs,
+    journal: Journal,
+    dev_dir: PathBuf,
+    proc_root: PathBuf,
+    kernel: Box<dyn Kernel>,
+    verifier: Box<dyn VfioVerifier>,
+    liveness: Box<dyn OwnerLiveness>,
+    vfio_wait: Duration,
+}
+
+impl fmt::Debug for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Host")
+            .field("sysfs", &self.sysfs.root())
+            .field("dev_dir", &self.dev_dir)
+            .field("simulated", &self.kernel.is_simulated())
+            .finish()
+    }
+}
+
+impl Host {
+    /// A host over `sysfs_root` (`/sys`) keeping its journal in `state_dir`; devices in `/dev`.
+    ///
+    /// A sysfs root holding [`kernel::SIMULATION_MARKER`] gets the simulated kernel and VFIO
+    /// check; anything else (always `/sys`) the real ones.
+    pub fn new(
+        sysfs_root: impl Into<PathBuf>,
+        state_dir: impl Into<PathBuf>,
+        liveness: Box<dyn OwnerLiveness>,
+    ) -> Host {
+        let mut host = Host {
+            sysfs: Sysfs::new(sysfs_root),
+            journal: Journal::new(state_dir),
+            dev_dir: PathBuf::from("/dev"),
+            proc_root: PathBuf::from("/proc"),
+            kernel: Box::new(RealKernel),
+            verifier: Box::new(RealVfio),
+            liveness,
+            vfio_wait: Duration::from_secs(10),
+        };
+        host.pick_kernel();
+        host
+    }
+
+    fn pick_kernel(&mut self) {
+        let root = self.sysfs.root().to_owned();
+        self.kernel = kernel::kernel_for(&root, &self.dev_dir);
+        if self.kernel.is_simulated() {
+            self.verifier = Box::new(SimulatedVfio {
+                sysfs_root: root,
+                dev_dir: self.dev_dir.clone(),
+            });
+            self.vfio_wait = Duration::from_millis(200);
+        }
+    }
+
+    /// Use another devices directory (where `vfio/<group>` nodes appear).
+    pub fn with_dev_dir(mut self, dev_dir: impl Into<PathBuf>) -> Host {
+        self.dev_dir = dev_dir.into();
+        self.pick_kernel();
+        self
+    }
+
+    /// Use another proc filesystem (for `/proc/cmdline` and the like in doctor).
+    pub fn with_proc_root(mut self, proc_root: impl Into<PathBuf>) -> Host {
+        self.proc_root = proc_root.into();
+        self
+    }
+
+    /// Replace the sysfs writer.
+    pub fn with_kernel(mut self, kernel: Box<dyn Kernel>) -> Host {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Replace the VFIO check.
+    pub fn with_verifier(mut self, verifier: Box<dyn VfioVerifier>) -> Host {
+        self.verifier = verifier;
+        self
+    }
+
+    /// How long to wait for `/dev/vfio/<group>` after a bind.
+    pub fn with_vfio_wait(mut self, wait: Duration) -> Host {
+        self.vfio_wait = wait;
+        self
+    }
+
+    /// The sysfs view.
+    pub fn sysfs(&self) -> &Sysfs {
+        &self.sysfs
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The devices directory.
+    pub fn dev_dir(&self) -> &Path {
+        &self.dev_dir
+    }
+
+    fn write(&self, path: &Path, value: &str) -> Result<(), AttachError> {
+        tracing::info!("write {:?} > {}", value, path.display());
+        self.kernel
+            .write_attr(path, value)
+            .map_err(|source| AttachError::Write {
+                path: path.to_owned(),
+                value: value.trim().to_owned(),
+                hint: write_hint(path, &source),
+                source,
+            })
+    }
+}
+
+fn write_hint(path: &Path, err: &std::io::Error) -> String {
+    let attr = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    match (attr, err.raw_os_error()) {
+        (_, Some(libc::EACCES) | Some(libc::EPERM)) => "; run as root".into(),
+        ("unbind", Some(libc::EBUSY)) | ("unbind", Some(libc::EIO)) => {
+            "; something holds the device: for an NVIDIA GPU stop its users (`nvidia-smi -i ADDR -pm 0`, close CUDA processes)".into()
+        }
+        ("drivers_probe", _) => "; is vfio-pci loaded? modprobe vfio-pci".into(),
+        _ => String::new(),
+    }
+}
+
+fn load_supported(path: Option<&Path>) -> Result<Option<SupportedGpus>, AttachError> {
+    Ok(match path {
+        Some(p) => Some(SupportedGpus::load(p)?),
+        None => None,
+    })
+}

@@ -1,0 +1,526 @@
+//! Planning: which devices must move, what is refused, and the exact sysfs writes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::journal::JournalState;
+use super::{AttachError, Host, Owner, PlanRequest, load_supported};
+use crate::pci::ids::{PciIds, SupportedGpus};
+use crate::pci::{DeviceKind, PciAddress, PciDevice};
+use crate::registry::ModuleFlavor;
+
+/// Why a device is in the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanRole {
+    /// Asked for.
+    Requested,
+    /// Another function of a requested device's slot (e.g. the GPU's HDMI audio).
+    Companion,
+    /// Another member of the IOMMU group: must leave its host driver for the group to be viable.
+    GroupMember,
+}
+
+/// One device the attach would move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedDevice {
+    /// The device.
+    pub address: PciAddress,
+    /// Why it moves.
+    pub role: PlanRole,
+    /// The requested device it comes with.
+    pub of: PciAddress,
+    /// Its IOMMU group.
+    pub iommu_group: Option<u32>,
+    /// Its driver now.
+    pub driver: Option<String>,
+    /// Its kind.
+    pub kind: DeviceKind,
+    /// Handed to the VM (requested and companions) rather than only held for viability.
+    pub passed: bool,
+    /// Already on vfio-pci with no owner: adopted without writes.
+    pub adopt: bool,
+}
+
+/// Why something is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    /// The IOMMU is off.
+    IommuOff,
+    /// The device does not exist.
+    NoSuchDevice,
+    /// The device has no IOMMU group.
+    NoIommuGroup,
+    /// The firmware's boot display.
+    BootVga,
+    /// A group member is a storage or network controller in use by the host.
+    HostDeviceInUse,
+    /// Attached to an owner already.
+    AttachedToOwner,
+    /// The release uses the open modules and the GPU is not supported by them.
+    NeedsProprietaryModules,
+    /// The open flavor was asked for without the driver's supported-gpus.json.
+    OpenSupportUnknown,
+    /// The mdev type is not offered or has no free instance.
+    MdevUnavailable,
+}
+
+/// A refusal: the device, the reason, and a message with the fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    /// The device concerned, if any.
+    pub device: Option<PciAddress>,
+    /// The reason.
+    pub reason: RefusalReason,
+    /// What is wrong and how to fix it.
+    pub message: String,
+    /// The owner holding the device, for [`RefusalReason::AttachedToOwner`].
+    pub owner: Option<Owner>,
+}
+
+/// One sysfs write, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SysfsWrite {
+    /// The attribute.
+    pub path: PathBuf,
+    /// The value written.
+    pub value: String,
+}
+
+/// What attach would do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// The requested devices (after `--gpus N` selection).
+    pub requested: Vec<PciAddress>,
+    /// Every device that moves, requested first.
+    pub devices: Vec<PlannedDevice>,
+    /// mdevs to create: (parent, type).
+    pub mdevs: Vec<(PciAddress, String)>,
+    /// IOMMU groups involved.
+    pub iommu_groups: Vec<u32>,
+    /// Refusals: attach does nothing if there is any.
+    pub refusals: Vec<Refusal>,
+    /// The sysfs writes attach would make, in order (rollback not shown).
+    pub writes: Vec<SysfsWrite>,
+}
+
+/// A device as `devices` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceReport {
+    /// The device.
+    #[serde(flatten)]
+    pub device: PciDevice,
+    /// Other members of its IOMMU group.
+    pub iommu_group_members: Vec<PciAddress>,
+    /// Other functions of its slot.
+    pub companions: Vec<PciAddress>,
+    /// The owner holding it.
+    pub owner: Option<Owner>,
+    /// NVIDIA GPUs: whether the open modules support it (when supported-gpus.json is known).
+    pub open_modules_supported: Option<bool>,
+    /// Ready to attach.
+    pub ready: bool,
+    /// Why not, when not ready.
+    pub not_ready_because: Vec<String>,
+}
+
+impl Host {
+    /// Name devices from `pci.ids` and the supported-gpus table.
+    fn name(&self, d: &mut PciDevice, ids: &PciIds, gpus: Option<&SupportedGpus>) {
+        d.vendor_name = ids.vendor(d.vendor_id).map(str::to_owned);
+        d.device_name = gpus
+            .filter(|_| d.vendor_id == crate::pci::ids::NVIDIA_VENDOR_ID)
+            .and_then(|g| g.name(d.device_id))
+            .or_else(|| ids.device(d.vendor_id, d.device_id))
+            .map(str::to_owned);
+    }
+
+    /// Passthrough candidates (display controllers, devices with mdev types and devices on
+    /// vfio-pci), or every device with `all`, each with a verdict.
+    pub fn devices(
+        &self,
+        all: bool,
+        supported_gpus: Option<&std::path::Path>,
+    ) -> Result<Vec<DeviceReport>, AttachError> {
+        let gpus = load_supported(supported_gpus)?;
+        let ids = PciIds::system();
+        let state = self.journal.read()?;
+        let mut out = Vec::new();
+        for mut d in self.sysfs.devices()? {
+            let candidate = d.kind == DeviceKind::Display
+                || !d.mdev_types.is_empty()
+                || d.driver.as_deref() == Some("vfio-pci");
+            if !all && !candidate {
+                continue;
+            }
+            self.name(&mut d, &ids, gpus.as_ref());
+            let members = d
+                .iommu_group
+                .map(|g| self.sysfs.group_members(g).unwrap_or_default())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|a| *a != d.address)
+                .collect();
+            let companions = self
+                .sysfs
+                .addresses()?
+                .into_iter()
+                .filter(|a| *a != d.address && a.same_slot(&d.address))
+                .collect();
+            let (ready, reasons) = if d.kind == DeviceKind::Bridge {
+                (false, vec!["bridges stay with the host".to_owned()])
+            } else {
+                let req = PlanRequest {
+                    devices: vec![d.address],
+                    ..Default::default()
+                };
+                let plan = self.plan_with(&state, &req, None)?;
+                (
+                    plan.refusals.is_empty(),
+                    plan.refusals.into_iter().map(|r| r.message).collect(),
+                )
+            };
+            out.push(DeviceReport {
+                open_modules_supported: gpus
+                    .as_ref()
+                    .filter(|_| d.is_nvidia_gpu())
+                    .map(|g| g.supports_open(d.device_id)),
+                owner: state.owner_of(d.address).cloned(),
+                iommu_group_members: members,
+                companions,
+                ready,
+                not_ready_because: reasons,
+                device: d,
+            });
+        }
+        Ok(out)
+    }
+
+    /// What attach would do, without doing it.
+    pub fn plan(&self, req: &PlanRequest) -> Result<Plan, AttachError> {
+        let state = self.journal.read()?;
+        let gpus = load_supported(req.supported_gpus.as_deref())?;
+        self.plan_with(&state, req, gpus.as_ref())
+    }
+
+    /// Free GPUs (display controllers, NVIDIA first) that could be attached alone, grouped so
+    /// that `n` of them come from one NUMA node when possible.
+    pub(super) fn pick_gpus(
+        &self,
+        state: &JournalState,
+        n: usize,
+        req: &PlanRequest,
+        gpus: Option<&SupportedGpus>,
+    ) -> Result<Vec<PciAddress>, AttachError> {
+        let mut free: Vec<PciDevice> = Vec::new();
+        for d in self.sysfs.devices()? {
+            if d.kind != DeviceKind::Display || req.devices.contains(&d.address) {
+                continue;
+            }
+            let single = PlanRequest {
+                devices: vec![d.address],
+                gpus: None,
+                mdev_type: None,
+                ..req.clone()
+            };
+            if self.plan_with(state, &single, gpus)?.refusals.is_empty() {
+                free.push(d);
+            }
+        }
+        free.sort_by_key(|d| (!d.is_nvidia_gpu(), d.address));
+        let mut by_node: BTreeMap<Option<u32>, Vec<PciAddress>> = BTreeMap::new();
+        for d in &free {
+            by_node.entry(d.numa_node).or_default().push(d.address);
+        }
+        if let Some(list) = by_node.values().find(|l| l.len() >= n) {
+            return Ok(list[..n].to_vec());
+        }
+        if free.len() < n {
+            return Err(AttachError::NotEnoughGpus {
+                wanted: n,
+                free: free.len(),
+            });
+        }
+        Ok(free.iter().take(n).map(|d| d.address).collect())
+    }
+
+    pub(super) fn plan_with(
+        &self,
+        state: &JournalState,
+        req: &PlanRequest,
+        gpus: Option<&SupportedGpus>,
+    ) -> Result<Plan, AttachError> {
+        let mut requested = req.devices.clone();
+        if let Some(n) = req.gpus.filter(|n| *n > 0) {
+            requested.extend(self.pick_gpus(state, n, req, gpus)?);
+        }
+        requested.dedup();
+        let mut plan = Plan {
+            requested: requested.clone(),
+            devices: Vec::new(),
+            mdevs: Vec::new(),
+            iommu_groups: Vec::new(),
+            refusals: Vec::new(),
+            writes: Vec::new(),
+        };
+        let refuse = |plan: &mut Plan, device, reason, message: String| {
+            plan.refusals.push(Refusal {
+                device,
+                reason,
+                message,
+                owner: None,
+            })
+        };
+        if !self.sysfs.iommu_enabled() {
+            refuse(
+                &mut plan,
+                None,
+                RefusalReason::IommuOff,
+                format!(
+                    "the IOMMU is off ({} has no groups): enable it in the firmware (VT-d/AMD-Vi) and boot with intel_iommu=on iommu=pt (Intel) or amd_iommu=on iommu=pt (AMD)",
+                    self.sysfs.root().join("kernel/iommu_groups").display()
+                ),
+            );
+        }
+        let all = self.sysfs.addresses()?;
+        let mut devs: BTreeMap<PciAddress, PciDevice> = BTreeMap::new();
+        for &addr in &requested {
+            let d = match self.sysfs.device(addr) {
+                Ok(d) => d,
+                Err(_) => {
+                    refuse(
+                        &mut plan,
+                        Some(addr),
+                        RefusalReason::NoSuchDevice,
+                        format!(
+                            "no PCI device {addr}: list them with `gpu-passthrough devices --all`"
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if let Some(t) = &req.mdev_type {
+                match d.mdev_types.iter().find(|m| &m.id == t) {
+                    Some(m) if m.available_instances > 0 => plan.mdevs.push((addr, t.clone())),
+                    Some(_) => refuse(
+                        &mut plan,
+                        Some(addr),
+                        RefusalReason::MdevUnavailable,
+                        format!(
+                            "{addr} has no free instance of mdev type {t}: detach an owner using it or pick another type"
+                        ),
+                    ),
+                    None => refuse(
+                        &mut plan,
+                        Some(addr),
+                        RefusalReason::MdevUnavailable,
+                        format!(
+                            "{addr} offers no mdev type `{t}`: see its types with `gpu-passthrough devices`"
+                        ),
+                    ),
+                }
+                continue;
+            }
+            let add = |plan: &mut Plan, dev: &PciDevice, role, of| {
+                if plan.devices.iter().any(|p| p.address == dev.address) {
+                    return;
+                }
+                plan.devices.push(PlannedDevice {
+                    address: dev.address,
+                    role,
+                    of,
+                    iommu_group: dev.iommu_group,
+                    driver: dev.driver.clone(),
+                    kind: dev.kind,
+                    passed: role != PlanRole::GroupMember,
+                    adopt: dev.driver.as_deref() == Some("vfio-pci")
+                        && state.owner_of(dev.address).is_none(),
+                });
+            };
+            add(&mut plan, &d, PlanRole::Requested, addr);
+            let mut slot_mates = Vec::new();
+            for other in all.iter().filter(|a| **a != addr && a.same_slot(&addr)) {
+                if let Ok(o) = self.sysfs.device(*other)
+                    && o.kind != DeviceKind::Bridge
+                {
+                    add(&mut plan, &o, PlanRole::Companion, addr);
+                    slot_mates.push(o);
+                }
+            }
+            let mut groups: Vec<u32> = d.iommu_group.into_iter().collect();
+            groups.extend(slot_mates.iter().filter_map(|o| o.iommu_group));
+            for g in groups {
+                for m in self.sysfs.group_members(g).unwrap_or_default() {
+                    if let Ok(o) = self.sysfs.device(m)
+                        && o.kind != DeviceKind::Bridge
+                    {
+                        let role = if requested.contains(&m) {
+                            PlanRole::Requested
+                        } else {
+                            PlanRole::GroupMember
+                        };
+                        add(&mut plan, &o, role, addr);
+                        devs.insert(m, o);
+                    }
+                }
+            }
+            for o in slot_mates {
+                devs.insert(o.address, o);
+            }
+            devs.insert(addr, d);
+        }
+        // Requested devices first, then in address order within each role.
+        plan.devices
+            .sort_by_key(|p| (p.role != PlanRole::Requested, p.address));
+        for p in plan.devices.clone() {
+            let Some(d) = devs.get(&p.address) else {
+                continue;
+            };
+            self.refusals_for(state, req, gpus, &p, d, &mut plan);
+        }
+        for (parent, _) in plan.mdevs.clone() {
+            if let Some(owner) = state.owner_of(parent) {
+                refuse(
+                    &mut plan,
+                    Some(parent),
+                    RefusalReason::AttachedToOwner,
+                    format!("{parent} is bound to vfio-pci for owner {owner}: detach it first"),
+                );
+            }
+        }
+        let mut groups: Vec<u32> = plan.devices.iter().filter_map(|p| p.iommu_group).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        plan.iommu_groups = groups;
+        plan.writes = self.writes_for(&plan);
+        Ok(plan)
+    }
+
+    fn refusals_for(
+        &self,
+        state: &JournalState,
+        req: &PlanRequest,
+        gpus: Option<&SupportedGpus>,
+        p: &PlannedDevice,
+        d: &PciDevice,
+        plan: &mut Plan,
+    ) {
+        let addr = p.address;
+        let mut refuse = |reason, message: String, owner: Option<Owner>| {
+            plan.refusals.push(Refusal {
+                device: Some(addr),
+                reason,
+                message,
+                owner,
+            })
+        };
+        if let Some(owner) = state.owner_of(addr) {
+            let whose = if req.owner.as_ref() == Some(owner) {
+                " (this owner already holds it)"
+            } else {
+                ""
+            };
+            refuse(
+                RefusalReason::AttachedToOwner,
+                format!(
+                    "{addr} is attached to owner {owner}{whose}: detach it first (`gpu-passthrough detach --owner {owner}`)"
+                ),
+                Some(owner.clone()),
+            );
+        }
+        if self.sysfs.iommu_enabled() && d.iommu_group.is_none() {
+            refuse(
+                RefusalReason::NoIommuGroup,
+                format!(
+                    "{addr} has no IOMMU group: check that the IOMMU covers this device (dmesg | grep -i iommu)"
+                ),
+                None,
+            );
+        }
+        if d.boot_vga && !req.allow_boot_vga {
+            refuse(
+                RefusalReason::BootVga,
+                format!(
+                    "{addr} is the boot display (boot_vga=1): the host console would go dark; pass --allow-boot-vga if the host has another display or runs headless"
+                ),
+                None,
+            );
+        }
+        if p.role == PlanRole::GroupMember
+            && matches!(d.kind, DeviceKind::Storage | DeviceKind::Network)
+            && let Some(driver) = &d.driver
+            && driver != "vfio-pci"
+        {
+            refuse(
+                RefusalReason::HostDeviceInUse,
+                format!(
+                    "{addr} ({:?} controller on {driver}) shares IOMMU group {} with {}: moving it would take it from the host; name it explicitly to move it too, or put the GPU in a slot with its own group (ACS)",
+                    d.kind,
+                    d.iommu_group.unwrap_or_default(),
+                    p.of
+                ),
+                None,
+            );
+        }
+        if req.flavor == Some(ModuleFlavor::Open) && d.is_nvidia_gpu() {
+            match gpus {
+                None => refuse(
+                    RefusalReason::OpenSupportUnknown,
+                    format!(
+                        "cannot tell whether the open modules support {addr} ({:04x}): pass the driver's supported-gpus.json",
+                        d.device_id
+                    ),
+                    None,
+                ),
+                Some(g) if !g.supports_open(d.device_id) => refuse(
+                    RefusalReason::NeedsProprietaryModules,
+                    format!(
+                        "{addr} ({:04x}{}) needs the proprietary modules: the driver's supported-gpus.json does not list `kernelopen` for it; use a release with the proprietary flavor",
+                        d.device_id,
+                        g.name(d.device_id)
+                            .map(|n| format!(", {n}"))
+                            .unwrap_or_default()
+                    ),
+                    None,
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn writes_for(&self, plan: &Plan) -> Vec<SysfsWrite> {
+        let mut out = Vec::new();
+        for p in plan.devices.iter().filter(|p| !p.adopt) {
+            let a = p.address.to_string();
+            out.push(SysfsWrite {
+                path: self.sysfs.device_dir(p.address).join("driver_override"),
+                value: "vfio-pci".into(),
+            });
+            if let Some(d) = &p.driver {
+                out.push(SysfsWrite {
+                    path: self.sysfs.driver_dir(d).join("unbind"),
+                    value: a.clone(),
+                });
+            }
+            out.push(SysfsWrite {
+                path: self.sysfs.drivers_probe(),
+                value: a,
+            });
+        }
+        for (parent, t) in &plan.mdevs {
+            out.push(SysfsWrite {
+                path: self
+                    .sysfs
+                    .device_dir(*parent)
+                    .join("mdev_supported_types")
+                    .join(t)
+                    .join("create"),
+                value: "<new uuid>".into(),
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,525 @@
+//! The bind transaction, detach and reconcile.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::journal::{
+    Attachment, DeviceRecord, LockedJournal, MdevRecord, Step, Transaction, failpoint,
+};
+use super::{AttachError, AttachRequest, Host, Liveness, Owner, load_supported};
+use crate::pci::{PciAddress, valid_driver_name};
+use crate::vmm::{BootDevice, BootSpec};
+
+/// A device given back to its driver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestoredDevice {
+    /// The device.
+    pub device: PciAddress,
+    /// The driver it is on now (`None`: it had none).
+    pub driver: Option<String>,
+}
+
+/// What detach did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DetachReport {
+    /// The owner.
+    pub owner: Owner,
+    /// Devices given back, in order.
+    pub restored: Vec<RestoredDevice>,
+    /// mdevs removed (only ones this tool created).
+    pub removed_mdevs: Vec<String>,
+}
+
+/// What reconcile did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// Abandoned transactions that were past the point of no return and still verified:
+    /// committed as attachments of their owner.
+    pub finished: Vec<Owner>,
+    /// Devices of abandoned transactions put back on their original driver.
+    pub rolled_back: Vec<RestoredDevice>,
+    /// Owners found gone whose devices were released.
+    pub released: Vec<DetachReport>,
+    /// Owners whose liveness is unknown: kept.
+    pub kept_unknown: Vec<Owner>,
+    /// Owners alive: kept.
+    pub kept_alive: Vec<Owner>,
+    /// Failures (each also left in the journal for the next run).
+    pub errors: Vec<String>,
+}
+
+fn new_uuid() -> Result<String, AttachError> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/uuid").map_err(|source| {
+        AttachError::Write {
+            path: PathBuf::from("/proc/sys/kernel/random/uuid"),
+            value: String::new(),
+            source,
+            hint: "; a UUID is needed for the mdev".into(),
+        }
+    })?;
+    Ok(text.trim().to_owned())
+}
+
+impl Host {
+    /// Bind the planned devices to vfio-pci as one journaled transaction, verify them and return
+    /// the VM's boot spec. Any failure rolls back to the original drivers.
+    pub fn attach(&self, req: &AttachRequest) -> Result<BootSpec, AttachError> {
+        if req.plan.devices.is_empty() && req.plan.gpus.unwrap_or(0) == 0 {
+            return Err(AttachError::NothingRequested);
+        }
+        let gpus = load_supported(req.plan.supported_gpus.as_deref())?;
+        let mut j = self.journal.lock()?;
+        let mut plan_req = req.plan.clone();
+        plan_req.owner = Some(req.owner.clone());
+        let plan = self.plan_with(&j.state, &plan_req, gpus.as_ref())?;
+        if !plan.refusals.is_empty() {
+            return Err(AttachError::Refused(plan.refusals));
+        }
+        let txn = Transaction {
+            owner: req.owner.clone(),
+            pid: std::process::id(),
+            devices: plan
+                .devices
+                .iter()
+                .map(|p| DeviceRecord {
+                    device: p.address,
+                    original_driver: if p.adopt { None } else { p.driver.clone() },
+                    original_override: self.sysfs.driver_override(p.address),
+                    adopted: p.adopt,
+                    iommu_group: p.iommu_group,
+                    passed: p.passed,
+                    persistence_disabled: false,
+                    step: Step::Planned,
+                })
+                .collect(),
+            mdevs: Vec::new(),
+        };
+        j.state.transactions.push(txn);
+        let t = j.state.transactions.len() - 1;
+        j.save()?;
+        failpoint("after-journal");
+        let result = self.run_binds(&mut j, t).and_then(|mut boot| {
+            boot.extend(self.run_mdevs(&mut j, t, &plan.mdevs)?);
+            Ok(boot)
+        });
+        match result {
+            Ok(boot) => {
+                let txn = j.state.transactions.remove(t);
+                commit(&mut j, txn);
+                j.save()?;
+                failpoint("after-commit");
+                Ok(self.boot_spec(&req.owner, boot, req.initrd.clone()))
+            }
+            Err(cause) => {
+                let txn = j.state.transactions[t].clone();
+                match self.roll_back(&txn) {
+                    Ok(_) => {
+                        j.state.transactions.remove(t);
+                        j.save()?;
+                        Err(cause)
+                    }
+                    Err(rb) => Err(AttachError::RollbackFailed {
+                        cause: cause.to_string(),
+                        rollback: rb.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn set_step(
+        &self,
+        j: &mut LockedJournal,
+        t: usize,
+        i: usize,
+        step: Step,
+    ) -> Result<(), AttachError> {
+        j.state.transactions[t].devices[i].step = step;
+        j.save()?;
+        Ok(())
+    }
+
+    fn run_binds(&self, j: &mut LockedJournal, t: usize) -> Result<Vec<BootDevice>, AttachError> {
+        let count = j.state.transactions[t].devices.len();
+        for i in 0..count {
+            let rec = j.state.transactions[t].devices[i].clone();
+            if rec.adopted {
+                self.set_step(j, t, i, Step::Probed)?;
+                continue;
+            }
+            let a = rec.device.to_string();
+            if rec.original_driver.as_deref() == Some("nvidia") && !self.kernel.is_simulated() {
+                self.set_step(j, t, i, Step::PersistenceOff)?;
+                if persistence(&a, false) {
+                    j.state.transactions[t].devices[i].persistence_disabled = true;
+                }
+            }
+            self.set_step(j, t, i, Step::OverrideSet)?;
+            self.write(
+                &self.sysfs.device_dir(rec.device).join("driver_override"),
+                "vfio-pci",
+            )?;
+            failpoint("after-override");
+            if let Some(d) = &rec.original_driver
+                && valid_driver_name(d)
+            {
+                self.set_step(j, t, i, Step::Unbound)?;
+                self.write(&self.sysfs.driver_dir(d).join("unbind"), &a)?;
+                failpoint("after-unbind");
+            }
+            self.set_step(j, t, i, Step::Probed)?;
+            self.write(&self.sysfs.drivers_probe(), &a)?;
+            failpoint("after-probe");
+            let now = self.sysfs.driver(rec.device);
+            if now.as_deref() != Some("vfio-pci") {
+                return Err(AttachError::NotOnVfio {
+                    device: rec.device,
+                    driver: now.unwrap_or_else(|| "no driver".into()),
+                });
+            }
+        }
+        // Wait for each group's node, then verify every device handed to the VM.
+        let mut boot = Vec::new();
+        for i in 0..count {
+            let rec = j.state.transactions[t].devices[i].clone();
+            let Some(group) = rec.iommu_group else {
+                continue;
+            };
+            self.set_step(j, t, i, Step::NodeReady)?;
+            let node = self.wait_node(group)?;
+            failpoint("after-node");
+            let dir = self.sysfs.device_dir(rec.device);
+            let report = if rec.passed {
+                Some(self.verifier.verify(&dir, group)?)
+            } else {
+                None
+            };
+            self.set_step(j, t, i, Step::Verified)?;
+            failpoint("after-verify");
+            if rec.passed {
+                let dev = self.sysfs.device(rec.device)?;
+                boot.push(BootDevice {
+                    address: Some(rec.device),
+                    mdev_uuid: None,
+                    sysfs_path: dir,
+                    iommu_group: Some(group),
+                    vfio_device: node,
+                    gpu: dev.kind == crate::pci::DeviceKind::Display,
+                    bar64_bytes: dev.bar64_bytes(),
+                    vfio: report,
+                });
+            }
+        }
+        Ok(boot)
+    }
+
+    fn run_mdevs(
+        &self,
+        j: &mut LockedJournal,
+        t: usize,
+        mdevs: &[(PciAddress, String)],
+    ) -> Result<Vec<BootDevice>, AttachError> {
+        let mut boot = Vec::new();
+        for (parent, mdev_type) in mdevs {
+            let uuid = new_uuid()?;
+            j.state.transactions[t].mdevs.push(MdevRecord {
+                parent: *parent,
+                mdev_type: mdev_type.clone(),
+                uuid: uuid.clone(),
+                iommu_group: None,
+                verified: false,
+            });
+            let m = j.state.transactions[t].mdevs.len() - 1;
+            j.save()?;
+            let create = self
+                .sysfs
+                .device_dir(*parent)
+                .join("mdev_supported_types")
+                .join(mdev_type)
+                .join("create");
+            self.write(&create, &uuid)?;
+            failpoint("after-mdev-create");
+            let dir = self.sysfs.root().join("bus/mdev/devices").join(&uuid);
+            let group = std::fs::read_link(dir.join("iommu_group"))
+                .ok()
+                .and_then(|l| l.file_name()?.to_str()?.parse::<u32>().ok());
+            let Some(group) = group else {
+                return Err(AttachError::Vfio(super::VfioCheckError::Device {
+                    device: dir,
+                    detail:
+                        "the new mdev has no IOMMU group; is the vendor vfio-mdev driver loaded?"
+                            .into(),
+                }));
+            };
+            let node = self.wait_node(group)?;
+            let report = self.verifier.verify(&dir, group)?;
+            let rec = &mut j.state.transactions[t].mdevs[m];
+            rec.iommu_group = Some(group);
+            rec.verified = true;
+            j.save()?;
+            boot.push(BootDevice {
+                address: None,
+                mdev_uuid: Some(uuid),
+                sysfs_path: dir,
+                iommu_group: Some(group),
+                vfio_device: node,
+                gpu: true,
+                bar64_bytes: 0,
+                vfio: Some(report),
+            });
+        }
+        Ok(boot)
+    }
+
+    fn wait_node(&self, group: u32) -> Result<PathBuf, AttachError> {
+        let node = self.dev_dir.join("vfio").join(group.to_string());
+        let start = Instant::now();
+        while !node.exists() {
+            if start.elapsed() >= self.vfio_wait {
+                return Err(AttachError::NoVfioNode {
+                    node,
+                    group,
+                    waited: self.vfio_wait,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(node)
+    }
+
+    fn boot_spec(
+        &self,
+        owner: &Owner,
+        mut boot: Vec<BootDevice>,
+        initrd: Option<PathBuf>,
+    ) -> BootSpec {
+        boot.sort_by_key(|b| !b.gpu);
+        BootSpec::new(owner.as_str(), boot, initrd)
+    }
+
+    /// Put one device back to its recorded original state, looking at what it is now (so that
+    /// it is correct whichever step a crash interrupted, and safe to repeat).
+    fn restore(&self, rec: &DeviceRecord) -> Result<RestoredDevice, AttachError> {
+        let a = rec.device.to_string();
+        if let Some(cur) = self.sysfs.driver(rec.device)
+            && Some(&cur) != rec.original_driver.as_ref()
+        {
+            self.write(&self.sysfs.driver_dir(&cur).join("unbind"), &a)?;
+            failpoint("mid-rollback");
+        }
+        if self.sysfs.driver_override(rec.device) != rec.original_override {
+            let value = rec.original_override.clone().unwrap_or_else(|| "\n".into());
+            self.write(
+                &self.sysfs.device_dir(rec.device).join("driver_override"),
+                &value,
+            )?;
+        }
+        if let Some(orig) = &rec.original_driver
+            && valid_driver_name(orig)
+            && self.sysfs.driver(rec.device).is_none()
+        {
+            self.write(&self.sysfs.drivers_probe(), &a)?;
+            if self.sysfs.driver(rec.device).is_none() && self.sysfs.driver_dir(orig).is_dir() {
+                // Bound by hand originally (not the ID match): bind it the same way.
+                self.write(&self.sysfs.driver_dir(orig).join("bind"), &a)?;
+            }
+        }
+        let now = self.sysfs.driver(rec.device);
+        if now != rec.original_driver {
+            return Err(AttachError::Restore {
+                device: rec.device,
+                wanted: rec
+                    .original_driver
+                    .clone()
+                    .unwrap_or_else(|| "no driver".into()),
+                actual: now.unwrap_or_else(|| "no driver".into()),
+            });
+        }
+        if rec.persistence_disabled {
+            persistence(&a, true);
+        }
+        Ok(RestoredDevice {
+            device: rec.device,
+            driver: now,
+        })
+    }
+
+    fn remove_mdev(&self, m: &MdevRecord) -> Result<bool, AttachError> {
+        let dir = self.sysfs.root().join("bus/mdev/devices").join(&m.uuid);
+        if !dir.exists() {
+            return Ok(false);
+        }
+        self.write(&dir.join("remove"), "1")?;
+        Ok(true)
+    }
+
+    /// Roll a transaction back in reverse order; mdevs first (they were created last).
+    fn roll_back(&self, txn: &Transaction) -> Result<Vec<RestoredDevice>, AttachError> {
+        for m in txn.mdevs.iter().rev() {
+            if valid_mdev_uuid(&m.uuid) {
+                self.remove_mdev(m)?;
+            }
+        }
+        let mut out = Vec::new();
+        for rec in txn.devices.iter().rev() {
+            out.push(self.restore(rec)?);
+        }
+        Ok(out)
+    }
+
+    /// Give every device of `owner` back to its original driver (or none, if it had none) and
+    /// remove the mdevs created for it. Safe to repeat after a crash.
+    pub fn detach(&self, owner: &Owner) -> Result<DetachReport, AttachError> {
+        let mut j = self.journal.lock()?;
+        let Some(i) = j.state.attachments.iter().position(|a| &a.owner == owner) else {
+            return Err(AttachError::NotAttached(owner.clone()));
+        };
+        let report = self.release(&mut j, i)?;
+        Ok(report)
+    }
+
+    fn release(&self, j: &mut LockedJournal, i: usize) -> Result<DetachReport, AttachError> {
+        let att = j.state.attachments[i].clone();
+        let mut report = DetachReport {
+            owner: att.owner.clone(),
+            restored: Vec::new(),
+            removed_mdevs: Vec::new(),
+        };
+        for m in att.mdevs.iter().rev() {
+            if valid_mdev_uuid(&m.uuid) && self.remove_mdev(m)? {
+                report.removed_mdevs.push(m.uuid.clone());
+            }
+            j.state.attachments[i].mdevs.retain(|x| x.uuid != m.uuid);
+            j.save()?;
+        }
+        for rec in att.devices.iter().rev() {
+            report.restored.push(self.restore(rec)?);
+            j.state.attachments[i]
+                .devices
+                .retain(|d| d.device != rec.device);
+            j.save()?;
+            failpoint("mid-detach");
+        }
+        j.state.attachments.remove(i);
+        j.save()?;
+        Ok(report)
+    }
+
+    /// Finish or roll back every transaction a crash left in the journal, then release the
+    /// attachments whose owner is [`Liveness::Gone`]. Never releases an owner that is alive
+    /// or unknown.
+    pub fn reconcile(&self) -> Result<ReconcileReport, AttachError> {
+        let mut j = self.journal.lock()?;
+        let mut report = ReconcileReport::default();
+        // The lock is held by every running attach, so these were all abandoned.
+        let txns = std::mem::take(&mut j.state.transactions);
+        for txn in txns {
+            if self.can_finish(&txn) {
+                report.finished.push(txn.owner.clone());
+                commit(&mut j, txn);
+            } else {
+                match self.roll_back(&txn) {
+                    Ok(restored) => report.rolled_back.extend(restored),
+                    Err(e) => {
+                        report
+                            .errors
+                            .push(format!("rolling back for {}: {e}", txn.owner));
+                        j.state.transactions.push(txn);
+                    }
+                }
+            }
+            j.save()?;
+        }
+        let mut i = 0;
+        while i < j.state.attachments.len() {
+            let owner = j.state.attachments[i].owner.clone();
+            match self.liveness.is_alive(&owner) {
+                Liveness::Gone => match self.release(&mut j, i) {
+                    Ok(r) => {
+                        report.released.push(r);
+                        continue;
+                    }
+                    Err(e) => report.errors.push(format!("releasing {owner}: {e}")),
+                },
+                Liveness::Alive => report.kept_alive.push(owner),
+                Liveness::Unknown => report.kept_unknown.push(owner),
+            }
+            i += 1;
+        }
+        j.save()?;
+        Ok(report)
+    }
+
+    /// Past the point of no return: every device verified and still on vfio-pci with its
+    /// node present, every mdev verified and present.
+    fn can_finish(&self, txn: &Transaction) -> bool {
+        let devices_ok = txn.devices.iter().all(|d| {
+            d.step == Step::Verified
+                && self.sysfs.driver(d.device).as_deref() == Some("vfio-pci")
+                && d.iommu_group.is_some_and(|g| {
+                    self.dev_dir.join("vfio").join(g.to_string()).exists()
+                        && (!d.passed
+                            || self
+                                .verifier
+                                .verify(&self.sysfs.device_dir(d.device), g)
+                                .is_ok())
+                })
+        });
+        let mdevs_ok = txn.mdevs.iter().all(|m| {
+            m.verified
+                && self
+                    .sysfs
+                    .root()
+                    .join("bus/mdev/devices")
+                    .join(&m.uuid)
+                    .exists()
+        });
+        (!txn.devices.is_empty() || !txn.mdevs.is_empty()) && devices_ok && mdevs_ok
+    }
+}
+
+fn valid_mdev_uuid(u: &str) -> bool {
+    u.len() == 36 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+/// Move a finished transaction into its owner's attachment.
+fn commit(j: &mut LockedJournal, txn: Transaction) {
+    let Transaction {
+        owner,
+        devices,
+        mdevs,
+        ..
+    } = txn;
+    if let Some(a) = j.state.attachments.iter_mut().find(|a| a.owner == owner) {
+        a.devices.extend(devices);
+        a.mdevs.extend(mdevs);
+    } else {
+        j.state.attachments.push(Attachment {
+            owner,
+            devices,
+            mdevs,
+        });
+    }
+}
+
+/// Turn an NVIDIA GPU's persistence mode off (or back on) with `nvidia-smi -i ADDR -pm 0|1`,
+/// affecting only that GPU; nvidia-persistenced itself is never stopped. Returns whether
+/// nvidia-smi succeeded (absent nvidia-smi: false, the unbind then tells if the GPU is held).
+fn persistence(address: &str, on: bool) -> bool {
+    let status = Command::new("nvidia-smi")
+        .args(["-i", address, "-pm", if on { "1" } else { "0" }])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => true,
+        Ok(s) => {
+            tracing::warn!("nvidia-smi -i {address} -pm: exit {s}");
+            false
+        }
+        Err(_) => false,
+    }
+}

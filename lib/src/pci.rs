@@ -1,1 +1,0 @@
-//! `pci`: to be written.

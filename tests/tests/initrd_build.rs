@@ -1,0 +1,534 @@
+//! The initrd builder over the real fixtures: layers GNU cpio reads, byte-identical rebuilds,
+//! each build-time check on a doctored artifact, recovery from a killed build, concurrent builds.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use gpu_passthrough::archive::compress::LayerCompression;
+use gpu_passthrough::archive::cpio::read_initrd;
+use gpu_passthrough::fetch::{FetchError, FetchOptions, Fetcher, NoProgress};
+use gpu_passthrough::initrd::{BuildOptions, InitrdBuilder, InitrdError, Layers};
+use gpu_passthrough::registry::{Arch, Registry};
+use gpu_passthrough_tests::fixtures;
+use sha2::{Digest, Sha256};
+
+const RELEASE: &str = "fx-6.1";
+
+/// Artifacts of a test release: kind → (file, sha256).
+struct Artifacts(Vec<(&'static str, PathBuf)>);
+
+impl Artifacts {
+    fn real() -> Self {
+        Artifacts(vec![
+            ("kernel-modules", fixtures::path(fixtures::KERNEL_MODULES)),
+            ("nvidia-modules", fixtures::path(fixtures::NVIDIA_MODULES)),
+            ("nvidia-firmware", fixtures::path(fixtures::NVIDIA_FIRMWARE)),
+            (
+                "nvidia-driver-libs",
+                fixtures::path(fixtures::NVIDIA_DRIVER_LIBS),
+            ),
+        ])
+    }
+
+    fn with(mut self, kind: &'static str, file: PathBuf) -> Self {
+        for a in &mut self.0 {
+            if a.0 == kind {
+                a.1 = file.clone();
+            }
+        }
+        self
+    }
+
+    /// A registry file pinning these artifacts as file:// URLs.
+    fn registry(&self, dir: &Path, kernel_version: &str) -> Registry {
+        let mut toml = format!(
+            "[releases.\"{RELEASE}\"]\nkernel_version = \"{kernel_version}\"\n\
+             driver_version = \"535.261.03\"\nmodule_flavor = \"open\"\n"
+        );
+        for (kind, file) in &self.0 {
+            let bytes = fs::read(file).unwrap();
+            toml += &format!(
+                "\n[[releases.\"{RELEASE}\".artifacts.x86_64]]\nkind = \"{kind}\"\n\
+                 url = \"file://{}\"\nsha256 = \"{}\"\nsize = {}\n",
+                file.display(),
+                hex::encode(Sha256::digest(&bytes)),
+                bytes.len()
+            );
+        }
+        let path = dir.join("registry.toml");
+        fs::write(&path, toml).unwrap();
+        Registry::load(&[path]).unwrap()
+    }
+}
+
+/// A minimal static x86_64 ELF: the builder only checks that it is one.
+fn guest_init(dir: &Path) -> PathBuf {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    h[4] = 2;
+    h[5] = 1;
+    h[6] = 1;
+    h[16] = 2;
+    h[18] = 62;
+    h[20] = 1;
+    h[52] = 64;
+    h.extend_from_slice(b"gpu-init stand-in");
+    let path = dir.join("gpu-init");
+    fs::write(&path, h).unwrap();
+    path
+}
+
+fn build(
+    cache: &Path,
+    registry: &Registry,
+    options: &BuildOptions,
+    ensure: bool,
+) -> Result<Layers, InitrdError> {
+    let fetcher = Fetcher::new(cache, FetchOptions::default()).unwrap();
+    let builder = InitrdBuilder::new(cache, &fetcher);
+    let release = registry.release(RELEASE).unwrap();
+    if ensure {
+        builder.ensure(release, options, &NoProgress)
+    } else {
+        builder.build(release, options, &NoProgress)
+    }
+}
+
+/// A shared warm cache (fetched and unpacked artifacts) for the tests that only need one.
+fn shared() -> &'static (tempfile::TempDir, Registry, PathBuf) {
+    static SHARED: OnceLock<(tempfile::TempDir, Registry, PathBuf)> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Artifacts::real().registry(dir.path(), fixtures::KERNEL_VERSION);
+        let init = guest_init(dir.path());
+        (dir, registry, init)
+    })
+}
+
+fn options(init: &Path, compression: LayerCompression) -> BuildOptions {
+    let mut o = BuildOptions::new(Arch::X86_64, init);
+    o.compression = compression;
+    o
+}
+
+/// Names GNU `cpio -t` lists for a plain cpio archive.
+fn gnu_cpio_list(bytes: &[u8]) -> BTreeSet<String> {
+    let mut child = Command::new("cpio")
+        .args(["-t", "--quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("GNU cpio must be installed (apt-get install cpio; .ci/run does it)");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = bytes.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "cpio -t failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn layers_list_in_gnu_cpio_exactly_as_the_manifest_says() {
+    let (dir, registry, init) = shared();
+    let cache = dir.path().join("cache");
+    let layers = build(
+        &cache,
+        registry,
+        &options(init, LayerCompression::None),
+        false,
+    )
+    .unwrap();
+    let m = &layers.manifest;
+
+    let base = gnu_cpio_list(&fs::read(&layers.base.path).unwrap());
+    assert!(base.contains("init") && base.contains("dev/console") && base.contains("dev/null"));
+    assert!(
+        base.iter().all(|p| !p.starts_with("gpu")),
+        "base layer carries GPU entries: {base:?}"
+    );
+
+    let gpu = gnu_cpio_list(&fs::read(&layers.gpu.path).unwrap());
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    for module in &m.modules {
+        expected.insert(module.path.trim_start_matches('/').to_string());
+    }
+    for f in m.firmware.iter().chain(&m.binaries) {
+        expected.insert(f.trim_start_matches('/').to_string());
+    }
+    for lib in &m.libraries {
+        expected.insert(lib.path.trim_start_matches('/').to_string());
+        if let Some(soname) = &lib.soname {
+            expected.insert(format!("gpu/lib/{soname}"));
+        }
+    }
+    expected.insert("gpu/manifest.json".into());
+    // Directories are the names that are a parent of another name.
+    let files: BTreeSet<String> = gpu
+        .iter()
+        .filter(|p| !gpu.iter().any(|q| q.starts_with(&format!("{p}/"))))
+        .cloned()
+        .collect();
+    assert_eq!(
+        files, expected,
+        "cpio -t of the GPU layer differs from the manifest"
+    );
+
+    // The real payload, in the order the kernel needs it.
+    let order: Vec<&str> = m.modules.iter().map(|m| m.name.as_str()).collect();
+    let pos = |n: &str| {
+        order
+            .iter()
+            .position(|x| *x == n)
+            .unwrap_or_else(|| panic!("{n} not in {order:?}"))
+    };
+    assert!(pos("drm") < pos("nvidia") && pos("nvidia") < pos("nvidia_uvm"));
+    assert!(pos("video") < pos("nvidia_modeset") && pos("nvidia_modeset") < pos("nvidia_drm"));
+    assert!(
+        !order.contains(&"nvidia_peermem"),
+        "peermem is not loaded by default"
+    );
+    assert_eq!(m.modules[pos("nvidia_drm")].params, "modeset=1");
+    assert!(
+        m.firmware
+            .iter()
+            .any(|f| f.ends_with("nvidia/535.261.03/gsp_ga10x.bin"))
+    );
+    assert!(
+        m.libraries
+            .iter()
+            .any(|l| l.path == "/gpu/lib/libcuda.so.535.261.03"
+                && l.soname.as_deref() == Some("libcuda.so.1"))
+    );
+    assert!(m.binaries.contains(&"/gpu/bin/nvidia-smi".to_string()));
+    assert_eq!(m.inputs.len(), 4);
+
+    // The combined file is base followed by gpu, byte for byte.
+    let mut both = fs::read(&layers.base.path).unwrap();
+    both.extend(fs::read(&layers.gpu.path).unwrap());
+    assert_eq!(fs::read(&layers.combined.path).unwrap(), both);
+    assert_eq!(layers.combined.sha256, hex::encode(Sha256::digest(&both)));
+}
+
+#[test]
+fn same_release_gives_byte_identical_layers_in_a_fresh_cache() {
+    let (dir, registry, init) = shared();
+    let opts = options(init, LayerCompression::Zstd);
+    let a = build(&dir.path().join("cache"), registry, &opts, false).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let b = build(other.path(), registry, &opts, false).unwrap();
+    assert_eq!(a.key, b.key);
+    for (x, y) in [
+        (&a.base, &b.base),
+        (&a.gpu, &b.gpu),
+        (&a.combined, &b.combined),
+    ] {
+        assert_eq!(
+            x.sha256,
+            y.sha256,
+            "{} differs between builds",
+            x.path.display()
+        );
+        assert_eq!(fs::read(&x.path).unwrap(), fs::read(&y.path).unwrap());
+    }
+    // Our reader sees both layers of the combined file.
+    let layers = read_initrd(&a.combined.path).unwrap();
+    assert_eq!(
+        layers.iter().map(|l| l.compression).collect::<Vec<_>>(),
+        ["none", "zstd"]
+    );
+    assert!(
+        layers[1]
+            .entries
+            .iter()
+            .any(|e| e.path == "gpu/manifest.json")
+    );
+}
+
+#[test]
+fn ensure_reuses_and_concurrent_ensures_build_once() {
+    let (dir, registry, init) = shared();
+    let cache = dir.path().join("cache-concurrent");
+    let opts = options(init, LayerCompression::Lz4);
+    let results: Vec<Layers> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| build(&cache, registry, &opts, true).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        results.iter().filter(|l| !l.reused).count(),
+        1,
+        "exactly one ensure builds"
+    );
+    assert!(
+        results
+            .windows(2)
+            .all(|w| w[0].combined.sha256 == w[1].combined.sha256)
+    );
+    let again = build(&cache, registry, &opts, true).unwrap();
+    assert!(again.reused);
+    // A damaged cache entry (truncated file) is not trusted: ensure rebuilds it.
+    fs::write(&again.gpu.path, b"truncated").unwrap();
+    let repaired = build(&cache, registry, &opts, true).unwrap();
+    assert!(!repaired.reused);
+    assert_eq!(repaired.gpu.sha256, again.gpu.sha256);
+}
+
+/// Re-pack the nvidia-modules fixture with `edit` applied to each `.ko`.
+fn doctored_modules(dir: &Path, edit: impl Fn(&str, &mut Vec<u8>)) -> PathBuf {
+    let out = dir.join("nvidia-modules-doctored.tar.gz");
+    let gz =
+        flate2::write::GzEncoder::new(fs::File::create(&out).unwrap(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    let input = flate2::read::GzDecoder::new(
+        fs::File::open(fixtures::path(fixtures::NVIDIA_MODULES)).unwrap(),
+    );
+    let mut archive = tar::Archive::new(input);
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut header = entry.header().clone();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        if path.ends_with(".ko") {
+            edit(&path, &mut data);
+            header.set_size(data.len() as u64);
+            header.set_cksum();
+        }
+        builder.append(&header, &data[..]).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap();
+    out
+}
+
+/// A small tar.gz holding `files` (path → bytes).
+fn small_tar(path: &Path, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    let gz =
+        flate2::write::GzEncoder::new(fs::File::create(path).unwrap(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        builder.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap();
+    path.to_path_buf()
+}
+
+fn replace(data: &mut [u8], from: &[u8], to: &[u8]) {
+    assert_eq!(from.len(), to.len());
+    let at = data
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern present");
+    data[at..at + to.len()].copy_from_slice(to);
+}
+
+/// Build with `artifacts` and expect a refusal mentioning every needle; nothing may be left in
+/// the layer cache.
+fn assert_refused(artifacts: Artifacts, needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = artifacts.registry(dir.path(), fixtures::KERNEL_VERSION);
+    let init = guest_init(dir.path());
+    let cache = dir.path().join("cache");
+    let err = build(
+        &cache,
+        &registry,
+        &options(&init, LayerCompression::None),
+        false,
+    )
+    .unwrap_err();
+    assert!(matches!(err, InitrdError::Inspect(_)), "{err}");
+    let msg = err.to_string();
+    for n in needles {
+        assert!(msg.contains(n), "error does not mention `{n}`:\n{msg}");
+    }
+    let left: Vec<_> = fs::read_dir(cache.join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a refused build left {left:?} in the layer cache"
+    );
+}
+
+#[test]
+fn module_built_for_another_kernel_is_refused_naming_the_ko() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = doctored_modules(dir.path(), |path, data| {
+        if path.ends_with("/nvidia-uvm.ko") {
+            replace(data, b"vermagic=6.1.0-56-amd64", b"vermagic=6.1.0-99-amd64");
+        }
+    });
+    assert_refused(
+        Artifacts::real().with("nvidia-modules", tar),
+        &["nvidia-uvm.ko", "6.1.0-99-amd64"],
+    );
+}
+
+#[test]
+fn missing_firmware_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = small_tar(
+        &dir.path().join("fw.tar.gz"),
+        &[(
+            "lib/firmware/nvidia/535.261.03/README",
+            b"no blobs".to_vec(),
+        )],
+    );
+    assert_refused(
+        Artifacts::real().with("nvidia-firmware", tar),
+        &["gsp_ga10x.bin", "gsp_tu10x.bin"],
+    );
+}
+
+#[test]
+fn missing_dependency_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // The kernel's modules.builtin, but none of its loadable modules: drm cannot be found.
+    let mut builtin = None;
+    gpu_passthrough::archive::tar::walk_tar(
+        &fixtures::path(fixtures::KERNEL_MODULES),
+        &Default::default(),
+        &mut |e, r| {
+            if e.path.ends_with("modules.builtin") {
+                let mut v = Vec::new();
+                r.read_to_end(&mut v).map_err(|err| {
+                    gpu_passthrough::archive::ArchiveError::Visitor {
+                        archive: PathBuf::new(),
+                        entry: e.path.display().to_string(),
+                        message: err.to_string(),
+                    }
+                })?;
+                builtin = Some(v);
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    let tar = small_tar(
+        &dir.path().join("km.tar.gz"),
+        &[(
+            "lib/modules/6.1.0-56-amd64/modules.builtin",
+            builtin.unwrap(),
+        )],
+    );
+    assert_refused(Artifacts::real().with("kernel-modules", tar), &["drm"]);
+}
+
+#[test]
+fn library_of_another_driver_version_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = small_tar(
+        &dir.path().join("libs.tar.gz"),
+        &[(
+            "usr/lib/nvidia/libcuda.so.535.104.05",
+            b"\x7fELF not really".to_vec(),
+        )],
+    );
+    assert_refused(
+        Artifacts::real().with("nvidia-driver-libs", tar),
+        &["libcuda.so.535.104.05", "535.261.03"],
+    );
+}
+
+#[test]
+fn unpinned_release_is_refused_with_the_pin_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.toml");
+    fs::write(&path, format!(
+        "[releases.\"{RELEASE}\"]\nkernel_version = \"6.1.0-56-amd64\"\ndriver_version = \"535.261.03\"\n\
+         module_flavor = \"open\"\n[[releases.\"{RELEASE}\".artifacts.x86_64]]\nkind = \"nvidia-modules\"\n\
+         url = \"file://{}\"\n", fixtures::path(fixtures::NVIDIA_MODULES).display())).unwrap();
+    let registry = Registry::load(&[path]).unwrap();
+    let init = guest_init(dir.path());
+    let err = build(
+        &dir.path().join("cache"),
+        &registry,
+        &options(&init, LayerCompression::None),
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, InitrdError::Fetch(FetchError::Unpinned { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("versions pin fx-6.1"), "{err}");
+}
+
+/// Child half of the crash test: run a build that the failpoint kills half-way.
+#[test]
+fn killed_build_child() {
+    let Some(cache) = std::env::var_os("INITRD_CRASH_CACHE") else {
+        return;
+    };
+    let (_, registry, init) = shared();
+    let _ = build(
+        Path::new(&cache),
+        registry,
+        &options(init, LayerCompression::Gzip),
+        false,
+    );
+    unreachable!("the failpoint should have aborted the build");
+}
+
+#[test]
+fn killed_build_leaves_nothing_trusted_and_the_next_build_recovers() {
+    let (dir, registry, init) = shared();
+    let cache = dir.path().join("cache-crash");
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "killed_build_child", "--nocapture"])
+        .env("INITRD_CRASH_CACHE", &cache)
+        .env("GPU_PASSTHROUGH_FAILPOINT", "initrd-midway")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child build should have been killed");
+    let names: Vec<String> = fs::read_dir(cache.join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("tmp-")),
+        "the killed build left no temporary dir: {names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("tmp-") || n.ends_with(".lock")),
+        "a killed build produced a trusted entry: {names:?}"
+    );
+
+    let opts = options(init, LayerCompression::Gzip);
+    let recovered = build(&cache, registry, &opts, true).unwrap();
+    assert!(!recovered.reused);
+    let clean = build(&dir.path().join("cache-clean-gzip"), registry, &opts, false).unwrap();
+    assert_eq!(recovered.combined.sha256, clean.combined.sha256);
+    let names: Vec<String> = fs::read_dir(cache.join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("tmp-")),
+        "the stale temporary dir was not removed: {names:?}"
+    );
+}
