@@ -11,8 +11,8 @@ use gpu_passthrough::initrd::{BuildOptions, InitrdBuilder, LayerFile, Layers};
 use gpu_passthrough::registry::{Arch, Registry};
 
 use crate::Global;
-use crate::progress::DownloadBar;
 use crate::output::{self, exit};
+use crate::progress::DownloadBar;
 
 /// Initrd commands.
 #[derive(Debug, clap::Subcommand)]

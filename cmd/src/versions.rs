@@ -539,25 +539,7 @@ fn verify(
     }
     let count = |s: &str| rows.iter().filter(|r| r.status == s).count();
     let (mismatches, errors, unpinned) = (count("mismatch"), count("error"), count("unpinned"));
-    emit(global, &serde_json::json!({ "artifacts": rows }), |_| {
-        for r in &rows {
-            let detail = match r.status {
-                "mismatch" => format!(
-                    "MISMATCH from {}: expected sha256 {} ({} bytes), got {} ({} bytes)",
-                    r.url.as_deref().unwrap_or("the cache"),
-                    r.expected_sha256.as_deref().unwrap_or("-"),
-                    r.expected_size.map_or("?".into(), |s| s.to_string()),
-                    r.actual_sha256.as_deref().unwrap_or("-"),
-                    r.actual_size.map_or("?".into(), |s| s.to_string()),
-                ),
-                "unpinned" => "UNPINNED (no sha256 to check)".into(),
-                "error" => format!("ERROR {}", r.error.as_deref().unwrap_or("")),
-                other => other.to_string(),
-            };
-            println!("{} {} {}: {detail}", r.release, r.arch, r.kind);
-        }
-    })?;
-    if mismatches > 0 || errors > 0 {
+    let failure = if mismatches > 0 || errors > 0 {
         let bad: Vec<String> = rows
             .iter()
             .filter(|r| r.status == "mismatch" || r.status == "error")
@@ -568,26 +550,56 @@ fn verify(
         } else {
             exit::FAILURE
         };
-        return Err(fail(
+        Some((
             code,
-            anyhow::anyhow!(
+            format!(
                 "{} artifact(s) failed verification: {}; if the change upstream is legitimate, \
                  re-add or re-pin the release",
                 bad.len(),
                 bad.join(", ")
             ),
-        ));
-    }
-    if unpinned > 0 && !allow_unpinned {
-        return Err(fail(
+        ))
+    } else if unpinned > 0 && !allow_unpinned {
+        Some((
             exit::REFUSED,
-            anyhow::anyhow!(
+            format!(
                 "{unpinned} artifact(s) are unpinned and cannot be verified; pin them with \
                  `gpu-passthrough versions pin <release> --registry <file>` or pass --allow-unpinned"
             ),
-        ));
+        ))
+    } else {
+        None
+    };
+    if global.json {
+        // One JSON document: the rows plus the verdict.
+        let (code, error) = match &failure {
+            Some((code, msg)) => (*code, Some(msg.as_str())),
+            None => (0, None),
+        };
+        let doc = serde_json::json!({ "artifacts": rows, "error": error, "exit_code": code });
+        emit(global, &doc, |_| {})?;
+        return Ok(ExitCode::from(code));
     }
-    Ok(ExitCode::SUCCESS)
+    for r in &rows {
+        let detail = match r.status {
+            "mismatch" => format!(
+                "MISMATCH from {}: expected sha256 {} ({} bytes), got {} ({} bytes)",
+                r.url.as_deref().unwrap_or("the cache"),
+                r.expected_sha256.as_deref().unwrap_or("-"),
+                r.expected_size.map_or("?".into(), |s| s.to_string()),
+                r.actual_sha256.as_deref().unwrap_or("-"),
+                r.actual_size.map_or("?".into(), |s| s.to_string()),
+            ),
+            "unpinned" => "UNPINNED (no sha256 to check)".into(),
+            "error" => format!("ERROR {}", r.error.as_deref().unwrap_or("")),
+            other => other.to_string(),
+        };
+        println!("{} {} {}: {detail}", r.release, r.arch, r.kind);
+    }
+    match failure {
+        Some((code, msg)) => Err(fail(code, anyhow::anyhow!(msg))),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 fn verify_one(

@@ -297,7 +297,11 @@ pub fn power_off() {
 }
 
 fn print_report(report: &Report) {
-    println!("{}", report.line());
+    use std::io::Write;
+    // One write call for the whole line, so console output of others does not split it.
+    let _ = std::io::stdout()
+        .lock()
+        .write_all(format!("{}\n", report.line()).as_bytes());
 }
 
 /// The whole PID 1 life. Never returns normally: it powers off or execs.
@@ -331,14 +335,19 @@ pub fn pid1(args: &[String]) -> ! {
 
 fn boot(config: &BootConfig) -> Result<i32, BootError> {
     mount_basics()?;
-    let root = prepare_root(config)?;
+    // A bad root is fatal, but the GPU report still comes first: the harness always gets its line.
+    let prepared = prepare_root(config);
     let report = if config.has_gpu {
-        let ctx = SetupContext::system(PathBuf::from(MANIFEST_PATH), Some(root.clone()));
+        let ctx = SetupContext::system(
+            PathBuf::from(MANIFEST_PATH),
+            prepared.as_ref().ok().cloned(),
+        );
         setup::run(&ctx, &FinitModule)
     } else {
         setup::skipped(crate::context::running_kernel())
     };
     print_report(&report);
+    let root = prepared?;
     if config.strict && config.has_gpu && report.status != crate::report::Status::Ok {
         return Err(BootError::Root {
             root: root.display().to_string(),

@@ -55,7 +55,12 @@ pub fn spec(manifest: &Manifest, gpus: u32, node_names: &[String], lib_dir: &str
             mounts.push(bind(host, format!("{lib_dir}/{soname}")));
         }
     }
-    for bin in &manifest.binaries {
+    // gpu-init itself is for the guest's init, not for containers.
+    for bin in manifest
+        .binaries
+        .iter()
+        .filter(|b| !b.ends_with("/gpu-init"))
+    {
         let Ok(host) = mounted_path(bin) else {
             continue;
         };

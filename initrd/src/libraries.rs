@@ -70,8 +70,9 @@ fn multiarch(arch: &str) -> String {
     format!("{arch}-linux-gnu")
 }
 
-/// The root's library directory, as a path inside the root.
-pub fn library_dir(root: &Path, arch: &str) -> Option<String> {
+/// The root's library directories that exist, as paths inside the root, preferred first.
+/// A directory that is a symlink (usrmerge `/lib -> usr/lib`) is left out: its target is listed.
+pub fn library_dirs(root: &Path, arch: &str) -> Vec<String> {
     let triple = multiarch(arch);
     [
         format!("/usr/lib/{triple}"),
@@ -82,7 +83,25 @@ pub fn library_dir(root: &Path, arch: &str) -> Option<String> {
         "/lib".to_string(),
     ]
     .into_iter()
-    .find(|d| in_root(root, d).is_dir())
+    .filter(|d| in_root(root, d).is_dir() && !through_symlink(root, d))
+    .collect()
+}
+
+/// True when any component of `path` (inside `root`) is a symlink.
+fn through_symlink(root: &Path, path: &str) -> bool {
+    let mut host = root.to_path_buf();
+    Path::new(path).components().any(|c| match c {
+        Component::Normal(part) => {
+            host.push(part);
+            std::fs::symlink_metadata(&host).is_ok_and(|m| m.file_type().is_symlink())
+        }
+        _ => false,
+    })
+}
+
+/// The root's library directory, as a path inside the root.
+pub fn library_dir(root: &Path, arch: &str) -> Option<String> {
+    library_dirs(root, arch).into_iter().next()
 }
 
 /// Follow symlinks of the last component of `path` (inside `root`) as if `root` were `/`.
@@ -170,24 +189,16 @@ pub fn inject_libraries(
             Ok(meta)
                 if meta.file_type().is_symlink()
                     && std::fs::read_link(&host_link).is_ok_and(|t| t == Path::new(&real)) => {}
-            Ok(_) => {
-                // The workload ships its own copy: hide it under the driver's, keep its bytes.
-                let theirs = resolve_in_root(root, &link);
-                let host_theirs = in_root(root, &theirs);
-                let ours = ctx.layer_path(&lib.path);
-                if !sys::same_file(&ours, &host_theirs) {
-                    sys::bind_read_only(&ours, &host_theirs).map_err(|errno| {
-                        InjectError::Mount {
-                            src: ours.display().to_string(),
-                            dst: host_theirs.display().to_string(),
-                            errno,
-                        }
-                    })?;
-                }
-                report.shadowed.push(Shadowed {
-                    soname: link_name.clone(),
-                    file: theirs,
-                });
+            Ok(_) => shadow(root, ctx, &lib.path, &link, &link_name, &mut report)?,
+        }
+        // The same soname elsewhere on the loader's default path would also be found: hide those.
+        for other in library_dirs(root, &manifest.arch)
+            .iter()
+            .filter(|d| **d != dir)
+        {
+            let candidate = format!("{other}/{link_name}");
+            if std::fs::symlink_metadata(in_root(root, &candidate)).is_ok() {
+                shadow(root, ctx, &lib.path, &candidate, &link_name, &mut report)?;
             }
         }
         report.injected.push(link);
@@ -216,6 +227,35 @@ pub fn inject_libraries(
     }
     report.ldconfig_message = message;
     Ok(report)
+}
+
+/// Bind-mount the driver's `lib_path` over the file `link` (inside the root) resolves to: the
+/// workload keeps its bytes but loads ours. Records it in `shadowed`.
+fn shadow(
+    root: &Path,
+    ctx: &SetupContext,
+    lib_path: &str,
+    link: &str,
+    soname: &str,
+    report: &mut LibrariesReport,
+) -> Result<(), InjectError> {
+    let theirs = resolve_in_root(root, link);
+    let host_theirs = in_root(root, &theirs);
+    let ours = ctx.layer_path(lib_path);
+    if !sys::same_file(&ours, &host_theirs) {
+        sys::bind_read_only(&ours, &host_theirs).map_err(|errno| InjectError::Mount {
+            src: ours.display().to_string(),
+            dst: host_theirs.display().to_string(),
+            errno,
+        })?;
+    }
+    if !report.shadowed.iter().any(|s| s.file == theirs) {
+        report.shadowed.push(Shadowed {
+            soname: soname.to_string(),
+            file: theirs,
+        });
+    }
+    Ok(())
 }
 
 /// The root's glibc `ldconfig` (an ELF program; Alpine's is a no-op shell script), inside the root.
@@ -320,4 +360,51 @@ pub fn expose_firmware(ctx: &SetupContext) -> Result<String, InjectError> {
     let param = ctx.sys_root.join("module/firmware_class/parameters/path");
     std::fs::write(&param, &path).map_err(io("write", &param))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_links_inside_the_root_not_the_host() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("usr/lib/x86_64-linux-gnu")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", r.join("lib")).unwrap();
+        let d = r.join("usr/lib/x86_64-linux-gnu");
+        std::os::unix::fs::symlink(
+            "/usr/lib/x86_64-linux-gnu/libcuda.so.470",
+            d.join("libcuda.so.1"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            "../x86_64-linux-gnu/./libcuda.so.470.1",
+            d.join("libcuda.so.470"),
+        )
+        .unwrap();
+        assert_eq!(
+            resolve_in_root(r, "/usr/lib/x86_64-linux-gnu/libcuda.so.1"),
+            "/usr/lib/x86_64-linux-gnu/libcuda.so.470.1"
+        );
+        assert_eq!(resolve_in_root(r, "/usr/lib/none"), "/usr/lib/none");
+        // /lib is a symlink to usr/lib: listed once, through its target.
+        assert_eq!(
+            library_dirs(r, "x86_64"),
+            ["/usr/lib/x86_64-linux-gnu", "/usr/lib"]
+        );
+        assert_eq!(
+            mounted_path("/gpu/lib/libcuda.so.1").unwrap(),
+            "/usr/lib/gpu-passthrough/lib/libcuda.so.1"
+        );
+        assert!(mounted_path("/usr/lib/libcuda.so.1").is_err());
+        // Without usrmerge both trees count.
+        let split = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(split.path().join("lib/x86_64-linux-gnu")).unwrap();
+        std::fs::create_dir_all(split.path().join("usr/lib")).unwrap();
+        assert_eq!(
+            library_dirs(split.path(), "x86_64"),
+            ["/lib/x86_64-linux-gnu", "/usr/lib", "/lib"]
+        );
+    }
 }

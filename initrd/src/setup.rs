@@ -119,16 +119,19 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
                 .dir
                 .clone()
                 .unwrap_or_else(|| "/usr/lib".into());
-            match cdi::write(
-                root,
-                &manifest,
-                report.gpus,
-                &report.nodes,
-                &ctx.dev_dir,
-                &lib_dir,
-            ) {
-                Ok(path) => report.cdi = Some(path),
-                Err(e) => report.problems.push(e.to_string()),
+            // A spec for a driver that did not load would advertise devices that do not exist.
+            if driver_up {
+                match cdi::write(
+                    root,
+                    &manifest,
+                    report.gpus,
+                    &report.nodes,
+                    &ctx.dev_dir,
+                    &lib_dir,
+                ) {
+                    Ok(path) => report.cdi = Some(path),
+                    Err(e) => report.problems.push(e.to_string()),
+                }
             }
             report.timings_ms.insert("cdi".into(), ms(step));
         }

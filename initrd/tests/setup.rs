@@ -296,6 +296,11 @@ fn enodev_is_no_gpu_and_dependents_are_skipped_not_tried() {
     );
     assert!(report.nodes.is_empty());
     assert_eq!(report.gpus, 0);
+    assert_eq!(
+        report.cdi, None,
+        "no CDI spec for a driver that did not load"
+    );
+    assert!(!guest.root.join("etc/cdi/nvidia.json").exists());
     let v = json(&report);
     assert_eq!(v["status"], "failed");
     assert_eq!(v["modules"][0]["class"], "no_gpu");
@@ -478,9 +483,18 @@ fn the_drivers_libcuda_wins_over_the_workloads_own_which_is_kept() {
     let theirs = b"workload libcuda 470.57.02";
     std::fs::write(libdir.join("libcuda.so.470.57.02"), theirs).unwrap();
     std::os::unix::fs::symlink("libcuda.so.470.57.02", libdir.join("libcuda.so.1")).unwrap();
+    // A second copy on the loader's default path, outside the chosen library dir.
+    std::fs::create_dir_all(guest.root.join("usr/lib")).unwrap();
+    std::fs::write(guest.root.join("usr/lib/libcuda.so.1"), b"another libcuda").unwrap();
     let report = run(&guest, &FakeKernel::new(&guest));
     assert_eq!(report.status, Status::Ok, "{}", report.line());
-    assert_eq!(report.libraries.shadowed.len(), 1);
+    assert_eq!(
+        report.libraries.shadowed.len(),
+        2,
+        "{:?}",
+        report.libraries.shadowed
+    );
+    assert_eq!(report.libraries.shadowed[1].file, "/usr/lib/libcuda.so.1");
     assert_eq!(report.libraries.shadowed[0].soname, "libcuda.so.1");
     assert_eq!(
         report.libraries.shadowed[0].file,
@@ -497,7 +511,12 @@ fn the_drivers_libcuda_wins_over_the_workloads_own_which_is_kept() {
         json(&report)["libraries"]["shadowed"][0]["file"],
         "/usr/lib/x86_64-linux-gnu/libcuda.so.470.57.02"
     );
+    assert!(std::fs::read(guest.root.join("usr/lib/libcuda.so.1")).unwrap() == ours);
     guest.unmount_all();
+    assert_eq!(
+        std::fs::read(guest.root.join("usr/lib/libcuda.so.1")).unwrap(),
+        b"another libcuda"
+    );
     assert_eq!(
         std::fs::read(libdir.join("libcuda.so.470.57.02")).unwrap(),
         theirs,
@@ -521,4 +540,51 @@ fn has_gpu_without_a_gpu_layer_is_a_classified_failure() {
     std::fs::write(&ctx.manifest, r#"{"schema": 99}"#).unwrap();
     let report = setup::run(&ctx, &kernel);
     assert_eq!(report.error.as_ref().unwrap().class, "bad_manifest");
+}
+
+#[test]
+fn an_ldconfig_that_cannot_run_is_failed_and_degraded() {
+    let guest = Guest::new(RootKind::Debian, 1);
+    // A dynamically linked program cannot start in a root without its loader.
+    let ldconfig = guest.root.join("usr/sbin/ldconfig");
+    std::fs::remove_file(&ldconfig).unwrap();
+    std::fs::copy("/bin/false", &ldconfig).unwrap();
+    let report = run(&guest, &FakeKernel::new(&guest));
+    assert_eq!(report.libraries.ldconfig, LdconfigStatus::Failed);
+    assert_eq!(report.status, Status::Degraded);
+    assert!(
+        report
+            .libraries
+            .ldconfig_message
+            .as_deref()
+            .unwrap()
+            .contains("/sbin/ldconfig")
+    );
+    assert_eq!(json(&report)["libraries"]["ldconfig"], "failed");
+}
+
+#[test]
+fn mig_capability_nodes_are_made_when_the_driver_registers_them() {
+    let guest = Guest::new(RootKind::Debian, 1);
+    std::fs::write(
+        guest.proc_root.join("devices"),
+        "Character devices:\n195 nvidia-frontend\n236 nvidia-uvm\n237 nvidia-caps\n\nBlock devices:\n",
+    )
+    .unwrap();
+    let caps = guest.proc_root.join("driver/nvidia/capabilities/mig");
+    std::fs::create_dir_all(&caps).unwrap();
+    std::fs::write(
+        caps.join("config"),
+        "DeviceFileMinor: 1\nDeviceFileMode: 256\n",
+    )
+    .unwrap();
+    std::fs::write(
+        caps.join("monitor"),
+        "DeviceFileMinor: 2\nDeviceFileMode: 292\n",
+    )
+    .unwrap();
+    let report = run(&guest, &FakeKernel::new(&guest));
+    assert_eq!(report.status, Status::Ok, "{}", report.line());
+    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap1"), 237, 1);
+    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap2"), 237, 2);
 }

@@ -1,36 +1,10 @@
 //! The guest init must run in an initramfs with no libc: build it the documented way and check
 //! that it is static (no ELF interpreter, no needed shared libraries).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-/// The build command documented in initrd/README.md.
-fn build_static() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(workspace)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "gpu-passthrough-init",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "static build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    target.join("x86_64-unknown-linux-gnu/release/gpu-init")
-}
+use common::build_static;
+use std::process::Command;
 
 fn u16_at(b: &[u8], o: usize) -> usize {
     u16::from_le_bytes([b[o], b[o + 1]]) as usize

@@ -246,8 +246,17 @@ impl Fetcher {
         let mut mismatch = None;
         let mut last = None;
         for url in &artifact.urls {
-            let result = self.download(url, &partial, artifact.size, progress);
+            let resumed = fs::metadata(&partial).is_ok_and(|m| m.len() > 0);
+            let mut result = self.download(url, &partial, artifact.size, progress);
             progress.end();
+            if resumed && matches!(&result, Ok((actual, _)) if *actual != expected) {
+                // The kept partial file may be what is wrong (left by a crash or another
+                // mirror): try this URL once more from byte zero before blaming it.
+                tracing::info!("resumed download of {url} does not verify: restarting from zero");
+                remove_quietly(&partial);
+                result = self.download(url, &partial, artifact.size, progress);
+                progress.end();
+            }
             match result {
                 Ok((actual, size)) if actual == expected => {
                     let path = self.install(&partial, &expected)?;

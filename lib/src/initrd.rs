@@ -626,7 +626,9 @@ impl GpuLayerPlan {
                 soname: lib.soname.clone(),
             });
         }
-        let mut binaries = vec!["/gpu/bin/gpu-init".to_string()];
+        // gpu-init is in the layer for other inits to call, but is not the workload's program:
+        // it stays out of `binaries`, which the guest puts on the workload's PATH.
+        let mut binaries = Vec::new();
         entries.insert("gpu/bin/gpu-init".into(), Source::GuestInit);
         for bin in &inv.binaries {
             let Some(name) = bin.file_name() else {

@@ -21,6 +21,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// One request the mirror answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +38,7 @@ pub struct Logged {
 struct Faults {
     fail: Option<(u32, u16)>,
     drop_after: Option<(u32, u64)>,
+    stall: Option<(u32, u64, Duration)>,
     replace: Option<Arc<Vec<u8>>>,
 }
 
@@ -131,6 +133,16 @@ impl Mirror {
             .entry(path.to_string())
             .or_default()
             .drop_after = Some((times, bytes));
+    }
+
+    /// The next `times` requests for `path` send `bytes` of the body, then go silent for `pause`
+    /// (to trip the client's read timeout), then close the connection.
+    pub fn stall_after(&self, path: &str, bytes: u64, times: u32, pause: Duration) {
+        self.lock()
+            .faults
+            .entry(path.to_string())
+            .or_default()
+            .stall = Some((times, bytes, pause));
     }
 
     /// From now on serve `bytes` for `path` instead of its real content.
@@ -241,7 +253,15 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> io::Result<()> {
             && n > 0
         {
             faults.drop_after = Some((n - 1, bytes));
-            drop_after = Some(bytes);
+            drop_after = Some((bytes, Duration::ZERO));
+        }
+        if status == 200
+            && drop_after.is_none()
+            && let Some((n, bytes, pause)) = faults.stall
+            && n > 0
+        {
+            faults.stall = Some((n - 1, bytes, pause));
+            drop_after = Some((bytes, pause));
         }
         let replace = faults.replace.clone();
         let body = if method != "GET" {
@@ -303,9 +323,10 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> io::Result<()> {
     out.write_all(head.as_bytes())?;
     let reader = body.reader(from)?;
     match drop_after {
-        Some(bytes) => {
+        Some((bytes, pause)) => {
             io::copy(&mut reader.take(bytes), &mut out)?;
             out.flush()?;
+            std::thread::sleep(pause);
             out.shutdown(Shutdown::Both)?;
         }
         None => {

@@ -426,3 +426,60 @@ fn four_processes_fetching_one_artifact_leave_one_valid_file() {
     assert_eq!(tmp_entries(cache.path()), 0);
     assert_eq!(mirror.hits(PATH), 1);
 }
+
+#[test]
+fn a_corrupt_partial_file_is_discarded_and_the_download_restarted() {
+    let body = payload(120_000);
+    let digest = Sha256Digest::of(&body);
+    let mirror = Mirror::files([(PATH, body.clone())]);
+    let cache = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher::new(cache.path(), options()).unwrap();
+    // What a crash mid-download from a bad mirror would leave behind.
+    let partial = cache
+        .path()
+        .join("artifacts/tmp")
+        .join(format!("{digest}.partial"));
+    fs::write(&partial, vec![0u8; 50_000]).unwrap();
+    let a = artifact(vec![mirror.url(PATH)], Some(digest), None);
+
+    let got = fetcher
+        .fetch(&release(), Arch::X86_64, &a, &NoProgress)
+        .unwrap();
+    assert_eq!(fs::read(&got.path).unwrap(), body);
+    let log = mirror.requests();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0].range.as_deref(), Some("bytes=50000-"));
+    assert_eq!(log[1].range, None, "the retry starts from zero");
+    assert_eq!(tmp_entries(cache.path()), 0);
+}
+
+#[test]
+fn a_stalled_server_trips_the_read_timeout_and_the_retry_resumes() {
+    let body = payload(300_000);
+    let digest = Sha256Digest::of(&body);
+    let mirror = Mirror::files([(PATH, body.clone())]);
+    mirror.stall_after(PATH, 100_000, 1, Duration::from_secs(3));
+    let cache = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher::new(
+        cache.path(),
+        FetchOptions {
+            timeout: Duration::from_millis(400),
+            ..options()
+        },
+    )
+    .unwrap();
+    let a = artifact(vec![mirror.url(PATH)], Some(digest), None);
+    let started = std::time::Instant::now();
+    let got = fetcher
+        .fetch(&release(), Arch::X86_64, &a, &NoProgress)
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the read timeout, not the server, ended the stalled attempt ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(fs::read(&got.path).unwrap(), body);
+    let log = mirror.requests();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[1].status, 206);
+}

@@ -176,6 +176,7 @@ fn layers_list_in_gnu_cpio_exactly_as_the_manifest_says() {
         }
     }
     expected.insert("gpu/manifest.json".into());
+    expected.insert("gpu/bin/gpu-init".into());
     // Directories are the names that are a parent of another name.
     let files: BTreeSet<String> = gpu
         .iter()
@@ -214,6 +215,10 @@ fn layers_list_in_gnu_cpio_exactly_as_the_manifest_says() {
                 && l.soname.as_deref() == Some("libcuda.so.1"))
     );
     assert!(m.binaries.contains(&"/gpu/bin/nvidia-smi".to_string()));
+    assert!(
+        !m.binaries.iter().any(|b| b.ends_with("gpu-init")),
+        "gpu-init is not a workload program"
+    );
     assert_eq!(m.inputs.len(), 4);
 
     // The combined file is base followed by gpu, byte for byte.

@@ -357,3 +357,31 @@ impl ModuleLoader for FakeKernel {
         }
     }
 }
+
+/// The build command documented in initrd/README.md.
+pub fn build_static() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "gpu-passthrough-init",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "static build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    target.join("x86_64-unknown-linux-gnu/release/gpu-init")
+}

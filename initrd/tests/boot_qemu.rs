@@ -1,0 +1,212 @@
+//! gpu-init as PID 1 of a real guest: the Debian 6.1 kernel under QEMU (TCG) with the real
+//! 535.261.03 open modules and no GPU passed through. Checks the real `finit_module`
+//! classification, the switch into a directory root, the workload run and the power-off.
+//! One boot, about 10 s. Needs `qemu-system-x86_64` (`apt-get install qemu-system-x86`).
+
+mod common;
+
+use gpu_passthrough_manifest::{DeviceNodes, Manifest, Module, SCHEMA};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+const KERNEL: &str = "/work/shared/fixtures/linux-6.1.0-56-amd64/vmlinuz";
+const KERNEL_MODULES: &str =
+    "/work/shared/fixtures/linux-6.1.0-56-amd64/kernel-modules-6.1.0-56-amd64-x86_64.tar.gz";
+const NVIDIA_MODULES: &str = "/work/shared/fixtures/nvidia-535.261.03/nvidia-open-modules-535.261.03-6.1.0-56-amd64-x86_64.tar.gz";
+const KDIR: &str = "lib/modules/6.1.0-56-amd64/kernel";
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// (name, file inside the tars, depends) in load order.
+const MODULES: [(&str, &str, &[&str]); 8] = [
+    ("drm", "drivers/gpu/drm/drm.ko", &[]),
+    (
+        "drm_kms_helper",
+        "drivers/gpu/drm/drm_kms_helper.ko",
+        &["drm"],
+    ),
+    ("wmi", "drivers/platform/x86/wmi.ko", &[]),
+    ("video", "drivers/acpi/video.ko", &["wmi"]),
+    ("nvidia", "drivers/gpu/nvidia.ko", &["drm"]),
+    ("nvidia_uvm", "drivers/gpu/nvidia-uvm.ko", &["nvidia"]),
+    (
+        "nvidia_modeset",
+        "drivers/gpu/nvidia-modeset.ko",
+        &["nvidia", "video"],
+    ),
+    (
+        "nvidia_drm",
+        "drivers/gpu/nvidia-drm.ko",
+        &["drm", "drm_kms_helper", "nvidia_modeset"],
+    ),
+];
+
+fn build_initrd(dir: &Path, gpu_init: &Path) -> std::path::PathBuf {
+    let x = dir.join("x");
+    std::fs::create_dir_all(&x).unwrap();
+    for (tar, nvidia) in [(KERNEL_MODULES, false), (NVIDIA_MODULES, true)] {
+        let members: Vec<String> = MODULES
+            .iter()
+            .filter(|(n, _, _)| n.starts_with("nvidia") == nvidia)
+            .map(|(_, f, _)| format!("{KDIR}/{f}"))
+            .collect();
+        run(Command::new("tar")
+            .args(["xzf", tar, "-C"])
+            .arg(&x)
+            .args(&members));
+    }
+    let t = dir.join("tree");
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "newroot",
+        "gpu/modules",
+        "gpu/bin",
+    ] {
+        std::fs::create_dir_all(t.join(d)).unwrap();
+    }
+    for d in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "etc",
+        "usr/lib/x86_64-linux-gnu",
+    ] {
+        std::fs::create_dir_all(t.join("workload").join(d)).unwrap();
+    }
+    std::fs::copy(gpu_init, t.join("init")).unwrap();
+    std::fs::copy(gpu_init, t.join("gpu/bin/gpu-init")).unwrap();
+    std::fs::copy(gpu_init, t.join("workload/bin/gpu-init")).unwrap();
+    let char_dev = |p: &str, major, minor| {
+        nix::sys::stat::mknod(
+            &t.join(p),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(major, minor),
+        )
+        .unwrap();
+    };
+    char_dev("dev/console", 5, 1);
+    char_dev("dev/null", 1, 3);
+    let mut modules = Vec::new();
+    for (name, file, depends) in MODULES {
+        let base = Path::new(file)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        std::fs::copy(x.join(KDIR).join(file), t.join("gpu/modules").join(&base)).unwrap();
+        modules.push(Module {
+            name: name.into(),
+            path: format!("/gpu/modules/{base}"),
+            params: String::new(),
+            depends: depends.iter().map(|d| d.to_string()).collect(),
+            vermagic: common::VERMAGIC.into(),
+            nvidia: name.starts_with("nvidia"),
+        });
+    }
+    let manifest = Manifest {
+        schema: SCHEMA,
+        release: "qemu-test".into(),
+        arch: "x86_64".into(),
+        kernel_version: "6.1.0-56-amd64".into(),
+        driver_version: common::DRIVER.into(),
+        module_flavor: "open".into(),
+        modules,
+        firmware: vec![],
+        libraries: vec![],
+        binaries: vec!["/gpu/bin/gpu-init".into()],
+        device_nodes: DeviceNodes {
+            mode: 0o660,
+            gid: 0,
+        },
+        inputs: vec![],
+    };
+    std::fs::write(
+        t.join("gpu/manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let initrd = dir.join("initrd.cpio");
+    run(Command::new("sh").current_dir(&t).arg("-c").arg(format!(
+        "find . | sort | cpio -o -H newc --quiet > {}",
+        initrd.display()
+    )));
+    initrd
+}
+
+#[test]
+fn pid1_classifies_real_module_failures_switches_root_runs_the_workload_and_powers_off() {
+    let gpu_init = common::build_static();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let initrd = build_initrd(dir.path(), &gpu_init);
+    let out = Command::new("timeout")
+        .arg("180")
+        .arg("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "768", "-smp", "1", "-nographic", "-no-reboot"])
+        .args(["-kernel", KERNEL, "-initrd"])
+        .arg(&initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet HAS_GPU=1 GPU_INIT_ROOT=/workload -- /bin/gpu-init --help",
+        ])
+        .output()
+        .expect("qemu-system-x86_64 must be installed: apt-get install qemu-system-x86");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "QEMU did not power off cleanly ({}):\n{console}",
+        out.status
+    );
+
+    let reports: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.split("GPU-INIT ").nth(1))
+        .collect();
+    assert_eq!(reports.len(), 1, "exactly one report line:\n{console}");
+    let report: Value = serde_json::from_str(reports[0].trim_end()).unwrap();
+    assert_eq!(report["status"], "failed");
+    assert_eq!(report["kernel"], "6.1.0-56-amd64");
+    let module = |name: &str| {
+        report["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in the report"))
+            .clone()
+    };
+    for loaded in ["drm", "drm_kms_helper", "wmi", "video"] {
+        assert_eq!(module(loaded)["result"], "loaded", "{loaded}: {report}");
+    }
+    let nvidia = module("nvidia");
+    assert_eq!(nvidia["result"], "failed");
+    assert_eq!(nvidia["class"], "no_gpu");
+    assert_eq!(nvidia["errno"], 19);
+    assert_eq!(module("nvidia_uvm")["result"], "skipped");
+    assert_eq!(module("nvidia_drm")["dependency"], "nvidia_modeset");
+    assert_eq!(report["gpus"], 0);
+
+    // The workload ran inside the new root (its copy of gpu-init printed the usage) and its exit
+    // powered the guest off.
+    assert!(
+        console.contains("usage: gpu-init setup --root DIR"),
+        "{console}"
+    );
+    assert!(
+        console.contains("gpu-init: workload exited with status 0; powering off"),
+        "{console}"
+    );
+}
