@@ -120,13 +120,16 @@ check "detach after reconcile: vga back on bochs-drm" test "$(driver_of $VGA)" =
 # Optional: a nested QEMU given the edu device through the boot spec's vfio-pci arguments.
 if [ -x /nested/qemu-system-x86_64 ]; then
     run nested-attach $CLI attach $EDU --owner nested --vmm qemu --json
+    # The device argument comes from the boot spec, as a VMM launcher would take it.
+    spec_dev=$(grep -o 'vfio-pci,host=[0-9a-f:.]*' /tmp/out | head -n 1)
+    say nested_device "$spec_dev"
     accel=tcg
     [ -c /dev/kvm ] && accel=kvm
     say nested_accel $accel
     t0=$(now_ms)
     timeout 600 /nested/qemu-system-x86_64 -L /nested/share -accel $accel -machine q35 -m 256 -smp 1 \
         -nographic -vga none -no-reboot -nic none -kernel /nested/vmlinuz -initrd /nested/initrd.cpio \
-        -append "console=ttyS0 panic=-1 quiet" -device vfio-pci,host=$EDU < /dev/null 2>&1 |
+        -append "console=ttyS0 panic=-1 quiet" -device "$spec_dev" < /dev/null 2>&1 |
         sed 's/^/E2E-N /'
     t1=$(now_ms)
     say timing nested_ms $((t1 - t0))
