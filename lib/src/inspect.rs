@@ -21,7 +21,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use object::read::elf::{ElfFile, FileHeader};
+use object::read::elf::FileHeader;
 
 use crate::modinfo::{ModInfo, normalize_module_name};
 use crate::registry::Arch;
@@ -630,12 +630,16 @@ pub(crate) fn elf_facts(path: &Path) -> Result<(u16, Option<String>), String> {
 fn elf_facts_of<'d, Elf: FileHeader<Endian = object::Endianness>, R: object::ReadRef<'d>>(
     data: R,
 ) -> Result<(u16, Option<String>), String> {
-    let elf = ElfFile::<Elf, R>::parse(data).map_err(|e| format!("malformed ELF file ({e})"))?;
-    let endian = elf.endian();
-    let machine = elf.elf_header().e_machine(endian).0;
-    let table = elf
-        .elf_section_table()
-        .dynamic_table(endian, data)
+    // Only the header, section table and dynamic section: parsing the whole object (symbol
+    // tables included) costs over a second on the 86 MB libnvidia-nvvm.
+    let header = Elf::parse(data).map_err(|e| format!("malformed ELF file ({e})"))?;
+    let endian = header
+        .endian()
+        .map_err(|e| format!("malformed ELF file ({e})"))?;
+    let machine = header.e_machine(endian).0;
+    let table = header
+        .sections(endian, data)
+        .and_then(|s| s.dynamic_table(endian, data))
         .map_err(|e| format!("malformed ELF dynamic section ({e})"))?;
     let soname = table
         .iter()

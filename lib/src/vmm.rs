@@ -75,6 +75,9 @@ pub struct BootSpec {
     pub owner: String,
     /// The devices, GPUs first.
     pub devices: Vec<BootDevice>,
+    /// Other members of their IOMMU groups, bound to vfio-pci only so that the groups are
+    /// viable; not given to the VM.
+    pub held_devices: Vec<PciAddress>,
     /// Words to add to the guest kernel command line.
     pub kernel_cmdline: Vec<String>,
     /// The initrd to boot (the release's combined layer), when the caller supplied it.
@@ -92,7 +95,12 @@ const DEFAULT_HOLE64: u64 = 32 << 30;
 
 impl BootSpec {
     /// Render the spec for `devices` attached to `owner`.
-    pub fn new(owner: &str, devices: Vec<BootDevice>, initrd: Option<PathBuf>) -> BootSpec {
+    pub fn new(
+        owner: &str,
+        devices: Vec<BootDevice>,
+        held_devices: Vec<PciAddress>,
+        initrd: Option<PathBuf>,
+    ) -> BootSpec {
         let gpus = devices.iter().filter(|d| d.gpu).count();
         // Several GPUs: put them in one P2P clique (both VMMs support the NVIDIA clique option).
         let clique = (gpus > 1).then_some(0u8);
@@ -165,6 +173,7 @@ impl BootSpec {
                 hint,
             },
             devices,
+            held_devices,
         }
     }
 }
@@ -188,7 +197,7 @@ mod tests {
 
     #[test]
     fn one_gpu_has_no_clique_and_cmdline_word() {
-        let s = BootSpec::new("vm", vec![gpu("0000:65:00.0", 16 << 30)], None);
+        let s = BootSpec::new("vm", vec![gpu("0000:65:00.0", 16 << 30)], Vec::new(), None);
         assert_eq!(s.kernel_cmdline, vec!["HAS_GPU=1"]);
         assert_eq!(
             s.cloud_hypervisor.args,
@@ -206,6 +215,7 @@ mod tests {
                 gpu("0000:18:00.0", 128 << 30),
                 gpu("0000:2a:00.0", 128 << 30),
             ],
+            Vec::new(),
             None,
         );
         assert!(s.cloud_hypervisor.args[1].ends_with(",x_nv_gpudirect_clique=0"));

@@ -16,7 +16,7 @@
 //! `after-journal` (transaction recorded, nothing written), `after-override`
 //! (`driver_override` written), `after-unbind` (unbound from the original driver),
 //! `after-probe` (`drivers_probe` written), `after-node` (`/dev/vfio/N` seen), `after-verify`
-//! (VFIO check passed, not yet committed), `after-commit` (attachment recorded),
+//! (every device verified, not yet committed), `after-commit` (attachment recorded),
 //! `after-mdev-create` (mdev created, not yet verified), `mid-rollback` (during a rollback,
 //! after unbinding from vfio-pci), `mid-detach` (during a detach, after the first device).
 

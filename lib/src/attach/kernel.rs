@@ -10,7 +10,8 @@
 //!
 //! Failure injection: a line `fail-once <attr>` in the marker file makes the next write to an
 //! attribute named `<attr>` (`driver_override`, `unbind`, `bind`, `drivers_probe`, `create`,
-//! `remove`, or `verify` for the VFIO check) fail with EIO; the line is consumed. A line
+//! `remove`, or `verify` for the VFIO check) fail with EIO; the line is consumed
+//! (`fail-once <attr> after K` lets K writes pass first). A line
 //! `no-vfio-node` stops the simulation from creating `/dev/vfio/<group>`.
 
 use std::fs;
@@ -63,29 +64,37 @@ pub fn is_simulated_root(sysfs_root: &Path) -> bool {
     fs::symlink_metadata(sysfs_root.join(SIMULATION_MARKER)).is_ok_and(|m| m.is_file())
 }
 
-/// Consume a `fail-once <attr>` line from the marker file; true if one was there.
+/// Consume a `fail-once <attr>` line from the marker file; true if the write must fail.
+/// `fail-once <attr> after K` lets K more writes pass first (the line counts down).
 pub fn take_fault(sysfs_root: &Path, attr: &str) -> bool {
     let marker = sysfs_root.join(SIMULATION_MARKER);
     let Ok(text) = fs::read_to_string(&marker) else {
         return false;
     };
-    let wanted = format!("fail-once {attr}");
-    let mut found = false;
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            if !found && l.trim() == wanted {
-                found = true;
-                false
-            } else {
-                true
+    let mut fail = false;
+    let mut matched = false;
+    let mut kept: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["fail-once", a] if !matched && a == attr => {
+                matched = true;
+                fail = true;
             }
-        })
-        .collect();
-    if found {
+            ["fail-once", a, "after", k] if !matched && a == attr => {
+                matched = true;
+                match k.parse::<u32>() {
+                    Ok(0) | Err(_) => fail = true,
+                    Ok(k) => kept.push(format!("fail-once {a} after {}", k - 1)),
+                }
+            }
+            _ => kept.push(line.to_owned()),
+        }
+    }
+    if matched {
         let _ = fs::write(&marker, kept.join("\n") + "\n");
     }
-    found
+    fail
 }
 
 fn has_flag(sysfs_root: &Path, flag: &str) -> bool {

@@ -5,6 +5,19 @@
 //! [`BootSpec`](crate::vmm::BootSpec)), [`Host::detach`] and [`Host::reconcile`].
 //! See [`journal`] for the on-disk format and the crash failpoints, [`kernel`] for the sysfs
 //! writer and its simulation, [`vfio_check`] for the VFIO verification.
+//!
+//! # What attach changes on the host, in order
+//! Under the journal lock, after recording the transaction: for each device that must move
+//! (the requested ones, the other functions of their slots, and every non-bridge member of their
+//! IOMMU groups), an NVIDIA GPU on the `nvidia` driver first gets persistence mode turned off for
+//! that GPU only (`nvidia-smi -i ADDR -pm 0`, when nvidia-smi exists; nvidia-persistenced itself
+//! is never stopped, and persistence is turned back on at detach); then `driver_override` is set
+//! to `vfio-pci`, the device is unbound from its driver and `drivers_probe` binds it to
+//! vfio-pci. Then each group's `/dev/vfio/N` is awaited (bounded) and each device handed to the
+//! VM is checked through VFIO. A device already on vfio-pci that nobody owns is adopted without
+//! writes and recorded as having no other driver. Detach and rollback undo this from the
+//! device's actual state: unbind from whatever it is on, restore `driver_override`, probe (or
+//! bind) the original driver.
 
 mod doctor;
 pub mod journal;

@@ -66,6 +66,8 @@ pub enum RefusalReason {
     OpenSupportUnknown,
     /// The mdev type is not offered or has no free instance.
     MdevUnavailable,
+    /// A bridge was asked for: bridges stay with the host.
+    Bridge,
 }
 
 /// A refusal: the device, the reason, and a message with the fix.
@@ -417,7 +419,20 @@ impl Host {
                 owner,
             })
         };
-        if let Some(owner) = state.owner_of(addr) {
+        if let Some(t) = state
+            .transactions
+            .iter()
+            .find(|t| t.devices.iter().any(|d| d.device == addr))
+        {
+            refuse(
+                RefusalReason::AttachedToOwner,
+                format!(
+                    "{addr} is in a transaction for owner {} that did not finish (pid {}): if that process is gone, run `gpu-passthrough reconcile`",
+                    t.owner, t.pid
+                ),
+                Some(t.owner.clone()),
+            );
+        } else if let Some(owner) = state.owner_of(addr) {
             let whose = if req.owner.as_ref() == Some(owner) {
                 " (this owner already holds it)"
             } else {
@@ -436,6 +451,15 @@ impl Host {
                 RefusalReason::NoIommuGroup,
                 format!(
                     "{addr} has no IOMMU group: check that the IOMMU covers this device (dmesg | grep -i iommu)"
+                ),
+                None,
+            );
+        }
+        if d.kind == DeviceKind::Bridge {
+            refuse(
+                RefusalReason::Bridge,
+                format!(
+                    "{addr} is a PCI bridge: bridges stay with the host; name the devices behind it instead"
                 ),
                 None,
             );

@@ -108,10 +108,16 @@ impl Host {
         match result {
             Ok(boot) => {
                 let txn = j.state.transactions.remove(t);
+                let held = txn
+                    .devices
+                    .iter()
+                    .filter(|d| !d.passed)
+                    .map(|d| d.device)
+                    .collect();
                 commit(&mut j, txn);
                 j.save()?;
                 failpoint("after-commit");
-                Ok(self.boot_spec(&req.owner, boot, req.initrd.clone()))
+                Ok(self.boot_spec(&req.owner, boot, held, req.initrd.clone()))
             }
             Err(cause) => {
                 let txn = j.state.transactions[t].clone();
@@ -198,7 +204,6 @@ impl Host {
                 None
             };
             self.set_step(j, t, i, Step::Verified)?;
-            failpoint("after-verify");
             if rec.passed {
                 let dev = self.sysfs.device(rec.device)?;
                 boot.push(BootDevice {
@@ -213,6 +218,7 @@ impl Host {
                 });
             }
         }
+        failpoint("after-verify");
         Ok(boot)
     }
 
@@ -294,10 +300,11 @@ impl Host {
         &self,
         owner: &Owner,
         mut boot: Vec<BootDevice>,
+        held: Vec<PciAddress>,
         initrd: Option<PathBuf>,
     ) -> BootSpec {
         boot.sort_by_key(|b| !b.gpu);
-        BootSpec::new(owner.as_str(), boot, initrd)
+        BootSpec::new(owner.as_str(), boot, held, initrd)
     }
 
     /// Put one device back to its recorded original state, looking at what it is now (so that

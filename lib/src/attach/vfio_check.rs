@@ -160,3 +160,46 @@ impl VfioVerifier for SimulatedVfio {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_check_without_vfio_names_the_module_to_load() {
+        if Path::new("/dev/vfio/vfio").exists() {
+            return; // a host with VFIO: the e2e guest covers this path
+        }
+        let err = RealVfio
+            .verify(Path::new("/sys/bus/pci/devices/0000:00:00.0"), 0)
+            .unwrap_err();
+        assert!(matches!(err, VfioCheckError::Container(_)), "{err}");
+        assert!(err.to_string().contains("modprobe vfio-pci"));
+    }
+
+    #[test]
+    fn simulated_check_needs_the_node_and_vfio_pci() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("dev");
+        let device = dir.path().join("sys/bus/pci/devices/0000:01:00.0");
+        fs::create_dir_all(&device).unwrap();
+        fs::create_dir_all(dev.join("vfio")).unwrap();
+        let check = SimulatedVfio {
+            sysfs_root: dir.path().join("sys"),
+            dev_dir: dev.clone(),
+        };
+        assert!(matches!(
+            check.verify(&device, 4),
+            Err(VfioCheckError::Container(_))
+        ));
+        fs::write(dev.join("vfio/4"), "").unwrap();
+        assert!(matches!(
+            check.verify(&device, 4),
+            Err(VfioCheckError::NotViable { group: 4 })
+        ));
+        let driver = dir.path().join("sys/bus/pci/drivers/vfio-pci");
+        fs::create_dir_all(&driver).unwrap();
+        std::os::unix::fs::symlink(&driver, device.join("driver")).unwrap();
+        assert!(check.verify(&device, 4).is_ok());
+    }
+}

@@ -1,0 +1,456 @@
+//! Fake sysfs trees shaped like the real one, and the simulated kernel that reacts to writes.
+//!
+//! A [`FakeHost`] is a temp dir with `sys/` (the sysfs root), `dev/` (for `vfio/<group>`
+//! nodes) and `state/` (the journal). Devices live in `sys/devices/pciDDDD:BB/ADDR` and are
+//! linked from `sys/bus/pci/devices/ADDR`; `driver` links point into `sys/bus/pci/drivers/NAME`,
+//! `iommu_group` links into `sys/kernel/iommu_groups/N` (whose `devices/` links back).
+//!
+//! The root holds the simulation marker (`gpu_passthrough::attach::kernel::SIMULATION_MARKER`),
+//! so the library's writer performs the kernel's reactions itself on these plain files (moving
+//! `driver` links, creating `dev/vfio/N` as a regular file). Everything is files, so the
+//! simulation works across processes: crash tests run the CLI and kill it at a failpoint.
+//! Failures are injected by lines in the marker file ([`FakeHost::inject`]): `fail-once ATTR`
+//! (or `fail-once ATTR after K` to let K writes pass first), `no-vfio-node`.
+//!
+//! Scenarios: [`workstation`], [`server_8gpu`], [`iommu_off`], [`shared_group`], [`vgpu_host`].
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use gpu_passthrough::attach::kernel::{SIM_DEFAULT_DRIVER, SIMULATION_MARKER};
+use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PidLiveness};
+use gpu_passthrough::pci::PciAddress;
+
+/// One fake PCI device.
+#[derive(Debug, Clone)]
+pub struct FakeDevice {
+    /// Address `DDDD:BB:DD.F`.
+    pub address: String,
+    /// Vendor ID.
+    pub vendor: u16,
+    /// Device ID.
+    pub device: u16,
+    /// 24-bit class.
+    pub class: u32,
+    /// Bound driver (also its default driver for `drivers_probe`).
+    pub driver: Option<String>,
+    /// IOMMU group (ignored when the host has the IOMMU off).
+    pub group: Option<u32>,
+    /// NUMA node (-1 for none).
+    pub numa: i32,
+    /// `boot_vga` = 1.
+    pub boot_vga: bool,
+    /// 64-bit prefetchable BAR sizes, in bytes.
+    pub bars64: Vec<u64>,
+    /// mdev types: (id, name, available instances).
+    pub mdev_types: Vec<(String, String, u32)>,
+}
+
+impl FakeDevice {
+    /// A device with the given identity, bound to `driver`, in `group`.
+    pub fn new(address: &str, vendor: u16, device: u16, class: u32) -> Self {
+        FakeDevice {
+            address: address.into(),
+            vendor,
+            device,
+            class,
+            driver: None,
+            group: None,
+            numa: -1,
+            boot_vga: false,
+            bars64: Vec::new(),
+            mdev_types: Vec::new(),
+        }
+    }
+    /// Bound to `driver`.
+    pub fn driver(mut self, d: &str) -> Self {
+        self.driver = Some(d.into());
+        self
+    }
+    /// In IOMMU group `g`.
+    pub fn group(mut self, g: u32) -> Self {
+        self.group = Some(g);
+        self
+    }
+    /// On NUMA node `n`.
+    pub fn numa(mut self, n: i32) -> Self {
+        self.numa = n;
+        self
+    }
+    /// The boot display.
+    pub fn boot_vga(mut self) -> Self {
+        self.boot_vga = true;
+        self
+    }
+    /// With a 64-bit BAR of `bytes`.
+    pub fn bar64(mut self, bytes: u64) -> Self {
+        self.bars64.push(bytes);
+        self
+    }
+    /// Offering an mdev type.
+    pub fn mdev(mut self, id: &str, name: &str, available: u32) -> Self {
+        self.mdev_types.push((id.into(), name.into(), available));
+        self
+    }
+}
+
+/// A fake host: sysfs tree, dev dir and state dir in a temp dir.
+pub struct FakeHost {
+    /// Keeps the temp dir alive.
+    pub dir: tempfile::TempDir,
+    /// The sysfs root.
+    pub sys: PathBuf,
+    /// The dev dir.
+    pub dev: PathBuf,
+    /// The state dir.
+    pub state: PathBuf,
+    iommu: bool,
+}
+
+fn w(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+impl FakeHost {
+    /// An empty host with the IOMMU on (or off) and the vfio-pci driver loaded.
+    pub fn new(iommu: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sys = dir.path().join("sys");
+        let dev = dir.path().join("dev");
+        let state = dir.path().join("state");
+        for d in [
+            "bus/pci/devices",
+            "bus/pci/drivers",
+            "devices",
+            "kernel/iommu_groups",
+        ] {
+            fs::create_dir_all(sys.join(d)).expect("mkdir");
+        }
+        fs::create_dir_all(dev.join("vfio")).expect("mkdir dev");
+        w(&dev.join("vfio/vfio"), "");
+        w(&sys.join(SIMULATION_MARKER), "");
+        w(&sys.join("bus/pci/drivers_probe"), "");
+        let host = FakeHost {
+            dir,
+            sys,
+            dev,
+            state,
+            iommu,
+        };
+        host.ensure_driver("vfio-pci");
+        fs::create_dir_all(host.sys.join("module/vfio_pci")).expect("mkdir");
+        fs::create_dir_all(host.sys.join("module/vfio_iommu_type1")).expect("mkdir");
+        host
+    }
+
+    fn ensure_driver(&self, name: &str) -> PathBuf {
+        let d = self.sys.join("bus/pci/drivers").join(name);
+        if !d.exists() {
+            fs::create_dir_all(&d).expect("mkdir driver");
+            w(&d.join("bind"), "");
+            w(&d.join("unbind"), "");
+        }
+        d
+    }
+
+    /// Add a device.
+    pub fn add(&self, dev: FakeDevice) -> &Self {
+        let addr: PciAddress = dev.address.parse().expect("fake address");
+        let a = addr.to_string();
+        let real = self
+            .sys
+            .join(format!("devices/pci{:04x}:{:02x}", addr.domain, addr.bus))
+            .join(&a);
+        fs::create_dir_all(&real).expect("mkdir device");
+        w(&real.join("vendor"), &format!("0x{:04x}\n", dev.vendor));
+        w(&real.join("device"), &format!("0x{:04x}\n", dev.device));
+        w(&real.join("class"), &format!("0x{:06x}\n", dev.class));
+        w(&real.join("numa_node"), &format!("{}\n", dev.numa));
+        w(&real.join("driver_override"), "(null)\n");
+        w(&real.join("reset_method"), "flr bus\n");
+        if dev.class >> 16 == 0x03 {
+            w(
+                &real.join("boot_vga"),
+                if dev.boot_vga { "1\n" } else { "0\n" },
+            );
+        }
+        let mut resource =
+            String::from("0x00000000fb000000 0x00000000fbffffff 0x0000000000040200\n");
+        let mut base: u64 = 0x0000_2000_0000_0000;
+        for size in &dev.bars64 {
+            resource.push_str(&format!(
+                "0x{base:016x} 0x{:016x} 0x000000000014220c\n0x0000000000000000 0x0000000000000000 0x0000000000000000\n",
+                base + size - 1
+            ));
+            base += size;
+        }
+        w(&real.join("resource"), &resource);
+        for (id, name, avail) in &dev.mdev_types {
+            let t = real.join("mdev_supported_types").join(id);
+            fs::create_dir_all(&t).expect("mkdir mdev type");
+            w(&t.join("name"), &format!("{name}\n"));
+            w(&t.join("available_instances"), &format!("{avail}\n"));
+            w(&t.join("device_api"), "vfio-pci\n");
+            w(&t.join("create"), "");
+        }
+        symlink(&real, self.sys.join("bus/pci/devices").join(&a)).expect("link device");
+        if let Some(d) = &dev.driver {
+            let ddir = self.ensure_driver(d);
+            symlink(&ddir, real.join("driver")).expect("link driver");
+            let _ = symlink(&real, ddir.join(&a));
+            w(&real.join(SIM_DEFAULT_DRIVER), &format!("{d}\n"));
+        }
+        if let (true, Some(g)) = (self.iommu, dev.group) {
+            let gdir = self.sys.join("kernel/iommu_groups").join(g.to_string());
+            fs::create_dir_all(gdir.join("devices")).expect("mkdir group");
+            symlink(&gdir, real.join("iommu_group")).expect("link group");
+            symlink(&real, gdir.join("devices").join(&a)).expect("link member");
+        }
+        self
+    }
+
+    /// Append a failure-injection line to the marker file (see the module docs).
+    pub fn inject(&self, line: &str) {
+        let m = self.sys.join(SIMULATION_MARKER);
+        let mut t = fs::read_to_string(&m).unwrap_or_default();
+        t.push_str(line);
+        t.push('\n');
+        w(&m, &t);
+    }
+
+    /// Remove all injected failures.
+    pub fn clear_faults(&self) {
+        w(&self.sys.join(SIMULATION_MARKER), "");
+    }
+
+    /// The driver `addr` is bound to now.
+    pub fn driver(&self, addr: &str) -> Option<String> {
+        fs::read_link(self.sys.join("bus/pci/devices").join(addr).join("driver"))
+            .ok()
+            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+    }
+
+    /// `driver_override` of `addr` (`None` when unset).
+    pub fn driver_override(&self, addr: &str) -> Option<String> {
+        fs::read_to_string(
+            self.sys
+                .join("bus/pci/devices")
+                .join(addr)
+                .join("driver_override"),
+        )
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && s != "(null)")
+    }
+
+    /// A library host over this tree; `gone` owners are released by reconcile.
+    pub fn host(&self) -> Host {
+        self.host_with(Box::new(PidLiveness::default()))
+    }
+
+    /// A library host with a given liveness check.
+    pub fn host_with(&self, liveness: Box<dyn OwnerLiveness>) -> Host {
+        Host::new(&self.sys, &self.state, liveness).with_dev_dir(&self.dev)
+    }
+
+    /// The journal as JSON (`None` if never written).
+    pub fn journal(&self) -> Option<serde_json::Value> {
+        let text = fs::read_to_string(self.state.join("journal.json")).ok()?;
+        Some(serde_json::from_str(&text).expect("journal.json parses"))
+    }
+
+    /// Whether the journal has no transaction and no attachment.
+    pub fn journal_clean(&self) -> bool {
+        self.journal().is_none_or(|j| {
+            j["transactions"].as_array().is_some_and(|a| a.is_empty())
+                && j["attachments"].as_array().is_some_and(|a| a.is_empty())
+        })
+    }
+
+    /// The global flags that point the CLI at this tree.
+    pub fn cli_args(&self) -> Vec<String> {
+        vec![
+            "--sysfs-root".into(),
+            self.sys.display().to_string(),
+            "--state-dir".into(),
+            self.state.display().to_string(),
+        ]
+    }
+}
+
+/// A liveness check with fixed answers (others: unknown).
+pub struct FixedLiveness(pub Vec<(String, Liveness)>);
+
+impl OwnerLiveness for FixedLiveness {
+    fn is_alive(&self, owner: &Owner) -> Liveness {
+        self.0
+            .iter()
+            .find(|(o, _)| o == owner.as_str())
+            .map_or(Liveness::Unknown, |(_, l)| *l)
+    }
+}
+
+/// The CLI binary, built on first use (the tests crate cannot depend on a binary).
+pub fn cli_binary() -> PathBuf {
+    // target/debug/deps/<test> → target/debug/gpu-passthrough
+    let exe = std::env::current_exe().expect("current exe");
+    let debug = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_owned();
+    let bin = debug.join("gpu-passthrough");
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-q", "-p", "gpu-passthrough-cli"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the CLI failed");
+    });
+    bin
+}
+
+/// Workstation: boot VGA iGPU, an RTX 4090 with its HDMI audio, SATA and NVMe on their own.
+pub fn workstation() -> FakeHost {
+    let h = FakeHost::new(true);
+    h.add(FakeDevice::new("0000:00:00.0", 0x8086, 0x4660, 0x060000).group(0))
+        .add(
+            FakeDevice::new("0000:00:01.0", 0x8086, 0x460d, 0x060400)
+                .driver("pcieport")
+                .group(1),
+        )
+        .add(
+            FakeDevice::new("0000:00:02.0", 0x8086, 0x4680, 0x030000)
+                .driver("i915")
+                .group(2)
+                .boot_vga(),
+        )
+        .add(
+            FakeDevice::new("0000:00:17.0", 0x8086, 0x7ae2, 0x010601)
+                .driver("ahci")
+                .group(5),
+        )
+        .add(
+            FakeDevice::new("0000:01:00.0", 0x10de, 0x2684, 0x030000)
+                .driver("nvidia")
+                .group(12)
+                .numa(0)
+                .bar64(32 << 30),
+        )
+        .add(
+            FakeDevice::new("0000:01:00.1", 0x10de, 0x22ba, 0x040300)
+                .driver("snd_hda_intel")
+                .group(12)
+                .numa(0),
+        )
+        .add(
+            FakeDevice::new("0000:03:00.0", 0x144d, 0xa80a, 0x010802)
+                .driver("nvme")
+                .group(13),
+        );
+    h
+}
+
+/// 8× H100 SXM (NUMA 0: first four, NUMA 1: last four), 4 NVSwitches, 2 NICs.
+pub fn server_8gpu() -> FakeHost {
+    let h = FakeHost::new(true);
+    h.add(FakeDevice::new("0000:00:00.0", 0x8086, 0x09a2, 0x060000).group(0));
+    for (i, bus) in [0x18u8, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb]
+        .iter()
+        .enumerate()
+    {
+        h.add(
+            FakeDevice::new(&format!("0000:{bus:02x}:00.0"), 0x10de, 0x2330, 0x030200)
+                .driver("nvidia")
+                .group(20 + i as u32)
+                .numa(if i < 4 { 0 } else { 1 })
+                .bar64(128 << 30)
+                .bar64(32 << 20),
+        );
+    }
+    for (i, bus) in [0x05u8, 0x06, 0x07, 0x08].iter().enumerate() {
+        h.add(
+            FakeDevice::new(&format!("0000:{bus:02x}:00.0"), 0x10de, 0x22a3, 0x068000)
+                .group(40 + i as u32)
+                .numa(0),
+        );
+    }
+    h.add(
+        FakeDevice::new("0000:1a:00.0", 0x15b3, 0x1021, 0x020000)
+            .driver("mlx5_core")
+            .group(50)
+            .numa(0),
+    )
+    .add(
+        FakeDevice::new("0000:9c:00.0", 0x15b3, 0x1021, 0x020000)
+            .driver("mlx5_core")
+            .group(51)
+            .numa(1),
+    );
+    h
+}
+
+/// The IOMMU off: a GPU and its audio, no groups.
+pub fn iommu_off() -> FakeHost {
+    let h = FakeHost::new(false);
+    h.add(
+        FakeDevice::new("0000:01:00.0", 0x10de, 0x2231, 0x030000)
+            .driver("nvidia")
+            .group(1),
+    )
+    .add(
+        FakeDevice::new("0000:01:00.1", 0x10de, 0x1aef, 0x040300)
+            .driver("snd_hda_intel")
+            .group(1),
+    );
+    h
+}
+
+/// An RTX 2080 Ti and its audio sharing IOMMU group 7 with an in-use NIC (no ACS).
+pub fn shared_group() -> FakeHost {
+    let h = FakeHost::new(true);
+    h.add(
+        FakeDevice::new("0000:00:1c.0", 0x8086, 0xa338, 0x060400)
+            .driver("pcieport")
+            .group(7),
+    )
+    .add(
+        FakeDevice::new("0000:02:00.0", 0x10de, 0x1e04, 0x030000)
+            .driver("nvidia")
+            .group(7),
+    )
+    .add(
+        FakeDevice::new("0000:02:00.1", 0x10de, 0x10f7, 0x040300)
+            .driver("snd_hda_intel")
+            .group(7),
+    )
+    .add(
+        FakeDevice::new("0000:03:00.0", 0x8086, 0x1533, 0x020000)
+            .driver("igb")
+            .group(7),
+    )
+    // A V100, which the open modules do not support.
+    .add(
+        FakeDevice::new("0000:04:00.0", 0x10de, 0x1db4, 0x030200)
+            .driver("nvidia")
+            .group(8),
+    );
+    h
+}
+
+/// A vGPU host: an A16 on the nvidia driver offering two mdev types (one exhausted).
+pub fn vgpu_host() -> FakeHost {
+    let h = FakeHost::new(true);
+    h.add(
+        FakeDevice::new("0000:3d:00.0", 0x10de, 0x25b6, 0x030200)
+            .driver("nvidia")
+            .group(30)
+            .mdev("nvidia-735", "NVIDIA A16-4Q", 4)
+            .mdev("nvidia-736", "NVIDIA A16-8Q", 0),
+    );
+    h
+}

@@ -1,0 +1,247 @@
+//! The host commands as a user runs them: exit codes, JSON field names, messages.
+
+use std::process::{Command, Output};
+
+use gpu_passthrough_tests::fixtures;
+use gpu_passthrough_tests::sysfs::{self, FakeHost, cli_binary};
+
+fn run(h: &FakeHost, args: &[&str]) -> Output {
+    Command::new(cli_binary())
+        .args(h.cli_args())
+        .args(args)
+        .args(["--dev-dir", h.dev.to_str().unwrap()])
+        .env_remove("GPU_PASSTHROUGH_FAILPOINT")
+        .output()
+        .expect("run the CLI")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn malformed_addresses_are_refused_before_touching_anything() {
+    let h = sysfs::workstation();
+    for bad in [
+        "../../../etc/passwd",
+        "0000:01:00.8",
+        "1:0.0",
+        "0000:01:00.0/x",
+    ] {
+        let out = run(&h, &["plan", bad]);
+        assert_eq!(out.status.code(), Some(4), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is not a PCI address") && err.contains("DDDD:BB:DD.F"),
+            "{err}"
+        );
+    }
+    let out = run(&h, &["attach", "0000:01:00.0", "--owner", "../x"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid owner"));
+    assert!(h.journal().is_none(), "nothing was written");
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
+}
+
+#[test]
+fn devices_json_has_stable_fields() {
+    let h = sysfs::workstation();
+    let gpus = fixtures::path(fixtures::SUPPORTED_GPUS);
+    let out = run(
+        &h,
+        &[
+            "--json",
+            "devices",
+            "--supported-gpus",
+            gpus.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success());
+    let list = json(&out);
+    let gpu = &list[1];
+    assert_eq!(gpu["address"], "0000:01:00.0");
+    assert_eq!(gpu["vendor_id"], 0x10de);
+    assert_eq!(gpu["device_name"], "NVIDIA GeForce RTX 4090");
+    assert_eq!(gpu["driver"], "nvidia");
+    assert_eq!(gpu["iommu_group"], 12);
+    assert_eq!(gpu["numa_node"], 0);
+    assert_eq!(gpu["boot_vga"], false);
+    assert_eq!(gpu["reset_methods"], serde_json::json!(["flr", "bus"]));
+    assert_eq!(gpu["companions"], serde_json::json!(["0000:01:00.1"]));
+    assert_eq!(gpu["ready"], true);
+    assert_eq!(list[0]["ready"], false);
+    let human = run(&h, &["devices"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("0000:01:00.0") && text.contains("ready"),
+        "{text}"
+    );
+    assert!(
+        text.contains("not ready: 0000:00:02.0 is the boot display"),
+        "{text}"
+    );
+}
+
+#[test]
+fn plan_prints_writes_and_exits_4_on_refusal() {
+    let h = sysfs::shared_group();
+    let out = run(&h, &["plan", "0000:02:00.0"]);
+    assert_eq!(out.status.code(), Some(4));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("REFUSED: 0000:03:00.0"), "{text}");
+    assert!(text.contains("bus/pci/drivers/igb/unbind"), "{text}");
+    let ok = run(&h, &["--json", "plan", "0000:02:00.0", "0000:03:00.0"]);
+    assert_eq!(ok.status.code(), Some(0));
+    let plan = json(&ok);
+    assert_eq!(plan["devices"].as_array().unwrap().len(), 3);
+    assert_eq!(plan["writes"].as_array().unwrap().len(), 9);
+    assert_eq!(plan["refusals"], serde_json::json!([]));
+}
+
+#[test]
+fn attach_prints_the_boot_spec_and_detach_restores() {
+    let h = sysfs::workstation();
+    let out = run(
+        &h,
+        &[
+            "attach",
+            "0000:01:00.0",
+            "--owner",
+            "vm-7",
+            "--vmm",
+            "qemu",
+            "--initrd",
+            "/c/i.img",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kernel command line: HAS_GPU=1"), "{text}");
+    assert!(
+        text.contains("-device vfio-pci,host=0000:01:00.0 -device vfio-pci,host=0000:01:00.1"),
+        "{text}"
+    );
+    assert!(text.contains("initrd: /c/i.img"));
+    let again = run(&h, &["--json", "attach", "0000:01:00.0", "--owner", "vm-8"]);
+    assert_eq!(again.status.code(), Some(4));
+    assert!(json(&again)["error"].as_str().unwrap().contains("vm-7"));
+    let out = run(&h, &["--json", "detach", "--owner", "vm-7"]);
+    assert!(out.status.success());
+    let r = json(&out);
+    assert_eq!(r["restored"][0]["device"], "0000:01:00.1");
+    assert_eq!(r["restored"][1]["driver"], "nvidia");
+    assert!(h.journal_clean());
+    let out = run(&h, &["detach", "--owner", "vm-7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vm-7 has no attached devices"));
+}
+
+#[test]
+fn attach_json_has_both_vmm_configs() {
+    let h = sysfs::server_8gpu();
+    let out = run(&h, &["--json", "attach", "--gpus", "2", "--owner", "vm-9"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = json(&out);
+    assert_eq!(spec["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(spec["devices"][0]["iommu_group"], 20);
+    let ch = &spec["cloud_hypervisor"]["vm_config_devices"];
+    assert_eq!(ch[0]["x_nv_gpudirect_clique"], 0);
+    assert!(
+        ch[0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("/bus/pci/devices/0000:18:00.0/")
+    );
+    assert!(
+        spec["qemu"]["args"][1]
+            .as_str()
+            .unwrap()
+            .ends_with("x-nv-gpudirect-clique=0")
+    );
+    assert!(spec["mmio"]["bar64_bytes"].as_u64().unwrap() > 256 << 30);
+    assert_eq!(spec["kernel_cmdline"], serde_json::json!(["HAS_GPU=1"]));
+}
+
+#[test]
+fn doctor_reports_each_check_and_fails_without_iommu() {
+    let h = sysfs::iommu_off();
+    let out = run(&h, &["--json", "doctor"]);
+    assert_eq!(out.status.code(), Some(5));
+    let r = json(&out);
+    let by_name = |n: &str| {
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no check {n}: {r}"))
+    };
+    assert_eq!(by_name("iommu")["status"], "fail");
+    assert!(
+        by_name("iommu")["fix"]
+            .as_str()
+            .unwrap()
+            .contains("intel_iommu=on")
+    );
+    assert_eq!(by_name("vfio_pci")["status"], "ok");
+    assert_eq!(by_name("vfio_container")["status"], "ok");
+    assert_eq!(
+        by_name("kvm")["status"],
+        "fail",
+        "the fake dev dir has no kvm"
+    );
+    assert_eq!(by_name("gpu 0000:01:00.0")["status"], "warn");
+    assert_eq!(r["verdict"], "fail");
+}
+
+#[test]
+fn the_control_plane_example_attaches_and_detaches() {
+    let h = sysfs::server_8gpu();
+    let exe = cli_binary()
+        .parent()
+        .unwrap()
+        .join("examples/control_plane");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "gpu-passthrough",
+            "--example",
+            "control_plane",
+        ])
+        .status()
+        .unwrap();
+    assert!(built.success());
+    let out = Command::new(exe)
+        .args([&h.sys, &h.state, &h.dev].map(|p| p.to_str().unwrap()))
+        .arg("2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = json(&out);
+    assert_eq!(config["devices"].as_array().unwrap().len(), 2);
+    assert!(
+        config["payload"]["cmdline"]
+            .as_str()
+            .unwrap()
+            .ends_with("HAS_GPU=1")
+    );
+    assert!(h.journal_clean());
+    assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
+}
