@@ -82,8 +82,10 @@ cat >"$NDIR/nv-pci-exclude-bars.patch" <<'EOF'
          if (r == -ENOSPC)
 EOF
 # The backported 4th argument exists only in some kernels: apply the fix only where it is needed.
-if grep -q 'pci_resize_resource(struct pci_dev \*dev, int i, int size, int' "/usr/src/linux-headers-$KVER/include/linux/pci.h" 2>/dev/null ||
-    grep -rqs 'int pci_resize_resource(struct pci_dev \*dev, int i, int size, int' /usr/src/linux-headers-*-common*/include/linux/pci.h; then
+# (The declaration spans lines, so join them before matching.)
+pci_h=$(find "/usr/src/linux-headers-$KVER/" "/usr/src/linux-headers-${KVER%-*}-common/" -path '*include/linux/pci.h' 2>/dev/null | head -n1)
+if [ -n "$pci_h" ] && tr -d '\n' <"$pci_h" | grep -qE 'pci_resize_resource\(struct pci_dev \*dev, int i, int size,[[:space:]]*int'; then
+    say "kernel has the 4-argument pci_resize_resource: applying nv-pci-exclude-bars.patch"
     patch -d "$srcdir" -p1 <"$NDIR/nv-pci-exclude-bars.patch"
 fi
 nice -n 10 make -C "$srcdir" -j"$(nproc)" modules KERNEL_UNAME="$KVER" >"$WORK/build.log" 2>&1 ||
