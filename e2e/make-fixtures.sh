@@ -119,7 +119,9 @@ done
 det_tar "$ksub" "$KDIR/kernel-modules-$KVER-x86_64.tar.gz" lib
 
 # GSP firmware.
-det_tar "$WORK/x" "$NDIR/nvidia-gsp-firmware-$DRV.tar.gz" "lib/firmware/nvidia/$DRV"
+mkdir -p "$WORK/fw/lib/firmware/nvidia"
+cp -a "$WORK/x/lib/firmware/nvidia/$DRV" "$WORK/fw/lib/firmware/nvidia/"
+det_tar "$WORK/fw" "$NDIR/nvidia-gsp-firmware-$DRV.tar.gz" lib
 
 # Userspace: real files under usr/lib/nvidia with soname and dev links, the tools, the GPU list.
 say "collecting userspace libraries"
