@@ -101,9 +101,13 @@ pub struct AttachArgs {
     /// Print the arguments of this VMM (both are in the JSON).
     #[arg(long, value_enum, default_value = "cloud-hypervisor")]
     vmm: Vmm,
-    /// The initrd to boot; see `resolve_release` for the hook that will fill it in.
+    /// The initrd to boot [default: with --release, that release's combined layer, built
+    /// and cached by `initrd ensure` before any device is touched].
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
+    /// The static guest init for the ensured initrd [default: `gpu-init` beside this program].
+    #[arg(long, value_name = "PATH", env = "GPU_PASSTHROUGH_GUEST_INIT")]
+    guest_init: Option<PathBuf>,
 }
 
 /// Arguments of `detach`.
@@ -149,40 +153,75 @@ fn addresses(list: &[String]) -> anyhow::Result<Vec<PciAddress>> {
         .collect()
 }
 
+/// How to get the initrd the boot spec names.
+enum InitrdSource<'a> {
+    /// Plan only: build nothing.
+    None,
+    /// A path the user gave.
+    Given(&'a PathBuf),
+    /// Ensure the release's combined layer, with this guest init (or the default one).
+    Ensure(Option<PathBuf>),
+}
+
+/// What `--release` decides.
+struct ReleaseChoice {
+    flavor: Option<ModuleFlavor>,
+    initrd: Option<PathBuf>,
+    /// The release driver's own GPU list, when its layers were ensured.
+    supported_gpus: Option<PathBuf>,
+}
+
 /// Resolve `--release` through the registry: its module flavor decides the open-module check
-/// (`--flavor` overrides it).
-///
-/// HOOK (lead): also run `initrd ensure` for the release here and return the combined layer's
-/// path, so that the boot spec names the initrd; until then it comes from `--initrd`.
+/// (`--flavor` overrides it), and for attach its layers are ensured here, before any device
+/// moves, so a release that cannot be built never strands a device on vfio-pci; the GPU is then
+/// checked against that driver's own `supported-gpus.json` unless one is given.
 fn resolve_release(
     global: &Global,
     sel: &Selection,
-) -> anyhow::Result<(Option<ModuleFlavor>, Option<PathBuf>)> {
+    initrd: InitrdSource<'_>,
+) -> anyhow::Result<ReleaseChoice> {
+    let mut choice = ReleaseChoice {
+        flavor: sel.flavor,
+        initrd: match &initrd {
+            InitrdSource::Given(p) => Some((*p).clone()),
+            _ => None,
+        },
+        supported_gpus: None,
+    };
     let Some(name) = &sel.release else {
-        return Ok((sel.flavor, None));
+        return Ok(choice);
     };
     let registry = Registry::load(&global.registries)?;
     let release = registry.release(name)?;
-    Ok((sel.flavor.or(release.module_flavor), None))
+    choice.flavor = sel.flavor.or(release.module_flavor);
+    if let InitrdSource::Ensure(guest_init) = initrd {
+        let layers = crate::initrd::ensure_layers(global, release, guest_init)?;
+        choice.initrd = Some(layers.combined.path);
+        choice.supported_gpus = layers.supported_gpus;
+    }
+    Ok(choice)
 }
 
 fn plan_request(
     global: &Global,
     sel: &Selection,
     owner: Option<Owner>,
+    initrd: InitrdSource<'_>,
 ) -> anyhow::Result<(PlanRequest, Option<PathBuf>)> {
-    let (flavor, initrd) = resolve_release(global, sel)?;
+    // Bad input is refused before anything is built or fetched.
+    let devices = addresses(&sel.devices)?;
+    let choice = resolve_release(global, sel, initrd)?;
     Ok((
         PlanRequest {
-            devices: addresses(&sel.devices)?,
+            devices,
             gpus: sel.gpus,
             owner,
-            flavor,
-            supported_gpus: sel.host.supported_gpus.clone(),
+            flavor: choice.flavor,
+            supported_gpus: sel.host.supported_gpus.clone().or(choice.supported_gpus),
             allow_boot_vga: sel.allow_boot_vga,
             mdev_type: sel.mdev_type.clone(),
         },
-        initrd,
+        choice.initrd,
     ))
 }
 
@@ -323,7 +362,7 @@ fn print_plan(plan: &Plan) {
 /// `plan`: what attach would do.
 pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let owner = args.owner.as_deref().map(owner).transpose()?;
-    let (req, _) = plan_request(global, &args.sel, owner)?;
+    let (req, _) = plan_request(global, &args.sel, owner, InitrdSource::None)?;
     let h = host(global, &args.sel.host, Vec::new());
     let plan = h.plan(&req).map_err(attach_error)?;
     emit(global, &plan, print_plan)?;
@@ -337,13 +376,17 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
 /// `attach`: bind, verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let (req, initrd) = plan_request(global, &args.sel, Some(owner.clone()))?;
+    let source = match &args.initrd {
+        Some(p) => InitrdSource::Given(p),
+        None => InitrdSource::Ensure(args.guest_init.clone()),
+    };
+    let (req, initrd) = plan_request(global, &args.sel, Some(owner.clone()), source)?;
     let h = host(global, &args.sel.host, Vec::new());
     let spec = h
         .attach(&AttachRequest {
             plan: req,
             owner,
-            initrd: args.initrd.clone().or(initrd),
+            initrd,
         })
         .map_err(attach_error)?;
     emit(global, &spec, |s| {

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use gpu_passthrough::archive::compress::LayerCompression;
 use gpu_passthrough::archive::cpio::read_initrd;
-use gpu_passthrough::fetch::{FetchOptions, Fetcher};
-use gpu_passthrough::initrd::{BuildOptions, InitrdBuilder, LayerFile, Layers};
-use gpu_passthrough::registry::{Arch, Registry};
+use gpu_passthrough::fetch::{FetchError, FetchOptions, Fetcher};
+use gpu_passthrough::initrd::{BuildOptions, InitrdBuilder, InitrdError, LayerFile, Layers};
+use gpu_passthrough::registry::{Arch, Registry, Release};
 
 use crate::Global;
 use crate::output::{self, exit};
@@ -68,6 +68,38 @@ pub fn run(global: &Global, cmd: &InitrdCommand) -> anyhow::Result<ExitCode> {
 fn build(global: &Global, args: &BuildArgs, reuse: bool) -> anyhow::Result<ExitCode> {
     let registry = Registry::load(&global.registries)?;
     let release = registry.resolve(args.release.as_deref())?;
+    let mut layers = build_layers(global, release, args, reuse)?;
+    if let Some(out) = &args.out {
+        copy_out(&mut layers, out)?;
+    }
+    output::emit(global, &layers, print_layers)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The layers of `release` for a guest of this machine's architecture, built when not cached:
+/// `attach --release` hands the VMM their combined file.
+pub fn ensure_layers(
+    global: &Global,
+    release: &Release,
+    guest_init: Option<PathBuf>,
+) -> anyhow::Result<Layers> {
+    let args = BuildArgs {
+        release: None,
+        arch: None,
+        compression: LayerCompression::Zstd,
+        out: None,
+        guest_init,
+        modules: Vec::new(),
+    };
+    build_layers(global, release, &args, true)
+}
+
+fn build_layers(
+    global: &Global,
+    release: &Release,
+    args: &BuildArgs,
+    reuse: bool,
+) -> anyhow::Result<Layers> {
     let arch = match args.arch {
         Some(a) => a,
         None => Arch::host().context("cannot tell this machine's architecture: pass --arch")?,
@@ -90,21 +122,14 @@ fn build(global: &Global, args: &BuildArgs, reuse: bool) -> anyhow::Result<ExitC
     } else {
         builder.build(release, &options, &progress)
     };
-    let mut layers = result.map_err(|e| {
+    result.map_err(|e| {
         let code = match &e {
-            gpu_passthrough::initrd::InitrdError::Inspect(_) => exit::VERIFY,
-            gpu_passthrough::initrd::InitrdError::Fetch(
-                gpu_passthrough::fetch::FetchError::Unpinned { .. },
-            ) => exit::REFUSED,
+            InitrdError::Inspect(_) => exit::VERIFY,
+            InitrdError::Fetch(FetchError::Unpinned { .. }) => exit::REFUSED,
             _ => exit::FAILURE,
         };
         output::fail(code, e)
-    })?;
-    if let Some(out) = &args.out {
-        copy_out(&mut layers, out)?;
-    }
-    output::emit(global, &layers, print_layers)?;
-    Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// `gpu-init` next to this program (as cargo and packages install them), else a system path.

@@ -176,6 +176,10 @@ pub struct Layers {
     pub combined: LayerFile,
     /// The manifest written to `/gpu/manifest.json`.
     pub manifest: manifest::Manifest,
+    /// The driver's `supported-gpus.json`, kept beside the layers (not in them) so that attach
+    /// can check a GPU against the very driver the guest will load.
+    #[serde(default)]
+    pub supported_gpus: Option<PathBuf>,
     /// True when an existing cached result was returned without building.
     #[serde(default)]
     pub reused: bool,
@@ -183,6 +187,8 @@ pub struct Layers {
 
 /// Name of the record that marks a complete cache entry.
 const RECORD: &str = "layers.json";
+/// Name of the driver's GPU list beside the layers.
+const SUPPORTED_GPUS: &str = "supported-gpus.json";
 
 /// Builds layers into a cache directory.
 pub struct InitrdBuilder<'a> {
@@ -284,6 +290,7 @@ impl<'a> InitrdBuilder<'a> {
                 return None;
             }
         }
+        layers.supported_gpus = layers.supported_gpus.map(|p| dir.join(p));
         layers.reused = true;
         Some(layers)
     }
@@ -334,6 +341,7 @@ impl<'a> InitrdBuilder<'a> {
         for layer in [&mut layers.base, &mut layers.gpu, &mut layers.combined] {
             layer.path = dest.join(&layer.path);
         }
+        layers.supported_gpus = layers.supported_gpus.map(|p| dest.join(p));
         Ok(layers)
     }
 
@@ -448,6 +456,14 @@ impl<'a> InitrdBuilder<'a> {
 
         let manifest_json = plan.manifest_json()?;
         write_synced(&dir.join("manifest.json"), &manifest_json)?;
+        let supported_gpus = match &inventory.supported_gpus {
+            Some(src) => {
+                let bytes = fs::read(src).map_err(io_err(format!("reading {}", src.display())))?;
+                write_synced(&dir.join(SUPPORTED_GPUS), &bytes)?;
+                Some(PathBuf::from(SUPPORTED_GPUS))
+            }
+            None => None,
+        };
         let layers = Layers {
             key: key.to_string(),
             release: release.name.clone(),
@@ -456,6 +472,7 @@ impl<'a> InitrdBuilder<'a> {
             gpu,
             combined,
             manifest: plan.manifest,
+            supported_gpus,
             reused: false,
         };
         let record = serde_json::to_vec_pretty(&layers)

@@ -595,3 +595,42 @@ proptest! {
         });
     }
 }
+
+#[test]
+fn corruption_caught_only_by_the_gzip_checksum_is_refused() {
+    // A stored (level 0) gzip stream: flipping a content byte keeps the deflate structure valid,
+    // so only the CRC at the very end of the stream can tell.
+    let dir = tempfile::tempdir().unwrap();
+    let content = vec![b'a'; 4096];
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut h = Header::new_gnu();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    builder
+        .append_data(&mut h, "lib/payload.bin", &content[..])
+        .unwrap();
+    let tar_bytes = builder.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+    gz.write_all(&tar_bytes).unwrap();
+    let mut bytes = gz.finish().unwrap();
+    let good = dir.path().join("good.tar.gz");
+    fs::write(&good, &bytes).unwrap();
+    assert!(walk_all(&good, &Limits::default()).is_ok());
+
+    let at = bytes.windows(16).position(|w| w == [b'a'; 16]).unwrap() + 100;
+    bytes[at] = b'b';
+    let bad = dir.path().join("bad.tar.gz");
+    fs::write(&bad, &bytes).unwrap();
+    let err = walk_all(&bad, &Limits::default()).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.tar.gz") && err.contains("corrupt"),
+        "{err}"
+    );
+    let dest = dir.path().join("out");
+    assert!(extract_tar(&bad, &dest, &Limits::default()).is_err());
+    assert!(
+        !dest.exists(),
+        "a corrupt archive left a partial extraction"
+    );
+}

@@ -245,3 +245,117 @@ fn the_control_plane_example_attaches_and_detaches() {
     assert!(h.journal_clean());
     assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
 }
+
+/// A registry pinning the fixtures' artifacts as file:// URLs, with or without digests.
+fn fixture_registry(dir: &std::path::Path, pinned: bool) -> std::path::PathBuf {
+    let sums = fixtures::sha256sums();
+    let mut toml = String::from(
+        "[releases.\"fx\"]\nkernel_version = \"6.1.0-56-amd64\"\n\
+         driver_version = \"535.261.03\"\nmodule_flavor = \"open\"\n",
+    );
+    for (kind, rel) in [
+        ("kernel-modules", fixtures::KERNEL_MODULES),
+        ("nvidia-modules", fixtures::NVIDIA_MODULES),
+        ("nvidia-firmware", fixtures::NVIDIA_FIRMWARE),
+        ("nvidia-driver-libs", fixtures::NVIDIA_DRIVER_LIBS),
+    ] {
+        toml += &format!(
+            "\n[[releases.\"fx\".artifacts.x86_64]]\nkind = \"{kind}\"\nurl = \"file://{}\"\n",
+            fixtures::path(rel).display()
+        );
+        if pinned {
+            toml += &format!("sha256 = \"{}\"\n", sums[rel]);
+        }
+    }
+    let path = dir.join("registry.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// A minimal static x86_64 ELF standing in for gpu-init (the builder checks only that).
+fn guest_init_stand_in(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    (h[4], h[5], h[6], h[16], h[18], h[20], h[52]) = (2, 1, 1, 2, 62, 1, 64);
+    let path = dir.join("gpu-init");
+    std::fs::write(&path, h).unwrap();
+    path
+}
+
+#[test]
+fn attach_with_a_release_that_cannot_be_built_moves_nothing() {
+    let h = sysfs::workstation();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = fixture_registry(dir.path(), false);
+    let init = guest_init_stand_in(dir.path());
+    let out = run(
+        &h,
+        &[
+            "--registry",
+            registry.to_str().unwrap(),
+            "--cache-dir",
+            dir.path().join("cache").to_str().unwrap(),
+            "attach",
+            "0000:01:00.0",
+            "--owner",
+            "vm-1",
+            "--release",
+            "fx",
+            "--guest-init",
+            init.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "unpinned is a refusal");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("versions pin fx"));
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
+    assert!(
+        h.journal().is_none_or(|_| h.journal_clean()),
+        "nothing journaled"
+    );
+}
+
+#[test]
+fn attach_with_a_release_names_its_ensured_combined_initrd() {
+    // No --supported-gpus: the open-module check must use the release driver's own list
+    // (without one, attach refuses an RTX 4090 it cannot vouch for).
+    let h = sysfs::workstation();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = fixture_registry(dir.path(), true);
+    let init = guest_init_stand_in(dir.path());
+    let cache = dir.path().join("cache");
+    let out = run(
+        &h,
+        &[
+            "--json",
+            "--registry",
+            registry.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "attach",
+            "0000:01:00.0",
+            "--owner",
+            "vm-2",
+            "--release",
+            "fx",
+            "--guest-init",
+            init.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = json(&out);
+    let initrd =
+        std::path::PathBuf::from(spec["initrd"].as_str().expect("initrd in the boot spec"));
+    assert!(
+        initrd.starts_with(&cache) && initrd.is_file(),
+        "{}",
+        initrd.display()
+    );
+    assert!(initrd.to_string_lossy().ends_with("combined.cpio.zst"));
+    assert!(spec.to_string().contains("HAS_GPU=1"));
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+}

@@ -479,12 +479,12 @@ fn unpinned_release_is_refused_with_the_pin_command() {
     assert!(err.to_string().contains("versions pin fx-6.1"), "{err}");
 }
 
-/// Child half of the crash test: run a build that the failpoint kills half-way.
+/// Child half of the crash test: run a build that the failpoint kills half-way. Ignored in
+/// normal runs; the parent runs it with `--ignored`.
 #[test]
+#[ignore = "child process of killed_build_leaves_nothing_trusted_and_the_next_build_recovers"]
 fn killed_build_child() {
-    let Some(cache) = std::env::var_os("INITRD_CRASH_CACHE") else {
-        return;
-    };
+    let cache = std::env::var_os("INITRD_CRASH_CACHE").expect("run by the crash test only");
     let (_, registry, init) = shared();
     let _ = build(
         Path::new(&cache),
@@ -500,7 +500,7 @@ fn killed_build_leaves_nothing_trusted_and_the_next_build_recovers() {
     let (dir, registry, init) = shared();
     let cache = dir.path().join("cache-crash");
     let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "killed_build_child", "--nocapture"])
+        .args(["--exact", "killed_build_child", "--ignored", "--nocapture"])
         .env("INITRD_CRASH_CACHE", &cache)
         .env("GPU_PASSTHROUGH_FAILPOINT", "initrd-midway")
         .stdout(Stdio::null())

@@ -168,6 +168,11 @@ pub fn walk_tar_stream<R: BufRead>(
         }
         visited?;
     }
+    // Read the compressed stream to its end: gzip's CRC and xz/zstd checksums sit after the
+    // tar's end-of-archive blocks, and a corrupted byte inside a stored block is caught only there.
+    let mut rest = tar.into_inner();
+    io::copy(&mut rest, &mut io::sink())
+        .map_err(|e| walker.stream_error(&state, compression, "", e))?;
     walker.finish()?;
     Ok(walker.summary)
 }
