@@ -1,0 +1,138 @@
+#!/bin/sh
+# /init of run C: a QEMU guest with an emulated IOMMU that plays the *host*.
+# It loads VFIO and the devices' drivers, proves a plain sysfs bind cycle (so the guest set-up is
+# known-good independently of our CLI), then drives the static `gpu-passthrough` CLI through
+# doctor/devices/plan/attach/detach and a crash mid-attach repaired by reconcile.
+# Every result is a line `E2E-C <key> <value...>` on the console, parsed by e2e/run.
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /tmp /run /var/lib && mount -t tmpfs tmpfs /tmp
+
+say() { echo "E2E-C $*"; }
+check() { # name, then a command; records PASS/FAIL without stopping the run
+    name=$1; shift
+    if "$@"; then say check "$name" PASS; else say check "$name" FAIL; fi
+}
+now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }  # busybox date has no %N; 10 ms resolution
+driver_of() {
+    if [ -L /sys/bus/pci/devices/$1/driver ]; then basename "$(readlink /sys/bus/pci/devices/$1/driver)"; else echo none; fi
+}
+find_dev() { # vendor device -> first matching PCI address
+    for d in /sys/bus/pci/devices/*; do
+        if [ "$(cat $d/vendor)" = "$1" ] && [ "$(cat $d/device)" = "$2" ]; then basename $d; return; fi
+    done
+}
+finish() { say "done"; sync; poweroff -f; }
+
+for ko in $(cat /modules.order); do
+    insmod "$ko" || say check "insmod $(basename $ko)" FAIL
+done
+# kvm_amd gives this TCG guest a nested /dev/kvm (for doctor's KVM checks); optional.
+for ko in $(cat /modules.optional); do
+    insmod "$ko" 2>/dev/null || say optional_module_failed "$(basename $ko)"
+done
+say kvm "$( [ -c /dev/kvm ] && echo present || echo absent)"
+VGA=$(find_dev 0x1234 0x1111)
+EDU=$(find_dev 0x1234 0x11e8)
+NIC=$(find_dev 0x8086 0x10d3)
+say devices vga=$VGA edu=$EDU nic=$NIC
+check "iommu groups exist" test -n "$(ls /sys/kernel/iommu_groups)"
+check "vga bound to bochs-drm at boot" test "$(driver_of $VGA)" = bochs-drm
+check "nic bound to e1000e at boot" test "$(driver_of $NIC)" = e1000e
+
+# 1. Plain sysfs cycle, no CLI: override -> unbind -> drivers_probe -> /dev/vfio/N -> restore.
+sysfs_cycle() { # addr original-driver
+    group=$(basename "$(readlink /sys/bus/pci/devices/$1/iommu_group)")
+    t0=$(now_ms)
+    echo vfio-pci > /sys/bus/pci/devices/$1/driver_override
+    [ "$2" = none ] || echo $1 > /sys/bus/pci/drivers/$2/unbind
+    echo $1 > /sys/bus/pci/drivers_probe
+    i=0; while [ ! -e /dev/vfio/$group ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    t1=$(now_ms)
+    check "sysfs: $1 on vfio-pci" test "$(driver_of $1)" = vfio-pci
+    check "sysfs: /dev/vfio/$group for $1" test -c /dev/vfio/$group
+    t2=$(now_ms)
+    echo $1 > /sys/bus/pci/drivers/vfio-pci/unbind
+    echo > /sys/bus/pci/devices/$1/driver_override
+    echo $1 > /sys/bus/pci/drivers_probe
+    t3=$(now_ms)
+    check "sysfs: $1 back on $2" test "$(driver_of $1)" = "$2"
+    say timing sysfs_bind_ms $1 $((t1 - t0))
+    say timing sysfs_restore_ms $1 $((t3 - t2))
+}
+sysfs_cycle $VGA bochs-drm
+sysfs_cycle $NIC e1000e
+sysfs_cycle $EDU none
+
+CLI=/bin/gpu-passthrough
+if [ ! -x $CLI ]; then
+    say cli absent
+    finish
+fi
+# run LABEL COMMAND...: runs it, shows stdout and stderr between markers (the harness extracts
+# them into e2e/work/logs/run-c-LABEL.out/.err), leaves stdout in /tmp/out, returns its exit code.
+run() {
+    label=$1; shift
+    "$@" > /tmp/out 2> /tmp/err; rc=$?
+    echo "E2E-C begin $label"; cat /tmp/out
+    echo "E2E-C stderr $label"; cat /tmp/err
+    echo "E2E-C end $label"
+    say rc "$label" $rc
+    return $rc
+}
+say boot_vga "$(cat /sys/bus/pci/devices/$VGA/boot_vga 2>/dev/null || echo none)"
+run doctor $CLI doctor --json
+run devices $CLI devices --json
+run devices-all $CLI devices --all --json
+# The VGA device is this guest's boot display: plan must refuse it unless allowed explicitly.
+run plan-boot-vga $CLI plan $VGA --json
+run plan $CLI plan $VGA $NIC --allow-boot-vga --json
+
+t0=$(now_ms)
+run attach $CLI attach $VGA $NIC --owner vm-1 --allow-boot-vga --vmm qemu --json
+t1=$(now_ms)
+say timing attach_ms $((t1 - t0))
+check "attach: vga on vfio-pci" test "$(driver_of $VGA)" = vfio-pci
+check "attach: nic on vfio-pci" test "$(driver_of $NIC)" = vfio-pci
+run attach-again $CLI attach $VGA --owner vm-2 --allow-boot-vga --json
+
+t0=$(now_ms)
+run detach $CLI detach --owner vm-1 --json
+t1=$(now_ms)
+say timing detach_ms $((t1 - t0))
+check "detach: vga back on bochs-drm" test "$(driver_of $VGA)" = bochs-drm
+check "detach: nic back on e1000e" test "$(driver_of $NIC)" = e1000e
+check "detach: vga driver_override cleared" test "$(cat /sys/bus/pci/devices/$VGA/driver_override)" = "(null)"
+
+# Crash between unbind and bind: the failpoint aborts the process mid-transaction.
+run crash env GPU_PASSTHROUGH_FAILPOINT=after-unbind $CLI attach $VGA --owner vm-2 --allow-boot-vga --json
+say crash_left_driver "$(driver_of $VGA)"
+run reconcile $CLI reconcile --json
+check "reconcile: vga back on bochs-drm" test "$(driver_of $VGA)" = bochs-drm
+run reconcile-again $CLI reconcile --json
+run attach-after-reconcile $CLI attach $VGA --owner vm-3 --allow-boot-vga --json
+check "attach after reconcile: vga on vfio-pci" test "$(driver_of $VGA)" = vfio-pci
+run detach-after-reconcile $CLI detach --owner vm-3 --json
+check "detach after reconcile: vga back on bochs-drm" test "$(driver_of $VGA)" = bochs-drm
+
+# Optional: a nested QEMU given the edu device through the boot spec's vfio-pci arguments.
+if [ -x /nested/qemu-system-x86_64 ]; then
+    run nested-attach $CLI attach $EDU --owner nested --vmm qemu --json
+    # The device argument comes from the boot spec, as a VMM launcher would take it.
+    spec_dev=$(grep -o 'vfio-pci,host=[0-9a-f:.]*' /tmp/out | head -n 1)
+    say nested_device "$spec_dev"
+    accel=tcg
+    [ -c /dev/kvm ] && accel=kvm
+    say nested_accel $accel
+    t0=$(now_ms)
+    timeout 600 /nested/qemu-system-x86_64 -L /nested/share -accel $accel -machine q35 -m 256 -smp 1 \
+        -nographic -vga none -no-reboot -nic none -kernel /nested/vmlinuz -initrd /nested/initrd.cpio \
+        -append "console=ttyS0 panic=-1 quiet" -device "$spec_dev" < /dev/null 2>&1 |
+        sed 's/^/E2E-N /'
+    t1=$(now_ms)
+    say timing nested_ms $((t1 - t0))
+    run nested-detach $CLI detach --owner nested --json
+fi
+finish
