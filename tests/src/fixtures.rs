@@ -83,3 +83,56 @@ pub fn parse_sha256sums(text: &str) -> BTreeMap<String, String> {
         })
         .collect()
 }
+
+/// The four artifacts of a GPU release made from the fixtures, as (registry kind, absolute path).
+pub fn gpu_artifacts() -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("kernel-modules", path(KERNEL_MODULES)),
+        ("nvidia-modules", path(NVIDIA_MODULES)),
+        ("nvidia-firmware", path(NVIDIA_FIRMWARE)),
+        ("nvidia-driver-libs", path(NVIDIA_DRIVER_LIBS)),
+    ]
+}
+
+/// A registry file at `dir/registry.toml` with one release of driver 535.261.03 whose artifacts
+/// are `file://` URLs of `artifacts`, pinned (digest and size computed here) when `pinned`.
+pub fn write_registry(
+    dir: &Path,
+    release: &str,
+    kernel_version: &str,
+    artifacts: &[(&str, PathBuf)],
+    pinned: bool,
+) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let mut toml = format!(
+        "[releases.\"{release}\"]\nkernel_version = \"{kernel_version}\"\n\
+         driver_version = \"{DRIVER_VERSION}\"\nmodule_flavor = \"open\"\n"
+    );
+    for (kind, file) in artifacts {
+        toml += &format!(
+            "\n[[releases.\"{release}\".artifacts.x86_64]]\nkind = \"{kind}\"\nurl = \"file://{}\"\n",
+            file.display()
+        );
+        if pinned {
+            let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            toml += &format!(
+                "sha256 = \"{}\"\nsize = {}\n",
+                hex::encode(Sha256::digest(&bytes)),
+                bytes.len()
+            );
+        }
+    }
+    let out = dir.join("registry.toml");
+    std::fs::write(&out, toml).unwrap();
+    out
+}
+
+/// A minimal static x86_64 ELF standing in for gpu-init: the builder checks only that it is one.
+pub fn guest_init_stand_in(dir: &Path) -> PathBuf {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    (h[4], h[5], h[6], h[16], h[18], h[20], h[52]) = (2, 1, 1, 2, 62, 1, 64);
+    let out = dir.join("gpu-init");
+    std::fs::write(&out, h).unwrap();
+    out
+}

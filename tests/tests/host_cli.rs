@@ -246,48 +246,18 @@ fn the_control_plane_example_attaches_and_detaches() {
     assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
 }
 
-/// A registry pinning the fixtures' artifacts as file:// URLs, with or without digests.
-fn fixture_registry(dir: &std::path::Path, pinned: bool) -> std::path::PathBuf {
-    let sums = fixtures::sha256sums();
-    let mut toml = String::from(
-        "[releases.\"fx\"]\nkernel_version = \"6.1.0-56-amd64\"\n\
-         driver_version = \"535.261.03\"\nmodule_flavor = \"open\"\n",
-    );
-    for (kind, rel) in [
-        ("kernel-modules", fixtures::KERNEL_MODULES),
-        ("nvidia-modules", fixtures::NVIDIA_MODULES),
-        ("nvidia-firmware", fixtures::NVIDIA_FIRMWARE),
-        ("nvidia-driver-libs", fixtures::NVIDIA_DRIVER_LIBS),
-    ] {
-        toml += &format!(
-            "\n[[releases.\"fx\".artifacts.x86_64]]\nkind = \"{kind}\"\nurl = \"file://{}\"\n",
-            fixtures::path(rel).display()
-        );
-        if pinned {
-            toml += &format!("sha256 = \"{}\"\n", sums[rel]);
-        }
-    }
-    let path = dir.join("registry.toml");
-    std::fs::write(&path, toml).unwrap();
-    path
-}
-
-/// A minimal static x86_64 ELF standing in for gpu-init (the builder checks only that).
-fn guest_init_stand_in(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut h = vec![0u8; 64];
-    h[..4].copy_from_slice(b"\x7fELF");
-    (h[4], h[5], h[6], h[16], h[18], h[20], h[52]) = (2, 1, 1, 2, 62, 1, 64);
-    let path = dir.join("gpu-init");
-    std::fs::write(&path, h).unwrap();
-    path
-}
-
 #[test]
 fn attach_with_a_release_that_cannot_be_built_moves_nothing() {
     let h = sysfs::workstation();
     let dir = tempfile::tempdir().unwrap();
-    let registry = fixture_registry(dir.path(), false);
-    let init = guest_init_stand_in(dir.path());
+    let registry = fixtures::write_registry(
+        dir.path(),
+        "fx",
+        fixtures::KERNEL_VERSION,
+        &fixtures::gpu_artifacts(),
+        false,
+    );
+    let init = fixtures::guest_init_stand_in(dir.path());
     let out = run(
         &h,
         &[
@@ -320,8 +290,14 @@ fn attach_with_a_release_names_its_ensured_combined_initrd() {
     // (without one, attach refuses an RTX 4090 it cannot vouch for).
     let h = sysfs::workstation();
     let dir = tempfile::tempdir().unwrap();
-    let registry = fixture_registry(dir.path(), true);
-    let init = guest_init_stand_in(dir.path());
+    let registry = fixtures::write_registry(
+        dir.path(),
+        "fx",
+        fixtures::KERNEL_VERSION,
+        &fixtures::gpu_artifacts(),
+        true,
+    );
+    let init = fixtures::guest_init_stand_in(dir.path());
     let cache = dir.path().join("cache");
     let out = run(
         &h,

@@ -18,20 +18,12 @@ use sha2::{Digest, Sha256};
 
 const RELEASE: &str = "fx-6.1";
 
-/// Artifacts of a test release: kind → (file, sha256).
+/// Artifacts of a test release: (kind, file).
 struct Artifacts(Vec<(&'static str, PathBuf)>);
 
 impl Artifacts {
     fn real() -> Self {
-        Artifacts(vec![
-            ("kernel-modules", fixtures::path(fixtures::KERNEL_MODULES)),
-            ("nvidia-modules", fixtures::path(fixtures::NVIDIA_MODULES)),
-            ("nvidia-firmware", fixtures::path(fixtures::NVIDIA_FIRMWARE)),
-            (
-                "nvidia-driver-libs",
-                fixtures::path(fixtures::NVIDIA_DRIVER_LIBS),
-            ),
-        ])
+        Artifacts(fixtures::gpu_artifacts())
     }
 
     fn with(mut self, kind: &'static str, file: PathBuf) -> Self {
@@ -43,43 +35,15 @@ impl Artifacts {
         self
     }
 
-    /// A registry file pinning these artifacts as file:// URLs.
+    /// A registry pinning these artifacts as file:// URLs.
     fn registry(&self, dir: &Path, kernel_version: &str) -> Registry {
-        let mut toml = format!(
-            "[releases.\"{RELEASE}\"]\nkernel_version = \"{kernel_version}\"\n\
-             driver_version = \"535.261.03\"\nmodule_flavor = \"open\"\n"
-        );
-        for (kind, file) in &self.0 {
-            let bytes = fs::read(file).unwrap();
-            toml += &format!(
-                "\n[[releases.\"{RELEASE}\".artifacts.x86_64]]\nkind = \"{kind}\"\n\
-                 url = \"file://{}\"\nsha256 = \"{}\"\nsize = {}\n",
-                file.display(),
-                hex::encode(Sha256::digest(&bytes)),
-                bytes.len()
-            );
-        }
-        let path = dir.join("registry.toml");
-        fs::write(&path, toml).unwrap();
+        let path = fixtures::write_registry(dir, RELEASE, kernel_version, &self.0, true);
         Registry::load(&[path]).unwrap()
     }
 }
 
-/// A minimal static x86_64 ELF: the builder only checks that it is one.
 fn guest_init(dir: &Path) -> PathBuf {
-    let mut h = vec![0u8; 64];
-    h[..4].copy_from_slice(b"\x7fELF");
-    h[4] = 2;
-    h[5] = 1;
-    h[6] = 1;
-    h[16] = 2;
-    h[18] = 62;
-    h[20] = 1;
-    h[52] = 64;
-    h.extend_from_slice(b"gpu-init stand-in");
-    let path = dir.join("gpu-init");
-    fs::write(&path, h).unwrap();
-    path
+    fixtures::guest_init_stand_in(dir)
 }
 
 fn build(
