@@ -520,37 +520,20 @@ impl Fetcher {
         }
         progress.begin(url, total);
         progress.advance(start);
-        let mut written = start;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = match response.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Keep what arrived: the retry resumes from it.
-                    let _ = file.sync_all();
-                    return Err(network(format!(
-                        "connection broke after {written} bytes: {e}"
-                    )));
-                }
-            };
-            written += n as u64;
-            if let Some(cap) = cap
-                && written > cap
-            {
-                drop(file);
-                remove_quietly(dest);
-                return Err(FetchError::SizeCap {
-                    url: url.to_string(),
-                    cap,
-                    seen: written,
-                });
-            }
-            file.write_all(&buf[..n]).map_err(cache_err)?;
-            hasher.update(&buf[..n]);
-            progress.advance(n as u64);
-        }
+        let read_failed = |e: io::Error, written: u64, file: &File| {
+            // Keep what arrived: the retry resumes from it.
+            let _ = file.sync_all();
+            network(format!("connection broke after {written} bytes: {e}"))
+        };
+        let written = copy_hashing(
+            &mut response,
+            &mut file,
+            &mut hasher,
+            start,
+            Limit { cap, url, dest },
+            progress,
+            read_failed,
+        )?;
         file.sync_all().map_err(cache_err)?;
         if let Some(total) = total
             && written != total
@@ -598,31 +581,65 @@ impl Fetcher {
         let mut out = File::create(dest).map_err(cache_err)?;
         progress.begin(url, Some(total));
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut written = 0u64;
-        loop {
-            let n = src.read(&mut buf).map_err(file_err)?;
-            if n == 0 {
-                break;
-            }
-            written += n as u64;
-            if let Some(cap) = cap
-                && written > cap
-            {
-                drop(out);
-                remove_quietly(dest);
-                return Err(FetchError::SizeCap {
-                    url: url.to_string(),
-                    cap,
-                    seen: written,
-                });
-            }
-            out.write_all(&buf[..n]).map_err(cache_err)?;
-            hasher.update(&buf[..n]);
-            progress.advance(n as u64);
-        }
+        let written = copy_hashing(
+            &mut src,
+            &mut out,
+            &mut hasher,
+            0,
+            Limit { cap, url, dest },
+            progress,
+            |e, _, _| file_err(e),
+        )?;
         out.sync_all().map_err(cache_err)?;
         Ok((hasher.finalize().into(), written))
+    }
+}
+
+/// Where a copy goes and how large it may grow.
+struct Limit<'a> {
+    cap: Option<u64>,
+    url: &'a str,
+    dest: &'a Path,
+}
+
+/// Copy `src` to the end into `out` (which already holds `written` bytes, hashed into
+/// `hasher`), hashing and reporting progress; past the size cap the partial file is removed.
+/// A read error becomes `read_failed(error, bytes written so far, out)`.
+fn copy_hashing(
+    src: &mut dyn Read,
+    out: &mut File,
+    hasher: &mut Sha256,
+    mut written: u64,
+    limit: Limit<'_>,
+    progress: &dyn Progress,
+    read_failed: impl FnOnce(io::Error, u64, &File) -> FetchError,
+) -> Result<u64, FetchError> {
+    let cache_err = |source| FetchError::Cache {
+        path: limit.dest.to_path_buf(),
+        source,
+    };
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => return Ok(written),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_failed(e, written, out)),
+        };
+        written += n as u64;
+        if let Some(cap) = limit.cap
+            && written > cap
+        {
+            remove_quietly(limit.dest);
+            return Err(FetchError::SizeCap {
+                url: limit.url.to_string(),
+                cap,
+                seen: written,
+            });
+        }
+        out.write_all(&buf[..n]).map_err(cache_err)?;
+        hasher.update(&buf[..n]);
+        progress.advance(n as u64);
     }
 }
 
