@@ -48,11 +48,10 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
 
     let step = Instant::now();
     let driver_up = report.modules.iter().all(|m| m.class.is_none());
-    let majors = std::fs::read_to_string(ctx.proc_root.join("devices"))
-        .map(|t| nodes::char_majors(&t))
-        .unwrap_or_default();
-    report.gpus = nodes::gpu_count(&ctx.proc_root);
-    let planned = nodes::plan(&majors, report.gpus, &ctx.proc_root);
+    let node_plan = nodes::plan_from_proc(&ctx.proc_root);
+    report.gpus = node_plan.gpus;
+    report.problems.extend(node_plan.problems);
+    let planned = node_plan.nodes;
     if planned.is_empty() && driver_up {
         report.problems.push(format!(
             "the NVIDIA driver is not registered in {}: no device nodes made",

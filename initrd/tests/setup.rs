@@ -585,6 +585,13 @@ fn mig_capability_nodes_are_made_when_the_driver_registers_them() {
     .unwrap();
     let report = run(&guest, &FakeKernel::new(&guest));
     assert_eq!(report.status, Status::Ok, "{}", report.line());
-    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap1"), 237, 1);
-    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap2"), 237, 2);
+    // The driver's modes (DeviceFileMode 256 = 0400, 292 = 0444), root's group: not the 0660 of
+    // the other nodes.
+    for (cap, minor, mode) in [("nvidia-cap1", 1, 0o400), ("nvidia-cap2", 2, 0o444)] {
+        let meta = std::fs::symlink_metadata(guest.dev.join("nvidia-caps").join(cap)).unwrap();
+        assert!(meta.file_type().is_char_device(), "{cap}");
+        assert_eq!(meta.rdev(), nix::sys::stat::makedev(237, minor), "{cap}");
+        assert_eq!(meta.mode() & 0o7777, mode, "{cap}");
+        assert_eq!(meta.gid(), 0, "{cap}");
+    }
 }
