@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use gpu_passthrough::attach::{
-    AttachError, CheckStatus, Host, Owner, PidLiveness, Plan, PlanRequest,
+    AttachError, CheckStatus, Host, Owner, PidLiveness, Plan, PlanRequest, RefusalReason,
 };
 use gpu_passthrough::pci::PciAddress;
 use gpu_passthrough::provision::{GpuVmRequest, ProvisionError, Provisioner};
@@ -317,6 +317,9 @@ fn print_plan(plan: &Plan) {
     }
     for r in &plan.refusals {
         println!("REFUSED: {}", r.message);
+        if r.reason == RefusalReason::BootVga {
+            println!("         (--allow-boot-vga moves the boot display)");
+        }
     }
 }
 

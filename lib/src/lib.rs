@@ -1,6 +1,7 @@
 //! `gpu-passthrough`: everything a VM platform's control plane embeds to give a guest an NVIDIA GPU.
 //!
-//! One module per concern (see `DESIGN.md`):
+//! One module per concern; `ARCHITECTURE.md` at the repository root has the layers, the data
+//! flow of each command and the guest contract:
 //! - [`provision`]: a GPU VM from a release: layers ensured before any device moves, then attach.
 //! - [`registry`]: guest kernel release → NVIDIA driver → pinned artifacts.
 //! - [`failpoint`]: named crash points for the crash tests.
