@@ -15,6 +15,8 @@
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
 //! - [`vfio`]: check a bound device through VFIO the way a VMM will open it.
+//! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
+//! - [`text`]: the human-readable form of the reports (`Display`).
 //! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
 //! - `simulation` (cargo feature, tests only): a kernel and VFIO check that react on fake trees.
@@ -35,8 +37,10 @@ pub mod paths;
 pub mod pci;
 pub mod provision;
 pub mod registry;
+pub mod remedy;
 #[cfg(feature = "simulation")]
 pub mod simulation;
+pub mod text;
 pub mod versions;
 pub mod vfio;
 pub mod vmm;

@@ -306,6 +306,20 @@ pub enum AttachError {
     },
 }
 
+impl AttachError {
+    /// Whether a safety rule or the request itself was refused (nothing was changed), as
+    /// opposed to a failure on the way.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            AttachError::Refused(_)
+                | AttachError::NotEnoughGpus { .. }
+                | AttachError::NoSuchMdevType { .. }
+                | AttachError::NothingRequested
+        )
+    }
+}
+
 /// A host: its sysfs tree, state dir, devices dir and owner-liveness check.
 pub struct Host {
     sysfs: Sysfs,
