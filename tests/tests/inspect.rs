@@ -512,3 +512,37 @@ fn an_empty_nvidia_tree_is_refused() {
         "{problems:?}"
     );
 }
+
+/// The capability table knows every library and program of both real drivers.
+#[test]
+fn the_capability_table_covers_both_real_drivers() {
+    use gpu_passthrough::capabilities::{self, Capability};
+    let mut seen = std::collections::BTreeSet::new();
+    for rel in [
+        "nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz",
+        "nvidia-535.309.01/nvidia-driver-libs-535.309.01-x86_64.tar.gz",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        extract_tar(&fixtures().join(rel), tmp.path(), &Limits::default()).unwrap();
+        for dir in ["usr/lib/nvidia", "usr/bin"] {
+            for entry in fs::read_dir(tmp.path().join(dir)).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                let cap = if dir == "usr/bin" {
+                    capabilities::of_program(&name)
+                } else if name.contains(".so") {
+                    capabilities::of_library(&name)
+                } else {
+                    continue; // `version`
+                };
+                let cap = cap.unwrap_or_else(|| panic!("{rel}: {name} is in no capability"));
+                seen.insert(cap);
+            }
+        }
+    }
+    assert!(seen.contains(&Capability::Compute));
+    assert!(seen.contains(&Capability::Utility));
+    assert!(
+        seen.contains(&Capability::Video),
+        "535.309.01 has NVDEC/NVENC"
+    );
+}
