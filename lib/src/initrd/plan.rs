@@ -192,7 +192,7 @@ impl GpuLayerPlan {
 /// The parameters `name` is loaded with: the caller's, plus `NVreg_EnableGpuFirmware=0` for
 /// `nvidia` of a release without GSP firmware (the proprietary modules would otherwise try to
 /// load the firmware the layer does not carry).
-fn module_params(release: &Release, options: &BuildOptions, name: &str) -> String {
+pub fn module_params(release: &Release, options: &BuildOptions, name: &str) -> String {
     let mut params: Vec<String> = options
         .module_params
         .get(name)
