@@ -480,7 +480,8 @@ mod tests {
         );
         let plan = plan_from_proc(proc.path());
         assert!(plan.problems.is_empty(), "{:?}", plan.problems);
-        let caps: Vec<(&str, u64, u64, Option<u32>, Option<u32>)> = plan
+        type Cap<'a> = (&'a str, u64, u64, Option<u32>, Option<u32>);
+        let caps: Vec<Cap> = plan
             .nodes
             .iter()
             .filter(|n| n.name.starts_with("nvidia-caps/"))

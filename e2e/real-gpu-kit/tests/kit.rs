@@ -433,3 +433,110 @@ fn the_cuda_probe_reports_a_missing_libcuda_instead_of_crashing() {
             .contains("libgpu-passthrough-no-such-cuda.so.1")
     );
 }
+
+const LIBS_TAR: &str =
+    "/work/shared/fixtures/nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz";
+
+/// The shipped guest init, built by cargo like the user's build.
+fn gpu_init() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "gpu-passthrough-init",
+            "--bin",
+            "gpu-init",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/gpu-init")
+}
+
+#[test]
+fn injection_of_an_installed_driver_reaches_the_roots_loader_and_libcuda_loads_there() {
+    // An "installed driver": the real 535.261.03 libraries, as the loader cache would list them.
+    let installed = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("tar")
+        .args(["xzf", LIBS_TAR, "-C"])
+        .arg(installed.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let lib = installed.path().join("usr/lib/nvidia");
+    let host_cache = String::from_utf8(
+        std::process::Command::new("/sbin/ldconfig")
+            .arg("-p")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let libc_line = host_cache
+        .lines()
+        .find(|l| l.trim_start().starts_with("libc.so.6 (libc6,x86-64"))
+        .expect("the host's libc in its loader cache");
+    let cache = format!(
+        "\tlibcuda.so.1 (libc6,x86-64) => {}\n\tlibnvidia-ml.so.1 (libc6,x86-64) => {}\n{libc_line}\n",
+        lib.join("libcuda.so.1").display(),
+        lib.join("libnvidia-ml.so.1").display()
+    );
+    let gpu_init = gpu_init();
+    let scratch = installed.path().join("scratch");
+    inject::private_scratch(&scratch).unwrap();
+    let inputs = inject::Inputs {
+        driver_version: "535.261.03",
+        gpus: &[],
+        ldconfig_p: &cache,
+        nvidia_smi: None,
+        ldconfig: PathBuf::from("/sbin/ldconfig"),
+        gpu_init,
+        probe: PathBuf::from(env!("CARGO_BIN_EXE_real-gpu")),
+        scratch: scratch.clone(),
+    };
+    let (check, setup) = inject::run(&inputs);
+    // No GPU here: nvidia-smi is absent and cuInit fails, so the check fails...
+    assert_eq!(check.outcome, Outcome::Failed);
+    // ...but the root's own ldconfig resolves libcuda.so.1 to the injected driver,
+    assert!(
+        check
+            .detail
+            .iter()
+            .any(|d| d.starts_with("ldconfig -p: libcuda.so.1 =>")
+                && d.contains("libcuda.so.535.261.03")),
+        "{:?}",
+        check.detail
+    );
+    // the probe found and loaded libcuda.so.1 through it (cuInit ran and said no device),
+    let cuda = &check.facts["cuda"];
+    assert!(cuda["init"].as_i64().is_some_and(|rc| rc != 0), "{cuda}");
+    assert!(
+        check.detail.iter().any(|d| d.contains("nvidia-smi")),
+        "{:?}",
+        check.detail
+    );
+    // and the setup reported once, with the driver's version, having loaded nothing.
+    let report = checks::report(&setup, "535.261.03", 0);
+    assert!(
+        !report.detail.iter().any(|d| d.contains("GPU-INIT lines")
+            || d.contains("driver_version")
+            || d.contains("parse")),
+        "{:?}",
+        report.detail
+    );
+    // A library that is not the loaded driver's version is refused before anything is built.
+    let scratch2 = installed.path().join("scratch2");
+    std::fs::create_dir_all(&scratch2).unwrap();
+    let (check, _) = inject::run(&inject::Inputs {
+        driver_version: "580.65.06",
+        scratch: scratch2,
+        ..inputs
+    });
+    assert!(
+        check.detail[0].contains("not the loaded driver 580.65.06"),
+        "{:?}",
+        check.detail
+    );
+}
