@@ -6,14 +6,11 @@
 mod common;
 
 use gpu_passthrough_manifest::{DeviceNodes, Manifest, Module, SCHEMA};
+use gpu_passthrough_tests::fixtures;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
 
-const KERNEL: &str = "/work/shared/fixtures/linux-6.1.0-56-amd64/vmlinuz";
-const KERNEL_MODULES: &str =
-    "/work/shared/fixtures/linux-6.1.0-56-amd64/kernel-modules-6.1.0-56-amd64-x86_64.tar.gz";
-const NVIDIA_MODULES: &str = "/work/shared/fixtures/nvidia-535.261.03/nvidia-open-modules-535.261.03-6.1.0-56-amd64-x86_64.tar.gz";
 const KDIR: &str = "lib/modules/6.1.0-56-amd64/kernel";
 
 fn run(cmd: &mut Command) {
@@ -52,14 +49,19 @@ const MODULES: [(&str, &str, &[&str]); 8] = [
 fn build_initrd(dir: &Path, gpu_init: &Path) -> std::path::PathBuf {
     let x = dir.join("x");
     std::fs::create_dir_all(&x).unwrap();
-    for (tar, nvidia) in [(KERNEL_MODULES, false), (NVIDIA_MODULES, true)] {
+    for (tar, nvidia) in [
+        (fixtures::KERNEL_MODULES, false),
+        (fixtures::NVIDIA_MODULES, true),
+    ] {
         let members: Vec<String> = MODULES
             .iter()
             .filter(|(n, _, _)| n.starts_with("nvidia") == nvidia)
             .map(|(_, f, _)| format!("{KDIR}/{f}"))
             .collect();
         run(Command::new("tar")
-            .args(["xzf", tar, "-C"])
+            .arg("xzf")
+            .arg(fixtures::path(tar))
+            .arg("-C")
             .arg(&x)
             .args(&members));
     }
@@ -156,7 +158,9 @@ fn pid1_classifies_real_module_failures_switches_root_runs_the_workload_and_powe
         .arg("180")
         .arg("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "768", "-smp", "1", "-nographic", "-no-reboot"])
-        .args(["-kernel", KERNEL, "-initrd"])
+        .arg("-kernel")
+        .arg(fixtures::path(fixtures::KERNEL))
+        .arg("-initrd")
         .arg(&initrd)
         .args([
             "-append",
