@@ -12,15 +12,9 @@ use gpu_passthrough::registry::Arch;
 const KVER: &str = "6.1.0-56-amd64";
 const DRIVER: &str = "535.261.03";
 
+/// The shared fixtures directory, through the one lookup every test uses.
 fn fixtures() -> PathBuf {
-    if let Some(dir) = std::env::var_os("GPU_PASSTHROUGH_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/fixtures"))
-        .find(|p| p.join("SHA256SUMS").is_file())
-        .expect("shared/fixtures not found above the workspace; set GPU_PASSTHROUGH_FIXTURES")
+    gpu_passthrough_tests::fixtures::dir()
 }
 
 /// The four artifact tars, extracted once per test binary (read-only from then on).
@@ -516,5 +510,39 @@ fn an_empty_nvidia_tree_is_refused() {
     assert!(
         matches!(problems.as_slice(), [Problem::NoNvidiaModules { .. }]),
         "{problems:?}"
+    );
+}
+
+/// The capability table knows every library and program of both real drivers.
+#[test]
+fn the_capability_table_covers_both_real_drivers() {
+    use gpu_passthrough::capabilities::{self, Capability};
+    let mut seen = std::collections::BTreeSet::new();
+    for rel in [
+        "nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz",
+        "nvidia-535.309.01/nvidia-driver-libs-535.309.01-x86_64.tar.gz",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        extract_tar(&fixtures().join(rel), tmp.path(), &Limits::default()).unwrap();
+        for dir in ["usr/lib/nvidia", "usr/bin"] {
+            for entry in fs::read_dir(tmp.path().join(dir)).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                let cap = if dir == "usr/bin" {
+                    capabilities::of_program(&name)
+                } else if name.contains(".so") {
+                    capabilities::of_library(&name)
+                } else {
+                    continue; // `version`
+                };
+                let cap = cap.unwrap_or_else(|| panic!("{rel}: {name} is in no capability"));
+                seen.insert(cap);
+            }
+        }
+    }
+    assert!(seen.contains(&Capability::Compute));
+    assert!(seen.contains(&Capability::Utility));
+    assert!(
+        seen.contains(&Capability::Video),
+        "535.309.01 has NVDEC/NVENC"
     );
 }
