@@ -3,7 +3,7 @@
 //! runs the NVIDIA driver compares it with its real `/dev/nvidia*` (see `e2e/real-gpu`).
 
 use crate::nodes::{self, NodeSpec};
-use crate::report::NodeAction;
+use gpu_passthrough_manifest::report::NodeAction;
 use gpu_passthrough_manifest::{MANIFEST_PATH, Manifest};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -5,8 +5,8 @@ mod common;
 
 use common::{FakeKernel, Guest, RootKind, gpu_information};
 use gpu_passthrough_init::dryrun::{DryRun, Would};
-use gpu_passthrough_init::report::Status;
 use gpu_passthrough_init::setup;
+use gpu_passthrough_manifest::report::Status;
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;

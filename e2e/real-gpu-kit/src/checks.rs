@@ -279,50 +279,28 @@ pub fn is_gpu_node(name: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// The parts of the `GPU-INIT` report the kit checks (the report's own field names).
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct ReportView {
-    /// `ok`, `degraded`, `failed`, `skipped`.
-    pub status: String,
-    /// From the manifest.
-    pub driver_version: Option<String>,
-    /// GPUs the driver registered.
-    pub gpus: u32,
-    /// Module outcomes.
-    pub modules: Vec<ModuleView>,
-    /// Why degraded.
-    pub problems: Vec<String>,
-}
-
-/// One module of the report.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct ModuleView {
-    /// Module name.
-    pub name: String,
-    /// `loaded`, `already_loaded`, `failed`, `skipped`.
-    pub result: String,
-}
-
-/// The `GPU-INIT` line of a setup: it parses, status `ok`, the real driver version and GPU
+/// The `GPU-INIT` line of a setup: exactly one, it parses as the typed report
+/// ([`gpu_passthrough_manifest::report::Report`]), status `ok`, the real driver version and GPU
 /// count, every module already loaded (nothing was loaded).
 pub fn report(output: &str, driver_version: &str, gpus: u32) -> CheckResult {
-    let prefix = gpu_passthrough_init::report::REPORT_PREFIX;
-    let lines: Vec<&str> = output.lines().filter(|l| l.starts_with(prefix)).collect();
+    use gpu_passthrough_manifest::report::{ModuleResult, Status, parse_report_line};
+    let lines: Vec<_> = output.lines().filter_map(parse_report_line).collect();
     let mut fail = Vec::new();
     if lines.len() != 1 {
         fail.push(format!("{} GPU-INIT lines, want exactly 1", lines.len()));
     }
-    let Some(line) = lines.first() else {
-        return CheckResult::from_findings("report", fail, vec![], json!({ "output": output }));
-    };
-    let raw: Value = serde_json::from_str(&line[prefix.len()..]).unwrap_or(Value::Null);
-    match serde_json::from_value::<ReportView>(raw.clone()) {
-        Err(e) => fail.push(format!(
+    let mut facts = json!({ "output": output });
+    match lines.into_iter().next() {
+        None => {}
+        Some(Err(e)) => fail.push(format!(
             "the GPU-INIT line does not parse as the report: {e}"
         )),
-        Ok(r) => {
-            if r.status != "ok" {
-                fail.push(format!("status {} (problems: {:?})", r.status, r.problems));
+        Some(Ok(r)) => {
+            if r.status != Status::Ok {
+                fail.push(format!(
+                    "status {:?} (problems: {:?})",
+                    r.status, r.problems
+                ));
             }
             if r.driver_version.as_deref() != Some(driver_version) {
                 fail.push(format!(
@@ -333,13 +311,18 @@ pub fn report(output: &str, driver_version: &str, gpus: u32) -> CheckResult {
             if r.gpus != gpus {
                 fail.push(format!("gpus {}, the driver has {gpus}", r.gpus));
             }
-            for m in r.modules.iter().filter(|m| m.result != "already_loaded") {
+            for m in r
+                .modules
+                .iter()
+                .filter(|m| m.result != ModuleResult::AlreadyLoaded)
+            {
                 fail.push(format!(
-                    "module {} is {}, want already_loaded",
+                    "module {} is {:?}, want already_loaded",
                     m.name, m.result
                 ));
             }
+            facts = json!({ "report": r });
         }
     }
-    CheckResult::from_findings("report", fail, vec![], json!({ "report": raw }))
+    CheckResult::from_findings("report", fail, vec![], facts)
 }

@@ -125,6 +125,12 @@ pub fn private_scratch(scratch: &Path) -> Result<(), String> {
     .map_err(|e| format!("tmpfs on {}: {e}", scratch.display()))
 }
 
+/// Detach the scratch tmpfs (and the binds under it) and remove its mount point.
+pub fn drop_scratch(scratch: &Path) {
+    let _ = nix::mount::umount2(scratch, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir(scratch);
+}
+
 /// What the injection check needs from outside.
 pub struct Inputs<'a> {
     /// The loaded driver's version.

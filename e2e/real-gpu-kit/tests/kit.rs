@@ -4,7 +4,7 @@
 
 use gpu_passthrough::attach::PlanRequest;
 use gpu_passthrough_init::dryrun::{self, DryRunArgs};
-use gpu_passthrough_init::report::{ModuleReport, ModuleResult, Report, Status};
+use gpu_passthrough_manifest::report::{ModuleReport, ModuleResult, Report, Status};
 use gpu_passthrough_real_gpu::{Outcome, Roots, Summary, checks, facts, inject};
 use gpu_passthrough_tests::sysfs::{FakeHost, workstation};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
@@ -458,7 +458,7 @@ fn gpu_init() -> PathBuf {
 #[test]
 fn injection_of_an_installed_driver_reaches_the_roots_loader_and_libcuda_loads_there() {
     // An "installed driver": the real 535.261.03 libraries, as the loader cache would list them.
-    let installed = tempfile::tempdir().unwrap();
+    let installed = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let status = std::process::Command::new("tar")
         .args(["xzf", LIBS_TAR, "-C"])
         .arg(installed.path())
@@ -539,4 +539,6 @@ fn injection_of_an_installed_driver_reaches_the_roots_loader_and_libcuda_loads_t
         "{:?}",
         check.detail
     );
+    inject::drop_scratch(&scratch);
+    inject::drop_scratch(&installed.path().join("scratch2"));
 }
