@@ -41,9 +41,10 @@ pub fn doctor(doctor: &Value, gpus: &[GpuFact], iommu_groups: usize) -> CheckRes
     CheckResult::from_findings("doctor", fail, notes, json!({ "doctor": doctor }))
 }
 
-/// `devices --json`: every GPU is found with the driver's name for it, its IOMMU group, NUMA
-/// node, reset methods and BARs; and the MMIO window a boot spec would ask for holds its BARs.
-pub fn devices(devices: &Value, gpus: &[GpuFact]) -> CheckResult {
+/// `devices --json`: every GPU is found with a name (the driver's own `Model:` when we were given
+/// the driver's `supported-gpus.json`, `driver_list`; else any, from `pci.ids`), its IOMMU group,
+/// NUMA node, reset methods and BARs; and the MMIO window a boot spec would ask for holds its BARs.
+pub fn devices(devices: &Value, gpus: &[GpuFact], driver_list: bool) -> CheckResult {
     let mut fail = Vec::new();
     let mut notes = Vec::new();
     let mut windows = Vec::new();
@@ -61,8 +62,12 @@ pub fn devices(devices: &Value, gpus: &[GpuFact]) -> CheckResult {
                 ));
             }
         };
-        if let Some(model) = &g.model {
-            differ("name", d["device_name"].clone(), json!(model));
+        match (&g.model, d["device_name"].as_str()) {
+            (Some(model), _) if driver_list => {
+                differ("name", d["device_name"].clone(), json!(model))
+            }
+            (_, Some(_)) => {}
+            (_, None) => differ("name", Value::Null, json!(g.model)),
         }
         differ(
             "IOMMU group",

@@ -132,7 +132,7 @@ fn run(cli: &Path, gpu_init: &Path, scratch: &Path) -> Summary {
         dev_args.extend(["--supported-gpus", s.as_str()]);
     }
     let (_, devices) = cli_json(cli, &[base.as_slice(), &dev_args].concat());
-    results.push(show(checks::devices(&devices, &gpus)));
+    results.push(show(checks::devices(&devices, &gpus, sg.is_some())));
     for g in &gpus {
         let d = roots.sysfs.join("bus/pci/devices").join(&g.address);
         let watched = vec![

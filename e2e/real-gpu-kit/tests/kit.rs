@@ -107,7 +107,7 @@ fn devices_and_doctor_hold_when_our_cli_agrees_and_fail_naming_what_differs() {
     // What `devices --json` prints: the library's reports, serialized.
     let list = h.devices(false, Some(Path::new(SUPPORTED_GPUS))).unwrap();
     let json = serde_json::to_value(&list).unwrap();
-    let held = checks::devices(&json, &gpus);
+    let held = checks::devices(&json, &gpus, true);
     assert_eq!(held.outcome, Outcome::Held, "{:?}", held.detail);
     assert!(
         held.detail[0].contains("MMIO window 64 GiB"),
@@ -124,7 +124,7 @@ fn devices_and_doctor_hold_when_our_cli_agrees_and_fail_naming_what_differs() {
         .unwrap();
     gpu["numa_node"] = serde_json::json!(1);
     gpu["bars"][1]["size"] = serde_json::json!(1u64 << 30);
-    let failed = checks::devices(&wrong, &gpus);
+    let failed = checks::devices(&wrong, &gpus, true);
     assert_eq!(failed.outcome, Outcome::Failed);
     assert!(
         failed.detail.iter().any(|d| d.contains("NUMA node")),
@@ -138,11 +138,29 @@ fn devices_and_doctor_hold_when_our_cli_agrees_and_fail_naming_what_differs() {
     );
     // Without the driver's GPU list our name is not the driver's.
     let unnamed = serde_json::to_value(h.devices(false, None).unwrap()).unwrap();
-    let failed = checks::devices(&unnamed, &gpus);
+    let failed = checks::devices(&unnamed, &gpus, true);
     assert!(
         failed.detail.iter().any(|d| d.contains("name")),
         "{:?}",
         failed.detail
+    );
+    // Named from pci.ids instead (no driver list given): any name will do, none will not.
+    let mut pci_ids = json.clone();
+    let idx = pci_ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|d| d["address"] == "0000:01:00.0")
+        .unwrap();
+    pci_ids[idx]["device_name"] = serde_json::json!("AD102 [GeForce RTX 4090]");
+    assert_eq!(
+        checks::devices(&pci_ids, &gpus, false).outcome,
+        Outcome::Held
+    );
+    pci_ids[idx]["device_name"] = serde_json::Value::Null;
+    assert_eq!(
+        checks::devices(&pci_ids, &gpus, false).outcome,
+        Outcome::Failed
     );
 
     let doctor = serde_json::to_value(h.doctor(None).unwrap()).unwrap();
