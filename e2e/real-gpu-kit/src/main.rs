@@ -1,6 +1,6 @@
 //! `real-gpu`: run the kit (see `e2e/real-gpu`), or `real-gpu cuda-probe` inside the scratch root.
 
-use gpu_passthrough_init::dryrun::{self, DryRunArgs};
+use gpu_passthrough_init::dryrun;
 use gpu_passthrough_real_gpu::{CheckResult, Roots, Summary, checks, facts, inject, probe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -165,16 +165,7 @@ fn run(cli: &Path, gpu_init: &Path, scratch: &Path) -> Summary {
         ])
         .output()
         .ok()
-        .and_then(|o| serde_json::from_slice::<dryrun::DryRun>(&o.stdout).ok())
-        .or_else(|| {
-            dryrun::run(&DryRunArgs {
-                proc_root: "/proc".into(),
-                dev_dir: "/dev".into(),
-                manifest: None,
-                json: true,
-            })
-            .ok()
-        });
+        .and_then(|o| serde_json::from_slice::<dryrun::DryRun>(&o.stdout).ok());
     match dry {
         Some(dry) => results.push(show(checks::nodes(
             &dry,
