@@ -21,9 +21,6 @@ const SUCCESS: u8 = 0;
 /// Options shared by the host commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HostOpts {
-    /// Devices directory where `vfio/<group>` nodes appear (tests point this at a fake tree).
-    #[arg(long, value_name = "DIR", default_value = "/dev")]
-    pub dev_dir: PathBuf,
     /// The NVIDIA driver's supported-gpus.json: GPU names and open-module support.
     #[arg(long, value_name = "FILE", env = "GPU_PASSTHROUGH_SUPPORTED_GPUS")]
     pub supported_gpus: Option<PathBuf>,
@@ -131,7 +128,7 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-fn host(global: &Global, opts: &HostOpts, gone: Vec<Owner>) -> Host {
+fn host(global: &Global, _opts: &HostOpts, gone: Vec<Owner>) -> Host {
     Host::new(
         &global.sysfs_root,
         &global.state_dir,
@@ -140,7 +137,7 @@ fn host(global: &Global, opts: &HostOpts, gone: Vec<Owner>) -> Host {
             ..Default::default()
         }),
     )
-    .with_dev_dir(&opts.dev_dir)
+    .with_dev_dir(&global.dev_dir)
 }
 
 fn owner(s: &str) -> anyhow::Result<Owner> {

@@ -2,6 +2,7 @@
 //!
 //! Each command group lives in its own module; this file holds the global flags and dispatch.
 
+mod device_plugin;
 mod host;
 mod initrd;
 mod output;
@@ -54,6 +55,9 @@ pub struct Global {
         default_value = "/var/lib/gpu-passthrough"
     )]
     pub state_dir: PathBuf,
+    /// Devices directory where `vfio/<group>` nodes appear (tests point this at a fake tree).
+    #[arg(long, value_name = "DIR", global = true, default_value = "/dev")]
+    pub dev_dir: PathBuf,
 }
 
 impl Global {
@@ -108,6 +112,8 @@ enum Command {
     Detach(host::DetachArgs),
     /// Repair what a crash left behind: half-done binds and attachments whose owner is gone.
     Reconcile(host::ReconcileArgs),
+    /// Serve the node's GPUs to the kubelet (a KubeVirt device plugin) until SIGTERM.
+    DevicePlugin(device_plugin::DevicePluginArgs),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +128,7 @@ fn main() -> ExitCode {
         Command::Attach(a) => host::attach(&cli.global, a),
         Command::Detach(a) => host::detach(&cli.global, a),
         Command::Reconcile(a) => host::reconcile(&cli.global, a),
+        Command::DevicePlugin(a) => device_plugin::run(&cli.global, a),
     };
     match result {
         Ok(code) => code,
