@@ -24,13 +24,23 @@ async fn sigterm_stops_the_plugin_and_leaves_no_stale_sockets() {
     let plugins = kubelet_dir.join("device-plugins");
     let kubelet = StubKubelet::start(&plugins);
     let pci_ids = h.dir.path().join("pci.ids");
-    fs::write(&pci_ids, "10de  NVIDIA Corporation\n\t2330  GH100 [H100 SXM5 80GB]\n").unwrap();
+    fs::write(
+        &pci_ids,
+        "10de  NVIDIA Corporation\n\t2330  GH100 [H100 SXM5 80GB]\n",
+    )
+    .unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpu-passthrough"))
         .args(h.cli_args())
         .arg("--dev-dir")
         .arg(&h.dev)
-        .args(["device-plugin", "--poll-ms", "50", "--json", "--kubelet-dir"])
+        .args([
+            "device-plugin",
+            "--poll-ms",
+            "50",
+            "--json",
+            "--kubelet-dir",
+        ])
         .arg(&kubelet_dir)
         .arg("--pci-ids")
         .arg(&pci_ids)
@@ -51,7 +61,10 @@ async fn sigterm_stops_the_plugin_and_leaves_no_stale_sockets() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "plugin did not stop on SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "plugin did not stop on SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let out = std::io::read_to_string(child.stdout.take().unwrap()).unwrap();

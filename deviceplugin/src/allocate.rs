@@ -48,7 +48,9 @@ pub enum AllocateError {
     #[error("{0} is not a device this plugin serves")]
     UnknownDevice(String),
     /// Another owner holds the device.
-    #[error("{device} is held by owner {owner}, not by the device plugin; detach it on the node first")]
+    #[error(
+        "{device} is held by owner {owner}, not by the device plugin; detach it on the node first"
+    )]
     HeldByOther {
         /// The device.
         device: PciAddress,
@@ -66,7 +68,9 @@ pub enum AllocateError {
         requested: String,
     },
     /// A device or a member of its group no longer passes the checks.
-    #[error("{device} cannot be handed out: {member} is {problem}; the node needs attention (reconcile or re-prepare the GPU)")]
+    #[error(
+        "{device} cannot be handed out: {member} is {problem}; the node needs attention (reconcile or re-prepare the GPU)"
+    )]
     Unfit {
         /// The device asked for.
         device: PciAddress,
@@ -202,9 +206,9 @@ pub fn allocate(
                 .group_members(group)
                 .map_err(|e| PluginError::from(gpu_passthrough::attach::AttachError::from(e)))?;
             for m in &members {
-                let d = sysfs
-                    .device(*m)
-                    .map_err(|e| PluginError::from(gpu_passthrough::attach::AttachError::from(e)))?;
+                let d = sysfs.device(*m).map_err(|e| {
+                    PluginError::from(gpu_passthrough::attach::AttachError::from(e))
+                })?;
                 if d.kind == DeviceKind::Bridge {
                     continue;
                 }
@@ -222,7 +226,10 @@ pub fn allocate(
                             })
                         })
                         .ok_or(AllocateError::NoVfioCdev { device: *m })?;
-                    push(&mut answer.devices, node(host, &format!("vfio/devices/{cdev}")));
+                    push(
+                        &mut answer.devices,
+                        node(host, &format!("vfio/devices/{cdev}")),
+                    );
                 }
             }
             push(&mut answer.devices, node(host, &format!("vfio/{group}")));
@@ -248,9 +255,16 @@ pub fn allocate(
         });
     }
     let mut taken = Vec::new();
-    for att in j.state.attachments.iter_mut().filter(|a| is_plugin_owner(&a.owner)) {
-        let (out, keep): (Vec<_>, Vec<_>) =
-            att.devices.drain(..).partition(|d| moving.contains(&d.device));
+    for att in j
+        .state
+        .attachments
+        .iter_mut()
+        .filter(|a| is_plugin_owner(&a.owner))
+    {
+        let (out, keep): (Vec<_>, Vec<_>) = att
+            .devices
+            .drain(..)
+            .partition(|d| moving.contains(&d.device));
         att.devices = keep;
         taken.extend(out);
     }

@@ -55,10 +55,9 @@ impl fmt::Display for Problem {
                 "on {} instead of vfio-pci",
                 d.as_deref().unwrap_or("no driver")
             ),
-            Problem::GroupChanged { recorded, now } => write!(
-                f,
-                "IOMMU group changed from {recorded:?} to {now:?}"
-            ),
+            Problem::GroupChanged { recorded, now } => {
+                write!(f, "IOMMU group changed from {recorded:?} to {now:?}")
+            }
             Problem::Quarantined => write!(f, "quarantined"),
         }
     }
@@ -160,7 +159,11 @@ pub(crate) fn scan_state(
 ) -> Inventory {
     let mut inv = Inventory::default();
     let sysfs = host.sysfs();
-    for att in state.attachments.iter().filter(|a| is_plugin_owner(&a.owner)) {
+    for att in state
+        .attachments
+        .iter()
+        .filter(|a| is_plugin_owner(&a.owner))
+    {
         for rec in att.devices.iter().filter(|d| d.passed) {
             // A device gone from sysfs cannot be named: it leaves the list, which the kubelet
             // takes as removed.
@@ -176,7 +179,13 @@ pub(crate) fn scan_state(
                 group: rec.iommu_group,
                 numa: dev.numa_node,
                 switch: switch_of(sysfs, rec.device),
-                problems: problems(sysfs, host.dev_dir(), rec.device, rec.iommu_group, quarantine),
+                problems: problems(
+                    sysfs,
+                    host.dev_dir(),
+                    rec.device,
+                    rec.iommu_group,
+                    quarantine,
+                ),
             });
         }
     }
@@ -224,7 +233,10 @@ pub fn prepare(
         Prepare::All => usize::MAX,
     };
     let devices = host.devices(false, supported_gpus)?;
-    for d in devices.iter().filter(|d| d.device.is_nvidia_gpu() && d.owner.is_none()) {
+    for d in devices
+        .iter()
+        .filter(|d| d.device.is_nvidia_gpu() && d.owner.is_none())
+    {
         let addr = d.device.address;
         let on_vfio = d.device.driver.as_deref() == Some("vfio-pci");
         if !on_vfio && budget == 0 {

@@ -37,7 +37,10 @@ impl Namer {
             return (format!("{DOMAIN}/{}", sanitize(n)), NameSource::PciIds);
         }
         if let Some(n) = self.gpus.as_ref().and_then(|g| g.name(device.device_id)) {
-            return (format!("{DOMAIN}/{}", sanitize(n)), NameSource::SupportedGpus);
+            return (
+                format!("{DOMAIN}/{}", sanitize(n)),
+                NameSource::SupportedGpus,
+            );
         }
         (
             format!("{DOMAIN}/{:04x}", device.device_id),
@@ -97,7 +100,13 @@ pub fn socket_name(resource: &str) -> String {
     let part = resource.rsplit('/').next().unwrap_or(resource);
     let safe: String = part
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("gpu-passthrough-{safe}.sock")
 }
@@ -109,13 +118,19 @@ mod tests {
     #[test]
     fn pci_ids_names_become_kubevirt_resource_names() {
         assert_eq!(sanitize("GH100 [H100 SXM5 80GB]"), "GH100_H100_SXM5_80GB");
-        assert_eq!(sanitize("AD102 [GeForce RTX 4090]"), "AD102_GEFORCE_RTX_4090");
+        assert_eq!(
+            sanitize("AD102 [GeForce RTX 4090]"),
+            "AD102_GEFORCE_RTX_4090"
+        );
         assert_eq!(
             sanitize("TU102GL [Quadro RTX 6000/8000]"),
             "TU102GL_QUADRO_RTX_6000_8000"
         );
         assert_eq!(sanitize("GA100 [A100 SXM4 40GB]  "), "GA100_A100_SXM4_40GB");
-        assert_eq!(sanitize("GV100GL [Tesla V100 SXM2 16GB]"), "GV100GL_TESLA_V100_SXM2_16GB");
+        assert_eq!(
+            sanitize("GV100GL [Tesla V100 SXM2 16GB]"),
+            "GV100GL_TESLA_V100_SXM2_16GB"
+        );
     }
 
     #[test]

@@ -45,9 +45,7 @@ pub fn preferred(available: &[Candidate], must_include: &[String], size: usize) 
         let node = nodes
             .iter()
             .filter(|(_, (_, f))| *f > 0)
-            .max_by(|(na, (pa, fa)), (nb, (pb, fb))| {
-                pa.cmp(pb).then(fa.cmp(fb)).then(nb.cmp(na))
-            })
+            .max_by(|(na, (pa, fa)), (nb, (pb, fb))| pa.cmp(pb).then(fa.cmp(fb)).then(nb.cmp(na)))
             .map(|(n, _)| *n)
             .unwrap_or(None);
         // Within the node, the same for switches.
@@ -63,9 +61,7 @@ pub fn preferred(available: &[Candidate], must_include: &[String], size: usize) 
         let switch = switches
             .iter()
             .filter(|(_, (_, f))| *f > 0)
-            .max_by(|(sa, (pa, fa)), (sb, (pb, fb))| {
-                pa.cmp(pb).then(fa.cmp(fb)).then(sb.cmp(sa))
-            })
+            .max_by(|(sa, (pa, fa)), (sb, (pb, fb))| pa.cmp(pb).then(fa.cmp(fb)).then(sb.cmp(sa)))
             .map(|(s, _)| s.clone())
             .unwrap_or(None);
         let Some(pos) = free

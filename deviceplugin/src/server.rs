@@ -108,7 +108,11 @@ impl DevicePlugin for PluginService {
         req: Request<api::PreferredAllocationRequest>,
     ) -> Result<Response<api::PreferredAllocationResponse>, Status> {
         let inv = self.shared.inventory.borrow().clone();
-        let served = inv.resources.get(&self.resource).cloned().unwrap_or_default();
+        let served = inv
+            .resources
+            .get(&self.resource)
+            .cloned()
+            .unwrap_or_default();
         let mut out = api::PreferredAllocationResponse::default();
         for c in req.into_inner().container_requests {
             let avail: Vec<Candidate> = c
@@ -305,7 +309,11 @@ pub async fn run(
     let report = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
-            inventory::prepare(&config.host(), config.prepare, config.supported_gpus.as_deref())
+            inventory::prepare(
+                &config.host(),
+                config.prepare,
+                config.supported_gpus.as_deref(),
+            )
         })
         .await
         .unwrap_or_else(|e| panic!("prepare task: {e}"))?
@@ -362,12 +370,21 @@ async fn tick(
     shared: &Arc<Shared>,
     servers: &mut BTreeMap<String, Served>,
 ) -> Result<(), PluginError> {
-    let resources: Vec<String> = shared.inventory.borrow().resources.keys().cloned().collect();
+    let resources: Vec<String> = shared
+        .inventory
+        .borrow()
+        .resources
+        .keys()
+        .cloned()
+        .collect();
     for r in &resources {
         let restart = servers.get(r).is_some_and(|s| !s.socket.exists());
         if restart {
             // The kubelet removes every plugin socket when it restarts: serve again.
-            tracing::info!("{} was removed: serving {r} again", servers[r].socket.display());
+            tracing::info!(
+                "{} was removed: serving {r} again",
+                servers[r].socket.display()
+            );
             if let Some(s) = servers.remove(r) {
                 let _ = s.stop.send(true);
                 let _ = tokio::time::timeout(Duration::from_secs(2), s.task).await;

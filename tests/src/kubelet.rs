@@ -103,7 +103,10 @@ impl StubKubelet {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
-        for e in std::fs::read_dir(&self.dir).expect("read device-plugins").flatten() {
+        for e in std::fs::read_dir(&self.dir)
+            .expect("read device-plugins")
+            .flatten()
+        {
             if e.file_name().to_string_lossy().ends_with(".sock") {
                 let _ = std::fs::remove_file(e.path());
             }

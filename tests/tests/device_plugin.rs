@@ -148,12 +148,21 @@ async fn registers_each_resource_and_lists_devices_with_health_and_numa() {
     println!("captured Register: {h100:?}");
 
     // The adopted devices are journaled for the pool: a local `attach` would be refused.
-    for a in ["0000:18:00.0", "0000:9a:00.0", "0000:01:00.0", "0000:01:00.1"] {
+    for a in [
+        "0000:18:00.0",
+        "0000:9a:00.0",
+        "0000:01:00.0",
+        "0000:01:00.1",
+    ] {
         assert_eq!(owner_of(&h, a).as_deref(), Some("device-plugin"), "{a}");
     }
 
     let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
-    let opts = client.get_device_plugin_options(Empty {}).await.unwrap().into_inner();
+    let opts = client
+        .get_device_plugin_options(Empty {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(opts.get_preferred_allocation_available && !opts.pre_start_required);
     let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
     let first = next(&mut stream).await;
@@ -201,7 +210,9 @@ async fn allocate_answers_vfio_nodes_and_kubevirt_env_and_journals_the_allocatio
     println!("captured Allocate: {resp:?}");
     let c = &resp.container_responses[0];
     assert_eq!(
-        c.envs.get("PCI_RESOURCE_NVIDIA_COM_GH100_H100_SXM5_80GB").map(String::as_str),
+        c.envs
+            .get("PCI_RESOURCE_NVIDIA_COM_GH100_H100_SXM5_80GB")
+            .map(String::as_str),
         Some("0000:18:00.0")
     );
     let nodes: Vec<(&str, &str)> = c
@@ -220,10 +231,16 @@ async fn allocate_answers_vfio_nodes_and_kubevirt_env_and_journals_the_allocatio
     assert!(c.devices.iter().all(|d| d.permissions == "mrw"));
     let owner = owner_of(&h, "0000:18:00.0").unwrap();
     assert!(owner.starts_with("device-plugin:alloc-"), "{owner}");
-    assert_eq!(owner_of(&h, "0000:9a:00.0").as_deref(), Some("device-plugin"));
+    assert_eq!(
+        owner_of(&h, "0000:9a:00.0").as_deref(),
+        Some("device-plugin")
+    );
 
     // The kubelet hands the device out again after the pod ended: a new allocation owner.
-    client.allocate(alloc(&["0000:18:00.0"])).await.expect("re-allocated");
+    client
+        .allocate(alloc(&["0000:18:00.0"]))
+        .await
+        .expect("re-allocated");
     let again = owner_of(&h, "0000:18:00.0").unwrap();
     assert_ne!(again, owner);
 
@@ -233,17 +250,34 @@ async fn allocate_answers_vfio_nodes_and_kubevirt_env_and_journals_the_allocatio
     assert!(err.message().contains("AD102"), "{}", err.message());
     let err = client.allocate(alloc(&["GPU-x"])).await.unwrap_err();
     assert!(err.message().contains("GPU-x"), "{}", err.message());
-    assert_eq!(owner_of(&h, "0000:01:00.0").as_deref(), Some("device-plugin"));
+    assert_eq!(
+        owner_of(&h, "0000:01:00.0").as_deref(),
+        Some("device-plugin")
+    );
 
     // The 4090 takes its audio function (same group) with it; with iommufd the container also
     // gets /dev/iommu and each function's VFIO character device.
     fs::write(h.dev.join("iommu"), "").unwrap();
     for (a, n) in [("0000:01:00.0", 3), ("0000:01:00.1", 4)] {
-        fs::create_dir_all(h.sys.join("bus/pci/devices").join(a).join(format!("vfio-dev/vfio{n}")))
-            .unwrap();
+        fs::create_dir_all(
+            h.sys
+                .join("bus/pci/devices")
+                .join(a)
+                .join(format!("vfio-dev/vfio{n}")),
+        )
+        .unwrap();
     }
-    let mut client = plugin_client(&plugin.dir.join("gpu-passthrough-AD102_GEFORCE_RTX_4090.sock")).await;
-    let resp = client.allocate(alloc(&["0000:01:00.0"])).await.unwrap().into_inner();
+    let mut client = plugin_client(
+        &plugin
+            .dir
+            .join("gpu-passthrough-AD102_GEFORCE_RTX_4090.sock"),
+    )
+    .await;
+    let resp = client
+        .allocate(alloc(&["0000:01:00.0"]))
+        .await
+        .unwrap()
+        .into_inner();
     let paths: Vec<&str> = resp.container_responses[0]
         .devices
         .iter()
@@ -292,7 +326,10 @@ async fn a_missing_group_node_turns_the_device_unhealthy_within_a_poll() {
 
     // Off vfio-pci is unhealthy too.
     fs::remove_file(h.sys.join("bus/pci/devices/0000:18:00.0/driver")).unwrap();
-    assert_eq!(health(&next(&mut stream).await, "0000:18:00.0"), "Unhealthy");
+    assert_eq!(
+        health(&next(&mut stream).await, "0000:18:00.0"),
+        "Unhealthy"
+    );
     plugin.stop().await;
     kubelet.stop().await;
 }
@@ -340,7 +377,11 @@ async fn registers_again_after_the_kubelet_restarts() {
     let t0 = Instant::now();
     let kubelet = StubKubelet::start(&dir);
     let regs = kubelet.wait_registrations(2, WAIT).await;
-    println!("re-registered {} resources {:?} after the kubelet came back", regs.len(), t0.elapsed());
+    println!(
+        "re-registered {} resources {:?} after the kubelet came back",
+        regs.len(),
+        t0.elapsed()
+    );
     assert_eq!(regs.len(), 2);
     assert!(sockets(&dir).contains(&H100_SOCK.to_string()));
     let mut client = plugin_client(&dir.join(H100_SOCK)).await;
@@ -370,15 +411,31 @@ async fn allocate_is_refused_when_the_group_changed() {
     let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
     let err = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().contains("IOMMU group changed from Some(20) to Some(99)"), "{}", err.message());
-    assert_eq!(owner_of(&h, "0000:18:00.0").as_deref(), Some("device-plugin"));
+    assert!(
+        err.message()
+            .contains("IOMMU group changed from Some(20) to Some(99)"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        owner_of(&h, "0000:18:00.0").as_deref(),
+        Some("device-plugin")
+    );
 
     // A group member that left vfio-pci also refuses its group.
     fs::remove_file(h.sys.join("bus/pci/devices/0000:01:00.1/driver")).unwrap();
-    let mut client = plugin_client(&plugin.dir.join("gpu-passthrough-AD102_GEFORCE_RTX_4090.sock")).await;
+    let mut client = plugin_client(
+        &plugin
+            .dir
+            .join("gpu-passthrough-AD102_GEFORCE_RTX_4090.sock"),
+    )
+    .await;
     let err = client.allocate(alloc(&["0000:01:00.0"])).await.unwrap_err();
     assert!(err.message().contains("0000:01:00.1"), "{}", err.message());
-    assert_eq!(owner_of(&h, "0000:01:00.0").as_deref(), Some("device-plugin"));
+    assert_eq!(
+        owner_of(&h, "0000:01:00.0").as_deref(),
+        Some("device-plugin")
+    );
     plugin.stop().await;
     kubelet.stop().await;
 }
@@ -398,8 +455,14 @@ async fn prepare_moves_gpus_through_the_attach_transaction() {
     assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
     assert_eq!(h.driver("0000:01:00.1").as_deref(), Some("vfio-pci"));
     assert_eq!(h.driver("0000:00:02.0").as_deref(), Some("i915"));
-    assert_eq!(owner_of(&h, "0000:01:00.0").as_deref(), Some("device-plugin"));
+    assert_eq!(
+        owner_of(&h, "0000:01:00.0").as_deref(),
+        Some("device-plugin")
+    );
     let report = plugin.stop().await;
-    assert_eq!(report.moved, ["0000:01:00.0".parse::<PciAddress>().unwrap()]);
+    assert_eq!(
+        report.moved,
+        ["0000:01:00.0".parse::<PciAddress>().unwrap()]
+    );
     kubelet.stop().await;
 }
