@@ -7,10 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use gpu_passthrough_device_plugin::{Config, Prepare, run_until_signal};
-use serde::Serialize;
 
 use crate::Global;
-use crate::output::{emit, exit, fail};
+use crate::output::{emit_text, exit, fail};
 
 /// How many GPUs `--prepare` moves: a number or `all`.
 #[derive(Debug, Clone, Copy)]
@@ -48,14 +47,7 @@ pub struct DevicePluginArgs {
     supported_gpus: Option<PathBuf>,
 }
 
-#[derive(Serialize)]
-struct Report {
-    adopted: Vec<String>,
-    moved: Vec<String>,
-    skipped: Vec<(String, String)>,
-}
-
-/// Run the plugin; on SIGTERM print what the start-up pass did.
+/// Run the plugin; after SIGTERM print what the start-up pass did.
 pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode> {
     let config = Config {
         kubelet_dir: args.kubelet_dir.clone(),
@@ -68,23 +60,7 @@ pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode>
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
         ..Config::new()
     };
-    let r = run_until_signal(config).map_err(|e| fail(exit::FAILURE, e))?;
-    let report = Report {
-        adopted: r.adopted.iter().map(ToString::to_string).collect(),
-        moved: r.moved.iter().map(ToString::to_string).collect(),
-        skipped: r
-            .skipped
-            .iter()
-            .map(|(a, why)| (a.to_string(), why.clone()))
-            .collect(),
-    };
-    emit(global, &report, |r| {
-        println!(
-            "stopped; at start: adopted {}, moved {}, skipped {}",
-            r.adopted.join(","),
-            r.moved.join(","),
-            r.skipped.len()
-        );
-    })?;
+    let report = run_until_signal(config).map_err(|e| fail(exit::FAILURE, e))?;
+    emit_text(global, &report)?;
     Ok(ExitCode::SUCCESS)
 }

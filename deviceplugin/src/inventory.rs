@@ -207,7 +207,7 @@ pub enum Prepare {
 }
 
 /// What the start-up pass did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PrepareReport {
     /// GPUs already on vfio-pci, recorded for the pool without a write.
     pub adopted: Vec<PciAddress>,
@@ -215,6 +215,27 @@ pub struct PrepareReport {
     pub moved: Vec<PciAddress>,
     /// GPUs left alone, with why (boot display, a group with host devices, a failed attach).
     pub skipped: Vec<(PciAddress, String)>,
+}
+
+impl fmt::Display for PrepareReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |v: &[PciAddress]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        writeln!(f, "adopted (already on vfio-pci): {}", list(&self.adopted))?;
+        writeln!(f, "moved to vfio-pci: {}", list(&self.moved))?;
+        for (a, why) in &self.skipped {
+            writeln!(f, "skipped {a}: {why}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Record the unowned NVIDIA GPUs already on vfio-pci for the pool, and move `prepare` more

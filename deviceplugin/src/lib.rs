@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpu_passthrough::attach::{AttachError, Host, JournalError, PidLiveness};
+use gpu_passthrough::paths;
 use gpu_passthrough::pci::PciAddress;
 use gpu_passthrough::pci::ids::{PciIds, SupportedGpus};
 
@@ -128,9 +129,9 @@ impl Config {
     pub fn new() -> Self {
         Config {
             kubelet_dir: PathBuf::from("/var/lib/kubelet"),
-            sysfs_root: PathBuf::from("/sys"),
-            state_dir: PathBuf::from("/var/lib/gpu-passthrough"),
-            dev_dir: PathBuf::from("/dev"),
+            sysfs_root: PathBuf::from(paths::SYSFS_ROOT),
+            state_dir: PathBuf::from(paths::STATE_DIR),
+            dev_dir: PathBuf::from(paths::DEV_DIR),
             pci_ids: None,
             supported_gpus: None,
             prepare: Prepare::None,
