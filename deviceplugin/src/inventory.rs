@@ -287,3 +287,32 @@ pub fn prepare(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_switch_is_the_upstream_port_two_levels_up() {
+        let t = tempfile::tempdir().unwrap();
+        let sys = t.path();
+        // Root port 00:01.0 → switch upstream 01:00.0 → downstream 02:08.0 → GPU 03:00.0;
+        // and a GPU 04:00.0 straight under root port 00:02.0 (no switch).
+        let gpu =
+            sys.join("devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:08.0/0000:03:00.0");
+        let direct = sys.join("devices/pci0000:00/0000:00:02.0/0000:04:00.0");
+        std::fs::create_dir_all(&gpu).unwrap();
+        std::fs::create_dir_all(&direct).unwrap();
+        std::fs::create_dir_all(sys.join("bus/pci/devices")).unwrap();
+        std::os::unix::fs::symlink(&gpu, sys.join("bus/pci/devices/0000:03:00.0")).unwrap();
+        std::os::unix::fs::symlink(&direct, sys.join("bus/pci/devices/0000:04:00.0")).unwrap();
+        let s = Sysfs::new(sys);
+        let sw = switch_of(&s, "0000:03:00.0".parse().unwrap()).unwrap();
+        assert!(
+            sw.ends_with("0000:00:01.0/0000:01:00.0"),
+            "{}",
+            sw.display()
+        );
+        assert_eq!(switch_of(&s, "0000:04:00.0".parse().unwrap()), None);
+    }
+}

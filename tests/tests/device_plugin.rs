@@ -466,3 +466,50 @@ async fn prepare_moves_gpus_through_the_attach_transaction() {
     );
     kubelet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_n_moves_n_gpus_and_never_the_boot_display() {
+    let h = FakeHost::new(true);
+    // An NVIDIA boot display, then three H100s on nvidia.
+    h.add(
+        FakeDevice::new("0000:05:00.0", 0x10de, 0x2330, 0x030000)
+            .driver("nvidia")
+            .group(5)
+            .boot_vga(),
+    );
+    for (i, a) in ["0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0"]
+        .iter()
+        .enumerate()
+    {
+        h.add(
+            FakeDevice::new(a, 0x10de, 0x2330, 0x030200)
+                .driver("nvidia")
+                .group(20 + i as u32)
+                .numa(0),
+        );
+    }
+    let cfg = Config {
+        prepare: Prepare::Count(2),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(1, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    let ids: Vec<String> = next(&mut stream)
+        .await
+        .devices
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, ["0000:18:00.0", "0000:2a:00.0"]);
+    assert_eq!(h.driver("0000:05:00.0").as_deref(), Some("nvidia"));
+    assert_eq!(h.driver("0000:3a:00.0").as_deref(), Some("nvidia"));
+    let report = plugin.stop().await;
+    assert_eq!(report.moved.len(), 2);
+    let (skipped, why) = &report.skipped[0];
+    assert_eq!(skipped.to_string(), "0000:05:00.0");
+    assert!(why.contains("boot display"), "{why}");
+    kubelet.stop().await;
+}
