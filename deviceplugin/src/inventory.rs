@@ -12,7 +12,7 @@ use gpu_passthrough::attach::journal::JournalState;
 use gpu_passthrough::attach::{AttachRequest, Host, Owner, PlanRequest};
 use gpu_passthrough::pci::{PciAddress, Sysfs};
 
-use crate::naming::Namer;
+use crate::naming::{NameSource, Namer};
 use crate::{PluginError, Quarantine};
 
 /// The owner holding served, unallocated GPUs.
@@ -90,6 +90,8 @@ impl ServedDevice {
 pub struct Inventory {
     /// Resource name → devices, by address.
     pub resources: BTreeMap<String, Vec<ServedDevice>>,
+    /// Where each resource name came from (`pci.ids`, `supported-gpus.json` or the device ID).
+    pub name_sources: BTreeMap<String, NameSource>,
 }
 
 /// The problems of a journaled device now, from sysfs and the devices directory.
@@ -173,7 +175,8 @@ pub(crate) fn scan_state(
             if !dev.is_nvidia_gpu() {
                 continue;
             }
-            let (name, _) = namer.resource_name(&dev);
+            let (name, source) = namer.resource_name(&dev);
+            inv.name_sources.insert(name.clone(), source);
             inv.resources.entry(name).or_default().push(ServedDevice {
                 address: rec.device,
                 group: rec.iommu_group,

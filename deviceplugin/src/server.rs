@@ -242,7 +242,16 @@ fn start_server(shared: &Arc<Shared>, resource: &str) -> Result<Served, PluginEr
             tracing::error!("device plugin server: {e}");
         }
     });
-    tracing::info!("serving {resource} on {}", socket.display());
+    let source = shared
+        .inventory
+        .borrow()
+        .name_sources
+        .get(resource)
+        .copied();
+    tracing::info!(
+        "serving {resource} on {} (name from {source:?})",
+        socket.display()
+    );
     Ok(Served {
         socket,
         stop,

@@ -147,6 +147,17 @@ async fn registers_each_resource_and_lists_devices_with_health_and_numa() {
     assert!(h100.options.unwrap().get_preferred_allocation_available);
     println!("captured Register: {h100:?}");
 
+    let inv = gpu_passthrough_device_plugin::inventory::scan(
+        &config(&h).host(),
+        &config(&h).namer().unwrap(),
+        &gpu_passthrough_device_plugin::NoQuarantine,
+    )
+    .unwrap();
+    assert_eq!(
+        inv.name_sources.get(H100),
+        Some(&gpu_passthrough_device_plugin::naming::NameSource::PciIds)
+    );
+
     // The adopted devices are journaled for the pool: a local `attach` would be refused.
     for a in [
         "0000:18:00.0",
