@@ -4,6 +4,8 @@
 //! small crate so the static guest init does not pull in the host library's dependencies.
 #![deny(missing_docs)]
 
+pub mod xid;
+
 use serde::{Deserialize, Serialize};
 
 /// The schema version this crate reads and writes. Bumped on any incompatible change.
