@@ -10,6 +10,7 @@
 //! - [`initrd`]: build the base, GPU and combined initrd layers.
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
+//! - [`health`]: NVIDIA fault classification, per-device health records, quarantine.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
 //!
 //! The library never prints: it returns typed results and typed errors, and reports progress
@@ -19,6 +20,7 @@
 pub mod archive;
 pub mod attach;
 pub mod fetch;
+pub mod health;
 pub mod initrd;
 pub mod inspect;
 pub mod modinfo;

@@ -10,9 +10,11 @@
 //!
 //! Failure injection: a line `fail-once <attr>` in the marker file makes the next write to an
 //! attribute named `<attr>` (`driver_override`, `unbind`, `bind`, `drivers_probe`, `create`,
-//! `remove`, or `verify` for the VFIO check) fail with EIO; the line is consumed
+//! `remove`, `reset`, or `verify` for the VFIO check) fail with EIO; the line is consumed
 //! (`fail-once <attr> after K` lets K writes pass first). A line
-//! `no-vfio-node` stops the simulation from creating `/dev/vfio/<group>`.
+//! `no-vfio-node` stops the simulation from creating `/dev/vfio/<group>`; `nvidia-no-gpu` makes
+//! the `nvidia` driver not take a GPU bound to it (no [`SIM_NVIDIA_GPUS`] entry). `reset`,
+//! `reset_method` and `d3cold_allowed` writes are kept in the device's files.
 
 use std::fs;
 use std::io::{self, Write};
@@ -27,6 +29,13 @@ pub const SIMULATION_MARKER: &str = ".gpu-passthrough-simulated";
 /// In a simulated tree: a device's default driver, which `drivers_probe` binds when no
 /// `driver_override` is set (the kernel finds it by ID matching).
 pub const SIM_DEFAULT_DRIVER: &str = ".sim-default-driver";
+
+/// In a simulated tree: the reset methods used on a device, one line per `reset` write.
+pub const SIM_RESET_LOG: &str = ".sim-resets";
+
+/// In a simulated tree: stands for `/proc/driver/nvidia/gpus/`: a device bound to `nvidia` gets
+/// an entry, unless the marker file has the line `nvidia-no-gpu` (the driver did not take it).
+pub const SIM_NVIDIA_GPUS: &str = ".sim-nvidia-gpus";
 
 /// Where sysfs attribute writes go.
 pub trait Kernel: Send + Sync {
@@ -137,6 +146,9 @@ impl SimulatedKernel {
         }
         symlink(&driver_dir, dev.join("driver"))?;
         let _ = symlink(&dev, driver_dir.join(address.to_string()));
+        if driver == "nvidia" && !has_flag(self.sysfs.root(), "nvidia-no-gpu") {
+            fs::create_dir_all(self.sysfs.root().join(SIM_NVIDIA_GPUS).join(address.to_string()))?;
+        }
         if driver == "vfio-pci"
             && let Some(group) = self.sysfs.iommu_group(address)
             && !has_flag(self.sysfs.root(), "no-vfio-node")
@@ -153,6 +165,7 @@ impl SimulatedKernel {
             return Err(errno(libc::ENODEV));
         }
         fs::remove_file(self.sysfs.device_dir(address).join("driver"))?;
+        let _ = fs::remove_dir(self.sysfs.root().join(SIM_NVIDIA_GPUS).join(address.to_string()));
         let _ = fs::remove_file(self.sysfs.driver_dir(driver).join(address.to_string()));
         if driver == "vfio-pci"
             && let Some(group) = self.sysfs.iommu_group(address)
@@ -189,6 +202,21 @@ impl SimulatedKernel {
             }
             _ => Ok(()),
         }
+    }
+
+    /// `reset`: like the kernel, refused (ENOTTY) without a method; the method used (the first
+    /// of `reset_method`) is appended to [`SIM_RESET_LOG`] in the device's directory.
+    fn reset(&self, address: PciAddress) -> io::Result<()> {
+        let dir = self.sysfs.device_dir(address);
+        let methods = fs::read_to_string(dir.join("reset_method")).unwrap_or_default();
+        let Some(method) = methods.split_whitespace().next() else {
+            return Err(errno(libc::ENOTTY));
+        };
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(SIM_RESET_LOG))?;
+        writeln!(log, "{method}")
     }
 
     fn create_mdev(&self, type_dir: &Path, uuid: &str) -> io::Result<()> {
@@ -280,6 +308,11 @@ impl Kernel for SimulatedKernel {
                 self.bind(Self::parse_addr(value)?, driver)
             }
             ["bus", "pci", "drivers_probe"] => self.probe(Self::parse_addr(value)?),
+            ["bus", "pci", "devices", addr, "reset"] => self.reset(Self::parse_addr(addr)?),
+            ["bus", "pci", "devices", addr, attr @ ("reset_method" | "d3cold_allowed")] => {
+                let dir = self.sysfs.device_dir(Self::parse_addr(addr)?);
+                fs::write(dir.join(attr), format!("{}\n", value.trim()))
+            }
             [
                 "bus",
                 "pci",

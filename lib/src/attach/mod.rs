@@ -23,6 +23,7 @@ mod doctor;
 pub mod journal;
 pub mod kernel;
 mod plan;
+mod reset;
 mod transaction;
 pub mod vfio_check;
 
@@ -37,6 +38,7 @@ pub use doctor::{Check, CheckStatus, DoctorReport};
 pub use journal::{Journal, JournalError, JournalState};
 pub use kernel::{Kernel, RealKernel, SimulatedKernel};
 pub use plan::{DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
+pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use transaction::{DetachReport, ReconcileReport, RestoredDevice};
 pub use vfio_check::{RealVfio, SimulatedVfio, VfioCheckError, VfioReport, VfioVerifier};
 
@@ -296,6 +298,17 @@ pub enum AttachError {
         "owner {0} has no attached devices; see the attachments in the state dir's journal.json"
     )]
     NotAttached(Owner),
+    /// The health record could not be read or written: nothing is handed out (fail closed).
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
+    /// A reset that must not be done.
+    #[error("not resetting {device}: {reason}")]
+    ResetRefused {
+        /// The device.
+        device: PciAddress,
+        /// Why.
+        reason: String,
+    },
     /// An mdev type name that the device does not offer.
     #[error(
         "{device} offers no mdev type `{mdev_type}`; see `gpu-passthrough devices --all` for its mdev types"
