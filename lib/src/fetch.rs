@@ -16,7 +16,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE};
 use sha2::{Digest, Sha256};
@@ -352,11 +352,10 @@ impl Fetcher {
             path: path.clone(),
             source,
         };
-        let mut file = File::open(&path).map_err(cache_err)?;
-        let mut hasher = Sha256::new();
-        let size = io::copy(&mut file, &mut hasher).map_err(cache_err)?;
+        let file = File::open(&path).map_err(cache_err)?;
+        let (digest, size) = crate::fsutil::sha256_reader(file).map_err(cache_err)?;
         Ok(Some(Fetched {
-            sha256: hasher.finalize().into(),
+            sha256: digest.into(),
             size,
             path,
         }))
@@ -381,31 +380,15 @@ impl Fetcher {
 
     fn lock(&self, sha256: &Sha256Digest) -> Result<Flock<File>, FetchError> {
         let path = self.locks.join(format!("{sha256}.lock"));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| FetchError::Cache {
-                path: path.clone(),
-                source,
-            })?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| FetchError::Cache {
-            path,
-            source: io::Error::from(errno),
-        })
+        crate::fsutil::lock_exclusive(&path).map_err(|source| FetchError::Cache { path, source })
     }
 
     fn install(&self, temp: &Path, sha256: &Sha256Digest) -> Result<PathBuf, FetchError> {
         let path = self.store.join(sha256.to_hex());
-        fs::rename(temp, &path).map_err(|source| FetchError::Cache {
+        crate::fsutil::rename_durable(temp, &path).map_err(|source| FetchError::Cache {
             path: path.clone(),
             source,
         })?;
-        // Make the rename itself durable.
-        if let Ok(dir) = File::open(&self.store) {
-            let _ = dir.sync_all();
-        }
         Ok(path)
     }
 

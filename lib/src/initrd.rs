@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use gpu_passthrough_manifest as manifest;
@@ -27,7 +27,9 @@ use crate::archive::ArchiveError;
 use crate::archive::compress::{LayerCompression, compressing_writer};
 use crate::archive::cpio::{CpioError, CpioWriter};
 use crate::archive::tar::{Limits, extract_tar};
+use crate::failpoint::Failpoint;
 use crate::fetch::{FetchError, Fetcher, Progress};
+use crate::fsutil::{self, sha256_file};
 use crate::inspect::{Expectations, InspectError, Inventory, Trees, inspect};
 use crate::registry::{Arch, ArtifactKind, Release};
 
@@ -704,7 +706,7 @@ impl GpuLayerPlan {
         let midway = self.entries.len() / 2;
         for (i, (path, source)) in self.entries.iter().enumerate() {
             if i == midway {
-                failpoint("initrd-midway");
+                Failpoint::InitrdMidway.hit();
             }
             match source {
                 Source::Dir => cpio.directory(path, 0o755)?,
@@ -860,52 +862,16 @@ impl Write for HashingFile {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), InitrdError> {
-    let mut f = File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
-    f.write_all(bytes)
-        .map_err(io_err(format!("writing {}", path.display())))?;
-    f.sync_all()
-        .map_err(io_err(format!("syncing {}", path.display())))
+    fsutil::write_synced(path, bytes).map_err(io_err(format!("writing {}", path.display())))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), InitrdError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(format!("syncing {}", dir.display())))
+    fsutil::sync_dir(dir).map_err(io_err(format!("syncing {}", dir.display())))
 }
 
 /// An exclusive lock held until the returned value is dropped.
 fn lock_file(path: &Path) -> Result<nix::fcntl::Flock<File>, InitrdError> {
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io_err(format!("opening lock {}", path.display())))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, errno)| io_err(format!("locking {}", path.display()))(io::Error::from(errno)))
-}
-
-/// Crash here when `GPU_PASSTHROUGH_FAILPOINT` names this point: lets tests kill a build at a
-/// known step, as a power cut or an OOM kill would.
-fn failpoint(name: &str) {
-    if std::env::var_os("GPU_PASSTHROUGH_FAILPOINT").is_some_and(|v| v == name) {
-        std::process::abort();
-    }
-}
-
-/// Hex sha256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    fsutil::lock_exclusive(path).map_err(io_err(format!("locking {}", path.display())))
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::attach::VfioReport;
 use crate::pci::PciAddress;
+use crate::vfio::VfioReport;
 
 /// The kernel command-line word that tells the guest init to set up the GPU.
 pub const HAS_GPU: &str = "HAS_GPU=1";
@@ -137,23 +137,17 @@ impl BootSpec {
             .saturating_mul(2)
             .checked_next_power_of_two()
             .unwrap_or(u64::MAX);
+        // A window above QEMU's default hole: both the argument and the hint come from `gib`.
         let hint = (window > DEFAULT_HOLE64).then(|| {
             let gib = window >> 30;
+            qemu_args.push("-global".to_owned());
+            qemu_args.push(format!("q35-pcihost.pci-hole64-size={gib}G"));
             format!(
                 "the devices' 64-bit BARs total {} GiB: give the VM a {gib} GiB 64-bit MMIO window (QEMU: -global q35-pcihost.pci-hole64-size={gib}G; with OVMF also -fw_cfg name=opt/ovmf/X-PciMmio64Mb,string={}; Cloud Hypervisor sizes it from the host's physical address bits, so keep them unrestricted)",
                 bar64 >> 30,
                 gib * 1024
             )
         });
-        if let Some(h) = &hint
-            && let Some(gib) = h
-                .split("pci-hole64-size=")
-                .nth(1)
-                .and_then(|s| s.split(';').next())
-        {
-            qemu_args.push("-global".to_owned());
-            qemu_args.push(format!("q35-pcihost.pci-hole64-size={gib}"));
-        }
         BootSpec {
             owner: owner.to_owned(),
             kernel_cmdline: if gpus > 0 {

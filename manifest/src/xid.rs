@@ -159,28 +159,46 @@ pub fn classify_line(line: &str) -> Option<Fault> {
     Classifier::new().feed(line)
 }
 
-/// Every fault in a log, in order. `GPU-XID` lines of the guest init count too; one that
-/// repeats a kernel line just before it (the console shows both) is not counted twice.
+/// Every fault in a log, in order (see [`Scanner`]).
 pub fn scan(text: &str) -> Vec<Fault> {
-    let mut out: Vec<Fault> = Vec::new();
-    // Raw kernel faults not yet matched by a GPU-XID line (the guest prints it after the kernel).
-    let mut unmatched: Vec<usize> = Vec::new();
-    let mut classifier = Classifier::new();
+    let mut s = Scanner::default();
     for line in text.lines() {
+        s.push(line);
+    }
+    s.finish()
+}
+
+/// Scans a log line by line. `GPU-XID` lines of the guest init count too; one that repeats a
+/// kernel line just before it (the console shows both) is not counted twice.
+#[derive(Debug, Clone, Default)]
+pub struct Scanner {
+    classifier: Classifier,
+    out: Vec<Fault>,
+    /// Raw kernel faults not yet matched by a GPU-XID line (the guest prints it after the kernel).
+    unmatched: Vec<usize>,
+}
+
+impl Scanner {
+    /// Feed one line.
+    pub fn push(&mut self, line: &str) {
         if let Some(f) = Fault::from_line(line) {
-            if let Some(pos) = unmatched.iter().position(|&i| out[i] == f) {
-                unmatched.remove(pos);
+            if let Some(pos) = self.unmatched.iter().position(|&i| self.out[i] == f) {
+                self.unmatched.remove(pos);
             } else {
-                out.push(f);
+                self.out.push(f);
             }
-            continue;
+            return;
         }
-        if let Some(f) = classifier.feed(line) {
-            unmatched.push(out.len());
-            out.push(f);
+        if let Some(f) = self.classifier.feed(line) {
+            self.unmatched.push(self.out.len());
+            self.out.push(f);
         }
     }
-    out
+
+    /// The faults found, in order.
+    pub fn finish(self) -> Vec<Fault> {
+        self.out
+    }
 }
 
 /// The message after `NVRM: `, if the line is the NVIDIA driver's.

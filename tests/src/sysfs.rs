@@ -5,7 +5,7 @@
 //! linked from `sys/bus/pci/devices/ADDR`; `driver` links point into `sys/bus/pci/drivers/NAME`,
 //! `iommu_group` links into `sys/kernel/iommu_groups/N` (whose `devices/` links back).
 //!
-//! The root holds the simulation marker (`gpu_passthrough::attach::kernel::SIMULATION_MARKER`),
+//! The root holds the simulation marker (`gpu_passthrough::simulation::SIMULATION_MARKER`),
 //! so the library's writer performs the kernel's reactions itself on these plain files (moving
 //! `driver` links, creating `dev/vfio/N` as a regular file). Everything is files, so the
 //! simulation works across processes: crash tests run the CLI and kill it at a failpoint.
@@ -18,9 +18,9 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use gpu_passthrough::attach::kernel::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIMULATION_MARKER};
 use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PidLiveness};
 use gpu_passthrough::pci::PciAddress;
+use gpu_passthrough::simulation::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIMULATION_MARKER};
 
 /// One fake PCI device.
 #[derive(Debug, Clone)]
@@ -308,29 +308,6 @@ impl OwnerLiveness for FixedLiveness {
             .find(|(o, _)| o == owner.as_str())
             .map_or(Liveness::Unknown, |(_, l)| *l)
     }
-}
-
-/// The CLI binary, built on first use (the tests crate cannot depend on a binary).
-pub fn cli_binary() -> PathBuf {
-    // target/debug/deps/<test> → target/debug/gpu-passthrough
-    let exe = std::env::current_exe().expect("current exe");
-    let debug = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_owned();
-    let bin = debug.join("gpu-passthrough");
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-q", "-p", "gpu-passthrough-cli"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the CLI failed");
-    });
-    bin
 }
 
 /// Workstation: boot VGA iGPU, an RTX 4090 with its HDMI audio, SATA and NVMe on their own.

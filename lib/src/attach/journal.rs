@@ -10,50 +10,16 @@
 //! after a crash the write may or may not have happened; rollback therefore looks at the device's
 //! actual state rather than trusting the step.
 //!
-//! # Failpoints
-//! For crash tests, the environment variable [`FAILPOINT_ENV`] (`GPU_PASSTHROUGH_FAILPOINT`)
-//! names one point at which the process calls `std::process::abort()`:
-//! `after-journal` (transaction recorded, nothing written), `after-override`
-//! (`driver_override` written), `after-unbind` (unbound from the original driver),
-//! `after-probe` (`drivers_probe` written), `after-node` (`/dev/vfio/N` seen), `after-verify`
-//! (every device verified, not yet committed), `after-commit` (attachment recorded),
-//! `after-mdev-create` (mdev created, not yet verified), `mid-rollback` (during a rollback,
-//! after unbinding from vfio-pci), `mid-detach` (during a detach, after the first device).
+//! Crash tests abort the process at each [`crate::failpoint::Failpoint`] of the transaction.
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::Owner;
 use crate::pci::PciAddress;
-
-/// The environment variable naming a failpoint (see the module docs).
-pub const FAILPOINT_ENV: &str = "GPU_PASSTHROUGH_FAILPOINT";
-
-/// Every failpoint name, in transaction order.
-pub const FAILPOINTS: [&str; 10] = [
-    "after-journal",
-    "after-override",
-    "after-unbind",
-    "after-probe",
-    "after-node",
-    "after-verify",
-    "after-commit",
-    "after-mdev-create",
-    "mid-rollback",
-    "mid-detach",
-];
-
-/// Abort the process if [`FAILPOINT_ENV`] names `name`.
-pub fn failpoint(name: &str) {
-    if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == name) {
-        tracing::error!("failpoint {name}: aborting");
-        std::process::abort();
-    }
-}
 
 /// Errors reading or writing the journal.
 #[derive(Debug, thiserror::Error)]
@@ -261,7 +227,6 @@ pub struct Journal {
 pub struct LockedJournal {
     _lock: Flock<File>,
     path: PathBuf,
-    dir: PathBuf,
     /// The state as read when the lock was taken, plus changes not saved yet.
     pub state: JournalState,
 }
@@ -296,20 +261,12 @@ impl Journal {
         };
         fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
         let lock_path = self.dir.join("lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io("open", &lock_path))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| io("lock", &lock_path)(std::io::Error::from(e)))?;
+        let lock = crate::fsutil::lock_exclusive(&lock_path).map_err(io("lock", &lock_path))?;
         let path = self.path();
         let state = read_state(&path)?;
         Ok(LockedJournal {
             _lock: lock,
             path,
-            dir: self.dir.clone(),
             state,
         })
     }
@@ -342,29 +299,15 @@ impl LockedJournal {
     /// Write the state atomically: temp file, fsync, rename, fsync the directory.
     pub fn save(&mut self) -> Result<(), JournalError> {
         self.state.version = 1;
-        let tmp = self
-            .dir
-            .join(format!("journal.json.tmp.{}", std::process::id()));
-        let io = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| JournalError::Io {
-                action,
-                path,
-                source,
-            }
-        };
         let bytes = serde_json::to_vec_pretty(&self.state).map_err(|e| JournalError::Corrupt {
             path: self.path.clone(),
             detail: e.to_string(),
         })?;
-        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-        f.write_all(&bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
-        drop(f);
-        fs::rename(&tmp, &self.path).map_err(io("rename", &self.path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync", &self.dir))?;
+        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| JournalError::Io {
+            action: "write",
+            path: self.path.clone(),
+            source,
+        })?;
         Ok(())
     }
 }

@@ -3,8 +3,8 @@
 //! A control plane builds one [`Host`] from a sysfs root, a state dir and its own
 //! [`OwnerLiveness`], then calls [`Host::plan`], [`Host::attach`] (which returns the VM's
 //! [`BootSpec`](crate::vmm::BootSpec)), [`Host::detach`] and [`Host::reconcile`].
-//! See [`journal`] for the on-disk format and the crash failpoints, [`kernel`] for the sysfs
-//! writer and its simulation, [`vfio_check`] for the VFIO verification.
+//! See [`journal`] for the on-disk format, [`kernel`] for the sysfs writer, [`crate::vfio`] for
+//! the VFIO verification and [`crate::failpoint`] for the crash failpoints.
 //!
 //! # What attach changes on the host, in order
 //! Under the journal lock, after recording the transaction: for each device that must move
@@ -25,7 +25,6 @@ pub mod kernel;
 mod plan;
 mod reset;
 mod transaction;
-pub mod vfio_check;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -36,15 +35,15 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use doctor::{Check, CheckStatus, DoctorReport};
 pub use journal::{Journal, JournalError, JournalState};
-pub use kernel::{Kernel, RealKernel, SimulatedKernel};
+pub use kernel::{Kernel, RealKernel};
 pub use plan::{DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use transaction::{DetachReport, ReconcileReport, RestoredDevice};
-pub use vfio_check::{RealVfio, SimulatedVfio, VfioCheckError, VfioReport, VfioVerifier};
 
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{PciAddress, PciError, Sysfs};
 use crate::registry::ModuleFlavor;
+use crate::vfio::{RealVfio, VfioCheckError, VfioVerifier};
 
 /// Who holds attached devices: a validated string (it ends up in journal records).
 ///
@@ -327,6 +326,8 @@ pub struct Host {
     journal: Journal,
     dev_dir: PathBuf,
     proc_root: PathBuf,
+    /// Where the nvidia driver lists the GPUs it took (`/proc/driver/nvidia/gpus`).
+    nvidia_gpus: PathBuf,
     kernel: Box<dyn Kernel>,
     verifier: Box<dyn VfioVerifier>,
     liveness: Box<dyn OwnerLiveness>,
@@ -346,8 +347,9 @@ impl fmt::Debug for Host {
 impl Host {
     /// A host over `sysfs_root` (`/sys`) keeping its journal in `state_dir`; devices in `/dev`.
     ///
-    /// A sysfs root holding [`kernel::SIMULATION_MARKER`] gets the simulated kernel and VFIO
-    /// check; anything else (always `/sys`) the real ones.
+    /// With the cargo feature `simulation` (tests only), a sysfs root holding
+    /// [`crate::simulation::SIMULATION_MARKER`] gets the simulated kernel and VFIO check; without
+    /// it, every root gets the real ones.
     pub fn new(
         sysfs_root: impl Into<PathBuf>,
         state_dir: impl Into<PathBuf>,
@@ -358,6 +360,7 @@ impl Host {
             journal: Journal::new(state_dir),
             dev_dir: PathBuf::from("/dev"),
             proc_root: PathBuf::from("/proc"),
+            nvidia_gpus: PathBuf::from("/proc/driver/nvidia/gpus"),
             kernel: Box::new(RealKernel),
             verifier: Box::new(RealVfio),
             liveness,
@@ -367,17 +370,23 @@ impl Host {
         host
     }
 
+    #[cfg(feature = "simulation")]
     fn pick_kernel(&mut self) {
+        use crate::simulation::{SimulatedKernel, SimulatedVfio, is_simulated_root};
         let root = self.sysfs.root().to_owned();
-        self.kernel = kernel::kernel_for(&root, &self.dev_dir);
-        if self.kernel.is_simulated() {
+        if is_simulated_root(&root) {
+            self.kernel = Box::new(SimulatedKernel::new(&root, &self.dev_dir));
             self.verifier = Box::new(SimulatedVfio {
                 sysfs_root: root,
                 dev_dir: self.dev_dir.clone(),
             });
             self.vfio_wait = Duration::from_millis(200);
+            self.nvidia_gpus = self.sysfs.root().join(crate::simulation::SIM_NVIDIA_GPUS);
         }
     }
+
+    #[cfg(not(feature = "simulation"))]
+    fn pick_kernel(&mut self) {}
 
     /// Use another devices directory (where `vfio/<group>` nodes appear).
     pub fn with_dev_dir(mut self, dev_dir: impl Into<PathBuf>) -> Host {
@@ -389,6 +398,7 @@ impl Host {
     /// Use another proc filesystem (for `/proc/cmdline` and the like in doctor).
     pub fn with_proc_root(mut self, proc_root: impl Into<PathBuf>) -> Host {
         self.proc_root = proc_root.into();
+        self.nvidia_gpus = self.proc_root.join("driver/nvidia/gpus");
         self
     }
 

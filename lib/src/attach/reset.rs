@@ -257,12 +257,7 @@ impl Host {
                 .device(device)
                 .is_ok_and(|d| d.kind == crate::pci::DeviceKind::Display);
         if nvidia_gpu && expected_driver == Some("nvidia") {
-            let gpus = if self.kernel.is_simulated() {
-                self.sysfs.root().join(super::kernel::SIM_NVIDIA_GPUS)
-            } else {
-                self.proc_root.join("driver/nvidia/gpus")
-            };
-            let entry = gpus.join(device.to_string());
+            let entry = self.nvidia_gpus.join(device.to_string());
             if !entry.exists() {
                 problems.push(format!(
                     "the nvidia driver did not take it ({} is missing)",

@@ -6,10 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::journal::{
-    Attachment, DeviceRecord, LockedJournal, MdevRecord, Step, Transaction, failpoint,
-};
+use super::journal::{Attachment, DeviceRecord, LockedJournal, MdevRecord, Step, Transaction};
 use super::{AttachError, AttachRequest, Host, Liveness, Owner, load_supported};
+use crate::failpoint::Failpoint;
 use crate::pci::{PciAddress, valid_driver_name};
 use crate::vmm::{BootDevice, BootSpec};
 
@@ -104,7 +103,7 @@ impl Host {
         j.state.transactions.push(txn);
         let t = j.state.transactions.len() - 1;
         j.save()?;
-        failpoint("after-journal");
+        Failpoint::AfterJournal.hit();
         let result = self.run_binds(&mut j, t).and_then(|mut boot| {
             boot.extend(self.run_mdevs(&mut j, t, &plan.mdevs)?);
             Ok(boot)
@@ -126,7 +125,7 @@ impl Host {
                 j.state.remember(&req.owner, passed, gpus);
                 commit(&mut j, txn);
                 j.save()?;
-                failpoint("after-commit");
+                Failpoint::AfterCommit.hit();
                 Ok(self.boot_spec(&req.owner, boot, held, req.initrd.clone()))
             }
             Err(cause) => {
@@ -179,17 +178,17 @@ impl Host {
                 &self.sysfs.device_dir(rec.device).join("driver_override"),
                 "vfio-pci",
             )?;
-            failpoint("after-override");
+            Failpoint::AfterOverride.hit();
             if let Some(d) = &rec.original_driver
                 && valid_driver_name(d)
             {
                 self.set_step(j, t, i, Step::Unbound)?;
                 self.write(&self.sysfs.driver_dir(d).join("unbind"), &a)?;
-                failpoint("after-unbind");
+                Failpoint::AfterUnbind.hit();
             }
             self.set_step(j, t, i, Step::Probed)?;
             self.write(&self.sysfs.drivers_probe(), &a)?;
-            failpoint("after-probe");
+            Failpoint::AfterProbe.hit();
             let now = self.sysfs.driver(rec.device);
             if now.as_deref() != Some("vfio-pci") {
                 return Err(AttachError::NotOnVfio {
@@ -207,7 +206,7 @@ impl Host {
             };
             self.set_step(j, t, i, Step::NodeReady)?;
             let node = self.wait_node(group)?;
-            failpoint("after-node");
+            Failpoint::AfterNode.hit();
             let dir = self.sysfs.device_dir(rec.device);
             let report = if rec.passed {
                 Some(self.verifier.verify(&dir, group)?)
@@ -229,7 +228,7 @@ impl Host {
                 });
             }
         }
-        failpoint("after-verify");
+        Failpoint::AfterVerify.hit();
         Ok(boot)
     }
 
@@ -258,7 +257,7 @@ impl Host {
                 .join(mdev_type)
                 .join("create");
             self.write(&create, &uuid)?;
-            failpoint("after-mdev-create");
+            Failpoint::AfterMdevCreate.hit();
             let dir = self.sysfs.root().join("bus/mdev/devices").join(&uuid);
             let group = std::fs::read_link(dir.join("iommu_group"))
                 .ok()
@@ -326,7 +325,7 @@ impl Host {
             && Some(&cur) != rec.original_driver.as_ref()
         {
             self.write(&self.sysfs.driver_dir(&cur).join("unbind"), &a)?;
-            failpoint("mid-rollback");
+            Failpoint::MidRollback.hit();
         }
         if self.sysfs.driver_override(rec.device) != rec.original_override {
             let value = rec.original_override.clone().unwrap_or_else(|| "\n".into());
@@ -421,7 +420,7 @@ impl Host {
                 .devices
                 .retain(|d| d.device != rec.device);
             j.save()?;
-            failpoint("mid-detach");
+            Failpoint::MidDetach.hit();
         }
         j.state.attachments.remove(i);
         j.state.forget(&att.owner);

@@ -1,15 +1,14 @@
 //! `health.json`: per-device events, and the quarantine policy over them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use super::{Fault, HealthError};
 use crate::attach::Owner;
+use crate::fsutil;
 use crate::pci::PciAddress;
 
 /// The record's file name in the state dir.
@@ -293,14 +292,7 @@ impl HealthStore {
         };
         fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
         let lock_path = self.dir.join(LOCK_FILE);
-        let lock_file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io("open", &lock_path))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| io("lock", &lock_path)(std::io::Error::from(e)))?;
+        let _lock = fsutil::lock_exclusive(&lock_path).map_err(io("lock", &lock_path))?;
         let mut file = self.read()?;
         let out = f(&mut file);
         file.version = HEALTH_VERSION;
@@ -310,17 +302,7 @@ impl HealthStore {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        let tmp = self
-            .dir
-            .join(format!("{HEALTH_FILE}.tmp.{}", std::process::id()));
-        let mut t = File::create(&tmp).map_err(io("create", &tmp))?;
-        t.write_all(&bytes).map_err(io("write", &tmp))?;
-        t.sync_all().map_err(io("fsync", &tmp))?;
-        drop(t);
-        fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync", &self.dir))?;
+        fsutil::write_atomic(&path, &bytes).map_err(io("write", &path))?;
         Ok(out)
     }
 }

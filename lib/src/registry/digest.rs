@@ -39,6 +39,12 @@ impl From<sha2::digest::Output<Sha256>> for Sha256Digest {
     }
 }
 
+impl From<[u8; 32]> for Sha256Digest {
+    fn from(bytes: [u8; 32]) -> Self {
+        Sha256Digest(bytes)
+    }
+}
+
 impl fmt::Display for Sha256Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())

@@ -1,17 +1,18 @@
-//! VFIO verification: after a bind, check from userspace what a VMM will do.
+//! `vfio`: after a bind, check from userspace what a VMM will do with the device.
 //!
 //! [`RealVfio`] uses `vfio-ioctls`: open `/dev/vfio/vfio` (API version, type-1 v2 IOMMU), open
 //! the group (viable flag), set container and IOMMU, get the device fd, then read its info
-//! (regions, irqs, reset flag). Tests on fake trees use [`SimulatedVfio`].
+//! (regions, irqs, reset flag) with `VFIO_DEVICE_GET_INFO` over `vfio-bindings`' struct.
+//! Tests on fake trees use the simulated check (feature `simulation`).
 
-use std::fs;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-
-use super::kernel::take_fault;
+use vfio_bindings::bindings::vfio::{
+    VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_TYPE, vfio_device_info,
+};
 
 /// What the VFIO check found for one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,33 +62,25 @@ pub trait VfioVerifier: Send + Sync {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealVfio;
 
-const VFIO_DEVICE_FLAGS_RESET: u32 = 1;
-// VFIO_DEVICE_GET_INFO = _IO(VFIO_TYPE ';', VFIO_BASE 100 + 7).
-const VFIO_DEVICE_GET_INFO: libc::c_ulong = ((b';' as libc::c_ulong) << 8) | 107;
+// `VFIO_DEVICE_GET_INFO` is `_IO(VFIO_TYPE, VFIO_BASE + 7)` in `<linux/vfio.h>`: the kernel
+// encodes no size in it, hence the `_bad` form.
+nix::ioctl_readwrite_bad!(
+    /// `ioctl(fd, VFIO_DEVICE_GET_INFO, info)`.
+    vfio_device_get_info,
+    nix::request_code_none!(VFIO_TYPE, VFIO_BASE + 7),
+    vfio_device_info
+);
 
-/// `struct vfio_device_info` from `<linux/vfio.h>`.
-#[repr(C)]
-#[derive(Default)]
-struct DeviceInfo {
-    argsz: u32,
-    flags: u32,
-    num_regions: u32,
-    num_irqs: u32,
-    cap_offset: u32,
-    pad: u32,
-}
-
-fn device_get_info(fd: RawFd) -> std::io::Result<DeviceInfo> {
-    let mut info = DeviceInfo {
-        argsz: std::mem::size_of::<DeviceInfo>() as u32,
+/// `VFIO_DEVICE_GET_INFO` on an open VFIO device fd.
+#[allow(unsafe_code)]
+fn device_get_info(fd: RawFd) -> std::io::Result<vfio_device_info> {
+    let mut info = vfio_device_info {
+        argsz: std::mem::size_of::<vfio_device_info>() as u32,
         ..Default::default()
     };
     // SAFETY: `fd` is an open VFIO device fd owned by the caller for the duration of the call,
     // and `info` is a properly sized, writable `vfio_device_info` with `argsz` set.
-    let ret = unsafe { libc::ioctl(fd, VFIO_DEVICE_GET_INFO as _, &mut info as *mut DeviceInfo) };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { vfio_device_get_info(fd, &mut info) }.map_err(std::io::Error::from)?;
     Ok(info)
 }
 
@@ -121,46 +114,6 @@ impl VfioVerifier for RealVfio {
     }
 }
 
-/// The check on a simulated tree: the group node exists and the device is on vfio-pci.
-/// A `fail-once verify` line in the marker file makes one check fail.
-#[derive(Debug, Clone)]
-pub struct SimulatedVfio {
-    /// The fake sysfs root.
-    pub sysfs_root: PathBuf,
-    /// The fake dev directory.
-    pub dev_dir: PathBuf,
-}
-
-impl VfioVerifier for SimulatedVfio {
-    fn verify(&self, sysfs_device: &Path, group: u32) -> Result<VfioReport, VfioCheckError> {
-        if take_fault(&self.sysfs_root, "verify") {
-            return Err(VfioCheckError::Device {
-                device: sysfs_device.to_owned(),
-                detail: "injected failure".into(),
-            });
-        }
-        if !self.dev_dir.join("vfio").join(group.to_string()).exists() {
-            return Err(VfioCheckError::Container(format!(
-                "no {}/vfio/{group}",
-                self.dev_dir.display()
-            )));
-        }
-        let on_vfio = fs::read_link(sysfs_device.join("driver"))
-            .ok()
-            .and_then(|t| t.file_name().map(|n| n == "vfio-pci"))
-            .unwrap_or(false);
-        let is_mdev = sysfs_device.join("mdev_type").exists();
-        if !on_vfio && !is_mdev {
-            return Err(VfioCheckError::NotViable { group });
-        }
-        Ok(VfioReport {
-            regions: 9,
-            irqs: 5,
-            reset: true,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,31 +128,5 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, VfioCheckError::Container(_)), "{err}");
         assert!(err.to_string().contains("modprobe vfio-pci"));
-    }
-
-    #[test]
-    fn simulated_check_needs_the_node_and_vfio_pci() {
-        let dir = tempfile::tempdir().unwrap();
-        let dev = dir.path().join("dev");
-        let device = dir.path().join("sys/bus/pci/devices/0000:01:00.0");
-        fs::create_dir_all(&device).unwrap();
-        fs::create_dir_all(dev.join("vfio")).unwrap();
-        let check = SimulatedVfio {
-            sysfs_root: dir.path().join("sys"),
-            dev_dir: dev.clone(),
-        };
-        assert!(matches!(
-            check.verify(&device, 4),
-            Err(VfioCheckError::Container(_))
-        ));
-        fs::write(dev.join("vfio/4"), "").unwrap();
-        assert!(matches!(
-            check.verify(&device, 4),
-            Err(VfioCheckError::NotViable { group: 4 })
-        ));
-        let driver = dir.path().join("sys/bus/pci/drivers/vfio-pci");
-        fs::create_dir_all(&driver).unwrap();
-        std::os::unix::fs::symlink(&driver, device.join("driver")).unwrap();
-        assert!(check.verify(&device, 4).is_ok());
     }
 }

@@ -8,7 +8,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 use gpu_passthrough::fetch::{FetchOptions, Fetcher, NoProgress};
 use gpu_passthrough::registry::{Arch, ArtifactKind, Registry, Sha256Digest};
@@ -16,34 +15,7 @@ use gpu_passthrough_tests::fixtures;
 use gpu_passthrough_tests::http::Mirror;
 
 fn binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("<target>/<profile>/deps/<test>");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "gpu-passthrough-cli",
-                "--bin",
-                "gpu-passthrough",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(
-            status.success(),
-            "cargo build -p gpu-passthrough-cli failed"
-        );
-        let bin = profile_dir.join("gpu-passthrough");
-        assert!(bin.is_file(), "{} missing after cargo build", bin.display());
-        bin
-    })
+    Path::new(env!("CARGO_BIN_EXE_gpu-passthrough"))
 }
 
 /// A `gpu-passthrough` command with a private cache and no registry from the environment.

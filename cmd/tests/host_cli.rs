@@ -3,7 +3,7 @@
 use std::process::{Command, Output};
 
 use gpu_passthrough_tests::fixtures;
-use gpu_passthrough_tests::sysfs::{self, FakeHost, cli_binary};
+use gpu_passthrough_tests::sysfs::{self, FakeHost};
 
 fn run(h: &FakeHost, args: &[&str]) -> Output {
     Command::new(cli_binary())
@@ -205,48 +205,6 @@ fn doctor_reports_each_check_and_fails_without_iommu() {
 }
 
 #[test]
-fn the_control_plane_example_attaches_and_detaches() {
-    let h = sysfs::server_8gpu();
-    let exe = cli_binary()
-        .parent()
-        .unwrap()
-        .join("examples/control_plane");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "gpu-passthrough",
-            "--example",
-            "control_plane",
-        ])
-        .status()
-        .unwrap();
-    assert!(built.success());
-    let out = Command::new(exe)
-        .args([&h.sys, &h.state, &h.dev].map(|p| p.to_str().unwrap()))
-        .arg("2")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config = json(&out);
-    assert_eq!(config["devices"].as_array().unwrap().len(), 2);
-    assert!(
-        config["payload"]["cmdline"]
-            .as_str()
-            .unwrap()
-            .ends_with("HAS_GPU=1")
-    );
-    assert!(h.journal_clean());
-    assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
-}
-
-#[test]
 fn attach_with_a_release_that_cannot_be_built_moves_nothing() {
     let h = sysfs::workstation();
     let dir = tempfile::tempdir().unwrap();
@@ -334,4 +292,9 @@ fn attach_with_a_release_names_its_ensured_combined_initrd() {
     assert!(initrd.to_string_lossy().ends_with("combined.cpio.zst"));
     assert!(spec.to_string().contains("HAS_GPU=1"));
     assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+}
+
+/// The CLI under test, built by cargo for this test with the `simulation` feature.
+fn cli_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_gpu-passthrough")
 }

@@ -4,9 +4,9 @@
 
 use std::process::Command;
 
-use gpu_passthrough::attach::journal::FAILPOINTS;
 use gpu_passthrough::attach::{AttachError, AttachRequest, Owner, PlanRequest};
-use gpu_passthrough_tests::sysfs::{self, FakeHost, cli_binary};
+use gpu_passthrough::failpoint::{Failpoint, Stage};
+use gpu_passthrough_tests::sysfs::{self, FakeHost};
 
 const GPU: &str = "0000:01:00.0";
 const AUDIO: &str = "0000:01:00.1";
@@ -182,10 +182,9 @@ fn crash_case(fp: &str) {
 fn a_crash_at_every_step_is_repaired_by_reconcile() {
     let mut cases = 0;
     std::thread::scope(|s| {
-        let handles: Vec<_> = FAILPOINTS
-            .iter()
-            .filter(|fp| **fp != "after-mdev-create") // the vGPU case below
-            .map(|fp| s.spawn(move || crash_case(fp)))
+        let handles: Vec<_> = Failpoint::of(Stage::Attach)
+            .filter(|fp| *fp != Failpoint::AfterMdevCreate) // the vGPU case below
+            .map(|fp| s.spawn(move || crash_case(fp.name())))
             .collect();
         for h in handles {
             h.join().expect("crash case passed");
@@ -219,7 +218,7 @@ fn a_crash_at_every_step_is_repaired_by_reconcile() {
     assert!(h.journal_clean());
     assert_eq!(h.driver("0000:3d:00.0").as_deref(), Some("nvidia"));
     cases += 1;
-    assert_eq!(cases, FAILPOINTS.len());
+    assert_eq!(cases, Failpoint::of(Stage::Attach).count());
 }
 
 /// A `pid:N` owner: kept while the process exists (even stopped), released once it is gone.
@@ -249,4 +248,9 @@ fn pid_owners_are_released_only_when_the_process_is_gone() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["released"][0]["owner"], owner.as_str(), "{report}");
     assert_original(&h, "pid owner");
+}
+
+/// The CLI under test, built by cargo for this test with the `simulation` feature.
+fn cli_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_gpu-passthrough")
 }

@@ -1,0 +1,78 @@
+//! The VFIO check on a fake tree.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::take_fault;
+use crate::vfio::{VfioCheckError, VfioReport, VfioVerifier};
+
+/// The check on a simulated tree: the group node exists and the device is on vfio-pci.
+/// A `fail-once verify` line in the marker file makes one check fail.
+#[derive(Debug, Clone)]
+pub struct SimulatedVfio {
+    /// The fake sysfs root.
+    pub sysfs_root: PathBuf,
+    /// The fake dev directory.
+    pub dev_dir: PathBuf,
+}
+
+impl VfioVerifier for SimulatedVfio {
+    fn verify(&self, sysfs_device: &Path, group: u32) -> Result<VfioReport, VfioCheckError> {
+        if take_fault(&self.sysfs_root, "verify") {
+            return Err(VfioCheckError::Device {
+                device: sysfs_device.to_owned(),
+                detail: "injected failure".into(),
+            });
+        }
+        if !self.dev_dir.join("vfio").join(group.to_string()).exists() {
+            return Err(VfioCheckError::Container(format!(
+                "no {}/vfio/{group}",
+                self.dev_dir.display()
+            )));
+        }
+        let on_vfio = fs::read_link(sysfs_device.join("driver"))
+            .ok()
+            .and_then(|t| t.file_name().map(|n| n == "vfio-pci"))
+            .unwrap_or(false);
+        let is_mdev = sysfs_device.join("mdev_type").exists();
+        if !on_vfio && !is_mdev {
+            return Err(VfioCheckError::NotViable { group });
+        }
+        Ok(VfioReport {
+            regions: 9,
+            irqs: 5,
+            reset: true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simulated_check_needs_the_node_and_vfio_pci() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("dev");
+        let device = dir.path().join("sys/bus/pci/devices/0000:01:00.0");
+        fs::create_dir_all(&device).unwrap();
+        fs::create_dir_all(dev.join("vfio")).unwrap();
+        let check = SimulatedVfio {
+            sysfs_root: dir.path().join("sys"),
+            dev_dir: dev.clone(),
+        };
+        assert!(matches!(
+            check.verify(&device, 4),
+            Err(VfioCheckError::Container(_))
+        ));
+        fs::write(dev.join("vfio/4"), "").unwrap();
+        assert!(matches!(
+            check.verify(&device, 4),
+            Err(VfioCheckError::NotViable { group: 4 })
+        ));
+        let driver = dir.path().join("sys/bus/pci/drivers/vfio-pci");
+        fs::create_dir_all(&driver).unwrap();
+        std::os::unix::fs::symlink(&driver, device.join("driver")).unwrap();
+        assert!(check.verify(&device, 4).is_ok());
+    }
+}
