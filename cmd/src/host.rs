@@ -131,7 +131,7 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-fn host(global: &Global, opts: &HostOpts, gone: Vec<Owner>) -> Host {
+pub(crate) fn host(global: &Global, opts: &HostOpts, gone: Vec<Owner>) -> Host {
     Host::new(
         &global.sysfs_root,
         &global.state_dir,
@@ -143,7 +143,7 @@ fn host(global: &Global, opts: &HostOpts, gone: Vec<Owner>) -> Host {
     .with_dev_dir(&opts.dev_dir)
 }
 
-fn owner(s: &str) -> anyhow::Result<Owner> {
+pub(crate) fn owner(s: &str) -> anyhow::Result<Owner> {
     Owner::new(s).map_err(|e| fail(exit::REFUSED, e))
 }
 
@@ -225,12 +225,13 @@ fn plan_request(
     ))
 }
 
-fn attach_error(e: AttachError) -> anyhow::Error {
+pub(crate) fn attach_error(e: AttachError) -> anyhow::Error {
     let code = match e {
         AttachError::Refused(_)
         | AttachError::NotEnoughGpus { .. }
         | AttachError::NoSuchMdevType { .. }
-        | AttachError::NothingRequested => exit::REFUSED,
+        | AttachError::NothingRequested
+        | AttachError::ResetRefused { .. } => exit::REFUSED,
         _ => exit::FAILURE,
     };
     fail(code, e)
@@ -437,6 +438,9 @@ pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
                 d.device,
                 d.driver.as_deref().unwrap_or("no driver")
             );
+            if let Some(c) = &d.health {
+                crate::health::print_check(d.device, c);
+            }
         }
         for m in &r.removed_mdevs {
             println!("removed mdev {m}");

@@ -2,6 +2,7 @@
 //!
 //! Each command group lives in its own module; this file holds the global flags and dispatch.
 
+mod health;
 mod host;
 mod initrd;
 mod output;
@@ -108,6 +109,10 @@ enum Command {
     Detach(host::DetachArgs),
     /// Repair what a crash left behind: half-done binds and attachments whose owner is gone.
     Reconcile(host::ReconcileArgs),
+    /// Device health: recorded faults and quarantine; `scan`, `ingest` and `clear` a record.
+    Health(health::HealthArgs),
+    /// Reset a device (not attached to anyone) and verify it.
+    Reset(health::ResetArgs),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +127,8 @@ fn main() -> ExitCode {
         Command::Attach(a) => host::attach(&cli.global, a),
         Command::Detach(a) => host::detach(&cli.global, a),
         Command::Reconcile(a) => host::reconcile(&cli.global, a),
+        Command::Health(a) => health::run(&cli.global, a),
+        Command::Reset(a) => health::reset(&cli.global, a),
     };
     match result {
         Ok(code) => code,
