@@ -8,7 +8,7 @@ use gpu_passthrough::health::{self, Fault, HealthEvent, HealthStore};
 use gpu_passthrough::pci::PciAddress;
 
 use crate::Global;
-use crate::host::{HostOpts, attach_error, host, owner};
+use crate::host::{attach_error, host, owner};
 use crate::output::{emit, exit, fail};
 
 /// Arguments of `health`.
@@ -50,8 +50,6 @@ pub struct ResetArgs {
     /// The device, DDDD:BB:DD.F.
     #[arg(value_name = "DEVICE")]
     device: String,
-    #[command(flatten)]
-    host: HostOpts,
 }
 
 fn address(s: &str) -> anyhow::Result<PciAddress> {
@@ -188,7 +186,7 @@ pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
 /// `reset DEVICE`: reset on demand, then verify.
 pub fn reset(global: &Global, args: &ResetArgs) -> anyhow::Result<ExitCode> {
     let device = address(&args.device)?;
-    let check = host(global, &args.host, Vec::new())
+    let check = host(global, Vec::new())
         .reset(device)
         .map_err(attach_error)?;
     emit(global, &check, |c| print_check(device, c))?;

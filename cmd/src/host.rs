@@ -7,13 +7,15 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use gpu_passthrough::attach::{
-    AttachError, AttachRequest, CheckStatus, Host, Owner, PidLiveness, Plan, PlanRequest,
+    AttachError, CheckStatus, Host, Owner, PidLiveness, Plan, PlanRequest,
 };
 use gpu_passthrough::pci::PciAddress;
+use gpu_passthrough::provision::{GpuVmRequest, ProvisionError, Provisioner};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
 
 use crate::Global;
 use crate::output::{emit, exit, fail};
+use crate::progress::DownloadBar;
 
 /// Exit code of success.
 const SUCCESS: u8 = 0;
@@ -21,9 +23,6 @@ const SUCCESS: u8 = 0;
 /// Options shared by the host commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HostOpts {
-    /// Devices directory where `vfio/<group>` nodes appear (tests point this at a fake tree).
-    #[arg(long, value_name = "DIR", default_value = "/dev")]
-    pub dev_dir: PathBuf,
     /// The NVIDIA driver's supported-gpus.json: GPU names and open-module support.
     #[arg(long, value_name = "FILE", env = "GPU_PASSTHROUGH_SUPPORTED_GPUS")]
     pub supported_gpus: Option<PathBuf>,
@@ -131,7 +130,7 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-pub(crate) fn host(global: &Global, opts: &HostOpts, gone: Vec<Owner>) -> Host {
+pub(crate) fn host(global: &Global, gone: Vec<Owner>) -> Host {
     Host::new(
         &global.sysfs_root,
         &global.state_dir,
@@ -140,7 +139,7 @@ pub(crate) fn host(global: &Global, opts: &HostOpts, gone: Vec<Owner>) -> Host {
             ..Default::default()
         }),
     )
-    .with_dev_dir(&opts.dev_dir)
+    .with_dev_dir(&global.dev_dir)
 }
 
 pub(crate) fn owner(s: &str) -> anyhow::Result<Owner> {
@@ -153,76 +152,38 @@ fn addresses(list: &[String]) -> anyhow::Result<Vec<PciAddress>> {
         .collect()
 }
 
-/// How to get the initrd the boot spec names.
-enum InitrdSource<'a> {
-    /// Plan only: build nothing.
-    None,
-    /// A path the user gave.
-    Given(&'a PathBuf),
-    /// Ensure the release's combined layer, with this guest init (or the default one).
-    Ensure(Option<PathBuf>),
-}
-
-/// What `--release` decides.
-struct ReleaseChoice {
-    flavor: Option<ModuleFlavor>,
-    initrd: Option<PathBuf>,
-    /// The release driver's own GPU list, when its layers were ensured.
-    supported_gpus: Option<PathBuf>,
-}
-
-/// Resolve `--release` through the registry: its module flavor decides the open-module check
-/// (`--flavor` overrides it), and for attach its layers are ensured here, before any device
-/// moves, so a release that cannot be built never strands a device on vfio-pci; the GPU is then
-/// checked against that driver's own `supported-gpus.json` unless one is given.
-fn resolve_release(
-    global: &Global,
-    sel: &Selection,
-    initrd: InitrdSource<'_>,
-) -> anyhow::Result<ReleaseChoice> {
-    let mut choice = ReleaseChoice {
+/// The request as parsed; bad input is refused before anything is built or fetched.
+fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanRequest> {
+    Ok(PlanRequest {
+        devices: addresses(&sel.devices)?,
+        gpus: sel.gpus,
+        owner,
         flavor: sel.flavor,
-        initrd: match &initrd {
-            InitrdSource::Given(p) => Some((*p).clone()),
-            _ => None,
-        },
-        supported_gpus: None,
-    };
-    let Some(name) = &sel.release else {
-        return Ok(choice);
-    };
-    let registry = Registry::load(&global.registries)?;
-    let release = registry.release(name)?;
-    choice.flavor = sel.flavor.or(release.module_flavor);
-    if let InitrdSource::Ensure(guest_init) = initrd {
-        let layers = crate::initrd::ensure_layers(global, release, guest_init)?;
-        choice.initrd = Some(layers.combined.path);
-        choice.supported_gpus = layers.supported_gpus;
-    }
-    Ok(choice)
+        supported_gpus: sel.host.supported_gpus.clone(),
+        allow_boot_vga: sel.allow_boot_vga,
+        mdev_type: sel.mdev_type.clone(),
+    })
 }
 
-fn plan_request(
-    global: &Global,
-    sel: &Selection,
-    owner: Option<Owner>,
-    initrd: InitrdSource<'_>,
-) -> anyhow::Result<(PlanRequest, Option<PathBuf>)> {
-    // Bad input is refused before anything is built or fetched.
-    let devices = addresses(&sel.devices)?;
-    let choice = resolve_release(global, sel, initrd)?;
-    Ok((
-        PlanRequest {
-            devices,
-            gpus: sel.gpus,
-            owner,
-            flavor: choice.flavor,
-            supported_gpus: sel.host.supported_gpus.clone().or(choice.supported_gpus),
-            allow_boot_vga: sel.allow_boot_vga,
-            mdev_type: sel.mdev_type.clone(),
-        },
-        choice.initrd,
-    ))
+/// The registry, read only when a release is named (a broken registry file must not stop a
+/// plain attach).
+fn registry_for(global: &Global, sel: &Selection) -> anyhow::Result<Registry> {
+    Ok(if sel.release.is_some() {
+        Registry::load(&global.registries)?
+    } else {
+        Registry::embedded()?
+    })
+}
+
+fn provision_error(e: ProvisionError) -> anyhow::Error {
+    match e {
+        ProvisionError::Attach(e) => attach_error(e),
+        ProvisionError::Layers { release, source } => crate::initrd::initrd_failure(source)
+            .context(format!(
+                "the layers of release `{release}` could not be ensured; no device was moved"
+            )),
+        e => fail(exit::FAILURE, e),
+    }
 }
 
 pub(crate) fn attach_error(e: AttachError) -> anyhow::Error {
@@ -247,7 +208,7 @@ fn status_word(s: CheckStatus) -> &'static str {
 
 /// `doctor`: host readiness.
 pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
-    let h = host(global, &args.host, Vec::new());
+    let h = host(global, Vec::new());
     let report = h
         .doctor(args.host.supported_gpus.as_deref())
         .map_err(attach_error)?;
@@ -269,7 +230,7 @@ pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
 
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
-    let h = host(global, &args.host, Vec::new());
+    let h = host(global, Vec::new());
     let list = h
         .devices(args.all, args.host.supported_gpus.as_deref())
         .map_err(attach_error)?;
@@ -363,9 +324,12 @@ fn print_plan(plan: &Plan) {
 /// `plan`: what attach would do.
 pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let owner = args.owner.as_deref().map(owner).transpose()?;
-    let (req, _) = plan_request(global, &args.sel, owner, InitrdSource::None)?;
-    let h = host(global, &args.sel.host, Vec::new());
-    let plan = h.plan(&req).map_err(attach_error)?;
+    let req = plan_request(&args.sel, owner)?;
+    let registry = registry_for(global, &args.sel)?;
+    let h = host(global, Vec::new());
+    let plan = Provisioner::new(&h, &registry, global.cache_dir())
+        .plan(&req, args.sel.release.as_deref())
+        .map_err(provision_error)?;
     emit(global, &plan, print_plan)?;
     Ok(ExitCode::from(if plan.refusals.is_empty() {
         SUCCESS
@@ -374,22 +338,24 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-/// `attach`: bind, verify, print the boot spec.
+/// `attach`: ensure the release's layers, bind, verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let source = match &args.initrd {
-        Some(p) => InitrdSource::Given(p),
-        None => InitrdSource::Ensure(args.guest_init.clone()),
+    let request = GpuVmRequest {
+        plan: plan_request(&args.sel, Some(owner.clone()))?,
+        owner,
+        release: args.sel.release.clone(),
+        initrd: args.initrd.clone(),
     };
-    let (req, initrd) = plan_request(global, &args.sel, Some(owner.clone()), source)?;
-    let h = host(global, &args.sel.host, Vec::new());
-    let spec = h
-        .attach(&AttachRequest {
-            plan: req,
-            owner,
-            initrd,
-        })
-        .map_err(attach_error)?;
+    let registry = registry_for(global, &args.sel)?;
+    let h = host(global, Vec::new());
+    let mut provisioner = Provisioner::new(&h, &registry, global.cache_dir());
+    if let Some(init) = &args.guest_init {
+        provisioner = provisioner.with_guest_init(init);
+    }
+    let spec = provisioner
+        .attach(&request, &DownloadBar::new(global))
+        .map_err(provision_error)?;
     emit(global, &spec, |s| {
         for d in &s.devices {
             println!(
@@ -429,7 +395,7 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
 /// `detach`: devices back to their original drivers.
 pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let h = host(global, &args.host, Vec::new());
+    let h = host(global, Vec::new());
     let report = h.detach(&owner).map_err(attach_error)?;
     emit(global, &report, |r| {
         for d in &r.restored {
@@ -456,7 +422,7 @@ pub fn reconcile(global: &Global, args: &ReconcileArgs) -> anyhow::Result<ExitCo
         .iter()
         .map(|s| owner(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let h = host(global, &args.host, gone);
+    let h = host(global, gone);
     let report = h.reconcile().context("reconcile")?;
     emit(global, &report, |r| {
         for o in &r.finished {

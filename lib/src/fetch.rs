@@ -452,7 +452,9 @@ impl Fetcher {
         if have > 0 {
             request = request.header(RANGE, format!("bytes={have}-"));
         }
-        let mut response = request.send().map_err(|e| network(error_chain(&e)))?;
+        let mut response = request
+            .send()
+            .map_err(|e| network(crate::error_chain(&e)))?;
         let status = response.status();
         let (mut file, mut hasher, start) = if status == StatusCode::PARTIAL_CONTENT && have > 0 {
             let expected_range = format!("bytes {have}-");
@@ -632,16 +634,4 @@ fn remove_quietly(path: &Path) {
     {
         tracing::warn!("cannot remove {}: {e}", path.display());
     }
-}
-
-/// reqwest's top-level message is terse ("error sending request"); the causes say why.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
