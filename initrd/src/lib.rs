@@ -17,3 +17,4 @@ pub mod nodes;
 pub mod report;
 pub mod setup;
 pub mod sys;
+pub mod xid_watch;

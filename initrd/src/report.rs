@@ -34,6 +34,8 @@ pub enum FailureClass {
     MissingFirmware,
     /// The `.ko` named by the manifest is not in the GPU layer.
     MissingFile,
+    /// The driver could not initialise the GPU (`RmInitAdapter failed` in the kernel log).
+    InitFailed,
     /// Anything else (errno and kernel log line in the message).
     Other,
 }
