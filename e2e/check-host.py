@@ -130,3 +130,63 @@ rc_is("reconcile")
 rc_is("reconcile-again")
 rc_is("attach-after-reconcile")
 rc_is("detach-after-reconcile")
+
+# ---- health between tenants: reset and verification at detach, quarantine and placement
+disp2 = devs.get("disp2", "?")
+det = as_json("detach") or {}
+restored = {r.get("device"): r for r in det.get("restored", [])} if isinstance(det, dict) else {}
+methods = {m.group(1): m.group(2).split() for m in
+           (re.search(r"E2E-C reset_method (\S+) (.*)$", l) for l in lines) if m}
+for name, addr in (("NIC", nic), ("VGA", vga)):
+    h = (restored.get(addr) or {}).get("health") or {}
+    r, v = h.get("reset") or {}, h.get("verify") or {}
+    print(f"INFO detach {name} {addr}: reset {r.get('outcome')} method={r.get('method')} "
+          f"offered={r.get('methods')} {r.get('ms')} ms; verify ok={v.get('ok')} "
+          f"id={v.get('vendor_id')}:{v.get('device_id')} driver={v.get('driver')} {v.get('ms')} ms "
+          f"problems={v.get('problems')}")
+    if r.get("ms") is not None:
+        print(f"FIGURE run C detach {name}: reset {r.get('method') or r.get('outcome')} (ms)|{r.get('ms')}")
+    if v.get("ms") is not None:
+        print(f"FIGURE run C detach {name}: verify (ms)|{v.get('ms')}")
+nh = (restored.get(nic) or {}).get("health") or {}
+nr = nh.get("reset") or {}
+check("detach: the NIC was reset by the kernel with FLR and verified",
+      nr.get("outcome") == "done" and nr.get("method") == "flr" and (nh.get("verify") or {}).get("ok") is True,
+      f"reset_method in the guest: {methods.get('nic')}; health: {json.dumps(nh)[:400]}")
+vh = (restored.get(vga) or {}).get("health") or {}
+check("detach: the VGA device (no reset method) verified without a reset",
+      (vh.get("reset") or {}).get("outcome") == "no_method" and (vh.get("verify") or {}).get("ok") is True,
+      f"reset_method in the guest: {methods.get('vga')}; health: {json.dumps(vh)[:400]}")
+
+scan = as_json("health-scan")
+check("health scan: 3 faults (Xid 13 none, Xid 79 reset_gpu counted once with its GPU-XID line, D3cold)",
+      isinstance(scan, list) and [(f.get("kind"), f.get("xid"), f.get("action")) for f in scan]
+      == [("xid", 13, "none"), ("xid", 79, "reset_gpu"), ("power_state", None, "reset_gpu")],
+      text("health-scan")[:400])
+for line in text("health-scan").splitlines()[:12]:
+    print(f"INFO health scan: {line}")
+i1, i3 = as_json("ingest-vm-1") or {}, as_json("ingest-vm-3") or {}
+check("health ingest vm-1: the guest-address faults recorded against the VGA device, not yet quarantined",
+      {e.get("device") for e in i1.get("recorded", [])} == {vga} and len(i1.get("recorded", [])) == 2
+      and not i1.get("quarantined"), text("ingest-vm-1")[:400])
+check("health ingest vm-3 (second owner): the VGA device quarantined",
+      [q.get("device") for q in i3.get("quarantined", [])] == [vga], text("ingest-vm-3")[:400])
+rec = {d.get("device"): d for d in (as_json("health") or [])}
+check("health --json: the VGA device quarantined by vm-1 and vm-3",
+      ((rec.get(vga) or {}).get("quarantine") or {}).get("owners") == ["vm-1", "vm-3"], text("health")[:400])
+dq = by_address("devices-quarantined").get(vga, {})
+check("devices: the VGA device not ready, quarantined",
+      dq.get("ready") is False and any("quarantined" in r for r in dq.get("not_ready_because", [])), json.dumps(dq)[:300])
+aq = etext("attach-quarantined") + text("attach-quarantined")
+check("attach of the quarantined VGA refused (exit 4) naming the events",
+      rc.get("attach-quarantined") == 4 and "quarantined" in aq and "vm-1: xid 79" in aq and "vm-3" in aq, aq[-400:])
+before = as_json("plan-gpus-before") or {}
+check("plan --gpus 1 before the quarantine picks the VGA device", before.get("requested") == [vga],
+      text("plan-gpus-before")[:300])
+rc_is("attach-gpus")
+ag = as_json("attach-gpus") or {}
+check(f"attach --gpus 1 after the quarantine picks the other display {disp2}",
+      [d.get("address") for d in ag.get("devices", [])] == [disp2], text("attach-gpus")[:300])
+rc_is("detach-gpus")
+check("health clear lifts the quarantine", (as_json("health-clear") or {}).get("was_quarantined") is True,
+      text("health-clear")[:300])

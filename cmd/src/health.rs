@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gpu_passthrough::attach::{HealthCheck, ResetOutcome};
-use gpu_passthrough::health::{self, Fault, HealthEvent, HealthStore};
+use gpu_passthrough::health::{self, HealthStore};
 use gpu_passthrough::pci::PciAddress;
 
 use crate::Global;
@@ -56,128 +55,42 @@ fn address(s: &str) -> anyhow::Result<PciAddress> {
     s.parse().map_err(|e| fail(exit::REFUSED, e))
 }
 
-fn fault_line(f: &Fault) -> String {
-    format!(
-        "{}  {}{}  action {}  {}",
-        f.address.as_deref().unwrap_or("-"),
-        word(&f.kind),
-        f.xid.map(|x| format!(" {x}")).unwrap_or_default(),
-        word(&f.action),
-        f.message
-    )
-}
-
-fn event_line(e: &HealthEvent) -> String {
-    format!(
-        "  {} owner {}  {}",
-        e.at,
-        e.owner.as_ref().map_or("-".into(), |o| o.to_string()),
-        fault_line(&e.fault)
-    )
-}
-
-/// The snake_case name serde gives a unit variant.
-fn word<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
-/// Print a reset and verification for people.
-pub fn print_check(device: PciAddress, c: &HealthCheck) {
-    if let Some(r) = &c.reset {
-        let what = match r.outcome {
-            ResetOutcome::Done => format!("reset with {}", r.method.as_deref().unwrap_or("?")),
-            ResetOutcome::ByVfio => "reset by VFIO on open/release".into(),
-            ResetOutcome::NoMethod => "no reset method".into(),
-            ResetOutcome::Refused | ResetOutcome::Failed => format!(
-                "reset {}: {}",
-                word(&r.outcome),
-                r.detail.as_deref().unwrap_or("")
-            ),
-        };
-        println!("{device}  {what} ({} ms)", r.ms);
-    }
-    let v = &c.verify;
-    if v.ok {
-        println!("{device}  verified ({} ms)", v.ms);
-    } else {
-        println!(
-            "{device}  VERIFY FAILED ({} ms): {}",
-            v.ms,
-            v.problems.join("; ")
-        );
-    }
-}
-
 /// `health [scan|ingest|clear]`.
 pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
     let store = HealthStore::new(&global.state_dir);
     match &args.command {
-        None => {
-            let records = store.records()?;
-            emit(global, &records, |list| {
-                if list.is_empty() {
-                    println!("no health events recorded");
-                }
-                for d in list {
-                    let state = match &d.quarantine {
-                        Some(q) => format!("QUARANTINED: {}", q.summary()),
-                        None => "in service".into(),
-                    };
-                    println!("{}  {} events  {state}", d.device, d.events.len());
-                    for e in &d.events {
-                        println!("{}", event_line(e));
-                    }
-                }
-            })?;
-        }
+        None => emit(global, &store.records()?, |list| {
+            list.iter().for_each(|d| println!("{d}"));
+        })?,
         Some(HealthCommand::Scan { console }) => {
-            let faults = health::scan_file(console)?;
-            emit(global, &faults, |list| {
-                for f in list {
-                    println!("{}", fault_line(f));
-                }
-            })?;
+            emit(global, &health::scan_file(console)?, |list| {
+                list.iter().for_each(|f| println!("{f}"));
+            })?
         }
         Some(HealthCommand::Ingest { owner: o, console }) => {
-            let o = owner(o)?;
-            let report = health::ingest(&global.state_dir, &o, console)?;
+            let report = health::ingest(&global.state_dir, &owner(o)?, console)?;
             emit(global, &report, |r| {
                 println!(
-                    "{} faults in the log; {} recorded for owner {} (devices {})",
+                    "{} faults in the log, {} recorded for {}",
                     r.faults.len(),
                     r.recorded.len(),
-                    r.owner,
-                    r.devices
-                        .iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(" ")
+                    r.owner
                 );
-                for e in &r.recorded {
-                    println!("{}  {}", e.device, fault_line(&e.fault));
-                }
-                for q in &r.quarantined {
-                    println!("QUARANTINED: {}", q.summary());
-                }
-            })?;
+                r.recorded
+                    .iter()
+                    .for_each(|e| println!("{}  {}", e.device, e.fault));
+                r.quarantined
+                    .iter()
+                    .for_each(|q| println!("QUARANTINED: {}", q.summary()));
+            })?
         }
         Some(HealthCommand::Clear { device }) => {
-            let report = store.clear(address(device)?)?;
-            emit(global, &report, |r| {
+            emit(global, &store.clear(address(device)?)?, |r| {
                 println!(
-                    "{}: {} events removed{}",
-                    r.device,
-                    r.removed,
-                    if r.was_quarantined {
-                        "; quarantine lifted"
-                    } else {
-                        ""
-                    }
+                    "{}: {} events removed, quarantined before: {}",
+                    r.device, r.removed, r.was_quarantined
                 )
-            })?;
+            })?
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -185,10 +98,13 @@ pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
 
 /// `reset DEVICE`: reset on demand, then verify.
 pub fn reset(global: &Global, args: &ResetArgs) -> anyhow::Result<ExitCode> {
-    let device = address(&args.device)?;
     let check = host(global, Vec::new())
-        .reset(device)
+        .reset(address(&args.device)?)
         .map_err(attach_error)?;
-    emit(global, &check, |c| print_check(device, c))?;
-    Ok(ExitCode::from(if check.verify.ok { 0 } else { exit::VERIFY }))
+    emit(global, &check, |c| println!("{c}"))?;
+    Ok(ExitCode::from(if check.verify.ok {
+        0
+    } else {
+        exit::VERIFY
+    }))
 }

@@ -405,7 +405,7 @@ pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
                 d.driver.as_deref().unwrap_or("no driver")
             );
             if let Some(c) = &d.health {
-                crate::health::print_check(d.device, c);
+                println!("{c}");
             }
         }
         for m in &r.removed_mdevs {

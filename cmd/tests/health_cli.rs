@@ -51,7 +51,16 @@ fn scan_prints_one_event_per_fault_with_stable_fields() {
          hello from the workload\n",
     )
     .unwrap();
-    let out = run(&h, &["health", "scan", "--console", log.to_str().unwrap(), "--json"]);
+    let out = run(
+        &h,
+        &[
+            "health",
+            "scan",
+            "--console",
+            log.to_str().unwrap(),
+            "--json",
+        ],
+    );
     assert!(out.status.success());
     let v = json(&out);
     assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
@@ -70,36 +79,68 @@ fn scan_prints_one_event_per_fault_with_stable_fields() {
 fn ingest_for_two_owners_quarantines_and_gpus_1_picks_another_device() {
     let h = host();
     let log = h.dir.path().join("console.log");
-    std::fs::write(&log, "NVRM: Xid (PCI:0000:00:05): 79, pid=1, GPU has fallen off the bus.\n")
-        .unwrap();
+    std::fs::write(
+        &log,
+        "NVRM: Xid (PCI:0000:00:05): 79, pid=1, GPU has fallen off the bus.\n",
+    )
+    .unwrap();
     for who in ["vm-1", "vm-2"] {
         let mut args = vec!["attach", "0000:00:02.0", "--owner", who, "--json"];
         args.extend(dev_dir(&h));
         let out = run(&h, &args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut args = vec!["detach", "--owner", who, "--json"];
         args.extend(dev_dir(&h));
         let out = run(&h, &args);
         let d = json(&out);
         assert_eq!(d["restored"][0]["health"]["reset"]["outcome"], "no_method");
         assert_eq!(d["restored"][0]["health"]["verify"]["ok"], true);
-        let out = run(&h, &["health", "ingest", "--owner", who, "--console", log.to_str().unwrap(), "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = run(
+            &h,
+            &[
+                "health",
+                "ingest",
+                "--owner",
+                who,
+                "--console",
+                log.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(json(&out)["recorded"][0]["device"], "0000:00:02.0");
     }
     let listed = json(&run(&h, &["health", "--json"]));
     assert_eq!(listed[0]["device"], "0000:00:02.0");
-    assert_eq!(listed[0]["quarantine"]["owners"], serde_json::json!(["vm-1", "vm-2"]));
+    assert_eq!(
+        listed[0]["quarantine"]["owners"],
+        serde_json::json!(["vm-1", "vm-2"])
+    );
     let mut args = vec!["attach", "0000:00:02.0", "--owner", "vm-3"];
     args.extend(dev_dir(&h));
     let out = run(&h, &args);
     assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("quarantined") && err.contains("vm-1: xid 79"), "{err}");
+    assert!(
+        err.contains("quarantined") && err.contains("vm-1: xid 79"),
+        "{err}"
+    );
     let mut args = vec!["attach", "--gpus", "1", "--owner", "vm-3", "--json"];
     args.extend(dev_dir(&h));
     let out = run(&h, &args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(json(&out)["devices"][0]["address"], "0000:00:04.0");
     let out = run(&h, &["health", "clear", "0000:00:02.0", "--json"]);
     assert_eq!(json(&out)["was_quarantined"], true);

@@ -172,7 +172,10 @@ fn classify(
         );
         return (FailureClass::MissingFirmware, errno, message);
     }
-    if let Some(line) = kernel_lines.iter().find(|l| l.contains("RmInitAdapter failed")) {
+    if let Some(line) = kernel_lines
+        .iter()
+        .find(|l| l.contains("RmInitAdapter failed"))
+    {
         let message = format!(
             "{name} loaded but could not initialise the GPU ({line}): the GPU needs a reset on \
              the host (often after waking from D3cold or a previous tenant's fault); the host \

@@ -103,7 +103,11 @@ mod tests {
     fn open_skips_what_is_already_logged() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kmsg");
-        std::fs::write(&path, "3,1,1,-;NVRM: Xid (PCI:0000:00:05): 79, pid=1, old\n").unwrap();
+        std::fs::write(
+            &path,
+            "3,1,1,-;NVRM: Xid (PCI:0000:00:05): 79, pid=1, old\n",
+        )
+        .unwrap();
         let log = open(&path).unwrap();
         let mut out = Vec::new();
         watch(log, &mut out);

@@ -370,11 +370,17 @@ fn rm_init_adapter_failure_is_init_failed_not_other() {
     assert_eq!(report.status, Status::Failed);
     assert_eq!(report.modules[0].class, Some(FailureClass::InitFailed));
     let msg = report.modules[0].message.as_deref().unwrap();
-    assert!(msg.contains("RmInitAdapter failed! (0x22:0x56:667)"), "{msg}");
+    assert!(
+        msg.contains("RmInitAdapter failed! (0x22:0x56:667)"),
+        "{msg}"
+    );
     assert_eq!(json(&report)["modules"][0]["class"], "init_failed");
     // Without the line the same errno stays `other`.
     let plain = FakeKernel::new(&guest).with("nvidia.ko", Outcome::Fail(Errno::EIO));
-    assert_eq!(run(&guest, &plain).modules[0].class, Some(FailureClass::Other));
+    assert_eq!(
+        run(&guest, &plain).modules[0].class,
+        Some(FailureClass::Other)
+    );
 }
 
 #[test]

@@ -15,6 +15,8 @@
 //! Anything else, including the follow-up lines the driver prints after a fault
 //! (`rm_init_adapter failed, device minor number 0`), yields nothing.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 /// Prefix of the guest init's console line for a fault seen while the workload runs.
@@ -95,6 +97,42 @@ impl Fault {
     pub fn from_line(line: &str) -> Option<Fault> {
         let at = line.find(XID_PREFIX)?;
         serde_json::from_str(line[at + XID_PREFIX.len()..].trim()).ok()
+    }
+}
+
+/// The snake_case word serde writes for a unit variant.
+fn word<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&word(self))
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&word(self))
+    }
+}
+
+/// One line for people: `ADDRESS  KIND [XID]  action ACTION  MESSAGE`.
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}  {}",
+            self.address.as_deref().unwrap_or("-"),
+            self.kind
+        )?;
+        if let Some(x) = self.xid {
+            write!(f, " {x}")?;
+        }
+        write!(f, "  action {}  {}", self.action, self.message)
     }
 }
 
@@ -333,10 +371,14 @@ mod tests {
         // NVIDIA/NVSentinel issue #155 (comment quoting the Xid form).
         let f = one("NVRM: Xid (PCI:0000:44:00): 79, GPU has fallen off the bus.");
         assert_eq!(f.address.as_deref(), Some("0000:44:00.0"));
-        assert_eq!((f.kind, f.xid, f.action), (FaultKind::Xid, Some(79), Action::ResetGpu));
+        assert_eq!(
+            (f.kind, f.xid, f.action),
+            (FaultKind::Xid, Some(79), Action::ResetGpu)
+        );
         assert_eq!(f.message, "GPU has fallen off the bus");
         // The form in the issue text, with pid=.
-        let f = one("[ 1843.3] NVRM: Xid (PCI:0000:02:00): 79, pid=1234, GPU has fallen off the bus.");
+        let f =
+            one("[ 1843.3] NVRM: Xid (PCI:0000:02:00): 79, pid=1234, GPU has fallen off the bus.");
         assert_eq!(f.address.as_deref(), Some("0000:02:00.0"));
         assert_eq!(f.message, "pid=1234, GPU has fallen off the bus");
     }
@@ -349,7 +391,9 @@ mod tests {
         );
         assert_eq!((f.xid, f.action), (Some(31), Action::None));
         // doitsujin/dxvk issue #1027 (older driver: no pid, no name).
-        let f = one("[31609.615230] NVRM: Xid (PCI:0000:01:00): 13, Graphics Exception: Class 0x0 Subchannel 0x0 Mismatch");
+        let f = one(
+            "[31609.615230] NVRM: Xid (PCI:0000:01:00): 13, Graphics Exception: Class 0x0 Subchannel 0x0 Mismatch",
+        );
         assert_eq!((f.xid, f.action), (Some(13), Action::None));
         // leptonai/gpud PR #46 (pid='<unknown>').
         let f = one(
@@ -358,7 +402,9 @@ mod tests {
         assert_eq!(f.address.as_deref(), Some("0000:cb:00.0"));
         assert_eq!(f.action, Action::None);
         // NVIDIA/open-gpu-kernel-modules issue #1150 (Xid 45 caused by an NVLink Xid).
-        let f = one("kernel: NVRM: Xid (PCI:0000:dc:00): 45, pid=1818990, name=python3, Ch 00000001 caused by previous Xid 149");
+        let f = one(
+            "kernel: NVRM: Xid (PCI:0000:dc:00): 45, pid=1818990, name=python3, Ch 00000001 caused by previous Xid 149",
+        );
         assert_eq!((f.xid, f.action), (Some(45), Action::None));
         assert_eq!(xid_action(43), Action::None);
     }
@@ -366,14 +412,18 @@ mod tests {
     #[test]
     fn memory_errors_need_a_reset_or_a_drain() {
         // stas00/ml-engineering compute/accelerator/nvidia/debug.md (Xid 63).
-        let f = one("NVRM: Xid (PCI:0000:10:1c): 63, pid=1896, Row Remapper: New row marked for remapping, reset gpu to activate.");
+        let f = one(
+            "NVRM: Xid (PCI:0000:10:1c): 63, pid=1896, Row Remapper: New row marked for remapping, reset gpu to activate.",
+        );
         assert_eq!(f.address.as_deref(), Some("0000:10:1c.0"));
         assert_eq!(f.action, Action::DrainAndReset);
         // leptonai/gpud PR #1174 (Xid 94).
         let f = one("NVRM: Xid (PCI:0000:9b:00): 94, pid=1234, name=python3, Contained ECC error");
         assert_eq!(f.action, Action::DrainAndReset);
         // A Go test table quoting an Xid 95 line (found by the code search).
-        let f = one("NVRM: Xid (PCI:0000:01:00): 95, pid=7062, Uncontained: LTC TAG (0x2,0x0). RST: Yes, D-RST: No");
+        let f = one(
+            "NVRM: Xid (PCI:0000:01:00): 95, pid=7062, Uncontained: LTC TAG (0x2,0x0). RST: Yes, D-RST: No",
+        );
         assert_eq!(f.action, Action::ResetGpu);
         for xid in [48, 64] {
             assert_eq!(xid_action(xid), Action::ResetGpu, "xid {xid}");
@@ -387,8 +437,13 @@ mod tests {
             "kernel: [16450076.435595] NVRM: Xid (PCI:0002:00:00): 119, pid=1582259, name=nvc:[driver], Timeout after 6s of waiting for RPC response from GPU1 GSP! Expected function 76 (GSP_RM_CONTROL) (0x20802a02 0x8).",
         );
         assert_eq!(f.address.as_deref(), Some("0002:00:00.0"));
-        assert_eq!((f.kind, f.xid, f.action), (FaultKind::GspTimeout, Some(119), Action::ResetGpu));
-        let f = one("[ 3947.590120] NVRM: Xid (PCI:0000:61:00): 119, pid=123417, name=nv-hostengine, Timeout after 6s of waiting for RPC response from GPU0 GSP! Expected function 10 (FREE) (0xc0000005 0x0).");
+        assert_eq!(
+            (f.kind, f.xid, f.action),
+            (FaultKind::GspTimeout, Some(119), Action::ResetGpu)
+        );
+        let f = one(
+            "[ 3947.590120] NVRM: Xid (PCI:0000:61:00): 119, pid=123417, name=nv-hostengine, Timeout after 6s of waiting for RPC response from GPU0 GSP! Expected function 10 (FREE) (0xc0000005 0x0).",
+        );
         assert_eq!(f.kind, FaultKind::GspTimeout);
         let f = one("NVRM: Xid (PCI:0000:61:00): 120, pid=1, GSP task exception");
         assert_eq!((f.kind, f.action), (FaultKind::GspError, Action::ResetGpu));
@@ -399,13 +454,19 @@ mod tests {
         // bryansteiner/gpu-passthrough-tutorial issue #39 (dmesg after a failed passthrough).
         let f = one("[   87.473074] NVRM: GPU 0000:01:00.0: RmInitAdapter failed! (0x22:0x56:667)");
         assert_eq!(f.address.as_deref(), Some("0000:01:00.0"));
-        assert_eq!((f.kind, f.action), (FaultKind::InitFailed, Action::ResetGpu));
+        assert_eq!(
+            (f.kind, f.action),
+            (FaultKind::InitFailed, Action::ResetGpu)
+        );
         assert_eq!(f.message, "RmInitAdapter failed! (0x22:0x56:667)");
-        let f = one("[   87.412759] nvidia 0000:01:00.0: Unable to change power state from D3cold to D0, device inaccessible");
+        let f = one(
+            "[   87.412759] nvidia 0000:01:00.0: Unable to change power state from D3cold to D0, device inaccessible",
+        );
         assert_eq!(f.address.as_deref(), Some("0000:01:00.0"));
         assert_eq!(f.kind, FaultKind::PowerState);
         // NVIDIA/open-gpu-kernel-modules issue #789 (GSP firmware could not start).
-        let f = one("[  903.610907] NVRM: GPU 0000:98:00.0: RmInitAdapter failed! (0x62:0x65:1792)");
+        let f =
+            one("[  903.610907] NVRM: GPU 0000:98:00.0: RmInitAdapter failed! (0x62:0x65:1792)");
         assert_eq!(f.address.as_deref(), Some("0000:98:00.0"));
     }
 
@@ -448,9 +509,13 @@ mod tests {
 
     #[test]
     fn xid_154_follows_the_recovery_the_driver_names() {
-        let f = one("NVRM: Xid (PCI:0000:01:00): 154, GPU recovery action changed from 0x0 (None) to 0x2 (Node Reboot Required)");
+        let f = one(
+            "NVRM: Xid (PCI:0000:01:00): 154, GPU recovery action changed from 0x0 (None) to 0x2 (Node Reboot Required)",
+        );
         assert_eq!(f.action, Action::RebootHost);
-        let f = one("NVRM: Xid (PCI:0000:01:00): 154, GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)");
+        let f = one(
+            "NVRM: Xid (PCI:0000:01:00): 154, GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)",
+        );
         assert_eq!(f.action, Action::ResetGpu);
     }
 
@@ -470,7 +535,10 @@ mod tests {
     #[test]
     fn addresses_normalise_or_are_refused() {
         assert_eq!(full_address("0000:0A:00").as_deref(), Some("0000:0a:00.0"));
-        assert_eq!(full_address("0000:01:00.1").as_deref(), Some("0000:01:00.1"));
+        assert_eq!(
+            full_address("0000:01:00.1").as_deref(),
+            Some("0000:01:00.1")
+        );
         assert_eq!(full_address("01:00.0").as_deref(), Some("0000:01:00.0"));
         assert_eq!(full_address("0000:01:20.0"), None);
         assert_eq!(full_address("0000:01:00.9"), None);

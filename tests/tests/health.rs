@@ -123,7 +123,10 @@ fn a_device_without_reset_method_is_verified_without_one() {
     assert_eq!(reset.outcome, ResetOutcome::NoMethod);
     assert_eq!(reset.method, None);
     assert!(check.verify.ok, "{:?}", check.verify.problems);
-    assert!(!dev_file(&h, GPU1, SIM_RESET_LOG).exists(), "no reset written");
+    assert!(
+        !dev_file(&h, GPU1, SIM_RESET_LOG).exists(),
+        "no reset written"
+    );
 }
 
 #[test]
@@ -213,7 +216,11 @@ fn a_failed_reset_is_a_health_event() {
     assert_eq!(check.events.len(), 1);
     assert_eq!(check.events[0].fault.kind, FaultKind::ResetFailed);
     assert_eq!(check.events[0].owner, Some(owner("vm-1")));
-    assert_eq!(h.driver(GPU1).as_deref(), Some("nvidia"), "still given back");
+    assert_eq!(
+        h.driver(GPU1).as_deref(),
+        Some("nvidia"),
+        "still given back"
+    );
 }
 
 #[test]
@@ -226,7 +233,11 @@ fn verification_failure_after_detach_is_recorded_for_the_owner() {
     let check = report.restored[0].health.as_ref().unwrap();
     assert!(!check.verify.ok);
     assert_eq!(check.verify.vendor_id, Some(0xffff));
-    assert!(check.verify.problems[0].contains("0xffff"), "{:?}", check.verify.problems);
+    assert!(
+        check.verify.problems[0].contains("0xffff"),
+        "{:?}",
+        check.verify.problems
+    );
     let records = HealthStore::new(&h.state).records().unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].device, a(GPU1));
@@ -241,7 +252,9 @@ fn verification_failure_after_detach_is_recorded_for_the_owner() {
     let report = host.detach(&owner("vm-2")).unwrap();
     let v = &report.restored[0].health.as_ref().unwrap().verify;
     assert!(
-        v.problems.iter().any(|p| p.contains("nvidia driver did not take it")),
+        v.problems
+            .iter()
+            .any(|p| p.contains("nvidia driver did not take it")),
         "{:?}",
         v.problems
     );
@@ -299,20 +312,29 @@ fn ingested_consoles_quarantine_and_gpus_n_skips_the_device() {
         .unwrap();
         let report = health::ingest(&h.state, &owner(who), &console).unwrap();
         assert_eq!(report.faults.len(), 2);
-        assert_eq!(report.recorded.len(), 1, "application faults are not recorded");
+        assert_eq!(
+            report.recorded.len(),
+            1,
+            "application faults are not recorded"
+        );
         assert_eq!(report.recorded[0].device, a(GPU1));
         assert_eq!(report.recorded[0].fault.xid, Some(79));
         // Ingesting the same log again adds nothing.
-        assert!(health::ingest(&h.state, &owner(who), &console)
-            .unwrap()
-            .recorded
-            .is_empty());
+        assert!(
+            health::ingest(&h.state, &owner(who), &console)
+                .unwrap()
+                .recorded
+                .is_empty()
+        );
     }
     assert!(health::is_quarantined(&h.state, a(GPU1)).unwrap().is_some());
     assert_eq!(attach_gpus(&host, 1, "vm-c").unwrap(), [a(GPU2)]);
     host.detach(&owner("vm-c")).unwrap();
     let err = attach_gpus(&host, 2, "vm-d").unwrap_err();
-    assert!(matches!(err, AttachError::NotEnoughGpus { free: 1, .. }), "{err}");
+    assert!(
+        matches!(err, AttachError::NotEnoughGpus { free: 1, .. }),
+        "{err}"
+    );
     // An owner that never held anything has no devices to map to.
     let e = health::ingest(&h.state, &owner("vm-z"), &dir.path().join("vm-a.log")).unwrap_err();
     assert!(matches!(e, HealthError::NoHistory(_)), "{e}");
@@ -329,7 +351,9 @@ fn an_unreadable_health_record_fails_closed() {
         Err(HealthError::Corrupt { .. })
     ));
     let err = attach(&host, &[GPU1], "vm-1").unwrap_err();
-    let AttachError::Refused(r) = &err else { panic!("{err}") };
+    let AttachError::Refused(r) = &err else {
+        panic!("{err}")
+    };
     assert_eq!(r[0].reason, RefusalReason::HealthUnknown);
     assert!(err.to_string().contains("corrupt"), "{err}");
     assert!(matches!(
@@ -338,8 +362,14 @@ fn an_unreadable_health_record_fails_closed() {
     ));
     assert_eq!(h.driver(GPU1).as_deref(), Some("nvidia"));
     // A newer format is named as such.
-    fs::write(h.state.join("health.json"), r#"{"version": 99, "devices": {}}"#).unwrap();
-    let e = health::is_quarantined(&h.state, a(GPU1)).unwrap_err().to_string();
+    fs::write(
+        h.state.join("health.json"),
+        r#"{"version": 99, "devices": {}}"#,
+    )
+    .unwrap();
+    let e = health::is_quarantined(&h.state, a(GPU1))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("version 99"), "{e}");
 }
 

@@ -11,13 +11,17 @@
 //! (the requested ones, the other functions of their slots, and every non-bridge member of their
 //! IOMMU groups), an NVIDIA GPU on the `nvidia` driver first gets persistence mode turned off for
 //! that GPU only (`nvidia-smi -i ADDR -pm 0`, when nvidia-smi exists; nvidia-persistenced itself
-//! is never stopped, and persistence is turned back on at detach); then `driver_override` is set
+//! is never stopped, and persistence is turned back on at detach); `d3cold_allowed` is set to 0
+//! (restored at detach: waking from D3cold is a known cause of `RmInitAdapter failed`); then
+//! `driver_override` is set
 //! to `vfio-pci`, the device is unbound from its driver and `drivers_probe` binds it to
 //! vfio-pci. Then each group's `/dev/vfio/N` is awaited (bounded) and each device handed to the
 //! VM is checked through VFIO. A device already on vfio-pci that nobody owns is adopted without
 //! writes and recorded as having no other driver. Detach and rollback undo this from the
 //! device's actual state: unbind from whatever it is on, restore `driver_override`, probe (or
-//! bind) the original driver.
+//! bind) the original driver. Detach also resets each device handed to the VM and verifies it
+//! once it is back with the host (see `reset.rs`; failures become [`crate::health`] events), and
+//! placement refuses devices that [`crate::health::is_quarantined`] names.
 
 mod doctor;
 pub mod journal;

@@ -75,7 +75,10 @@ pub enum RefusalReason {
 }
 
 /// The quarantine refusal for `addr`, if any (an unreadable record refuses too).
-fn health_refusal(state_dir: &std::path::Path, addr: PciAddress) -> Option<(RefusalReason, String)> {
+fn health_refusal(
+    state_dir: &std::path::Path,
+    addr: PciAddress,
+) -> Option<(RefusalReason, String)> {
     match crate::health::is_quarantined(state_dir, addr) {
         Ok(None) => None,
         Ok(Some(q)) => Some((RefusalReason::Quarantined, q.summary())),

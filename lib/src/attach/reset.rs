@@ -86,6 +86,38 @@ pub struct HealthCheck {
     pub events: Vec<HealthEvent>,
 }
 
+/// Two lines for people: the reset (if any), then the verification, each with its time.
+impl std::fmt::Display for HealthCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = &self.verify;
+        if let Some(r) = &self.reset {
+            let what = match r.outcome {
+                ResetOutcome::Done => format!("reset with {}", r.method.as_deref().unwrap_or("?")),
+                ResetOutcome::ByVfio => "reset by VFIO on open/release".into(),
+                ResetOutcome::NoMethod => "no reset method".into(),
+                ResetOutcome::Refused => {
+                    format!("reset refused: {}", r.detail.as_deref().unwrap_or(""))
+                }
+                ResetOutcome::Failed => {
+                    format!("reset failed: {}", r.detail.as_deref().unwrap_or(""))
+                }
+            };
+            writeln!(f, "{}  {what} ({} ms)", v.device, r.ms)?;
+        }
+        if v.ok {
+            write!(f, "{}  verified ({} ms)", v.device, v.ms)
+        } else {
+            write!(
+                f,
+                "{}  VERIFY FAILED ({} ms): {}",
+                v.device,
+                v.ms,
+                v.problems.join("; ")
+            )
+        }
+    }
+}
+
 fn ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -208,15 +240,15 @@ impl Host {
     }
 
     /// Check `device` now that it is back with the host, expecting it on `expected_driver`.
-    pub fn verify_device(
-        &self,
-        device: PciAddress,
-        expected_driver: Option<&str>,
-    ) -> Verification {
+    pub fn verify_device(&self, device: PciAddress, expected_driver: Option<&str>) -> Verification {
         let start = Instant::now();
         let dir = self.sysfs.device_dir(device);
         let mut problems = Vec::new();
-        let ids = self.sysfs.device(device).ok().map(|d| (d.vendor_id, d.device_id));
+        let ids = self
+            .sysfs
+            .device(device)
+            .ok()
+            .map(|d| (d.vendor_id, d.device_id));
         let (mut vendor_id, mut device_id) = (None, None);
         match std::fs::read(dir.join("config")) {
             Ok(cfg) if cfg.len() >= 4 => {

@@ -120,7 +120,10 @@ impl Host {
                 // Kept after detach: faults its VM reports later map to these devices.
                 let (passed, gpus) = (
                     boot.iter().filter_map(|b| b.address).collect(),
-                    boot.iter().filter(|b| b.gpu).filter_map(|b| b.address).collect(),
+                    boot.iter()
+                        .filter(|b| b.gpu)
+                        .filter_map(|b| b.address)
+                        .collect(),
                 );
                 j.state.remember(&req.owner, passed, gpus);
                 commit(&mut j, txn);
@@ -439,8 +442,12 @@ impl Host {
         for txn in txns {
             if self.can_finish(&txn) {
                 report.finished.push(txn.owner.clone());
-                let passed: Vec<PciAddress> =
-                    txn.devices.iter().filter(|d| d.passed).map(|d| d.device).collect();
+                let passed: Vec<PciAddress> = txn
+                    .devices
+                    .iter()
+                    .filter(|d| d.passed)
+                    .map(|d| d.device)
+                    .collect();
                 let gpus = passed
                     .iter()
                     .copied()

@@ -46,7 +46,12 @@ pub struct HealthEvent {
 
 impl HealthEvent {
     /// An event about `device` recorded now.
-    pub fn now(device: PciAddress, owner: Option<Owner>, source: EventSource, fault: Fault) -> Self {
+    pub fn now(
+        device: PciAddress,
+        owner: Option<Owner>,
+        source: EventSource,
+        fault: Fault,
+    ) -> Self {
         HealthEvent {
             device,
             owner,
@@ -70,12 +75,36 @@ impl HealthEvent {
             .map_or("unknown owner".to_owned(), |o| o.to_string());
         let what = match self.fault.xid {
             Some(x) => format!("xid {x}"),
-            None => serde_json::to_value(self.fault.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            None => self.fault.kind.to_string(),
         };
         format!("{owner}: {what} ({})", self.fault.message)
+    }
+}
+
+/// One line for people: time, owner, the fault.
+impl std::fmt::Display for HealthEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let owner = self
+            .owner
+            .as_ref()
+            .map_or("-".to_owned(), |o| o.to_string());
+        write!(f, "{} owner {owner}  {}", self.at, self.fault)
+    }
+}
+
+/// The device, its state, then one indented line per event.
+impl std::fmt::Display for DeviceHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.quarantine {
+            Some(q) => write!(f, "{}  QUARANTINED: {}", self.device, q.summary())?,
+            None => write!(
+                f,
+                "{}  in service, {} events",
+                self.device,
+                self.events.len()
+            )?,
+        }
+        self.events.iter().try_for_each(|e| write!(f, "\n  {e}"))
     }
 }
 
@@ -221,7 +250,10 @@ impl HealthStore {
     /// The quarantine of `device` under this store's policy, if it is quarantined.
     pub fn quarantine(&self, device: PciAddress) -> Result<Option<Quarantine>, HealthError> {
         let file = self.read()?;
-        Ok(self.judge(device, file.devices.get(&device).map_or(&[][..], Vec::as_slice)))
+        Ok(self.judge(
+            device,
+            file.devices.get(&device).map_or(&[][..], Vec::as_slice),
+        ))
     }
 
     fn judge(&self, device: PciAddress, events: &[HealthEvent]) -> Option<Quarantine> {

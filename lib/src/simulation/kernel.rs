@@ -44,7 +44,12 @@ impl SimulatedKernel {
         }
         symlink(&driver_dir, dev.join("driver"))?;
         if driver == "nvidia" && !has_flag(self.sysfs.root(), "nvidia-no-gpu") {
-            fs::create_dir_all(self.sysfs.root().join(SIM_NVIDIA_GPUS).join(address.to_string()))?;
+            fs::create_dir_all(
+                self.sysfs
+                    .root()
+                    .join(SIM_NVIDIA_GPUS)
+                    .join(address.to_string()),
+            )?;
         }
         let _ = symlink(&dev, driver_dir.join(address.to_string()));
         if driver == "vfio-pci"
@@ -63,7 +68,12 @@ impl SimulatedKernel {
             return Err(errno(libc::ENODEV));
         }
         fs::remove_file(self.sysfs.device_dir(address).join("driver"))?;
-        let _ = fs::remove_dir(self.sysfs.root().join(SIM_NVIDIA_GPUS).join(address.to_string()));
+        let _ = fs::remove_dir(
+            self.sysfs
+                .root()
+                .join(SIM_NVIDIA_GPUS)
+                .join(address.to_string()),
+        );
         let _ = fs::remove_file(self.sysfs.driver_dir(driver).join(address.to_string()));
         if driver == "vfio-pci"
             && let Some(group) = self.sysfs.iommu_group(address)
@@ -207,7 +217,13 @@ impl Kernel for SimulatedKernel {
             }
             ["bus", "pci", "drivers_probe"] => self.probe(Self::parse_addr(value)?),
             ["bus", "pci", "devices", addr, "reset"] => self.reset(Self::parse_addr(addr)?),
-            ["bus", "pci", "devices", addr, attr @ ("reset_method" | "d3cold_allowed")] => {
+            [
+                "bus",
+                "pci",
+                "devices",
+                addr,
+                attr @ ("reset_method" | "d3cold_allowed"),
+            ] => {
                 let dir = self.sysfs.device_dir(Self::parse_addr(addr)?);
                 fs::write(dir.join(attr), format!("{}\n", value.trim()))
             }
