@@ -137,7 +137,9 @@ det = as_json("detach") or {}
 restored = {r.get("device"): r for r in det.get("restored", [])} if isinstance(det, dict) else {}
 methods = {m.group(1): m.group(2).split() for m in
            (re.search(r"E2E-C reset_method (\S+) (.*)$", l) for l in lines) if m}
-for name, addr in (("NIC", nic), ("VGA", vga)):
+nv = as_json("detach-nvme") or {}
+restored.update({r.get("device"): r for r in nv.get("restored", [])} if isinstance(nv, dict) else {})
+for name, addr in (("NIC", nic), ("VGA", vga), ("NVMe", devs.get("nvme", "?"))):
     h = (restored.get(addr) or {}).get("health") or {}
     r, v = h.get("reset") or {}, h.get("verify") or {}
     print(f"INFO detach {name} {addr}: reset {r.get('outcome')} method={r.get('method')} "
@@ -150,9 +152,17 @@ for name, addr in (("NIC", nic), ("VGA", vga)):
         print(f"FIGURE run C detach {name}: verify (ms)|{v.get('ms')}")
 nh = (restored.get(nic) or {}).get("health") or {}
 nr = nh.get("reset") or {}
-check("detach: the NIC was reset by the kernel with FLR and verified",
-      nr.get("outcome") == "done" and nr.get("method") == "flr" and (nh.get("verify") or {}).get("ok") is True,
-      f"reset_method in the guest: {methods.get('nic')}; health: {json.dumps(nh)[:400]}")
+# QEMU 7.2's e1000e has no FLR capability: the kernel offers it `pm` only.
+check(f"detach: the NIC was reset by the kernel with the first method it offers ({methods.get('nic')}) and verified",
+      nr.get("outcome") == "done" and [nr.get("method")] == methods.get("nic", [])[:1]
+      and (nh.get("verify") or {}).get("ok") is True, f"health: {json.dumps(nh)[:400]}")
+rc_is("attach-nvme")
+rc_is("detach-nvme")
+mh = (restored.get(devs.get("nvme")) or {}).get("health") or {}
+check("detach: the NVMe controller was reset with FLR and verified",
+      (mh.get("reset") or {}).get("method") == "flr" and (mh.get("reset") or {}).get("outcome") == "done"
+      and (mh.get("verify") or {}).get("ok") is True,
+      f"reset_method in the guest: {methods.get('nvme')}; health: {json.dumps(mh)[:400]}")
 vh = (restored.get(vga) or {}).get("health") or {}
 check("detach: the VGA device (no reset method) verified without a reset",
       (vh.get("reset") or {}).get("outcome") == "no_method" and (vh.get("verify") or {}).get("ok") is True,
@@ -163,8 +173,8 @@ check("health scan: 3 faults (Xid 13 none, Xid 79 reset_gpu counted once with it
       isinstance(scan, list) and [(f.get("kind"), f.get("xid"), f.get("action")) for f in scan]
       == [("xid", 13, "none"), ("xid", 79, "reset_gpu"), ("power_state", None, "reset_gpu")],
       text("health-scan")[:400])
-for line in text("health-scan").splitlines()[:12]:
-    print(f"INFO health scan: {line}")
+for f in scan if isinstance(scan, list) else []:
+    print(f"INFO health scan: {f.get('address')}  {f.get('kind')} {f.get('xid') or ''}  action {f.get('action')}  {f.get('message')}")
 i1, i3 = as_json("ingest-vm-1") or {}, as_json("ingest-vm-3") or {}
 check("health ingest vm-1: the guest-address faults recorded against the VGA device, not yet quarantined",
       {e.get("device") for e in i1.get("recorded", [])} == {vga} and len(i1.get("recorded", [])) == 2

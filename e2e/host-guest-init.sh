@@ -41,7 +41,8 @@ VGA=$(find_dev 0x1234 0x1111 0x030000)
 DISP2=$(find_dev 0x1234 0x1111 0x038000)
 EDU=$(find_dev 0x1234 0x11e8)
 NIC=$(find_dev 0x8086 0x10d3)
-say devices vga=$VGA edu=$EDU nic=$NIC disp2=$DISP2
+NVME=$(find_dev 0x1b36 0x0010)
+say devices vga=$VGA edu=$EDU nic=$NIC disp2=$DISP2 nvme=$NVME
 check "iommu groups exist" test -n "$(ls /sys/kernel/iommu_groups)"
 check "vga bound to bochs-drm at boot" test "$(driver_of $VGA)" = bochs-drm
 check "nic bound to e1000e at boot" test "$(driver_of $NIC)" = e1000e
@@ -135,6 +136,10 @@ cat > /tmp/console-vm-1.log <<'LOG'
 GPU-XID {"address":"0000:06:00.0","kind":"xid","xid":79,"message":"pid=77, GPU has fallen off the bus","action":"reset_gpu"}
 [   43.000000] nvidia 0000:06:00.0: Unable to change power state from D3cold to D0, device inaccessible
 LOG
+say reset_method nvme "$(cat /sys/bus/pci/devices/$NVME/reset_method 2>/dev/null || echo none)"
+run attach-nvme $CLI attach $NVME --owner vm-5 --json
+run detach-nvme $CLI detach --owner vm-5 --json
+check "detach: nvme back with no driver, as it came" test "$(driver_of $NVME)" = none
 run plan-gpus-before $CLI plan --gpus 1 --allow-boot-vga --json
 run health-scan $CLI health scan --console /tmp/console-vm-1.log --json
 run ingest-vm-1 $CLI health ingest --owner vm-1 --console /tmp/console-vm-1.log --json

@@ -35,7 +35,7 @@ fn host() -> FakeHost {
     h
 }
 
-fn dev_dir<'a>(h: &'a FakeHost) -> [&'a str; 2] {
+fn dev_dir(h: &FakeHost) -> [&str; 2] {
     ["--dev-dir", h.dev.to_str().unwrap()]
 }
 
