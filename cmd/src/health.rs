@@ -8,7 +8,7 @@ use gpu_passthrough::pci::PciAddress;
 
 use crate::Global;
 use crate::host::{attach_error, host, owner};
-use crate::output::{emit, exit, fail};
+use crate::output::{emit, emit_text, exit, fail};
 
 /// Arguments of `health`.
 #[derive(Debug, clap::Args)]
@@ -67,30 +67,12 @@ pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
                 list.iter().for_each(|f| println!("{f}"));
             })?
         }
-        Some(HealthCommand::Ingest { owner: o, console }) => {
-            let report = health::ingest(&global.state_dir, &owner(o)?, console)?;
-            emit(global, &report, |r| {
-                println!(
-                    "{} faults in the log, {} recorded for {}",
-                    r.faults.len(),
-                    r.recorded.len(),
-                    r.owner
-                );
-                r.recorded
-                    .iter()
-                    .for_each(|e| println!("{}  {}", e.device, e.fault));
-                r.quarantined
-                    .iter()
-                    .for_each(|q| println!("QUARANTINED: {}", q.summary()));
-            })?
-        }
+        Some(HealthCommand::Ingest { owner: o, console }) => emit_text(
+            global,
+            &health::ingest(&global.state_dir, &owner(o)?, console)?,
+        )?,
         Some(HealthCommand::Clear { device }) => {
-            emit(global, &store.clear(address(device)?)?, |r| {
-                println!(
-                    "{}: {} events removed, quarantined before: {}",
-                    r.device, r.removed, r.was_quarantined
-                )
-            })?
+            emit_text(global, &store.clear(address(device)?)?)?
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! `gpu-passthrough`: everything a VM platform's control plane embeds to give a guest an NVIDIA GPU.
 //!
-//! One module per concern (see `DESIGN.md`):
+//! One module per concern; `ARCHITECTURE.md` at the repository root has the layers, the data
+//! flow of each command and the guest contract:
 //! - [`provision`]: a GPU VM from a release: layers ensured before any device moves, then attach.
 //! - [`registry`]: guest kernel release → NVIDIA driver → pinned artifacts.
 //! - [`failpoint`]: named crash points for the crash tests.
@@ -15,6 +16,8 @@
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
 //! - [`vfio`]: check a bound device through VFIO the way a VMM will open it.
 //! - [`health`]: NVIDIA fault classification, per-device health records, quarantine.
+//! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
+//! - [`text`]: the human-readable form of the reports (`Display`).
 //! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
 //! - `simulation` (cargo feature, tests only): a kernel and VFIO check that react on fake trees.
@@ -36,8 +39,10 @@ pub mod paths;
 pub mod pci;
 pub mod provision;
 pub mod registry;
+pub mod remedy;
 #[cfg(feature = "simulation")]
 pub mod simulation;
+pub mod text;
 pub mod versions;
 pub mod vfio;
 pub mod vmm;

@@ -89,6 +89,52 @@ impl VersionsError {
     }
 }
 
+/// One release as `versions list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseSummary {
+    /// Release name.
+    pub name: String,
+    /// The guest kernel's `uname -r`.
+    pub kernel_version: String,
+    /// The NVIDIA driver version.
+    pub driver_version: Option<String>,
+    /// The module flavor.
+    pub module_flavor: Option<ModuleFlavor>,
+    /// The default release.
+    pub default: bool,
+    /// Architectures with artifacts.
+    pub arches: Vec<Arch>,
+    /// Artifacts over all architectures.
+    pub artifacts: usize,
+    /// Of which unpinned (refused by every consumer).
+    pub unpinned: usize,
+    /// The file (or `embedded`) it came from.
+    pub source: String,
+}
+
+/// Every release of `registry`, summarised.
+pub fn summaries(registry: &Registry) -> Vec<ReleaseSummary> {
+    registry
+        .releases()
+        .map(|r| ReleaseSummary {
+            name: r.name.clone(),
+            kernel_version: r.kernel_version.clone(),
+            driver_version: r.driver_version.clone(),
+            module_flavor: r.module_flavor,
+            default: r.default,
+            arches: r.artifacts.keys().copied().collect(),
+            artifacts: r.artifacts.values().map(Vec::len).sum(),
+            unpinned: r
+                .artifacts
+                .values()
+                .flatten()
+                .filter(|a| !a.is_pinned())
+                .count(),
+            source: r.source.clone(),
+        })
+        .collect()
+}
+
 /// A new release to add.
 #[derive(Debug, Clone)]
 pub struct AddRequest {

@@ -440,7 +440,7 @@ fn unpinned_release_is_refused_with_the_pin_command() {
         matches!(err, InitrdError::Fetch(FetchError::Unpinned { .. })),
         "{err}"
     );
-    assert!(err.to_string().contains("versions pin fx-6.1"), "{err}");
+    assert!(err.to_string().contains("pin release fx-6.1"), "{err}");
 }
 
 /// Child half of the crash test: run a build that the failpoint kills half-way. Ignored in

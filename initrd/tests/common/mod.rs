@@ -56,9 +56,8 @@ fn temp_dir() -> tempfile::TempDir {
 
 /// Enter a private mount namespace for this test thread (tests run one per thread).
 fn private_mount_namespace() {
-    // SAFETY: unshare(2) with a constant flag; affects only the calling thread's namespaces.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
-    assert_eq!(rc, 0, "unshare(CLONE_NEWNS): {}", Errno::last());
+    // Affects only the calling thread's namespaces.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
     nix::mount::mount(
         None::<&str>,
         "/",

@@ -321,9 +321,7 @@ impl Host {
                         &mut plan,
                         Some(addr),
                         RefusalReason::NoSuchDevice,
-                        format!(
-                            "no PCI device {addr}: list them with `gpu-passthrough devices --all`"
-                        ),
+                        format!("no PCI device {addr}: list the host's PCI devices"),
                     );
                     continue;
                 }
@@ -343,9 +341,7 @@ impl Host {
                         &mut plan,
                         Some(addr),
                         RefusalReason::MdevUnavailable,
-                        format!(
-                            "{addr} offers no mdev type `{t}`: see its types with `gpu-passthrough devices`"
-                        ),
+                        format!("{addr} offers no mdev type `{t}`: list the device's mdev types"),
                     ),
                 }
                 continue;
@@ -454,7 +450,7 @@ impl Host {
             refuse(
                 RefusalReason::AttachedToOwner,
                 format!(
-                    "{addr} is in a transaction for owner {} that did not finish (pid {}): if that process is gone, run `gpu-passthrough reconcile`",
+                    "{addr} is in a transaction for owner {} that did not finish (pid {}): if that process is gone, reconcile",
                     t.owner, t.pid
                 ),
                 Some(t.owner.clone()),
@@ -467,9 +463,7 @@ impl Host {
             };
             refuse(
                 RefusalReason::AttachedToOwner,
-                format!(
-                    "{addr} is attached to owner {owner}{whose}: detach it first (`gpu-passthrough detach --owner {owner}`)"
-                ),
+                format!("{addr} is attached to owner {owner}{whose}: detach owner {owner} first"),
                 Some(owner.clone()),
             );
         }
@@ -500,7 +494,7 @@ impl Host {
             refuse(
                 RefusalReason::BootVga,
                 format!(
-                    "{addr} is the boot display (boot_vga=1): the host console would go dark; pass --allow-boot-vga if the host has another display or runs headless"
+                    "{addr} is the boot display (boot_vga=1): the host console would go dark; allow moving the boot display only if the host has another display or runs headless"
                 ),
                 None,
             );

@@ -23,6 +23,26 @@ pub struct IngestReport {
     pub quarantined: Vec<Quarantine>,
 }
 
+/// A summary line, then one line per recorded event and per quarantine.
+impl std::fmt::Display for IngestReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} faults in the log, {} recorded for {}",
+            self.faults.len(),
+            self.recorded.len(),
+            self.owner
+        )?;
+        for e in &self.recorded {
+            writeln!(f, "{}  {}", e.device, e.fault)?;
+        }
+        for q in &self.quarantined {
+            writeln!(f, "QUARANTINED: {}", q.summary())?;
+        }
+        Ok(())
+    }
+}
+
 /// Which held devices a fault is about. The guest names its own PCI addresses, which need not be
 /// the host's: an address that is one of the held devices is taken as it is; otherwise the fault
 /// is about the VM's GPU if it had one, and about all of its GPUs if it had several (a device that

@@ -182,6 +182,22 @@ pub struct ClearReport {
     pub was_quarantined: bool,
 }
 
+impl std::fmt::Display for ClearReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{}: {} events removed{}",
+            self.device,
+            self.removed,
+            if self.was_quarantined {
+                ", quarantine lifted"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
 /// The health records in a state dir.
 #[derive(Debug, Clone)]
 pub struct HealthStore {

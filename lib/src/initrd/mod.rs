@@ -112,7 +112,7 @@ pub enum InitrdError {
     #[error(transparent)]
     Cpio(#[from] CpioError),
     /// A file-system operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,
@@ -328,7 +328,7 @@ impl<'a> InitrdBuilder<'a> {
                     ArtifactKind::NvidiaModules | ArtifactKind::NvidiaDriverLibs
                 ) {
                     return Err(missing(format!(
-                        "has no `{kind}` artifact; add one with `gpu-passthrough versions add`"
+                        "has no `{kind}` artifact; add a release that has one"
                     )));
                 }
                 continue;

@@ -27,7 +27,7 @@ pub enum IdsError {
         source: std::io::Error,
     },
     /// The file is not a `supported-gpus.json`.
-    #[error("{path} is not an NVIDIA supported-gpus.json: {source}")]
+    #[error("{path} is not an NVIDIA supported-gpus.json")]
     Parse {
         /// The file.
         path: PathBuf,

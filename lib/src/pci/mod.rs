@@ -19,7 +19,7 @@ pub use address::{AddressError, PciAddress};
 #[derive(Debug, thiserror::Error)]
 pub enum PciError {
     /// A sysfs directory or attribute could not be read.
-    #[error("cannot read {path}: {source}; check that --sysfs-root points at a sysfs tree")]
+    #[error("cannot read {path} (is the sysfs root a sysfs tree?)")]
     Read {
         /// The file or directory.
         path: PathBuf,
@@ -27,9 +27,7 @@ pub enum PciError {
         source: io::Error,
     },
     /// A device address does not exist below the sysfs root.
-    #[error(
-        "no PCI device {address} under {root}; list the candidates with `gpu-passthrough devices --all`"
-    )]
+    #[error("no PCI device {address} under {root}; list the host's PCI devices")]
     NoSuchDevice {
         /// The requested address.
         address: PciAddress,

@@ -234,7 +234,7 @@ impl Release {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The file could not be read.
-    #[error("cannot read registry {file}: {source}; check the path given to --registry")]
+    #[error("cannot read registry {file} (check the registry file's path)")]
     Read {
         /// The registry file.
         file: String,
@@ -320,7 +320,7 @@ pub enum RegistryError {
         release: String,
     },
     /// The registry file could not be written.
-    #[error("cannot write registry {file}: {source}; check the directory exists and is writable")]
+    #[error("cannot write registry {file} (check that its directory exists and is writable)")]
     Write {
         /// The registry file.
         file: String,

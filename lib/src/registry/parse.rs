@@ -333,7 +333,7 @@ fn parse_artifact(ctx: &Ctx<'_>, field: &str, item: &Value) -> Result<Artifact, 
                     &sha_field,
                     format!("`{s}` is malformed: {e}"),
                     format!(
-                        "run `gpu-passthrough versions pin {} --registry {}` to fill it in, or remove it",
+                        "pin release {} in {} to fill it in, or remove it",
                         ctx.release, ctx.file
                     ),
                 )
