@@ -59,9 +59,12 @@ pub struct AddArgs {
     /// The NVIDIA driver version (required with NVIDIA artifacts).
     #[arg(long)]
     driver_version: Option<String>,
-    /// NVIDIA kernel module flavor.
+    /// NVIDIA kernel module flavor (checked against the modules' license fields).
     #[arg(long)]
     flavor: Option<ModuleFlavor>,
+    /// The release ships no GSP firmware (proprietary modules only, e.g. for Pascal GPUs).
+    #[arg(long)]
+    no_gsp: bool,
     /// Architecture of the artifacts [default: this machine's].
     #[arg(long)]
     arch: Option<Arch>,
@@ -170,6 +173,7 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
         kernel_version: args.kernel_version.clone(),
         driver_version: args.driver_version.clone(),
         flavor: args.flavor,
+        gsp: !args.no_gsp,
         arch,
         artifacts: parse_artifact_args(&args.artifacts)?,
         default: args.default,

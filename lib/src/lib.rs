@@ -6,6 +6,7 @@
 //! - [`registry`]: guest kernel release → NVIDIA driver → pinned artifacts.
 //! - [`failpoint`]: named crash points for the crash tests.
 //! - [`fetch`]: download into a content-addressed cache, verifying sha256 while streaming.
+//! - [`capabilities`]: which driver capability (compute, utility, video, ...) each library is.
 //! - [`archive`]: read tar archives safely; write and read deterministic cpio (newc) archives.
 //! - [`modinfo`]: kernel module metadata from a `.ko`'s ELF `.modinfo` section.
 //! - [`inspect`]: check extracted artifacts against a release (vermagic, versions, dependencies,
@@ -28,6 +29,7 @@
 
 pub mod archive;
 pub mod attach;
+pub mod capabilities;
 pub mod failpoint;
 pub mod fetch;
 mod fsutil;

@@ -31,6 +31,24 @@ pub const NVIDIA_FIRMWARE: &str = "nvidia-535.261.03/nvidia-gsp-firmware-535.261
 /// The NVIDIA userspace libraries and tools (tar.gz).
 pub const NVIDIA_DRIVER_LIBS: &str =
     "nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz";
+/// The proprietary 535.309.01 driver (no GSP firmware is shipped for it, on purpose).
+pub const PROPRIETARY_DRIVER_VERSION: &str = "535.309.01";
+/// Its kernel modules (tar.gz).
+pub const PROPRIETARY_MODULES: &str =
+    "nvidia-535.309.01/nvidia-modules-535.309.01-6.1.0-56-amd64-x86_64.tar.gz";
+/// Its libraries and tools, with the video ones (tar.gz).
+pub const PROPRIETARY_DRIVER_LIBS: &str =
+    "nvidia-535.309.01/nvidia-driver-libs-535.309.01-x86_64.tar.gz";
+
+/// The artifacts of a 535.309.01 proprietary release without GSP firmware.
+pub fn proprietary_artifacts() -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("kernel-modules", path(KERNEL_MODULES)),
+        ("nvidia-modules", path(PROPRIETARY_MODULES)),
+        ("nvidia-driver-libs", path(PROPRIETARY_DRIVER_LIBS)),
+    ]
+}
+
 /// NVIDIA's supported-GPU list.
 pub const SUPPORTED_GPUS: &str = "nvidia-535.261.03/supported-gpus.json";
 
@@ -103,11 +121,24 @@ pub fn write_registry(
     artifacts: &[(&str, PathBuf)],
     pinned: bool,
 ) -> PathBuf {
-    use sha2::{Digest, Sha256};
-    let mut toml = format!(
-        "[releases.\"{release}\"]\nkernel_version = \"{kernel_version}\"\n\
-         driver_version = \"{DRIVER_VERSION}\"\nmodule_flavor = \"open\"\n"
+    let header = format!(
+        "kernel_version = \"{kernel_version}\"\ndriver_version = \"{DRIVER_VERSION}\"\n\
+         module_flavor = \"open\"\n"
     );
+    write_registry_with(dir, release, &header, artifacts, pinned)
+}
+
+/// [`write_registry`] with the release's own fields (`header`: TOML lines such as
+/// `driver_version = "..."`).
+pub fn write_registry_with(
+    dir: &Path,
+    release: &str,
+    header: &str,
+    artifacts: &[(&str, PathBuf)],
+    pinned: bool,
+) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let mut toml = format!("[releases.\"{release}\"]\n{header}");
     for (kind, file) in artifacts {
         toml += &format!(
             "\n[[releases.\"{release}\".artifacts.x86_64]]\nkind = \"{kind}\"\nurl = \"file://{}\"\n",

@@ -501,3 +501,52 @@ fn killed_build_leaves_nothing_trusted_and_the_next_build_recovers() {
         "the stale temporary dir was not removed: {names:?}"
     );
 }
+
+/// The proprietary 535.309.01 release without GSP firmware builds: no firmware in the layer,
+/// `nvidia` told not to use GSP, the video libraries packed.
+#[test]
+fn a_proprietary_release_without_gsp_builds_with_no_firmware() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = format!(
+        "kernel_version = \"{}\"\ndriver_version = \"{}\"\nmodule_flavor = \"proprietary\"\ngsp = false\n",
+        fixtures::KERNEL_VERSION,
+        fixtures::PROPRIETARY_DRIVER_VERSION
+    );
+    let path = fixtures::write_registry_with(
+        dir.path(),
+        RELEASE,
+        &header,
+        &fixtures::proprietary_artifacts(),
+        true,
+    );
+    let registry = Registry::load(&[path]).unwrap();
+    let init = guest_init(dir.path());
+    let layers = build(
+        &dir.path().join("cache"),
+        &registry,
+        &options(&init, LayerCompression::None),
+        true,
+    )
+    .unwrap();
+    let m = &layers.manifest;
+    assert_eq!(m.driver_version, "535.309.01");
+    assert_eq!(m.module_flavor, "proprietary");
+    assert!(m.firmware.is_empty(), "{:?}", m.firmware);
+    let nvidia = m.modules.iter().find(|x| x.name == "nvidia").unwrap();
+    assert!(
+        nvidia.params.contains("NVreg_EnableGpuFirmware=0"),
+        "{}",
+        nvidia.params
+    );
+    assert!(
+        m.libraries
+            .iter()
+            .any(|l| l.path.ends_with("libnvcuvid.so.535.309.01")),
+        "NVDEC packed"
+    );
+    let entries = gnu_cpio_list(&fs::read(&layers.gpu.path).unwrap());
+    assert!(
+        !entries.iter().any(|e| e.contains("firmware/nvidia")),
+        "no firmware in the layer"
+    );
+}

@@ -10,16 +10,9 @@ use gpu_passthrough::archive::tar::{Limits, extract_tar};
 use gpu_passthrough::modinfo::{ModInfo, ModinfoError};
 use proptest::prelude::*;
 
-/// The shared fixtures, found by walking up from this crate (worktrees sit deeper than main).
+/// The shared fixtures directory, through the one lookup every test uses.
 fn fixtures() -> PathBuf {
-    if let Some(dir) = std::env::var_os("GPU_PASSTHROUGH_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/fixtures"))
-        .find(|p| p.join("SHA256SUMS").is_file())
-        .expect("shared/fixtures not found above the workspace; set GPU_PASSTHROUGH_FIXTURES")
+    gpu_passthrough_tests::fixtures::dir()
 }
 
 const KVER: &str = "6.1.0-56-amd64";

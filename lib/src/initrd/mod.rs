@@ -349,6 +349,8 @@ impl<'a> InitrdBuilder<'a> {
                 kernel_version: &release.kernel_version,
                 driver_version: &driver_version,
                 arch,
+                flavor: release.module_flavor,
+                gsp: release.gsp,
             },
             &Trees {
                 nvidia_modules: tree(ArtifactKind::NvidiaModules),

@@ -58,11 +58,7 @@ impl GpuLayerPlan {
             manifest_modules.push(manifest::Module {
                 name: m.name.clone(),
                 path: format!("/{path}"),
-                params: options
-                    .module_params
-                    .get(&m.name)
-                    .cloned()
-                    .unwrap_or_default(),
+                params: module_params(release, options, &m.name),
                 depends: m
                     .info
                     .depends()
@@ -192,6 +188,25 @@ impl GpuLayerPlan {
         Ok(())
     }
 }
+
+/// The parameters `name` is loaded with: the caller's, plus `NVreg_EnableGpuFirmware=0` for
+/// `nvidia` of a release without GSP firmware (the proprietary modules would otherwise try to
+/// load the firmware the layer does not carry).
+fn module_params(release: &Release, options: &BuildOptions, name: &str) -> String {
+    let mut params: Vec<String> = options
+        .module_params
+        .get(name)
+        .cloned()
+        .into_iter()
+        .collect();
+    if name == "nvidia" && !release.gsp {
+        params.push(NO_GSP_PARAM.to_string());
+    }
+    params.join(" ")
+}
+
+/// The `nvidia` parameter that keeps the proprietary driver off GSP firmware.
+pub(super) const NO_GSP_PARAM: &str = "NVreg_EnableGpuFirmware=0";
 
 /// The requested NVIDIA modules and everything they depend on, in the inventory's load order.
 fn select_modules<'i>(
