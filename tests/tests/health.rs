@@ -394,3 +394,39 @@ fn a_failure_that_cannot_be_recorded_keeps_the_device_out_of_service() {
     assert_eq!(report.restored[0].health.as_ref().unwrap().events.len(), 1);
     assert!(h.journal_clean());
 }
+
+#[test]
+fn vgpu_placement_refuses_a_quarantined_parent() {
+    use gpu_passthrough::health::{Action, EventSource, Fault, HealthEvent};
+    let h = gpu_passthrough_tests::sysfs::vgpu_host();
+    let parent = a("0000:3d:00.0");
+    let fault = Fault {
+        address: Some(parent.to_string()),
+        kind: FaultKind::Xid,
+        xid: Some(48),
+        message: "DBE (double bit error)".into(),
+        action: Action::ResetGpu,
+    };
+    let events: Vec<HealthEvent> = ["vm-1", "vm-2"]
+        .iter()
+        .map(|o| HealthEvent::now(parent, Some(owner(o)), EventSource::Console, fault.clone()))
+        .collect();
+    HealthStore::new(&h.state).record(&events).unwrap();
+    let err = h
+        .host()
+        .attach(&AttachRequest {
+            plan: PlanRequest {
+                devices: vec![parent],
+                mdev_type: Some("nvidia-735".into()),
+                ..Default::default()
+            },
+            owner: owner("vm-3"),
+            initrd: None,
+        })
+        .unwrap_err();
+    let AttachError::Refused(r) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(r[0].reason, RefusalReason::Quarantined);
+    assert!(err.to_string().contains("vm-2: xid 48"), "{err}");
+}
