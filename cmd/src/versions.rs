@@ -35,6 +35,16 @@ pub enum VersionsCommand {
         #[arg(long)]
         arch: Option<Arch>,
     },
+    /// What changes from release A to B: kernel, driver, modules, firmware, libraries, GPUs.
+    Diff {
+        /// The release upgraded from.
+        from: String,
+        /// The release upgraded to.
+        to: String,
+        /// Architecture compared [default: this machine's].
+        #[arg(long)]
+        arch: Option<Arch>,
+    },
     /// Re-check every pinned artifact (exit 3 naming each mismatch; 4 if any is unpinned).
     Verify {
         /// Release name (default: every release).
@@ -86,6 +96,7 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> anyhow::Result<ExitCode> {
         VersionsCommand::Show { release } => show(global, release.as_deref()),
         VersionsCommand::Add(args) => add(global, args),
         VersionsCommand::Pin { release, arch } => pin(global, release, *arch),
+        VersionsCommand::Diff { from, to, arch } => diff(global, from, to, *arch),
         VersionsCommand::Verify {
             release,
             cached,
@@ -203,6 +214,23 @@ fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCo
         &DownloadBar::new(global),
     )
     .map_err(versions_failure)?;
+    emit_text(global, &report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> anyhow::Result<ExitCode> {
+    let Some(arch) = arch.or_else(Arch::host) else {
+        anyhow::bail!("this machine's architecture is not supported: pass --arch");
+    };
+    let report = versions::diff(
+        &fetcher(global)?,
+        &global.cache_dir(),
+        &load(global)?,
+        from,
+        to,
+        arch,
+        &DownloadBar::new(global),
+    )?;
     emit_text(global, &report)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -15,7 +15,7 @@
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::journal::{DeviceRecord, LockedJournal};
 use super::transaction::RestoredDevice;
@@ -24,7 +24,7 @@ use crate::health::{Action, EventSource, Fault, FaultKind, HealthEvent, HealthSt
 use crate::pci::PciAddress;
 
 /// What became of a reset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResetOutcome {
     /// The kernel reset the device with [`ResetReport::method`].
@@ -40,7 +40,7 @@ pub enum ResetOutcome {
 }
 
 /// A reset.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResetReport {
     /// The device.
     pub device: PciAddress,
@@ -57,7 +57,7 @@ pub struct ResetReport {
 }
 
 /// A check of a device after it went back to the host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verification {
     /// The device.
     pub device: PciAddress,
@@ -76,7 +76,7 @@ pub struct Verification {
 }
 
 /// Reset and verification of one device at detach (or on demand).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
     /// The reset (`None`: the device was only held for group viability, never given to a VM).
     pub reset: Option<ResetReport>,

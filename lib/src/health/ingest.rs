@@ -2,14 +2,14 @@
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{EventSource, Fault, HealthError, HealthEvent, HealthStore, Quarantine, scan_file};
 use crate::attach::{Journal, Owner};
 use crate::pci::PciAddress;
 
 /// What `ingest` did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngestReport {
     /// The owner.
     pub owner: Owner,

@@ -134,7 +134,7 @@ impl Default for Policy {
 }
 
 /// A quarantined device and the events that put it there.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quarantine {
     /// The device.
     pub device: PciAddress,
@@ -161,7 +161,7 @@ impl Quarantine {
 }
 
 /// One device's record, as `health` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceHealth {
     /// The device.
     pub device: PciAddress,
@@ -172,7 +172,7 @@ pub struct DeviceHealth {
 }
 
 /// What `clear` removed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClearReport {
     /// The device.
     pub device: PciAddress,
