@@ -2,6 +2,7 @@
 //!
 //! Each command group lives in its own module; this file holds the global flags and dispatch.
 
+mod device_plugin;
 mod health;
 mod host;
 mod initrd;
@@ -102,6 +103,8 @@ enum Command {
     Health(health::HealthArgs),
     /// Reset a device (not attached to anyone) and verify it.
     Reset(health::ResetArgs),
+    /// Serve the node's GPUs to the kubelet (a KubeVirt device plugin) until SIGTERM.
+    DevicePlugin(device_plugin::DevicePluginArgs),
 }
 
 fn main() -> ExitCode {
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
         Command::Reconcile(a) => host::reconcile(&cli.global, a),
         Command::Health(a) => health::run(&cli.global, a),
         Command::Reset(a) => health::reset(&cli.global, a),
+        Command::DevicePlugin(a) => device_plugin::run(&cli.global, a),
     };
     match result {
         Ok(code) => code,
