@@ -430,3 +430,27 @@ fn vgpu_placement_refuses_a_quarantined_parent() {
     assert_eq!(r[0].reason, RefusalReason::Quarantined);
     assert!(err.to_string().contains("vm-2: xid 48"), "{err}");
 }
+
+#[test]
+fn the_device_plugin_seam_reads_the_health_records_and_fails_closed() {
+    use gpu_passthrough_device_plugin::{HealthRecords, Quarantine};
+    let h = two_gpus("flr");
+    let q = HealthRecords {
+        state_dir: h.state.clone(),
+    };
+    assert!(!q.is_quarantined(a(GPU1)), "no record: in service");
+    let host = h.host();
+    for who in ["vm-1", "vm-2"] {
+        attach(&host, &[GPU1], who).unwrap();
+        fall_off_the_bus(&h, GPU1);
+        host.detach(&owner(who)).unwrap();
+        back_on_the_bus(&h, GPU1);
+    }
+    assert!(q.is_quarantined(a(GPU1)));
+    assert!(!q.is_quarantined(a(GPU2)));
+    fs::write(h.state.join("health.json"), "garbage").unwrap();
+    assert!(
+        q.is_quarantined(a(GPU2)),
+        "an unreadable record fails closed"
+    );
+}
