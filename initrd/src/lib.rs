@@ -19,3 +19,4 @@ pub mod nodes;
 pub mod report;
 pub mod setup;
 pub mod sys;
+pub mod xid_watch;
