@@ -1,6 +1,7 @@
 //! A CDI (Container Device Interface) spec so a container engine in the guest can use
 //! `nvidia.com/gpu=all`.
 
+use crate::inroot::RootDir;
 use crate::libraries::{GPU_MOUNT, mounted_path};
 use crate::report::NodeReport;
 use gpu_passthrough_manifest::Manifest;
@@ -16,7 +17,7 @@ pub const CDI_PATH: &str = "/etc/cdi/nvidia.json";
 #[derive(Debug, thiserror::Error)]
 pub enum CdiError {
     /// Writing into the root failed.
-    #[error("cannot write {CDI_PATH} in the workload root: {0}: is the root writable?")]
+    #[error("cannot write {CDI_PATH} in the workload root: {0}: is the root writable (and /etc/cdi a directory in it)?")]
     Io(#[from] std::io::Error),
 }
 
@@ -79,7 +80,7 @@ pub fn spec(manifest: &Manifest, gpus: u32, node_names: &[String], lib_dir: &str
 
 /// Write the spec into the root atomically. Returns [`CDI_PATH`].
 pub fn write(
-    root: &Path,
+    root: &RootDir,
     manifest: &Manifest,
     gpus: u32,
     nodes: &[NodeReport],
@@ -95,12 +96,7 @@ pub fn write(
         .collect();
     let text = serde_json::to_string_pretty(&spec(manifest, gpus, &names, lib_dir))
         .map_err(std::io::Error::other)?;
-    let path = crate::context::in_root(root, CDI_PATH);
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)?;
+    // Atomic and resolved inside the root: a workload link at or above the spec is not followed out.
+    root.write_file(CDI_PATH, text.as_bytes())?;
     Ok(CDI_PATH.to_string())
 }

@@ -10,6 +10,7 @@
 pub mod boot;
 pub mod cdi;
 pub mod context;
+pub mod inroot;
 pub mod kmsg;
 pub mod libraries;
 pub mod modules;

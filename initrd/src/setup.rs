@@ -4,6 +4,7 @@ use crate::context::SetupContext;
 use crate::kmsg::KernelLog;
 use crate::modules::{ModuleLoader, load_modules};
 use crate::report::{Report, ReportError, Status};
+use crate::inroot::RootDir;
 use crate::{cdi, libraries, nodes};
 use gpu_passthrough_manifest::Manifest;
 use std::time::Instant;
@@ -64,11 +65,16 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
             ctx.proc_root.join("driver/nvidia/gpus").display()
         ));
     }
+    // The workload root is untrusted: every path in it is resolved inside it.
+    let root_dir = ctx.root.as_deref().map(RootDir::open);
     let mut dev_dirs = vec![ctx.dev_dir.clone()];
-    if let Some(root) = &ctx.root {
-        let root_dev = root.join("dev");
-        if root_dev.is_dir() && !crate::sys::same_file(&root_dev, &ctx.dev_dir) {
-            dev_dirs.push(root_dev);
+    if let (Some(root), Some(Ok(dir))) = (&ctx.root, &root_dir) {
+        match root_dev_dir(root, dir) {
+            Ok(Some(root_dev)) if !crate::sys::same_file(&root_dev, &ctx.dev_dir) => {
+                dev_dirs.push(root_dev)
+            }
+            Ok(_) => {}
+            Err(problem) => report.problems.push(problem),
         }
     }
     for dir in &dev_dirs {
@@ -92,7 +98,20 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
             "no workload root given: libraries, programs and the CDI spec were not installed"
                 .into(),
         ),
-        Some(root) => {
+        Some(_) => {
+            let root = match root_dir {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    report.problems.push(format!(
+                        "{e}: libraries, programs and the CDI spec were not installed"
+                    ));
+                    report.finish_status();
+                    report.timings_ms.insert("total".into(), ms(start));
+                    return report;
+                }
+                None => unreachable!("root_dir is Some when ctx.root is"),
+            };
+            let root = &root;
             if ctx.layer_path("/lib/firmware").is_dir() {
                 match libraries::expose_firmware(ctx) {
                     Ok(path) => report.firmware.path = Some(path),
@@ -139,6 +158,27 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
     report.finish_status();
     report.timings_ms.insert("total".into(), ms(start));
     report
+}
+
+/// The root's `/dev` as a host path, when nodes may be made in it: a plain directory, reached
+/// without symlinks, whose `nvidia-caps` (if any) is one too — so no node lands outside the root.
+/// `Ok(None)`: the root has no `/dev`. `Err`: the problem to report.
+fn root_dev_dir(root: &std::path::Path, dir: &RootDir) -> Result<Option<std::path::PathBuf>, String> {
+    match dir.lstat("/dev") {
+        Ok(None) => return Ok(None),
+        Ok(Some(_)) => {}
+        Err(e) => return Err(format!("cannot inspect /dev of the workload root: {e}")),
+    }
+    for d in ["/dev", "/dev/nvidia-caps"] {
+        let present = !matches!(dir.lstat(d), Ok(None));
+        if present && !dir.is_plain_dir(d) {
+            return Err(format!(
+                "{d} in the workload root is not a plain directory (a symlink?): no device nodes \
+                 were made in it; make it a directory or mount a devtmpfs there"
+            ));
+        }
+    }
+    Ok(Some(root.join("dev")))
 }
 
 /// The report for a guest that was not asked for a GPU.
