@@ -355,8 +355,11 @@ pub fn link_binaries(
     manifest: &Manifest,
     problems: &mut Vec<String>,
 ) -> Result<Vec<String>, InjectError> {
-    root.create_dir_all(BIN_DIR)
-        .map_err(io("create", Path::new(BIN_DIR)))?;
+    // A bin dir that cannot be made costs the programs, not the libraries.
+    if let Err(e) = root.create_dir_all(BIN_DIR) {
+        problems.push(io("create", Path::new(BIN_DIR))(e).to_string());
+        return Ok(Vec::new());
+    }
     let mut linked = Vec::new();
     for bin in &manifest.binaries {
         let real = mounted_path(bin)?;
