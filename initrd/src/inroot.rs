@@ -123,7 +123,11 @@ impl RootDir {
 
     /// A handle on the directory `path` (inside the root).
     pub fn dir(&self, path: &str) -> std::io::Result<OwnedFd> {
-        self.open_path(path, OFlags::PATH | OFlags::DIRECTORY, ResolveFlags::empty())
+        self.open_path(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY,
+            ResolveFlags::empty(),
+        )
     }
 
     /// True when `path` is a directory reached without any symlink.

@@ -9,6 +9,7 @@
 
 pub mod boot;
 pub mod cdi;
+pub mod cdi_hook;
 pub mod context;
 pub mod inroot;
 pub mod kmsg;

@@ -9,9 +9,9 @@ use crate::context::{SetupContext, in_root};
 use crate::inroot::{self, RootDir};
 use crate::report::{LdconfigStatus, LibrariesReport, Shadowed};
 use crate::sys;
+use gpu_passthrough_manifest::Manifest;
 use rustix::fs::FileType;
 use std::os::fd::AsFd;
-use gpu_passthrough_manifest::Manifest;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 

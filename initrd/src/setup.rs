@@ -1,10 +1,10 @@
 //! The GPU setup: modules, nodes, firmware path, libraries, programs, CDI spec, report.
 
 use crate::context::SetupContext;
+use crate::inroot::RootDir;
 use crate::kmsg::KernelLog;
 use crate::modules::{ModuleLoader, load_modules};
 use crate::report::{Report, ReportError, Status};
-use crate::inroot::RootDir;
 use crate::{cdi, libraries, nodes};
 use gpu_passthrough_manifest::Manifest;
 use std::time::Instant;
@@ -163,7 +163,10 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
 /// The root's `/dev` as a host path, when nodes may be made in it: a plain directory, reached
 /// without symlinks, whose `nvidia-caps` (if any) is one too — so no node lands outside the root.
 /// `Ok(None)`: the root has no `/dev`. `Err`: the problem to report.
-fn root_dev_dir(root: &std::path::Path, dir: &RootDir) -> Result<Option<std::path::PathBuf>, String> {
+fn root_dev_dir(
+    root: &std::path::Path,
+    dir: &RootDir,
+) -> Result<Option<std::path::PathBuf>, String> {
     match dir.lstat("/dev") {
         Ok(None) => return Ok(None),
         Ok(Some(_)) => {}

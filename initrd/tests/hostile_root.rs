@@ -39,7 +39,11 @@ fn links_out_of_the_root_never_lead_a_write_or_a_node_outside_it() {
     let r = &guest.root;
     // Our ld.so.conf.d entry pre-placed as a link to a caller's file.
     std::fs::create_dir_all(r.join("etc/ld.so.conf.d")).unwrap();
-    symlink(out.join("passwd"), r.join("etc/ld.so.conf.d/000-nvidia.conf")).unwrap();
+    symlink(
+        out.join("passwd"),
+        r.join("etc/ld.so.conf.d/000-nvidia.conf"),
+    )
+    .unwrap();
     // ld.so.conf a dangling link to a new file outside.
     std::fs::remove_file(r.join("etc/ld.so.conf")).unwrap();
     symlink(out.join("ld.so.conf"), r.join("etc/ld.so.conf")).unwrap();
@@ -233,7 +237,12 @@ fn the_roots_ldconfig_runs_chrooted_without_any_privilege() {
 
     let report = run(&guest);
 
-    assert_eq!(report.libraries.ldconfig, LdconfigStatus::Ok, "{}", report.line());
+    assert_eq!(
+        report.libraries.ldconfig,
+        LdconfigStatus::Ok,
+        "{}",
+        report.line()
+    );
     let probe = std::fs::read_to_string(guest.root.join("ldconfig-probe"))
         .expect("the probe ran chrooted in the root");
     assert_eq!(
