@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn run(guest: &Guest) -> Report {
-    setup::run(&guest.context(), &FakeKernel::new(&guest))
+    setup::run(&guest.context(), &FakeKernel::new(guest))
 }
 
 /// A directory beside the root (outside it) holding a file the workload must not reach.
