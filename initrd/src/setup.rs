@@ -93,24 +93,23 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
     report.timings_ms.insert("nodes".into(), ms(step));
 
     let step = Instant::now();
-    match &ctx.root {
+    match root_dir {
         None => report.problems.push(
             "no workload root given: libraries, programs and the CDI spec were not installed"
                 .into(),
         ),
-        Some(_) => {
-            let root = match root_dir {
-                Some(Ok(r)) => r,
-                Some(Err(e)) => {
-                    report.problems.push(format!(
-                        "{e}: libraries, programs and the CDI spec were not installed"
-                    ));
-                    report.finish_status();
-                    report.timings_ms.insert("total".into(), ms(start));
-                    return report;
-                }
-                None => unreachable!("root_dir is Some when ctx.root is"),
-            };
+        Some(Err(e)) => {
+            let mut problem = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                problem.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            report.problems.push(format!(
+                "{problem}: libraries, programs and the CDI spec were not installed"
+            ));
+        }
+        Some(Ok(root)) => {
             let root = &root;
             if ctx.layer_path("/lib/firmware").is_dir() {
                 match libraries::expose_firmware(ctx) {
