@@ -3,8 +3,8 @@
 
 use crate::inroot::RootDir;
 use crate::libraries::{GPU_MOUNT, mounted_path};
-use crate::report::NodeReport;
 use gpu_passthrough_manifest::Manifest;
+use gpu_passthrough_manifest::report::NodeReport;
 use serde_json::{Value, json};
 use std::path::Path;
 

@@ -8,7 +8,7 @@
 
 use crate::inroot::{RootDir, RootError};
 use crate::libraries::run_ldconfig;
-use crate::report::LdconfigStatus;
+use gpu_passthrough_manifest::report::LdconfigStatus;
 use std::path::{Path, PathBuf};
 
 /// The program name the spec's hooks use as argv[0] (the one `nvidia-ctk` spec files use).

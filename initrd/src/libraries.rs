@@ -7,9 +7,9 @@
 
 use crate::context::{SetupContext, in_root};
 use crate::inroot::{self, RootDir};
-use crate::report::{LdconfigStatus, LibrariesReport, Shadowed};
 use crate::sys;
 use gpu_passthrough_manifest::Manifest;
+use gpu_passthrough_manifest::report::{LdconfigStatus, LibrariesReport, Shadowed};
 use rustix::fs::FileType;
 use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};

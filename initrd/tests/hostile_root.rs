@@ -5,7 +5,7 @@
 mod common;
 
 use common::{FakeKernel, Guest, RootKind};
-use gpu_passthrough_init::report::{LdconfigStatus, Report};
+use gpu_passthrough_manifest::report::{LdconfigStatus, Report};
 use gpu_passthrough_init::setup;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};

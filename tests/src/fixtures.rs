@@ -167,3 +167,33 @@ pub fn guest_init_stand_in(dir: &Path) -> PathBuf {
     std::fs::write(&out, h).unwrap();
     out
 }
+
+/// A scratch directory that lives as long as the test process: `base/name-<pid>`.
+///
+/// For trees a whole test binary shares (extracted once, kept in a `static`). A `static`
+/// `TempDir` is never dropped, so it would leak hundreds of megabytes into `/tmp` per run; this
+/// one sits under cargo's `CARGO_TARGET_TMPDIR` (pass `env!("CARGO_TARGET_TMPDIR")`), and the
+/// directories of earlier runs, whose process is gone, are removed when a new one is made. The
+/// pid keeps a child process of the same test binary from touching its parent's directory.
+pub fn process_scratch(base: &str, name: &str) -> PathBuf {
+    let base = Path::new(base);
+    let prefix = format!("{name}-");
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(pid) = file_name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = base.join(format!("{prefix}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}

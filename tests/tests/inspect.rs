@@ -19,7 +19,6 @@ fn fixtures() -> PathBuf {
 
 /// The four artifact tars, extracted once per test binary (read-only from then on).
 struct Extracted {
-    _tmp: tempfile::TempDir,
     nvidia: PathBuf,
     kernel: PathBuf,
     firmware: PathBuf,
@@ -29,10 +28,13 @@ struct Extracted {
 fn extracted() -> &'static Extracted {
     static EXTRACTED: OnceLock<Extracted> = OnceLock::new();
     EXTRACTED.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = gpu_passthrough_tests::fixtures::process_scratch(
+            env!("CARGO_TARGET_TMPDIR"),
+            "inspect-real",
+        );
         let fx = fixtures();
         let get = |rel: &str, name: &str| {
-            let dest = tmp.path().join(name);
+            let dest = tmp.join(name);
             extract_tar(&fx.join(rel), &dest, &Limits::default()).unwrap();
             dest
         };
@@ -53,7 +55,6 @@ fn extracted() -> &'static Extracted {
                 &format!("nvidia-{DRIVER}/nvidia-driver-libs-{DRIVER}-x86_64.tar.gz"),
                 "libs",
             ),
-            _tmp: tmp,
         }
     })
 }
@@ -550,11 +551,14 @@ fn the_capability_table_covers_both_real_drivers() {
 }
 
 /// The proprietary 535.309.01 modules and libraries, extracted once.
-fn proprietary() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
+fn proprietary() -> &'static (PathBuf, PathBuf, PathBuf) {
+    static DIR: OnceLock<(PathBuf, PathBuf, PathBuf)> = OnceLock::new();
     DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let (modules, libs) = (tmp.path().join("modules"), tmp.path().join("libs"));
+        let tmp = gpu_passthrough_tests::fixtures::process_scratch(
+            env!("CARGO_TARGET_TMPDIR"),
+            "inspect-proprietary",
+        );
+        let (modules, libs) = (tmp.join("modules"), tmp.join("libs"));
         let fx = fixtures();
         extract_tar(
             &fx.join("nvidia-535.309.01/nvidia-modules-535.309.01-6.1.0-56-amd64-x86_64.tar.gz"),

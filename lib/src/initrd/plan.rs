@@ -63,7 +63,7 @@ impl GpuLayerPlan {
                     .info
                     .depends()
                     .iter()
-                    .map(|d| d.replace('-', "_"))
+                    .map(|d| manifest::normalize_module_name(d))
                     .collect(),
                 vermagic: m.info.vermagic().unwrap_or_default().to_string(),
                 nvidia: m.nvidia,
@@ -219,7 +219,7 @@ fn select_modules<'i>(
     let mut wanted = BTreeSet::new();
     let mut stack: Vec<String> = Vec::new();
     for m in &options.modules {
-        let m = m.replace('-', "_");
+        let m = manifest::normalize_module_name(m);
         if !by_name.get(m.as_str()).is_some_and(|x| x.nvidia) {
             let available = inv
                 .modules
@@ -241,7 +241,12 @@ fn select_modules<'i>(
             continue;
         }
         if let Some(m) = by_name.get(name.as_str()) {
-            stack.extend(m.info.depends().iter().map(|d| d.replace('-', "_")));
+            stack.extend(
+                m.info
+                    .depends()
+                    .iter()
+                    .map(|d| manifest::normalize_module_name(d)),
+            );
         }
         // A dependency the inventory does not list is built into the kernel (inspect checked).
     }
