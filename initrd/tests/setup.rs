@@ -179,7 +179,7 @@ fn all_modules_load_and_everything_is_in_place_for_two_gpus() {
         assert!(common_nodes.contains(n), "{n} missing from {common_nodes}");
     }
     assert!(cdi["containerEdits"]["mounts"].to_string().contains(
-        r#""containerPath":"/usr/lib/x86_64-linux-gnu/libcuda.so.1","hostPath":"/usr/lib/gpu-passthrough/lib/libcuda.so.535.261.03""#
+        r#""containerPath":"/usr/lib/x86_64-linux-gnu/libcuda.so.535.261.03","hostPath":"/usr/lib/gpu-passthrough/lib/libcuda.so.535.261.03""#
     ));
 
     // The report line is the documented JSON.
