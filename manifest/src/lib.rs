@@ -12,6 +12,7 @@
 //! the host library's dependencies.
 #![deny(missing_docs)]
 
+pub mod disk;
 mod manifest;
 pub mod report;
 pub mod xid;

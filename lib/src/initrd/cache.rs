@@ -44,6 +44,7 @@ impl InitrdBuilder<'_> {
             }
         }
         field("compression", options.compression.as_str());
+        field("form", options.form.as_str());
         field("modules", &options.modules.join(","));
         for (m, p) in &options.module_params {
             field(&format!("param:{m}"), p);
@@ -65,7 +66,10 @@ impl InitrdBuilder<'_> {
         let dir = self.layers_dir().join(key);
         let text = fs::read_to_string(dir.join(RECORD)).ok()?;
         let mut layers: Layers = serde_json::from_str(&text).ok()?;
-        for layer in [&mut layers.base, &mut layers.gpu, &mut layers.combined] {
+        for layer in [&mut layers.base, &mut layers.gpu, &mut layers.combined]
+            .into_iter()
+            .chain(layers.disk.as_mut())
+        {
             // Stored relative so the cache can move; resolved here.
             layer.path = dir.join(&layer.path);
             if fs::metadata(&layer.path).ok()?.len() != layer.size {
@@ -121,7 +125,10 @@ impl InitrdBuilder<'_> {
             .map_err(io_err(format!("syncing {}", layers_dir.display())))?;
         drop(lock);
         let mut layers = layers;
-        for layer in [&mut layers.base, &mut layers.gpu, &mut layers.combined] {
+        for layer in [&mut layers.base, &mut layers.gpu, &mut layers.combined]
+            .into_iter()
+            .chain(layers.disk.as_mut())
+        {
             layer.path = dest.join(&layer.path);
         }
         layers.supported_gpus = layers.supported_gpus.map(|p| dest.join(p));

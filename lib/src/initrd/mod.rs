@@ -18,6 +18,8 @@
 //! and checking it), `write` (streaming the layers to disk, hashed as they go).
 
 mod cache;
+pub mod disk;
+pub use disk::{DiskError, LayerForm};
 pub mod guest_init;
 mod plan;
 pub use plan::module_params;
@@ -112,6 +114,9 @@ pub enum InitrdError {
     /// Writing a layer failed.
     #[error(transparent)]
     Cpio(#[from] CpioError),
+    /// Making the GPU disk image or resolving its mount modules failed.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// A file-system operation failed.
     #[error("{context}")]
     Io {
@@ -160,6 +165,8 @@ pub struct BuildOptions {
     pub module_params: BTreeMap<String, String>,
     /// Mode and group of `/dev/nvidia*` in the guest.
     pub device_nodes: manifest::DeviceNodes,
+    /// How the payload reaches the guest: initramfs layer, disk image, or both.
+    pub form: LayerForm,
 }
 
 impl BuildOptions {
@@ -176,6 +183,7 @@ impl BuildOptions {
                 mode: 0o660,
                 gid: 0,
             },
+            form: LayerForm::Initrd,
         }
     }
 }
@@ -206,6 +214,9 @@ pub struct Layers {
     pub gpu: LayerFile,
     /// base followed by gpu.
     pub combined: LayerFile,
+    /// The erofs image of `/gpu` (forms `disk` and `both`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<LayerFile>,
     /// The manifest written to `/gpu/manifest.json`.
     pub manifest: manifest::Manifest,
     /// The driver's `supported-gpus.json`, kept beside the layers (not in them) so that attach
@@ -223,7 +234,10 @@ impl Layers {
     pub fn copy_to(&mut self, out: &Path) -> Result<(), InitrdError> {
         fs::create_dir_all(out).map_err(io_err(format!("creating {}", out.display())))?;
         let cache_dir = self.base.path.parent().map(Path::to_path_buf);
-        for layer in [&mut self.base, &mut self.gpu, &mut self.combined] {
+        for layer in [&mut self.base, &mut self.gpu, &mut self.combined]
+            .into_iter()
+            .chain(self.disk.as_mut())
+        {
             let name = layer.path.file_name().map(PathBuf::from).ok_or_else(|| {
                 io_err("copying a layer")(io::Error::other("layer path has no file name"))
             })?;
@@ -376,8 +390,43 @@ impl<'a> InitrdBuilder<'a> {
         let plan = plan::GpuLayerPlan::new(release, options, &driver_version, &inventory, inputs)?;
 
         let guest_init = guest_init::read_checked(&options.guest_init, arch)?;
-        let (base, gpu, combined) =
-            write::layer_files(dir, options.compression, &plan, &guest_init)?;
+        let base_extra = if options.form.image() {
+            let kernel_tree = match release.artifact(arch, ArtifactKind::KernelModules) {
+                Some(artifact) => {
+                    let fetched = self.fetcher.fetch(release, arch, artifact, progress)?;
+                    Some(self.unpacked(&fetched.path, &fetched.sha256.to_string())?)
+                }
+                None => None,
+            };
+            let expect = Expectations {
+                kernel_version: &release.kernel_version,
+                driver_version: &driver_version,
+                arch,
+                flavor: release.module_flavor,
+                gsp: release.gsp,
+            };
+            let modules = disk::mount_modules(&release.name, &expect, kernel_tree.as_deref())?;
+            disk::base_files(&modules)?
+        } else {
+            Vec::new()
+        };
+        let (base, gpu, combined) = write::layer_files(
+            dir,
+            options.compression,
+            &plan,
+            &guest_init,
+            &base_extra,
+            options.form.initramfs(),
+        )?;
+        let disk = if options.form.image() {
+            let tree = dir.join("disk-tree");
+            plan.materialize(&tree, &guest_init)?;
+            let image = disk::make_image(&tree, dir, &disk::uuid_from_key(key));
+            let _ = fs::remove_dir_all(&tree);
+            Some(image?)
+        } else {
+            None
+        };
 
         let manifest_json = plan.manifest_json()?;
         write::synced(&dir.join("manifest.json"), &manifest_json)?;
@@ -396,6 +445,7 @@ impl<'a> InitrdBuilder<'a> {
             base,
             gpu,
             combined,
+            disk,
             manifest: plan.manifest,
             supported_gpus,
             reused: false,

@@ -3,9 +3,9 @@
 //! written, and then written in path order.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use gpu_passthrough_manifest as manifest;
 
@@ -184,6 +184,47 @@ impl GpuLayerPlan {
                     cpio.file(path, *mode, size, &mut f)?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl GpuLayerPlan {
+    /// Write the `/gpu` part of the layer as a directory tree at `root` (which stands for
+    /// `/gpu`), for the disk image: the same entries, modes and bytes as the cpio layer.
+    pub(super) fn materialize(&self, root: &Path, guest_init: &[u8]) -> Result<(), InitrdError> {
+        use std::os::unix::fs::PermissionsExt;
+        let manifest = self.manifest_json()?;
+        fs::create_dir_all(root).map_err(io_err(format!("creating {}", root.display())))?;
+        for (path, source) in &self.entries {
+            let Some(rel) = path.strip_prefix("gpu/") else {
+                continue;
+            };
+            let dest = root.join(rel);
+            let ctx = || format!("writing {}", dest.display());
+            let mode = match source {
+                Source::Dir => {
+                    fs::create_dir_all(&dest).map_err(io_err(ctx()))?;
+                    0o755
+                }
+                Source::Symlink(target) => {
+                    std::os::unix::fs::symlink(target, &dest).map_err(io_err(ctx()))?;
+                    continue;
+                }
+                Source::GuestInit => {
+                    fs::write(&dest, guest_init).map_err(io_err(ctx()))?;
+                    0o755
+                }
+                Source::Manifest => {
+                    fs::write(&dest, &manifest).map_err(io_err(ctx()))?;
+                    0o644
+                }
+                Source::File { from, mode } => {
+                    fs::copy(from, &dest).map_err(io_err(ctx()))?;
+                    *mode
+                }
+            };
+            fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).map_err(io_err(ctx()))?;
         }
         Ok(())
     }

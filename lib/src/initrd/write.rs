@@ -21,18 +21,24 @@ pub(super) fn layer_files(
     compression: LayerCompression,
     plan: &GpuLayerPlan,
     guest_init: &[u8],
+    base_extra: &[(String, Vec<u8>)],
+    initramfs: bool,
 ) -> Result<(LayerFile, LayerFile, LayerFile), InitrdError> {
     let base_name = PathBuf::from("base.cpio");
     let gpu_name = PathBuf::from(format!("gpu.{}", compression.suffix()));
     let combined_name = PathBuf::from(format!("combined.{}", compression.suffix()));
 
-    let base_bytes = base_layer(guest_init)?;
+    let base_bytes = base_layer(guest_init, base_extra)?;
     let base = LayerFile {
         path: base_name.clone(),
         size: base_bytes.len() as u64,
         sha256: hex::encode(Sha256::digest(&base_bytes)),
     };
     synced(&dir.join(&base_name), &base_bytes)?;
+    if !initramfs {
+        // The disk form: the base layer is the whole initrd such a VM boots.
+        return Ok((base.clone(), base.clone(), base));
+    }
 
     let gpu_file = HashingFile::create(&dir.join(&gpu_name))?;
     let mut combined_file = HashingFile::create(&dir.join(&combined_name))?;
@@ -65,7 +71,7 @@ pub(super) fn synced(path: &Path, bytes: &[u8]) -> Result<(), InitrdError> {
 }
 
 /// The base layer: small, so built in memory.
-fn base_layer(guest_init: &[u8]) -> Result<Vec<u8>, InitrdError> {
+fn base_layer(guest_init: &[u8], extra: &[(String, Vec<u8>)]) -> Result<Vec<u8>, InitrdError> {
     let mut w = CpioWriter::new(Vec::new());
     for dir in ["dev", "lib", "mnt", "newroot", "proc", "run", "sys", "tmp"] {
         w.directory(dir, if dir == "tmp" { 0o1777 } else { 0o755 })?;
@@ -73,6 +79,23 @@ fn base_layer(guest_init: &[u8]) -> Result<Vec<u8>, InitrdError> {
     w.char_device("dev/console", 0o600, 5, 1)?;
     w.char_device("dev/null", 0o666, 1, 3)?;
     w.file("init", 0o755, guest_init.len() as u64, &mut &guest_init[..])?;
+    // The disk form's mount modules (parents first, the kernel's unpacker needs them).
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _) in extra {
+        let mut cur = path.as_str();
+        while let Some(i) = cur.rfind('/') {
+            cur = &cur[..i];
+            if cur != "lib" {
+                dirs.insert(cur.to_string());
+            }
+        }
+    }
+    for d in &dirs {
+        w.directory(d, 0o755)?;
+    }
+    for (path, bytes) in extra {
+        w.file(path, 0o644, bytes.len() as u64, &mut &bytes[..])?;
+    }
     let mut bytes = w.finish()?;
     while bytes.len() % 4 != 0 {
         bytes.push(0);
@@ -161,8 +184,8 @@ mod tests {
 
     #[test]
     fn base_layer_is_deterministic_and_carries_no_gpu_bytes() {
-        let a = base_layer(b"#!init").unwrap();
-        assert_eq!(a, base_layer(b"#!init").unwrap());
+        let a = base_layer(b"#!init", &[]).unwrap();
+        assert_eq!(a, base_layer(b"#!init", &[]).unwrap());
         assert_eq!(a.len() % 4, 0);
         let text = String::from_utf8_lossy(&a);
         assert!(text.contains("init") && text.contains("dev/console"));

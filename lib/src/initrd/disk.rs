@@ -1,0 +1,318 @@
+//! The GPU payload as a read-only erofs image (the "driver disk"), and the mount modules the base
+//! layer carries so the guest can mount it.
+//!
+//! A VM given the image on virtio-pmem maps the host's page cache of the file (DAX): every VM on
+//! the host shares one copy, and the guest's own RAM holds none of it. The image is made by
+//! `mkfs.erofs` (erofs-utils) with every knob that would make the bytes vary pinned: a fixed
+//! timestamp, a UUID derived from the cache key, all files owned by root, compact inodes, and no
+//! inline tail data (a tail packed into the inode block cannot be read through DAX, so it would
+//! be copied into the guest's page cache). The image is padded to a multiple of 2 MiB, the
+//! granularity QEMU's virtio-pmem maps it at.
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+
+use gpu_passthrough_manifest::disk::{MODULE_DIR, MOUNT_MODULES, ORDER_FILE};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::LayerFile;
+use crate::fsutil::sha256_file;
+use crate::inspect::{ClosureGap, Expectations, InspectedModule, Problem, kernel_closure};
+
+/// The program that writes the image, and the package that ships it.
+pub const MKFS_EROFS: &str = "mkfs.erofs";
+/// The Debian/Ubuntu/Fedora package with [`MKFS_EROFS`].
+pub const EROFS_PACKAGE: &str = "erofs-utils";
+/// The image is padded to a multiple of this (QEMU maps virtio-pmem in 2 MiB steps).
+pub const IMAGE_ALIGN: u64 = 2 << 20;
+/// File name of the image in a cache entry.
+pub const IMAGE_NAME: &str = "gpu.erofs";
+
+/// How the GPU payload reaches the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerForm {
+    /// An initramfs layer (`gpu.cpio.<c>`, and `combined`): today's behaviour.
+    #[default]
+    Initrd,
+    /// An erofs image, and a base layer carrying the modules that mount it. No GPU initramfs
+    /// layer is written: `gpu` and `combined` then name the base layer, the initrd such a VM
+    /// boots.
+    Disk,
+    /// Both: the initramfs layers and the image (the base layer carries the mount modules).
+    Both,
+}
+
+impl LayerForm {
+    /// Every form.
+    pub const ALL: [LayerForm; 3] = [LayerForm::Initrd, LayerForm::Disk, LayerForm::Both];
+
+    /// The name used in the cache key, flags and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerForm::Initrd => "initrd",
+            LayerForm::Disk => "disk",
+            LayerForm::Both => "both",
+        }
+    }
+
+    /// Whether the GPU initramfs layer is written.
+    pub fn initramfs(self) -> bool {
+        self != LayerForm::Disk
+    }
+
+    /// Whether the erofs image (and the mount modules in the base layer) is written.
+    pub fn image(self) -> bool {
+        self != LayerForm::Initrd
+    }
+}
+
+impl fmt::Display for LayerForm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A form name that is none of `initrd`, `disk`, `both`.
+#[derive(Debug, Error)]
+#[error("unknown layer form `{0}`: use initrd, disk or both")]
+pub struct UnknownForm(pub String);
+
+impl FromStr for LayerForm {
+    type Err = UnknownForm;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        LayerForm::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| UnknownForm(s.to_string()))
+    }
+}
+
+/// Errors making the image or resolving its mount modules. Each names the culprit and the fix.
+#[derive(Debug, Error)]
+pub enum DiskError {
+    /// `mkfs.erofs` is not installed.
+    #[error(
+        "`{program}` is not installed (looked in PATH): install the `{package}` package, or build \
+         the initramfs form only"
+    )]
+    MkfsMissing {
+        /// The program looked for.
+        program: &'static str,
+        /// The package that ships it.
+        package: &'static str,
+        /// Why it could not be started.
+        source: io::Error,
+    },
+    /// `mkfs.erofs` ran and failed.
+    #[error("`{program}` failed ({status}) making {image}: {stderr}")]
+    MkfsFailed {
+        /// The program.
+        program: &'static str,
+        /// Its exit status.
+        status: String,
+        /// The image it was writing.
+        image: PathBuf,
+        /// What it printed on stderr (last lines).
+        stderr: String,
+    },
+    /// The release's kernel-modules artifact lacks a module needed to mount the image.
+    #[error(
+        "release `{release}`: the kernel-modules artifact has no `{module}`{}, which the guest \
+         needs to mount the GPU disk: add {module}.ko (and its dependencies) to the artifact, or \
+         build the initramfs form only",
+        needed_by.as_ref().map(|m| format!(" (needed by {m})")).unwrap_or_default()
+    )]
+    MountModuleMissing {
+        /// Release name.
+        release: String,
+        /// The missing module.
+        module: String,
+        /// The module whose `depends=` names it.
+        needed_by: Option<String>,
+    },
+    /// The release has no kernel-modules artifact to take the mount modules from.
+    #[error(
+        "release `{release}` has no kernel-modules artifact, so the GPU disk's mount modules \
+         ({}) cannot be resolved: add the kernel-modules artifact, or build the initramfs form only",
+        MOUNT_MODULES.join(", ")
+    )]
+    NoKernelModules {
+        /// Release name.
+        release: String,
+    },
+    /// The mount modules found have problems (wrong kernel, unreadable, cycle).
+    #[error("release `{release}`: the GPU disk's mount modules failed {} check(s): {}",
+        problems.len(),
+        problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    MountModuleProblems {
+        /// Release name.
+        release: String,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+    /// A file-system operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DiskError {
+    let context = context.into();
+    move |source| DiskError::Io { context, source }
+}
+
+/// The mount modules and their dependencies from the kernel-modules tree, in load order.
+pub(super) fn mount_modules(
+    release: &str,
+    expect: &Expectations,
+    kernel_modules: Option<&Path>,
+) -> Result<Vec<InspectedModule>, DiskError> {
+    let root = kernel_modules.ok_or_else(|| DiskError::NoKernelModules {
+        release: release.to_string(),
+    })?;
+    kernel_closure(expect, root, &MOUNT_MODULES).map_err(|gap| match gap {
+        ClosureGap::Missing { module, needed_by } => DiskError::MountModuleMissing {
+            release: release.to_string(),
+            module,
+            needed_by,
+        },
+        ClosureGap::Problems(problems) => DiskError::MountModuleProblems {
+            release: release.to_string(),
+            problems,
+        },
+    })
+}
+
+/// The base-layer files for `modules`: `MODULE_DIR/<name>.ko` each and `ORDER_FILE`, as
+/// (archive path without the leading `/`, bytes).
+pub(super) fn base_files(modules: &[InspectedModule]) -> Result<Vec<(String, Vec<u8>)>, DiskError> {
+    let dir = MODULE_DIR.trim_start_matches('/');
+    let mut order = String::new();
+    let mut files = Vec::new();
+    for m in modules {
+        let file = format!("{}.ko", m.name);
+        let bytes =
+            fs::read(&m.source).map_err(io_err(format!("reading {}", m.source.display())))?;
+        files.push((format!("{dir}/{file}"), bytes));
+        order.push_str(&file);
+        order.push('\n');
+    }
+    files.push((
+        ORDER_FILE.trim_start_matches('/').to_string(),
+        order.into_bytes(),
+    ));
+    Ok(files)
+}
+
+/// A UUID from the cache key (hex): the same inputs give the same image, different ones differ.
+pub fn uuid_from_key(key: &str) -> String {
+    let mut hex: String = key
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .chain(std::iter::repeat('0'))
+        .take(32)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    // RFC 4122 version 4 / variant bits, so tools accept it as a UUID.
+    hex.replace_range(12..13, "4");
+    let variant = u8::from_str_radix(&hex[16..17], 16).unwrap_or(0) & 0x3 | 0x8;
+    hex.replace_range(16..17, &format!("{variant:x}"));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// Make `dir/IMAGE_NAME` from the tree at `tree` (which becomes the image's root, mounted at
+/// `/gpu`), pad it to [`IMAGE_ALIGN`], and describe it (path relative to `dir`).
+pub(super) fn make_image(tree: &Path, dir: &Path, uuid: &str) -> Result<LayerFile, DiskError> {
+    let image = dir.join(IMAGE_NAME);
+    let output = Command::new(MKFS_EROFS)
+        .arg("--quiet")
+        .arg("-T0")
+        .arg(format!("-U{uuid}"))
+        .arg("--all-root")
+        .arg("-Enoinline_data")
+        .arg("-Eforce-inode-compact")
+        .arg("-x-1")
+        .arg(&image)
+        .arg(tree)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|source| DiskError::MkfsMissing {
+            program: MKFS_EROFS,
+            package: EROFS_PACKAGE,
+            source,
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        return Err(DiskError::MkfsFailed {
+            program: MKFS_EROFS,
+            status: output.status.to_string(),
+            image,
+            stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
+        });
+    }
+    let file = File::options()
+        .write(true)
+        .open(&image)
+        .map_err(io_err(format!("opening {}", image.display())))?;
+    let len = file
+        .metadata()
+        .map_err(io_err(format!("reading {}", image.display())))?
+        .len();
+    let padded = len.div_ceil(IMAGE_ALIGN).max(1) * IMAGE_ALIGN;
+    file.set_len(padded)
+        .map_err(io_err(format!("padding {}", image.display())))?;
+    file.sync_all()
+        .map_err(io_err(format!("syncing {}", image.display())))?;
+    let sha256 = sha256_file(&image).map_err(io_err(format!("hashing {}", image.display())))?;
+    Ok(LayerFile {
+        path: PathBuf::from(IMAGE_NAME),
+        size: padded,
+        sha256,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_parse_and_say_what_they_write() {
+        for f in LayerForm::ALL {
+            assert_eq!(f.as_str().parse::<LayerForm>().unwrap(), f);
+        }
+        assert!(LayerForm::Initrd.initramfs() && !LayerForm::Initrd.image());
+        assert!(!LayerForm::Disk.initramfs() && LayerForm::Disk.image());
+        assert!(LayerForm::Both.initramfs() && LayerForm::Both.image());
+        let err = "squashfs".parse::<LayerForm>().unwrap_err().to_string();
+        assert!(err.contains("squashfs") && err.contains("disk"), "{err}");
+    }
+
+    #[test]
+    fn uuid_is_a_stable_rfc4122_uuid_of_the_key() {
+        let key = "0123456789abcdef0123456789abcdef0123456789abcdef";
+        let u = uuid_from_key(key);
+        assert_eq!(u, uuid_from_key(key));
+        assert_ne!(u, uuid_from_key(&key.replace('0', "f")));
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"), "{u}");
+    }
+}
