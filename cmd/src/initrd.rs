@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gpu_passthrough::initrd::{LayerCompression, read_initrd};
+use gpu_passthrough::initrd::{LayerCompression, LayerForm, read_initrd};
 use gpu_passthrough::provision::{self, Freshness};
 use gpu_passthrough::registry::{Arch, Registry};
 use gpu_passthrough::text::InitrdText;
@@ -35,6 +35,10 @@ pub struct BuildArgs {
     /// Compression of the GPU layer (the base layer is always plain cpio).
     #[arg(long, default_value = "zstd")]
     compression: LayerCompression,
+    /// How the GPU payload reaches the guest: `initrd` (a layer), `disk` (an erofs image for
+    /// virtio-pmem or virtio-blk, with its mount modules in the base layer) or `both`.
+    #[arg(long, default_value = "initrd")]
+    form: LayerForm,
     /// Also copy the layers and manifest.json into this directory.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -72,6 +76,7 @@ fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Res
     };
     let mut options = provision::default_build_options(arch, args.guest_init.as_deref())?;
     options.compression = args.compression;
+    options.form = args.form;
     if !args.modules.is_empty() {
         options.modules = args.modules.clone();
     }

@@ -817,9 +817,9 @@ pub(crate) fn kernel_closure(
             continue;
         }
         let found = index.get(&name).and_then(|files| {
-            files.iter().find_map(|f| {
-                load_module(f, false, &mut problems).filter(|m| m.name == name)
-            })
+            files
+                .iter()
+                .find_map(|f| load_module(f, false, &mut problems).filter(|m| m.name == name))
         });
         match found {
             Some(m) => {

@@ -371,6 +371,9 @@ impl Display for Layers {
         layer_line(f, "base", &self.base)?;
         layer_line(f, "gpu", &self.gpu)?;
         layer_line(f, "combined", &self.combined)?;
+        if let Some(disk) = &self.disk {
+            layer_line(f, "disk", disk)?;
+        }
         let order: Vec<_> = m.modules.iter().map(|m| m.name.as_str()).collect();
         writeln!(f, "modules   {}", order.join(" → "))?;
         writeln!(f, "firmware  {}", m.firmware.len())?;

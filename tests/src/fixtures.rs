@@ -21,6 +21,9 @@ pub const KERNEL: &str = "linux-6.1.0-56-amd64/vmlinuz";
 pub const KERNEL_VERSION: &str = "6.1.0-56-amd64";
 /// The kernel's own modules (tar.gz).
 pub const KERNEL_MODULES: &str = "linux-6.1.0-56-amd64/kernel-modules-6.1.0-56-amd64-x86_64.tar.gz";
+/// [`KERNEL_MODULES`] plus the virtio-pmem/nvdimm modules a guest needs to mount a GPU disk.
+pub const KERNEL_MODULES_PMEM: &str =
+    "linux-6.1.0-56-amd64/kernel-modules-6.1.0-56-amd64-pmem-x86_64.tar.gz";
 /// The NVIDIA driver version of the fixtures.
 pub const DRIVER_VERSION: &str = "535.261.03";
 /// The NVIDIA open kernel modules built for [`KERNEL_VERSION`] (tar.gz).

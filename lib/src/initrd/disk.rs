@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
-use gpu_passthrough_manifest::disk::{MODULE_DIR, MOUNT_MODULES, ORDER_FILE};
+pub use gpu_passthrough_manifest::disk::{MODULE_DIR, MOUNT_MODULES, ORDER_FILE};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -34,7 +34,9 @@ pub const IMAGE_ALIGN: u64 = 2 << 20;
 pub const IMAGE_NAME: &str = "gpu.erofs";
 
 /// How the GPU payload reaches the guest.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LayerForm {
     /// An initramfs layer (`gpu.cpio.<c>`, and `combined`): today's behaviour.
