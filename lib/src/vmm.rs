@@ -1,5 +1,8 @@
 //! `vmm`: render a boot spec for Cloud Hypervisor and QEMU.
 
+pub mod disk;
+pub use disk::{DiskAttach, GpuDisk};
+
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,135 @@
+//! The GPU disk in a boot spec: the erofs image of `/gpu` attached read-only, as virtio-pmem
+//! (mapped from the host's page cache, shared by every VM, mounted with DAX) or virtio-blk, and
+//! the kernel word that tells the guest init where to find it.
+
+use std::path::PathBuf;
+
+use gpu_passthrough_manifest::disk::{KERNEL_WORD, PMEM};
+use serde::{Deserialize, Serialize};
+
+/// How the image is attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum DiskAttach {
+    /// virtio-pmem: the guest maps the host's pages (DAX), no copy in guest RAM.
+    Pmem,
+    /// virtio-blk: the guest reads it as a block device (`device`, e.g. `/dev/vda`), with a
+    /// reclaimable page cache.
+    Blk {
+        /// The device node the guest will see.
+        device: String,
+    },
+}
+
+/// The GPU disk of one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuDisk {
+    /// The image file (padded to 2 MiB).
+    pub image: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// How it is attached.
+    pub attach: DiskAttach,
+}
+
+impl GpuDisk {
+    /// The kernel command-line word (`GPU_DISK=pmem` or `GPU_DISK=/dev/vdX`).
+    pub fn kernel_word(&self) -> String {
+        match &self.attach {
+            DiskAttach::Pmem => format!("{KERNEL_WORD}={PMEM}"),
+            DiskAttach::Blk { device } => format!("{KERNEL_WORD}={device}"),
+        }
+    }
+
+    /// QEMU arguments. virtio-pmem is hot-pluggable memory, so the machine needs memory slots and
+    /// a `maxmem` above its RAM (`memory_mib`) plus the image: `-m` is part of the result.
+    pub fn qemu_args(&self, memory_mib: u64) -> Vec<String> {
+        let image = self.image.display();
+        match &self.attach {
+            DiskAttach::Pmem => {
+                let max_mib = memory_mib + self.size.div_ceil(1 << 20);
+                vec![
+                    "-m".into(),
+                    format!("{memory_mib}M,slots=2,maxmem={max_mib}M"),
+                    "-object".into(),
+                    format!(
+                        "memory-backend-file,id=gpu0,share=on,readonly=on,mem-path={image},size={}",
+                        self.size
+                    ),
+                    "-device".into(),
+                    "virtio-pmem-pci,memdev=gpu0".into(),
+                ]
+            }
+            DiskAttach::Blk { .. } => vec![
+                "-m".into(),
+                format!("{memory_mib}M"),
+                "-drive".into(),
+                format!("file={image},if=virtio,readonly=on,format=raw"),
+            ],
+        }
+    }
+
+    /// Cloud Hypervisor arguments.
+    pub fn cloud_hypervisor_args(&self) -> Vec<String> {
+        let image = self.image.display();
+        match &self.attach {
+            DiskAttach::Pmem => vec!["--pmem".into(), format!("file={image},discard_writes=on")],
+            DiskAttach::Blk { .. } => vec!["--disk".into(), format!("path={image},readonly=on")],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(attach: DiskAttach) -> GpuDisk {
+        GpuDisk {
+            image: "/c/gpu.erofs".into(),
+            size: 216 << 20,
+            attach,
+        }
+    }
+
+    #[test]
+    fn pmem_renders_a_shared_readonly_backend_with_room_in_maxmem() {
+        let d = disk(DiskAttach::Pmem);
+        assert_eq!(d.kernel_word(), "GPU_DISK=pmem");
+        assert_eq!(
+            d.qemu_args(1024),
+            [
+                "-m",
+                "1024M,slots=2,maxmem=1240M",
+                "-object",
+                "memory-backend-file,id=gpu0,share=on,readonly=on,mem-path=/c/gpu.erofs,size=226492416",
+                "-device",
+                "virtio-pmem-pci,memdev=gpu0",
+            ]
+        );
+        assert_eq!(
+            d.cloud_hypervisor_args(),
+            ["--pmem", "file=/c/gpu.erofs,discard_writes=on"]
+        );
+    }
+
+    #[test]
+    fn blk_renders_a_readonly_raw_virtio_drive() {
+        let d = disk(DiskAttach::Blk {
+            device: "/dev/vdb".into(),
+        });
+        assert_eq!(d.kernel_word(), "GPU_DISK=/dev/vdb");
+        assert_eq!(
+            d.qemu_args(512),
+            [
+                "-m",
+                "512M",
+                "-drive",
+                "file=/c/gpu.erofs,if=virtio,readonly=on,format=raw"
+            ]
+        );
+        assert_eq!(
+            d.cloud_hypervisor_args(),
+            ["--disk", "path=/c/gpu.erofs,readonly=on"]
+        );
+    }
+}
