@@ -133,6 +133,9 @@ impl InitrdError {
         matches!(
             self,
             InitrdError::Inspect(_)
+                | InitrdError::Disk(
+                    DiskError::MountModuleMissing { .. } | DiskError::MountModuleProblems { .. }
+                )
                 | InitrdError::Fetch(
                     FetchError::DigestMismatch { .. } | FetchError::SizeCap { .. }
                 )
