@@ -20,6 +20,7 @@
 //! bind) the original driver.
 
 mod doctor;
+pub mod holders;
 pub mod journal;
 pub mod kernel;
 mod plan;
