@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gpu_passthrough::attach::{
-    AttachError, AttachRequest, CheckStatus, Host, Owner, PidLiveness, Plan, PlanRequest,
-};
+use gpu_passthrough::attach::{AttachError, CheckStatus, Host, Owner, PidLiveness, PlanRequest};
 use gpu_passthrough::pci::PciAddress;
+use gpu_passthrough::provision::{GpuVmRequest, ProvisionError, Provisioner};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
+use gpu_passthrough::text::BootSpecText;
 
 use crate::Global;
-use crate::output::{emit, exit, fail};
+use crate::output::{emit, emit_text, exit, fail};
+use crate::progress::DownloadBar;
 
 /// Exit code of success.
 const SUCCESS: u8 = 0;
@@ -21,9 +22,6 @@ const SUCCESS: u8 = 0;
 /// Options shared by the host commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HostOpts {
-    /// Devices directory where `vfio/<group>` nodes appear (tests point this at a fake tree).
-    #[arg(long, value_name = "DIR", default_value = "/dev")]
-    pub dev_dir: PathBuf,
     /// The NVIDIA driver's supported-gpus.json: GPU names and open-module support.
     #[arg(long, value_name = "FILE", env = "GPU_PASSTHROUGH_SUPPORTED_GPUS")]
     pub supported_gpus: Option<PathBuf>,
@@ -131,7 +129,7 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-fn host(global: &Global, opts: &HostOpts, gone: Vec<Owner>) -> Host {
+fn host(global: &Global, gone: Vec<Owner>) -> Host {
     Host::new(
         &global.sysfs_root,
         &global.state_dir,
@@ -140,7 +138,7 @@ fn host(global: &Global, opts: &HostOpts, gone: Vec<Owner>) -> Host {
             ..Default::default()
         }),
     )
-    .with_dev_dir(&opts.dev_dir)
+    .with_dev_dir(&global.dev_dir)
 }
 
 fn owner(s: &str) -> anyhow::Result<Owner> {
@@ -153,112 +151,55 @@ fn addresses(list: &[String]) -> anyhow::Result<Vec<PciAddress>> {
         .collect()
 }
 
-/// How to get the initrd the boot spec names.
-enum InitrdSource<'a> {
-    /// Plan only: build nothing.
-    None,
-    /// A path the user gave.
-    Given(&'a PathBuf),
-    /// Ensure the release's combined layer, with this guest init (or the default one).
-    Ensure(Option<PathBuf>),
-}
-
-/// What `--release` decides.
-struct ReleaseChoice {
-    flavor: Option<ModuleFlavor>,
-    initrd: Option<PathBuf>,
-    /// The release driver's own GPU list, when its layers were ensured.
-    supported_gpus: Option<PathBuf>,
-}
-
-/// Resolve `--release` through the registry: its module flavor decides the open-module check
-/// (`--flavor` overrides it), and for attach its layers are ensured here, before any device
-/// moves, so a release that cannot be built never strands a device on vfio-pci; the GPU is then
-/// checked against that driver's own `supported-gpus.json` unless one is given.
-fn resolve_release(
-    global: &Global,
-    sel: &Selection,
-    initrd: InitrdSource<'_>,
-) -> anyhow::Result<ReleaseChoice> {
-    let mut choice = ReleaseChoice {
+/// The request as parsed; bad input is refused before anything is built or fetched.
+fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanRequest> {
+    Ok(PlanRequest {
+        devices: addresses(&sel.devices)?,
+        gpus: sel.gpus,
+        owner,
         flavor: sel.flavor,
-        initrd: match &initrd {
-            InitrdSource::Given(p) => Some((*p).clone()),
-            _ => None,
-        },
-        supported_gpus: None,
-    };
-    let Some(name) = &sel.release else {
-        return Ok(choice);
-    };
-    let registry = Registry::load(&global.registries)?;
-    let release = registry.release(name)?;
-    choice.flavor = sel.flavor.or(release.module_flavor);
-    if let InitrdSource::Ensure(guest_init) = initrd {
-        let layers = crate::initrd::ensure_layers(global, release, guest_init)?;
-        choice.initrd = Some(layers.combined.path);
-        choice.supported_gpus = layers.supported_gpus;
-    }
-    Ok(choice)
+        supported_gpus: sel.host.supported_gpus.clone(),
+        allow_boot_vga: sel.allow_boot_vga,
+        mdev_type: sel.mdev_type.clone(),
+    })
 }
 
-fn plan_request(
-    global: &Global,
-    sel: &Selection,
-    owner: Option<Owner>,
-    initrd: InitrdSource<'_>,
-) -> anyhow::Result<(PlanRequest, Option<PathBuf>)> {
-    // Bad input is refused before anything is built or fetched.
-    let devices = addresses(&sel.devices)?;
-    let choice = resolve_release(global, sel, initrd)?;
-    Ok((
-        PlanRequest {
-            devices,
-            gpus: sel.gpus,
-            owner,
-            flavor: choice.flavor,
-            supported_gpus: sel.host.supported_gpus.clone().or(choice.supported_gpus),
-            allow_boot_vga: sel.allow_boot_vga,
-            mdev_type: sel.mdev_type.clone(),
-        },
-        choice.initrd,
-    ))
+/// The registry, read only when a release is named (a broken registry file must not stop a
+/// plain attach).
+fn registry_for(global: &Global, sel: &Selection) -> anyhow::Result<Registry> {
+    Ok(if sel.release.is_some() {
+        Registry::load(&global.registries)?
+    } else {
+        Registry::embedded()?
+    })
+}
+
+fn provision_error(e: ProvisionError) -> anyhow::Error {
+    match e {
+        ProvisionError::Attach(e) => attach_error(e),
+        e => fail(
+            e.initrd().map_or(exit::FAILURE, crate::initrd::exit_code),
+            e,
+        ),
+    }
 }
 
 fn attach_error(e: AttachError) -> anyhow::Error {
-    let code = match e {
-        AttachError::Refused(_)
-        | AttachError::NotEnoughGpus { .. }
-        | AttachError::NoSuchMdevType { .. }
-        | AttachError::NothingRequested => exit::REFUSED,
-        _ => exit::FAILURE,
+    let code = if e.is_refusal() {
+        exit::REFUSED
+    } else {
+        exit::FAILURE
     };
     fail(code, e)
 }
 
-fn status_word(s: CheckStatus) -> &'static str {
-    match s {
-        CheckStatus::Ok => "OK",
-        CheckStatus::Warn => "WARN",
-        CheckStatus::Fail => "FAIL",
-    }
-}
-
 /// `doctor`: host readiness.
 pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
-    let h = host(global, &args.host, Vec::new());
+    let h = host(global, Vec::new());
     let report = h
         .doctor(args.host.supported_gpus.as_deref())
         .map_err(attach_error)?;
-    emit(global, &report, |r| {
-        for c in &r.checks {
-            println!("{:<5} {:<22} {}", status_word(c.status), c.name, c.detail);
-            if !c.fix.is_empty() {
-                println!("      {:<22} fix: {}", "", c.fix);
-            }
-        }
-        println!("verdict: {}", status_word(r.verdict));
-    })?;
+    emit_text(global, &report)?;
     Ok(ExitCode::from(if report.verdict == CheckStatus::Fail {
         exit::NOT_READY
     } else {
@@ -268,104 +209,33 @@ pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
 
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
-    let h = host(global, &args.host, Vec::new());
+    let h = host(global, Vec::new());
     let list = h
         .devices(args.all, args.host.supported_gpus.as_deref())
         .map_err(attach_error)?;
     emit(global, &list, |list| {
         for d in list {
-            let dev = &d.device;
-            let name = dev
-                .device_name
-                .clone()
-                .unwrap_or_else(|| format!("{:04x}:{:04x}", dev.vendor_id, dev.device_id));
-            let group = dev.iommu_group.map_or("-".to_owned(), |g| g.to_string());
-            let verdict = match (&d.owner, d.ready) {
-                (Some(o), _) => format!("attached to {o}"),
-                (None, true) => "ready".to_owned(),
-                (None, false) => format!("not ready: {}", d.not_ready_because.join("; ")),
-            };
-            println!(
-                "{}  [{:04x}:{:04x}] class {:06x}  {name}\n    driver {}  group {group}  numa {}  boot_vga {}  reset {}  {verdict}",
-                dev.address,
-                dev.vendor_id,
-                dev.device_id,
-                dev.class,
-                dev.driver.as_deref().unwrap_or("-"),
-                dev.numa_node.map_or("-".to_owned(), |n| n.to_string()),
-                u8::from(dev.boot_vga),
-                if dev.reset_methods.is_empty() {
-                    "-".to_owned()
-                } else {
-                    dev.reset_methods.join(",")
-                },
-            );
-            if !d.companions.is_empty() {
-                println!("    companions: {}", join(&d.companions));
-            }
-            if !d.iommu_group_members.is_empty() {
-                println!("    group members: {}", join(&d.iommu_group_members));
-            }
-            if let Some(total) = dev.sriov_total_vfs {
-                println!(
-                    "    SR-IOV: {} of {total} virtual functions enabled",
-                    dev.sriov_num_vfs.unwrap_or(0)
-                );
-            }
-            for m in &dev.mdev_types {
-                println!(
-                    "    mdev type {} ({}): {} available",
-                    m.id,
-                    m.name.as_deref().unwrap_or("-"),
-                    m.available_instances
-                );
-            }
+            print!("{d}");
         }
     })?;
     Ok(ExitCode::from(SUCCESS))
 }
 
-fn join(list: &[PciAddress]) -> String {
-    list.iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn print_plan(plan: &Plan) {
-    for d in &plan.devices {
-        println!(
-            "move {}  {:?} of {}  group {}  {} -> vfio-pci{}",
-            d.address,
-            d.role,
-            d.of,
-            d.iommu_group.map_or("-".to_owned(), |g| g.to_string()),
-            d.driver.as_deref().unwrap_or("no driver"),
-            if d.adopt {
-                " (already there: adopt)"
-            } else {
-                ""
-            }
-        );
-    }
-    for (parent, t) in &plan.mdevs {
-        println!("create mdev of type {t} on {parent}");
-    }
-    for w in &plan.writes {
-        println!("write {:?} > {}", w.value, w.path.display());
-    }
-    for r in &plan.refusals {
-        println!("REFUSED: {}", r.message);
-    }
-}
-
 /// `plan`: what attach would do.
 pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let owner = args.owner.as_deref().map(owner).transpose()?;
-    let (req, _) = plan_request(global, &args.sel, owner, InitrdSource::None)?;
-    let h = host(global, &args.sel.host, Vec::new());
-    let plan = h.plan(&req).map_err(attach_error)?;
-    emit(global, &plan, print_plan)?;
+    let req = plan_request(&args.sel, owner)?;
+    let registry = registry_for(global, &args.sel)?;
+    let h = host(global, Vec::new());
+    let plan = Provisioner::new(&h, &registry, global.cache_dir())
+        .plan(&req, args.sel.release.as_deref())
+        .map_err(provision_error)?;
+    emit(global, &plan, |p| {
+        print!("{p}");
+        if p.refuses_boot_vga() {
+            println!("(--allow-boot-vga moves the boot display)");
+        }
+    })?;
     Ok(ExitCode::from(if plan.refusals.is_empty() {
         SUCCESS
     } else {
@@ -373,54 +243,30 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-/// `attach`: bind, verify, print the boot spec.
+/// `attach`: ensure the release's layers, bind, verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let source = match &args.initrd {
-        Some(p) => InitrdSource::Given(p),
-        None => InitrdSource::Ensure(args.guest_init.clone()),
+    let request = GpuVmRequest {
+        plan: plan_request(&args.sel, Some(owner.clone()))?,
+        owner,
+        release: args.sel.release.clone(),
+        initrd: args.initrd.clone(),
     };
-    let (req, initrd) = plan_request(global, &args.sel, Some(owner.clone()), source)?;
-    let h = host(global, &args.sel.host, Vec::new());
-    let spec = h
-        .attach(&AttachRequest {
-            plan: req,
-            owner,
-            initrd,
-        })
-        .map_err(attach_error)?;
-    emit(global, &spec, |s| {
-        for d in &s.devices {
-            println!(
-                "{}  group {}  {}",
-                d.sysfs_path.display(),
-                d.iommu_group.map_or("-".to_owned(), |g| g.to_string()),
-                d.vfio_device.display()
-            );
-        }
-        if !s.held_devices.is_empty() {
-            let held: Vec<String> = s.held_devices.iter().map(|a| a.to_string()).collect();
-            println!(
-                "held for group viability (not given to the VM): {}",
-                held.join(" ")
-            );
-        }
-        if s.kernel_cmdline.is_empty() {
-            println!("kernel command line: (nothing to add: no GPU among the devices)");
-        } else {
-            println!("kernel command line: {}", s.kernel_cmdline.join(" "));
-        }
-        if let Some(i) = &s.initrd {
-            println!("initrd: {}", i.display());
-        }
-        let argv = match args.vmm {
-            Vmm::CloudHypervisor => &s.cloud_hypervisor.args,
-            Vmm::Qemu => &s.qemu.args,
-        };
-        println!("vmm args: {}", argv.join(" "));
-        if let Some(h) = &s.mmio.hint {
-            println!("note: {h}");
-        }
+    let registry = registry_for(global, &args.sel)?;
+    let h = host(global, Vec::new());
+    let mut provisioner = Provisioner::new(&h, &registry, global.cache_dir());
+    if let Some(init) = &args.guest_init {
+        provisioner = provisioner.with_guest_init(init);
+    }
+    let spec = provisioner
+        .attach(&request, &DownloadBar::new(global))
+        .map_err(provision_error)?;
+    let vmm = match args.vmm {
+        Vmm::CloudHypervisor => gpu_passthrough::vmm::Vmm::CloudHypervisor,
+        Vmm::Qemu => gpu_passthrough::vmm::Vmm::Qemu,
+    };
+    emit(global, &spec, |spec| {
+        print!("{}", BootSpecText { spec, vmm })
     })?;
     Ok(ExitCode::from(SUCCESS))
 }
@@ -428,20 +274,9 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
 /// `detach`: devices back to their original drivers.
 pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let h = host(global, &args.host, Vec::new());
+    let h = host(global, Vec::new());
     let report = h.detach(&owner).map_err(attach_error)?;
-    emit(global, &report, |r| {
-        for d in &r.restored {
-            println!(
-                "{} -> {}",
-                d.device,
-                d.driver.as_deref().unwrap_or("no driver")
-            );
-        }
-        for m in &r.removed_mdevs {
-            println!("removed mdev {m}");
-        }
-    })?;
+    emit_text(global, &report)?;
     Ok(ExitCode::from(SUCCESS))
 }
 
@@ -452,30 +287,12 @@ pub fn reconcile(global: &Global, args: &ReconcileArgs) -> anyhow::Result<ExitCo
         .iter()
         .map(|s| owner(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let h = host(global, &args.host, gone);
+    let h = host(global, gone);
     let report = h.reconcile().context("reconcile")?;
     emit(global, &report, |r| {
-        for o in &r.finished {
-            println!("finished an interrupted attach for {o}");
-        }
-        for d in &r.rolled_back {
-            println!(
-                "rolled back {} -> {}",
-                d.device,
-                d.driver.as_deref().unwrap_or("no driver")
-            );
-        }
-        for d in &r.released {
-            println!("released {} ({} devices)", d.owner, d.restored.len());
-        }
-        for o in &r.kept_alive {
-            println!("kept {o}: still exists");
-        }
-        for o in &r.kept_unknown {
-            println!("kept {o}: cannot tell whether it is gone (use --gone {o})");
-        }
-        for e in &r.errors {
-            println!("ERROR: {e}");
+        print!("{r}");
+        if !r.kept_unknown.is_empty() {
+            println!("(--gone ID declares an owner gone)");
         }
     })?;
     Ok(ExitCode::from(if report.errors.is_empty() {

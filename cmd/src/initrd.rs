@@ -1,14 +1,12 @@
 //! `gpu-passthrough initrd build | ensure | inspect`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use gpu_passthrough::archive::compress::LayerCompression;
-use gpu_passthrough::archive::cpio::read_initrd;
-use gpu_passthrough::fetch::{FetchError, FetchOptions, Fetcher};
-use gpu_passthrough::initrd::{BuildOptions, InitrdBuilder, InitrdError, LayerFile, Layers};
-use gpu_passthrough::registry::{Arch, Registry, Release};
+use gpu_passthrough::initrd::{InitrdError, LayerCompression, read_initrd};
+use gpu_passthrough::provision::{self, Freshness};
+use gpu_passthrough::registry::{Arch, Registry};
+use gpu_passthrough::text::InitrdText;
 
 use crate::Global;
 use crate::output::{self, exit};
@@ -59,182 +57,54 @@ pub struct InspectArgs {
 /// Run an `initrd` command.
 pub fn run(global: &Global, cmd: &InitrdCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        InitrdCommand::Build(args) => build(global, args, false),
-        InitrdCommand::Ensure(args) => build(global, args, true),
+        InitrdCommand::Build(args) => build(global, args, Freshness::Rebuild),
+        InitrdCommand::Ensure(args) => build(global, args, Freshness::Ensure),
         InitrdCommand::Inspect(args) => inspect(global, args),
     }
 }
 
-fn build(global: &Global, args: &BuildArgs, reuse: bool) -> anyhow::Result<ExitCode> {
+fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Result<ExitCode> {
     let registry = Registry::load(&global.registries)?;
     let release = registry.resolve(args.release.as_deref())?;
-    let mut layers = build_layers(global, release, args, reuse)?;
-    if let Some(out) = &args.out {
-        copy_out(&mut layers, out)?;
-    }
-    output::emit(global, &layers, print_layers)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The layers of `release` for a guest of this machine's architecture, built when not cached:
-/// `attach --release` hands the VMM their combined file.
-pub fn ensure_layers(
-    global: &Global,
-    release: &Release,
-    guest_init: Option<PathBuf>,
-) -> anyhow::Result<Layers> {
-    let args = BuildArgs {
-        release: None,
-        arch: None,
-        compression: LayerCompression::Zstd,
-        out: None,
-        guest_init,
-        modules: Vec::new(),
-    };
-    build_layers(global, release, &args, true)
-}
-
-fn build_layers(
-    global: &Global,
-    release: &Release,
-    args: &BuildArgs,
-    reuse: bool,
-) -> anyhow::Result<Layers> {
     let arch = match args.arch {
         Some(a) => a,
-        None => Arch::host().context("cannot tell this machine's architecture: pass --arch")?,
+        None => provision::host_arch()?,
     };
-    let guest_init = match &args.guest_init {
-        Some(p) => p.clone(),
-        None => default_guest_init()?,
-    };
-    let mut options = BuildOptions::new(arch, guest_init);
+    let mut options = provision::default_build_options(arch, args.guest_init.as_deref())
+        .map_err(initrd_failure)?;
     options.compression = args.compression;
     if !args.modules.is_empty() {
         options.modules = args.modules.clone();
     }
-    let cache = global.cache_dir();
-    let fetcher = Fetcher::new(&cache, FetchOptions::default())?;
-    let builder = InitrdBuilder::new(&cache, &fetcher);
     let progress = DownloadBar::new(global);
-    let result = if reuse {
-        builder.ensure(release, &options, &progress)
+    let mut layers =
+        provision::release_layers(&global.cache_dir(), release, &options, freshness, &progress)
+            .map_err(initrd_failure)?;
+    if let Some(out) = &args.out {
+        layers.copy_to(out).map_err(initrd_failure)?;
+    }
+    output::emit_text(global, &layers)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An initrd error with its exit code.
+pub fn initrd_failure(e: InitrdError) -> anyhow::Error {
+    output::fail(exit_code(&e), e)
+}
+
+/// Verification failures and refusals have their own exit codes.
+pub fn exit_code(e: &InitrdError) -> u8 {
+    if e.is_verification_failure() {
+        exit::VERIFY
+    } else if e.is_refusal() {
+        exit::REFUSED
     } else {
-        builder.build(release, &options, &progress)
-    };
-    result.map_err(|e| {
-        let code = match &e {
-            InitrdError::Inspect(_) => exit::VERIFY,
-            InitrdError::Fetch(FetchError::Unpinned { .. }) => exit::REFUSED,
-            _ => exit::FAILURE,
-        };
-        output::fail(code, e)
-    })
-}
-
-/// `gpu-init` next to this program (as cargo and packages install them), else a system path.
-fn default_guest_init() -> anyhow::Result<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            candidates.push(dir.join("gpu-init"));
-        }
+        exit::FAILURE
     }
-    candidates.push(PathBuf::from("/usr/libexec/gpu-passthrough/gpu-init"));
-    candidates.push(PathBuf::from("/usr/lib/gpu-passthrough/gpu-init"));
-    candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
-        format!(
-            "no guest init found (looked in {}): build it with `RUSTFLAGS='-C \
-             target-feature=+crt-static' cargo build --release -p gpu-passthrough-init --target \
-             x86_64-unknown-linux-gnu` and pass --guest-init target/x86_64-unknown-linux-gnu/release/gpu-init",
-            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        )
-    })
-}
-
-/// Copy the layers and the manifest into `out`, and point the result at the copies.
-fn copy_out(layers: &mut Layers, out: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let cache_dir = layers.base.path.parent().map(Path::to_path_buf);
-    for layer in [&mut layers.base, &mut layers.gpu, &mut layers.combined] {
-        let name = layer
-            .path
-            .file_name()
-            .context("layer path has no file name")?;
-        let dest = out.join(name);
-        copy_atomically(&layer.path, &dest)?;
-        layer.path = dest;
-    }
-    if let Some(dir) = cache_dir {
-        copy_atomically(&dir.join("manifest.json"), &out.join("manifest.json"))?;
-    }
-    Ok(())
-}
-
-fn copy_atomically(from: &Path, to: &Path) -> anyhow::Result<()> {
-    let tmp = to.with_extension("partial");
-    std::fs::copy(from, &tmp)
-        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
-    std::fs::rename(&tmp, to).with_context(|| format!("moving {} into place", to.display()))?;
-    Ok(())
-}
-
-fn print_layer(name: &str, l: &LayerFile) {
-    println!(
-        "{name:<9} {:>12} bytes  sha256:{}  {}",
-        l.size,
-        l.sha256,
-        l.path.display()
-    );
-}
-
-fn print_layers(layers: &Layers) {
-    let m = &layers.manifest;
-    println!(
-        "release {} (kernel {}, driver {} {}, {}){}",
-        layers.release,
-        m.kernel_version,
-        m.driver_version,
-        m.module_flavor,
-        m.arch,
-        if layers.reused {
-            ": up to date, nothing built"
-        } else {
-            ""
-        }
-    );
-    print_layer("base", &layers.base);
-    print_layer("gpu", &layers.gpu);
-    print_layer("combined", &layers.combined);
-    let order: Vec<_> = m.modules.iter().map(|m| m.name.as_str()).collect();
-    println!("modules   {}", order.join(" → "));
-    println!("firmware  {}", m.firmware.len());
-    println!("libraries {}", m.libraries.len());
 }
 
 fn inspect(global: &Global, args: &InspectArgs) -> anyhow::Result<ExitCode> {
     let layers = read_initrd(&args.file).map_err(|e| output::fail(exit::FAILURE, e))?;
-    output::emit(global, &layers, |layers| {
-        for (i, l) in layers.iter().enumerate() {
-            println!(
-                "layer {i}: byte {} · {} · {} entries · {} bytes of files",
-                l.offset,
-                l.compression,
-                l.entries.len(),
-                l.content_bytes
-            );
-            for e in &l.entries {
-                let extra = match (&e.target, e.rdev) {
-                    (Some(t), _) => format!(" -> {t}"),
-                    (_, Some((ma, mi))) => format!(" ({ma},{mi})"),
-                    _ => String::new(),
-                };
-                println!(
-                    "  {:<7} {:04o} {:>11}  {}{extra}",
-                    e.kind, e.mode, e.size, e.path
-                );
-            }
-        }
-    })?;
+    output::emit(global, &layers, |l| print!("{}", InitrdText(l)))?;
     Ok(ExitCode::SUCCESS)
 }

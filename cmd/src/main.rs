@@ -2,6 +2,7 @@
 //!
 //! Each command group lives in its own module; this file holds the global flags and dispatch.
 
+mod device_plugin;
 mod host;
 mod initrd;
 mod output;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, Subcommand};
+use gpu_passthrough::paths;
 
 /// Flags every command honours.
 #[derive(Debug, Clone, clap::Args)]
@@ -44,34 +46,22 @@ pub struct Global {
     )]
     pub cache_dir: Option<PathBuf>,
     /// Root of the sysfs tree to read and write (tests point this at a fake tree).
-    #[arg(long, value_name = "DIR", global = true, default_value = "/sys")]
+    #[arg(long, value_name = "DIR", global = true, default_value = paths::SYSFS_ROOT)]
     pub sysfs_root: PathBuf,
     /// Where attachments and the bind journal are kept.
-    #[arg(
-        long,
-        value_name = "DIR",
-        global = true,
-        default_value = "/var/lib/gpu-passthrough"
-    )]
+    #[arg(long, value_name = "DIR", global = true, default_value = paths::STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Devices directory where `vfio/<group>` nodes appear (tests point this at a fake tree).
+    #[arg(long, value_name = "DIR", global = true, default_value = paths::DEV_DIR)]
+    pub dev_dir: PathBuf,
 }
 
 impl Global {
-    /// The cache directory, resolved from the flag, the environment, or the default.
+    /// The cache directory: the flag, the environment, or the library's default.
     pub fn cache_dir(&self) -> PathBuf {
-        if let Some(dir) = &self.cache_dir {
-            return dir.clone();
-        }
-        if nix::unistd::Uid::effective().is_root() {
-            return PathBuf::from("/var/cache/gpu-passthrough");
-        }
-        match std::env::var_os("XDG_CACHE_HOME") {
-            Some(x) if !x.is_empty() => PathBuf::from(x).join("gpu-passthrough"),
-            _ => match std::env::var_os("HOME") {
-                Some(h) => PathBuf::from(h).join(".cache/gpu-passthrough"),
-                None => PathBuf::from("/var/cache/gpu-passthrough"),
-            },
-        }
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(gpu_passthrough::paths::default_cache_dir)
     }
 }
 
@@ -108,6 +98,8 @@ enum Command {
     Detach(host::DetachArgs),
     /// Repair what a crash left behind: half-done binds and attachments whose owner is gone.
     Reconcile(host::ReconcileArgs),
+    /// Serve the node's GPUs to the kubelet (a KubeVirt device plugin) until SIGTERM.
+    DevicePlugin(device_plugin::DevicePluginArgs),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +114,7 @@ fn main() -> ExitCode {
         Command::Attach(a) => host::attach(&cli.global, a),
         Command::Detach(a) => host::detach(&cli.global, a),
         Command::Reconcile(a) => host::reconcile(&cli.global, a),
+        Command::DevicePlugin(a) => device_plugin::run(&cli.global, a),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use gpu_passthrough::remedy::Remedy;
 use serde::Serialize;
 
 use crate::Global;
@@ -30,11 +31,28 @@ pub struct Failure {
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.error)
+        write!(f, "{}", self.error)
     }
 }
 
-impl std::error::Error for Failure {}
+impl std::error::Error for Failure {
+    // The wrapped error's causes, so the chain is printed once, whole.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// Every error in the chain, looking inside [`Failure`]s.
+fn causes(err: &anyhow::Error) -> Vec<&(dyn std::error::Error + 'static)> {
+    let mut out = Vec::new();
+    for cause in err.chain() {
+        match cause.downcast_ref::<Failure>() {
+            Some(f) => out.extend(f.error.chain()),
+            None => out.push(cause),
+        }
+    }
+    out
+}
 
 /// Wrap an error with an exit code.
 pub fn fail(code: u8, error: impl Into<anyhow::Error>) -> anyhow::Error {
@@ -79,12 +97,24 @@ pub fn emit<T: Serialize>(
     Ok(())
 }
 
+/// Like [`emit`], printing the value's `Display` form for people.
+pub fn emit_text<T: Serialize + std::fmt::Display>(
+    global: &Global,
+    value: &T,
+) -> anyhow::Result<()> {
+    emit(global, value, |v| print!("{v}"))
+}
+
 /// Print an error (as JSON on stdout with `--json`, else on stderr) and pick the exit code.
 pub fn report_error(global: &Global, err: &anyhow::Error) -> ExitCode {
     let code = err
-        .downcast_ref::<Failure>()
+        .chain()
+        .find_map(|c| c.downcast_ref::<Failure>())
         .map_or(exit::FAILURE, |f| f.code);
-    let message = format!("{err:#}");
+    let mut message = format!("{err:#}");
+    if let Some(hint) = flag_hint(err) {
+        message = format!("{message} ({hint})");
+    }
     if global.json {
         let body = serde_json::json!({ "error": message, "exit_code": code });
         println!("{body}");
@@ -92,4 +122,25 @@ pub fn report_error(global: &Global, err: &anyhow::Error) -> ExitCode {
         eprintln!("error: {message}");
     }
     ExitCode::from(code)
+}
+
+/// The flag or command that fixes a library error (the library names no flags: a control plane
+/// has none).
+fn flag_hint(err: &anyhow::Error) -> Option<String> {
+    let remedy = causes(err)
+        .into_iter()
+        .find_map(gpu_passthrough::remedy::remedy)?;
+    Some(match remedy {
+        Remedy::SysfsRoot => "--sysfs-root DIR names the sysfs tree".into(),
+        Remedy::StateDir => "--state-dir DIR picks another state dir".into(),
+        Remedy::CacheDir => "--cache-dir DIR picks another cache".into(),
+        Remedy::RegistryFile => "check the path given to --registry".into(),
+        Remedy::NameDevices => "name DEVICE addresses or pass --gpus N".into(),
+        Remedy::AllowBootVga => "--allow-boot-vga moves the boot display".into(),
+        Remedy::PinRelease(r) => {
+            format!("run `gpu-passthrough versions pin {r} --registry <file>`")
+        }
+        Remedy::Reconcile => "then run `gpu-passthrough reconcile`".into(),
+        Remedy::GuestInit => "pass the static guest init with --guest-init PATH".into(),
+    })
 }

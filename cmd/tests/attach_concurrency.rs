@@ -12,7 +12,7 @@ fn one_hundred_concurrent_attaches_yield_exactly_one_owner() {
     let start = Instant::now();
     let children: Vec<_> = (0..100)
         .map(|i| {
-            Command::new(&bin)
+            Command::new(bin)
                 .args(h.cli_args())
                 .args([
                     "--json",

@@ -294,6 +294,27 @@ fn attach_with_a_release_names_its_ensured_combined_initrd() {
     assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
 }
 
+#[test]
+fn an_error_prints_its_cause_once_with_the_flag_that_fixes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-sysfs");
+    let out = Command::new(cli_binary())
+        .arg("--sysfs-root")
+        .arg(&missing)
+        .args(["--state-dir", dir.path().to_str().unwrap(), "devices"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains(missing.to_str().unwrap()), "{stderr}");
+    assert!(stderr.contains("--sysfs-root"), "{stderr}");
+}
+
 /// The CLI under test, built by cargo for this test with the `simulation` feature.
 fn cli_binary() -> &'static str {
     env!("CARGO_BIN_EXE_gpu-passthrough")

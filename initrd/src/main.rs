@@ -2,9 +2,9 @@
 
 use gpu_passthrough_init::context::SetupContext;
 use gpu_passthrough_init::modules::FinitModule;
-use gpu_passthrough_init::report::Status;
 use gpu_passthrough_init::{boot, setup};
 use gpu_passthrough_manifest::MANIFEST_PATH;
+use gpu_passthrough_manifest::report::Status;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

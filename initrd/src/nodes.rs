@@ -1,6 +1,6 @@
 //! `/dev/nvidia*` character device nodes: majors from `/proc/devices`, one node per GPU.
 
-use crate::report::{NodeAction, NodeReport};
+use gpu_passthrough_manifest::report::{NodeAction, NodeReport};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};

@@ -44,6 +44,7 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// Make `cmd` run chrooted in `root` with `/` as working directory.
+#[allow(unsafe_code)]
 pub fn chroot_command(cmd: &mut Command, root: &Path) {
     let root = root.to_path_buf();
     // SAFETY: the closure runs between fork and exec and only makes two syscalls (chroot,

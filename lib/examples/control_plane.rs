@@ -1,18 +1,19 @@
-//! How a control plane embeds the library: ensure the initrd for a release, attach N GPUs for an
-//! instance, hand the Cloud Hypervisor config to the VMM, detach when the instance stops.
+//! How a control plane embeds the library: attach N GPUs for an instance booting a registry
+//! release (its layers are ensured before any device moves), hand the Cloud Hypervisor config to
+//! the VMM, detach when the instance stops.
 //!
 //! ```text
-//! cargo run --example control_plane -- SYSFS_ROOT STATE_DIR DEV_DIR GPUS [RELEASE GUEST_INIT CACHE_DIR]
+//! cargo run --example control_plane -- SYSFS_ROOT STATE_DIR DEV_DIR GPUS [RELEASE GUEST_INIT CACHE_DIR [REGISTRY]]
 //! ```
-//! On a real host: `/sys /var/lib/gpu-passthrough /dev 1`. Without RELEASE the initrd step is
-//! skipped (building one downloads the release's artifacts).
+//! On a real host: `/sys /var/lib/gpu-passthrough /dev 1`. Without RELEASE the VM gets no
+//! initrd from us (building one downloads the release's artifacts).
 
 use std::path::PathBuf;
 
-use gpu_passthrough::attach::{AttachRequest, Host, Liveness, Owner, OwnerLiveness, PlanRequest};
-use gpu_passthrough::fetch::{FetchOptions, Fetcher, NoProgress};
-use gpu_passthrough::initrd::{BuildOptions, InitrdBuilder};
-use gpu_passthrough::registry::{Arch, Registry};
+use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PlanRequest};
+use gpu_passthrough::fetch::NoProgress;
+use gpu_passthrough::provision::{GpuVmRequest, Provisioner};
+use gpu_passthrough::registry::Registry;
 
 /// The control plane knows which instances exist; here: only the one we run.
 struct Instances(Vec<String>);
@@ -27,34 +28,24 @@ impl OwnerLiveness for Instances {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+/// One instance's life: attach, the VMM's config, detach. Returns the config.
+fn run(args: &[String]) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     if args.len() < 4 {
         return Err(
-            "usage: control_plane SYSFS_ROOT STATE_DIR DEV_DIR GPUS [RELEASE GUEST_INIT CACHE_DIR]"
+            "usage: control_plane SYSFS_ROOT STATE_DIR DEV_DIR GPUS [RELEASE GUEST_INIT CACHE_DIR [REGISTRY]]"
                 .into(),
         );
     }
     let gpus: usize = args[3].parse()?;
     let instance = Owner::new("instance-0001")?;
+    let registries: Vec<PathBuf> = args.get(7).map(PathBuf::from).into_iter().collect();
+    let registry = Registry::load(&registries)?;
+    let cache = args
+        .get(6)
+        .map(PathBuf::from)
+        .unwrap_or_else(gpu_passthrough::paths::default_cache_dir);
 
-    // 1. The initrd the instance boots: the release's combined layer, built once and cached.
-    let initrd = match (args.get(4), args.get(5), args.get(6)) {
-        (Some(release), Some(guest_init), Some(cache)) => {
-            let registry = Registry::load(&[])?;
-            let release = registry.release(release)?;
-            let cache = PathBuf::from(cache);
-            let fetcher = Fetcher::new(&cache, FetchOptions::default())?;
-            let options =
-                BuildOptions::new(Arch::host().ok_or("unsupported architecture")?, guest_init);
-            let layers =
-                InitrdBuilder::new(&cache, &fetcher).ensure(release, &options, &NoProgress)?;
-            Some(layers.combined.path)
-        }
-        _ => None,
-    };
-
-    // 2. Attach N GPUs for the instance; repair what an earlier crash left first.
+    // 1. The host, with our own idea of which owners are alive; repair what a crash left first.
     let host = Host::new(
         &args[0],
         &args[1],
@@ -67,14 +58,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         repaired.rolled_back.len(),
         repaired.released.len()
     );
-    let spec = host.attach(&AttachRequest {
-        plan: PlanRequest {
-            gpus: Some(gpus),
-            ..Default::default()
+
+    // 2. Attach N GPUs for the instance. With a release, its layers are built or found in the
+    //    cache first, and the GPUs are checked against that release's driver.
+    let mut provisioner = Provisioner::new(&host, &registry, cache);
+    if let Some(guest_init) = args.get(5) {
+        provisioner = provisioner.with_guest_init(guest_init);
+    }
+    let spec = provisioner.attach(
+        &GpuVmRequest {
+            plan: PlanRequest {
+                gpus: Some(gpus),
+                ..Default::default()
+            },
+            owner: instance.clone(),
+            release: args.get(4).cloned(),
+            initrd: None,
         },
-        owner: instance.clone(),
-        initrd,
-    })?;
+        &NoProgress,
+    )?;
 
     // 3. What the VMM gets: Cloud Hypervisor's VmConfig.devices and the kernel command line.
     let config = serde_json::json!({
@@ -84,10 +86,75 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "initramfs": spec.initrd,
         },
     });
-    println!("{}", serde_json::to_string_pretty(&config)?);
 
     // 4. The instance stopped: give the GPUs back.
     let detached = host.detach(&instance)?;
     eprintln!("detached {} devices", detached.restored.len());
+    Ok(config)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = run(&args)?;
+    println!("{}", serde_json::to_string_pretty(&config)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpu_passthrough_tests::{fixtures, sysfs};
+
+    fn args(h: &sysfs::FakeHost, rest: &[&str]) -> Vec<String> {
+        [&h.sys, &h.state, &h.dev]
+            .iter()
+            .map(|p| p.display().to_string())
+            .chain(rest.iter().map(|s| s.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn attaches_and_detaches_two_gpus() {
+        let h = sysfs::server_8gpu();
+        let config = run(&args(&h, &["2"])).unwrap();
+        assert_eq!(config["devices"].as_array().unwrap().len(), 2);
+        assert!(
+            config["payload"]["cmdline"]
+                .as_str()
+                .unwrap()
+                .ends_with("HAS_GPU=1")
+        );
+        assert!(h.journal_clean());
+        assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
+    }
+
+    #[test]
+    fn a_release_that_cannot_be_built_moves_no_device() {
+        let h = sysfs::server_8gpu();
+        let dir = tempfile::tempdir().unwrap();
+        // Unpinned artifacts are refused before any device is touched.
+        let registry = fixtures::write_registry(
+            dir.path(),
+            "fx",
+            fixtures::KERNEL_VERSION,
+            &fixtures::gpu_artifacts(),
+            false,
+        );
+        let init = fixtures::guest_init_stand_in(dir.path());
+        let cache = dir.path().join("cache");
+        let err = run(&args(
+            &h,
+            &[
+                "1",
+                "fx",
+                init.to_str().unwrap(),
+                cache.to_str().unwrap(),
+                registry.to_str().unwrap(),
+            ],
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("no device was moved"), "{err}");
+        assert!(h.journal_clean());
+        assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
+    }
 }

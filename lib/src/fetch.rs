@@ -83,7 +83,7 @@ pub enum FetchError {
     /// The artifact has no digest, so it cannot be verified.
     #[error(
         "release `{release}`: the {kind} artifact for {arch} is unpinned (no sha256), so it cannot \
-         be verified; pin it first: gpu-passthrough versions pin {release} --registry <file>"
+         be verified; pin release {release} first"
     )]
     Unpinned {
         /// The release.
@@ -99,7 +99,7 @@ pub enum FetchError {
     /// The downloaded bytes do not have the expected digest.
     #[error(
         "sha256 mismatch for {url}: expected {expected}, got {actual}; the file changed upstream \
-         or was tampered with: check the source, then re-pin with `gpu-passthrough versions pin` \
+         or was tampered with: check the source, then re-pin the release \
          only if the change is legitimate"
     )]
     DigestMismatch {
@@ -148,7 +148,7 @@ pub enum FetchError {
         reason: String,
     },
     /// A `file://` URL could not be read.
-    #[error("cannot read {url}: {source}; check that the file exists and is readable")]
+    #[error("cannot read {url} (check that the file exists and is readable)")]
     FileUrl {
         /// The URL.
         url: String,
@@ -156,7 +156,7 @@ pub enum FetchError {
         source: io::Error,
     },
     /// The cache could not be written.
-    #[error("cache error at {path}: {source}; check that --cache-dir is writable and has space")]
+    #[error("cannot use the cache at {path} (check that the cache dir is writable and has space)")]
     Cache {
         /// The path in the cache.
         path: PathBuf,
@@ -452,7 +452,9 @@ impl Fetcher {
         if have > 0 {
             request = request.header(RANGE, format!("bytes={have}-"));
         }
-        let mut response = request.send().map_err(|e| network(error_chain(&e)))?;
+        let mut response = request
+            .send()
+            .map_err(|e| network(crate::error_chain(&e)))?;
         let status = response.status();
         let (mut file, mut hasher, start) = if status == StatusCode::PARTIAL_CONTENT && have > 0 {
             let expected_range = format!("bytes {have}-");
@@ -632,16 +634,4 @@ fn remove_quietly(path: &Path) {
     {
         tracing::warn!("cannot remove {}: {e}", path.display());
     }
-}
-
-/// reqwest's top-level message is terse ("error sending request"); the causes say why.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }

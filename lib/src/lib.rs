@@ -1,17 +1,24 @@
 //! `gpu-passthrough`: everything a VM platform's control plane embeds to give a guest an NVIDIA GPU.
 //!
-//! One module per concern (see `DESIGN.md`):
+//! One module per concern; `ARCHITECTURE.md` at the repository root has the layers, the data
+//! flow of each command and the guest contract:
+//! - [`provision`]: a GPU VM from a release: layers ensured before any device moves, then attach.
 //! - [`registry`]: guest kernel release → NVIDIA driver → pinned artifacts.
 //! - [`failpoint`]: named crash points for the crash tests.
 //! - [`fetch`]: download into a content-addressed cache, verifying sha256 while streaming.
+//! - [`capabilities`]: which driver capability (compute, utility, video, ...) each library is.
 //! - [`archive`]: read tar archives safely; write and read deterministic cpio (newc) archives.
 //! - [`modinfo`]: kernel module metadata from a `.ko`'s ELF `.modinfo` section.
 //! - [`inspect`]: check extracted artifacts against a release (vermagic, versions, dependencies,
 //!   firmware, libraries) and list them in load order.
 //! - [`initrd`]: build the base, GPU and combined initrd layers.
+//! - [`paths`]: default locations (cache, state dir, sysfs).
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
 //! - [`vfio`]: check a bound device through VFIO the way a VMM will open it.
+//! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
+//! - [`text`]: the human-readable form of the reports (`Display`).
+//! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
 //! - `simulation` (cargo feature, tests only): a kernel and VFIO check that react on fake trees.
 //!
@@ -21,15 +28,34 @@
 
 pub mod archive;
 pub mod attach;
+pub mod capabilities;
 pub mod failpoint;
 pub mod fetch;
 mod fsutil;
 pub mod initrd;
 pub mod inspect;
 pub mod modinfo;
+pub mod paths;
 pub mod pci;
+pub mod provision;
 pub mod registry;
+pub mod remedy;
 #[cfg(feature = "simulation")]
 pub mod simulation;
+pub mod text;
+pub mod versions;
 pub mod vfio;
 pub mod vmm;
+
+/// An error and its chain of causes, `: `-joined: for a message that must hold the whole story in
+/// one string (a JSON field, a retry log line).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

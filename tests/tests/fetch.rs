@@ -42,6 +42,7 @@ fn release() -> Release {
         kernel_version: "6.1.0-56-amd64".into(),
         driver_version: None,
         module_flavor: None,
+        gsp: true,
         default: false,
         artifacts: BTreeMap::new(),
         source: "test".into(),
@@ -124,7 +125,7 @@ fn pinned_fetch_lands_in_the_content_addressed_store_and_is_reused() {
 }
 
 #[test]
-fn unpinned_artifact_is_refused_with_the_pin_command() {
+fn unpinned_artifact_is_refused_naming_the_release_to_pin() {
     let cache = tempfile::tempdir().unwrap();
     let fetcher = Fetcher::new(cache.path(), options()).unwrap();
     let a = artifact(vec!["http://127.0.0.1:9/never".into()], None, None);
@@ -133,12 +134,7 @@ fn unpinned_artifact_is_refused_with_the_pin_command() {
         .unwrap_err();
     assert!(matches!(err, FetchError::Unpinned { .. }), "{err:?}");
     let msg = err.to_string();
-    for needle in [
-        "test-rel",
-        "kernel",
-        "x86_64",
-        "gpu-passthrough versions pin test-rel --registry",
-    ] {
+    for needle in ["test-rel", "kernel", "x86_64", "pin release test-rel"] {
         assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
     }
 }

@@ -5,6 +5,7 @@
 use gpu_passthrough_init::context::SetupContext;
 use gpu_passthrough_init::modules::{LoadError, ModuleLoader};
 use gpu_passthrough_manifest::{DeviceNodes, Library, Manifest, Module, SCHEMA};
+use gpu_passthrough_tests::fixtures;
 use nix::errno::Errno;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-pub const DRIVER: &str = "535.261.03";
+pub const DRIVER: &str = fixtures::DRIVER_VERSION;
 pub const VERMAGIC: &str = "6.1.0-56-amd64 SMP preempt mod_unload modversions ";
-pub const LIBS_TAR: &str =
-    "/work/shared/fixtures/nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz";
 
 /// Real driver libraries (ELF with the right sonames), extracted once into cargo's test temp dir.
 pub fn real_libs() -> &'static Path {
@@ -32,8 +31,11 @@ pub fn real_libs() -> &'static Path {
         // Extract beside it and rename, so concurrent test binaries never see half a file.
         let partial = base.join(format!("gpu-init-driver-libs.{}", std::process::id()));
         std::fs::create_dir_all(&partial).unwrap();
+        let libs_tar = fixtures::path(fixtures::NVIDIA_DRIVER_LIBS);
         let status = Command::new("tar")
-            .args(["xzf", LIBS_TAR, "-C"])
+            .arg("xzf")
+            .arg(&libs_tar)
+            .arg("-C")
             .arg(&partial)
             .args([
                 "usr/lib/nvidia/libcuda.so.535.261.03",
@@ -41,7 +43,7 @@ pub fn real_libs() -> &'static Path {
             ])
             .status()
             .unwrap();
-        assert!(status.success(), "extracting {LIBS_TAR} failed");
+        assert!(status.success(), "extracting {} failed", libs_tar.display());
         if std::fs::rename(&partial, &dir).is_err() {
             let _ = std::fs::remove_dir_all(&partial); // another process won the race
         }
@@ -56,9 +58,8 @@ fn temp_dir() -> tempfile::TempDir {
 
 /// Enter a private mount namespace for this test thread (tests run one per thread).
 fn private_mount_namespace() {
-    // SAFETY: unshare(2) with a constant flag; affects only the calling thread's namespaces.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
-    assert_eq!(rc, 0, "unshare(CLONE_NEWNS): {}", Errno::last());
+    // Affects only the calling thread's namespaces.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
     nix::mount::mount(
         None::<&str>,
         "/",

@@ -53,7 +53,7 @@ pub enum CpioError {
         why: String,
     },
     /// An I/O error.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,

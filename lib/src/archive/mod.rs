@@ -19,7 +19,7 @@ use self::decompress::Compression;
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     /// The archive file could not be opened or read.
-    #[error("cannot read archive {archive}: {source}; check that the file exists and is readable")]
+    #[error("cannot read archive {archive} (check that the file exists and is readable)")]
     Io {
         /// The archive being read.
         archive: PathBuf,

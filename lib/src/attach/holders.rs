@@ -1,65 +1,85 @@
-//! Which processes hold a device node open: a scan of `<proc>/*/fd`.
+//! Which processes hold a device open: the check before anything is taken from a running VM.
 //!
-//! Used before releasing a vGPU (and reusable as the live-VMM guard for detach, rollback and
-//! reconcile): a VMM holding `/dev/vfio/<group>` or `/dev/vfio/devices/vfioX` must never have the
-//! device pulled from under it. The proc root is a parameter so tests can use a fake one.
+//! A VMM that has a device passed through holds its VFIO node open (`/dev/vfio/<group>`, or
+//! `/dev/vfio/devices/vfioX` on iommufd hosts); a CUDA process holds `/dev/nvidia*`. Releasing or
+//! unbinding such a device hot-unplugs it from the VM or blocks in the kernel, so callers look
+//! here first and refuse, naming the processes. The proc root is a parameter so tests can fake it
+//! (a directory of `<pid>/fd/<n>` symlinks and `<pid>/comm` files).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-/// A process holding one of the scanned paths open.
+/// A process holding one of the paths asked about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Holder {
     /// Its process ID.
     pub pid: u32,
-    /// Its command name (`<proc>/PID/comm`), empty when unreadable.
-    pub comm: String,
+    /// Its command name (`/proc/<pid>/comm`), or `?` when unreadable.
+    pub command: String,
     /// The path it holds.
     pub path: PathBuf,
 }
 
-/// Every process under `proc_root` with an open descriptor on one of `paths`, by pid.
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} ({}) holds {}",
+            self.pid,
+            self.command,
+            self.path.display()
+        )
+    }
+}
+
+/// Every process under `proc_root` with an open file descriptor on one of `paths`, in pid order.
 ///
-/// Processes that vanish or whose `fd` directory cannot be read (another user's, without root)
-/// are skipped; run as root for a complete answer.
+/// Processes that vanish or whose descriptors cannot be read while scanning are skipped: the
+/// caller must treat an unreadable `proc_root` itself as "cannot tell" (see
+/// [`scan_readable`]).
 pub fn holders(proc_root: &Path, paths: &[PathBuf]) -> Vec<Holder> {
-    // Compare canonical paths: a link target is absolute, a caller's path may not be.
-    let wanted: Vec<PathBuf> = paths
-        .iter()
-        .map(|p| fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-        .collect();
     let Ok(entries) = fs::read_dir(proc_root) else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for e in entries.filter_map(Result::ok) {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
-        let Ok(fds) = fs::read_dir(e.path().join("fd")) else {
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
             continue;
         };
-        for fd in fds.filter_map(Result::ok) {
+        for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else {
                 continue;
             };
-            if let Some(path) = wanted.iter().find(|w| **w == target) {
-                let comm = fs::read_to_string(e.path().join("comm"))
-                    .map(|s| s.trim().to_owned())
-                    .unwrap_or_default();
-                out.push(Holder {
+            if let Some(held) = paths.iter().find(|p| **p == target) {
+                let command = fs::read_to_string(entry.path().join("comm"))
+                    .map(|c| c.trim().to_owned())
+                    .unwrap_or_else(|_| "?".into());
+                found.push(Holder {
                     pid,
-                    comm,
-                    path: path.clone(),
+                    command,
+                    path: held.clone(),
                 });
                 break;
             }
         }
     }
-    out.sort_by_key(|h| h.pid);
-    out
+    found.sort_by_key(|h| h.pid);
+    found
+}
+
+/// Whether `proc_root` can be scanned at all (it exists and lists at least this process's
+/// kind of entries). A scan of an unreadable proc says nothing, so callers fail closed.
+pub fn scan_readable(proc_root: &Path) -> bool {
+    fs::read_dir(proc_root).is_ok()
 }
 
 #[cfg(test)]
@@ -67,48 +87,63 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    #[test]
-    fn finds_the_process_holding_a_node_and_ignores_others() {
-        let dir = tempfile::tempdir().unwrap();
-        let node = dir.path().join("vfio0");
-        let other = dir.path().join("other");
-        fs::write(&node, "").unwrap();
-        fs::write(&other, "").unwrap();
-        let proc_root = dir.path().join("proc");
-        for (pid, comm, target) in [(41, "qemu-system-x86", &node), (7, "bash", &other)] {
-            let fd = proc_root.join(pid.to_string()).join("fd");
-            fs::create_dir_all(&fd).unwrap();
-            symlink(target, fd.join("3")).unwrap();
-            fs::write(proc_root.join(pid.to_string()).join("comm"), format!("{comm}\n")).unwrap();
+    fn process(proc_root: &Path, pid: u32, comm: &str, fds: &[&str]) {
+        let dir = proc_root.join(pid.to_string());
+        fs::create_dir_all(dir.join("fd")).unwrap();
+        fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
+        for (i, target) in fds.iter().enumerate() {
+            symlink(target, dir.join("fd").join(i.to_string())).unwrap();
         }
-        fs::create_dir_all(proc_root.join("self-not-a-pid")).unwrap();
-        let found = holders(&proc_root, std::slice::from_ref(&node));
-        assert_eq!(
-            found,
-            [Holder {
-                pid: 41,
-                comm: "qemu-system-x86".into(),
-                path: node.clone()
-            }]
-        );
-        assert!(holders(&proc_root, &[dir.path().join("absent")]).is_empty());
     }
 
     #[test]
-    fn a_real_child_process_holding_a_file_is_found_in_proc() {
+    fn finds_the_processes_holding_a_vfio_node_and_names_them() {
+        let proc = tempfile::tempdir().unwrap();
+        process(
+            proc.path(),
+            4242,
+            "qemu-system-x86",
+            &["/dev/null", "/dev/vfio/12"],
+        );
+        process(
+            proc.path(),
+            17,
+            "cloud-hypervisor",
+            &["/dev/vfio/devices/vfio0"],
+        );
+        process(proc.path(), 99, "bash", &["/dev/vfio/13", "/dev/pts/0"]);
+        fs::create_dir_all(proc.path().join("self")).unwrap();
+        let wanted = [
+            PathBuf::from("/dev/vfio/12"),
+            PathBuf::from("/dev/vfio/devices/vfio0"),
+        ];
+        let found = holders(proc.path(), &wanted);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].pid, 17);
+        assert_eq!(found[0].command, "cloud-hypervisor");
+        assert_eq!(
+            found[1].to_string(),
+            "pid 4242 (qemu-system-x86) holds /dev/vfio/12"
+        );
+    }
+
+    #[test]
+    fn nobody_holds_what_nobody_opened() {
+        let proc = tempfile::tempdir().unwrap();
+        process(proc.path(), 5, "sleep", &["/dev/null"]);
+        assert!(holders(proc.path(), &[PathBuf::from("/dev/vfio/3")]).is_empty());
+        assert!(scan_readable(proc.path()));
+        assert!(!scan_readable(&proc.path().join("missing")));
+    }
+
+    #[test]
+    fn finds_this_process_on_the_real_proc() {
         let dir = tempfile::tempdir().unwrap();
-        let node = dir.path().join("vfio7");
-        fs::write(&node, "").unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .stdin(fs::File::open(&node).unwrap())
-            .spawn()
-            .unwrap();
-        let found = holders(Path::new("/proc"), std::slice::from_ref(&node));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        let path = dir.path().join("held");
+        let _file = fs::File::create(&path).unwrap();
+        let found = holders(Path::new("/proc"), std::slice::from_ref(&path));
         assert!(
-            found.iter().any(|h| h.pid == child.id() && h.comm == "sleep"),
+            found.iter().any(|h| h.pid == std::process::id()),
             "{found:?}"
         );
     }

@@ -25,7 +25,7 @@ use crate::pci::PciAddress;
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// I/O on the state dir.
-    #[error("cannot {action} {path}: {source}; check that --state-dir is writable (root)")]
+    #[error("cannot {action} {path} (check that the state dir is writable: root)")]
     Io {
         /// What was being done.
         action: &'static str,

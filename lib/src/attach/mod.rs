@@ -220,11 +220,11 @@ pub enum AttachError {
     #[error("refused, nothing was changed: {}", .0.iter().map(|r| r.message.as_str()).collect::<Vec<_>>().join("; "))]
     Refused(Vec<Refusal>),
     /// Nothing to attach.
-    #[error("nothing to attach: name devices (DDDD:BB:DD.F) or ask for --gpus N")]
+    #[error("nothing to attach: name devices (DDDD:BB:DD.F) or ask for a number of GPUs")]
     NothingRequested,
     /// Not enough free GPUs for `--gpus N`.
     #[error(
-        "asked for {wanted} GPUs but only {free} are free and passable; see `gpu-passthrough devices`"
+        "asked for {wanted} GPUs but only {free} are free and passable; list the devices to see which are"
     )]
     NotEnoughGpus {
         /// How many were asked for.
@@ -233,7 +233,7 @@ pub enum AttachError {
         free: usize,
     },
     /// A sysfs write failed (the transaction was rolled back).
-    #[error("writing `{value}` to {path} failed: {source}; the transaction was rolled back{hint}")]
+    #[error("writing `{value}` to {path} failed; the transaction was rolled back{hint}")]
     Write {
         /// The attribute.
         path: PathBuf,
@@ -267,11 +267,11 @@ pub enum AttachError {
         waited: Duration,
     },
     /// The VFIO check failed (the transaction was rolled back).
-    #[error("{0}; the transaction was rolled back")]
+    #[error("the VFIO check failed; the transaction was rolled back")]
     Vfio(#[from] VfioCheckError),
     /// Rolling back failed too: the journal keeps the transaction for `reconcile`.
     #[error(
-        "{cause}; rolling back also failed ({rollback}); the journal keeps the transaction: fix the cause and run `gpu-passthrough reconcile`"
+        "{cause}; rolling back also failed ({rollback}); the journal keeps the transaction: fix the cause and reconcile"
     )]
     RollbackFailed {
         /// The original failure.
@@ -297,15 +297,27 @@ pub enum AttachError {
     )]
     NotAttached(Owner),
     /// An mdev type name that the device does not offer.
-    #[error(
-        "{device} offers no mdev type `{mdev_type}`; see `gpu-passthrough devices --all` for its mdev types"
-    )]
+    #[error("{device} offers no mdev type `{mdev_type}`; list the device's mdev types")]
     NoSuchMdevType {
         /// The device.
         device: PciAddress,
         /// The type.
         mdev_type: String,
     },
+}
+
+impl AttachError {
+    /// Whether a safety rule or the request itself was refused (nothing was changed), as
+    /// opposed to a failure on the way.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            AttachError::Refused(_)
+                | AttachError::NotEnoughGpus { .. }
+                | AttachError::NoSuchMdevType { .. }
+                | AttachError::NothingRequested
+        )
+    }
 }
 
 /// A host: its sysfs tree, state dir, devices dir and owner-liveness check.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::journal::JournalState;
 use super::{AttachError, Host, Owner, PlanRequest, load_supported};
@@ -12,7 +12,7 @@ use crate::pci::{DeviceKind, PciAddress, PciDevice};
 use crate::registry::ModuleFlavor;
 
 /// Why a device is in the plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PlanRole {
     /// Asked for.
@@ -24,7 +24,7 @@ pub enum PlanRole {
 }
 
 /// One device the attach would move.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedDevice {
     /// The device.
     pub address: PciAddress,
@@ -45,7 +45,7 @@ pub struct PlannedDevice {
 }
 
 /// Why something is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalReason {
     /// The IOMMU is off.
@@ -71,7 +71,7 @@ pub enum RefusalReason {
 }
 
 /// A refusal: the device, the reason, and a message with the fix.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
     /// The device concerned, if any.
     pub device: Option<PciAddress>,
@@ -84,7 +84,7 @@ pub struct Refusal {
 }
 
 /// One sysfs write, in order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SysfsWrite {
     /// The attribute.
     pub path: PathBuf,
@@ -93,7 +93,7 @@ pub struct SysfsWrite {
 }
 
 /// What attach would do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// The requested devices (after `--gpus N` selection).
     pub requested: Vec<PciAddress>,
@@ -110,7 +110,7 @@ pub struct Plan {
 }
 
 /// A device as `devices` reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceReport {
     /// The device.
     #[serde(flatten)]
@@ -297,9 +297,7 @@ impl Host {
                         &mut plan,
                         Some(addr),
                         RefusalReason::NoSuchDevice,
-                        format!(
-                            "no PCI device {addr}: list them with `gpu-passthrough devices --all`"
-                        ),
+                        format!("no PCI device {addr}: list the host's PCI devices"),
                     );
                     continue;
                 }
@@ -319,9 +317,7 @@ impl Host {
                         &mut plan,
                         Some(addr),
                         RefusalReason::MdevUnavailable,
-                        format!(
-                            "{addr} offers no mdev type `{t}`: see its types with `gpu-passthrough devices`"
-                        ),
+                        format!("{addr} offers no mdev type `{t}`: list the device's mdev types"),
                     ),
                 }
                 continue;
@@ -427,7 +423,7 @@ impl Host {
             refuse(
                 RefusalReason::AttachedToOwner,
                 format!(
-                    "{addr} is in a transaction for owner {} that did not finish (pid {}): if that process is gone, run `gpu-passthrough reconcile`",
+                    "{addr} is in a transaction for owner {} that did not finish (pid {}): if that process is gone, reconcile",
                     t.owner, t.pid
                 ),
                 Some(t.owner.clone()),
@@ -440,9 +436,7 @@ impl Host {
             };
             refuse(
                 RefusalReason::AttachedToOwner,
-                format!(
-                    "{addr} is attached to owner {owner}{whose}: detach it first (`gpu-passthrough detach --owner {owner}`)"
-                ),
+                format!("{addr} is attached to owner {owner}{whose}: detach owner {owner} first"),
                 Some(owner.clone()),
             );
         }
@@ -468,7 +462,7 @@ impl Host {
             refuse(
                 RefusalReason::BootVga,
                 format!(
-                    "{addr} is the boot display (boot_vga=1): the host console would go dark; pass --allow-boot-vga if the host has another display or runs headless"
+                    "{addr} is the boot display (boot_vga=1): the host console would go dark; allow moving the boot display only if the host has another display or runs headless"
                 ),
                 None,
             );

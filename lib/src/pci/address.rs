@@ -21,7 +21,7 @@ pub struct PciAddress {
 /// Why a string is not a PCI address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "`{input}` is not a PCI address ({why}); write it as DDDD:BB:DD.F in hex, e.g. 0000:65:00.0 (see `gpu-passthrough devices`)"
+    "`{input}` is not a PCI address ({why}); write it as DDDD:BB:DD.F in hex, e.g. 0000:65:00.0"
 )]
 pub struct AddressError {
     /// The offending input (shortened, control characters escaped).

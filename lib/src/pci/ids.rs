@@ -27,7 +27,7 @@ pub enum IdsError {
         source: std::io::Error,
     },
     /// The file is not a `supported-gpus.json`.
-    #[error("{path} is not an NVIDIA supported-gpus.json: {source}")]
+    #[error("{path} is not an NVIDIA supported-gpus.json")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -89,6 +89,13 @@ impl SupportedGpus {
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.chips.is_empty()
+    }
+
+    /// Every device ID the driver lists, in ascending order.
+    pub fn device_ids(&self) -> Vec<u16> {
+        let mut ids: Vec<u16> = self.chips.keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Marketing name of an NVIDIA device ID.

@@ -210,6 +210,10 @@ pub struct Release {
     pub driver_version: Option<String>,
     /// Which NVIDIA kernel modules the release carries.
     pub module_flavor: Option<ModuleFlavor>,
+    /// Whether the release ships (and the guest loads) GSP firmware. `false` is for proprietary
+    /// releases only (GPUs without GSP, such as Pascal): the layer then carries no firmware and
+    /// `nvidia` gets `NVreg_EnableGpuFirmware=0`.
+    pub gsp: bool,
     /// Whether this is the release used when none is named.
     pub default: bool,
     /// Artifacts per architecture.
@@ -234,7 +238,7 @@ impl Release {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The file could not be read.
-    #[error("cannot read registry {file}: {source}; check the path given to --registry")]
+    #[error("cannot read registry {file} (check the registry file's path)")]
     Read {
         /// The registry file.
         file: String,
@@ -320,7 +324,7 @@ pub enum RegistryError {
         release: String,
     },
     /// The registry file could not be written.
-    #[error("cannot write registry {file}: {source}; check the directory exists and is writable")]
+    #[error("cannot write registry {file} (check that its directory exists and is writable)")]
     Write {
         /// The registry file.
         file: String,

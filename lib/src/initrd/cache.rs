@@ -1,0 +1,157 @@
+//! The layer cache: a key over every input that determines the layers' bytes, lookup of a
+//! complete entry, and the atomic publish of a new one (temporary directory, rename, fsync).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::{BUILDER_VERSION, BuildOptions, InitrdBuilder, InitrdError, Layers, RECORD, io_err};
+use crate::archive::tar::{Limits, extract_tar};
+use crate::fetch::Progress;
+
+use crate::fsutil::{self, sha256_file};
+use crate::registry::{ArtifactKind, Release};
+
+impl InitrdBuilder<'_> {
+    fn layers_dir(&self) -> PathBuf {
+        self.cache_dir.join("layers")
+    }
+
+    /// The cache key: a hash over every input that determines the layers' bytes.
+    pub fn key(&self, release: &Release, options: &BuildOptions) -> Result<String, InitrdError> {
+        let mut h = Sha256::new();
+        let mut field = |name: &str, value: &str| {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(value.as_bytes());
+            h.update([0]);
+        };
+        field("builder", &BUILDER_VERSION.to_string());
+        field("release", &release.name);
+        field("kernel_version", &release.kernel_version);
+        field(
+            "driver_version",
+            release.driver_version.as_deref().unwrap_or(""),
+        );
+        field("flavor", release.module_flavor.map_or("", |f| f.as_str()));
+        field("gsp", if release.gsp { "1" } else { "0" });
+        field("arch", options.arch.as_str());
+        for kind in ArtifactKind::ALL {
+            if let Some(a) = release.artifact(options.arch, kind) {
+                let digest = a.sha256.as_ref().map(|d| d.to_string()).unwrap_or_default();
+                field(kind.as_str(), &digest);
+            }
+        }
+        field("compression", options.compression.as_str());
+        field("modules", &options.modules.join(","));
+        for (m, p) in &options.module_params {
+            field(&format!("param:{m}"), p);
+        }
+        field("device_mode", &options.device_nodes.mode.to_string());
+        field("device_gid", &options.device_nodes.gid.to_string());
+        field(
+            "guest_init",
+            &sha256_file(&options.guest_init).map_err(|source| InitrdError::GuestInit {
+                path: options.guest_init.clone(),
+                source,
+            })?,
+        );
+        Ok(hex::encode(h.finalize()))
+    }
+
+    /// A complete cache entry for `key`, if there is one whose files still have their sizes.
+    pub(super) fn cached(&self, key: &str) -> Option<Layers> {
+        let dir = self.layers_dir().join(key);
+        let text = fs::read_to_string(dir.join(RECORD)).ok()?;
+        let mut layers: Layers = serde_json::from_str(&text).ok()?;
+        for layer in [&mut layers.base, &mut layers.gpu, &mut layers.combined] {
+            // Stored relative so the cache can move; resolved here.
+            layer.path = dir.join(&layer.path);
+            if fs::metadata(&layer.path).ok()?.len() != layer.size {
+                return None;
+            }
+        }
+        layers.supported_gpus = layers.supported_gpus.map(|p| dir.join(p));
+        layers.reused = true;
+        Some(layers)
+    }
+
+    pub(super) fn build_key(
+        &self,
+        release: &Release,
+        options: &BuildOptions,
+        key: &str,
+        reuse: bool,
+        progress: &dyn Progress,
+    ) -> Result<Layers, InitrdError> {
+        let layers_dir = self.layers_dir();
+        fs::create_dir_all(&layers_dir)
+            .map_err(io_err(format!("creating {}", layers_dir.display())))?;
+        // One builder per key at a time; the others wait and then find the result.
+        let lock = lock_file(&layers_dir.join(format!("{key}.lock")))?;
+        if reuse {
+            // Someone else may have built it while we waited for the lock.
+            if let Some(layers) = self.cached(key) {
+                return Ok(layers);
+            }
+        }
+        let tmp = layers_dir.join(format!("tmp-{key}"));
+        if tmp.exists() {
+            // Left by a build that was killed: we hold the key's lock, so nobody else owns it.
+            fs::remove_dir_all(&tmp)
+                .map_err(io_err(format!("removing stale {}", tmp.display())))?;
+        }
+        fs::create_dir(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+        let result = self.write_layers(release, options, key, &tmp, progress);
+        let layers = match result {
+            Ok(layers) => layers,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let dest = layers_dir.join(key);
+        if dest.exists() {
+            fs::remove_dir_all(&dest).map_err(io_err(format!("replacing {}", dest.display())))?;
+        }
+        fs::rename(&tmp, &dest)
+            .map_err(io_err(format!("moving the layers into {}", dest.display())))?;
+        fsutil::sync_dir(&layers_dir)
+            .map_err(io_err(format!("syncing {}", layers_dir.display())))?;
+        drop(lock);
+        let mut layers = layers;
+        for layer in [&mut layers.base, &mut layers.gpu, &mut layers.combined] {
+            layer.path = dest.join(&layer.path);
+        }
+        layers.supported_gpus = layers.supported_gpus.map(|p| dest.join(p));
+        Ok(layers)
+    }
+
+    /// The unpacked tree of a verified artifact, extracted once and kept by digest.
+    pub(super) fn unpacked(&self, archive: &Path, sha256: &str) -> Result<PathBuf, InitrdError> {
+        let root = self.cache_dir.join("unpacked");
+        let dest = root.join(sha256);
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
+        let _lock = lock_file(&root.join(format!("{sha256}.lock")))?;
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let tmp = root.join(format!("tmp-{sha256}"));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)
+                .map_err(io_err(format!("removing stale {}", tmp.display())))?;
+        }
+        extract_tar(archive, &tmp, &Limits::default())?;
+        fs::rename(&tmp, &dest).map_err(io_err(format!("moving {} into place", dest.display())))?;
+        Ok(dest)
+    }
+}
+
+/// An exclusive lock held until the returned value is dropped.
+fn lock_file(path: &Path) -> Result<nix::fcntl::Flock<fs::File>, InitrdError> {
+    fsutil::lock_exclusive(path).map_err(io_err(format!("locking {}", path.display())))
+}

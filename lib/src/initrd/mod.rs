@@ -1,0 +1,408 @@
+//! `initrd`: build the base, GPU and combined initrd layers of a registry release.
+//!
+//! - **base**: `/init` (the static guest init), `/dev/console`, `/dev/null` and the directories
+//!   init needs. Plain cpio: it is small, and a plain archive can be followed by any other.
+//! - **gpu**: everything under `/gpu/` plus the firmware under `/lib/firmware/`, compressed as
+//!   asked. It is self-contained, so a platform can append it to its own initrd.
+//! - **combined**: base followed by gpu, one file for GPU VMs.
+//!
+//! Layers are cached under `<cache>/layers/<key>/`, where the key is a hash over everything that
+//! determines their bytes (artifact digests, guest-init digest, options, builder version). A
+//! build writes into a temporary directory and renames it into place, so a reader sees either
+//! nothing or a complete result; an interrupted build leaves only a temporary directory that the
+//! next build of the same key removes ([`crate::failpoint::Failpoint::InitrdMidway`] aborts a
+//! build half-way through the GPU layer, for tests of exactly that).
+//!
+//! One concern a file: [`cache`] (the key and the atomic publish), `plan` (what goes into the
+//! GPU layer, decided before a byte is written), [`guest_init`] (finding the static guest init
+//! and checking it), `write` (streaming the layers to disk, hashed as they go).
+
+mod cache;
+pub mod guest_init;
+mod plan;
+pub use plan::module_params;
+mod write;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use gpu_passthrough_manifest as manifest;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::archive::ArchiveError;
+pub use crate::archive::compress::LayerCompression;
+use crate::archive::cpio::CpioError;
+pub use crate::archive::cpio::{InitrdLayer, read_initrd};
+use crate::fetch::{FetchError, Fetcher, Progress};
+use crate::inspect::{Expectations, InspectError, Inventory, Trees, inspect};
+use crate::registry::{Arch, ArtifactKind, Release};
+
+/// Bumped whenever the builder's output changes for the same inputs, so old cache entries are
+/// never mistaken for new ones.
+const BUILDER_VERSION: u32 = 1;
+
+/// The NVIDIA modules loaded by default. `nvidia_peermem` (GPUDirect RDMA) is left out: it needs
+/// an InfiniBand stack the guest rarely has; ask for it with [`BuildOptions::modules`].
+pub const DEFAULT_MODULES: [&str; 4] = ["nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm"];
+
+/// Errors building initrd layers. Each names the culprit and the fix.
+#[derive(Debug, Error)]
+pub enum InitrdError {
+    /// The release lacks something the build needs.
+    #[error("release `{release}` ({arch}): {what}")]
+    Release {
+        /// Release name.
+        release: String,
+        /// Architecture.
+        arch: Arch,
+        /// What is missing, and the fix.
+        what: String,
+    },
+    /// The guest init binary could not be read.
+    #[error("cannot read the guest init `{path}`; {}", guest_init::BUILD_HINT)]
+    GuestInit {
+        /// The path given.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: io::Error,
+    },
+    /// No guest init was given and none is installed.
+    #[error(
+        "no guest init found (looked in {looked_in}); {}",
+        guest_init::BUILD_HINT
+    )]
+    NoGuestInit {
+        /// The places looked in.
+        looked_in: String,
+    },
+    /// The guest init is not a static binary for the guest's architecture: it would fail as
+    /// `/init` before printing anything.
+    #[error("guest init `{path}`: {why}")]
+    GuestInitUnfit {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong with it, and the fix.
+        why: String,
+    },
+    /// A requested module is not in the release's NVIDIA modules.
+    #[error(
+        "module `{module}` is not among the NVIDIA modules of release `{release}` (they are: \
+         {available}); fix the module list"
+    )]
+    UnknownModule {
+        /// The requested module.
+        module: String,
+        /// Release name.
+        release: String,
+        /// Modules that exist.
+        available: String,
+    },
+    /// Downloading or verifying an artifact failed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// An artifact could not be unpacked safely.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// The artifacts do not fit the release (wrong kernel, driver version, missing files).
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    /// Writing a layer failed.
+    #[error(transparent)]
+    Cpio(#[from] CpioError),
+    /// A file-system operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+impl InitrdError {
+    /// Whether the artifacts failed verification (digest, inspection): a reviewer's matter.
+    pub fn is_verification_failure(&self) -> bool {
+        matches!(
+            self,
+            InitrdError::Inspect(_)
+                | InitrdError::Fetch(
+                    FetchError::DigestMismatch { .. } | FetchError::SizeCap { .. }
+                )
+        )
+    }
+
+    /// Whether a safety rule refused the build (an unpinned artifact).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, InitrdError::Fetch(FetchError::Unpinned { .. }))
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> InitrdError {
+    let context = context.into();
+    move |source| InitrdError::Io { context, source }
+}
+
+/// What to build, beyond the release itself.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Architecture of the guest.
+    pub arch: Arch,
+    /// Compression of the GPU layer (the base layer is always plain).
+    pub compression: LayerCompression,
+    /// The static guest-init binary, installed as `/init` and `/gpu/bin/gpu-init`.
+    pub guest_init: PathBuf,
+    /// NVIDIA modules to load (kernel names, underscores); their dependencies are added.
+    pub modules: Vec<String>,
+    /// Module parameters by module name.
+    pub module_params: BTreeMap<String, String>,
+    /// Mode and group of `/dev/nvidia*` in the guest.
+    pub device_nodes: manifest::DeviceNodes,
+}
+
+impl BuildOptions {
+    /// Defaults: zstd (see `e2e/README.md` for the boot-time measurements behind it), the four
+    /// standard modules, `nvidia_drm modeset=1`, device nodes `0660` owned by group 0.
+    pub fn new(arch: Arch, guest_init: impl Into<PathBuf>) -> Self {
+        BuildOptions {
+            arch,
+            compression: LayerCompression::Zstd,
+            guest_init: guest_init.into(),
+            modules: DEFAULT_MODULES.iter().map(|m| m.to_string()).collect(),
+            module_params: BTreeMap::from([("nvidia_drm".to_string(), "modeset=1".to_string())]),
+            device_nodes: manifest::DeviceNodes {
+                mode: 0o660,
+                gid: 0,
+            },
+        }
+    }
+}
+
+/// One layer file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerFile {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Lowercase hex sha256 of its bytes.
+    pub sha256: String,
+}
+
+/// The result of a build: three layer files and the manifest inside the GPU layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Layers {
+    /// Cache key (hex) the layers are stored under.
+    pub key: String,
+    /// Release they were built from.
+    pub release: String,
+    /// GPU layer compression.
+    pub compression: LayerCompression,
+    /// `/init` and the directories init needs; no GPU bytes.
+    pub base: LayerFile,
+    /// Everything under `/gpu/` and the firmware.
+    pub gpu: LayerFile,
+    /// base followed by gpu.
+    pub combined: LayerFile,
+    /// The manifest written to `/gpu/manifest.json`.
+    pub manifest: manifest::Manifest,
+    /// The driver's `supported-gpus.json`, kept beside the layers (not in them) so that attach
+    /// can check a GPU against the very driver the guest will load.
+    #[serde(default)]
+    pub supported_gpus: Option<PathBuf>,
+    /// True when an existing cached result was returned without building.
+    #[serde(default)]
+    pub reused: bool,
+}
+
+impl Layers {
+    /// Copy the three layers and `manifest.json` into `out` (created if missing), each by an
+    /// atomic rename of a complete copy, and point the result at the copies.
+    pub fn copy_to(&mut self, out: &Path) -> Result<(), InitrdError> {
+        fs::create_dir_all(out).map_err(io_err(format!("creating {}", out.display())))?;
+        let cache_dir = self.base.path.parent().map(Path::to_path_buf);
+        for layer in [&mut self.base, &mut self.gpu, &mut self.combined] {
+            let name = layer.path.file_name().map(PathBuf::from).ok_or_else(|| {
+                io_err("copying a layer")(io::Error::other("layer path has no file name"))
+            })?;
+            let dest = out.join(name);
+            copy_atomically(&layer.path, &dest)?;
+            layer.path = dest;
+        }
+        if let Some(dir) = cache_dir {
+            copy_atomically(&dir.join("manifest.json"), &out.join("manifest.json"))?;
+        }
+        Ok(())
+    }
+}
+
+fn copy_atomically(from: &Path, to: &Path) -> Result<(), InitrdError> {
+    let tmp = to.with_extension("partial");
+    fs::copy(from, &tmp).map_err(io_err(format!(
+        "copying {} to {}",
+        from.display(),
+        tmp.display()
+    )))?;
+    crate::fsutil::rename_durable(&tmp, to)
+        .map_err(io_err(format!("moving {} into place", to.display())))
+}
+
+/// Name of the record that marks a complete cache entry.
+const RECORD: &str = "layers.json";
+/// Name of the driver's GPU list beside the layers.
+const SUPPORTED_GPUS: &str = "supported-gpus.json";
+
+/// Builds layers into a cache directory.
+pub struct InitrdBuilder<'a> {
+    cache_dir: PathBuf,
+    fetcher: &'a Fetcher,
+}
+
+impl<'a> InitrdBuilder<'a> {
+    /// A builder that keeps layers and unpacked artifacts under `cache_dir` and downloads
+    /// through `fetcher`.
+    pub fn new(cache_dir: impl Into<PathBuf>, fetcher: &'a Fetcher) -> Self {
+        InitrdBuilder {
+            cache_dir: cache_dir.into(),
+            fetcher,
+        }
+    }
+
+    /// Return the cached layers for `release` and `options` when they exist and are intact,
+    /// otherwise build them. A warm call costs a hash of the guest init and a few stats.
+    pub fn ensure(
+        &self,
+        release: &Release,
+        options: &BuildOptions,
+        progress: &dyn Progress,
+    ) -> Result<Layers, InitrdError> {
+        let key = self.key(release, options)?;
+        if let Some(layers) = self.cached(&key) {
+            return Ok(layers);
+        }
+        self.build_key(release, options, &key, true, progress)
+    }
+
+    /// Build the layers even when a cached result exists (artifacts still come from the cache),
+    /// and replace the cached result.
+    pub fn build(
+        &self,
+        release: &Release,
+        options: &BuildOptions,
+        progress: &dyn Progress,
+    ) -> Result<Layers, InitrdError> {
+        let key = self.key(release, options)?;
+        self.build_key(release, options, &key, false, progress)
+    }
+
+    /// Fetch (verified), unpack once per digest, and inspect the release's NVIDIA artifacts:
+    /// what a layer of this release would carry, and the digests it was made from.
+    pub fn inventory(
+        &self,
+        release: &Release,
+        arch: Arch,
+        progress: &dyn Progress,
+    ) -> Result<(Inventory, Vec<manifest::Input>), InitrdError> {
+        let missing = |what: String| InitrdError::Release {
+            release: release.name.clone(),
+            arch,
+            what,
+        };
+        let driver_version = release.driver_version.clone().ok_or_else(|| {
+            missing("has no driver_version: it is a kernel-only release; pick a release with NVIDIA artifacts".into())
+        })?;
+        let mut trees: BTreeMap<ArtifactKind, PathBuf> = BTreeMap::new();
+        let mut inputs = Vec::new();
+        for kind in [
+            ArtifactKind::KernelModules,
+            ArtifactKind::NvidiaModules,
+            ArtifactKind::NvidiaFirmware,
+            ArtifactKind::NvidiaDriverLibs,
+        ] {
+            let Some(artifact) = release.artifact(arch, kind) else {
+                if matches!(
+                    kind,
+                    ArtifactKind::NvidiaModules | ArtifactKind::NvidiaDriverLibs
+                ) {
+                    return Err(missing(format!(
+                        "has no `{kind}` artifact; add a release that has one"
+                    )));
+                }
+                continue;
+            };
+            let fetched = self.fetcher.fetch(release, arch, artifact, progress)?;
+            trees.insert(
+                kind,
+                self.unpacked(&fetched.path, &fetched.sha256.to_string())?,
+            );
+            inputs.push(manifest::Input {
+                kind: kind.as_str().to_string(),
+                sha256: fetched.sha256.to_string(),
+            });
+        }
+        let tree = |k| trees.get(&k).map(PathBuf::as_path);
+        let inventory = inspect(
+            &Expectations {
+                kernel_version: &release.kernel_version,
+                driver_version: &driver_version,
+                arch,
+                flavor: release.module_flavor,
+                gsp: release.gsp,
+            },
+            &Trees {
+                nvidia_modules: tree(ArtifactKind::NvidiaModules),
+                kernel_modules: tree(ArtifactKind::KernelModules),
+                firmware: tree(ArtifactKind::NvidiaFirmware),
+                driver_libs: tree(ArtifactKind::NvidiaDriverLibs),
+            },
+        )?;
+        Ok((inventory, inputs))
+    }
+
+    /// Fetch, unpack, inspect, and write the three layers and the record into `dir`.
+    fn write_layers(
+        &self,
+        release: &Release,
+        options: &BuildOptions,
+        key: &str,
+        dir: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Layers, InitrdError> {
+        let arch = options.arch;
+        let (inventory, inputs) = self.inventory(release, arch, progress)?;
+        let driver_version = release.driver_version.clone().unwrap_or_default();
+        let plan = plan::GpuLayerPlan::new(release, options, &driver_version, &inventory, inputs)?;
+
+        let guest_init = guest_init::read_checked(&options.guest_init, arch)?;
+        let (base, gpu, combined) =
+            write::layer_files(dir, options.compression, &plan, &guest_init)?;
+
+        let manifest_json = plan.manifest_json()?;
+        write::synced(&dir.join("manifest.json"), &manifest_json)?;
+        let supported_gpus = match &inventory.supported_gpus {
+            Some(src) => {
+                let bytes = fs::read(src).map_err(io_err(format!("reading {}", src.display())))?;
+                write::synced(&dir.join(SUPPORTED_GPUS), &bytes)?;
+                Some(PathBuf::from(SUPPORTED_GPUS))
+            }
+            None => None,
+        };
+        let layers = Layers {
+            key: key.to_string(),
+            release: release.name.clone(),
+            compression: options.compression,
+            base,
+            gpu,
+            combined,
+            manifest: plan.manifest,
+            supported_gpus,
+            reused: false,
+        };
+        let record = serde_json::to_vec_pretty(&layers)
+            .map_err(|e| io_err("writing the layer record")(io::Error::other(e)))?;
+        write::synced(&dir.join(RECORD), &record)?;
+        Ok(layers)
+    }
+}

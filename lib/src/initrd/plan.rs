@@ -1,0 +1,279 @@
+//! What goes into the GPU layer: the modules (with the dependencies they need), firmware,
+//! libraries with their soname links, programs and the manifest, decided before a byte is
+//! written, and then written in path order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use gpu_passthrough_manifest as manifest;
+
+use super::{BuildOptions, InitrdError, io_err};
+use crate::archive::cpio::CpioWriter;
+use crate::failpoint::Failpoint;
+use crate::inspect::{InspectedModule, Inventory};
+use crate::registry::Release;
+
+/// What goes into the GPU layer, decided before a byte is written.
+pub(super) struct GpuLayerPlan {
+    /// Archive path → what to put there, sorted by path (parents before children).
+    entries: BTreeMap<String, Source>,
+    pub(super) manifest: manifest::Manifest,
+}
+
+enum Source {
+    Dir,
+    File { from: PathBuf, mode: u32 },
+    GuestInit,
+    Manifest,
+    Symlink(String),
+}
+
+impl GpuLayerPlan {
+    pub(super) fn new(
+        release: &Release,
+        options: &BuildOptions,
+        driver_version: &str,
+        inv: &Inventory,
+        inputs: Vec<manifest::Input>,
+    ) -> Result<Self, InitrdError> {
+        let mut entries = BTreeMap::new();
+        let modules = select_modules(release, options, inv)?;
+        let mut manifest_modules = Vec::new();
+        for m in &modules {
+            let file = m
+                .source
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_else(|| format!("{}.ko", m.name));
+            let path = format!("gpu/modules/{file}");
+            entries.insert(
+                path.clone(),
+                Source::File {
+                    from: m.source.clone(),
+                    mode: 0o644,
+                },
+            );
+            manifest_modules.push(manifest::Module {
+                name: m.name.clone(),
+                path: format!("/{path}"),
+                params: module_params(release, options, &m.name),
+                depends: m
+                    .info
+                    .depends()
+                    .iter()
+                    .map(|d| manifest::normalize_module_name(d))
+                    .collect(),
+                vermagic: m.info.vermagic().unwrap_or_default().to_string(),
+                nvidia: m.nvidia,
+            });
+        }
+        let mut firmware = Vec::new();
+        for fw in &inv.firmware {
+            let path = format!("lib/firmware/{}", fw.rel.display());
+            entries.insert(
+                path.clone(),
+                Source::File {
+                    from: fw.source.clone(),
+                    mode: 0o644,
+                },
+            );
+            firmware.push(format!("/{path}"));
+        }
+        let mut libraries = Vec::new();
+        for lib in &inv.libraries {
+            let path = format!("gpu/lib/{}", lib.real_name);
+            entries.insert(
+                path.clone(),
+                Source::File {
+                    from: lib.source.clone(),
+                    mode: 0o755,
+                },
+            );
+            if let Some(soname) = lib.soname.as_ref().filter(|s| **s != lib.real_name) {
+                entries.insert(
+                    format!("gpu/lib/{soname}"),
+                    Source::Symlink(lib.real_name.clone()),
+                );
+            }
+            libraries.push(manifest::Library {
+                path: format!("/{path}"),
+                soname: lib.soname.clone(),
+            });
+        }
+        // gpu-init is in the layer for other inits to call, but is not the workload's program:
+        // it stays out of `binaries`, which the guest puts on the workload's PATH.
+        let mut binaries = Vec::new();
+        entries.insert("gpu/bin/gpu-init".into(), Source::GuestInit);
+        for bin in &inv.binaries {
+            let Some(name) = bin.file_name() else {
+                continue;
+            };
+            let path = format!("gpu/bin/{}", name.to_string_lossy());
+            entries.insert(
+                path.clone(),
+                Source::File {
+                    from: bin.clone(),
+                    mode: 0o755,
+                },
+            );
+            binaries.push(format!("/{path}"));
+        }
+        binaries.sort();
+        entries.insert("gpu/manifest.json".into(), Source::Manifest);
+        // The kernel's unpacker does not create missing parents: add every one.
+        let parents: BTreeSet<String> = entries.keys().flat_map(|p| parents_of(p)).collect();
+        for p in parents {
+            entries.entry(p).or_insert(Source::Dir);
+        }
+        let manifest = manifest::Manifest {
+            schema: manifest::SCHEMA,
+            release: release.name.clone(),
+            arch: options.arch.as_str().to_string(),
+            kernel_version: release.kernel_version.clone(),
+            driver_version: driver_version.to_string(),
+            module_flavor: release
+                .module_flavor
+                .map_or("open", |f| f.as_str())
+                .to_string(),
+            modules: manifest_modules,
+            firmware,
+            libraries,
+            binaries,
+            device_nodes: options.device_nodes,
+            inputs,
+        };
+        Ok(GpuLayerPlan { entries, manifest })
+    }
+
+    pub(super) fn manifest_json(&self) -> Result<Vec<u8>, InitrdError> {
+        let mut v = serde_json::to_vec_pretty(&self.manifest)
+            .map_err(|e| io_err("serializing the manifest")(io::Error::other(e)))?;
+        v.push(b'\n');
+        Ok(v)
+    }
+
+    pub(super) fn write<W: Write>(
+        &self,
+        cpio: &mut CpioWriter<W>,
+        guest_init: &[u8],
+    ) -> Result<(), InitrdError> {
+        let manifest = self.manifest_json()?;
+        let midway = self.entries.len() / 2;
+        for (i, (path, source)) in self.entries.iter().enumerate() {
+            if i == midway {
+                Failpoint::InitrdMidway.hit();
+            }
+            match source {
+                Source::Dir => cpio.directory(path, 0o755)?,
+                Source::Symlink(target) => cpio.symlink(path, target)?,
+                Source::GuestInit => {
+                    cpio.file(path, 0o755, guest_init.len() as u64, &mut &guest_init[..])?
+                }
+                Source::Manifest => {
+                    cpio.file(path, 0o644, manifest.len() as u64, &mut &manifest[..])?
+                }
+                Source::File { from, mode } => {
+                    let mut f =
+                        File::open(from).map_err(io_err(format!("reading {}", from.display())))?;
+                    let size = f
+                        .metadata()
+                        .map_err(io_err(format!("reading {}", from.display())))?
+                        .len();
+                    cpio.file(path, *mode, size, &mut f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The parameters `name` is loaded with: the caller's, plus `NVreg_EnableGpuFirmware=0` for
+/// `nvidia` of a release without GSP firmware (the proprietary modules would otherwise try to
+/// load the firmware the layer does not carry).
+pub fn module_params(release: &Release, options: &BuildOptions, name: &str) -> String {
+    let mut params: Vec<String> = options
+        .module_params
+        .get(name)
+        .cloned()
+        .into_iter()
+        .collect();
+    if name == "nvidia" && !release.gsp {
+        params.push(NO_GSP_PARAM.to_string());
+    }
+    params.join(" ")
+}
+
+/// The `nvidia` parameter that keeps the proprietary driver off GSP firmware.
+pub(super) const NO_GSP_PARAM: &str = "NVreg_EnableGpuFirmware=0";
+
+/// The requested NVIDIA modules and everything they depend on, in the inventory's load order.
+fn select_modules<'i>(
+    release: &Release,
+    options: &BuildOptions,
+    inv: &'i Inventory,
+) -> Result<Vec<&'i InspectedModule>, InitrdError> {
+    let by_name: BTreeMap<&str, &InspectedModule> =
+        inv.modules.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut wanted = BTreeSet::new();
+    let mut stack: Vec<String> = Vec::new();
+    for m in &options.modules {
+        let m = manifest::normalize_module_name(m);
+        if !by_name.get(m.as_str()).is_some_and(|x| x.nvidia) {
+            let available = inv
+                .modules
+                .iter()
+                .filter(|x| x.nvidia)
+                .map(|x| x.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(InitrdError::UnknownModule {
+                module: m,
+                release: release.name.clone(),
+                available,
+            });
+        }
+        stack.push(m);
+    }
+    while let Some(name) = stack.pop() {
+        if !wanted.insert(name.clone()) {
+            continue;
+        }
+        if let Some(m) = by_name.get(name.as_str()) {
+            stack.extend(
+                m.info
+                    .depends()
+                    .iter()
+                    .map(|d| manifest::normalize_module_name(d)),
+            );
+        }
+        // A dependency the inventory does not list is built into the kernel (inspect checked).
+    }
+    Ok(inv
+        .modules
+        .iter()
+        .filter(|m| wanted.contains(&m.name))
+        .collect())
+}
+
+fn parents_of(path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = path;
+    while let Some(i) = cur.rfind('/') {
+        cur = &cur[..i];
+        out.push(cur.to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents_are_listed_deepest_first() {
+        assert_eq!(parents_of("gpu/lib/libcuda.so.1"), ["gpu/lib", "gpu"]);
+        assert!(parents_of("init").is_empty());
+    }
+}

@@ -1,0 +1,185 @@
+//! `provision`: a GPU VM from a registry release, with the rules the CLI follows, for a control
+//! plane to call the same way.
+//!
+//! The rule this module exists for: **the release's layers are ensured before any device
+//! moves.** A release that cannot be fetched, verified or built fails the request while every
+//! device is still on its host driver, so a broken release never strands a GPU on vfio-pci.
+//! Then the GPU is checked against the very driver the guest will load (its own
+//! `supported-gpus.json`, kept beside the layers), with the release's module flavor.
+
+use std::path::{Path, PathBuf};
+
+use crate::attach::{AttachError, AttachRequest, Host, Owner, Plan, PlanRequest};
+use crate::fetch::{FetchOptions, Fetcher, Progress};
+use crate::initrd::{BuildOptions, InitrdBuilder, InitrdError, Layers, guest_init};
+use crate::registry::{Arch, Registry, RegistryError, Release};
+use crate::vmm::BootSpec;
+
+/// Errors of provisioning: which step failed, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The release is not in the registry, or the registry is unreadable.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The release's layers could not be ensured; no device was touched.
+    #[error("the layers of release `{release}` could not be ensured; no device was moved")]
+    Layers {
+        /// The release.
+        release: String,
+        /// Why.
+        #[source]
+        source: InitrdError,
+    },
+    /// The host step failed (see [`AttachError`]).
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// This machine's architecture has no guest artifacts.
+    #[error("this machine's architecture ({0}) is not supported; name the guest architecture")]
+    UnsupportedArch(&'static str),
+}
+
+impl ProvisionError {
+    /// The initrd error behind a failed layer step, if that is what failed.
+    pub fn initrd(&self) -> Option<&InitrdError> {
+        match self {
+            ProvisionError::Layers { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// The architecture of guests built on this machine unless the caller says otherwise.
+pub fn host_arch() -> Result<Arch, ProvisionError> {
+    Arch::host().ok_or(ProvisionError::UnsupportedArch(std::env::consts::ARCH))
+}
+
+/// Build options for `release`'s guests: the defaults, with the given guest init or the
+/// installed one.
+pub fn default_build_options(
+    arch: Arch,
+    guest_init: Option<&Path>,
+) -> Result<BuildOptions, InitrdError> {
+    let guest_init = match guest_init {
+        Some(p) => p.to_owned(),
+        None => guest_init::find_installed()?,
+    };
+    Ok(BuildOptions::new(arch, guest_init))
+}
+
+/// Whether [`release_layers`] may return a cached result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Return intact cached layers at once (a warm call costs milliseconds).
+    Ensure,
+    /// Build again and replace the cached result.
+    Rebuild,
+}
+
+/// The layers of `release`, built (and cached under `cache_dir`) when needed.
+pub fn release_layers(
+    cache_dir: &Path,
+    release: &Release,
+    options: &BuildOptions,
+    freshness: Freshness,
+    progress: &dyn Progress,
+) -> Result<Layers, InitrdError> {
+    let fetcher = Fetcher::new(cache_dir, FetchOptions::default())?;
+    let builder = InitrdBuilder::new(cache_dir, &fetcher);
+    match freshness {
+        Freshness::Ensure => builder.ensure(release, options, progress),
+        Freshness::Rebuild => builder.build(release, options, progress),
+    }
+}
+
+/// A GPU VM to attach devices for.
+#[derive(Debug, Clone)]
+pub struct GpuVmRequest {
+    /// The devices (addresses, or a GPU count). A `flavor` or `supported_gpus` set here wins
+    /// over the release's.
+    pub plan: PlanRequest,
+    /// Who holds the devices.
+    pub owner: Owner,
+    /// The registry release the VM boots.
+    pub release: Option<String>,
+    /// An initrd the caller built itself: used as is, and the release's layers are not built.
+    pub initrd: Option<PathBuf>,
+}
+
+/// Plans and attaches GPU VMs on one host from one registry and cache.
+pub struct Provisioner<'a> {
+    host: &'a Host,
+    registry: &'a Registry,
+    cache_dir: PathBuf,
+    guest_init: Option<PathBuf>,
+}
+
+impl<'a> Provisioner<'a> {
+    /// Provisioning on `host` with releases from `registry`, layers cached in `cache_dir`.
+    pub fn new(host: &'a Host, registry: &'a Registry, cache_dir: impl Into<PathBuf>) -> Self {
+        Provisioner {
+            host,
+            registry,
+            cache_dir: cache_dir.into(),
+            guest_init: None,
+        }
+    }
+
+    /// Use this static guest init for the layers (default: the installed one).
+    pub fn with_guest_init(mut self, guest_init: impl Into<PathBuf>) -> Self {
+        self.guest_init = Some(guest_init.into());
+        self
+    }
+
+    /// The plan for `request`, without building or moving anything: the release, if named,
+    /// supplies the module flavor unless the request sets one.
+    pub fn plan(
+        &self,
+        request: &PlanRequest,
+        release: Option<&str>,
+    ) -> Result<Plan, ProvisionError> {
+        let mut request = request.clone();
+        if let Some(name) = release {
+            let release = self.registry.release(name)?;
+            request.flavor = request.flavor.or(release.module_flavor);
+        }
+        Ok(self.host.plan(&request)?)
+    }
+
+    /// Ensure the release's layers, then attach: the boot spec names the release's combined
+    /// layer, and the GPUs were checked against that release's driver.
+    pub fn attach(
+        &self,
+        request: &GpuVmRequest,
+        progress: &dyn Progress,
+    ) -> Result<BootSpec, ProvisionError> {
+        let mut plan = request.plan.clone();
+        let mut initrd = request.initrd.clone();
+        if let Some(name) = &request.release {
+            let release = self.registry.release(name)?;
+            plan.flavor = plan.flavor.or(release.module_flavor);
+            if initrd.is_none() {
+                let layers_failed = |source| ProvisionError::Layers {
+                    release: name.clone(),
+                    source,
+                };
+                let options = default_build_options(host_arch()?, self.guest_init.as_deref())
+                    .map_err(layers_failed)?;
+                let layers = release_layers(
+                    &self.cache_dir,
+                    release,
+                    &options,
+                    Freshness::Ensure,
+                    progress,
+                )
+                .map_err(layers_failed)?;
+                initrd = Some(layers.combined.path);
+                plan.supported_gpus = plan.supported_gpus.or(layers.supported_gpus);
+            }
+        }
+        Ok(self.host.attach(&AttachRequest {
+            plan,
+            owner: request.owner.clone(),
+            initrd,
+        })?)
+    }
+}
