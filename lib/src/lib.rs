@@ -19,6 +19,7 @@
 //! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
 //! - [`text`]: the human-readable form of the reports (`Display`).
 //! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
+//! - [`vgpu`]: vGPU profiles on both NVIDIA frameworks (vendor VFIO, mdev) and their placement.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
 //! - `simulation` (cargo feature, tests only): a kernel and VFIO check that react on fake trees.
 //!
@@ -45,6 +46,7 @@ pub mod simulation;
 pub mod text;
 pub mod versions;
 pub mod vfio;
+pub mod vgpu;
 pub mod vmm;
 
 /// An error and its chain of causes, `: `-joined: for a message that must hold the whole story in
