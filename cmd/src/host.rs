@@ -77,6 +77,18 @@ pub struct PlanArgs {
     /// The owner asking (its own devices show as already attached).
     #[arg(long, value_name = "ID")]
     owner: Option<String>,
+    /// Plan vGPUs of this profile (`NVIDIA L40S-4Q` or `L40S-4Q`) instead of devices.
+    #[arg(long, value_name = "PROFILE", conflicts_with_all = ["devices", "gpus", "mdev_type"])]
+    vgpu: Option<String>,
+    /// With --vgpu: how many.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "vgpu")]
+    count: u32,
+    /// With --vgpu: prefer this NUMA node on ties.
+    #[arg(long, value_name = "N", requires = "vgpu")]
+    numa: Option<u32>,
+    /// With --vgpu: fill the most-loaded GPU that still fits instead of the least loaded.
+    #[arg(long, requires = "vgpu")]
+    pack: bool,
 }
 
 /// Which VMM's arguments to print.
@@ -223,6 +235,17 @@ pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> 
 
 /// `plan`: what attach would do.
 pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
+    if let Some(profile) = &args.vgpu {
+        return crate::vgpu::plan(
+            global,
+            &gpu_passthrough::vgpu::PlaceRequest {
+                profile: profile.clone(),
+                count: args.count,
+                numa: args.numa,
+                pack: args.pack,
+            },
+        );
+    }
     let owner = args.owner.as_deref().map(owner).transpose()?;
     let req = plan_request(&args.sel, owner)?;
     let registry = registry_for(global, &args.sel)?;

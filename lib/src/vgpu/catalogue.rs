@@ -36,7 +36,10 @@ fn framebuffer_from_description(text: &str) -> Option<u64> {
     let v = v.trim();
     match v.strip_suffix('M') {
         Some(m) => m.parse().ok(),
-        None => v.strip_suffix('G').and_then(|g| g.parse::<u64>().ok()).map(|g| g * 1024),
+        None => v
+            .strip_suffix('G')
+            .and_then(|g| g.parse::<u64>().ok())
+            .map(|g| g * 1024),
     }
 }
 
@@ -104,7 +107,11 @@ pub fn catalogue(sysfs: &Sysfs, quarantine: &dyn super::Quarantine) -> Catalogue
     // A model's total framebuffer: its largest profile seen on any GPU of that model.
     let mut model_total: BTreeMap<u16, u64> = BTreeMap::new();
     for (_, _, model, vfs) in &pfs {
-        let max = vfs.iter().flat_map(|v| &v.table).filter_map(|(id, _)| fb(id)).max();
+        let max = vfs
+            .iter()
+            .flat_map(|v| &v.table)
+            .filter_map(|(id, _)| fb(id))
+            .max();
         let e = model_total.entry(*model).or_default();
         *e = (*e).max(max.unwrap_or(0));
     }
@@ -141,7 +148,11 @@ pub fn catalogue(sysfs: &Sysfs, quarantine: &dyn super::Quarantine) -> Catalogue
     // mdev: parents listed in class/mdev_bus, or PCI devices with mdev_supported_types.
     let mut mdev_parents = link_addresses(&sysfs.root().join("class/mdev_bus"), "");
     for d in &devices {
-        if sysfs.device_dir(d.address).join("mdev_supported_types").is_dir() {
+        if sysfs
+            .device_dir(d.address)
+            .join("mdev_supported_types")
+            .is_dir()
+        {
             mdev_parents.push(d.address);
         }
     }
@@ -171,7 +182,10 @@ pub fn catalogue(sysfs: &Sysfs, quarantine: &dyn super::Quarantine) -> Catalogue
                 .unwrap_or(0);
             offers.insert((Framework::Mdev, id), (name, f, avail));
         }
-        let numa_node = devices.iter().find(|d| d.address == address).and_then(|d| d.numa_node);
+        let numa_node = devices
+            .iter()
+            .find(|d| d.address == address)
+            .and_then(|d| d.numa_node);
         parents.push(Parent {
             address,
             numa_node,
@@ -181,7 +195,10 @@ pub fn catalogue(sysfs: &Sysfs, quarantine: &dyn super::Quarantine) -> Catalogue
     }
     // Group by profile.
     let mut profiles: BTreeMap<(String, Framework, String), Profile> = BTreeMap::new();
-    for p in parents.iter().filter(|p| !quarantine.is_quarantined(p.address)) {
+    for p in parents
+        .iter()
+        .filter(|p| !quarantine.is_quarantined(p.address))
+    {
         for ((framework, id), (name, f, n)) in &p.offers {
             let e = profiles
                 .entry((name.clone(), *framework, id.clone()))
@@ -231,7 +248,9 @@ mod tests {
         assert_eq!(framebuffer_from_name("GRID T4-1B4"), Some(1024));
         assert_eq!(framebuffer_from_name("nonsense"), None);
         assert_eq!(
-            framebuffer_from_description("num_heads=4, frl_config=45, framebuffer=2048M, max_instance=8"),
+            framebuffer_from_description(
+                "num_heads=4, frl_config=45, framebuffer=2048M, max_instance=8"
+            ),
             Some(2048)
         );
     }

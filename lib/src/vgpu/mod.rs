@@ -130,7 +130,9 @@ pub enum VgpuError {
         available: Vec<String>,
     },
     /// Fewer instances can be created than asked for.
-    #[error("asked for {wanted} vGPUs of {profile} but only {available} can be created now; detach an owner using that GPU or pick a smaller profile")]
+    #[error(
+        "asked for {wanted} vGPUs of {profile} but only {available} can be created now; detach an owner using that GPU or pick a smaller profile"
+    )]
     NotEnough {
         /// The profile.
         profile: String,

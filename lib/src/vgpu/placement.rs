@@ -45,13 +45,10 @@ pub fn place(cat: &Catalogue, req: &PlaceRequest) -> Result<Placement, VgpuError
         .collect();
     let mut parents = Vec::new();
     for _ in 0..req.count {
-        let best = left
-            .iter_mut()
-            .filter(|c| c.2 > 0)
-            .min_by_key(|c| {
-                let used = if req.pack { u64::MAX - c.3 } else { c.3 };
-                (used, req.numa.is_some() && c.1 != req.numa, c.0)
-            });
+        let best = left.iter_mut().filter(|c| c.2 > 0).min_by_key(|c| {
+            let used = if req.pack { u64::MAX - c.3 } else { c.3 };
+            (used, req.numa.is_some() && c.1 != req.numa, c.0)
+        });
         let Some(c) = best else {
             return Err(VgpuError::NotEnough {
                 profile: p.name.clone(),
@@ -121,7 +118,10 @@ mod tests {
         assert_eq!(p.parents, [a("0000:a1:00.0")]);
         // Spread: each instance goes where least is used after the previous one.
         let p = place(&cat(), &req(3, None, false)).unwrap();
-        assert_eq!(p.parents, [a("0000:61:00.0"), a("0000:a1:00.0"), a("0000:61:00.0")]);
+        assert_eq!(
+            p.parents,
+            [a("0000:61:00.0"), a("0000:a1:00.0"), a("0000:61:00.0")]
+        );
     }
 
     #[test]
@@ -134,7 +134,17 @@ mod tests {
     #[test]
     fn too_many_or_unknown_profiles_are_refused_with_what_exists() {
         let e = place(&cat(), &req(10, None, false)).unwrap_err();
-        assert!(matches!(e, VgpuError::NotEnough { wanted: 10, available: 9, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                VgpuError::NotEnough {
+                    wanted: 10,
+                    available: 9,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let mut r = req(1, None, false);
         r.profile = "L40S-5Q".into();
         let e = place(&cat(), &r).unwrap_err().to_string();
