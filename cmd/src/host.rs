@@ -141,7 +141,7 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-fn host(global: &Global, gone: Vec<Owner>) -> Host {
+pub(crate) fn host(global: &Global, gone: Vec<Owner>) -> Host {
     Host::new(
         &global.sysfs_root,
         &global.state_dir,
@@ -153,7 +153,7 @@ fn host(global: &Global, gone: Vec<Owner>) -> Host {
     .with_dev_dir(&global.dev_dir)
 }
 
-fn owner(s: &str) -> anyhow::Result<Owner> {
+pub(crate) fn owner(s: &str) -> anyhow::Result<Owner> {
     Owner::new(s).map_err(|e| fail(exit::REFUSED, e))
 }
 
@@ -196,7 +196,7 @@ fn provision_error(e: ProvisionError) -> anyhow::Error {
     }
 }
 
-fn attach_error(e: AttachError) -> anyhow::Error {
+pub(crate) fn attach_error(e: AttachError) -> anyhow::Error {
     let code = if e.is_refusal() {
         exit::REFUSED
     } else {

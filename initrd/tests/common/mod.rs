@@ -147,7 +147,14 @@ pub fn manifest() -> Manifest {
     }
 }
 
-fn write(path: &Path, content: impl AsRef<[u8]>) {
+/// The driver's `/proc/driver/nvidia/gpus/<bus>/information` of a GPU with this device minor.
+pub fn gpu_information(minor: u32) -> String {
+    format!(
+        "Model: \t\t NVIDIA H100 80GB HBM3\nIRQ:   \t\t 42\nGPU UUID: \t GPU-00000000-0000-0000-0000-00000000000{minor}\nBus Type: \t PCIe\nDevice Minor: \t {minor}\nGPU Excluded:\t No\n"
+    )
+}
+
+pub fn write(path: &Path, content: impl AsRef<[u8]>) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, content).unwrap();
 }
@@ -199,7 +206,9 @@ impl Guest {
         let gpus_dir = proc_root.join("driver/nvidia/gpus");
         std::fs::create_dir_all(&gpus_dir).unwrap();
         for i in 0..gpus {
-            std::fs::create_dir(gpus_dir.join(format!("0000:00:{:02x}.0", 5 + i))).unwrap();
+            let gpu = gpus_dir.join(format!("0000:00:{:02x}.0", 5 + i));
+            std::fs::create_dir(&gpu).unwrap();
+            write(&gpu.join("information"), gpu_information(i));
         }
         write(&sys_root.join("module/firmware_class/parameters/path"), "");
         std::fs::create_dir_all(&dev).unwrap();
