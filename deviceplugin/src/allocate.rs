@@ -275,6 +275,7 @@ pub fn allocate(
         owner: owner.clone(),
         devices: taken,
         mdevs: Vec::new(),
+        vgpus: Vec::new(),
     });
     j.save().map_err(PluginError::from)?;
     tracing::info!("allocated {moving:?} of {resource} to {owner}");

@@ -38,6 +38,9 @@ pub struct CloudHypervisor {
     pub args: Vec<String>,
     /// The `devices` array of the API's `VmConfig`.
     pub vm_config_devices: Vec<ChDeviceConfig>,
+    /// What this VMM cannot do for these devices (e.g. no `-uuid` for an mdev vGPU).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One entry of Cloud Hypervisor's `VmConfig.devices`.
@@ -150,6 +153,16 @@ impl BootSpec {
             qemu_args.push("-device".to_owned());
             qemu_args.push(q);
         }
+        // The vGPU manager reads the VM's UUID: QEMU gets the (first) mdev's; Cloud Hypervisor
+        // has no such option.
+        let mut ch_warnings = Vec::new();
+        if let Some(uuid) = devices.iter().find_map(|d| d.mdev_uuid.as_ref()) {
+            qemu_args.push("-uuid".to_owned());
+            qemu_args.push(uuid.clone());
+            ch_warnings.push(format!(
+                "Cloud Hypervisor has no -uuid: the vGPU manager may not match mdev {uuid} to the VM; use QEMU for mdev vGPUs"
+            ));
+        }
         let bar64: u64 = devices
             .iter()
             .fold(0u64, |a, d| a.saturating_add(d.bar64_bytes));
@@ -179,6 +192,7 @@ impl BootSpec {
             cloud_hypervisor: CloudHypervisor {
                 args: ch_args,
                 vm_config_devices: ch_devices,
+                warnings: ch_warnings,
             },
             qemu: Qemu { args: qemu_args },
             mmio: MmioHint {

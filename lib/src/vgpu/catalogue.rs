@@ -61,6 +61,11 @@ fn link_addresses(dir: &Path, prefix: &str) -> Vec<PciAddress> {
     out
 }
 
+/// The SR-IOV virtual functions of `pf` (its `virtfnN` links), by address.
+pub fn virtual_functions(sysfs: &Sysfs, pf: PciAddress) -> Vec<PciAddress> {
+    link_addresses(&sysfs.device_dir(pf), "virtfn")
+}
+
 /// One offer of a parent: (framework, type id) → (name, framebuffer, count creatable).
 type Offers = BTreeMap<(Framework, String), (String, u64, u32)>;
 

@@ -10,22 +10,23 @@
 //!
 //! [`catalogue`] reads what the host can create now; [`place`] picks parents (least framebuffer
 //! in use; ties: the requested NUMA node, then the lowest address; or packed). Creating and
-//! releasing vGPUs through the journal is not here yet.
+//! releasing them through the journal is `attach` (`Host::attach_vgpu`, detach, reconcile).
 
 mod catalogue;
 mod placement;
+mod text;
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::pci::PciAddress;
 
-pub use catalogue::{catalogue, framebuffer_from_name, parse_creatable_types};
+pub use catalogue::{catalogue, framebuffer_from_name, parse_creatable_types, virtual_functions};
 pub use placement::{PlaceRequest, Placement, place};
 
 /// Which vGPU framework a profile is created through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Framework {
     /// NVIDIA's vendor-specific VFIO on SR-IOV virtual functions.
     #[serde(rename = "vendor-vfio")]
