@@ -77,18 +77,8 @@ pub struct PlanArgs {
     /// The owner asking (its own devices show as already attached).
     #[arg(long, value_name = "ID")]
     owner: Option<String>,
-    /// Plan vGPUs of this profile (`NVIDIA L40S-4Q` or `L40S-4Q`) instead of devices.
-    #[arg(long, value_name = "PROFILE", conflicts_with_all = ["devices", "gpus", "mdev_type"])]
-    vgpu: Option<String>,
-    /// With --vgpu: how many.
-    #[arg(long, value_name = "N", default_value_t = 1, requires = "vgpu")]
-    count: u32,
-    /// With --vgpu: prefer this NUMA node on ties.
-    #[arg(long, value_name = "N", requires = "vgpu")]
-    numa: Option<u32>,
-    /// With --vgpu: fill the most-loaded GPU that still fits instead of the least loaded.
-    #[arg(long, requires = "vgpu")]
-    pack: bool,
+    #[command(flatten)]
+    vgpu: crate::vgpu::VgpuArgs,
 }
 
 /// Which VMM's arguments to print.
@@ -118,6 +108,8 @@ pub struct AttachArgs {
     /// The static guest init for the ensured initrd [default: `gpu-init` beside this program].
     #[arg(long, value_name = "PATH", env = "GPU_PASSTHROUGH_GUEST_INIT")]
     guest_init: Option<PathBuf>,
+    #[command(flatten)]
+    vgpu: crate::vgpu::VgpuArgs,
 }
 
 /// Arguments of `detach`.
@@ -235,16 +227,8 @@ pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> 
 
 /// `plan`: what attach would do.
 pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    if let Some(profile) = &args.vgpu {
-        return crate::vgpu::plan(
-            global,
-            &gpu_passthrough::vgpu::PlaceRequest {
-                profile: profile.clone(),
-                count: args.count,
-                numa: args.numa,
-                pack: args.pack,
-            },
-        );
+    if let Some(profile) = &args.vgpu.vgpu {
+        return crate::vgpu::plan(global, &args.vgpu, profile);
     }
     let owner = args.owner.as_deref().map(owner).transpose()?;
     let req = plan_request(&args.sel, owner)?;
@@ -266,14 +250,16 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-/// `attach`: ensure the release's layers, bind, verify, print the boot spec.
+/// `attach`: ensure the release's layers, bind (or create vGPUs), verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let request = GpuVmRequest {
-        plan: plan_request(&args.sel, Some(owner.clone()))?,
-        owner,
-        release: args.sel.release.clone(),
-        initrd: args.initrd.clone(),
+    let vmm = match args.vmm {
+        Vmm::CloudHypervisor => gpu_passthrough::vmm::Vmm::CloudHypervisor,
+        Vmm::Qemu => gpu_passthrough::vmm::Vmm::Qemu,
+    };
+    let plan = match args.vgpu.vgpu {
+        Some(_) => PlanRequest::default(),
+        None => plan_request(&args.sel, Some(owner.clone()))?,
     };
     let registry = registry_for(global, &args.sel)?;
     let h = host(global, Vec::new());
@@ -281,13 +267,20 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     if let Some(init) = &args.guest_init {
         provisioner = provisioner.with_guest_init(init);
     }
+    let (release, initrd) = (args.sel.release.clone(), args.initrd.clone());
+    if let Some(profile) = &args.vgpu.vgpu {
+        let request = args.vgpu.vm_request(profile, owner, release, initrd);
+        return crate::vgpu::attach(global, &provisioner, &request, vmm);
+    }
+    let request = GpuVmRequest {
+        plan,
+        owner,
+        release,
+        initrd,
+    };
     let spec = provisioner
         .attach(&request, &DownloadBar::new(global))
         .map_err(provision_error)?;
-    let vmm = match args.vmm {
-        Vmm::CloudHypervisor => gpu_passthrough::vmm::Vmm::CloudHypervisor,
-        Vmm::Qemu => gpu_passthrough::vmm::Vmm::Qemu,
-    };
     emit(global, &spec, |spec| {
         print!("{}", BootSpecText { spec, vmm })
     })?;

@@ -1,12 +1,17 @@
-//! `vgpu types` and `plan --vgpu`: a thin layer over `gpu_passthrough::vgpu`.
+//! `vgpu types`, `plan --vgpu` and `attach --vgpu`: a thin layer over the library's vGPU calls.
 
 use std::process::ExitCode;
 
-use gpu_passthrough::pci::Sysfs;
-use gpu_passthrough::vgpu::{self, NoQuarantine, PlaceRequest, VgpuError};
+use gpu_passthrough::attach::Owner;
+use gpu_passthrough::provision::{ProvisionError, Provisioner, VgpuVmRequest};
+use gpu_passthrough::text::BootSpecText;
+use gpu_passthrough::vgpu::PlaceRequest;
+use gpu_passthrough::vmm::Vmm;
 
 use crate::Global;
-use crate::output::{emit, exit, fail};
+use crate::host::{attach_error, host};
+use crate::output::{emit, emit_text, exit, fail};
+use crate::progress::DownloadBar;
 
 /// vGPU commands.
 #[derive(Debug, clap::Subcommand)]
@@ -15,64 +20,86 @@ pub enum VgpuCommand {
     Types,
 }
 
-fn vgpu_error(e: VgpuError) -> anyhow::Error {
-    let code = match e {
-        VgpuError::NoSuchProfile { .. } | VgpuError::NotEnough { .. } => exit::REFUSED,
-        VgpuError::Read { .. } => exit::FAILURE,
-    };
-    fail(code, e)
+/// `--vgpu PROFILE [--count N] [--numa N] [--pack]` (for `plan` and `attach`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct VgpuArgs {
+    /// vGPUs of this profile (`NVIDIA L40S-4Q` or `L40S-4Q`) instead of devices.
+    #[arg(long, value_name = "PROFILE", conflicts_with_all = ["devices", "gpus", "mdev_type"])]
+    pub vgpu: Option<String>,
+    /// With --vgpu: how many.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "vgpu")]
+    count: u32,
+    /// With --vgpu: prefer this NUMA node on ties.
+    #[arg(long, value_name = "N", requires = "vgpu")]
+    numa: Option<u32>,
+    /// With --vgpu: fill the most-loaded GPU that still fits instead of the least loaded.
+    #[arg(long, requires = "vgpu")]
+    pack: bool,
+}
+
+impl VgpuArgs {
+    /// The library's request for `attach --vgpu`.
+    pub fn vm_request(
+        &self,
+        profile: &str,
+        owner: Owner,
+        release: Option<String>,
+        initrd: Option<std::path::PathBuf>,
+    ) -> VgpuVmRequest {
+        VgpuVmRequest {
+            place: self.request(profile),
+            owner,
+            release,
+            initrd,
+        }
+    }
+
+    fn request(&self, profile: &str) -> PlaceRequest {
+        PlaceRequest {
+            profile: profile.to_owned(),
+            count: self.count,
+            numa: self.numa,
+            pack: self.pack,
+        }
+    }
 }
 
 /// Run a vGPU command.
 pub fn run(global: &Global, cmd: &VgpuCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        VgpuCommand::Types => {
-            let cat = vgpu::catalogue(&Sysfs::new(&global.sysfs_root), &NoQuarantine);
-            emit(global, &cat, |c| {
-                for p in &c.profiles {
-                    let parents: Vec<String> = p
-                        .parents
-                        .iter()
-                        .map(|x| {
-                            format!(
-                                "{} ({} free, {} MiB used)",
-                                x.address, x.available, x.used_framebuffer_mib
-                            )
-                        })
-                        .collect();
-                    println!(
-                        "{:<20} {:<11} type {:<10} {:>6} MiB  {} available  on {}",
-                        p.name,
-                        serde_json::to_value(p.framework)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
-                        p.type_id,
-                        p.framebuffer_mib,
-                        p.available,
-                        parents.join(", ")
-                    );
-                }
-                if c.profiles.is_empty() {
-                    println!("no vGPU profiles: no GPU offers vendor-VFIO types or mdev types");
-                }
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
+        VgpuCommand::Types => emit_text(global, &host(global, Vec::new()).vgpu_catalogue())?,
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `plan --vgpu PROFILE`: where the instances would go; changes nothing.
-pub fn plan(global: &Global, req: &PlaceRequest) -> anyhow::Result<ExitCode> {
-    let cat = vgpu::catalogue(&Sysfs::new(&global.sysfs_root), &NoQuarantine);
-    let placement = vgpu::place(&cat, req).map_err(vgpu_error)?;
-    emit(global, &placement, |p| {
-        for parent in &p.parents {
-            println!(
-                "create {} ({} MiB) on {parent}",
-                p.profile, p.framebuffer_mib
-            );
-        }
+pub fn plan(global: &Global, args: &VgpuArgs, profile: &str) -> anyhow::Result<ExitCode> {
+    let placement = host(global, Vec::new())
+        .plan_vgpu(&args.request(profile))
+        .map_err(attach_error)?;
+    emit_text(global, &placement)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `attach --vgpu PROFILE --owner ID [--release R]`: create the vGPUs, print the boot spec.
+pub fn attach(
+    global: &Global,
+    provisioner: &Provisioner<'_>,
+    request: &VgpuVmRequest,
+    vmm: Vmm,
+) -> anyhow::Result<ExitCode> {
+    let spec = provisioner
+        .attach_vgpu(request, &DownloadBar::new(global))
+        .map_err(|e: ProvisionError| {
+            let code = if e.is_refusal() {
+                exit::REFUSED
+            } else {
+                exit::FAILURE
+            };
+            fail(code, e)
+        })?;
+    emit(global, &spec, |spec| {
+        print!("{}", BootSpecText { spec, vmm })
     })?;
     Ok(ExitCode::SUCCESS)
 }

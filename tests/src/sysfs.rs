@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 
 use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PidLiveness};
 use gpu_passthrough::pci::PciAddress;
-use gpu_passthrough::simulation::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIMULATION_MARKER};
+use gpu_passthrough::simulation::{
+    SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_VGPU_TYPES, SIMULATION_MARKER,
+};
 
 /// One fake PCI device.
 #[derive(Debug, Clone)]
@@ -471,6 +473,14 @@ impl FakeHost {
                 .bar64(64 << 30),
         );
         let pf_dir = self.sys.join("bus/pci/devices").join(pf);
+        let every: String = L40S_TYPES
+            .iter()
+            .map(|(id, name)| format!("{id}  : {name}\n"))
+            .collect();
+        w(
+            &pf_dir.join(SIM_VGPU_TYPES),
+            &format!("ID    : vGPU Name\n{every}"),
+        );
         let pf_addr: PciAddress = pf.parse().expect("fake PF");
         for (i, (current, ids)) in vfs.iter().enumerate() {
             let vf = PciAddress {
@@ -539,12 +549,93 @@ impl FakeHost {
             let m = fs::canonicalize(&dir).expect("parent").join(&uuid);
             fs::create_dir_all(&m).expect("mkdir mdev");
             symlink(&m, types.join("nvidia-222/devices").join(&uuid)).expect("link mdev");
+            symlink(types.join("nvidia-222"), m.join("mdev_type")).expect("link mdev_type");
+            let bus = self.sys.join("bus/mdev/devices");
+            fs::create_dir_all(&bus).expect("mkdir bus/mdev");
+            symlink(&m, bus.join(&uuid)).expect("link bus/mdev");
         }
         let bus = self.sys.join("class/mdev_bus");
         fs::create_dir_all(&bus).expect("mkdir mdev_bus");
         symlink(fs::canonicalize(&dir).expect("parent"), bus.join(addr)).expect("mdev_bus link");
         self
     }
+}
+
+impl FakeHost {
+    /// Load the fake `nvidia` module (the vGPU manager) of `version`.
+    pub fn set_manager_version(&self, version: &str) -> &Self {
+        let m = self.sys.join("module/nvidia");
+        fs::create_dir_all(&m).expect("mkdir module");
+        w(&m.join("version"), &format!("{version}\n"));
+        self
+    }
+
+    /// A VF's `nvidia/current_vgpu_type`.
+    pub fn vgpu_type(&self, vf: &str) -> String {
+        fs::read_to_string(
+            self.sys
+                .join("bus/pci/devices")
+                .join(vf)
+                .join("nvidia/current_vgpu_type"),
+        )
+        .expect("current_vgpu_type")
+        .trim()
+        .to_owned()
+    }
+
+    /// The type IDs a VF's `nvidia/creatable_vgpu_types` lists now.
+    pub fn creatable(&self, vf: &str) -> Vec<String> {
+        let t = fs::read_to_string(
+            self.sys
+                .join("bus/pci/devices")
+                .join(vf)
+                .join("nvidia/creatable_vgpu_types"),
+        )
+        .expect("creatable_vgpu_types");
+        gpu_passthrough::vgpu::parse_creatable_types(&t)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// An mdev type's `available_instances`.
+    pub fn available_instances(&self, parent: &str, mdev_type: &str) -> u32 {
+        fs::read_to_string(
+            self.sys
+                .join("bus/pci/devices")
+                .join(parent)
+                .join("mdev_supported_types")
+                .join(mdev_type)
+                .join("available_instances"),
+        )
+        .expect("available_instances")
+        .trim()
+        .parse()
+        .expect("a number")
+    }
+
+    /// The mdevs that exist now (`bus/mdev/devices`).
+    pub fn mdevs(&self) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(self.sys.join("bus/mdev/devices"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// A fake VMM: a process holding `node` open (its stdin), as QEMU holds `/dev/vfio/N`. Kill it
+/// (and wait) when done.
+pub fn fake_vmm(node: &Path) -> std::process::Child {
+    let f = fs::File::open(node).expect("open the node");
+    std::process::Command::new("sleep")
+        .arg("120")
+        .stdin(f)
+        .spawn()
+        .expect("spawn sleep")
 }
 
 /// Three L40S on vendor-specific VFIO: 41:00.0 (NUMA 0) has two 4Q vGPUs, 61:00.0 (NUMA 0) is

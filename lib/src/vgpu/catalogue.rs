@@ -109,23 +109,32 @@ pub fn catalogue(sysfs: &Sysfs, quarantine: &dyn super::Quarantine) -> Catalogue
         pfs.push((d.address, d.numa_node, d.device_id, vfs));
     }
     let fb = |id: &str| names.get(id).and_then(|n| framebuffer_from_name(n));
-    // A model's total framebuffer: its largest profile seen on any GPU of that model.
-    let mut model_total: BTreeMap<u16, u64> = BTreeMap::new();
-    for (_, _, model, vfs) in &pfs {
-        let max = vfs
-            .iter()
-            .flat_map(|v| &v.table)
-            .filter_map(|(id, _)| fb(id))
-            .max();
-        let e = model_total.entry(*model).or_default();
-        *e = (*e).max(max.unwrap_or(0));
-    }
-    for (address, numa_node, model, vfs) in &pfs {
-        let used_mib: u64 = vfs
-            .iter()
+    // A GPU's total framebuffer is its largest profile's (48Q on a 48 GiB L40S). Once vGPUs
+    // exist, a homogeneous GPU lists only their size, so also count what it has plus the
+    // largest it still offers, and take the largest of either over every GPU of the model.
+    // (A model whose every GPU has vGPUs may be undercounted: then no table shows the total.)
+    let used_of = |vfs: &[Vf]| -> u64 {
+        vfs.iter()
             .filter(|v| v.current != "0")
             .filter_map(|v| fb(&v.current))
-            .sum();
+            .sum()
+    };
+    let mut model_total: BTreeMap<u16, u64> = BTreeMap::new();
+    for (_, _, model, vfs) in &pfs {
+        let largest = |only_free: bool| {
+            vfs.iter()
+                .filter(|v| !only_free || v.current == "0")
+                .flat_map(|v| &v.table)
+                .filter_map(|(id, _)| fb(id))
+                .max()
+                .unwrap_or(0)
+        };
+        let seen = largest(false).max(used_of(vfs) + largest(true));
+        let e = model_total.entry(*model).or_default();
+        *e = (*e).max(seen);
+    }
+    for (address, numa_node, model, vfs) in &pfs {
+        let used_mib = used_of(vfs);
         let total = model_total.get(model).copied().unwrap_or(0).max(used_mib);
         let free_mib = total - used_mib;
         let mut offers = Offers::new();
