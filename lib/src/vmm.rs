@@ -25,6 +25,9 @@ pub struct BootDevice {
     pub vfio_device: PathBuf,
     /// A GPU (display controller or vGPU) rather than a companion function.
     pub gpu: bool,
+    /// A vGPU (vendor-VFIO VF or mdev): never in a GPUDirect P2P clique.
+    #[serde(default)]
+    pub vgpu: bool,
     /// Bytes of 64-bit BARs.
     pub bar64_bytes: u64,
     /// What the VFIO check found.
@@ -126,13 +129,14 @@ impl BootSpec {
     ) -> BootSpec {
         let gpus = devices.iter().filter(|d| d.gpu).count();
         // Several GPUs: put them in one P2P clique (both VMMs support the NVIDIA clique option).
-        let clique = (gpus > 1).then_some(0u8);
+        let whole_gpus = devices.iter().filter(|d| d.gpu && !d.vgpu).count();
+        let clique = (whole_gpus > 1).then_some(0u8);
         let mut ch_args = Vec::new();
         let mut ch_devices = Vec::new();
         let mut qemu_args = Vec::new();
         for d in &devices {
             let path = format!("{}/", d.sysfs_path.display());
-            let gpu_clique = clique.filter(|_| d.gpu && d.mdev_uuid.is_none());
+            let gpu_clique = clique.filter(|_| d.gpu && !d.vgpu && d.mdev_uuid.is_none());
             let mut ch = format!("path={path}");
             if let Some(c) = gpu_clique {
                 ch.push_str(&format!(",x_nv_gpudirect_clique={c}"));
@@ -218,6 +222,7 @@ mod tests {
             iommu_group: Some(3),
             vfio_device: PathBuf::from("/dev/vfio/3"),
             gpu: true,
+            vgpu: false,
             bar64_bytes: bar,
             vfio: None,
         }

@@ -230,6 +230,7 @@ impl Host {
                     iommu_group: Some(group),
                     vfio_device: node,
                     gpu: dev.kind == crate::pci::DeviceKind::Display,
+                    vgpu: false,
                     bar64_bytes: dev.bar64_bytes(),
                     vfio: report,
                 });
@@ -290,6 +291,7 @@ impl Host {
                 iommu_group: Some(group),
                 vfio_device: node,
                 gpu: true,
+                vgpu: true,
                 bar64_bytes: 0,
                 vfio: Some(report),
             });

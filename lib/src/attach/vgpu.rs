@@ -20,7 +20,10 @@ use super::journal::{LockedJournal, Transaction, VgpuRecord, VgpuStep};
 use super::{AttachError, Host, Owner};
 use crate::failpoint::Failpoint;
 use crate::pci::PciAddress;
-use crate::vgpu::{self, Catalogue, Framework, PlaceRequest, Placement, Quarantine};
+use crate::vgpu::{self, Catalogue, Framework, ModelTotals, PlaceRequest, Placement, Quarantine};
+
+/// In the state dir: each vendor-VFIO GPU model's total framebuffer, as learned.
+const MODEL_TOTALS: &str = "vgpu-framebuffer.json";
 use crate::vmm::{BootDevice, BootSpec};
 
 /// vGPUs to create for an owner.
@@ -50,7 +53,25 @@ fn read_trim(path: &Path) -> Option<String> {
 impl Host {
     /// Every vGPU profile this host can create now, quarantined parents left out.
     pub fn vgpu_catalogue(&self) -> Catalogue {
-        vgpu::catalogue(&self.sysfs, &HealthQuarantine(self.journal.dir()))
+        self.vgpu_catalogue_learning().0
+    }
+
+    fn totals_path(&self) -> PathBuf {
+        self.journal.dir().join(MODEL_TOTALS)
+    }
+
+    /// The catalogue, and the GPU models' framebuffer totals known after reading it.
+    fn vgpu_catalogue_learning(&self) -> (Catalogue, ModelTotals) {
+        let mut totals: ModelTotals = fs::read(self.totals_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let cat = vgpu::catalogue_with(
+            &self.sysfs,
+            &HealthQuarantine(self.journal.dir()),
+            &mut totals,
+        );
+        (cat, totals)
     }
 
     /// Where `req`'s vGPUs would go; changes nothing.
@@ -121,7 +142,16 @@ impl Host {
     /// failure releases what was created; nothing is left behind.
     pub fn attach_vgpu(&self, req: &VgpuAttachRequest) -> Result<BootSpec, AttachError> {
         let mut j = self.journal.lock()?;
-        let placement = self.plan_vgpu(&req.place)?;
+        let (cat, totals) = self.vgpu_catalogue_learning();
+        let placement = vgpu::place(&cat, &req.place)?;
+        // Kept before the tables shrink: the next catalogue still knows each GPU's total.
+        let path = self.totals_path();
+        let bytes = serde_json::to_vec(&totals).unwrap_or_default();
+        crate::fsutil::write_atomic(&path, &bytes).map_err(|source| super::JournalError::Io {
+            action: "write",
+            path,
+            source,
+        })?;
         let vgpus = self.vgpu_records(&j, &placement)?;
         j.state.transactions.push(Transaction {
             owner: req.owner.clone(),
@@ -244,6 +274,7 @@ impl Host {
                 iommu_group: Some(group),
                 vfio_device: node,
                 gpu: true,
+                vgpu: true,
                 bar64_bytes: address
                     .and_then(|a| self.sysfs.device(a).ok())
                     .map_or(0, |d| d.bar64_bytes()),

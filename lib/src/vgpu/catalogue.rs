@@ -78,6 +78,20 @@ struct Parent {
 
 /// Everything the host can create now (see the module docs for how `available` is counted).
 pub fn catalogue(sysfs: &Sysfs, quarantine: &dyn super::Quarantine) -> Catalogue {
+    catalogue_with(sysfs, quarantine, &mut ModelTotals::new())
+}
+
+/// The total framebuffer of each vendor-VFIO GPU model (PCI device ID → MiB) learned so far:
+/// a GPU's tables show its largest profile only while it has no vGPU, so a caller that keeps
+/// this between calls (the state dir) counts right after its own creates.
+pub type ModelTotals = BTreeMap<u16, u64>;
+
+/// [`catalogue`], with totals learned before; `totals` gains what this read shows.
+pub fn catalogue_with(
+    sysfs: &Sysfs,
+    quarantine: &dyn super::Quarantine,
+    totals: &mut ModelTotals,
+) -> Catalogue {
     let mut parents: Vec<Parent> = Vec::new();
     let devices = sysfs.devices().unwrap_or_default();
     // Vendor VFIO: type IDs are the driver's, shared by GPUs of one model: learn names from
@@ -119,7 +133,7 @@ pub fn catalogue(sysfs: &Sysfs, quarantine: &dyn super::Quarantine) -> Catalogue
             .filter_map(|v| fb(&v.current))
             .sum()
     };
-    let mut model_total: BTreeMap<u16, u64> = BTreeMap::new();
+    let model_total = totals;
     for (_, _, model, vfs) in &pfs {
         let largest = |only_free: bool| {
             vfs.iter()

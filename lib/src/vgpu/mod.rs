@@ -22,7 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::pci::PciAddress;
 
-pub use catalogue::{catalogue, framebuffer_from_name, parse_creatable_types, virtual_functions};
+pub use catalogue::{
+    ModelTotals, catalogue, catalogue_with, framebuffer_from_name, parse_creatable_types,
+    virtual_functions,
+};
 pub use placement::{PlaceRequest, Placement, place};
 
 /// Which vGPU framework a profile is created through.
