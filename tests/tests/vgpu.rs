@@ -367,3 +367,33 @@ fn vgpu_registry_fields_are_validated_and_round_trip() {
     let again = Registry::load(&[out]).unwrap();
     assert_eq!(again.release("v").unwrap().vgpu, v.vgpu);
 }
+
+#[test]
+fn a_vendor_vfio_vf_or_its_pf_is_never_moved_to_vfio_pci() {
+    use gpu_passthrough::attach::{PlanRequest, RefusalReason};
+    let h = sysfs::l40s_host();
+    for addr in ["0000:61:00.4", "0000:61:00.0"] {
+        let plan = h
+            .host()
+            .plan(&PlanRequest {
+                devices: vec![addr.parse().unwrap()],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(plan.refusals.len(), 1, "{addr}: {:?}", plan.refusals);
+        assert_eq!(plan.refusals[0].reason, RefusalReason::VgpuFunction);
+        assert!(plan.refusals[0].message.contains("vGPU profile"), "{addr}");
+    }
+    // Nor picked as a free GPU.
+    let e = h
+        .host()
+        .plan(&PlanRequest {
+            gpus: Some(1),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(
+        matches!(e, AttachError::NotEnoughGpus { free: 0, .. }),
+        "{e}"
+    );
+}

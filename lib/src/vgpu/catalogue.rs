@@ -66,6 +66,30 @@ pub fn virtual_functions(sysfs: &Sysfs, pf: PciAddress) -> Vec<PciAddress> {
     link_addresses(&sysfs.device_dir(pf), "virtfn")
 }
 
+/// Why `address` must not be unbound, if it is a vendor-VFIO VF or a PF with such VFs: the
+/// message names it and the fix (for the plan's refusal).
+pub fn vendor_vfio_role(sysfs: &Sysfs, address: PciAddress) -> Option<String> {
+    let has_type = |a: PciAddress| {
+        sysfs
+            .device_dir(a)
+            .join("nvidia/current_vgpu_type")
+            .exists()
+    };
+    if has_type(address) {
+        return Some(format!(
+            "{address} is an SR-IOV VF of NVIDIA's vGPU manager (vendor-specific VFIO): it is never unbound; ask for a vGPU profile instead"
+        ));
+    }
+    virtual_functions(sysfs, address)
+        .into_iter()
+        .any(has_type)
+        .then(|| {
+            format!(
+                "{address} has vGPU VFs (NVIDIA vendor-specific VFIO): moving it would destroy them; ask for a vGPU profile, or disable SR-IOV on it (sriov-manage -d) first"
+            )
+        })
+}
+
 /// One offer of a parent: (framework, type id) → (name, framebuffer, count creatable).
 type Offers = BTreeMap<(Framework, String), (String, u64, u32)>;
 
