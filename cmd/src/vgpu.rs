@@ -3,15 +3,12 @@
 use std::process::ExitCode;
 
 use gpu_passthrough::attach::Owner;
-use gpu_passthrough::provision::{ProvisionError, Provisioner, VgpuVmRequest};
-use gpu_passthrough::text::BootSpecText;
+use gpu_passthrough::provision::VgpuVmRequest;
 use gpu_passthrough::vgpu::PlaceRequest;
-use gpu_passthrough::vmm::Vmm;
 
 use crate::Global;
-use crate::host::{attach_error, host};
-use crate::output::{emit, emit_text, exit, fail};
-use crate::progress::DownloadBar;
+use crate::host::host;
+use crate::output::emit_text;
 
 /// vGPU commands.
 #[derive(Debug, clap::Subcommand)]
@@ -74,32 +71,7 @@ pub fn run(global: &Global, cmd: &VgpuCommand) -> anyhow::Result<ExitCode> {
 
 /// `plan --vgpu PROFILE`: where the instances would go; changes nothing.
 pub fn plan(global: &Global, args: &VgpuArgs, profile: &str) -> anyhow::Result<ExitCode> {
-    let placement = host(global, Vec::new())
-        .plan_vgpu(&args.request(profile))
-        .map_err(attach_error)?;
+    let placement = host(global, Vec::new()).plan_vgpu(&args.request(profile))?;
     emit_text(global, &placement)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `attach --vgpu PROFILE --owner ID [--release R]`: create the vGPUs, print the boot spec.
-pub fn attach(
-    global: &Global,
-    provisioner: &Provisioner<'_>,
-    request: &VgpuVmRequest,
-    vmm: Vmm,
-) -> anyhow::Result<ExitCode> {
-    let spec = provisioner
-        .attach_vgpu(request, &DownloadBar::new(global))
-        .map_err(|e: ProvisionError| {
-            let code = if e.is_refusal() {
-                exit::REFUSED
-            } else {
-                exit::FAILURE
-            };
-            fail(code, e)
-        })?;
-    emit(global, &spec, |spec| {
-        print!("{}", BootSpecText { spec, vmm })
-    })?;
     Ok(ExitCode::SUCCESS)
 }
