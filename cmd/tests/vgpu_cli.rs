@@ -38,8 +38,14 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 #[test]
 fn l40s_catalogue_counts_free_vfs_capped_by_framebuffer_and_skips_the_full_gpu() {
     let h = sysfs::l40s_host();
+    let text = cli(&h, &["vgpu", "types"]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.starts_with("PROFILE"), "{text}");
+    assert!(!text.contains("0000:a1:00.0"), "{text}");
     let out = cli(&h, &["--json", "vgpu", "types"]);
-    println!("{}", String::from_utf8_lossy(&out.stdout));
+    if std::env::var_os("VGPU_SHOW").is_some() {
+        eprintln!("{text}{}", String::from_utf8_lossy(&out.stdout));
+    }
     let v = json(&out);
     let p = |name: &str| {
         v["profiles"]
