@@ -110,7 +110,7 @@ fn mdev_instances_decrement_and_come_back_and_the_directory_comes_and_goes() {
         "homogeneous once in use"
     );
     let uuid = spec.devices[0].mdev_uuid.clone().expect("an mdev");
-    assert_eq!(h.mdevs(), [uuid.clone()]);
+    assert_eq!(h.mdevs(), std::slice::from_ref(&uuid));
     let dir = h.sys.join("bus/mdev/devices").join(&uuid);
     assert_eq!(
         spec.qemu.args,
