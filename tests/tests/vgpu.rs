@@ -397,3 +397,15 @@ fn a_vendor_vfio_vf_or_its_pf_is_never_moved_to_vfio_pci() {
         "{e}"
     );
 }
+
+#[test]
+fn a_vgpu_owner_is_remembered_on_the_physical_gpu_for_health() {
+    let h = sysfs::l40s_host();
+    attach(&h, "L40S-4Q", 1, "vm-1");
+    let j = h.journal().unwrap();
+    let last = j["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["owner"], "vm-1");
+    assert_eq!(last["gpus"], serde_json::json!(["0000:61:00.0"]), "{last}");
+    assert_eq!(j["attachments"][0]["vgpus"][0]["vf"], "0000:61:00.4");
+    assert_eq!(j["attachments"][0]["vgpus"][0]["step"], "verified");
+}

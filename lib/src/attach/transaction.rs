@@ -465,6 +465,7 @@ impl Host {
                     .iter()
                     .filter(|d| d.passed)
                     .map(|d| d.device)
+                    .chain(txn.vgpus.iter().map(|v| v.parent))
                     .collect();
                 let gpus = passed
                     .iter()

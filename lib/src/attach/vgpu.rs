@@ -166,8 +166,9 @@ impl Host {
         match self.create_vgpus(&mut j, t) {
             Ok(boot) => {
                 let txn = j.state.transactions.remove(t);
-                let held: Vec<PciAddress> = txn.vgpus.iter().map(vgpu_device).collect();
-                j.state.remember(&req.owner, held.clone(), held);
+                // Faults its VM reports later are about the physical GPUs: map them there.
+                let gpus: Vec<PciAddress> = txn.vgpus.iter().map(|v| v.parent).collect();
+                j.state.remember(&req.owner, gpus.clone(), gpus);
                 super::transaction::commit(&mut j, txn);
                 j.save()?;
                 Failpoint::VgpuAfterCommit.hit();
@@ -386,11 +387,6 @@ impl Host {
             })
         }
     }
-}
-
-/// The PCI device a vGPU lives on: its VF, or the mdev parent.
-pub(super) fn vgpu_device(v: &VgpuRecord) -> PciAddress {
-    v.vf.unwrap_or(v.parent)
 }
 
 /// A name for a released vGPU: `NVIDIA L40S-4Q on 0000:61:00.4` or `... mdev UUID`.

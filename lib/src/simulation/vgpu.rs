@@ -36,7 +36,7 @@ fn current(sysfs: &Sysfs, vf: PciAddress) -> String {
         .unwrap_or_else(|_| "0".into())
 }
 
-fn siblings(sysfs: &Sysfs, pf_dir: &Path) -> Vec<PciAddress> {
+fn siblings(pf_dir: &Path) -> Vec<PciAddress> {
     let mut out: Vec<PciAddress> = fs::read_dir(pf_dir)
         .into_iter()
         .flatten()
@@ -46,7 +46,6 @@ fn siblings(sysfs: &Sysfs, pf_dir: &Path) -> Vec<PciAddress> {
         .filter_map(|t| t.file_name()?.to_str()?.parse().ok())
         .collect();
     out.sort();
-    let _ = sysfs;
     out
 }
 
@@ -102,7 +101,7 @@ fn relist(sysfs: &Sysfs, pf_dir: &Path, types: &[(String, String)]) -> io::Resul
             .unwrap_or(0)
     };
     let total = types.iter().map(|(id, _)| fb(id)).max().unwrap_or(0);
-    let vfs = siblings(sysfs, pf_dir);
+    let vfs = siblings(pf_dir);
     let assigned: Vec<String> = vfs
         .iter()
         .map(|v| current(sysfs, *v))
