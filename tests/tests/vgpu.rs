@@ -409,3 +409,66 @@ fn a_vgpu_owner_is_remembered_on_the_physical_gpu_for_health() {
     assert_eq!(j["attachments"][0]["vgpus"][0]["vf"], "0000:61:00.4");
     assert_eq!(j["attachments"][0]["vgpus"][0]["step"], "verified");
 }
+
+#[test]
+fn an_unreadable_proc_refuses_the_release_rather_than_guess() {
+    let h = sysfs::l40s_host();
+    attach(&h, "L40S-4Q", 1, "vm-1");
+    let blind = h.host().with_proc_root(h.dir.path().join("no-proc"));
+    let e = blind.detach(&owner("vm-1")).unwrap_err();
+    assert!(matches!(e, AttachError::HoldersUnknown { .. }), "{e}");
+    assert!(e.is_refusal());
+    assert_eq!(h.vgpu_type("0000:61:00.4"), "1150", "nothing released");
+    h.host().detach(&owner("vm-1")).unwrap();
+    assert_eq!(h.vgpu_type("0000:61:00.4"), "0");
+}
+
+#[test]
+fn two_attaches_racing_for_the_last_48q_get_it_once() {
+    let h = sysfs::l40s_host();
+    let results: Vec<Result<BootSpec, AttachError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["vm-a", "vm-b"]
+            .into_iter()
+            .map(|o| {
+                let h = &h;
+                s.spawn(move || h.host().attach_vgpu(&req("L40S-48Q", 1, o)))
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    let e = results.into_iter().find_map(Result::err).unwrap();
+    assert!(e.is_refusal(), "{e}");
+    assert_eq!(
+        L40S_VFS_61
+            .iter()
+            .filter(|vf| h.vgpu_type(vf) == "1156")
+            .count(),
+        1
+    );
+}
+
+const L40S_VFS_61: [&str; 4] = [
+    "0000:61:00.4",
+    "0000:61:00.5",
+    "0000:61:00.6",
+    "0000:61:00.7",
+];
+
+#[test]
+fn an_mdev_held_open_by_a_vmm_is_not_removed() {
+    let h = sysfs::t4_mdev_host();
+    let spec = attach(&h, "T4-1B", 1, "vm-1");
+    let mut vmm = sysfs::fake_vmm(&spec.devices[0].vfio_device);
+    let e = h.host().detach(&owner("vm-1")).unwrap_err();
+    assert!(e.to_string().contains(&format!("pid {}", vmm.id())), "{e}");
+    assert_eq!(h.mdevs().len(), 2, "nothing removed");
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+    h.host().detach(&owner("vm-1")).unwrap();
+    assert_eq!(h.mdevs().len(), 1);
+}
