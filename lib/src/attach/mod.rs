@@ -22,6 +22,10 @@
 //! bind) the original driver. Detach also resets each device handed to the VM and verifies it
 //! once it is back with the host (see `reset.rs`; failures become [`crate::health`] events), and
 //! placement refuses devices that [`crate::health::is_quarantined`] names.
+//!
+//! vGPUs ([`Host::attach_vgpu`], `vgpu.rs`) are created in the same journal without moving any
+//! device: a type ID written to a vendor-VFIO VF, or an mdev created from a UUID; detach and
+//! reconcile release them only when no process holds them open.
 
 mod doctor;
 pub mod holders;
