@@ -133,6 +133,12 @@ pub enum VgpuError {
         /// The profiles the host offers.
         available: Vec<String>,
     },
+    /// A count of zero: nothing to create.
+    #[error("asked for 0 vGPUs of {profile}: ask for at least one")]
+    ZeroCount {
+        /// The profile.
+        profile: String,
+    },
     /// Fewer instances can be created than asked for.
     #[error(
         "asked for {wanted} vGPUs of {profile} but only {available} can be created now; detach an owner using that GPU or pick a smaller profile"

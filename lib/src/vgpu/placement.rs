@@ -38,6 +38,11 @@ pub struct Placement {
 /// parents). Changes nothing on the host.
 pub fn place(cat: &Catalogue, req: &PlaceRequest) -> Result<Placement, VgpuError> {
     let p = cat.find(&req.profile)?;
+    if req.count == 0 {
+        return Err(VgpuError::ZeroCount {
+            profile: p.name.clone(),
+        });
+    }
     let mut left: Vec<(PciAddress, Option<u32>, u32, u64)> = p
         .parents
         .iter()
@@ -145,6 +150,10 @@ mod tests {
             ),
             "{e}"
         );
+        assert!(matches!(
+            place(&cat(), &req(0, None, false)),
+            Err(VgpuError::ZeroCount { .. })
+        ));
         let mut r = req(1, None, false);
         r.profile = "L40S-5Q".into();
         let e = place(&cat(), &r).unwrap_err().to_string();
