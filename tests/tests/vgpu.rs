@@ -384,6 +384,12 @@ fn a_vendor_vfio_vf_or_its_pf_is_never_moved_to_vfio_pci() {
         assert_eq!(plan.refusals[0].reason, RefusalReason::VgpuFunction);
         assert!(plan.refusals[0].message.contains("vGPU profile"), "{addr}");
     }
+    // Nor reset on demand (the vGPU manager owns it).
+    for addr in ["0000:61:00.4", "0000:61:00.0"] {
+        let e = h.host().reset(addr.parse().unwrap()).unwrap_err();
+        assert!(matches!(e, AttachError::ResetRefused { .. }), "{addr}: {e}");
+        assert!(e.to_string().contains("vGPU"), "{e}");
+    }
     // Nor picked as a free GPU.
     let e = h
         .host()

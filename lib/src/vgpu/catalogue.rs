@@ -77,7 +77,7 @@ pub fn vendor_vfio_role(sysfs: &Sysfs, address: PciAddress) -> Option<String> {
     };
     if has_type(address) {
         return Some(format!(
-            "{address} is an SR-IOV VF of NVIDIA's vGPU manager (vendor-specific VFIO): it is never unbound; ask for a vGPU profile instead"
+            "{address} is an SR-IOV VF of NVIDIA's vGPU manager (vendor-specific VFIO): it is never unbound, rebound or reset here (that breaks its VFIO registration); ask for a vGPU profile instead"
         ));
     }
     virtual_functions(sysfs, address)
