@@ -478,3 +478,29 @@ fn an_mdev_held_open_by_a_vmm_is_not_removed() {
     h.host().detach(&owner("vm-1")).unwrap();
     assert_eq!(h.mdevs().len(), 1);
 }
+
+#[test]
+fn an_mdev_parent_with_mdevs_is_not_moved_or_reset() {
+    use gpu_passthrough::attach::{PlanRequest, RefusalReason};
+    let h = sysfs::t4_mdev_host();
+    let t4 = "0000:3b:00.0".parse().unwrap();
+    let plan = h
+        .host()
+        .plan(&PlanRequest {
+            devices: vec![t4],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(plan.refusals[0].reason, RefusalReason::VgpuFunction);
+    assert!(
+        plan.refusals[0].message.contains("1 mdev"),
+        "{:?}",
+        plan.refusals
+    );
+    assert!(matches!(
+        h.host().reset(t4),
+        Err(AttachError::ResetRefused { .. })
+    ));
+    // Creating more mdevs on it is still what it is for.
+    attach(&h, "T4-1B", 1, "vm-1");
+}

@@ -330,7 +330,7 @@ impl Host {
                 }
             };
             if req.mdev_type.is_none()
-                && let Some(message) = crate::vgpu::vendor_vfio_role(&self.sysfs, addr)
+                && let Some(message) = crate::vgpu::vgpu_role(&self.sysfs, addr)
             {
                 refuse(&mut plan, Some(addr), RefusalReason::VgpuFunction, message);
                 continue;

@@ -393,7 +393,7 @@ impl Host {
                 reason: format!("it is attached to owner {owner}; detach it first"),
             });
         }
-        if let Some(reason) = crate::vgpu::vendor_vfio_role(&self.sysfs, device) {
+        if let Some(reason) = crate::vgpu::vgpu_role(&self.sysfs, device) {
             return Err(AttachError::ResetRefused { device, reason });
         }
         let before = self.sysfs.device(device)?.driver;

@@ -66,9 +66,10 @@ pub fn virtual_functions(sysfs: &Sysfs, pf: PciAddress) -> Vec<PciAddress> {
     link_addresses(&sysfs.device_dir(pf), "virtfn")
 }
 
-/// Why `address` must not be unbound, if it is a vendor-VFIO VF or a PF with such VFs: the
-/// message names it and the fix (for the plan's refusal).
-pub fn vendor_vfio_role(sysfs: &Sysfs, address: PciAddress) -> Option<String> {
+/// Why `address` must not be unbound, rebound or reset, if it carries vGPUs: a vendor-VFIO VF,
+/// a PF with such VFs, or an mdev parent with mdevs. The message names it and the fix (for a
+/// plan's or a reset's refusal).
+pub fn vgpu_role(sysfs: &Sysfs, address: PciAddress) -> Option<String> {
     let has_type = |a: PciAddress| {
         sysfs
             .device_dir(a)
@@ -80,14 +81,22 @@ pub fn vendor_vfio_role(sysfs: &Sysfs, address: PciAddress) -> Option<String> {
             "{address} is an SR-IOV VF of NVIDIA's vGPU manager (vendor-specific VFIO): it is never unbound, rebound or reset here (that breaks its VFIO registration); ask for a vGPU profile instead"
         ));
     }
-    virtual_functions(sysfs, address)
+    if virtual_functions(sysfs, address).into_iter().any(has_type) {
+        return Some(format!(
+            "{address} has vGPU VFs (NVIDIA vendor-specific VFIO): moving or resetting it would destroy them; ask for a vGPU profile, or disable SR-IOV on it (sriov-manage -d) first"
+        ));
+    }
+    let mdevs: usize = fs::read_dir(sysfs.device_dir(address).join("mdev_supported_types"))
         .into_iter()
-        .any(has_type)
-        .then(|| {
-            format!(
-                "{address} has vGPU VFs (NVIDIA vendor-specific VFIO): moving it would destroy them; ask for a vGPU profile, or disable SR-IOV on it (sriov-manage -d) first"
-            )
-        })
+        .flatten()
+        .flatten()
+        .map(|t| fs::read_dir(t.path().join("devices")).map_or(0, |d| d.count()))
+        .sum();
+    (mdevs > 0).then(|| {
+        format!(
+            "{address} has {mdevs} mdev vGPU(s): moving or resetting it would destroy them; detach their owners (or remove the mdevs) first"
+        )
+    })
 }
 
 /// One offer of a parent: (framework, type id) → (name, framebuffer, count creatable).

@@ -24,7 +24,7 @@ use crate::pci::PciAddress;
 
 pub use catalogue::{
     ModelTotals, catalogue, catalogue_with, framebuffer_from_name, parse_creatable_types,
-    vendor_vfio_role, virtual_functions,
+    vgpu_role, virtual_functions,
 };
 pub use placement::{PlaceRequest, Placement, place};
 
