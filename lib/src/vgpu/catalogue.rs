@@ -86,12 +86,20 @@ pub fn vgpu_role(sysfs: &Sysfs, address: PciAddress) -> Option<String> {
             "{address} has vGPU VFs (NVIDIA vendor-specific VFIO): moving or resetting it would destroy them; ask for a vGPU profile, or disable SR-IOV on it (sriov-manage -d) first"
         ));
     }
-    let mdevs: usize = fs::read_dir(sysfs.device_dir(address).join("mdev_supported_types"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|t| fs::read_dir(t.path().join("devices")).map_or(0, |d| d.count()))
-        .sum();
+    // mdevs on it, or on its VFs (Ampere with SR-IOV: the VFs are the mdev parents).
+    let mdevs_of = |a: PciAddress| -> usize {
+        fs::read_dir(sysfs.device_dir(a).join("mdev_supported_types"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|t| fs::read_dir(t.path().join("devices")).map_or(0, |d| d.count()))
+            .sum()
+    };
+    let mdevs = mdevs_of(address)
+        + virtual_functions(sysfs, address)
+            .into_iter()
+            .map(mdevs_of)
+            .sum::<usize>();
     (mdevs > 0).then(|| {
         format!(
             "{address} has {mdevs} mdev vGPU(s): moving or resetting it would destroy them; detach their owners (or remove the mdevs) first"
