@@ -89,6 +89,12 @@ fn plan_vgpu_places_on_the_least_used_gpu_or_packs() {
         &["--json", "plan", "--vgpu", "NVIDIA L40S-4Q", "--pack"],
     ));
     assert_eq!(v["parents"], serde_json::json!(["0000:41:00.0"]));
+    let out = cli(&h, &["plan", "--vgpu", "L40S-4Q"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "create NVIDIA L40S-4Q (vendor-vfio, type 1150, 4096 MiB) on 0000:61:00.0\n"
+    );
+    assert!(h.journal().is_none(), "plan writes nothing");
     let out = cli(&h, &["plan", "--vgpu", "L40S-4Q", "--count", "7"]);
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only 6"));
@@ -392,4 +398,47 @@ fn a_crash_at_every_vgpu_failpoint_is_repaired() {
     });
     assert_eq!(cases, 2 * Failpoint::of(Stage::Vgpu).count());
     assert_eq!(cases, 10);
+}
+
+#[test]
+fn a_mixed_host_attaches_on_both_frameworks_and_the_catalogue_follows() {
+    let h = sysfs::mixed_vgpu_host();
+    let a = json(&cli(
+        &h,
+        &["--json", "attach", "--vgpu", "L40S-48Q", "--owner", "vm-a"],
+    ));
+    assert_eq!(a["devices"][0]["address"], "0000:41:00.4");
+    assert_eq!(a["devices"][0]["vgpu"], true);
+    let b = json(&cli(
+        &h,
+        &[
+            "--json",
+            "attach",
+            "--vgpu",
+            "GRID T4-2Q",
+            "--owner",
+            "vm-b",
+        ],
+    ));
+    assert!(b["devices"][0]["mdev_uuid"].is_string(), "{b}");
+    let t = json(&cli(&h, &["--json", "vgpu", "types"]));
+    let names: Vec<(&str, u64)> = t["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["available"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // The L40S is full (header-only tables); the T4 offers only 2Q now, one fewer.
+    assert_eq!(names, [("GRID T4-1B", 0), ("GRID T4-2Q", 7)], "{t}");
+    for o in ["vm-a", "vm-b"] {
+        assert!(cli(&h, &["detach", "--owner", o]).status.success());
+    }
+    let t = json(&cli(&h, &["--json", "vgpu", "types"]));
+    assert_eq!(t["profiles"].as_array().unwrap().len(), 6, "{t}");
+    assert!(h.journal_clean());
 }
