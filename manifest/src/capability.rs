@@ -118,6 +118,13 @@ impl fmt::Display for CapabilitySet {
     }
 }
 
+/// The driver's persistence daemon: started by the guest init when the layer carries it.
+pub const PERSISTENCED: &str = "nvidia-persistenced";
+/// The NVSwitch fabric manager: started by the guest init when the guest has NVSwitches.
+pub const FABRIC_MANAGER: &str = "nv-fabricmanager";
+/// Programs the guest init runs itself: always packed, never subject to capability selection.
+pub const GUEST_DAEMONS: [&str; 2] = [PERSISTENCED, FABRIC_MANAGER];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +141,4 @@ mod tests {
         let err = "compute,vidoe".parse::<CapabilitySet>().unwrap_err();
         assert!(err.contains("vidoe") && err.contains("video"), "{err}");
     }
-
 }

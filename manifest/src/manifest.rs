@@ -188,7 +188,10 @@ mod tests {
             "{text}"
         );
         // A layer that records no capabilities still reads.
-        let old = text.replace(r#","capabilities":{"compute":["/gpu/lib/libcuda.so.535.261.03"]}"#, "");
+        let old = text.replace(
+            r#","capabilities":{"compute":["/gpu/lib/libcuda.so.535.261.03"]}"#,
+            "",
+        );
         assert!(Manifest::from_json(&old).unwrap().capabilities.is_empty());
     }
 
