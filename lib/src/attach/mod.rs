@@ -24,6 +24,7 @@
 //! placement refuses devices that [`crate::health::is_quarantined`] names.
 
 mod doctor;
+pub mod driver_fit;
 pub mod holders;
 pub mod journal;
 pub mod kernel;
