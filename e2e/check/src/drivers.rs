@@ -249,8 +249,9 @@ pub fn version_diff(path: &Path, from_driver: &str, to_driver: &str) -> anyhow::
     );
     let added = v["libraries"]["added"].to_string();
     c.check(
-        "libraries added: libnvcuvid.so.1 and libnvidia-encode.so.1",
-        added.contains("libnvcuvid.so.1") && added.contains("libnvidia-encode.so.1"),
+        format!("libraries added: libnvcuvid.so.{to_driver} and libnvidia-encode.so.{to_driver}"),
+        added.contains(&format!("libnvcuvid.so.{to_driver}"))
+            && added.contains(&format!("libnvidia-encode.so.{to_driver}")),
         || format!("libraries: {}", v["libraries"]),
     );
     let changed = v["libraries"]["changed"].to_string();
