@@ -382,7 +382,9 @@ impl Display for Layers {
         let order: Vec<_> = m.modules.iter().map(|m| m.name.as_str()).collect();
         writeln!(f, "modules   {}", order.join(" → "))?;
         writeln!(f, "firmware  {}", m.firmware.len())?;
-        writeln!(f, "libraries {}", m.libraries.len())
+        writeln!(f, "libraries {}", m.libraries.len())?;
+        let caps: Vec<&str> = m.capabilities.keys().map(|c| c.as_str()).collect();
+        writeln!(f, "capabilities {}", caps.join(","))
     }
 }
 

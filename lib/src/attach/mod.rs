@@ -28,6 +28,7 @@
 //! reconcile release them only when no process holds them open.
 
 mod doctor;
+pub mod driver_fit;
 pub mod holders;
 pub mod journal;
 pub mod kernel;

@@ -62,6 +62,11 @@ pub enum RefusalReason {
     AttachedToOwner,
     /// The release uses the open modules and the GPU is not supported by them.
     NeedsProprietaryModules,
+    /// A no-GSP release for a GPU its supported-gpus.json says the proprietary modules drive
+    /// only through GSP.
+    NeedsGspFirmware,
+    /// A proprietary release for a GPU its supported-gpus.json says only the open modules drive.
+    NeedsOpenModules,
     /// The open flavor was asked for without the driver's supported-gpus.json.
     OpenSupportUnknown,
     /// The mdev type is not offered or has no free instance.
