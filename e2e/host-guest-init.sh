@@ -3,7 +3,7 @@
 # It loads VFIO and the devices' drivers, proves a plain sysfs bind cycle (so the guest set-up is
 # known-good independently of our CLI), then drives the static `gpu-passthrough` CLI through
 # doctor/devices/plan/attach/detach and a crash mid-attach repaired by reconcile.
-# Every result is a line `E2E-C <key> <value...>` on the console, parsed by e2e/run.
+# Every result is a line `E2E-C <key> <value...>` on the console, checked by `e2e-check host`.
 export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -67,10 +67,6 @@ sysfs_cycle $NIC e1000e
 sysfs_cycle $EDU none
 
 CLI=/bin/gpu-passthrough
-if [ ! -x $CLI ]; then
-    say cli absent
-    finish
-fi
 # run LABEL COMMAND...: runs it, shows stdout and stderr between markers (the harness extracts
 # them into e2e/work/logs/run-c-LABEL.out/.err), leaves stdout in /tmp/out, returns its exit code.
 run() {

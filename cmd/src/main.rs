@@ -2,6 +2,7 @@
 //!
 //! Each command group lives in its own module; this file holds the global flags and dispatch.
 
+mod device_plugin;
 mod host;
 mod initrd;
 mod output;
@@ -97,6 +98,8 @@ enum Command {
     Detach(host::DetachArgs),
     /// Repair what a crash left behind: half-done binds and attachments whose owner is gone.
     Reconcile(host::ReconcileArgs),
+    /// Serve the node's GPUs to the kubelet (a KubeVirt device plugin) until SIGTERM.
+    DevicePlugin(device_plugin::DevicePluginArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
         Command::Attach(a) => host::attach(&cli.global, a),
         Command::Detach(a) => host::detach(&cli.global, a),
         Command::Reconcile(a) => host::reconcile(&cli.global, a),
+        Command::DevicePlugin(a) => device_plugin::run(&cli.global, a),
     };
     match result {
         Ok(code) => code,

@@ -35,6 +35,16 @@ pub enum VersionsCommand {
         #[arg(long)]
         arch: Option<Arch>,
     },
+    /// What changes from release A to B: kernel, driver, modules, firmware, libraries, GPUs.
+    Diff {
+        /// The release upgraded from.
+        from: String,
+        /// The release upgraded to.
+        to: String,
+        /// Architecture compared [default: this machine's].
+        #[arg(long)]
+        arch: Option<Arch>,
+    },
     /// Re-check every pinned artifact (exit 3 naming each mismatch; 4 if any is unpinned).
     Verify {
         /// Release name (default: every release).
@@ -59,9 +69,12 @@ pub struct AddArgs {
     /// The NVIDIA driver version (required with NVIDIA artifacts).
     #[arg(long)]
     driver_version: Option<String>,
-    /// NVIDIA kernel module flavor.
+    /// NVIDIA kernel module flavor (checked against the modules' license fields).
     #[arg(long)]
     flavor: Option<ModuleFlavor>,
+    /// The release ships no GSP firmware (proprietary modules only, e.g. for Pascal GPUs).
+    #[arg(long)]
+    no_gsp: bool,
     /// Architecture of the artifacts [default: this machine's].
     #[arg(long)]
     arch: Option<Arch>,
@@ -83,6 +96,7 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> anyhow::Result<ExitCode> {
         VersionsCommand::Show { release } => show(global, release.as_deref()),
         VersionsCommand::Add(args) => add(global, args),
         VersionsCommand::Pin { release, arch } => pin(global, release, *arch),
+        VersionsCommand::Diff { from, to, arch } => diff(global, from, to, *arch),
         VersionsCommand::Verify {
             release,
             cached,
@@ -170,6 +184,7 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
         kernel_version: args.kernel_version.clone(),
         driver_version: args.driver_version.clone(),
         flavor: args.flavor,
+        gsp: !args.no_gsp,
         arch,
         artifacts: parse_artifact_args(&args.artifacts)?,
         default: args.default,
@@ -199,6 +214,23 @@ fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCo
         &DownloadBar::new(global),
     )
     .map_err(versions_failure)?;
+    emit_text(global, &report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> anyhow::Result<ExitCode> {
+    let Some(arch) = arch.or_else(Arch::host) else {
+        anyhow::bail!("this machine's architecture is not supported: pass --arch");
+    };
+    let report = versions::diff(
+        &fetcher(global)?,
+        &global.cache_dir(),
+        &load(global)?,
+        from,
+        to,
+        arch,
+        &DownloadBar::new(global),
+    )?;
     emit_text(global, &report)?;
     Ok(ExitCode::SUCCESS)
 }

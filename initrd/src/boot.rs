@@ -3,9 +3,9 @@
 
 use crate::context::SetupContext;
 use crate::modules::FinitModule;
-use crate::report::Report;
 use crate::setup;
 use gpu_passthrough_manifest::MANIFEST_PATH;
+use gpu_passthrough_manifest::report::Report;
 use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 use std::os::unix::process::CommandExt;
@@ -348,7 +348,10 @@ fn boot(config: &BootConfig) -> Result<i32, BootError> {
     };
     print_report(&report);
     let root = prepared?;
-    if config.strict && config.has_gpu && report.status != crate::report::Status::Ok {
+    if config.strict
+        && config.has_gpu
+        && report.status != gpu_passthrough_manifest::report::Status::Ok
+    {
         return Err(BootError::Root {
             root: root.display().to_string(),
             reason: format!(

@@ -2,8 +2,8 @@
 //! `nvidia.com/gpu=all`.
 
 use crate::libraries::{GPU_MOUNT, mounted_path};
-use crate::report::NodeReport;
 use gpu_passthrough_manifest::Manifest;
+use gpu_passthrough_manifest::report::NodeReport;
 use serde_json::{Value, json};
 use std::path::Path;
 

@@ -10,8 +10,10 @@
 pub mod boot;
 pub mod cdi;
 pub mod context;
+pub mod dryrun;
 pub mod kmsg;
 pub mod libraries;
+pub mod loaded;
 pub mod modules;
 pub mod nodes;
 pub mod report;

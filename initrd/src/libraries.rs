@@ -6,9 +6,9 @@
 //! driver's file over it, never deleted.
 
 use crate::context::{SetupContext, in_root};
-use crate::report::{LdconfigStatus, LibrariesReport, Shadowed};
 use crate::sys;
 use gpu_passthrough_manifest::Manifest;
+use gpu_passthrough_manifest::report::{LdconfigStatus, LibrariesReport, Shadowed};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 

@@ -3,9 +3,9 @@
 use crate::context::SetupContext;
 use crate::kmsg::KernelLog;
 use crate::modules::{ModuleLoader, load_modules};
-use crate::report::{Report, ReportError, Status};
 use crate::{cdi, libraries, nodes};
 use gpu_passthrough_manifest::Manifest;
+use gpu_passthrough_manifest::report::{Report, ReportError, SetupErrorClass, Status};
 use std::time::Instant;
 
 /// Run the whole setup. Never fails: everything that goes wrong is in the report.
@@ -16,7 +16,7 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
         Ok(m) => m,
         Err(error) => {
             report.error = Some(error);
-            report.finish_status();
+            crate::report::finish_status(&mut report);
             report.timings_ms.insert("total".into(), ms(start));
             return report;
         }
@@ -48,11 +48,10 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
 
     let step = Instant::now();
     let driver_up = report.modules.iter().all(|m| m.class.is_none());
-    let majors = std::fs::read_to_string(ctx.proc_root.join("devices"))
-        .map(|t| nodes::char_majors(&t))
-        .unwrap_or_default();
-    report.gpus = nodes::gpu_count(&ctx.proc_root);
-    let planned = nodes::plan(&majors, report.gpus, &ctx.proc_root);
+    let node_plan = nodes::plan_from_proc(&ctx.proc_root);
+    report.gpus = node_plan.gpus;
+    report.problems.extend(node_plan.problems);
+    let planned = node_plan.nodes;
     if planned.is_empty() && driver_up {
         report.problems.push(format!(
             "the NVIDIA driver is not registered in {}: no device nodes made",
@@ -136,7 +135,7 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
             report.timings_ms.insert("cdi".into(), ms(step));
         }
     }
-    report.finish_status();
+    crate::report::finish_status(&mut report);
     report.timings_ms.insert("total".into(), ms(start));
     report
 }
@@ -153,7 +152,7 @@ fn read_manifest(ctx: &SetupContext) -> Result<Manifest, ReportError> {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ReportError {
-                class: "no_gpu_layer".into(),
+                class: SetupErrorClass::NoGpuLayer,
                 message: format!(
                     "HAS_GPU=1 but {} does not exist: this initrd has no GPU layer; boot the \
                      combined initrd (base + GPU layer) or drop HAS_GPU=1",
@@ -163,15 +162,26 @@ fn read_manifest(ctx: &SetupContext) -> Result<Manifest, ReportError> {
         }
         Err(e) => {
             return Err(ReportError {
-                class: "bad_manifest".into(),
+                class: SetupErrorClass::BadManifest,
                 message: format!("cannot read {}: {e}", ctx.manifest.display()),
             });
         }
     };
     Manifest::from_json(&text).map_err(|e| ReportError {
-        class: "bad_manifest".into(),
-        message: format!("{}: {e}", ctx.manifest.display()),
+        class: SetupErrorClass::BadManifest,
+        message: format!("{}: {}", ctx.manifest.display(), with_causes(&e)),
     })
+}
+
+/// An error and its `#[source]` chain on one line: the report has no room for a chain.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 fn ms(since: Instant) -> u64 {

@@ -4,10 +4,10 @@
 mod common;
 
 use common::{DRIVER, FakeKernel, Guest, Outcome, RootKind};
-use gpu_passthrough_init::report::{
-    FailureClass, LdconfigStatus, ModuleResult, NodeAction, Report, Status,
-};
 use gpu_passthrough_init::setup;
+use gpu_passthrough_manifest::report::{
+    FailureClass, LdconfigStatus, ModuleResult, NodeAction, Report, SetupErrorClass, Status,
+};
 use nix::errno::Errno;
 use serde_json::Value;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -533,13 +533,25 @@ fn has_gpu_without_a_gpu_layer_is_a_classified_failure() {
     let report = setup::run(&ctx, &kernel);
     assert_eq!(report.status, Status::Failed);
     let error = report.error.as_ref().unwrap();
-    assert_eq!(error.class, "no_gpu_layer");
+    assert_eq!(error.class, SetupErrorClass::NoGpuLayer);
+    assert_eq!(json(&report)["error"]["class"], "no_gpu_layer");
     assert!(error.message.contains("absent.json") && error.message.contains("HAS_GPU=1"));
     assert!(kernel.loaded_files().is_empty());
 
     std::fs::write(&ctx.manifest, r#"{"schema": 99}"#).unwrap();
     let report = setup::run(&ctx, &kernel);
-    assert_eq!(report.error.as_ref().unwrap().class, "bad_manifest");
+    let error = report.error.as_ref().unwrap();
+    assert_eq!(error.class, SetupErrorClass::BadManifest);
+    assert!(error.message.contains("schema"), "{}", error.message);
+    assert_eq!(json(&report)["error"]["class"], "bad_manifest");
+
+    // The serde cause of a malformed manifest is in the message, not lost behind its source.
+    std::fs::write(&ctx.manifest, "{not json").unwrap();
+    let message = setup::run(&ctx, &kernel).error.unwrap().message;
+    assert!(
+        message.contains("malformed GPU manifest: key must be a string"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -585,6 +597,13 @@ fn mig_capability_nodes_are_made_when_the_driver_registers_them() {
     .unwrap();
     let report = run(&guest, &FakeKernel::new(&guest));
     assert_eq!(report.status, Status::Ok, "{}", report.line());
-    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap1"), 237, 1);
-    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap2"), 237, 2);
+    // The driver's modes (DeviceFileMode 256 = 0400, 292 = 0444), root's group: not the 0660 of
+    // the other nodes.
+    for (cap, minor, mode) in [("nvidia-cap1", 1, 0o400), ("nvidia-cap2", 2, 0o444)] {
+        let meta = std::fs::symlink_metadata(guest.dev.join("nvidia-caps").join(cap)).unwrap();
+        assert!(meta.file_type().is_char_device(), "{cap}");
+        assert_eq!(meta.rdev(), nix::sys::stat::makedev(237, minor), "{cap}");
+        assert_eq!(meta.mode() & 0o7777, mode, "{cap}");
+        assert_eq!(meta.gid(), 0, "{cap}");
+    }
 }

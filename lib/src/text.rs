@@ -441,3 +441,66 @@ impl Display for ReleaseTable<'_> {
         Ok(())
     }
 }
+
+impl Display for crate::versions::ReleaseDiff {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        fn opt(v: &Option<String>) -> &str {
+            v.as_deref().unwrap_or("-")
+        }
+        fn set(
+            f: &mut Formatter<'_>,
+            what: &str,
+            d: &crate::versions::diff::SetDiff,
+        ) -> fmt::Result {
+            for a in &d.added {
+                writeln!(f, "  + {what} {a}")?;
+            }
+            for r in &d.removed {
+                writeln!(f, "  - {what} {r}")?;
+            }
+            Ok(())
+        }
+        writeln!(f, "{} -> {} ({})", self.from, self.to, self.arch)?;
+        if let Some(c) = &self.kernel_version {
+            writeln!(f, "  kernel   {} -> {}", c.from, c.to)?;
+        }
+        if let Some(c) = &self.driver_version {
+            writeln!(f, "  driver   {} -> {}", opt(&c.from), opt(&c.to))?;
+        }
+        if let Some(c) = &self.module_flavor {
+            writeln!(f, "  flavor   {} -> {}", opt(&c.from), opt(&c.to))?;
+        }
+        if let Some(c) = &self.gsp {
+            writeln!(f, "  gsp      {} -> {}", c.from, c.to)?;
+        }
+        set(f, "module", &self.modules)?;
+        for p in &self.module_params {
+            writeln!(
+                f,
+                "  ~ module {} parameters `{}` -> `{}`",
+                p.module, p.from, p.to
+            )?;
+        }
+        set(f, "firmware", &self.firmware)?;
+        for a in &self.libraries.added {
+            writeln!(f, "  + library {a}")?;
+        }
+        for r in &self.libraries.removed {
+            writeln!(f, "  - library {r}")?;
+        }
+        for c in &self.libraries.changed {
+            writeln!(f, "  ~ library {}: {} -> {}", c.soname, c.from, c.to)?;
+        }
+        set(f, "program", &self.programs)?;
+        for g in &self.gpus_gained {
+            writeln!(f, "  + gpu {} {}", g.device_id, g.name)?;
+        }
+        for g in &self.gpus_lost {
+            writeln!(f, "  - gpu {} {}", g.device_id, g.name)?;
+        }
+        if self.gpus_gained.is_empty() && self.gpus_lost.is_empty() {
+            writeln!(f, "  supported GPUs: unchanged")?;
+        }
+        Ok(())
+    }
+}

@@ -19,16 +19,18 @@ const KVER: &str = "6.1.0-56-amd64";
 
 /// The NVIDIA modules tree, extracted once for this test binary.
 fn nvidia_modules() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = gpu_passthrough_tests::fixtures::process_scratch(
+            env!("CARGO_TARGET_TMPDIR"),
+            "modinfo",
+        );
         let archive = fixtures().join(format!(
             "nvidia-535.261.03/nvidia-open-modules-535.261.03-{KVER}-x86_64.tar.gz"
         ));
-        extract_tar(&archive, &tmp.path().join("t"), &Limits::default()).unwrap();
+        extract_tar(&archive, &tmp.join("t"), &Limits::default()).unwrap();
         tmp
     })
-    .path()
 }
 
 fn gpu_module(name: &str) -> PathBuf {

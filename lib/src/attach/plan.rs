@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::journal::JournalState;
 use super::{AttachError, Host, Owner, PlanRequest, load_supported};
@@ -12,7 +12,7 @@ use crate::pci::{DeviceKind, PciAddress, PciDevice};
 use crate::registry::ModuleFlavor;
 
 /// Why a device is in the plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PlanRole {
     /// Asked for.
@@ -24,7 +24,7 @@ pub enum PlanRole {
 }
 
 /// One device the attach would move.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedDevice {
     /// The device.
     pub address: PciAddress,
@@ -45,7 +45,7 @@ pub struct PlannedDevice {
 }
 
 /// Why something is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalReason {
     /// The IOMMU is off.
@@ -75,7 +75,7 @@ pub enum RefusalReason {
 }
 
 /// A refusal: the device, the reason, and a message with the fix.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
     /// The device concerned, if any.
     pub device: Option<PciAddress>,
@@ -88,7 +88,7 @@ pub struct Refusal {
 }
 
 /// One sysfs write, in order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SysfsWrite {
     /// The attribute.
     pub path: PathBuf,
@@ -97,7 +97,7 @@ pub struct SysfsWrite {
 }
 
 /// What attach would do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// The requested devices (after `--gpus N` selection).
     pub requested: Vec<PciAddress>,
@@ -114,7 +114,7 @@ pub struct Plan {
 }
 
 /// A device as `devices` reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceReport {
     /// The device.
     #[serde(flatten)]

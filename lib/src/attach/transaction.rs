@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::journal::{Attachment, DeviceRecord, LockedJournal, MdevRecord, Step, Transaction};
 use super::{AttachError, AttachRequest, Host, Liveness, Owner, load_supported};
@@ -13,7 +13,7 @@ use crate::pci::{PciAddress, valid_driver_name};
 use crate::vmm::{BootDevice, BootSpec};
 
 /// A device given back to its driver.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoredDevice {
     /// The device.
     pub device: PciAddress,
@@ -22,7 +22,7 @@ pub struct RestoredDevice {
 }
 
 /// What detach did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DetachReport {
     /// The owner.
     pub owner: Owner,
@@ -44,7 +44,7 @@ pub struct HeldDevice {
 }
 
 /// What reconcile did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
     /// Abandoned transactions that were past the point of no return and still verified:
     /// committed as attachments of their owner.

@@ -7,7 +7,13 @@
 //! - [`verify`]: re-check every pinned artifact, from its mirrors or from the cache, and decide
 //!   the verdict ([`VerifyReport::verdict`]).
 //!
+//! - [`diff`]: what changes from one release to another, for the reviewer of an upgrade.
+//!
 //! Nothing is written to a registry file unless every check passed.
+
+pub mod diff;
+
+pub use diff::{DiffError, ReleaseDiff, compare, diff};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -146,8 +152,10 @@ pub struct AddRequest {
     pub kernel_version: String,
     /// The NVIDIA driver version (required with NVIDIA artifacts).
     pub driver_version: Option<String>,
-    /// NVIDIA kernel module flavor.
+    /// NVIDIA kernel module flavor, checked against the modules' `license` fields.
     pub flavor: Option<ModuleFlavor>,
+    /// Whether the release ships GSP firmware (`false`: proprietary only, no firmware needed).
+    pub gsp: bool,
     /// Architecture of the artifacts.
     pub arch: Arch,
     /// Kind → URLs (the first is the primary, the rest mirrors).
@@ -234,9 +242,13 @@ pub fn add(
     let inventory = match &req.driver_version {
         Some(driver_version) if has_driver_artifacts => Some(inspect_artifacts(
             &fetched,
-            &req.kernel_version,
-            driver_version,
-            req.arch,
+            &Expectations {
+                kernel_version: &req.kernel_version,
+                driver_version,
+                arch: req.arch,
+                flavor: req.flavor,
+                gsp: req.gsp,
+            },
         )?),
         _ => None,
     };
@@ -255,6 +267,7 @@ pub fn add(
         kernel_version: req.kernel_version.clone(),
         driver_version: req.driver_version.clone(),
         module_flavor: req.flavor,
+        gsp: req.gsp,
         default: req.default,
         artifacts: BTreeMap::from([(req.arch, artifacts)]),
         source: req.file.display().to_string(),
@@ -271,9 +284,7 @@ pub fn add(
 /// checks against the release.
 fn inspect_artifacts(
     fetched: &BTreeMap<ArtifactKind, (Vec<String>, Fetched)>,
-    kernel_version: &str,
-    driver_version: &str,
-    arch: Arch,
+    expect: &Expectations,
 ) -> Result<Inventory, VersionsError> {
     let scratch = tempfile::tempdir().map_err(VersionsError::Scratch)?;
     let mut roots: BTreeMap<ArtifactKind, PathBuf> = BTreeMap::new();
@@ -298,12 +309,7 @@ fn inspect_artifacts(
         firmware: root(ArtifactKind::NvidiaFirmware),
         driver_libs: root(ArtifactKind::NvidiaDriverLibs),
     };
-    let expect = Expectations {
-        kernel_version,
-        driver_version,
-        arch,
-    };
-    inspect(&expect, &trees)
+    inspect(expect, &trees)
         .map_err(|e| VersionsError::Refused(relative_to(&e.to_string(), scratch.path())))
 }
 
