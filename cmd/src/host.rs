@@ -65,6 +65,9 @@ pub struct Selection {
     /// vGPU: create an mdev of this type on each device instead of binding it.
     #[arg(long, value_name = "TYPE")]
     mdev_type: Option<String>,
+    /// Put the GPUs in one P2P clique even when they are not behind one PCIe switch.
+    #[arg(long)]
+    p2p_clique: bool,
     #[command(flatten)]
     host: HostOpts,
 }
@@ -129,7 +132,7 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-fn host(global: &Global, gone: Vec<Owner>) -> Host {
+pub(crate) fn host(global: &Global, gone: Vec<Owner>) -> Host {
     Host::new(
         &global.sysfs_root,
         &global.state_dir,
@@ -141,7 +144,7 @@ fn host(global: &Global, gone: Vec<Owner>) -> Host {
     .with_dev_dir(&global.dev_dir)
 }
 
-fn owner(s: &str) -> anyhow::Result<Owner> {
+pub(crate) fn owner(s: &str) -> anyhow::Result<Owner> {
     Owner::new(s).map_err(|e| fail(exit::REFUSED, e))
 }
 
@@ -161,6 +164,7 @@ fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanReq
         supported_gpus: sel.host.supported_gpus.clone(),
         allow_boot_vga: sel.allow_boot_vga,
         mdev_type: sel.mdev_type.clone(),
+        p2p_clique: sel.p2p_clique,
     })
 }
 
@@ -184,7 +188,7 @@ fn provision_error(e: ProvisionError) -> anyhow::Error {
     }
 }
 
-fn attach_error(e: AttachError) -> anyhow::Error {
+pub(crate) fn attach_error(e: AttachError) -> anyhow::Error {
     let code = if e.is_refusal() {
         exit::REFUSED
     } else {

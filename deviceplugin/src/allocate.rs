@@ -273,6 +273,7 @@ pub fn allocate(
         .retain(|a| !(is_plugin_owner(&a.owner) && a.devices.is_empty() && a.mdevs.is_empty()));
     j.state.attachments.push(Attachment {
         owner: owner.clone(),
+        owner_process: None,
         devices: taken,
         mdevs: Vec::new(),
     });

@@ -62,6 +62,23 @@ impl Quarantine for NoQuarantine {
     }
 }
 
+/// The host's health records ([`gpu_passthrough::health`]) in a state dir: a device is
+/// quarantined when its record says so, and also when the record cannot be read (fail closed).
+#[derive(Debug, Clone)]
+pub struct HealthRecords {
+    /// The state dir holding `health.json`.
+    pub state_dir: PathBuf,
+}
+
+impl Quarantine for HealthRecords {
+    fn is_quarantined(&self, device: PciAddress) -> bool {
+        !matches!(
+            gpu_passthrough::health::is_quarantined(&self.state_dir, device),
+            Ok(None)
+        )
+    }
+}
+
 /// Errors of the plugin.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {

@@ -9,8 +9,10 @@
 
 pub mod boot;
 pub mod cdi;
+pub mod cdi_hook;
 pub mod context;
 pub mod dryrun;
+pub mod inroot;
 pub mod kmsg;
 pub mod libraries;
 pub mod loaded;
@@ -19,3 +21,4 @@ pub mod nodes;
 pub mod report;
 pub mod setup;
 pub mod sys;
+pub mod xid_watch;

@@ -3,7 +3,7 @@
 use gpu_passthrough_init::context::SetupContext;
 use gpu_passthrough_init::loaded::AlreadyLoaded;
 use gpu_passthrough_init::modules::FinitModule;
-use gpu_passthrough_init::{boot, dryrun, setup};
+use gpu_passthrough_init::{boot, cdi_hook, dryrun, setup};
 use gpu_passthrough_manifest::MANIFEST_PATH;
 use gpu_passthrough_manifest::report::Status;
 use std::path::PathBuf;
@@ -19,6 +19,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if std::process::id() == 1 {
         boot::pid1(&args);
+    }
+    if args.first().is_some_and(|a| cdi_hook::invoked_as_hook(a)) {
+        return hook_command(&args[1..]);
     }
     match args.get(1).map(String::as_str) {
         Some("setup") => setup_command(&args[2..]),
@@ -113,6 +116,36 @@ fn nodes_command(args: &[String]) -> ExitCode {
         }
         Err(e) => {
             eprintln!("gpu-init: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A CDI container hook: the runtime gives the OCI state on standard input.
+fn hook_command(args: &[String]) -> ExitCode {
+    let mut state = String::new();
+    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut state) {
+        eprintln!(
+            "{}: cannot read the container state: {e}",
+            cdi_hook::HOOK_NAME
+        );
+        return ExitCode::from(1);
+    }
+    match cdi_hook::run(args, &state) {
+        Ok(problems) => {
+            for p in problems {
+                eprintln!("{}: {p}", cdi_hook::HOOK_NAME);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{}: {msg}", cdi_hook::HOOK_NAME);
             ExitCode::from(1)
         }
     }

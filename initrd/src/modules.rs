@@ -140,6 +140,7 @@ pub fn class_name(class: FailureClass) -> &'static str {
         FailureClass::WrongKernel => "wrong_kernel",
         FailureClass::MissingFirmware => "missing_firmware",
         FailureClass::MissingFile => "missing_file",
+        FailureClass::InitFailed => "init_failed",
         FailureClass::Other => "other",
     }
 }
@@ -165,6 +166,17 @@ fn classify(
             firmware.join(", ")
         );
         return (FailureClass::MissingFirmware, errno, message);
+    }
+    if let Some(line) = kernel_lines
+        .iter()
+        .find(|l| l.contains("RmInitAdapter failed"))
+    {
+        let message = format!(
+            "{name} loaded but could not initialise the GPU ({line}): the GPU needs a reset on \
+             the host (often after waking from D3cold or a previous tenant's fault); the host \
+             records this for the device"
+        );
+        return (FailureClass::InitFailed, errno, message);
     }
     match err {
         LoadError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => (

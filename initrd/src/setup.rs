@@ -1,6 +1,7 @@
 //! The GPU setup: modules, nodes, firmware path, libraries, programs, CDI spec, report.
 
 use crate::context::SetupContext;
+use crate::inroot::RootDir;
 use crate::kmsg::KernelLog;
 use crate::modules::{ModuleLoader, load_modules};
 use crate::{cdi, libraries, nodes};
@@ -63,11 +64,16 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
             ctx.proc_root.join("driver/nvidia/gpus").display()
         ));
     }
+    // The workload root is untrusted: every path in it is resolved inside it.
+    let root_dir = ctx.root.as_deref().map(RootDir::open);
     let mut dev_dirs = vec![ctx.dev_dir.clone()];
-    if let Some(root) = &ctx.root {
-        let root_dev = root.join("dev");
-        if root_dev.is_dir() && !crate::sys::same_file(&root_dev, &ctx.dev_dir) {
-            dev_dirs.push(root_dev);
+    if let (Some(root), Some(Ok(dir))) = (&ctx.root, &root_dir) {
+        match root_dev_dir(root, dir) {
+            Ok(Some(root_dev)) if !crate::sys::same_file(&root_dev, &ctx.dev_dir) => {
+                dev_dirs.push(root_dev)
+            }
+            Ok(_) => {}
+            Err(problem) => report.problems.push(problem),
         }
     }
     for dir in &dev_dirs {
@@ -86,12 +92,24 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
     report.timings_ms.insert("nodes".into(), ms(step));
 
     let step = Instant::now();
-    match &ctx.root {
+    match root_dir {
         None => report.problems.push(
             "no workload root given: libraries, programs and the CDI spec were not installed"
                 .into(),
         ),
-        Some(root) => {
+        Some(Err(e)) => {
+            let mut problem = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                problem.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            report.problems.push(format!(
+                "{problem}: libraries, programs and the CDI spec were not installed"
+            ));
+        }
+        Some(Ok(root)) => {
+            let root = &root;
             if ctx.layer_path("/lib/firmware").is_dir() {
                 match libraries::expose_firmware(ctx) {
                     Ok(path) => report.firmware.path = Some(path),
@@ -138,6 +156,30 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
     crate::report::finish_status(&mut report);
     report.timings_ms.insert("total".into(), ms(start));
     report
+}
+
+/// The root's `/dev` as a host path, when nodes may be made in it: a plain directory, reached
+/// without symlinks, whose `nvidia-caps` (if any) is one too — so no node lands outside the root.
+/// `Ok(None)`: the root has no `/dev`. `Err`: the problem to report.
+fn root_dev_dir(
+    root: &std::path::Path,
+    dir: &RootDir,
+) -> Result<Option<std::path::PathBuf>, String> {
+    match dir.lstat("/dev") {
+        Ok(None) => return Ok(None),
+        Ok(Some(_)) => {}
+        Err(e) => return Err(format!("cannot inspect /dev of the workload root: {e}")),
+    }
+    for d in ["/dev", "/dev/nvidia-caps"] {
+        let present = !matches!(dir.lstat(d), Ok(None));
+        if present && !dir.is_plain_dir(d) {
+            return Err(format!(
+                "{d} in the workload root is not a plain directory (a symlink?): no device nodes \
+                 were made in it; make it a directory or mount a devtmpfs there"
+            ));
+        }
+    }
+    Ok(Some(root.join("dev")))
 }
 
 /// The report for a guest that was not asked for a GPU.

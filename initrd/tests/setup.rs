@@ -179,7 +179,7 @@ fn all_modules_load_and_everything_is_in_place_for_two_gpus() {
         assert!(common_nodes.contains(n), "{n} missing from {common_nodes}");
     }
     assert!(cdi["containerEdits"]["mounts"].to_string().contains(
-        r#""containerPath":"/usr/lib/x86_64-linux-gnu/libcuda.so.1","hostPath":"/usr/lib/gpu-passthrough/lib/libcuda.so.535.261.03""#
+        r#""containerPath":"/usr/lib/x86_64-linux-gnu/libcuda.so.535.261.03","hostPath":"/usr/lib/gpu-passthrough/lib/libcuda.so.535.261.03""#
     ));
 
     // The report line is the documented JSON.
@@ -352,6 +352,35 @@ fn missing_firmware_names_the_file_from_the_kernel_log() {
     assert!(report.modules[0].message.as_deref().unwrap().contains(fw));
     assert_eq!(report.firmware.missing, [fw]);
     assert_eq!(json(&report)["modules"][0]["class"], "missing_firmware");
+}
+
+#[test]
+fn rm_init_adapter_failure_is_init_failed_not_other() {
+    let guest = Guest::new(RootKind::Debian, 1);
+    guest.unregister_driver();
+    // As in bryansteiner/gpu-passthrough-tutorial issue #39: the GPU did not come out of D3cold.
+    let kernel = FakeKernel::new(&guest).with(
+        "nvidia.ko",
+        Outcome::FailWithLog(
+            Errno::EIO,
+            "NVRM: GPU 0000:00:05.0: RmInitAdapter failed! (0x22:0x56:667)".into(),
+        ),
+    );
+    let report = run(&guest, &kernel);
+    assert_eq!(report.status, Status::Failed);
+    assert_eq!(report.modules[0].class, Some(FailureClass::InitFailed));
+    let msg = report.modules[0].message.as_deref().unwrap();
+    assert!(
+        msg.contains("RmInitAdapter failed! (0x22:0x56:667)"),
+        "{msg}"
+    );
+    assert_eq!(json(&report)["modules"][0]["class"], "init_failed");
+    // Without the line the same errno stays `other`.
+    let plain = FakeKernel::new(&guest).with("nvidia.ko", Outcome::Fail(Errno::EIO));
+    assert_eq!(
+        run(&guest, &plain).modules[0].class,
+        Some(FailureClass::Other)
+    );
 }
 
 #[test]

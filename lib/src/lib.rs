@@ -16,6 +16,7 @@
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
 //! - [`vfio`]: check a bound device through VFIO the way a VMM will open it.
+//! - [`health`]: NVIDIA fault classification, per-device health records, quarantine.
 //! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
 //! - [`text`]: the human-readable form of the reports (`Display`).
 //! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
@@ -32,6 +33,7 @@ pub mod capabilities;
 pub mod failpoint;
 pub mod fetch;
 mod fsutil;
+pub mod health;
 pub mod initrd;
 pub mod inspect;
 pub mod modinfo;

@@ -6,6 +6,7 @@ use std::error::Error;
 
 use crate::attach::{AttachError, JournalError, RefusalReason};
 use crate::fetch::FetchError;
+use crate::health::HealthError;
 use crate::initrd::InitrdError;
 use crate::pci::PciError;
 use crate::registry::RegistryError;
@@ -73,6 +74,8 @@ fn of(e: &(dyn Error + 'static)) -> Option<Remedy> {
     }
     if matches!(e.downcast_ref(), Some(JournalError::Io { .. }))
         || matches!(attach, Some(AttachError::Journal(JournalError::Io { .. })))
+        || matches!(e.downcast_ref(), Some(HealthError::Io { .. }))
+        || matches!(attach, Some(AttachError::Health(HealthError::Io { .. })))
     {
         return Some(Remedy::StateDir);
     }

@@ -198,6 +198,9 @@ impl Display for DetachReport {
                 d.device,
                 d.driver.as_deref().unwrap_or("no driver")
             )?;
+            if let Some(c) = &d.health {
+                writeln!(f, "{c}")?;
+            }
         }
         for m in &self.removed_mdevs {
             writeln!(f, "removed mdev {m}")?;

@@ -3,7 +3,9 @@
 //! - [`Manifest`] (`/gpu/manifest.json`): what the initrd builder on the host tells `gpu-init`;
 //! - [`report::Report`] (the `GPU-INIT {json}` console line): what `gpu-init` tells the host, the
 //!   platform and the end-to-end harness;
-//! - [`normalize_module_name`]: the one rule both sides use to compare kernel module names.
+//! - [`normalize_module_name`]: the one rule both sides use to compare kernel module names;
+//! - [`xid`]: the NVIDIA fault classifier (kernel-log lines → faults and host actions) that the
+//!   host's `health` and the guest init's `GPU-XID {json}` lines share.
 //!
 //! Both types serialize and deserialize, so a field renamed here is a compile error in every
 //! producer and consumer. The crate is small on purpose: the static guest init must not pull in
@@ -12,6 +14,7 @@
 
 mod manifest;
 pub mod report;
+pub mod xid;
 
 pub use manifest::{
     DeviceNodes, Input, Library, MANIFEST_PATH, Manifest, ManifestError, Module, SCHEMA,

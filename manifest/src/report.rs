@@ -36,6 +36,8 @@ pub enum FailureClass {
     MissingFirmware,
     /// The `.ko` named by the manifest is not in the GPU layer.
     MissingFile,
+    /// The driver could not initialise the GPU (`RmInitAdapter failed` in the kernel log).
+    InitFailed,
     /// Anything else (errno and kernel log line in the message).
     Other,
 }
@@ -369,6 +371,7 @@ mod tests {
             (FailureClass::WrongKernel, "wrong_kernel"),
             (FailureClass::MissingFirmware, "missing_firmware"),
             (FailureClass::MissingFile, "missing_file"),
+            (FailureClass::InitFailed, "init_failed"),
             (FailureClass::Other, "other"),
         ];
         for (class, name) in classes {

@@ -21,6 +21,11 @@ impl Checks {
         }
     }
 
+    /// A measured figure for the run's summary table, not counted.
+    pub fn figure(&mut self, name: impl Into<String>, value: impl std::fmt::Display) {
+        self.lines.push(format!("FIGURE {}|{value}", name.into()));
+    }
+
     /// Context for the log, not counted.
     pub fn info(&mut self, text: impl Into<String>) {
         self.lines.push(format!("INFO {}", text.into()));

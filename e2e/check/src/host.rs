@@ -3,6 +3,8 @@
 //! `E2E-C devices vga=… edu=… nic=…`, and frames every CLI command as
 //! `E2E-C begin L` stdout `E2E-C stderr L` stderr `E2E-C end L` `E2E-C rc L N`.
 
+mod health;
+
 use crate::checks::Checks;
 use crate::cli_json::{
     BootSpec, CheckStatus, CliError, DetachReport, Device, DeviceKind, DoctorReport, PciAddress,
@@ -86,6 +88,13 @@ impl RunC {
                     ["check", .., verdict] if words.len() >= 3 && current.is_none() => {
                         let name = rest["check ".len()..rest.len() - verdict.len()].trim();
                         run.guest_checks.push((name.to_owned(), *verdict == "PASS"));
+                        continue;
+                    }
+                    // `reset_method ROLE METHODS`: one fact per role.
+                    ["reset_method", role, ..] if current.is_none() => {
+                        let key = format!("reset_method {role}");
+                        let value = rest[key.len()..].trim().to_owned();
+                        run.facts.entry(key).or_insert(value);
                         continue;
                     }
                     [fact, ..] if FACTS.contains(fact) && current.is_none() => {
@@ -362,6 +371,7 @@ pub fn checks(console: &Console, nested: bool) -> Checks {
     rc_is(&mut c, &run, "reconcile-again", 0);
     rc_is(&mut c, &run, "attach-after-reconcile", 0);
     rc_is(&mut c, &run, "detach-after-reconcile", 0);
+    health::checks(&mut c, &run);
 
     if nested {
         rc_is(&mut c, &run, "nested-attach", 0);

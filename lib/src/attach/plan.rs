@@ -72,6 +72,30 @@ pub enum RefusalReason {
     MdevUnavailable,
     /// A bridge was asked for: bridges stay with the host.
     Bridge,
+    /// Quarantined by its health record (failure events from distinct owners).
+    Quarantined,
+    /// The health record cannot be read: nothing is handed out (fail closed).
+    HealthUnknown,
+}
+
+/// The quarantine refusal for `addr`, if any (an unreadable record refuses too).
+fn health_refusal(
+    state_dir: &std::path::Path,
+    addr: PciAddress,
+) -> Option<(RefusalReason, String)> {
+    match crate::health::is_quarantined(state_dir, addr) {
+        Ok(None) => None,
+        Ok(Some(q)) => Some((RefusalReason::Quarantined, q.summary())),
+        Err(e) => {
+            let mut msg = format!("{addr} cannot be checked for quarantine: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            Some((RefusalReason::HealthUnknown, msg))
+        }
+    }
 }
 
 /// A refusal: the device, the reason, and a message with the fix.
@@ -387,6 +411,9 @@ impl Host {
             self.refusals_for(state, req, gpus, &p, d, &mut plan);
         }
         for (parent, _) in plan.mdevs.clone() {
+            if let Some((reason, message)) = health_refusal(self.journal.dir(), parent) {
+                refuse(&mut plan, Some(parent), reason, message);
+            }
             if let Some(owner) = state.owner_of(parent) {
                 refuse(
                     &mut plan,
@@ -446,6 +473,11 @@ impl Host {
                 format!("{addr} is attached to owner {owner}{whose}: detach owner {owner} first"),
                 Some(owner.clone()),
             );
+        }
+        if p.passed
+            && let Some((reason, message)) = health_refusal(self.journal.dir(), addr)
+        {
+            refuse(reason, message, None);
         }
         if self.sysfs.iommu_enabled() && d.iommu_group.is_none() {
             refuse(

@@ -19,6 +19,9 @@ pub struct RestoredDevice {
     pub device: PciAddress,
     /// The driver it is on now (`None`: it had none).
     pub driver: Option<String>,
+    /// Reset and verification (detach only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<super::HealthCheck>,
 }
 
 /// What detach did.
@@ -33,7 +36,7 @@ pub struct DetachReport {
 }
 
 /// A device kept because a process holds it open.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldDevice {
     /// The owner in the journal.
     pub owner: Owner,
@@ -109,6 +112,7 @@ impl Host {
                     iommu_group: p.iommu_group,
                     passed: p.passed,
                     persistence_disabled: false,
+                    original_d3cold: None,
                     step: Step::Planned,
                 })
                 .collect(),
@@ -131,6 +135,15 @@ impl Host {
                     .filter(|d| !d.passed)
                     .map(|d| d.device)
                     .collect();
+                // Kept after detach: faults its VM reports later map to these devices.
+                let (passed, gpus) = (
+                    boot.iter().filter_map(|b| b.address).collect(),
+                    boot.iter()
+                        .filter(|b| b.gpu)
+                        .filter_map(|b| b.address)
+                        .collect(),
+                );
+                j.state.remember(&req.owner, passed, gpus);
                 commit(&mut j, txn);
                 j.save()?;
                 Failpoint::AfterCommit.hit();
@@ -199,6 +212,7 @@ impl Host {
                     });
                 }
             }
+            self.hold_d3cold(j, t, i)?;
             self.set_step(j, t, i, Step::OverrideSet)?;
             self.write(
                 &self.sysfs.device_dir(rec.device).join("driver_override"),
@@ -366,12 +380,13 @@ impl Host {
 
     /// Put one device back to its recorded original state, looking at what it is now (so that
     /// it is correct whichever step a crash interrupted, and safe to repeat).
-    fn restore(&self, rec: &DeviceRecord) -> Result<RestoredDevice, AttachError> {
+    pub(super) fn restore(&self, rec: &DeviceRecord) -> Result<RestoredDevice, AttachError> {
         if rec.adopted {
             // It was on vfio-pci before us, maybe in use by a VM we do not know: leave it there.
             return Ok(RestoredDevice {
                 device: rec.device,
                 driver: self.sysfs.driver(rec.device),
+                health: None,
             });
         }
         let a = rec.device.to_string();
@@ -410,9 +425,11 @@ impl Host {
         if rec.persistence_disabled {
             persistence(&a, true);
         }
+        self.restore_d3cold(rec);
         Ok(RestoredDevice {
             device: rec.device,
             driver: now,
+            health: None,
         })
     }
 
@@ -467,7 +484,7 @@ impl Host {
             j.save()?;
         }
         for rec in att.devices.iter().rev() {
-            report.restored.push(self.restore(rec)?);
+            report.restored.push(self.release_device(rec, &att.owner)?);
             j.state.attachments[i]
                 .devices
                 .retain(|d| d.device != rec.device);
@@ -475,6 +492,7 @@ impl Host {
             Failpoint::MidDetach.hit();
         }
         j.state.attachments.remove(i);
+        j.state.forget(&att.owner);
         j.save()?;
         Ok(report)
     }
@@ -490,6 +508,22 @@ impl Host {
         for txn in txns {
             if self.can_finish(&txn) {
                 report.finished.push(txn.owner.clone());
+                let passed: Vec<PciAddress> = txn
+                    .devices
+                    .iter()
+                    .filter(|d| d.passed)
+                    .map(|d| d.device)
+                    .collect();
+                let gpus = passed
+                    .iter()
+                    .copied()
+                    .filter(|a| {
+                        self.sysfs
+                            .device(*a)
+                            .is_ok_and(|d| d.kind == crate::pci::DeviceKind::Display)
+                    })
+                    .collect();
+                j.state.remember(&txn.owner, passed, gpus);
                 commit(&mut j, txn);
             } else {
                 match self.roll_back(&txn) {
