@@ -7,8 +7,8 @@ use gpu_passthrough::health::{self, HealthStore};
 use gpu_passthrough::pci::PciAddress;
 
 use crate::Global;
-use crate::host::{attach_error, host, owner};
-use crate::output::{emit, emit_text, exit, fail};
+use crate::host::{host, owner};
+use crate::output::{emit, emit_text, exit};
 
 /// Arguments of `health`.
 #[derive(Debug, clap::Args)]
@@ -52,7 +52,7 @@ pub struct ResetArgs {
 }
 
 fn address(s: &str) -> anyhow::Result<PciAddress> {
-    s.parse().map_err(|e| fail(exit::REFUSED, e))
+    Ok(s.parse()?)
 }
 
 /// `health [scan|ingest|clear]`.
@@ -80,9 +80,7 @@ pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
 
 /// `reset DEVICE`: reset on demand, then verify.
 pub fn reset(global: &Global, args: &ResetArgs) -> anyhow::Result<ExitCode> {
-    let check = host(global, Vec::new())
-        .reset(address(&args.device)?)
-        .map_err(attach_error)?;
+    let check = host(global, Vec::new()).reset(address(&args.device)?)?;
     emit(global, &check, |c| println!("{c}"))?;
     Ok(ExitCode::from(if check.verify.ok {
         0

@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gpu_passthrough::attach::{AttachError, CheckStatus, Host, Owner, PidLiveness, PlanRequest};
-use gpu_passthrough::pci::PciAddress;
-use gpu_passthrough::provision::{GpuVmRequest, ProvisionError, Provisioner};
+use gpu_passthrough::attach::{CheckStatus, Host, Owner, PidLiveness, PlanRequest};
+use gpu_passthrough::provision::{GpuVmRequest, Provisioner};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
 use gpu_passthrough::text::BootSpecText;
+use gpu_passthrough::vmm::Vmm;
 
 use crate::Global;
-use crate::output::{emit, emit_text, exit, fail};
+use crate::output::{emit, emit_text, exit};
 use crate::progress::DownloadBar;
 
 /// Exit code of success.
@@ -82,15 +82,6 @@ pub struct PlanArgs {
     owner: Option<String>,
 }
 
-/// Which VMM's arguments to print.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Vmm {
-    /// Cloud Hypervisor.
-    CloudHypervisor,
-    /// QEMU.
-    Qemu,
-}
-
 /// Arguments of `attach`.
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
@@ -100,7 +91,11 @@ pub struct AttachArgs {
     #[arg(long, value_name = "ID")]
     owner: String,
     /// Print the arguments of this VMM (both are in the JSON).
-    #[arg(long, value_enum, default_value = "cloud-hypervisor")]
+    #[arg(
+        long,
+        value_name = "cloud-hypervisor|qemu",
+        default_value = "cloud-hypervisor"
+    )]
     vmm: Vmm,
     /// The initrd to boot [default: with --release, that release's combined layer, built
     /// and cached by `initrd ensure` before any device is touched].
@@ -145,19 +140,17 @@ pub(crate) fn host(global: &Global, gone: Vec<Owner>) -> Host {
 }
 
 pub(crate) fn owner(s: &str) -> anyhow::Result<Owner> {
-    Owner::new(s).map_err(|e| fail(exit::REFUSED, e))
-}
-
-fn addresses(list: &[String]) -> anyhow::Result<Vec<PciAddress>> {
-    list.iter()
-        .map(|s| s.parse::<PciAddress>().map_err(|e| fail(exit::REFUSED, e)))
-        .collect()
+    Ok(Owner::new(s)?)
 }
 
 /// The request as parsed; bad input is refused before anything is built or fetched.
 fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanRequest> {
     Ok(PlanRequest {
-        devices: addresses(&sel.devices)?,
+        devices: sel
+            .devices
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()?,
         gpus: sel.gpus,
         owner,
         flavor: sel.flavor,
@@ -178,31 +171,10 @@ fn registry_for(global: &Global, sel: &Selection) -> anyhow::Result<Registry> {
     })
 }
 
-fn provision_error(e: ProvisionError) -> anyhow::Error {
-    match e {
-        ProvisionError::Attach(e) => attach_error(e),
-        e => fail(
-            e.initrd().map_or(exit::FAILURE, crate::initrd::exit_code),
-            e,
-        ),
-    }
-}
-
-pub(crate) fn attach_error(e: AttachError) -> anyhow::Error {
-    let code = if e.is_refusal() {
-        exit::REFUSED
-    } else {
-        exit::FAILURE
-    };
-    fail(code, e)
-}
-
 /// `doctor`: host readiness.
 pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     let h = host(global, Vec::new());
-    let report = h
-        .doctor(args.host.supported_gpus.as_deref())
-        .map_err(attach_error)?;
+    let report = h.doctor(args.host.supported_gpus.as_deref())?;
     emit_text(global, &report)?;
     Ok(ExitCode::from(if report.verdict == CheckStatus::Fail {
         exit::NOT_READY
@@ -214,9 +186,7 @@ pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
     let h = host(global, Vec::new());
-    let list = h
-        .devices(args.all, args.host.supported_gpus.as_deref())
-        .map_err(attach_error)?;
+    let list = h.devices(args.all, args.host.supported_gpus.as_deref())?;
     emit(global, &list, |list| {
         for d in list {
             print!("{d}");
@@ -232,8 +202,7 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let registry = registry_for(global, &args.sel)?;
     let h = host(global, Vec::new());
     let plan = Provisioner::new(&h, &registry, global.cache_dir())
-        .plan(&req, args.sel.release.as_deref())
-        .map_err(provision_error)?;
+        .plan(&req, args.sel.release.as_deref())?;
     emit(global, &plan, |p| {
         print!("{p}");
         if p.refuses_boot_vga() {
@@ -262,15 +231,15 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     if let Some(init) = &args.guest_init {
         provisioner = provisioner.with_guest_init(init);
     }
-    let spec = provisioner
-        .attach(&request, &DownloadBar::new(global))
-        .map_err(provision_error)?;
-    let vmm = match args.vmm {
-        Vmm::CloudHypervisor => gpu_passthrough::vmm::Vmm::CloudHypervisor,
-        Vmm::Qemu => gpu_passthrough::vmm::Vmm::Qemu,
-    };
+    let spec = provisioner.attach(&request, &DownloadBar::new(global))?;
     emit(global, &spec, |spec| {
-        print!("{}", BootSpecText { spec, vmm })
+        print!(
+            "{}",
+            BootSpecText {
+                spec,
+                vmm: args.vmm
+            }
+        )
     })?;
     Ok(ExitCode::from(SUCCESS))
 }
@@ -279,7 +248,7 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
 pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
     let h = host(global, Vec::new());
-    let report = h.detach(&owner).map_err(attach_error)?;
+    let report = h.detach(&owner)?;
     emit_text(global, &report)?;
     Ok(ExitCode::from(SUCCESS))
 }

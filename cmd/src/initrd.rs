@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gpu_passthrough::initrd::{InitrdError, LayerCompression, read_initrd};
+use gpu_passthrough::initrd::{LayerCompression, read_initrd};
 use gpu_passthrough::provision::{self, Freshness};
 use gpu_passthrough::registry::{Arch, Registry};
 use gpu_passthrough::text::InitrdText;
 
 use crate::Global;
-use crate::output::{self, exit};
+use crate::output;
 use crate::progress::DownloadBar;
 
 /// Initrd commands.
@@ -70,41 +70,23 @@ fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Res
         Some(a) => a,
         None => provision::host_arch()?,
     };
-    let mut options = provision::default_build_options(arch, args.guest_init.as_deref())
-        .map_err(initrd_failure)?;
+    let mut options = provision::default_build_options(arch, args.guest_init.as_deref())?;
     options.compression = args.compression;
     if !args.modules.is_empty() {
         options.modules = args.modules.clone();
     }
     let progress = DownloadBar::new(global);
     let mut layers =
-        provision::release_layers(&global.cache_dir(), release, &options, freshness, &progress)
-            .map_err(initrd_failure)?;
+        provision::release_layers(&global.cache_dir(), release, &options, freshness, &progress)?;
     if let Some(out) = &args.out {
-        layers.copy_to(out).map_err(initrd_failure)?;
+        layers.copy_to(out)?;
     }
     output::emit_text(global, &layers)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// An initrd error with its exit code.
-pub fn initrd_failure(e: InitrdError) -> anyhow::Error {
-    output::fail(exit_code(&e), e)
-}
-
-/// Verification failures and refusals have their own exit codes.
-pub fn exit_code(e: &InitrdError) -> u8 {
-    if e.is_verification_failure() {
-        exit::VERIFY
-    } else if e.is_refusal() {
-        exit::REFUSED
-    } else {
-        exit::FAILURE
-    }
-}
-
 fn inspect(global: &Global, args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let layers = read_initrd(&args.file).map_err(|e| output::fail(exit::FAILURE, e))?;
+    let layers = read_initrd(&args.file)?;
     output::emit(global, &layers, |l| print!("{}", InitrdText(l)))?;
     Ok(ExitCode::SUCCESS)
 }

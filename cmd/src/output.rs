@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use gpu_passthrough::outcome::{Outcome, outcome};
 use gpu_passthrough::remedy::Remedy;
 use serde::Serialize;
 
@@ -20,7 +21,8 @@ pub mod exit {
     pub const NOT_READY: u8 = 5;
 }
 
-/// An error that carries its own exit code; anything else exits with [`exit::FAILURE`].
+/// An error that carries an exit code the CLI decided; library errors get theirs from
+/// [`outcome`].
 #[derive(Debug)]
 pub struct Failure {
     /// Process exit code.
@@ -105,12 +107,21 @@ pub fn emit_text<T: Serialize + std::fmt::Display>(
     emit(global, value, |v| print!("{v}"))
 }
 
+/// The exit code of an error: the CLI's own where it set one, else the library's outcome.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if let Some(f) = err.chain().find_map(|c| c.downcast_ref::<Failure>()) {
+        return f.code;
+    }
+    match outcome(err.as_ref()) {
+        Outcome::Refused => exit::REFUSED,
+        Outcome::VerificationFailed => exit::VERIFY,
+        Outcome::Failed => exit::FAILURE,
+    }
+}
+
 /// Print an error (as JSON on stdout with `--json`, else on stderr) and pick the exit code.
 pub fn report_error(global: &Global, err: &anyhow::Error) -> ExitCode {
-    let code = err
-        .chain()
-        .find_map(|c| c.downcast_ref::<Failure>())
-        .map_or(exit::FAILURE, |f| f.code);
+    let code = exit_code(err);
     let mut message = format!("{err:#}");
     if let Some(hint) = flag_hint(err) {
         message = format!("{message} ({hint})");

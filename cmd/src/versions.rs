@@ -1,13 +1,11 @@
 //! `gpu-passthrough versions ...`: list and show releases, and the driver-upgrade workflow
 //! (`add`, `pin`, `verify`). Files are written to the last `--registry FILE`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use gpu_passthrough::fetch::{FetchOptions, Fetcher};
-use gpu_passthrough::registry::{Arch, ArtifactKind, ModuleFlavor, Registry};
+use gpu_passthrough::registry::{Arch, ModuleFlavor, Registry};
 use gpu_passthrough::text::ReleaseTable;
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
 
@@ -123,18 +121,6 @@ fn fetcher(global: &Global) -> anyhow::Result<Fetcher> {
     Ok(Fetcher::new(&global.cache_dir(), FetchOptions::default())?)
 }
 
-/// The exit code the library's classification of a workflow error maps to.
-fn versions_failure(err: VersionsError) -> anyhow::Error {
-    let code = if err.is_verification_failure() {
-        exit::VERIFY
-    } else if err.is_refusal() {
-        exit::REFUSED
-    } else {
-        exit::FAILURE
-    };
-    fail(code, err)
-}
-
 fn list(global: &Global) -> anyhow::Result<ExitCode> {
     let rows = versions::summaries(&load(global)?);
     emit(global, &serde_json::json!({ "releases": rows }), |_| {
@@ -156,23 +142,6 @@ fn show(global: &Global, name: Option<&str>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `KIND=URL` arguments → kind → mirrors, in the order given.
-fn parse_artifact_args(args: &[String]) -> anyhow::Result<BTreeMap<ArtifactKind, Vec<String>>> {
-    let mut out: BTreeMap<ArtifactKind, Vec<String>> = BTreeMap::new();
-    for arg in args {
-        let (kind, url) = arg.split_once('=').with_context(|| {
-            format!(
-                "--artifact `{arg}`: expected KIND=URL, e.g. kernel=https://example.com/vmlinuz"
-            )
-        })?;
-        let kind: ArtifactKind = kind
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("--artifact `{arg}`: {e}"))?;
-        out.entry(kind).or_default().push(url.to_string());
-    }
-    Ok(out)
-}
-
 fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
     let file = target_file(global, "add")?;
     let Some(arch) = args.arch.or_else(Arch::host) else {
@@ -186,7 +155,8 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
         flavor: args.flavor,
         gsp: !args.no_gsp,
         arch,
-        artifacts: parse_artifact_args(&args.artifacts)?,
+        artifacts: versions::artifact_urls(&args.artifacts)
+            .map_err(|e| anyhow::anyhow!("--artifact {e}"))?,
         default: args.default,
         replace: args.replace,
     };
@@ -196,7 +166,7 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
                 exit::FAILURE,
                 anyhow::Error::new(e).context("pass --driver-version"),
             ),
-            e => versions_failure(e),
+            e => e.into(),
         },
     )?;
     emit_text(global, &report)?;
@@ -212,8 +182,7 @@ fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCo
         name,
         only,
         &DownloadBar::new(global),
-    )
-    .map_err(versions_failure)?;
+    )?;
     emit_text(global, &report)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -253,8 +222,7 @@ fn verify(
         name,
         source,
         &DownloadBar::new(global),
-    )
-    .map_err(versions_failure)?;
+    )?;
     let verdict = report.verdict(allow_unpinned);
     let (code, message) = match &verdict {
         Verdict::Ok => (0, None),

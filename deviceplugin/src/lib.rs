@@ -52,7 +52,7 @@ pub trait Quarantine: Send + Sync {
     fn is_quarantined(&self, device: PciAddress) -> bool;
 }
 
-/// No quarantine: every device is allowed (until the health monitor is wired in).
+/// No quarantine: every device is allowed (a caller that keeps health elsewhere).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoQuarantine;
 
@@ -123,8 +123,8 @@ pub struct Config {
     pub prepare: Prepare,
     /// How often health, sockets and the kubelet are checked.
     pub poll_interval: Duration,
-    /// The quarantine seam.
-    pub quarantine: Arc<dyn Quarantine>,
+    /// The quarantine seam; `None` means the health records in `state_dir` (fail closed).
+    pub quarantine: Option<Arc<dyn Quarantine>>,
 }
 
 impl std::fmt::Debug for Config {
@@ -142,7 +142,7 @@ impl std::fmt::Debug for Config {
 
 impl Config {
     /// Defaults for a real node: `/var/lib/kubelet`, `/sys`, `/var/lib/gpu-passthrough`, `/dev`,
-    /// a one-second poll, no preparation, no quarantine.
+    /// a one-second poll, no preparation, quarantine by the state dir's health records.
     pub fn new() -> Self {
         Config {
             kubelet_dir: PathBuf::from("/var/lib/kubelet"),
@@ -153,8 +153,18 @@ impl Config {
             supported_gpus: None,
             prepare: Prepare::None,
             poll_interval: Duration::from_secs(1),
-            quarantine: Arc::new(NoQuarantine),
+            quarantine: None,
         }
+    }
+
+    /// The quarantine in force: the one given, else the health records of the state dir, so
+    /// a device the host quarantined is never handed to a pod.
+    pub fn quarantine(&self) -> Arc<dyn Quarantine> {
+        self.quarantine.clone().unwrap_or_else(|| {
+            Arc::new(HealthRecords {
+                state_dir: self.state_dir.clone(),
+            })
+        })
     }
 
     /// `<kubelet-dir>/device-plugins`.

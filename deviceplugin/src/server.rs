@@ -153,7 +153,7 @@ impl DevicePlugin for PluginService {
             allocate(
                 &host,
                 &shared.namer,
-                shared.config.quarantine.as_ref(),
+                shared.config.quarantine().as_ref(),
                 &resource,
                 &containers,
             )
@@ -301,7 +301,7 @@ async fn scan(shared_config: &Config, namer: &Namer) -> Result<Inventory, Plugin
     let config = shared_config.clone();
     let namer = namer.clone();
     tokio::task::spawn_blocking(move || {
-        inventory::scan(&config.host(), &namer, config.quarantine.as_ref())
+        inventory::scan(&config.host(), &namer, config.quarantine().as_ref())
     })
     .await
     .unwrap_or_else(|e| panic!("scan task: {e}"))

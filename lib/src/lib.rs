@@ -18,6 +18,7 @@
 //! - [`vfio`]: check a bound device through VFIO the way a VMM will open it.
 //! - [`health`]: NVIDIA fault classification, per-device health records, quarantine.
 //! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
+//! - [`outcome`]: whether an error is a refusal, a verification failure or a failure on the way.
 //! - [`text`]: the human-readable form of the reports (`Display`).
 //! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
@@ -37,6 +38,7 @@ pub mod health;
 pub mod initrd;
 pub mod inspect;
 pub mod modinfo;
+pub mod outcome;
 pub mod paths;
 pub mod pci;
 pub mod provision;

@@ -110,6 +110,18 @@ pub enum Vmm {
     Qemu,
 }
 
+impl std::str::FromStr for Vmm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cloud-hypervisor" => Ok(Vmm::CloudHypervisor),
+            "qemu" => Ok(Vmm::Qemu),
+            _ => Err(format!("unknown VMM `{s}`: cloud-hypervisor or qemu")),
+        }
+    }
+}
+
 impl BootSpec {
     /// The command-line arguments for `vmm`.
     pub fn args(&self, vmm: Vmm) -> &[String] {

@@ -357,7 +357,7 @@ impl Quarantine for QuarantineOne {
 async fn a_quarantined_device_is_unhealthy_and_never_allocated() {
     let h = vfio_host();
     let cfg = Config {
-        quarantine: Arc::new(QuarantineOne("0000:18:00.0".parse().unwrap())),
+        quarantine: Some(Arc::new(QuarantineOne("0000:18:00.0".parse().unwrap()))),
         ..config(&h)
     };
     let kubelet = StubKubelet::start(&cfg.plugin_dir());
@@ -368,6 +368,48 @@ async fn a_quarantined_device_is_unhealthy_and_never_allocated() {
     let first = next(&mut stream).await;
     assert_eq!(health(&first, "0000:18:00.0"), "Unhealthy");
     assert_eq!(health(&first, "0000:9a:00.0"), "Healthy");
+    let err = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap_err();
+    assert!(err.message().contains("quarantined"), "{}", err.message());
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+/// By default the plugin reads the host's health records: when a GPU that two owners' VMs lost
+/// is quarantined by the library's policy while the plugin serves it, the next ListAndWatch update
+/// reports it unhealthy, with no wiring by the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_health_records_quarantine_by_default() {
+    use gpu_passthrough::attach::Owner;
+    use gpu_passthrough::health::{self, EventSource, HealthEvent, HealthStore};
+    let h = vfio_host();
+    let cfg = config(&h);
+    assert!(
+        cfg.quarantine.is_none(),
+        "the default is the health records"
+    );
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(health(&next(&mut stream).await, "0000:18:00.0"), "Healthy");
+
+    let device: PciAddress = "0000:18:00.0".parse().unwrap();
+    let line = "NVRM: Xid (PCI:0000:18:00): 79, pid=1234, GPU has fallen off the bus.";
+    let fault = health::classify_line(line).expect("an Xid 79 line is a fault");
+    let events: Vec<HealthEvent> = ["vm-1", "vm-2"]
+        .iter()
+        .map(|o| {
+            let owner = Owner::new(o).unwrap();
+            HealthEvent::now(device, Some(owner), EventSource::Console, fault.clone())
+        })
+        .collect();
+    HealthStore::new(&h.state).record(&events).unwrap();
+    assert!(health::is_quarantined(&h.state, device).unwrap().is_some());
+
+    let update = next(&mut stream).await;
+    assert_eq!(health(&update, "0000:18:00.0"), "Unhealthy");
+    assert_eq!(health(&update, "0000:9a:00.0"), "Healthy");
     let err = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap_err();
     assert!(err.message().contains("quarantined"), "{}", err.message());
     plugin.stop().await;

@@ -166,6 +166,23 @@ pub struct AddRequest {
     pub replace: bool,
 }
 
+/// `KIND=URL` pairs → kind → URLs in the order given: the first URL of a kind is the primary,
+/// the same kind again adds a mirror. The error names the pair and the expected form.
+pub fn artifact_urls<S: AsRef<str>>(
+    pairs: &[S],
+) -> Result<BTreeMap<ArtifactKind, Vec<String>>, String> {
+    let mut out: BTreeMap<ArtifactKind, Vec<String>> = BTreeMap::new();
+    for pair in pairs {
+        let pair = pair.as_ref();
+        let (kind, url) = pair.split_once('=').ok_or_else(|| {
+            format!("`{pair}`: expected KIND=URL, e.g. kernel=https://example.com/vmlinuz")
+        })?;
+        let kind: ArtifactKind = kind.parse().map_err(|e: String| format!("`{pair}`: {e}"))?;
+        out.entry(kind).or_default().push(url.to_string());
+    }
+    Ok(out)
+}
+
 /// What [`add`] wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct AddReport {
