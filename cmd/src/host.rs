@@ -186,12 +186,8 @@ pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
     let h = host(global, Vec::new());
-    let list = h.devices(args.all, args.host.supported_gpus.as_deref())?;
-    emit(global, &list, |list| {
-        for d in list {
-            print!("{d}");
-        }
-    })?;
+    let list = h.listing(args.all, args.host.supported_gpus.as_deref())?;
+    emit_text(global, &list)?;
     Ok(ExitCode::from(SUCCESS))
 }
 

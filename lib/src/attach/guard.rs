@@ -96,11 +96,10 @@ impl Host {
     }
 
     /// The GPU's `/dev/nvidiaN`, from "Device Minor" in the driver's
-    /// `<proc>/driver/nvidia/gpus/<addr>/information`.
+    /// `/proc/driver/nvidia/gpus/<addr>/information`.
     fn nvidia_node(&self, device: PciAddress) -> Option<PathBuf> {
         let info = fs::read_to_string(
-            self.proc_root
-                .join("driver/nvidia/gpus")
+            self.nvidia_gpus
                 .join(device.to_string())
                 .join("information"),
         )

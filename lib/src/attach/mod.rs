@@ -44,7 +44,7 @@ pub use doctor::{Check, CheckStatus, DoctorReport};
 pub use journal::{Journal, JournalError, JournalState};
 pub use kernel::{Kernel, RealKernel};
 pub use liveness::{PidLiveness, ProcessIdentity, process_identity};
-pub use plan::{DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
+pub use plan::{DeviceListing, DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use transaction::{DetachReport, HeldDevice, ReconcileReport, RestoredDevice};
 

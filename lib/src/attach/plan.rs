@@ -157,7 +157,51 @@ pub struct DeviceReport {
     pub not_ready_because: Vec<String>,
 }
 
+/// What `devices` found: the rows, and how many PCI devices were looked at, so that an empty
+/// list says why it is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceListing {
+    /// PCI devices looked at.
+    pub scanned: usize,
+    /// Every device was listed, not only passthrough candidates.
+    pub all: bool,
+    /// The devices listed.
+    pub devices: Vec<DeviceReport>,
+    /// Why the list is empty, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
 impl Host {
+    /// [`Host::devices`], with the number of PCI devices looked at and, when nothing is
+    /// listed, a sentence saying so.
+    pub fn listing(
+        &self,
+        all: bool,
+        supported_gpus: Option<&std::path::Path>,
+    ) -> Result<DeviceListing, AttachError> {
+        let scanned = self.sysfs.addresses()?.len();
+        let devices = self.devices(all, supported_gpus)?;
+        let note = devices.is_empty().then(|| {
+            if scanned == 0 {
+                format!(
+                    "no PCI devices in {}",
+                    self.sysfs.root().join("bus/pci/devices").display()
+                )
+            } else {
+                format!(
+                    "no passthrough candidates among the {scanned} PCI devices looked at (none is a display controller, offers mdev types or is on vfio-pci); list every device to see them"
+                )
+            }
+        });
+        Ok(DeviceListing {
+            scanned,
+            all,
+            devices,
+            note,
+        })
+    }
+
     /// Name devices from `pci.ids` and the supported-gpus table.
     fn name(&self, d: &mut PciDevice, ids: &PciIds, gpus: Option<&SupportedGpus>) {
         d.vendor_name = ids.vendor(d.vendor_id).map(str::to_owned);
