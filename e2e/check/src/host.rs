@@ -3,6 +3,7 @@
 //! `E2E-C devices vga=… edu=… nic=…`, and frames every CLI command as
 //! `E2E-C begin L` stdout `E2E-C stderr L` stderr `E2E-C end L` `E2E-C rc L N`.
 
+mod hardening;
 mod health;
 
 use crate::checks::Checks;
@@ -372,6 +373,7 @@ pub fn checks(console: &Console, nested: bool) -> Checks {
     rc_is(&mut c, &run, "attach-after-reconcile", 0);
     rc_is(&mut c, &run, "detach-after-reconcile", 0);
     health::checks(&mut c, &run);
+    hardening::checks(&mut c, &run, console);
 
     if nested {
         rc_is(&mut c, &run, "nested-attach", 0);
