@@ -5,7 +5,8 @@
 use std::fmt::{self, Display, Formatter};
 
 use crate::attach::{
-    CheckStatus, DetachReport, DeviceListing, DeviceReport, DoctorReport, Plan, ReconcileReport, RefusalReason,
+    CheckStatus, DetachReport, DeviceListing, DeviceReport, DoctorReport, Plan, ReconcileReport,
+    RefusalReason,
 };
 use crate::initrd::{InitrdLayer, LayerFile, Layers};
 use crate::pci::PciAddress;

@@ -44,7 +44,9 @@ pub use doctor::{Check, CheckStatus, DoctorReport};
 pub use journal::{Journal, JournalError, JournalState};
 pub use kernel::{Kernel, RealKernel};
 pub use liveness::{PidLiveness, ProcessIdentity, process_identity};
-pub use plan::{DeviceListing, DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
+pub use plan::{
+    DeviceListing, DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite,
+};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use transaction::{DetachReport, HeldDevice, ReconcileReport, RestoredDevice};
 
@@ -402,7 +404,9 @@ impl Host {
         self
     }
 
-    /// Use another proc filesystem (for `/proc/cmdline` and the like in doctor).
+    /// Use another proc filesystem: `/proc/cmdline` for doctor, `<pid>/fd` for who holds a
+    /// device, `<pid>/stat` and `<pid>/ns/pid` for a `pid:N` owner's identity, and
+    /// `driver/nvidia/gpus`.
     pub fn with_proc_root(mut self, proc_root: impl Into<PathBuf>) -> Host {
         self.proc_root = proc_root.into();
         self.nvidia_gpus = self.proc_root.join("driver/nvidia/gpus");

@@ -42,6 +42,14 @@ impl SimulatedKernel {
         if self.sysfs.driver(address).is_some() {
             return Err(errno(libc::EBUSY));
         }
+        // Like the kernel's match: a `driver_override` naming another driver refuses the bind.
+        if self
+            .sysfs
+            .driver_override(address)
+            .is_some_and(|o| o != driver)
+        {
+            return Err(errno(libc::ENODEV));
+        }
         symlink(&driver_dir, dev.join("driver"))?;
         if driver == "nvidia" && !has_flag(self.sysfs.root(), "nvidia-no-gpu") {
             fs::create_dir_all(
@@ -79,7 +87,11 @@ impl SimulatedKernel {
     }
 
     fn remove_cdevs(&self, dev: &Path) {
-        for e in fs::read_dir(dev.join("vfio-dev")).into_iter().flatten().flatten() {
+        for e in fs::read_dir(dev.join("vfio-dev"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let _ = fs::remove_file(self.dev_dir.join("vfio/devices").join(e.file_name()));
         }
         let _ = fs::remove_dir_all(dev.join("vfio-dev"));

@@ -29,7 +29,12 @@ impl VfioVerifier for SimulatedVfio {
             .into_iter()
             .flatten()
             .flatten()
-            .any(|e| self.dev_dir.join("vfio/devices").join(e.file_name()).exists());
+            .any(|e| {
+                self.dev_dir
+                    .join("vfio/devices")
+                    .join(e.file_name())
+                    .exists()
+            });
         if !cdev && !self.dev_dir.join("vfio").join(group.to_string()).exists() {
             return Err(VfioCheckError::Container(format!(
                 "no {}/vfio/{group}",
