@@ -41,20 +41,7 @@ impl Host {
     /// A device's iommufd character devices: `/dev/vfio/devices/vfioX` for each `vfio-dev/vfioX`
     /// in its sysfs directory (present while it is on vfio-pci on a kernel with iommufd).
     pub(super) fn vfio_cdevs(&self, device: PciAddress) -> Vec<PathBuf> {
-        let Ok(entries) = fs::read_dir(self.sysfs.device_dir(device).join("vfio-dev")) else {
-            return Vec::new();
-        };
-        let mut out: Vec<PathBuf> = entries
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.to_owned();
-                let n = name.strip_prefix("vfio")?;
-                (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-                    .then(|| self.dev_dir.join("vfio/devices").join(&name))
-            })
-            .collect();
-        out.sort();
-        out
+        crate::vfio::cdevs(&self.sysfs.device_dir(device), &self.dev_dir)
     }
 
     /// The VFIO nodes through which a VMM could hold `device`.
