@@ -158,7 +158,8 @@ impl BootSpec {
     ) -> BootSpec {
         let gpus = devices.iter().filter(|d| d.gpu).count();
         let clique = (p2p_clique && gpus > 1).then_some(0u8);
-        // iommufd-only hosts: QEMU opens the device's cdev through an iommufd object.
+        // iommufd-only hosts: QEMU opens the device's cdev through an iommufd object, Cloud
+        // Hypervisor (v50+) through `--platform iommufd=on`.
         let iommufd = devices.iter().any(BootDevice::is_iommufd_cdev);
         let mut ch_args = Vec::new();
         let mut ch_devices = Vec::new();
@@ -166,6 +167,8 @@ impl BootSpec {
         if iommufd {
             qemu_args.push("-object".to_owned());
             qemu_args.push("iommufd,id=iommufd0".to_owned());
+            ch_args.push("--platform".to_owned());
+            ch_args.push("iommufd=on".to_owned());
         }
         for d in &devices {
             let path = format!("{}/", d.sysfs_path.display());
@@ -293,6 +296,7 @@ mod tests {
                 "vfio-pci,host=0000:65:00.0,iommufd=iommufd0"
             ]
         );
+        assert_eq!(s.cloud_hypervisor.args[..2], ["--platform", "iommufd=on"]);
     }
 
     #[test]

@@ -699,6 +699,14 @@ fn an_iommufd_only_host_attaches_through_the_device_cdev() {
         "{:?}",
         spec.qemu.args
     );
+    assert!(
+        spec.cloud_hypervisor
+            .args
+            .windows(2)
+            .any(|w| w == ["--platform", "iommufd=on"]),
+        "{:?}",
+        spec.cloud_hypervisor.args
+    );
     h.host().detach(&owner("vm")).unwrap();
     assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
     assert!(!h.dev.join("vfio/devices/vfio0").exists());
