@@ -12,6 +12,7 @@
 //!   start-up pass that adopts or prepares GPUs.
 //! - [`allocate`]: the group re-check and the journal record of an allocation.
 //! - [`preferred`]: GetPreferredAllocation's choice (one NUMA node, then one PCIe switch).
+//! - [`vgpu`]: the vGPUs the library created for the plugin's pool, on both NVIDIA frameworks.
 //! - [`api`]: the generated v1beta1 messages, servers and clients.
 //!
 //! The plugin holds no device state of its own: each scan and each Allocate reads the journal
@@ -23,6 +24,7 @@ pub mod inventory;
 pub mod naming;
 pub mod preferred;
 mod server;
+pub mod vgpu;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

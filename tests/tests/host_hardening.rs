@@ -234,6 +234,7 @@ fn reconcile_does_not_roll_back_an_abandoned_transaction_whose_device_is_held() 
             owner_process: None,
             devices,
             mdevs: Vec::new(),
+            vgpus: Vec::new(),
         });
         j.save().unwrap();
     }
