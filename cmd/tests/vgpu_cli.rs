@@ -6,8 +6,9 @@
 use std::process::Command;
 
 use gpu_passthrough::failpoint::{Failpoint, Stage};
+use gpu_passthrough::health::NoQuarantine;
 use gpu_passthrough::pci::Sysfs;
-use gpu_passthrough::vgpu::{self, Framework, NoQuarantine};
+use gpu_passthrough::vgpu::{self, Framework};
 use gpu_passthrough_tests::sysfs::{self, FakeHost};
 
 fn cli(h: &FakeHost, args: &[&str]) -> std::process::Output {

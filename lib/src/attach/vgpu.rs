@@ -19,8 +19,9 @@ use super::holders::{self, Holder};
 use super::journal::{LockedJournal, Transaction, VgpuRecord, VgpuStep};
 use super::{AttachError, Host, Owner};
 use crate::failpoint::Failpoint;
+use crate::health::HealthRecords;
 use crate::pci::PciAddress;
-use crate::vgpu::{self, Catalogue, Framework, ModelTotals, PlaceRequest, Placement, Quarantine};
+use crate::vgpu::{self, Catalogue, Framework, ModelTotals, PlaceRequest, Placement};
 
 /// In the state dir: each vendor-VFIO GPU model's total framebuffer, as learned.
 const MODEL_TOTALS: &str = "vgpu-framebuffer.json";
@@ -35,15 +36,6 @@ pub struct VgpuAttachRequest {
     pub owner: Owner,
     /// The initrd the VM boots, put in the boot spec.
     pub initrd: Option<PathBuf>,
-}
-
-/// The health records' quarantine, failing closed: a record that cannot be read quarantines.
-struct HealthQuarantine<'a>(&'a Path);
-
-impl Quarantine for HealthQuarantine<'_> {
-    fn is_quarantined(&self, device: PciAddress) -> bool {
-        crate::health::is_quarantined(self.0, device).map_or(true, |q| q.is_some())
-    }
 }
 
 fn read_trim(path: &Path) -> Option<String> {
@@ -68,7 +60,9 @@ impl Host {
             .unwrap_or_default();
         let cat = vgpu::catalogue_with(
             &self.sysfs,
-            &HealthQuarantine(self.journal.dir()),
+            &HealthRecords {
+                state_dir: self.journal.dir().to_owned(),
+            },
             &mut totals,
         );
         (cat, totals)

@@ -99,20 +99,6 @@ pub fn short_name(name: &str) -> &str {
         .unwrap_or(n)
 }
 
-/// Devices the health module has quarantined: placement skips them. The default says none is.
-pub trait Quarantine {
-    /// Whether `device` is quarantined.
-    fn is_quarantined(&self, _device: PciAddress) -> bool {
-        false
-    }
-}
-
-/// No quarantine records (the seam until health quarantine is wired in).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoQuarantine;
-
-impl Quarantine for NoQuarantine {}
-
 /// Errors of the vGPU catalogue and placement.
 #[derive(Debug, thiserror::Error)]
 pub enum VgpuError {
