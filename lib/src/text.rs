@@ -5,7 +5,8 @@
 use std::fmt::{self, Display, Formatter};
 
 use crate::attach::{
-    CheckStatus, DetachReport, DeviceReport, DoctorReport, Plan, ReconcileReport, RefusalReason,
+    CheckStatus, DetachReport, DeviceListing, DeviceReport, DoctorReport, Plan, ReconcileReport,
+    RefusalReason,
 };
 use crate::initrd::{InitrdLayer, LayerFile, Layers};
 use crate::pci::PciAddress;
@@ -43,6 +44,18 @@ impl Display for DoctorReport {
             }
         }
         writeln!(f, "verdict: {}", self.verdict)
+    }
+}
+
+impl Display for DeviceListing {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for d in &self.devices {
+            write!(f, "{d}")?;
+        }
+        if let Some(note) = &self.note {
+            writeln!(f, "{note}")?;
+        }
+        Ok(())
     }
 }
 
@@ -235,6 +248,16 @@ impl Display for ReconcileReport {
         }
         for o in &self.kept_alive {
             writeln!(f, "kept {o}: still exists")?;
+        }
+        for h in &self.kept_in_use {
+            let who: Vec<String> = h.holders.iter().map(ToString::to_string).collect();
+            writeln!(
+                f,
+                "kept {}: {} is in use ({})",
+                h.owner,
+                h.device,
+                who.join(", ")
+            )?;
         }
         for o in &self.kept_unknown {
             writeln!(
