@@ -34,6 +34,8 @@ pub mod attach;
 pub mod capabilities;
 pub mod failpoint;
 pub mod fetch;
+/// The download progress callback every workflow takes.
+pub use fetch::Progress;
 mod fsutil;
 pub mod health;
 pub mod initrd;
