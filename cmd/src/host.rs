@@ -65,6 +65,9 @@ pub struct Selection {
     /// vGPU: create an mdev of this type on each device instead of binding it.
     #[arg(long, value_name = "TYPE")]
     mdev_type: Option<String>,
+    /// Put the GPUs in one P2P clique even when they are not behind one PCIe switch.
+    #[arg(long)]
+    p2p_clique: bool,
     #[command(flatten)]
     host: HostOpts,
 }
@@ -77,6 +80,8 @@ pub struct PlanArgs {
     /// The owner asking (its own devices show as already attached).
     #[arg(long, value_name = "ID")]
     owner: Option<String>,
+    #[command(flatten)]
+    vgpu: crate::vgpu::VgpuArgs,
 }
 
 /// Arguments of `attach`.
@@ -101,6 +106,8 @@ pub struct AttachArgs {
     /// The static guest init for the ensured initrd [default: `gpu-init` beside this program].
     #[arg(long, value_name = "PATH", env = "GPU_PASSTHROUGH_GUEST_INIT")]
     guest_init: Option<PathBuf>,
+    #[command(flatten)]
+    vgpu: crate::vgpu::VgpuArgs,
 }
 
 /// Arguments of `detach`.
@@ -154,6 +161,7 @@ fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanReq
         supported_gpus: sel.host.supported_gpus.clone(),
         allow_boot_vga: sel.allow_boot_vga,
         mdev_type: sel.mdev_type.clone(),
+        p2p_clique: sel.p2p_clique,
     })
 }
 
@@ -182,17 +190,16 @@ pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
     let h = host(global, Vec::new());
-    let list = h.devices(args.all, args.host.supported_gpus.as_deref())?;
-    emit(global, &list, |list| {
-        for d in list {
-            print!("{d}");
-        }
-    })?;
+    let list = h.listing(args.all, args.host.supported_gpus.as_deref())?;
+    emit_text(global, &list)?;
     Ok(ExitCode::from(SUCCESS))
 }
 
 /// `plan`: what attach would do.
 pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
+    if let Some(profile) = &args.vgpu.vgpu {
+        return crate::vgpu::plan(global, &args.vgpu, profile);
+    }
     let owner = args.owner.as_deref().map(owner).transpose()?;
     let req = plan_request(&args.sel, owner)?;
     let registry = registry_for(global, &args.sel)?;
@@ -212,14 +219,12 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-/// `attach`: ensure the release's layers, bind, verify, print the boot spec.
+/// `attach`: ensure the release's layers, bind (or create vGPUs), verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let request = GpuVmRequest {
-        plan: plan_request(&args.sel, Some(owner.clone()))?,
-        owner,
-        release: args.sel.release.clone(),
-        initrd: args.initrd.clone(),
+    let plan = match args.vgpu.vgpu {
+        Some(_) => PlanRequest::default(),
+        None => plan_request(&args.sel, Some(owner.clone()))?,
     };
     let registry = registry_for(global, &args.sel)?;
     let h = host(global, Vec::new());
@@ -227,15 +232,25 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     if let Some(init) = &args.guest_init {
         provisioner = provisioner.with_guest_init(init);
     }
-    let spec = provisioner.attach(&request, &DownloadBar::new(global))?;
+    let (release, initrd) = (args.sel.release.clone(), args.initrd.clone());
+    let spec = match &args.vgpu.vgpu {
+        Some(profile) => {
+            let request = args.vgpu.vm_request(profile, owner, release, initrd);
+            provisioner.attach_vgpu(&request, &DownloadBar::new(global))?
+        }
+        None => {
+            let request = GpuVmRequest {
+                plan,
+                owner,
+                release,
+                initrd,
+            };
+            provisioner.attach(&request, &DownloadBar::new(global))?
+        }
+    };
+    let vmm = args.vmm;
     emit(global, &spec, |spec| {
-        print!(
-            "{}",
-            BootSpecText {
-                spec,
-                vmm: args.vmm
-            }
-        )
+        print!("{}", BootSpecText { spec, vmm })
     })?;
     Ok(ExitCode::from(SUCCESS))
 }

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::sync::Mutex;
 
-use gpu_passthrough::fetch::Progress;
+use gpu_passthrough::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::Global;

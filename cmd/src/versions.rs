@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gpu_passthrough::fetch::{FetchOptions, Fetcher};
 use gpu_passthrough::registry::{Arch, ModuleFlavor, Registry};
 use gpu_passthrough::text::ReleaseTable;
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
@@ -117,10 +116,6 @@ fn target_file(global: &Global, command: &str) -> anyhow::Result<PathBuf> {
     })
 }
 
-fn fetcher(global: &Global) -> anyhow::Result<Fetcher> {
-    Ok(Fetcher::new(&global.cache_dir(), FetchOptions::default())?)
-}
-
 fn list(global: &Global) -> anyhow::Result<ExitCode> {
     let rows = versions::summaries(&load(global)?);
     emit(global, &serde_json::json!({ "releases": rows }), |_| {
@@ -160,15 +155,18 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
         default: args.default,
         replace: args.replace,
     };
-    let report = versions::add(&fetcher(global)?, &request, &DownloadBar::new(global)).map_err(
-        |e| match e {
-            VersionsError::NoDriverVersion => fail(
-                exit::FAILURE,
-                anyhow::Error::new(e).context("pass --driver-version"),
-            ),
-            e => e.into(),
-        },
-    )?;
+    let report = versions::add(
+        &versions::fetcher(&global.cache_dir())?,
+        &request,
+        &DownloadBar::new(global),
+    )
+    .map_err(|e| match e {
+        VersionsError::NoDriverVersion => fail(
+            exit::FAILURE,
+            anyhow::Error::new(e).context("pass --driver-version"),
+        ),
+        e => e.into(),
+    })?;
     emit_text(global, &report)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -176,7 +174,7 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
 fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCode> {
     let file = target_file(global, "pin")?;
     let report = versions::pin(
-        &fetcher(global)?,
+        &versions::fetcher(&global.cache_dir())?,
         &global.registries,
         &file,
         name,
@@ -192,7 +190,7 @@ fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> anyhow::Re
         anyhow::bail!("this machine's architecture is not supported: pass --arch");
     };
     let report = versions::diff(
-        &fetcher(global)?,
+        &versions::fetcher(&global.cache_dir())?,
         &global.cache_dir(),
         &load(global)?,
         from,
@@ -217,7 +215,7 @@ fn verify(
         VerifySource::Mirrors
     };
     let report = versions::verify(
-        &fetcher(global)?,
+        &versions::fetcher(&global.cache_dir())?,
         &registry,
         name,
         source,

@@ -10,7 +10,10 @@ use gpu_passthrough_tests::sysfs::{FakeHost, workstation};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use std::path::{Path, PathBuf};
 
-const SUPPORTED_GPUS: &str = "/work/shared/fixtures/nvidia-535.261.03/supported-gpus.json";
+/// The real 535 supported-gpus.json, found through the one fixtures lookup.
+fn supported_gpus() -> PathBuf {
+    gpu_passthrough_tests::fixtures::path("nvidia-535.261.03/supported-gpus.json")
+}
 /// What 535's supported-gpus.json calls 10de:2684 (the workstation's GPU).
 const RTX_4090: &str = "NVIDIA GeForce RTX 4090";
 
@@ -105,7 +108,7 @@ fn devices_and_doctor_hold_when_our_cli_agrees_and_fail_naming_what_differs() {
     let (_, gpus) = facts::detect(&roots).unwrap();
     let h = host.host();
     // What `devices --json` prints: the library's reports, serialized.
-    let list = h.devices(false, Some(Path::new(SUPPORTED_GPUS))).unwrap();
+    let list = h.devices(false, Some(&supported_gpus())).unwrap();
     let json = serde_json::to_value(&list).unwrap();
     let held = checks::devices(&json, &gpus, true);
     assert_eq!(held.outcome, Outcome::Held, "{:?}", held.detail);
@@ -452,8 +455,11 @@ fn the_cuda_probe_reports_a_missing_libcuda_instead_of_crashing() {
     );
 }
 
-const LIBS_TAR: &str =
-    "/work/shared/fixtures/nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz";
+fn libs_tar() -> PathBuf {
+    gpu_passthrough_tests::fixtures::path(
+        "nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz",
+    )
+}
 
 /// The shipped guest init, built by cargo like the user's build.
 fn gpu_init() -> PathBuf {
@@ -478,7 +484,9 @@ fn injection_of_an_installed_driver_reaches_the_roots_loader_and_libcuda_loads_t
     // An "installed driver": the real 535.261.03 libraries, as the loader cache would list them.
     let installed = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let status = std::process::Command::new("tar")
-        .args(["xzf", LIBS_TAR, "-C"])
+        .arg("xzf")
+        .arg(libs_tar())
+        .arg("-C")
         .arg(installed.path())
         .status()
         .unwrap();

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
-use super::Owner;
+use super::{Owner, ProcessIdentity};
 use crate::pci::PciAddress;
 
 /// Errors reading or writing the journal.
@@ -106,6 +106,39 @@ pub struct MdevRecord {
     pub verified: bool,
 }
 
+/// How far the creation of a vGPU got (the last step begun).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VgpuStep {
+    /// Recorded; nothing written yet.
+    Planned,
+    /// The type (vendor VFIO) or UUID (mdev) is being written.
+    Creating,
+    /// Read back and verified through VFIO: past the point of no return.
+    Verified,
+}
+
+/// A vGPU this tool created (or is creating) for an owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VgpuRecord {
+    /// The framework it is created through.
+    pub framework: crate::vgpu::Framework,
+    /// The parent GPU (the PF, or the mdev parent).
+    pub parent: PciAddress,
+    /// The profile's name.
+    pub profile: String,
+    /// The type ID written (vendor VFIO) or the mdev type.
+    pub type_id: String,
+    /// The VF given the type (vendor VFIO).
+    pub vf: Option<PciAddress>,
+    /// The mdev's UUID (mdev).
+    pub uuid: Option<String>,
+    /// IOMMU group of the VF or mdev.
+    pub iommu_group: Option<u32>,
+    /// The last step begun.
+    pub step: VgpuStep,
+}
+
 /// A transaction in flight.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transaction {
@@ -113,10 +146,16 @@ pub struct Transaction {
     pub owner: Owner,
     /// Process that ran it.
     pub pid: u32,
+    /// For a `pid:N` owner: which process that was at attach (absent in older journals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_process: Option<ProcessIdentity>,
     /// Devices, in the order they are moved.
     pub devices: Vec<DeviceRecord>,
     /// mdevs, in the order they are created.
     pub mdevs: Vec<MdevRecord>,
+    /// vGPUs (`attach --vgpu`), in the order they are created.
+    #[serde(default)]
+    pub vgpus: Vec<VgpuRecord>,
 }
 
 /// Devices (and mdevs) held for an owner.
@@ -124,10 +163,17 @@ pub struct Transaction {
 pub struct Attachment {
     /// The owner.
     pub owner: Owner,
+    /// For a `pid:N` owner: which process that was at attach (absent in older journals, which
+    /// then never count as gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_process: Option<ProcessIdentity>,
     /// Devices bound to vfio-pci for it.
     pub devices: Vec<DeviceRecord>,
     /// mdevs created for it.
     pub mdevs: Vec<MdevRecord>,
+    /// vGPUs created for it.
+    #[serde(default)]
+    pub vgpus: Vec<VgpuRecord>,
 }
 
 /// Everything in the journal.
@@ -171,15 +217,19 @@ fn unix_now() -> u64 {
 
 impl JournalState {
     /// The owner holding `device` (attached or mid-transaction).
+    /// A vGPU's VF and parent count as held: moving either would break the vGPU.
     pub fn owner_of(&self, device: PciAddress) -> Option<&Owner> {
+        let vgpu = |v: &VgpuRecord| v.vf == Some(device) || v.parent == device;
         self.attachments
             .iter()
-            .find(|a| a.devices.iter().any(|d| d.device == device))
+            .find(|a| a.devices.iter().any(|d| d.device == device) || a.vgpus.iter().any(vgpu))
             .map(|a| &a.owner)
             .or_else(|| {
                 self.transactions
                     .iter()
-                    .find(|t| t.devices.iter().any(|d| d.device == device))
+                    .find(|t| {
+                        t.devices.iter().any(|d| d.device == device) || t.vgpus.iter().any(vgpu)
+                    })
                     .map(|t| &t.owner)
             })
     }

@@ -360,6 +360,10 @@ impl Host {
         rec: &DeviceRecord,
         owner: &Owner,
     ) -> Result<RestoredDevice, AttachError> {
+        if rec.adopted {
+            // Adopted from vfio-pci: it stays there (VFIO resets it), so nothing to verify.
+            return self.restore(rec);
+        }
         let reset = if rec.passed {
             if self.sysfs.driver(rec.device).as_deref() == Some("vfio-pci") {
                 self.write(
@@ -392,6 +396,9 @@ impl Host {
                 device,
                 reason: format!("it is attached to owner {owner}; detach it first"),
             });
+        }
+        if let Some(reason) = crate::vgpu::vgpu_role(&self.sysfs, device) {
+            return Err(AttachError::ResetRefused { device, reason });
         }
         let before = self.sysfs.device(device)?.driver;
         let reset = if before.as_deref() == Some("vfio-pci") {

@@ -44,11 +44,22 @@ impl InitrdBuilder<'_> {
             }
         }
         field("compression", options.compression.as_str());
-        field("form", options.form.as_str());
+        // Only a non-default form joins the key, so existing initrd entries keep theirs.
+        if options.form != super::LayerForm::Initrd {
+            field("form", options.form.as_str());
+        }
         field("modules", &options.modules.join(","));
         for (m, p) in &options.module_params {
             field(&format!("param:{m}"), p);
         }
+        field(
+            "capabilities",
+            &options
+                .capabilities
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+        );
         field("device_mode", &options.device_nodes.mode.to_string());
         field("device_gid", &options.device_nodes.gid.to_string());
         field(

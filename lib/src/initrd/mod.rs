@@ -23,6 +23,7 @@ pub use disk::{DiskError, LayerForm};
 pub mod guest_init;
 mod plan;
 pub use plan::module_params;
+mod select;
 mod write;
 
 use std::collections::BTreeMap;
@@ -102,6 +103,32 @@ pub enum InitrdError {
         /// Modules that exist.
         available: String,
     },
+    /// Capabilities were asked for and the artifact has a file the capability table does not
+    /// classify: packing or dropping it would be a guess.
+    #[error(
+        "release `{release}`: {file} belongs to no known driver capability, so a capability \
+         selection cannot tell whether to pack it; build with every capability, or add it to the \
+         capability table"
+    )]
+    UnclassifiedFile {
+        /// Release name.
+        release: String,
+        /// The library or program.
+        file: String,
+    },
+    /// A capability was asked for that the release's libraries do not carry.
+    #[error(
+        "release `{release}` carries no `{capability}` libraries (it has: {carried}); ask for \
+         those, or pick a release whose driver libraries have them"
+    )]
+    CapabilityNotCarried {
+        /// Release name.
+        release: String,
+        /// The capability asked for.
+        capability: crate::capabilities::Capability,
+        /// What the artifact has.
+        carried: String,
+    },
     /// Downloading or verifying an artifact failed.
     #[error(transparent)]
     Fetch(#[from] FetchError),
@@ -170,6 +197,9 @@ pub struct BuildOptions {
     pub device_nodes: manifest::DeviceNodes,
     /// How the payload reaches the guest: initramfs layer, disk image, or both.
     pub form: LayerForm,
+    /// Driver capabilities whose libraries and programs go into the layer; `None`: every
+    /// capability the artifact has.
+    pub capabilities: Option<crate::capabilities::CapabilitySet>,
 }
 
 impl BuildOptions {
@@ -187,6 +217,7 @@ impl BuildOptions {
                 gid: 0,
             },
             form: LayerForm::Initrd,
+            capabilities: None,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
 
+use super::vgpu;
 use super::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_RESET_LOG, has_flag, take_fault};
 use crate::attach::Kernel;
 use crate::pci::{PciAddress, Sysfs, valid_driver_name};
@@ -42,6 +43,14 @@ impl SimulatedKernel {
         if self.sysfs.driver(address).is_some() {
             return Err(errno(libc::EBUSY));
         }
+        // Like the kernel's match: a `driver_override` naming another driver refuses the bind.
+        if self
+            .sysfs
+            .driver_override(address)
+            .is_some_and(|o| o != driver)
+        {
+            return Err(errno(libc::ENODEV));
+        }
         symlink(&driver_dir, dev.join("driver"))?;
         if driver == "nvidia" && !has_flag(self.sysfs.root(), "nvidia-no-gpu") {
             fs::create_dir_all(
@@ -52,6 +61,9 @@ impl SimulatedKernel {
             )?;
         }
         let _ = symlink(&dev, driver_dir.join(address.to_string()));
+        if driver == "vfio-pci" && has_flag(self.sysfs.root(), "iommufd-only") {
+            return self.add_cdev(&dev);
+        }
         if driver == "vfio-pci"
             && let Some(group) = self.sysfs.iommu_group(address)
             && !has_flag(self.sysfs.root(), "no-vfio-node")
@@ -63,9 +75,35 @@ impl SimulatedKernel {
         Ok(())
     }
 
+    /// A kernel with iommufd and no legacy group interface: `<dev>/vfio-dev/vfioN` and
+    /// `/dev/vfio/devices/vfioN`, no `/dev/vfio/<group>`.
+    fn add_cdev(&self, dev: &Path) -> io::Result<()> {
+        let cdevs = self.dev_dir.join("vfio/devices");
+        fs::create_dir_all(&cdevs)?;
+        let n = (0..)
+            .find(|n: &u32| !cdevs.join(format!("vfio{n}")).exists())
+            .unwrap_or(0);
+        fs::create_dir_all(dev.join("vfio-dev").join(format!("vfio{n}")))?;
+        fs::write(cdevs.join(format!("vfio{n}")), b"")
+    }
+
+    fn remove_cdevs(&self, dev: &Path) {
+        for e in fs::read_dir(dev.join("vfio-dev"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = fs::remove_file(self.dev_dir.join("vfio/devices").join(e.file_name()));
+        }
+        let _ = fs::remove_dir_all(dev.join("vfio-dev"));
+    }
+
     fn unbind(&self, address: PciAddress, driver: &str) -> io::Result<()> {
         if self.sysfs.driver(address).as_deref() != Some(driver) {
             return Err(errno(libc::ENODEV));
+        }
+        if driver == "vfio-pci" {
+            self.remove_cdevs(&self.sysfs.device_dir(address));
         }
         fs::remove_file(self.sysfs.device_dir(address).join("driver"))?;
         let _ = fs::remove_dir(
@@ -142,6 +180,9 @@ impl SimulatedKernel {
         fs::create_dir(&mdev_dir).map_err(|_| errno(libc::EEXIST))?;
         symlink(fs::canonicalize(type_dir)?, mdev_dir.join("mdev_type"))?;
         fs::write(mdev_dir.join("remove"), b"")?;
+        let devices = type_dir.join("devices");
+        fs::create_dir_all(&devices)?;
+        symlink(&mdev_dir, devices.join(uuid))?;
         // A new IOMMU group for the mdev, as vfio-mdev gives each one.
         let groups = self.sysfs.root().join("kernel/iommu_groups");
         let group = (1000..)
@@ -158,7 +199,8 @@ impl SimulatedKernel {
             fs::create_dir_all(self.dev_dir.join("vfio"))?;
             fs::write(self.dev_dir.join("vfio").join(group.to_string()), b"")?;
         }
-        fs::write(&avail_path, format!("{}\n", avail - 1))
+        fs::write(&avail_path, format!("{}\n", avail - 1))?;
+        vgpu::recount_mdev(&parent.join("mdev_supported_types"))
     }
 
     fn remove_mdev(&self, uuid: &str) -> io::Result<()> {
@@ -173,9 +215,14 @@ impl SimulatedKernel {
         }
         fs::remove_dir_all(&mdev_dir)?;
         fs::remove_file(&link)?;
+        let _ = fs::remove_file(type_dir.join("devices").join(uuid));
         let avail_path = type_dir.join("available_instances");
         let avail: u32 = fs::read_to_string(&avail_path)?.trim().parse().unwrap_or(0);
-        fs::write(&avail_path, format!("{}\n", avail + 1))
+        fs::write(&avail_path, format!("{}\n", avail + 1))?;
+        match type_dir.parent() {
+            Some(types) => vgpu::recount_mdev(types),
+            None => Ok(()),
+        }
     }
 }
 
@@ -237,6 +284,9 @@ impl Kernel for SimulatedKernel {
                 "create",
             ] => self.create_mdev(path.parent().unwrap_or(path), value),
             ["bus", "mdev", "devices", uuid, "remove"] => self.remove_mdev(uuid),
+            ["bus", "pci", "devices", addr, "nvidia", "current_vgpu_type"] => {
+                vgpu::set_type(&self.sysfs, &self.dev_dir, Self::parse_addr(addr)?, value)
+            }
             _ => Err(errno(libc::EACCES)),
         }
     }

@@ -24,7 +24,18 @@ impl VfioVerifier for SimulatedVfio {
                 detail: "injected failure".into(),
             });
         }
-        if !self.dev_dir.join("vfio").join(group.to_string()).exists() {
+        // iommufd-only: the device's own cdev instead of the group's node.
+        let cdev = fs::read_dir(sysfs_device.join("vfio-dev"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                self.dev_dir
+                    .join("vfio/devices")
+                    .join(e.file_name())
+                    .exists()
+            });
+        if !cdev && !self.dev_dir.join("vfio").join(group.to_string()).exists() {
             return Err(VfioCheckError::Container(format!(
                 "no {}/vfio/{group}",
                 self.dev_dir.display()
@@ -35,7 +46,10 @@ impl VfioVerifier for SimulatedVfio {
             .and_then(|t| t.file_name().map(|n| n == "vfio-pci"))
             .unwrap_or(false);
         let is_mdev = sysfs_device.join("mdev_type").exists();
-        if !on_vfio && !is_mdev {
+        // A vendor-VFIO VF stays on nvidia: it is a VFIO device once it has a vGPU type.
+        let is_vgpu_vf = fs::read_to_string(sysfs_device.join("nvidia/current_vgpu_type"))
+            .is_ok_and(|t| t.trim() != "0");
+        if !on_vfio && !is_mdev && !is_vgpu_vf {
             return Err(VfioCheckError::NotViable { group });
         }
         Ok(VfioReport {

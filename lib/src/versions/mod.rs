@@ -166,6 +166,11 @@ pub struct AddRequest {
     pub replace: bool,
 }
 
+/// The fetcher the registry workflows use: the artifact cache in `cache_dir`, default limits.
+pub fn fetcher(cache_dir: &Path) -> Result<Fetcher, FetchError> {
+    Fetcher::new(cache_dir, crate::fetch::FetchOptions::default())
+}
+
 /// `KIND=URL` pairs → kind → URLs in the order given: the first URL of a kind is the primary,
 /// the same kind again adds a mirror. The error names the pair and the expected form.
 pub fn artifact_urls<S: AsRef<str>>(
@@ -285,6 +290,7 @@ pub fn add(
         driver_version: req.driver_version.clone(),
         module_flavor: req.flavor,
         gsp: req.gsp,
+        vgpu: None,
         default: req.default,
         artifacts: BTreeMap::from([(req.arch, artifacts)]),
         source: req.file.display().to_string(),
