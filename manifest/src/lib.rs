@@ -13,8 +13,8 @@
 //! the host library's dependencies.
 #![deny(missing_docs)]
 
-pub mod disk;
 pub mod capability;
+pub mod disk;
 mod manifest;
 pub mod report;
 pub mod xid;
