@@ -76,6 +76,9 @@ pub struct AddArgs {
     /// Overwrite a release of the same name in FILE.
     #[arg(long)]
     replace: bool,
+    /// Largest download accepted per artifact, in bytes (default: 4 GiB).
+    #[arg(long, value_name = "BYTES")]
+    max_download_bytes: Option<u64>,
 }
 
 /// Run a `versions` command.
@@ -268,6 +271,7 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
         artifacts: parse_artifact_args(&args.artifacts)?,
         default: args.default,
         replace: args.replace,
+        max_download_bytes: args.max_download_bytes,
     };
     let report = versions::add(&fetcher(global)?, &request, &DownloadBar::new(global)).map_err(
         |e| match e {

@@ -52,7 +52,13 @@ pub struct FetchOptions {
     pub backoff: Duration,
     /// Upper bound of the wait between retries.
     pub max_backoff: Duration,
+    /// Largest download accepted when no size is pinned (adding or pinning a release); a pinned
+    /// `size` is always the exact cap.
+    pub max_unpinned_bytes: u64,
 }
+
+/// The default for [`FetchOptions::max_unpinned_bytes`]: ten times the largest real artifact.
+pub const DEFAULT_MAX_UNPINNED_BYTES: u64 = 4 << 30;
 
 impl Default for FetchOptions {
     fn default() -> Self {
@@ -62,6 +68,7 @@ impl Default for FetchOptions {
             retries: 3,
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(10),
+            max_unpinned_bytes: DEFAULT_MAX_UNPINNED_BYTES,
         }
     }
 }
@@ -116,6 +123,20 @@ pub enum FetchError {
          `size` is wrong or the URL serves something else: check the URL, then fix `size`"
     )]
     SizeCap {
+        /// The URL.
+        url: String,
+        /// The cap.
+        cap: u64,
+        /// Bytes seen (or announced) so far.
+        seen: u64,
+    },
+    /// A download with no pinned size grew beyond the cap for such downloads.
+    #[error(
+        "{url} is larger than the cap of {cap} bytes for downloads without a pinned size (at \
+         least {seen} bytes); check the URL, and raise the cap only if the artifact really is \
+         that large"
+    )]
+    UnpinnedCap {
         /// The URL.
         url: String,
         /// The cap.
@@ -304,7 +325,15 @@ impl Fetcher {
                     source,
                 })?
                 .into_temp_path();
-            let result = self.download(url, &temp, size_cap, progress);
+            let cap = size_cap.unwrap_or(self.options.max_unpinned_bytes);
+            let result = self
+                .download(url, &temp, Some(cap), progress)
+                .map_err(|e| match e {
+                    FetchError::SizeCap { url, cap, seen } if size_cap.is_none() => {
+                        FetchError::UnpinnedCap { url, cap, seen }
+                    }
+                    other => other,
+                });
             progress.end();
             match result {
                 Ok((digest, size)) => {

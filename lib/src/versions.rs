@@ -58,6 +58,14 @@ pub enum VersionsError {
     /// The artifacts do not fit the release; the message names each file.
     #[error("release refused, registry unchanged: {0}")]
     Refused(String),
+    /// A kernel or driver version string that cannot be a version (it becomes a path).
+    #[error("the {field} {problem}")]
+    BadVersion {
+        /// `kernel_version` or `driver_version`.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// No scratch directory for the inspection.
     #[error("cannot create a scratch directory for inspection")]
     Scratch(#[source] std::io::Error),
@@ -70,7 +78,9 @@ impl VersionsError {
         match self {
             VersionsError::Fetch { source, .. } => matches!(
                 source,
-                FetchError::DigestMismatch { .. } | FetchError::SizeCap { .. }
+                FetchError::DigestMismatch { .. }
+                    | FetchError::SizeCap { .. }
+                    | FetchError::UnpinnedCap { .. }
             ),
             VersionsError::Unpack { .. } | VersionsError::Refused(_) => true,
             _ => false,
@@ -110,6 +120,9 @@ pub struct AddRequest {
     pub default: bool,
     /// Overwrite a release of the same name in the file.
     pub replace: bool,
+    /// Largest download accepted per artifact; `None` takes the fetcher's default cap for
+    /// downloads without a pinned size.
+    pub max_download_bytes: Option<u64>,
 }
 
 /// What [`add`] wrote.
@@ -168,6 +181,15 @@ pub fn add(
             .into());
         }
     }
+    let versions = [
+        ("kernel_version", Some(&req.kernel_version)),
+        ("driver_version", req.driver_version.as_ref()),
+    ];
+    for (field, value) in versions {
+        if let Some(problem) = value.and_then(|v| crate::registry::version_string_problem(v)) {
+            return Err(VersionsError::BadVersion { field, problem });
+        }
+    }
     let has_driver_artifacts = req.artifacts.keys().any(|k| *k != ArtifactKind::Kernel);
     if has_driver_artifacts && req.driver_version.is_none() {
         return Err(VersionsError::NoDriverVersion);
@@ -177,7 +199,7 @@ pub fn add(
     for (kind, urls) in &req.artifacts {
         tracing::info!("downloading {kind}");
         let got = fetcher
-            .fetch_unpinned(urls, None, progress)
+            .fetch_unpinned(urls, req.max_download_bytes, progress)
             .map_err(|source| VersionsError::Fetch {
                 what: kind.to_string(),
                 source,

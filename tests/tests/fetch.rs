@@ -33,6 +33,7 @@ fn options() -> FetchOptions {
         retries: 3,
         backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(50),
+        ..FetchOptions::default()
     }
 }
 
