@@ -204,6 +204,28 @@ pub enum Problem {
         /// The second file.
         second: PathBuf,
     },
+    /// Two libraries share a file name or a soname.
+    #[error(
+        "library name {name} appears twice, in {first} and {second}: keep one of them in the nvidia-driver-libs artifact"
+    )]
+    DuplicateLibrary {
+        /// The shared file name or soname.
+        name: String,
+        /// The first library.
+        first: PathBuf,
+        /// The second library.
+        second: PathBuf,
+    },
+    /// A library's `DT_SONAME` is not a plain file name.
+    #[error(
+        "{file}: soname `{soname}` is not a plain file name (it would be created outside the library directory): use the vendor's unmodified library"
+    )]
+    BadSoname {
+        /// The library.
+        file: PathBuf,
+        /// Its soname as stored.
+        soname: String,
+    },
     /// The NVIDIA modules tree holds no module.
     #[error(
         "{tree}: no kernel modules (.ko) found in the nvidia-modules artifact: check the artifact URL and its layout (lib/modules/<kver>/kernel/drivers/gpu/)"
@@ -586,9 +608,44 @@ fn inspect_driver_libs(
             binaries.push(file);
         }
     }
+    check_library_names(&libraries, problems);
     let supported = root.join("usr/share/nvidia/supported-gpus.json");
     let supported_gpus = supported.is_file().then_some(supported);
     (libraries, binaries, supported_gpus)
+}
+
+/// Every library lands in one directory of the layer and is found by its soname: a soname must
+/// be a plain file name (`../../etc/x` would be created outside it), and neither real names nor
+/// sonames may repeat (one would silently replace the other).
+fn check_library_names(libraries: &[InspectedLibrary], problems: &mut Vec<Problem>) {
+    let mut names: BTreeMap<&str, &Path> = BTreeMap::new();
+    let mut sonames: BTreeMap<&str, &Path> = BTreeMap::new();
+    for lib in libraries {
+        if let Some(first) = names.insert(&lib.real_name, &lib.source) {
+            problems.push(Problem::DuplicateLibrary {
+                name: lib.real_name.clone(),
+                first: first.to_path_buf(),
+                second: lib.source.clone(),
+            });
+        }
+        let Some(soname) = lib.soname.as_deref() else {
+            continue;
+        };
+        if soname.is_empty() || soname == "." || soname == ".." || soname.contains(['/', '\0']) {
+            problems.push(Problem::BadSoname {
+                file: lib.source.clone(),
+                soname: soname.to_string(),
+            });
+            continue;
+        }
+        if let Some(first) = sonames.insert(soname, &lib.source) {
+            problems.push(Problem::DuplicateLibrary {
+                name: soname.to_string(),
+                first: first.to_path_buf(),
+                second: lib.source.clone(),
+            });
+        }
+    }
 }
 
 fn check_machine(expect: &Expectations, file: &Path, machine: u16, problems: &mut Vec<Problem>) {
