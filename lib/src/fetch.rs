@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use nix::fcntl::Flock;
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use sha2::{Digest, Sha256};
 
 use crate::registry::{Arch, Artifact, ArtifactKind, Release, Sha256Digest};
@@ -144,6 +144,14 @@ pub enum FetchError {
         /// Bytes seen (or announced) so far.
         seen: u64,
     },
+    /// A redirect was refused (it changed the scheme, or there were too many).
+    #[error("{url}: {reason}; use the final https URL directly")]
+    Redirect {
+        /// The URL asked for.
+        url: String,
+        /// Why the redirect was refused.
+        reason: String,
+    },
     /// The server answered with an error status.
     #[error("{url} answered HTTP {status}; check the URL or add a mirror to `urls`")]
     Http {
@@ -226,6 +234,7 @@ impl Fetcher {
             .connect_timeout(options.connect_timeout)
             .timeout(options.timeout)
             .user_agent(concat!("gpu-passthrough/", env!("CARGO_PKG_VERSION")))
+            .redirect(redirect_policy())
             .build()
             .map_err(|e| FetchError::Client(e.to_string()))?;
         Ok(Fetcher {
@@ -326,8 +335,10 @@ impl Fetcher {
                 })?
                 .into_temp_path();
             let cap = size_cap.unwrap_or(self.options.max_unpinned_bytes);
-            let result = self
-                .download(url, &temp, Some(cap), progress)
+            let result = self.download(url, &temp, Some(cap), progress);
+            // A fresh temporary file per call: its validator is never needed again.
+            remove_one_quietly(&validator_path(&temp));
+            let result = result
                 .map_err(|e| match e {
                     FetchError::SizeCap { url, cap, seen } if size_cap.is_none() => {
                         FetchError::UnpinnedCap { url, cap, seen }
@@ -413,6 +424,7 @@ impl Fetcher {
     }
 
     fn install(&self, temp: &Path, sha256: &Sha256Digest) -> Result<PathBuf, FetchError> {
+        remove_one_quietly(&validator_path(temp));
         let path = self.store.join(sha256.to_hex());
         crate::fsutil::rename_durable(temp, &path).map_err(|source| FetchError::Cache {
             path: path.clone(),
@@ -476,14 +488,33 @@ impl Fetcher {
             path: dest.to_path_buf(),
             source,
         };
-        let have = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
-        let mut request = self.client.get(url);
-        if have > 0 {
-            request = request.header(RANGE, format!("bytes={have}-"));
+        let mut have = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+        // Resume only when the server can tell us the bytes kept are still its bytes: with
+        // `If-Range` it sends the rest if the validator matches, and the whole new file if not.
+        let validator = fs::read_to_string(validator_path(dest)).ok();
+        if have > 0 && validator.is_none() {
+            tracing::debug!("no validator for the kept part of {url}: starting over");
+            remove_quietly(dest);
+            have = 0;
         }
-        let mut response = request
-            .send()
-            .map_err(|e| network(crate::error_chain(&e)))?;
+        let mut request = self.client.get(url);
+        if have > 0
+            && let Some(validator) = &validator
+        {
+            request = request
+                .header(RANGE, format!("bytes={have}-"))
+                .header(IF_RANGE, validator.as_str());
+        }
+        let mut response = request.send().map_err(|e| {
+            if e.is_redirect() {
+                FetchError::Redirect {
+                    url: url.to_string(),
+                    reason: crate::error_chain(&e),
+                }
+            } else {
+                network(crate::error_chain(&e))
+            }
+        })?;
         let status = response.status();
         let (mut file, mut hasher, start) = if status == StatusCode::PARTIAL_CONTENT && have > 0 {
             let expected_range = format!("bytes {have}-");
@@ -508,8 +539,14 @@ impl Fetcher {
             tracing::debug!("resuming {url} at byte {have}");
             (file, hasher, have)
         } else if status == StatusCode::OK {
-            // A full answer (also to a range request): start over.
-            (File::create(dest).map_err(cache_err)?, Sha256::new(), 0)
+            // A full answer (also to a range request): start over, remembering what names
+            // this version of the file for a later resume.
+            let file = File::create(dest).map_err(cache_err)?;
+            match response_validator(&response) {
+                Some(v) => fs::write(validator_path(dest), v).map_err(cache_err)?,
+                None => remove_one_quietly(&validator_path(dest)),
+            }
+            (file, Sha256::new(), 0)
         } else if status == StatusCode::RANGE_NOT_SATISFIABLE {
             remove_quietly(dest);
             return Err(network(
@@ -657,7 +694,54 @@ fn copy_hashing(
     }
 }
 
+/// Where the validator of a partial download is kept: beside it.
+fn validator_path(dest: &Path) -> PathBuf {
+    let mut name = dest.as_os_str().to_owned();
+    name.push(".validator");
+    PathBuf::from(name)
+}
+
+/// A strong `ETag`, else `Last-Modified`: what `If-Range` may carry (weak tags may not).
+fn response_validator(response: &reqwest::blocking::Response) -> Option<String> {
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    header(ETAG)
+        .filter(|tag| !tag.starts_with("W/"))
+        .or_else(|| header(LAST_MODIFIED))
+}
+
+/// Follow at most 10 redirects, never to another scheme: an https download must not continue
+/// over http, where anyone on the path could substitute the bytes of an unpinned artifact.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let from = attempt.previous().first().map(|u| u.scheme().to_string());
+        if attempt.previous().len() > 10 {
+            attempt.error("more than 10 redirects")
+        } else if from.as_deref().is_some_and(|s| s != attempt.url().scheme()) {
+            let message = format!(
+                "redirect from {} to {} changes the scheme",
+                from.unwrap_or_default(),
+                attempt.url().scheme()
+            );
+            attempt.error(message)
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// Remove a (partial) download and the validator kept beside it.
 fn remove_quietly(path: &Path) {
+    remove_one_quietly(&validator_path(path));
+    remove_one_quietly(path);
+}
+
+fn remove_one_quietly(path: &Path) {
     if let Err(e) = fs::remove_file(path)
         && e.kind() != io::ErrorKind::NotFound
     {
