@@ -501,3 +501,67 @@ fn killed_build_leaves_nothing_trusted_and_the_next_build_recovers() {
         "the stale temporary dir was not removed: {names:?}"
     );
 }
+
+#[test]
+fn xz_compressed_modules_are_written_decompressed() {
+    // Issue 10, point 10: a distribution's modules are `.ko.xz`; the guest's finit_module is
+    // called without the compressed-file flag, so the layer must carry plain ELF `.ko` files.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("nvidia-modules-xz.tar.gz");
+    let gz =
+        flate2::write::GzEncoder::new(fs::File::create(&out).unwrap(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    let input = flate2::read::GzDecoder::new(
+        fs::File::open(fixtures::path(fixtures::NVIDIA_MODULES)).unwrap(),
+    );
+    let mut originals = std::collections::BTreeMap::new();
+    let mut archive = tar::Archive::new(input);
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut header = entry.header().clone();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        if path.ends_with(".ko") {
+            let name = Path::new(&path).file_name().unwrap().to_string_lossy().into_owned();
+            let xz = liblzma::encode_all(&data[..], 1).unwrap();
+            originals.insert(name, data);
+            header.set_size(xz.len() as u64);
+            builder
+                .append_data(&mut header, format!("{path}.xz"), &xz[..])
+                .unwrap();
+        } else {
+            builder.append(&header, &data[..]).unwrap();
+        }
+    }
+    builder.into_inner().unwrap().finish().unwrap();
+
+    let registry = Artifacts::real()
+        .with("nvidia-modules", out)
+        .registry(dir.path(), fixtures::KERNEL_VERSION);
+    let init = guest_init(dir.path());
+    let layers = build(
+        &dir.path().join("cache"),
+        &registry,
+        &options(&init, LayerCompression::None),
+        false,
+    )
+    .unwrap();
+    assert!(!layers.manifest.modules.is_empty());
+    let unpacked = dir.path().join("gpu-layer");
+    fs::create_dir(&unpacked).unwrap();
+    let status = Command::new("cpio")
+        .args(["-id", "--quiet"])
+        .current_dir(&unpacked)
+        .stdin(fs::File::open(&layers.gpu.path).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for module in layers.manifest.modules.iter().filter(|m| m.nvidia) {
+        assert!(module.path.ends_with(".ko"), "{}", module.path);
+        let bytes = fs::read(unpacked.join(module.path.trim_start_matches('/'))).unwrap();
+        assert_eq!(&bytes[..4], b"\x7fELF", "{} is not a plain ELF file", module.path);
+        let name = Path::new(&module.path).file_name().unwrap().to_string_lossy();
+        assert_eq!(bytes, originals[name.as_ref()], "{}", module.path);
+    }
+}

@@ -41,7 +41,7 @@ use crate::registry::{Arch, ArtifactKind, Release};
 
 /// Bumped whenever the builder's output changes for the same inputs, so old cache entries are
 /// never mistaken for new ones.
-const BUILDER_VERSION: u32 = 1;
+const BUILDER_VERSION: u32 = 2;
 
 /// The NVIDIA modules loaded by default. `nvidia_peermem` (GPUDirect RDMA) is left out: it needs
 /// an InfiniBand stack the guest rarely has; ask for it with [`BuildOptions::modules`].

@@ -25,6 +25,9 @@ pub(super) struct GpuLayerPlan {
 enum Source {
     Dir,
     File { from: PathBuf, mode: u32 },
+    /// A kernel module, written decompressed: the guest's `finit_module` is called without
+    /// `MODULE_INIT_COMPRESSED_FILE`, so a `.ko.xz` would fail `ENOEXEC`.
+    Module { from: PathBuf },
     GuestInit,
     Manifest,
     Symlink(String),
@@ -47,12 +50,16 @@ impl GpuLayerPlan {
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_else(|| format!("{}.ko", m.name));
+            let file = [".xz", ".zst", ".gz"]
+                .iter()
+                .find_map(|ext| file.strip_suffix(ext).filter(|f| f.ends_with(".ko")))
+                .map(str::to_string)
+                .unwrap_or(file);
             let path = format!("gpu/modules/{file}");
             entries.insert(
                 path.clone(),
-                Source::File {
+                Source::Module {
                     from: m.source.clone(),
-                    mode: 0o644,
                 },
             );
             manifest_modules.push(manifest::Module {
@@ -177,6 +184,11 @@ impl GpuLayerPlan {
                 }
                 Source::Manifest => {
                     cpio.file(path, 0o644, manifest.len() as u64, &mut &manifest[..])?
+                }
+                Source::Module { from } => {
+                    let bytes = crate::modinfo::decompressed_module(from)
+                        .map_err(io_err(format!("decompressing {}", from.display())))?;
+                    cpio.file(path, 0o644, bytes.len() as u64, &mut &bytes[..])?;
                 }
                 Source::File { from, mode } => {
                     let mut f =
