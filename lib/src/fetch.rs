@@ -338,13 +338,12 @@ impl Fetcher {
             let result = self.download(url, &temp, Some(cap), progress);
             // A fresh temporary file per call: its validator is never needed again.
             remove_one_quietly(&validator_path(&temp));
-            let result = result
-                .map_err(|e| match e {
-                    FetchError::SizeCap { url, cap, seen } if size_cap.is_none() => {
-                        FetchError::UnpinnedCap { url, cap, seen }
-                    }
-                    other => other,
-                });
+            let result = result.map_err(|e| match e {
+                FetchError::SizeCap { url, cap, seen } if size_cap.is_none() => {
+                    FetchError::UnpinnedCap { url, cap, seen }
+                }
+                other => other,
+            });
             progress.end();
             match result {
                 Ok((digest, size)) => {

@@ -32,11 +32,16 @@ fn pax_record(key: &str, value: &str) -> String {
 
 fn walk(bytes: &[u8]) -> Result<Vec<(String, EntryKind, u32)>, ArchiveError> {
     let mut seen = Vec::new();
-    walk_tar_stream(bytes, Path::new("t.tar"), &Limits::default(), &mut |e, r| {
-        io::copy(r, &mut io::sink()).unwrap();
-        seen.push((e.path.display().to_string(), e.kind.clone(), e.mode));
-        Ok(())
-    })?;
+    walk_tar_stream(
+        bytes,
+        Path::new("t.tar"),
+        &Limits::default(),
+        &mut |e, r| {
+            io::copy(r, &mut io::sink()).unwrap();
+            seen.push((e.path.display().to_string(), e.kind.clone(), e.mode));
+            Ok(())
+        },
+    )?;
     Ok(seen)
 }
 
@@ -65,14 +70,20 @@ impl LongNameBomb {
 impl Read for LongNameBomb {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.pos >= self.budget {
-            return Err(io::Error::other("the reader pulled the long name's payload"));
+            return Err(io::Error::other(
+                "the reader pulled the long name's payload",
+            ));
         }
         let n = (buf.len() as u64)
             .min(self.total - self.pos)
             .min(self.budget - self.pos) as usize;
         for (i, b) in buf[..n].iter_mut().enumerate() {
             let at = self.pos + i as u64;
-            *b = if at < 512 { self.header[at as usize] } else { b'a' };
+            *b = if at < 512 {
+                self.header[at as usize]
+            } else {
+                b'a'
+            };
         }
         self.pos += n as u64;
         Ok(n)
@@ -83,9 +94,12 @@ impl Read for LongNameBomb {
 fn a_3_gib_gnu_long_name_is_refused_from_its_header() {
     let bomb = LongNameBomb::new(3 << 30, 1 << 20);
     let input = io::BufReader::new(bomb);
-    let err = walk_tar_stream(input, Path::new("bomb.tar"), &Limits::default(), &mut |_, _| {
-        Ok(())
-    })
+    let err = walk_tar_stream(
+        input,
+        Path::new("bomb.tar"),
+        &Limits::default(),
+        &mut |_, _| Ok(()),
+    )
     .unwrap_err();
     match err {
         ArchiveError::ExtensionHeaderTooLarge { size, limit, .. } => {
@@ -160,7 +174,12 @@ fn pax_sparse_files_are_refused() {
     h.set_size(records.len() as u64);
     h.set_cksum();
     t.append(&h, records.as_bytes()).unwrap();
-    let f = gnu_header("GNUSparseFile.0/libcuda.so.1", EntryType::Regular, 512, 0o644);
+    let f = gnu_header(
+        "GNUSparseFile.0/libcuda.so.1",
+        EntryType::Regular,
+        512,
+        0o644,
+    );
     t.append(&f, &[0u8; 512][..]).unwrap();
     let err = walk(&t.into_inner().unwrap()).unwrap_err();
     let message = err.to_string();
@@ -173,12 +192,21 @@ fn pax_sparse_files_are_refused() {
 #[test]
 fn directory_modes_are_normalised_to_0755() {
     let mut t = tar::Builder::new(Vec::new());
-    t.append(&gnu_header("open/", EntryType::Directory, 0, 0o777), &b""[..])
-        .unwrap();
-    t.append(&gnu_header("closed/", EntryType::Directory, 0, 0o000), &b""[..])
-        .unwrap();
-    t.append(&gnu_header("closed/f", EntryType::Regular, 1, 0o644), &b"x"[..])
-        .unwrap();
+    t.append(
+        &gnu_header("open/", EntryType::Directory, 0, 0o777),
+        &b""[..],
+    )
+    .unwrap();
+    t.append(
+        &gnu_header("closed/", EntryType::Directory, 0, 0o000),
+        &b""[..],
+    )
+    .unwrap();
+    t.append(
+        &gnu_header("closed/f", EntryType::Regular, 1, 0o644),
+        &b"x"[..],
+    )
+    .unwrap();
     let bytes = t.into_inner().unwrap();
     let seen = walk(&bytes).unwrap();
     assert_eq!(seen[0].2, 0o755, "{seen:?}");
@@ -191,7 +219,10 @@ fn directory_modes_are_normalised_to_0755() {
     extract_tar(&archive, &dest, &Limits::default()).unwrap();
     use std::os::unix::fs::PermissionsExt;
     for dir in ["open", "closed"] {
-        let mode = std::fs::metadata(dest.join(dir)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dest.join(dir))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o7777, 0o755, "{dir}");
     }
 }

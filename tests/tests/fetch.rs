@@ -523,7 +523,10 @@ fn resume_names_its_validator_and_a_file_changed_upstream_is_not_spliced() {
         .unwrap();
     let log = mirror.requests();
     assert_eq!(log.len(), 2, "{log:?}");
-    assert!(log[1].if_range.is_some(), "resumed without a validator: {log:?}");
+    assert!(
+        log[1].if_range.is_some(),
+        "resumed without a validator: {log:?}"
+    );
     assert_eq!(log[1].status, 200, "{log:?}");
     assert_eq!(got.sha256, Sha256Digest::of(&new));
     assert_eq!(fs::read(&got.path).unwrap(), new);
@@ -542,7 +545,10 @@ fn without_a_validator_a_broken_download_starts_over() {
         .unwrap();
     let log = mirror.requests();
     assert_eq!(log.len(), 2, "{log:?}");
-    assert_eq!(log[1].range, None, "resumed with nothing to validate: {log:?}");
+    assert_eq!(
+        log[1].range, None,
+        "resumed with nothing to validate: {log:?}"
+    );
     assert_eq!(fs::read(&got.path).unwrap(), body);
 }
 
@@ -557,7 +563,11 @@ fn a_redirect_that_changes_the_scheme_is_refused() {
         .unwrap_err();
     assert!(matches!(err, FetchError::Redirect { .. }), "{err:?}");
     assert!(err.to_string().contains("scheme"), "{err}");
-    assert_eq!(mirror.hits("/moved"), 1, "a refused redirect is not retried");
+    assert_eq!(
+        mirror.hits("/moved"),
+        1,
+        "a refused redirect is not retried"
+    );
 
     // Same scheme: followed.
     mirror.redirect("/same", &mirror.url(PATH));

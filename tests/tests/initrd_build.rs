@@ -523,7 +523,11 @@ fn xz_compressed_modules_are_written_decompressed() {
         let mut data = Vec::new();
         entry.read_to_end(&mut data).unwrap();
         if path.ends_with(".ko") {
-            let name = Path::new(&path).file_name().unwrap().to_string_lossy().into_owned();
+            let name = Path::new(&path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             let xz = liblzma::encode_all(&data[..], 1).unwrap();
             originals.insert(name, data);
             header.set_size(xz.len() as u64);
@@ -560,8 +564,16 @@ fn xz_compressed_modules_are_written_decompressed() {
     for module in layers.manifest.modules.iter().filter(|m| m.nvidia) {
         assert!(module.path.ends_with(".ko"), "{}", module.path);
         let bytes = fs::read(unpacked.join(module.path.trim_start_matches('/'))).unwrap();
-        assert_eq!(&bytes[..4], b"\x7fELF", "{} is not a plain ELF file", module.path);
-        let name = Path::new(&module.path).file_name().unwrap().to_string_lossy();
+        assert_eq!(
+            &bytes[..4],
+            b"\x7fELF",
+            "{} is not a plain ELF file",
+            module.path
+        );
+        let name = Path::new(&module.path)
+            .file_name()
+            .unwrap()
+            .to_string_lossy();
         assert_eq!(bytes, originals[name.as_ref()], "{}", module.path);
     }
 }

@@ -544,9 +544,9 @@ fn duplicate_library_names_are_refused() {
         "{problems:?}"
     );
     assert!(
-        problems
-            .iter()
-            .any(|p| matches!(p, Problem::DuplicateLibrary { name, .. } if name == "libnvidia-cfg.so.1")),
+        problems.iter().any(
+            |p| matches!(p, Problem::DuplicateLibrary { name, .. } if name == "libnvidia-cfg.so.1")
+        ),
         "{problems:?}"
     );
 }
@@ -564,9 +564,9 @@ fn a_soname_that_is_a_path_is_refused() {
         ..real_trees(x)
     });
     assert!(
-        problems
-            .iter()
-            .any(|p| matches!(p, Problem::BadSoname { soname, .. } if soname == "../../../../cfg.so")),
+        problems.iter().any(
+            |p| matches!(p, Problem::BadSoname { soname, .. } if soname == "../../../../cfg.so")
+        ),
         "{problems:?}"
     );
 }

@@ -414,7 +414,11 @@ fn arb_release() -> impl Strategy<Value = Release> {
                 .map(|p| format!("https://m.example/{p}"))
                 .collect(),
             // A pinned digest always comes with its size (the parser requires it).
-            size: if sha.is_some() { size.or(Some(0)) } else { size },
+            size: if sha.is_some() {
+                size.or(Some(0))
+            } else {
+                size
+            },
             sha256: sha.map(Sha256Digest),
         });
     (

@@ -80,10 +80,20 @@ fn versions_add_refuses_a_path_as_kernel_version_before_downloading() {
     let tmp = tempfile::tempdir().unwrap();
     let fetcher = Fetcher::new(&tmp.path().join("cache"), options()).unwrap();
     let file = tmp.path().join("reg.toml");
-    let err = versions::add(&fetcher, &request(file.clone(), "/", mirror.url("/k")), &NoProgress)
-        .unwrap_err();
+    let err = versions::add(
+        &fetcher,
+        &request(file.clone(), "/", mirror.url("/k")),
+        &NoProgress,
+    )
+    .unwrap_err();
     assert!(
-        matches!(err, VersionsError::BadVersion { field: "kernel_version", .. }),
+        matches!(
+            err,
+            VersionsError::BadVersion {
+                field: "kernel_version",
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(mirror.hits("/k"), 0, "downloaded before refusing");
@@ -120,5 +130,8 @@ fn unpinned_downloads_have_a_default_cap_and_it_can_be_overridden() {
     let mut raised = request(file.clone(), "6.1.0-56-amd64", mirror.url("/k"));
     raised.max_download_bytes = Some(1 << 20);
     let report = versions::add(&fetcher, &raised, &NoProgress).unwrap();
-    assert_eq!(report.release.artifacts[&Arch::X86_64][0].size, Some(64 << 10));
+    assert_eq!(
+        report.release.artifacts[&Arch::X86_64][0].size,
+        Some(64 << 10)
+    );
 }

@@ -98,13 +98,15 @@ pub fn decompressing_reader_named<'a, R: BufRead + 'a>(
         Compression::None => Box::new(input),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
         Compression::Xz => {
-            let stream =
-                liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, liblzma::stream::CONCATENATED)
-                    .map_err(|e| ArchiveError::Decompress {
-                        archive: name.to_path_buf(),
-                        compression,
-                        source: e.into(),
-                    })?;
+            let stream = liblzma::stream::Stream::new_stream_decoder(
+                XZ_MEMLIMIT,
+                liblzma::stream::CONCATENATED,
+            )
+            .map_err(|e| ArchiveError::Decompress {
+                archive: name.to_path_buf(),
+                compression,
+                source: e.into(),
+            })?;
             Box::new(liblzma::bufread::XzDecoder::new_stream(input, stream))
         }
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(input).map_err(

@@ -488,9 +488,13 @@ impl Walker {
         let is_extension =
             own_type.is_pax_local_extensions() || own_type.is_pax_global_extensions();
         if !is_extension {
-            let sparse = entry.pax_extensions().ok().flatten().is_some_and(|mut records| {
-                records.any(|r| r.is_ok_and(|r| r.key_bytes().starts_with(b"GNU.sparse.")))
-            });
+            let sparse = entry
+                .pax_extensions()
+                .ok()
+                .flatten()
+                .is_some_and(|mut records| {
+                    records.any(|r| r.is_ok_and(|r| r.key_bytes().starts_with(b"GNU.sparse.")))
+                });
             if sparse {
                 return Err(self.unsafe_entry(
                     &shown,

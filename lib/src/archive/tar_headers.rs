@@ -87,7 +87,9 @@ impl<R: Read> HeaderGuard<R> {
     fn observe(&mut self, mut bytes: &[u8]) -> Result<(), Oversized> {
         while !bytes.is_empty() && !self.done {
             if self.data_left > 0 {
-                let n = bytes.len().min(usize::try_from(self.data_left).unwrap_or(usize::MAX));
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.data_left).unwrap_or(usize::MAX));
                 if let Some(pax) = self.pax.as_mut() {
                     let take = n.min(usize::try_from(self.pax_left).unwrap_or(usize::MAX));
                     pax.extend_from_slice(&bytes[..take]);

@@ -24,10 +24,15 @@ pub(super) struct GpuLayerPlan {
 
 enum Source {
     Dir,
-    File { from: PathBuf, mode: u32 },
+    File {
+        from: PathBuf,
+        mode: u32,
+    },
     /// A kernel module, written decompressed: the guest's `finit_module` is called without
     /// `MODULE_INIT_COMPRESSED_FILE`, so a `.ko.xz` would fail `ENOEXEC`.
-    Module { from: PathBuf },
+    Module {
+        from: PathBuf,
+    },
     GuestInit,
     Manifest,
     Symlink(String),
