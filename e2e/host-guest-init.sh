@@ -3,7 +3,7 @@
 # It loads VFIO and the devices' drivers, proves a plain sysfs bind cycle (so the guest set-up is
 # known-good independently of our CLI), then drives the static `gpu-passthrough` CLI through
 # doctor/devices/plan/attach/detach and a crash mid-attach repaired by reconcile.
-# Every result is a line `E2E-C <key> <value...>` on the console, parsed by e2e/run.
+# Every result is a line `E2E-C <key> <value...>` on the console, checked by `e2e-check host`.
 export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -19,9 +19,10 @@ now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }  # busybox date has 
 driver_of() {
     if [ -L /sys/bus/pci/devices/$1/driver ]; then basename "$(readlink /sys/bus/pci/devices/$1/driver)"; else echo none; fi
 }
-find_dev() { # vendor device -> first matching PCI address
+find_dev() { # vendor device [class] -> first matching PCI address
     for d in /sys/bus/pci/devices/*; do
-        if [ "$(cat $d/vendor)" = "$1" ] && [ "$(cat $d/device)" = "$2" ]; then basename $d; return; fi
+        if [ "$(cat $d/vendor)" = "$1" ] && [ "$(cat $d/device)" = "$2" ] &&
+            { [ -z "$3" ] || [ "$(cat $d/class)" = "$3" ]; }; then basename $d; return; fi
     done
 }
 finish() { say "done"; sync; poweroff -f; }
@@ -34,10 +35,14 @@ for ko in $(cat /modules.optional); do
     insmod "$ko" 2>/dev/null || say optional_module_failed "$(basename $ko)"
 done
 say kvm "$( [ -c /dev/kvm ] && echo present || echo absent)"
-VGA=$(find_dev 0x1234 0x1111)
+VGA=$(find_dev 0x1234 0x1111 0x030000)
+# A second display controller (bochs-display, class 0x038000): where `attach --gpus 1` goes once
+# the VGA device is quarantined.
+DISP2=$(find_dev 0x1234 0x1111 0x038000)
 EDU=$(find_dev 0x1234 0x11e8)
 NIC=$(find_dev 0x8086 0x10d3)
-say devices vga=$VGA edu=$EDU nic=$NIC
+NVME=$(find_dev 0x1b36 0x0010)
+say devices vga=$VGA edu=$EDU nic=$NIC disp2=$DISP2 nvme=$NVME
 check "iommu groups exist" test -n "$(ls /sys/kernel/iommu_groups)"
 check "vga bound to bochs-drm at boot" test "$(driver_of $VGA)" = bochs-drm
 check "nic bound to e1000e at boot" test "$(driver_of $NIC)" = e1000e
@@ -67,10 +72,6 @@ sysfs_cycle $NIC e1000e
 sysfs_cycle $EDU none
 
 CLI=/bin/gpu-passthrough
-if [ ! -x $CLI ]; then
-    say cli absent
-    finish
-fi
 # run LABEL COMMAND...: runs it, shows stdout and stderr between markers (the harness extracts
 # them into e2e/work/logs/run-c-LABEL.out/.err), leaves stdout in /tmp/out, returns its exit code.
 run() {
@@ -96,6 +97,9 @@ t1=$(now_ms)
 say timing attach_ms $((t1 - t0))
 check "attach: vga on vfio-pci" test "$(driver_of $VGA)" = vfio-pci
 check "attach: nic on vfio-pci" test "$(driver_of $NIC)" = vfio-pci
+check "attach: nic kept out of D3cold (d3cold_allowed=0)" test "$(cat /sys/bus/pci/devices/$NIC/d3cold_allowed)" = 0
+say reset_method nic "$(cat /sys/bus/pci/devices/$NIC/reset_method 2>/dev/null || echo none)"
+say reset_method vga "$(cat /sys/bus/pci/devices/$VGA/reset_method 2>/dev/null || echo none)"
 run attach-again $CLI attach $VGA --owner vm-2 --allow-boot-vga --json
 
 t0=$(now_ms)
@@ -105,6 +109,7 @@ say timing detach_ms $((t1 - t0))
 check "detach: vga back on bochs-drm" test "$(driver_of $VGA)" = bochs-drm
 check "detach: nic back on e1000e" test "$(driver_of $NIC)" = e1000e
 check "detach: vga driver_override cleared" test "$(cat /sys/bus/pci/devices/$VGA/driver_override)" = "(null)"
+check "detach: nic d3cold_allowed restored to 1" test "$(cat /sys/bus/pci/devices/$NIC/d3cold_allowed)" = 1
 
 # Crash between unbind and bind: the failpoint aborts the process mid-transaction.
 run crash env GPU_PASSTHROUGH_FAILPOINT=after-unbind $CLI attach $VGA --owner vm-2 --allow-boot-vga --json
@@ -116,6 +121,33 @@ run attach-after-reconcile $CLI attach $VGA --owner vm-3 --allow-boot-vga --json
 check "attach after reconcile: vga on vfio-pci" test "$(driver_of $VGA)" = vfio-pci
 run detach-after-reconcile $CLI detach --owner vm-3 --json
 check "detach after reconcile: vga back on bochs-drm" test "$(driver_of $VGA)" = bochs-drm
+
+# Health between tenants: a console log of vm-1 doctored with an Xid 79 (at the guest's own PCI
+# address), ingested for both owners the VGA device had (vm-1, vm-3): quarantined, so an explicit
+# attach is refused naming the events and `--gpus 1` picks the other display.
+cat > /tmp/console-vm-1.log <<'LOG'
+[    5.120000] NVRM: loading NVIDIA UNIX Open Kernel Module for x86_64  535.261.03  Release Build
+[   42.000000] NVRM: Xid (PCI:0000:06:00): 13, pid=77, name=python3, Graphics Exception: ESR 0x404490=0x80000001
+[   42.500000] NVRM: Xid (PCI:0000:06:00): 79, pid=77, GPU has fallen off the bus.
+GPU-XID {"address":"0000:06:00.0","kind":"xid","xid":79,"message":"pid=77, GPU has fallen off the bus","action":"reset_gpu"}
+[   43.000000] nvidia 0000:06:00.0: Unable to change power state from D3cold to D0, device inaccessible
+LOG
+say reset_method nvme "$(cat /sys/bus/pci/devices/$NVME/reset_method 2>/dev/null || echo none)"
+run attach-nvme $CLI attach $NVME --owner vm-5 --json
+run detach-nvme $CLI detach --owner vm-5 --json
+check "detach: nvme back with no driver, as it came" test "$(driver_of $NVME)" = none
+run plan-gpus-before $CLI plan --gpus 1 --allow-boot-vga --json
+run health-scan $CLI health scan --console /tmp/console-vm-1.log --json
+run ingest-vm-1 $CLI health ingest --owner vm-1 --console /tmp/console-vm-1.log --json
+run ingest-vm-3 $CLI health ingest --owner vm-3 --console /tmp/console-vm-1.log --json
+run health $CLI health --json
+run devices-quarantined $CLI devices --json
+run attach-quarantined $CLI attach $VGA --owner vm-4 --allow-boot-vga --json
+check "quarantined vga not moved" test "$(driver_of $VGA)" = bochs-drm
+run attach-gpus $CLI attach --gpus 1 --owner vm-4 --allow-boot-vga --json
+check "attach --gpus 1: the other display ($DISP2) on vfio-pci" test "$(driver_of $DISP2)" = vfio-pci
+run detach-gpus $CLI detach --owner vm-4 --json
+run health-clear $CLI health clear $VGA --json
 
 # Optional: a nested QEMU given the edu device through the boot spec's vfio-pci arguments.
 if [ -x /nested/qemu-system-x86_64 ]; then

@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gpu_passthrough::initrd::{InitrdError, LayerCompression, LayerFile, Layers, read_initrd};
+use gpu_passthrough::initrd::{LayerCompression, read_initrd};
 use gpu_passthrough::provision::{self, Freshness};
 use gpu_passthrough::registry::{Arch, Registry};
+use gpu_passthrough::text::InitrdText;
 
 use crate::Global;
-use crate::output::{self, exit};
+use crate::output;
 use crate::progress::DownloadBar;
 
 /// Initrd commands.
@@ -69,103 +70,23 @@ fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Res
         Some(a) => a,
         None => provision::host_arch()?,
     };
-    let mut options = provision::default_build_options(arch, args.guest_init.as_deref())
-        .map_err(initrd_failure)?;
+    let mut options = provision::default_build_options(arch, args.guest_init.as_deref())?;
     options.compression = args.compression;
     if !args.modules.is_empty() {
         options.modules = args.modules.clone();
     }
     let progress = DownloadBar::new(global);
     let mut layers =
-        provision::release_layers(&global.cache_dir(), release, &options, freshness, &progress)
-            .map_err(initrd_failure)?;
+        provision::release_layers(&global.cache_dir(), release, &options, freshness, &progress)?;
     if let Some(out) = &args.out {
-        layers.copy_to(out).map_err(initrd_failure)?;
+        layers.copy_to(out)?;
     }
-    output::emit(global, &layers, print_layers)?;
+    output::emit_text(global, &layers)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// An initrd error with its exit code, and the flag that fixes a missing guest init.
-pub fn initrd_failure(e: InitrdError) -> anyhow::Error {
-    let code = if e.is_verification_failure() {
-        exit::VERIFY
-    } else if e.is_refusal() {
-        exit::REFUSED
-    } else {
-        exit::FAILURE
-    };
-    let hint = matches!(
-        e,
-        InitrdError::NoGuestInit { .. } | InitrdError::GuestInit { .. }
-    )
-    .then_some("pass the static guest init with --guest-init PATH");
-    let err = anyhow::Error::new(e);
-    output::fail(
-        code,
-        match hint {
-            Some(h) => err.context(h),
-            None => err,
-        },
-    )
-}
-
-fn print_layer(name: &str, l: &LayerFile) {
-    println!(
-        "{name:<9} {:>12} bytes  sha256:{}  {}",
-        l.size,
-        l.sha256,
-        l.path.display()
-    );
-}
-
-fn print_layers(layers: &Layers) {
-    let m = &layers.manifest;
-    println!(
-        "release {} (kernel {}, driver {} {}, {}){}",
-        layers.release,
-        m.kernel_version,
-        m.driver_version,
-        m.module_flavor,
-        m.arch,
-        if layers.reused {
-            ": up to date, nothing built"
-        } else {
-            ""
-        }
-    );
-    print_layer("base", &layers.base);
-    print_layer("gpu", &layers.gpu);
-    print_layer("combined", &layers.combined);
-    let order: Vec<_> = m.modules.iter().map(|m| m.name.as_str()).collect();
-    println!("modules   {}", order.join(" → "));
-    println!("firmware  {}", m.firmware.len());
-    println!("libraries {}", m.libraries.len());
-}
-
 fn inspect(global: &Global, args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let layers = read_initrd(&args.file).map_err(|e| output::fail(exit::FAILURE, e))?;
-    output::emit(global, &layers, |layers| {
-        for (i, l) in layers.iter().enumerate() {
-            println!(
-                "layer {i}: byte {} · {} · {} entries · {} bytes of files",
-                l.offset,
-                l.compression,
-                l.entries.len(),
-                l.content_bytes
-            );
-            for e in &l.entries {
-                let extra = match (&e.target, e.rdev) {
-                    (Some(t), _) => format!(" -> {t}"),
-                    (_, Some((ma, mi))) => format!(" ({ma},{mi})"),
-                    _ => String::new(),
-                };
-                println!(
-                    "  {:<7} {:04o} {:>11}  {}{extra}",
-                    e.kind, e.mode, e.size, e.path
-                );
-            }
-        }
-    })?;
+    let layers = read_initrd(&args.file)?;
+    output::emit(global, &layers, |l| print!("{}", InitrdText(l)))?;
     Ok(ExitCode::SUCCESS)
 }

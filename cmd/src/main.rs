@@ -2,6 +2,8 @@
 //!
 //! Each command group lives in its own module; this file holds the global flags and dispatch.
 
+mod device_plugin;
+mod health;
 mod host;
 mod initrd;
 mod output;
@@ -97,6 +99,12 @@ enum Command {
     Detach(host::DetachArgs),
     /// Repair what a crash left behind: half-done binds and attachments whose owner is gone.
     Reconcile(host::ReconcileArgs),
+    /// Device health: recorded faults and quarantine; `scan`, `ingest` and `clear` a record.
+    Health(health::HealthArgs),
+    /// Reset a device (not attached to anyone) and verify it.
+    Reset(health::ResetArgs),
+    /// Serve the node's GPUs to the kubelet (a KubeVirt device plugin) until SIGTERM.
+    DevicePlugin(device_plugin::DevicePluginArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +119,9 @@ fn main() -> ExitCode {
         Command::Attach(a) => host::attach(&cli.global, a),
         Command::Detach(a) => host::detach(&cli.global, a),
         Command::Reconcile(a) => host::reconcile(&cli.global, a),
+        Command::Health(a) => health::run(&cli.global, a),
+        Command::Reset(a) => health::reset(&cli.global, a),
+        Command::DevicePlugin(a) => device_plugin::run(&cli.global, a),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use gpu_passthrough::outcome::{Outcome, outcome};
+use gpu_passthrough::remedy::Remedy;
 use serde::Serialize;
 
 use crate::Global;
@@ -19,7 +21,8 @@ pub mod exit {
     pub const NOT_READY: u8 = 5;
 }
 
-/// An error that carries its own exit code; anything else exits with [`exit::FAILURE`].
+/// An error that carries an exit code the CLI decided; library errors get theirs from
+/// [`outcome`].
 #[derive(Debug)]
 pub struct Failure {
     /// Process exit code.
@@ -96,12 +99,29 @@ pub fn emit<T: Serialize>(
     Ok(())
 }
 
+/// Like [`emit`], printing the value's `Display` form for people.
+pub fn emit_text<T: Serialize + std::fmt::Display>(
+    global: &Global,
+    value: &T,
+) -> anyhow::Result<()> {
+    emit(global, value, |v| print!("{v}"))
+}
+
+/// The exit code of an error: the CLI's own where it set one, else the library's outcome.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if let Some(f) = err.chain().find_map(|c| c.downcast_ref::<Failure>()) {
+        return f.code;
+    }
+    match outcome(err.as_ref()) {
+        Outcome::Refused => exit::REFUSED,
+        Outcome::VerificationFailed => exit::VERIFY,
+        Outcome::Failed => exit::FAILURE,
+    }
+}
+
 /// Print an error (as JSON on stdout with `--json`, else on stderr) and pick the exit code.
 pub fn report_error(global: &Global, err: &anyhow::Error) -> ExitCode {
-    let code = err
-        .chain()
-        .find_map(|c| c.downcast_ref::<Failure>())
-        .map_or(exit::FAILURE, |f| f.code);
+    let code = exit_code(err);
     let mut message = format!("{err:#}");
     if let Some(hint) = flag_hint(err) {
         message = format!("{message} ({hint})");
@@ -115,56 +135,23 @@ pub fn report_error(global: &Global, err: &anyhow::Error) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// The command or flag that fixes a library error: the library names no CLI flags, since a
-/// control plane has none; the CLI adds them here, once.
+/// The flag or command that fixes a library error (the library names no flags: a control plane
+/// has none).
 fn flag_hint(err: &anyhow::Error) -> Option<String> {
-    use gpu_passthrough::attach::{AttachError, JournalError, RefusalReason};
-    use gpu_passthrough::fetch::FetchError;
-    use gpu_passthrough::pci::PciError;
-    use gpu_passthrough::registry::RegistryError;
-    causes(err).into_iter().find_map(|cause| {
-        // Transparent wrappers (`#[error(transparent)]`) hide the wrapped error from the chain.
-        let fetch = cause.downcast_ref::<FetchError>().or_else(|| {
-            match cause.downcast_ref::<gpu_passthrough::initrd::InitrdError>()? {
-                gpu_passthrough::initrd::InitrdError::Fetch(e) => Some(e),
-                _ => None,
-            }
-        });
-        if let Some(e) = fetch {
-            return match e {
-                FetchError::Unpinned { release, .. } => Some(format!(
-                    "run `gpu-passthrough versions pin {release} --registry <file>`"
-                )),
-                FetchError::Cache { .. } => Some("--cache-dir DIR picks another cache".into()),
-                _ => None,
-            };
+    let remedy = causes(err)
+        .into_iter()
+        .find_map(gpu_passthrough::remedy::remedy)?;
+    Some(match remedy {
+        Remedy::SysfsRoot => "--sysfs-root DIR names the sysfs tree".into(),
+        Remedy::StateDir => "--state-dir DIR picks another state dir".into(),
+        Remedy::CacheDir => "--cache-dir DIR picks another cache".into(),
+        Remedy::RegistryFile => "check the path given to --registry".into(),
+        Remedy::NameDevices => "name DEVICE addresses or pass --gpus N".into(),
+        Remedy::AllowBootVga => "--allow-boot-vga moves the boot display".into(),
+        Remedy::PinRelease(r) => {
+            format!("run `gpu-passthrough versions pin {r} --registry <file>`")
         }
-        if let Some(JournalError::Io { .. }) = cause.downcast_ref::<JournalError>() {
-            return Some("--state-dir DIR picks another state dir".into());
-        }
-        if let Some(PciError::Read { .. }) = cause.downcast_ref::<PciError>() {
-            return Some("--sysfs-root DIR names the sysfs tree".into());
-        }
-        if let Some(RegistryError::Read { .. }) = cause.downcast_ref::<RegistryError>() {
-            return Some("check the path given to --registry".into());
-        }
-        match cause.downcast_ref::<AttachError>()? {
-            AttachError::Pci(PciError::Read { .. }) => {
-                Some("--sysfs-root DIR names the sysfs tree".into())
-            }
-            AttachError::Journal(JournalError::Io { .. }) => {
-                Some("--state-dir DIR picks another state dir".into())
-            }
-            AttachError::NothingRequested => Some("name DEVICE addresses or pass --gpus N".into()),
-            AttachError::RollbackFailed { .. } => {
-                Some("then run `gpu-passthrough reconcile`".into())
-            }
-            AttachError::Refused(refusals)
-                if refusals.iter().any(|r| r.reason == RefusalReason::BootVga) =>
-            {
-                Some("--allow-boot-vga moves the boot display".into())
-            }
-            _ => None,
-        }
+        Remedy::Reconcile => "then run `gpu-passthrough reconcile`".into(),
+        Remedy::GuestInit => "pass the static guest init with --guest-init PATH".into(),
     })
 }

@@ -465,3 +465,88 @@ fn add_refuses_to_overwrite_without_replace() {
             .starts_with("# reviewed by hand\n")
     );
 }
+
+/// `versions diff` over the two real releases: the upgrade 535.261.03 (open, GSP) to 535.309.01
+/// (proprietary, no GSP) as a reviewer reads it.
+#[test]
+fn diff_of_the_two_real_releases_shows_the_upgrade() {
+    let work = tempfile::tempdir().unwrap();
+    let (da, db) = (work.path().join("a"), work.path().join("b"));
+    fs::create_dir_all(&da).unwrap();
+    fs::create_dir_all(&db).unwrap();
+    let a = fixtures::write_registry(
+        &da,
+        "r261",
+        fixtures::KERNEL_VERSION,
+        &fixtures::gpu_artifacts(),
+        true,
+    );
+    let header = format!(
+        "kernel_version = \"{}\"\ndriver_version = \"{}\"\nmodule_flavor = \"proprietary\"\ngsp = false\n",
+        fixtures::KERNEL_VERSION,
+        fixtures::PROPRIETARY_DRIVER_VERSION
+    );
+    let b = fixtures::write_registry_with(
+        &db,
+        "r309",
+        &header,
+        &fixtures::proprietary_artifacts(),
+        true,
+    );
+    let cache = work.path().join("cache");
+    let out = run(cli(&cache)
+        .arg("--registry")
+        .arg(&a)
+        .arg("--registry")
+        .arg(&b)
+        .args(["--json", "versions", "diff", "r261", "r309"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let d = json(&out);
+    assert_eq!(d["driver_version"]["from"], "535.261.03");
+    assert_eq!(d["driver_version"]["to"], "535.309.01");
+    assert_eq!(d["module_flavor"]["to"], "proprietary");
+    assert_eq!(d["gsp"]["from"], true);
+    assert_eq!(d["gsp"]["to"], false);
+    assert!(d["kernel_version"].is_null(), "same kernel");
+    assert_eq!(d["firmware"]["removed"].as_array().unwrap().len(), 2);
+    let changed = d["libraries"]["changed"].as_array().unwrap();
+    let cuda = changed
+        .iter()
+        .find(|c| c["soname"] == "libcuda.so.1")
+        .unwrap();
+    assert_eq!(cuda["from"], "libcuda.so.535.261.03");
+    assert_eq!(cuda["to"], "libcuda.so.535.309.01");
+    let added: Vec<&str> = d["libraries"]["added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(added.contains(&"libnvcuvid.so.535.309.01"), "{added:?}");
+    assert!(
+        added.contains(&"libnvidia-encode.so.535.309.01"),
+        "{added:?}"
+    );
+    let params = d["module_params"].as_array().unwrap();
+    assert!(
+        params
+            .iter()
+            .any(|p| p["module"] == "nvidia" && p["to"] == "NVreg_EnableGpuFirmware=0"),
+        "{params:?}"
+    );
+    assert!(
+        d["gpus_gained"].as_array().unwrap().is_empty(),
+        "identical GPU lists"
+    );
+    let human = run(cli(&cache)
+        .arg("--registry")
+        .arg(&a)
+        .arg("--registry")
+        .arg(&b)
+        .args(["versions", "diff", "r261", "r309"]));
+    let shown = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        shown.contains("~ library libcuda.so.1: libcuda.so.535.261.03 -> libcuda.so.535.309.01"),
+        "{shown}"
+    );
+}

@@ -3,9 +3,9 @@
 
 use crate::context::SetupContext;
 use crate::modules::FinitModule;
-use crate::report::Report;
 use crate::setup;
 use gpu_passthrough_manifest::MANIFEST_PATH;
+use gpu_passthrough_manifest::report::Report;
 use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 use std::os::unix::process::CommandExt;
@@ -337,6 +337,11 @@ fn boot(config: &BootConfig) -> Result<i32, BootError> {
     mount_basics()?;
     // A bad root is fatal, but the GPU report still comes first: the harness always gets its line.
     let prepared = prepare_root(config);
+    // Opened before the setup, so faults of the setup itself are reported too.
+    let xid_log = config
+        .has_gpu
+        .then(|| crate::xid_watch::open(Path::new("/dev/kmsg")))
+        .flatten();
     let report = if config.has_gpu {
         let ctx = SetupContext::system(
             PathBuf::from(MANIFEST_PATH),
@@ -347,8 +352,14 @@ fn boot(config: &BootConfig) -> Result<i32, BootError> {
         setup::skipped(crate::context::running_kernel())
     };
     print_report(&report);
+    if let Some(log) = xid_log {
+        crate::xid_watch::spawn(log);
+    }
     let root = prepared?;
-    if config.strict && config.has_gpu && report.status != crate::report::Status::Ok {
+    if config.strict
+        && config.has_gpu
+        && report.status != gpu_passthrough_manifest::report::Status::Ok
+    {
         return Err(BootError::Root {
             root: root.display().to_string(),
             reason: format!(

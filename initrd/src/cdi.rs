@@ -1,9 +1,10 @@
 //! A CDI (Container Device Interface) spec so a container engine in the guest can use
 //! `nvidia.com/gpu=all`.
 
+use crate::inroot::RootDir;
 use crate::libraries::{GPU_MOUNT, mounted_path};
-use crate::report::NodeReport;
 use gpu_passthrough_manifest::Manifest;
+use gpu_passthrough_manifest::report::NodeReport;
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -16,7 +17,9 @@ pub const CDI_PATH: &str = "/etc/cdi/nvidia.json";
 #[derive(Debug, thiserror::Error)]
 pub enum CdiError {
     /// Writing into the root failed.
-    #[error("cannot write {CDI_PATH} in the workload root: {0}: is the root writable?")]
+    #[error(
+        "cannot write {CDI_PATH} in the workload root: {0}: is the root writable (and /etc/cdi a directory in it)?"
+    )]
     Io(#[from] std::io::Error),
 }
 
@@ -40,6 +43,7 @@ pub fn spec(manifest: &Manifest, gpus: u32, node_names: &[String], lib_dir: &str
         .collect();
     let bind = |host: String, container: String| json!({ "hostPath": host, "containerPath": container, "options": ["ro", "nosuid", "nodev", "bind"] });
     let mut mounts = Vec::new();
+    let mut links = Vec::new();
     for lib in &manifest.libraries {
         let Ok(host) = mounted_path(&lib.path) else {
             continue;
@@ -50,9 +54,16 @@ pub fn spec(manifest: &Manifest, gpus: u32, node_names: &[String], lib_dir: &str
         else {
             continue;
         };
-        mounts.push(bind(host.clone(), format!("{lib_dir}/{real}")));
+        mounts.push(bind(host, format!("{lib_dir}/{real}")));
+        // As nvidia-ctk does: the soname and the `.so` development link are made by a hook, so
+        // they exist whatever the image's layout.
         if let Some(soname) = &lib.soname {
-            mounts.push(bind(host, format!("{lib_dir}/{soname}")));
+            links.push(format!("{real}::{lib_dir}/{soname}"));
+            if let Some(dev) = soname.find(".so").map(|i| &soname[..i + 3])
+                && dev != soname
+            {
+                links.push(format!("{soname}::{lib_dir}/{dev}"));
+            }
         }
     }
     // gpu-init itself is for the guest's init, not for containers.
@@ -68,18 +79,43 @@ pub fn spec(manifest: &Manifest, gpus: u32, node_names: &[String], lib_dir: &str
             mounts.push(bind(host, format!("/usr/bin/{}", name.to_string_lossy())));
         }
     }
+    let hook = |name: &str, flag: &str, values: &[String]| {
+        let mut args = vec![crate::cdi_hook::HOOK_NAME.to_string(), name.to_string()];
+        for v in values {
+            args.push(flag.to_string());
+            args.push(v.clone());
+        }
+        json!({ "hookName": "createContainer", "path": hook_program(manifest), "args": args,
+                "env": ["NVIDIA_CTK_DEBUG=false"] })
+    };
+    let mut hooks = Vec::new();
+    if !links.is_empty() {
+        hooks.push(hook("create-symlinks", "--link", &links));
+    }
+    hooks.push(hook("update-ldcache", "--folder", &[lib_dir.to_string()]));
     json!({
         "cdiVersion": CDI_VERSION,
         "kind": "nvidia.com/gpu",
         "annotations": { "gpu-passthrough/driver-version": manifest.driver_version, "gpu-passthrough/layer": GPU_MOUNT },
         "devices": devices,
-        "containerEdits": { "deviceNodes": common_nodes, "mounts": mounts },
+        "containerEdits": { "deviceNodes": common_nodes, "mounts": mounts, "hooks": hooks },
     })
+}
+
+/// The program the hooks run, as the guest sees it: `gpu-init` in the mounted layer (which
+/// implements them, see [`crate::cdi_hook`]).
+fn hook_program(manifest: &Manifest) -> String {
+    manifest
+        .binaries
+        .iter()
+        .find(|b| b.ends_with("/gpu-init"))
+        .and_then(|b| mounted_path(b).ok())
+        .unwrap_or_else(|| format!("{GPU_MOUNT}/bin/gpu-init"))
 }
 
 /// Write the spec into the root atomically. Returns [`CDI_PATH`].
 pub fn write(
-    root: &Path,
+    root: &RootDir,
     manifest: &Manifest,
     gpus: u32,
     nodes: &[NodeReport],
@@ -95,12 +131,7 @@ pub fn write(
         .collect();
     let text = serde_json::to_string_pretty(&spec(manifest, gpus, &names, lib_dir))
         .map_err(std::io::Error::other)?;
-    let path = crate::context::in_root(root, CDI_PATH);
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)?;
+    // Atomic and resolved inside the root: a workload link at or above the spec is not followed out.
+    root.write_file(CDI_PATH, text.as_bytes())?;
     Ok(CDI_PATH.to_string())
 }

@@ -9,11 +9,16 @@
 
 pub mod boot;
 pub mod cdi;
+pub mod cdi_hook;
 pub mod context;
+pub mod dryrun;
+pub mod inroot;
 pub mod kmsg;
 pub mod libraries;
+pub mod loaded;
 pub mod modules;
 pub mod nodes;
 pub mod report;
 pub mod setup;
 pub mod sys;
+pub mod xid_watch;

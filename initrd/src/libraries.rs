@@ -6,9 +6,12 @@
 //! driver's file over it, never deleted.
 
 use crate::context::{SetupContext, in_root};
-use crate::report::{LdconfigStatus, LibrariesReport, Shadowed};
+use crate::inroot::{self, RootDir};
 use crate::sys;
 use gpu_passthrough_manifest::Manifest;
+use gpu_passthrough_manifest::report::{LdconfigStatus, LibrariesReport, Shadowed};
+use rustix::fs::FileType;
+use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
@@ -44,6 +47,19 @@ pub enum InjectError {
         /// The errno.
         errno: nix::errno::Errno,
     },
+    /// A workload file carrying a driver soname cannot be hidden by the driver's copy.
+    #[error(
+        "the workload's {link} cannot be hidden by the driver's {soname}: {reason}; the driver's \
+         copy is still found through the ld cache ({GPU_MOUNT}/lib)"
+    )]
+    Unshadowable {
+        /// The workload's path (inside the root).
+        link: String,
+        /// The soname.
+        soname: String,
+        /// Why: dangling, not a file, or leading out of the root.
+        reason: std::io::Error,
+    },
     /// A manifest path is not under `/gpu/`.
     #[error("manifest path {0} is not under /gpu/: rebuild the GPU layer")]
     OutsideLayer(String),
@@ -71,8 +87,9 @@ fn multiarch(arch: &str) -> String {
 }
 
 /// The root's library directories that exist, as paths inside the root, preferred first.
-/// A directory that is a symlink (usrmerge `/lib -> usr/lib`) is left out: its target is listed.
-pub fn library_dirs(root: &Path, arch: &str) -> Vec<String> {
+/// A directory reached through a symlink (usrmerge `/lib -> usr/lib`) is left out: its target is
+/// listed.
+pub fn library_dirs(root: &RootDir, arch: &str) -> Vec<String> {
     let triple = multiarch(arch);
     [
         format!("/usr/lib/{triple}"),
@@ -83,28 +100,17 @@ pub fn library_dirs(root: &Path, arch: &str) -> Vec<String> {
         "/lib".to_string(),
     ]
     .into_iter()
-    .filter(|d| in_root(root, d).is_dir() && !through_symlink(root, d))
+    .filter(|d| root.is_plain_dir(d))
     .collect()
 }
 
-/// True when any component of `path` (inside `root`) is a symlink.
-fn through_symlink(root: &Path, path: &str) -> bool {
-    let mut host = root.to_path_buf();
-    Path::new(path).components().any(|c| match c {
-        Component::Normal(part) => {
-            host.push(part);
-            std::fs::symlink_metadata(&host).is_ok_and(|m| m.file_type().is_symlink())
-        }
-        _ => false,
-    })
-}
-
 /// The root's library directory, as a path inside the root.
-pub fn library_dir(root: &Path, arch: &str) -> Option<String> {
+pub fn library_dir(root: &RootDir, arch: &str) -> Option<String> {
     library_dirs(root, arch).into_iter().next()
 }
 
 /// Follow symlinks of the last component of `path` (inside `root`) as if `root` were `/`.
+/// Only for display: file operations go through [`RootDir`].
 pub fn resolve_in_root(root: &Path, path: &str) -> String {
     let mut current = PathBuf::from(path);
     for _ in 0..40 {
@@ -137,23 +143,25 @@ fn normalize(path: &Path) -> PathBuf {
 }
 
 /// Bind-mount the GPU layer into the root (read-only), unless it is already there.
-pub fn mount_layer(ctx: &SetupContext, root: &Path) -> Result<(), InjectError> {
+pub fn mount_layer(ctx: &SetupContext, root: &RootDir) -> Result<(), InjectError> {
     let gpu_dir = ctx.layer_path("/gpu");
-    let mount_point = in_root(root, GPU_MOUNT);
-    std::fs::create_dir_all(&mount_point).map_err(io("create", Path::new(GPU_MOUNT)))?;
-    if sys::same_file(&gpu_dir, &mount_point) {
+    let mount_point = root
+        .create_dir_all(GPU_MOUNT)
+        .map_err(io("create", Path::new(GPU_MOUNT)))?;
+    if inroot::same_inode(mount_point.as_fd(), &gpu_dir) {
         return Ok(());
     }
-    sys::bind_read_only(&gpu_dir, &mount_point).map_err(|errno| InjectError::Mount {
+    sys::bind_read_only_at(&gpu_dir, mount_point.as_fd()).map_err(|errno| InjectError::Mount {
         src: gpu_dir.display().to_string(),
-        dst: mount_point.display().to_string(),
+        dst: GPU_MOUNT.to_string(),
         errno,
     })
 }
 
-/// Soname links, shadowing, `ld.so.conf.d` and `ldconfig`. Problems are appended to `problems`.
+/// Soname links, shadowing, `ld.so.conf.d` and `ldconfig`. Each library is handled on its own:
+/// what goes wrong with one is appended to `problems` and the rest still happens.
 pub fn inject_libraries(
-    root: &Path,
+    root: &RootDir,
     manifest: &Manifest,
     ctx: &SetupContext,
     problems: &mut Vec<String>,
@@ -166,59 +174,31 @@ pub fn inject_libraries(
         Some(d) => d,
         None => {
             let d = "/usr/lib".to_string();
-            std::fs::create_dir_all(in_root(root, &d))
+            root.create_dir_all(&d)
                 .map_err(io("create", Path::new("/usr/lib")))?;
             d
         }
     };
+    let others: Vec<String> = library_dirs(root, &manifest.arch)
+        .into_iter()
+        .filter(|d| *d != dir)
+        .collect();
     for lib in &manifest.libraries {
-        let real = mounted_path(&lib.path)?;
-        let file_name = Path::new(&lib.path)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| InjectError::OutsideLayer(lib.path.clone()))?;
-        let link_name = lib.soname.clone().unwrap_or(file_name);
-        let link = format!("{dir}/{link_name}");
-        let host_link = in_root(root, &link);
-        match std::fs::symlink_metadata(&host_link) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::os::unix::fs::symlink(&real, &host_link)
-                    .map_err(io("link", Path::new(&link)))?;
-            }
-            Err(e) => return Err(io("inspect", Path::new(&link))(e)),
-            Ok(meta)
-                if meta.file_type().is_symlink()
-                    && std::fs::read_link(&host_link).is_ok_and(|t| t == Path::new(&real)) => {}
-            Ok(_) => shadow(root, ctx, &lib.path, &link, &link_name, &mut report)?,
+        match inject_one(root, ctx, lib, &dir, &others, &mut report, problems) {
+            Ok(link) => report.injected.push(link),
+            Err(e) => problems.push(e.to_string()),
         }
-        // The same soname elsewhere on the loader's default path would also be found: hide those.
-        for other in library_dirs(root, &manifest.arch)
-            .iter()
-            .filter(|d| **d != dir)
-        {
-            let candidate = format!("{other}/{link_name}");
-            if std::fs::symlink_metadata(in_root(root, &candidate)).is_ok() {
-                shadow(root, ctx, &lib.path, &candidate, &link_name, &mut report)?;
-            }
-        }
-        report.injected.push(link);
     }
     report.dir = Some(dir);
 
     // ld.so.conf.d is only read through an `include` in ld.so.conf; a root without one gets
-    // Debian's default.
-    let main_conf = in_root(root, "/etc/ld.so.conf");
-    if !main_conf.exists() {
-        std::fs::create_dir_all(in_root(root, "/etc")).map_err(io("create", Path::new("/etc")))?;
-        std::fs::write(&main_conf, "include /etc/ld.so.conf.d/*.conf\n")
-            .map_err(io("write", Path::new("/etc/ld.so.conf")))?;
+    // Debian's default. Whatever is there (even a dangling link) is the workload's and is kept.
+    if let Err(e) = root.create_new("/etc/ld.so.conf", b"include /etc/ld.so.conf.d/*.conf\n") {
+        problems.push(io("write", Path::new("/etc/ld.so.conf"))(e).to_string());
     }
-    let conf = in_root(root, LD_SO_CONF);
-    if let Some(parent) = conf.parent() {
-        std::fs::create_dir_all(parent).map_err(io("create", Path::new("/etc/ld.so.conf.d")))?;
+    if let Err(e) = root.write_file(LD_SO_CONF, format!("{GPU_MOUNT}/lib\n").as_bytes()) {
+        problems.push(io("write", Path::new(LD_SO_CONF))(e).to_string());
     }
-    std::fs::write(&conf, format!("{GPU_MOUNT}/lib\n"))
-        .map_err(io("write", Path::new(LD_SO_CONF)))?;
 
     let (status, message) = run_ldconfig(root);
     report.ldconfig = status;
@@ -229,23 +209,78 @@ pub fn inject_libraries(
     Ok(report)
 }
 
+/// One library: its soname link in `dir`, and the workload's copies of that soname hidden.
+/// Returns the link. A workload copy that cannot be hidden is a problem, not a failure.
+fn inject_one(
+    root: &RootDir,
+    ctx: &SetupContext,
+    lib: &gpu_passthrough_manifest::Library,
+    dir: &str,
+    others: &[String],
+    report: &mut LibrariesReport,
+    problems: &mut Vec<String>,
+) -> Result<String, InjectError> {
+    let real = mounted_path(&lib.path)?;
+    let file_name = Path::new(&lib.path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| InjectError::OutsideLayer(lib.path.clone()))?;
+    let link_name = lib.soname.clone().unwrap_or(file_name);
+    let link = format!("{dir}/{link_name}");
+    match root.lstat(&link).map_err(io("inspect", Path::new(&link)))? {
+        None => root
+            .symlink(&real, &link)
+            .map_err(io("link", Path::new(&link)))?,
+        Some(t)
+            if t == FileType::Symlink
+                && root.read_link(&link).is_ok_and(|t| t == Path::new(&real)) => {}
+        Some(_) => shadow(root, ctx, &lib.path, &link, &link_name, report)?,
+    }
+    // The same soname elsewhere on the loader's default path would also be found: hide those.
+    for other in others {
+        let candidate = format!("{other}/{link_name}");
+        if matches!(root.lstat(&candidate), Ok(Some(_)))
+            && let Err(e) = shadow(root, ctx, &lib.path, &candidate, &link_name, report)
+        {
+            problems.push(e.to_string());
+        }
+    }
+    Ok(link)
+}
+
 /// Bind-mount the driver's `lib_path` over the file `link` (inside the root) resolves to: the
 /// workload keeps its bytes but loads ours. Records it in `shadowed`.
 fn shadow(
-    root: &Path,
+    root: &RootDir,
     ctx: &SetupContext,
     lib_path: &str,
     link: &str,
     soname: &str,
     report: &mut LibrariesReport,
 ) -> Result<(), InjectError> {
-    let theirs = resolve_in_root(root, link);
-    let host_theirs = in_root(root, &theirs);
+    let target = root
+        .open_target(link)
+        .map_err(|reason| InjectError::Unshadowable {
+            link: link.to_string(),
+            soname: soname.to_string(),
+            reason,
+        })?;
+    let kind = inroot::file_type(target.as_fd()).map_err(io("inspect", Path::new(link)))?;
+    if kind != FileType::RegularFile {
+        return Err(InjectError::Unshadowable {
+            link: link.to_string(),
+            soname: soname.to_string(),
+            reason: std::io::Error::other(format!("it is a {kind:?}, not a file")),
+        });
+    }
+    let theirs = root
+        .path_of(target.as_fd())
+        .unwrap_or_else(|| resolve_in_root(root.host_path(), link));
     let ours = ctx.layer_path(lib_path);
-    if !sys::same_file(&ours, &host_theirs) {
-        sys::bind_read_only(&ours, &host_theirs).map_err(|errno| InjectError::Mount {
+    if !inroot::same_inode(target.as_fd(), &ours) {
+        sys::bind_read_only_at(&ours, target.as_fd()).map_err(|errno| InjectError::Mount {
             src: ours.display().to_string(),
-            dst: host_theirs.display().to_string(),
+            dst: theirs.clone(),
             errno,
         })?;
     }
@@ -259,7 +294,7 @@ fn shadow(
 }
 
 /// The root's glibc `ldconfig` (an ELF program; Alpine's is a no-op shell script), inside the root.
-pub fn find_ldconfig(root: &Path) -> Option<&'static str> {
+pub fn find_ldconfig(root: &RootDir) -> Option<&'static str> {
     [
         "/sbin/ldconfig.real",
         "/usr/sbin/ldconfig.real",
@@ -270,14 +305,18 @@ pub fn find_ldconfig(root: &Path) -> Option<&'static str> {
     .into_iter()
     .find(|p| {
         let mut magic = [0u8; 4];
-        std::fs::File::open(in_root(root, p))
+        root.open_read(p)
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
             .is_ok()
             && magic == *b"\x7fELF"
     })
 }
 
-fn run_ldconfig(root: &Path) -> (LdconfigStatus, Option<String>) {
+/// Run the root's own `ldconfig`, chrooted and without any privilege (see
+/// [`sys::unprivileged_in_root`]): it is the workload's program, so it gets only what rewriting
+/// the root's own `/etc/ld.so.cache` needs. The root's ldconfig, not one of ours, because the
+/// cache format must match the root's glibc.
+pub fn run_ldconfig(root: &RootDir) -> (LdconfigStatus, Option<String>) {
     let Some(ldconfig) = find_ldconfig(root) else {
         return (
             LdconfigStatus::Missing,
@@ -290,7 +329,7 @@ fn run_ldconfig(root: &Path) -> (LdconfigStatus, Option<String>) {
     };
     let mut cmd = Command::new(ldconfig);
     cmd.env_clear();
-    sys::chroot_command(&mut cmd, root);
+    sys::unprivileged_in_root(&mut cmd, root.fd());
     match cmd.output() {
         Ok(out) if out.status.success() => (LdconfigStatus::Ok, None),
         Ok(out) => (
@@ -304,7 +343,7 @@ fn run_ldconfig(root: &Path) -> (LdconfigStatus, Option<String>) {
         Err(e) => (
             LdconfigStatus::Failed,
             Some(format!(
-                "cannot run {ldconfig} chrooted in the workload root: {e}"
+                "cannot run {ldconfig} chrooted and unprivileged in the workload root: {e}"
             )),
         ),
     }
@@ -312,12 +351,15 @@ fn run_ldconfig(root: &Path) -> (LdconfigStatus, Option<String>) {
 
 /// Link the manifest's programs into [`BIN_DIR`] of the root. Returns the paths inside the root.
 pub fn link_binaries(
-    root: &Path,
+    root: &RootDir,
     manifest: &Manifest,
     problems: &mut Vec<String>,
 ) -> Result<Vec<String>, InjectError> {
-    let bin_dir = in_root(root, BIN_DIR);
-    std::fs::create_dir_all(&bin_dir).map_err(io("create", Path::new(BIN_DIR)))?;
+    // A bin dir that cannot be made costs the programs, not the libraries.
+    if let Err(e) = root.create_dir_all(BIN_DIR) {
+        problems.push(io("create", Path::new(BIN_DIR))(e).to_string());
+        return Ok(Vec::new());
+    }
     let mut linked = Vec::new();
     for bin in &manifest.binaries {
         let real = mounted_path(bin)?;
@@ -325,17 +367,24 @@ pub fn link_binaries(
             return Err(InjectError::OutsideLayer(bin.clone()));
         };
         let link = format!("{BIN_DIR}/{}", name.to_string_lossy());
-        let host_link = in_root(root, &link);
-        match std::fs::read_link(&host_link) {
-            Ok(t) if t == Path::new(&real) => {}
-            _ if std::fs::symlink_metadata(&host_link).is_ok() => {
+        match root.lstat(&link) {
+            Ok(Some(_)) if root.read_link(&link).is_ok_and(|t| t == Path::new(&real)) => {}
+            Ok(Some(_)) => {
                 problems.push(format!(
                     "the workload has its own {link}; the driver's is at {real}"
                 ));
                 continue;
             }
-            _ => std::os::unix::fs::symlink(&real, &host_link)
-                .map_err(io("link", Path::new(&link)))?,
+            Ok(None) => {
+                if let Err(e) = root.symlink(&real, &link) {
+                    problems.push(io("link", Path::new(&link))(e).to_string());
+                    continue;
+                }
+            }
+            Err(e) => {
+                problems.push(io("inspect", Path::new(&link))(e).to_string());
+                continue;
+            }
         }
         linked.push(link);
     }
@@ -390,7 +439,7 @@ mod tests {
         assert_eq!(resolve_in_root(r, "/usr/lib/none"), "/usr/lib/none");
         // /lib is a symlink to usr/lib: listed once, through its target.
         assert_eq!(
-            library_dirs(r, "x86_64"),
+            library_dirs(&RootDir::open(r).unwrap(), "x86_64"),
             ["/usr/lib/x86_64-linux-gnu", "/usr/lib"]
         );
         assert_eq!(
@@ -403,7 +452,7 @@ mod tests {
         std::fs::create_dir_all(split.path().join("lib/x86_64-linux-gnu")).unwrap();
         std::fs::create_dir_all(split.path().join("usr/lib")).unwrap();
         assert_eq!(
-            library_dirs(split.path(), "x86_64"),
+            library_dirs(&RootDir::open(split.path()).unwrap(), "x86_64"),
             ["/lib/x86_64-linux-gnu", "/usr/lib", "/lib"]
         );
     }

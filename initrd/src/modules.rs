@@ -2,8 +2,8 @@
 
 use crate::context::SetupContext;
 use crate::kmsg::{KernelLog, failed_firmware};
-use crate::report::{FailureClass, ModuleReport, ModuleResult};
-use gpu_passthrough_manifest::Module;
+use gpu_passthrough_manifest::report::{FailureClass, ModuleReport, ModuleResult};
+use gpu_passthrough_manifest::{Module, normalize_module_name};
 use nix::errno::Errno;
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -54,11 +54,6 @@ impl ModuleLoader for FinitModule {
     }
 }
 
-/// Kernel module names use underscores; `depends=` and file names may use dashes.
-fn canonical(name: &str) -> String {
-    name.replace('-', "_")
-}
-
 /// Load every module in order. Returns one report per module and the firmware files the kernel
 /// log said were missing.
 pub fn load_modules(
@@ -71,12 +66,12 @@ pub fn load_modules(
     let mut failed: HashMap<String, FailureClass> = HashMap::new();
     let mut missing_firmware = Vec::new();
     for module in modules {
-        let name = canonical(&module.name);
-        if let Some((dep, class)) = module
-            .depends
-            .iter()
-            .find_map(|d| failed.get(&canonical(d)).map(|c| (canonical(d), *c)))
-        {
+        let name = normalize_module_name(&module.name);
+        if let Some((dep, class)) = module.depends.iter().find_map(|d| {
+            failed
+                .get(&normalize_module_name(d))
+                .map(|c| (normalize_module_name(d), *c))
+        }) {
             failed.insert(name.clone(), class);
             reports.push(ModuleReport {
                 message: Some(format!(
@@ -145,6 +140,7 @@ pub fn class_name(class: FailureClass) -> &'static str {
         FailureClass::WrongKernel => "wrong_kernel",
         FailureClass::MissingFirmware => "missing_firmware",
         FailureClass::MissingFile => "missing_file",
+        FailureClass::InitFailed => "init_failed",
         FailureClass::Other => "other",
     }
 }
@@ -170,6 +166,17 @@ fn classify(
             firmware.join(", ")
         );
         return (FailureClass::MissingFirmware, errno, message);
+    }
+    if let Some(line) = kernel_lines
+        .iter()
+        .find(|l| l.contains("RmInitAdapter failed"))
+    {
+        let message = format!(
+            "{name} loaded but could not initialise the GPU ({line}): the GPU needs a reset on \
+             the host (often after waking from D3cold or a previous tenant's fault); the host \
+             records this for the device"
+        );
+        return (FailureClass::InitFailed, errno, message);
     }
     match err {
         LoadError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => (
@@ -210,7 +217,7 @@ fn classify(
             let detail = kernel_lines
                 .iter()
                 .rev()
-                .find(|l| l.contains(name.as_str()) || l.contains(&canonical(name)))
+                .find(|l| l.contains(name.as_str()) || l.contains(&normalize_module_name(name)))
                 .or(kernel_lines.last())
                 .map(|l| format!("; kernel log: {l}"))
                 .unwrap_or_default();

@@ -1,11 +1,12 @@
 //! The GPU setup: modules, nodes, firmware path, libraries, programs, CDI spec, report.
 
 use crate::context::SetupContext;
+use crate::inroot::RootDir;
 use crate::kmsg::KernelLog;
 use crate::modules::{ModuleLoader, load_modules};
-use crate::report::{Report, ReportError, Status};
 use crate::{cdi, libraries, nodes};
 use gpu_passthrough_manifest::Manifest;
+use gpu_passthrough_manifest::report::{Report, ReportError, SetupErrorClass, Status};
 use std::time::Instant;
 
 /// Run the whole setup. Never fails: everything that goes wrong is in the report.
@@ -16,7 +17,7 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
         Ok(m) => m,
         Err(error) => {
             report.error = Some(error);
-            report.finish_status();
+            crate::report::finish_status(&mut report);
             report.timings_ms.insert("total".into(), ms(start));
             return report;
         }
@@ -48,11 +49,10 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
 
     let step = Instant::now();
     let driver_up = report.modules.iter().all(|m| m.class.is_none());
-    let majors = std::fs::read_to_string(ctx.proc_root.join("devices"))
-        .map(|t| nodes::char_majors(&t))
-        .unwrap_or_default();
-    report.gpus = nodes::gpu_count(&ctx.proc_root);
-    let planned = nodes::plan(&majors, report.gpus, &ctx.proc_root);
+    let node_plan = nodes::plan_from_proc(&ctx.proc_root);
+    report.gpus = node_plan.gpus;
+    report.problems.extend(node_plan.problems);
+    let planned = node_plan.nodes;
     if planned.is_empty() && driver_up {
         report.problems.push(format!(
             "the NVIDIA driver is not registered in {}: no device nodes made",
@@ -64,11 +64,16 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
             ctx.proc_root.join("driver/nvidia/gpus").display()
         ));
     }
+    // The workload root is untrusted: every path in it is resolved inside it.
+    let root_dir = ctx.root.as_deref().map(RootDir::open);
     let mut dev_dirs = vec![ctx.dev_dir.clone()];
-    if let Some(root) = &ctx.root {
-        let root_dev = root.join("dev");
-        if root_dev.is_dir() && !crate::sys::same_file(&root_dev, &ctx.dev_dir) {
-            dev_dirs.push(root_dev);
+    if let (Some(root), Some(Ok(dir))) = (&ctx.root, &root_dir) {
+        match root_dev_dir(root, dir) {
+            Ok(Some(root_dev)) if !crate::sys::same_file(&root_dev, &ctx.dev_dir) => {
+                dev_dirs.push(root_dev)
+            }
+            Ok(_) => {}
+            Err(problem) => report.problems.push(problem),
         }
     }
     for dir in &dev_dirs {
@@ -87,12 +92,24 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
     report.timings_ms.insert("nodes".into(), ms(step));
 
     let step = Instant::now();
-    match &ctx.root {
+    match root_dir {
         None => report.problems.push(
             "no workload root given: libraries, programs and the CDI spec were not installed"
                 .into(),
         ),
-        Some(root) => {
+        Some(Err(e)) => {
+            let mut problem = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                problem.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            report.problems.push(format!(
+                "{problem}: libraries, programs and the CDI spec were not installed"
+            ));
+        }
+        Some(Ok(root)) => {
+            let root = &root;
             if ctx.layer_path("/lib/firmware").is_dir() {
                 match libraries::expose_firmware(ctx) {
                     Ok(path) => report.firmware.path = Some(path),
@@ -136,9 +153,33 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
             report.timings_ms.insert("cdi".into(), ms(step));
         }
     }
-    report.finish_status();
+    crate::report::finish_status(&mut report);
     report.timings_ms.insert("total".into(), ms(start));
     report
+}
+
+/// The root's `/dev` as a host path, when nodes may be made in it: a plain directory, reached
+/// without symlinks, whose `nvidia-caps` (if any) is one too — so no node lands outside the root.
+/// `Ok(None)`: the root has no `/dev`. `Err`: the problem to report.
+fn root_dev_dir(
+    root: &std::path::Path,
+    dir: &RootDir,
+) -> Result<Option<std::path::PathBuf>, String> {
+    match dir.lstat("/dev") {
+        Ok(None) => return Ok(None),
+        Ok(Some(_)) => {}
+        Err(e) => return Err(format!("cannot inspect /dev of the workload root: {e}")),
+    }
+    for d in ["/dev", "/dev/nvidia-caps"] {
+        let present = !matches!(dir.lstat(d), Ok(None));
+        if present && !dir.is_plain_dir(d) {
+            return Err(format!(
+                "{d} in the workload root is not a plain directory (a symlink?): no device nodes \
+                 were made in it; make it a directory or mount a devtmpfs there"
+            ));
+        }
+    }
+    Ok(Some(root.join("dev")))
 }
 
 /// The report for a guest that was not asked for a GPU.
@@ -153,7 +194,7 @@ fn read_manifest(ctx: &SetupContext) -> Result<Manifest, ReportError> {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ReportError {
-                class: "no_gpu_layer".into(),
+                class: SetupErrorClass::NoGpuLayer,
                 message: format!(
                     "HAS_GPU=1 but {} does not exist: this initrd has no GPU layer; boot the \
                      combined initrd (base + GPU layer) or drop HAS_GPU=1",
@@ -163,15 +204,26 @@ fn read_manifest(ctx: &SetupContext) -> Result<Manifest, ReportError> {
         }
         Err(e) => {
             return Err(ReportError {
-                class: "bad_manifest".into(),
+                class: SetupErrorClass::BadManifest,
                 message: format!("cannot read {}: {e}", ctx.manifest.display()),
             });
         }
     };
     Manifest::from_json(&text).map_err(|e| ReportError {
-        class: "bad_manifest".into(),
-        message: format!("{}: {e}", ctx.manifest.display()),
+        class: SetupErrorClass::BadManifest,
+        message: format!("{}: {}", ctx.manifest.display(), with_causes(&e)),
     })
+}
+
+/// An error and its `#[source]` chain on one line: the report has no room for a chain.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 fn ms(since: Instant) -> u64 {

@@ -5,15 +5,14 @@
 
 mod common;
 
+use gpu_passthrough_manifest::report::{
+    FailureClass, ModuleResult, Report, Status, parse_report_line,
+};
 use gpu_passthrough_manifest::{DeviceNodes, Manifest, Module, SCHEMA};
-use serde_json::Value;
+use gpu_passthrough_tests::fixtures;
 use std::path::Path;
 use std::process::Command;
 
-const KERNEL: &str = "/work/shared/fixtures/linux-6.1.0-56-amd64/vmlinuz";
-const KERNEL_MODULES: &str =
-    "/work/shared/fixtures/linux-6.1.0-56-amd64/kernel-modules-6.1.0-56-amd64-x86_64.tar.gz";
-const NVIDIA_MODULES: &str = "/work/shared/fixtures/nvidia-535.261.03/nvidia-open-modules-535.261.03-6.1.0-56-amd64-x86_64.tar.gz";
 const KDIR: &str = "lib/modules/6.1.0-56-amd64/kernel";
 
 fn run(cmd: &mut Command) {
@@ -52,14 +51,19 @@ const MODULES: [(&str, &str, &[&str]); 8] = [
 fn build_initrd(dir: &Path, gpu_init: &Path) -> std::path::PathBuf {
     let x = dir.join("x");
     std::fs::create_dir_all(&x).unwrap();
-    for (tar, nvidia) in [(KERNEL_MODULES, false), (NVIDIA_MODULES, true)] {
+    for (tar, nvidia) in [
+        (fixtures::KERNEL_MODULES, false),
+        (fixtures::NVIDIA_MODULES, true),
+    ] {
         let members: Vec<String> = MODULES
             .iter()
             .filter(|(n, _, _)| n.starts_with("nvidia") == nvidia)
             .map(|(_, f, _)| format!("{KDIR}/{f}"))
             .collect();
         run(Command::new("tar")
-            .args(["xzf", tar, "-C"])
+            .arg("xzf")
+            .arg(fixtures::path(tar))
+            .arg("-C")
             .arg(&x)
             .args(&members));
     }
@@ -156,7 +160,9 @@ fn pid1_classifies_real_module_failures_switches_root_runs_the_workload_and_powe
         .arg("180")
         .arg("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "768", "-smp", "1", "-nographic", "-no-reboot"])
-        .args(["-kernel", KERNEL, "-initrd"])
+        .arg("-kernel")
+        .arg(fixtures::path(fixtures::KERNEL))
+        .arg("-initrd")
         .arg(&initrd)
         .args([
             "-append",
@@ -171,33 +177,38 @@ fn pid1_classifies_real_module_failures_switches_root_runs_the_workload_and_powe
         out.status
     );
 
-    let reports: Vec<&str> = console
+    // The host reads the console through the contract's own parser and types.
+    let reports: Vec<Report> = console
         .lines()
-        .filter_map(|l| l.split("GPU-INIT ").nth(1))
+        .filter_map(parse_report_line)
+        .map(|r| r.expect("the GPU-INIT line deserializes as the contract's Report"))
         .collect();
     assert_eq!(reports.len(), 1, "exactly one report line:\n{console}");
-    let report: Value = serde_json::from_str(reports[0].trim_end()).unwrap();
-    assert_eq!(report["status"], "failed");
-    assert_eq!(report["kernel"], "6.1.0-56-amd64");
+    let report = &reports[0];
+    assert_eq!(report.status, Status::Failed);
+    assert_eq!(report.kernel, "6.1.0-56-amd64");
     let module = |name: &str| {
-        report["modules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == name)
+        report
+            .module(name)
             .unwrap_or_else(|| panic!("{name} not in the report"))
-            .clone()
     };
     for loaded in ["drm", "drm_kms_helper", "wmi", "video"] {
-        assert_eq!(module(loaded)["result"], "loaded", "{loaded}: {report}");
+        assert_eq!(
+            module(loaded).result,
+            ModuleResult::Loaded,
+            "{loaded}: {report:?}"
+        );
     }
     let nvidia = module("nvidia");
-    assert_eq!(nvidia["result"], "failed");
-    assert_eq!(nvidia["class"], "no_gpu");
-    assert_eq!(nvidia["errno"], 19);
-    assert_eq!(module("nvidia_uvm")["result"], "skipped");
-    assert_eq!(module("nvidia_drm")["dependency"], "nvidia_modeset");
-    assert_eq!(report["gpus"], 0);
+    assert_eq!(nvidia.result, ModuleResult::Failed);
+    assert_eq!(nvidia.class, Some(FailureClass::NoGpu));
+    assert_eq!(nvidia.errno, Some(19));
+    assert_eq!(module("nvidia_uvm").result, ModuleResult::Skipped);
+    assert_eq!(
+        module("nvidia_drm").dependency.as_deref(),
+        Some("nvidia_modeset")
+    );
+    assert_eq!(report.gpus, 0);
 
     // The workload ran inside the new root (its copy of gpu-init printed the usage) and its exit
     // powered the guest off.

@@ -1,5 +1,6 @@
 //! `gpu-init` as another init calls it.
 
+use gpu_passthrough_manifest::report::{SetupErrorClass, Status, find_report};
 use std::process::Command;
 
 fn gpu_init(args: &[&str]) -> std::process::Output {
@@ -34,13 +35,11 @@ fn a_missing_gpu_layer_is_reported_and_fails_only_with_strict() {
     let relaxed = gpu_init(&["setup", "--root", root, "--manifest", manifest]);
     assert_eq!(relaxed.status.code(), Some(0), "{relaxed:?}");
     let stdout = String::from_utf8_lossy(&relaxed.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("GPU-INIT "))
-        .expect("report line");
-    let report: serde_json::Value = serde_json::from_str(&line["GPU-INIT ".len()..]).unwrap();
-    assert_eq!(report["status"], "failed");
-    assert_eq!(report["error"]["class"], "no_gpu_layer");
+    let report = find_report(&stdout)
+        .expect("report line")
+        .expect("the contract's Report");
+    assert_eq!(report.status, Status::Failed);
+    assert_eq!(report.error.unwrap().class, SetupErrorClass::NoGpuLayer);
     assert_eq!(stdout.lines().count(), 1, "exactly one line on stdout");
 
     let strict = gpu_init(&["setup", "--root", root, "--manifest", manifest, "--strict"]);

@@ -4,10 +4,10 @@
 mod common;
 
 use common::{DRIVER, FakeKernel, Guest, Outcome, RootKind};
-use gpu_passthrough_init::report::{
-    FailureClass, LdconfigStatus, ModuleResult, NodeAction, Report, Status,
-};
 use gpu_passthrough_init::setup;
+use gpu_passthrough_manifest::report::{
+    FailureClass, LdconfigStatus, ModuleResult, NodeAction, Report, SetupErrorClass, Status,
+};
 use nix::errno::Errno;
 use serde_json::Value;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -179,7 +179,7 @@ fn all_modules_load_and_everything_is_in_place_for_two_gpus() {
         assert!(common_nodes.contains(n), "{n} missing from {common_nodes}");
     }
     assert!(cdi["containerEdits"]["mounts"].to_string().contains(
-        r#""containerPath":"/usr/lib/x86_64-linux-gnu/libcuda.so.1","hostPath":"/usr/lib/gpu-passthrough/lib/libcuda.so.535.261.03""#
+        r#""containerPath":"/usr/lib/x86_64-linux-gnu/libcuda.so.535.261.03","hostPath":"/usr/lib/gpu-passthrough/lib/libcuda.so.535.261.03""#
     ));
 
     // The report line is the documented JSON.
@@ -352,6 +352,35 @@ fn missing_firmware_names_the_file_from_the_kernel_log() {
     assert!(report.modules[0].message.as_deref().unwrap().contains(fw));
     assert_eq!(report.firmware.missing, [fw]);
     assert_eq!(json(&report)["modules"][0]["class"], "missing_firmware");
+}
+
+#[test]
+fn rm_init_adapter_failure_is_init_failed_not_other() {
+    let guest = Guest::new(RootKind::Debian, 1);
+    guest.unregister_driver();
+    // As in bryansteiner/gpu-passthrough-tutorial issue #39: the GPU did not come out of D3cold.
+    let kernel = FakeKernel::new(&guest).with(
+        "nvidia.ko",
+        Outcome::FailWithLog(
+            Errno::EIO,
+            "NVRM: GPU 0000:00:05.0: RmInitAdapter failed! (0x22:0x56:667)".into(),
+        ),
+    );
+    let report = run(&guest, &kernel);
+    assert_eq!(report.status, Status::Failed);
+    assert_eq!(report.modules[0].class, Some(FailureClass::InitFailed));
+    let msg = report.modules[0].message.as_deref().unwrap();
+    assert!(
+        msg.contains("RmInitAdapter failed! (0x22:0x56:667)"),
+        "{msg}"
+    );
+    assert_eq!(json(&report)["modules"][0]["class"], "init_failed");
+    // Without the line the same errno stays `other`.
+    let plain = FakeKernel::new(&guest).with("nvidia.ko", Outcome::Fail(Errno::EIO));
+    assert_eq!(
+        run(&guest, &plain).modules[0].class,
+        Some(FailureClass::Other)
+    );
 }
 
 #[test]
@@ -533,13 +562,25 @@ fn has_gpu_without_a_gpu_layer_is_a_classified_failure() {
     let report = setup::run(&ctx, &kernel);
     assert_eq!(report.status, Status::Failed);
     let error = report.error.as_ref().unwrap();
-    assert_eq!(error.class, "no_gpu_layer");
+    assert_eq!(error.class, SetupErrorClass::NoGpuLayer);
+    assert_eq!(json(&report)["error"]["class"], "no_gpu_layer");
     assert!(error.message.contains("absent.json") && error.message.contains("HAS_GPU=1"));
     assert!(kernel.loaded_files().is_empty());
 
     std::fs::write(&ctx.manifest, r#"{"schema": 99}"#).unwrap();
     let report = setup::run(&ctx, &kernel);
-    assert_eq!(report.error.as_ref().unwrap().class, "bad_manifest");
+    let error = report.error.as_ref().unwrap();
+    assert_eq!(error.class, SetupErrorClass::BadManifest);
+    assert!(error.message.contains("schema"), "{}", error.message);
+    assert_eq!(json(&report)["error"]["class"], "bad_manifest");
+
+    // The serde cause of a malformed manifest is in the message, not lost behind its source.
+    std::fs::write(&ctx.manifest, "{not json").unwrap();
+    let message = setup::run(&ctx, &kernel).error.unwrap().message;
+    assert!(
+        message.contains("malformed GPU manifest: key must be a string"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -585,6 +626,13 @@ fn mig_capability_nodes_are_made_when_the_driver_registers_them() {
     .unwrap();
     let report = run(&guest, &FakeKernel::new(&guest));
     assert_eq!(report.status, Status::Ok, "{}", report.line());
-    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap1"), 237, 1);
-    assert_char_node(&guest.dev.join("nvidia-caps/nvidia-cap2"), 237, 2);
+    // The driver's modes (DeviceFileMode 256 = 0400, 292 = 0444), root's group: not the 0660 of
+    // the other nodes.
+    for (cap, minor, mode) in [("nvidia-cap1", 1, 0o400), ("nvidia-cap2", 2, 0o444)] {
+        let meta = std::fs::symlink_metadata(guest.dev.join("nvidia-caps").join(cap)).unwrap();
+        assert!(meta.file_type().is_char_device(), "{cap}");
+        assert_eq!(meta.rdev(), nix::sys::stat::makedev(237, minor), "{cap}");
+        assert_eq!(meta.mode() & 0o7777, mode, "{cap}");
+        assert_eq!(meta.gid(), 0, "{cap}");
+    }
 }

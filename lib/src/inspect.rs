@@ -12,7 +12,8 @@
 //! [`Inventory::external_dependencies`] so the caller can show it. With a kernel-modules tree,
 //! such a dependency must resolve there or in its `modules.builtin`.
 //!
-//! Firmware is always required: a `firmware=` file missing from both the firmware tree and the
+//! Firmware is required unless the release goes without GSP (proprietary only): a `firmware=`
+//! file missing from both the firmware tree and the
 //! kernel-modules tree's `lib/firmware` is an error, since the module would fail at load time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 use object::read::elf::FileHeader;
 
 use crate::modinfo::{ModInfo, normalize_module_name};
-use crate::registry::Arch;
+use crate::registry::{Arch, ModuleFlavor};
 
 /// What the registry says the artifacts must be.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +36,19 @@ pub struct Expectations<'a> {
     pub driver_version: &'a str,
     /// The architecture every ELF file must be built for.
     pub arch: Arch,
+    /// The module flavor the release claims; the modules' `license` fields must agree.
+    pub flavor: Option<ModuleFlavor>,
+    /// Whether the release ships GSP firmware. Without it (a proprietary release, `gsp =
+    /// false`), the modules' `firmware=` lines are not required and no firmware is collected.
+    pub gsp: bool,
 }
+
+/// The license the core NVIDIA modules (`nvidia`, `nvidia_modeset`) carry in the proprietary
+/// build; the open build says `Dual MIT/GPL`.
+pub const PROPRIETARY_LICENSE: &str = "NVIDIA";
+
+/// The modules whose license tells the flavors apart (uvm and drm are open in both builds).
+const FLAVOR_MODULES: [&str; 2] = ["nvidia", "nvidia_modeset"];
 
 /// The extracted artifact roots (each the directory an artifact tar was extracted into).
 #[derive(Debug, Clone, Copy, Default)]
@@ -180,6 +193,27 @@ pub enum Problem {
         /// The firmware path relative to `/lib/firmware`.
         firmware: String,
     },
+    /// A module's license says the other flavor.
+    #[error(
+        "{file}: module {module} has license `{license}`, which is the {actual} build, but the release says {claimed}: set the release's module flavor to {actual} or use the {claimed} modules"
+    )]
+    WrongFlavor {
+        /// The module.
+        file: PathBuf,
+        /// Its name.
+        module: String,
+        /// Its `license=` (or `none`).
+        license: String,
+        /// The flavor the license means.
+        actual: ModuleFlavor,
+        /// The flavor the release claims.
+        claimed: ModuleFlavor,
+    },
+    /// Open modules need GSP firmware; a release without it cannot use them.
+    #[error(
+        "the open modules need GSP firmware, but the release ships none (gsp = false): add the nvidia-firmware artifact, or use the proprietary modules"
+    )]
+    OpenWithoutGsp,
     /// A real library's name does not carry the driver version.
     #[error(
         "{file}: library {real_name} does not carry driver version {expected} (expected a name ending in .so.{expected}): use the libraries of driver {expected}"
@@ -372,7 +406,14 @@ pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, Inspec
         .filter_map(|name| selected.remove(&name))
         .collect();
 
-    let firmware = find_firmware(trees, &modules, &mut problems);
+    if !expect.gsp && expect.flavor != Some(ModuleFlavor::Proprietary) {
+        problems.push(Problem::OpenWithoutGsp);
+    }
+    let firmware = if expect.gsp {
+        find_firmware(trees, &modules, &mut problems)
+    } else {
+        Vec::new()
+    };
     let (libraries, binaries, supported_gpus) = match trees.driver_libs {
         Some(root) => inspect_driver_libs(expect, root, &mut problems),
         None => (Vec::new(), Vec::new(), None),
@@ -443,6 +484,26 @@ fn check_module(expect: &Expectations, module: &InspectedModule, problems: &mut 
             expected: expect.kernel_version.to_string(),
         }),
         Some(_) => {}
+    }
+    if let Some(claimed) = expect.flavor
+        && module.nvidia
+        && FLAVOR_MODULES.contains(&module.name.as_str())
+    {
+        let license = module.info.get("license").unwrap_or("none");
+        let actual = if license == PROPRIETARY_LICENSE {
+            ModuleFlavor::Proprietary
+        } else {
+            ModuleFlavor::Open
+        };
+        if actual != claimed {
+            problems.push(Problem::WrongFlavor {
+                file: file.clone(),
+                module: module.name.clone(),
+                license: license.to_string(),
+                actual,
+                claimed,
+            });
+        }
     }
     if module.nvidia && module.info.version() != Some(expect.driver_version) {
         problems.push(Problem::WrongDriverVersion {

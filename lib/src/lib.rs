@@ -6,6 +6,7 @@
 //! - [`registry`]: guest kernel release → NVIDIA driver → pinned artifacts.
 //! - [`failpoint`]: named crash points for the crash tests.
 //! - [`fetch`]: download into a content-addressed cache, verifying sha256 while streaming.
+//! - [`capabilities`]: which driver capability (compute, utility, video, ...) each library is.
 //! - [`archive`]: read tar archives safely; write and read deterministic cpio (newc) archives.
 //! - [`modinfo`]: kernel module metadata from a `.ko`'s ELF `.modinfo` section.
 //! - [`inspect`]: check extracted artifacts against a release (vermagic, versions, dependencies,
@@ -15,6 +16,10 @@
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
 //! - [`vfio`]: check a bound device through VFIO the way a VMM will open it.
+//! - [`health`]: NVIDIA fault classification, per-device health records, quarantine.
+//! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
+//! - [`outcome`]: whether an error is a refusal, a verification failure or a failure on the way.
+//! - [`text`]: the human-readable form of the reports (`Display`).
 //! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
 //! - `simulation` (cargo feature, tests only): a kernel and VFIO check that react on fake trees.
@@ -25,18 +30,23 @@
 
 pub mod archive;
 pub mod attach;
+pub mod capabilities;
 pub mod failpoint;
 pub mod fetch;
 mod fsutil;
+pub mod health;
 pub mod initrd;
 pub mod inspect;
 pub mod modinfo;
+pub mod outcome;
 pub mod paths;
 pub mod pci;
 pub mod provision;
 pub mod registry;
+pub mod remedy;
 #[cfg(feature = "simulation")]
 pub mod simulation;
+pub mod text;
 pub mod versions;
 pub mod vfio;
 pub mod vmm;

@@ -204,10 +204,8 @@ impl ModInfo {
     }
 }
 
-/// Module names are compared with dashes and underscores treated alike, as the kernel does.
-pub fn normalize_module_name(name: &str) -> String {
-    name.replace('-', "_")
-}
+/// The one module-name rule, shared with the guest init (see the manifest crate).
+pub use gpu_passthrough_manifest::normalize_module_name;
 
 fn read_prefix(mut file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut got = 0;

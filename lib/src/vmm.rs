@@ -90,6 +90,38 @@ pub struct BootSpec {
     pub mmio: MmioHint,
 }
 
+/// A VMM whose arguments a [`BootSpec`] renders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Vmm {
+    /// Cloud Hypervisor.
+    CloudHypervisor,
+    /// QEMU.
+    Qemu,
+}
+
+impl std::str::FromStr for Vmm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cloud-hypervisor" => Ok(Vmm::CloudHypervisor),
+            "qemu" => Ok(Vmm::Qemu),
+            _ => Err(format!("unknown VMM `{s}`: cloud-hypervisor or qemu")),
+        }
+    }
+}
+
+impl BootSpec {
+    /// The command-line arguments for `vmm`.
+    pub fn args(&self, vmm: Vmm) -> &[String] {
+        match vmm {
+            Vmm::CloudHypervisor => &self.cloud_hypervisor.args,
+            Vmm::Qemu => &self.qemu.args,
+        }
+    }
+}
+
 /// QEMU's default 64-bit PCI hole on q35 (32 GiB); larger BAR sums need a bigger one.
 const DEFAULT_HOLE64: u64 = 32 << 30;
 

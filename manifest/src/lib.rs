@@ -1,107 +1,39 @@
-//! `/gpu/manifest.json`: the contract between the initrd builder on the host and the guest init.
+//! The contract between the host and the guest init, both directions:
 //!
-//! The builder writes it into the GPU layer; `gpu-init` reads it in the guest. It lives in its own
-//! small crate so the static guest init does not pull in the host library's dependencies.
+//! - [`Manifest`] (`/gpu/manifest.json`): what the initrd builder on the host tells `gpu-init`;
+//! - [`report::Report`] (the `GPU-INIT {json}` console line): what `gpu-init` tells the host, the
+//!   platform and the end-to-end harness;
+//! - [`normalize_module_name`]: the one rule both sides use to compare kernel module names;
+//! - [`xid`]: the NVIDIA fault classifier (kernel-log lines → faults and host actions) that the
+//!   host's `health` and the guest init's `GPU-XID {json}` lines share.
+//!
+//! Both types serialize and deserialize, so a field renamed here is a compile error in every
+//! producer and consumer. The crate is small on purpose: the static guest init must not pull in
+//! the host library's dependencies.
 #![deny(missing_docs)]
 
-use serde::{Deserialize, Serialize};
+mod manifest;
+pub mod report;
+pub mod xid;
 
-/// The schema version this crate reads and writes. Bumped on any incompatible change.
-pub const SCHEMA: u32 = 1;
+pub use manifest::{
+    DeviceNodes, Input, Library, MANIFEST_PATH, Manifest, ManifestError, Module, SCHEMA,
+};
 
-/// Where the manifest sits in the guest.
-pub const MANIFEST_PATH: &str = "/gpu/manifest.json";
-
-/// Everything the guest init needs to know to make the GPU usable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    /// [`SCHEMA`] at the time of writing.
-    pub schema: u32,
-    /// Registry release the layer was built from, e.g. `ch-6.12.8-kernel-1.2-20251213`.
-    pub release: String,
-    /// Architecture, `x86_64` or `aarch64`.
-    pub arch: String,
-    /// The guest kernel's `uname -r` the modules were built for (their vermagic's first word).
-    pub kernel_version: String,
-    /// NVIDIA driver version, e.g. `535.261.03`.
-    pub driver_version: String,
-    /// `open` or `proprietary`.
-    pub module_flavor: String,
-    /// Modules in load order (dependencies first).
-    pub modules: Vec<Module>,
-    /// Firmware files, as absolute guest paths (under `/lib/firmware/`).
-    pub firmware: Vec<String>,
-    /// Userspace driver libraries to make visible in the workload root.
-    pub libraries: Vec<Library>,
-    /// Programs to put on the workload's `PATH` (absolute guest paths under `/gpu/bin/`).
-    pub binaries: Vec<String>,
-    /// Mode and group of the `/dev/nvidia*` nodes.
-    pub device_nodes: DeviceNodes,
-    /// Digests of the artifacts the layer was built from.
-    pub inputs: Vec<Input>,
+/// A kernel module name as the kernel compares it: file names and `depends=` may use `-`
+/// (`nvidia-uvm`), the kernel's own name uses `_` (`nvidia_uvm`).
+pub fn normalize_module_name(name: &str) -> String {
+    name.replace('-', "_")
 }
 
-/// One kernel module to load.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Module {
-    /// Module name as the kernel knows it (underscores), e.g. `nvidia_uvm`.
-    pub name: String,
-    /// Absolute guest path of the `.ko`, e.g. `/gpu/modules/nvidia-uvm.ko`.
-    pub path: String,
-    /// Parameters passed to `finit_module`, e.g. `modeset=1`; empty for none.
-    pub params: String,
-    /// Names of the modules it depends on (each earlier in the list, or built into the kernel).
-    pub depends: Vec<String>,
-    /// The module's full vermagic string, for error messages on a kernel mismatch.
-    pub vermagic: String,
-    /// True for the NVIDIA driver's own modules, false for kernel modules they depend on.
-    pub nvidia: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// One userspace library.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Library {
-    /// Absolute guest path of the real file, e.g. `/gpu/lib/libcuda.so.535.261.03`.
-    pub path: String,
-    /// Its `DT_SONAME`, e.g. `libcuda.so.1`, when it has one.
-    pub soname: Option<String>,
-}
-
-/// Mode and group of the device nodes the guest init creates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceNodes {
-    /// Permission bits, e.g. `0o660` (serialized as a number).
-    pub mode: u32,
-    /// Owning group id.
-    pub gid: u32,
-}
-
-/// One input artifact.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Input {
-    /// Registry artifact kind, e.g. `nvidia-modules`.
-    pub kind: String,
-    /// Lowercase hex sha256 of the artifact file.
-    pub sha256: String,
-}
-
-impl Manifest {
-    /// Parse a manifest, refusing one written for another schema version.
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let manifest: Manifest =
-            serde_json::from_str(text).map_err(|e| format!("malformed GPU manifest: {e}"))?;
-        if manifest.schema != SCHEMA {
-            return Err(format!(
-                "GPU manifest schema {} is not the {SCHEMA} this gpu-init reads: rebuild the initrd \
-                 with a matching gpu-passthrough",
-                manifest.schema
-            ));
-        }
-        Ok(manifest)
+    #[test]
+    fn module_names_compare_with_underscores() {
+        assert_eq!(normalize_module_name("nvidia-uvm"), "nvidia_uvm");
+        assert_eq!(normalize_module_name("nvidia_drm"), "nvidia_drm");
+        assert_eq!(normalize_module_name("drm-kms-helper"), "drm_kms_helper");
     }
 }

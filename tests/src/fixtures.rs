@@ -31,6 +31,24 @@ pub const NVIDIA_FIRMWARE: &str = "nvidia-535.261.03/nvidia-gsp-firmware-535.261
 /// The NVIDIA userspace libraries and tools (tar.gz).
 pub const NVIDIA_DRIVER_LIBS: &str =
     "nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz";
+/// The proprietary 535.309.01 driver (no GSP firmware is shipped for it, on purpose).
+pub const PROPRIETARY_DRIVER_VERSION: &str = "535.309.01";
+/// Its kernel modules (tar.gz).
+pub const PROPRIETARY_MODULES: &str =
+    "nvidia-535.309.01/nvidia-modules-535.309.01-6.1.0-56-amd64-x86_64.tar.gz";
+/// Its libraries and tools, with the video ones (tar.gz).
+pub const PROPRIETARY_DRIVER_LIBS: &str =
+    "nvidia-535.309.01/nvidia-driver-libs-535.309.01-x86_64.tar.gz";
+
+/// The artifacts of a 535.309.01 proprietary release without GSP firmware.
+pub fn proprietary_artifacts() -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("kernel-modules", path(KERNEL_MODULES)),
+        ("nvidia-modules", path(PROPRIETARY_MODULES)),
+        ("nvidia-driver-libs", path(PROPRIETARY_DRIVER_LIBS)),
+    ]
+}
+
 /// NVIDIA's supported-GPU list.
 pub const SUPPORTED_GPUS: &str = "nvidia-535.261.03/supported-gpus.json";
 
@@ -103,11 +121,24 @@ pub fn write_registry(
     artifacts: &[(&str, PathBuf)],
     pinned: bool,
 ) -> PathBuf {
-    use sha2::{Digest, Sha256};
-    let mut toml = format!(
-        "[releases.\"{release}\"]\nkernel_version = \"{kernel_version}\"\n\
-         driver_version = \"{DRIVER_VERSION}\"\nmodule_flavor = \"open\"\n"
+    let header = format!(
+        "kernel_version = \"{kernel_version}\"\ndriver_version = \"{DRIVER_VERSION}\"\n\
+         module_flavor = \"open\"\n"
     );
+    write_registry_with(dir, release, &header, artifacts, pinned)
+}
+
+/// [`write_registry`] with the release's own fields (`header`: TOML lines such as
+/// `driver_version = "..."`).
+pub fn write_registry_with(
+    dir: &Path,
+    release: &str,
+    header: &str,
+    artifacts: &[(&str, PathBuf)],
+    pinned: bool,
+) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let mut toml = format!("[releases.\"{release}\"]\n{header}");
     for (kind, file) in artifacts {
         toml += &format!(
             "\n[[releases.\"{release}\".artifacts.x86_64]]\nkind = \"{kind}\"\nurl = \"file://{}\"\n",
@@ -135,4 +166,34 @@ pub fn guest_init_stand_in(dir: &Path) -> PathBuf {
     let out = dir.join("gpu-init");
     std::fs::write(&out, h).unwrap();
     out
+}
+
+/// A scratch directory that lives as long as the test process: `base/name-<pid>`.
+///
+/// For trees a whole test binary shares (extracted once, kept in a `static`). A `static`
+/// `TempDir` is never dropped, so it would leak hundreds of megabytes into `/tmp` per run; this
+/// one sits under cargo's `CARGO_TARGET_TMPDIR` (pass `env!("CARGO_TARGET_TMPDIR")`), and the
+/// directories of earlier runs, whose process is gone, are removed when a new one is made. The
+/// pid keeps a child process of the same test binary from touching its parent's directory.
+pub fn process_scratch(base: &str, name: &str) -> PathBuf {
+    let base = Path::new(base);
+    let prefix = format!("{name}-");
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(pid) = file_name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = base.join(format!("{prefix}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
 }

@@ -2,4 +2,5 @@
 
 pub mod fixtures;
 pub mod http;
+pub mod kubelet;
 pub mod sysfs;

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PidLiveness};
 use gpu_passthrough::pci::PciAddress;
-use gpu_passthrough::simulation::{SIM_DEFAULT_DRIVER, SIMULATION_MARKER};
+use gpu_passthrough::simulation::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIMULATION_MARKER};
 
 /// One fake PCI device.
 #[derive(Debug, Clone)]
@@ -45,6 +45,8 @@ pub struct FakeDevice {
     pub bars64: Vec<u64>,
     /// mdev types: (id, name, available instances).
     pub mdev_types: Vec<(String, String, u32)>,
+    /// `reset_method` contents (`None`: no reset method, no `reset_method` file).
+    pub reset_method: Option<String>,
 }
 
 impl FakeDevice {
@@ -61,7 +63,13 @@ impl FakeDevice {
             boot_vga: false,
             bars64: Vec::new(),
             mdev_types: Vec::new(),
+            reset_method: Some("flr bus".into()),
         }
+    }
+    /// With these reset methods (`""`: none, as a device without FLR, PM or a bus to reset).
+    pub fn reset_method(mut self, methods: &str) -> Self {
+        self.reset_method = (!methods.is_empty()).then(|| methods.into());
+        self
     }
     /// Bound to `driver`.
     pub fn driver(mut self, d: &str) -> Self {
@@ -168,7 +176,15 @@ impl FakeHost {
         w(&real.join("class"), &format!("0x{:06x}\n", dev.class));
         w(&real.join("numa_node"), &format!("{}\n", dev.numa));
         w(&real.join("driver_override"), "(null)\n");
-        w(&real.join("reset_method"), "flr bus\n");
+        if let Some(m) = &dev.reset_method {
+            w(&real.join("reset_method"), &format!("{m}\n"));
+        }
+        w(&real.join("d3cold_allowed"), "1\n");
+        // The first config-space bytes: vendor and device ID, little-endian, as the kernel shows.
+        let mut config = vec![0u8; 64];
+        config[..2].copy_from_slice(&dev.vendor.to_le_bytes());
+        config[2..4].copy_from_slice(&dev.device.to_le_bytes());
+        fs::write(real.join("config"), &config).expect("write config");
         if dev.class >> 16 == 0x03 {
             w(
                 &real.join("boot_vga"),
@@ -200,6 +216,9 @@ impl FakeHost {
             symlink(&ddir, real.join("driver")).expect("link driver");
             let _ = symlink(&real, ddir.join(&a));
             w(&real.join(SIM_DEFAULT_DRIVER), &format!("{d}\n"));
+            if d == "nvidia" {
+                fs::create_dir_all(self.sys.join(SIM_NVIDIA_GPUS).join(&a)).expect("mkdir");
+            }
         }
         if let (true, Some(g)) = (self.iommu, dev.group) {
             let gdir = self.sys.join("kernel/iommu_groups").join(g.to_string());

@@ -43,6 +43,7 @@ fn release() -> Release {
         kernel_version: "6.1.0-56-amd64".into(),
         driver_version: None,
         module_flavor: None,
+        gsp: true,
         default: false,
         artifacts: BTreeMap::new(),
         source: "test".into(),

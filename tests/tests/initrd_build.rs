@@ -63,12 +63,12 @@ fn build(
 }
 
 /// A shared warm cache (fetched and unpacked artifacts) for the tests that only need one.
-fn shared() -> &'static (tempfile::TempDir, Registry, PathBuf) {
-    static SHARED: OnceLock<(tempfile::TempDir, Registry, PathBuf)> = OnceLock::new();
+fn shared() -> &'static (PathBuf, Registry, PathBuf) {
+    static SHARED: OnceLock<(PathBuf, Registry, PathBuf)> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let registry = Artifacts::real().registry(dir.path(), fixtures::KERNEL_VERSION);
-        let init = guest_init(dir.path());
+        let dir = fixtures::process_scratch(env!("CARGO_TARGET_TMPDIR"), "initrd_build-shared");
+        let registry = Artifacts::real().registry(&dir, fixtures::KERNEL_VERSION);
+        let init = guest_init(&dir);
         (dir, registry, init)
     })
 }
@@ -108,7 +108,7 @@ fn gnu_cpio_list(bytes: &[u8]) -> BTreeSet<String> {
 #[test]
 fn layers_list_in_gnu_cpio_exactly_as_the_manifest_says() {
     let (dir, registry, init) = shared();
-    let cache = dir.path().join("cache");
+    let cache = dir.join("cache");
     let layers = build(
         &cache,
         registry,
@@ -196,7 +196,7 @@ fn layers_list_in_gnu_cpio_exactly_as_the_manifest_says() {
 fn same_release_gives_byte_identical_layers_in_a_fresh_cache() {
     let (dir, registry, init) = shared();
     let opts = options(init, LayerCompression::Zstd);
-    let a = build(&dir.path().join("cache"), registry, &opts, false).unwrap();
+    let a = build(&dir.join("cache"), registry, &opts, false).unwrap();
     let other = tempfile::tempdir().unwrap();
     let b = build(other.path(), registry, &opts, false).unwrap();
     assert_eq!(a.key, b.key);
@@ -230,7 +230,7 @@ fn same_release_gives_byte_identical_layers_in_a_fresh_cache() {
 #[test]
 fn ensure_reuses_and_concurrent_ensures_build_once() {
     let (dir, registry, init) = shared();
-    let cache = dir.path().join("cache-concurrent");
+    let cache = dir.join("cache-concurrent");
     let opts = options(init, LayerCompression::Lz4);
     let results: Vec<Layers> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..3)
@@ -462,7 +462,7 @@ fn killed_build_child() {
 #[test]
 fn killed_build_leaves_nothing_trusted_and_the_next_build_recovers() {
     let (dir, registry, init) = shared();
-    let cache = dir.path().join("cache-crash");
+    let cache = dir.join("cache-crash");
     let status = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "killed_build_child", "--ignored", "--nocapture"])
         .env("INITRD_CRASH_CACHE", &cache)
@@ -490,7 +490,7 @@ fn killed_build_leaves_nothing_trusted_and_the_next_build_recovers() {
     let opts = options(init, LayerCompression::Gzip);
     let recovered = build(&cache, registry, &opts, true).unwrap();
     assert!(!recovered.reused);
-    let clean = build(&dir.path().join("cache-clean-gzip"), registry, &opts, false).unwrap();
+    let clean = build(&dir.join("cache-clean-gzip"), registry, &opts, false).unwrap();
     assert_eq!(recovered.combined.sha256, clean.combined.sha256);
     let names: Vec<String> = fs::read_dir(cache.join("layers"))
         .unwrap()
@@ -499,6 +499,55 @@ fn killed_build_leaves_nothing_trusted_and_the_next_build_recovers() {
     assert!(
         !names.iter().any(|n| n.starts_with("tmp-")),
         "the stale temporary dir was not removed: {names:?}"
+    );
+}
+
+/// The proprietary 535.309.01 release without GSP firmware builds: no firmware in the layer,
+/// `nvidia` told not to use GSP, the video libraries packed.
+#[test]
+fn a_proprietary_release_without_gsp_builds_with_no_firmware() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = format!(
+        "kernel_version = \"{}\"\ndriver_version = \"{}\"\nmodule_flavor = \"proprietary\"\ngsp = false\n",
+        fixtures::KERNEL_VERSION,
+        fixtures::PROPRIETARY_DRIVER_VERSION
+    );
+    let path = fixtures::write_registry_with(
+        dir.path(),
+        RELEASE,
+        &header,
+        &fixtures::proprietary_artifacts(),
+        true,
+    );
+    let registry = Registry::load(&[path]).unwrap();
+    let init = guest_init(dir.path());
+    let layers = build(
+        &dir.path().join("cache"),
+        &registry,
+        &options(&init, LayerCompression::None),
+        true,
+    )
+    .unwrap();
+    let m = &layers.manifest;
+    assert_eq!(m.driver_version, "535.309.01");
+    assert_eq!(m.module_flavor, "proprietary");
+    assert!(m.firmware.is_empty(), "{:?}", m.firmware);
+    let nvidia = m.modules.iter().find(|x| x.name == "nvidia").unwrap();
+    assert!(
+        nvidia.params.contains("NVreg_EnableGpuFirmware=0"),
+        "{}",
+        nvidia.params
+    );
+    assert!(
+        m.libraries
+            .iter()
+            .any(|l| l.path.ends_with("libnvcuvid.so.535.309.01")),
+        "NVDEC packed"
+    );
+    let entries = gnu_cpio_list(&fs::read(&layers.gpu.path).unwrap());
+    assert!(
+        !entries.iter().any(|e| e.contains("firmware/nvidia")),
+        "no firmware in the layer"
     );
 }
 

@@ -7,25 +7,18 @@ use std::sync::OnceLock;
 
 use gpu_passthrough::archive::tar::{Limits, extract_tar};
 use gpu_passthrough::inspect::{Expectations, Inventory, Problem, Trees, inspect};
-use gpu_passthrough::registry::Arch;
+use gpu_passthrough::registry::{Arch, ModuleFlavor};
 
 const KVER: &str = "6.1.0-56-amd64";
 const DRIVER: &str = "535.261.03";
 
+/// The shared fixtures directory, through the one lookup every test uses.
 fn fixtures() -> PathBuf {
-    if let Some(dir) = std::env::var_os("GPU_PASSTHROUGH_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/fixtures"))
-        .find(|p| p.join("SHA256SUMS").is_file())
-        .expect("shared/fixtures not found above the workspace; set GPU_PASSTHROUGH_FIXTURES")
+    gpu_passthrough_tests::fixtures::dir()
 }
 
 /// The four artifact tars, extracted once per test binary (read-only from then on).
 struct Extracted {
-    _tmp: tempfile::TempDir,
     nvidia: PathBuf,
     kernel: PathBuf,
     firmware: PathBuf,
@@ -35,10 +28,13 @@ struct Extracted {
 fn extracted() -> &'static Extracted {
     static EXTRACTED: OnceLock<Extracted> = OnceLock::new();
     EXTRACTED.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = gpu_passthrough_tests::fixtures::process_scratch(
+            env!("CARGO_TARGET_TMPDIR"),
+            "inspect-real",
+        );
         let fx = fixtures();
         let get = |rel: &str, name: &str| {
-            let dest = tmp.path().join(name);
+            let dest = tmp.join(name);
             extract_tar(&fx.join(rel), &dest, &Limits::default()).unwrap();
             dest
         };
@@ -59,7 +55,6 @@ fn extracted() -> &'static Extracted {
                 &format!("nvidia-{DRIVER}/nvidia-driver-libs-{DRIVER}-x86_64.tar.gz"),
                 "libs",
             ),
-            _tmp: tmp,
         }
     })
 }
@@ -69,6 +64,8 @@ fn expect() -> Expectations<'static> {
         kernel_version: KVER,
         driver_version: DRIVER,
         arch: Arch::X86_64,
+        flavor: Some(ModuleFlavor::Open),
+        gsp: true,
     }
 }
 
@@ -517,6 +514,168 @@ fn an_empty_nvidia_tree_is_refused() {
         matches!(problems.as_slice(), [Problem::NoNvidiaModules { .. }]),
         "{problems:?}"
     );
+}
+
+/// The capability table knows every library and program of both real drivers.
+#[test]
+fn the_capability_table_covers_both_real_drivers() {
+    use gpu_passthrough::capabilities::{self, Capability};
+    let mut seen = std::collections::BTreeSet::new();
+    for rel in [
+        "nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz",
+        "nvidia-535.309.01/nvidia-driver-libs-535.309.01-x86_64.tar.gz",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        extract_tar(&fixtures().join(rel), tmp.path(), &Limits::default()).unwrap();
+        for dir in ["usr/lib/nvidia", "usr/bin"] {
+            for entry in fs::read_dir(tmp.path().join(dir)).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                let cap = if dir == "usr/bin" {
+                    capabilities::of_program(&name)
+                } else if name.contains(".so") {
+                    capabilities::of_library(&name)
+                } else {
+                    continue; // `version`
+                };
+                let cap = cap.unwrap_or_else(|| panic!("{rel}: {name} is in no capability"));
+                seen.insert(cap);
+            }
+        }
+    }
+    assert!(seen.contains(&Capability::Compute));
+    assert!(seen.contains(&Capability::Utility));
+    assert!(
+        seen.contains(&Capability::Video),
+        "535.309.01 has NVDEC/NVENC"
+    );
+}
+
+/// The proprietary 535.309.01 modules and libraries, extracted once.
+fn proprietary() -> &'static (PathBuf, PathBuf, PathBuf) {
+    static DIR: OnceLock<(PathBuf, PathBuf, PathBuf)> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let tmp = gpu_passthrough_tests::fixtures::process_scratch(
+            env!("CARGO_TARGET_TMPDIR"),
+            "inspect-proprietary",
+        );
+        let (modules, libs) = (tmp.join("modules"), tmp.join("libs"));
+        let fx = fixtures();
+        extract_tar(
+            &fx.join("nvidia-535.309.01/nvidia-modules-535.309.01-6.1.0-56-amd64-x86_64.tar.gz"),
+            &modules,
+            &Limits::default(),
+        )
+        .unwrap();
+        extract_tar(
+            &fx.join("nvidia-535.309.01/nvidia-driver-libs-535.309.01-x86_64.tar.gz"),
+            &libs,
+            &Limits::default(),
+        )
+        .unwrap();
+        (tmp, modules, libs)
+    })
+}
+
+fn proprietary_expect(flavor: ModuleFlavor, gsp: bool) -> Expectations<'static> {
+    Expectations {
+        driver_version: "535.309.01",
+        flavor: Some(flavor),
+        gsp,
+        ..expect()
+    }
+}
+
+#[test]
+fn a_proprietary_release_without_gsp_passes_with_no_firmware() {
+    let (_, modules, libs) = proprietary();
+    let x = extracted();
+    let trees = Trees {
+        nvidia_modules: Some(modules),
+        kernel_modules: Some(&x.kernel),
+        firmware: None,
+        driver_libs: Some(libs),
+    };
+    let inv = inspect(
+        &proprietary_expect(ModuleFlavor::Proprietary, false),
+        &trees,
+    )
+    .unwrap();
+    assert!(inv.firmware.is_empty());
+    assert!(names(&inv).contains(&"nvidia"));
+    // With GSP expected, the firmware its modules name is missing.
+    let err = inspect(&proprietary_expect(ModuleFlavor::Proprietary, true), &trees).unwrap_err();
+    assert!(
+        err.problems()
+            .iter()
+            .all(|p| matches!(p, Problem::MissingFirmware { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_flavor_is_told_from_the_modules_license_both_ways() {
+    // Proprietary modules claimed as open.
+    let (_, modules, libs) = proprietary();
+    let x = extracted();
+    let trees = Trees {
+        nvidia_modules: Some(modules),
+        kernel_modules: Some(&x.kernel),
+        firmware: Some(&x.firmware),
+        driver_libs: Some(libs),
+    };
+    let err = inspect(&proprietary_expect(ModuleFlavor::Open, true), &trees).unwrap_err();
+    let wrong: Vec<&Problem> = err
+        .problems()
+        .iter()
+        .filter(|p| matches!(p, Problem::WrongFlavor { .. }))
+        .collect();
+    assert_eq!(wrong.len(), 2, "nvidia and nvidia_modeset: {err}");
+    let msg = wrong
+        .iter()
+        .map(|p| p.to_string())
+        .find(|m| m.contains("/nvidia.ko"))
+        .expect("nvidia.ko named");
+    assert!(
+        msg.contains("`NVIDIA`") && msg.contains("proprietary build"),
+        "{msg}"
+    );
+    // Open modules claimed as proprietary.
+    let err = problems_of_with(
+        &Expectations {
+            flavor: Some(ModuleFlavor::Proprietary),
+            ..expect()
+        },
+        &real_trees(x),
+    );
+    let msg = err
+        .iter()
+        .find(|p| matches!(p, Problem::WrongFlavor { module, .. } if module == "nvidia"))
+        .expect("nvidia refused")
+        .to_string();
+    assert!(
+        msg.contains("Dual MIT/GPL") && msg.contains("open build"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn open_modules_without_gsp_firmware_are_refused() {
+    let x = extracted();
+    let problems = problems_of_with(
+        &Expectations {
+            gsp: false,
+            ..expect()
+        },
+        &real_trees(x),
+    );
+    assert!(problems.contains(&Problem::OpenWithoutGsp), "{problems:?}");
+}
+
+fn problems_of_with(expect: &Expectations, trees: &Trees) -> Vec<Problem> {
+    match inspect(expect, trees) {
+        Ok(_) => panic!("expected a refusal"),
+        Err(e) => e.problems().to_vec(),
+    }
 }
 
 #[test]

@@ -10,32 +10,27 @@ use gpu_passthrough::archive::tar::{Limits, extract_tar};
 use gpu_passthrough::modinfo::{ModInfo, ModinfoError};
 use proptest::prelude::*;
 
-/// The shared fixtures, found by walking up from this crate (worktrees sit deeper than main).
+/// The shared fixtures directory, through the one lookup every test uses.
 fn fixtures() -> PathBuf {
-    if let Some(dir) = std::env::var_os("GPU_PASSTHROUGH_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/fixtures"))
-        .find(|p| p.join("SHA256SUMS").is_file())
-        .expect("shared/fixtures not found above the workspace; set GPU_PASSTHROUGH_FIXTURES")
+    gpu_passthrough_tests::fixtures::dir()
 }
 
 const KVER: &str = "6.1.0-56-amd64";
 
 /// The NVIDIA modules tree, extracted once for this test binary.
 fn nvidia_modules() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = gpu_passthrough_tests::fixtures::process_scratch(
+            env!("CARGO_TARGET_TMPDIR"),
+            "modinfo",
+        );
         let archive = fixtures().join(format!(
             "nvidia-535.261.03/nvidia-open-modules-535.261.03-{KVER}-x86_64.tar.gz"
         ));
-        extract_tar(&archive, &tmp.path().join("t"), &Limits::default()).unwrap();
+        extract_tar(&archive, &tmp.join("t"), &Limits::default()).unwrap();
         tmp
     })
-    .path()
 }
 
 fn gpu_module(name: &str) -> PathBuf {

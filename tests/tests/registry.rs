@@ -311,6 +311,7 @@ fn sample_release(name: &str) -> Release {
         kernel_version: "6.1.0-56-amd64".into(),
         driver_version: None,
         module_flavor: None,
+        gsp: true,
         default: false,
         artifacts,
         source: String::new(),
@@ -457,6 +458,7 @@ fn arb_release() -> impl Strategy<Value = Release> {
                 kernel_version: kernel,
                 driver_version: driver.or_else(|| needs_driver.then(|| "1.2.3".to_string())),
                 module_flavor: flavor,
+                gsp: true,
                 default: false,
                 artifacts,
                 source: "round-trip".into(),
@@ -512,4 +514,33 @@ proptest! {
         let want: Vec<_> = by_name.into_values().collect();
         prop_assert_eq!(got, want);
     }
+}
+
+/// `gsp = false` is for proprietary releases only, and survives a write and a re-read.
+#[test]
+fn gsp_false_needs_the_proprietary_flavor_and_round_trips() {
+    let release = |flavor: &str| {
+        format!(
+            "[releases.\"p\"]\nkernel_version = \"6.1.0-56-amd64\"\ndriver_version = \"535.309.01\"\n\
+             module_flavor = \"{flavor}\"\ngsp = false\n"
+        )
+    };
+    let err = Registry::parse(&release("open"), "r.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gsp") && err.contains("proprietary"), "{err}");
+    let reg = Registry::parse(&release("proprietary"), "r.toml").unwrap();
+    let p = reg.release("p").unwrap();
+    assert!(!p.gsp);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.toml");
+    gpu_passthrough::registry::write_release(&file, p, false).unwrap();
+    let again = Registry::read(&file).unwrap();
+    assert!(!again.release("p").unwrap().gsp);
+    let default = Registry::parse(
+        "[releases.\"o\"]\nkernel_version = \"6.1.0-56-amd64\"\n",
+        "r.toml",
+    )
+    .unwrap();
+    assert!(default.release("o").unwrap().gsp, "GSP is the default");
 }

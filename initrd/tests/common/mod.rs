@@ -5,6 +5,7 @@
 use gpu_passthrough_init::context::SetupContext;
 use gpu_passthrough_init::modules::{LoadError, ModuleLoader};
 use gpu_passthrough_manifest::{DeviceNodes, Library, Manifest, Module, SCHEMA};
+use gpu_passthrough_tests::fixtures;
 use nix::errno::Errno;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-pub const DRIVER: &str = "535.261.03";
+pub const DRIVER: &str = fixtures::DRIVER_VERSION;
 pub const VERMAGIC: &str = "6.1.0-56-amd64 SMP preempt mod_unload modversions ";
-pub const LIBS_TAR: &str =
-    "/work/shared/fixtures/nvidia-535.261.03/nvidia-driver-libs-535.261.03-x86_64.tar.gz";
 
 /// Real driver libraries (ELF with the right sonames), extracted once into cargo's test temp dir.
 pub fn real_libs() -> &'static Path {
@@ -32,8 +31,11 @@ pub fn real_libs() -> &'static Path {
         // Extract beside it and rename, so concurrent test binaries never see half a file.
         let partial = base.join(format!("gpu-init-driver-libs.{}", std::process::id()));
         std::fs::create_dir_all(&partial).unwrap();
+        let libs_tar = fixtures::path(fixtures::NVIDIA_DRIVER_LIBS);
         let status = Command::new("tar")
-            .args(["xzf", LIBS_TAR, "-C"])
+            .arg("xzf")
+            .arg(&libs_tar)
+            .arg("-C")
             .arg(&partial)
             .args([
                 "usr/lib/nvidia/libcuda.so.535.261.03",
@@ -41,7 +43,7 @@ pub fn real_libs() -> &'static Path {
             ])
             .status()
             .unwrap();
-        assert!(status.success(), "extracting {LIBS_TAR} failed");
+        assert!(status.success(), "extracting {} failed", libs_tar.display());
         if std::fs::rename(&partial, &dir).is_err() {
             let _ = std::fs::remove_dir_all(&partial); // another process won the race
         }
@@ -145,7 +147,14 @@ pub fn manifest() -> Manifest {
     }
 }
 
-fn write(path: &Path, content: impl AsRef<[u8]>) {
+/// The driver's `/proc/driver/nvidia/gpus/<bus>/information` of a GPU with this device minor.
+pub fn gpu_information(minor: u32) -> String {
+    format!(
+        "Model: \t\t NVIDIA H100 80GB HBM3\nIRQ:   \t\t 42\nGPU UUID: \t GPU-00000000-0000-0000-0000-00000000000{minor}\nBus Type: \t PCIe\nDevice Minor: \t {minor}\nGPU Excluded:\t No\n"
+    )
+}
+
+pub fn write(path: &Path, content: impl AsRef<[u8]>) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, content).unwrap();
 }
@@ -197,7 +206,9 @@ impl Guest {
         let gpus_dir = proc_root.join("driver/nvidia/gpus");
         std::fs::create_dir_all(&gpus_dir).unwrap();
         for i in 0..gpus {
-            std::fs::create_dir(gpus_dir.join(format!("0000:00:{:02x}.0", 5 + i))).unwrap();
+            let gpu = gpus_dir.join(format!("0000:00:{:02x}.0", 5 + i));
+            std::fs::create_dir(&gpu).unwrap();
+            write(&gpu.join("information"), gpu_information(i));
         }
         write(&sys_root.join("module/firmware_class/parameters/path"), "");
         std::fs::create_dir_all(&dev).unwrap();

@@ -3,12 +3,12 @@
 use std::fs;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{AttachError, Host};
 
 /// Outcome of one check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckStatus {
     /// Fine.
@@ -20,7 +20,7 @@ pub enum CheckStatus {
 }
 
 /// One readiness check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
     /// Stable name (`iommu`, `vfio_pci`, `kvm`, …).
     pub name: String,
@@ -33,7 +33,7 @@ pub struct Check {
 }
 
 /// The doctor's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DoctorReport {
     /// Every check, host checks first, then one `gpu <addr>` per GPU.
     pub checks: Vec<Check>,

@@ -84,6 +84,9 @@ pub struct DeviceRecord {
     /// We turned persistence mode off with nvidia-smi and turn it back on at restore.
     #[serde(default)]
     pub persistence_disabled: bool,
+    /// `d3cold_allowed` before we set it to 0 (kept out of D3cold while attached).
+    #[serde(default)]
+    pub original_d3cold: Option<String>,
     /// The last step begun.
     pub step: Step,
 }
@@ -136,6 +139,34 @@ pub struct JournalState {
     pub transactions: Vec<Transaction>,
     /// Committed attachments.
     pub attachments: Vec<Attachment>,
+    /// Who held which devices, newest last, kept after detach (bounded to [`HISTORY_KEEP`]):
+    /// faults a VM reports later are mapped to the devices it had.
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// How many [`HistoryEntry`]s the journal keeps.
+pub const HISTORY_KEEP: usize = 1024;
+
+/// One owner's hold on devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The owner.
+    pub owner: Owner,
+    /// Devices handed to its VM.
+    pub devices: Vec<PciAddress>,
+    /// Which of them are GPUs (display controllers).
+    pub gpus: Vec<PciAddress>,
+    /// Unix time of the attach.
+    pub since: u64,
+    /// Unix time of the detach, once detached.
+    pub until: Option<u64>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl JournalState {
@@ -151,6 +182,32 @@ impl JournalState {
                     .find(|t| t.devices.iter().any(|d| d.device == device))
                     .map(|t| &t.owner)
             })
+    }
+
+    /// The newest hold of `owner` (attached now, or the last one it had).
+    pub fn last_held(&self, owner: &Owner) -> Option<&HistoryEntry> {
+        self.history.iter().rev().find(|h| &h.owner == owner)
+    }
+
+    /// Record that `owner` now holds `devices` (`gpus` among them).
+    pub fn remember(&mut self, owner: &Owner, devices: Vec<PciAddress>, gpus: Vec<PciAddress>) {
+        self.history.push(HistoryEntry {
+            owner: owner.clone(),
+            devices,
+            gpus,
+            since: unix_now(),
+            until: None,
+        });
+        let excess = self.history.len().saturating_sub(HISTORY_KEEP);
+        self.history.drain(..excess);
+    }
+
+    /// Record that `owner` gave its devices back.
+    pub fn forget(&mut self, owner: &Owner) {
+        let now = unix_now();
+        for h in self.history.iter_mut().filter(|h| &h.owner == owner) {
+            h.until.get_or_insert(now);
+        }
     }
 
     /// Whether nothing is in flight and nothing is attached.
@@ -180,6 +237,11 @@ impl Journal {
         Journal {
             dir: state_dir.into(),
         }
+    }
+
+    /// The state dir.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Path of the journal file.

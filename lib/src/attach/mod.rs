@@ -11,19 +11,24 @@
 //! (the requested ones, the other functions of their slots, and every non-bridge member of their
 //! IOMMU groups), an NVIDIA GPU on the `nvidia` driver first gets persistence mode turned off for
 //! that GPU only (`nvidia-smi -i ADDR -pm 0`, when nvidia-smi exists; nvidia-persistenced itself
-//! is never stopped, and persistence is turned back on at detach); then `driver_override` is set
+//! is never stopped, and persistence is turned back on at detach); `d3cold_allowed` is set to 0
+//! (restored at detach: waking from D3cold is a known cause of `RmInitAdapter failed`); then
+//! `driver_override` is set
 //! to `vfio-pci`, the device is unbound from its driver and `drivers_probe` binds it to
 //! vfio-pci. Then each group's `/dev/vfio/N` is awaited (bounded) and each device handed to the
 //! VM is checked through VFIO. A device already on vfio-pci that nobody owns is adopted without
 //! writes and recorded as having no other driver. Detach and rollback undo this from the
 //! device's actual state: unbind from whatever it is on, restore `driver_override`, probe (or
-//! bind) the original driver.
+//! bind) the original driver. Detach also resets each device handed to the VM and verifies it
+//! once it is back with the host (see `reset.rs`; failures become [`crate::health`] events), and
+//! placement refuses devices that [`crate::health::is_quarantined`] names.
 
 mod doctor;
 pub mod holders;
 pub mod journal;
 pub mod kernel;
 mod plan;
+mod reset;
 mod transaction;
 
 use std::fmt;
@@ -37,6 +42,7 @@ pub use doctor::{Check, CheckStatus, DoctorReport};
 pub use journal::{Journal, JournalError, JournalState};
 pub use kernel::{Kernel, RealKernel};
 pub use plan::{DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
+pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use transaction::{DetachReport, ReconcileReport, RestoredDevice};
 
 use crate::pci::ids::SupportedGpus;
@@ -296,6 +302,17 @@ pub enum AttachError {
         "owner {0} has no attached devices; see the attachments in the state dir's journal.json"
     )]
     NotAttached(Owner),
+    /// The health record could not be read or written: nothing is handed out (fail closed).
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
+    /// A reset that must not be done.
+    #[error("not resetting {device}: {reason}")]
+    ResetRefused {
+        /// The device.
+        device: PciAddress,
+        /// Why.
+        reason: String,
+    },
     /// An mdev type name that the device does not offer.
     #[error("{device} offers no mdev type `{mdev_type}`; list the device's mdev types")]
     NoSuchMdevType {
@@ -306,12 +323,29 @@ pub enum AttachError {
     },
 }
 
+impl AttachError {
+    /// Whether a safety rule or the request itself was refused (nothing was changed), as
+    /// opposed to a failure on the way.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            AttachError::Refused(_)
+                | AttachError::NotEnoughGpus { .. }
+                | AttachError::NoSuchMdevType { .. }
+                | AttachError::NothingRequested
+                | AttachError::ResetRefused { .. }
+        )
+    }
+}
+
 /// A host: its sysfs tree, state dir, devices dir and owner-liveness check.
 pub struct Host {
     sysfs: Sysfs,
     journal: Journal,
     dev_dir: PathBuf,
     proc_root: PathBuf,
+    /// Where the nvidia driver lists the GPUs it took (`/proc/driver/nvidia/gpus`).
+    nvidia_gpus: PathBuf,
     kernel: Box<dyn Kernel>,
     verifier: Box<dyn VfioVerifier>,
     liveness: Box<dyn OwnerLiveness>,
@@ -344,6 +378,7 @@ impl Host {
             journal: Journal::new(state_dir),
             dev_dir: PathBuf::from("/dev"),
             proc_root: PathBuf::from("/proc"),
+            nvidia_gpus: PathBuf::from("/proc/driver/nvidia/gpus"),
             kernel: Box::new(RealKernel),
             verifier: Box::new(RealVfio),
             liveness,
@@ -364,6 +399,7 @@ impl Host {
                 dev_dir: self.dev_dir.clone(),
             });
             self.vfio_wait = Duration::from_millis(200);
+            self.nvidia_gpus = self.sysfs.root().join(crate::simulation::SIM_NVIDIA_GPUS);
         }
     }
 
@@ -380,6 +416,7 @@ impl Host {
     /// Use another proc filesystem (for `/proc/cmdline` and the like in doctor).
     pub fn with_proc_root(mut self, proc_root: impl Into<PathBuf>) -> Host {
         self.proc_root = proc_root.into();
+        self.nvidia_gpus = self.proc_root.join("driver/nvidia/gpus");
         self
     }
 

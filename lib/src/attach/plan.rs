@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::journal::JournalState;
 use super::{AttachError, Host, Owner, PlanRequest, load_supported};
@@ -12,7 +12,7 @@ use crate::pci::{DeviceKind, PciAddress, PciDevice};
 use crate::registry::ModuleFlavor;
 
 /// Why a device is in the plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PlanRole {
     /// Asked for.
@@ -24,7 +24,7 @@ pub enum PlanRole {
 }
 
 /// One device the attach would move.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedDevice {
     /// The device.
     pub address: PciAddress,
@@ -45,7 +45,7 @@ pub struct PlannedDevice {
 }
 
 /// Why something is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalReason {
     /// The IOMMU is off.
@@ -68,10 +68,34 @@ pub enum RefusalReason {
     MdevUnavailable,
     /// A bridge was asked for: bridges stay with the host.
     Bridge,
+    /// Quarantined by its health record (failure events from distinct owners).
+    Quarantined,
+    /// The health record cannot be read: nothing is handed out (fail closed).
+    HealthUnknown,
+}
+
+/// The quarantine refusal for `addr`, if any (an unreadable record refuses too).
+fn health_refusal(
+    state_dir: &std::path::Path,
+    addr: PciAddress,
+) -> Option<(RefusalReason, String)> {
+    match crate::health::is_quarantined(state_dir, addr) {
+        Ok(None) => None,
+        Ok(Some(q)) => Some((RefusalReason::Quarantined, q.summary())),
+        Err(e) => {
+            let mut msg = format!("{addr} cannot be checked for quarantine: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            Some((RefusalReason::HealthUnknown, msg))
+        }
+    }
 }
 
 /// A refusal: the device, the reason, and a message with the fix.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
     /// The device concerned, if any.
     pub device: Option<PciAddress>,
@@ -84,7 +108,7 @@ pub struct Refusal {
 }
 
 /// One sysfs write, in order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SysfsWrite {
     /// The attribute.
     pub path: PathBuf,
@@ -93,7 +117,7 @@ pub struct SysfsWrite {
 }
 
 /// What attach would do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// The requested devices (after `--gpus N` selection).
     pub requested: Vec<PciAddress>,
@@ -110,7 +134,7 @@ pub struct Plan {
 }
 
 /// A device as `devices` reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceReport {
     /// The device.
     #[serde(flatten)]
@@ -380,6 +404,9 @@ impl Host {
             self.refusals_for(state, req, gpus, &p, d, &mut plan);
         }
         for (parent, _) in plan.mdevs.clone() {
+            if let Some((reason, message)) = health_refusal(self.journal.dir(), parent) {
+                refuse(&mut plan, Some(parent), reason, message);
+            }
             if let Some(owner) = state.owner_of(parent) {
                 refuse(
                     &mut plan,
@@ -439,6 +466,11 @@ impl Host {
                 format!("{addr} is attached to owner {owner}{whose}: detach owner {owner} first"),
                 Some(owner.clone()),
             );
+        }
+        if p.passed
+            && let Some((reason, message)) = health_refusal(self.journal.dir(), addr)
+        {
+            refuse(reason, message, None);
         }
         if self.sysfs.iommu_enabled() && d.iommu_group.is_none() {
             refuse(

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::journal::{Attachment, DeviceRecord, LockedJournal, MdevRecord, Step, Transaction};
 use super::{AttachError, AttachRequest, Host, Liveness, Owner, load_supported};
@@ -13,16 +13,19 @@ use crate::pci::{PciAddress, valid_driver_name};
 use crate::vmm::{BootDevice, BootSpec};
 
 /// A device given back to its driver.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoredDevice {
     /// The device.
     pub device: PciAddress,
     /// The driver it is on now (`None`: it had none).
     pub driver: Option<String>,
+    /// Reset and verification (detach only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<super::HealthCheck>,
 }
 
 /// What detach did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DetachReport {
     /// The owner.
     pub owner: Owner,
@@ -33,7 +36,7 @@ pub struct DetachReport {
 }
 
 /// What reconcile did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
     /// Abandoned transactions that were past the point of no return and still verified:
     /// committed as attachments of their owner.
@@ -91,6 +94,7 @@ impl Host {
                     iommu_group: p.iommu_group,
                     passed: p.passed,
                     persistence_disabled: false,
+                    original_d3cold: None,
                     step: Step::Planned,
                 })
                 .collect(),
@@ -113,6 +117,15 @@ impl Host {
                     .filter(|d| !d.passed)
                     .map(|d| d.device)
                     .collect();
+                // Kept after detach: faults its VM reports later map to these devices.
+                let (passed, gpus) = (
+                    boot.iter().filter_map(|b| b.address).collect(),
+                    boot.iter()
+                        .filter(|b| b.gpu)
+                        .filter_map(|b| b.address)
+                        .collect(),
+                );
+                j.state.remember(&req.owner, passed, gpus);
                 commit(&mut j, txn);
                 j.save()?;
                 Failpoint::AfterCommit.hit();
@@ -162,6 +175,7 @@ impl Host {
                     j.state.transactions[t].devices[i].persistence_disabled = true;
                 }
             }
+            self.hold_d3cold(j, t, i)?;
             self.set_step(j, t, i, Step::OverrideSet)?;
             self.write(
                 &self.sysfs.device_dir(rec.device).join("driver_override"),
@@ -308,7 +322,7 @@ impl Host {
 
     /// Put one device back to its recorded original state, looking at what it is now (so that
     /// it is correct whichever step a crash interrupted, and safe to repeat).
-    fn restore(&self, rec: &DeviceRecord) -> Result<RestoredDevice, AttachError> {
+    pub(super) fn restore(&self, rec: &DeviceRecord) -> Result<RestoredDevice, AttachError> {
         let a = rec.device.to_string();
         if let Some(cur) = self.sysfs.driver(rec.device)
             && Some(&cur) != rec.original_driver.as_ref()
@@ -347,9 +361,11 @@ impl Host {
         if rec.persistence_disabled {
             persistence(&a, true);
         }
+        self.restore_d3cold(rec);
         Ok(RestoredDevice {
             device: rec.device,
             driver: now,
+            health: None,
         })
     }
 
@@ -402,7 +418,7 @@ impl Host {
             j.save()?;
         }
         for rec in att.devices.iter().rev() {
-            report.restored.push(self.restore(rec)?);
+            report.restored.push(self.release_device(rec, &att.owner)?);
             j.state.attachments[i]
                 .devices
                 .retain(|d| d.device != rec.device);
@@ -410,6 +426,7 @@ impl Host {
             Failpoint::MidDetach.hit();
         }
         j.state.attachments.remove(i);
+        j.state.forget(&att.owner);
         j.save()?;
         Ok(report)
     }
@@ -425,6 +442,22 @@ impl Host {
         for txn in txns {
             if self.can_finish(&txn) {
                 report.finished.push(txn.owner.clone());
+                let passed: Vec<PciAddress> = txn
+                    .devices
+                    .iter()
+                    .filter(|d| d.passed)
+                    .map(|d| d.device)
+                    .collect();
+                let gpus = passed
+                    .iter()
+                    .copied()
+                    .filter(|a| {
+                        self.sysfs
+                            .device(*a)
+                            .is_ok_and(|d| d.kind == crate::pci::DeviceKind::Display)
+                    })
+                    .collect();
+                j.state.remember(&txn.owner, passed, gpus);
                 commit(&mut j, txn);
             } else {
                 match self.roll_back(&txn) {

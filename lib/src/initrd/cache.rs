@@ -35,6 +35,7 @@ impl InitrdBuilder<'_> {
             release.driver_version.as_deref().unwrap_or(""),
         );
         field("flavor", release.module_flavor.map_or("", |f| f.as_str()));
+        field("gsp", if release.gsp { "1" } else { "0" });
         field("arch", options.arch.as_str());
         for kind in ArtifactKind::ALL {
             if let Some(a) = release.artifact(options.arch, kind) {

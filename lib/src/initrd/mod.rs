@@ -20,6 +20,7 @@
 mod cache;
 pub mod guest_init;
 mod plan;
+pub use plan::module_params;
 mod write;
 
 use std::collections::BTreeMap;
@@ -36,7 +37,7 @@ pub use crate::archive::compress::LayerCompression;
 use crate::archive::cpio::CpioError;
 pub use crate::archive::cpio::{InitrdLayer, read_initrd};
 use crate::fetch::{FetchError, Fetcher, Progress};
-use crate::inspect::{Expectations, InspectError, Trees, inspect};
+use crate::inspect::{Expectations, InspectError, Inventory, Trees, inspect};
 use crate::registry::{Arch, ArtifactKind, Release};
 
 /// Bumped whenever the builder's output changes for the same inputs, so old cache entries are
@@ -296,16 +297,14 @@ impl<'a> InitrdBuilder<'a> {
         self.build_key(release, options, &key, false, progress)
     }
 
-    /// Fetch, unpack, inspect, and write the three layers and the record into `dir`.
-    fn write_layers(
+    /// Fetch (verified), unpack once per digest, and inspect the release's NVIDIA artifacts:
+    /// what a layer of this release would carry, and the digests it was made from.
+    pub fn inventory(
         &self,
         release: &Release,
-        options: &BuildOptions,
-        key: &str,
-        dir: &Path,
+        arch: Arch,
         progress: &dyn Progress,
-    ) -> Result<Layers, InitrdError> {
-        let arch = options.arch;
+    ) -> Result<(Inventory, Vec<manifest::Input>), InitrdError> {
         let missing = |what: String| InitrdError::Release {
             release: release.name.clone(),
             arch,
@@ -349,6 +348,8 @@ impl<'a> InitrdBuilder<'a> {
                 kernel_version: &release.kernel_version,
                 driver_version: &driver_version,
                 arch,
+                flavor: release.module_flavor,
+                gsp: release.gsp,
             },
             &Trees {
                 nvidia_modules: tree(ArtifactKind::NvidiaModules),
@@ -357,6 +358,21 @@ impl<'a> InitrdBuilder<'a> {
                 driver_libs: tree(ArtifactKind::NvidiaDriverLibs),
             },
         )?;
+        Ok((inventory, inputs))
+    }
+
+    /// Fetch, unpack, inspect, and write the three layers and the record into `dir`.
+    fn write_layers(
+        &self,
+        release: &Release,
+        options: &BuildOptions,
+        key: &str,
+        dir: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Layers, InitrdError> {
+        let arch = options.arch;
+        let (inventory, inputs) = self.inventory(release, arch, progress)?;
+        let driver_version = release.driver_version.clone().unwrap_or_default();
         let plan = plan::GpuLayerPlan::new(release, options, &driver_version, &inventory, inputs)?;
 
         let guest_init = guest_init::read_checked(&options.guest_init, arch)?;

@@ -70,16 +70,12 @@ impl GpuLayerPlan {
             manifest_modules.push(manifest::Module {
                 name: m.name.clone(),
                 path: format!("/{path}"),
-                params: options
-                    .module_params
-                    .get(&m.name)
-                    .cloned()
-                    .unwrap_or_default(),
+                params: module_params(release, options, &m.name),
                 depends: m
                     .info
                     .depends()
                     .iter()
-                    .map(|d| d.replace('-', "_"))
+                    .map(|d| manifest::normalize_module_name(d))
                     .collect(),
                 vermagic: m.info.vermagic().unwrap_or_default().to_string(),
                 nvidia: m.nvidia,
@@ -210,6 +206,25 @@ impl GpuLayerPlan {
     }
 }
 
+/// The parameters `name` is loaded with: the caller's, plus `NVreg_EnableGpuFirmware=0` for
+/// `nvidia` of a release without GSP firmware (the proprietary modules would otherwise try to
+/// load the firmware the layer does not carry).
+pub fn module_params(release: &Release, options: &BuildOptions, name: &str) -> String {
+    let mut params: Vec<String> = options
+        .module_params
+        .get(name)
+        .cloned()
+        .into_iter()
+        .collect();
+    if name == "nvidia" && !release.gsp {
+        params.push(NO_GSP_PARAM.to_string());
+    }
+    params.join(" ")
+}
+
+/// The `nvidia` parameter that keeps the proprietary driver off GSP firmware.
+pub(super) const NO_GSP_PARAM: &str = "NVreg_EnableGpuFirmware=0";
+
 /// The requested NVIDIA modules and everything they depend on, in the inventory's load order.
 fn select_modules<'i>(
     release: &Release,
@@ -221,7 +236,7 @@ fn select_modules<'i>(
     let mut wanted = BTreeSet::new();
     let mut stack: Vec<String> = Vec::new();
     for m in &options.modules {
-        let m = m.replace('-', "_");
+        let m = manifest::normalize_module_name(m);
         if !by_name.get(m.as_str()).is_some_and(|x| x.nvidia) {
             let available = inv
                 .modules
@@ -243,7 +258,12 @@ fn select_modules<'i>(
             continue;
         }
         if let Some(m) = by_name.get(name.as_str()) {
-            stack.extend(m.info.depends().iter().map(|d| d.replace('-', "_")));
+            stack.extend(
+                m.info
+                    .depends()
+                    .iter()
+                    .map(|d| manifest::normalize_module_name(d)),
+            );
         }
         // A dependency the inventory does not list is built into the kernel (inspect checked).
     }

@@ -91,6 +91,13 @@ impl SupportedGpus {
         self.chips.is_empty()
     }
 
+    /// Every device ID the driver lists, in ascending order.
+    pub fn device_ids(&self) -> Vec<u16> {
+        let mut ids: Vec<u16> = self.chips.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Marketing name of an NVIDIA device ID.
     pub fn name(&self, device_id: u16) -> Option<&str> {
         self.chips.get(&device_id).map(|(n, _)| n.as_str())

@@ -11,7 +11,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use address::{AddressError, PciAddress};
 
@@ -45,7 +45,7 @@ pub enum PciError {
 }
 
 /// What a device is, from its PCI class code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceKind {
     /// A display controller (class 03xx): a GPU.
@@ -65,7 +65,7 @@ pub enum DeviceKind {
 }
 
 /// One memory or I/O region of a device, from its `resource` file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bar {
     /// BAR index (0–5).
     pub index: u8,
@@ -78,7 +78,7 @@ pub struct Bar {
 }
 
 /// An mdev (mediated device, e.g. vGPU) type a device offers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MdevType {
     /// The type id (directory name under `mdev_supported_types`).
     pub id: String,
@@ -91,7 +91,7 @@ pub struct MdevType {
 }
 
 /// A PCI device as sysfs describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PciDevice {
     /// Its address.
     pub address: PciAddress,

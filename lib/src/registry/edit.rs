@@ -115,6 +115,9 @@ fn release_table(release: &Release) -> Table {
     if let Some(f) = release.module_flavor {
         t["module_flavor"] = value(f.as_str());
     }
+    if !release.gsp {
+        t["gsp"] = value(false);
+    }
     if release.default {
         t["default"] = value(true);
     }

@@ -212,6 +212,10 @@ pub struct Release {
     pub driver_version: Option<String>,
     /// Which NVIDIA kernel modules the release carries.
     pub module_flavor: Option<ModuleFlavor>,
+    /// Whether the release ships (and the guest loads) GSP firmware. `false` is for proprietary
+    /// releases only (GPUs without GSP, such as Pascal): the layer then carries no firmware and
+    /// `nvidia` gets `NVreg_EnableGpuFirmware=0`.
+    pub gsp: bool,
     /// Whether this is the release used when none is named.
     pub default: bool,
     /// Artifacts per architecture.

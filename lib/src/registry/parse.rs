@@ -11,6 +11,7 @@ const RELEASE_KEYS: &[&str] = &[
     "kernel_version",
     "driver_version",
     "module_flavor",
+    "gsp",
     "default",
     "artifacts",
 ];
@@ -167,6 +168,24 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
             )
         }
     };
+    let gsp = match table.get("gsp") {
+        None => true,
+        Some(Value::Boolean(b)) => *b,
+        Some(other) => {
+            return Err(ctx.invalid(
+                "gsp",
+                format!("expected true or false, found {}", other.type_str()),
+                "write gsp = false for a proprietary release without GSP firmware, or remove it",
+            ));
+        }
+    };
+    if !gsp && module_flavor != Some(ModuleFlavor::Proprietary) {
+        return Err(ctx.invalid(
+            "gsp",
+            "false, but only the proprietary modules can run without GSP firmware",
+            "set module_flavor = \"proprietary\", or remove gsp = false and add the firmware",
+        ));
+    }
     let default = match table.get("default") {
         None => false,
         Some(Value::Boolean(b)) => *b,
@@ -240,6 +259,7 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
         kernel_version,
         driver_version,
         module_flavor,
+        gsp,
         default,
         artifacts,
         source: file.to_string(),

@@ -1,11 +1,11 @@
 //! The kernel's reactions to sysfs writes, performed on a fake tree.
 
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
 
-use super::{SIM_DEFAULT_DRIVER, has_flag, take_fault};
+use super::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_RESET_LOG, has_flag, take_fault};
 use crate::attach::Kernel;
 use crate::pci::{PciAddress, Sysfs, valid_driver_name};
 
@@ -43,6 +43,14 @@ impl SimulatedKernel {
             return Err(errno(libc::EBUSY));
         }
         symlink(&driver_dir, dev.join("driver"))?;
+        if driver == "nvidia" && !has_flag(self.sysfs.root(), "nvidia-no-gpu") {
+            fs::create_dir_all(
+                self.sysfs
+                    .root()
+                    .join(SIM_NVIDIA_GPUS)
+                    .join(address.to_string()),
+            )?;
+        }
         let _ = symlink(&dev, driver_dir.join(address.to_string()));
         if driver == "vfio-pci"
             && let Some(group) = self.sysfs.iommu_group(address)
@@ -60,6 +68,12 @@ impl SimulatedKernel {
             return Err(errno(libc::ENODEV));
         }
         fs::remove_file(self.sysfs.device_dir(address).join("driver"))?;
+        let _ = fs::remove_dir(
+            self.sysfs
+                .root()
+                .join(SIM_NVIDIA_GPUS)
+                .join(address.to_string()),
+        );
         let _ = fs::remove_file(self.sysfs.driver_dir(driver).join(address.to_string()));
         if driver == "vfio-pci"
             && let Some(group) = self.sysfs.iommu_group(address)
@@ -96,6 +110,21 @@ impl SimulatedKernel {
             }
             _ => Ok(()),
         }
+    }
+
+    /// `reset`: like the kernel, refused (ENOTTY) without a method; the method used (the first
+    /// of `reset_method`) is appended to [`SIM_RESET_LOG`] in the device's directory.
+    fn reset(&self, address: PciAddress) -> io::Result<()> {
+        let dir = self.sysfs.device_dir(address);
+        let methods = fs::read_to_string(dir.join("reset_method")).unwrap_or_default();
+        let Some(method) = methods.split_whitespace().next() else {
+            return Err(io::Error::from_raw_os_error(libc::ENOTTY));
+        };
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(SIM_RESET_LOG))?;
+        writeln!(log, "{method}")
     }
 
     fn create_mdev(&self, type_dir: &Path, uuid: &str) -> io::Result<()> {
@@ -187,6 +216,17 @@ impl Kernel for SimulatedKernel {
                 self.bind(Self::parse_addr(value)?, driver)
             }
             ["bus", "pci", "drivers_probe"] => self.probe(Self::parse_addr(value)?),
+            ["bus", "pci", "devices", addr, "reset"] => self.reset(Self::parse_addr(addr)?),
+            [
+                "bus",
+                "pci",
+                "devices",
+                addr,
+                attr @ ("reset_method" | "d3cold_allowed"),
+            ] => {
+                let dir = self.sysfs.device_dir(Self::parse_addr(addr)?);
+                fs::write(dir.join(attr), format!("{}\n", value.trim()))
+            }
             [
                 "bus",
                 "pci",

@@ -11,9 +11,11 @@
 //!
 //! Failure injection: a line `fail-once <attr>` in the marker file makes the next write to an
 //! attribute named `<attr>` (`driver_override`, `unbind`, `bind`, `drivers_probe`, `create`,
-//! `remove`, or `verify` for the VFIO check) fail with EIO; the line is consumed
+//! `remove`, `reset`, or `verify` for the VFIO check) fail with EIO; the line is consumed
 //! (`fail-once <attr> after K` lets K writes pass first). A line
-//! `no-vfio-node` stops the simulation from creating `/dev/vfio/<group>`.
+//! `no-vfio-node` stops the simulation from creating `/dev/vfio/<group>`; `nvidia-no-gpu` makes
+//! the `nvidia` driver not take a GPU bound to it (no [`SIM_NVIDIA_GPUS`] entry). `reset`,
+//! `reset_method` and `d3cold_allowed` writes are kept in the device's files.
 
 mod kernel;
 mod vfio;
@@ -30,6 +32,13 @@ pub const SIMULATION_MARKER: &str = ".gpu-passthrough-simulated";
 /// In a simulated tree: a device's default driver, which `drivers_probe` binds when no
 /// `driver_override` is set (the kernel finds it by ID matching).
 pub const SIM_DEFAULT_DRIVER: &str = ".sim-default-driver";
+
+/// In a simulated tree: the reset methods used on a device, one line per `reset` write.
+pub const SIM_RESET_LOG: &str = ".sim-resets";
+
+/// In a simulated tree: stands for `/proc/driver/nvidia/gpus/`: a device bound to `nvidia` has
+/// an entry, unless the marker file has the line `nvidia-no-gpu` (the driver did not take it).
+pub const SIM_NVIDIA_GPUS: &str = ".sim-nvidia-gpus";
 
 /// Whether `sysfs_root` is a simulated tree.
 pub fn is_simulated_root(sysfs_root: &Path) -> bool {

@@ -7,7 +7,13 @@
 //! - [`verify`]: re-check every pinned artifact, from its mirrors or from the cache, and decide
 //!   the verdict ([`VerifyReport::verdict`]).
 //!
+//! - [`diff`]: what changes from one release to another, for the reviewer of an upgrade.
+//!
 //! Nothing is written to a registry file unless every check passed.
+
+pub mod diff;
+
+pub use diff::{DiffError, ReleaseDiff, compare, diff};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -99,6 +105,52 @@ impl VersionsError {
     }
 }
 
+/// One release as `versions list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseSummary {
+    /// Release name.
+    pub name: String,
+    /// The guest kernel's `uname -r`.
+    pub kernel_version: String,
+    /// The NVIDIA driver version.
+    pub driver_version: Option<String>,
+    /// The module flavor.
+    pub module_flavor: Option<ModuleFlavor>,
+    /// The default release.
+    pub default: bool,
+    /// Architectures with artifacts.
+    pub arches: Vec<Arch>,
+    /// Artifacts over all architectures.
+    pub artifacts: usize,
+    /// Of which unpinned (refused by every consumer).
+    pub unpinned: usize,
+    /// The file (or `embedded`) it came from.
+    pub source: String,
+}
+
+/// Every release of `registry`, summarised.
+pub fn summaries(registry: &Registry) -> Vec<ReleaseSummary> {
+    registry
+        .releases()
+        .map(|r| ReleaseSummary {
+            name: r.name.clone(),
+            kernel_version: r.kernel_version.clone(),
+            driver_version: r.driver_version.clone(),
+            module_flavor: r.module_flavor,
+            default: r.default,
+            arches: r.artifacts.keys().copied().collect(),
+            artifacts: r.artifacts.values().map(Vec::len).sum(),
+            unpinned: r
+                .artifacts
+                .values()
+                .flatten()
+                .filter(|a| !a.is_pinned())
+                .count(),
+            source: r.source.clone(),
+        })
+        .collect()
+}
+
 /// A new release to add.
 #[derive(Debug, Clone)]
 pub struct AddRequest {
@@ -110,8 +162,10 @@ pub struct AddRequest {
     pub kernel_version: String,
     /// The NVIDIA driver version (required with NVIDIA artifacts).
     pub driver_version: Option<String>,
-    /// NVIDIA kernel module flavor.
+    /// NVIDIA kernel module flavor, checked against the modules' `license` fields.
     pub flavor: Option<ModuleFlavor>,
+    /// Whether the release ships GSP firmware (`false`: proprietary only, no firmware needed).
+    pub gsp: bool,
     /// Architecture of the artifacts.
     pub arch: Arch,
     /// Kind → URLs (the first is the primary, the rest mirrors).
@@ -123,6 +177,23 @@ pub struct AddRequest {
     /// Largest download accepted per artifact; `None` takes the fetcher's default cap for
     /// downloads without a pinned size.
     pub max_download_bytes: Option<u64>,
+}
+
+/// `KIND=URL` pairs → kind → URLs in the order given: the first URL of a kind is the primary,
+/// the same kind again adds a mirror. The error names the pair and the expected form.
+pub fn artifact_urls<S: AsRef<str>>(
+    pairs: &[S],
+) -> Result<BTreeMap<ArtifactKind, Vec<String>>, String> {
+    let mut out: BTreeMap<ArtifactKind, Vec<String>> = BTreeMap::new();
+    for pair in pairs {
+        let pair = pair.as_ref();
+        let (kind, url) = pair.split_once('=').ok_or_else(|| {
+            format!("`{pair}`: expected KIND=URL, e.g. kernel=https://example.com/vmlinuz")
+        })?;
+        let kind: ArtifactKind = kind.parse().map_err(|e: String| format!("`{pair}`: {e}"))?;
+        out.entry(kind).or_default().push(url.to_string());
+    }
+    Ok(out)
 }
 
 /// What [`add`] wrote.
@@ -210,9 +281,13 @@ pub fn add(
     let inventory = match &req.driver_version {
         Some(driver_version) if has_driver_artifacts => Some(inspect_artifacts(
             &fetched,
-            &req.kernel_version,
-            driver_version,
-            req.arch,
+            &Expectations {
+                kernel_version: &req.kernel_version,
+                driver_version,
+                arch: req.arch,
+                flavor: req.flavor,
+                gsp: req.gsp,
+            },
         )?),
         _ => None,
     };
@@ -231,6 +306,7 @@ pub fn add(
         kernel_version: req.kernel_version.clone(),
         driver_version: req.driver_version.clone(),
         module_flavor: req.flavor,
+        gsp: req.gsp,
         default: req.default,
         artifacts: BTreeMap::from([(req.arch, artifacts)]),
         source: req.file.display().to_string(),
@@ -247,9 +323,7 @@ pub fn add(
 /// checks against the release.
 fn inspect_artifacts(
     fetched: &BTreeMap<ArtifactKind, (Vec<String>, Fetched)>,
-    kernel_version: &str,
-    driver_version: &str,
-    arch: Arch,
+    expect: &Expectations,
 ) -> Result<Inventory, VersionsError> {
     let scratch = tempfile::tempdir().map_err(VersionsError::Scratch)?;
     let mut roots: BTreeMap<ArtifactKind, PathBuf> = BTreeMap::new();
@@ -274,12 +348,7 @@ fn inspect_artifacts(
         firmware: root(ArtifactKind::NvidiaFirmware),
         driver_libs: root(ArtifactKind::NvidiaDriverLibs),
     };
-    let expect = Expectations {
-        kernel_version,
-        driver_version,
-        arch,
-    };
-    inspect(&expect, &trees)
+    inspect(expect, &trees)
         .map_err(|e| VersionsError::Refused(relative_to(&e.to_string(), scratch.path())))
 }
 

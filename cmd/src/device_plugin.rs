@@ -1,0 +1,66 @@
+//! `device-plugin`: serve the node's GPUs to the kubelet until SIGTERM (a thin layer over
+//! `gpu_passthrough_device_plugin`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
+
+use gpu_passthrough_device_plugin::{Config, Prepare, run_until_signal};
+
+use crate::Global;
+use crate::output::{emit_text, exit, fail};
+
+/// How many GPUs `--prepare` moves: a number or `all`.
+#[derive(Debug, Clone, Copy)]
+pub struct PrepareArg(Prepare);
+
+impl FromStr for PrepareArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "all" {
+            return Ok(PrepareArg(Prepare::All));
+        }
+        s.parse::<usize>()
+            .map(|n| PrepareArg(Prepare::Count(n)))
+            .map_err(|_| format!("`{s}` is neither a number nor `all`"))
+    }
+}
+
+/// Arguments of `device-plugin`.
+#[derive(Debug, clap::Args)]
+pub struct DevicePluginArgs {
+    /// The kubelet's directory; sockets go in its `device-plugins/`.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
+    /// Also move this many free GPUs (or `all`) to vfio-pci at start (owner `device-plugin`).
+    #[arg(long, value_name = "N|all")]
+    prepare: Option<PrepareArg>,
+    /// How often health, the sockets and the kubelet are checked, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    poll_ms: u64,
+    /// pci.ids for resource names [default: the system's].
+    #[arg(long, value_name = "FILE")]
+    pci_ids: Option<PathBuf>,
+    /// The NVIDIA driver's supported-gpus.json: names for GPUs pci.ids does not know.
+    #[arg(long, value_name = "FILE", env = "GPU_PASSTHROUGH_SUPPORTED_GPUS")]
+    supported_gpus: Option<PathBuf>,
+}
+
+/// Run the plugin; after SIGTERM print what the start-up pass did.
+pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode> {
+    let config = Config {
+        kubelet_dir: args.kubelet_dir.clone(),
+        sysfs_root: global.sysfs_root.clone(),
+        state_dir: global.state_dir.clone(),
+        dev_dir: global.dev_dir.clone(),
+        pci_ids: args.pci_ids.clone(),
+        supported_gpus: args.supported_gpus.clone(),
+        prepare: args.prepare.map_or(Prepare::None, |p| p.0),
+        poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+        ..Config::new()
+    };
+    let report = run_until_signal(config).map_err(|e| fail(exit::FAILURE, e))?;
+    emit_text(global, &report)?;
+    Ok(ExitCode::SUCCESS)
+}

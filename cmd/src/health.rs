@@ -1,0 +1,90 @@
+//! `health` (records, scan, ingest, clear) and `reset`: parse, call the library, print.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use gpu_passthrough::health::{self, HealthStore};
+use gpu_passthrough::pci::PciAddress;
+
+use crate::Global;
+use crate::host::{host, owner};
+use crate::output::{emit, emit_text, exit};
+
+/// Arguments of `health`.
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    #[command(subcommand)]
+    command: Option<HealthCommand>,
+}
+
+/// `health` subcommands; without one, the records are listed.
+#[derive(Debug, clap::Subcommand)]
+pub enum HealthCommand {
+    /// Classify the NVIDIA faults in a VM console or kernel log (nothing is recorded).
+    Scan {
+        /// The log file.
+        #[arg(long, value_name = "FILE")]
+        console: PathBuf,
+    },
+    /// Record the faults of an owner's VM console against the devices that owner held.
+    Ingest {
+        /// The owner whose VM wrote the log.
+        #[arg(long, value_name = "ID")]
+        owner: String,
+        /// The log file.
+        #[arg(long, value_name = "FILE")]
+        console: PathBuf,
+    },
+    /// Remove a device's health record after a repair (ends its quarantine).
+    Clear {
+        /// The device, DDDD:BB:DD.F.
+        #[arg(value_name = "DEVICE")]
+        device: String,
+    },
+}
+
+/// Arguments of `reset`.
+#[derive(Debug, clap::Args)]
+pub struct ResetArgs {
+    /// The device, DDDD:BB:DD.F.
+    #[arg(value_name = "DEVICE")]
+    device: String,
+}
+
+fn address(s: &str) -> anyhow::Result<PciAddress> {
+    Ok(s.parse()?)
+}
+
+/// `health [scan|ingest|clear]`.
+pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
+    let store = HealthStore::new(&global.state_dir);
+    match &args.command {
+        None => emit(global, &store.records()?, |list| {
+            list.iter().for_each(|d| println!("{d}"));
+        })?,
+        Some(HealthCommand::Scan { console }) => {
+            emit(global, &health::scan_file(console)?, |list| {
+                list.iter().for_each(|f| println!("{f}"));
+            })?
+        }
+        Some(HealthCommand::Ingest { owner: o, console }) => emit_text(
+            global,
+            &health::ingest(&global.state_dir, &owner(o)?, console)?,
+        )?,
+        Some(HealthCommand::Clear { device }) => {
+            emit_text(global, &store.clear(address(device)?)?)?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `reset DEVICE`: reset on demand, then verify.
+pub fn reset(global: &Global, args: &ResetArgs) -> anyhow::Result<ExitCode> {
+    let check = host(global, Vec::new()).reset(address(&args.device)?)?;
+    emit(global, &check, |c| println!("{c}"))?;
+    Ok(ExitCode::from(if check.verify.ok {
+        0
+    } else {
+        exit::VERIFY
+    }))
+}

@@ -1,0 +1,321 @@
+//! Which GPUs the plugin serves and their health, read from the journal and sysfs each time.
+//!
+//! The served set is the journal: the passed NVIDIA GPUs of the attachments whose owner is the
+//! plugin's pool (`device-plugin`) or one of its allocations (`device-plugin:alloc-…`). Nothing
+//! about a device is kept in memory between scans.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use gpu_passthrough::attach::journal::JournalState;
+use gpu_passthrough::attach::{AttachRequest, Host, Owner, PlanRequest};
+use gpu_passthrough::pci::{PciAddress, Sysfs};
+
+use crate::naming::{NameSource, Namer};
+use crate::{PluginError, Quarantine};
+
+/// The owner holding served, unallocated GPUs.
+pub const POOL_OWNER: &str = "device-plugin";
+/// The owner prefix of allocations.
+pub const ALLOC_PREFIX: &str = "device-plugin:alloc-";
+
+/// Whether `owner` is the plugin's pool or one of its allocations.
+pub fn is_plugin_owner(owner: &Owner) -> bool {
+    owner.as_str() == POOL_OWNER || owner.as_str().starts_with(ALLOC_PREFIX)
+}
+
+/// Why a served device is unhealthy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// The device is gone from sysfs.
+    Gone,
+    /// The group's VFIO node is missing.
+    NoVfioNode(PathBuf),
+    /// The device is not on vfio-pci any more.
+    NotOnVfio(Option<String>),
+    /// The device is not in the IOMMU group the journal recorded.
+    GroupChanged {
+        /// The journal's group.
+        recorded: Option<u32>,
+        /// The group now.
+        now: Option<u32>,
+    },
+    /// The health monitor quarantined it.
+    Quarantined,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Gone => write!(f, "gone from sysfs"),
+            Problem::NoVfioNode(p) => write!(f, "{} is missing", p.display()),
+            Problem::NotOnVfio(d) => write!(
+                f,
+                "on {} instead of vfio-pci",
+                d.as_deref().unwrap_or("no driver")
+            ),
+            Problem::GroupChanged { recorded, now } => {
+                write!(f, "IOMMU group changed from {recorded:?} to {now:?}")
+            }
+            Problem::Quarantined => write!(f, "quarantined"),
+        }
+    }
+}
+
+/// One served GPU, as the last scan saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedDevice {
+    /// Its address (the device ID given to the kubelet).
+    pub address: PciAddress,
+    /// The IOMMU group the journal recorded.
+    pub group: Option<u32>,
+    /// NUMA node.
+    pub numa: Option<u32>,
+    /// The PCIe switch above it.
+    pub switch: Option<PathBuf>,
+    /// Empty when healthy.
+    pub problems: Vec<Problem>,
+}
+
+impl ServedDevice {
+    /// No problem found.
+    pub fn healthy(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Every served GPU by resource name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// Resource name → devices, by address.
+    pub resources: BTreeMap<String, Vec<ServedDevice>>,
+    /// Where each resource name came from (`pci.ids`, `supported-gpus.json` or the device ID).
+    pub name_sources: BTreeMap<String, NameSource>,
+}
+
+/// The problems of a journaled device now, from sysfs and the devices directory.
+pub fn problems(
+    sysfs: &Sysfs,
+    dev_dir: &Path,
+    address: PciAddress,
+    recorded_group: Option<u32>,
+    quarantine: &dyn Quarantine,
+) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if !sysfs.device_dir(address).exists() {
+        return vec![Problem::Gone];
+    }
+    let driver = sysfs.driver(address);
+    if driver.as_deref() != Some("vfio-pci") {
+        out.push(Problem::NotOnVfio(driver));
+    }
+    let now = sysfs.iommu_group(address);
+    if now != recorded_group || now.is_none() {
+        out.push(Problem::GroupChanged {
+            recorded: recorded_group,
+            now,
+        });
+    }
+    if let Some(g) = recorded_group {
+        let node = dev_dir.join("vfio").join(g.to_string());
+        if !node.exists() {
+            out.push(Problem::NoVfioNode(node));
+        }
+    }
+    if quarantine.is_quarantined(address) {
+        out.push(Problem::Quarantined);
+    }
+    out
+}
+
+/// The PCIe switch above a device: the upstream port two levels up in the sysfs device tree,
+/// when both levels are PCI devices (a root port alone is not a switch).
+pub fn switch_of(sysfs: &Sysfs, address: PciAddress) -> Option<PathBuf> {
+    let real = std::fs::canonicalize(sysfs.device_dir(address)).ok()?;
+    let is_pci = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.parse::<PciAddress>().is_ok())
+    };
+    let down = real.parent().filter(|p| is_pci(p))?;
+    let up = down.parent().filter(|p| is_pci(p))?;
+    Some(up.to_owned())
+}
+
+/// Scan the journal and sysfs.
+pub fn scan(
+    host: &Host,
+    namer: &Namer,
+    quarantine: &dyn Quarantine,
+) -> Result<Inventory, PluginError> {
+    let state = host.journal().read()?;
+    Ok(scan_state(host, &state, namer, quarantine))
+}
+
+pub(crate) fn scan_state(
+    host: &Host,
+    state: &JournalState,
+    namer: &Namer,
+    quarantine: &dyn Quarantine,
+) -> Inventory {
+    let mut inv = Inventory::default();
+    let sysfs = host.sysfs();
+    for att in state
+        .attachments
+        .iter()
+        .filter(|a| is_plugin_owner(&a.owner))
+    {
+        for rec in att.devices.iter().filter(|d| d.passed) {
+            // A device gone from sysfs cannot be named: it leaves the list, which the kubelet
+            // takes as removed.
+            let Ok(dev) = sysfs.device(rec.device) else {
+                continue;
+            };
+            if !dev.is_nvidia_gpu() {
+                continue;
+            }
+            let (name, source) = namer.resource_name(&dev);
+            inv.name_sources.insert(name.clone(), source);
+            inv.resources.entry(name).or_default().push(ServedDevice {
+                address: rec.device,
+                group: rec.iommu_group,
+                numa: dev.numa_node,
+                switch: switch_of(sysfs, rec.device),
+                problems: problems(
+                    sysfs,
+                    host.dev_dir(),
+                    rec.device,
+                    rec.iommu_group,
+                    quarantine,
+                ),
+            });
+        }
+    }
+    for list in inv.resources.values_mut() {
+        list.sort_by_key(|d| d.address);
+    }
+    inv
+}
+
+/// How many GPUs to move to vfio-pci at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prepare {
+    /// None: serve only what is already on vfio-pci.
+    None,
+    /// At most this many.
+    Count(usize),
+    /// Every GPU that can be moved.
+    All,
+}
+
+/// What the start-up pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrepareReport {
+    /// GPUs already on vfio-pci, recorded for the pool without a write.
+    pub adopted: Vec<PciAddress>,
+    /// GPUs moved to vfio-pci by the attach transaction.
+    pub moved: Vec<PciAddress>,
+    /// GPUs left alone, with why (boot display, a group with host devices, a failed attach).
+    pub skipped: Vec<(PciAddress, String)>,
+}
+
+impl fmt::Display for PrepareReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |v: &[PciAddress]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        writeln!(f, "adopted (already on vfio-pci): {}", list(&self.adopted))?;
+        writeln!(f, "moved to vfio-pci: {}", list(&self.moved))?;
+        for (a, why) in &self.skipped {
+            writeln!(f, "skipped {a}: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Record the unowned NVIDIA GPUs already on vfio-pci for the pool, and move `prepare` more
+/// to vfio-pci, each through the attach transaction with owner [`POOL_OWNER`]. Never takes
+/// the boot display or a group with host devices (the plan refuses them).
+pub fn prepare(
+    host: &Host,
+    prepare: Prepare,
+    supported_gpus: Option<&Path>,
+) -> Result<PrepareReport, PluginError> {
+    let owner = Owner::new(POOL_OWNER).expect("valid owner");
+    let mut report = PrepareReport::default();
+    let mut budget = match prepare {
+        Prepare::None => 0,
+        Prepare::Count(n) => n,
+        Prepare::All => usize::MAX,
+    };
+    let devices = host.devices(false, supported_gpus)?;
+    for d in devices
+        .iter()
+        .filter(|d| d.device.is_nvidia_gpu() && d.owner.is_none())
+    {
+        let addr = d.device.address;
+        let on_vfio = d.device.driver.as_deref() == Some("vfio-pci");
+        if !on_vfio && budget == 0 {
+            continue;
+        }
+        if !d.ready {
+            report.skipped.push((addr, d.not_ready_because.join("; ")));
+            continue;
+        }
+        let req = AttachRequest {
+            plan: PlanRequest {
+                devices: vec![addr],
+                owner: Some(owner.clone()),
+                ..Default::default()
+            },
+            owner: owner.clone(),
+            initrd: None,
+        };
+        match host.attach(&req) {
+            Ok(_) if on_vfio => report.adopted.push(addr),
+            Ok(_) => {
+                report.moved.push(addr);
+                budget -= 1;
+            }
+            Err(e) => report.skipped.push((addr, e.to_string())),
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_switch_is_the_upstream_port_two_levels_up() {
+        let t = tempfile::tempdir().unwrap();
+        let sys = t.path();
+        // Root port 00:01.0 → switch upstream 01:00.0 → downstream 02:08.0 → GPU 03:00.0;
+        // and a GPU 04:00.0 straight under root port 00:02.0 (no switch).
+        let gpu =
+            sys.join("devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:08.0/0000:03:00.0");
+        let direct = sys.join("devices/pci0000:00/0000:00:02.0/0000:04:00.0");
+        std::fs::create_dir_all(&gpu).unwrap();
+        std::fs::create_dir_all(&direct).unwrap();
+        std::fs::create_dir_all(sys.join("bus/pci/devices")).unwrap();
+        std::os::unix::fs::symlink(&gpu, sys.join("bus/pci/devices/0000:03:00.0")).unwrap();
+        std::os::unix::fs::symlink(&direct, sys.join("bus/pci/devices/0000:04:00.0")).unwrap();
+        let s = Sysfs::new(sys);
+        let sw = switch_of(&s, "0000:03:00.0".parse().unwrap()).unwrap();
+        assert!(
+            sw.ends_with("0000:00:01.0/0000:01:00.0"),
+            "{}",
+            sw.display()
+        );
+        assert_eq!(switch_of(&s, "0000:04:00.0".parse().unwrap()), None);
+    }
+}

@@ -1,0 +1,249 @@
+//! `gpu-passthrough-device-plugin`: a kubelet device plugin (API v1beta1) that hands KubeVirt
+//! the GPUs of a node, built on the `gpu-passthrough` library so a cluster gets the same
+//! journaled binds, group checks and health as a single host.
+//!
+//! A separate crate rather than a library module: gRPC brings an async runtime (tokio, tonic,
+//! hyper) that nothing else in the library needs, and keeping it here leaves the library's
+//! build and dependency tree unchanged.
+//!
+//! - [`naming`]: resource names (kubevirt-gpu-device-plugin's convention) and KubeVirt's
+//!   environment variables.
+//! - [`inventory`]: the served GPUs, read from the journal, with health from sysfs; the
+//!   start-up pass that adopts or prepares GPUs.
+//! - [`allocate`]: the group re-check and the journal record of an allocation.
+//! - [`preferred`]: GetPreferredAllocation's choice (one NUMA node, then one PCIe switch).
+//! - [`api`]: the generated v1beta1 messages, servers and clients.
+//!
+//! The plugin holds no device state of its own: each scan and each Allocate reads the journal
+//! and sysfs again.
+#![deny(missing_docs)]
+
+pub mod allocate;
+pub mod inventory;
+pub mod naming;
+pub mod preferred;
+mod server;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpu_passthrough::attach::{AttachError, Host, JournalError, PidLiveness};
+use gpu_passthrough::paths;
+use gpu_passthrough::pci::PciAddress;
+use gpu_passthrough::pci::ids::{PciIds, SupportedGpus};
+
+pub use inventory::Prepare;
+pub use server::run;
+
+/// The kubelet device plugin API (v1beta1), compiled from `proto/v1beta1.proto` at build time.
+#[allow(missing_docs, clippy::all)]
+pub mod api {
+    tonic::include_proto!("v1beta1");
+}
+
+/// The API version this plugin speaks.
+pub const API_VERSION: &str = "v1beta1";
+
+/// The seam for the health monitor: whether a device is quarantined. A quarantined device is
+/// reported `Unhealthy` and never allocated.
+pub trait Quarantine: Send + Sync {
+    /// Whether `device` is quarantined.
+    fn is_quarantined(&self, device: PciAddress) -> bool;
+}
+
+/// No quarantine: every device is allowed (a caller that keeps health elsewhere).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoQuarantine;
+
+impl Quarantine for NoQuarantine {
+    fn is_quarantined(&self, _device: PciAddress) -> bool {
+        false
+    }
+}
+
+/// The host's health records ([`gpu_passthrough::health`]) in a state dir: a device is
+/// quarantined when its record says so, and also when the record cannot be read (fail closed).
+#[derive(Debug, Clone)]
+pub struct HealthRecords {
+    /// The state dir holding `health.json`.
+    pub state_dir: PathBuf,
+}
+
+impl Quarantine for HealthRecords {
+    fn is_quarantined(&self, device: PciAddress) -> bool {
+        !matches!(
+            gpu_passthrough::health::is_quarantined(&self.state_dir, device),
+            Ok(None)
+        )
+    }
+}
+
+/// Errors of the plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// A host operation failed.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// The journal could not be used.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The supported-gpus table or pci.ids could not be read.
+    #[error(transparent)]
+    Ids(#[from] gpu_passthrough::pci::ids::IdsError),
+    /// A file or socket operation failed.
+    #[error("cannot {action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the plugin runs.
+#[derive(Clone)]
+pub struct Config {
+    /// The kubelet's directory (`/var/lib/kubelet`); sockets live in its `device-plugins/`.
+    pub kubelet_dir: PathBuf,
+    /// The sysfs root (`/sys`).
+    pub sysfs_root: PathBuf,
+    /// The state dir holding the journal.
+    pub state_dir: PathBuf,
+    /// The devices directory (`/dev`), where `vfio/<group>` nodes are.
+    pub dev_dir: PathBuf,
+    /// `pci.ids` for resource names (default: the system's).
+    pub pci_ids: Option<PathBuf>,
+    /// The NVIDIA driver's `supported-gpus.json`: names when `pci.ids` has none.
+    pub supported_gpus: Option<PathBuf>,
+    /// GPUs to move to vfio-pci at start.
+    pub prepare: Prepare,
+    /// How often health, sockets and the kubelet are checked.
+    pub poll_interval: Duration,
+    /// The quarantine seam; `None` means the health records in `state_dir` (fail closed).
+    pub quarantine: Option<Arc<dyn Quarantine>>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("kubelet_dir", &self.kubelet_dir)
+            .field("sysfs_root", &self.sysfs_root)
+            .field("state_dir", &self.state_dir)
+            .field("dev_dir", &self.dev_dir)
+            .field("prepare", &self.prepare)
+            .field("poll_interval", &self.poll_interval)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Defaults for a real node: `/var/lib/kubelet`, `/sys`, `/var/lib/gpu-passthrough`, `/dev`,
+    /// a one-second poll, no preparation, quarantine by the state dir's health records.
+    pub fn new() -> Self {
+        Config {
+            kubelet_dir: PathBuf::from("/var/lib/kubelet"),
+            sysfs_root: PathBuf::from(paths::SYSFS_ROOT),
+            state_dir: PathBuf::from(paths::STATE_DIR),
+            dev_dir: PathBuf::from(paths::DEV_DIR),
+            pci_ids: None,
+            supported_gpus: None,
+            prepare: Prepare::None,
+            poll_interval: Duration::from_secs(1),
+            quarantine: None,
+        }
+    }
+
+    /// The quarantine in force: the one given, else the health records of the state dir, so
+    /// a device the host quarantined is never handed to a pod.
+    pub fn quarantine(&self) -> Arc<dyn Quarantine> {
+        self.quarantine.clone().unwrap_or_else(|| {
+            Arc::new(HealthRecords {
+                state_dir: self.state_dir.clone(),
+            })
+        })
+    }
+
+    /// `<kubelet-dir>/device-plugins`.
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.kubelet_dir.join("device-plugins")
+    }
+
+    /// The kubelet's registration socket.
+    pub fn kubelet_socket(&self) -> PathBuf {
+        self.plugin_dir().join("kubelet.sock")
+    }
+
+    /// A library host over this node.
+    pub fn host(&self) -> Host {
+        Host::new(
+            &self.sysfs_root,
+            &self.state_dir,
+            Box::new(PidLiveness::default()),
+        )
+        .with_dev_dir(&self.dev_dir)
+    }
+
+    /// The resource namer from `pci.ids` and `supported-gpus.json`.
+    pub fn namer(&self) -> Result<naming::Namer, PluginError> {
+        let ids = match &self.pci_ids {
+            Some(p) => PciIds::parse(&read(p)?),
+            None => PciIds::system(),
+        };
+        let gpus = match &self.supported_gpus {
+            Some(p) => Some(SupportedGpus::load(p)?),
+            None => None,
+        };
+        Ok(naming::Namer::new(ids, gpus))
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::new()
+    }
+}
+
+fn read(p: &Path) -> Result<String, PluginError> {
+    std::fs::read_to_string(p).map_err(|source| PluginError::Io {
+        action: "read",
+        path: p.to_owned(),
+        source,
+    })
+}
+
+/// Run until SIGTERM or SIGINT, then remove the sockets and return.
+pub fn run_until_signal(config: Config) -> Result<inventory::PrepareReport, PluginError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| PluginError::Io {
+            action: "start the runtime for",
+            path: config.plugin_dir(),
+            source,
+        })?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(|source| PluginError::Io {
+            action: "handle SIGTERM for",
+            path: config.plugin_dir(),
+            source,
+        })?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|source| PluginError::Io {
+            action: "handle SIGINT for",
+            path: config.plugin_dir(),
+            source,
+        })?;
+        run(config, async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        })
+        .await
+    })
+}

@@ -1,0 +1,178 @@
+//! `e2e-check`: the checks and helpers of `e2e/run`, over the project's real types.
+//!
+//! Guest subcommands read a console log and print one verdict per line (see [`checks`]); a
+//! renamed field in the guest report, the manifest or the library's output types is a compile
+//! error here rather than a check that quietly stops looking. `e2e/run` keeps provisioning and
+//! booting.
+
+mod checks;
+mod cli_json;
+mod console;
+mod guest;
+mod host;
+mod layers;
+mod modules;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use console::Console;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(about = "Checks and helpers for e2e/run")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run A: a HAS_GPU=1 guest without a GPU (GPU-INIT report and workload).
+    GpuGuest {
+        /// The console log.
+        log: PathBuf,
+        /// Expected NVIDIA driver version.
+        #[arg(long)]
+        driver: String,
+        /// The guest's running kernel release.
+        #[arg(long)]
+        kernel: String,
+        /// QEMU's exit code.
+        #[arg(long, allow_hyphen_values = true)]
+        boot_rc: i32,
+    },
+    /// Run A': nvidia.ko doctored as built for another kernel.
+    WrongKernelGuest {
+        /// The console log.
+        log: PathBuf,
+        /// The kernel release the doctored module claims.
+        #[arg(long)]
+        module_kernel: String,
+    },
+    /// Run B: the combined initrd booted with HAS_GPU=0.
+    NoGpuGuest {
+        /// The console log.
+        log: PathBuf,
+    },
+    /// Run B: the base layer alone.
+    BaseOnlyGuest {
+        /// The console log.
+        log: PathBuf,
+    },
+    /// Run C: the guest that plays the host (sysfs cycle and the CLI).
+    Host {
+        /// The console log.
+        log: PathBuf,
+        /// Write each command's stdout/stderr here as run-c-LABEL.out/.err.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// The nested VM part ran.
+        #[arg(long)]
+        nested: bool,
+    },
+    /// Run A: what cpio -t lists in a GPU layer.
+    GpuLayer {
+        /// The layer file.
+        layer: PathBuf,
+        /// Its compression, for the check names.
+        #[arg(long)]
+        compression: String,
+    },
+    /// Run B: what cpio -t lists in the base layer.
+    BaseLayer {
+        /// The layer file.
+        layer: PathBuf,
+    },
+    /// Print the base, GPU and combined layer paths of `initrd build --json` output.
+    Layers {
+        /// The saved JSON.
+        build_json: PathBuf,
+    },
+    /// Print the .ko files needed for the named modules, dependencies first.
+    Modorder {
+        /// A directory tree of .ko files.
+        tree: PathBuf,
+        /// Module names (`-` or `_`).
+        #[arg(required = true)]
+        modules: Vec<String>,
+    },
+    /// Serve a directory on 127.0.0.1 (a free port) until killed: the artifact mirror.
+    Serve {
+        /// The directory.
+        dir: PathBuf,
+        /// Written with the port once listening.
+        #[arg(long)]
+        port_file: PathBuf,
+    },
+    /// Make a module look built for another kernel release, in place.
+    DoctorModule {
+        /// The .ko file.
+        module: PathBuf,
+        /// The release it was built for.
+        old: String,
+        /// The release it should claim (same length).
+        new: String,
+        /// Change only vermagic's release, keep the CRCs (the module still loads).
+        #[arg(long)]
+        release_only: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("e2e-check: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    let verdicts = match command {
+        Command::GpuGuest {
+            log,
+            driver,
+            kernel,
+            boot_rc,
+        } => guest::gpu_guest(&Console::read(&log)?, &driver, &kernel, boot_rc),
+        Command::WrongKernelGuest { log, module_kernel } => {
+            guest::wrong_kernel_guest(&Console::read(&log)?, &module_kernel)
+        }
+        Command::NoGpuGuest { log } => guest::no_gpu_guest(&Console::read(&log)?),
+        Command::BaseOnlyGuest { log } => guest::base_only_guest(&Console::read(&log)?),
+        Command::Host {
+            log,
+            out_dir,
+            nested,
+        } => {
+            let console = Console::read(&log)?;
+            host::RunC::parse(&console).write_outputs(&out_dir)?;
+            host::checks(&console, nested)
+        }
+        Command::GpuLayer { layer, compression } => layers::gpu_layer(&layer, &compression),
+        Command::BaseLayer { layer } => layers::base_layer(&layer),
+        Command::Layers { build_json } => {
+            println!("{}", layers::paths(&build_json)?.join(" "));
+            return Ok(());
+        }
+        Command::Modorder { tree, modules } => {
+            for ko in modules::load_order(&tree, &modules)? {
+                println!("{}", ko.display());
+            }
+            return Ok(());
+        }
+        Command::Serve { dir, port_file } => return serve::serve(&dir, &port_file),
+        Command::DoctorModule {
+            module,
+            old,
+            new,
+            release_only,
+        } => {
+            return modules::doctor_file(&module, &old, &new, release_only);
+        }
+    };
+    verdicts.print();
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `health`: whether each device is fit to hand to the next tenant.
+//!
+//! - Fault classification of kernel and VM console logs: the guest contract's classifier
+//!   ([`gpu_passthrough_manifest::xid`], shared with the guest init), re-exported here;
+//!   [`scan_file`] reads a log.
+//! - Health records per device under the state dir ([`HealthStore`], `health.json`, versioned,
+//!   replaced atomically with fsync, changed under a lock).
+//! - Quarantine: a device with [`Policy::quarantine_after`] (default 2) failure events from
+//!   distinct owners is not handed out again until its record is cleared after a repair.
+//!   Placement (attach by address, `--gpus N`, vGPU parents) and any other allocator (e.g. a
+//!   device plugin) ask [`is_quarantined`]; an unreadable record is an error, so callers fail
+//!   closed.
+//! - [`ingest`]: a VM's console log, mapped to the devices its owner held (from the journal's
+//!   history), recorded as events of that owner.
+//!
+//! Reset and verification at detach live in `attach` (they write sysfs); they record their
+//! failures here.
+
+mod ingest;
+mod store;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+pub use gpu_passthrough_manifest::xid::{
+    Action, Classifier, Fault, FaultKind, Scanner, XID_PREFIX, classify_line, xid_action,
+};
+pub use ingest::{IngestReport, ingest};
+pub use store::{
+    ClearReport, DeviceHealth, EventSource, HEALTH_FILE, HealthEvent, HealthFile, HealthStore,
+    Policy, Quarantine,
+};
+
+use crate::attach::{JournalError, Owner};
+use crate::pci::PciAddress;
+
+/// Errors of the health records.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    /// I/O on the health record.
+    #[error("cannot {action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The record does not parse: every device is treated as unfit until it is repaired.
+    #[error(
+        "the health record {path} is corrupt ({detail}); no device is handed out until it is repaired or moved aside"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        detail: String,
+    },
+    /// The record was written by a newer version.
+    #[error(
+        "the health record {path} has format version {found}, this build reads {}: upgrade gpu-passthrough",
+        store::HEALTH_VERSION
+    )]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// The version found.
+        found: u32,
+    },
+    /// A console or kernel log could not be read.
+    #[error("cannot read the log {path}")]
+    Log {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The journal (for the owner's history) could not be read.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The owner never held a device on this host.
+    #[error(
+        "owner {0} never held a device on this host (no entry in the journal's history): its console cannot be mapped to devices"
+    )]
+    NoHistory(Owner),
+}
+
+/// Whether `address` is quarantined under the default [`Policy`], with the events that put it
+/// there. The one question every allocator asks before handing a device out; an `Err` means the
+/// record cannot be read and the device must not be handed out (fail closed).
+pub fn is_quarantined(
+    state_dir: &Path,
+    address: PciAddress,
+) -> Result<Option<Quarantine>, HealthError> {
+    HealthStore::new(state_dir).quarantine(address)
+}
+
+/// Every NVIDIA fault in a console or kernel log, in order. The file is read line by line
+/// (lossy UTF-8), so a large or partly binary console is fine.
+pub fn scan_file(path: &Path) -> Result<Vec<Fault>, HealthError> {
+    let err = |source| HealthError::Log {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(err)?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut scanner = Scanner::default();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf).map_err(err)? == 0 {
+            break;
+        }
+        scanner.push(String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']));
+    }
+    Ok(scanner.finish())
+}

@@ -1,0 +1,509 @@
+//! `text`: the human-readable form of the library's reports (`Display`), as the CLI shows them
+//! without `--json`. One place for the wording, so every front end says the same thing; the
+//! library itself still prints nothing.
+
+use std::fmt::{self, Display, Formatter};
+
+use crate::attach::{
+    CheckStatus, DetachReport, DeviceReport, DoctorReport, Plan, ReconcileReport, RefusalReason,
+};
+use crate::initrd::{InitrdLayer, LayerFile, Layers};
+use crate::pci::PciAddress;
+use crate::registry::{ModuleFlavor, Release};
+use crate::versions::{AddReport, PinReport, ReleaseSummary, VerifyRow, VerifyStatus};
+use crate::vmm::{BootSpec, Vmm};
+
+fn join(list: &[PciAddress]) -> String {
+    list.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn or_dash<T: Display>(v: Option<T>) -> String {
+    v.map_or("-".to_owned(), |v| v.to_string())
+}
+
+impl Display for CheckStatus {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckStatus::Ok => "OK",
+            CheckStatus::Warn => "WARN",
+            CheckStatus::Fail => "FAIL",
+        })
+    }
+}
+
+impl Display for DoctorReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for c in &self.checks {
+            writeln!(f, "{:<5} {:<22} {}", c.status.to_string(), c.name, c.detail)?;
+            if !c.fix.is_empty() {
+                writeln!(f, "      {:<22} fix: {}", "", c.fix)?;
+            }
+        }
+        writeln!(f, "verdict: {}", self.verdict)
+    }
+}
+
+impl Display for DeviceReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let dev = &self.device;
+        let name = dev
+            .device_name
+            .clone()
+            .unwrap_or_else(|| format!("{:04x}:{:04x}", dev.vendor_id, dev.device_id));
+        let verdict = match (&self.owner, self.ready) {
+            (Some(o), _) => format!("attached to {o}"),
+            (None, true) => "ready".to_owned(),
+            (None, false) => format!("not ready: {}", self.not_ready_because.join("; ")),
+        };
+        let reset = if dev.reset_methods.is_empty() {
+            "-".to_owned()
+        } else {
+            dev.reset_methods.join(",")
+        };
+        writeln!(
+            f,
+            "{}  [{:04x}:{:04x}] class {:06x}  {name}",
+            dev.address, dev.vendor_id, dev.device_id, dev.class
+        )?;
+        writeln!(
+            f,
+            "    driver {}  group {}  numa {}  boot_vga {}  reset {reset}  {verdict}",
+            dev.driver.as_deref().unwrap_or("-"),
+            or_dash(dev.iommu_group),
+            or_dash(dev.numa_node),
+            u8::from(dev.boot_vga),
+        )?;
+        if !self.companions.is_empty() {
+            writeln!(f, "    companions: {}", join(&self.companions))?;
+        }
+        if !self.iommu_group_members.is_empty() {
+            writeln!(f, "    group members: {}", join(&self.iommu_group_members))?;
+        }
+        if let Some(total) = dev.sriov_total_vfs {
+            writeln!(
+                f,
+                "    SR-IOV: {} of {total} virtual functions enabled",
+                dev.sriov_num_vfs.unwrap_or(0)
+            )?;
+        }
+        for m in &dev.mdev_types {
+            writeln!(
+                f,
+                "    mdev type {} ({}): {} available",
+                m.id,
+                m.name.as_deref().unwrap_or("-"),
+                m.available_instances
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Display for Plan {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for d in &self.devices {
+            writeln!(
+                f,
+                "move {}  {:?} of {}  group {}  {} -> vfio-pci{}",
+                d.address,
+                d.role,
+                d.of,
+                or_dash(d.iommu_group),
+                d.driver.as_deref().unwrap_or("no driver"),
+                if d.adopt {
+                    " (already there: adopt)"
+                } else {
+                    ""
+                }
+            )?;
+        }
+        for (parent, t) in &self.mdevs {
+            writeln!(f, "create mdev of type {t} on {parent}")?;
+        }
+        for w in &self.writes {
+            writeln!(f, "write {:?} > {}", w.value, w.path.display())?;
+        }
+        for r in &self.refusals {
+            writeln!(f, "REFUSED: {}", r.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    /// Whether a refusal is for the boot display (the CLI names its flag for that).
+    pub fn refuses_boot_vga(&self) -> bool {
+        self.refusals
+            .iter()
+            .any(|r| r.reason == RefusalReason::BootVga)
+    }
+}
+
+/// A boot spec as text, with the arguments of one VMM.
+#[derive(Debug, Clone, Copy)]
+pub struct BootSpecText<'a> {
+    /// The spec.
+    pub spec: &'a BootSpec,
+    /// Whose arguments to show.
+    pub vmm: Vmm,
+}
+
+impl Display for BootSpecText<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let s = self.spec;
+        for d in &s.devices {
+            writeln!(
+                f,
+                "{}  group {}  {}",
+                d.sysfs_path.display(),
+                or_dash(d.iommu_group),
+                d.vfio_device.display()
+            )?;
+        }
+        if !s.held_devices.is_empty() {
+            writeln!(
+                f,
+                "held for group viability (not given to the VM): {}",
+                join(&s.held_devices)
+            )?;
+        }
+        if s.kernel_cmdline.is_empty() {
+            writeln!(
+                f,
+                "kernel command line: (nothing to add: no GPU among the devices)"
+            )?;
+        } else {
+            writeln!(f, "kernel command line: {}", s.kernel_cmdline.join(" "))?;
+        }
+        if let Some(i) = &s.initrd {
+            writeln!(f, "initrd: {}", i.display())?;
+        }
+        writeln!(f, "vmm args: {}", s.args(self.vmm).join(" "))?;
+        if let Some(h) = &s.mmio.hint {
+            writeln!(f, "note: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Display for DetachReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for d in &self.restored {
+            writeln!(
+                f,
+                "{} -> {}",
+                d.device,
+                d.driver.as_deref().unwrap_or("no driver")
+            )?;
+            if let Some(c) = &d.health {
+                writeln!(f, "{c}")?;
+            }
+        }
+        for m in &self.removed_mdevs {
+            writeln!(f, "removed mdev {m}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Display for ReconcileReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for o in &self.finished {
+            writeln!(f, "finished an interrupted attach for {o}")?;
+        }
+        for d in &self.rolled_back {
+            writeln!(
+                f,
+                "rolled back {} -> {}",
+                d.device,
+                d.driver.as_deref().unwrap_or("no driver")
+            )?;
+        }
+        for d in &self.released {
+            writeln!(f, "released {} ({} devices)", d.owner, d.restored.len())?;
+        }
+        for o in &self.kept_alive {
+            writeln!(f, "kept {o}: still exists")?;
+        }
+        for o in &self.kept_unknown {
+            writeln!(
+                f,
+                "kept {o}: cannot tell whether it is gone (declare it gone to release it)"
+            )?;
+        }
+        for e in &self.errors {
+            writeln!(f, "ERROR: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Display for Release {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "release {}{}",
+            self.name,
+            if self.default { " (default)" } else { "" }
+        )?;
+        writeln!(f, "  source:          {}", self.source)?;
+        writeln!(f, "  kernel_version:  {}", self.kernel_version)?;
+        writeln!(
+            f,
+            "  driver_version:  {}",
+            or_dash(self.driver_version.as_deref())
+        )?;
+        writeln!(
+            f,
+            "  module_flavor:   {}",
+            self.module_flavor.map_or("-", ModuleFlavor::as_str)
+        )?;
+        for (arch, list) in &self.artifacts {
+            writeln!(f, "  {arch}:")?;
+            for a in list {
+                writeln!(f, "    {}", a.kind)?;
+                match &a.sha256 {
+                    Some(d) => writeln!(f, "      sha256: {d}")?,
+                    None => writeln!(
+                        f,
+                        "      sha256: UNPINNED (pin release {} first)",
+                        self.name
+                    )?,
+                }
+                writeln!(f, "      size:   {}", or_dash(a.size))?;
+                for url in &a.urls {
+                    writeln!(f, "      url:    {url}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Display for AddReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.release)?;
+        if let Some(i) = &self.inspected {
+            writeln!(
+                f,
+                "inspected: {} modules ({}), {} firmware files, {} libraries",
+                i.modules.len(),
+                i.modules.join(", "),
+                i.firmware.len(),
+                i.libraries.len()
+            )?;
+        }
+        writeln!(f, "written to {}", self.registry)
+    }
+}
+
+impl Display for PinReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        if self.pinned.is_empty() {
+            return writeln!(
+                f,
+                "release {}: nothing to pin, every artifact has a digest",
+                self.release
+            );
+        }
+        for p in &self.pinned {
+            writeln!(
+                f,
+                "pinned {} {} {} {} bytes",
+                self.release, p.arch, p.kind, p.size
+            )?;
+            writeln!(f, "  sha256 {}", p.sha256)?;
+        }
+        writeln!(f, "written to {}", self.registry)
+    }
+}
+
+impl Display for VerifyRow {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}: ", self.release, self.arch, self.kind)?;
+        match self.status {
+            VerifyStatus::Mismatch => writeln!(
+                f,
+                "MISMATCH from {}: expected sha256 {} ({} bytes), got {} ({} bytes)",
+                self.url.as_deref().unwrap_or("the cache"),
+                or_dash(self.expected_sha256.as_deref()),
+                self.expected_size.map_or("?".into(), |s| s.to_string()),
+                or_dash(self.actual_sha256.as_deref()),
+                self.actual_size.map_or("?".into(), |s| s.to_string()),
+            ),
+            VerifyStatus::Unpinned => writeln!(f, "UNPINNED (no sha256 to check)"),
+            VerifyStatus::Error => writeln!(f, "ERROR {}", self.error.as_deref().unwrap_or("")),
+            status => writeln!(f, "{}", status.as_str()),
+        }
+    }
+}
+
+fn layer_line(f: &mut Formatter<'_>, name: &str, l: &LayerFile) -> fmt::Result {
+    writeln!(
+        f,
+        "{name:<9} {:>12} bytes  sha256:{}  {}",
+        l.size,
+        l.sha256,
+        l.path.display()
+    )
+}
+
+impl Display for Layers {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let m = &self.manifest;
+        writeln!(
+            f,
+            "release {} (kernel {}, driver {} {}, {}){}",
+            self.release,
+            m.kernel_version,
+            m.driver_version,
+            m.module_flavor,
+            m.arch,
+            if self.reused {
+                ": up to date, nothing built"
+            } else {
+                ""
+            }
+        )?;
+        layer_line(f, "base", &self.base)?;
+        layer_line(f, "gpu", &self.gpu)?;
+        layer_line(f, "combined", &self.combined)?;
+        let order: Vec<_> = m.modules.iter().map(|m| m.name.as_str()).collect();
+        writeln!(f, "modules   {}", order.join(" → "))?;
+        writeln!(f, "firmware  {}", m.firmware.len())?;
+        writeln!(f, "libraries {}", m.libraries.len())
+    }
+}
+
+/// The layers of an initrd file as text, numbered.
+#[derive(Debug, Clone, Copy)]
+pub struct InitrdText<'a>(pub &'a [InitrdLayer]);
+
+impl Display for InitrdText<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for (i, l) in self.0.iter().enumerate() {
+            writeln!(
+                f,
+                "layer {i}: byte {} · {} · {} entries · {} bytes of files",
+                l.offset,
+                l.compression,
+                l.entries.len(),
+                l.content_bytes
+            )?;
+            for e in &l.entries {
+                let extra = match (&e.target, e.rdev) {
+                    (Some(t), _) => format!(" -> {t}"),
+                    (_, Some((ma, mi))) => format!(" ({ma},{mi})"),
+                    _ => String::new(),
+                };
+                writeln!(
+                    f,
+                    "  {:<7} {:04o} {:>11}  {}{extra}",
+                    e.kind, e.mode, e.size, e.path
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `versions list` table.
+#[derive(Debug, Clone, Copy)]
+pub struct ReleaseTable<'a>(pub &'a [ReleaseSummary]);
+
+impl Display for ReleaseTable<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  {:<34} {:<16} {:<11} {:<11} {:<16} {:<11} SOURCE",
+            "RELEASE", "KERNEL", "DRIVER", "FLAVOR", "ARCH", "PINS"
+        )?;
+        for r in self.0 {
+            let pins = if r.unpinned == 0 {
+                format!("{}/{}", r.artifacts, r.artifacts)
+            } else {
+                format!("UNPINNED {}/{}", r.artifacts - r.unpinned, r.artifacts)
+            };
+            let arches: Vec<&str> = r.arches.iter().map(|a| a.as_str()).collect();
+            writeln!(
+                f,
+                "{} {:<34} {:<16} {:<11} {:<11} {:<16} {:<11} {}",
+                if r.default { "*" } else { " " },
+                r.name,
+                r.kernel_version,
+                or_dash(r.driver_version.as_deref()),
+                r.module_flavor.map_or("-", ModuleFlavor::as_str),
+                arches.join(","),
+                pins,
+                r.source
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Display for crate::versions::ReleaseDiff {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        fn opt(v: &Option<String>) -> &str {
+            v.as_deref().unwrap_or("-")
+        }
+        fn set(
+            f: &mut Formatter<'_>,
+            what: &str,
+            d: &crate::versions::diff::SetDiff,
+        ) -> fmt::Result {
+            for a in &d.added {
+                writeln!(f, "  + {what} {a}")?;
+            }
+            for r in &d.removed {
+                writeln!(f, "  - {what} {r}")?;
+            }
+            Ok(())
+        }
+        writeln!(f, "{} -> {} ({})", self.from, self.to, self.arch)?;
+        if let Some(c) = &self.kernel_version {
+            writeln!(f, "  kernel   {} -> {}", c.from, c.to)?;
+        }
+        if let Some(c) = &self.driver_version {
+            writeln!(f, "  driver   {} -> {}", opt(&c.from), opt(&c.to))?;
+        }
+        if let Some(c) = &self.module_flavor {
+            writeln!(f, "  flavor   {} -> {}", opt(&c.from), opt(&c.to))?;
+        }
+        if let Some(c) = &self.gsp {
+            writeln!(f, "  gsp      {} -> {}", c.from, c.to)?;
+        }
+        set(f, "module", &self.modules)?;
+        for p in &self.module_params {
+            writeln!(
+                f,
+                "  ~ module {} parameters `{}` -> `{}`",
+                p.module, p.from, p.to
+            )?;
+        }
+        set(f, "firmware", &self.firmware)?;
+        for a in &self.libraries.added {
+            writeln!(f, "  + library {a}")?;
+        }
+        for r in &self.libraries.removed {
+            writeln!(f, "  - library {r}")?;
+        }
+        for c in &self.libraries.changed {
+            writeln!(f, "  ~ library {}: {} -> {}", c.soname, c.from, c.to)?;
+        }
+        set(f, "program", &self.programs)?;
+        for g in &self.gpus_gained {
+            writeln!(f, "  + gpu {} {}", g.device_id, g.name)?;
+        }
+        for g in &self.gpus_lost {
+            writeln!(f, "  - gpu {} {}", g.device_id, g.name)?;
+        }
+        if self.gpus_gained.is_empty() && self.gpus_lost.is_empty() {
+            writeln!(f, "  supported GPUs: unchanged")?;
+        }
+        Ok(())
+    }
+}

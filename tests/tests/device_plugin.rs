@@ -1,0 +1,568 @@
+//! The device plugin against a stub kubelet over fake sysfs trees with GPUs on vfio-pci.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpu_passthrough::pci::PciAddress;
+use gpu_passthrough_device_plugin::api::{AllocateRequest, ContainerAllocateRequest, Empty};
+use gpu_passthrough_device_plugin::api::{
+    ContainerPreferredAllocationRequest, ListAndWatchResponse, PreferredAllocationRequest,
+};
+use gpu_passthrough_device_plugin::{Config, Prepare, Quarantine};
+use gpu_passthrough_tests::kubelet::{StubKubelet, plugin_client, sockets};
+use gpu_passthrough_tests::sysfs::{FakeDevice, FakeHost, workstation};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::Streaming;
+
+const H100: &str = "nvidia.com/GH100_H100_SXM5_80GB";
+const RTX4090: &str = "nvidia.com/AD102_GEFORCE_RTX_4090";
+const H100_SOCK: &str = "gpu-passthrough-GH100_H100_SXM5_80GB.sock";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Two H100s (NUMA 0 and 1) and an RTX 4090 with its audio function, all on vfio-pci.
+fn vfio_host() -> FakeHost {
+    let h = FakeHost::new(true);
+    for (addr, dev, class, group, numa) in [
+        ("0000:18:00.0", 0x2330, 0x030200, 20, 0),
+        ("0000:9a:00.0", 0x2330, 0x030200, 21, 1),
+        ("0000:01:00.0", 0x2684, 0x030000, 12, 0),
+        ("0000:01:00.1", 0x22ba, 0x040300, 12, 0),
+    ] {
+        h.add(
+            FakeDevice::new(addr, 0x10de, dev, class)
+                .driver("vfio-pci")
+                .group(group)
+                .numa(numa),
+        );
+        fs::write(h.dev.join("vfio").join(group.to_string()), "").unwrap();
+    }
+    h
+}
+
+fn pci_ids(h: &FakeHost) -> PathBuf {
+    let p = h.dir.path().join("pci.ids");
+    fs::write(
+        &p,
+        "10de  NVIDIA Corporation\n\t2330  GH100 [H100 SXM5 80GB]\n\t2684  AD102 [GeForce RTX 4090]\n",
+    )
+    .unwrap();
+    p
+}
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<gpu_passthrough_device_plugin::inventory::PrepareReport, String>>,
+    dir: PathBuf,
+}
+
+impl Running {
+    async fn stop(mut self) -> gpu_passthrough_device_plugin::inventory::PrepareReport {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().expect("plugin ran")
+    }
+}
+
+fn config(h: &FakeHost) -> Config {
+    Config {
+        kubelet_dir: h.dir.path().join("kubelet"),
+        sysfs_root: h.sys.clone(),
+        state_dir: h.state.clone(),
+        dev_dir: h.dev.clone(),
+        pci_ids: Some(pci_ids(h)),
+        poll_interval: Duration::from_millis(50),
+        ..Config::new()
+    }
+}
+
+fn start(config: Config) -> Running {
+    let (tx, rx) = oneshot::channel::<()>();
+    let dir = config.plugin_dir();
+    let task = tokio::spawn(async move {
+        gpu_passthrough_device_plugin::run(config, async {
+            let _ = rx.await;
+        })
+        .await
+        .map_err(|e| e.to_string())
+    });
+    Running {
+        stop: Some(tx),
+        task,
+        dir,
+    }
+}
+
+async fn next(s: &mut Streaming<ListAndWatchResponse>) -> ListAndWatchResponse {
+    tokio::time::timeout(WAIT, s.message())
+        .await
+        .expect("a ListAndWatch update in time")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+fn health(r: &ListAndWatchResponse, id: &str) -> String {
+    r.devices
+        .iter()
+        .find(|d| d.id == id)
+        .unwrap_or_else(|| panic!("{id} listed"))
+        .health
+        .clone()
+}
+
+fn alloc(ids: &[&str]) -> AllocateRequest {
+    AllocateRequest {
+        container_requests: vec![ContainerAllocateRequest {
+            devices_ids: ids.iter().map(|s| s.to_string()).collect(),
+        }],
+    }
+}
+
+fn owner_of(h: &FakeHost, addr: &str) -> Option<String> {
+    let j = h.journal()?;
+    j["attachments"].as_array()?.iter().find_map(|a| {
+        a["devices"]
+            .as_array()?
+            .iter()
+            .any(|d| d["device"] == addr)
+            .then(|| a["owner"].as_str().unwrap().to_owned())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_each_resource_and_lists_devices_with_health_and_numa() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    let regs = kubelet.wait_registrations(2, WAIT).await;
+    let mut names: Vec<&str> = regs.iter().map(|r| r.resource_name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, [RTX4090, H100]);
+    let h100 = regs.iter().find(|r| r.resource_name == H100).unwrap();
+    assert_eq!(h100.version, "v1beta1");
+    assert_eq!(h100.endpoint, H100_SOCK);
+    assert!(h100.options.unwrap().get_preferred_allocation_available);
+    println!("captured Register: {h100:?}");
+
+    let inv = gpu_passthrough_device_plugin::inventory::scan(
+        &config(&h).host(),
+        &config(&h).namer().unwrap(),
+        &gpu_passthrough_device_plugin::NoQuarantine,
+    )
+    .unwrap();
+    assert_eq!(
+        inv.name_sources.get(H100),
+        Some(&gpu_passthrough_device_plugin::naming::NameSource::PciIds)
+    );
+
+    // The adopted devices are journaled for the pool: a local `attach` would be refused.
+    for a in [
+        "0000:18:00.0",
+        "0000:9a:00.0",
+        "0000:01:00.0",
+        "0000:01:00.1",
+    ] {
+        assert_eq!(owner_of(&h, a).as_deref(), Some("device-plugin"), "{a}");
+    }
+
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let opts = client
+        .get_device_plugin_options(Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(opts.get_preferred_allocation_available && !opts.pre_start_required);
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    let first = next(&mut stream).await;
+    println!("captured ListAndWatch: {first:?}");
+    let ids: Vec<&str> = first.devices.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["0000:18:00.0", "0000:9a:00.0"]);
+    assert!(first.devices.iter().all(|d| d.health == "Healthy"));
+    let numa: Vec<i64> = first
+        .devices
+        .iter()
+        .map(|d| d.topology.as_ref().unwrap().nodes[0].id)
+        .collect();
+    assert_eq!(numa, [0, 1]);
+
+    // GetPreferredAllocation keeps a must-include device's NUMA node.
+    let pref = client
+        .get_preferred_allocation(PreferredAllocationRequest {
+            container_requests: vec![ContainerPreferredAllocationRequest {
+                available_device_i_ds: vec!["0000:18:00.0".into(), "0000:9a:00.0".into()],
+                must_include_device_i_ds: vec!["0000:9a:00.0".into()],
+                allocation_size: 1,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pref.container_responses[0].device_i_ds, ["0000:9a:00.0"]);
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_answers_vfio_nodes_and_kubevirt_env_and_journals_the_allocation() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let resp = client
+        .allocate(alloc(&["0000:18:00.0"]))
+        .await
+        .expect("allocated")
+        .into_inner();
+    println!("captured Allocate: {resp:?}");
+    let c = &resp.container_responses[0];
+    assert_eq!(
+        c.envs
+            .get("PCI_RESOURCE_NVIDIA_COM_GH100_H100_SXM5_80GB")
+            .map(String::as_str),
+        Some("0000:18:00.0")
+    );
+    let nodes: Vec<(&str, &str)> = c
+        .devices
+        .iter()
+        .map(|d| (d.container_path.as_str(), d.host_path.as_str()))
+        .collect();
+    let host_vfio = h.dev.join("vfio").display().to_string();
+    assert_eq!(
+        nodes,
+        [
+            ("/dev/vfio/vfio", format!("{host_vfio}/vfio").as_str()),
+            ("/dev/vfio/20", format!("{host_vfio}/20").as_str()),
+        ]
+    );
+    assert!(c.devices.iter().all(|d| d.permissions == "mrw"));
+    let owner = owner_of(&h, "0000:18:00.0").unwrap();
+    assert!(owner.starts_with("device-plugin:alloc-"), "{owner}");
+    assert_eq!(
+        owner_of(&h, "0000:9a:00.0").as_deref(),
+        Some("device-plugin")
+    );
+
+    // The kubelet hands the device out again after the pod ended: a new allocation owner.
+    client
+        .allocate(alloc(&["0000:18:00.0"]))
+        .await
+        .expect("re-allocated");
+    let again = owner_of(&h, "0000:18:00.0").unwrap();
+    assert_ne!(again, owner);
+
+    // Not this resource's device, and not a device at all: refused, nothing recorded.
+    let err = client.allocate(alloc(&["0000:01:00.0"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("AD102"), "{}", err.message());
+    let err = client.allocate(alloc(&["GPU-x"])).await.unwrap_err();
+    assert!(err.message().contains("GPU-x"), "{}", err.message());
+    assert_eq!(
+        owner_of(&h, "0000:01:00.0").as_deref(),
+        Some("device-plugin")
+    );
+
+    // The 4090 takes its audio function (same group) with it; with iommufd the container also
+    // gets /dev/iommu and each function's VFIO character device.
+    fs::write(h.dev.join("iommu"), "").unwrap();
+    for (a, n) in [("0000:01:00.0", 3), ("0000:01:00.1", 4)] {
+        fs::create_dir_all(
+            h.sys
+                .join("bus/pci/devices")
+                .join(a)
+                .join(format!("vfio-dev/vfio{n}")),
+        )
+        .unwrap();
+    }
+    let mut client = plugin_client(
+        &plugin
+            .dir
+            .join("gpu-passthrough-AD102_GEFORCE_RTX_4090.sock"),
+    )
+    .await;
+    let resp = client
+        .allocate(alloc(&["0000:01:00.0"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let paths: Vec<&str> = resp.container_responses[0]
+        .devices
+        .iter()
+        .map(|d| d.container_path.as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/dev/vfio/vfio",
+            "/dev/iommu",
+            "/dev/vfio/devices/vfio3",
+            "/dev/vfio/devices/vfio4",
+            "/dev/vfio/12"
+        ]
+    );
+    assert_eq!(owner_of(&h, "0000:01:00.1"), owner_of(&h, "0000:01:00.0"));
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_group_node_turns_the_device_unhealthy_within_a_poll() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(health(&next(&mut stream).await, "0000:9a:00.0"), "Healthy");
+
+    let node = h.dev.join("vfio/21");
+    fs::remove_file(&node).unwrap();
+    let t0 = Instant::now();
+    let update = next(&mut stream).await;
+    let latency = t0.elapsed();
+    println!("health change → ListAndWatch update: {latency:?} (poll 50 ms)");
+    assert_eq!(health(&update, "0000:9a:00.0"), "Unhealthy");
+    assert_eq!(health(&update, "0000:18:00.0"), "Healthy");
+    // An unhealthy device is not handed out.
+    let err = client.allocate(alloc(&["0000:9a:00.0"])).await.unwrap_err();
+    assert!(err.message().contains("vfio/21"), "{}", err.message());
+
+    fs::write(&node, "").unwrap();
+    assert_eq!(health(&next(&mut stream).await, "0000:9a:00.0"), "Healthy");
+
+    // Off vfio-pci is unhealthy too.
+    fs::remove_file(h.sys.join("bus/pci/devices/0000:18:00.0/driver")).unwrap();
+    assert_eq!(
+        health(&next(&mut stream).await, "0000:18:00.0"),
+        "Unhealthy"
+    );
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+struct QuarantineOne(PciAddress);
+
+impl Quarantine for QuarantineOne {
+    fn is_quarantined(&self, device: PciAddress) -> bool {
+        device == self.0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_device_is_unhealthy_and_never_allocated() {
+    let h = vfio_host();
+    let cfg = Config {
+        quarantine: Some(Arc::new(QuarantineOne("0000:18:00.0".parse().unwrap()))),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    let first = next(&mut stream).await;
+    assert_eq!(health(&first, "0000:18:00.0"), "Unhealthy");
+    assert_eq!(health(&first, "0000:9a:00.0"), "Healthy");
+    let err = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap_err();
+    assert!(err.message().contains("quarantined"), "{}", err.message());
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+/// By default the plugin reads the host's health records: when a GPU that two owners' VMs lost
+/// is quarantined by the library's policy while the plugin serves it, the next ListAndWatch update
+/// reports it unhealthy, with no wiring by the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_health_records_quarantine_by_default() {
+    use gpu_passthrough::attach::Owner;
+    use gpu_passthrough::health::{self, EventSource, HealthEvent, HealthStore};
+    let h = vfio_host();
+    let cfg = config(&h);
+    assert!(
+        cfg.quarantine.is_none(),
+        "the default is the health records"
+    );
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(health(&next(&mut stream).await, "0000:18:00.0"), "Healthy");
+
+    let device: PciAddress = "0000:18:00.0".parse().unwrap();
+    let line = "NVRM: Xid (PCI:0000:18:00): 79, pid=1234, GPU has fallen off the bus.";
+    let fault = health::classify_line(line).expect("an Xid 79 line is a fault");
+    let events: Vec<HealthEvent> = ["vm-1", "vm-2"]
+        .iter()
+        .map(|o| {
+            let owner = Owner::new(o).unwrap();
+            HealthEvent::now(device, Some(owner), EventSource::Console, fault.clone())
+        })
+        .collect();
+    HealthStore::new(&h.state).record(&events).unwrap();
+    assert!(health::is_quarantined(&h.state, device).unwrap().is_some());
+
+    let update = next(&mut stream).await;
+    assert_eq!(health(&update, "0000:18:00.0"), "Unhealthy");
+    assert_eq!(health(&update, "0000:9a:00.0"), "Healthy");
+    let err = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap_err();
+    assert!(err.message().contains("quarantined"), "{}", err.message());
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_again_after_the_kubelet_restarts() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let dir = cfg.plugin_dir();
+    let kubelet = StubKubelet::start(&dir);
+    let plugin = start(cfg);
+    assert_eq!(kubelet.wait_registrations(2, WAIT).await.len(), 2);
+    // A restarting kubelet removes every socket, ours included.
+    kubelet.stop().await;
+    assert!(sockets(&dir).is_empty());
+    let t0 = Instant::now();
+    let kubelet = StubKubelet::start(&dir);
+    let regs = kubelet.wait_registrations(2, WAIT).await;
+    println!(
+        "re-registered {} resources {:?} after the kubelet came back",
+        regs.len(),
+        t0.elapsed()
+    );
+    assert_eq!(regs.len(), 2);
+    assert!(sockets(&dir).contains(&H100_SOCK.to_string()));
+    let mut client = plugin_client(&dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(next(&mut stream).await.devices.len(), 2);
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_is_refused_when_the_group_changed() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    // 0000:18:00.0 moves from group 20 to a new group 99 (e.g. after an ACS change and rescan).
+    let dev = h.sys.join("bus/pci/devices/0000:18:00.0");
+    let real = fs::canonicalize(&dev).unwrap();
+    let g99 = h.sys.join("kernel/iommu_groups/99");
+    fs::create_dir_all(g99.join("devices")).unwrap();
+    fs::remove_file(h.sys.join("kernel/iommu_groups/20/devices/0000:18:00.0")).unwrap();
+    fs::remove_file(real.join("iommu_group")).unwrap();
+    symlink(&g99, real.join("iommu_group")).unwrap();
+    symlink(&real, g99.join("devices/0000:18:00.0")).unwrap();
+
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let err = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("IOMMU group changed from Some(20) to Some(99)"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        owner_of(&h, "0000:18:00.0").as_deref(),
+        Some("device-plugin")
+    );
+
+    // A group member that left vfio-pci also refuses its group.
+    fs::remove_file(h.sys.join("bus/pci/devices/0000:01:00.1/driver")).unwrap();
+    let mut client = plugin_client(
+        &plugin
+            .dir
+            .join("gpu-passthrough-AD102_GEFORCE_RTX_4090.sock"),
+    )
+    .await;
+    let err = client.allocate(alloc(&["0000:01:00.0"])).await.unwrap_err();
+    assert!(err.message().contains("0000:01:00.1"), "{}", err.message());
+    assert_eq!(
+        owner_of(&h, "0000:01:00.0").as_deref(),
+        Some("device-plugin")
+    );
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_moves_gpus_through_the_attach_transaction() {
+    // The workstation's 4090 is on nvidia; its audio on snd_hda_intel; the iGPU is the boot VGA.
+    let h = workstation();
+    let cfg = Config {
+        prepare: Prepare::All,
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    let regs = kubelet.wait_registrations(1, WAIT).await;
+    assert_eq!(regs[0].resource_name, RTX4090);
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(h.driver("0000:01:00.1").as_deref(), Some("vfio-pci"));
+    assert_eq!(h.driver("0000:00:02.0").as_deref(), Some("i915"));
+    assert_eq!(
+        owner_of(&h, "0000:01:00.0").as_deref(),
+        Some("device-plugin")
+    );
+    let report = plugin.stop().await;
+    assert_eq!(
+        report.moved,
+        ["0000:01:00.0".parse::<PciAddress>().unwrap()]
+    );
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_n_moves_n_gpus_and_never_the_boot_display() {
+    let h = FakeHost::new(true);
+    // An NVIDIA boot display, then three H100s on nvidia.
+    h.add(
+        FakeDevice::new("0000:05:00.0", 0x10de, 0x2330, 0x030000)
+            .driver("nvidia")
+            .group(5)
+            .boot_vga(),
+    );
+    for (i, a) in ["0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0"]
+        .iter()
+        .enumerate()
+    {
+        h.add(
+            FakeDevice::new(a, 0x10de, 0x2330, 0x030200)
+                .driver("nvidia")
+                .group(20 + i as u32)
+                .numa(0),
+        );
+    }
+    let cfg = Config {
+        prepare: Prepare::Count(2),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(1, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    let ids: Vec<String> = next(&mut stream)
+        .await
+        .devices
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, ["0000:18:00.0", "0000:2a:00.0"]);
+    assert_eq!(h.driver("0000:05:00.0").as_deref(), Some("nvidia"));
+    assert_eq!(h.driver("0000:3a:00.0").as_deref(), Some("nvidia"));
+    let report = plugin.stop().await;
+    assert_eq!(report.moved.len(), 2);
+    let (skipped, why) = &report.skipped[0];
+    assert_eq!(skipped.to_string(), "0000:05:00.0");
+    assert!(why.contains("boot display"), "{why}");
+    kubelet.stop().await;
+}
