@@ -66,6 +66,7 @@ fn request(file: std::path::PathBuf, kernel: &str, url: String) -> AddRequest {
         kernel_version: kernel.into(),
         driver_version: None,
         flavor: None,
+        gsp: true,
         arch: Arch::X86_64,
         artifacts: BTreeMap::from([(ArtifactKind::Kernel, vec![url])]),
         default: false,
