@@ -53,6 +53,9 @@ pub enum VersionsCommand {
         /// Do not fail because of unpinned artifacts.
         #[arg(long)]
         allow_unpinned: bool,
+        /// Also re-hash the unpacked artifact trees and built layers in the cache.
+        #[arg(long)]
+        deep: bool,
     },
 }
 
@@ -102,7 +105,8 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> anyhow::Result<ExitCode> {
             release,
             cached,
             allow_unpinned,
-        } => verify(global, release.as_deref(), *cached, *allow_unpinned),
+            deep,
+        } => verify(global, release.as_deref(), *cached, *allow_unpinned, *deep),
     }
 }
 
@@ -213,6 +217,7 @@ fn verify(
     name: Option<&str>,
     cached: bool,
     allow_unpinned: bool,
+    deep: bool,
 ) -> anyhow::Result<ExitCode> {
     let registry = load(global)?;
     let source = if cached {
@@ -220,13 +225,13 @@ fn verify(
     } else {
         VerifySource::Mirrors
     };
-    let report = versions::verify(
-        &fetcher(global)?,
-        &registry,
-        name,
-        source,
-        &DownloadBar::new(global),
-    )?;
+    let bar = DownloadBar::new(global);
+    let report = if deep {
+        let cache = global.cache_dir();
+        versions::verify_deep(&fetcher(global)?, &cache, &registry, name, source, &bar)?
+    } else {
+        versions::verify(&fetcher(global)?, &registry, name, source, &bar)?
+    };
     let verdict = report.verdict(allow_unpinned);
     let (code, message) = match &verdict {
         Verdict::Ok => (0, None),
@@ -241,6 +246,7 @@ fn verify(
         // One JSON document: the rows plus the verdict.
         let doc = serde_json::json!({
             "artifacts": report.artifacts,
+            "cache": report.cache,
             "error": message,
             "exit_code": code,
         });
@@ -248,6 +254,9 @@ fn verify(
         return Ok(ExitCode::from(code));
     }
     for r in &report.artifacts {
+        print!("{r}");
+    }
+    for r in &report.cache {
         print!("{r}");
     }
     match message {

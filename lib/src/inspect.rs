@@ -312,8 +312,20 @@ impl fmt::Display for ProblemList<'_> {
     }
 }
 
-/// Inspect the extracted artifact trees against what the release expects.
+/// Inspect the extracted artifact trees against what the release expects, resolving the
+/// dependencies of every NVIDIA module.
 pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, InspectError> {
+    inspect_for(expect, trees, None)
+}
+
+/// [`inspect`], resolving dependencies only from `roots` (NVIDIA module names, either spelling),
+/// the modules a layer will carry: an unused module's missing dependency (`nvidia_peermem`
+/// without `ib_core`) must not block a layer that leaves it out. `None` means every NVIDIA module.
+pub fn inspect_for(
+    expect: &Expectations,
+    trees: &Trees,
+    roots: Option<&[String]>,
+) -> Result<Inventory, InspectError> {
     let mut problems = Vec::new();
 
     // NVIDIA modules: every .ko in the tree.
@@ -348,10 +360,22 @@ pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, Inspec
         builtin = read_builtin(&dir.join("modules.builtin"));
     }
 
-    // Close over dependencies, breadth first from the NVIDIA modules (sorted, so deterministic).
+    // Close over dependencies, breadth first from the roots (sorted, so deterministic). Every
+    // NVIDIA module stays in the inventory; only the reached ones have their dependencies resolved.
     let mut selected: BTreeMap<String, InspectedModule> = nvidia.clone();
     let mut external: BTreeSet<String> = BTreeSet::new();
-    let mut queue: Vec<String> = selected.keys().cloned().collect();
+    let mut queue: Vec<String> = match roots {
+        None => selected.keys().cloned().collect(),
+        Some(roots) => {
+            let roots: BTreeSet<String> = roots.iter().map(|r| normalize_module_name(r)).collect();
+            selected
+                .keys()
+                .filter(|k| roots.contains(*k))
+                .cloned()
+                .collect()
+        }
+    };
+    let mut reached: BTreeSet<String> = queue.iter().cloned().collect();
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut head = 0;
     while head < queue.len() {
@@ -364,6 +388,9 @@ pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, Inspec
         for dep in depends {
             let dep_name = normalize_module_name(&dep);
             if selected.contains_key(&dep_name) {
+                if reached.insert(dep_name.clone()) {
+                    queue.push(dep_name.clone());
+                }
                 edges.entry(name.clone()).or_default().insert(dep_name);
                 continue;
             }
@@ -380,6 +407,7 @@ pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, Inspec
                 if let Some(m) = found {
                     check_module(expect, &m, &mut problems);
                     selected.insert(dep_name.clone(), m);
+                    reached.insert(dep_name.clone());
                     queue.push(dep_name.clone());
                     edges.entry(name.clone()).or_default().insert(dep_name);
                     continue;

@@ -83,7 +83,12 @@ impl GpuLayerPlan {
         }
         let mut firmware = Vec::new();
         for fw in &inv.firmware {
-            let path = format!("lib/firmware/{}", fw.rel.display());
+            // Under /gpu, not /lib/firmware: the layer must append cleanly to a usrmerge root.
+            let path = format!(
+                "{}/{}",
+                manifest::FIRMWARE_DIR.trim_start_matches('/'),
+                fw.rel.display()
+            );
             entries.insert(
                 path.clone(),
                 Source::File {

@@ -11,6 +11,7 @@
 //!
 //! Nothing is written to a registry file unless every check passed.
 
+pub mod deep;
 pub mod diff;
 
 pub use diff::{DiffError, ReleaseDiff, compare, diff};
@@ -506,6 +507,9 @@ pub struct VerifyRow {
 pub struct VerifyReport {
     /// One row per artifact.
     pub artifacts: Vec<VerifyRow>,
+    /// With [`verify_deep`]: one row per unpacked tree and built layer in the cache.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cache: Vec<deep::CacheRow>,
 }
 
 /// What a [`VerifyReport`] means for the caller.
@@ -550,7 +554,16 @@ impl VerifyReport {
                 .map(|r| format!("{} {} {} ({})", r.release, r.arch, r.kind, s.as_str()))
                 .collect()
         };
-        let (mismatches, errors) = (bad(VerifyStatus::Mismatch), bad(VerifyStatus::Error));
+        let cache_bad = |s: deep::CacheStatus| -> Vec<String> {
+            self.cache
+                .iter()
+                .filter(|r| r.status == s)
+                .map(|r| format!("{} ({})", r.path.display(), s.as_str()))
+                .collect()
+        };
+        let (mut mismatches, mut errors) = (bad(VerifyStatus::Mismatch), bad(VerifyStatus::Error));
+        mismatches.extend(cache_bad(deep::CacheStatus::Mismatch));
+        errors.extend(cache_bad(deep::CacheStatus::Error));
         let unpinned = bad(VerifyStatus::Unpinned).len();
         if !mismatches.is_empty() {
             let mut all = mismatches;
@@ -586,7 +599,25 @@ pub fn verify(
             }
         }
     }
-    Ok(VerifyReport { artifacts })
+    Ok(VerifyReport {
+        artifacts,
+        cache: Vec::new(),
+    })
+}
+
+/// [`verify`], and then re-hash what the cache at `cache_dir` trusts by presence: every unpacked
+/// artifact tree and every built layer, against the digests recorded when they were made.
+pub fn verify_deep(
+    fetcher: &Fetcher,
+    cache_dir: &Path,
+    registry: &Registry,
+    release: Option<&str>,
+    source: VerifySource,
+    progress: &dyn Progress,
+) -> Result<VerifyReport, VersionsError> {
+    let mut report = verify(fetcher, registry, release, source, progress)?;
+    report.cache = deep::verify_cache(cache_dir);
+    Ok(report)
 }
 
 fn verify_one(
