@@ -125,7 +125,13 @@ fn a_long_name_over_the_cap_is_refused_and_one_under_it_is_read() {
         matches!(err, ArchiveError::ExtensionHeaderTooLarge { .. }),
         "{err:?}"
     );
-    assert!(err.to_string().contains("GNU long name"), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("GNU long name")
+            && message.contains("@LongLink\" at byte 0")
+            && message.contains(&format!("claims {name_len} bytes")),
+        "the error must name the header, where it is and its size: {message}"
+    );
 
     // Under the cap: a 300-byte name still works.
     let mut t = tar::Builder::new(Vec::new());
@@ -154,6 +160,11 @@ fn a_pax_header_over_the_cap_is_refused() {
     assert!(
         matches!(err, ArchiveError::ExtensionHeaderTooLarge { limit, .. } if limit == MAX_PAX_HEADER_BYTES),
         "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("PAX extended header \"PaxHeaders/x\" at byte 0"),
+        "the error must name the PAX header (it carries the entry's name): {message}"
     );
 }
 

@@ -80,13 +80,17 @@ pub enum ArchiveError {
     /// An extension header (GNU long name, PAX record) claims more bytes than any real path or
     /// record needs; it is refused before its payload is read.
     #[error(
-        "archive {archive}: a {what} header of {size} bytes exceeds the cap of {limit} bytes; no packager writes such a header, so the artifact is damaged or hostile: fetch it from its vendor again"
+        "archive {archive}: the {what} header {header:?} at byte {offset} of the tar stream claims {size} bytes, over the cap of {limit} bytes; no packager writes such a header, so the artifact is damaged or hostile: fetch it from its vendor again"
     )]
     ExtensionHeaderTooLarge {
         /// The archive being read.
         archive: PathBuf,
         /// Which header: `GNU long name` or `PAX extended`.
         what: &'static str,
+        /// The header's own name field (`././@LongLink`, `PaxHeaders.N/<file>`).
+        header: String,
+        /// Where the header starts in the uncompressed tar stream.
+        offset: u64,
         /// The size the header claims.
         size: u64,
         /// The cap for that kind of header.

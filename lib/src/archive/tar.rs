@@ -442,6 +442,8 @@ impl Walker {
             return ArchiveError::ExtensionHeaderTooLarge {
                 archive: self.archive.clone(),
                 what: found.kind.describe(),
+                header: found.name(),
+                offset: found.offset,
                 size: found.size,
                 limit: found.kind.cap(),
             };

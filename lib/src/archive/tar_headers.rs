@@ -49,6 +49,22 @@ impl ExtensionKind {
 pub(crate) struct Oversized {
     pub(crate) kind: ExtensionKind,
     pub(crate) size: u64,
+    /// The header's own name field (`././@LongLink`, `PaxHeaders.N/<file>`), NUL-padded.
+    pub(crate) name: [u8; 100],
+    /// Where the header starts in the uncompressed tar stream.
+    pub(crate) offset: u64,
+}
+
+impl Oversized {
+    /// The header's name, for messages.
+    pub(crate) fn name(&self) -> String {
+        let end = self
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.name.len());
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
 }
 
 /// Passes bytes through unchanged while tracking headers; see the module documentation.
@@ -64,6 +80,8 @@ pub(crate) struct HeaderGuard<R> {
     pax_left: u64,
     /// A PAX `size` record that overrides the next ordinary header's size, as the parser does.
     pending_size: Option<u64>,
+    /// Bytes of the stream observed so far.
+    pos: u64,
     /// Past the end of the archive, or at a point the parser refuses anyway (sparse entries,
     /// unreadable sizes): nothing more to watch.
     done: bool,
@@ -80,6 +98,7 @@ impl<R: Read> HeaderGuard<R> {
             pax: None,
             pax_left: 0,
             pending_size: None,
+            pos: 0,
             done: false,
         }
     }
@@ -96,6 +115,7 @@ impl<R: Read> HeaderGuard<R> {
                     self.pax_left -= take as u64;
                 }
                 self.data_left -= n as u64;
+                self.pos += n as u64;
                 bytes = &bytes[n..];
                 if self.data_left == 0 {
                     if let Some(pax) = self.pax.take() {
@@ -107,6 +127,7 @@ impl<R: Read> HeaderGuard<R> {
             let n = bytes.len().min(BLOCK - self.header_len);
             self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
             self.header_len += n;
+            self.pos += n as u64;
             bytes = &bytes[n..];
             if self.header_len == BLOCK {
                 self.header_len = 0;
@@ -136,7 +157,16 @@ impl<R: Read> HeaderGuard<R> {
             None
         };
         match extension {
-            Some(ext) if size > ext.cap() => return Err(Oversized { kind: ext, size }),
+            Some(ext) if size > ext.cap() => {
+                let mut name = [0u8; 100];
+                name.copy_from_slice(&self.header[..100]);
+                return Err(Oversized {
+                    kind: ext,
+                    size,
+                    name,
+                    offset: self.pos - BLOCK as u64,
+                });
+            }
             Some(_) => {}
             None => {
                 if let Some(pax) = self.pending_size.take() {
@@ -199,8 +229,10 @@ impl<R: Read> Read for HeaderGuard<R> {
 
 fn oversized_error(found: Oversized) -> io::Error {
     io::Error::other(format!(
-        "a {} header of {} bytes exceeds the cap of {} bytes",
+        "the {} header {:?} at byte {} claims {} bytes, over the cap of {} bytes",
         found.kind.describe(),
+        found.name(),
+        found.offset,
         found.size,
         found.kind.cap()
     ))
@@ -226,12 +258,10 @@ mod tests {
         let mut guard = HeaderGuard::new(&bytes[..], Rc::clone(&found));
         let mut buf = [0u8; BLOCK];
         assert!(guard.read(&mut buf).is_err());
+        let got = found.get().unwrap();
         assert_eq!(
-            found.get(),
-            Some(Oversized {
-                kind: ExtensionKind::LongName,
-                size: 3 << 30
-            })
+            (got.kind, got.size, got.offset, got.name().as_str()),
+            (ExtensionKind::LongName, 3 << 30, 0, "@LongLink")
         );
     }
 

@@ -714,6 +714,7 @@ mod tests {
     fn the_verdict_puts_mismatches_before_errors_before_unpinned() {
         let report = |s: &[VerifyStatus]| VerifyReport {
             artifacts: s.iter().map(|s| row(*s)).collect(),
+            cache: Vec::new(),
         };
         use VerifyStatus::*;
         assert!(matches!(
