@@ -117,10 +117,10 @@ impl<R: Read> HeaderGuard<R> {
                 self.data_left -= n as u64;
                 self.pos += n as u64;
                 bytes = &bytes[n..];
-                if self.data_left == 0 {
-                    if let Some(pax) = self.pax.take() {
-                        self.pending_size = pax_size(&pax);
-                    }
+                if self.data_left == 0
+                    && let Some(pax) = self.pax.take()
+                {
+                    self.pending_size = pax_size(&pax);
                 }
                 continue;
             }
@@ -189,10 +189,10 @@ impl<R: Read> HeaderGuard<R> {
             return Ok(());
         };
         self.data_left = padded & !(BLOCK as u64 - 1);
-        if self.data_left == 0 {
-            if let Some(pax) = self.pax.take() {
-                self.pending_size = pax_size(&pax);
-            }
+        if self.data_left == 0
+            && let Some(pax) = self.pax.take()
+        {
+            self.pending_size = pax_size(&pax);
         }
         Ok(())
     }
