@@ -77,6 +77,8 @@ pub struct PlanArgs {
     /// The owner asking (its own devices show as already attached).
     #[arg(long, value_name = "ID")]
     owner: Option<String>,
+    #[command(flatten)]
+    vgpu: crate::vgpu::VgpuArgs,
 }
 
 /// Arguments of `attach`.
@@ -101,6 +103,8 @@ pub struct AttachArgs {
     /// The static guest init for the ensured initrd [default: `gpu-init` beside this program].
     #[arg(long, value_name = "PATH", env = "GPU_PASSTHROUGH_GUEST_INIT")]
     guest_init: Option<PathBuf>,
+    #[command(flatten)]
+    vgpu: crate::vgpu::VgpuArgs,
 }
 
 /// Arguments of `detach`.
@@ -193,6 +197,9 @@ pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> 
 
 /// `plan`: what attach would do.
 pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
+    if let Some(profile) = &args.vgpu.vgpu {
+        return crate::vgpu::plan(global, &args.vgpu, profile);
+    }
     let owner = args.owner.as_deref().map(owner).transpose()?;
     let req = plan_request(&args.sel, owner)?;
     let registry = registry_for(global, &args.sel)?;
@@ -212,14 +219,12 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-/// `attach`: ensure the release's layers, bind, verify, print the boot spec.
+/// `attach`: ensure the release's layers, bind (or create vGPUs), verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let request = GpuVmRequest {
-        plan: plan_request(&args.sel, Some(owner.clone()))?,
-        owner,
-        release: args.sel.release.clone(),
-        initrd: args.initrd.clone(),
+    let plan = match args.vgpu.vgpu {
+        Some(_) => PlanRequest::default(),
+        None => plan_request(&args.sel, Some(owner.clone()))?,
     };
     let registry = registry_for(global, &args.sel)?;
     let h = host(global, Vec::new());
@@ -227,15 +232,25 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     if let Some(init) = &args.guest_init {
         provisioner = provisioner.with_guest_init(init);
     }
-    let spec = provisioner.attach(&request, &DownloadBar::new(global))?;
+    let (release, initrd) = (args.sel.release.clone(), args.initrd.clone());
+    let spec = match &args.vgpu.vgpu {
+        Some(profile) => {
+            let request = args.vgpu.vm_request(profile, owner, release, initrd);
+            provisioner.attach_vgpu(&request, &DownloadBar::new(global))?
+        }
+        None => {
+            let request = GpuVmRequest {
+                plan,
+                owner,
+                release,
+                initrd,
+            };
+            provisioner.attach(&request, &DownloadBar::new(global))?
+        }
+    };
+    let vmm = args.vmm;
     emit(global, &spec, |spec| {
-        print!(
-            "{}",
-            BootSpecText {
-                spec,
-                vmm: args.vmm
-            }
-        )
+        print!("{}", BootSpecText { spec, vmm })
     })?;
     Ok(ExitCode::from(SUCCESS))
 }

@@ -9,6 +9,7 @@ mod initrd;
 mod output;
 mod progress;
 mod versions;
+mod vgpu;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +88,9 @@ enum Command {
     /// Build, ensure and inspect initrd layers.
     #[command(subcommand)]
     Initrd(initrd::InitrdCommand),
+    /// vGPU profiles on both NVIDIA frameworks (vendor VFIO on SR-IOV VFs, mdev).
+    #[command(subcommand)]
+    Vgpu(vgpu::VgpuCommand),
     /// Host readiness for GPU passthrough, with the fix for each failed check.
     Doctor(host::DoctorArgs),
     /// PCI devices that can be passed through (or all of them).
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Versions(c) => versions::run(&cli.global, c),
         Command::Initrd(c) => initrd::run(&cli.global, c),
+        Command::Vgpu(c) => vgpu::run(&cli.global, c),
         Command::Doctor(a) => host::doctor(&cli.global, a),
         Command::Devices(a) => host::devices(&cli.global, a),
         Command::Plan(a) => host::plan(&cli.global, a),

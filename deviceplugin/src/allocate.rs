@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use gpu_passthrough::attach::journal::{Attachment, DeviceRecord};
+use gpu_passthrough::attach::journal::{Attachment, DeviceRecord, LockedJournal, VgpuRecord};
 use gpu_passthrough::attach::{Host, Owner};
 use gpu_passthrough::pci::{DeviceKind, PciAddress};
 
@@ -26,7 +26,7 @@ pub struct DeviceNode {
 /// What one container gets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContainerAllocation {
-    /// Environment variables (KubeVirt's `PCI_RESOURCE_<NAME>`).
+    /// Environment variables (KubeVirt's `PCI_RESOURCE_<NAME>` or `MDEV_PCI_RESOURCE_<NAME>`).
     pub envs: BTreeMap<String, String>,
     /// Device nodes, in order, without duplicates.
     pub devices: Vec<DeviceNode>,
@@ -47,6 +47,16 @@ pub enum AllocateError {
     /// The ID is not a PCI address this plugin serves.
     #[error("{0} is not a device this plugin serves")]
     UnknownDevice(String),
+    /// A vGPU cannot be handed out.
+    #[error(
+        "vGPU {id} cannot be handed out: {problem}; the node needs attention (reconcile, or release and create it again)"
+    )]
+    UnfitVgpu {
+        /// The vGPU's ID.
+        id: String,
+        /// What is wrong.
+        problem: Problem,
+    },
     /// Another owner holds the device.
     #[error(
         "{device} is held by owner {owner}, not by the device plugin; detach it on the node first"
@@ -125,6 +135,16 @@ pub fn allocate(
 ) -> Result<Allocation, AllocateError> {
     let sysfs = host.sysfs();
     let mut j = host.journal().lock().map_err(PluginError::from)?;
+    let is_vgpu_resource = j
+        .state
+        .attachments
+        .iter()
+        .filter(|a| is_plugin_owner(&a.owner))
+        .flat_map(|a| a.vgpus.iter())
+        .any(|v| crate::vgpu::resource_name(&v.profile) == resource);
+    if is_vgpu_resource {
+        return allocate_vgpus(host, j, quarantine, resource, containers);
+    }
     let iommufd = host.dev_dir().join("iommu").exists();
     let mut moving: Vec<PciAddress> = Vec::new();
     let mut answers = Vec::new();
@@ -216,16 +236,8 @@ pub fn allocate(
                     return Err(unfit(*m, Problem::NotOnVfio(d.driver)));
                 }
                 if iommufd {
-                    let cdev = std::fs::read_dir(sysfs.device_dir(*m).join("vfio-dev"))
-                        .ok()
-                        .and_then(|mut r| {
-                            r.find_map(|e| {
-                                let n = e.ok()?.file_name().into_string().ok()?;
-                                (n.starts_with("vfio") && n[4..].parse::<u32>().is_ok())
-                                    .then_some(n)
-                            })
-                        })
-                        .ok_or(AllocateError::NoVfioCdev { device: *m })?;
+                    let cdev =
+                        vfio_cdev(sysfs, *m).ok_or(AllocateError::NoVfioCdev { device: *m })?;
                     push(
                         &mut answer.devices,
                         node(host, &format!("vfio/devices/{cdev}")),
@@ -270,14 +282,135 @@ pub fn allocate(
     }
     j.state
         .attachments
-        .retain(|a| !(is_plugin_owner(&a.owner) && a.devices.is_empty() && a.mdevs.is_empty()));
+        .retain(|a| !(is_plugin_owner(&a.owner) && is_empty(a)));
     j.state.attachments.push(Attachment {
         owner: owner.clone(),
         devices: taken,
         mdevs: Vec::new(),
+        vgpus: Vec::new(),
     });
     j.save().map_err(PluginError::from)?;
     tracing::info!("allocated {moving:?} of {resource} to {owner}");
+    Ok(Allocation {
+        owner,
+        containers: answers,
+    })
+}
+
+/// A function's VFIO character device (`vfio-dev/vfioN`), on hosts with iommufd.
+fn vfio_cdev(sysfs: &gpu_passthrough::pci::Sysfs, device: PciAddress) -> Option<String> {
+    std::fs::read_dir(sysfs.device_dir(device).join("vfio-dev"))
+        .ok()?
+        .find_map(|e| {
+            let n = e.ok()?.file_name().into_string().ok()?;
+            (n.starts_with("vfio") && n[4..].parse::<u32>().is_ok()).then_some(n)
+        })
+}
+
+fn is_empty(a: &Attachment) -> bool {
+    a.devices.is_empty() && a.mdevs.is_empty() && a.vgpus.is_empty()
+}
+
+/// Allocate vGPUs of `resource`: each ID names a verified vGPU of the plugin's pool (or of an
+/// allocation the kubelet has ended), still fit; its record moves to the new allocation.
+fn allocate_vgpus(
+    host: &Host,
+    mut j: LockedJournal,
+    quarantine: &dyn Quarantine,
+    resource: &str,
+    containers: &[Vec<String>],
+) -> Result<Allocation, AllocateError> {
+    use crate::vgpu;
+    let sysfs = host.sysfs();
+    let iommufd = host.dev_dir().join("iommu").exists();
+    let pool: Vec<VgpuRecord> = j
+        .state
+        .attachments
+        .iter()
+        .filter(|a| is_plugin_owner(&a.owner))
+        .flat_map(|a| a.vgpus.iter().cloned())
+        .collect();
+    let mut moving: Vec<String> = Vec::new();
+    let mut answers = Vec::new();
+    for ids in containers {
+        let mut answer = ContainerAllocation::default();
+        push(&mut answer.devices, node(host, "vfio/vfio"));
+        if iommufd {
+            push(&mut answer.devices, node(host, "iommu"));
+        }
+        let mut kind = None;
+        let mut given = Vec::new();
+        for id in ids {
+            let rec = pool
+                .iter()
+                .find(|v| vgpu::id(v).as_deref() == Some(id.as_str()))
+                .ok_or_else(|| AllocateError::UnknownDevice(id.clone()))?;
+            let actual = vgpu::resource_name(&rec.profile);
+            if actual != resource {
+                return Err(AllocateError::UnknownDevice(format!(
+                    "{id} (a {actual} vGPU, not {resource})"
+                )));
+            }
+            if let Some(problem) = vgpu::problems(sysfs, host.dev_dir(), rec, quarantine)
+                .into_iter()
+                .next()
+            {
+                return Err(AllocateError::UnfitVgpu {
+                    id: id.clone(),
+                    problem,
+                });
+            }
+            let group = rec.iommu_group.expect("checked by problems()");
+            // A vendor-VFIO VF is a PCI function: on iommufd hosts the VMM opens its cdev.
+            if let (true, Some(vf)) = (iommufd, rec.vf) {
+                let cdev = vfio_cdev(sysfs, vf).ok_or(AllocateError::NoVfioCdev { device: vf })?;
+                push(
+                    &mut answer.devices,
+                    node(host, &format!("vfio/devices/{cdev}")),
+                );
+            }
+            push(&mut answer.devices, node(host, &format!("vfio/{group}")));
+            kind = Some(vgpu::kind(rec.framework));
+            given.push(id.clone());
+            moving.push(id.clone());
+        }
+        if let Some(kind) = kind {
+            answer.envs.insert(env_var(kind, resource), given.join(","));
+        }
+        answers.push(answer);
+    }
+    let owner = new_owner();
+    if moving.is_empty() {
+        return Ok(Allocation {
+            owner,
+            containers: answers,
+        });
+    }
+    let mut taken = Vec::new();
+    for att in j
+        .state
+        .attachments
+        .iter_mut()
+        .filter(|a| is_plugin_owner(&a.owner))
+    {
+        let (out, keep): (Vec<_>, Vec<_>) = att
+            .vgpus
+            .drain(..)
+            .partition(|v| vgpu::id(v).is_some_and(|id| moving.contains(&id)));
+        att.vgpus = keep;
+        taken.extend(out);
+    }
+    j.state
+        .attachments
+        .retain(|a| !(is_plugin_owner(&a.owner) && is_empty(a)));
+    j.state.attachments.push(Attachment {
+        owner: owner.clone(),
+        devices: Vec::new(),
+        mdevs: Vec::new(),
+        vgpus: taken,
+    });
+    j.save().map_err(PluginError::from)?;
+    tracing::info!("allocated vGPUs {moving:?} of {resource} to {owner}");
     Ok(Allocation {
         owner,
         containers: answers,

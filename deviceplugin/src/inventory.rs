@@ -12,7 +12,7 @@ use gpu_passthrough::attach::journal::JournalState;
 use gpu_passthrough::attach::{AttachRequest, Host, Owner, PlanRequest};
 use gpu_passthrough::pci::{PciAddress, Sysfs};
 
-use crate::naming::{NameSource, Namer};
+use crate::naming::{NameSource, Namer, ResourceKind};
 use crate::{PluginError, Quarantine};
 
 /// The owner holding served, unallocated GPUs.
@@ -41,8 +41,15 @@ pub enum Problem {
         /// The group now.
         now: Option<u32>,
     },
-    /// The health monitor quarantined it.
+    /// The health monitor quarantined it (for a vGPU: its parent GPU).
     Quarantined,
+    /// A vendor-VFIO VF carries another vGPU type than the one the journal recorded.
+    VgpuTypeChanged {
+        /// The journal's type ID.
+        recorded: String,
+        /// The VF's `current_vgpu_type` now.
+        now: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -59,14 +66,21 @@ impl fmt::Display for Problem {
                 write!(f, "IOMMU group changed from {recorded:?} to {now:?}")
             }
             Problem::Quarantined => write!(f, "quarantined"),
+            Problem::VgpuTypeChanged { recorded, now } => {
+                write!(f, "vGPU type {now} instead of {recorded}")
+            }
         }
     }
 }
 
-/// One served GPU, as the last scan saw it.
+/// One served GPU or vGPU, as the last scan saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServedDevice {
-    /// Its address (the device ID given to the kubelet).
+    /// The device ID given to the kubelet: a PCI address, or an mdev's UUID.
+    pub id: String,
+    /// Whole PCI device (a GPU or a vendor-VFIO VF) or mediated device.
+    pub kind: ResourceKind,
+    /// Its PCI address (for an mdev: its parent GPU's).
     pub address: PciAddress,
     /// The IOMMU group the journal recorded.
     pub group: Option<u32>,
@@ -178,6 +192,8 @@ pub(crate) fn scan_state(
             let (name, source) = namer.resource_name(&dev);
             inv.name_sources.insert(name.clone(), source);
             inv.resources.entry(name).or_default().push(ServedDevice {
+                id: rec.device.to_string(),
+                kind: ResourceKind::Pci,
                 address: rec.device,
                 group: rec.iommu_group,
                 numa: dev.numa_node,
@@ -192,8 +208,21 @@ pub(crate) fn scan_state(
             });
         }
     }
+    for att in state
+        .attachments
+        .iter()
+        .filter(|a| is_plugin_owner(&a.owner))
+    {
+        for rec in &att.vgpus {
+            if let Some((name, dev)) = crate::vgpu::served(sysfs, host.dev_dir(), rec, quarantine) {
+                inv.name_sources
+                    .insert(name.clone(), NameSource::VgpuProfile);
+                inv.resources.entry(name).or_default().push(dev);
+            }
+        }
+    }
     for list in inv.resources.values_mut() {
-        list.sort_by_key(|d| d.address);
+        list.sort_by(|a, b| a.address.cmp(&b.address).then_with(|| a.id.cmp(&b.id)));
     }
     inv
 }

@@ -12,6 +12,7 @@
 //!   start-up pass that adopts or prepares GPUs.
 //! - [`allocate`]: the group re-check and the journal record of an allocation.
 //! - [`preferred`]: GetPreferredAllocation's choice (one NUMA node, then one PCIe switch).
+//! - [`vgpu`]: the vGPUs the library created for the plugin's pool, on both NVIDIA frameworks.
 //! - [`api`]: the generated v1beta1 messages, servers and clients.
 //!
 //! The plugin holds no device state of its own: each scan and each Allocate reads the journal
@@ -23,6 +24,7 @@ pub mod inventory;
 pub mod naming;
 pub mod preferred;
 mod server;
+pub mod vgpu;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,7 +32,6 @@ use std::time::Duration;
 
 use gpu_passthrough::attach::{AttachError, Host, JournalError, PidLiveness};
 use gpu_passthrough::paths;
-use gpu_passthrough::pci::PciAddress;
 use gpu_passthrough::pci::ids::{PciIds, SupportedGpus};
 
 pub use inventory::Prepare;
@@ -45,39 +46,9 @@ pub mod api {
 /// The API version this plugin speaks.
 pub const API_VERSION: &str = "v1beta1";
 
-/// The seam for the health monitor: whether a device is quarantined. A quarantined device is
-/// reported `Unhealthy` and never allocated.
-pub trait Quarantine: Send + Sync {
-    /// Whether `device` is quarantined.
-    fn is_quarantined(&self, device: PciAddress) -> bool;
-}
-
-/// No quarantine: every device is allowed (a caller that keeps health elsewhere).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoQuarantine;
-
-impl Quarantine for NoQuarantine {
-    fn is_quarantined(&self, _device: PciAddress) -> bool {
-        false
-    }
-}
-
-/// The host's health records ([`gpu_passthrough::health`]) in a state dir: a device is
-/// quarantined when its record says so, and also when the record cannot be read (fail closed).
-#[derive(Debug, Clone)]
-pub struct HealthRecords {
-    /// The state dir holding `health.json`.
-    pub state_dir: PathBuf,
-}
-
-impl Quarantine for HealthRecords {
-    fn is_quarantined(&self, device: PciAddress) -> bool {
-        !matches!(
-            gpu_passthrough::health::is_quarantined(&self.state_dir, device),
-            Ok(None)
-        )
-    }
-}
+/// The quarantine seam (from the library): a quarantined device is reported `Unhealthy` and
+/// never allocated.
+pub use gpu_passthrough::health::{HealthRecords, NoQuarantine, QuarantineCheck as Quarantine};
 
 /// Errors of the plugin.
 #[derive(Debug, thiserror::Error)]

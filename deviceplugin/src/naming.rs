@@ -16,6 +16,8 @@ pub enum NameSource {
     SupportedGpus,
     /// Neither knows the device: its hexadecimal device ID, as kubevirt-gpu-device-plugin does.
     DeviceId,
+    /// A vGPU: the driver's profile name.
+    VgpuProfile,
 }
 
 /// Names GPUs from `pci.ids`, then `supported-gpus.json`, then the device ID.

@@ -37,7 +37,7 @@ fn devices_of(inv: &Inventory, resource: &str) -> Vec<api::Device> {
         .map(|list| {
             list.iter()
                 .map(|d| api::Device {
-                    id: d.address.to_string(),
+                    id: d.id.clone(),
                     health: if d.healthy() { "Healthy" } else { "Unhealthy" }.into(),
                     topology: d.numa.map(|n| api::TopologyInfo {
                         nodes: vec![api::NumaNode { id: i64::from(n) }],
@@ -119,7 +119,7 @@ impl DevicePlugin for PluginService {
                 .available_device_i_ds
                 .iter()
                 .map(|id| {
-                    let d = served.iter().find(|d| d.address.to_string() == *id);
+                    let d = served.iter().find(|d| d.id == *id);
                     Candidate {
                         id: id.clone(),
                         numa: d.and_then(|d| d.numa),

@@ -6,14 +6,16 @@
 //! cargo run --example control_plane -- SYSFS_ROOT STATE_DIR DEV_DIR GPUS [RELEASE GUEST_INIT CACHE_DIR [REGISTRY]]
 //! ```
 //! On a real host: `/sys /var/lib/gpu-passthrough /dev 1`. Without RELEASE the VM gets no
-//! initrd from us (building one downloads the release's artifacts).
+//! initrd from us (building one downloads the release's artifacts). GPUS may instead be
+//! `vgpu:PROFILE` (e.g. `vgpu:L40S-4Q`): one vGPU of that profile, placed on the least-used GPU.
 
 use std::path::PathBuf;
 
 use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PlanRequest};
 use gpu_passthrough::fetch::NoProgress;
-use gpu_passthrough::provision::{GpuVmRequest, Provisioner};
+use gpu_passthrough::provision::{GpuVmRequest, Provisioner, VgpuVmRequest};
 use gpu_passthrough::registry::Registry;
+use gpu_passthrough::vgpu::PlaceRequest;
 
 /// The control plane knows which instances exist; here: only the one we run.
 struct Instances(Vec<String>);
@@ -36,7 +38,8 @@ fn run(args: &[String]) -> Result<serde_json::Value, Box<dyn std::error::Error>>
                 .into(),
         );
     }
-    let gpus: usize = args[3].parse()?;
+    let vgpu = args[3].strip_prefix("vgpu:").map(str::to_owned);
+    let gpus: usize = if vgpu.is_some() { 0 } else { args[3].parse()? };
     let instance = Owner::new("instance-0001")?;
     let registries: Vec<PathBuf> = args.get(7).map(PathBuf::from).into_iter().collect();
     let registry = Registry::load(&registries)?;
@@ -65,18 +68,35 @@ fn run(args: &[String]) -> Result<serde_json::Value, Box<dyn std::error::Error>>
     if let Some(guest_init) = args.get(5) {
         provisioner = provisioner.with_guest_init(guest_init);
     }
-    let spec = provisioner.attach(
-        &GpuVmRequest {
-            plan: PlanRequest {
-                gpus: Some(gpus),
-                ..Default::default()
+    //    A vGPU instead: the release must carry the vGPU guest driver for this host's manager.
+    let spec = match vgpu {
+        Some(profile) => provisioner.attach_vgpu(
+            &VgpuVmRequest {
+                place: PlaceRequest {
+                    profile,
+                    count: 1,
+                    numa: None,
+                    pack: false,
+                },
+                owner: instance.clone(),
+                release: args.get(4).cloned(),
+                initrd: None,
             },
-            owner: instance.clone(),
-            release: args.get(4).cloned(),
-            initrd: None,
-        },
-        &NoProgress,
-    )?;
+            &NoProgress,
+        )?,
+        None => provisioner.attach(
+            &GpuVmRequest {
+                plan: PlanRequest {
+                    gpus: Some(gpus),
+                    ..Default::default()
+                },
+                owner: instance.clone(),
+                release: args.get(4).cloned(),
+                initrd: None,
+            },
+            &NoProgress,
+        )?,
+    };
 
     // 3. What the VMM gets: Cloud Hypervisor's VmConfig.devices and the kernel command line.
     let config = serde_json::json!({
@@ -87,9 +107,13 @@ fn run(args: &[String]) -> Result<serde_json::Value, Box<dyn std::error::Error>>
         },
     });
 
-    // 4. The instance stopped: give the GPUs back.
+    // 4. The instance stopped (SIGTERM first for a vGPU VM): give the GPUs back.
     let detached = host.detach(&instance)?;
-    eprintln!("detached {} devices", detached.restored.len());
+    eprintln!(
+        "detached {} devices, {} vGPUs",
+        detached.restored.len(),
+        detached.released_vgpus.len()
+    );
     Ok(config)
 }
 
@@ -126,6 +150,19 @@ mod tests {
         );
         assert!(h.journal_clean());
         assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
+    }
+
+    #[test]
+    fn attaches_and_releases_one_vgpu() {
+        let h = sysfs::l40s_host();
+        let config = run(&args(&h, &["vgpu:L40S-4Q"])).unwrap();
+        let devices = config["devices"].as_array().unwrap();
+        assert_eq!(devices.len(), 1);
+        let vf = h.sys.join("bus/pci/devices/0000:61:00.4");
+        assert_eq!(devices[0]["path"], format!("{}/", vf.display()));
+        assert!(h.journal_clean());
+        assert_eq!(h.vgpu_type("0000:61:00.4"), "0", "released at the end");
+        assert_eq!(h.driver("0000:61:00.4").as_deref(), Some("nvidia"));
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub enum Stage {
     Attach,
     /// An initrd layer build.
     Initrd,
+    /// The create and release of vGPUs (`attach --vgpu`, detach, reconcile).
+    Vgpu,
 }
 
 /// Every failpoint, in the order its workflow reaches it.
@@ -42,11 +44,21 @@ pub enum Failpoint {
     MidDetach,
     /// Half-way through writing an initrd layer.
     InitrdMidway,
+    /// The vGPU transaction is journaled; nothing written yet.
+    VgpuAfterJournal,
+    /// A vGPU's type (or mdev UUID) is written, not yet read back.
+    VgpuAfterCreate,
+    /// Every vGPU of the transaction is verified, not yet committed.
+    VgpuAfterVerify,
+    /// The vGPUs are committed to the journal.
+    VgpuAfterCommit,
+    /// One vGPU of a detach is released, the others not yet.
+    VgpuMidRelease,
 }
 
 impl Failpoint {
     /// Every failpoint.
-    pub const ALL: [Failpoint; 11] = [
+    pub const ALL: [Failpoint; 16] = [
         Failpoint::AfterJournal,
         Failpoint::AfterOverride,
         Failpoint::AfterUnbind,
@@ -58,6 +70,11 @@ impl Failpoint {
         Failpoint::MidRollback,
         Failpoint::MidDetach,
         Failpoint::InitrdMidway,
+        Failpoint::VgpuAfterJournal,
+        Failpoint::VgpuAfterCreate,
+        Failpoint::VgpuAfterVerify,
+        Failpoint::VgpuAfterCommit,
+        Failpoint::VgpuMidRelease,
     ];
 
     /// The name `GPU_PASSTHROUGH_FAILPOINT` takes.
@@ -74,6 +91,11 @@ impl Failpoint {
             Failpoint::MidRollback => "mid-rollback",
             Failpoint::MidDetach => "mid-detach",
             Failpoint::InitrdMidway => "initrd-midway",
+            Failpoint::VgpuAfterJournal => "vgpu-after-journal",
+            Failpoint::VgpuAfterCreate => "vgpu-after-create",
+            Failpoint::VgpuAfterVerify => "vgpu-after-verify",
+            Failpoint::VgpuAfterCommit => "vgpu-after-commit",
+            Failpoint::VgpuMidRelease => "vgpu-mid-release",
         }
     }
 
@@ -81,6 +103,11 @@ impl Failpoint {
     pub fn stage(self) -> Stage {
         match self {
             Failpoint::InitrdMidway => Stage::Initrd,
+            Failpoint::VgpuAfterJournal
+            | Failpoint::VgpuAfterCreate
+            | Failpoint::VgpuAfterVerify
+            | Failpoint::VgpuAfterCommit
+            | Failpoint::VgpuMidRelease => Stage::Vgpu,
             _ => Stage::Attach,
         }
     }
@@ -112,7 +139,9 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), Failpoint::ALL.len());
         assert_eq!(
-            Failpoint::of(Stage::Attach).count() + Failpoint::of(Stage::Initrd).count(),
+            Failpoint::of(Stage::Attach).count()
+                + Failpoint::of(Stage::Initrd).count()
+                + Failpoint::of(Stage::Vgpu).count(),
             Failpoint::ALL.len()
         );
     }

@@ -21,6 +21,7 @@
 //! - [`outcome`]: whether an error is a refusal, a verification failure or a failure on the way.
 //! - [`text`]: the human-readable form of the reports (`Display`).
 //! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
+//! - [`vgpu`]: vGPU profiles on both NVIDIA frameworks (vendor VFIO, mdev) and their placement.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
 //! - `simulation` (cargo feature, tests only): a kernel and VFIO check that react on fake trees.
 //!
@@ -49,6 +50,7 @@ pub mod simulation;
 pub mod text;
 pub mod versions;
 pub mod vfio;
+pub mod vgpu;
 pub mod vmm;
 
 /// An error and its chain of causes, `: `-joined: for a message that must hold the whole story in

@@ -9,7 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::attach::{AttachError, AttachRequest, Host, Owner, Plan, PlanRequest};
+use crate::attach::{
+    AttachError, AttachRequest, Host, Owner, Plan, PlanRequest, VgpuAttachRequest,
+};
 use crate::fetch::{FetchOptions, Fetcher, Progress};
 use crate::initrd::{BuildOptions, InitrdBuilder, InitrdError, Layers, guest_init};
 use crate::registry::{Arch, Registry, RegistryError, Release};
@@ -33,12 +35,44 @@ pub enum ProvisionError {
     /// The host step failed (see [`AttachError`]).
     #[error(transparent)]
     Attach(#[from] AttachError),
+    /// A vGPU VM asked for a release without NVIDIA's vGPU guest driver; nothing was changed.
+    #[error(
+        "release `{release}` has no vGPU guest driver (vgpu_guest is not set): a vGPU needs NVIDIA's vGPU (GRID) guest driver; pick a release with vgpu_guest = true"
+    )]
+    NotVgpuGuest {
+        /// The release.
+        release: String,
+    },
+    /// The host's vGPU manager is not a branch the release's guest driver works with.
+    #[error(
+        "release `{release}` works with vGPU manager branches {}, but this host's vGPU manager is {}; pick a release for that branch or update the host", .branches.join(", "), .host.as_deref().unwrap_or("not loaded (no module/nvidia/version in sysfs)")
+    )]
+    VgpuManagerMismatch {
+        /// The release.
+        release: String,
+        /// Its branches.
+        branches: Vec<String>,
+        /// The host manager's version (the loaded `nvidia` module's).
+        host: Option<String>,
+    },
     /// This machine's architecture has no guest artifacts.
     #[error("this machine's architecture ({0}) is not supported; name the guest architecture")]
     UnsupportedArch(&'static str),
 }
 
 impl ProvisionError {
+    /// Whether the request was refused before anything changed (see
+    /// [`AttachError::is_refusal`]).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            ProvisionError::Attach(e) => e.is_refusal(),
+            ProvisionError::NotVgpuGuest { .. } | ProvisionError::VgpuManagerMismatch { .. } => {
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The initrd error behind a failed layer step, if that is what failed.
     pub fn initrd(&self) -> Option<&InitrdError> {
         match self {
@@ -105,6 +139,29 @@ pub struct GpuVmRequest {
     pub initrd: Option<PathBuf>,
 }
 
+/// A vGPU VM: vGPUs of one profile and the release it boots.
+#[derive(Debug, Clone)]
+pub struct VgpuVmRequest {
+    /// The profile, count and placement preferences.
+    pub place: crate::vgpu::PlaceRequest,
+    /// Who holds the vGPUs.
+    pub owner: Owner,
+    /// The registry release the VM boots: it must carry the vGPU guest driver for this host's
+    /// vGPU manager branch.
+    pub release: Option<String>,
+    /// An initrd the caller built itself: used as is, and the release's layers are not built.
+    pub initrd: Option<PathBuf>,
+}
+
+/// The host's vGPU manager version: the loaded `nvidia` module's (`module/nvidia/version` in
+/// sysfs).
+pub fn vgpu_manager_version(sysfs_root: &Path) -> Option<String> {
+    std::fs::read_to_string(sysfs_root.join("module/nvidia/version"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
 /// Plans and attaches GPU VMs on one host from one registry and cache.
 pub struct Provisioner<'a> {
     host: &'a Host,
@@ -143,6 +200,64 @@ impl<'a> Provisioner<'a> {
             request.flavor = request.flavor.or(release.module_flavor);
         }
         Ok(self.host.plan(&request)?)
+    }
+
+    /// Check the release's vGPU guest driver against the host's manager, ensure its layers,
+    /// then create the vGPUs: a wrong release or a layer that cannot be built creates nothing.
+    pub fn attach_vgpu(
+        &self,
+        request: &VgpuVmRequest,
+        progress: &dyn Progress,
+    ) -> Result<BootSpec, ProvisionError> {
+        let mut initrd = request.initrd.clone();
+        if let Some(name) = &request.release {
+            let release = self.registry.release(name)?;
+            let Some(guest) = &release.vgpu else {
+                return Err(ProvisionError::NotVgpuGuest {
+                    release: name.clone(),
+                });
+            };
+            let host = vgpu_manager_version(self.host.sysfs().root());
+            if !host.as_deref().is_some_and(|v| guest.supports(v)) {
+                return Err(ProvisionError::VgpuManagerMismatch {
+                    release: name.clone(),
+                    branches: guest.manager_branches.clone(),
+                    host,
+                });
+            }
+            // Refuse an impossible placement before building anything.
+            self.host.plan_vgpu(&request.place)?;
+            if initrd.is_none() {
+                initrd = Some(self.layers(name, release, progress)?.combined.path);
+            }
+        }
+        Ok(self.host.attach_vgpu(&VgpuAttachRequest {
+            place: request.place.clone(),
+            owner: request.owner.clone(),
+            initrd,
+        })?)
+    }
+
+    fn layers(
+        &self,
+        name: &str,
+        release: &Release,
+        progress: &dyn Progress,
+    ) -> Result<Layers, ProvisionError> {
+        let layers_failed = |source| ProvisionError::Layers {
+            release: name.to_owned(),
+            source,
+        };
+        let options = default_build_options(host_arch()?, self.guest_init.as_deref())
+            .map_err(layers_failed)?;
+        release_layers(
+            &self.cache_dir,
+            release,
+            &options,
+            Freshness::Ensure,
+            progress,
+        )
+        .map_err(layers_failed)
     }
 
     /// Ensure the release's layers, then attach: the boot spec names the release's combined

@@ -182,6 +182,11 @@ impl Display for BootSpecText<'_> {
             writeln!(f, "initrd: {}", i.display())?;
         }
         writeln!(f, "vmm args: {}", s.args(self.vmm).join(" "))?;
+        if self.vmm == Vmm::CloudHypervisor {
+            for w in &s.cloud_hypervisor.warnings {
+                writeln!(f, "warning: {w}")?;
+            }
+        }
         if let Some(h) = &s.mmio.hint {
             writeln!(f, "note: {h}")?;
         }
@@ -204,6 +209,9 @@ impl Display for DetachReport {
         }
         for m in &self.removed_mdevs {
             writeln!(f, "removed mdev {m}")?;
+        }
+        for v in &self.released_vgpus {
+            writeln!(f, "released vGPU {v}")?;
         }
         Ok(())
     }

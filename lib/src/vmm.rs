@@ -25,6 +25,9 @@ pub struct BootDevice {
     pub vfio_device: PathBuf,
     /// A GPU (display controller or vGPU) rather than a companion function.
     pub gpu: bool,
+    /// A vGPU (vendor-VFIO VF or mdev): never in a GPUDirect P2P clique.
+    #[serde(default)]
+    pub vgpu: bool,
     /// Bytes of 64-bit BARs.
     pub bar64_bytes: u64,
     /// What the VFIO check found.
@@ -38,6 +41,9 @@ pub struct CloudHypervisor {
     pub args: Vec<String>,
     /// The `devices` array of the API's `VmConfig`.
     pub vm_config_devices: Vec<ChDeviceConfig>,
+    /// What this VMM cannot do for these devices (e.g. no `-uuid` for an mdev vGPU).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One entry of Cloud Hypervisor's `VmConfig.devices`.
@@ -135,13 +141,14 @@ impl BootSpec {
     ) -> BootSpec {
         let gpus = devices.iter().filter(|d| d.gpu).count();
         // Several GPUs: put them in one P2P clique (both VMMs support the NVIDIA clique option).
-        let clique = (gpus > 1).then_some(0u8);
+        let whole_gpus = devices.iter().filter(|d| d.gpu && !d.vgpu).count();
+        let clique = (whole_gpus > 1).then_some(0u8);
         let mut ch_args = Vec::new();
         let mut ch_devices = Vec::new();
         let mut qemu_args = Vec::new();
         for d in &devices {
             let path = format!("{}/", d.sysfs_path.display());
-            let gpu_clique = clique.filter(|_| d.gpu && d.mdev_uuid.is_none());
+            let gpu_clique = clique.filter(|_| d.gpu && !d.vgpu && d.mdev_uuid.is_none());
             let mut ch = format!("path={path}");
             if let Some(c) = gpu_clique {
                 ch.push_str(&format!(",x_nv_gpudirect_clique={c}"));
@@ -161,6 +168,16 @@ impl BootSpec {
             }
             qemu_args.push("-device".to_owned());
             qemu_args.push(q);
+        }
+        // The vGPU manager reads the VM's UUID: QEMU gets the (first) mdev's; Cloud Hypervisor
+        // has no such option.
+        let mut ch_warnings = Vec::new();
+        if let Some(uuid) = devices.iter().find_map(|d| d.mdev_uuid.as_ref()) {
+            qemu_args.push("-uuid".to_owned());
+            qemu_args.push(uuid.clone());
+            ch_warnings.push(format!(
+                "Cloud Hypervisor has no -uuid: the vGPU manager may not match mdev {uuid} to the VM; use QEMU for mdev vGPUs"
+            ));
         }
         let bar64: u64 = devices
             .iter()
@@ -191,6 +208,7 @@ impl BootSpec {
             cloud_hypervisor: CloudHypervisor {
                 args: ch_args,
                 vm_config_devices: ch_devices,
+                warnings: ch_warnings,
             },
             qemu: Qemu { args: qemu_args },
             mmio: MmioHint {
@@ -216,6 +234,7 @@ mod tests {
             iommu_group: Some(3),
             vfio_device: PathBuf::from("/dev/vfio/3"),
             gpu: true,
+            vgpu: false,
             bar64_bytes: bar,
             vfio: None,
         }

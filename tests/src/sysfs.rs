@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 
 use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PidLiveness};
 use gpu_passthrough::pci::PciAddress;
-use gpu_passthrough::simulation::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIMULATION_MARKER};
+use gpu_passthrough::simulation::{
+    SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_VGPU_TYPES, SIMULATION_MARKER,
+};
 
 /// One fake PCI device.
 #[derive(Debug, Clone)]
@@ -448,5 +450,241 @@ pub fn vgpu_host() -> FakeHost {
             .mdev("nvidia-735", "NVIDIA A16-4Q", 4)
             .mdev("nvidia-736", "NVIDIA A16-8Q", 0),
     );
+    h
+}
+
+/// L40S vGPU type IDs and names used by the fake tables (a subset of the driver's).
+pub const L40S_TYPES: [(&str, &str); 4] = [
+    ("1147", "NVIDIA L40S-1Q"),
+    ("1150", "NVIDIA L40S-4Q"),
+    ("1155", "NVIDIA L40S-24Q"),
+    ("1156", "NVIDIA L40S-48Q"),
+];
+
+impl FakeHost {
+    /// An L40S PF on `nvidia` with SR-IOV VFs `.4`, `.5`, … (vendor-specific VFIO): each VF is
+    /// `(current_vgpu_type, creatable type IDs)`; an empty list is a header-only table.
+    pub fn add_l40s(&self, pf: &str, group: u32, numa: i32, vfs: &[(&str, &[&str])]) -> &Self {
+        self.add(
+            FakeDevice::new(pf, 0x10de, 0x26b9, 0x030200)
+                .driver("nvidia")
+                .group(group)
+                .numa(numa)
+                .bar64(64 << 30),
+        );
+        let pf_dir = self.sys.join("bus/pci/devices").join(pf);
+        let every: String = L40S_TYPES
+            .iter()
+            .map(|(id, name)| format!("{id}  : {name}\n"))
+            .collect();
+        w(
+            &pf_dir.join(SIM_VGPU_TYPES),
+            &format!("ID    : vGPU Name\n{every}"),
+        );
+        let pf_addr: PciAddress = pf.parse().expect("fake PF");
+        for (i, (current, ids)) in vfs.iter().enumerate() {
+            let vf = PciAddress {
+                function: 4 + i as u8,
+                ..pf_addr
+            }
+            .to_string();
+            self.add(
+                FakeDevice::new(&vf, 0x10de, 0x26b9, 0x030200)
+                    .driver("nvidia")
+                    .group(group + 1 + i as u32)
+                    .numa(numa),
+            );
+            let vf_dir = self.sys.join("bus/pci/devices").join(&vf);
+            symlink(
+                fs::canonicalize(&vf_dir).expect("vf"),
+                pf_dir.join(format!("virtfn{i}")),
+            )
+            .expect("virtfn");
+            symlink(
+                fs::canonicalize(&pf_dir).expect("pf"),
+                vf_dir.join("physfn"),
+            )
+            .expect("physfn");
+            let n = vf_dir.join("nvidia");
+            fs::create_dir_all(&n).expect("mkdir nvidia");
+            let mut table = String::from("ID    : vGPU Name\n");
+            for id in ids.iter() {
+                let name = L40S_TYPES
+                    .iter()
+                    .find(|t| t.0 == *id)
+                    .expect("known type")
+                    .1;
+                table.push_str(&format!("{id}  : {name}\n"));
+            }
+            w(&n.join("creatable_vgpu_types"), &table);
+            w(&n.join("current_vgpu_type"), &format!("{current}\n"));
+        }
+        self
+    }
+
+    /// A T4 on `nvidia` offering mdev types 1B and 2Q (homogeneous: once a 1B exists, 2Q shows 0),
+    /// with `used` 1B instances already created by someone.
+    pub fn add_t4_mdev(&self, addr: &str, group: u32, numa: i32, used: u32) -> &Self {
+        self.add(
+            FakeDevice::new(addr, 0x10de, 0x1eb8, 0x030200)
+                .driver("nvidia")
+                .group(group)
+                .numa(numa)
+                .mdev("nvidia-222", "GRID T4-1B", 16 - used)
+                .mdev("nvidia-223", "GRID T4-2Q", if used > 0 { 0 } else { 8 }),
+        );
+        let dir = self.sys.join("bus/pci/devices").join(addr);
+        let types = dir.join("mdev_supported_types");
+        for (t, fb, max) in [("nvidia-222", 1024, 16), ("nvidia-223", 2048, 8)] {
+            w(
+                &types.join(t).join("description"),
+                &format!(
+                    "num_heads=4, frl_config=45, framebuffer={fb}M, max_resolution=5120x2880, max_instance={max}\n"
+                ),
+            );
+            fs::create_dir_all(types.join(t).join("devices")).expect("mkdir devices");
+        }
+        for i in 0..used {
+            let uuid = format!("aaaaaaaa-0000-0000-0000-{i:012}");
+            let m = fs::canonicalize(&dir).expect("parent").join(&uuid);
+            fs::create_dir_all(&m).expect("mkdir mdev");
+            symlink(&m, types.join("nvidia-222/devices").join(&uuid)).expect("link mdev");
+            symlink(types.join("nvidia-222"), m.join("mdev_type")).expect("link mdev_type");
+            let bus = self.sys.join("bus/mdev/devices");
+            fs::create_dir_all(&bus).expect("mkdir bus/mdev");
+            symlink(&m, bus.join(&uuid)).expect("link bus/mdev");
+        }
+        let bus = self.sys.join("class/mdev_bus");
+        fs::create_dir_all(&bus).expect("mkdir mdev_bus");
+        symlink(fs::canonicalize(&dir).expect("parent"), bus.join(addr)).expect("mdev_bus link");
+        self
+    }
+}
+
+impl FakeHost {
+    /// Load the fake `nvidia` module (the vGPU manager) of `version`.
+    pub fn set_manager_version(&self, version: &str) -> &Self {
+        let m = self.sys.join("module/nvidia");
+        fs::create_dir_all(&m).expect("mkdir module");
+        w(&m.join("version"), &format!("{version}\n"));
+        self
+    }
+
+    /// A VF's `nvidia/current_vgpu_type`.
+    pub fn vgpu_type(&self, vf: &str) -> String {
+        fs::read_to_string(
+            self.sys
+                .join("bus/pci/devices")
+                .join(vf)
+                .join("nvidia/current_vgpu_type"),
+        )
+        .expect("current_vgpu_type")
+        .trim()
+        .to_owned()
+    }
+
+    /// The type IDs a VF's `nvidia/creatable_vgpu_types` lists now.
+    pub fn creatable(&self, vf: &str) -> Vec<String> {
+        let t = fs::read_to_string(
+            self.sys
+                .join("bus/pci/devices")
+                .join(vf)
+                .join("nvidia/creatable_vgpu_types"),
+        )
+        .expect("creatable_vgpu_types");
+        gpu_passthrough::vgpu::parse_creatable_types(&t)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// An mdev type's `available_instances`.
+    pub fn available_instances(&self, parent: &str, mdev_type: &str) -> u32 {
+        fs::read_to_string(
+            self.sys
+                .join("bus/pci/devices")
+                .join(parent)
+                .join("mdev_supported_types")
+                .join(mdev_type)
+                .join("available_instances"),
+        )
+        .expect("available_instances")
+        .trim()
+        .parse()
+        .expect("a number")
+    }
+
+    /// The mdevs that exist now (`bus/mdev/devices`).
+    pub fn mdevs(&self) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(self.sys.join("bus/mdev/devices"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// A fake VMM: a process holding `node` open (its stdin), as QEMU holds `/dev/vfio/N`. Kill it
+/// (and wait) when done.
+pub fn fake_vmm(node: &Path) -> std::process::Child {
+    let f = fs::File::open(node).expect("open the node");
+    std::process::Command::new("sleep")
+        .arg("120")
+        .stdin(f)
+        .spawn()
+        .expect("spawn sleep")
+}
+
+/// Three L40S on vendor-specific VFIO: 41:00.0 (NUMA 0) has two 4Q vGPUs, 61:00.0 (NUMA 0) is
+/// empty, a1:00.0 (NUMA 1) is full (two 24Q; its free VFs have header-only tables).
+pub fn l40s_host() -> FakeHost {
+    let h = FakeHost::new(true);
+    let all: &[&str] = &["1147", "1150", "1155", "1156"];
+    h.add_l40s(
+        "0000:41:00.0",
+        60,
+        0,
+        &[
+            ("1150", &[]),
+            ("1150", &[]),
+            ("0", &["1150"]),
+            ("0", &["1150"]),
+        ],
+    )
+    .add_l40s(
+        "0000:61:00.0",
+        70,
+        0,
+        &[("0", all), ("0", all), ("0", all), ("0", all)],
+    )
+    .add_l40s(
+        "0000:a1:00.0",
+        80,
+        1,
+        &[("1155", &[]), ("1155", &[]), ("0", &[]), ("0", &[])],
+    );
+    h
+}
+
+/// A T4 on mdev with one 1B instance in use.
+pub fn t4_mdev_host() -> FakeHost {
+    let h = FakeHost::new(true);
+    h.add_t4_mdev("0000:3b:00.0", 90, 0, 1);
+    h
+}
+
+/// Both frameworks on one host: an empty L40S and an unused T4.
+pub fn mixed_vgpu_host() -> FakeHost {
+    let h = FakeHost::new(true);
+    h.add_l40s(
+        "0000:41:00.0",
+        60,
+        0,
+        &[("0", &["1150", "1156"]), ("0", &["1150", "1156"])],
+    )
+    .add_t4_mdev("0000:3b:00.0", 90, 1, 0);
     h
 }

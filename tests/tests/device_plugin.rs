@@ -566,3 +566,140 @@ async fn prepare_n_moves_n_gpus_and_never_the_boot_display() {
     assert!(why.contains("boot display"), "{why}");
     kubelet.stop().await;
 }
+
+/// vGPUs the library created for the plugin's pool are served on both frameworks, named by
+/// profile as kubevirt-gpu-device-plugin names them: a vendor-VFIO VF by its address in
+/// `PCI_RESOURCE_…`, an mdev by its UUID in `MDEV_PCI_RESOURCE_…`; Allocate moves the journal's
+/// record to the allocation; a VF whose type was changed behind the journal turns Unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_pool_vgpus_on_both_frameworks() {
+    use gpu_passthrough::attach::{Owner, VgpuAttachRequest};
+    use gpu_passthrough::vgpu::PlaceRequest;
+    use gpu_passthrough_device_plugin::naming::socket_name;
+    let h = gpu_passthrough_tests::sysfs::mixed_vgpu_host();
+    let pool = Owner::new("device-plugin").unwrap();
+    for profile in ["L40S-4Q", "T4-1B"] {
+        let req = VgpuAttachRequest {
+            place: PlaceRequest {
+                profile: profile.into(),
+                count: 1,
+                numa: None,
+                pack: false,
+            },
+            owner: pool.clone(),
+            initrd: None,
+        };
+        h.host()
+            .attach_vgpu(&req)
+            .unwrap_or_else(|e| panic!("{profile}: {e}"));
+    }
+    let j = h.journal().unwrap();
+    let vgpus = j["attachments"][0]["vgpus"].as_array().unwrap().clone();
+    assert_eq!(vgpus.len(), 2, "{j}");
+    let vf = vgpus
+        .iter()
+        .find_map(|v| v["vf"].as_str())
+        .unwrap()
+        .to_owned();
+    let uuid = vgpus
+        .iter()
+        .find_map(|v| v["uuid"].as_str())
+        .unwrap()
+        .to_owned();
+
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    let regs = kubelet.wait_registrations(2, WAIT).await;
+    let mut names: Vec<&str> = regs.iter().map(|r| r.resource_name.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["nvidia.com/GRID_T4-1B", "nvidia.com/NVIDIA_L40S-4Q"]
+    );
+
+    let l40s = "nvidia.com/NVIDIA_L40S-4Q";
+    let mut vf_client = plugin_client(&plugin.dir.join(socket_name(l40s))).await;
+    let mut vf_stream = vf_client
+        .list_and_watch(Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut vf_stream).await;
+    assert_eq!(first.devices.len(), 1);
+    assert_eq!(health(&first, &vf), "Healthy");
+
+    let t4 = "nvidia.com/GRID_T4-1B";
+    let mut mdev_client = plugin_client(&plugin.dir.join(socket_name(t4))).await;
+    let mut mdev_stream = mdev_client
+        .list_and_watch(Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health(&next(&mut mdev_stream).await, &uuid), "Healthy");
+
+    let answer = mdev_client
+        .allocate(alloc(&[&uuid]))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &answer.container_responses[0];
+    assert_eq!(
+        c.envs.get("MDEV_PCI_RESOURCE_NVIDIA_COM_GRID_T4-1B"),
+        Some(&uuid)
+    );
+    let paths: Vec<&str> = c
+        .devices
+        .iter()
+        .map(|d| d.container_path.as_str())
+        .collect();
+    assert_eq!(paths[0], "/dev/vfio/vfio");
+    assert!(
+        paths.len() == 2 && paths[1].starts_with("/dev/vfio/"),
+        "{paths:?}"
+    );
+    // Another resource's ID is refused.
+    let err = mdev_client.allocate(alloc(&[&vf])).await.unwrap_err();
+    assert!(err.message().contains(&vf), "{}", err.message());
+
+    let answer = vf_client
+        .allocate(alloc(&[&vf]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.container_responses[0]
+            .envs
+            .get("PCI_RESOURCE_NVIDIA_COM_NVIDIA_L40S-4Q"),
+        Some(&vf)
+    );
+    let j = h.journal().unwrap();
+    let allocated: Vec<&serde_json::Value> = j["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| {
+            a["owner"]
+                .as_str()
+                .unwrap()
+                .starts_with("device-plugin:alloc-")
+        })
+        .flat_map(|a| a["vgpus"].as_array().unwrap())
+        .collect();
+    assert_eq!(allocated.len(), 2, "both vGPUs moved to allocations: {j}");
+
+    // The VF's vGPU released behind the journal's back: Unhealthy, and never allocated.
+    fs::write(
+        h.sys
+            .join("bus/pci/devices")
+            .join(&vf)
+            .join("nvidia/current_vgpu_type"),
+        "0\n",
+    )
+    .unwrap();
+    assert_eq!(health(&next(&mut vf_stream).await, &vf), "Unhealthy");
+    let err = vf_client.allocate(alloc(&[&vf])).await.unwrap_err();
+    assert!(err.message().contains("vGPU type 0"), "{}", err.message());
+    plugin.stop().await;
+    kubelet.stop().await;
+}

@@ -44,6 +44,7 @@ fn release() -> Release {
         driver_version: None,
         module_flavor: None,
         gsp: true,
+        vgpu: None,
         default: false,
         artifacts: BTreeMap::new(),
         source: "test".into(),

@@ -99,6 +99,7 @@ pub fn devices(devices: &Value, gpus: &[GpuFact], driver_list: bool) -> CheckRes
                 iommu_group: g.iommu_group,
                 vfio_device: PathBuf::new(),
                 gpu: true,
+                vgpu: false,
                 bar64_bytes: bar64,
                 vfio: None,
             }],

@@ -106,6 +106,39 @@ pub struct MdevRecord {
     pub verified: bool,
 }
 
+/// How far the creation of a vGPU got (the last step begun).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VgpuStep {
+    /// Recorded; nothing written yet.
+    Planned,
+    /// The type (vendor VFIO) or UUID (mdev) is being written.
+    Creating,
+    /// Read back and verified through VFIO: past the point of no return.
+    Verified,
+}
+
+/// A vGPU this tool created (or is creating) for an owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VgpuRecord {
+    /// The framework it is created through.
+    pub framework: crate::vgpu::Framework,
+    /// The parent GPU (the PF, or the mdev parent).
+    pub parent: PciAddress,
+    /// The profile's name.
+    pub profile: String,
+    /// The type ID written (vendor VFIO) or the mdev type.
+    pub type_id: String,
+    /// The VF given the type (vendor VFIO).
+    pub vf: Option<PciAddress>,
+    /// The mdev's UUID (mdev).
+    pub uuid: Option<String>,
+    /// IOMMU group of the VF or mdev.
+    pub iommu_group: Option<u32>,
+    /// The last step begun.
+    pub step: VgpuStep,
+}
+
 /// A transaction in flight.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transaction {
@@ -117,6 +150,9 @@ pub struct Transaction {
     pub devices: Vec<DeviceRecord>,
     /// mdevs, in the order they are created.
     pub mdevs: Vec<MdevRecord>,
+    /// vGPUs (`attach --vgpu`), in the order they are created.
+    #[serde(default)]
+    pub vgpus: Vec<VgpuRecord>,
 }
 
 /// Devices (and mdevs) held for an owner.
@@ -128,6 +164,9 @@ pub struct Attachment {
     pub devices: Vec<DeviceRecord>,
     /// mdevs created for it.
     pub mdevs: Vec<MdevRecord>,
+    /// vGPUs created for it.
+    #[serde(default)]
+    pub vgpus: Vec<VgpuRecord>,
 }
 
 /// Everything in the journal.
@@ -171,15 +210,19 @@ fn unix_now() -> u64 {
 
 impl JournalState {
     /// The owner holding `device` (attached or mid-transaction).
+    /// A vGPU's VF and parent count as held: moving either would break the vGPU.
     pub fn owner_of(&self, device: PciAddress) -> Option<&Owner> {
+        let vgpu = |v: &VgpuRecord| v.vf == Some(device) || v.parent == device;
         self.attachments
             .iter()
-            .find(|a| a.devices.iter().any(|d| d.device == device))
+            .find(|a| a.devices.iter().any(|d| d.device == device) || a.vgpus.iter().any(vgpu))
             .map(|a| &a.owner)
             .or_else(|| {
                 self.transactions
                     .iter()
-                    .find(|t| t.devices.iter().any(|d| d.device == device))
+                    .find(|t| {
+                        t.devices.iter().any(|d| d.device == device) || t.vgpus.iter().any(vgpu)
+                    })
                     .map(|t| &t.owner)
             })
     }

@@ -22,6 +22,10 @@
 //! bind) the original driver. Detach also resets each device handed to the VM and verifies it
 //! once it is back with the host (see `reset.rs`; failures become [`crate::health`] events), and
 //! placement refuses devices that [`crate::health::is_quarantined`] names.
+//!
+//! vGPUs ([`Host::attach_vgpu`], `vgpu.rs`) are created in the same journal without moving any
+//! device: a type ID written to a vendor-VFIO VF, or an mdev created from a UUID; detach and
+//! reconcile release them only when no process holds them open.
 
 mod doctor;
 pub mod holders;
@@ -30,6 +34,7 @@ pub mod kernel;
 mod plan;
 mod reset;
 mod transaction;
+mod vgpu;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -44,6 +49,7 @@ pub use kernel::{Kernel, RealKernel};
 pub use plan::{DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use transaction::{DetachReport, ReconcileReport, RestoredDevice};
+pub use vgpu::VgpuAttachRequest;
 
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{PciAddress, PciError, Sysfs};
@@ -313,6 +319,35 @@ pub enum AttachError {
         /// Why.
         reason: String,
     },
+    /// No such vGPU profile, or not enough room for it.
+    #[error(transparent)]
+    Vgpu(#[from] crate::vgpu::VgpuError),
+    /// A vGPU write did not take: the read-back differs (the transaction was rolled back).
+    #[error(
+        "wrote `{wrote}` to {path} but read back `{read}`; the vGPU manager did not take it (check dmesg); the transaction was rolled back"
+    )]
+    VgpuMismatch {
+        /// The attribute.
+        path: PathBuf,
+        /// What was written.
+        wrote: String,
+        /// What was read back.
+        read: String,
+    },
+    /// A process holds one of the owner's vGPUs open: nothing was released.
+    #[error("not releasing the vGPUs of owner {owner}: {}; stop that VM first (SIGTERM, then wait), then retry", .holders.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    VgpuHeld {
+        /// The owner.
+        owner: Owner,
+        /// Who holds them.
+        holders: Vec<holders::Holder>,
+    },
+    /// The proc filesystem cannot be read, so nobody can tell who holds a vGPU.
+    #[error("cannot read {proc_root} to see who holds the vGPUs; nothing was released")]
+    HoldersUnknown {
+        /// The proc root.
+        proc_root: PathBuf,
+    },
     /// An mdev type name that the device does not offer.
     #[error("{device} offers no mdev type `{mdev_type}`; list the device's mdev types")]
     NoSuchMdevType {
@@ -334,6 +369,9 @@ impl AttachError {
                 | AttachError::NoSuchMdevType { .. }
                 | AttachError::NothingRequested
                 | AttachError::ResetRefused { .. }
+                | AttachError::Vgpu(_)
+                | AttachError::VgpuHeld { .. }
+                | AttachError::HoldersUnknown { .. }
         )
     }
 }

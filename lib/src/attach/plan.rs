@@ -72,6 +72,9 @@ pub enum RefusalReason {
     Quarantined,
     /// The health record cannot be read: nothing is handed out (fail closed).
     HealthUnknown,
+    /// A vendor-VFIO vGPU function (a VF with `nvidia/current_vgpu_type`, or its PF): unbinding
+    /// it breaks the driver's VFIO registration.
+    VgpuFunction,
 }
 
 /// The quarantine refusal for `addr`, if any (an unreadable record refuses too).
@@ -326,6 +329,12 @@ impl Host {
                     continue;
                 }
             };
+            if req.mdev_type.is_none()
+                && let Some(message) = crate::vgpu::vgpu_role(&self.sysfs, addr)
+            {
+                refuse(&mut plan, Some(addr), RefusalReason::VgpuFunction, message);
+                continue;
+            }
             if let Some(t) = &req.mdev_type {
                 match d.mdev_types.iter().find(|m| &m.id == t) {
                     Some(m) if m.available_instances > 0 => plan.mdevs.push((addr, t.clone())),

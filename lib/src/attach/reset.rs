@@ -393,6 +393,9 @@ impl Host {
                 reason: format!("it is attached to owner {owner}; detach it first"),
             });
         }
+        if let Some(reason) = crate::vgpu::vgpu_role(&self.sysfs, device) {
+            return Err(AttachError::ResetRefused { device, reason });
+        }
         let before = self.sysfs.device(device)?.driver;
         let reset = if before.as_deref() == Some("vfio-pci") {
             ResetReport {

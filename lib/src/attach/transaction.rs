@@ -33,6 +33,9 @@ pub struct DetachReport {
     pub restored: Vec<RestoredDevice>,
     /// mdevs removed (only ones this tool created).
     pub removed_mdevs: Vec<String>,
+    /// vGPUs released (only ones this tool created).
+    #[serde(default)]
+    pub released_vgpus: Vec<String>,
 }
 
 /// What reconcile did.
@@ -53,7 +56,7 @@ pub struct ReconcileReport {
     pub errors: Vec<String>,
 }
 
-fn new_uuid() -> Result<String, AttachError> {
+pub(super) fn new_uuid() -> Result<String, AttachError> {
     let text = std::fs::read_to_string("/proc/sys/kernel/random/uuid").map_err(|source| {
         AttachError::Write {
             path: PathBuf::from("/proc/sys/kernel/random/uuid"),
@@ -99,6 +102,7 @@ impl Host {
                 })
                 .collect(),
             mdevs: Vec::new(),
+            vgpus: Vec::new(),
         };
         j.state.transactions.push(txn);
         let t = j.state.transactions.len() - 1;
@@ -226,6 +230,7 @@ impl Host {
                     iommu_group: Some(group),
                     vfio_device: node,
                     gpu: dev.kind == crate::pci::DeviceKind::Display,
+                    vgpu: false,
                     bar64_bytes: dev.bar64_bytes(),
                     vfio: report,
                 });
@@ -286,6 +291,7 @@ impl Host {
                 iommu_group: Some(group),
                 vfio_device: node,
                 gpu: true,
+                vgpu: true,
                 bar64_bytes: 0,
                 vfio: Some(report),
             });
@@ -293,7 +299,7 @@ impl Host {
         Ok(boot)
     }
 
-    fn wait_node(&self, group: u32) -> Result<PathBuf, AttachError> {
+    pub(super) fn wait_node(&self, group: u32) -> Result<PathBuf, AttachError> {
         let node = self.dev_dir.join("vfio").join(group.to_string());
         let start = Instant::now();
         while !node.exists() {
@@ -380,6 +386,7 @@ impl Host {
 
     /// Roll a transaction back in reverse order; mdevs first (they were created last).
     fn roll_back(&self, txn: &Transaction) -> Result<Vec<RestoredDevice>, AttachError> {
+        self.release_vgpus(&txn.vgpus)?;
         for m in txn.mdevs.iter().rev() {
             if valid_mdev_uuid(&m.uuid) {
                 self.remove_mdev(m)?;
@@ -409,7 +416,18 @@ impl Host {
             owner: att.owner.clone(),
             restored: Vec::new(),
             removed_mdevs: Vec::new(),
+            released_vgpus: Vec::new(),
         };
+        // Nothing is released while a VMM holds one of the vGPUs.
+        self.check_vgpu_holders(&att.owner, &att.vgpus)?;
+        for v in att.vgpus.iter().rev() {
+            if self.release_vgpu(v)? {
+                report.released_vgpus.push(super::vgpu::vgpu_label(v));
+            }
+            j.state.attachments[i].vgpus.retain(|x| x != v);
+            j.save()?;
+            Failpoint::VgpuMidRelease.hit();
+        }
         for m in att.mdevs.iter().rev() {
             if valid_mdev_uuid(&m.uuid) && self.remove_mdev(m)? {
                 report.removed_mdevs.push(m.uuid.clone());
@@ -447,6 +465,7 @@ impl Host {
                     .iter()
                     .filter(|d| d.passed)
                     .map(|d| d.device)
+                    .chain(txn.vgpus.iter().map(|v| v.parent))
                     .collect();
                 let gpus = passed
                     .iter()
@@ -516,7 +535,14 @@ impl Host {
                     .join(&m.uuid)
                     .exists()
         });
-        (!txn.devices.is_empty() || !txn.mdevs.is_empty()) && devices_ok && mdevs_ok
+        let vgpus_ok = txn
+            .vgpus
+            .iter()
+            .all(|v| v.step == super::journal::VgpuStep::Verified && self.vgpu_present(v));
+        (!txn.devices.is_empty() || !txn.mdevs.is_empty() || !txn.vgpus.is_empty())
+            && devices_ok
+            && mdevs_ok
+            && vgpus_ok
     }
 }
 
@@ -525,21 +551,24 @@ fn valid_mdev_uuid(u: &str) -> bool {
 }
 
 /// Move a finished transaction into its owner's attachment.
-fn commit(j: &mut LockedJournal, txn: Transaction) {
+pub(super) fn commit(j: &mut LockedJournal, txn: Transaction) {
     let Transaction {
         owner,
         devices,
         mdevs,
+        vgpus,
         ..
     } = txn;
     if let Some(a) = j.state.attachments.iter_mut().find(|a| a.owner == owner) {
         a.devices.extend(devices);
         a.mdevs.extend(mdevs);
+        a.vgpus.extend(vgpus);
     } else {
         j.state.attachments.push(Attachment {
             owner,
             devices,
             mdevs,
+            vgpus,
         });
     }
 }

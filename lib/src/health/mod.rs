@@ -88,6 +88,37 @@ pub enum HealthError {
     NoHistory(Owner),
 }
 
+/// The question an allocator asks before handing a device out (vGPU placement, the KubeVirt
+/// device plugin); a test or a control plane with its own health source implements it.
+pub trait QuarantineCheck: Send + Sync {
+    /// Whether `device` must not be handed out.
+    fn is_quarantined(&self, device: PciAddress) -> bool;
+}
+
+/// The health records of a state dir: quarantined when the record says so, and also when it
+/// cannot be read (fail closed).
+#[derive(Debug, Clone)]
+pub struct HealthRecords {
+    /// The state dir holding the health records.
+    pub state_dir: PathBuf,
+}
+
+impl QuarantineCheck for HealthRecords {
+    fn is_quarantined(&self, device: PciAddress) -> bool {
+        !matches!(is_quarantined(&self.state_dir, device), Ok(None))
+    }
+}
+
+/// No quarantine: every device may be handed out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoQuarantine;
+
+impl QuarantineCheck for NoQuarantine {
+    fn is_quarantined(&self, _device: PciAddress) -> bool {
+        false
+    }
+}
+
 /// Whether `address` is quarantined under the default [`Policy`], with the events that put it
 /// there. The one question every allocator asks before handing a device out; an `Err` means the
 /// record cannot be read and the device must not be handed out (fail closed).

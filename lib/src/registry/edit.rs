@@ -118,6 +118,12 @@ fn release_table(release: &Release) -> Table {
     if !release.gsp {
         t["gsp"] = value(false);
     }
+    if let Some(v) = &release.vgpu {
+        t["vgpu_guest"] = value(true);
+        t["vgpu_manager_branches"] = value(toml_edit::Array::from_iter(
+            v.manager_branches.iter().map(String::as_str),
+        ));
+    }
     if release.default {
         t["default"] = value(true);
     }

@@ -216,12 +216,30 @@ pub struct Release {
     /// releases only (GPUs without GSP, such as Pascal): the layer then carries no firmware and
     /// `nvidia` gets `NVreg_EnableGpuFirmware=0`.
     pub gsp: bool,
+    /// The release's guest driver is NVIDIA's vGPU (GRID) guest driver, for these host vGPU
+    /// manager branches (`vgpu_guest = true`, `vgpu_manager_branches = ["550"]`).
+    pub vgpu: Option<VgpuGuest>,
     /// Whether this is the release used when none is named.
     pub default: bool,
     /// Artifacts per architecture.
     pub artifacts: BTreeMap<Arch, Vec<Artifact>>,
     /// Where the release was defined: `"embedded"` or the registry file's path.
     pub source: String,
+}
+
+/// A vGPU guest release's compatibility with host vGPU managers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VgpuGuest {
+    /// The host vGPU manager branches (driver major versions, e.g. `550`) it works with.
+    pub manager_branches: Vec<String>,
+}
+
+impl VgpuGuest {
+    /// Whether a host vGPU manager of `version` (`550.90.05`) is one of the branches.
+    pub fn supports(&self, version: &str) -> bool {
+        let branch = version.trim().split('.').next().unwrap_or_default();
+        self.manager_branches.iter().any(|b| b == branch)
+    }
 }
 
 impl Release {

@@ -12,6 +12,8 @@ const RELEASE_KEYS: &[&str] = &[
     "driver_version",
     "module_flavor",
     "gsp",
+    "vgpu_guest",
+    "vgpu_manager_branches",
     "default",
     "artifacts",
 ];
@@ -186,6 +188,7 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
             "set module_flavor = \"proprietary\", or remove gsp = false and add the firmware",
         ));
     }
+    let vgpu = parse_vgpu(&ctx, table)?;
     let default = match table.get("default") {
         None => false,
         Some(Value::Boolean(b)) => *b,
@@ -260,10 +263,64 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
         driver_version,
         module_flavor,
         gsp,
+        vgpu,
         default,
         artifacts,
         source: file.to_string(),
     })
+}
+
+fn parse_vgpu(ctx: &Ctx<'_>, table: &Table) -> Result<Option<super::VgpuGuest>, RegistryError> {
+    let guest = match table.get("vgpu_guest") {
+        None => false,
+        Some(Value::Boolean(b)) => *b,
+        Some(other) => {
+            return Err(ctx.invalid(
+                "vgpu_guest",
+                format!("expected true or false, found {}", other.type_str()),
+                "write vgpu_guest = true for a release with NVIDIA's vGPU guest driver, or remove it",
+            ));
+        }
+    };
+    let branches = match table.get("vgpu_manager_branches") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) => {
+                    Ok(s.clone())
+                }
+                _ => Err(ctx.invalid(
+                    "vgpu_manager_branches",
+                    format!("`{v}` is not a driver branch"),
+                    "list the host manager branches as strings of digits, e.g. [\"550\", \"570\"]",
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(ctx.invalid(
+                "vgpu_manager_branches",
+                format!("expected an array of strings, found {}", other.type_str()),
+                "write vgpu_manager_branches = [\"550\"]",
+            ));
+        }
+    };
+    match (guest, branches.is_empty()) {
+        (true, true) => Err(ctx.invalid(
+            "vgpu_manager_branches",
+            "missing, but vgpu_guest = true",
+            "add the host vGPU manager branches the guest driver works with, e.g. vgpu_manager_branches = [\"550\"]",
+        )),
+        (false, false) => Err(ctx.invalid(
+            "vgpu_manager_branches",
+            "set, but vgpu_guest is not true",
+            "add vgpu_guest = true, or remove vgpu_manager_branches",
+        )),
+        (true, false) => Ok(Some(super::VgpuGuest {
+            manager_branches: branches,
+        })),
+        (false, true) => Ok(None),
+    }
 }
 
 fn parse_artifact(ctx: &Ctx<'_>, field: &str, item: &Value) -> Result<Artifact, RegistryError> {

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
 
+use super::vgpu;
 use super::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_RESET_LOG, has_flag, take_fault};
 use crate::attach::Kernel;
 use crate::pci::{PciAddress, Sysfs, valid_driver_name};
@@ -142,6 +143,9 @@ impl SimulatedKernel {
         fs::create_dir(&mdev_dir).map_err(|_| errno(libc::EEXIST))?;
         symlink(fs::canonicalize(type_dir)?, mdev_dir.join("mdev_type"))?;
         fs::write(mdev_dir.join("remove"), b"")?;
+        let devices = type_dir.join("devices");
+        fs::create_dir_all(&devices)?;
+        symlink(&mdev_dir, devices.join(uuid))?;
         // A new IOMMU group for the mdev, as vfio-mdev gives each one.
         let groups = self.sysfs.root().join("kernel/iommu_groups");
         let group = (1000..)
@@ -158,7 +162,8 @@ impl SimulatedKernel {
             fs::create_dir_all(self.dev_dir.join("vfio"))?;
             fs::write(self.dev_dir.join("vfio").join(group.to_string()), b"")?;
         }
-        fs::write(&avail_path, format!("{}\n", avail - 1))
+        fs::write(&avail_path, format!("{}\n", avail - 1))?;
+        vgpu::recount_mdev(&parent.join("mdev_supported_types"))
     }
 
     fn remove_mdev(&self, uuid: &str) -> io::Result<()> {
@@ -173,9 +178,14 @@ impl SimulatedKernel {
         }
         fs::remove_dir_all(&mdev_dir)?;
         fs::remove_file(&link)?;
+        let _ = fs::remove_file(type_dir.join("devices").join(uuid));
         let avail_path = type_dir.join("available_instances");
         let avail: u32 = fs::read_to_string(&avail_path)?.trim().parse().unwrap_or(0);
-        fs::write(&avail_path, format!("{}\n", avail + 1))
+        fs::write(&avail_path, format!("{}\n", avail + 1))?;
+        match type_dir.parent() {
+            Some(types) => vgpu::recount_mdev(types),
+            None => Ok(()),
+        }
     }
 }
 
@@ -237,6 +247,9 @@ impl Kernel for SimulatedKernel {
                 "create",
             ] => self.create_mdev(path.parent().unwrap_or(path), value),
             ["bus", "mdev", "devices", uuid, "remove"] => self.remove_mdev(uuid),
+            ["bus", "pci", "devices", addr, "nvidia", "current_vgpu_type"] => {
+                vgpu::set_type(&self.sysfs, &self.dev_dir, Self::parse_addr(addr)?, value)
+            }
             _ => Err(errno(libc::EACCES)),
         }
     }

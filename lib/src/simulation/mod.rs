@@ -15,16 +15,20 @@
 //! (`fail-once <attr> after K` lets K writes pass first). A line
 //! `no-vfio-node` stops the simulation from creating `/dev/vfio/<group>`; `nvidia-no-gpu` makes
 //! the `nvidia` driver not take a GPU bound to it (no [`SIM_NVIDIA_GPUS`] entry). `reset`,
-//! `reset_method` and `d3cold_allowed` writes are kept in the device's files.
+//! `reset_method` and `d3cold_allowed` writes are kept in the device's files. vGPU writes
+//! (`current_vgpu_type`, mdev `create`/`remove`) get the vGPU manager's reactions (see
+//! `vgpu.rs`).
 
 mod kernel;
 mod vfio;
+mod vgpu;
 
 use std::fs;
 use std::path::Path;
 
 pub use kernel::SimulatedKernel;
 pub use vfio::SimulatedVfio;
+pub use vgpu::SIM_VGPU_TYPES;
 
 /// The file that marks a fake sysfs root as simulated.
 pub const SIMULATION_MARKER: &str = ".gpu-passthrough-simulated";

@@ -35,7 +35,10 @@ impl VfioVerifier for SimulatedVfio {
             .and_then(|t| t.file_name().map(|n| n == "vfio-pci"))
             .unwrap_or(false);
         let is_mdev = sysfs_device.join("mdev_type").exists();
-        if !on_vfio && !is_mdev {
+        // A vendor-VFIO VF stays on nvidia: it is a VFIO device once it has a vGPU type.
+        let is_vgpu_vf = fs::read_to_string(sysfs_device.join("nvidia/current_vgpu_type"))
+            .is_ok_and(|t| t.trim() != "0");
+        if !on_vfio && !is_mdev && !is_vgpu_vf {
             return Err(VfioCheckError::NotViable { group });
         }
         Ok(VfioReport {

@@ -308,6 +308,7 @@ pub fn add(
         driver_version: req.driver_version.clone(),
         module_flavor: req.flavor,
         gsp: req.gsp,
+        vgpu: None,
         default: req.default,
         artifacts: BTreeMap::from([(req.arch, artifacts)]),
         source: req.file.display().to_string(),
