@@ -719,19 +719,26 @@ fn response_validator(response: &reqwest::blocking::Response) -> Option<String> 
 fn redirect_policy() -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(|attempt| {
         let from = attempt.previous().first().map(|u| u.scheme().to_string());
-        if attempt.previous().len() > 10 {
-            attempt.error("more than 10 redirects")
-        } else if from.as_deref().is_some_and(|s| s != attempt.url().scheme()) {
-            let message = format!(
-                "redirect from {} to {} changes the scheme",
-                from.unwrap_or_default(),
-                attempt.url().scheme()
-            );
-            attempt.error(message)
-        } else {
-            attempt.follow()
+        match redirect_refusal(
+            from.as_deref(),
+            attempt.url().scheme(),
+            attempt.previous().len(),
+        ) {
+            Some(message) => attempt.error(message),
+            None => attempt.follow(),
         }
     })
+}
+
+/// Why a redirect to `to` is refused, after `hops` redirects from a URL of scheme `from`.
+fn redirect_refusal(from: Option<&str>, to: &str, hops: usize) -> Option<String> {
+    if hops > 10 {
+        Some("more than 10 redirects".into())
+    } else if let Some(from) = from.filter(|s| *s != to) {
+        Some(format!("redirect from {from} to {to} changes the scheme"))
+    } else {
+        None
+    }
 }
 
 /// Remove a (partial) download and the validator kept beside it.
@@ -745,5 +752,20 @@ fn remove_one_quietly(path: &Path) {
         && e.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!("cannot remove {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redirect_refusal;
+
+    #[test]
+    fn https_to_http_redirects_are_refused() {
+        // The loopback mirror speaks http only, so the downgrade itself is checked here.
+        let why = redirect_refusal(Some("https"), "http", 1).expect("a downgrade is refused");
+        assert!(why.contains("https to http"), "{why}");
+        assert!(redirect_refusal(Some("http"), "https", 1).is_some());
+        assert_eq!(redirect_refusal(Some("https"), "https", 3), None);
+        assert!(redirect_refusal(Some("https"), "https", 11).is_some());
     }
 }
