@@ -733,12 +733,10 @@ fn redirect_policy() -> reqwest::redirect::Policy {
 /// Why a redirect to `to` is refused, after `hops` redirects from a URL of scheme `from`.
 fn redirect_refusal(from: Option<&str>, to: &str, hops: usize) -> Option<String> {
     if hops > 10 {
-        Some("more than 10 redirects".into())
-    } else if let Some(from) = from.filter(|s| *s != to) {
-        Some(format!("redirect from {from} to {to} changes the scheme"))
-    } else {
-        None
+        return Some("more than 10 redirects".into());
     }
+    from.filter(|s| *s != to)
+        .map(|from| format!("redirect from {from} to {to} changes the scheme"))
 }
 
 /// Remove a (partial) download and the validator kept beside it.
