@@ -149,6 +149,45 @@ check "attach --gpus 1: the other display ($DISP2) on vfio-pci" test "$(driver_o
 run detach-gpus $CLI detach --owner vm-4 --json
 run health-clear $CLI health clear $VGA --json
 
+# Host hardening (issue 10 points 1-2; checks in e2e/check/src/host/hardening.rs): a process
+# holding a device's VFIO node keeps the device. The NIC, bound to vfio-pci by hand (no journal
+# record) and held by `sleep`: attach by another owner is refused naming it, the NIC stays bound.
+# The edu device attached for vm-h, then held: detach and reconcile --gone refuse and keep it;
+# once the holder exits, detach gives it back.
+hardening_holders() {
+    g=$(basename "$(readlink /sys/bus/pci/devices/$NIC/iommu_group)")
+    echo vfio-pci > /sys/bus/pci/devices/$NIC/driver_override
+    echo $NIC > /sys/bus/pci/drivers/e1000e/unbind
+    echo $NIC > /sys/bus/pci/drivers_probe
+    i=0; while [ ! -e /dev/vfio/$g ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    sleep 600 3<>/dev/vfio/$g &
+    holder=$!
+    sleep 0.2
+    say holder nic $holder
+    run held-attach $CLI attach $NIC --owner vm-h2 --json
+    check "held: nic still on vfio-pci after the refused attach" test "$(driver_of $NIC)" = vfio-pci
+    kill $holder; wait $holder 2>/dev/null
+    echo $NIC > /sys/bus/pci/drivers/vfio-pci/unbind
+    echo > /sys/bus/pci/devices/$NIC/driver_override
+    echo $NIC > /sys/bus/pci/drivers_probe
+    check "held: nic back on e1000e by hand" test "$(driver_of $NIC)" = e1000e
+
+    run held-edu-attach $CLI attach $EDU --owner vm-h --json
+    g=$(basename "$(readlink /sys/bus/pci/devices/$EDU/iommu_group)")
+    sleep 600 3<>/dev/vfio/$g &
+    holder=$!
+    sleep 0.2
+    say holder edu $holder
+    run held-detach $CLI detach --owner vm-h --json
+    check "held: edu still on vfio-pci after the refused detach" test "$(driver_of $EDU)" = vfio-pci
+    run held-reconcile $CLI reconcile --gone vm-h --json
+    check "held: edu still on vfio-pci after reconcile --gone" test "$(driver_of $EDU)" = vfio-pci
+    kill $holder; wait $holder 2>/dev/null
+    run held-detach-after $CLI detach --owner vm-h --json
+    check "held: edu back with no driver once its holder exited" test "$(driver_of $EDU)" = none
+}
+hardening_holders
+
 # Optional: a nested QEMU given the edu device through the boot spec's vfio-pci arguments.
 if [ -x /nested/qemu-system-x86_64 ]; then
     run nested-attach $CLI attach $EDU --owner nested --vmm qemu --json

@@ -65,6 +65,9 @@ pub struct Selection {
     /// vGPU: create an mdev of this type on each device instead of binding it.
     #[arg(long, value_name = "TYPE")]
     mdev_type: Option<String>,
+    /// Put the GPUs in one P2P clique even when they are not behind one PCIe switch.
+    #[arg(long)]
+    p2p_clique: bool,
     #[command(flatten)]
     host: HostOpts,
 }
@@ -158,6 +161,7 @@ fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanReq
         supported_gpus: sel.host.supported_gpus.clone(),
         allow_boot_vga: sel.allow_boot_vga,
         mdev_type: sel.mdev_type.clone(),
+        p2p_clique: sel.p2p_clique,
     })
 }
 
@@ -186,12 +190,8 @@ pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
     let h = host(global, Vec::new());
-    let list = h.devices(args.all, args.host.supported_gpus.as_deref())?;
-    emit(global, &list, |list| {
-        for d in list {
-            print!("{d}");
-        }
-    })?;
+    let list = h.listing(args.all, args.host.supported_gpus.as_deref())?;
+    emit_text(global, &list)?;
     Ok(ExitCode::from(SUCCESS))
 }
 

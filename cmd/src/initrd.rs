@@ -45,6 +45,10 @@ pub struct BuildArgs {
     /// nvidia_modeset, nvidia_drm].
     #[arg(long = "module", value_name = "NAME")]
     modules: Vec<String>,
+    /// Driver capabilities to pack, e.g. `compute,utility,video` or `all` [default: every
+    /// capability the driver libraries have].
+    #[arg(long, value_name = "LIST")]
+    capabilities: Option<gpu_passthrough::capabilities::CapabilitySet>,
 }
 
 /// Arguments of `initrd inspect`.
@@ -75,6 +79,7 @@ fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Res
     if !args.modules.is_empty() {
         options.modules = args.modules.clone();
     }
+    options.capabilities = args.capabilities.clone();
     let progress = DownloadBar::new(global);
     let mut layers =
         provision::release_layers(&global.cache_dir(), release, &options, freshness, &progress)?;

@@ -58,7 +58,9 @@ fn devices_json_has_stable_fields() {
         ],
     );
     assert!(out.status.success());
-    let list = json(&out);
+    let listing = json(&out);
+    assert_eq!(listing["scanned"], 7);
+    let list = &listing["devices"];
     let gpu = &list[1];
     assert_eq!(gpu["address"], "0000:01:00.0");
     assert_eq!(gpu["vendor_id"], 0x10de);
@@ -144,7 +146,18 @@ fn attach_prints_the_boot_spec_and_detach_restores() {
 #[test]
 fn attach_json_has_both_vmm_configs() {
     let h = sysfs::server_8gpu();
-    let out = run(&h, &["--json", "attach", "--gpus", "2", "--owner", "vm-9"]);
+    let out = run(
+        &h,
+        &[
+            "--json",
+            "attach",
+            "--gpus",
+            "2",
+            "--owner",
+            "vm-9",
+            "--p2p-clique",
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -285,6 +285,7 @@ pub fn allocate(
         .retain(|a| !(is_plugin_owner(&a.owner) && is_empty(a)));
     j.state.attachments.push(Attachment {
         owner: owner.clone(),
+        owner_process: None,
         devices: taken,
         mdevs: Vec::new(),
         vgpus: Vec::new(),
@@ -405,6 +406,7 @@ fn allocate_vgpus(
         .retain(|a| !(is_plugin_owner(&a.owner) && is_empty(a)));
     j.state.attachments.push(Attachment {
         owner: owner.clone(),
+        owner_process: None,
         devices: Vec::new(),
         mdevs: Vec::new(),
         vgpus: taken,

@@ -146,15 +146,8 @@ pub fn problems(
 /// The PCIe switch above a device: the upstream port two levels up in the sysfs device tree,
 /// when both levels are PCI devices (a root port alone is not a switch).
 pub fn switch_of(sysfs: &Sysfs, address: PciAddress) -> Option<PathBuf> {
-    let real = std::fs::canonicalize(sysfs.device_dir(address)).ok()?;
-    let is_pci = |p: &Path| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.parse::<PciAddress>().is_ok())
-    };
-    let down = real.parent().filter(|p| is_pci(p))?;
-    let up = down.parent().filter(|p| is_pci(p))?;
-    Some(up.to_owned())
+    // The library's rule, which also decides the boot spec's P2P clique.
+    sysfs.upstream_switch(address)
 }
 
 /// Scan the journal and sysfs.

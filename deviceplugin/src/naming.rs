@@ -165,6 +165,7 @@ mod tests {
             reset_methods: vec![],
             sriov_total_vfs: None,
             sriov_num_vfs: None,
+            physfn: None,
             mdev_types: vec![],
             bars: vec![],
         };

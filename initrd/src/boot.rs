@@ -256,13 +256,17 @@ fn is_init_system(program: &str) -> bool {
     program == "/sbin/init" || program.ends_with("/systemd") || program.ends_with("/init")
 }
 
-/// Run the workload; returns its exit code when it ran as our child.
-pub fn run_workload(command: &[String]) -> Result<i32, BootError> {
+/// Run the workload with `env` added to init's environment; returns its exit code when it ran
+/// as our child.
+pub fn run_workload(
+    command: &[String],
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<i32, BootError> {
     let Some((program, args)) = command.split_first() else {
         return Ok(0);
     };
     let mut cmd = Command::new(program);
-    cmd.args(args);
+    cmd.args(args).envs(env);
     if std::env::var_os("PATH").is_none() {
         cmd.env(
             "PATH",
@@ -371,7 +375,8 @@ fn boot(config: &BootConfig) -> Result<i32, BootError> {
     if root != Path::new("/") {
         switch_root(&root)?;
     }
-    run_workload(&workload(config))
+    // The toolkit's variables as the setup settled them (the kernel gave us the rest already).
+    run_workload(&workload(config), &report.environment)
 }
 
 #[cfg(test)]

@@ -23,22 +23,30 @@ pub enum CdiError {
     Io(#[from] std::io::Error),
 }
 
-/// The spec for `gpus` GPUs, the node names (relative to `/dev`) and the manifest's files.
-pub fn spec(manifest: &Manifest, gpus: u32, node_names: &[String], lib_dir: &str) -> Value {
+/// The spec for the visible GPUs (`(index, device minor)`: device `i` is `/dev/nvidia<minor>`,
+/// the driver's minor, which need not be `i`), the node names (relative to `/dev`) and the
+/// manifest's files.
+pub fn spec(
+    manifest: &Manifest,
+    gpus: &[(usize, u64)],
+    node_names: &[String],
+    lib_dir: &str,
+) -> Value {
     let node = |name: &str| json!({ "path": format!("/dev/{name}") });
-    let per_gpu: Vec<String> = (0..gpus).map(|i| format!("nvidia{i}")).collect();
-    let mut devices: Vec<Value> = per_gpu
+    let per_gpu: Vec<String> = gpus.iter().map(|(_, m)| format!("nvidia{m}")).collect();
+    let mut devices: Vec<Value> = gpus
         .iter()
-        .enumerate()
-        .map(|(i, n)| json!({ "name": i.to_string(), "containerEdits": { "deviceNodes": [node(n)] } }))
+        .zip(&per_gpu)
+        .map(|((i, _), n)| json!({ "name": i.to_string(), "containerEdits": { "deviceNodes": [node(n)] } }))
         .collect();
     devices.push(json!({
         "name": "all",
         "containerEdits": { "deviceNodes": per_gpu.iter().map(|n| node(n)).collect::<Vec<_>>() }
     }));
+    // Another GPU's node (hidden by NVIDIA_VISIBLE_DEVICES) is no control node either.
     let common_nodes: Vec<Value> = node_names
         .iter()
-        .filter(|n| !per_gpu.contains(n))
+        .filter(|n| !is_gpu_node(n))
         .map(|n| node(n))
         .collect();
     let bind = |host: String, container: String| json!({ "hostPath": host, "containerPath": container, "options": ["ro", "nosuid", "nodev", "bind"] });
@@ -102,6 +110,12 @@ pub fn spec(manifest: &Manifest, gpus: u32, node_names: &[String], lib_dir: &str
     })
 }
 
+/// `nvidiaN`: a GPU's own node.
+fn is_gpu_node(name: &str) -> bool {
+    name.strip_prefix("nvidia")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The program the hooks run, as the guest sees it: `gpu-init` in the mounted layer (which
 /// implements them, see [`crate::cdi_hook`]).
 fn hook_program(manifest: &Manifest) -> String {
@@ -117,7 +131,7 @@ fn hook_program(manifest: &Manifest) -> String {
 pub fn write(
     root: &RootDir,
     manifest: &Manifest,
-    gpus: u32,
+    gpus: &[(usize, u64)],
     nodes: &[NodeReport],
     dev_dir: &Path,
     lib_dir: &str,

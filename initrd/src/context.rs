@@ -22,6 +22,8 @@ pub struct SetupContext {
     pub root: Option<PathBuf>,
     /// The running kernel release (`uname -r`).
     pub kernel_release: String,
+    /// The workload settings of the kernel command line (`NVIDIA_DRIVER_CAPABILITIES`, ...).
+    pub env: crate::env::GuestEnv,
 }
 
 impl SetupContext {
@@ -36,6 +38,7 @@ impl SetupContext {
             kmsg: PathBuf::from("/dev/kmsg"),
             root,
             kernel_release: running_kernel(),
+            env: crate::env::GuestEnv::parse(|k| std::env::var(k).ok()),
         }
     }
 

@@ -196,7 +196,16 @@ pub fn inject_libraries(
     if let Err(e) = root.create_new("/etc/ld.so.conf", b"include /etc/ld.so.conf.d/*.conf\n") {
         problems.push(io("write", Path::new("/etc/ld.so.conf"))(e).to_string());
     }
-    if let Err(e) = root.write_file(LD_SO_CONF, format!("{GPU_MOUNT}/lib\n").as_bytes()) {
+    // A layer that records capabilities is selected from: naming its whole library directory
+    // would put every capability in the cache, so the soname links above carry the selection.
+    let conf = if manifest.capabilities.is_empty() {
+        format!("{GPU_MOUNT}/lib\n")
+    } else {
+        "# gpu-passthrough: driver libraries are linked into the root's library directory, by \
+         NVIDIA_DRIVER_CAPABILITIES\n"
+            .to_string()
+    };
+    if let Err(e) = root.write_file(LD_SO_CONF, conf.as_bytes()) {
         problems.push(io("write", Path::new(LD_SO_CONF))(e).to_string());
     }
 

@@ -96,6 +96,9 @@ pub struct NodePlan {
     pub gpus: u32,
     /// One sentence per GPU or capability whose node could not be planned.
     pub problems: Vec<String>,
+    /// `(bus address, minor)` of every GPU with a node, in bus order: index `i` of
+    /// `NVIDIA_VISIBLE_DEVICES` and of the CDI devices is the `i`-th.
+    pub gpus_by_bus: Vec<(String, u64)>,
 }
 
 /// Deepest level of `/proc/driver/nvidia/capabilities` that holds capability files
@@ -121,6 +124,8 @@ pub fn plan_from_proc(proc_root: &Path) -> NodePlan {
             .push(NodeSpec::generic("nvidiactl".into(), major, 255));
         let (minors, problems) = gpu_minors(proc_root);
         plan.problems.extend(problems);
+        plan.gpus_by_bus = minors.clone();
+        plan.gpus_by_bus.sort();
         for (_, minor) in minors {
             plan.nodes
                 .push(NodeSpec::generic(format!("nvidia{minor}"), major, minor));

@@ -4,7 +4,7 @@ use crate::context::SetupContext;
 use crate::inroot::RootDir;
 use crate::kmsg::KernelLog;
 use crate::modules::{ModuleLoader, load_modules};
-use crate::{cdi, libraries, nodes};
+use crate::{cdi, daemons, env, libraries, nodes};
 use gpu_passthrough_manifest::report::{Report, ReportError, SetupErrorClass, Status};
 use gpu_passthrough_manifest::{FIRMWARE_DIR, Manifest};
 use std::time::Instant;
@@ -23,6 +23,12 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
         }
     };
     report.driver_version = Some(manifest.driver_version.clone());
+    // NVIDIA_DRIVER_CAPABILITIES: from here on the manifest holds only what is to be injected.
+    report.problems.extend(ctx.env.problems.iter().cloned());
+    let (manifest, injected, lacking) = env::select(&manifest, &ctx.env.capabilities);
+    report.problems.extend(lacking);
+    report.environment = ctx.env.workload_env(&injected);
+    report.capabilities = injected;
 
     let step = Instant::now();
     // Before any module loads: the firmware is in the layer's /gpu/firmware, not the kernel's
@@ -60,7 +66,14 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
     let node_plan = nodes::plan_from_proc(&ctx.proc_root);
     report.gpus = node_plan.gpus;
     report.problems.extend(node_plan.problems);
-    let planned = node_plan.nodes;
+    // NVIDIA_VISIBLE_DEVICES: a hidden GPU gets no node at all (the workload shares /dev).
+    let visible = env::visible_minors(&ctx.env.visible, &node_plan.gpus_by_bus);
+    let mut planned = node_plan.nodes;
+    planned.retain(|n| {
+        n.name != format!("nvidia{}", n.minor)
+            || node_plan.gpus_by_bus.iter().all(|(_, m)| *m != n.minor)
+            || visible.iter().any(|(_, m)| *m == n.minor)
+    });
     if planned.is_empty() && driver_up {
         report.problems.push(format!(
             "the NVIDIA driver is not registered in {}: no device nodes made",
@@ -149,7 +162,7 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
                 match cdi::write(
                     root,
                     &manifest,
-                    report.gpus,
+                    &visible,
                     &report.nodes,
                     &ctx.dev_dir,
                     &lib_dir,
@@ -159,6 +172,21 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
                 }
             }
             report.timings_ms.insert("cdi".into(), ms(step));
+        }
+    }
+    // After the modules (and the nodes) are there: the driver's own daemons, then the lock.
+    let driver_down = report.modules.iter().find(|m| m.class.is_some()).map(|m| {
+        let class = serde_json::to_value(m.class).unwrap_or_default();
+        format!("{}: {}", m.name, class.as_str().unwrap_or("failed"))
+    });
+    let decisions = daemons::decide(ctx, &manifest, &ctx.env, driver_down.as_deref());
+    let (started, problems) = daemons::run(ctx, decisions);
+    report.daemons = started;
+    report.problems.extend(problems);
+    if ctx.env.lock_modules {
+        match daemons::lock_modules(&ctx.proc_root) {
+            Ok(()) => report.modules_locked = true,
+            Err(problem) => report.problems.push(problem),
         }
     }
     crate::report::finish_status(&mut report);

@@ -137,6 +137,7 @@ fn build_initrd(dir: &Path, gpu_init: &Path) -> std::path::PathBuf {
             gid: 0,
         },
         inputs: vec![],
+        capabilities: Default::default(),
     };
     std::fs::write(
         t.join("gpu/manifest.json"),

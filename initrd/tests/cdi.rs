@@ -49,7 +49,7 @@ fn errors(spec: &Value) -> Vec<String> {
 
 fn spec() -> Value {
     let names = ["nvidiactl", "nvidia0", "nvidia-uvm"].map(String::from);
-    cdi::spec(&common::manifest(), 1, &names, LIB_DIR)
+    cdi::spec(&common::manifest(), &[(0, 0)], &names, LIB_DIR)
 }
 
 fn hook<'a>(spec: &'a Value, name: &str) -> &'a Value {

@@ -195,11 +195,38 @@ impl<'a> Provisioner<'a> {
         release: Option<&str>,
     ) -> Result<Plan, ProvisionError> {
         let mut request = request.clone();
-        if let Some(name) = release {
-            let release = self.registry.release(name)?;
-            request.flavor = request.flavor.or(release.module_flavor);
-        }
-        Ok(self.host.plan(&request)?)
+        let Some(name) = release else {
+            return Ok(self.host.plan(&request)?);
+        };
+        let release = self.registry.release(name)?;
+        request.flavor = request.flavor.or(release.module_flavor);
+        let mut plan = self.host.plan(&request)?;
+        plan.refusals
+            .extend(self.driver_fit(release, &request, &plan)?);
+        Ok(plan)
+    }
+
+    /// The release's proprietary modules against the planned GPUs (see
+    /// [`crate::attach::driver_fit`]); nothing to say without the driver's GPU list.
+    fn driver_fit(
+        &self,
+        release: &Release,
+        request: &PlanRequest,
+        plan: &Plan,
+    ) -> Result<Vec<crate::attach::Refusal>, ProvisionError> {
+        let Some(path) = &request.supported_gpus else {
+            return Ok(Vec::new());
+        };
+        let gpus = crate::pci::ids::SupportedGpus::load(path).map_err(AttachError::from)?;
+        let devices: Vec<crate::pci::PciDevice> = plan
+            .devices
+            .iter()
+            .filter(|p| p.passed)
+            .filter_map(|p| self.host.sysfs().device(p.address).ok())
+            .collect();
+        Ok(crate::attach::driver_fit::proprietary_refusals(
+            release, &gpus, &devices,
+        ))
     }
 
     /// Check the release's vGPU guest driver against the host's manager, ensure its layers,
@@ -289,6 +316,14 @@ impl<'a> Provisioner<'a> {
                 .map_err(layers_failed)?;
                 initrd = Some(layers.combined.path);
                 plan.supported_gpus = plan.supported_gpus.or(layers.supported_gpus);
+            }
+            // Refused before a device moves, like every plan refusal.
+            if release.module_flavor == Some(crate::registry::ModuleFlavor::Proprietary) {
+                let planned = self.host.plan(&plan)?;
+                let refusals = self.driver_fit(release, &plan, &planned)?;
+                if !refusals.is_empty() {
+                    return Err(AttachError::Refused(refusals).into());
+                }
             }
         }
         Ok(self.host.attach(&AttachRequest {

@@ -5,7 +5,8 @@
 use std::fmt::{self, Display, Formatter};
 
 use crate::attach::{
-    CheckStatus, DetachReport, DeviceReport, DoctorReport, Plan, ReconcileReport, RefusalReason,
+    CheckStatus, DetachReport, DeviceListing, DeviceReport, DoctorReport, Plan, ReconcileReport,
+    RefusalReason,
 };
 use crate::initrd::{InitrdLayer, LayerFile, Layers};
 use crate::pci::PciAddress;
@@ -43,6 +44,18 @@ impl Display for DoctorReport {
             }
         }
         writeln!(f, "verdict: {}", self.verdict)
+    }
+}
+
+impl Display for DeviceListing {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for d in &self.devices {
+            write!(f, "{d}")?;
+        }
+        if let Some(note) = &self.note {
+            writeln!(f, "{note}")?;
+        }
+        Ok(())
     }
 }
 
@@ -236,6 +249,16 @@ impl Display for ReconcileReport {
         for o in &self.kept_alive {
             writeln!(f, "kept {o}: still exists")?;
         }
+        for h in &self.kept_in_use {
+            let who: Vec<String> = h.holders.iter().map(ToString::to_string).collect();
+            writeln!(
+                f,
+                "kept {}: {} is in use ({})",
+                h.owner,
+                h.device,
+                who.join(", ")
+            )?;
+        }
         for o in &self.kept_unknown {
             writeln!(
                 f,
@@ -382,7 +405,9 @@ impl Display for Layers {
         let order: Vec<_> = m.modules.iter().map(|m| m.name.as_str()).collect();
         writeln!(f, "modules   {}", order.join(" → "))?;
         writeln!(f, "firmware  {}", m.firmware.len())?;
-        writeln!(f, "libraries {}", m.libraries.len())
+        writeln!(f, "libraries {}", m.libraries.len())?;
+        let caps: Vec<&str> = m.capabilities.keys().map(|c| c.as_str()).collect();
+        writeln!(f, "capabilities {}", caps.join(","))
     }
 }
 

@@ -3,7 +3,11 @@
 //! [`RealVfio`] uses `vfio-ioctls`: open `/dev/vfio/vfio` (API version, type-1 v2 IOMMU), open
 //! the group (viable flag), set container and IOMMU, get the device fd, then read its info
 //! (regions, irqs, reset flag) with `VFIO_DEVICE_GET_INFO` over `vfio-bindings`' struct.
-//! Tests on fake trees use the simulated check (feature `simulation`).
+//! On a kernel with iommufd and no legacy group interface (no `/dev/vfio/<group>`), the device's
+//! own `/dev/vfio/devices/vfioX` is opened instead, bound to an iommufd (`/dev/iommu`, which also
+//! claims the group's DMA ownership, so a group that is not viable fails here) and asked the
+//! same `VFIO_DEVICE_GET_INFO`. Tests on fake trees use the simulated check (feature
+//! `simulation`).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -11,7 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use vfio_bindings::bindings::vfio::{
-    VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_TYPE, vfio_device_info,
+    VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_TYPE, vfio_device_bind_iommufd, vfio_device_info,
 };
 
 /// What the VFIO check found for one device.
@@ -58,7 +62,8 @@ pub trait VfioVerifier: Send + Sync {
     fn verify(&self, sysfs_device: &Path, group: u32) -> Result<VfioReport, VfioCheckError>;
 }
 
-/// The real check through `vfio-ioctls` (needs `/dev/vfio/vfio` and a real IOMMU group).
+/// The real check through `vfio-ioctls` (needs `/dev/vfio/vfio` and a real IOMMU group), or
+/// through the device's iommufd cdev and `/dev/iommu` on a kernel without group nodes.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealVfio;
 
@@ -84,9 +89,93 @@ fn device_get_info(fd: RawFd) -> std::io::Result<vfio_device_info> {
     Ok(info)
 }
 
+// `VFIO_DEVICE_BIND_IOMMUFD` is `_IO(VFIO_TYPE, VFIO_BASE + 18)`; the kernel writes `out_devid`.
+nix::ioctl_readwrite_bad!(
+    /// `ioctl(fd, VFIO_DEVICE_BIND_IOMMUFD, bind)`.
+    vfio_device_bind_iommufd_ioctl,
+    nix::request_code_none!(VFIO_TYPE, VFIO_BASE + 18),
+    vfio_device_bind_iommufd
+);
+
+/// `VFIO_DEVICE_BIND_IOMMUFD` of an open VFIO device cdev to an open `/dev/iommu`.
+#[allow(unsafe_code)]
+fn device_bind_iommufd(device: RawFd, iommufd: RawFd) -> std::io::Result<()> {
+    let mut bind = vfio_device_bind_iommufd {
+        argsz: std::mem::size_of::<vfio_device_bind_iommufd>() as u32,
+        flags: 0,
+        iommufd,
+        ..Default::default()
+    };
+    // SAFETY: both fds are open and owned by the caller for the duration of the call, and
+    // `bind` is a properly sized, writable `vfio_device_bind_iommufd` with `argsz` set.
+    unsafe { vfio_device_bind_iommufd_ioctl(device, &mut bind) }.map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// The device's iommufd cdevs (`/dev/vfio/devices/vfioX` for each `vfio-dev/vfioX` in its
+/// sysfs directory), in name order.
+pub(crate) fn cdevs(sysfs_device: &Path, dev_dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(sysfs_device.join("vfio-dev"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            let n = name.strip_prefix("vfio")?;
+            (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| dev_dir.join("vfio/devices").join(name))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+impl RealVfio {
+    /// The check through the device's iommufd cdev (kernels without the legacy group node).
+    fn verify_cdev(&self, sysfs_device: &Path, cdev: &Path) -> Result<VfioReport, VfioCheckError> {
+        let failed = |detail: String| VfioCheckError::Device {
+            device: sysfs_device.to_owned(),
+            detail,
+        };
+        let rw = || {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).write(true);
+            o
+        };
+        let device = rw()
+            .open(cdev)
+            .map_err(|e| failed(format!("cannot open {}: {e}", cdev.display())))?;
+        let iommu = rw().open("/dev/iommu").map_err(|e| {
+            failed(format!(
+                "cannot open /dev/iommu ({e}) for its cdev {}: load it: modprobe iommufd",
+                cdev.display()
+            ))
+        })?;
+        device_bind_iommufd(device.as_raw_fd(), iommu.as_raw_fd()).map_err(|e| {
+            failed(format!(
+                "VFIO_DEVICE_BIND_IOMMUFD of {}: {e} (EBUSY: in use, or a member of its IOMMU group is on a host driver)",
+                cdev.display()
+            ))
+        })?;
+        let info = device_get_info(device.as_raw_fd())
+            .map_err(|e| failed(format!("VFIO_DEVICE_GET_INFO: {e}")))?;
+        Ok(VfioReport {
+            regions: info.num_regions,
+            irqs: info.num_irqs,
+            reset: info.flags & VFIO_DEVICE_FLAGS_RESET != 0,
+        })
+    }
+}
+
 impl VfioVerifier for RealVfio {
     fn verify(&self, sysfs_device: &Path, group: u32) -> Result<VfioReport, VfioCheckError> {
         use vfio_ioctls::{VfioContainer, VfioDevice, VfioError};
+        let dev = Path::new("/dev");
+        if !dev.join("vfio").join(group.to_string()).exists()
+            && let Some(cdev) = cdevs(sysfs_device, dev).first()
+        {
+            return self.verify_cdev(sysfs_device, cdev);
+        }
         let container = VfioContainer::new(None).map_err(|e| match e {
             VfioError::OpenContainer(io) => VfioCheckError::Container(io.to_string()),
             other => VfioCheckError::NoType1(other.to_string()),
@@ -117,6 +206,27 @@ impl VfioVerifier for RealVfio {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_iommufd_host_is_checked_through_the_devices_cdev() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = dir.path().join("0000:01:00.0");
+        for sub in ["vfio-dev/vfio7", "vfio-dev/vfio12", "vfio-dev/vfiox"] {
+            std::fs::create_dir_all(device.join(sub)).unwrap();
+        }
+        assert_eq!(
+            cdevs(&device, Path::new("/dev")),
+            [
+                PathBuf::from("/dev/vfio/devices/vfio12"),
+                PathBuf::from("/dev/vfio/devices/vfio7")
+            ]
+        );
+        assert!(cdevs(&dir.path().join("none"), Path::new("/dev")).is_empty());
+        // A cdev that cannot be opened is named in the failure.
+        let missing = dir.path().join("vfio-devices-vfio7");
+        let err = RealVfio.verify_cdev(&device, &missing).unwrap_err();
+        assert!(err.to_string().contains(missing.to_str().unwrap()), "{err}");
+    }
 
     #[test]
     fn real_check_without_vfio_names_the_module_to_load() {

@@ -21,7 +21,8 @@ pub struct BootDevice {
     pub sysfs_path: PathBuf,
     /// IOMMU group.
     pub iommu_group: Option<u32>,
-    /// `/dev/vfio/<group>`.
+    /// The node the VMM opens: `/dev/vfio/<group>`, or `/dev/vfio/devices/vfioX` on a host
+    /// whose kernel has iommufd and no legacy group interface.
     pub vfio_device: PathBuf,
     /// A GPU (display controller or vGPU) rather than a companion function.
     pub gpu: bool,
@@ -32,6 +33,15 @@ pub struct BootDevice {
     pub bar64_bytes: u64,
     /// What the VFIO check found.
     pub vfio: Option<VfioReport>,
+}
+
+impl BootDevice {
+    /// Whether the VMM opens an iommufd character device (`/dev/vfio/devices/vfioX`).
+    pub fn is_iommufd_cdev(&self) -> bool {
+        self.vfio_device
+            .parent()
+            .is_some_and(|p| p.ends_with("vfio/devices"))
+    }
 }
 
 /// Cloud Hypervisor: command-line arguments and the API's `VmConfig.devices`.
@@ -132,20 +142,42 @@ impl BootSpec {
 const DEFAULT_HOLE64: u64 = 32 << 30;
 
 impl BootSpec {
-    /// Render the spec for `devices` attached to `owner`.
+    /// Render the spec for `devices` attached to `owner`, with no P2P clique.
     pub fn new(
         owner: &str,
         devices: Vec<BootDevice>,
         held_devices: Vec<PciAddress>,
         initrd: Option<PathBuf>,
     ) -> BootSpec {
+        BootSpec::render(owner, devices, held_devices, initrd, false)
+    }
+
+    /// Render the spec; with `p2p_clique`, several GPUs go into one P2P (GPUDirect) clique
+    /// (both VMMs support the NVIDIA clique option). The caller decides: a clique is right
+    /// only when the GPUs can really reach each other (asked for, or behind one PCIe switch).
+    pub fn render(
+        owner: &str,
+        devices: Vec<BootDevice>,
+        held_devices: Vec<PciAddress>,
+        initrd: Option<PathBuf>,
+        p2p_clique: bool,
+    ) -> BootSpec {
         let gpus = devices.iter().filter(|d| d.gpu).count();
-        // Several GPUs: put them in one P2P clique (both VMMs support the NVIDIA clique option).
+        // Whole GPUs only (a vGPU has no P2P), and only when asked or behind one switch.
         let whole_gpus = devices.iter().filter(|d| d.gpu && !d.vgpu).count();
-        let clique = (whole_gpus > 1).then_some(0u8);
+        let clique = (p2p_clique && whole_gpus > 1).then_some(0u8);
+        // iommufd-only hosts: QEMU opens the device's cdev through an iommufd object, Cloud
+        // Hypervisor (v50+) through `--platform iommufd=on`.
+        let iommufd = devices.iter().any(BootDevice::is_iommufd_cdev);
         let mut ch_args = Vec::new();
         let mut ch_devices = Vec::new();
         let mut qemu_args = Vec::new();
+        if iommufd {
+            qemu_args.push("-object".to_owned());
+            qemu_args.push("iommufd,id=iommufd0".to_owned());
+            ch_args.push("--platform".to_owned());
+            ch_args.push("iommufd=on".to_owned());
+        }
         for d in &devices {
             let path = format!("{}/", d.sysfs_path.display());
             let gpu_clique = clique.filter(|_| d.gpu && !d.vgpu && d.mdev_uuid.is_none());
@@ -163,6 +195,10 @@ impl BootSpec {
                 (Some(a), _) => format!("vfio-pci,host={a}"),
                 (None, _) => format!("vfio-pci,sysfsdev={}", d.sysfs_path.display()),
             };
+            if d.is_iommufd_cdev() {
+                // QEMU finds the device's cdev through sysfs itself.
+                q.push_str(",iommufd=iommufd0");
+            }
             if let Some(c) = gpu_clique {
                 q.push_str(&format!(",x-nv-gpudirect-clique={c}"));
             }
@@ -253,8 +289,39 @@ mod tests {
     }
 
     #[test]
+    fn several_gpus_get_no_clique_unless_asked() {
+        let two = vec![gpu("0000:18:00.0", 1 << 30), gpu("0000:2a:00.0", 1 << 30)];
+        let s = BootSpec::new("vm", two, Vec::new(), None);
+        assert!(
+            s.cloud_hypervisor
+                .args
+                .iter()
+                .all(|a| !a.contains("clique"))
+        );
+        assert!(s.qemu.args.iter().all(|a| !a.contains("clique")));
+    }
+
+    #[test]
+    fn an_iommufd_cdev_gets_an_iommufd_object() {
+        let mut d = gpu("0000:65:00.0", 1 << 30);
+        d.vfio_device = PathBuf::from("/dev/vfio/devices/vfio0");
+        assert!(d.is_iommufd_cdev());
+        let s = BootSpec::new("vm", vec![d], Vec::new(), None);
+        assert_eq!(
+            s.qemu.args,
+            [
+                "-object",
+                "iommufd,id=iommufd0",
+                "-device",
+                "vfio-pci,host=0000:65:00.0,iommufd=iommufd0"
+            ]
+        );
+        assert_eq!(s.cloud_hypervisor.args[..2], ["--platform", "iommufd=on"]);
+    }
+
+    #[test]
     fn several_large_gpus_get_a_clique_and_a_window() {
-        let s = BootSpec::new(
+        let s = BootSpec::render(
             "vm",
             vec![
                 gpu("0000:18:00.0", 128 << 30),
@@ -262,6 +329,7 @@ mod tests {
             ],
             Vec::new(),
             None,
+            true,
         );
         assert!(s.cloud_hypervisor.args[1].ends_with(",x_nv_gpudirect_clique=0"));
         assert_eq!(

@@ -3,6 +3,7 @@
 //! - [`Manifest`] (`/gpu/manifest.json`): what the initrd builder on the host tells `gpu-init`;
 //! - [`report::Report`] (the `GPU-INIT {json}` console line): what `gpu-init` tells the host, the
 //!   platform and the end-to-end harness;
+//! - [`capability`]: the driver capabilities (`compute`, `video`, ...) both sides select by;
 //! - [`normalize_module_name`]: the one rule both sides use to compare kernel module names;
 //! - [`xid`]: the NVIDIA fault classifier (kernel-log lines → faults and host actions) that the
 //!   host's `health` and the guest init's `GPU-XID {json}` lines share.
@@ -12,6 +13,7 @@
 //! the host library's dependencies.
 #![deny(missing_docs)]
 
+pub mod capability;
 mod manifest;
 pub mod report;
 pub mod xid;

@@ -1,7 +1,11 @@
 //! `/gpu/manifest.json`: what the builder tells the guest init. The builder writes it into the GPU
 //! layer; `gpu-init` reads it in the guest.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+use crate::capability::Capability;
 
 /// The schema version this crate reads and writes. Bumped on any incompatible change.
 pub const SCHEMA: u32 = 1;
@@ -42,6 +46,11 @@ pub struct Manifest {
     pub device_nodes: DeviceNodes,
     /// Digests of the artifacts the layer was built from.
     pub inputs: Vec<Input>,
+    /// The driver capabilities the layer carries, each with the guest paths of its libraries
+    /// and programs. A file listed under none (one the builder's table does not classify) is
+    /// not subject to selection. Empty for a layer that records none.
+    #[serde(default)]
+    pub capabilities: BTreeMap<Capability, Vec<String>>,
 }
 
 /// One kernel module to load.
@@ -163,6 +172,10 @@ mod tests {
                 kind: "nvidia-modules".into(),
                 sha256: "00".into(),
             }],
+            capabilities: BTreeMap::from([(
+                Capability::Compute,
+                vec!["/gpu/lib/libcuda.so.535.261.03".into()],
+            )]),
         }
     }
 
@@ -170,6 +183,21 @@ mod tests {
     fn a_manifest_round_trips() {
         let text = serde_json::to_string(&sample()).unwrap();
         assert_eq!(Manifest::from_json(&text).unwrap(), sample());
+    }
+
+    #[test]
+    fn capabilities_are_written_by_their_toolkit_names() {
+        let text = serde_json::to_string(&sample()).unwrap();
+        assert!(
+            text.contains(r#""capabilities":{"compute":["/gpu/lib/libcuda.so.535.261.03"]}"#),
+            "{text}"
+        );
+        // A layer that records no capabilities still reads.
+        let old = text.replace(
+            r#","capabilities":{"compute":["/gpu/lib/libcuda.so.535.261.03"]}"#,
+            "",
+        );
+        assert!(Manifest::from_json(&old).unwrap().capabilities.is_empty());
     }
 
     #[test]

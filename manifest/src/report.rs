@@ -177,6 +177,40 @@ pub struct ReportError {
     pub message: String,
 }
 
+/// What happened to a guest daemon of the driver (`nvidia-persistenced`, `nv-fabricmanager`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DaemonResult {
+    /// Started; `pid` is set.
+    Started,
+    /// Could not be started; see `message`.
+    Failed,
+    /// In the layer but not started because the driver did not load.
+    Skipped,
+    /// Needed (or asked for) but the layer does not carry it.
+    Absent,
+    /// Not needed in this guest (no NVSwitch for the fabric manager).
+    NotNeeded,
+}
+
+/// One guest daemon's line in the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonReport {
+    /// Program name, e.g. `nvidia-persistenced`.
+    pub name: String,
+    /// Outcome.
+    pub result: DaemonResult,
+    /// Its process id when started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Arguments it was started with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Why, for anything but `started`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
@@ -205,6 +239,19 @@ pub struct Report {
     /// CDI spec written (path inside the root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cdi: Option<String>,
+    /// Driver capabilities whose files were injected (`NVIDIA_DRIVER_CAPABILITIES` met by
+    /// what the layer carries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<crate::capability::Capability>,
+    /// The `NVIDIA_*`/`CUDA_*` variables handed to the workload.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environment: BTreeMap<String, String>,
+    /// The driver's guest daemons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub daemons: Vec<DaemonReport>,
+    /// `true` when `kernel.modules_disabled=1` was written after the setup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub modules_locked: bool,
     /// Things that make the status `degraded`, one sentence each.
     pub problems: Vec<String>,
     /// Milliseconds per step: `modules`, `nodes`, `libraries`, `cdi`, `total`.
@@ -226,6 +273,10 @@ impl Report {
             libraries: LibrariesReport::default(),
             binaries: Vec::new(),
             cdi: None,
+            capabilities: Vec::new(),
+            environment: BTreeMap::new(),
+            daemons: Vec::new(),
+            modules_locked: false,
             problems: Vec::new(),
             timings_ms: BTreeMap::new(),
         }

@@ -49,6 +49,9 @@ pub struct FakeDevice {
     pub mdev_types: Vec<(String, String, u32)>,
     /// `reset_method` contents (`None`: no reset method, no `reset_method` file).
     pub reset_method: Option<String>,
+    /// Where it sits under `sys/devices` (bridges on the way, e.g. behind a PCIe switch);
+    /// `None`: straight on its root bus `pciDDDD:BB`.
+    pub parent: Option<String>,
 }
 
 impl FakeDevice {
@@ -66,7 +69,13 @@ impl FakeDevice {
             bars64: Vec::new(),
             mdev_types: Vec::new(),
             reset_method: Some("flr bus".into()),
+            parent: None,
         }
+    }
+    /// Under `path` in `sys/devices` (e.g. `pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:00.0`).
+    pub fn under(mut self, path: &str) -> Self {
+        self.parent = Some(path.into());
+        self
     }
     /// With these reset methods (`""`: none, as a device without FLR, PM or a bus to reset).
     pub fn reset_method(mut self, methods: &str) -> Self {
@@ -168,10 +177,11 @@ impl FakeHost {
     pub fn add(&self, dev: FakeDevice) -> &Self {
         let addr: PciAddress = dev.address.parse().expect("fake address");
         let a = addr.to_string();
-        let real = self
-            .sys
-            .join(format!("devices/pci{:04x}:{:02x}", addr.domain, addr.bus))
-            .join(&a);
+        let parent = dev
+            .parent
+            .clone()
+            .unwrap_or_else(|| format!("pci{:04x}:{:02x}", addr.domain, addr.bus));
+        let real = self.sys.join("devices").join(parent).join(&a);
         fs::create_dir_all(&real).expect("mkdir device");
         w(&real.join("vendor"), &format!("0x{:04x}\n", dev.vendor));
         w(&real.join("device"), &format!("0x{:04x}\n", dev.device));

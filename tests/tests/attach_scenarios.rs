@@ -208,6 +208,7 @@ fn server_plans_one_gpu_alone_and_picks_gpus_on_one_numa_node() {
         .attach(&AttachRequest {
             plan: PlanRequest {
                 gpus: Some(4),
+                p2p_clique: true,
                 ..Default::default()
             },
             owner: owner("vm-b"),
@@ -420,7 +421,8 @@ fn adopting_a_device_already_on_vfio_records_no_other_driver() {
     assert_eq!(j["attachments"][0]["devices"][0]["adopted"], true);
     assert!(j["attachments"][0]["devices"][0]["original_driver"].is_null());
     h.host().detach(&owner("vm")).unwrap();
-    assert_eq!(h.driver("0000:05:00.0"), None, "it had no other driver");
+    // Adopted: it may belong to a VM this tool does not know, so it stays where it was found.
+    assert_eq!(h.driver("0000:05:00.0").as_deref(), Some("vfio-pci"));
 }
 
 #[test]

@@ -27,6 +27,17 @@ pub struct Device {
     pub kind: DeviceKind,
 }
 
+/// `devices --json`: the rows and how many PCI devices were looked at.
+#[derive(Debug, Deserialize)]
+pub struct Listing {
+    /// PCI devices looked at.
+    pub scanned: usize,
+    /// The rows.
+    pub devices: Vec<Device>,
+    /// Why the list is empty, when it is.
+    pub note: Option<String>,
+}
+
 /// What the CLI prints on stdout with `--json` when a command fails.
 #[derive(Debug, Deserialize)]
 pub struct CliError {

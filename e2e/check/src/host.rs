@@ -3,12 +3,13 @@
 //! `E2E-C devices vga=… edu=… nic=…`, and frames every CLI command as
 //! `E2E-C begin L` stdout `E2E-C stderr L` stderr `E2E-C end L` `E2E-C rc L N`.
 
+mod hardening;
 mod health;
 
 use crate::checks::Checks;
 use crate::cli_json::{
-    BootSpec, CheckStatus, CliError, DetachReport, Device, DeviceKind, DoctorReport, PciAddress,
-    Plan, ReconcileReport, RefusalReason,
+    BootSpec, CheckStatus, CliError, DetachReport, Device, DeviceKind, DoctorReport, Listing,
+    PciAddress, Plan, ReconcileReport, RefusalReason,
 };
 use crate::console::Console;
 use serde::de::DeserializeOwned;
@@ -220,8 +221,8 @@ pub fn checks(console: &Console, nested: bool) -> Checks {
     rc_is(&mut c, &run, "devices", 0);
     let listing = |label: &str| -> BTreeMap<PciAddress, Device> {
         run.command(label)
-            .parse::<Vec<Device>>()
-            .map(|l| l.into_iter().map(|d| (d.address, d)).collect())
+            .parse::<Listing>()
+            .map(|l| l.devices.into_iter().map(|d| (d.address, d)).collect())
             .unwrap_or_default()
     };
     let candidates = listing("devices");
@@ -372,6 +373,7 @@ pub fn checks(console: &Console, nested: bool) -> Checks {
     rc_is(&mut c, &run, "attach-after-reconcile", 0);
     rc_is(&mut c, &run, "detach-after-reconcile", 0);
     health::checks(&mut c, &run);
+    hardening::checks(&mut c, &run, console);
 
     if nested {
         rc_is(&mut c, &run, "nested-attach", 0);
@@ -407,9 +409,9 @@ mod tests {
 0.2 E2E-C check iommu groups exist PASS
 0.3 E2E-C check sysfs: 0000:00:02.0 on vfio-pci FAIL
 0.4 E2E-C begin devices
-0.5 [
+0.5 {\"scanned\":9,\"all\":false,\"devices\":[
 0.5 {\"address\":\"0000:00:02.0\",\"driver\":\"bochs-drm\",\"iommu_group\":1,\"boot_vga\":true,\"kind\":\"display\",\"vendor_id\":4660}
-0.5 ]
+0.5 ]}
 0.6 E2E-C stderr devices
 0.6 some warning
 0.7 E2E-C end devices
@@ -423,8 +425,9 @@ mod tests {
         let devices = &run.commands["devices"];
         assert_eq!(devices.rc, Some(0));
         assert_eq!(devices.err, ["some warning"]);
-        let list: Vec<Device> = devices.parse().unwrap();
-        assert_eq!(list[0].kind, DeviceKind::Display);
+        let list: Listing = devices.parse().unwrap();
+        assert_eq!(list.scanned, 9);
+        assert_eq!(list.devices[0].kind, DeviceKind::Display);
         assert_eq!(
             run.guest_checks,
             [

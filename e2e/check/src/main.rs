@@ -9,6 +9,7 @@ mod builder;
 mod checks;
 mod cli_json;
 mod console;
+mod drivers;
 mod guest;
 mod host;
 mod layers;
@@ -71,6 +72,40 @@ enum Command {
         /// The nested VM part ran.
         #[arg(long)]
         nested: bool,
+    },
+    /// Run E: the 535.309.01 upgrade booted with capabilities and device selection.
+    UpgradeGuest {
+        /// The console log.
+        log: PathBuf,
+        /// Expected NVIDIA driver version.
+        #[arg(long)]
+        driver: String,
+        /// The guest's running kernel release.
+        #[arg(long)]
+        kernel: String,
+        /// QEMU's exit code.
+        #[arg(long, allow_hyphen_values = true)]
+        boot_rc: i32,
+        /// NVIDIA_DRIVER_CAPABILITIES included video.
+        #[arg(long)]
+        video: bool,
+        /// NVIDIA_VISIBLE_DEVICES given.
+        #[arg(long)]
+        visible: String,
+        /// CUDA_VISIBLE_DEVICES given.
+        #[arg(long)]
+        cuda: String,
+    },
+    /// Run E: `versions diff --json` of the two releases.
+    VersionDiff {
+        /// The saved JSON.
+        json: PathBuf,
+        /// Driver version upgraded from.
+        #[arg(long)]
+        from: String,
+        /// Driver version upgraded to.
+        #[arg(long)]
+        to: String,
     },
     /// Run A: what cpio -t lists in a GPU layer.
     GpuLayer {
@@ -165,6 +200,26 @@ fn run(command: Command) -> anyhow::Result<()> {
             host::RunC::parse(&console).write_outputs(&out_dir)?;
             host::checks(&console, nested)
         }
+        Command::UpgradeGuest {
+            log,
+            driver,
+            kernel,
+            boot_rc,
+            video,
+            visible,
+            cuda,
+        } => drivers::upgrade_guest(
+            &Console::read(&log)?,
+            &driver,
+            &kernel,
+            boot_rc,
+            &drivers::Asked {
+                video,
+                visible: &visible,
+                cuda: &cuda,
+            },
+        ),
+        Command::VersionDiff { json, from, to } => drivers::version_diff(&json, &from, &to)?,
         Command::GpuLayer { layer, compression } => layers::gpu_layer(&layer, &compression),
         Command::BaseLayer { layer } => layers::base_layer(&layer),
         Command::XzGpuLayer { layer } => builder::xz_gpu_layer(&layer),

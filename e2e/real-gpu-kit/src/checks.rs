@@ -48,7 +48,9 @@ pub fn devices(devices: &Value, gpus: &[GpuFact], driver_list: bool) -> CheckRes
     let mut fail = Vec::new();
     let mut notes = Vec::new();
     let mut windows = Vec::new();
-    let list = devices.as_array().cloned().unwrap_or_default();
+    // `devices --json` is a listing object; the library's bare row list is accepted too.
+    let rows = devices.get("devices").unwrap_or(devices);
+    let list = rows.as_array().cloned().unwrap_or_default();
     for g in gpus {
         let Some(d) = list.iter().find(|d| d["address"] == g.address.as_str()) else {
             fail.push(format!("devices does not list GPU {}", g.address));

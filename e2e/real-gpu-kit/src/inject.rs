@@ -323,6 +323,7 @@ fn prepare_and_setup(
             gid: 0,
         },
         inputs: Vec::new(),
+        capabilities: Default::default(),
     };
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
     std::fs::write(gpu.join("manifest.json"), text).map_err(|e| format!("manifest: {e}"))?;

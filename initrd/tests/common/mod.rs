@@ -144,6 +144,7 @@ pub fn manifest() -> Manifest {
             gid: 44,
         },
         inputs: vec![],
+        capabilities: Default::default(),
     }
 }
 
@@ -255,6 +256,7 @@ impl Guest {
             kmsg: self.kmsg.clone(),
             root: Some(self.root.clone()),
             kernel_release: "6.1.0-56-amd64".into(),
+            env: gpu_passthrough_init::env::GuestEnv::default(),
         }
     }
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
-use super::Owner;
+use super::{Owner, ProcessIdentity};
 use crate::pci::PciAddress;
 
 /// Errors reading or writing the journal.
@@ -146,6 +146,9 @@ pub struct Transaction {
     pub owner: Owner,
     /// Process that ran it.
     pub pid: u32,
+    /// For a `pid:N` owner: which process that was at attach (absent in older journals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_process: Option<ProcessIdentity>,
     /// Devices, in the order they are moved.
     pub devices: Vec<DeviceRecord>,
     /// mdevs, in the order they are created.
@@ -160,6 +163,10 @@ pub struct Transaction {
 pub struct Attachment {
     /// The owner.
     pub owner: Owner,
+    /// For a `pid:N` owner: which process that was at attach (absent in older journals, which
+    /// then never count as gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_process: Option<ProcessIdentity>,
     /// Devices bound to vfio-pci for it.
     pub devices: Vec<DeviceRecord>,
     /// mdevs created for it.

@@ -28,9 +28,12 @@
 //! reconcile release them only when no process holds them open.
 
 mod doctor;
+pub mod driver_fit;
+mod guard;
 pub mod holders;
 pub mod journal;
 pub mod kernel;
+mod liveness;
 mod plan;
 mod reset;
 mod transaction;
@@ -46,9 +49,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use doctor::{Check, CheckStatus, DoctorReport};
 pub use journal::{Journal, JournalError, JournalState};
 pub use kernel::{Kernel, RealKernel};
-pub use plan::{DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
+pub use liveness::{PidLiveness, ProcessIdentity, process_identity};
+pub use plan::{
+    DeviceListing, DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite,
+};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
-pub use transaction::{DetachReport, ReconcileReport, RestoredDevice};
+pub use transaction::{DetachReport, HeldDevice, ReconcileReport, RestoredDevice};
 pub use vgpu::VgpuAttachRequest;
 
 use crate::pci::ids::SupportedGpus;
@@ -140,49 +146,12 @@ pub enum Liveness {
 pub trait OwnerLiveness: Send + Sync {
     /// Whether `owner` still exists.
     fn is_alive(&self, owner: &Owner) -> Liveness;
-}
 
-/// Liveness for `pid:N` owners: gone when `/proc/N` is absent or a zombie; a stopped process is
-/// alive. Any other owner is [`Liveness::Unknown`] unless listed in `gone`.
-#[derive(Debug, Clone)]
-pub struct PidLiveness {
-    /// The proc filesystem (`/proc`).
-    pub proc_root: PathBuf,
-    /// Owners the caller declares gone.
-    pub gone: Vec<Owner>,
-}
-
-impl Default for PidLiveness {
-    fn default() -> Self {
-        PidLiveness {
-            proc_root: PathBuf::from("/proc"),
-            gone: Vec::new(),
-        }
-    }
-}
-
-impl OwnerLiveness for PidLiveness {
-    fn is_alive(&self, owner: &Owner) -> Liveness {
-        if self.gone.contains(owner) {
-            return Liveness::Gone;
-        }
-        let Some(pid) = owner.pid() else {
-            return Liveness::Unknown;
-        };
-        match std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")) {
-            Ok(stat) => {
-                // The state is the first field after the `)` closing the command name.
-                let state = stat
-                    .rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().next());
-                match state {
-                    Some("Z") | Some("X") => Liveness::Gone,
-                    _ => Liveness::Alive,
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Liveness::Gone,
-            Err(_) => Liveness::Unknown,
-        }
+    /// Whether `owner` still exists, given the process identity recorded when it attached
+    /// (`None` for records written before identities were kept, or non-process owners).
+    fn is_alive_as(&self, owner: &Owner, recorded: Option<&ProcessIdentity>) -> Liveness {
+        let _ = recorded;
+        self.is_alive(owner)
     }
 }
 
@@ -203,6 +172,9 @@ pub struct PlanRequest {
     pub allow_boot_vga: bool,
     /// Create an mdev of this type on each requested device instead of binding it.
     pub mdev_type: Option<String>,
+    /// Put the GPUs in one P2P (GPUDirect) clique even when the topology does not show them
+    /// behind one PCIe switch.
+    pub p2p_clique: bool,
 }
 
 /// What to attach, and for whom.
@@ -308,6 +280,25 @@ pub enum AttachError {
         "owner {0} has no attached devices; see the attachments in the state dir's journal.json"
     )]
     NotAttached(Owner),
+    /// A process holds the device open (a running VM's VMM, a CUDA program): nothing was
+    /// taken from it.
+    #[error("{device} is in use: {}; {fix}", guard::describe(holders))]
+    DeviceHeld {
+        /// The device.
+        device: PciAddress,
+        /// Who holds it.
+        holders: Vec<holders::Holder>,
+        /// What to do.
+        fix: &'static str,
+    },
+    /// The proc tree cannot be scanned, so whether a device is in use cannot be told.
+    #[error(
+        "cannot list the processes in {path}, so cannot tell whether a VM or program holds the device; nothing was changed: run as root with the host's proc filesystem"
+    )]
+    ProcUnreadable {
+        /// The proc root.
+        path: PathBuf,
+    },
     /// The health record could not be read or written: nothing is handed out (fail closed).
     #[error(transparent)]
     Health(#[from] crate::health::HealthError),
@@ -368,6 +359,8 @@ impl AttachError {
                 | AttachError::NotEnoughGpus { .. }
                 | AttachError::NoSuchMdevType { .. }
                 | AttachError::NothingRequested
+                | AttachError::DeviceHeld { .. }
+                | AttachError::ProcUnreadable { .. }
                 | AttachError::ResetRefused { .. }
                 | AttachError::Vgpu(_)
                 | AttachError::VgpuHeld { .. }
@@ -451,7 +444,9 @@ impl Host {
         self
     }
 
-    /// Use another proc filesystem (for `/proc/cmdline` and the like in doctor).
+    /// Use another proc filesystem: `/proc/cmdline` for doctor, `<pid>/fd` for who holds a
+    /// device, `<pid>/stat` and `<pid>/ns/pid` for a `pid:N` owner's identity, and
+    /// `driver/nvidia/gpus`.
     pub fn with_proc_root(mut self, proc_root: impl Into<PathBuf>) -> Host {
         self.proc_root = proc_root.into();
         self.nvidia_gpus = self.proc_root.join("driver/nvidia/gpus");

@@ -56,12 +56,21 @@ pub enum RefusalReason {
     NoIommuGroup,
     /// The firmware's boot display.
     BootVga,
-    /// A group member is a storage or network controller in use by the host.
+    /// A group member outside the requested device's slot is in use by a host driver.
     HostDeviceInUse,
+    /// A process holds the device open (a VMM holding its VFIO node, a program on the GPU).
+    HeldOpen,
+    /// A physical function with SR-IOV virtual functions enabled.
+    SriovEnabled,
     /// Attached to an owner already.
     AttachedToOwner,
     /// The release uses the open modules and the GPU is not supported by them.
     NeedsProprietaryModules,
+    /// A no-GSP release for a GPU its supported-gpus.json says the proprietary modules drive
+    /// only through GSP.
+    NeedsGspFirmware,
+    /// A proprietary release for a GPU its supported-gpus.json says only the open modules drive.
+    NeedsOpenModules,
     /// The open flavor was asked for without the driver's supported-gpus.json.
     OpenSupportUnknown,
     /// The mdev type is not offered or has no free instance.
@@ -156,7 +165,51 @@ pub struct DeviceReport {
     pub not_ready_because: Vec<String>,
 }
 
+/// What `devices` found: the rows, and how many PCI devices were looked at, so that an empty
+/// list says why it is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceListing {
+    /// PCI devices looked at.
+    pub scanned: usize,
+    /// Every device was listed, not only passthrough candidates.
+    pub all: bool,
+    /// The devices listed.
+    pub devices: Vec<DeviceReport>,
+    /// Why the list is empty, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
 impl Host {
+    /// [`Host::devices`], with the number of PCI devices looked at and, when nothing is
+    /// listed, a sentence saying so.
+    pub fn listing(
+        &self,
+        all: bool,
+        supported_gpus: Option<&std::path::Path>,
+    ) -> Result<DeviceListing, AttachError> {
+        let scanned = self.sysfs.addresses()?.len();
+        let devices = self.devices(all, supported_gpus)?;
+        let note = devices.is_empty().then(|| {
+            if scanned == 0 {
+                format!(
+                    "no PCI devices in {}",
+                    self.sysfs.root().join("bus/pci/devices").display()
+                )
+            } else {
+                format!(
+                    "no passthrough candidates among the {scanned} PCI devices looked at (none is a display controller, offers mdev types or is on vfio-pci); list every device to see them"
+                )
+            }
+        });
+        Ok(DeviceListing {
+            scanned,
+            all,
+            devices,
+            note,
+        })
+    }
+
     /// Name devices from `pci.ids` and the supported-gpus table.
     fn name(&self, d: &mut PciDevice, ids: &PciIds, gpus: Option<&SupportedGpus>) {
         d.vendor_name = ids.vendor(d.vendor_id).map(str::to_owned);
@@ -197,7 +250,7 @@ impl Host {
                 .sysfs
                 .addresses()?
                 .into_iter()
-                .filter(|a| *a != d.address && a.same_slot(&d.address))
+                .filter(|a| *a != d.address && self.sysfs.same_slot(*a, d.address))
                 .collect();
             let (ready, reasons) = if d.kind == DeviceKind::Bridge {
                 (false, vec!["bridges stay with the host".to_owned()])
@@ -373,7 +426,10 @@ impl Host {
             };
             add(&mut plan, &d, PlanRole::Requested, addr);
             let mut slot_mates = Vec::new();
-            for other in all.iter().filter(|a| **a != addr && a.same_slot(&addr)) {
+            for other in all
+                .iter()
+                .filter(|a| **a != addr && self.sysfs.same_slot(**a, addr))
+            {
                 if let Ok(o) = self.sysfs.device(*other)
                     && o.kind != DeviceKind::Bridge
                 {
@@ -508,18 +564,58 @@ impl Host {
                 None,
             );
         }
+        // Any group member on a host driver that is not a function of the requested device's
+        // own slot (those are `Companion`) would leave the host: chipset USB, SMBus, an LPC
+        // bridge, a disk, a NIC. Only naming it moves it.
         if p.role == PlanRole::GroupMember
-            && matches!(d.kind, DeviceKind::Storage | DeviceKind::Network)
             && let Some(driver) = &d.driver
             && driver != "vfio-pci"
+            && driver != "pci-stub"
         {
             refuse(
                 RefusalReason::HostDeviceInUse,
                 format!(
-                    "{addr} ({:?} controller on {driver}) shares IOMMU group {} with {}: moving it would take it from the host; name it explicitly to move it too, or put the GPU in a slot with its own group (ACS)",
-                    d.kind,
+                    "{addr} (class {:06x} on {driver}) shares IOMMU group {} with {}: moving it would take it from the host; name it explicitly to move it too, or put the GPU in a slot with its own group (ACS)",
+                    d.class,
                     d.iommu_group.unwrap_or_default(),
                     p.of
+                ),
+                None,
+            );
+        }
+        if let Some(n) = d.sriov_num_vfs.filter(|n| *n > 0) {
+            refuse(
+                RefusalReason::SriovEnabled,
+                format!(
+                    "{addr} is an SR-IOV physical function with {n} virtual functions enabled: moving it would remove them from the host and from whatever uses them; attach a virtual function instead, or disable them first (write 0 to {}/sriov_numvfs)",
+                    self.sysfs.device_dir(addr).display()
+                ),
+                None,
+            );
+        }
+        let in_use = |held: Result<Vec<super::holders::Holder>, AttachError>| match held {
+            Ok(h) if h.is_empty() => None,
+            Ok(h) => Some(super::guard::describe(&h)),
+            Err(e) => Some(e.to_string()),
+        };
+        if p.adopt
+            && let Some(who) = in_use(self.held_by(&self.vfio_nodes(addr, d.iommu_group)))
+        {
+            refuse(
+                RefusalReason::HeldOpen,
+                format!(
+                    "{addr} is on vfio-pci with no owner here, and in use: {who}; a VM outside this tool has it: stop that VM first"
+                ),
+                None,
+            );
+        }
+        if d.driver.as_deref() == Some("nvidia")
+            && let Some(who) = in_use(self.gpu_clients(addr, false))
+        {
+            refuse(
+                RefusalReason::HeldOpen,
+                format!(
+                    "{addr} is in use on the host: {who}; close those programs first (unbinding a GPU in use blocks in the kernel)"
                 ),
                 None,
             );

@@ -360,6 +360,10 @@ impl Host {
         rec: &DeviceRecord,
         owner: &Owner,
     ) -> Result<RestoredDevice, AttachError> {
+        if rec.adopted {
+            // Adopted from vfio-pci: it stays there (VFIO resets it), so nothing to verify.
+            return self.restore(rec);
+        }
         let reset = if rec.passed {
             if self.sysfs.driver(rec.device).as_deref() == Some("vfio-pci") {
                 self.write(

@@ -38,6 +38,17 @@ pub struct DetachReport {
     pub released_vgpus: Vec<String>,
 }
 
+/// A device kept because a process holds it open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldDevice {
+    /// The owner in the journal.
+    pub owner: Owner,
+    /// The device.
+    pub device: PciAddress,
+    /// Who holds it.
+    pub holders: Vec<super::holders::Holder>,
+}
+
 /// What reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
@@ -52,6 +63,9 @@ pub struct ReconcileReport {
     pub kept_unknown: Vec<Owner>,
     /// Owners alive: kept.
     pub kept_alive: Vec<Owner>,
+    /// Devices a process still holds open (a VM running under another name, say): kept,
+    /// whatever the owner's liveness says.
+    pub kept_in_use: Vec<HeldDevice>,
     /// Failures (each also left in the journal for the next run).
     pub errors: Vec<String>,
 }
@@ -86,6 +100,10 @@ impl Host {
         let txn = Transaction {
             owner: req.owner.clone(),
             pid: std::process::id(),
+            owner_process: req
+                .owner
+                .pid()
+                .and_then(|pid| super::process_identity(&self.proc_root, pid)),
             devices: plan
                 .devices
                 .iter()
@@ -133,7 +151,13 @@ impl Host {
                 commit(&mut j, txn);
                 j.save()?;
                 Failpoint::AfterCommit.hit();
-                Ok(self.boot_spec(&req.owner, boot, held, req.initrd.clone()))
+                Ok(self.boot_spec(
+                    &req.owner,
+                    boot,
+                    held,
+                    req.initrd.clone(),
+                    req.plan.p2p_clique,
+                ))
             }
             Err(cause) => {
                 let txn = j.state.transactions[t].clone();
@@ -173,10 +197,23 @@ impl Host {
                 continue;
             }
             let a = rec.device.to_string();
-            if rec.original_driver.as_deref() == Some("nvidia") && !self.kernel.is_simulated() {
-                self.set_step(j, t, i, Step::PersistenceOff)?;
-                if persistence(&a, false) {
-                    j.state.transactions[t].devices[i].persistence_disabled = true;
+            if rec.original_driver.as_deref() == Some("nvidia") {
+                if !self.kernel.is_simulated() {
+                    self.set_step(j, t, i, Step::PersistenceOff)?;
+                    if persistence(&a, false) {
+                        j.state.transactions[t].devices[i].persistence_disabled = true;
+                    }
+                }
+                // Unbinding a GPU that a process holds blocks in the kernel (with our lock
+                // held): refuse instead. nvidia-persistenced counts too once persistence is
+                // meant to be off.
+                let clients = self.gpu_clients(rec.device, true)?;
+                if !clients.is_empty() {
+                    return Err(AttachError::DeviceHeld {
+                        device: rec.device,
+                        holders: clients,
+                        fix: "close the programs using the GPU (and turn its persistence mode off), then retry",
+                    });
                 }
             }
             self.hold_d3cold(j, t, i)?;
@@ -212,7 +249,7 @@ impl Host {
                 continue;
             };
             self.set_step(j, t, i, Step::NodeReady)?;
-            let node = self.wait_node(group)?;
+            let node = self.wait_node(group, Some(rec.device))?;
             Failpoint::AfterNode.hit();
             let dir = self.sysfs.device_dir(rec.device);
             let report = if rec.passed {
@@ -278,7 +315,7 @@ impl Host {
                             .into(),
                 }));
             };
-            let node = self.wait_node(group)?;
+            let node = self.wait_node(group, None)?;
             let report = self.verifier.verify(&dir, group)?;
             let rec = &mut j.state.transactions[t].mdevs[m];
             rec.iommu_group = Some(group);
@@ -299,20 +336,38 @@ impl Host {
         Ok(boot)
     }
 
-    pub(super) fn wait_node(&self, group: u32) -> Result<PathBuf, AttachError> {
+    /// The node a VMM opens for `device` in `group`: `/dev/vfio/<group>`, or on a kernel with
+    /// iommufd and no legacy group interface, the device's `/dev/vfio/devices/vfioX`.
+    fn present_node(&self, group: u32, device: Option<PciAddress>) -> Option<PathBuf> {
         let node = self.dev_dir.join("vfio").join(group.to_string());
+        if node.exists() {
+            return Some(node);
+        }
+        device
+            .into_iter()
+            .flat_map(|d| self.vfio_cdevs(d))
+            .find(|c| c.exists())
+    }
+
+    pub(super) fn wait_node(
+        &self,
+        group: u32,
+        device: Option<PciAddress>,
+    ) -> Result<PathBuf, AttachError> {
         let start = Instant::now();
-        while !node.exists() {
+        loop {
+            if let Some(node) = self.present_node(group, device) {
+                return Ok(node);
+            }
             if start.elapsed() >= self.vfio_wait {
                 return Err(AttachError::NoVfioNode {
-                    node,
+                    node: self.dev_dir.join("vfio").join(group.to_string()),
                     group,
                     waited: self.vfio_wait,
                 });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(node)
     }
 
     fn boot_spec(
@@ -321,14 +376,29 @@ impl Host {
         mut boot: Vec<BootDevice>,
         held: Vec<PciAddress>,
         initrd: Option<PathBuf>,
+        p2p_asked: bool,
     ) -> BootSpec {
         boot.sort_by_key(|b| !b.gpu);
-        BootSpec::new(owner.as_str(), boot, held, initrd)
+        let gpus: Vec<PciAddress> = boot
+            .iter()
+            .filter(|b| b.gpu)
+            .filter_map(|b| b.address)
+            .collect();
+        let clique = p2p_asked || self.sysfs.share_pcie_switch(&gpus);
+        BootSpec::render(owner.as_str(), boot, held, initrd, clique)
     }
 
     /// Put one device back to its recorded original state, looking at what it is now (so that
     /// it is correct whichever step a crash interrupted, and safe to repeat).
     pub(super) fn restore(&self, rec: &DeviceRecord) -> Result<RestoredDevice, AttachError> {
+        if rec.adopted {
+            // It was on vfio-pci before us, maybe in use by a VM we do not know: leave it there.
+            return Ok(RestoredDevice {
+                device: rec.device,
+                driver: self.sysfs.driver(rec.device),
+                health: None,
+            });
+        }
         let a = rec.device.to_string();
         if let Some(cur) = self.sysfs.driver(rec.device)
             && Some(&cur) != rec.original_driver.as_ref()
@@ -347,11 +417,9 @@ impl Host {
             && valid_driver_name(orig)
             && self.sysfs.driver(rec.device).is_none()
         {
-            self.write(&self.sysfs.drivers_probe(), &a)?;
-            if self.sysfs.driver(rec.device).is_none() && self.sysfs.driver_dir(orig).is_dir() {
-                // Bound by hand originally (not the ID match): bind it the same way.
-                self.write(&self.sysfs.driver_dir(orig).join("bind"), &a)?;
-            }
+            // Straight to the original driver: drivers_probe would let the kernel choose, and
+            // it may choose nouveau, or vfio-pci again through its `ids=` option.
+            self.write(&self.sysfs.driver_dir(orig).join("bind"), &a)?;
         }
         let now = self.sysfs.driver(rec.device);
         if now != rec.original_driver {
@@ -386,6 +454,7 @@ impl Host {
 
     /// Roll a transaction back in reverse order; mdevs first (they were created last).
     fn roll_back(&self, txn: &Transaction) -> Result<Vec<RestoredDevice>, AttachError> {
+        self.guard_release(&txn.devices)?;
         self.release_vgpus(&txn.vgpus)?;
         for m in txn.mdevs.iter().rev() {
             if valid_mdev_uuid(&m.uuid) {
@@ -412,6 +481,7 @@ impl Host {
 
     fn release(&self, j: &mut LockedJournal, i: usize) -> Result<DetachReport, AttachError> {
         let att = j.state.attachments[i].clone();
+        self.guard_release(&att.devices)?;
         let mut report = DetachReport {
             owner: att.owner.clone(),
             restored: Vec::new(),
@@ -481,6 +551,16 @@ impl Host {
             } else {
                 match self.roll_back(&txn) {
                     Ok(restored) => report.rolled_back.extend(restored),
+                    Err(AttachError::DeviceHeld {
+                        device, holders, ..
+                    }) => {
+                        report.kept_in_use.push(HeldDevice {
+                            owner: txn.owner.clone(),
+                            device,
+                            holders,
+                        });
+                        j.state.transactions.push(txn);
+                    }
                     Err(e) => {
                         report
                             .errors
@@ -494,12 +574,20 @@ impl Host {
         let mut i = 0;
         while i < j.state.attachments.len() {
             let owner = j.state.attachments[i].owner.clone();
-            match self.liveness.is_alive(&owner) {
+            let recorded = j.state.attachments[i].owner_process.clone();
+            match self.liveness.is_alive_as(&owner, recorded.as_ref()) {
                 Liveness::Gone => match self.release(&mut j, i) {
                     Ok(r) => {
                         report.released.push(r);
                         continue;
                     }
+                    Err(AttachError::DeviceHeld {
+                        device, holders, ..
+                    }) => report.kept_in_use.push(HeldDevice {
+                        owner,
+                        device,
+                        holders,
+                    }),
                     Err(e) => report.errors.push(format!("releasing {owner}: {e}")),
                 },
                 Liveness::Alive => report.kept_alive.push(owner),
@@ -518,7 +606,7 @@ impl Host {
             d.step == Step::Verified
                 && self.sysfs.driver(d.device).as_deref() == Some("vfio-pci")
                 && d.iommu_group.is_some_and(|g| {
-                    self.dev_dir.join("vfio").join(g.to_string()).exists()
+                    self.present_node(g, Some(d.device)).is_some()
                         && (!d.passed
                             || self
                                 .verifier
@@ -554,6 +642,7 @@ fn valid_mdev_uuid(u: &str) -> bool {
 pub(super) fn commit(j: &mut LockedJournal, txn: Transaction) {
     let Transaction {
         owner,
+        owner_process,
         devices,
         mdevs,
         vgpus,
@@ -566,6 +655,7 @@ pub(super) fn commit(j: &mut LockedJournal, txn: Transaction) {
     } else {
         j.state.attachments.push(Attachment {
             owner,
+            owner_process,
             devices,
             mdevs,
             vgpus,
@@ -577,7 +667,10 @@ pub(super) fn commit(j: &mut LockedJournal, txn: Transaction) {
 /// affecting only that GPU; nvidia-persistenced itself is never stopped. Returns whether
 /// nvidia-smi succeeded (absent nvidia-smi: false, the unbind then tells if the GPU is held).
 fn persistence(address: &str, on: bool) -> bool {
-    let status = Command::new("nvidia-smi")
+    let Some(smi) = super::guard::find_nvidia_smi(super::guard::NVIDIA_SMI_PATHS) else {
+        return false;
+    };
+    let status = Command::new(smi)
         .args(["-i", address, "-pm", if on { "1" } else { "0" }])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -150,6 +150,10 @@ impl Host {
         j.state.transactions.push(Transaction {
             owner: req.owner.clone(),
             pid: std::process::id(),
+            owner_process: req
+                .owner
+                .pid()
+                .and_then(|pid| super::process_identity(&self.proc_root, pid)),
             devices: Vec::new(),
             mdevs: Vec::new(),
             vgpus,
@@ -254,7 +258,7 @@ impl Host {
                         .into(),
                 }));
             };
-            let node = self.wait_node(group)?;
+            let node = self.wait_node(group, None)?;
             let report = self.verifier.verify(&dir, group)?;
             {
                 let r = &mut j.state.transactions[t].vgpus[i];

@@ -48,6 +48,14 @@ impl InitrdBuilder<'_> {
         for (m, p) in &options.module_params {
             field(&format!("param:{m}"), p);
         }
+        field(
+            "capabilities",
+            &options
+                .capabilities
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+        );
         field("device_mode", &options.device_nodes.mode.to_string());
         field("device_gid", &options.device_nodes.gid.to_string());
         field(

@@ -23,6 +23,7 @@ mod cache;
 pub mod guest_init;
 mod plan;
 pub use plan::module_params;
+mod select;
 pub(crate) mod tree;
 mod write;
 
@@ -103,6 +104,32 @@ pub enum InitrdError {
         /// Modules that exist.
         available: String,
     },
+    /// Capabilities were asked for and the artifact has a file the capability table does not
+    /// classify: packing or dropping it would be a guess.
+    #[error(
+        "release `{release}`: {file} belongs to no known driver capability, so a capability \
+         selection cannot tell whether to pack it; build with every capability, or add it to the \
+         capability table"
+    )]
+    UnclassifiedFile {
+        /// Release name.
+        release: String,
+        /// The library or program.
+        file: String,
+    },
+    /// A capability was asked for that the release's libraries do not carry.
+    #[error(
+        "release `{release}` carries no `{capability}` libraries (it has: {carried}); ask for \
+         those, or pick a release whose driver libraries have them"
+    )]
+    CapabilityNotCarried {
+        /// Release name.
+        release: String,
+        /// The capability asked for.
+        capability: crate::capabilities::Capability,
+        /// What the artifact has.
+        carried: String,
+    },
     /// Downloading or verifying an artifact failed.
     #[error(transparent)]
     Fetch(#[from] FetchError),
@@ -163,6 +190,9 @@ pub struct BuildOptions {
     pub module_params: BTreeMap<String, String>,
     /// Mode and group of `/dev/nvidia*` in the guest.
     pub device_nodes: manifest::DeviceNodes,
+    /// Driver capabilities whose libraries and programs go into the layer; `None`: every
+    /// capability the artifact has.
+    pub capabilities: Option<crate::capabilities::CapabilitySet>,
 }
 
 impl BuildOptions {
@@ -179,6 +209,7 @@ impl BuildOptions {
                 mode: 0o660,
                 gid: 0,
             },
+            capabilities: None,
         }
     }
 }

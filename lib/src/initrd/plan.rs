@@ -98,8 +98,9 @@ impl GpuLayerPlan {
             );
             firmware.push(format!("/{path}"));
         }
+        let selection = super::select::select(release, options, inv)?;
         let mut libraries = Vec::new();
-        for lib in &inv.libraries {
+        for lib in selection.libraries {
             let path = format!("gpu/lib/{}", lib.real_name);
             entries.insert(
                 path.clone(),
@@ -123,7 +124,7 @@ impl GpuLayerPlan {
         // it stays out of `binaries`, which the guest puts on the workload's PATH.
         let mut binaries = Vec::new();
         entries.insert("gpu/bin/gpu-init".into(), Source::GuestInit);
-        for bin in &inv.binaries {
+        for bin in selection.binaries {
             let Some(name) = bin.file_name() else {
                 continue;
             };
@@ -160,6 +161,7 @@ impl GpuLayerPlan {
             binaries,
             device_nodes: options.device_nodes,
             inputs,
+            capabilities: selection.capabilities,
         };
         Ok(GpuLayerPlan { entries, manifest })
     }

@@ -54,6 +54,10 @@ struct Chip {
 pub struct SupportedGpus {
     /// device ID → (first name, supported by the open kernel modules).
     chips: HashMap<u16, (String, bool)>,
+    /// Device IDs with the `gsp_proprietary_supported` feature (newer drivers' files).
+    gsp_proprietary: std::collections::HashSet<u16>,
+    /// Whether the file uses that feature at all (535's does not).
+    marks_gsp_proprietary: bool,
 }
 
 impl SupportedGpus {
@@ -69,16 +73,24 @@ impl SupportedGpus {
                 source,
             })?;
         let mut chips: HashMap<u16, (String, bool)> = HashMap::new();
+        let mut gsp_proprietary = std::collections::HashSet::new();
         for chip in file.chips {
             let Ok(id) = u16::from_str_radix(chip.devid.trim_start_matches("0x"), 16) else {
                 continue;
             };
             let open = chip.features.iter().any(|f| f == "kernelopen");
+            if chip.features.iter().any(|f| f == GSP_PROPRIETARY) {
+                gsp_proprietary.insert(id);
+            }
             // A device ID can appear several times (per subsystem); any open entry counts.
             let entry = chips.entry(id).or_insert((chip.name, false));
             entry.1 |= open;
         }
-        Ok(SupportedGpus { chips })
+        Ok(SupportedGpus {
+            chips,
+            marks_gsp_proprietary: !gsp_proprietary.is_empty(),
+            gsp_proprietary,
+        })
     }
 
     /// Number of distinct device IDs.
@@ -108,11 +120,27 @@ impl SupportedGpus {
         self.chips.contains_key(&device_id)
     }
 
+    /// Whether the proprietary modules drive the device only through GSP firmware: a `kernelopen`
+    /// GPU in a file that marks GPUs `gsp_proprietary_supported` (see
+    /// [`crate::attach::driver_fit`]). Always false for a file without that feature (535).
+    pub fn proprietary_needs_gsp(&self, device_id: u16) -> bool {
+        self.marks_gsp_proprietary && self.supports_open(device_id)
+    }
+
+    /// Whether only the open modules support the device: `kernelopen` without
+    /// `gsp_proprietary_supported`, in a file that uses that feature.
+    pub fn open_required(&self, device_id: u16) -> bool {
+        self.proprietary_needs_gsp(device_id) && !self.gsp_proprietary.contains(&device_id)
+    }
+
     /// Whether the open kernel modules support the device (`kernelopen` feature).
     pub fn supports_open(&self, device_id: u16) -> bool {
         self.chips.get(&device_id).is_some_and(|(_, open)| *open)
     }
 }
+
+/// The `supported-gpus.json` feature of GPUs the proprietary modules drive through GSP RM.
+pub const GSP_PROPRIETARY: &str = "gsp_proprietary_supported";
 
 /// Vendor and device names from a `pci.ids` file.
 #[derive(Debug, Clone, Default)]

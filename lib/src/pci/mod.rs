@@ -123,6 +123,8 @@ pub struct PciDevice {
     pub sriov_total_vfs: Option<u32>,
     /// SR-IOV: how many virtual functions are enabled.
     pub sriov_num_vfs: Option<u32>,
+    /// SR-IOV: this is a virtual function of that physical function (its `physfn` link).
+    pub physfn: Option<PciAddress>,
     /// mdev types offered (vGPU profiles).
     pub mdev_types: Vec<MdevType>,
     /// Memory BARs with a non-zero size.
@@ -255,6 +257,46 @@ impl Sysfs {
         link_name(&self.device_dir(address).join("iommu_group")).and_then(|n| n.parse().ok())
     }
 
+    /// The physical function of an SR-IOV virtual function (`None` for any other device).
+    pub fn physfn(&self, address: PciAddress) -> Option<PciAddress> {
+        let target = fs::read_link(self.device_dir(address).join("physfn")).ok()?;
+        target.file_name()?.to_str()?.parse().ok()
+    }
+
+    /// Whether `a` and `b` are functions of one physical slot: same bus and device number,
+    /// and neither is an SR-IOV virtual function (a VF is its own device; its PF and its
+    /// sibling VFs are not its companions, whatever their numbers).
+    pub fn same_slot(&self, a: PciAddress, b: PciAddress) -> bool {
+        a.same_slot(&b) && self.physfn(a).is_none() && self.physfn(b).is_none()
+    }
+
+    /// The upstream port of the PCIe switch `address` sits behind: its sysfs path is
+    /// `.../<upstream>/<downstream>/<address>` with both ports PCI functions (not a root bus).
+    pub fn upstream_switch(&self, address: PciAddress) -> Option<PathBuf> {
+        let real = fs::canonicalize(self.device_dir(address)).ok()?;
+        let downstream = real.parent()?;
+        let upstream = downstream.parent()?;
+        let is_function = |p: &Path| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.parse::<PciAddress>().is_ok())
+        };
+        (is_function(downstream) && is_function(upstream)).then(|| upstream.to_owned())
+    }
+
+    /// Whether two or more devices all sit behind one PCIe switch (P2P between them stays in
+    /// the switch).
+    pub fn share_pcie_switch(&self, devices: &[PciAddress]) -> bool {
+        if devices.len() < 2 {
+            return false;
+        }
+        let first = self.upstream_switch(devices[0]);
+        first.is_some()
+            && devices[1..]
+                .iter()
+                .all(|d| self.upstream_switch(*d) == first)
+    }
+
     /// Read everything known about one device.
     pub fn device(&self, address: PciAddress) -> Result<PciDevice, PciError> {
         let dir = self.device_dir(address);
@@ -289,6 +331,7 @@ impl Sysfs {
             reset_methods,
             sriov_total_vfs: read_trimmed(&dir.join("sriov_totalvfs")).and_then(|s| s.parse().ok()),
             sriov_num_vfs: read_trimmed(&dir.join("sriov_numvfs")).and_then(|s| s.parse().ok()),
+            physfn: self.physfn(address),
             mdev_types: read_mdev_types(&dir.join("mdev_supported_types")),
             bars: read_bars(&dir.join("resource")),
         })

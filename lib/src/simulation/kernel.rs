@@ -43,6 +43,14 @@ impl SimulatedKernel {
         if self.sysfs.driver(address).is_some() {
             return Err(errno(libc::EBUSY));
         }
+        // Like the kernel's match: a `driver_override` naming another driver refuses the bind.
+        if self
+            .sysfs
+            .driver_override(address)
+            .is_some_and(|o| o != driver)
+        {
+            return Err(errno(libc::ENODEV));
+        }
         symlink(&driver_dir, dev.join("driver"))?;
         if driver == "nvidia" && !has_flag(self.sysfs.root(), "nvidia-no-gpu") {
             fs::create_dir_all(
@@ -53,6 +61,9 @@ impl SimulatedKernel {
             )?;
         }
         let _ = symlink(&dev, driver_dir.join(address.to_string()));
+        if driver == "vfio-pci" && has_flag(self.sysfs.root(), "iommufd-only") {
+            return self.add_cdev(&dev);
+        }
         if driver == "vfio-pci"
             && let Some(group) = self.sysfs.iommu_group(address)
             && !has_flag(self.sysfs.root(), "no-vfio-node")
@@ -64,9 +75,35 @@ impl SimulatedKernel {
         Ok(())
     }
 
+    /// A kernel with iommufd and no legacy group interface: `<dev>/vfio-dev/vfioN` and
+    /// `/dev/vfio/devices/vfioN`, no `/dev/vfio/<group>`.
+    fn add_cdev(&self, dev: &Path) -> io::Result<()> {
+        let cdevs = self.dev_dir.join("vfio/devices");
+        fs::create_dir_all(&cdevs)?;
+        let n = (0..)
+            .find(|n: &u32| !cdevs.join(format!("vfio{n}")).exists())
+            .unwrap_or(0);
+        fs::create_dir_all(dev.join("vfio-dev").join(format!("vfio{n}")))?;
+        fs::write(cdevs.join(format!("vfio{n}")), b"")
+    }
+
+    fn remove_cdevs(&self, dev: &Path) {
+        for e in fs::read_dir(dev.join("vfio-dev"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = fs::remove_file(self.dev_dir.join("vfio/devices").join(e.file_name()));
+        }
+        let _ = fs::remove_dir_all(dev.join("vfio-dev"));
+    }
+
     fn unbind(&self, address: PciAddress, driver: &str) -> io::Result<()> {
         if self.sysfs.driver(address).as_deref() != Some(driver) {
             return Err(errno(libc::ENODEV));
+        }
+        if driver == "vfio-pci" {
+            self.remove_cdevs(&self.sysfs.device_dir(address));
         }
         fs::remove_file(self.sysfs.device_dir(address).join("driver"))?;
         let _ = fs::remove_dir(

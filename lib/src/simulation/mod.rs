@@ -13,7 +13,9 @@
 //! attribute named `<attr>` (`driver_override`, `unbind`, `bind`, `drivers_probe`, `create`,
 //! `remove`, `reset`, or `verify` for the VFIO check) fail with EIO; the line is consumed
 //! (`fail-once <attr> after K` lets K writes pass first). A line
-//! `no-vfio-node` stops the simulation from creating `/dev/vfio/<group>`; `nvidia-no-gpu` makes
+//! `no-vfio-node` stops the simulation from creating `/dev/vfio/<group>`; `iommufd-only` makes it a
+//! kernel without the legacy group interface (`<dev>/vfio-dev/vfioN` and
+//! `/dev/vfio/devices/vfioN` instead); `nvidia-no-gpu` makes
 //! the `nvidia` driver not take a GPU bound to it (no [`SIM_NVIDIA_GPUS`] entry). `reset`,
 //! `reset_method` and `d3cold_allowed` writes are kept in the device's files. vGPU writes
 //! (`current_vgpu_type`, mdev `create`/`remove`) get the vGPU manager's reactions (see

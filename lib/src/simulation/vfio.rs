@@ -24,7 +24,18 @@ impl VfioVerifier for SimulatedVfio {
                 detail: "injected failure".into(),
             });
         }
-        if !self.dev_dir.join("vfio").join(group.to_string()).exists() {
+        // iommufd-only: the device's own cdev instead of the group's node.
+        let cdev = fs::read_dir(sysfs_device.join("vfio-dev"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                self.dev_dir
+                    .join("vfio/devices")
+                    .join(e.file_name())
+                    .exists()
+            });
+        if !cdev && !self.dev_dir.join("vfio").join(group.to_string()).exists() {
             return Err(VfioCheckError::Container(format!(
                 "no {}/vfio/{group}",
                 self.dev_dir.display()

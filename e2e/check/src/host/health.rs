@@ -152,7 +152,7 @@ pub fn checks(c: &mut Checks, run: &RunC) {
     c.check(
         "devices: the VGA device not ready, quarantined",
         listed.as_ref().is_ok_and(|l| {
-            l.as_array().into_iter().flatten().any(|d| {
+            l["devices"].as_array().into_iter().flatten().any(|d| {
                 d["address"].as_str() == vga.map(|v| v.to_string()).as_deref()
                     && d["ready"] == false
                     && d["not_ready_because"].to_string().contains("quarantined")
