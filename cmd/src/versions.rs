@@ -52,6 +52,9 @@ pub enum VersionsCommand {
         /// Do not fail because of unpinned artifacts.
         #[arg(long)]
         allow_unpinned: bool,
+        /// Also re-hash the unpacked artifact trees and built layers in the cache.
+        #[arg(long)]
+        deep: bool,
     },
 }
 
@@ -84,6 +87,9 @@ pub struct AddArgs {
     /// Overwrite a release of the same name in FILE.
     #[arg(long)]
     replace: bool,
+    /// Largest download accepted per artifact, in bytes (default: 4 GiB).
+    #[arg(long, value_name = "BYTES")]
+    max_download_bytes: Option<u64>,
 }
 
 /// Run a `versions` command.
@@ -98,7 +104,8 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> anyhow::Result<ExitCode> {
             release,
             cached,
             allow_unpinned,
-        } => verify(global, release.as_deref(), *cached, *allow_unpinned),
+            deep,
+        } => verify(global, release.as_deref(), *cached, *allow_unpinned, *deep),
     }
 }
 
@@ -154,6 +161,7 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("--artifact {e}"))?,
         default: args.default,
         replace: args.replace,
+        max_download_bytes: args.max_download_bytes,
     };
     let report = versions::add(
         &versions::fetcher(&global.cache_dir())?,
@@ -207,6 +215,7 @@ fn verify(
     name: Option<&str>,
     cached: bool,
     allow_unpinned: bool,
+    deep: bool,
 ) -> anyhow::Result<ExitCode> {
     let registry = load(global)?;
     let source = if cached {
@@ -214,13 +223,14 @@ fn verify(
     } else {
         VerifySource::Mirrors
     };
-    let report = versions::verify(
-        &versions::fetcher(&global.cache_dir())?,
-        &registry,
-        name,
-        source,
-        &DownloadBar::new(global),
-    )?;
+    let bar = DownloadBar::new(global);
+    let fetcher = versions::fetcher(&global.cache_dir())?;
+    let report = if deep {
+        let cache = global.cache_dir();
+        versions::verify_deep(&fetcher, &cache, &registry, name, source, &bar)?
+    } else {
+        versions::verify(&fetcher, &registry, name, source, &bar)?
+    };
     let verdict = report.verdict(allow_unpinned);
     let (code, message) = match &verdict {
         Verdict::Ok => (0, None),
@@ -235,6 +245,7 @@ fn verify(
         // One JSON document: the rows plus the verdict.
         let doc = serde_json::json!({
             "artifacts": report.artifacts,
+            "cache": report.cache,
             "error": message,
             "exit_code": code,
         });
@@ -242,6 +253,9 @@ fn verify(
         return Ok(ExitCode::from(code));
     }
     for r in &report.artifacts {
+        print!("{r}");
+    }
+    for r in &report.cache {
         print!("{r}");
     }
     match message {

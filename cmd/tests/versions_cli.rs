@@ -224,6 +224,54 @@ fn verify_cached_rehashes_the_cache() {
 }
 
 #[test]
+fn verify_deep_reports_a_tampered_unpacked_tree_with_exit_3() {
+    // Issue 10, point 17: an unpacked tree is trusted by its presence; --deep re-hashes it
+    // against the record written beside it when it was unpacked.
+    let body = b"kernel bytes".repeat(1000);
+    let mirror = Mirror::files([("/vmlinuz", body.clone())]);
+    let work = tempfile::tempdir().unwrap();
+    let registry = kernel_only_registry(work.path(), &mirror, &body);
+    let cache = work.path().join("cache");
+    let out = run(cli(&cache)
+        .args(["versions", "verify", "k1", "--registry"])
+        .arg(&registry));
+    assert!(out.status.success(), "{}", text(&out));
+    let tree = cache.join("unpacked").join("ab".repeat(32));
+    fs::create_dir_all(tree.join("lib")).unwrap();
+    fs::write(tree.join("lib/nvidia.ko"), b"module").unwrap();
+    let record = format!(
+        r#"{{"lib":{{"type":"dir"}},"lib/nvidia.ko":{{"type":"file","sha256":"{}","size":6}}}}"#,
+        Sha256Digest::of(b"module").to_hex()
+    );
+    fs::write(tree.with_extension("tree.json"), record).unwrap();
+    let deep = || {
+        run(cli(&cache)
+            .args([
+                "versions",
+                "verify",
+                "k1",
+                "--cached",
+                "--deep",
+                "--registry",
+            ])
+            .arg(&registry))
+    };
+    let out = deep();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("OK"), "{}", text(&out));
+
+    fs::write(tree.join("lib/nvidia.ko"), b"modulE").unwrap();
+    let out = deep();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("lib/nvidia.ko"), "{}", text(&out));
+    // Without --deep the cache's artifacts alone are checked, and they are intact.
+    let out = run(cli(&cache)
+        .args(["versions", "verify", "k1", "--cached", "--registry"])
+        .arg(&registry));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
 fn add_refuses_a_tampered_archive_and_leaves_registry_and_cache_alone() {
     let rel = fixtures::NVIDIA_MODULES;
     let mut bytes = fs::read(fixtures::path(rel)).unwrap();

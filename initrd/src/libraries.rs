@@ -400,24 +400,18 @@ pub fn link_binaries(
     Ok(linked)
 }
 
-/// Expose the layer's firmware inside the bind-mounted layer and point the kernel's firmware loader
-/// at it, so a firmware request after the switch into the root still finds the files.
-/// Returns the firmware path as seen from inside the root.
+/// Point the kernel's firmware loader at the layer's firmware as seen from inside the root (the
+/// layer is bind-mounted at [`GPU_MOUNT`]), so a firmware request after the switch into the root
+/// still finds the files. Returns the path written.
 pub fn expose_firmware(ctx: &SetupContext) -> Result<String, InjectError> {
-    let fw = ctx.layer_path("/lib/firmware");
-    let in_layer = ctx.layer_path("/gpu/firmware");
-    std::fs::create_dir_all(&in_layer).map_err(io("create", &in_layer))?;
-    if !sys::same_file(&fw, &in_layer) {
-        sys::bind(&fw, &in_layer).map_err(|errno| InjectError::Mount {
-            src: fw.display().to_string(),
-            dst: in_layer.display().to_string(),
-            errno,
-        })?;
-    }
-    let path = format!("{GPU_MOUNT}/firmware");
+    set_firmware_path(ctx, &format!("{GPU_MOUNT}/firmware"))
+}
+
+/// Write `path` to `firmware_class.path`, the directory the kernel searches before its defaults.
+pub fn set_firmware_path(ctx: &SetupContext, path: &str) -> Result<String, InjectError> {
     let param = ctx.sys_root.join("module/firmware_class/parameters/path");
-    std::fs::write(&param, &path).map_err(io("write", &param))?;
-    Ok(path)
+    std::fs::write(&param, path).map_err(io("write", &param))?;
+    Ok(path.to_string())
 }
 
 #[cfg(test)]

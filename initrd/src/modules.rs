@@ -162,7 +162,7 @@ fn classify(
     if !firmware.is_empty() {
         let message = format!(
             "{name} failed to load because the kernel could not find firmware {}: the GPU layer must \
-             carry it under /lib/firmware/ (rebuild the initrd with the GSP firmware artifact)",
+             carry it under /gpu/firmware/ (rebuild the initrd with the GSP firmware artifact)",
             firmware.join(", ")
         );
         return (FailureClass::MissingFirmware, errno, message);

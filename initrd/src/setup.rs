@@ -5,8 +5,8 @@ use crate::inroot::RootDir;
 use crate::kmsg::KernelLog;
 use crate::modules::{ModuleLoader, load_modules};
 use crate::{cdi, daemons, env, libraries, nodes};
-use gpu_passthrough_manifest::Manifest;
 use gpu_passthrough_manifest::report::{Report, ReportError, SetupErrorClass, Status};
+use gpu_passthrough_manifest::{FIRMWARE_DIR, Manifest};
 use std::time::Instant;
 
 /// Run the whole setup. Never fails: everything that goes wrong is in the report.
@@ -31,6 +31,14 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
     report.capabilities = injected;
 
     let step = Instant::now();
+    // Before any module loads: the firmware is in the layer's /gpu/firmware, not the kernel's
+    // default /lib/firmware (the layer emits nothing outside /gpu).
+    if ctx.layer_path(FIRMWARE_DIR).is_dir() {
+        match libraries::set_firmware_path(ctx, &ctx.layer_path(FIRMWARE_DIR).to_string_lossy()) {
+            Ok(path) => report.firmware.path = Some(path),
+            Err(e) => report.problems.push(e.to_string()),
+        }
+    }
     let mut log = KernelLog::open(&ctx.kmsg);
     let (modules, missing_fw) = load_modules(ctx, &manifest.modules, loader, &mut log);
     report.modules = modules;
@@ -123,7 +131,7 @@ pub fn run(ctx: &SetupContext, loader: &dyn ModuleLoader) -> Report {
         }
         Some(Ok(root)) => {
             let root = &root;
-            if ctx.layer_path("/lib/firmware").is_dir() {
+            if ctx.layer_path(FIRMWARE_DIR).is_dir() {
                 match libraries::expose_firmware(ctx) {
                     Ok(path) => report.firmware.path = Some(path),
                     Err(e) => report.problems.push(e.to_string()),

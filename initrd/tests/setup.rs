@@ -389,14 +389,14 @@ fn firmware_absent_from_the_layer_is_reported() {
     std::fs::remove_file(
         guest
             .layer
-            .join("lib/firmware/nvidia/535.261.03/gsp_tu10x.bin"),
+            .join("gpu/firmware/nvidia/535.261.03/gsp_tu10x.bin"),
     )
     .unwrap();
     let report = run(&guest, &FakeKernel::new(&guest));
     assert_eq!(report.status, Status::Degraded);
     assert_eq!(
         report.firmware.missing,
-        ["/lib/firmware/nvidia/535.261.03/gsp_tu10x.bin"]
+        ["/gpu/firmware/nvidia/535.261.03/gsp_tu10x.bin"]
     );
     assert!(report.problems.iter().any(|p| p.contains("gsp_tu10x.bin")));
 }
@@ -635,4 +635,46 @@ fn mig_capability_nodes_are_made_when_the_driver_registers_them() {
         assert_eq!(meta.mode() & 0o7777, mode, "{cap}");
         assert_eq!(meta.gid(), 0, "{cap}");
     }
+}
+
+/// Records `firmware_class.path` at each module load, as the kernel would see it then.
+struct FirmwarePathSpy<'a> {
+    kernel: &'a FakeKernel,
+    param: std::path::PathBuf,
+    seen: std::cell::RefCell<Vec<String>>,
+}
+
+impl gpu_passthrough_init::modules::ModuleLoader for FirmwarePathSpy<'_> {
+    fn load(
+        &self,
+        path: &Path,
+        params: &str,
+    ) -> Result<(), gpu_passthrough_init::modules::LoadError> {
+        self.seen
+            .borrow_mut()
+            .push(std::fs::read_to_string(&self.param).unwrap());
+        self.kernel.load(path, params)
+    }
+}
+
+#[test]
+fn firmware_class_path_is_the_layer_firmware_while_modules_load() {
+    // The GPU layer keeps firmware in /gpu/firmware (nothing outside /gpu), so the kernel's
+    // default /lib/firmware would not find it: the path must be set before the first module.
+    let guest = Guest::new(RootKind::Debian, 1);
+    let kernel = FakeKernel::new(&guest);
+    let spy = FirmwarePathSpy {
+        kernel: &kernel,
+        param: guest.sys_root.join("module/firmware_class/parameters/path"),
+        seen: Default::default(),
+    };
+    let report = setup::run(&guest.context(), &spy);
+    let layer_fw = guest.layer.join("gpu/firmware").display().to_string();
+    let seen = spy.seen.borrow();
+    assert!(!seen.is_empty(), "no module was loaded");
+    assert!(
+        seen.iter().all(|p| *p == layer_fw),
+        "firmware_class.path while loading: {seen:?}, want {layer_fw}"
+    );
+    assert!(report.firmware.missing.is_empty(), "{:?}", report.firmware);
 }

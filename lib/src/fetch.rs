@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use nix::fcntl::Flock;
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use sha2::{Digest, Sha256};
 
 use crate::registry::{Arch, Artifact, ArtifactKind, Release, Sha256Digest};
@@ -52,7 +52,13 @@ pub struct FetchOptions {
     pub backoff: Duration,
     /// Upper bound of the wait between retries.
     pub max_backoff: Duration,
+    /// Largest download accepted when no size is pinned (adding or pinning a release); a pinned
+    /// `size` is always the exact cap.
+    pub max_unpinned_bytes: u64,
 }
+
+/// The default for [`FetchOptions::max_unpinned_bytes`]: ten times the largest real artifact.
+pub const DEFAULT_MAX_UNPINNED_BYTES: u64 = 4 << 30;
 
 impl Default for FetchOptions {
     fn default() -> Self {
@@ -62,6 +68,7 @@ impl Default for FetchOptions {
             retries: 3,
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(10),
+            max_unpinned_bytes: DEFAULT_MAX_UNPINNED_BYTES,
         }
     }
 }
@@ -122,6 +129,28 @@ pub enum FetchError {
         cap: u64,
         /// Bytes seen (or announced) so far.
         seen: u64,
+    },
+    /// A download with no pinned size grew beyond the cap for such downloads.
+    #[error(
+        "{url} is larger than the cap of {cap} bytes for downloads without a pinned size (at \
+         least {seen} bytes); check the URL, and raise the cap only if the artifact really is \
+         that large"
+    )]
+    UnpinnedCap {
+        /// The URL.
+        url: String,
+        /// The cap.
+        cap: u64,
+        /// Bytes seen (or announced) so far.
+        seen: u64,
+    },
+    /// A redirect was refused (it changed the scheme, or there were too many).
+    #[error("{url}: {reason}; use the final https URL directly")]
+    Redirect {
+        /// The URL asked for.
+        url: String,
+        /// Why the redirect was refused.
+        reason: String,
     },
     /// The server answered with an error status.
     #[error("{url} answered HTTP {status}; check the URL or add a mirror to `urls`")]
@@ -205,6 +234,7 @@ impl Fetcher {
             .connect_timeout(options.connect_timeout)
             .timeout(options.timeout)
             .user_agent(concat!("gpu-passthrough/", env!("CARGO_PKG_VERSION")))
+            .redirect(redirect_policy())
             .build()
             .map_err(|e| FetchError::Client(e.to_string()))?;
         Ok(Fetcher {
@@ -304,7 +334,16 @@ impl Fetcher {
                     source,
                 })?
                 .into_temp_path();
-            let result = self.download(url, &temp, size_cap, progress);
+            let cap = size_cap.unwrap_or(self.options.max_unpinned_bytes);
+            let result = self.download(url, &temp, Some(cap), progress);
+            // A fresh temporary file per call: its validator is never needed again.
+            remove_one_quietly(&validator_path(&temp));
+            let result = result.map_err(|e| match e {
+                FetchError::SizeCap { url, cap, seen } if size_cap.is_none() => {
+                    FetchError::UnpinnedCap { url, cap, seen }
+                }
+                other => other,
+            });
             progress.end();
             match result {
                 Ok((digest, size)) => {
@@ -384,6 +423,7 @@ impl Fetcher {
     }
 
     fn install(&self, temp: &Path, sha256: &Sha256Digest) -> Result<PathBuf, FetchError> {
+        remove_one_quietly(&validator_path(temp));
         let path = self.store.join(sha256.to_hex());
         crate::fsutil::rename_durable(temp, &path).map_err(|source| FetchError::Cache {
             path: path.clone(),
@@ -447,14 +487,33 @@ impl Fetcher {
             path: dest.to_path_buf(),
             source,
         };
-        let have = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
-        let mut request = self.client.get(url);
-        if have > 0 {
-            request = request.header(RANGE, format!("bytes={have}-"));
+        let mut have = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+        // Resume only when the server can tell us the bytes kept are still its bytes: with
+        // `If-Range` it sends the rest if the validator matches, and the whole new file if not.
+        let validator = fs::read_to_string(validator_path(dest)).ok();
+        if have > 0 && validator.is_none() {
+            tracing::debug!("no validator for the kept part of {url}: starting over");
+            remove_quietly(dest);
+            have = 0;
         }
-        let mut response = request
-            .send()
-            .map_err(|e| network(crate::error_chain(&e)))?;
+        let mut request = self.client.get(url);
+        if have > 0
+            && let Some(validator) = &validator
+        {
+            request = request
+                .header(RANGE, format!("bytes={have}-"))
+                .header(IF_RANGE, validator.as_str());
+        }
+        let mut response = request.send().map_err(|e| {
+            if e.is_redirect() {
+                FetchError::Redirect {
+                    url: url.to_string(),
+                    reason: crate::error_chain(&e),
+                }
+            } else {
+                network(crate::error_chain(&e))
+            }
+        })?;
         let status = response.status();
         let (mut file, mut hasher, start) = if status == StatusCode::PARTIAL_CONTENT && have > 0 {
             let expected_range = format!("bytes {have}-");
@@ -479,8 +538,14 @@ impl Fetcher {
             tracing::debug!("resuming {url} at byte {have}");
             (file, hasher, have)
         } else if status == StatusCode::OK {
-            // A full answer (also to a range request): start over.
-            (File::create(dest).map_err(cache_err)?, Sha256::new(), 0)
+            // A full answer (also to a range request): start over, remembering what names
+            // this version of the file for a later resume.
+            let file = File::create(dest).map_err(cache_err)?;
+            match response_validator(&response) {
+                Some(v) => fs::write(validator_path(dest), v).map_err(cache_err)?,
+                None => remove_one_quietly(&validator_path(dest)),
+            }
+            (file, Sha256::new(), 0)
         } else if status == StatusCode::RANGE_NOT_SATISFIABLE {
             remove_quietly(dest);
             return Err(network(
@@ -628,10 +693,77 @@ fn copy_hashing(
     }
 }
 
+/// Where the validator of a partial download is kept: beside it.
+fn validator_path(dest: &Path) -> PathBuf {
+    let mut name = dest.as_os_str().to_owned();
+    name.push(".validator");
+    PathBuf::from(name)
+}
+
+/// A strong `ETag`, else `Last-Modified`: what `If-Range` may carry (weak tags may not).
+fn response_validator(response: &reqwest::blocking::Response) -> Option<String> {
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    header(ETAG)
+        .filter(|tag| !tag.starts_with("W/"))
+        .or_else(|| header(LAST_MODIFIED))
+}
+
+/// Follow at most 10 redirects, never to another scheme: an https download must not continue
+/// over http, where anyone on the path could substitute the bytes of an unpinned artifact.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let from = attempt.previous().first().map(|u| u.scheme().to_string());
+        match redirect_refusal(
+            from.as_deref(),
+            attempt.url().scheme(),
+            attempt.previous().len(),
+        ) {
+            Some(message) => attempt.error(message),
+            None => attempt.follow(),
+        }
+    })
+}
+
+/// Why a redirect to `to` is refused, after `hops` redirects from a URL of scheme `from`.
+fn redirect_refusal(from: Option<&str>, to: &str, hops: usize) -> Option<String> {
+    if hops > 10 {
+        return Some("more than 10 redirects".into());
+    }
+    from.filter(|s| *s != to)
+        .map(|from| format!("redirect from {from} to {to} changes the scheme"))
+}
+
+/// Remove a (partial) download and the validator kept beside it.
 fn remove_quietly(path: &Path) {
+    remove_one_quietly(&validator_path(path));
+    remove_one_quietly(path);
+}
+
+fn remove_one_quietly(path: &Path) {
     if let Err(e) = fs::remove_file(path)
         && e.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!("cannot remove {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redirect_refusal;
+
+    #[test]
+    fn https_to_http_redirects_are_refused() {
+        // The loopback mirror speaks http only, so the downgrade itself is checked here.
+        let why = redirect_refusal(Some("https"), "http", 1).expect("a downgrade is refused");
+        assert!(why.contains("https to http"), "{why}");
+        assert!(redirect_refusal(Some("http"), "https", 1).is_some());
+        assert_eq!(redirect_refusal(Some("https"), "https", 3), None);
+        assert!(redirect_refusal(Some("https"), "https", 11).is_some());
     }
 }

@@ -238,6 +238,28 @@ pub enum Problem {
         /// The second file.
         second: PathBuf,
     },
+    /// Two libraries share a file name or a soname.
+    #[error(
+        "library name {name} appears twice, in {first} and {second}: keep one of them in the nvidia-driver-libs artifact"
+    )]
+    DuplicateLibrary {
+        /// The shared file name or soname.
+        name: String,
+        /// The first library.
+        first: PathBuf,
+        /// The second library.
+        second: PathBuf,
+    },
+    /// A library's `DT_SONAME` is not a plain file name.
+    #[error(
+        "{file}: soname `{soname}` is not a plain file name (it would be created outside the library directory): use the vendor's unmodified library"
+    )]
+    BadSoname {
+        /// The library.
+        file: PathBuf,
+        /// Its soname as stored.
+        soname: String,
+    },
     /// The NVIDIA modules tree holds no module.
     #[error(
         "{tree}: no kernel modules (.ko) found in the nvidia-modules artifact: check the artifact URL and its layout (lib/modules/<kver>/kernel/drivers/gpu/)"
@@ -290,8 +312,20 @@ impl fmt::Display for ProblemList<'_> {
     }
 }
 
-/// Inspect the extracted artifact trees against what the release expects.
+/// Inspect the extracted artifact trees against what the release expects, resolving the
+/// dependencies of every NVIDIA module.
 pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, InspectError> {
+    inspect_for(expect, trees, None)
+}
+
+/// [`inspect`], resolving dependencies only from `roots` (NVIDIA module names, either spelling),
+/// the modules a layer will carry: an unused module's missing dependency (`nvidia_peermem`
+/// without `ib_core`) must not block a layer that leaves it out. `None` means every NVIDIA module.
+pub fn inspect_for(
+    expect: &Expectations,
+    trees: &Trees,
+    roots: Option<&[String]>,
+) -> Result<Inventory, InspectError> {
     let mut problems = Vec::new();
 
     // NVIDIA modules: every .ko in the tree.
@@ -326,10 +360,22 @@ pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, Inspec
         builtin = read_builtin(&dir.join("modules.builtin"));
     }
 
-    // Close over dependencies, breadth first from the NVIDIA modules (sorted, so deterministic).
+    // Close over dependencies, breadth first from the roots (sorted, so deterministic). Every
+    // NVIDIA module stays in the inventory; only the reached ones have their dependencies resolved.
     let mut selected: BTreeMap<String, InspectedModule> = nvidia.clone();
     let mut external: BTreeSet<String> = BTreeSet::new();
-    let mut queue: Vec<String> = selected.keys().cloned().collect();
+    let mut queue: Vec<String> = match roots {
+        None => selected.keys().cloned().collect(),
+        Some(roots) => {
+            let roots: BTreeSet<String> = roots.iter().map(|r| normalize_module_name(r)).collect();
+            selected
+                .keys()
+                .filter(|k| roots.contains(*k))
+                .cloned()
+                .collect()
+        }
+    };
+    let mut reached: BTreeSet<String> = queue.iter().cloned().collect();
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut head = 0;
     while head < queue.len() {
@@ -342,6 +388,9 @@ pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, Inspec
         for dep in depends {
             let dep_name = normalize_module_name(&dep);
             if selected.contains_key(&dep_name) {
+                if reached.insert(dep_name.clone()) {
+                    queue.push(dep_name.clone());
+                }
                 edges.entry(name.clone()).or_default().insert(dep_name);
                 continue;
             }
@@ -358,6 +407,7 @@ pub fn inspect(expect: &Expectations, trees: &Trees) -> Result<Inventory, Inspec
                 if let Some(m) = found {
                     check_module(expect, &m, &mut problems);
                     selected.insert(dep_name.clone(), m);
+                    reached.insert(dep_name.clone());
                     queue.push(dep_name.clone());
                     edges.entry(name.clone()).or_default().insert(dep_name);
                     continue;
@@ -647,9 +697,44 @@ fn inspect_driver_libs(
             binaries.push(file);
         }
     }
+    check_library_names(&libraries, problems);
     let supported = root.join("usr/share/nvidia/supported-gpus.json");
     let supported_gpus = supported.is_file().then_some(supported);
     (libraries, binaries, supported_gpus)
+}
+
+/// Every library lands in one directory of the layer and is found by its soname: a soname must
+/// be a plain file name (`../../etc/x` would be created outside it), and neither real names nor
+/// sonames may repeat (one would silently replace the other).
+fn check_library_names(libraries: &[InspectedLibrary], problems: &mut Vec<Problem>) {
+    let mut names: BTreeMap<&str, &Path> = BTreeMap::new();
+    let mut sonames: BTreeMap<&str, &Path> = BTreeMap::new();
+    for lib in libraries {
+        if let Some(first) = names.insert(&lib.real_name, &lib.source) {
+            problems.push(Problem::DuplicateLibrary {
+                name: lib.real_name.clone(),
+                first: first.to_path_buf(),
+                second: lib.source.clone(),
+            });
+        }
+        let Some(soname) = lib.soname.as_deref() else {
+            continue;
+        };
+        if soname.is_empty() || soname == "." || soname == ".." || soname.contains(['/', '\0']) {
+            problems.push(Problem::BadSoname {
+                file: lib.source.clone(),
+                soname: soname.to_string(),
+            });
+            continue;
+        }
+        if let Some(first) = sonames.insert(soname, &lib.source) {
+            problems.push(Problem::DuplicateLibrary {
+                name: soname.to_string(),
+                first: first.to_path_buf(),
+                second: lib.source.clone(),
+            });
+        }
+    }
 }
 
 fn check_machine(expect: &Expectations, file: &Path, machine: u16, problems: &mut Vec<Problem>) {

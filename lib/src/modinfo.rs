@@ -58,6 +58,22 @@ pub enum ModinfoError {
     },
 }
 
+/// A module's bytes as the kernel's `finit_module` without flags wants them: decompressed
+/// (`.ko.xz`, `.ko.zst`, `.ko.gz`, recognised by magic bytes), at most 1 GiB.
+pub(crate) fn decompressed_module(path: &Path) -> std::io::Result<Vec<u8>> {
+    let file = File::open(path)?;
+    let (_, reader) = decompressing_reader_named(BufReader::new(file), path)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut bytes = Vec::new();
+    reader.take(MAX_MODULE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_MODULE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "the decompressed module exceeds {MAX_MODULE_BYTES} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// A kernel module's `.modinfo` entries and ELF machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModInfo {

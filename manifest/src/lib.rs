@@ -20,7 +20,8 @@ pub mod report;
 pub mod xid;
 
 pub use manifest::{
-    DeviceNodes, Input, Library, MANIFEST_PATH, Manifest, ManifestError, Module, SCHEMA,
+    DeviceNodes, FIRMWARE_DIR, Input, Library, MANIFEST_PATH, Manifest, ManifestError, Module,
+    SCHEMA,
 };
 
 /// A kernel module name as the kernel compares it: file names and `depends=` may use `-`

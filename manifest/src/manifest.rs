@@ -13,6 +13,11 @@ pub const SCHEMA: u32 = 1;
 /// Where the manifest sits in the guest.
 pub const MANIFEST_PATH: &str = "/gpu/manifest.json";
 
+/// Where the layer keeps firmware in the guest. Not `/lib/firmware`: the GPU layer emits nothing
+/// outside `/gpu`, so appending it to a usrmerge initrd (`lib -> usr/lib`) cannot replace that
+/// symlink with a directory. The guest init points the kernel's `firmware_class.path` here.
+pub const FIRMWARE_DIR: &str = "/gpu/firmware";
+
 /// Everything the guest init needs to know to make the GPU usable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,7 +36,7 @@ pub struct Manifest {
     pub module_flavor: String,
     /// Modules in load order (dependencies first).
     pub modules: Vec<Module>,
-    /// Firmware files, as absolute guest paths (under `/lib/firmware/`).
+    /// Firmware files, as absolute guest paths (under [`FIRMWARE_DIR`]).
     pub firmware: Vec<String>,
     /// Userspace driver libraries to make visible in the workload root.
     pub libraries: Vec<Library>,
@@ -153,7 +158,7 @@ mod tests {
                 vermagic: "6.1.0-56-amd64 SMP ".into(),
                 nvidia: true,
             }],
-            firmware: vec!["/lib/firmware/nvidia/535.261.03/gsp_ga10x.bin".into()],
+            firmware: vec!["/gpu/firmware/nvidia/535.261.03/gsp_ga10x.bin".into()],
             libraries: vec![Library {
                 path: "/gpu/lib/libcuda.so.535.261.03".into(),
                 soname: Some("libcuda.so.1".into()),

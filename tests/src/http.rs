@@ -30,6 +30,8 @@ pub struct Logged {
     pub path: String,
     /// The `Range` header, if any.
     pub range: Option<String>,
+    /// The `If-Range` header, if any.
+    pub if_range: Option<String>,
     /// The status code answered.
     pub status: u16,
 }
@@ -48,6 +50,10 @@ struct State {
     root: Option<PathBuf>,
     faults: HashMap<String, Faults>,
     ranges: bool,
+    /// Whether answers carry an `ETag` (a validator a resume can name in `If-Range`).
+    no_validators: bool,
+    /// Path → `Location` answered with 302.
+    redirects: HashMap<String, String>,
     log: Vec<Logged>,
 }
 
@@ -159,6 +165,18 @@ impl Mirror {
         self.lock().ranges = enabled;
     }
 
+    /// Answer without `ETag`, so a client has no validator to resume with.
+    pub fn set_validators(&self, enabled: bool) {
+        self.lock().no_validators = !enabled;
+    }
+
+    /// Answer GETs of `path` with `302 Found` and `Location: location`.
+    pub fn redirect(&self, path: &str, location: &str) {
+        self.lock()
+            .redirects
+            .insert(path.to_string(), location.to_string());
+    }
+
     /// Every request answered so far, in order.
     pub fn requests(&self) -> Vec<Logged> {
         self.lock().log.clone()
@@ -198,6 +216,17 @@ impl Body {
         }
     }
 
+    /// A strong validator of the content (changes whenever the bytes do).
+    fn etag(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match self {
+            Body::Memory(b) => b.hash(&mut h),
+            Body::Disk(_, len) => len.hash(&mut h),
+        }
+        format!("\"{:016x}\"", h.finish())
+    }
+
     fn reader(self, start: u64) -> io::Result<Box<dyn Read>> {
         Ok(match self {
             Body::Memory(b) => {
@@ -221,24 +250,37 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> io::Result<()> {
     let method = parts.next().unwrap_or("").to_string();
     let target = parts.next().unwrap_or("/").to_string();
     let mut range = None;
+    let mut if_range = None;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':')
-            && name.trim().eq_ignore_ascii_case("range")
-        {
-            range = Some(value.trim().to_string());
+        if let Some((name, value)) = header.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("range") {
+                range = Some(value.trim().to_string());
+            } else if name.trim().eq_ignore_ascii_case("if-range") {
+                if_range = Some(value.trim().to_string());
+            }
         }
     }
     let path = target.split('?').next().unwrap_or("/").to_string();
     let mut out = stream;
 
     // Decide the answer while holding the lock, then stream without it.
-    let (status, body, drop_after, ranges) = {
+    let (status, body, drop_after, ranges, validators) = {
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(location) = st.redirects.get(&path).cloned() {
+            drop(st);
+            log(state, &path, &range, &if_range, 302);
+            write!(
+                out,
+                "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+            return Ok(());
+        }
         let ranges = st.ranges;
+        let validators = !st.no_validators;
         let faults = st.faults.entry(path.clone()).or_default();
         let mut status = 200;
         let mut drop_after = None;
@@ -274,12 +316,12 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> io::Result<()> {
         } else {
             st.root.as_deref().and_then(|r| open_under(r, &path))
         };
-        (status, body, drop_after, ranges)
+        (status, body, drop_after, ranges, validators)
     };
 
     let Some(body) = body.filter(|_| status == 200) else {
         let status = if status == 200 { 404 } else { status };
-        log(state, &path, &range, status);
+        log(state, &path, &range, &if_range, status);
         write!(
             out,
             "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -287,15 +329,18 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> io::Result<()> {
         return Ok(());
     };
     let len = body.len();
+    let etag = body.etag();
+    // `If-Range` naming another version: the whole new body (RFC 9110, 13.1.5).
+    let range_applies = ranges && if_range.as_ref().is_none_or(|v| *v == etag);
     let start = match range
         .as_deref()
-        .filter(|_| ranges)
+        .filter(|_| range_applies)
         .map(|r| parse_range(r, len))
     {
         None => None,
         Some(Some(start)) => Some(start),
         Some(None) => {
-            log(state, &path, &range, 416);
+            log(state, &path, &range, &if_range, 416);
             write!(
                 out,
                 "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\n\
@@ -308,11 +353,14 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> io::Result<()> {
         Some(from) => (206, from),
         None => (200, 0),
     };
-    log(state, &path, &range, status);
+    log(state, &path, &range, &if_range, status);
     let mut head = format!(
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n",
         len - from
     );
+    if validators {
+        head.push_str(&format!("ETag: {etag}\r\n"));
+    }
     if status == 206 {
         head.push_str(&format!(
             "Content-Range: bytes {from}-{}/{len}\r\n",
@@ -358,7 +406,13 @@ fn open_under(root: &Path, path: &str) -> Option<Body> {
     meta.is_file().then(|| Body::Disk(file, meta.len()))
 }
 
-fn log(state: &Mutex<State>, path: &str, range: &Option<String>, status: u16) {
+fn log(
+    state: &Mutex<State>,
+    path: &str,
+    range: &Option<String>,
+    if_range: &Option<String>,
+    status: u16,
+) {
     state
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -366,6 +420,7 @@ fn log(state: &Mutex<State>, path: &str, range: &Option<String>, status: u16) {
         .push(Logged {
             path: path.to_string(),
             range: range.clone(),
+            if_range: if_range.clone(),
             status,
         });
 }

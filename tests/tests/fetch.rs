@@ -33,6 +33,7 @@ fn options() -> FetchOptions {
         retries: 3,
         backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(50),
+        ..FetchOptions::default()
     }
 }
 
@@ -443,10 +444,11 @@ fn a_corrupt_partial_file_is_discarded_and_the_download_restarted() {
         .fetch(&release(), Arch::X86_64, &a, &NoProgress)
         .unwrap();
     assert_eq!(fs::read(&got.path).unwrap(), body);
+    // Nothing recorded which version of the file those bytes came from (no validator), so
+    // they are not resumed from at all: one request, from zero.
     let log = mirror.requests();
-    assert_eq!(log.len(), 2, "{log:?}");
-    assert_eq!(log[0].range.as_deref(), Some("bytes=50000-"));
-    assert_eq!(log[1].range, None, "the retry starts from zero");
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0].range, None, "resumed bytes nothing can vouch for");
     assert_eq!(tmp_entries(cache.path()), 0);
 }
 
@@ -479,4 +481,100 @@ fn a_stalled_server_trips_the_read_timeout_and_the_retry_resumes() {
     let log = mirror.requests();
     assert_eq!(log.len(), 2, "{log:?}");
     assert_eq!(log[1].status, 206);
+}
+
+/// Swaps the mirror's content for `path` once the client has received `after` bytes.
+struct SwapAfter<'a> {
+    mirror: &'a Mirror,
+    after: u64,
+    seen: std::sync::atomic::AtomicU64,
+    new: Vec<u8>,
+}
+
+impl Progress for SwapAfter<'_> {
+    fn begin(&self, _: &str, _: Option<u64>) {}
+    fn advance(&self, bytes: u64) {
+        use std::sync::atomic::Ordering;
+        let before = self.seen.fetch_add(bytes, Ordering::SeqCst);
+        if before < self.after && before + bytes >= self.after {
+            self.mirror.serve_instead(PATH, self.new.clone());
+        }
+    }
+    fn end(&self) {}
+}
+
+#[test]
+fn resume_names_its_validator_and_a_file_changed_upstream_is_not_spliced() {
+    // Issue 10, point 14. The first answer breaks after 200 kB and the file then changes
+    // upstream: the resume must carry If-Range, so the server sends the whole new file
+    // instead of its tail being appended to the old file's head.
+    let old = payload(500_000);
+    let new: Vec<u8> = old.iter().map(|b| b.wrapping_add(1)).collect();
+    let mirror = Mirror::files([(PATH, old)]);
+    mirror.drop_after(PATH, 200_000, 1);
+    let cache = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher::new(cache.path(), options()).unwrap();
+    let swap = SwapAfter {
+        mirror: &mirror,
+        after: 200_000,
+        seen: Default::default(),
+        new: new.clone(),
+    };
+    let got = fetcher
+        .fetch_unpinned(&[mirror.url(PATH)], None, &swap)
+        .unwrap();
+    let log = mirror.requests();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(
+        log[1].if_range.is_some(),
+        "resumed without a validator: {log:?}"
+    );
+    assert_eq!(log[1].status, 200, "{log:?}");
+    assert_eq!(got.sha256, Sha256Digest::of(&new));
+    assert_eq!(fs::read(&got.path).unwrap(), new);
+}
+
+#[test]
+fn without_a_validator_a_broken_download_starts_over() {
+    let body = payload(300_000);
+    let mirror = Mirror::files([(PATH, body.clone())]);
+    mirror.set_validators(false);
+    mirror.drop_after(PATH, 100_000, 1);
+    let cache = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher::new(cache.path(), options()).unwrap();
+    let got = fetcher
+        .fetch_unpinned(&[mirror.url(PATH)], None, &NoProgress)
+        .unwrap();
+    let log = mirror.requests();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(
+        log[1].range, None,
+        "resumed with nothing to validate: {log:?}"
+    );
+    assert_eq!(fs::read(&got.path).unwrap(), body);
+}
+
+#[test]
+fn a_redirect_that_changes_the_scheme_is_refused() {
+    let mirror = Mirror::files([(PATH, payload(1000))]);
+    mirror.redirect("/moved", "ftp://127.0.0.1/elsewhere");
+    let cache = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher::new(cache.path(), options()).unwrap();
+    let err = fetcher
+        .fetch_unpinned(&[mirror.url("/moved")], None, &NoProgress)
+        .unwrap_err();
+    assert!(matches!(err, FetchError::Redirect { .. }), "{err:?}");
+    assert!(err.to_string().contains("scheme"), "{err}");
+    assert_eq!(
+        mirror.hits("/moved"),
+        1,
+        "a refused redirect is not retried"
+    );
+
+    // Same scheme: followed.
+    mirror.redirect("/same", &mirror.url(PATH));
+    let got = fetcher
+        .fetch_unpinned(&[mirror.url("/same")], None, &NoProgress)
+        .unwrap();
+    assert_eq!(got.size, 1000);
 }

@@ -193,6 +193,48 @@ fn layers_list_in_gnu_cpio_exactly_as_the_manifest_says() {
 }
 
 #[test]
+fn the_gpu_layer_emits_nothing_outside_gpu() {
+    // Issue 10, point 11: appended to a usrmerge initrd (`lib -> usr/lib`), an entry for `lib`
+    // or `lib/firmware` would make the kernel's unpacker replace the symlink with a directory.
+    let (dir, registry, init) = shared();
+    let layers = build(
+        &dir.join("cache"),
+        registry,
+        &options(init, LayerCompression::None),
+        false,
+    )
+    .unwrap();
+    let gpu = gnu_cpio_list(&fs::read(&layers.gpu.path).unwrap());
+    let outside: Vec<&String> = gpu
+        .iter()
+        .filter(|p| *p != "gpu" && !p.starts_with("gpu/"))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "GPU layer entries outside /gpu: {outside:?}"
+    );
+    assert!(
+        gpu.iter()
+            .any(|p| p.starts_with("gpu/firmware/nvidia/535.261.03/gsp_")),
+        "the firmware must be in the layer, under /gpu/firmware"
+    );
+    assert!(
+        layers
+            .manifest
+            .firmware
+            .iter()
+            .all(|f| f.starts_with("/gpu/firmware/")),
+        "{:?}",
+        layers.manifest.firmware
+    );
+    let base = gnu_cpio_list(&fs::read(&layers.base.path).unwrap());
+    assert!(
+        !base.iter().any(|p| p == "lib" || p.starts_with("lib/")),
+        "the base layer must not emit /lib either: {base:?}"
+    );
+}
+
+#[test]
 fn same_release_gives_byte_identical_layers_in_a_fresh_cache() {
     let (dir, registry, init) = shared();
     let opts = options(init, LayerCompression::Zstd);
@@ -549,4 +591,227 @@ fn a_proprietary_release_without_gsp_builds_with_no_firmware() {
         !entries.iter().any(|e| e.contains("firmware/nvidia")),
         "no firmware in the layer"
     );
+}
+
+#[test]
+fn xz_compressed_modules_are_written_decompressed() {
+    // Issue 10, point 10: a distribution's modules are `.ko.xz`; the guest's finit_module is
+    // called without the compressed-file flag, so the layer must carry plain ELF `.ko` files.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("nvidia-modules-xz.tar.gz");
+    let gz =
+        flate2::write::GzEncoder::new(fs::File::create(&out).unwrap(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    let input = flate2::read::GzDecoder::new(
+        fs::File::open(fixtures::path(fixtures::NVIDIA_MODULES)).unwrap(),
+    );
+    let mut originals = std::collections::BTreeMap::new();
+    let mut archive = tar::Archive::new(input);
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut header = entry.header().clone();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        if path.ends_with(".ko") {
+            let name = Path::new(&path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let xz = liblzma::encode_all(&data[..], 1).unwrap();
+            originals.insert(name, data);
+            header.set_size(xz.len() as u64);
+            builder
+                .append_data(&mut header, format!("{path}.xz"), &xz[..])
+                .unwrap();
+        } else {
+            builder.append(&header, &data[..]).unwrap();
+        }
+    }
+    builder.into_inner().unwrap().finish().unwrap();
+
+    let registry = Artifacts::real()
+        .with("nvidia-modules", out)
+        .registry(dir.path(), fixtures::KERNEL_VERSION);
+    let init = guest_init(dir.path());
+    let layers = build(
+        &dir.path().join("cache"),
+        &registry,
+        &options(&init, LayerCompression::None),
+        false,
+    )
+    .unwrap();
+    assert!(!layers.manifest.modules.is_empty());
+    let unpacked = dir.path().join("gpu-layer");
+    fs::create_dir(&unpacked).unwrap();
+    let status = Command::new("cpio")
+        .args(["-id", "--quiet"])
+        .current_dir(&unpacked)
+        .stdin(fs::File::open(&layers.gpu.path).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for module in layers.manifest.modules.iter().filter(|m| m.nvidia) {
+        assert!(module.path.ends_with(".ko"), "{}", module.path);
+        let bytes = fs::read(unpacked.join(module.path.trim_start_matches('/'))).unwrap();
+        assert_eq!(
+            &bytes[..4],
+            b"\x7fELF",
+            "{} is not a plain ELF file",
+            module.path
+        );
+        let name = Path::new(&module.path)
+            .file_name()
+            .unwrap()
+            .to_string_lossy();
+        assert_eq!(bytes, originals[name.as_ref()], "{}", module.path);
+    }
+}
+
+#[test]
+fn an_unused_module_with_a_missing_dependency_does_not_block_a_build() {
+    // Issue 10, point 16: nvidia_peermem needs ib_core, which a GPU-only guest kernel's modules
+    // lack; peermem is not in the default layer, so its dependency must not be resolved at all.
+    let dir = tempfile::tempdir().unwrap();
+    let tar = doctored_modules(dir.path(), |path, data| {
+        if path.ends_with("/nvidia-peermem.ko") {
+            // Same length: the modinfo section keeps its size.
+            replace(data, b"author=Yishai Hadas\0", b"depends=ib_core    \0");
+        }
+    });
+    let registry = Artifacts::real()
+        .with("nvidia-modules", tar)
+        .registry(dir.path(), fixtures::KERNEL_VERSION);
+    let init = guest_init(dir.path());
+    let cache = dir.path().join("cache");
+    let layers = build(
+        &cache,
+        &registry,
+        &options(&init, LayerCompression::None),
+        false,
+    )
+    .expect("peermem is not selected, so its ib_core dependency must not matter");
+    assert!(
+        !layers
+            .manifest
+            .modules
+            .iter()
+            .any(|m| m.name == "nvidia_peermem")
+    );
+
+    // Asking for peermem does resolve it, and names the missing module.
+    let mut with_peermem = options(&init, LayerCompression::None);
+    with_peermem.modules.push("nvidia_peermem".into());
+    let err = build(&cache, &registry, &with_peermem, false).unwrap_err();
+    assert!(matches!(err, InitrdError::Inspect(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("nvidia-peermem.ko") && text.contains("ib_core"),
+        "{text}"
+    );
+}
+
+#[test]
+fn verify_deep_reports_a_tampered_unpacked_tree_and_layer() {
+    // Issue 10, point 17: the cache trusts unpacked trees and built layers by their presence;
+    // a deep verify re-hashes them against what was recorded when they were made.
+    use gpu_passthrough::versions::deep::{CacheItem, CacheStatus};
+    use gpu_passthrough::versions::{self, Verdict, VerifySource};
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Artifacts::real().registry(dir.path(), fixtures::KERNEL_VERSION);
+    let init = guest_init(dir.path());
+    let cache = dir.path().join("cache");
+    let layers = build(
+        &cache,
+        &registry,
+        &options(&init, LayerCompression::None),
+        false,
+    )
+    .unwrap();
+    let fetcher = Fetcher::new(&cache, FetchOptions::default()).unwrap();
+    let deep = |registry: &Registry| {
+        versions::verify_deep(
+            &fetcher,
+            &cache,
+            registry,
+            Some(RELEASE),
+            VerifySource::Cache,
+            &NoProgress,
+        )
+        .unwrap()
+    };
+    let clean = deep(&registry);
+    let trees = clean
+        .cache
+        .iter()
+        .filter(|r| r.item == CacheItem::UnpackedTree)
+        .count();
+    assert_eq!(trees, 4, "{:#?}", clean.cache);
+    assert_eq!(clean.cache.len(), 4 + 3, "{:#?}", clean.cache);
+    assert!(
+        clean.cache.iter().all(|r| r.status == CacheStatus::Ok),
+        "{:#?}",
+        clean.cache
+    );
+    assert_eq!(clean.verdict(false), Verdict::Ok);
+
+    // One byte of a library in an unpacked tree, one byte of the GPU layer.
+    let lib = walk_find(&cache.join("unpacked"), "libcuda.so.535.261.03");
+    let mut bytes = fs::read(&lib).unwrap();
+    bytes[100] ^= 1;
+    fs::write(&lib, &bytes).unwrap();
+    let mut gpu = fs::read(&layers.gpu.path).unwrap();
+    let last = gpu.len() - 600;
+    gpu[last] ^= 1;
+    fs::write(&layers.gpu.path, &gpu).unwrap();
+
+    let tampered = deep(&registry);
+    let bad: Vec<_> = tampered
+        .cache
+        .iter()
+        .filter(|r| r.status == CacheStatus::Mismatch)
+        .collect();
+    assert_eq!(bad.len(), 2, "{:#?}", tampered.cache);
+    assert!(
+        bad.iter().any(|r| r.item == CacheItem::UnpackedTree
+            && r.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("libcuda.so.535.261.03 changed"))),
+        "{bad:#?}"
+    );
+    assert!(
+        bad.iter()
+            .any(|r| r.item == CacheItem::Layer && r.path == layers.gpu.path),
+        "{bad:#?}"
+    );
+    assert!(
+        matches!(tampered.verdict(false), Verdict::Mismatch(ref v) if v.len() == 2),
+        "{:?}",
+        tampered.verdict(false)
+    );
+    // The downloaded artifacts themselves were not touched.
+    assert!(
+        tampered
+            .artifacts
+            .iter()
+            .all(|r| r.status == versions::VerifyStatus::Ok)
+    );
+}
+
+/// The first file called `name` under `dir`.
+fn walk_find(dir: &Path, name: &str) -> PathBuf {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() && e.file_name() == name {
+                return e.path();
+            }
+        }
+    }
+    panic!("{name} not under {}", dir.display())
 }

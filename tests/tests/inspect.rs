@@ -677,3 +677,55 @@ fn problems_of_with(expect: &Expectations, trees: &Trees) -> Vec<Problem> {
         Err(e) => e.problems().to_vec(),
     }
 }
+
+#[test]
+fn duplicate_library_names_are_refused() {
+    // Issue 10, point 16: two files of one name (and so one soname) in one layer.
+    let x = extracted();
+    let tmp = tempfile::tempdir().unwrap();
+    let libs = tmp.path().join("libs");
+    link_tree(&x.libs, &libs, &|_| false);
+    let other = libs.join("usr/lib/nvidia/other");
+    fs::create_dir_all(&other).unwrap();
+    fs::hard_link(
+        x.libs.join("usr/lib/nvidia/libnvidia-cfg.so.535.261.03"),
+        other.join("libnvidia-cfg.so.535.261.03"),
+    )
+    .unwrap();
+    let problems = problems_of(&Trees {
+        driver_libs: Some(&libs),
+        ..real_trees(x)
+    });
+    assert!(
+        problems
+            .iter()
+            .any(|p| matches!(p, Problem::DuplicateLibrary { name, .. } if name == "libnvidia-cfg.so.535.261.03")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(
+            |p| matches!(p, Problem::DuplicateLibrary { name, .. } if name == "libnvidia-cfg.so.1")
+        ),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn a_soname_that_is_a_path_is_refused() {
+    let x = extracted();
+    let tmp = tempfile::tempdir().unwrap();
+    let libs = tmp.path().join("libs");
+    link_tree(&x.libs, &libs, &|_| false);
+    let lib = libs.join("usr/lib/nvidia/libnvidia-cfg.so.535.261.03");
+    patch(&lib, b"libnvidia-cfg.so.1\0", b"../../../../cfg.so\0");
+    let problems = problems_of(&Trees {
+        driver_libs: Some(&libs),
+        ..real_trees(x)
+    });
+    assert!(
+        problems.iter().any(
+            |p| matches!(p, Problem::BadSoname { soname, .. } if soname == "../../../../cfg.so")
+        ),
+        "{problems:?}"
+    );
+}

@@ -415,8 +415,13 @@ fn arb_release() -> impl Strategy<Value = Release> {
                 .into_iter()
                 .map(|p| format!("https://m.example/{p}"))
                 .collect(),
+            // A pinned digest always comes with its size (the parser requires it).
+            size: if sha.is_some() {
+                size.or(Some(0))
+            } else {
+                size
+            },
             sha256: sha.map(Sha256Digest),
-            size,
         });
     (
         "[a-zA-Z0-9][a-zA-Z0-9._ -]{0,20}",

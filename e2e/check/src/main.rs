@@ -5,6 +5,7 @@
 //! error here rather than a check that quietly stops looking. `e2e/run` keeps provisioning and
 //! booting.
 
+mod builder;
 mod checks;
 mod cli_json;
 mod console;
@@ -119,6 +120,19 @@ enum Command {
         /// The layer file.
         layer: PathBuf,
     },
+    /// Run BH: the GPU layer of the release whose modules were `.ko.xz`.
+    XzGpuLayer {
+        /// The layer file.
+        layer: PathBuf,
+    },
+    /// Run BH: xz modules loaded and the usrmerge `/lib` kept, after our layers were appended.
+    AppendedGuest {
+        /// The console log.
+        log: PathBuf,
+        /// Expected NVIDIA driver version.
+        #[arg(long)]
+        driver: String,
+    },
     /// Print the base, GPU and combined layer paths of `initrd build --json` output.
     Layers {
         /// The saved JSON.
@@ -208,6 +222,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::VersionDiff { json, from, to } => drivers::version_diff(&json, &from, &to)?,
         Command::GpuLayer { layer, compression } => layers::gpu_layer(&layer, &compression),
         Command::BaseLayer { layer } => layers::base_layer(&layer),
+        Command::XzGpuLayer { layer } => builder::xz_gpu_layer(&layer),
+        Command::AppendedGuest { log, driver } => {
+            builder::appended_guest(&Console::read(&log)?, &driver)
+        }
         Command::Layers { build_json } => {
             println!("{}", layers::paths(&build_json)?.join(" "));
             return Ok(());

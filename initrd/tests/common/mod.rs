@@ -125,8 +125,8 @@ pub fn manifest() -> Manifest {
             ),
         ],
         firmware: vec![
-            format!("/lib/firmware/nvidia/{DRIVER}/gsp_ga10x.bin"),
-            format!("/lib/firmware/nvidia/{DRIVER}/gsp_tu10x.bin"),
+            format!("/gpu/firmware/nvidia/{DRIVER}/gsp_ga10x.bin"),
+            format!("/gpu/firmware/nvidia/{DRIVER}/gsp_tu10x.bin"),
         ],
         libraries: vec![
             Library {

@@ -72,6 +72,11 @@ pub fn decompressing_reader<'a, R: BufRead + 'a>(
     decompressing_reader_named(r, Path::new("<stream>"))
 }
 
+/// Memory the xz decoder may use. `xz -9` needs 65 MiB to decode; a stream whose header asks
+/// for more (a dictionary of gigabytes) is refused instead of being allowed to allocate it.
+/// zstd is bounded by its own default window limit (128 MiB).
+pub const XZ_MEMLIMIT: u64 = 256 << 20;
+
 /// Like [`decompressing_reader`], naming `name` in errors.
 pub fn decompressing_reader_named<'a, R: BufRead + 'a>(
     mut r: R,
@@ -92,7 +97,18 @@ pub fn decompressing_reader_named<'a, R: BufRead + 'a>(
     let reader: Box<dyn Read + 'a> = match compression {
         Compression::None => Box::new(input),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
-        Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(input)),
+        Compression::Xz => {
+            let stream = liblzma::stream::Stream::new_stream_decoder(
+                XZ_MEMLIMIT,
+                liblzma::stream::CONCATENATED,
+            )
+            .map_err(|e| ArchiveError::Decompress {
+                archive: name.to_path_buf(),
+                compression,
+                source: e.into(),
+            })?;
+            Box::new(liblzma::bufread::XzDecoder::new_stream(input, stream))
+        }
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(input).map_err(
             |source| ArchiveError::Decompress {
                 archive: name.to_path_buf(),
@@ -257,6 +273,26 @@ mod tests {
 
         assert_eq!(roundtrip(&payload), (Compression::None, payload.clone()));
         assert_eq!(roundtrip(b"ab"), (Compression::None, b"ab".to_vec()));
+    }
+
+    #[test]
+    fn xz_asking_for_more_memory_than_the_limit_is_refused() {
+        // Encode with a small dictionary, then rewrite the block header's LZMA2 dictionary
+        // byte to 4 GiB (40) and fix the header's CRC32: the decoder would allocate it.
+        let mut xz = liblzma::encode_all(&[1u8; 4096][..], 1).unwrap();
+        let header_len = (xz[12] as usize + 1) * 4;
+        let block = 12..12 + header_len;
+        let filter = xz[block.clone()]
+            .windows(2)
+            .position(|w| w == [0x21, 0x01])
+            .unwrap();
+        xz[12 + filter + 2] = 40;
+        let mut crc = flate2::Crc::new();
+        crc.update(&xz[12..12 + header_len - 4]);
+        xz[12 + header_len - 4..12 + header_len].copy_from_slice(&crc.sum().to_le_bytes());
+        let (_, mut r) = decompressing_reader(&xz[..]).unwrap();
+        let err = r.read_to_end(&mut Vec::new()).unwrap_err();
+        assert!(err.to_string().to_lowercase().contains("memory"), "{err}");
     }
 
     #[test]

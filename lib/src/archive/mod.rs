@@ -8,6 +8,7 @@ pub mod compress;
 pub mod cpio;
 pub mod decompress;
 pub mod tar;
+mod tar_headers;
 
 use std::io;
 use std::path::PathBuf;
@@ -74,6 +75,25 @@ pub enum ArchiveError {
         /// Which limit: `entry size`, `total size` or `entry count`.
         what: &'static str,
         /// The limit's value (bytes or entries).
+        limit: u64,
+    },
+    /// An extension header (GNU long name, PAX record) claims more bytes than any real path or
+    /// record needs; it is refused before its payload is read.
+    #[error(
+        "archive {archive}: the {what} header {header:?} at byte {offset} of the tar stream claims {size} bytes, over the cap of {limit} bytes; no packager writes such a header, so the artifact is damaged or hostile: fetch it from its vendor again"
+    )]
+    ExtensionHeaderTooLarge {
+        /// The archive being read.
+        archive: PathBuf,
+        /// Which header: `GNU long name` or `PAX extended`.
+        what: &'static str,
+        /// The header's own name field (`././@LongLink`, `PaxHeaders.N/<file>`).
+        header: String,
+        /// Where the header starts in the uncompressed tar stream.
+        offset: u64,
+        /// The size the header claims.
+        size: u64,
+        /// The cap for that kind of header.
         limit: u64,
     },
     /// The extraction destination is unusable.

@@ -18,6 +18,8 @@ use std::rc::Rc;
 
 use super::ArchiveError;
 use super::decompress::{Compression, decompressing_reader_named};
+use super::tar_headers::{HeaderGuard, Oversized};
+pub use super::tar_headers::{MAX_LONG_NAME_BYTES, MAX_PAX_HEADER_BYTES};
 
 /// Caps on what one archive may contain. The defaults are generous (the largest real payload is
 /// a few hundred MB) but finite, so that a hostile archive cannot fill the disk or memory.
@@ -130,7 +132,10 @@ pub fn walk_tar_stream<R: BufRead>(
         remaining: stream_cap,
         state: Rc::clone(&state),
     };
+    let oversized = Rc::new(Cell::new(None));
+    let source = HeaderGuard::new(source, Rc::clone(&oversized));
     let mut walker = Walker {
+        oversized: Rc::clone(&oversized),
         archive: name.to_path_buf(),
         limits: *limits,
         nodes: HashMap::new(),
@@ -151,14 +156,14 @@ pub fn walk_tar_stream<R: BufRead>(
         .map_err(|e| walker.stream_error(&state, compression, "", e))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| walker.stream_error(&state, compression, "", e))?;
-        let Some(accepted) = walker.accept(&entry)? else {
+        let Some(accepted) = walker.accept(&mut entry)? else {
             continue;
         };
         let shown = accepted.path.display().to_string();
         let visited = visit(&accepted, &mut entry);
         // A failure of the stream under the visitor (decoder, size cap) is reported as such,
         // whatever error the visitor wrapped it in.
-        if state.get() != SourceState::Ok {
+        if state.get() != SourceState::Ok || oversized.get().is_some() {
             return Err(walker.stream_error(
                 &state,
                 compression,
@@ -170,7 +175,7 @@ pub fn walk_tar_stream<R: BufRead>(
     }
     // Read the compressed stream to its end: gzip's CRC and xz/zstd checksums sit after the
     // tar's end-of-archive blocks, and a corrupted byte inside a stored block is caught only there.
-    let mut rest = tar.into_inner();
+    let mut rest = tar.into_inner().into_inner();
     io::copy(&mut rest, &mut io::sink())
         .map_err(|e| walker.stream_error(&state, compression, "", e))?;
     walker.finish()?;
@@ -390,6 +395,8 @@ enum Node {
 
 struct Walker {
     archive: PathBuf,
+    /// Set by the header guard when an extension header was over its cap.
+    oversized: Rc<Cell<Option<Oversized>>>,
     limits: Limits,
     nodes: HashMap<PathBuf, Node>,
     /// Each symlink with the paths its target walks through (lexically, relative to the
@@ -431,6 +438,16 @@ impl Walker {
         entry: &str,
         e: io::Error,
     ) -> ArchiveError {
+        if let Some(found) = self.oversized.get() {
+            return ArchiveError::ExtensionHeaderTooLarge {
+                archive: self.archive.clone(),
+                what: found.kind.describe(),
+                header: found.name(),
+                offset: found.offset,
+                size: found.size,
+                limit: found.kind.cap(),
+            };
+        }
         match state.get() {
             SourceState::LimitHit => self.limit(
                 if entry.is_empty() { "<headers>" } else { entry },
@@ -459,13 +476,34 @@ impl Walker {
     /// PAX global headers).
     fn accept<R: Read>(
         &mut self,
-        entry: &tar::Entry<'_, R>,
+        entry: &mut tar::Entry<'_, R>,
     ) -> Result<Option<TarEntry>, ArchiveError> {
-        let raw_path = entry.path_bytes();
+        let raw_path = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
         self.seen += 1;
         if self.seen > self.limits.max_entries {
             return Err(self.limit(&shown, "entry count", self.limits.max_entries));
+        }
+        // GNU tar's PAX sparse format (`--sparse --format=pax`) stores a sparse map in what
+        // looks like a regular file; extracting it as one would hand out the map as content.
+        let own_type = entry.header().entry_type();
+        let is_extension =
+            own_type.is_pax_local_extensions() || own_type.is_pax_global_extensions();
+        if !is_extension {
+            let sparse = entry
+                .pax_extensions()
+                .ok()
+                .flatten()
+                .is_some_and(|mut records| {
+                    records.any(|r| r.is_ok_and(|r| r.key_bytes().starts_with(b"GNU.sparse.")))
+                });
+            if sparse {
+                return Err(self.unsafe_entry(
+                    &shown,
+                    "it is a sparse file (PAX format)",
+                    "re-pack the artifact without --sparse",
+                ));
+            }
         }
         let header = entry.header();
         let kind = header.entry_type();
@@ -559,6 +597,9 @@ impl Walker {
             archive: self.archive.clone(),
             reason: format!("entry `{shown}` has an unreadable mode: {e}"),
         })? & 0o777;
+        // A directory's mode from an artifact only decides who may add files under it (0777)
+        // or lock the builder out of it (0000): both are wrong for a layer, so it is fixed.
+        let mode = if node == Node::Dir { 0o755 } else { mode };
 
         let kind = match node {
             Node::Dir => {

@@ -164,6 +164,10 @@ impl InitrdBuilder<'_> {
                 .map_err(io_err(format!("removing stale {}", tmp.display())))?;
         }
         extract_tar(archive, &tmp, &Limits::default())?;
+        // What the tree holds, for a later deep verify (the cache trusts the tree by presence).
+        let record = super::tree::record_path(&dest);
+        super::tree::write_record(&tmp, &record)
+            .map_err(io_err(format!("recording {}", record.display())))?;
         fs::rename(&tmp, &dest).map_err(io_err(format!("moving {} into place", dest.display())))?;
         Ok(dest)
     }

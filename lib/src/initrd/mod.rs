@@ -2,8 +2,10 @@
 //!
 //! - **base**: `/init` (the static guest init), `/dev/console`, `/dev/null` and the directories
 //!   init needs. Plain cpio: it is small, and a plain archive can be followed by any other.
-//! - **gpu**: everything under `/gpu/` plus the firmware under `/lib/firmware/`, compressed as
-//!   asked. It is self-contained, so a platform can append it to its own initrd.
+//! - **gpu**: everything under `/gpu/` (firmware too, in `/gpu/firmware`, which the guest init
+//!   gives the kernel as `firmware_class.path`) and nothing outside it, compressed as asked. It is
+//!   self-contained, so a platform can append it to its own initrd, even one whose `/lib` is a
+//!   symlink: an entry for `lib` would make the kernel's unpacker replace that link.
 //! - **combined**: base followed by gpu, one file for GPU VMs.
 //!
 //! Layers are cached under `<cache>/layers/<key>/`, where the key is a hash over everything that
@@ -24,6 +26,7 @@ pub mod guest_init;
 mod plan;
 pub use plan::module_params;
 mod select;
+pub(crate) mod tree;
 mod write;
 
 use std::collections::BTreeMap;
@@ -40,12 +43,12 @@ pub use crate::archive::compress::LayerCompression;
 use crate::archive::cpio::CpioError;
 pub use crate::archive::cpio::{InitrdLayer, read_initrd};
 use crate::fetch::{FetchError, Fetcher, Progress};
-use crate::inspect::{Expectations, InspectError, Inventory, Trees, inspect};
+use crate::inspect::{Expectations, InspectError, Inventory, Trees, inspect_for};
 use crate::registry::{Arch, ArtifactKind, Release};
 
 /// Bumped whenever the builder's output changes for the same inputs, so old cache entries are
 /// never mistaken for new ones.
-const BUILDER_VERSION: u32 = 1;
+const BUILDER_VERSION: u32 = 3;
 
 /// The NVIDIA modules loaded by default. `nvidia_peermem` (GPUDirect RDMA) is left out: it needs
 /// an InfiniBand stack the guest rarely has; ask for it with [`BuildOptions::modules`].
@@ -353,6 +356,18 @@ impl<'a> InitrdBuilder<'a> {
         arch: Arch,
         progress: &dyn Progress,
     ) -> Result<(Inventory, Vec<manifest::Input>), InitrdError> {
+        self.inventory_for(release, arch, None, progress)
+    }
+
+    /// [`InitrdBuilder::inventory`], resolving dependencies only from `roots` (see
+    /// [`crate::inspect::inspect_for`]).
+    fn inventory_for(
+        &self,
+        release: &Release,
+        arch: Arch,
+        roots: Option<&[String]>,
+        progress: &dyn Progress,
+    ) -> Result<(Inventory, Vec<manifest::Input>), InitrdError> {
         let missing = |what: String| InitrdError::Release {
             release: release.name.clone(),
             arch,
@@ -391,7 +406,8 @@ impl<'a> InitrdBuilder<'a> {
             });
         }
         let tree = |k| trees.get(&k).map(PathBuf::as_path);
-        let inventory = inspect(
+        // Only the modules this layer carries have their dependencies resolved.
+        let inventory = inspect_for(
             &Expectations {
                 kernel_version: &release.kernel_version,
                 driver_version: &driver_version,
@@ -405,6 +421,7 @@ impl<'a> InitrdBuilder<'a> {
                 firmware: tree(ArtifactKind::NvidiaFirmware),
                 driver_libs: tree(ArtifactKind::NvidiaDriverLibs),
             },
+            roots,
         )?;
         Ok((inventory, inputs))
     }
@@ -419,7 +436,8 @@ impl<'a> InitrdBuilder<'a> {
         progress: &dyn Progress,
     ) -> Result<Layers, InitrdError> {
         let arch = options.arch;
-        let (inventory, inputs) = self.inventory(release, arch, progress)?;
+        let (inventory, inputs) =
+            self.inventory_for(release, arch, Some(&options.modules), progress)?;
         let driver_version = release.driver_version.clone().unwrap_or_default();
         let plan = plan::GpuLayerPlan::new(release, options, &driver_version, &inventory, inputs)?;
 

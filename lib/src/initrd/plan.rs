@@ -24,7 +24,15 @@ pub(super) struct GpuLayerPlan {
 
 enum Source {
     Dir,
-    File { from: PathBuf, mode: u32 },
+    File {
+        from: PathBuf,
+        mode: u32,
+    },
+    /// A kernel module, written decompressed: the guest's `finit_module` is called without
+    /// `MODULE_INIT_COMPRESSED_FILE`, so a `.ko.xz` would fail `ENOEXEC`.
+    Module {
+        from: PathBuf,
+    },
     GuestInit,
     Manifest,
     Symlink(String),
@@ -47,12 +55,16 @@ impl GpuLayerPlan {
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_else(|| format!("{}.ko", m.name));
+            let file = [".xz", ".zst", ".gz"]
+                .iter()
+                .find_map(|ext| file.strip_suffix(ext).filter(|f| f.ends_with(".ko")))
+                .map(str::to_string)
+                .unwrap_or(file);
             let path = format!("gpu/modules/{file}");
             entries.insert(
                 path.clone(),
-                Source::File {
+                Source::Module {
                     from: m.source.clone(),
-                    mode: 0o644,
                 },
             );
             manifest_modules.push(manifest::Module {
@@ -71,7 +83,12 @@ impl GpuLayerPlan {
         }
         let mut firmware = Vec::new();
         for fw in &inv.firmware {
-            let path = format!("lib/firmware/{}", fw.rel.display());
+            // Under /gpu, not /lib/firmware: the layer must append cleanly to a usrmerge root.
+            let path = format!(
+                "{}/{}",
+                manifest::FIRMWARE_DIR.trim_start_matches('/'),
+                fw.rel.display()
+            );
             entries.insert(
                 path.clone(),
                 Source::File {
@@ -175,6 +192,11 @@ impl GpuLayerPlan {
                 }
                 Source::Manifest => {
                     cpio.file(path, 0o644, manifest.len() as u64, &mut &manifest[..])?
+                }
+                Source::Module { from } => {
+                    let bytes = crate::modinfo::decompressed_module(from)
+                        .map_err(io_err(format!("decompressing {}", from.display())))?;
+                    cpio.file(path, 0o644, bytes.len() as u64, &mut &bytes[..])?;
                 }
                 Source::File { from, mode } => {
                     let mut f =

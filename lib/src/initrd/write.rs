@@ -73,7 +73,8 @@ pub(super) fn synced(path: &Path, bytes: &[u8]) -> Result<(), InitrdError> {
 /// The base layer: small, so built in memory.
 fn base_layer(guest_init: &[u8], extra: &[(String, Vec<u8>)]) -> Result<Vec<u8>, InitrdError> {
     let mut w = CpioWriter::new(Vec::new());
-    for dir in ["dev", "lib", "mnt", "newroot", "proc", "run", "sys", "tmp"] {
+    // No `lib`: the layers may be appended to a root whose `/lib` is a symlink (usrmerge).
+    for dir in ["dev", "mnt", "newroot", "proc", "run", "sys", "tmp"] {
         w.directory(dir, if dir == "tmp" { 0o1777 } else { 0o755 })?;
     }
     w.char_device("dev/console", 0o600, 5, 1)?;

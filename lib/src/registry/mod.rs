@@ -7,6 +7,7 @@
 mod digest;
 mod edit;
 mod parse;
+mod version_string;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use digest::{DigestError, Sha256Digest};
 pub use edit::{ArtifactPin, pin_artifacts, write_release};
+pub use version_string::version_string_problem;
 
 /// A CPU architecture a release has artifacts for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -139,10 +139,10 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
         }
         Some(v) => ctx.string("kernel_version", v)?,
     };
-    if kernel_version.trim().is_empty() {
+    if let Some(problem) = super::version_string_problem(&kernel_version) {
         return Err(ctx.invalid(
             "kernel_version",
-            "is empty",
+            problem,
             "set it to the guest kernel's `uname -r`, e.g. \"6.1.0-56-amd64\"",
         ));
     }
@@ -150,10 +150,10 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
         None => None,
         Some(v) => {
             let s = ctx.string("driver_version", v)?;
-            if s.trim().is_empty() {
+            if let Some(problem) = super::version_string_problem(&s) {
                 return Err(ctx.invalid(
                     "driver_version",
-                    "is empty",
+                    problem,
                     "set the NVIDIA driver version, e.g. \"535.261.03\", or remove the key",
                 ));
             }
@@ -428,6 +428,17 @@ fn parse_artifact(ctx: &Ctx<'_>, field: &str, item: &Value) -> Result<Artifact, 
             ));
         }
     };
+    if sha256.is_some() && size.is_none() {
+        // The size bounds the download before the digest can be checked at its end.
+        return Err(ctx.invalid(
+            &format!("{field}.size"),
+            "missing: a pinned `sha256` needs its `size`",
+            format!(
+                "add size = <bytes>, or pin release {} in {} again to fill it in",
+                ctx.release, ctx.file
+            ),
+        ));
+    }
     Ok(Artifact {
         kind,
         urls,

@@ -11,6 +11,7 @@
 //!
 //! Nothing is written to a registry file unless every check passed.
 
+pub mod deep;
 pub mod diff;
 
 pub use diff::{DiffError, ReleaseDiff, compare, diff};
@@ -64,6 +65,14 @@ pub enum VersionsError {
     /// The artifacts do not fit the release; the message names each file.
     #[error("release refused, registry unchanged: {0}")]
     Refused(String),
+    /// A kernel or driver version string that cannot be a version (it becomes a path).
+    #[error("the {field} {problem}")]
+    BadVersion {
+        /// `kernel_version` or `driver_version`.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// No scratch directory for the inspection.
     #[error("cannot create a scratch directory for inspection")]
     Scratch(#[source] std::io::Error),
@@ -76,7 +85,9 @@ impl VersionsError {
         match self {
             VersionsError::Fetch { source, .. } => matches!(
                 source,
-                FetchError::DigestMismatch { .. } | FetchError::SizeCap { .. }
+                FetchError::DigestMismatch { .. }
+                    | FetchError::SizeCap { .. }
+                    | FetchError::UnpinnedCap { .. }
             ),
             VersionsError::Unpack { .. } | VersionsError::Refused(_) => true,
             _ => false,
@@ -164,6 +175,9 @@ pub struct AddRequest {
     pub default: bool,
     /// Overwrite a release of the same name in the file.
     pub replace: bool,
+    /// Largest download accepted per artifact; `None` takes the fetcher's default cap for
+    /// downloads without a pinned size.
+    pub max_download_bytes: Option<u64>,
 }
 
 /// The fetcher the registry workflows use: the artifact cache in `cache_dir`, default limits.
@@ -244,6 +258,15 @@ pub fn add(
             .into());
         }
     }
+    let versions = [
+        ("kernel_version", Some(&req.kernel_version)),
+        ("driver_version", req.driver_version.as_ref()),
+    ];
+    for (field, value) in versions {
+        if let Some(problem) = value.and_then(|v| crate::registry::version_string_problem(v)) {
+            return Err(VersionsError::BadVersion { field, problem });
+        }
+    }
     let has_driver_artifacts = req.artifacts.keys().any(|k| *k != ArtifactKind::Kernel);
     if has_driver_artifacts && req.driver_version.is_none() {
         return Err(VersionsError::NoDriverVersion);
@@ -253,7 +276,7 @@ pub fn add(
     for (kind, urls) in &req.artifacts {
         tracing::info!("downloading {kind}");
         let got = fetcher
-            .fetch_unpinned(urls, None, progress)
+            .fetch_unpinned(urls, req.max_download_bytes, progress)
             .map_err(|source| VersionsError::Fetch {
                 what: kind.to_string(),
                 source,
@@ -490,6 +513,9 @@ pub struct VerifyRow {
 pub struct VerifyReport {
     /// One row per artifact.
     pub artifacts: Vec<VerifyRow>,
+    /// With [`verify_deep`]: one row per unpacked tree and built layer in the cache.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cache: Vec<deep::CacheRow>,
 }
 
 /// What a [`VerifyReport`] means for the caller.
@@ -534,7 +560,16 @@ impl VerifyReport {
                 .map(|r| format!("{} {} {} ({})", r.release, r.arch, r.kind, s.as_str()))
                 .collect()
         };
-        let (mismatches, errors) = (bad(VerifyStatus::Mismatch), bad(VerifyStatus::Error));
+        let cache_bad = |s: deep::CacheStatus| -> Vec<String> {
+            self.cache
+                .iter()
+                .filter(|r| r.status == s)
+                .map(|r| format!("{} ({})", r.path.display(), s.as_str()))
+                .collect()
+        };
+        let (mut mismatches, mut errors) = (bad(VerifyStatus::Mismatch), bad(VerifyStatus::Error));
+        mismatches.extend(cache_bad(deep::CacheStatus::Mismatch));
+        errors.extend(cache_bad(deep::CacheStatus::Error));
         let unpinned = bad(VerifyStatus::Unpinned).len();
         if !mismatches.is_empty() {
             let mut all = mismatches;
@@ -570,7 +605,25 @@ pub fn verify(
             }
         }
     }
-    Ok(VerifyReport { artifacts })
+    Ok(VerifyReport {
+        artifacts,
+        cache: Vec::new(),
+    })
+}
+
+/// [`verify`], and then re-hash what the cache at `cache_dir` trusts by presence: every unpacked
+/// artifact tree and every built layer, against the digests recorded when they were made.
+pub fn verify_deep(
+    fetcher: &Fetcher,
+    cache_dir: &Path,
+    registry: &Registry,
+    release: Option<&str>,
+    source: VerifySource,
+    progress: &dyn Progress,
+) -> Result<VerifyReport, VersionsError> {
+    let mut report = verify(fetcher, registry, release, source, progress)?;
+    report.cache = deep::verify_cache(cache_dir);
+    Ok(report)
 }
 
 fn verify_one(
@@ -667,6 +720,7 @@ mod tests {
     fn the_verdict_puts_mismatches_before_errors_before_unpinned() {
         let report = |s: &[VerifyStatus]| VerifyReport {
             artifacts: s.iter().map(|s| row(*s)).collect(),
+            cache: Vec::new(),
         };
         use VerifyStatus::*;
         assert!(matches!(

@@ -1,0 +1,197 @@
+//! `verify --deep`: re-hash what the cache trusts by presence (unpacked artifact trees and built
+//! layers) against the digests recorded when they were made.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::fsutil;
+use crate::initrd::Layers;
+use crate::initrd::tree;
+
+/// What a [`CacheRow`] checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheItem {
+    /// An artifact extracted under `<cache>/unpacked/<sha256>`.
+    UnpackedTree,
+    /// A built layer under `<cache>/layers/<key>/`.
+    Layer,
+}
+
+/// The state of one cached item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheStatus {
+    /// Its bytes are what was recorded.
+    Ok,
+    /// Its bytes differ from the record; `detail` says where.
+    Mismatch,
+    /// Made by an older builder that kept no record; it cannot be checked.
+    Unrecorded,
+    /// It could not be read; see `detail`.
+    Error,
+}
+
+impl CacheStatus {
+    /// The name used in JSON and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Ok => "ok",
+            CacheStatus::Mismatch => "mismatch",
+            CacheStatus::Unrecorded => "unrecorded",
+            CacheStatus::Error => "error",
+        }
+    }
+}
+
+/// One cached item's check.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheRow {
+    /// What it is.
+    pub item: CacheItem,
+    /// Where it is.
+    pub path: PathBuf,
+    /// The outcome.
+    pub status: CacheStatus,
+    /// What differs, or why it could not be checked.
+    pub detail: Option<String>,
+}
+
+impl std::fmt::Display for CacheRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let item = match self.item {
+            CacheItem::UnpackedTree => "unpacked tree",
+            CacheItem::Layer => "layer",
+        };
+        write!(
+            f,
+            "{item} {}: {}",
+            self.path.display(),
+            self.status.as_str().to_uppercase()
+        )?;
+        match &self.detail {
+            Some(d) => writeln!(f, " {d}"),
+            None => writeln!(f),
+        }
+    }
+}
+
+impl CacheRow {
+    fn new(item: CacheItem, path: PathBuf, status: CacheStatus, detail: Option<String>) -> Self {
+        CacheRow {
+            item,
+            path,
+            status,
+            detail,
+        }
+    }
+}
+
+/// Check every unpacked tree and every built layer under `cache_dir`, sorted by path.
+pub fn verify_cache(cache_dir: &Path) -> Vec<CacheRow> {
+    let mut rows = Vec::new();
+    let unpacked = cache_dir.join("unpacked");
+    for dir in subdirs(&unpacked) {
+        rows.push(check_tree(&dir));
+    }
+    for dir in subdirs(&cache_dir.join("layers")) {
+        rows.extend(check_layers(&dir));
+    }
+    rows
+}
+
+/// Complete entries only: `tmp-*` directories are builds in progress or abandoned.
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("tmp-"))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
+fn check_tree(dir: &Path) -> CacheRow {
+    let row =
+        |status, detail| CacheRow::new(CacheItem::UnpackedTree, dir.to_path_buf(), status, detail);
+    let record = tree::record_path(dir);
+    let recorded = match tree::read_record(&record) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return row(
+                CacheStatus::Unrecorded,
+                Some("no record of its contents: delete it and it is unpacked again".into()),
+            );
+        }
+        Err(e) => {
+            return row(
+                CacheStatus::Error,
+                Some(format!("{}: {e}", record.display())),
+            );
+        }
+    };
+    match tree::scan(dir) {
+        Err(e) => row(CacheStatus::Error, Some(e.to_string())),
+        Ok(found) => {
+            let diff = tree::differences(&recorded, &found);
+            if diff.is_empty() {
+                row(CacheStatus::Ok, None)
+            } else {
+                row(
+                    CacheStatus::Mismatch,
+                    Some(format!(
+                        "{}; delete the tree and it is unpacked again",
+                        diff.join(", ")
+                    )),
+                )
+            }
+        }
+    }
+}
+
+fn check_layers(dir: &Path) -> Vec<CacheRow> {
+    let record = dir.join("layers.json");
+    let layers: Layers = match fs::read(&record)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            return vec![CacheRow::new(
+                CacheItem::Layer,
+                dir.to_path_buf(),
+                CacheStatus::Error,
+                Some(format!("{}: {e}", record.display())),
+            )];
+        }
+    };
+    [&layers.base, &layers.gpu, &layers.combined]
+        .into_iter()
+        .map(|layer| {
+            let path = dir.join(&layer.path);
+            let (status, detail) = match fs::File::open(&path).and_then(fsutil::sha256_reader) {
+                Err(e) => (CacheStatus::Error, Some(e.to_string())),
+                Ok((digest, size)) if hex::encode(digest) == layer.sha256 && size == layer.size => {
+                    (CacheStatus::Ok, None)
+                }
+                Ok((digest, size)) => (
+                    CacheStatus::Mismatch,
+                    Some(format!(
+                        "sha256 {} and {size} bytes, recorded {} and {} bytes; delete {} and the \
+                         layers are built again",
+                        hex::encode(digest),
+                        layer.sha256,
+                        layer.size,
+                        dir.display()
+                    )),
+                ),
+            };
+            CacheRow::new(CacheItem::Layer, path, status, detail)
+        })
+        .collect()
+}
