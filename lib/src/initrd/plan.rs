@@ -243,6 +243,12 @@ impl GpuLayerPlan {
                     fs::write(&dest, &manifest).map_err(io_err(ctx()))?;
                     0o644
                 }
+                Source::Module { from } => {
+                    let bytes = crate::modinfo::decompressed_module(from)
+                        .map_err(io_err(format!("decompressing {}", from.display())))?;
+                    fs::write(&dest, bytes).map_err(io_err(ctx()))?;
+                    0o644
+                }
                 Source::File { from, mode } => {
                     fs::copy(from, &dest).map_err(io_err(ctx()))?;
                     *mode
