@@ -107,6 +107,9 @@ fn disk_image_is_reproducible_fsck_clean_padded_and_holds_the_manifest() {
     let mut want: Vec<String> = m.modules.iter().map(|x| x.path.clone()).collect();
     want.extend(m.libraries.iter().map(|l| l.path.clone()));
     want.extend(m.binaries.iter().cloned());
+    // Firmware lives under /gpu/firmware, so the image carries it too.
+    assert!(!m.firmware.is_empty(), "the open release has GSP firmware");
+    want.extend(m.firmware.iter().cloned());
     want.push("/manifest.json".into());
     want.push("/bin/gpu-init".into());
     for w in &want {
@@ -134,7 +137,9 @@ fn disk_image_is_reproducible_fsck_clean_padded_and_holds_the_manifest() {
         paths.iter().all(|p| p == "/bin"
             || p == "/lib"
             || p == "/modules"
+            || p == "/firmware"
             || p == "/manifest.json"
+            || p.starts_with("/firmware/")
             || p.starts_with("/bin/")
             || p.starts_with("/lib/")
             || p.starts_with("/modules/")),
