@@ -266,31 +266,14 @@ pub fn allocate(
             containers: answers,
         });
     }
-    let mut taken = Vec::new();
-    for att in j
-        .state
-        .attachments
-        .iter_mut()
-        .filter(|a| is_plugin_owner(&a.owner))
-    {
-        let (out, keep): (Vec<_>, Vec<_>) = att
+    record(&mut j, &owner, |att, new| {
+        let (out, keep) = att
             .devices
             .drain(..)
             .partition(|d| moving.contains(&d.device));
         att.devices = keep;
-        taken.extend(out);
-    }
-    j.state
-        .attachments
-        .retain(|a| !(is_plugin_owner(&a.owner) && is_empty(a)));
-    j.state.attachments.push(Attachment {
-        owner: owner.clone(),
-        owner_process: None,
-        devices: taken,
-        mdevs: Vec::new(),
-        vgpus: Vec::new(),
-    });
-    j.save().map_err(PluginError::from)?;
+        new.devices.extend(out);
+    })?;
     tracing::info!("allocated {moving:?} of {resource} to {owner}");
     Ok(Allocation {
         owner,
@@ -306,6 +289,37 @@ fn vfio_cdev(sysfs: &gpu_passthrough::pci::Sysfs, device: PciAddress) -> Option<
             let n = e.ok()?.file_name().into_string().ok()?;
             (n.starts_with("vfio") && n[4..].parse::<u32>().is_ok()).then_some(n)
         })
+}
+
+/// Move what `take` picks out of each of the plugin's attachments into `owner`'s new one (the
+/// kubelet hands out only what it considers free, so an ended allocation gives its share too),
+/// drop the plugin attachments left empty, and save.
+fn record(
+    j: &mut LockedJournal,
+    owner: &Owner,
+    mut take: impl FnMut(&mut Attachment, &mut Attachment),
+) -> Result<(), AllocateError> {
+    let mut new = Attachment {
+        owner: owner.clone(),
+        owner_process: None,
+        devices: Vec::new(),
+        mdevs: Vec::new(),
+        vgpus: Vec::new(),
+    };
+    for att in j
+        .state
+        .attachments
+        .iter_mut()
+        .filter(|a| is_plugin_owner(&a.owner))
+    {
+        take(att, &mut new);
+    }
+    j.state
+        .attachments
+        .retain(|a| !(is_plugin_owner(&a.owner) && is_empty(a)));
+    j.state.attachments.push(new);
+    j.save().map_err(PluginError::from)?;
+    Ok(())
 }
 
 fn is_empty(a: &Attachment) -> bool {
@@ -387,31 +401,14 @@ fn allocate_vgpus(
             containers: answers,
         });
     }
-    let mut taken = Vec::new();
-    for att in j
-        .state
-        .attachments
-        .iter_mut()
-        .filter(|a| is_plugin_owner(&a.owner))
-    {
-        let (out, keep): (Vec<_>, Vec<_>) = att
+    record(&mut j, &owner, |att, new| {
+        let (out, keep) = att
             .vgpus
             .drain(..)
             .partition(|v| vgpu::id(v).is_some_and(|id| moving.contains(&id)));
         att.vgpus = keep;
-        taken.extend(out);
-    }
-    j.state
-        .attachments
-        .retain(|a| !(is_plugin_owner(&a.owner) && is_empty(a)));
-    j.state.attachments.push(Attachment {
-        owner: owner.clone(),
-        owner_process: None,
-        devices: Vec::new(),
-        mdevs: Vec::new(),
-        vgpus: taken,
-    });
-    j.save().map_err(PluginError::from)?;
+        new.vgpus.extend(out);
+    })?;
     tracing::info!("allocated vGPUs {moving:?} of {resource} to {owner}");
     Ok(Allocation {
         owner,
