@@ -260,12 +260,6 @@ pub fn allocate(
     moving.sort();
     moving.dedup();
     let owner = new_owner();
-    if moving.is_empty() {
-        return Ok(Allocation {
-            owner,
-            containers: answers,
-        });
-    }
     record(&mut j, &owner, |att, new| {
         let (out, keep) = att
             .devices
@@ -313,6 +307,10 @@ fn record(
         .filter(|a| is_plugin_owner(&a.owner))
     {
         take(att, &mut new);
+    }
+    if is_empty(&new) {
+        // Nothing moved (no device asked for): nothing to record.
+        return Ok(());
     }
     j.state
         .attachments
@@ -395,12 +393,6 @@ fn allocate_vgpus(
         answers.push(answer);
     }
     let owner = new_owner();
-    if moving.is_empty() {
-        return Ok(Allocation {
-            owner,
-            containers: answers,
-        });
-    }
     record(&mut j, &owner, |att, new| {
         let (out, keep) = att
             .vgpus
