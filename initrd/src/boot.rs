@@ -3,7 +3,7 @@
 
 use crate::context::SetupContext;
 use crate::modules::FinitModule;
-use crate::setup;
+use crate::{disk, setup};
 use gpu_passthrough_manifest::MANIFEST_PATH;
 use gpu_passthrough_manifest::report::Report;
 use nix::errno::Errno;
@@ -82,6 +82,9 @@ pub struct BootConfig {
     pub on_error: OnError,
     /// `GPU_INIT_STRICT=1`: a GPU setup that is not `ok` is fatal.
     pub strict: bool,
+    /// `GPU_DISK`: the GPU payload is an image on this device (`pmem` or `/dev/vdX`), checked
+    /// when it is mounted so that a bad value is the report's classified error.
+    pub gpu_disk: Option<String>,
     /// The workload: init's argv after its name (words after ` -- ` on the kernel command line).
     pub command: Vec<String>,
 }
@@ -117,6 +120,7 @@ impl BootConfig {
             rootfstype: env("GPU_INIT_ROOTFSTYPE").filter(|r| !r.is_empty()),
             on_error,
             strict: env("GPU_INIT_STRICT").as_deref() == Some("1"),
+            gpu_disk: env(gpu_passthrough_manifest::disk::KERNEL_WORD),
             command: args.iter().skip(1).cloned().collect(),
         })
     }
@@ -339,6 +343,21 @@ pub fn pid1(args: &[String]) -> ! {
 
 fn boot(config: &BootConfig) -> Result<i32, BootError> {
     mount_basics()?;
+    // The image first: its modules include virtio_blk, which a block-device root needs too.
+    let disk = config
+        .gpu_disk
+        .as_deref()
+        .filter(|_| config.has_gpu)
+        .map(|value| {
+            let mounted = disk::mount_payload(
+                value,
+                Path::new("/"),
+                &FinitModule,
+                &disk::ErofsMount,
+                disk::DEVICE_WAIT,
+            );
+            (value, mounted)
+        });
     // A bad root is fatal, but the GPU report still comes first: the harness always gets its line.
     let prepared = prepare_root(config);
     // Opened before the setup, so faults of the setup itself are reported too.
@@ -351,7 +370,21 @@ fn boot(config: &BootConfig) -> Result<i32, BootError> {
             PathBuf::from(MANIFEST_PATH),
             prepared.as_ref().ok().cloned(),
         );
-        setup::run(&ctx, &FinitModule)
+        match disk {
+            Some((value, Err(e))) => disk::failed_report(ctx.kernel_release.clone(), value, &e),
+            Some((_, Ok(mounted))) => {
+                let mut report = setup::run(&ctx, &FinitModule);
+                report.payload = Some(mounted.payload);
+                report.problems.extend(mounted.problems);
+                crate::report::finish_status(&mut report);
+                report
+            }
+            None => {
+                let mut report = setup::run(&ctx, &FinitModule);
+                report.payload = Some(disk::initramfs_payload());
+                report
+            }
+        }
     } else {
         setup::skipped(crate::context::running_kernel())
     };
@@ -400,6 +433,7 @@ mod tests {
                 ("HAS_GPU", "1"),
                 ("GPU_INIT_ROOT", "/dev/vda"),
                 ("GPU_INIT_ON_ERROR", "shell"),
+                ("GPU_DISK", "pmem"),
             ],
             &["/init", "/bin/sh", "-c", "nvidia-smi"],
         )
@@ -407,9 +441,10 @@ mod tests {
         assert!(c.has_gpu);
         assert_eq!(c.root.as_deref(), Some("/dev/vda"));
         assert_eq!(c.on_error, OnError::Shell);
+        assert_eq!(c.gpu_disk.as_deref(), Some("pmem"));
         assert_eq!(c.command, ["/bin/sh", "-c", "nvidia-smi"]);
         let d = parse(&[], &["/init"]).unwrap();
-        assert!(!d.has_gpu && d.root.is_none() && d.command.is_empty());
+        assert!(!d.has_gpu && d.root.is_none() && d.command.is_empty() && d.gpu_disk.is_none());
         assert_eq!(d.on_error, OnError::Poweroff);
     }
 

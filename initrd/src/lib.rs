@@ -12,6 +12,7 @@ pub mod cdi;
 pub mod cdi_hook;
 pub mod context;
 pub mod daemons;
+pub mod disk;
 pub mod dryrun;
 pub mod env;
 pub mod inroot;

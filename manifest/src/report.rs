@@ -166,6 +166,41 @@ pub enum SetupErrorClass {
     BadManifest,
     /// The report itself could not be serialized (the line then carries only this error).
     Report,
+    /// `GPU_DISK` names no usable image: a bad value, a device that never appeared, a mount
+    /// module that would not load, or a mount that failed.
+    GpuDisk,
+}
+
+/// Where the GPU payload under `/gpu` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadSource {
+    /// The GPU initramfs layer, unpacked into guest RAM by the kernel.
+    Initramfs,
+    /// A read-only image on a virtio-pmem device (`GPU_DISK=pmem`), mapped from the host.
+    Pmem,
+    /// A read-only image on a virtio-blk device (`GPU_DISK=/dev/vdX`).
+    VirtioBlk,
+}
+
+/// How the GPU payload reached the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadReport {
+    /// Where it came from.
+    pub source: PayloadSource,
+    /// The block device the image was mounted from (`/dev/pmem0`, `/dev/vdb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// `true` when the image is mounted with DAX: reads map the host's pages, no guest page cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dax: bool,
+    /// The mount modules loaded before the mount, in order (already loaded ones included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_modules: Vec<String>,
+    /// Milliseconds from reading `GPU_DISK` to the image mounted at `/gpu` (module loads, the
+    /// wait for the device, the mount).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_ms: Option<u64>,
 }
 
 /// A setup-wide error.
@@ -222,6 +257,10 @@ pub struct Report {
     /// Driver version from the manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver_version: Option<String>,
+    /// Where the GPU payload came from (set by the guest init as PID 1; absent in `setup` mode,
+    /// where the caller put the payload in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<PayloadReport>,
     /// Running kernel (`uname -r`).
     pub kernel: String,
     /// Modules in load order.
@@ -265,6 +304,7 @@ impl Report {
             status: Status::Ok,
             error: None,
             driver_version: None,
+            payload: None,
             kernel,
             modules: Vec::new(),
             nodes: Vec::new(),
@@ -438,6 +478,46 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&ModuleResult::AlreadyLoaded).unwrap(),
             "\"already_loaded\""
+        );
+    }
+
+    #[test]
+    fn the_payload_and_the_disk_error_have_their_documented_names() {
+        let mut r = Report::new("k".into());
+        r.payload = Some(PayloadReport {
+            source: PayloadSource::Pmem,
+            device: Some("/dev/pmem0".into()),
+            dax: true,
+            mount_modules: vec!["erofs".into()],
+            mount_ms: Some(7),
+        });
+        r.error = Some(ReportError {
+            class: SetupErrorClass::GpuDisk,
+            message: "m".into(),
+        });
+        let line = r.line();
+        assert!(
+            line.contains(
+                r#""error":{"class":"gpu_disk","message":"m"},"payload":{"source":"pmem","device":"/dev/pmem0","dax":true,"mount_modules":["erofs"],"mount_ms":7},"kernel":"k""#
+            ),
+            "{line}"
+        );
+        assert_eq!(parse_report_line(&line).unwrap().unwrap(), r);
+        assert_eq!(
+            serde_json::to_string(&PayloadSource::VirtioBlk).unwrap(),
+            "\"virtio_blk\""
+        );
+        // An initramfs payload says only where it came from.
+        let plain = PayloadReport {
+            source: PayloadSource::Initramfs,
+            device: None,
+            dax: false,
+            mount_modules: Vec::new(),
+            mount_ms: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"source":"initramfs"}"#
         );
     }
 
