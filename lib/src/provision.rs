@@ -13,9 +13,9 @@ use crate::attach::{
     AttachError, AttachRequest, Host, Owner, Plan, PlanRequest, VgpuAttachRequest,
 };
 use crate::fetch::{FetchOptions, Fetcher, Progress};
-use crate::initrd::{BuildOptions, InitrdBuilder, InitrdError, Layers, guest_init};
+use crate::initrd::{BuildOptions, InitrdBuilder, InitrdError, LayerForm, Layers, guest_init};
 use crate::registry::{Arch, Registry, RegistryError, Release};
-use crate::vmm::BootSpec;
+use crate::vmm::{BootSpec, DiskAttach, GpuDisk};
 
 /// Errors of provisioning: which step failed, with its cause.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +168,7 @@ pub struct Provisioner<'a> {
     registry: &'a Registry,
     cache_dir: PathBuf,
     guest_init: Option<PathBuf>,
+    disk: Option<DiskAttach>,
 }
 
 impl<'a> Provisioner<'a> {
@@ -178,7 +179,17 @@ impl<'a> Provisioner<'a> {
             registry,
             cache_dir: cache_dir.into(),
             guest_init: None,
+            disk: None,
         }
+    }
+
+    /// Deliver the GPU payload as a read-only disk attached this way instead of an initramfs
+    /// layer: the release's layers are built in the disk form, the boot spec's initrd is the
+    /// base layer and its [`BootSpec::disk`] the image (for releases the provisioner builds; an
+    /// initrd the caller supplies is used as is).
+    pub fn with_disk(mut self, attach: DiskAttach) -> Self {
+        self.disk = Some(attach);
+        self
     }
 
     /// Use this static guest init for the layers (default: the installed one).
@@ -237,6 +248,7 @@ impl<'a> Provisioner<'a> {
         progress: &dyn Progress,
     ) -> Result<BootSpec, ProvisionError> {
         let mut initrd = request.initrd.clone();
+        let mut disk = None;
         if let Some(name) = &request.release {
             let release = self.registry.release(name)?;
             let Some(guest) = &release.vgpu else {
@@ -255,14 +267,17 @@ impl<'a> Provisioner<'a> {
             // Refuse an impossible placement before building anything.
             self.host.plan_vgpu(&request.place)?;
             if initrd.is_none() {
-                initrd = Some(self.layers(name, release, progress)?.combined.path);
+                let layers = self.layers(name, release, progress)?;
+                disk = self.disk_of(&layers);
+                initrd = Some(layers.combined.path);
             }
         }
-        Ok(self.host.attach_vgpu(&VgpuAttachRequest {
+        let spec = self.host.attach_vgpu(&VgpuAttachRequest {
             place: request.place.clone(),
             owner: request.owner.clone(),
             initrd,
-        })?)
+        })?;
+        Ok(with_disk(spec, disk))
     }
 
     fn layers(
@@ -275,8 +290,11 @@ impl<'a> Provisioner<'a> {
             release: name.to_owned(),
             source,
         };
-        let options = default_build_options(host_arch()?, self.guest_init.as_deref())
+        let mut options = default_build_options(host_arch()?, self.guest_init.as_deref())
             .map_err(layers_failed)?;
+        if self.disk.is_some() {
+            options.form = LayerForm::Disk;
+        }
         release_layers(
             &self.cache_dir,
             release,
@@ -296,24 +314,13 @@ impl<'a> Provisioner<'a> {
     ) -> Result<BootSpec, ProvisionError> {
         let mut plan = request.plan.clone();
         let mut initrd = request.initrd.clone();
+        let mut disk = None;
         if let Some(name) = &request.release {
             let release = self.registry.release(name)?;
             plan.flavor = plan.flavor.or(release.module_flavor);
             if initrd.is_none() {
-                let layers_failed = |source| ProvisionError::Layers {
-                    release: name.clone(),
-                    source,
-                };
-                let options = default_build_options(host_arch()?, self.guest_init.as_deref())
-                    .map_err(layers_failed)?;
-                let layers = release_layers(
-                    &self.cache_dir,
-                    release,
-                    &options,
-                    Freshness::Ensure,
-                    progress,
-                )
-                .map_err(layers_failed)?;
+                let layers = self.layers(name, release, progress)?;
+                disk = self.disk_of(&layers);
                 initrd = Some(layers.combined.path);
                 plan.supported_gpus = plan.supported_gpus.or(layers.supported_gpus);
             }
@@ -326,10 +333,29 @@ impl<'a> Provisioner<'a> {
                 }
             }
         }
-        Ok(self.host.attach(&AttachRequest {
+        let spec = self.host.attach(&AttachRequest {
             plan,
             owner: request.owner.clone(),
             initrd,
-        })?)
+        })?;
+        Ok(with_disk(spec, disk))
+    }
+
+    /// The image of layers built in the disk form, attached as asked.
+    fn disk_of(&self, layers: &Layers) -> Option<GpuDisk> {
+        let attach = self.disk.clone()?;
+        let image = layers.disk.as_ref()?;
+        Some(GpuDisk {
+            image: image.path.clone(),
+            size: image.size,
+            attach,
+        })
+    }
+}
+
+fn with_disk(spec: BootSpec, disk: Option<GpuDisk>) -> BootSpec {
+    match disk {
+        Some(disk) => spec.with_disk(disk),
+        None => spec,
     }
 }

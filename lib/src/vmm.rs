@@ -72,8 +72,12 @@ pub struct ChDeviceConfig {
 /// QEMU arguments.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Qemu {
-    /// `-device vfio-pci,…` arguments.
+    /// `-device vfio-pci,…` arguments (and the GPU disk's, when there is one).
     pub args: Vec<String>,
+    /// The GPU disk on virtio-pmem is hot-pluggable memory: give QEMU
+    /// `-m RAM,slots=2,maxmem=RAM+this` (MiB). See [`GpuDisk::qemu_memory`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maxmem_extra_mib: Option<u64>,
 }
 
 /// The 64-bit MMIO window the VM needs for large BARs.
@@ -107,6 +111,10 @@ pub struct BootSpec {
     pub qemu: Qemu,
     /// The 64-bit MMIO window.
     pub mmio: MmioHint,
+    /// The GPU payload as a read-only image, when the layers were built in the disk form: its
+    /// VMM arguments and kernel word are already in the ones above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<GpuDisk>,
 }
 
 /// A VMM whose arguments a [`BootSpec`] renders.
@@ -249,7 +257,10 @@ impl BootSpec {
                 vm_config_devices: ch_devices,
                 warnings: ch_warnings,
             },
-            qemu: Qemu { args: qemu_args },
+            qemu: Qemu {
+                args: qemu_args,
+                maxmem_extra_mib: None,
+            },
             mmio: MmioHint {
                 bar64_bytes: bar64,
                 window_bytes: window,
@@ -257,7 +268,21 @@ impl BootSpec {
             },
             devices,
             held_devices,
+            disk: None,
         }
+    }
+
+    /// The spec with the GPU payload delivered as `disk`: its kernel word (next to `HAS_GPU=1`),
+    /// its QEMU and Cloud Hypervisor arguments, and QEMU's memory slots for virtio-pmem.
+    pub fn with_disk(mut self, disk: GpuDisk) -> BootSpec {
+        self.kernel_cmdline.push(disk.kernel_word());
+        self.cloud_hypervisor
+            .args
+            .extend(disk.cloud_hypervisor_args());
+        self.qemu.args.extend(disk.qemu_device_args());
+        self.qemu.maxmem_extra_mib = disk.maxmem_extra_mib();
+        self.disk = Some(disk);
+        self
     }
 }
 
@@ -289,6 +314,36 @@ mod tests {
         );
         assert_eq!(s.qemu.args, vec!["-device", "vfio-pci,host=0000:65:00.0"]);
         assert!(s.mmio.hint.is_none());
+    }
+
+    #[test]
+    fn a_disk_adds_its_word_and_arguments_after_the_devices() {
+        let spec = BootSpec::new("vm", vec![gpu("0000:65:00.0", 1 << 30)], Vec::new(), None);
+        let disk = GpuDisk {
+            image: "/c/gpu.erofs".into(),
+            size: 160 << 20,
+            attach: DiskAttach::Pmem,
+        };
+        let s = spec.clone().with_disk(disk.clone());
+        assert_eq!(s.kernel_cmdline, ["HAS_GPU=1", "GPU_DISK=pmem"]);
+        assert_eq!(&s.qemu.args[..2], &spec.qemu.args[..]);
+        assert_eq!(&s.qemu.args[2..], &disk.qemu_device_args()[..]);
+        assert_eq!(s.qemu.maxmem_extra_mib, Some(160));
+        assert_eq!(
+            &s.cloud_hypervisor.args[2..],
+            ["--pmem", "file=/c/gpu.erofs,discard_writes=on"]
+        );
+        assert_eq!(s.disk.as_ref(), Some(&disk));
+        let blk = spec.with_disk(GpuDisk {
+            attach: DiskAttach::Blk {
+                device: "/dev/vda".into(),
+            },
+            ..disk
+        });
+        assert_eq!(blk.kernel_cmdline[1], "GPU_DISK=/dev/vda");
+        assert_eq!(blk.qemu.maxmem_extra_mib, None);
+        let json = serde_json::to_value(&blk).unwrap();
+        assert_eq!(json["disk"]["attach"]["kind"], "blk");
     }
 
     #[test]

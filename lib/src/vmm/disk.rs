@@ -41,32 +41,45 @@ impl GpuDisk {
         }
     }
 
-    /// QEMU arguments. virtio-pmem is hot-pluggable memory, so the machine needs memory slots and
-    /// a `maxmem` above its RAM (`memory_mib`) plus the image: `-m` is part of the result.
-    pub fn qemu_args(&self, memory_mib: u64) -> Vec<String> {
+    /// QEMU's `-m` value for a VM of `memory_mib`: virtio-pmem is hot-pluggable memory, so the
+    /// machine needs memory slots and a `maxmem` above its RAM plus the image.
+    pub fn qemu_memory(&self, memory_mib: u64) -> String {
+        match self.maxmem_extra_mib() {
+            Some(extra) => format!("{memory_mib}M,slots=2,maxmem={}M", memory_mib + extra),
+            None => format!("{memory_mib}M"),
+        }
+    }
+
+    /// What virtio-pmem adds to `maxmem` (the image, in MiB); `None` for virtio-blk.
+    pub fn maxmem_extra_mib(&self) -> Option<u64> {
+        matches!(self.attach, DiskAttach::Pmem).then(|| self.size.div_ceil(1 << 20))
+    }
+
+    /// The QEMU arguments that attach the image (without `-m`: see [`GpuDisk::qemu_memory`]).
+    pub fn qemu_device_args(&self) -> Vec<String> {
         let image = self.image.display();
         match &self.attach {
-            DiskAttach::Pmem => {
-                let max_mib = memory_mib + self.size.div_ceil(1 << 20);
-                vec![
-                    "-m".into(),
-                    format!("{memory_mib}M,slots=2,maxmem={max_mib}M"),
-                    "-object".into(),
-                    format!(
-                        "memory-backend-file,id=gpu0,share=on,readonly=on,mem-path={image},size={}",
-                        self.size
-                    ),
-                    "-device".into(),
-                    "virtio-pmem-pci,memdev=gpu0".into(),
-                ]
-            }
+            DiskAttach::Pmem => vec![
+                "-object".into(),
+                format!(
+                    "memory-backend-file,id=gpu0,share=on,readonly=on,mem-path={image},size={}",
+                    self.size
+                ),
+                "-device".into(),
+                "virtio-pmem-pci,memdev=gpu0".into(),
+            ],
             DiskAttach::Blk { .. } => vec![
-                "-m".into(),
-                format!("{memory_mib}M"),
                 "-drive".into(),
                 format!("file={image},if=virtio,readonly=on,format=raw"),
             ],
         }
+    }
+
+    /// QEMU arguments for a VM of `memory_mib`: `-m` and the image.
+    pub fn qemu_args(&self, memory_mib: u64) -> Vec<String> {
+        let mut args = vec!["-m".to_string(), self.qemu_memory(memory_mib)];
+        args.extend(self.qemu_device_args());
+        args
     }
 
     /// Cloud Hypervisor arguments.
