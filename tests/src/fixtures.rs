@@ -200,3 +200,38 @@ pub fn process_scratch(base: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     dir
 }
+
+/// The tarball `input` with every `.ko` xz-compressed to `.ko.xz`, as distributions ship them,
+/// written to `out`. Returns each module's original bytes by file name.
+pub fn xz_compress_modules(input: &Path, out: &Path) -> BTreeMap<String, Vec<u8>> {
+    use std::io::Read;
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(out).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut builder = tar::Builder::new(gz);
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+        std::fs::File::open(input).unwrap(),
+    ));
+    let mut originals = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut header = entry.header().clone();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        if path.ends_with(".ko") {
+            let name = Path::new(&path).file_name().unwrap().to_string_lossy();
+            let xz = liblzma::encode_all(&data[..], 1).unwrap();
+            originals.insert(name.into_owned(), data);
+            header.set_size(xz.len() as u64);
+            builder
+                .append_data(&mut header, format!("{path}.xz"), &xz[..])
+                .unwrap();
+        } else {
+            builder.append(&header, &data[..]).unwrap();
+        }
+    }
+    builder.into_inner().unwrap().finish().unwrap();
+    originals
+}

@@ -599,37 +599,7 @@ fn xz_compressed_modules_are_written_decompressed() {
     // called without the compressed-file flag, so the layer must carry plain ELF `.ko` files.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("nvidia-modules-xz.tar.gz");
-    let gz =
-        flate2::write::GzEncoder::new(fs::File::create(&out).unwrap(), flate2::Compression::fast());
-    let mut builder = tar::Builder::new(gz);
-    let input = flate2::read::GzDecoder::new(
-        fs::File::open(fixtures::path(fixtures::NVIDIA_MODULES)).unwrap(),
-    );
-    let mut originals = std::collections::BTreeMap::new();
-    let mut archive = tar::Archive::new(input);
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let path = entry.path().unwrap().to_string_lossy().into_owned();
-        let mut header = entry.header().clone();
-        let mut data = Vec::new();
-        entry.read_to_end(&mut data).unwrap();
-        if path.ends_with(".ko") {
-            let name = Path::new(&path)
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            let xz = liblzma::encode_all(&data[..], 1).unwrap();
-            originals.insert(name, data);
-            header.set_size(xz.len() as u64);
-            builder
-                .append_data(&mut header, format!("{path}.xz"), &xz[..])
-                .unwrap();
-        } else {
-            builder.append(&header, &data[..]).unwrap();
-        }
-    }
-    builder.into_inner().unwrap().finish().unwrap();
+    let originals = fixtures::xz_compress_modules(&fixtures::path(fixtures::NVIDIA_MODULES), &out);
 
     let registry = Artifacts::real()
         .with("nvidia-modules", out)

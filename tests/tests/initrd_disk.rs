@@ -244,6 +244,104 @@ fn base_layer_carries_the_mount_modules_in_load_order() {
 }
 
 #[test]
+fn xz_compressed_mount_modules_are_written_as_plain_elf() {
+    let (dir, _, init) = setup("initrd_disk-xz", fixtures::KERNEL_MODULES_PMEM);
+    let xz = dir.join("kernel-modules-pmem-xz.tar.gz");
+    let originals =
+        fixtures::xz_compress_modules(&fixtures::path(fixtures::KERNEL_MODULES_PMEM), &xz);
+    let reg = fixtures::write_registry(
+        &dir,
+        RELEASE,
+        fixtures::KERNEL_VERSION,
+        &artifacts(xz.to_str().unwrap()),
+        true,
+    );
+    let registry = Registry::load(&[reg]).unwrap();
+    let layers = build(&dir.join("cache"), &registry, &init, LayerForm::Disk).unwrap();
+    let extract = dir.join("base-xz");
+    fs::create_dir_all(&extract).unwrap();
+    let st = Command::new("cpio")
+        .args(["-idm", "--quiet", "--no-absolute-filenames"])
+        .current_dir(&extract)
+        .stdin(fs::File::open(&layers.base.path).unwrap())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let order = fs::read_to_string(extract.join(ORDER_FILE.trim_start_matches('/'))).unwrap();
+    let mut seen = 0;
+    for name in order.lines() {
+        let bytes = fs::read(extract.join(MODULE_DIR.trim_start_matches('/')).join(name)).unwrap();
+        assert_eq!(
+            bytes, originals[name],
+            "{name} is not the decompressed module"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 14, "mount modules in the base layer");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// The provisioner in the disk form: the layers are ensured before a device moves, the VM
+/// boots the base layer, and the image is in its boot spec with the kernel word.
+#[test]
+fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
+    use gpu_passthrough::attach::{Owner, PlanRequest};
+    use gpu_passthrough::provision::{GpuVmRequest, Provisioner};
+    use gpu_passthrough::vmm::DiskAttach;
+    let (dir, registry, init) = setup("initrd_disk-provision", fixtures::KERNEL_MODULES_PMEM);
+    let h = gpu_passthrough_tests::sysfs::server_8gpu();
+    let host = h.host();
+    let owner = Owner::new("vm-disk").unwrap();
+    let spec = Provisioner::new(&host, &registry, dir.join("cache"))
+        .with_guest_init(&init)
+        .with_disk(DiskAttach::Pmem)
+        .attach(
+            &GpuVmRequest {
+                plan: PlanRequest {
+                    gpus: Some(1),
+                    ..Default::default()
+                },
+                owner: owner.clone(),
+                release: Some(RELEASE.into()),
+                initrd: None,
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(spec.kernel_cmdline, ["HAS_GPU=1", "GPU_DISK=pmem"]);
+    let disk = spec.disk.clone().expect("the spec names the image");
+    assert_eq!(disk.size % IMAGE_ALIGN, 0);
+    assert_eq!(fs::metadata(&disk.image).unwrap().len(), disk.size);
+    let base = read_initrd(spec.initrd.as_ref().unwrap()).unwrap();
+    assert!(
+        base[0]
+            .entries
+            .iter()
+            .any(|e| e.path == ORDER_FILE.trim_start_matches('/')),
+        "the VM boots the base layer with the mount modules"
+    );
+    assert!(
+        !base[0]
+            .entries
+            .iter()
+            .any(|e| e.path == "gpu/manifest.json"),
+        "and no GPU initramfs"
+    );
+    assert!(
+        spec.qemu
+            .args
+            .iter()
+            .any(|a| a == "virtio-pmem-pci,memdev=gpu0")
+    );
+    assert_eq!(spec.qemu.maxmem_extra_mib, Some(disk.size >> 20));
+    assert!(spec.cloud_hypervisor.args.iter().any(|a| a == "--pmem"));
+    host.detach(&owner).unwrap();
+    assert!(h.journal_clean());
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn kernel_modules_without_a_mount_module_are_refused_naming_it() {
     // The plain fixture has virtio_blk and erofs but no virtio_pmem.
     let (dir, registry, init) = setup("initrd_disk-missing", fixtures::KERNEL_MODULES);

@@ -10,7 +10,7 @@
 //! granularity QEMU's virtio-pmem maps it at.
 
 use std::fmt;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -195,7 +195,7 @@ pub(super) fn mount_modules(
     })
 }
 
-/// The base-layer files for `modules`: `MODULE_DIR/<name>.ko` each and `ORDER_FILE`, as
+/// The base-layer files for `modules`: `MODULE_DIR/<name>.ko` each (decompressed) and `ORDER_FILE`, as
 /// (archive path without the leading `/`, bytes).
 pub(super) fn base_files(modules: &[InspectedModule]) -> Result<Vec<(String, Vec<u8>)>, DiskError> {
     let dir = MODULE_DIR.trim_start_matches('/');
@@ -203,8 +203,9 @@ pub(super) fn base_files(modules: &[InspectedModule]) -> Result<Vec<(String, Vec
     let mut files = Vec::new();
     for m in modules {
         let file = format!("{}.ko", m.name);
-        let bytes =
-            fs::read(&m.source).map_err(io_err(format!("reading {}", m.source.display())))?;
+        // Plain ELF: the guest init calls finit_module without the compressed-file flag.
+        let bytes = crate::modinfo::decompressed_module(&m.source)
+            .map_err(io_err(format!("decompressing {}", m.source.display())))?;
         files.push((format!("{dir}/{file}"), bytes));
         order.push_str(&file);
         order.push('\n');
