@@ -1,7 +1,7 @@
 //! The GPU payload from a read-only disk image (`GPU_DISK=pmem` or `GPU_DISK=/dev/vdX`).
 //!
 //! The host built the payload as an erofs image and a base layer carrying the modules needed to
-//! mount it (`/lib/gpu-disk/<name>.ko`, in load order in `/lib/gpu-disk/order`). Before the
+//! mount it (`/gpu-disk/<name>.ko`, in load order in `/gpu-disk/order`). Before the
 //! setup, init loads them, waits for the device and mounts the image read-only at `/gpu`; on
 //! virtio-pmem with DAX, so reads map the host's page cache instead of filling guest RAM. From
 //! there on the setup cannot tell the image from the initramfs layer.

@@ -11,11 +11,13 @@ pub const KERNEL_WORD: &str = "GPU_DISK";
 /// The value of [`KERNEL_WORD`] meaning "the first virtio-pmem device" (`/dev/pmem0`).
 pub const PMEM: &str = "pmem";
 
-/// Directory of the base layer holding the mount modules (`<name>.ko`).
-pub const MODULE_DIR: &str = "/lib/gpu-disk";
+/// Directory of the base layer holding the mount modules (`<name>.ko`). Top level, like
+/// `/newroot`: the kernel's unpacker makes no parent directories, and an entry for `/lib` would
+/// replace a usrmerge initrd's `/lib -> usr/lib` link.
+pub const MODULE_DIR: &str = "/gpu-disk";
 
 /// File in [`MODULE_DIR`] listing the module file names to load, one a line, in load order.
-pub const ORDER_FILE: &str = "/lib/gpu-disk/order";
+pub const ORDER_FILE: &str = "/gpu-disk/order";
 
 /// The kernel modules a guest needs to mount the image, before their own dependencies: the
 /// virtio transport, the virtio-pmem path (DAX), virtio-blk, and the file system with the crc32c

@@ -80,15 +80,13 @@ fn base_layer(guest_init: &[u8], extra: &[(String, Vec<u8>)]) -> Result<Vec<u8>,
     w.char_device("dev/console", 0o600, 5, 1)?;
     w.char_device("dev/null", 0o666, 1, 3)?;
     w.file("init", 0o755, guest_init.len() as u64, &mut &guest_init[..])?;
-    // The disk form's mount modules (parents first, the kernel's unpacker needs them).
+    // The disk form's mount modules (parents first: the kernel's unpacker makes none).
     let mut dirs = std::collections::BTreeSet::new();
     for (path, _) in extra {
         let mut cur = path.as_str();
         while let Some(i) = cur.rfind('/') {
             cur = &cur[..i];
-            if cur != "lib" {
-                dirs.insert(cur.to_string());
-            }
+            dirs.insert(cur.to_string());
         }
     }
     for d in &dirs {
@@ -191,5 +189,30 @@ mod tests {
         let text = String::from_utf8_lossy(&a);
         assert!(text.contains("init") && text.contains("dev/console"));
         assert!(!text.contains("gpu"), "base layer must not mention /gpu");
+    }
+
+    #[test]
+    fn extra_base_files_come_after_every_parent_directory() {
+        let extra = [("gpu-disk/a/m.ko".to_string(), b"ko".to_vec())];
+        let bytes = base_layer(b"#!init", &extra).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &bytes).unwrap();
+        let names: Vec<String> = crate::archive::cpio::read_initrd(file.path())
+            .unwrap()
+            .into_iter()
+            .flat_map(|l| l.entries)
+            .map(|e| e.path)
+            .collect();
+        let at = |n: &str| {
+            names
+                .iter()
+                .position(|x| x == n)
+                .unwrap_or_else(|| panic!("{n}: {names:?}"))
+        };
+        assert!(at("gpu-disk") < at("gpu-disk/a") && at("gpu-disk/a") < at("gpu-disk/a/m.ko"));
+        assert!(
+            !names.iter().any(|n| n == "lib"),
+            "never an entry for /lib (usrmerge)"
+        );
     }
 }
