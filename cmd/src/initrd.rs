@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gpu_passthrough::initrd::{LayerCompression, LayerForm, read_initrd};
+use gpu_passthrough::initrd::{LayerCompression, LayerForm, listing};
 use gpu_passthrough::provision::{self, Freshness};
 use gpu_passthrough::registry::{Arch, Registry};
-use gpu_passthrough::text::InitrdText;
+use gpu_passthrough::text::ListingText;
 
 use crate::Global;
 use crate::output;
@@ -19,7 +19,8 @@ pub enum InitrdCommand {
     Build(BuildArgs),
     /// Like build, but return at once when up-to-date layers are cached.
     Ensure(BuildArgs),
-    /// List the layers and entries of any initrd file (concatenated, any compression).
+    /// List the layers and entries of any initrd file (concatenated, any compression), or the
+    /// entries of a GPU disk image.
     Inspect(InspectArgs),
 }
 
@@ -58,7 +59,7 @@ pub struct BuildArgs {
 /// Arguments of `initrd inspect`.
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
-    /// The initrd file.
+    /// The initrd file, or a GPU disk image (`--form disk`).
     file: PathBuf,
 }
 
@@ -96,7 +97,7 @@ fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Res
 }
 
 fn inspect(global: &Global, args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let layers = read_initrd(&args.file)?;
-    output::emit(global, &layers, |l| print!("{}", InitrdText(l)))?;
+    let listing = listing::list(&args.file)?;
+    output::emit(global, &listing, |l| print!("{}", ListingText(l)))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,7 @@
 
 use std::fmt::{self, Display, Formatter};
 
+use crate::archive::cpio::InitrdEntry;
 use crate::attach::{
     CheckStatus, DetachReport, DeviceListing, DeviceReport, DoctorReport, Plan, ReconcileReport,
     RefusalReason,
@@ -429,21 +430,50 @@ impl Display for InitrdText<'_> {
                 l.entries.len(),
                 l.content_bytes
             )?;
-            for e in &l.entries {
-                let extra = match (&e.target, e.rdev) {
-                    (Some(t), _) => format!(" -> {t}"),
-                    (_, Some((ma, mi))) => format!(" ({ma},{mi})"),
-                    _ => String::new(),
-                };
-                writeln!(
-                    f,
-                    "  {:<7} {:04o} {:>11}  {}{extra}",
-                    e.kind, e.mode, e.size, e.path
-                )?;
-            }
+            entry_lines(f, &l.entries)?;
         }
         Ok(())
     }
+}
+
+/// What `initrd inspect` found, as text: an initrd's layers ([`InitrdText`]) or a disk image's
+/// entries.
+#[derive(Debug, Clone, Copy)]
+pub struct ListingText<'a>(pub &'a crate::initrd::listing::Listing);
+
+impl Display for ListingText<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        use crate::initrd::listing::Listing;
+        match self.0 {
+            Listing::Initrd(layers) => write!(f, "{}", InitrdText(layers)),
+            Listing::Disk(image) => {
+                writeln!(
+                    f,
+                    "erofs image · {} bytes · {} entries · {} bytes of files",
+                    image.size,
+                    image.entries.len(),
+                    image.content_bytes
+                )?;
+                entry_lines(f, &image.entries)
+            }
+        }
+    }
+}
+
+fn entry_lines(f: &mut Formatter<'_>, entries: &[InitrdEntry]) -> fmt::Result {
+    for e in entries {
+        let extra = match (&e.target, e.rdev) {
+            (Some(t), _) => format!(" -> {t}"),
+            (_, Some((ma, mi))) => format!(" ({ma},{mi})"),
+            _ => String::new(),
+        };
+        writeln!(
+            f,
+            "  {:<7} {:04o} {:>11}  {}{extra}",
+            e.kind, e.mode, e.size, e.path
+        )?;
+    }
+    Ok(())
 }
 
 /// The `versions list` table.

@@ -13,6 +13,7 @@ use gpu_passthrough::fetch::{FetchOptions, Fetcher, NoProgress};
 use gpu_passthrough::initrd::disk::{
     EROFS_PACKAGE, IMAGE_ALIGN, MKFS_EROFS, MODULE_DIR, ORDER_FILE,
 };
+use gpu_passthrough::initrd::listing::{self, Listing, ListingError};
 use gpu_passthrough::initrd::{
     BuildOptions, DiskError, InitrdBuilder, InitrdError, LayerForm, Layers,
 };
@@ -145,6 +146,33 @@ fn disk_image_is_reproducible_fsck_clean_padded_and_holds_the_manifest() {
             || p.starts_with("/modules/")),
         "unexpected entries in the image: {paths:?}"
     );
+    // `initrd inspect` lists the image: the same tree fsck.erofs extracted.
+    let Listing::Disk(listing) = listing::list(&da.path).unwrap() else {
+        panic!("{} listed as an initrd", da.path.display());
+    };
+    assert_eq!(listing.size, da.size);
+    let listed: BTreeSet<String> = listing
+        .entries
+        .iter()
+        .map(|e| format!("/{}", e.path))
+        .collect();
+    assert_eq!(listed, paths, "inspect and fsck.erofs --extract disagree");
+    let manifest_entry = listing
+        .entries
+        .iter()
+        .find(|e| e.path == "manifest.json")
+        .unwrap();
+    assert_eq!(
+        manifest_entry.size,
+        fs::metadata(extract.join("manifest.json")).unwrap().len()
+    );
+    assert!(
+        listing
+            .entries
+            .iter()
+            .any(|e| e.kind == "symlink" && e.target.is_some()),
+        "soname links are listed with their targets"
+    );
     // Same bytes as the source library.
     let cuda = m
         .libraries
@@ -157,6 +185,26 @@ fn disk_image_is_reproducible_fsck_clean_padded_and_holds_the_manifest() {
         fs::metadata(extract.join("lib").join(name)).unwrap().len()
     );
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_damaged_image_is_refused_by_inspect_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // An erofs superblock magic and nothing behind it.
+    let mut bytes = vec![0u8; 8192];
+    bytes[1024..1028].copy_from_slice(&0xE0F5_E1E2u32.to_le_bytes());
+    let bad = dir.path().join("gpu.erofs");
+    fs::write(&bad, &bytes).unwrap();
+    let err = listing::list(&bad).unwrap_err();
+    assert!(matches!(err, ListingError::Erofs(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("gpu.erofs") && msg.contains("not a readable erofs image"),
+        "{msg}"
+    );
+    // No magic: read as an initrd, which it is not either.
+    fs::write(&bad, vec![0xffu8; 4096]).unwrap();
+    assert!(matches!(listing::list(&bad), Err(ListingError::Cpio(_))));
 }
 
 #[test]

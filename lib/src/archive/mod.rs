@@ -1,4 +1,5 @@
-//! `archive`: reading tar artifacts safely; writing and reading deterministic cpio (newc) initrds.
+//! `archive`: reading tar artifacts safely; writing and reading deterministic cpio (newc) initrds;
+//! listing erofs images.
 //!
 //! Reading is defensive by design: artifacts come from the network, so every tar entry is
 //! validated before anything touches the disk (see [`tar`]), and compression is recognised by its
@@ -7,6 +8,7 @@
 pub mod compress;
 pub mod cpio;
 pub mod decompress;
+pub mod erofs;
 pub mod tar;
 mod tar_headers;
 

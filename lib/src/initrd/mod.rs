@@ -23,6 +23,7 @@ mod cache;
 pub mod disk;
 pub use disk::{DiskError, LayerForm};
 pub mod guest_init;
+pub mod listing;
 mod plan;
 pub use plan::module_params;
 mod select;
