@@ -18,6 +18,21 @@ pub fn paths(build_json: &Path) -> anyhow::Result<[String; 3]> {
     Ok([layers.base, layers.gpu, layers.combined].map(|l| l.path.display().to_string()))
 }
 
+/// The disk image's path of a build's `--json` output (forms `disk` and `both`).
+pub fn disk_path(build_json: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(build_json)
+        .with_context(|| format!("reading {}", build_json.display()))?;
+    let layers: Layers = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not initrd build's output", build_json.display()))?;
+    match layers.disk {
+        Some(d) => Ok(d.path.display().to_string()),
+        None => bail!(
+            "{} has no disk image: build with --form disk or both",
+            build_json.display()
+        ),
+    }
+}
+
 /// The system tool that decompresses a layer starting with these bytes; `None`: a plain cpio.
 fn decompressor(head: &[u8]) -> Option<&'static [&'static str]> {
     const TOOLS: [(&[u8], &[&str]); 4] = [

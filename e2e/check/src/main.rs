@@ -9,6 +9,7 @@ mod builder;
 mod checks;
 mod cli_json;
 mod console;
+mod disk;
 mod drivers;
 mod guest;
 mod host;
@@ -137,6 +138,83 @@ enum Command {
     Layers {
         /// The saved JSON.
         build_json: PathBuf,
+        /// Print the disk image's path instead (forms `disk` and `both`).
+        #[arg(long)]
+        disk: bool,
+    },
+    /// Run D: the library's QEMU arguments for the image, one per line, then the kernel word.
+    DiskArgs {
+        /// The image.
+        image: PathBuf,
+        /// `pmem` or the virtio-blk device the guest will see (`/dev/vda`).
+        #[arg(long)]
+        attach: String,
+        /// The VM's RAM.
+        #[arg(long)]
+        memory_mib: u64,
+    },
+    /// Run D: the image as built (fsck.erofs, padding, `initrd inspect`).
+    DiskImage {
+        /// The image.
+        image: PathBuf,
+        /// The gpu-passthrough CLI.
+        #[arg(long)]
+        cli: PathBuf,
+    },
+    /// Run D: a guest booted with the image (run A's checks plus the payload's).
+    DiskGuest {
+        /// The console log.
+        log: PathBuf,
+        /// Expected NVIDIA driver version.
+        #[arg(long)]
+        driver: String,
+        /// The guest's running kernel release.
+        #[arg(long)]
+        kernel: String,
+        /// QEMU's exit code.
+        #[arg(long, allow_hyphen_values = true)]
+        boot_rc: i32,
+        /// `pmem` or `virtio_blk`.
+        #[arg(long)]
+        source: String,
+    },
+    /// Run D: GPU_DISK=pmem with no image attached.
+    DiskMissingGuest {
+        /// The console log.
+        log: PathBuf,
+    },
+    /// Run D: guest memory figures, LABEL=LOG each, the base-only boot first.
+    GuestMemory {
+        /// LABEL=LOG.
+        #[arg(required = true)]
+        boots: Vec<String>,
+    },
+    /// Run D: write the summed smaps_rollup of these processes as JSON.
+    Pss {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Process ids.
+        #[arg(required = true)]
+        pids: Vec<u32>,
+    },
+    /// Run D: host memory figures from two saved `pss` files.
+    HostMemory {
+        /// The initramfs guests' sums.
+        #[arg(long)]
+        initramfs: PathBuf,
+        /// The pmem guests' sums.
+        #[arg(long)]
+        pmem: PathBuf,
+        /// Guests per group.
+        #[arg(long)]
+        guests: usize,
+        /// The image file.
+        #[arg(long)]
+        image: PathBuf,
+        /// Bytes of the image resident in the host's page cache (`fincore`).
+        #[arg(long)]
+        image_resident_bytes: u64,
     },
     /// Print the .ko files needed for the named modules, dependencies first.
     Modorder {
@@ -226,9 +304,66 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::AppendedGuest { log, driver } => {
             builder::appended_guest(&Console::read(&log)?, &driver)
         }
-        Command::Layers { build_json } => {
-            println!("{}", layers::paths(&build_json)?.join(" "));
+        Command::Layers { build_json, disk } => {
+            match disk {
+                true => println!("{}", layers::disk_path(&build_json)?),
+                false => println!("{}", layers::paths(&build_json)?.join(" ")),
+            }
             return Ok(());
+        }
+        Command::DiskArgs {
+            image,
+            attach,
+            memory_mib,
+        } => {
+            for arg in disk::qemu_args(&image, &attach, memory_mib)? {
+                println!("{arg}");
+            }
+            return Ok(());
+        }
+        Command::DiskGuest {
+            log,
+            driver,
+            kernel,
+            boot_rc,
+            source,
+        } => {
+            let source = serde_json::from_value(serde_json::Value::String(source))?;
+            disk::disk_guest(&Console::read(&log)?, &driver, &kernel, boot_rc, source)
+        }
+        Command::DiskImage { image, cli } => disk::disk_image(&image, &cli),
+        Command::DiskMissingGuest { log } => disk::disk_missing_guest(&Console::read(&log)?),
+        Command::GuestMemory { boots } => {
+            let mut read = Vec::new();
+            for b in boots {
+                let (label, log) = b
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("{b}: expected LABEL=LOG"))?;
+                read.push((label.to_string(), Console::read(std::path::Path::new(log))?));
+            }
+            disk::guest_memory(&read)
+        }
+        Command::Pss { out, pids } => {
+            std::fs::write(&out, serde_json::to_string(&disk::pss(&pids)?)?)?;
+            return Ok(());
+        }
+        Command::HostMemory {
+            initramfs,
+            pmem,
+            guests,
+            image,
+            image_resident_bytes,
+        } => {
+            let load = |p: &PathBuf| -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+                Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
+            };
+            disk::host_memory(
+                &load(&initramfs)?,
+                &load(&pmem)?,
+                guests,
+                std::fs::metadata(&image)?.len(),
+                image_resident_bytes,
+            )
         }
         Command::Modorder { tree, modules } => {
             for ko in modules::load_order(&tree, &modules)? {
