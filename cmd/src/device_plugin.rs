@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use gpu_passthrough::outcome::Outcome;
 use gpu_passthrough_device_plugin::{Config, Prepare, run_until_signal};
 
 use crate::Global;
-use crate::output::{emit_text, exit, fail};
+use crate::output::{emit_text, report_error_as};
 
 /// Arguments of `device-plugin`.
 #[derive(Debug, clap::Args)]
@@ -30,7 +31,8 @@ pub struct DevicePluginArgs {
     supported_gpus: Option<PathBuf>,
 }
 
-/// Run the plugin; after SIGTERM print what the start-up pass did.
+/// Run the plugin; after SIGTERM print what the start-up pass did. A plugin that stopped on an
+/// error failed, whatever the error's kind.
 pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode> {
     let config = Config {
         kubelet_dir: args.kubelet_dir.clone(),
@@ -43,7 +45,8 @@ pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode>
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
         ..Config::new()
     };
-    let report = run_until_signal(config).map_err(|e| fail(exit::FAILURE, e))?;
-    emit_text(global, &report)?;
-    Ok(ExitCode::SUCCESS)
+    match run_until_signal(config) {
+        Ok(report) => emit_text(global, &report),
+        Err(e) => Ok(report_error_as(global, &e.into(), Outcome::Failed)),
+    }
 }

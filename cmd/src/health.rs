@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use gpu_passthrough::health::{self, HealthStore};
+use gpu_passthrough::outcome::ReportOutcome;
 use gpu_passthrough::pci::PciAddress;
 
 use crate::Global;
-use crate::host::{host, owner};
-use crate::output::{emit, emit_text, exit};
+use crate::host::owner;
+use crate::output::{emit, emit_lines, emit_text, exit_code};
 
 /// Arguments of `health`.
 #[derive(Debug, clap::Args)]
@@ -51,40 +52,26 @@ pub struct ResetArgs {
     device: String,
 }
 
-fn address(s: &str) -> anyhow::Result<PciAddress> {
-    Ok(s.parse()?)
-}
-
 /// `health [scan|ingest|clear]`.
 pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
     let store = HealthStore::new(&global.state_dir);
     match &args.command {
-        None => emit(global, &store.records()?, |list| {
-            list.iter().for_each(|d| println!("{d}"));
-        })?,
-        Some(HealthCommand::Scan { console }) => {
-            emit(global, &health::scan_file(console)?, |list| {
-                list.iter().for_each(|f| println!("{f}"));
-            })?
-        }
+        None => emit_lines(global, &store.records()?),
+        Some(HealthCommand::Scan { console }) => emit_lines(global, &health::scan_file(console)?),
         Some(HealthCommand::Ingest { owner: o, console }) => emit_text(
             global,
             &health::ingest(&global.state_dir, &owner(o)?, console)?,
-        )?,
+        ),
         Some(HealthCommand::Clear { device }) => {
-            emit_text(global, &store.clear(address(device)?)?)?
+            emit_text(global, &store.clear(device.parse::<PciAddress>()?)?)
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `reset DEVICE`: reset on demand, then verify.
 pub fn reset(global: &Global, args: &ResetArgs) -> anyhow::Result<ExitCode> {
-    let check = host(global, Vec::new()).reset(address(&args.device)?)?;
+    let device = args.device.parse::<PciAddress>()?;
+    let check = global.host(Vec::new()).reset(device)?;
     emit(global, &check, |c| println!("{c}"))?;
-    Ok(ExitCode::from(if check.verify.ok {
-        0
-    } else {
-        exit::VERIFY
-    }))
+    Ok(ExitCode::from(exit_code(check.outcome())))
 }

@@ -6,18 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gpu_passthrough::attach::{CheckStatus, Host, Owner, PidLiveness, PlanRequest};
-use gpu_passthrough::provision::{GpuVmRequest, Provisioner};
+use gpu_passthrough::attach::{Owner, PlanRequest};
+use gpu_passthrough::provision::{GpuVmRequest, Provisioner, VgpuVmRequest};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
 use gpu_passthrough::text::BootSpecText;
 use gpu_passthrough::vmm::Vmm;
 
 use crate::Global;
-use crate::output::{emit, emit_text, exit};
-use crate::progress::DownloadBar;
-
-/// Exit code of success.
-const SUCCESS: u8 = 0;
+use crate::output::{DownloadBar, emit, emit_judged, emit_text};
 
 /// Options shared by the host commands.
 #[derive(Debug, Clone, clap::Args)]
@@ -131,18 +127,6 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-pub(crate) fn host(global: &Global, gone: Vec<Owner>) -> Host {
-    Host::new(
-        &global.sysfs_root,
-        &global.state_dir,
-        Box::new(PidLiveness {
-            gone,
-            ..Default::default()
-        }),
-    )
-    .with_dev_dir(&global.dev_dir)
-}
-
 pub(crate) fn owner(s: &str) -> anyhow::Result<Owner> {
     Ok(Owner::new(s)?)
 }
@@ -168,75 +152,64 @@ fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanReq
 /// The registry, read only when a release is named (a broken registry file must not stop a
 /// plain attach).
 fn registry_for(global: &Global, sel: &Selection) -> anyhow::Result<Registry> {
-    Ok(if sel.release.is_some() {
-        Registry::load(&global.registries)?
-    } else {
-        Registry::embedded()?
-    })
+    match sel.release {
+        Some(_) => global.registry(),
+        None => Ok(Registry::embedded()?),
+    }
 }
 
 /// `doctor`: host readiness.
 pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
-    let h = host(global, Vec::new());
-    let report = h.doctor(args.host.supported_gpus.as_deref())?;
-    emit_text(global, &report)?;
-    Ok(ExitCode::from(if report.verdict == CheckStatus::Fail {
-        exit::NOT_READY
-    } else {
-        SUCCESS
-    }))
+    let report = global
+        .host(Vec::new())
+        .doctor(args.host.supported_gpus.as_deref())?;
+    emit_judged(global, &report)
 }
 
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
-    let h = host(global, Vec::new());
-    let list = h.listing(args.all, args.host.supported_gpus.as_deref())?;
-    emit_text(global, &list)?;
-    Ok(ExitCode::from(SUCCESS))
+    let h = global.host(Vec::new());
+    emit_text(
+        global,
+        &h.listing(args.all, args.host.supported_gpus.as_deref())?,
+    )
 }
 
-/// `plan`: what attach would do.
+/// `plan`: what attach would do (`--vgpu`: where the vGPUs would go).
 pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    if let Some(profile) = &args.vgpu.vgpu {
-        return crate::vgpu::plan(global, &args.vgpu, profile);
+    if let Some(place) = args.vgpu.place() {
+        return emit_text(global, &global.host(Vec::new()).plan_vgpu(&place)?);
     }
     let owner = args.owner.as_deref().map(owner).transpose()?;
     let req = plan_request(&args.sel, owner)?;
     let registry = registry_for(global, &args.sel)?;
-    let h = host(global, Vec::new());
+    let h = global.host(Vec::new());
     let plan = Provisioner::new(&h, &registry, global.cache_dir())
         .plan(&req, args.sel.release.as_deref())?;
-    emit(global, &plan, |p| {
-        print!("{p}");
-        if p.refuses_boot_vga() {
-            println!("(--allow-boot-vga moves the boot display)");
-        }
-    })?;
-    Ok(ExitCode::from(if plan.refusals.is_empty() {
-        SUCCESS
-    } else {
-        exit::REFUSED
-    }))
+    emit_judged(global, &plan)
 }
 
 /// `attach`: ensure the release's layers, bind (or create vGPUs), verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let plan = match args.vgpu.vgpu {
-        Some(_) => PlanRequest::default(),
-        None => plan_request(&args.sel, Some(owner.clone()))?,
-    };
+    let plan = plan_request(&args.sel, Some(owner.clone()))?;
     let registry = registry_for(global, &args.sel)?;
-    let h = host(global, Vec::new());
+    let h = global.host(Vec::new());
     let mut provisioner = Provisioner::new(&h, &registry, global.cache_dir());
     if let Some(init) = &args.guest_init {
         provisioner = provisioner.with_guest_init(init);
     }
     let (release, initrd) = (args.sel.release.clone(), args.initrd.clone());
-    let spec = match &args.vgpu.vgpu {
-        Some(profile) => {
-            let request = args.vgpu.vm_request(profile, owner, release, initrd);
-            provisioner.attach_vgpu(&request, &DownloadBar::new(global))?
+    let bar = DownloadBar::new(global);
+    let spec = match args.vgpu.place() {
+        Some(place) => {
+            let request = VgpuVmRequest {
+                place,
+                owner,
+                release,
+                initrd,
+            };
+            provisioner.attach_vgpu(&request, &bar)?
         }
         None => {
             let request = GpuVmRequest {
@@ -245,23 +218,20 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
                 release,
                 initrd,
             };
-            provisioner.attach(&request, &DownloadBar::new(global))?
+            provisioner.attach(&request, &bar)?
         }
     };
     let vmm = args.vmm;
     emit(global, &spec, |spec| {
         print!("{}", BootSpecText { spec, vmm })
     })?;
-    Ok(ExitCode::from(SUCCESS))
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `detach`: devices back to their original drivers.
 pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&args.owner)?;
-    let h = host(global, Vec::new());
-    let report = h.detach(&owner)?;
-    emit_text(global, &report)?;
-    Ok(ExitCode::from(SUCCESS))
+    emit_text(global, &global.host(Vec::new()).detach(&owner)?)
 }
 
 /// `reconcile`: repair what crashes left behind.
@@ -271,17 +241,6 @@ pub fn reconcile(global: &Global, args: &ReconcileArgs) -> anyhow::Result<ExitCo
         .iter()
         .map(|s| owner(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let h = host(global, gone);
-    let report = h.reconcile().context("reconcile")?;
-    emit(global, &report, |r| {
-        print!("{r}");
-        if !r.kept_unknown.is_empty() {
-            println!("(--gone ID declares an owner gone)");
-        }
-    })?;
-    Ok(ExitCode::from(if report.errors.is_empty() {
-        SUCCESS
-    } else {
-        exit::FAILURE
-    }))
+    let report = global.host(gone).reconcile().context("reconcile")?;
+    emit_judged(global, &report)
 }

@@ -5,12 +5,11 @@ use std::process::ExitCode;
 
 use gpu_passthrough::initrd::{LayerCompression, LayerForm, read_initrd};
 use gpu_passthrough::provision::{self, Freshness};
-use gpu_passthrough::registry::{Arch, Registry};
+use gpu_passthrough::registry::Arch;
 use gpu_passthrough::text::InitrdText;
 
 use crate::Global;
-use crate::output;
-use crate::progress::DownloadBar;
+use crate::output::{DownloadBar, emit, emit_text};
 
 /// Initrd commands.
 #[derive(Debug, clap::Subcommand)]
@@ -72,12 +71,9 @@ pub fn run(global: &Global, cmd: &InitrdCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Result<ExitCode> {
-    let registry = Registry::load(&global.registries)?;
+    let registry = global.registry()?;
     let release = registry.resolve(args.release.as_deref())?;
-    let arch = match args.arch {
-        Some(a) => a,
-        None => provision::host_arch()?,
-    };
+    let arch = args.arch.map_or_else(provision::host_arch, Ok)?;
     let mut options = provision::default_build_options(arch, args.guest_init.as_deref())?;
     options.compression = args.compression;
     options.form = args.form;
@@ -91,12 +87,11 @@ fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Res
     if let Some(out) = &args.out {
         layers.copy_to(out)?;
     }
-    output::emit_text(global, &layers)?;
-    Ok(ExitCode::SUCCESS)
+    emit_text(global, &layers)
 }
 
 fn inspect(global: &Global, args: &InspectArgs) -> anyhow::Result<ExitCode> {
     let layers = read_initrd(&args.file)?;
-    output::emit(global, &layers, |l| print!("{}", InitrdText(l)))?;
+    emit(global, &layers, |l| print!("{}", InitrdText(l)))?;
     Ok(ExitCode::SUCCESS)
 }

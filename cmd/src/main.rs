@@ -7,7 +7,6 @@ mod health;
 mod host;
 mod initrd;
 mod output;
-mod progress;
 mod versions;
 mod vgpu;
 
@@ -15,7 +14,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, Subcommand};
+use gpu_passthrough::attach::{Host, Owner, PidLiveness};
 use gpu_passthrough::paths;
+use gpu_passthrough::registry::Registry;
 
 /// Flags every command honours.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,7 +64,22 @@ impl Global {
     pub fn cache_dir(&self) -> PathBuf {
         self.cache_dir
             .clone()
-            .unwrap_or_else(gpu_passthrough::paths::default_cache_dir)
+            .unwrap_or_else(paths::default_cache_dir)
+    }
+
+    /// The embedded registry with the `--registry` files merged over it.
+    pub fn registry(&self) -> anyhow::Result<Registry> {
+        Ok(Registry::load(&self.registries)?)
+    }
+
+    /// The host these flags point at; owners in `gone` are declared gone, `pid:N` owners are
+    /// judged by their process.
+    pub fn host(&self, gone: Vec<Owner>) -> Host {
+        let liveness = PidLiveness {
+            gone,
+            ..Default::default()
+        };
+        Host::new(&self.sysfs_root, &self.state_dir, Box::new(liveness)).with_dev_dir(&self.dev_dir)
     }
 }
 

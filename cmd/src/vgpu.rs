@@ -1,13 +1,11 @@
-//! `vgpu types`, `plan --vgpu` and `attach --vgpu`: a thin layer over the library's vGPU calls.
+//! `vgpu types`, and the `--vgpu` arguments `plan` and `attach` turn into the library's
+//! placement request.
 
 use std::process::ExitCode;
 
-use gpu_passthrough::attach::Owner;
-use gpu_passthrough::provision::VgpuVmRequest;
 use gpu_passthrough::vgpu::PlaceRequest;
 
 use crate::Global;
-use crate::host::host;
 use crate::output::emit_text;
 
 /// vGPU commands.
@@ -22,7 +20,7 @@ pub enum VgpuCommand {
 pub struct VgpuArgs {
     /// vGPUs of this profile (`NVIDIA L40S-4Q` or `L40S-4Q`) instead of devices.
     #[arg(long, value_name = "PROFILE", conflicts_with_all = ["devices", "gpus", "mdev_type"])]
-    pub vgpu: Option<String>,
+    vgpu: Option<String>,
     /// With --vgpu: how many.
     #[arg(long, value_name = "N", default_value_t = 1, requires = "vgpu")]
     count: u32,
@@ -35,43 +33,20 @@ pub struct VgpuArgs {
 }
 
 impl VgpuArgs {
-    /// The library's request for `attach --vgpu`.
-    pub fn vm_request(
-        &self,
-        profile: &str,
-        owner: Owner,
-        release: Option<String>,
-        initrd: Option<std::path::PathBuf>,
-    ) -> VgpuVmRequest {
-        VgpuVmRequest {
-            place: self.request(profile),
-            owner,
-            release,
-            initrd,
-        }
-    }
-
-    fn request(&self, profile: &str) -> PlaceRequest {
-        PlaceRequest {
-            profile: profile.to_owned(),
+    /// The placement asked for, when `--vgpu` names a profile.
+    pub fn place(&self) -> Option<PlaceRequest> {
+        Some(PlaceRequest {
+            profile: self.vgpu.clone()?,
             count: self.count,
             numa: self.numa,
             pack: self.pack,
-        }
+        })
     }
 }
 
 /// Run a vGPU command.
 pub fn run(global: &Global, cmd: &VgpuCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        VgpuCommand::Types => emit_text(global, &host(global, Vec::new()).vgpu_catalogue())?,
+        VgpuCommand::Types => emit_text(global, &global.host(Vec::new()).vgpu_catalogue()),
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `plan --vgpu PROFILE`: where the instances would go; changes nothing.
-pub fn plan(global: &Global, args: &VgpuArgs, profile: &str) -> anyhow::Result<ExitCode> {
-    let placement = host(global, Vec::new()).plan_vgpu(&args.request(profile))?;
-    emit_text(global, &placement)?;
-    Ok(ExitCode::SUCCESS)
 }

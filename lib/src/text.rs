@@ -6,12 +6,13 @@ use std::fmt::{self, Display, Formatter};
 
 use crate::attach::{
     CheckStatus, DetachReport, DeviceListing, DeviceReport, DoctorReport, Plan, ReconcileReport,
-    RefusalReason,
 };
 use crate::initrd::{InitrdLayer, LayerFile, Layers};
 use crate::pci::PciAddress;
 use crate::registry::{ModuleFlavor, Release};
-use crate::versions::{AddReport, PinReport, ReleaseSummary, VerifyRow, VerifyStatus};
+use crate::versions::{
+    AddReport, PinReport, ReleaseSummary, VerifyReport, VerifyRow, VerifyStatus,
+};
 use crate::vmm::{BootSpec, Vmm};
 
 fn join(list: &[PciAddress]) -> String {
@@ -143,15 +144,6 @@ impl Display for Plan {
             writeln!(f, "REFUSED: {}", r.message)?;
         }
         Ok(())
-    }
-}
-
-impl Plan {
-    /// Whether a refusal is for the boot display (the CLI names its flag for that).
-    pub fn refuses_boot_vga(&self) -> bool {
-        self.refusals
-            .iter()
-            .any(|r| r.reason == RefusalReason::BootVga)
     }
 }
 
@@ -369,6 +361,19 @@ impl Display for VerifyRow {
             VerifyStatus::Error => writeln!(f, "ERROR {}", self.error.as_deref().unwrap_or("")),
             status => writeln!(f, "{}", status.as_str()),
         }
+    }
+}
+
+/// One line per artifact, then one per cache entry checked.
+impl Display for VerifyReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for r in &self.artifacts {
+            write!(f, "{r}")?;
+        }
+        for r in &self.cache {
+            write!(f, "{r}")?;
+        }
+        Ok(())
     }
 }
 
