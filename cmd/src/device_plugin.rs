@@ -9,7 +9,7 @@ use gpu_passthrough::outcome::Outcome;
 use gpu_passthrough_device_plugin::{Config, Prepare, run_until_signal};
 
 use crate::Global;
-use crate::output::{emit_text, report_error_as};
+use crate::output::{emit_text, report_error};
 
 /// Arguments of `device-plugin`.
 #[derive(Debug, clap::Args)]
@@ -47,6 +47,6 @@ pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode>
     };
     match run_until_signal(config) {
         Ok(report) => emit_text(global, &report),
-        Err(e) => Ok(report_error_as(global, &e.into(), Outcome::Failed)),
+        Err(e) => Ok(report_error(global, &e.into(), Outcome::Failed)),
     }
 }

@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use gpu_passthrough::attach::Owner;
 use gpu_passthrough::health::{self, HealthStore};
 use gpu_passthrough::outcome::ReportOutcome;
 use gpu_passthrough::pci::PciAddress;
 
 use crate::Global;
-use crate::host::owner;
 use crate::output::{emit, emit_lines, emit_text, exit_code};
 
 /// Arguments of `health`.
@@ -60,7 +60,7 @@ pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
         Some(HealthCommand::Scan { console }) => emit_lines(global, &health::scan_file(console)?),
         Some(HealthCommand::Ingest { owner: o, console }) => emit_text(
             global,
-            &health::ingest(&global.state_dir, &owner(o)?, console)?,
+            &health::ingest(&global.state_dir, &Owner::new(o)?, console)?,
         ),
         Some(HealthCommand::Clear { device }) => {
             emit_text(global, &store.clear(device.parse::<PciAddress>()?)?)

@@ -1,4 +1,4 @@
-//! Host-side commands: doctor, devices, plan, attach, detach, reconcile.
+//! Host-side commands: doctor, devices, vgpu types, plan, attach, detach, reconcile.
 //!
 //! A thin layer over `gpu_passthrough::attach::Host`: parse, call, print.
 
@@ -10,6 +10,7 @@ use gpu_passthrough::attach::{Owner, PlanRequest};
 use gpu_passthrough::provision::{GpuVmRequest, Provisioner, VgpuVmRequest};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
 use gpu_passthrough::text::BootSpecText;
+use gpu_passthrough::vgpu::PlaceRequest;
 use gpu_passthrough::vmm::Vmm;
 
 use crate::Global;
@@ -23,13 +24,6 @@ pub struct HostOpts {
     pub supported_gpus: Option<PathBuf>,
 }
 
-/// Arguments of `doctor`.
-#[derive(Debug, clap::Args)]
-pub struct DoctorArgs {
-    #[command(flatten)]
-    host: HostOpts,
-}
-
 /// Arguments of `devices`.
 #[derive(Debug, clap::Args)]
 pub struct DevicesArgs {
@@ -38,6 +32,30 @@ pub struct DevicesArgs {
     all: bool,
     #[command(flatten)]
     host: HostOpts,
+}
+
+/// vGPU commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum VgpuCommand {
+    /// Every vGPU profile the host can create now, across GPUs and both frameworks.
+    Types,
+}
+
+/// `--vgpu PROFILE [--count N] [--numa N] [--pack]` (for `plan` and `attach`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct VgpuArgs {
+    /// vGPUs of this profile (`NVIDIA L40S-4Q` or `L40S-4Q`) instead of devices.
+    #[arg(long, value_name = "PROFILE", conflicts_with_all = ["devices", "gpus", "mdev_type"])]
+    vgpu: Option<String>,
+    /// With --vgpu: how many.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "vgpu")]
+    count: u32,
+    /// With --vgpu: prefer this NUMA node on ties.
+    #[arg(long, value_name = "N", requires = "vgpu")]
+    numa: Option<u32>,
+    /// With --vgpu: fill the most-loaded GPU that still fits instead of the least loaded.
+    #[arg(long, requires = "vgpu")]
+    pack: bool,
 }
 
 /// What to move (shared by `plan` and `attach`).
@@ -77,7 +95,7 @@ pub struct PlanArgs {
     #[arg(long, value_name = "ID")]
     owner: Option<String>,
     #[command(flatten)]
-    vgpu: crate::vgpu::VgpuArgs,
+    vgpu: VgpuArgs,
 }
 
 /// Arguments of `attach`.
@@ -103,7 +121,7 @@ pub struct AttachArgs {
     #[arg(long, value_name = "PATH", env = "GPU_PASSTHROUGH_GUEST_INIT")]
     guest_init: Option<PathBuf>,
     #[command(flatten)]
-    vgpu: crate::vgpu::VgpuArgs,
+    vgpu: VgpuArgs,
 }
 
 /// Arguments of `detach`.
@@ -127,8 +145,16 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-pub(crate) fn owner(s: &str) -> anyhow::Result<Owner> {
-    Ok(Owner::new(s)?)
+impl VgpuArgs {
+    /// The placement asked for, when `--vgpu` names a profile.
+    pub fn place(&self) -> Option<PlaceRequest> {
+        Some(PlaceRequest {
+            profile: self.vgpu.clone()?,
+            count: self.count,
+            numa: self.numa,
+            pack: self.pack,
+        })
+    }
 }
 
 /// The request as parsed; bad input is refused before anything is built or fetched.
@@ -159,20 +185,25 @@ fn registry_for(global: &Global, sel: &Selection) -> anyhow::Result<Registry> {
 }
 
 /// `doctor`: host readiness.
-pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
+pub fn doctor(global: &Global, opts: &HostOpts) -> anyhow::Result<ExitCode> {
     let report = global
         .host(Vec::new())
-        .doctor(args.host.supported_gpus.as_deref())?;
+        .doctor(opts.supported_gpus.as_deref())?;
     emit_judged(global, &report)
 }
 
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
     let h = global.host(Vec::new());
-    emit_text(
-        global,
-        &h.listing(args.all, args.host.supported_gpus.as_deref())?,
-    )
+    let listing = h.listing(args.all, args.host.supported_gpus.as_deref())?;
+    emit_text(global, &listing)
+}
+
+/// `vgpu types`: every profile the host can create now.
+pub fn vgpu(global: &Global, cmd: &VgpuCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        VgpuCommand::Types => emit_text(global, &global.host(Vec::new()).vgpu_catalogue()),
+    }
 }
 
 /// `plan`: what attach would do (`--vgpu`: where the vGPUs would go).
@@ -180,7 +211,7 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     if let Some(place) = args.vgpu.place() {
         return emit_text(global, &global.host(Vec::new()).plan_vgpu(&place)?);
     }
-    let owner = args.owner.as_deref().map(owner).transpose()?;
+    let owner = args.owner.as_deref().map(Owner::new).transpose()?;
     let req = plan_request(&args.sel, owner)?;
     let registry = registry_for(global, &args.sel)?;
     let h = global.host(Vec::new());
@@ -191,7 +222,7 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
 
 /// `attach`: ensure the release's layers, bind (or create vGPUs), verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
-    let owner = owner(&args.owner)?;
+    let owner = Owner::new(&args.owner)?;
     let plan = plan_request(&args.sel, Some(owner.clone()))?;
     let registry = registry_for(global, &args.sel)?;
     let h = global.host(Vec::new());
@@ -224,13 +255,12 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let vmm = args.vmm;
     emit(global, &spec, |spec| {
         print!("{}", BootSpecText { spec, vmm })
-    })?;
-    Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// `detach`: devices back to their original drivers.
 pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
-    let owner = owner(&args.owner)?;
+    let owner = Owner::new(&args.owner)?;
     emit_text(global, &global.host(Vec::new()).detach(&owner)?)
 }
 
@@ -239,8 +269,8 @@ pub fn reconcile(global: &Global, args: &ReconcileArgs) -> anyhow::Result<ExitCo
     let gone = args
         .gone
         .iter()
-        .map(|s| owner(s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|o| Owner::new(o))
+        .collect::<Result<_, _>>()?;
     let report = global.host(gone).reconcile().context("reconcile")?;
     emit_judged(global, &report)
 }

@@ -19,7 +19,10 @@ pub enum InitrdCommand {
     /// Like build, but return at once when up-to-date layers are cached.
     Ensure(BuildArgs),
     /// List the layers and entries of any initrd file (concatenated, any compression).
-    Inspect(InspectArgs),
+    Inspect {
+        /// The initrd file.
+        file: PathBuf,
+    },
 }
 
 /// Arguments of `initrd build` and `initrd ensure`.
@@ -54,19 +57,14 @@ pub struct BuildArgs {
     capabilities: Option<gpu_passthrough::capabilities::CapabilitySet>,
 }
 
-/// Arguments of `initrd inspect`.
-#[derive(Debug, clap::Args)]
-pub struct InspectArgs {
-    /// The initrd file.
-    file: PathBuf,
-}
-
 /// Run an `initrd` command.
 pub fn run(global: &Global, cmd: &InitrdCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         InitrdCommand::Build(args) => build(global, args, Freshness::Rebuild),
         InitrdCommand::Ensure(args) => build(global, args, Freshness::Ensure),
-        InitrdCommand::Inspect(args) => inspect(global, args),
+        InitrdCommand::Inspect { file } => {
+            emit(global, &read_initrd(file)?, |l| print!("{}", InitrdText(l)))
+        }
     }
 }
 
@@ -88,10 +86,4 @@ fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Res
         layers.copy_to(out)?;
     }
     emit_text(global, &layers)
-}
-
-fn inspect(global: &Global, args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let layers = read_initrd(&args.file)?;
-    emit(global, &layers, |l| print!("{}", InitrdText(l)))?;
-    Ok(ExitCode::SUCCESS)
 }

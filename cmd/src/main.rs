@@ -8,14 +8,14 @@ mod host;
 mod initrd;
 mod output;
 mod versions;
-mod vgpu;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, Subcommand};
 use gpu_passthrough::attach::{Host, Owner, PidLiveness};
-use gpu_passthrough::paths;
+use gpu_passthrough::outcome::outcome;
+use gpu_passthrough::paths::{self, default_cache_dir};
 use gpu_passthrough::registry::Registry;
 
 /// Flags every command honours.
@@ -62,9 +62,7 @@ pub struct Global {
 impl Global {
     /// The cache directory: the flag, the environment, or the library's default.
     pub fn cache_dir(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(paths::default_cache_dir)
+        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
     }
 
     /// The embedded registry with the `--registry` files merged over it.
@@ -106,9 +104,9 @@ enum Command {
     Initrd(initrd::InitrdCommand),
     /// vGPU profiles on both NVIDIA frameworks (vendor VFIO on SR-IOV VFs, mdev).
     #[command(subcommand)]
-    Vgpu(vgpu::VgpuCommand),
+    Vgpu(host::VgpuCommand),
     /// Host readiness for GPU passthrough, with the fix for each failed check.
-    Doctor(host::DoctorArgs),
+    Doctor(host::HostOpts),
     /// PCI devices that can be passed through (or all of them).
     Devices(host::DevicesArgs),
     /// What attach would do, without doing it.
@@ -133,7 +131,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Versions(c) => versions::run(&cli.global, c),
         Command::Initrd(c) => initrd::run(&cli.global, c),
-        Command::Vgpu(c) => vgpu::run(&cli.global, c),
+        Command::Vgpu(c) => host::vgpu(&cli.global, c),
         Command::Doctor(a) => host::doctor(&cli.global, a),
         Command::Devices(a) => host::devices(&cli.global, a),
         Command::Plan(a) => host::plan(&cli.global, a),
@@ -146,6 +144,6 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(err) => output::report_error(&cli.global, &err),
+        Err(err) => output::report_error(&cli.global, &err, outcome(err.as_ref())),
     }
 }

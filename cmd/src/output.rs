@@ -4,10 +4,10 @@
 use std::fmt::Display;
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use gpu_passthrough::Progress;
-use gpu_passthrough::outcome::{Outcome, ReportOutcome, outcome};
+use gpu_passthrough::outcome::{Outcome, ReportOutcome};
 use gpu_passthrough::remedy::{Remedy, remedy};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -31,15 +31,12 @@ pub fn exit_code(outcome: Option<Outcome>) -> u8 {
 
 /// Set up `tracing` on stderr according to `-v`/`-q`.
 pub fn init_logging(global: &Global) {
-    let level = if global.quiet {
-        "error"
-    } else {
-        match global.verbose {
-            0 => "warn",
-            1 => "info",
-            2 => "debug",
-            _ => "trace",
-        }
+    let level = match (global.quiet, global.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("GPU_PASSTHROUGH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -50,30 +47,29 @@ pub fn init_logging(global: &Global) {
         .try_init();
 }
 
-/// Print `value` as pretty JSON when `--json`, else call `human` to print it for people.
+/// Print the command's answer: `value` as pretty JSON when `--json`, else through `human` for
+/// people. The command succeeded.
 pub fn emit<T: Serialize>(
     global: &Global,
     value: &T,
     human: impl FnOnce(&T),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     if global.json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
         human(value);
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Print the command's answer (JSON, or its `Display` form for people): it succeeded.
+/// [`emit`] with the value's `Display` form for people.
 pub fn emit_text<T: Serialize + Display>(global: &Global, value: &T) -> anyhow::Result<ExitCode> {
-    emit(global, value, |v| print!("{v}"))?;
-    Ok(ExitCode::SUCCESS)
+    emit(global, value, |v| print!("{v}"))
 }
 
-/// Print a list (JSON, or one item a line for people): the command succeeded.
+/// [`emit`] for a list: one item a line for people.
 pub fn emit_lines<T: Serialize + Display>(global: &Global, list: &[T]) -> anyhow::Result<ExitCode> {
-    emit(global, &list, |l| l.iter().for_each(|v| println!("{v}")))?;
-    Ok(ExitCode::SUCCESS)
+    emit(global, &list, |l| l.iter().for_each(|v| println!("{v}")))
 }
 
 /// Print a report that judges the request, with the flag for what it refused or kept, and exit
@@ -93,12 +89,7 @@ where
 
 /// Print an error (as JSON on stdout with `--json`, else on stderr) with the flag that fixes
 /// it, and exit with the code of its outcome.
-pub fn report_error(global: &Global, err: &anyhow::Error) -> ExitCode {
-    report_error_as(global, err, outcome(err.as_ref()))
-}
-
-/// [`report_error`] with the outcome the command decided.
-pub fn report_error_as(global: &Global, err: &anyhow::Error, outcome: Outcome) -> ExitCode {
+pub fn report_error(global: &Global, err: &anyhow::Error, outcome: Outcome) -> ExitCode {
     let code = exit_code(Some(outcome));
     let mut message = format!("{err:#}");
     if let Some(remedy) = remedy(err.as_ref()) {
@@ -135,65 +126,57 @@ fn flag_hint(remedy: &Remedy) -> String {
 /// Download progress: an indicatif bar on stderr implementing the library's [`Progress`]
 /// callback. Off the terminal, with `--json` or `-q`, nothing is drawn.
 pub struct DownloadBar {
-    bar: Mutex<Option<ProgressBar>>,
-    enabled: bool,
+    /// The current download's bar; `None` when nothing is drawn at all.
+    bar: Option<Mutex<Option<ProgressBar>>>,
 }
 
 impl DownloadBar {
     /// A bar if stderr is a terminal and the user wants human output; else a silent sink.
     pub fn new(global: &Global) -> DownloadBar {
+        let shown = !global.json && !global.quiet && std::io::stderr().is_terminal();
         DownloadBar {
-            bar: Mutex::new(None),
-            enabled: !global.json && !global.quiet && std::io::stderr().is_terminal(),
+            bar: shown.then(|| Mutex::new(None)),
         }
     }
 
-    fn with_bar(&self, f: impl FnOnce(&mut Option<ProgressBar>)) {
-        if self.enabled {
-            let mut guard = self.bar.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut guard);
-        }
+    fn slot(&self) -> Option<MutexGuard<'_, Option<ProgressBar>>> {
+        Some(self.bar.as_ref()?.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
 impl Progress for DownloadBar {
     fn begin(&self, url: &str, total: Option<u64>) {
-        self.with_bar(|slot| {
-            if let Some(old) = slot.take() {
-                old.finish_and_clear();
-            }
-            let name = url.rsplit('/').next().unwrap_or(url).to_string();
-            let bar = match total {
-                Some(total) => ProgressBar::new(total).with_style(
-                    ProgressStyle::with_template(
-                        "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-                ),
-                None => ProgressBar::new_spinner().with_style(
-                    ProgressStyle::with_template("{spinner} {msg:30!} {bytes} {bytes_per_sec}")
-                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-                ),
-            };
-            bar.set_message(name);
-            *slot = Some(bar);
-        });
+        self.end();
+        let Some(mut slot) = self.slot() else {
+            return;
+        };
+        let name = url.rsplit('/').next().unwrap_or(url).to_string();
+        let bar = match total {
+            Some(total) => ProgressBar::new(total).with_style(
+                ProgressStyle::with_template(
+                    "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            ),
+            None => ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{spinner} {msg:30!} {bytes} {bytes_per_sec}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ),
+        };
+        bar.set_message(name);
+        *slot = Some(bar);
     }
 
     fn advance(&self, bytes: u64) {
-        self.with_bar(|slot| {
-            if let Some(bar) = slot {
-                bar.inc(bytes);
-            }
-        });
+        if let Some(Some(bar)) = self.slot().as_deref() {
+            bar.inc(bytes);
+        }
     }
 
     fn end(&self) {
-        self.with_bar(|slot| {
-            if let Some(bar) = slot.take() {
-                bar.finish_and_clear();
-            }
-        });
+        if let Some(bar) = self.slot().and_then(|mut slot| slot.take()) {
+            bar.finish_and_clear();
+        }
     }
 }

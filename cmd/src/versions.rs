@@ -10,7 +10,7 @@ use gpu_passthrough::text::ReleaseTable;
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
 
 use crate::Global;
-use crate::output::{DownloadBar, emit, emit_text, exit_code, report_error_as};
+use crate::output::{DownloadBar, emit, emit_text, exit_code, report_error};
 
 /// Registry commands.
 #[derive(Debug, clap::Subcommand)]
@@ -133,8 +133,7 @@ fn list(global: &Global) -> anyhow::Result<ExitCode> {
         if rows.iter().any(|r| r.unpinned > 0) {
             println!("\nUNPINNED artifacts have no sha256 and are refused; {PIN_HINT}.");
         }
-    })?;
-    Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// How to pin, for messages about unpinned artifacts.
@@ -204,21 +203,20 @@ fn verify(global: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         Verdict::Unpinned(_) => Some(format!("{verdict}: {PIN_HINT} or pass --allow-unpinned")),
         _ => Some(verdict.to_string()),
     };
-    if global.json {
-        // One JSON document: the rows plus the verdict.
-        let code = exit_code(outcome);
-        let doc = serde_json::json!({
-            "artifacts": report.artifacts,
-            "cache": report.cache,
-            "error": message,
-            "exit_code": code,
-        });
-        emit(global, &doc, |_| {})?;
-        return Ok(ExitCode::from(code));
-    }
-    print!("{report}");
+    // With --json, one document: the rows plus the verdict; for people, the rows, then the
+    // verdict as the error.
+    let code = exit_code(outcome);
+    let doc = serde_json::json!({
+        "artifacts": report.artifacts,
+        "cache": report.cache,
+        "error": message,
+        "exit_code": code,
+    });
+    emit(global, &doc, |_| print!("{report}"))?;
     Ok(match outcome.zip(message) {
-        Some((outcome, msg)) => report_error_as(global, &anyhow::anyhow!(msg), outcome),
-        None => ExitCode::SUCCESS,
+        Some((outcome, msg)) if !global.json => {
+            report_error(global, &anyhow::anyhow!(msg), outcome)
+        }
+        _ => ExitCode::from(code),
     })
 }
