@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use gpu_passthrough::attach::{Owner, PlanRequest};
-use gpu_passthrough::provision::{GpuVmRequest, Provisioner, VgpuVmRequest};
+use gpu_passthrough::provision::{Provisioner, VmDevices, VmRequest};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
 use gpu_passthrough::text::BootSpecText;
 use gpu_passthrough::vgpu::PlaceRequest;
@@ -223,35 +223,23 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
 /// `attach`: ensure the release's layers, bind (or create vGPUs), verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
     let owner = Owner::new(&args.owner)?;
-    let plan = plan_request(&args.sel, Some(owner.clone()))?;
+    let devices = match args.vgpu.place() {
+        Some(place) => VmDevices::Vgpus(place),
+        None => VmDevices::Gpus(plan_request(&args.sel, Some(owner.clone()))?),
+    };
     let registry = registry_for(global, &args.sel)?;
     let h = global.host(Vec::new());
     let mut provisioner = Provisioner::new(&h, &registry, global.cache_dir());
     if let Some(init) = &args.guest_init {
         provisioner = provisioner.with_guest_init(init);
     }
-    let (release, initrd) = (args.sel.release.clone(), args.initrd.clone());
-    let bar = DownloadBar::new(global);
-    let spec = match args.vgpu.place() {
-        Some(place) => {
-            let request = VgpuVmRequest {
-                place,
-                owner,
-                release,
-                initrd,
-            };
-            provisioner.attach_vgpu(&request, &bar)?
-        }
-        None => {
-            let request = GpuVmRequest {
-                plan,
-                owner,
-                release,
-                initrd,
-            };
-            provisioner.attach(&request, &bar)?
-        }
+    let request = VmRequest {
+        devices,
+        owner,
+        release: args.sel.release.clone(),
+        initrd: args.initrd.clone(),
     };
+    let spec = provisioner.attach_vm(request, &DownloadBar::new(global))?;
     let vmm = args.vmm;
     emit(global, &spec, |spec| {
         print!("{}", BootSpecText { spec, vmm })
