@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use gpu_passthrough::attach::Owner;
 use gpu_passthrough::health::{self, HealthStore};
 use gpu_passthrough::outcome::ReportOutcome;
-use gpu_passthrough::pci::PciAddress;
 
 use crate::Global;
 use crate::output::{emit, emit_lines, emit_text, exit_code};
@@ -37,18 +36,13 @@ pub enum HealthCommand {
         console: PathBuf,
     },
     /// Remove a device's health record after a repair (ends its quarantine).
-    Clear {
-        /// The device, DDDD:BB:DD.F.
-        #[arg(value_name = "DEVICE")]
-        device: String,
-    },
+    Clear(DeviceArg),
 }
 
-/// Arguments of `reset`.
+/// The one device of `health clear` and `reset`.
 #[derive(Debug, clap::Args)]
-pub struct ResetArgs {
+pub struct DeviceArg {
     /// The device, DDDD:BB:DD.F.
-    #[arg(value_name = "DEVICE")]
     device: String,
 }
 
@@ -62,16 +56,13 @@ pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
             global,
             &health::ingest(&global.state_dir, &Owner::new(o)?, console)?,
         ),
-        Some(HealthCommand::Clear { device }) => {
-            emit_text(global, &store.clear(device.parse::<PciAddress>()?)?)
-        }
+        Some(HealthCommand::Clear(arg)) => emit_text(global, &store.clear(arg.device.parse()?)?),
     }
 }
 
 /// `reset DEVICE`: reset on demand, then verify.
-pub fn reset(global: &Global, args: &ResetArgs) -> anyhow::Result<ExitCode> {
-    let device = args.device.parse::<PciAddress>()?;
-    let check = global.host(Vec::new()).reset(device)?;
+pub fn reset(global: &Global, arg: &DeviceArg) -> anyhow::Result<ExitCode> {
+    let check = global.host(Vec::new()).reset(arg.device.parse()?)?;
     emit(global, &check, |c| println!("{c}"))?;
     Ok(ExitCode::from(exit_code(check.outcome())))
 }

@@ -120,7 +120,7 @@ enum Command {
     /// Device health: recorded faults and quarantine; `scan`, `ingest` and `clear` a record.
     Health(health::HealthArgs),
     /// Reset a device (not attached to anyone) and verify it.
-    Reset(health::ResetArgs),
+    Reset(health::DeviceArg),
     /// Serve the node's GPUs to the kubelet (a KubeVirt device plugin) until SIGTERM.
     DevicePlugin(device_plugin::DevicePluginArgs),
 }
@@ -142,8 +142,5 @@ fn main() -> ExitCode {
         Command::Reset(a) => health::reset(&cli.global, a),
         Command::DevicePlugin(a) => device_plugin::run(&cli.global, a),
     };
-    match result {
-        Ok(code) => code,
-        Err(err) => output::report_error(&cli.global, &err, outcome(err.as_ref())),
-    }
+    result.unwrap_or_else(|err| output::report_error(&cli.global, &err, outcome(err.as_ref())))
 }

@@ -155,14 +155,12 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
         max_download_bytes: args.max_download_bytes,
     };
     let fetcher = versions::fetcher(&global.cache_dir())?;
-    let report =
-        versions::add(&fetcher, &request, &DownloadBar::new(global)).map_err(|e| match e {
-            VersionsError::NoDriverVersion => {
-                anyhow::Error::new(e).context("pass --driver-version")
-            }
-            e => e.into(),
-        })?;
-    emit_text(global, &report)
+    match versions::add(&fetcher, &request, &DownloadBar::new(global)) {
+        Err(e @ VersionsError::NoDriverVersion) => {
+            Err(anyhow::Error::new(e).context("pass --driver-version"))
+        }
+        report => emit_text(global, &report?),
+    }
 }
 
 fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCode> {
