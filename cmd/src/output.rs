@@ -4,12 +4,11 @@
 use std::fmt::Display;
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::{Mutex, MutexGuard};
 
 use gpu_passthrough::Progress;
 use gpu_passthrough::outcome::{Outcome, ReportOutcome};
 use gpu_passthrough::remedy::{Remedy, remedy};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::Global;
@@ -126,57 +125,53 @@ fn flag_hint(remedy: &Remedy) -> String {
 /// Download progress: an indicatif bar on stderr implementing the library's [`Progress`]
 /// callback. Off the terminal, with `--json` or `-q`, nothing is drawn.
 pub struct DownloadBar {
-    /// The current download's bar; `None` when nothing is drawn at all.
-    bar: Option<Mutex<Option<ProgressBar>>>,
+    /// One bar, reset for each download; hidden until a download begins, so a command that
+    /// downloads nothing draws nothing.
+    bar: ProgressBar,
+    shown: bool,
 }
 
 impl DownloadBar {
     /// A bar if stderr is a terminal and the user wants human output; else a silent sink.
     pub fn new(global: &Global) -> DownloadBar {
-        let shown = !global.json && !global.quiet && std::io::stderr().is_terminal();
         DownloadBar {
-            bar: shown.then(|| Mutex::new(None)),
+            bar: ProgressBar::hidden(),
+            shown: !global.json && !global.quiet && std::io::stderr().is_terminal(),
         }
-    }
-
-    fn slot(&self) -> Option<MutexGuard<'_, Option<ProgressBar>>> {
-        Some(self.bar.as_ref()?.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
 impl Progress for DownloadBar {
     fn begin(&self, url: &str, total: Option<u64>) {
-        self.end();
-        let Some(mut slot) = self.slot() else {
-            return;
-        };
-        let name = url.rsplit('/').next().unwrap_or(url).to_string();
-        let bar = match total {
-            Some(total) => ProgressBar::new(total).with_style(
+        let style = match total {
+            Some(total) => {
+                self.bar.set_length(total);
                 ProgressStyle::with_template(
                     "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            ),
-            None => ProgressBar::new_spinner().with_style(
+                .progress_chars("=> ")
+            }
+            None => {
+                self.bar.unset_length();
                 ProgressStyle::with_template("{spinner} {msg:30!} {bytes} {bytes_per_sec}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            ),
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner())
+            }
         };
-        bar.set_message(name);
-        *slot = Some(bar);
+        self.bar.set_style(style);
+        self.bar
+            .set_message(url.rsplit('/').next().unwrap_or(url).to_string());
+        if self.shown && self.bar.is_hidden() {
+            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
+        self.bar.reset();
     }
 
     fn advance(&self, bytes: u64) {
-        if let Some(Some(bar)) = self.slot().as_deref() {
-            bar.inc(bytes);
-        }
+        self.bar.inc(bytes);
     }
 
     fn end(&self) {
-        if let Some(bar) = self.slot().and_then(|mut slot| slot.take()) {
-            bar.finish_and_clear();
-        }
+        self.bar.finish_and_clear();
     }
 }
