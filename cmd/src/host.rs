@@ -9,12 +9,11 @@ use anyhow::Context;
 use gpu_passthrough::attach::{Owner, PlanRequest};
 use gpu_passthrough::provision::{Provisioner, VmDevices, VmRequest};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
-use gpu_passthrough::text::BootSpecText;
 use gpu_passthrough::vgpu::PlaceRequest;
 use gpu_passthrough::vmm::Vmm;
 
 use crate::Global;
-use crate::output::{DownloadBar, emit, emit_judged, emit_text};
+use crate::output::{DownloadBar, emit_judged, emit_text};
 
 /// Options shared by the host commands.
 #[derive(Debug, Clone, clap::Args)]
@@ -186,10 +185,8 @@ fn registry_for(global: &Global, sel: &Selection) -> anyhow::Result<Registry> {
 
 /// `doctor`: host readiness.
 pub fn doctor(global: &Global, opts: &HostOpts) -> anyhow::Result<ExitCode> {
-    let report = global
-        .host(Vec::new())
-        .doctor(opts.supported_gpus.as_deref())?;
-    emit_judged(global, &report)
+    let h = global.host(Vec::new());
+    emit_judged(global, &h.doctor(opts.supported_gpus.as_deref())?)
 }
 
 /// `devices`: passthrough candidates or every device.
@@ -240,10 +237,7 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
         initrd: args.initrd.clone(),
     };
     let spec = provisioner.attach_vm(request, &DownloadBar::new(global))?;
-    let vmm = args.vmm;
-    emit(global, &spec, |spec| {
-        print!("{}", BootSpecText { spec, vmm })
-    })
+    emit_text(global, &spec.text(args.vmm))
 }
 
 /// `detach`: devices back to their original drivers.

@@ -9,7 +9,7 @@ use gpu_passthrough::registry::Arch;
 use gpu_passthrough::text::InitrdText;
 
 use crate::Global;
-use crate::output::{DownloadBar, emit, emit_text};
+use crate::output::{DownloadBar, emit_text};
 
 /// Initrd commands.
 #[derive(Debug, clap::Subcommand)]
@@ -62,9 +62,7 @@ pub fn run(global: &Global, cmd: &InitrdCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         InitrdCommand::Build(args) => build(global, args, Freshness::Rebuild),
         InitrdCommand::Ensure(args) => build(global, args, Freshness::Ensure),
-        InitrdCommand::Inspect { file } => {
-            emit(global, &read_initrd(file)?, |l| print!("{}", InitrdText(l)))
-        }
+        InitrdCommand::Inspect { file } => emit_text(global, &InitrdText(&read_initrd(file)?)),
     }
 }
 

@@ -13,17 +13,14 @@ use serde::Serialize;
 
 use crate::Global;
 
-/// The exit code of an outcome (`None`: success), stable for scripts.
+/// The exit code of an outcome (`None`: success), stable for scripts; what each outcome means
+/// is [`Outcome`]'s to say.
 pub fn exit_code(outcome: Option<Outcome>) -> u8 {
     match outcome {
         None => 0,
-        // A general failure (I/O, network, bad input).
         Some(Outcome::Failed) => 1,
-        // Verification failed: a digest, a module check, a pin that no longer matches.
         Some(Outcome::VerificationFailed) => 3,
-        // The request was refused by a safety check (plan refusals, unpinned artifacts).
         Some(Outcome::Refused) => 4,
-        // A host readiness check failed (doctor).
         Some(Outcome::NotReady) => 5,
     }
 }

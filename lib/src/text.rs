@@ -147,13 +147,23 @@ impl Display for Plan {
     }
 }
 
-/// A boot spec as text, with the arguments of one VMM.
-#[derive(Debug, Clone, Copy)]
+/// A boot spec as text, with the arguments of one VMM; its JSON is the whole spec (both VMMs'
+/// arguments), so a front end prints either form from the one value.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(transparent)]
 pub struct BootSpecText<'a> {
     /// The spec.
     pub spec: &'a BootSpec,
     /// Whose arguments to show.
+    #[serde(skip)]
     pub vmm: Vmm,
+}
+
+impl BootSpec {
+    /// This spec as text with `vmm`'s arguments.
+    pub fn text(&self, vmm: Vmm) -> BootSpecText<'_> {
+        BootSpecText { spec: self, vmm }
+    }
 }
 
 impl Display for BootSpecText<'_> {
@@ -419,8 +429,9 @@ impl Display for Layers {
     }
 }
 
-/// The layers of an initrd file as text, numbered.
-#[derive(Debug, Clone, Copy)]
+/// The layers of an initrd file as text, numbered; its JSON is the layers themselves.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(transparent)]
 pub struct InitrdText<'a>(pub &'a [InitrdLayer]);
 
 impl Display for InitrdText<'_> {
