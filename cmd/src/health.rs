@@ -5,10 +5,9 @@ use std::process::ExitCode;
 
 use gpu_passthrough::attach::Owner;
 use gpu_passthrough::health::{self, HealthStore};
-use gpu_passthrough::outcome::ReportOutcome;
 
 use crate::Global;
-use crate::output::{emit, emit_lines, emit_text, exit_code};
+use crate::output::{emit_judged, emit_lines, emit_text};
 
 /// Arguments of `health`.
 #[derive(Debug, clap::Args)]
@@ -62,7 +61,5 @@ pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
 
 /// `reset DEVICE`: reset on demand, then verify.
 pub fn reset(global: &Global, arg: &DeviceArg) -> anyhow::Result<ExitCode> {
-    let check = global.host(Vec::new()).reset(arg.device.parse()?)?;
-    emit(global, &check, |c| println!("{c}"))?;
-    Ok(ExitCode::from(exit_code(check.outcome())))
+    emit_judged(global, &global.host(Vec::new()).reset(arg.device.parse()?)?)
 }

@@ -87,10 +87,8 @@ where
 /// it, and exit with the code of its outcome.
 pub fn report_error(global: &Global, err: &anyhow::Error, outcome: Outcome) -> ExitCode {
     let code = exit_code(Some(outcome));
-    let mut message = format!("{err:#}");
-    if let Some(remedy) = remedy(err.as_ref()) {
-        message = format!("{message} ({})", flag_hint(&remedy));
-    }
+    let hint = remedy(err.as_ref()).map(|r| format!(" ({})", flag_hint(&r)));
+    let message = format!("{err:#}{}", hint.unwrap_or_default());
     if global.json {
         let body = serde_json::json!({ "error": message, "exit_code": code });
         println!("{body}");

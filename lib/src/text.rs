@@ -219,7 +219,7 @@ impl Display for DetachReport {
                 d.driver.as_deref().unwrap_or("no driver")
             )?;
             if let Some(c) = &d.health {
-                writeln!(f, "{c}")?;
+                write!(f, "{c}")?;
             }
         }
         for m in &self.removed_mdevs {
