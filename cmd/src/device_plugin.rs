@@ -3,29 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::Duration;
 
+use gpu_passthrough::outcome::Outcome;
 use gpu_passthrough_device_plugin::{Config, Prepare, run_until_signal};
 
 use crate::Global;
-use crate::output::{emit_text, exit, fail};
-
-/// How many GPUs `--prepare` moves: a number or `all`.
-#[derive(Debug, Clone, Copy)]
-pub struct PrepareArg(Prepare);
-
-impl FromStr for PrepareArg {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "all" {
-            return Ok(PrepareArg(Prepare::All));
-        }
-        s.parse::<usize>()
-            .map(|n| PrepareArg(Prepare::Count(n)))
-            .map_err(|_| format!("`{s}` is neither a number nor `all`"))
-    }
-}
+use crate::output::{emit_text, report_error};
 
 /// Arguments of `device-plugin`.
 #[derive(Debug, clap::Args)]
@@ -35,7 +19,7 @@ pub struct DevicePluginArgs {
     kubelet_dir: PathBuf,
     /// Also move this many free GPUs (or `all`) to vfio-pci at start (owner `device-plugin`).
     #[arg(long, value_name = "N|all")]
-    prepare: Option<PrepareArg>,
+    prepare: Option<Prepare>,
     /// How often health, the sockets and the kubelet are checked, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     poll_ms: u64,
@@ -47,7 +31,8 @@ pub struct DevicePluginArgs {
     supported_gpus: Option<PathBuf>,
 }
 
-/// Run the plugin; after SIGTERM print what the start-up pass did.
+/// Run the plugin; after SIGTERM print what the start-up pass did. A plugin that stopped on an
+/// error failed, whatever the error's kind.
 pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode> {
     let config = Config {
         kubelet_dir: args.kubelet_dir.clone(),
@@ -56,11 +41,12 @@ pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode>
         dev_dir: global.dev_dir.clone(),
         pci_ids: args.pci_ids.clone(),
         supported_gpus: args.supported_gpus.clone(),
-        prepare: args.prepare.map_or(Prepare::None, |p| p.0),
+        prepare: args.prepare.unwrap_or(Prepare::None),
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
         ..Config::new()
     };
-    let report = run_until_signal(config).map_err(|e| fail(exit::FAILURE, e))?;
-    emit_text(global, &report)?;
-    Ok(ExitCode::SUCCESS)
+    match run_until_signal(config) {
+        Ok(report) => emit_text(global, &report),
+        Err(e) => Ok(report_error(global, &e.into(), Outcome::Failed)),
+    }
 }

@@ -3,12 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use gpu_passthrough::attach::Owner;
 use gpu_passthrough::health::{self, HealthStore};
-use gpu_passthrough::pci::PciAddress;
 
 use crate::Global;
-use crate::host::{host, owner};
-use crate::output::{emit, emit_text, exit};
+use crate::output::{emit_judged, emit_lines, emit_text};
 
 /// Arguments of `health`.
 #[derive(Debug, clap::Args)]
@@ -36,55 +35,31 @@ pub enum HealthCommand {
         console: PathBuf,
     },
     /// Remove a device's health record after a repair (ends its quarantine).
-    Clear {
-        /// The device, DDDD:BB:DD.F.
-        #[arg(value_name = "DEVICE")]
-        device: String,
-    },
+    Clear(DeviceArg),
 }
 
-/// Arguments of `reset`.
+/// The one device of `health clear` and `reset`.
 #[derive(Debug, clap::Args)]
-pub struct ResetArgs {
+pub struct DeviceArg {
     /// The device, DDDD:BB:DD.F.
-    #[arg(value_name = "DEVICE")]
     device: String,
-}
-
-fn address(s: &str) -> anyhow::Result<PciAddress> {
-    Ok(s.parse()?)
 }
 
 /// `health [scan|ingest|clear]`.
 pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
     let store = HealthStore::new(&global.state_dir);
     match &args.command {
-        None => emit(global, &store.records()?, |list| {
-            list.iter().for_each(|d| println!("{d}"));
-        })?,
-        Some(HealthCommand::Scan { console }) => {
-            emit(global, &health::scan_file(console)?, |list| {
-                list.iter().for_each(|f| println!("{f}"));
-            })?
-        }
+        None => emit_lines(global, &store.records()?),
+        Some(HealthCommand::Scan { console }) => emit_lines(global, &health::scan_file(console)?),
         Some(HealthCommand::Ingest { owner: o, console }) => emit_text(
             global,
-            &health::ingest(&global.state_dir, &owner(o)?, console)?,
-        )?,
-        Some(HealthCommand::Clear { device }) => {
-            emit_text(global, &store.clear(address(device)?)?)?
-        }
+            &health::ingest(&global.state_dir, &Owner::new(o)?, console)?,
+        ),
+        Some(HealthCommand::Clear(arg)) => emit_text(global, &store.clear(arg.device.parse()?)?),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `reset DEVICE`: reset on demand, then verify.
-pub fn reset(global: &Global, args: &ResetArgs) -> anyhow::Result<ExitCode> {
-    let check = host(global, Vec::new()).reset(address(&args.device)?)?;
-    emit(global, &check, |c| println!("{c}"))?;
-    Ok(ExitCode::from(if check.verify.ok {
-        0
-    } else {
-        exit::VERIFY
-    }))
+pub fn reset(global: &Global, arg: &DeviceArg) -> anyhow::Result<ExitCode> {
+    emit_judged(global, &global.host(Vec::new()).reset(arg.device.parse()?)?)
 }

@@ -1,4 +1,4 @@
-//! Host-side commands: doctor, devices, plan, attach, detach, reconcile.
+//! Host-side commands: doctor, devices, vgpu types, plan, attach, detach, reconcile.
 //!
 //! A thin layer over `gpu_passthrough::attach::Host`: parse, call, print.
 
@@ -6,18 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use gpu_passthrough::attach::{CheckStatus, Host, Owner, PidLiveness, PlanRequest};
-use gpu_passthrough::provision::{GpuVmRequest, Provisioner};
+use gpu_passthrough::attach::{Owner, PlanRequest};
+use gpu_passthrough::provision::{Provisioner, VmDevices, VmRequest};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
-use gpu_passthrough::text::BootSpecText;
+use gpu_passthrough::vgpu::PlaceRequest;
 use gpu_passthrough::vmm::Vmm;
 
 use crate::Global;
-use crate::output::{emit, emit_text, exit};
-use crate::progress::DownloadBar;
-
-/// Exit code of success.
-const SUCCESS: u8 = 0;
+use crate::output::{DownloadBar, emit_judged, emit_text};
 
 /// Options shared by the host commands.
 #[derive(Debug, Clone, clap::Args)]
@@ -25,13 +21,6 @@ pub struct HostOpts {
     /// The NVIDIA driver's supported-gpus.json: GPU names and open-module support.
     #[arg(long, value_name = "FILE", env = "GPU_PASSTHROUGH_SUPPORTED_GPUS")]
     pub supported_gpus: Option<PathBuf>,
-}
-
-/// Arguments of `doctor`.
-#[derive(Debug, clap::Args)]
-pub struct DoctorArgs {
-    #[command(flatten)]
-    host: HostOpts,
 }
 
 /// Arguments of `devices`.
@@ -42,6 +31,30 @@ pub struct DevicesArgs {
     all: bool,
     #[command(flatten)]
     host: HostOpts,
+}
+
+/// vGPU commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum VgpuCommand {
+    /// Every vGPU profile the host can create now, across GPUs and both frameworks.
+    Types,
+}
+
+/// `--vgpu PROFILE [--count N] [--numa N] [--pack]` (for `plan` and `attach`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct VgpuArgs {
+    /// vGPUs of this profile (`NVIDIA L40S-4Q` or `L40S-4Q`) instead of devices.
+    #[arg(long, value_name = "PROFILE", conflicts_with_all = ["devices", "gpus", "mdev_type"])]
+    vgpu: Option<String>,
+    /// With --vgpu: how many.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "vgpu")]
+    count: u32,
+    /// With --vgpu: prefer this NUMA node on ties.
+    #[arg(long, value_name = "N", requires = "vgpu")]
+    numa: Option<u32>,
+    /// With --vgpu: fill the most-loaded GPU that still fits instead of the least loaded.
+    #[arg(long, requires = "vgpu")]
+    pack: bool,
 }
 
 /// What to move (shared by `plan` and `attach`).
@@ -81,7 +94,7 @@ pub struct PlanArgs {
     #[arg(long, value_name = "ID")]
     owner: Option<String>,
     #[command(flatten)]
-    vgpu: crate::vgpu::VgpuArgs,
+    vgpu: VgpuArgs,
 }
 
 /// Arguments of `attach`.
@@ -107,7 +120,7 @@ pub struct AttachArgs {
     #[arg(long, value_name = "PATH", env = "GPU_PASSTHROUGH_GUEST_INIT")]
     guest_init: Option<PathBuf>,
     #[command(flatten)]
-    vgpu: crate::vgpu::VgpuArgs,
+    vgpu: VgpuArgs,
 }
 
 /// Arguments of `detach`.
@@ -131,20 +144,16 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-pub(crate) fn host(global: &Global, gone: Vec<Owner>) -> Host {
-    Host::new(
-        &global.sysfs_root,
-        &global.state_dir,
-        Box::new(PidLiveness {
-            gone,
-            ..Default::default()
-        }),
-    )
-    .with_dev_dir(&global.dev_dir)
-}
-
-pub(crate) fn owner(s: &str) -> anyhow::Result<Owner> {
-    Ok(Owner::new(s)?)
+impl VgpuArgs {
+    /// The placement asked for, when `--vgpu` names a profile.
+    pub fn place(&self) -> Option<PlaceRequest> {
+        Some(PlaceRequest {
+            profile: self.vgpu.clone()?,
+            count: self.count,
+            numa: self.numa,
+            pack: self.pack,
+        })
+    }
 }
 
 /// The request as parsed; bad input is refused before anything is built or fetched.
@@ -168,100 +177,73 @@ fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanReq
 /// The registry, read only when a release is named (a broken registry file must not stop a
 /// plain attach).
 fn registry_for(global: &Global, sel: &Selection) -> anyhow::Result<Registry> {
-    Ok(if sel.release.is_some() {
-        Registry::load(&global.registries)?
-    } else {
-        Registry::embedded()?
-    })
+    match sel.release {
+        Some(_) => global.registry(),
+        None => Ok(Registry::embedded()?),
+    }
 }
 
 /// `doctor`: host readiness.
-pub fn doctor(global: &Global, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
-    let h = host(global, Vec::new());
-    let report = h.doctor(args.host.supported_gpus.as_deref())?;
-    emit_text(global, &report)?;
-    Ok(ExitCode::from(if report.verdict == CheckStatus::Fail {
-        exit::NOT_READY
-    } else {
-        SUCCESS
-    }))
+pub fn doctor(global: &Global, opts: &HostOpts) -> anyhow::Result<ExitCode> {
+    let h = global.host(Vec::new());
+    emit_judged(global, &h.doctor(opts.supported_gpus.as_deref())?)
 }
 
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
-    let h = host(global, Vec::new());
-    let list = h.listing(args.all, args.host.supported_gpus.as_deref())?;
-    emit_text(global, &list)?;
-    Ok(ExitCode::from(SUCCESS))
+    let h = global.host(Vec::new());
+    let listing = h.listing(args.all, args.host.supported_gpus.as_deref())?;
+    emit_text(global, &listing)
 }
 
-/// `plan`: what attach would do.
-pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    if let Some(profile) = &args.vgpu.vgpu {
-        return crate::vgpu::plan(global, &args.vgpu, profile);
+/// `vgpu types`: every profile the host can create now.
+pub fn vgpu(global: &Global, cmd: &VgpuCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        VgpuCommand::Types => emit_text(global, &global.host(Vec::new()).vgpu_catalogue()),
     }
-    let owner = args.owner.as_deref().map(owner).transpose()?;
+}
+
+/// `plan`: what attach would do (`--vgpu`: where the vGPUs would go).
+pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
+    if let Some(place) = args.vgpu.place() {
+        return emit_text(global, &global.host(Vec::new()).plan_vgpu(&place)?);
+    }
+    let owner = args.owner.as_deref().map(Owner::new).transpose()?;
     let req = plan_request(&args.sel, owner)?;
     let registry = registry_for(global, &args.sel)?;
-    let h = host(global, Vec::new());
+    let h = global.host(Vec::new());
     let plan = Provisioner::new(&h, &registry, global.cache_dir())
         .plan(&req, args.sel.release.as_deref())?;
-    emit(global, &plan, |p| {
-        print!("{p}");
-        if p.refuses_boot_vga() {
-            println!("(--allow-boot-vga moves the boot display)");
-        }
-    })?;
-    Ok(ExitCode::from(if plan.refusals.is_empty() {
-        SUCCESS
-    } else {
-        exit::REFUSED
-    }))
+    emit_judged(global, &plan)
 }
 
 /// `attach`: ensure the release's layers, bind (or create vGPUs), verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
-    let owner = owner(&args.owner)?;
-    let plan = match args.vgpu.vgpu {
-        Some(_) => PlanRequest::default(),
-        None => plan_request(&args.sel, Some(owner.clone()))?,
+    let owner = Owner::new(&args.owner)?;
+    let devices = match args.vgpu.place() {
+        Some(place) => VmDevices::Vgpus(place),
+        None => VmDevices::Gpus(plan_request(&args.sel, Some(owner.clone()))?),
     };
     let registry = registry_for(global, &args.sel)?;
-    let h = host(global, Vec::new());
+    let h = global.host(Vec::new());
     let mut provisioner = Provisioner::new(&h, &registry, global.cache_dir());
     if let Some(init) = &args.guest_init {
         provisioner = provisioner.with_guest_init(init);
     }
-    let (release, initrd) = (args.sel.release.clone(), args.initrd.clone());
-    let spec = match &args.vgpu.vgpu {
-        Some(profile) => {
-            let request = args.vgpu.vm_request(profile, owner, release, initrd);
-            provisioner.attach_vgpu(&request, &DownloadBar::new(global))?
-        }
-        None => {
-            let request = GpuVmRequest {
-                plan,
-                owner,
-                release,
-                initrd,
-            };
-            provisioner.attach(&request, &DownloadBar::new(global))?
-        }
+    let request = VmRequest {
+        devices,
+        owner,
+        release: args.sel.release.clone(),
+        initrd: args.initrd.clone(),
     };
-    let vmm = args.vmm;
-    emit(global, &spec, |spec| {
-        print!("{}", BootSpecText { spec, vmm })
-    })?;
-    Ok(ExitCode::from(SUCCESS))
+    let spec = provisioner.attach_vm(request, &DownloadBar::new(global))?;
+    emit_text(global, &spec.text(args.vmm))
 }
 
 /// `detach`: devices back to their original drivers.
 pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
-    let owner = owner(&args.owner)?;
-    let h = host(global, Vec::new());
-    let report = h.detach(&owner)?;
-    emit_text(global, &report)?;
-    Ok(ExitCode::from(SUCCESS))
+    let owner = Owner::new(&args.owner)?;
+    emit_text(global, &global.host(Vec::new()).detach(&owner)?)
 }
 
 /// `reconcile`: repair what crashes left behind.
@@ -269,19 +251,8 @@ pub fn reconcile(global: &Global, args: &ReconcileArgs) -> anyhow::Result<ExitCo
     let gone = args
         .gone
         .iter()
-        .map(|s| owner(s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let h = host(global, gone);
-    let report = h.reconcile().context("reconcile")?;
-    emit(global, &report, |r| {
-        print!("{r}");
-        if !r.kept_unknown.is_empty() {
-            println!("(--gone ID declares an owner gone)");
-        }
-    })?;
-    Ok(ExitCode::from(if report.errors.is_empty() {
-        SUCCESS
-    } else {
-        exit::FAILURE
-    }))
+        .map(|o| Owner::new(o))
+        .collect::<Result<_, _>>()?;
+    let report = global.host(gone).reconcile().context("reconcile")?;
+    emit_judged(global, &report)
 }

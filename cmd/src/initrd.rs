@@ -5,12 +5,11 @@ use std::process::ExitCode;
 
 use gpu_passthrough::initrd::{LayerCompression, LayerForm, listing};
 use gpu_passthrough::provision::{self, Freshness};
-use gpu_passthrough::registry::{Arch, Registry};
+use gpu_passthrough::registry::Arch;
 use gpu_passthrough::text::ListingText;
 
 use crate::Global;
-use crate::output;
-use crate::progress::DownloadBar;
+use crate::output::{DownloadBar, emit_text};
 
 /// Initrd commands.
 #[derive(Debug, clap::Subcommand)]
@@ -19,9 +18,11 @@ pub enum InitrdCommand {
     Build(BuildArgs),
     /// Like build, but return at once when up-to-date layers are cached.
     Ensure(BuildArgs),
-    /// List the layers and entries of any initrd file (concatenated, any compression), or the
-    /// entries of a GPU disk image.
-    Inspect(InspectArgs),
+    /// List the entries of an initrd (every layer, any compression) or of a GPU disk image.
+    Inspect {
+        /// The initrd file or disk image.
+        file: PathBuf,
+    },
 }
 
 /// Arguments of `initrd build` and `initrd ensure`.
@@ -56,29 +57,19 @@ pub struct BuildArgs {
     capabilities: Option<gpu_passthrough::capabilities::CapabilitySet>,
 }
 
-/// Arguments of `initrd inspect`.
-#[derive(Debug, clap::Args)]
-pub struct InspectArgs {
-    /// The initrd file, or a GPU disk image (`--form disk`).
-    file: PathBuf,
-}
-
 /// Run an `initrd` command.
 pub fn run(global: &Global, cmd: &InitrdCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         InitrdCommand::Build(args) => build(global, args, Freshness::Rebuild),
         InitrdCommand::Ensure(args) => build(global, args, Freshness::Ensure),
-        InitrdCommand::Inspect(args) => inspect(global, args),
+        InitrdCommand::Inspect { file } => emit_text(global, &ListingText(&listing::list(file)?)),
     }
 }
 
 fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Result<ExitCode> {
-    let registry = Registry::load(&global.registries)?;
+    let registry = global.registry()?;
     let release = registry.resolve(args.release.as_deref())?;
-    let arch = match args.arch {
-        Some(a) => a,
-        None => provision::host_arch()?,
-    };
+    let arch = args.arch.map_or_else(provision::host_arch, Ok)?;
     let mut options = provision::default_build_options(arch, args.guest_init.as_deref())?;
     options.compression = args.compression;
     options.form = args.form;
@@ -92,12 +83,5 @@ fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Res
     if let Some(out) = &args.out {
         layers.copy_to(out)?;
     }
-    output::emit_text(global, &layers)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn inspect(global: &Global, args: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let listing = listing::list(&args.file)?;
-    output::emit(global, &listing, |l| print!("{}", ListingText(l)))?;
-    Ok(ExitCode::SUCCESS)
+    emit_text(global, &layers)
 }

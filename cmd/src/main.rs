@@ -7,15 +7,16 @@ mod health;
 mod host;
 mod initrd;
 mod output;
-mod progress;
 mod versions;
-mod vgpu;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, Subcommand};
-use gpu_passthrough::paths;
+use gpu_passthrough::attach::{Host, Owner, PidLiveness};
+use gpu_passthrough::outcome::outcome;
+use gpu_passthrough::paths::{self, default_cache_dir};
+use gpu_passthrough::registry::Registry;
 
 /// Flags every command honours.
 #[derive(Debug, Clone, clap::Args)]
@@ -61,9 +62,22 @@ pub struct Global {
 impl Global {
     /// The cache directory: the flag, the environment, or the library's default.
     pub fn cache_dir(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(gpu_passthrough::paths::default_cache_dir)
+        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+    }
+
+    /// The embedded registry with the `--registry` files merged over it.
+    pub fn registry(&self) -> anyhow::Result<Registry> {
+        Ok(Registry::load(&self.registries)?)
+    }
+
+    /// The host these flags point at; owners in `gone` are declared gone, `pid:N` owners are
+    /// judged by their process.
+    pub fn host(&self, gone: Vec<Owner>) -> Host {
+        let liveness = PidLiveness {
+            gone,
+            ..Default::default()
+        };
+        Host::new(&self.sysfs_root, &self.state_dir, Box::new(liveness)).with_dev_dir(&self.dev_dir)
     }
 }
 
@@ -90,9 +104,9 @@ enum Command {
     Initrd(initrd::InitrdCommand),
     /// vGPU profiles on both NVIDIA frameworks (vendor VFIO on SR-IOV VFs, mdev).
     #[command(subcommand)]
-    Vgpu(vgpu::VgpuCommand),
+    Vgpu(host::VgpuCommand),
     /// Host readiness for GPU passthrough, with the fix for each failed check.
-    Doctor(host::DoctorArgs),
+    Doctor(host::HostOpts),
     /// PCI devices that can be passed through (or all of them).
     Devices(host::DevicesArgs),
     /// What attach would do, without doing it.
@@ -106,7 +120,7 @@ enum Command {
     /// Device health: recorded faults and quarantine; `scan`, `ingest` and `clear` a record.
     Health(health::HealthArgs),
     /// Reset a device (not attached to anyone) and verify it.
-    Reset(health::ResetArgs),
+    Reset(health::DeviceArg),
     /// Serve the node's GPUs to the kubelet (a KubeVirt device plugin) until SIGTERM.
     DevicePlugin(device_plugin::DevicePluginArgs),
 }
@@ -117,7 +131,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Versions(c) => versions::run(&cli.global, c),
         Command::Initrd(c) => initrd::run(&cli.global, c),
-        Command::Vgpu(c) => vgpu::run(&cli.global, c),
+        Command::Vgpu(c) => host::vgpu(&cli.global, c),
         Command::Doctor(a) => host::doctor(&cli.global, a),
         Command::Devices(a) => host::devices(&cli.global, a),
         Command::Plan(a) => host::plan(&cli.global, a),
@@ -128,8 +142,5 @@ fn main() -> ExitCode {
         Command::Reset(a) => health::reset(&cli.global, a),
         Command::DevicePlugin(a) => device_plugin::run(&cli.global, a),
     };
-    match result {
-        Ok(code) => code,
-        Err(err) => output::report_error(&cli.global, &err),
-    }
+    result.unwrap_or_else(|err| output::report_error(&cli.global, &err, outcome(err.as_ref())))
 }

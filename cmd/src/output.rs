@@ -1,80 +1,38 @@
-//! Output shared by every command: logging set-up, JSON or human printing, and errors as
-//! messages with a hint and an exit code.
+//! Everything the CLI writes to the terminal: logging set-up, JSON or human printing, download
+//! progress, and errors as messages with a flag hint and an exit code.
 
+use std::fmt::Display;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use gpu_passthrough::outcome::{Outcome, outcome};
-use gpu_passthrough::remedy::Remedy;
+use gpu_passthrough::Progress;
+use gpu_passthrough::outcome::{Outcome, ReportOutcome};
+use gpu_passthrough::remedy::{Remedy, remedy};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::Global;
 
-/// Exit codes, stable for scripts.
-pub mod exit {
-    /// A general failure (I/O, network, bad input).
-    pub const FAILURE: u8 = 1;
-    /// Verification failed: a digest, a module check, a pin that no longer matches.
-    pub const VERIFY: u8 = 3;
-    /// The request was refused by a safety check (plan refusals, unpinned artifacts).
-    pub const REFUSED: u8 = 4;
-    /// A host readiness check failed (doctor).
-    pub const NOT_READY: u8 = 5;
-}
-
-/// An error that carries an exit code the CLI decided; library errors get theirs from
-/// [`outcome`].
-#[derive(Debug)]
-pub struct Failure {
-    /// Process exit code.
-    pub code: u8,
-    /// The underlying error.
-    pub error: anyhow::Error,
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.error)
+/// The exit code of an outcome (`None`: success), stable for scripts; what each outcome means
+/// is [`Outcome`]'s to say.
+pub fn exit_code(outcome: Option<Outcome>) -> u8 {
+    match outcome {
+        None => 0,
+        Some(Outcome::Failed) => 1,
+        Some(Outcome::VerificationFailed) => 3,
+        Some(Outcome::Refused) => 4,
+        Some(Outcome::NotReady) => 5,
     }
-}
-
-impl std::error::Error for Failure {
-    // The wrapped error's causes, so the chain is printed once, whole.
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.error.source()
-    }
-}
-
-/// Every error in the chain, looking inside [`Failure`]s.
-fn causes(err: &anyhow::Error) -> Vec<&(dyn std::error::Error + 'static)> {
-    let mut out = Vec::new();
-    for cause in err.chain() {
-        match cause.downcast_ref::<Failure>() {
-            Some(f) => out.extend(f.error.chain()),
-            None => out.push(cause),
-        }
-    }
-    out
-}
-
-/// Wrap an error with an exit code.
-pub fn fail(code: u8, error: impl Into<anyhow::Error>) -> anyhow::Error {
-    anyhow::Error::new(Failure {
-        code,
-        error: error.into(),
-    })
 }
 
 /// Set up `tracing` on stderr according to `-v`/`-q`.
 pub fn init_logging(global: &Global) {
-    let level = if global.quiet {
-        "error"
-    } else {
-        match global.verbose {
-            0 => "warn",
-            1 => "info",
-            2 => "debug",
-            _ => "trace",
-        }
+    let level = match (global.quiet, global.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("GPU_PASSTHROUGH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -85,47 +43,52 @@ pub fn init_logging(global: &Global) {
         .try_init();
 }
 
-/// Print `value` as pretty JSON when `--json`, else call `human` to print it for people.
+/// Print the command's answer: `value` as pretty JSON when `--json`, else through `human` for
+/// people. The command succeeded.
 pub fn emit<T: Serialize>(
     global: &Global,
     value: &T,
     human: impl FnOnce(&T),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     if global.json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
         human(value);
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Like [`emit`], printing the value's `Display` form for people.
-pub fn emit_text<T: Serialize + std::fmt::Display>(
-    global: &Global,
-    value: &T,
-) -> anyhow::Result<()> {
+/// [`emit`] with the value's `Display` form for people.
+pub fn emit_text<T: Serialize + Display>(global: &Global, value: &T) -> anyhow::Result<ExitCode> {
     emit(global, value, |v| print!("{v}"))
 }
 
-/// The exit code of an error: the CLI's own where it set one, else the library's outcome.
-fn exit_code(err: &anyhow::Error) -> u8 {
-    if let Some(f) = err.chain().find_map(|c| c.downcast_ref::<Failure>()) {
-        return f.code;
-    }
-    match outcome(err.as_ref()) {
-        Outcome::Refused => exit::REFUSED,
-        Outcome::VerificationFailed => exit::VERIFY,
-        Outcome::Failed => exit::FAILURE,
-    }
+/// [`emit`] for a list: one item a line for people.
+pub fn emit_lines<T: Serialize + Display>(global: &Global, list: &[T]) -> anyhow::Result<ExitCode> {
+    emit(global, &list, |l| l.iter().for_each(|v| println!("{v}")))
 }
 
-/// Print an error (as JSON on stdout with `--json`, else on stderr) and pick the exit code.
-pub fn report_error(global: &Global, err: &anyhow::Error) -> ExitCode {
-    let code = exit_code(err);
-    let mut message = format!("{err:#}");
-    if let Some(hint) = flag_hint(err) {
-        message = format!("{message} ({hint})");
-    }
+/// Print a report that judges the request, with the flag for what it refused or kept, and exit
+/// with the code of its outcome.
+pub fn emit_judged<T>(global: &Global, report: &T) -> anyhow::Result<ExitCode>
+where
+    T: Serialize + Display + ReportOutcome,
+{
+    emit(global, report, |r| {
+        print!("{r}");
+        if let Some(remedy) = r.remedy() {
+            println!("({})", flag_hint(&remedy));
+        }
+    })?;
+    Ok(ExitCode::from(exit_code(report.outcome())))
+}
+
+/// Print an error (as JSON on stdout with `--json`, else on stderr) with the flag that fixes
+/// it, and exit with the code of its outcome.
+pub fn report_error(global: &Global, err: &anyhow::Error, outcome: Outcome) -> ExitCode {
+    let code = exit_code(Some(outcome));
+    let hint = remedy(err.as_ref()).map(|r| format!(" ({})", flag_hint(&r)));
+    let message = format!("{err:#}{}", hint.unwrap_or_default());
     if global.json {
         let body = serde_json::json!({ "error": message, "exit_code": code });
         println!("{body}");
@@ -137,11 +100,8 @@ pub fn report_error(global: &Global, err: &anyhow::Error) -> ExitCode {
 
 /// The flag or command that fixes a library error (the library names no flags: a control plane
 /// has none).
-fn flag_hint(err: &anyhow::Error) -> Option<String> {
-    let remedy = causes(err)
-        .into_iter()
-        .find_map(gpu_passthrough::remedy::remedy)?;
-    Some(match remedy {
+fn flag_hint(remedy: &Remedy) -> String {
+    match remedy {
         Remedy::SysfsRoot => "--sysfs-root DIR names the sysfs tree".into(),
         Remedy::StateDir => "--state-dir DIR picks another state dir".into(),
         Remedy::CacheDir => "--cache-dir DIR picks another cache".into(),
@@ -153,5 +113,60 @@ fn flag_hint(err: &anyhow::Error) -> Option<String> {
         }
         Remedy::Reconcile => "then run `gpu-passthrough reconcile`".into(),
         Remedy::GuestInit => "pass the static guest init with --guest-init PATH".into(),
-    })
+        Remedy::DeclareGone => "--gone ID declares an owner gone".into(),
+    }
+}
+
+/// Download progress: an indicatif bar on stderr implementing the library's [`Progress`]
+/// callback. Off the terminal, with `--json` or `-q`, nothing is drawn.
+pub struct DownloadBar {
+    /// One bar, reset for each download; hidden until a download begins, so a command that
+    /// downloads nothing draws nothing.
+    bar: ProgressBar,
+    shown: bool,
+}
+
+impl DownloadBar {
+    /// A bar if stderr is a terminal and the user wants human output; else a silent sink.
+    pub fn new(global: &Global) -> DownloadBar {
+        DownloadBar {
+            bar: ProgressBar::hidden(),
+            shown: !global.json && !global.quiet && std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+impl Progress for DownloadBar {
+    fn begin(&self, url: &str, total: Option<u64>) {
+        let style = match total {
+            Some(total) => {
+                self.bar.set_length(total);
+                ProgressStyle::with_template(
+                    "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ")
+            }
+            None => {
+                self.bar.unset_length();
+                ProgressStyle::with_template("{spinner} {msg:30!} {bytes} {bytes_per_sec}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner())
+            }
+        };
+        self.bar.set_style(style);
+        self.bar
+            .set_message(url.rsplit('/').next().unwrap_or(url).to_string());
+        if self.shown && self.bar.is_hidden() {
+            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
+        self.bar.reset();
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.bar.inc(bytes);
+    }
+
+    fn end(&self) {
+        self.bar.finish_and_clear();
+    }
 }

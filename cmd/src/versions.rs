@@ -4,13 +4,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gpu_passthrough::registry::{Arch, ModuleFlavor, Registry};
+use gpu_passthrough::outcome::ReportOutcome;
+use gpu_passthrough::registry::{Arch, ModuleFlavor};
 use gpu_passthrough::text::ReleaseTable;
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
 
 use crate::Global;
-use crate::output::{emit, emit_text, exit, fail};
-use crate::progress::DownloadBar;
+use crate::output::{DownloadBar, emit, emit_text, exit_code, report_error};
 
 /// Registry commands.
 #[derive(Debug, clap::Subcommand)]
@@ -43,19 +43,7 @@ pub enum VersionsCommand {
         arch: Option<Arch>,
     },
     /// Re-check every pinned artifact (exit 3 naming each mismatch; 4 if any is unpinned).
-    Verify {
-        /// Release name (default: every release).
-        release: Option<String>,
-        /// Re-hash the cached files instead of downloading again.
-        #[arg(long)]
-        cached: bool,
-        /// Do not fail because of unpinned artifacts.
-        #[arg(long)]
-        allow_unpinned: bool,
-        /// Also re-hash the unpacked artifact trees and built layers in the cache.
-        #[arg(long)]
-        deep: bool,
-    },
+    Verify(VerifyArgs),
 }
 
 /// `versions add` arguments.
@@ -92,25 +80,34 @@ pub struct AddArgs {
     max_download_bytes: Option<u64>,
 }
 
+/// `versions verify` arguments.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Release name (default: every release).
+    release: Option<String>,
+    /// Re-hash the cached files instead of downloading again.
+    #[arg(long)]
+    cached: bool,
+    /// Do not fail because of unpinned artifacts.
+    #[arg(long)]
+    allow_unpinned: bool,
+    /// Also re-hash the unpacked artifact trees and built layers in the cache.
+    #[arg(long)]
+    deep: bool,
+}
+
 /// Run a `versions` command.
 pub fn run(global: &Global, cmd: &VersionsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         VersionsCommand::List => list(global),
-        VersionsCommand::Show { release } => show(global, release.as_deref()),
+        VersionsCommand::Show { release } => {
+            emit_text(global, global.registry()?.resolve(release.as_deref())?)
+        }
         VersionsCommand::Add(args) => add(global, args),
         VersionsCommand::Pin { release, arch } => pin(global, release, *arch),
         VersionsCommand::Diff { from, to, arch } => diff(global, from, to, *arch),
-        VersionsCommand::Verify {
-            release,
-            cached,
-            allow_unpinned,
-            deep,
-        } => verify(global, release.as_deref(), *cached, *allow_unpinned, *deep),
+        VersionsCommand::Verify(args) => verify(global, args),
     }
-}
-
-fn load(global: &Global) -> anyhow::Result<Registry> {
-    Ok(Registry::load(&global.registries)?)
 }
 
 /// The file `add` and `pin` write: the last `--registry`.
@@ -123,143 +120,101 @@ fn target_file(global: &Global, command: &str) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// The architecture asked for, else this machine's.
+fn arch_or_host(arch: Option<Arch>) -> anyhow::Result<Arch> {
+    arch.or_else(Arch::host)
+        .ok_or_else(|| anyhow::anyhow!("this machine's architecture is not supported: pass --arch"))
+}
+
 fn list(global: &Global) -> anyhow::Result<ExitCode> {
-    let rows = versions::summaries(&load(global)?);
+    let rows = versions::summaries(&global.registry()?);
     emit(global, &serde_json::json!({ "releases": rows }), |_| {
         print!("{}", ReleaseTable(&rows));
         if rows.iter().any(|r| r.unpinned > 0) {
             println!("\nUNPINNED artifacts have no sha256 and are refused; {PIN_HINT}.");
         }
-    })?;
-    Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// How to pin, for messages about unpinned artifacts.
 const PIN_HINT: &str = "pin them with `gpu-passthrough versions pin <release> --registry <file>`";
 
-fn show(global: &Global, name: Option<&str>) -> anyhow::Result<ExitCode> {
-    let registry = load(global)?;
-    let release = registry.resolve(name)?;
-    emit_text(global, release)?;
-    Ok(ExitCode::SUCCESS)
-}
-
 fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
-    let file = target_file(global, "add")?;
-    let Some(arch) = args.arch.or_else(Arch::host) else {
-        anyhow::bail!("this machine's architecture is not supported: pass --arch");
-    };
     let request = AddRequest {
-        file,
+        file: target_file(global, "add")?,
         release: args.release.clone(),
         kernel_version: args.kernel_version.clone(),
         driver_version: args.driver_version.clone(),
         flavor: args.flavor,
         gsp: !args.no_gsp,
-        arch,
+        arch: arch_or_host(args.arch)?,
         artifacts: versions::artifact_urls(&args.artifacts)
             .map_err(|e| anyhow::anyhow!("--artifact {e}"))?,
         default: args.default,
         replace: args.replace,
         max_download_bytes: args.max_download_bytes,
     };
-    let report = versions::add(
-        &versions::fetcher(&global.cache_dir())?,
-        &request,
-        &DownloadBar::new(global),
-    )
-    .map_err(|e| match e {
-        VersionsError::NoDriverVersion => fail(
-            exit::FAILURE,
-            anyhow::Error::new(e).context("pass --driver-version"),
-        ),
-        e => e.into(),
-    })?;
-    emit_text(global, &report)?;
-    Ok(ExitCode::SUCCESS)
+    let fetcher = versions::fetcher(&global.cache_dir())?;
+    match versions::add(&fetcher, &request, &DownloadBar::new(global)) {
+        Err(e @ VersionsError::NoDriverVersion) => {
+            Err(anyhow::Error::new(e).context("pass --driver-version"))
+        }
+        report => emit_text(global, &report?),
+    }
 }
 
 fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCode> {
     let file = target_file(global, "pin")?;
-    let report = versions::pin(
-        &versions::fetcher(&global.cache_dir())?,
-        &global.registries,
-        &file,
-        name,
-        only,
-        &DownloadBar::new(global),
-    )?;
-    emit_text(global, &report)?;
-    Ok(ExitCode::SUCCESS)
+    let fetcher = versions::fetcher(&global.cache_dir())?;
+    let bar = DownloadBar::new(global);
+    let report = versions::pin(&fetcher, &global.registries, &file, name, only, &bar)?;
+    emit_text(global, &report)
 }
 
 fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> anyhow::Result<ExitCode> {
-    let Some(arch) = arch.or_else(Arch::host) else {
-        anyhow::bail!("this machine's architecture is not supported: pass --arch");
-    };
-    let report = versions::diff(
-        &versions::fetcher(&global.cache_dir())?,
-        &global.cache_dir(),
-        &load(global)?,
-        from,
-        to,
-        arch,
-        &DownloadBar::new(global),
-    )?;
-    emit_text(global, &report)?;
-    Ok(ExitCode::SUCCESS)
+    let arch = arch_or_host(arch)?;
+    let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
+    let fetcher = versions::fetcher(&cache)?;
+    let registry = global.registry()?;
+    let report = versions::diff(&fetcher, &cache, &registry, from, to, arch, &bar)?;
+    emit_text(global, &report)
 }
 
-fn verify(
-    global: &Global,
-    name: Option<&str>,
-    cached: bool,
-    allow_unpinned: bool,
-    deep: bool,
-) -> anyhow::Result<ExitCode> {
-    let registry = load(global)?;
-    let source = if cached {
-        VerifySource::Cache
-    } else {
-        VerifySource::Mirrors
+/// `versions verify`: the rows, then the verdict as the error and exit code.
+fn verify(global: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let registry = global.registry()?;
+    let source = match args.cached {
+        true => VerifySource::Cache,
+        false => VerifySource::Mirrors,
     };
-    let bar = DownloadBar::new(global);
-    let fetcher = versions::fetcher(&global.cache_dir())?;
-    let report = if deep {
-        let cache = global.cache_dir();
-        versions::verify_deep(&fetcher, &cache, &registry, name, source, &bar)?
-    } else {
-        versions::verify(&fetcher, &registry, name, source, &bar)?
+    let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
+    let fetcher = versions::fetcher(&cache)?;
+    let name = args.release.as_deref();
+    let report = match args.deep {
+        true => versions::verify_deep(&fetcher, &cache, &registry, name, source, &bar)?,
+        false => versions::verify(&fetcher, &registry, name, source, &bar)?,
     };
-    let verdict = report.verdict(allow_unpinned);
-    let (code, message) = match &verdict {
-        Verdict::Ok => (0, None),
-        Verdict::Mismatch(_) => (exit::VERIFY, Some(verdict.to_string())),
-        Verdict::Error(_) => (exit::FAILURE, Some(verdict.to_string())),
-        Verdict::Unpinned(_) => (
-            exit::REFUSED,
-            Some(format!("{verdict}: {PIN_HINT} or pass --allow-unpinned")),
-        ),
+    let verdict = report.verdict(args.allow_unpinned);
+    let outcome = verdict.outcome();
+    let message = match verdict {
+        Verdict::Ok => None,
+        Verdict::Unpinned(_) => Some(format!("{verdict}: {PIN_HINT} or pass --allow-unpinned")),
+        _ => Some(verdict.to_string()),
     };
-    if global.json {
-        // One JSON document: the rows plus the verdict.
-        let doc = serde_json::json!({
-            "artifacts": report.artifacts,
-            "cache": report.cache,
-            "error": message,
-            "exit_code": code,
-        });
-        emit(global, &doc, |_| {})?;
-        return Ok(ExitCode::from(code));
-    }
-    for r in &report.artifacts {
-        print!("{r}");
-    }
-    for r in &report.cache {
-        print!("{r}");
-    }
-    match message {
-        Some(msg) => Err(fail(code, anyhow::anyhow!(msg))),
-        None => Ok(ExitCode::SUCCESS),
-    }
+    // With --json, one document: the rows plus the verdict; for people, the rows, then the
+    // verdict as the error.
+    let code = exit_code(outcome);
+    let doc = serde_json::json!({
+        "artifacts": report.artifacts,
+        "cache": report.cache,
+        "error": message,
+        "exit_code": code,
+    });
+    emit(global, &doc, |_| print!("{report}"))?;
+    Ok(match outcome.zip(message) {
+        Some((outcome, msg)) if !global.json => {
+            report_error(global, &anyhow::anyhow!(msg), outcome)
+        }
+        _ => ExitCode::from(code),
+    })
 }

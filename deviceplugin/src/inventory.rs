@@ -231,6 +231,19 @@ pub enum Prepare {
     All,
 }
 
+/// `N` or `all`, as a node's configuration spells it; the error names the value and both forms.
+impl std::str::FromStr for Prepare {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "all" {
+            return Ok(Prepare::All);
+        }
+        s.parse::<usize>()
+            .map(Prepare::Count)
+            .map_err(|_| format!("`{s}` is neither a number nor `all`"))
+    }
+}
+
 /// What the start-up pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PrepareReport {
@@ -316,6 +329,16 @@ pub fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prepare_parses_a_count_or_all_and_names_anything_else() {
+        assert_eq!("all".parse(), Ok(Prepare::All));
+        assert_eq!("2".parse(), Ok(Prepare::Count(2)));
+        assert_eq!(
+            "some".parse::<Prepare>(),
+            Err("`some` is neither a number nor `all`".to_owned())
+        );
+    }
 
     #[test]
     fn the_switch_is_the_upstream_port_two_levels_up() {

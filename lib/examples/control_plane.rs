@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PlanRequest};
 use gpu_passthrough::fetch::NoProgress;
-use gpu_passthrough::provision::{GpuVmRequest, Provisioner, VgpuVmRequest};
+use gpu_passthrough::provision::{Provisioner, VmDevices, VmRequest};
 use gpu_passthrough::registry::Registry;
 use gpu_passthrough::vgpu::PlaceRequest;
 
@@ -69,34 +69,25 @@ fn run(args: &[String]) -> Result<serde_json::Value, Box<dyn std::error::Error>>
         provisioner = provisioner.with_guest_init(guest_init);
     }
     //    A vGPU instead: the release must carry the vGPU guest driver for this host's manager.
-    let spec = match vgpu {
-        Some(profile) => provisioner.attach_vgpu(
-            &VgpuVmRequest {
-                place: PlaceRequest {
-                    profile,
-                    count: 1,
-                    numa: None,
-                    pack: false,
-                },
-                owner: instance.clone(),
-                release: args.get(4).cloned(),
-                initrd: None,
-            },
-            &NoProgress,
-        )?,
-        None => provisioner.attach(
-            &GpuVmRequest {
-                plan: PlanRequest {
-                    gpus: Some(gpus),
-                    ..Default::default()
-                },
-                owner: instance.clone(),
-                release: args.get(4).cloned(),
-                initrd: None,
-            },
-            &NoProgress,
-        )?,
+    let devices = match vgpu {
+        Some(profile) => VmDevices::Vgpus(PlaceRequest {
+            profile,
+            count: 1,
+            numa: None,
+            pack: false,
+        }),
+        None => VmDevices::Gpus(PlanRequest {
+            gpus: Some(gpus),
+            ..Default::default()
+        }),
     };
+    let request = VmRequest {
+        devices,
+        owner: instance.clone(),
+        release: args.get(4).cloned(),
+        initrd: None,
+    };
+    let spec = provisioner.attach_vm(request, &NoProgress)?;
 
     // 3. What the VMM gets: Cloud Hypervisor's VmConfig.devices and the kernel command line.
     let config = serde_json::json!({

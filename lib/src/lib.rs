@@ -18,7 +18,8 @@
 //! - [`vfio`]: check a bound device through VFIO the way a VMM will open it.
 //! - [`health`]: NVIDIA fault classification, per-device health records, quarantine.
 //! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
-//! - [`outcome`]: whether an error is a refusal, a verification failure or a failure on the way.
+//! - [`outcome`]: whether an error is a refusal, a verification failure or a failure on the way,
+//!   and what a returned report says (a plan with refusals, a host not ready).
 //! - [`text`]: the human-readable form of the reports (`Display`).
 //! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
 //! - [`vgpu`]: vGPU profiles on both NVIDIA frameworks (vendor VFIO, mdev) and their placement.

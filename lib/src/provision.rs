@@ -153,6 +153,29 @@ pub struct VgpuVmRequest {
     pub initrd: Option<PathBuf>,
 }
 
+/// What a VM gets: whole devices bound to vfio-pci, or vGPUs of one profile.
+#[derive(Debug, Clone)]
+pub enum VmDevices {
+    /// Devices by address or a GPU count (the [`GpuVmRequest::plan`] of the VM).
+    Gpus(PlanRequest),
+    /// vGPUs of one profile (the [`VgpuVmRequest::place`] of the VM).
+    Vgpus(crate::vgpu::PlaceRequest),
+}
+
+/// A VM to attach, whichever devices it gets: the owner, release and initrd mean what they
+/// mean in [`GpuVmRequest`] and [`VgpuVmRequest`].
+#[derive(Debug, Clone)]
+pub struct VmRequest {
+    /// What the VM gets.
+    pub devices: VmDevices,
+    /// Who holds them.
+    pub owner: Owner,
+    /// The registry release the VM boots.
+    pub release: Option<String>,
+    /// An initrd the caller built itself: used as is, and the release's layers are not built.
+    pub initrd: Option<PathBuf>,
+}
+
 /// The host's vGPU manager version: the loaded `nvidia` module's (`module/nvidia/version` in
 /// sysfs).
 pub fn vgpu_manager_version(sysfs_root: &Path) -> Option<String> {
@@ -238,6 +261,41 @@ impl<'a> Provisioner<'a> {
         Ok(crate::attach::driver_fit::proprietary_refusals(
             release, &gpus, &devices,
         ))
+    }
+
+    /// Attach a VM whichever devices it gets: [`Provisioner::attach`] for whole devices,
+    /// [`Provisioner::attach_vgpu`] for vGPUs.
+    pub fn attach_vm(
+        &self,
+        request: VmRequest,
+        progress: &dyn Progress,
+    ) -> Result<BootSpec, ProvisionError> {
+        let VmRequest {
+            devices,
+            owner,
+            release,
+            initrd,
+        } = request;
+        match devices {
+            VmDevices::Gpus(plan) => {
+                let request = GpuVmRequest {
+                    plan,
+                    owner,
+                    release,
+                    initrd,
+                };
+                self.attach(&request, progress)
+            }
+            VmDevices::Vgpus(place) => {
+                let request = VgpuVmRequest {
+                    place,
+                    owner,
+                    release,
+                    initrd,
+                };
+                self.attach_vgpu(&request, progress)
+            }
+        }
     }
 
     /// Check the release's vGPU guest driver against the host's manager, ensure its layers,

@@ -32,6 +32,8 @@ pub enum Remedy {
     Reconcile,
     /// Give the path of the static guest init.
     GuestInit,
+    /// Declare an owner gone whose liveness cannot be judged, so reconcile releases it.
+    DeclareGone,
 }
 
 /// The remedy for the first error in `err`'s chain that has one.

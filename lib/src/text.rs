@@ -7,12 +7,13 @@ use std::fmt::{self, Display, Formatter};
 use crate::archive::cpio::InitrdEntry;
 use crate::attach::{
     CheckStatus, DetachReport, DeviceListing, DeviceReport, DoctorReport, Plan, ReconcileReport,
-    RefusalReason,
 };
 use crate::initrd::{InitrdLayer, LayerFile, Layers};
 use crate::pci::PciAddress;
 use crate::registry::{ModuleFlavor, Release};
-use crate::versions::{AddReport, PinReport, ReleaseSummary, VerifyRow, VerifyStatus};
+use crate::versions::{
+    AddReport, PinReport, ReleaseSummary, VerifyReport, VerifyRow, VerifyStatus,
+};
 use crate::vmm::{BootSpec, Vmm};
 
 fn join(list: &[PciAddress]) -> String {
@@ -147,22 +148,23 @@ impl Display for Plan {
     }
 }
 
-impl Plan {
-    /// Whether a refusal is for the boot display (the CLI names its flag for that).
-    pub fn refuses_boot_vga(&self) -> bool {
-        self.refusals
-            .iter()
-            .any(|r| r.reason == RefusalReason::BootVga)
-    }
-}
-
-/// A boot spec as text, with the arguments of one VMM.
-#[derive(Debug, Clone, Copy)]
+/// A boot spec as text, with the arguments of one VMM; its JSON is the whole spec (both VMMs'
+/// arguments), so a front end prints either form from the one value.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(transparent)]
 pub struct BootSpecText<'a> {
     /// The spec.
     pub spec: &'a BootSpec,
     /// Whose arguments to show.
+    #[serde(skip)]
     pub vmm: Vmm,
+}
+
+impl BootSpec {
+    /// This spec as text with `vmm`'s arguments.
+    pub fn text(&self, vmm: Vmm) -> BootSpecText<'_> {
+        BootSpecText { spec: self, vmm }
+    }
 }
 
 impl Display for BootSpecText<'_> {
@@ -218,7 +220,7 @@ impl Display for DetachReport {
                 d.driver.as_deref().unwrap_or("no driver")
             )?;
             if let Some(c) = &d.health {
-                writeln!(f, "{c}")?;
+                write!(f, "{c}")?;
             }
         }
         for m in &self.removed_mdevs {
@@ -373,6 +375,19 @@ impl Display for VerifyRow {
     }
 }
 
+/// One line per artifact, then one per cache entry checked.
+impl Display for VerifyReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for r in &self.artifacts {
+            write!(f, "{r}")?;
+        }
+        for r in &self.cache {
+            write!(f, "{r}")?;
+        }
+        Ok(())
+    }
+}
+
 fn layer_line(f: &mut Formatter<'_>, name: &str, l: &LayerFile) -> fmt::Result {
     writeln!(
         f,
@@ -415,8 +430,9 @@ impl Display for Layers {
     }
 }
 
-/// The layers of an initrd file as text, numbered.
-#[derive(Debug, Clone, Copy)]
+/// The layers of an initrd file as text, numbered; its JSON is the layers themselves.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(transparent)]
 pub struct InitrdText<'a>(pub &'a [InitrdLayer]);
 
 impl Display for InitrdText<'_> {
@@ -437,8 +453,9 @@ impl Display for InitrdText<'_> {
 }
 
 /// What `initrd inspect` found, as text: an initrd's layers ([`InitrdText`]) or a disk image's
-/// entries.
-#[derive(Debug, Clone, Copy)]
+/// entries; its JSON is the listing itself.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(transparent)]
 pub struct ListingText<'a>(pub &'a crate::initrd::listing::Listing);
 
 impl Display for ListingText<'_> {

@@ -86,7 +86,8 @@ pub struct HealthCheck {
     pub events: Vec<HealthEvent>,
 }
 
-/// Two lines for people: the reset (if any), then the verification, each with its time.
+/// Two lines for people: the reset (if any), then the verification, each with its time (each
+/// line ends with a newline, like every report's text).
 impl std::fmt::Display for HealthCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let v = &self.verify;
@@ -105,9 +106,9 @@ impl std::fmt::Display for HealthCheck {
             writeln!(f, "{}  {what} ({} ms)", v.device, r.ms)?;
         }
         if v.ok {
-            write!(f, "{}  verified ({} ms)", v.device, v.ms)
+            writeln!(f, "{}  verified ({} ms)", v.device, v.ms)
         } else {
-            write!(
+            writeln!(
                 f,
                 "{}  VERIFY FAILED ({} ms): {}",
                 v.device,
