@@ -56,7 +56,7 @@ pub fn disk_image(image: &Path, cli: &Path) -> Checks {
     let size = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
     c.check(
         "the image is padded to a multiple of 2 MiB (virtio-pmem maps it so)",
-        size > 0 && size % (2 << 20) == 0,
+        size > 0 && size.is_multiple_of(2 << 20),
         || format!("{size} bytes"),
     );
     let out = std::process::Command::new(cli)

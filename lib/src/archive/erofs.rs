@@ -88,7 +88,7 @@ pub fn read_image(path: &Path) -> Result<ImageListing, ErofsError> {
             ("file", None)
         } else if inode.is_symlink() {
             let target = fs
-                .read_link_inode(inode.clone())
+                .read_link_inode(inode)
                 .map_err(|e| malformed(format!("{path}: {e}")))?;
             ("symlink", Some(target.to_string_lossy().into_owned()))
         } else {
@@ -97,7 +97,7 @@ pub fn read_image(path: &Path) -> Result<ImageListing, ErofsError> {
         entries.push(InitrdEntry {
             path,
             kind,
-            mode: u32::from(std::os::unix::fs::PermissionsExt::mode(&inode.permissions()) & 0o7777),
+            mode: std::os::unix::fs::PermissionsExt::mode(&inode.permissions()) & 0o7777,
             size: if kind == "dir" { 0 } else { inode.data_size() },
             target,
             rdev: inode.device(),
