@@ -10,7 +10,7 @@ use gpu_passthrough::attach::{Owner, PlanRequest};
 use gpu_passthrough::provision::{Provisioner, VmDevices, VmRequest};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
 use gpu_passthrough::vgpu::PlaceRequest;
-use gpu_passthrough::vmm::Vmm;
+use gpu_passthrough::vmm::{DiskAttach, Vmm};
 
 use crate::Global;
 use crate::output::{DownloadBar, emit_judged, emit_text};
@@ -119,6 +119,10 @@ pub struct AttachArgs {
     /// The static guest init for the ensured initrd [default: `gpu-init` beside this program].
     #[arg(long, value_name = "PATH", env = "GPU_PASSTHROUGH_GUEST_INIT")]
     guest_init: Option<PathBuf>,
+    /// The release's GPU payload as a read-only disk instead of the initramfs layer: `pmem`
+    /// (virtio-pmem, mapped with DAX) or the virtio-blk device the guest sees (`/dev/vdb`).
+    #[arg(long, value_name = "pmem|/dev/vdX")]
+    gpu_disk: Option<DiskAttach>,
     #[command(flatten)]
     vgpu: VgpuArgs,
 }
@@ -174,15 +178,6 @@ fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanReq
     })
 }
 
-/// The registry, read only when a release is named (a broken registry file must not stop a
-/// plain attach).
-fn registry_for(global: &Global, sel: &Selection) -> anyhow::Result<Registry> {
-    match sel.release {
-        Some(_) => global.registry(),
-        None => Ok(Registry::embedded()?),
-    }
-}
-
 /// `doctor`: host readiness.
 pub fn doctor(global: &Global, opts: &HostOpts) -> anyhow::Result<ExitCode> {
     let h = global.host(Vec::new());
@@ -210,7 +205,7 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     }
     let owner = args.owner.as_deref().map(Owner::new).transpose()?;
     let req = plan_request(&args.sel, owner)?;
-    let registry = registry_for(global, &args.sel)?;
+    let registry = Registry::for_request(&global.registries, args.sel.release.as_deref())?;
     let h = global.host(Vec::new());
     let plan = Provisioner::new(&h, &registry, global.cache_dir())
         .plan(&req, args.sel.release.as_deref())?;
@@ -224,7 +219,7 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
         Some(place) => VmDevices::Vgpus(place),
         None => VmDevices::Gpus(plan_request(&args.sel, Some(owner.clone()))?),
     };
-    let registry = registry_for(global, &args.sel)?;
+    let registry = Registry::for_request(&global.registries, args.sel.release.as_deref())?;
     let h = global.host(Vec::new());
     let mut provisioner = Provisioner::new(&h, &registry, global.cache_dir());
     if let Some(init) = &args.guest_init {
@@ -235,6 +230,7 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
         owner,
         release: args.sel.release.clone(),
         initrd: args.initrd.clone(),
+        disk: args.gpu_disk.clone(),
     };
     let spec = provisioner.attach_vm(request, &DownloadBar::new(global))?;
     emit_text(global, &spec.text(args.vmm))

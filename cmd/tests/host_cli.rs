@@ -45,6 +45,51 @@ fn malformed_addresses_are_refused_before_touching_anything() {
 }
 
 #[test]
+fn a_gpu_disk_needs_a_release_and_a_valid_attachment() {
+    let h = sysfs::workstation();
+    let out = run(
+        &h,
+        &[
+            "attach",
+            "0000:01:00.0",
+            "--owner",
+            "vm-1",
+            "--gpu-disk",
+            "pmem",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "refused, not failed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a GPU disk is built from a release's layers"),
+        "{err}"
+    );
+    assert!(h.journal().is_none(), "nothing was written");
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
+    let out = run(
+        &h,
+        &[
+            "attach",
+            "0000:01:00.0",
+            "--owner",
+            "vm-1",
+            "--gpu-disk",
+            "vdb",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a malformed value is a usage error"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a disk attachment") && err.contains("/dev/vdb"),
+        "{err}"
+    );
+}
+
+#[test]
 fn devices_json_has_stable_fields() {
     let h = sysfs::workstation();
     let gpus = fixtures::path(fixtures::SUPPORTED_GPUS);

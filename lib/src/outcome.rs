@@ -52,9 +52,9 @@ fn of(e: &(dyn Error + 'static)) -> Option<Outcome> {
         return match p {
             ProvisionError::Attach(a) => Some(attach(a)),
             ProvisionError::Layers { source, .. } => Some(initrd(source)),
-            ProvisionError::NotVgpuGuest { .. } | ProvisionError::VgpuManagerMismatch { .. } => {
-                Some(Outcome::Refused)
-            }
+            ProvisionError::NotVgpuGuest { .. }
+            | ProvisionError::VgpuManagerMismatch { .. }
+            | ProvisionError::DiskWithoutRelease => Some(Outcome::Refused),
             _ => None,
         };
     }

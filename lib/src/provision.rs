@@ -55,6 +55,12 @@ pub enum ProvisionError {
         /// The host manager's version (the loaded `nvidia` module's).
         host: Option<String>,
     },
+    /// A disk payload was asked for without a release whose layers the provisioner builds
+    /// (none named, or the caller's own initrd); nothing was changed.
+    #[error(
+        "a GPU disk is built from a release's layers: name the release and no initrd of your own, or drop the disk"
+    )]
+    DiskWithoutRelease,
     /// This machine's architecture has no guest artifacts.
     #[error("this machine's architecture ({0}) is not supported; name the guest architecture")]
     UnsupportedArch(&'static str),
@@ -66,9 +72,9 @@ impl ProvisionError {
     pub fn is_refusal(&self) -> bool {
         match self {
             ProvisionError::Attach(e) => e.is_refusal(),
-            ProvisionError::NotVgpuGuest { .. } | ProvisionError::VgpuManagerMismatch { .. } => {
-                true
-            }
+            ProvisionError::NotVgpuGuest { .. }
+            | ProvisionError::VgpuManagerMismatch { .. }
+            | ProvisionError::DiskWithoutRelease => true,
             _ => false,
         }
     }
@@ -137,6 +143,10 @@ pub struct GpuVmRequest {
     pub release: Option<String>,
     /// An initrd the caller built itself: used as is, and the release's layers are not built.
     pub initrd: Option<PathBuf>,
+    /// Deliver the release's GPU payload as a read-only disk attached this way instead of the
+    /// initramfs layer: the layers are built in the disk form, the VM boots the base layer and
+    /// [`BootSpec::disk`] is the image. Needs `release` and no `initrd` (else refused).
+    pub disk: Option<DiskAttach>,
 }
 
 /// A vGPU VM: vGPUs of one profile and the release it boots.
@@ -151,6 +161,10 @@ pub struct VgpuVmRequest {
     pub release: Option<String>,
     /// An initrd the caller built itself: used as is, and the release's layers are not built.
     pub initrd: Option<PathBuf>,
+    /// Deliver the release's GPU payload as a read-only disk attached this way instead of the
+    /// initramfs layer: the layers are built in the disk form, the VM boots the base layer and
+    /// [`BootSpec::disk`] is the image. Needs `release` and no `initrd` (else refused).
+    pub disk: Option<DiskAttach>,
 }
 
 /// What a VM gets: whole devices bound to vfio-pci, or vGPUs of one profile.
@@ -174,6 +188,10 @@ pub struct VmRequest {
     pub release: Option<String>,
     /// An initrd the caller built itself: used as is, and the release's layers are not built.
     pub initrd: Option<PathBuf>,
+    /// Deliver the release's GPU payload as a read-only disk attached this way instead of the
+    /// initramfs layer: the layers are built in the disk form, the VM boots the base layer and
+    /// [`BootSpec::disk`] is the image. Needs `release` and no `initrd` (else refused).
+    pub disk: Option<DiskAttach>,
 }
 
 /// The host's vGPU manager version: the loaded `nvidia` module's (`module/nvidia/version` in
@@ -191,7 +209,6 @@ pub struct Provisioner<'a> {
     registry: &'a Registry,
     cache_dir: PathBuf,
     guest_init: Option<PathBuf>,
-    disk: Option<DiskAttach>,
 }
 
 impl<'a> Provisioner<'a> {
@@ -202,17 +219,7 @@ impl<'a> Provisioner<'a> {
             registry,
             cache_dir: cache_dir.into(),
             guest_init: None,
-            disk: None,
         }
-    }
-
-    /// Deliver the GPU payload as a read-only disk attached this way instead of an initramfs
-    /// layer: the release's layers are built in the disk form, the boot spec's initrd is the
-    /// base layer and its [`BootSpec::disk`] the image (for releases the provisioner builds; an
-    /// initrd the caller supplies is used as is).
-    pub fn with_disk(mut self, attach: DiskAttach) -> Self {
-        self.disk = Some(attach);
-        self
     }
 
     /// Use this static guest init for the layers (default: the installed one).
@@ -275,6 +282,7 @@ impl<'a> Provisioner<'a> {
             owner,
             release,
             initrd,
+            disk,
         } = request;
         match devices {
             VmDevices::Gpus(plan) => {
@@ -283,6 +291,7 @@ impl<'a> Provisioner<'a> {
                     owner,
                     release,
                     initrd,
+                    disk,
                 };
                 self.attach(&request, progress)
             }
@@ -292,6 +301,7 @@ impl<'a> Provisioner<'a> {
                     owner,
                     release,
                     initrd,
+                    disk,
                 };
                 self.attach_vgpu(&request, progress)
             }
@@ -305,6 +315,7 @@ impl<'a> Provisioner<'a> {
         request: &VgpuVmRequest,
         progress: &dyn Progress,
     ) -> Result<BootSpec, ProvisionError> {
+        disk_needs_release(request.disk.as_ref(), &request.release, &request.initrd)?;
         let mut initrd = request.initrd.clone();
         let mut disk = None;
         if let Some(name) = &request.release {
@@ -325,8 +336,8 @@ impl<'a> Provisioner<'a> {
             // Refuse an impossible placement before building anything.
             self.host.plan_vgpu(&request.place)?;
             if initrd.is_none() {
-                let layers = self.layers(name, release, progress)?;
-                disk = self.disk_of(&layers);
+                let layers = self.layers(name, release, request.disk.is_some(), progress)?;
+                disk = disk_of(&layers, request.disk.clone());
                 initrd = Some(layers.combined.path);
             }
         }
@@ -338,10 +349,12 @@ impl<'a> Provisioner<'a> {
         Ok(with_disk(spec, disk))
     }
 
+    /// The release's layers, in the disk form when the VM takes its payload as a disk.
     fn layers(
         &self,
         name: &str,
         release: &Release,
+        disk: bool,
         progress: &dyn Progress,
     ) -> Result<Layers, ProvisionError> {
         let layers_failed = |source| ProvisionError::Layers {
@@ -350,7 +363,7 @@ impl<'a> Provisioner<'a> {
         };
         let mut options = default_build_options(host_arch()?, self.guest_init.as_deref())
             .map_err(layers_failed)?;
-        if self.disk.is_some() {
+        if disk {
             options.form = LayerForm::Disk;
         }
         release_layers(
@@ -370,6 +383,7 @@ impl<'a> Provisioner<'a> {
         request: &GpuVmRequest,
         progress: &dyn Progress,
     ) -> Result<BootSpec, ProvisionError> {
+        disk_needs_release(request.disk.as_ref(), &request.release, &request.initrd)?;
         let mut plan = request.plan.clone();
         let mut initrd = request.initrd.clone();
         let mut disk = None;
@@ -377,8 +391,8 @@ impl<'a> Provisioner<'a> {
             let release = self.registry.release(name)?;
             plan.flavor = plan.flavor.or(release.module_flavor);
             if initrd.is_none() {
-                let layers = self.layers(name, release, progress)?;
-                disk = self.disk_of(&layers);
+                let layers = self.layers(name, release, request.disk.is_some(), progress)?;
+                disk = disk_of(&layers, request.disk.clone());
                 initrd = Some(layers.combined.path);
                 plan.supported_gpus = plan.supported_gpus.or(layers.supported_gpus);
             }
@@ -398,17 +412,28 @@ impl<'a> Provisioner<'a> {
         })?;
         Ok(with_disk(spec, disk))
     }
+}
 
-    /// The image of layers built in the disk form, attached as asked.
-    fn disk_of(&self, layers: &Layers) -> Option<GpuDisk> {
-        let attach = self.disk.clone()?;
-        let image = layers.disk.as_ref()?;
-        Some(GpuDisk {
-            image: image.path.clone(),
-            size: image.size,
-            attach,
-        })
+/// A disk payload comes from the release's layers: refuse one the provisioner would not build.
+fn disk_needs_release(
+    disk: Option<&DiskAttach>,
+    release: &Option<String>,
+    initrd: &Option<PathBuf>,
+) -> Result<(), ProvisionError> {
+    match disk {
+        Some(_) if release.is_none() || initrd.is_some() => Err(ProvisionError::DiskWithoutRelease),
+        _ => Ok(()),
     }
+}
+
+/// The image of layers built in the disk form, attached as asked.
+fn disk_of(layers: &Layers, attach: Option<DiskAttach>) -> Option<GpuDisk> {
+    let image = layers.disk.as_ref()?;
+    Some(GpuDisk {
+        image: image.path.clone(),
+        size: image.size,
+        attach: attach?,
+    })
 }
 
 fn with_disk(spec: BootSpec, disk: Option<GpuDisk>) -> BootSpec {

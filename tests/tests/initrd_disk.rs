@@ -343,7 +343,6 @@ fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
     let owner = Owner::new("vm-disk").unwrap();
     let spec = Provisioner::new(&host, &registry, dir.join("cache"))
         .with_guest_init(&init)
-        .with_disk(DiskAttach::Pmem)
         .attach(
             &GpuVmRequest {
                 plan: PlanRequest {
@@ -353,6 +352,7 @@ fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
                 owner: owner.clone(),
                 release: Some(RELEASE.into()),
                 initrd: None,
+                disk: Some(DiskAttach::Pmem),
             },
             &NoProgress,
         )
@@ -385,6 +385,24 @@ fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
     assert_eq!(spec.qemu.maxmem_extra_mib, Some(disk.size >> 20));
     assert!(spec.cloud_hypervisor.args.iter().any(|a| a == "--pmem"));
     host.detach(&owner).unwrap();
+    assert!(h.journal_clean());
+    // A disk needs a release the provisioner builds: refused before anything moves.
+    let err = Provisioner::new(&host, &registry, dir.join("cache"))
+        .attach(
+            &GpuVmRequest {
+                plan: PlanRequest {
+                    gpus: Some(1),
+                    ..Default::default()
+                },
+                owner: owner.clone(),
+                release: Some(RELEASE.into()),
+                initrd: Some(dir.join("own.img")),
+                disk: Some(DiskAttach::Pmem),
+            },
+            &NoProgress,
+        )
+        .unwrap_err();
+    assert!(err.is_refusal(), "{err}");
     assert!(h.journal_clean());
     let _ = fs::remove_dir_all(&dir);
 }

@@ -546,3 +546,14 @@ fn gsp_false_needs_the_proprietary_flavor_and_round_trips() {
     .unwrap();
     assert!(default.release("o").unwrap().gsp, "GSP is the default");
 }
+
+#[test]
+fn a_request_without_a_release_reads_no_registry_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "this is [not toml").unwrap();
+    let files = [broken];
+    assert!(Registry::for_request(&files, None).is_ok());
+    let err = Registry::for_request(&files, Some("any")).unwrap_err();
+    assert!(err.to_string().contains("broken.toml"), "{err}");
+}

@@ -375,6 +375,19 @@ impl Registry {
         Ok(registry)
     }
 
+    /// The registry a request needs: with a `release` named, [`Registry::load`] of `files`;
+    /// without one, the embedded default alone, so that a broken registry file does not stop a
+    /// request that uses no release (a plain attach).
+    pub fn for_request(
+        files: &[PathBuf],
+        release: Option<&str>,
+    ) -> Result<Registry, RegistryError> {
+        match release {
+            Some(_) => Registry::load(files),
+            None => Registry::embedded(),
+        }
+    }
+
     /// Read and validate one registry file on its own (no embedded default).
     pub fn read(file: &Path) -> Result<Registry, RegistryError> {
         let name = file.display().to_string();

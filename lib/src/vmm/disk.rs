@@ -21,6 +21,27 @@ pub enum DiskAttach {
     },
 }
 
+impl std::str::FromStr for DiskAttach {
+    type Err = String;
+
+    /// `pmem`, or the virtio-blk device the guest will see (`/dev/vdb`): the `GPU_DISK` value.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let plain = |name: &str| {
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        match s.strip_prefix("/dev/") {
+            _ if s == PMEM => Ok(DiskAttach::Pmem),
+            Some(name) if plain(name) => Ok(DiskAttach::Blk {
+                device: s.to_string(),
+            }),
+            _ => Err(format!(
+                "`{s}` is not a disk attachment: pmem (virtio-pmem, DAX) or the virtio-blk \
+                 device the guest will see, such as /dev/vdb"
+            )),
+        }
+    }
+}
+
 /// The GPU disk of one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuDisk {
@@ -123,6 +144,21 @@ mod tests {
             d.cloud_hypervisor_args(),
             ["--pmem", "file=/c/gpu.erofs,discard_writes=on"]
         );
+    }
+
+    #[test]
+    fn attachments_parse_from_the_kernel_word_values() {
+        assert_eq!("pmem".parse(), Ok(DiskAttach::Pmem));
+        assert_eq!(
+            "/dev/vdb".parse(),
+            Ok(DiskAttach::Blk {
+                device: "/dev/vdb".into()
+            })
+        );
+        for bad in ["", "vdb", "/dev/", "/dev/../sda", "/dev/vd b", "PMEM"] {
+            let e = bad.parse::<DiskAttach>().unwrap_err();
+            assert!(e.contains("pmem") && e.contains("/dev/vdb"), "{bad}: {e}");
+        }
     }
 
     #[test]
