@@ -143,6 +143,7 @@ pub fn mount_payload(
 ) -> Result<Mounted, DiskError> {
     let start = Instant::now();
     let (device, source) = device_for(value)?;
+    let available_before = mem_available_kb(root);
     let order = std::fs::read_to_string(in_root(root, ORDER_FILE))
         .map_err(|source| DiskError::NoModuleList { source })?;
     let mut mount_modules = Vec::new();
@@ -170,7 +171,7 @@ pub fn mount_payload(
                 waited: wait,
             });
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
     }
     let mut problems = Vec::new();
     let target = in_root(root, MOUNTPOINT);
@@ -208,9 +209,20 @@ pub fn mount_payload(
             dax,
             mount_modules,
             mount_ms: Some(start.elapsed().as_millis() as u64),
+            mount_mem_kb: available_before
+                .zip(mem_available_kb(root))
+                .map(|(before, after)| before.saturating_sub(after)),
         },
         problems,
     })
+}
+
+/// `MemAvailable` of `root/proc/meminfo`, in kB.
+fn mem_available_kb(root: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(in_root(root, "/proc/meminfo")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// The report of a guest whose image could not be mounted: nothing else was attempted.
@@ -233,6 +245,7 @@ pub fn failed_report(kernel: String, value: &str, error: &DiskError) -> Report {
             dax: false,
             mount_modules: Vec::new(),
             mount_ms: None,
+            mount_mem_kb: None,
         });
     }
     crate::report::finish_status(&mut report);
@@ -247,6 +260,7 @@ pub fn initramfs_payload() -> PayloadReport {
         dax: false,
         mount_modules: Vec::new(),
         mount_ms: None,
+        mount_mem_kb: None,
     }
 }
 
@@ -310,6 +324,12 @@ mod tests {
             std::fs::write(dir.join(m), b"\x7fELF").unwrap();
         }
         std::fs::write(in_root(&root, ORDER_FILE), "virtio_pmem.ko\nerofs.ko\n").unwrap();
+        std::fs::create_dir_all(in_root(&root, "/proc")).unwrap();
+        std::fs::write(
+            in_root(&root, "/proc/meminfo"),
+            "MemTotal:  1000 kB\nMemAvailable:     800 kB\n",
+        )
+        .unwrap();
         if let Some(dev) = device {
             let dev = in_root(&root, dev);
             std::fs::create_dir_all(dev.parent().unwrap()).unwrap();
@@ -329,6 +349,8 @@ mod tests {
         assert!(m.payload.dax && m.problems.is_empty());
         assert_eq!(m.payload.mount_modules, ["virtio_pmem", "erofs"]);
         assert!(m.payload.mount_ms.is_some());
+        assert_eq!(m.payload.mount_mem_kb, Some(0), "read before and after");
+        assert_eq!(mem_available_kb(&root), Some(800));
         assert_eq!(
             *mounter.calls.borrow(),
             [(in_root(&root, PMEM_DEVICE), true)]

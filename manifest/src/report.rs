@@ -201,6 +201,10 @@ pub struct PayloadReport {
     /// wait for the device, the mount).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_ms: Option<u64>,
+    /// Guest `MemAvailable` (kB) the mount took: the modules, the device's memory map, the
+    /// mount. With DAX the payload's bytes add nothing to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_mem_kb: Option<u64>,
 }
 
 /// A setup-wide error.
@@ -490,6 +494,7 @@ mod tests {
             dax: true,
             mount_modules: vec!["erofs".into()],
             mount_ms: Some(7),
+            mount_mem_kb: Some(4300),
         });
         r.error = Some(ReportError {
             class: SetupErrorClass::GpuDisk,
@@ -498,7 +503,7 @@ mod tests {
         let line = r.line();
         assert!(
             line.contains(
-                r#""error":{"class":"gpu_disk","message":"m"},"payload":{"source":"pmem","device":"/dev/pmem0","dax":true,"mount_modules":["erofs"],"mount_ms":7},"kernel":"k""#
+                r#""error":{"class":"gpu_disk","message":"m"},"payload":{"source":"pmem","device":"/dev/pmem0","dax":true,"mount_modules":["erofs"],"mount_ms":7,"mount_mem_kb":4300},"kernel":"k""#
             ),
             "{line}"
         );
@@ -514,6 +519,7 @@ mod tests {
             dax: false,
             mount_modules: Vec::new(),
             mount_ms: None,
+            mount_mem_kb: None,
         };
         assert_eq!(
             serde_json::to_string(&plain).unwrap(),

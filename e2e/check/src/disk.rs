@@ -152,6 +152,12 @@ pub fn disk_guest(
     if let Some(ms) = payload.and_then(|p| p.mount_ms) {
         c.figure(format!("run D payload mount, {name} (ms)"), ms);
     }
+    if let Some(kb) = payload.and_then(|p| p.mount_mem_kb) {
+        c.figure(
+            format!("run D guest RAM the mount took (modules, device, mount), {name} (MB)"),
+            format!("{:.1}", kb as f64 / 1024.0),
+        );
+    }
     let cached = (
         mem(console, "after_init", "Cached"),
         mem(console, "after_read", "Cached"),
@@ -339,6 +345,7 @@ mod tests {
             dax,
             mount_modules: vec!["virtio_pci".into(), "erofs".into()],
             mount_ms: Some(40),
+            mount_mem_kb: Some(4300),
         });
         Console::parse(&format!(
             "{}\nE2E-D mem after_init Cached: 1000 kB\nE2E-D read_bytes 150000000\n\
