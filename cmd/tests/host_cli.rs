@@ -353,6 +353,74 @@ fn attach_with_a_release_names_its_ensured_combined_initrd() {
 }
 
 #[test]
+fn attach_with_a_gpu_disk_boots_the_base_layer_and_names_the_image() {
+    let h = sysfs::workstation();
+    let dir = tempfile::tempdir().unwrap();
+    let mut artifacts = fixtures::gpu_artifacts();
+    for (kind, file) in &mut artifacts {
+        if *kind == "kernel-modules" {
+            *file = fixtures::path(fixtures::KERNEL_MODULES_PMEM);
+        }
+    }
+    let registry =
+        fixtures::write_registry(dir.path(), "fx", fixtures::KERNEL_VERSION, &artifacts, true);
+    let init = fixtures::guest_init_stand_in(dir.path());
+    let cache = dir.path().join("cache");
+    let out = run(
+        &h,
+        &[
+            "--json",
+            "--registry",
+            registry.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "attach",
+            "0000:01:00.0",
+            "--owner",
+            "vm-3",
+            "--release",
+            "fx",
+            "--guest-init",
+            init.to_str().unwrap(),
+            "--gpu-disk",
+            "pmem",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = json(&out);
+    assert!(
+        spec["initrd"].as_str().unwrap().ends_with("base.cpio"),
+        "{spec}"
+    );
+    let image = std::path::PathBuf::from(spec["disk"]["image"].as_str().unwrap());
+    assert!(
+        image.starts_with(&cache) && image.is_file(),
+        "{}",
+        image.display()
+    );
+    assert_eq!(spec["disk"]["attach"]["kind"], "pmem");
+    let cmdline: Vec<&str> = spec["kernel_cmdline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w.as_str())
+        .collect();
+    assert_eq!(cmdline, ["HAS_GPU=1", "GPU_DISK=pmem"]);
+    assert!(spec["qemu"]["args"].to_string().contains("virtio-pmem-pci"));
+    assert!(
+        spec["cloud_hypervisor"]["args"]
+            .to_string()
+            .contains("--pmem")
+    );
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+}
+
+#[test]
 fn an_error_prints_its_cause_once_with_the_flag_that_fixes_it() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-sysfs");
