@@ -262,34 +262,49 @@ fn doctor_reports_each_check_and_fails_without_iommu() {
     assert_eq!(r["verdict"], "fail");
 }
 
+/// `attach 0000:01:00.0 --owner OWNER --release fx` over a registry of `artifacts` in `dir`
+/// (pinned or not) with a stand-in guest init and `dir/cache`; `extra` goes last.
+fn attach_release(
+    h: &FakeHost,
+    dir: &std::path::Path,
+    artifacts: &[(&str, std::path::PathBuf)],
+    pinned: bool,
+    owner: &str,
+    extra: &[&str],
+) -> Output {
+    let registry = fixtures::write_registry(dir, "fx", fixtures::KERNEL_VERSION, artifacts, pinned);
+    let init = fixtures::guest_init_stand_in(dir);
+    let cache = dir.join("cache");
+    let mut args = vec![
+        "--registry",
+        registry.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "attach",
+        "0000:01:00.0",
+        "--owner",
+        owner,
+        "--release",
+        "fx",
+        "--guest-init",
+        init.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    run(h, &args)
+}
+
 #[test]
 fn attach_with_a_release_that_cannot_be_built_moves_nothing() {
     let h = sysfs::workstation();
     let dir = tempfile::tempdir().unwrap();
-    let registry = fixtures::write_registry(
+    // Unpinned artifacts.
+    let out = attach_release(
+        &h,
         dir.path(),
-        "fx",
-        fixtures::KERNEL_VERSION,
         &fixtures::gpu_artifacts(),
         false,
-    );
-    let init = fixtures::guest_init_stand_in(dir.path());
-    let out = run(
-        &h,
-        &[
-            "--registry",
-            registry.to_str().unwrap(),
-            "--cache-dir",
-            dir.path().join("cache").to_str().unwrap(),
-            "attach",
-            "0000:01:00.0",
-            "--owner",
-            "vm-1",
-            "--release",
-            "fx",
-            "--guest-init",
-            init.to_str().unwrap(),
-        ],
+        "vm-1",
+        &[],
     );
     assert_eq!(out.status.code(), Some(4), "unpinned is a refusal");
     assert!(String::from_utf8_lossy(&out.stderr).contains("versions pin fx"));
@@ -306,32 +321,14 @@ fn attach_with_a_release_names_its_ensured_combined_initrd() {
     // (without one, attach refuses an RTX 4090 it cannot vouch for).
     let h = sysfs::workstation();
     let dir = tempfile::tempdir().unwrap();
-    let registry = fixtures::write_registry(
+    let cache = dir.path().join("cache");
+    let out = attach_release(
+        &h,
         dir.path(),
-        "fx",
-        fixtures::KERNEL_VERSION,
         &fixtures::gpu_artifacts(),
         true,
-    );
-    let init = fixtures::guest_init_stand_in(dir.path());
-    let cache = dir.path().join("cache");
-    let out = run(
-        &h,
-        &[
-            "--json",
-            "--registry",
-            registry.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "attach",
-            "0000:01:00.0",
-            "--owner",
-            "vm-2",
-            "--release",
-            "fx",
-            "--guest-init",
-            init.to_str().unwrap(),
-        ],
+        "vm-2",
+        &["--json"],
     );
     assert!(
         out.status.success(),
@@ -362,30 +359,9 @@ fn attach_with_a_gpu_disk_boots_the_base_layer_and_names_the_image() {
             *file = fixtures::path(fixtures::KERNEL_MODULES_PMEM);
         }
     }
-    let registry =
-        fixtures::write_registry(dir.path(), "fx", fixtures::KERNEL_VERSION, &artifacts, true);
-    let init = fixtures::guest_init_stand_in(dir.path());
     let cache = dir.path().join("cache");
-    let out = run(
-        &h,
-        &[
-            "--json",
-            "--registry",
-            registry.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "attach",
-            "0000:01:00.0",
-            "--owner",
-            "vm-3",
-            "--release",
-            "fx",
-            "--guest-init",
-            init.to_str().unwrap(),
-            "--gpu-disk",
-            "pmem",
-        ],
-    );
+    let extra = ["--json", "--gpu-disk", "pmem"];
+    let out = attach_release(&h, dir.path(), &artifacts, true, "vm-3", &extra);
     assert!(
         out.status.success(),
         "{}{}",

@@ -5,7 +5,7 @@ use crate::context::SetupContext;
 use crate::modules::FinitModule;
 use crate::{disk, setup};
 use gpu_passthrough_manifest::MANIFEST_PATH;
-use gpu_passthrough_manifest::report::Report;
+use gpu_passthrough_manifest::report::{PayloadReport, PayloadSource, Report};
 use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 use std::os::unix::process::CommandExt;
@@ -381,7 +381,7 @@ fn boot(config: &BootConfig) -> Result<i32, BootError> {
             }
             None => {
                 let mut report = setup::run(&ctx, &FinitModule);
-                report.payload = Some(disk::initramfs_payload());
+                report.payload = Some(PayloadReport::new(PayloadSource::Initramfs));
                 report
             }
         }

@@ -240,28 +240,12 @@ pub fn failed_report(kernel: String, value: &str, error: &DiskError) -> Report {
     });
     if let Ok((device, source)) = device_for(value) {
         report.payload = Some(PayloadReport {
-            source,
             device: Some(device.display().to_string()),
-            dax: false,
-            mount_modules: Vec::new(),
-            mount_ms: None,
-            mount_mem_kb: None,
+            ..PayloadReport::new(source)
         });
     }
     crate::report::finish_status(&mut report);
     report
-}
-
-/// The payload of a boot without `GPU_DISK`: the initramfs layer.
-pub fn initramfs_payload() -> PayloadReport {
-    PayloadReport {
-        source: PayloadSource::Initramfs,
-        device: None,
-        dax: false,
-        mount_modules: Vec::new(),
-        mount_ms: None,
-        mount_mem_kb: None,
-    }
 }
 
 #[cfg(test)]

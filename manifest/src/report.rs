@@ -207,6 +207,20 @@ pub struct PayloadReport {
     pub mount_mem_kb: Option<u64>,
 }
 
+impl PayloadReport {
+    /// A payload from `source` with nothing measured yet.
+    pub fn new(source: PayloadSource) -> Self {
+        Self {
+            source,
+            device: None,
+            dax: false,
+            mount_modules: Vec::new(),
+            mount_ms: None,
+            mount_mem_kb: None,
+        }
+    }
+}
+
 /// A setup-wide error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportError {
@@ -513,14 +527,7 @@ mod tests {
             "\"virtio_blk\""
         );
         // An initramfs payload says only where it came from.
-        let plain = PayloadReport {
-            source: PayloadSource::Initramfs,
-            device: None,
-            dax: false,
-            mount_modules: Vec::new(),
-            mount_ms: None,
-            mount_mem_kb: None,
-        };
+        let plain = PayloadReport::new(PayloadSource::Initramfs);
         assert_eq!(
             serde_json::to_string(&plain).unwrap(),
             r#"{"source":"initramfs"}"#

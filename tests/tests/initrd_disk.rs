@@ -61,6 +61,23 @@ fn build(
     )
 }
 
+/// Unpack a (plain cpio) layer with GNU cpio, an independent reader.
+fn unpack_cpio(layer: &Path, into: &Path) {
+    fs::create_dir_all(into).unwrap();
+    let st = Command::new("cpio")
+        .args(["-idm", "--quiet", "--no-absolute-filenames"])
+        .current_dir(into)
+        .stdin(fs::File::open(layer).unwrap())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "GNU cpio could not unpack {}",
+        layer.display()
+    );
+}
+
 /// Every path in a directory tree, relative, with a leading `/`.
 fn tree_paths(root: &Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -221,15 +238,7 @@ fn base_layer_carries_the_mount_modules_in_load_order() {
     let order_path = ORDER_FILE.trim_start_matches('/');
     assert!(names.contains(order_path), "{names:?}");
     let extract = dir.join("base");
-    fs::create_dir_all(&extract).unwrap();
-    let st = Command::new("cpio")
-        .args(["-idm", "--quiet", "--no-absolute-filenames"])
-        .current_dir(&extract)
-        .stdin(fs::File::open(&both.base.path).unwrap())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    unpack_cpio(&both.base.path, &extract);
     let order: Vec<String> = fs::read_to_string(extract.join(order_path))
         .unwrap()
         .lines()
@@ -307,15 +316,7 @@ fn xz_compressed_mount_modules_are_written_as_plain_elf() {
     let registry = Registry::load(&[reg]).unwrap();
     let layers = build(&dir.join("cache"), &registry, &init, LayerForm::Disk).unwrap();
     let extract = dir.join("base-xz");
-    fs::create_dir_all(&extract).unwrap();
-    let st = Command::new("cpio")
-        .args(["-idm", "--quiet", "--no-absolute-filenames"])
-        .current_dir(&extract)
-        .stdin(fs::File::open(&layers.base.path).unwrap())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    unpack_cpio(&layers.base.path, &extract);
     let order = fs::read_to_string(extract.join(ORDER_FILE.trim_start_matches('/'))).unwrap();
     let mut seen = 0;
     for name in order.lines() {
