@@ -154,7 +154,9 @@ pub fn disk_guest(
     }
     if let Some(kb) = payload.and_then(|p| p.mount_mem_kb) {
         c.figure(
-            format!("run D guest RAM the mount took (modules, device, mount), {name} (MB)"),
+            format!(
+                "run D payload guest RAM: what the mount took (modules, device, mount), {name} (MB)"
+            ),
             format!("{:.1}", kb as f64 / 1024.0),
         );
     }
@@ -252,11 +254,11 @@ pub fn guest_memory(boots: &[(String, Console)]) -> Checks {
             Some((b_init, b_read)) => {
                 let cost = |b: u64, x: u64| b.saturating_sub(x) as f64 / 1024.0;
                 c.figure(
-                    format!("run D payload guest RAM after GPU-INIT, {label} vs base-only (MB)"),
+                    format!("run D guest RAM of the GPU boot (payload + driver setup), {label} vs base-only (MB)"),
                     format!("{:.1}", cost(b_init, init)),
                 );
                 c.figure(
-                    format!("run D payload guest RAM after reading every library, {label} vs base-only (MB)"),
+                    format!("run D guest RAM of the GPU boot after reading every library, {label} vs base-only (MB)"),
                     format!("{:.1}", cost(b_read, read)),
                 );
             }
@@ -438,7 +440,7 @@ mod tests {
         ]);
         assert!(
             c.lines().iter().any(|l| l
-                == "FIGURE run D payload guest RAM after GPU-INIT, pmem vs base-only (MB)|2.0"),
+                == "FIGURE run D guest RAM of the GPU boot (payload + driver setup), pmem vs base-only (MB)|2.0"),
             "{:#?}",
             c.lines()
         );
