@@ -161,9 +161,7 @@ pub struct VgpuVmRequest {
     pub release: Option<String>,
     /// An initrd the caller built itself: used as is, and the release's layers are not built.
     pub initrd: Option<PathBuf>,
-    /// Deliver the release's GPU payload as a read-only disk attached this way instead of the
-    /// initramfs layer: the layers are built in the disk form, the VM boots the base layer and
-    /// [`BootSpec::disk`] is the image. Needs `release` and no `initrd` (else refused).
+    /// The GPU payload as a read-only disk (see [`GpuVmRequest::disk`]).
     pub disk: Option<DiskAttach>,
 }
 
@@ -188,9 +186,7 @@ pub struct VmRequest {
     pub release: Option<String>,
     /// An initrd the caller built itself: used as is, and the release's layers are not built.
     pub initrd: Option<PathBuf>,
-    /// Deliver the release's GPU payload as a read-only disk attached this way instead of the
-    /// initramfs layer: the layers are built in the disk form, the VM boots the base layer and
-    /// [`BootSpec::disk`] is the image. Needs `release` and no `initrd` (else refused).
+    /// The GPU payload as a read-only disk (see [`GpuVmRequest::disk`]).
     pub disk: Option<DiskAttach>,
 }
 
