@@ -146,6 +146,15 @@ pub struct LibrariesReport {
     pub ldconfig_message: Option<String>,
 }
 
+impl LibrariesReport {
+    /// Whether a link named `soname` (`libcuda.so.1`) was injected, in whichever directory.
+    pub fn injects(&self, soname: &str) -> bool {
+        self.injected
+            .iter()
+            .any(|p| p.rsplit('/').next() == Some(soname))
+    }
+}
+
 /// Firmware search path given to the kernel and firmware the kernel could not find.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FirmwareReport {
@@ -561,6 +570,17 @@ mod tests {
     fn a_field_added_by_a_newer_guest_is_accepted() {
         let newer = sample().line().replacen('{', r#"{"added_later":true,"#, 1);
         assert_eq!(parse_report_line(&newer).unwrap().unwrap(), sample());
+    }
+
+    #[test]
+    fn injected_links_are_looked_up_by_soname() {
+        let libs = sample().libraries;
+        assert!(libs.injects("libcuda.so.1"));
+        assert!(
+            !libs.injects("libcuda.so"),
+            "the whole file name, not a prefix"
+        );
+        assert!(!libs.injects("libnvidia-ml.so.1"));
     }
 
     #[test]

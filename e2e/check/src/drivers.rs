@@ -116,12 +116,7 @@ fn report_checks(c: &mut Checks, r: &Report, driver: &str, kernel: &str, asked: 
         env("CUDA_VISIBLE_DEVICES") == Some(asked.cuda),
         || format!("environment: {}", json(&r.environment)),
     );
-    let injected = |soname: &str| {
-        r.libraries
-            .injected
-            .iter()
-            .any(|p| p.rsplit('/').next() == Some(soname))
-    };
+    let injected = |soname: &str| r.libraries.injects(soname);
     c.check(
         "libcuda.so.1 and libnvidia-ml.so.1 injected",
         injected("libcuda.so.1") && injected("libnvidia-ml.so.1"),

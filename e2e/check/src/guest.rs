@@ -116,12 +116,7 @@ fn no_gpu_report(c: &mut Checks, r: &Report, driver: &str, kernel: &str) {
         r.firmware.missing.is_empty() && r.firmware.path.is_some(),
         || format!("firmware: {}", json(&r.firmware)),
     );
-    let injected = |soname: &str| {
-        r.libraries
-            .injected
-            .iter()
-            .any(|p| p.rsplit('/').next() == Some(soname))
-    };
+    let injected = |soname: &str| r.libraries.injects(soname);
     c.check(
         "driver libraries injected (libcuda.so.1, libnvidia-ml.so.1)",
         injected("libcuda.so.1") && injected("libnvidia-ml.so.1"),

@@ -29,21 +29,28 @@ struct Cli {
     command: Command,
 }
 
+/// A GPU guest's console and what it booted: shared by the guest checks of runs A, D and E.
+#[derive(clap::Args)]
+struct GuestBoot {
+    /// The console log.
+    log: PathBuf,
+    /// Expected NVIDIA driver version.
+    #[arg(long)]
+    driver: String,
+    /// The guest's running kernel release.
+    #[arg(long)]
+    kernel: String,
+    /// QEMU's exit code.
+    #[arg(long, allow_hyphen_values = true)]
+    boot_rc: i32,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run A: a HAS_GPU=1 guest without a GPU (GPU-INIT report and workload).
     GpuGuest {
-        /// The console log.
-        log: PathBuf,
-        /// Expected NVIDIA driver version.
-        #[arg(long)]
-        driver: String,
-        /// The guest's running kernel release.
-        #[arg(long)]
-        kernel: String,
-        /// QEMU's exit code.
-        #[arg(long, allow_hyphen_values = true)]
-        boot_rc: i32,
+        #[command(flatten)]
+        boot: GuestBoot,
     },
     /// Run A': nvidia.ko doctored as built for another kernel.
     WrongKernelGuest {
@@ -76,17 +83,8 @@ enum Command {
     },
     /// Run E: the 535.309.01 upgrade booted with capabilities and device selection.
     UpgradeGuest {
-        /// The console log.
-        log: PathBuf,
-        /// Expected NVIDIA driver version.
-        #[arg(long)]
-        driver: String,
-        /// The guest's running kernel release.
-        #[arg(long)]
-        kernel: String,
-        /// QEMU's exit code.
-        #[arg(long, allow_hyphen_values = true)]
-        boot_rc: i32,
+        #[command(flatten)]
+        boot: GuestBoot,
         /// NVIDIA_DRIVER_CAPABILITIES included video.
         #[arg(long)]
         video: bool,
@@ -163,17 +161,8 @@ enum Command {
     },
     /// Run D: a guest booted with the image (run A's checks plus the payload's).
     DiskGuest {
-        /// The console log.
-        log: PathBuf,
-        /// Expected NVIDIA driver version.
-        #[arg(long)]
-        driver: String,
-        /// The guest's running kernel release.
-        #[arg(long)]
-        kernel: String,
-        /// QEMU's exit code.
-        #[arg(long, allow_hyphen_values = true)]
-        boot_rc: i32,
+        #[command(flatten)]
+        boot: GuestBoot,
         /// `pmem` or `virtio_blk`.
         #[arg(long)]
         source: String,
@@ -258,12 +247,12 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     let verdicts = match command {
-        Command::GpuGuest {
-            log,
-            driver,
-            kernel,
-            boot_rc,
-        } => guest::gpu_guest(&Console::read(&log)?, &driver, &kernel, boot_rc),
+        Command::GpuGuest { boot } => guest::gpu_guest(
+            &Console::read(&boot.log)?,
+            &boot.driver,
+            &boot.kernel,
+            boot.boot_rc,
+        ),
         Command::WrongKernelGuest { log, module_kernel } => {
             guest::wrong_kernel_guest(&Console::read(&log)?, &module_kernel)
         }
@@ -279,18 +268,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             host::checks(&console, nested)
         }
         Command::UpgradeGuest {
-            log,
-            driver,
-            kernel,
-            boot_rc,
+            boot,
             video,
             visible,
             cuda,
         } => drivers::upgrade_guest(
-            &Console::read(&log)?,
-            &driver,
-            &kernel,
-            boot_rc,
+            &Console::read(&boot.log)?,
+            &boot.driver,
+            &boot.kernel,
+            boot.boot_rc,
             &drivers::Asked {
                 video,
                 visible: &visible,
@@ -321,15 +307,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        Command::DiskGuest {
-            log,
-            driver,
-            kernel,
-            boot_rc,
-            source,
-        } => {
+        Command::DiskGuest { boot, source } => {
             let source = serde_json::from_value(serde_json::Value::String(source))?;
-            disk::disk_guest(&Console::read(&log)?, &driver, &kernel, boot_rc, source)
+            let console = Console::read(&boot.log)?;
+            disk::disk_guest(&console, &boot.driver, &boot.kernel, boot.boot_rc, source)
         }
         Command::DiskImage { image, cli } => disk::disk_image(&image, &cli),
         Command::DiskMissingGuest { log } => disk::disk_missing_guest(&Console::read(&log)?),
