@@ -1,8 +1,11 @@
 //! 100 `attach` processes racing for one device: exactly one owner, an intact journal.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use common::cli_binary;
 use gpu_passthrough_tests::sysfs::{self};
 
 #[test]
@@ -64,9 +67,4 @@ fn one_hundred_concurrent_attaches_yield_exactly_one_owner() {
         .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
         .collect();
     assert!(leftovers.is_empty());
-}
-
-/// The CLI under test, built by cargo for this test with the `simulation` feature.
-fn cli_binary() -> &'static str {
-    env!("CARGO_BIN_EXE_gpu-passthrough")
 }

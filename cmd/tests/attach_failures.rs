@@ -2,8 +2,11 @@
 //! failpoint): every case must end with every device on its original driver and a clean journal,
 //! after the rollback or after `reconcile`.
 
+mod common;
+
 use std::process::Command;
 
+use common::cli_binary;
 use gpu_passthrough::attach::{AttachError, AttachRequest, Owner, PlanRequest};
 use gpu_passthrough::failpoint::{Failpoint, Stage};
 use gpu_passthrough_tests::sysfs::{self, FakeHost};
@@ -248,9 +251,4 @@ fn pid_owners_are_released_only_when_the_process_is_gone() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["released"][0]["owner"], owner.as_str(), "{report}");
     assert_original(&h, "pid owner");
-}
-
-/// The CLI under test, built by cargo for this test with the `simulation` feature.
-fn cli_binary() -> &'static str {
-    env!("CARGO_BIN_EXE_gpu-passthrough")
 }

@@ -1,21 +1,20 @@
 //! `health` and `reset` as a user runs them: JSON field names, exit codes, placement.
 
+mod common;
+
 use std::process::{Command, Output};
 
+use common::{cli_binary, json};
 use gpu_passthrough_tests::sysfs::{FakeDevice, FakeHost};
 
+/// The CLI against `h`'s sysfs and state; the tests that need the fake `/dev` pass `--dev-dir`.
 fn run(h: &FakeHost, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpu-passthrough"))
+    Command::new(cli_binary())
         .args(h.cli_args())
         .args(args)
         .env_remove("GPU_PASSTHROUGH_FAILPOINT")
         .output()
         .expect("run the CLI")
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// The display device of run C (no reset method) and a second GPU.

@@ -1,24 +1,12 @@
 //! The host commands as a user runs them: exit codes, JSON field names, messages.
 
+mod common;
+
 use std::process::{Command, Output};
 
+use common::{cli_binary, json, run};
 use gpu_passthrough_tests::fixtures;
 use gpu_passthrough_tests::sysfs::{self, FakeHost};
-
-fn run(h: &FakeHost, args: &[&str]) -> Output {
-    Command::new(cli_binary())
-        .args(h.cli_args())
-        .args(args)
-        .args(["--dev-dir", h.dev.to_str().unwrap()])
-        .env_remove("GPU_PASSTHROUGH_FAILPOINT")
-        .output()
-        .expect("run the CLI")
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
 
 #[test]
 fn malformed_addresses_are_refused_before_touching_anything() {
@@ -415,9 +403,4 @@ fn an_error_prints_its_cause_once_with_the_flag_that_fixes_it() {
     );
     assert!(stderr.contains(missing.to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("--sysfs-root"), "{stderr}");
-}
-
-/// The CLI under test, built by cargo for this test with the `simulation` feature.
-fn cli_binary() -> &'static str {
-    env!("CARGO_BIN_EXE_gpu-passthrough")
 }

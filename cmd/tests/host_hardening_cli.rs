@@ -1,24 +1,10 @@
 //! Issue 10's host points as the CLI shows them: `devices` on a host without candidates, and a
 //! detach refused while a real process (this test) holds the device's VFIO node.
 
-use std::process::{Command, Output};
+mod common;
 
+use common::{json, run};
 use gpu_passthrough_tests::sysfs::{self, FakeDevice, FakeHost};
-
-fn run(h: &FakeHost, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpu-passthrough"))
-        .args(h.cli_args())
-        .args(args)
-        .args(["--dev-dir", h.dev.to_str().unwrap()])
-        .env_remove("GPU_PASSTHROUGH_FAILPOINT")
-        .output()
-        .expect("run the CLI")
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
 
 #[test]
 fn devices_on_a_host_without_candidates_says_so_in_text_and_json() {
