@@ -201,9 +201,13 @@ pub fn process_scratch(base: &str, name: &str) -> PathBuf {
     dir
 }
 
-/// The tarball `input` with every `.ko` xz-compressed to `.ko.xz`, as distributions ship them,
-/// written to `out`. Returns each module's original bytes by file name.
-pub fn xz_compress_modules(input: &Path, out: &Path) -> BTreeMap<String, Vec<u8>> {
+/// Re-pack the tarball `input` into `out` (gzip), passing each `.ko` entry's path and bytes
+/// through `edit`, which returns the entry's new path and bytes; other entries are copied.
+pub fn repack_modules(
+    input: &Path,
+    out: &Path,
+    mut edit: impl FnMut(&str, Vec<u8>) -> (String, Vec<u8>),
+) {
     use std::io::Read;
     let gz = flate2::write::GzEncoder::new(
         std::fs::File::create(out).unwrap(),
@@ -213,7 +217,6 @@ pub fn xz_compress_modules(input: &Path, out: &Path) -> BTreeMap<String, Vec<u8>
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
         std::fs::File::open(input).unwrap(),
     ));
-    let mut originals = BTreeMap::new();
     for entry in archive.entries().unwrap() {
         let mut entry = entry.unwrap();
         let path = entry.path().unwrap().to_string_lossy().into_owned();
@@ -221,17 +224,25 @@ pub fn xz_compress_modules(input: &Path, out: &Path) -> BTreeMap<String, Vec<u8>
         let mut data = Vec::new();
         entry.read_to_end(&mut data).unwrap();
         if path.ends_with(".ko") {
-            let name = Path::new(&path).file_name().unwrap().to_string_lossy();
-            let xz = liblzma::encode_all(&data[..], 1).unwrap();
-            originals.insert(name.into_owned(), data);
-            header.set_size(xz.len() as u64);
-            builder
-                .append_data(&mut header, format!("{path}.xz"), &xz[..])
-                .unwrap();
+            let (path, data) = edit(&path, data);
+            header.set_size(data.len() as u64);
+            builder.append_data(&mut header, path, &data[..]).unwrap();
         } else {
             builder.append(&header, &data[..]).unwrap();
         }
     }
     builder.into_inner().unwrap().finish().unwrap();
+}
+
+/// The tarball `input` with every `.ko` xz-compressed to `.ko.xz`, as distributions ship them,
+/// written to `out`. Returns each module's original bytes by file name.
+pub fn xz_compress_modules(input: &Path, out: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut originals = BTreeMap::new();
+    repack_modules(input, out, |path, data| {
+        let xz = liblzma::encode_all(&data[..], 1).unwrap();
+        let name = Path::new(path).file_name().unwrap().to_string_lossy();
+        originals.insert(name.into_owned(), data);
+        (format!("{path}.xz"), xz)
+    });
     originals
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -302,27 +302,14 @@ fn ensure_reuses_and_concurrent_ensures_build_once() {
 /// Re-pack the nvidia-modules fixture with `edit` applied to each `.ko`.
 fn doctored_modules(dir: &Path, edit: impl Fn(&str, &mut Vec<u8>)) -> PathBuf {
     let out = dir.join("nvidia-modules-doctored.tar.gz");
-    let gz =
-        flate2::write::GzEncoder::new(fs::File::create(&out).unwrap(), flate2::Compression::fast());
-    let mut builder = tar::Builder::new(gz);
-    let input = flate2::read::GzDecoder::new(
-        fs::File::open(fixtures::path(fixtures::NVIDIA_MODULES)).unwrap(),
+    fixtures::repack_modules(
+        &fixtures::path(fixtures::NVIDIA_MODULES),
+        &out,
+        |path, mut data| {
+            edit(path, &mut data);
+            (path.to_string(), data)
+        },
     );
-    let mut archive = tar::Archive::new(input);
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let path = entry.path().unwrap().to_string_lossy().into_owned();
-        let mut header = entry.header().clone();
-        let mut data = Vec::new();
-        entry.read_to_end(&mut data).unwrap();
-        if path.ends_with(".ko") {
-            edit(&path, &mut data);
-            header.set_size(data.len() as u64);
-            header.set_cksum();
-        }
-        builder.append(&header, &data[..]).unwrap();
-    }
-    builder.into_inner().unwrap().finish().unwrap();
     out
 }
 
