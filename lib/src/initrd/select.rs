@@ -61,48 +61,44 @@ pub(super) fn select<'i>(
         }
         _ => None,
     };
-    let unclassified = |file: String| InitrdError::UnclassifiedFile {
-        release: release.name.clone(),
-        file,
+    let mut capabilities: BTreeMap<Capability, Vec<String>> = BTreeMap::new();
+    // Whether a file of capability `cap` goes in (recorded under it). With capabilities named,
+    // a file in none of them stays out, and a file of no known capability is an error: it
+    // could belong to any.
+    let mut admit = |cap: Option<Capability>, name: &str, guest_path: String| match (cap, wanted) {
+        (None, Some(_)) => Err(InitrdError::UnclassifiedFile {
+            release: release.name.clone(),
+            file: name.to_string(),
+        }),
+        (Some(c), Some(set)) if !set.contains(c) => Ok(false),
+        (Some(c), _) => {
+            capabilities.entry(c).or_default().push(guest_path);
+            Ok(true)
+        }
+        (None, None) => Ok(true),
     };
-    let mut out = Selection {
-        libraries: Vec::new(),
-        binaries: Vec::new(),
-        capabilities: BTreeMap::new(),
-    };
+    let mut libraries = Vec::new();
     for lib in &inv.libraries {
-        let cap = lib_cap(lib);
-        match (cap, wanted) {
-            (None, Some(_)) => return Err(unclassified(lib.real_name.clone())),
-            (Some(c), Some(set)) if !set.contains(c) => continue,
-            _ => {}
+        let path = format!("/gpu/lib/{}", lib.real_name);
+        if admit(lib_cap(lib), &lib.real_name, path)? {
+            libraries.push(lib);
         }
-        if let Some(c) = cap {
-            out.capabilities
-                .entry(c)
-                .or_default()
-                .push(format!("/gpu/lib/{}", lib.real_name));
-        }
-        out.libraries.push(lib);
     }
+    let mut binaries = Vec::new();
     for bin in &inv.binaries {
         let name = bin_name(bin);
-        if !GUEST_DAEMONS.contains(&name.as_str()) {
-            let cap = capabilities::of_program(&name);
-            match (cap, wanted) {
-                (None, Some(_)) => return Err(unclassified(name)),
-                (Some(c), Some(set)) if !set.contains(c) => continue,
-                _ => {}
-            }
-            if let Some(c) = cap {
-                out.capabilities
-                    .entry(c)
-                    .or_default()
-                    .push(format!("/gpu/bin/{name}"));
-            }
+        // The guest daemons go in whatever was asked: the guest init decides whether to start them.
+        let daemon = GUEST_DAEMONS.contains(&name.as_str());
+        let path = format!("/gpu/bin/{name}");
+        if daemon || admit(capabilities::of_program(&name), &name, path)? {
+            binaries.push(bin);
         }
-        out.binaries.push(bin);
     }
+    let mut out = Selection {
+        libraries,
+        binaries,
+        capabilities,
+    };
     for files in out.capabilities.values_mut() {
         files.sort();
     }
