@@ -198,7 +198,18 @@ pub fn allocate(
             {
                 return Err(unfit(addr, p));
             }
-            let group = rec.iommu_group.expect("checked by problems()");
+            // problems() reports a device without a group; a plugin serving the kubelet must
+            // not panic should that ever change.
+            let Some(group) = rec.iommu_group else {
+                let now = sysfs.iommu_group(addr);
+                return Err(unfit(
+                    addr,
+                    Problem::GroupChanged {
+                        recorded: None,
+                        now,
+                    },
+                ));
+            };
             // Every journaled member of the group is still in it ...
             let held: Vec<DeviceRecord> = j
                 .state
@@ -373,7 +384,16 @@ fn allocate_vgpus(
                     problem,
                 });
             }
-            let group = rec.iommu_group.expect("checked by problems()");
+            let Some(group) = rec.iommu_group else {
+                let problem = Problem::GroupChanged {
+                    recorded: None,
+                    now: None,
+                };
+                return Err(AllocateError::UnfitVgpu {
+                    id: id.clone(),
+                    problem,
+                });
+            };
             // A vendor-VFIO VF is a PCI function: on iommufd hosts the VMM opens its cdev.
             if let (true, Some(vf)) = (iommufd, rec.vf) {
                 let cdev = vfio_cdev(sysfs, vf).ok_or(AllocateError::NoVfioCdev { device: vf })?;
