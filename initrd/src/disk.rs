@@ -45,7 +45,10 @@ pub enum DiskError {
         source: std::io::Error,
     },
     /// A mount module would not load.
-    #[error("loading the disk mount module {module}")]
+    #[error(
+        "loading the disk mount module {module} from the base layer (it must be built for this \
+         guest kernel: rebuild the layers for the release this guest boots)"
+    )]
     ModuleLoad {
         /// The module file name.
         module: String,
