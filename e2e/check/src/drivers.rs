@@ -55,25 +55,12 @@ pub fn upgrade_guest(
 }
 
 fn report_checks(c: &mut Checks, r: &Report, driver: &str, kernel: &str, asked: &Asked) {
-    c.check(
-        format!("report driver_version is {driver}"),
-        r.driver_version.as_deref() == Some(driver),
-        || format!("got {:?}", r.driver_version),
-    );
-    c.check(
-        format!("report kernel is the running {kernel}"),
-        r.kernel == kernel,
-        || format!("got {:?}", r.kernel),
-    );
-    let nvidia = r.module("nvidia");
-    c.check(
+    crate::guest::driver_reached_the_kernel(
+        c,
+        r,
+        driver,
+        kernel,
         "proprietary nvidia.ko passed the kernel's checks and failed with ENODEV, class no_gpu",
-        nvidia.is_some_and(|m| {
-            m.result == ModuleResult::Failed
-                && m.class == Some(FailureClass::NoGpu)
-                && m.errno == Some(19)
-        }),
-        || format!("got {}", json(&nvidia)),
     );
     c.check(
         "nvidia_uvm skipped because nvidia failed (class no_gpu)",

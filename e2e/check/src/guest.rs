@@ -69,7 +69,15 @@ pub fn gpu_guest(console: &Console, driver: &str, kernel: &str, boot_rc: i32) ->
     c
 }
 
-fn no_gpu_report(c: &mut Checks, r: &Report, driver: &str, kernel: &str) {
+/// What every GPU-less guest's report must say: the driver and kernel it ran, and `nvidia`
+/// accepted by the kernel's checks, then failing with ENODEV (`nvidia_check` names the check).
+pub fn driver_reached_the_kernel(
+    c: &mut Checks,
+    r: &Report,
+    driver: &str,
+    kernel: &str,
+    nvidia_check: &str,
+) {
     c.check(
         format!("report driver_version is {driver}"),
         r.driver_version.as_deref() == Some(driver),
@@ -82,9 +90,19 @@ fn no_gpu_report(c: &mut Checks, r: &Report, driver: &str, kernel: &str) {
     );
     let nvidia = r.module("nvidia");
     c.check(
-        "nvidia.ko passed the kernel's version checks and failed with ENODEV, class no_gpu",
+        nvidia_check,
         failed_with(nvidia, FailureClass::NoGpu, &[19]),
         || format!("got {}", json(&nvidia)),
+    );
+}
+
+fn no_gpu_report(c: &mut Checks, r: &Report, driver: &str, kernel: &str) {
+    driver_reached_the_kernel(
+        c,
+        r,
+        driver,
+        kernel,
+        "nvidia.ko passed the kernel's version checks and failed with ENODEV, class no_gpu",
     );
     for dep in ["nvidia_uvm", "nvidia_modeset", "nvidia_drm"] {
         let m = r.module(dep);
