@@ -5,7 +5,7 @@
 //! One table, keyed by the library's stem (the file name before `.so`), tested against the real
 //! driver fixtures: a library the table does not know is a gap to fill here, never guessed.
 
-pub use gpu_passthrough_manifest::capability::{Capability, CapabilitySet};
+pub use gpu_passthrough_guest_contract::capability::{Capability, CapabilitySet};
 
 /// Library stems (file name before `.so`) per capability.
 const LIBRARIES: &[(Capability, &[&str])] = &[

@@ -205,7 +205,7 @@ impl ModInfo {
 }
 
 /// The one module-name rule, shared with the guest init (see the manifest crate).
-pub use gpu_passthrough_manifest::normalize_module_name;
+pub use gpu_passthrough_guest_contract::normalize_module_name;
 
 fn read_prefix(mut file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut got = 0;

@@ -5,8 +5,8 @@
 use crate::checks::{Checks, json};
 use crate::console::Console;
 use crate::layers;
-use gpu_passthrough_manifest::FIRMWARE_DIR;
-use gpu_passthrough_manifest::report::{FailureClass, ModuleResult, find_report};
+use gpu_passthrough_guest_contract::FIRMWARE_DIR;
+use gpu_passthrough_guest_contract::report::{FailureClass, ModuleResult, find_report};
 use std::path::Path;
 
 /// The GPU layer of the xz release: plain `.ko` modules, and nothing outside `/gpu`.

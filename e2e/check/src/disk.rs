@@ -10,8 +10,8 @@ use crate::checks::{Checks, json};
 use crate::console::Console;
 use crate::guest;
 use gpu_passthrough::vmm::{DiskAttach, GpuDisk};
-use gpu_passthrough_manifest::disk::PMEM;
-use gpu_passthrough_manifest::report::{PayloadSource, SetupErrorClass, Status, find_report};
+use gpu_passthrough_guest_contract::disk::PMEM;
+use gpu_passthrough_guest_contract::report::{PayloadSource, SetupErrorClass, Status, find_report};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -341,8 +341,8 @@ mod tests {
     use super::*;
 
     fn with_payload(source: PayloadSource, dax: bool, cache_growth_kb: u64) -> Console {
-        let mut r = gpu_passthrough_manifest::report::Report::new("k".into());
-        r.payload = Some(gpu_passthrough_manifest::report::PayloadReport {
+        let mut r = gpu_passthrough_guest_contract::report::Report::new("k".into());
+        r.payload = Some(gpu_passthrough_guest_contract::report::PayloadReport {
             source,
             device: Some("/dev/pmem0".into()),
             dax,
@@ -414,9 +414,9 @@ mod tests {
 
     #[test]
     fn a_missing_disk_passes_only_with_the_classified_error() {
-        let mut r = gpu_passthrough_manifest::report::Report::new("k".into());
+        let mut r = gpu_passthrough_guest_contract::report::Report::new("k".into());
         r.status = Status::Failed;
-        r.error = Some(gpu_passthrough_manifest::report::ReportError {
+        r.error = Some(gpu_passthrough_guest_contract::report::ReportError {
             class: SetupErrorClass::GpuDisk,
             message: "GPU_DISK=pmem: /dev/pmem0 did not appear within 10s: attach the image (QEMU: memory-backend-file + virtio-pmem-pci ...".into(),
         });

@@ -4,8 +4,8 @@
 
 use crate::checks::{Checks, json};
 use crate::console::Console;
-use gpu_passthrough_manifest::capability::Capability;
-use gpu_passthrough_manifest::report::{
+use gpu_passthrough_guest_contract::capability::Capability;
+use gpu_passthrough_guest_contract::report::{
     DaemonResult, FailureClass, ModuleResult, Report, find_report,
 };
 use serde_json::Value;
@@ -264,7 +264,7 @@ pub fn version_diff(path: &Path, from_driver: &str, to_driver: &str) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpu_passthrough_manifest::report::{DaemonReport, ModuleReport};
+    use gpu_passthrough_guest_contract::report::{DaemonReport, ModuleReport};
 
     fn report(video: bool) -> Report {
         let mut r = Report::new("6.1.0-56-amd64".into());

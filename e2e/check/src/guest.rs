@@ -1,10 +1,10 @@
 //! Runs A, A' and B: what the `GPU-INIT` report and the workload print on a guest's console.
-//! The report is read as [`gpu_passthrough_manifest::report::Report`], the type the guest init
+//! The report is read as [`gpu_passthrough_guest_contract::report::Report`], the type the guest init
 //! serializes.
 
 use crate::checks::{Checks, json};
 use crate::console::Console;
-use gpu_passthrough_manifest::report::{
+use gpu_passthrough_guest_contract::report::{
     FailureClass, LdconfigStatus, ModuleReport, ModuleResult, Report, Status, find_report,
 };
 
@@ -226,7 +226,7 @@ pub fn base_only_guest(console: &Console) -> Checks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpu_passthrough_manifest::report::{FirmwareReport, LibrariesReport};
+    use gpu_passthrough_guest_contract::report::{FirmwareReport, LibrariesReport};
 
     const DRIVER: &str = "535.261.03";
     const KERNEL: &str = "6.1.0-56-amd64";

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail, ensure};
 use gpu_passthrough::modinfo::ModInfo;
-use gpu_passthrough_manifest::normalize_module_name;
+use gpu_passthrough_guest_contract::normalize_module_name;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -288,10 +288,10 @@ pub fn is_gpu_node(name: &str) -> bool {
 }
 
 /// The `GPU-INIT` line of a setup: exactly one, it parses as the typed report
-/// ([`gpu_passthrough_manifest::report::Report`]), status `ok`, the real driver version and GPU
+/// ([`gpu_passthrough_guest_contract::report::Report`]), status `ok`, the real driver version and GPU
 /// count, every module already loaded (nothing was loaded).
 pub fn report(output: &str, driver_version: &str, gpus: u32) -> CheckResult {
-    use gpu_passthrough_manifest::report::{ModuleResult, Status, parse_report_line};
+    use gpu_passthrough_guest_contract::report::{ModuleResult, Status, parse_report_line};
     let lines: Vec<_> = output.lines().filter_map(parse_report_line).collect();
     let mut fail = Vec::new();
     if lines.len() != 1 {

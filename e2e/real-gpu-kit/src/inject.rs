@@ -6,7 +6,7 @@
 use crate::CheckResult;
 use crate::facts::GpuFact;
 use crate::probe::Probe;
-use gpu_passthrough_manifest::{DeviceNodes, Library, Manifest, Module, SCHEMA};
+use gpu_passthrough_guest_contract::{DeviceNodes, Library, Manifest, Module, SCHEMA};
 use nix::mount::{MsFlags, mount};
 use serde_json::json;
 use std::os::unix::process::CommandExt;

@@ -1,7 +1,7 @@
 //! `health`: whether each device is fit to hand to the next tenant.
 //!
 //! - Fault classification of kernel and VM console logs: the guest contract's classifier
-//!   ([`gpu_passthrough_manifest::xid`], shared with the guest init), re-exported here;
+//!   ([`gpu_passthrough_guest_contract::xid`], shared with the guest init), re-exported here;
 //!   [`scan_file`] reads a log.
 //! - Health records per device under the state dir ([`HealthStore`], `health.json`, versioned,
 //!   replaced atomically with fsync, changed under a lock).
@@ -22,7 +22,7 @@ mod store;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-pub use gpu_passthrough_manifest::xid::{
+pub use gpu_passthrough_guest_contract::xid::{
     Action, Classifier, Fault, FaultKind, Scanner, XID_PREFIX, classify_line, xid_action,
 };
 pub use ingest::{IngestReport, ingest};

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
-pub use gpu_passthrough_manifest::disk::{MODULE_DIR, MOUNT_MODULES, ORDER_FILE};
+pub use gpu_passthrough_guest_contract::disk::{MODULE_DIR, MOUNT_MODULES, ORDER_FILE};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 

@@ -35,7 +35,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use gpu_passthrough_manifest as manifest;
+use gpu_passthrough_guest_contract as manifest;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 

@@ -7,7 +7,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use gpu_passthrough_manifest as manifest;
+use gpu_passthrough_guest_contract as manifest;
 
 use super::{BuildOptions, InitrdError, io_err};
 use crate::archive::cpio::CpioWriter;

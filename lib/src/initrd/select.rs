@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use gpu_passthrough_manifest::capability::GUEST_DAEMONS;
+use gpu_passthrough_guest_contract::capability::GUEST_DAEMONS;
 
 use super::{BuildOptions, InitrdError};
 use crate::capabilities::{self, Capability, CapabilitySet};

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use gpu_passthrough_manifest::disk::{KERNEL_WORD, PMEM};
+use gpu_passthrough_guest_contract::disk::{KERNEL_WORD, PMEM};
 use serde::{Deserialize, Serialize};
 
 /// How the image is attached.
