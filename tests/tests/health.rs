@@ -4,7 +4,7 @@
 use std::fs;
 
 use gpu_passthrough::attach::{
-    AttachError, AttachRequest, Host, Owner, PlanRequest, RefusalReason, ResetOutcome,
+    self, AttachError, AttachRequest, Host, Owner, PlanRequest, RefusalReason, ResetOutcome,
 };
 use gpu_passthrough::health::{self, FaultKind, HealthError, HealthStore};
 use gpu_passthrough::pci::PciAddress;
@@ -310,7 +310,7 @@ fn ingested_consoles_quarantine_and_gpus_n_skips_the_device() {
              [  9.0] NVRM: Xid (PCI:0000:00:05): 79, pid=9, GPU has fallen off the bus.\n",
         )
         .unwrap();
-        let report = health::ingest(&h.state, &owner(who), &console).unwrap();
+        let report = attach::ingest_console(&h.state, &owner(who), &console).unwrap();
         assert_eq!(report.faults.len(), 2);
         assert_eq!(
             report.recorded.len(),
@@ -321,7 +321,7 @@ fn ingested_consoles_quarantine_and_gpus_n_skips_the_device() {
         assert_eq!(report.recorded[0].fault.xid, Some(79));
         // Ingesting the same log again adds nothing.
         assert!(
-            health::ingest(&h.state, &owner(who), &console)
+            attach::ingest_console(&h.state, &owner(who), &console)
                 .unwrap()
                 .recorded
                 .is_empty()
@@ -336,8 +336,12 @@ fn ingested_consoles_quarantine_and_gpus_n_skips_the_device() {
         "{err}"
     );
     // An owner that never held anything has no devices to map to.
-    let e = health::ingest(&h.state, &owner("vm-z"), &dir.path().join("vm-a.log")).unwrap_err();
-    assert!(matches!(e, HealthError::NoHistory(_)), "{e}");
+    let e =
+        attach::ingest_console(&h.state, &owner("vm-z"), &dir.path().join("vm-a.log")).unwrap_err();
+    assert!(
+        matches!(e, AttachError::Health(HealthError::NoHistory(_))),
+        "{e}"
+    );
 }
 
 #[test]

@@ -233,7 +233,6 @@ fn reconcile_does_not_roll_back_an_abandoned_transaction_whose_device_is_held() 
             pid: 1,
             owner_process: None,
             devices,
-            mdevs: Vec::new(),
             vgpus: Vec::new(),
         });
         j.save().unwrap();

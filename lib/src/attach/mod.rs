@@ -20,115 +20,65 @@
 //! writes and recorded as having no other driver. Detach and rollback undo this from the
 //! device's actual state: unbind from whatever it is on, restore `driver_override`, probe (or
 //! bind) the original driver. Detach also resets each device handed to the VM and verifies it
-//! once it is back with the host (see `reset.rs`; failures become [`crate::health`] events), and
-//! placement refuses devices that [`crate::health::is_quarantined`] names.
+//! once it is back with the host (see `reset.rs`; failures become [`crate::health`] events,
+//! recorded by `health_record.rs`), and placement refuses devices that
+//! [`crate::health::is_quarantined`] names.
+//!
+//! One concern a file: `plan.rs` (what must move, every refusal), `devices.rs` (the listing),
+//! `bind.rs` (the bind transaction), `vgpu.rs` (vGPUs and mdevs: create, release),
+//! `restore.rs` (a device back to its driver, rollback), `detach.rs`, `reconcile.rs`,
+//! `boot.rs` (the boot spec), `vfio_node.rs` (waiting for the node), `persistence.rs`
+//! (`nvidia-smi`), `reset.rs`, `health_record.rs`, `journal.rs`, `guard.rs`, `holders.rs`,
+//! `liveness.rs`, `doctor.rs`, `driver_fit.rs`.
 //!
 //! vGPUs ([`Host::attach_vgpu`], `vgpu.rs`) are created in the same journal without moving any
-//! device: a type ID written to a vendor-VFIO VF, or an mdev created from a UUID; detach and
+//! device: a type ID written to a vendor-VFIO VF, or an mdev created from a UUID (also what
+//! [`PlanRequest::mdev_type`] asks for: one record type, [`journal::VgpuRecord`]); detach and
 //! reconcile release them only when no process holds them open.
 
+mod bind;
+mod boot;
+mod detach;
+mod devices;
 mod doctor;
 pub mod driver_fit;
 mod guard;
+mod health_record;
 pub mod holders;
 pub mod journal;
-pub mod kernel;
 mod liveness;
+mod persistence;
 mod plan;
+mod reconcile;
 mod reset;
-mod transaction;
+mod restore;
+mod vfio_node;
 mod vgpu;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::Serialize;
 
+pub use crate::kernel::{self, Kernel, RealKernel};
+pub use crate::owner::{Owner, OwnerError};
+pub use detach::DetachReport;
+pub use devices::{DeviceListing, DeviceReport};
 pub use doctor::{Check, CheckStatus, DoctorReport};
+pub use health_record::ingest_console;
 pub use journal::{Journal, JournalError, JournalState};
-pub use kernel::{Kernel, RealKernel};
 pub use liveness::{PidLiveness, ProcessIdentity, process_identity};
-pub use plan::{
-    DeviceListing, DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite,
-};
+pub use plan::{Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
+pub use reconcile::{HeldDevice, ReconcileReport};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
-pub use transaction::{DetachReport, HeldDevice, ReconcileReport, RestoredDevice};
+pub use restore::RestoredDevice;
 pub use vgpu::VgpuAttachRequest;
 
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{PciAddress, PciError, Sysfs};
 use crate::registry::ModuleFlavor;
 use crate::vfio::{RealVfio, VfioCheckError, VfioVerifier};
-
-/// Who holds attached devices: a validated string (it ends up in journal records).
-///
-/// 1–128 characters from `A–Z a–z 0–9 . _ - : @`, not `.` or `..`, no `/`. The CLI's liveness
-/// check understands `pid:N`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Owner(String);
-
-/// Why a string is not a valid owner.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid owner `{0}`: use 1-128 characters from A-Z a-z 0-9 . _ - : @ (e.g. `vm-42` or `pid:1234`)"
-)]
-pub struct OwnerError(pub String);
-
-impl Owner {
-    /// Validate an owner string.
-    pub fn new(s: &str) -> Result<Owner, OwnerError> {
-        let ok = !s.is_empty()
-            && s.len() <= 128
-            && s != "."
-            && !s.contains("..")
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@'));
-        if ok {
-            Ok(Owner(s.to_owned()))
-        } else {
-            Err(OwnerError(
-                s.chars().take(40).flat_map(char::escape_default).collect(),
-            ))
-        }
-    }
-
-    /// The owner string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The process ID of a `pid:N` owner.
-    pub fn pid(&self) -> Option<u32> {
-        self.0.strip_prefix("pid:")?.parse().ok()
-    }
-}
-
-impl fmt::Display for Owner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for Owner {
-    type Err = OwnerError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Owner::new(s)
-    }
-}
-
-impl Serialize for Owner {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Owner {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Owner::new(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-}
 
 /// Whether an owner still exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -216,8 +166,8 @@ pub enum AttachError {
         /// How many are free.
         free: usize,
     },
-    /// A sysfs write failed (the transaction was rolled back).
-    #[error("writing `{value}` to {path} failed; the transaction was rolled back{hint}")]
+    /// A sysfs write failed.
+    #[error("writing `{value}` to {path} failed{hint}{aftermath}")]
     Write {
         /// The attribute.
         path: PathBuf,
@@ -227,6 +177,16 @@ pub enum AttachError {
         source: std::io::Error,
         /// A fix, if known.
         hint: String,
+        /// What the failure left behind.
+        aftermath: Aftermath,
+    },
+    /// No UUID for a new mdev.
+    #[error("cannot read a UUID for the new mdev from {path}; nothing was created")]
+    Uuid {
+        /// The kernel's UUID source.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
     },
     /// After `drivers_probe` the device is not on vfio-pci.
     #[error(
@@ -255,13 +215,15 @@ pub enum AttachError {
     Vfio(#[from] VfioCheckError),
     /// Rolling back failed too: the journal keeps the transaction for `reconcile`.
     #[error(
-        "{cause}; rolling back also failed ({rollback}); the journal keeps the transaction: fix the cause and reconcile"
+        "the attach failed and rolling it back failed too ({}); the journal keeps the transaction: fix the cause and reconcile",
+        crate::error_chain(.rollback.as_ref())
     )]
     RollbackFailed {
         /// The original failure.
-        cause: String,
+        #[source]
+        cause: Box<AttachError>,
         /// The rollback failure.
-        rollback: String,
+        rollback: Box<AttachError>,
     },
     /// Restoring a device's driver failed.
     #[error(
@@ -349,7 +311,48 @@ pub enum AttachError {
     },
 }
 
+/// What a failed sysfs write left behind, said at the end of its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aftermath {
+    /// An attach was rolled back: the host is as it was.
+    RolledBack,
+    /// The journal keeps the transaction or attachment: rerun the command, or reconcile, once
+    /// the cause is fixed.
+    KeptInJournal,
+}
+
+impl fmt::Display for Aftermath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Aftermath::RolledBack => "; the transaction was rolled back",
+            Aftermath::KeptInJournal => {
+                "; the journal keeps it: fix the cause, then rerun the command or reconcile"
+            }
+        })
+    }
+}
+
 impl AttachError {
+    /// The same error, once its attach was rolled back.
+    fn rolled_back(self) -> AttachError {
+        match self {
+            AttachError::Write {
+                path,
+                value,
+                source,
+                hint,
+                ..
+            } => AttachError::Write {
+                path,
+                value,
+                source,
+                hint,
+                aftermath: Aftermath::RolledBack,
+            },
+            other => other,
+        }
+    }
+
     /// Whether a safety rule or the request itself was refused (nothing was changed), as
     /// opposed to a failure on the way.
     pub fn is_refusal(&self) -> bool {
@@ -495,6 +498,7 @@ impl Host {
                 value: value.trim().to_owned(),
                 hint: write_hint(path, &source),
                 source,
+                aftermath: Aftermath::KeptInJournal,
             })
     }
 }

@@ -1,4 +1,5 @@
-//! Sysfs writes go through [`Kernel`], so that tests can run against a kernel that reacts.
+//! Every sysfs write that changes the host goes through [`Kernel`], so that tests can run against
+//! a kernel that reacts.
 //!
 //! On a real host ([`RealKernel`]) a write is a plain write to the sysfs attribute and Linux does
 //! the rest. Tests swap in the simulated kernel of [`crate::simulation`] (cargo feature
