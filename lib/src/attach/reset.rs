@@ -232,7 +232,16 @@ impl Host {
             Ok(()) => report.outcome = ResetOutcome::Done,
             Err(e) => {
                 report.outcome = ResetOutcome::Failed;
-                report.detail = Some(e.to_string());
+                // The write alone: a failed reset leaves nothing to roll back or reconcile.
+                report.detail = Some(match &e {
+                    AttachError::Write {
+                        path,
+                        value,
+                        source,
+                        ..
+                    } => format!("writing `{value}` to {} failed: {source}", path.display()),
+                    other => crate::error_chain(other),
+                });
             }
         }
         report.ms = ms(start);
