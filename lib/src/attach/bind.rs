@@ -4,7 +4,7 @@
 use super::journal::{DeviceRecord, LockedJournal, Step, Transaction};
 use super::liveness::process_identity;
 use super::persistence::persistence;
-use super::{AttachError, AttachRequest, Host, load_supported};
+use super::{Aftermath, AttachError, AttachRequest, Host, load_supported};
 use crate::failpoint::Failpoint;
 use crate::pci::valid_driver_name;
 use crate::vmm::{BootDevice, BootSpec};
@@ -168,6 +168,7 @@ impl Host {
                 return Err(AttachError::NotOnVfio {
                     device: rec.device,
                     driver: now.unwrap_or_else(|| "no driver".into()),
+                    aftermath: Aftermath::KeptInJournal,
                 });
             }
         }
@@ -183,7 +184,11 @@ impl Host {
             Failpoint::AfterNode.hit();
             let dir = self.sysfs.device_dir(rec.device);
             let report = if rec.passed {
-                Some(self.verifier.verify(&dir, group)?)
+                Some(
+                    self.verifier
+                        .verify(&dir, group)
+                        .map_err(AttachError::vfio)?,
+                )
             } else {
                 None
             };

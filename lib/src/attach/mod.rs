@@ -190,17 +190,19 @@ pub enum AttachError {
     },
     /// After `drivers_probe` the device is not on vfio-pci.
     #[error(
-        "{device} is on {driver} after drivers_probe, not vfio-pci; load the driver (modprobe vfio-pci) and retry; the transaction was rolled back"
+        "{device} is on {driver} after drivers_probe, not vfio-pci; load the driver (modprobe vfio-pci) and retry{aftermath}"
     )]
     NotOnVfio {
         /// The device.
         device: PciAddress,
         /// Its driver now (or `no driver`).
         driver: String,
+        /// What the failure left behind.
+        aftermath: Aftermath,
     },
     /// `/dev/vfio/<group>` did not appear in time.
     #[error(
-        "{node} did not appear within {waited:?} after binding group {group} to vfio-pci; check dmesg; the transaction was rolled back"
+        "{node} did not appear within {waited:?} after binding group {group} to vfio-pci; check dmesg{aftermath}"
     )]
     NoVfioNode {
         /// The node path.
@@ -209,10 +211,17 @@ pub enum AttachError {
         group: u32,
         /// How long we waited.
         waited: Duration,
+        /// What the failure left behind.
+        aftermath: Aftermath,
     },
-    /// The VFIO check failed (the transaction was rolled back).
-    #[error("the VFIO check failed; the transaction was rolled back")]
-    Vfio(#[from] VfioCheckError),
+    /// The VFIO check failed.
+    #[error("the VFIO check failed{aftermath}")]
+    Vfio {
+        /// Why.
+        source: VfioCheckError,
+        /// What the failure left behind.
+        aftermath: Aftermath,
+    },
     /// Rolling back failed too: the journal keeps the transaction for `reconcile`.
     #[error(
         "the attach failed and rolling it back failed too ({}); the journal keeps the transaction: fix the cause and reconcile",
@@ -275,9 +284,9 @@ pub enum AttachError {
     /// No such vGPU profile, or not enough room for it.
     #[error(transparent)]
     Vgpu(#[from] crate::vgpu::VgpuError),
-    /// A vGPU write did not take: the read-back differs (the transaction was rolled back).
+    /// A vGPU write did not take: the read-back differs.
     #[error(
-        "wrote `{wrote}` to {path} but read back `{read}`; the vGPU manager did not take it (check dmesg); the transaction was rolled back"
+        "wrote `{wrote}` to {path} but read back `{read}`; the vGPU manager did not take it (check dmesg){aftermath}"
     )]
     VgpuMismatch {
         /// The attribute.
@@ -286,6 +295,8 @@ pub enum AttachError {
         wrote: String,
         /// What was read back.
         read: String,
+        /// What the failure left behind.
+        aftermath: Aftermath,
     },
     /// A process holds one of the owner's vGPUs open: nothing was released.
     #[error("not releasing the vGPUs of owner {owner}: {}; stop that VM first (SIGTERM, then wait), then retry", .holders.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
@@ -311,7 +322,9 @@ pub enum AttachError {
     },
 }
 
-/// What a failed sysfs write left behind, said at the end of its message.
+/// What a failure on the way left behind, said at the end of its message: an attach that was
+/// rolled back, or a change the journal keeps (a detach or reconcile to rerun, a rollback that
+/// failed too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aftermath {
     /// An attach was rolled back: the host is as it was.
@@ -334,22 +347,23 @@ impl fmt::Display for Aftermath {
 
 impl AttachError {
     /// The same error, once its attach was rolled back.
-    fn rolled_back(self) -> AttachError {
-        match self {
-            AttachError::Write {
-                path,
-                value,
-                source,
-                hint,
-                ..
-            } => AttachError::Write {
-                path,
-                value,
-                source,
-                hint,
-                aftermath: Aftermath::RolledBack,
-            },
-            other => other,
+    fn rolled_back(mut self) -> AttachError {
+        match &mut self {
+            AttachError::Write { aftermath, .. }
+            | AttachError::NotOnVfio { aftermath, .. }
+            | AttachError::NoVfioNode { aftermath, .. }
+            | AttachError::Vfio { aftermath, .. }
+            | AttachError::VgpuMismatch { aftermath, .. } => *aftermath = Aftermath::RolledBack,
+            _ => {}
+        }
+        self
+    }
+
+    /// A failed VFIO check, before anything was rolled back.
+    pub(crate) fn vfio(source: VfioCheckError) -> AttachError {
+        AttachError::Vfio {
+            source,
+            aftermath: Aftermath::KeptInJournal,
         }
     }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{AttachError, Host};
+use super::{Aftermath, AttachError, Host};
 use crate::pci::PciAddress;
 
 impl Host {
@@ -35,6 +35,7 @@ impl Host {
                     node: self.dev_dir.join("vfio").join(group.to_string()),
                     group,
                     waited: self.vfio_wait,
+                    aftermath: Aftermath::KeptInJournal,
                 });
             }
             std::thread::sleep(Duration::from_millis(20));

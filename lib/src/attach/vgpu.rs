@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use super::holders::{self, Holder};
 use super::journal::{JournalError, LockedJournal, Transaction, VgpuRecord, VgpuStep};
 use super::liveness::process_identity;
-use super::{AttachError, Host};
+use super::{Aftermath, AttachError, Host};
 use crate::failpoint::Failpoint;
 use crate::health::HealthRecords;
 use crate::owner::Owner;
@@ -250,6 +250,7 @@ impl Host {
                             path,
                             wrote: rec.type_id.clone(),
                             read,
+                            aftermath: Aftermath::KeptInJournal,
                         });
                     }
                     (
@@ -278,6 +279,7 @@ impl Host {
                             path: dir.join("mdev_type"),
                             wrote: rec.type_id.clone(),
                             read: made,
+                            aftermath: Aftermath::KeptInJournal,
                         });
                     }
                     let group = fs::read_link(dir.join("iommu_group"))
@@ -288,14 +290,17 @@ impl Host {
                 (None, None) => continue,
             };
             let Some(group) = group else {
-                return Err(AttachError::Vfio(crate::vfio::VfioCheckError::Device {
+                return Err(AttachError::vfio(crate::vfio::VfioCheckError::Device {
                     device: dir,
                     detail: "the vGPU has no IOMMU group; is the NVIDIA vGPU manager loaded?"
                         .into(),
                 }));
             };
             let node = self.wait_node(group, None)?;
-            let report = self.verifier.verify(&dir, group)?;
+            let report = self
+                .verifier
+                .verify(&dir, group)
+                .map_err(AttachError::vfio)?;
             {
                 let r = &mut j.state.transactions[t].vgpus[i];
                 r.iommu_group = Some(group);
@@ -360,6 +365,7 @@ impl Host {
                 path,
                 wrote: value.into(),
                 read: "the vGPU still there".into(),
+                aftermath: Aftermath::KeptInJournal,
             });
         }
         Ok(true)
