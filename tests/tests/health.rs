@@ -458,3 +458,22 @@ fn the_device_plugin_seam_reads_the_health_records_and_fails_closed() {
         "an unreadable record fails closed"
     );
 }
+
+/// A control plane's own health source: attach asks it instead of the health records.
+#[test]
+fn attach_asks_the_hosts_quarantine_check() {
+    struct Gpu1Broken;
+    impl gpu_passthrough::quarantine::QuarantineCheck for Gpu1Broken {
+        fn is_quarantined(&self, device: PciAddress) -> bool {
+            device == a(GPU1)
+        }
+    }
+    let h = two_gpus("flr");
+    let host = h.host().with_quarantine(Box::new(Gpu1Broken));
+    let err = attach(&host, &[GPU1], "vm-1").unwrap_err();
+    let AttachError::Refused(r) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(r[0].reason, RefusalReason::Quarantined, "{err}");
+    assert_eq!(attach_gpus(&host, 1, "vm-2").unwrap(), [a(GPU2)]);
+}

@@ -21,8 +21,8 @@
 //! device's actual state: unbind from whatever it is on, restore `driver_override`, probe (or
 //! bind) the original driver. Detach also resets each device handed to the VM and verifies it
 //! once it is back with the host (see `reset.rs`; failures become [`crate::health`] events,
-//! recorded by `health_record.rs`), and placement refuses devices that
-//! [`crate::health::is_quarantined`] names.
+//! recorded by `health_record.rs`), and placement refuses devices the host's
+//! [`QuarantineCheck`] names (by default the health records, [`HealthRecords`]).
 //!
 //! One concern a file: `plan.rs` (what must move, every refusal), `devices.rs` (the listing),
 //! `bind.rs` (the bind transaction), `vgpu.rs` (vGPUs and mdevs: create, release),
@@ -75,8 +75,10 @@ pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use restore::RestoredDevice;
 pub use vgpu::VgpuAttachRequest;
 
+use crate::health::HealthRecords;
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{PciAddress, PciError, Sysfs};
+use crate::quarantine::QuarantineCheck;
 use crate::registry::ModuleFlavor;
 use crate::vfio::{RealVfio, VfioCheckError, VfioVerifier};
 
@@ -397,6 +399,8 @@ pub struct Host {
     kernel: Box<dyn Kernel>,
     verifier: Box<dyn VfioVerifier>,
     liveness: Box<dyn OwnerLiveness>,
+    /// Asked before a device or vGPU parent is handed out.
+    quarantine: Box<dyn QuarantineCheck>,
     vfio_wait: Duration,
 }
 
@@ -421,8 +425,12 @@ impl Host {
         state_dir: impl Into<PathBuf>,
         liveness: Box<dyn OwnerLiveness>,
     ) -> Host {
+        let state_dir = state_dir.into();
         let mut host = Host {
             sysfs: Sysfs::new(sysfs_root),
+            quarantine: Box::new(HealthRecords {
+                state_dir: state_dir.clone(),
+            }),
             journal: Journal::new(state_dir),
             dev_dir: PathBuf::from("/dev"),
             proc_root: PathBuf::from("/proc"),
@@ -473,6 +481,13 @@ impl Host {
     /// Replace the sysfs writer.
     pub fn with_kernel(mut self, kernel: Box<dyn Kernel>) -> Host {
         self.kernel = kernel;
+        self
+    }
+
+    /// Ask another health source whether a device is quarantined (by default the health
+    /// records in the state dir, [`HealthRecords`]).
+    pub fn with_quarantine(mut self, quarantine: Box<dyn QuarantineCheck>) -> Host {
+        self.quarantine = quarantine;
         self
     }
 

@@ -12,6 +12,7 @@ use super::{AttachError, Host, PlanRequest, load_supported};
 use crate::owner::Owner;
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{DeviceKind, PciAddress, PciDevice};
+use crate::quarantine::Standing;
 use crate::registry::ModuleFlavor;
 
 /// Why a device is in the plan.
@@ -87,26 +88,6 @@ pub enum RefusalReason {
     /// A vendor-VFIO vGPU function (a VF with `nvidia/current_vgpu_type`, or its PF): unbinding
     /// it breaks the driver's VFIO registration.
     VgpuFunction,
-}
-
-/// The quarantine refusal for `addr`, if any (an unreadable record refuses too).
-fn health_refusal(
-    state_dir: &std::path::Path,
-    addr: PciAddress,
-) -> Option<(RefusalReason, String)> {
-    match crate::health::is_quarantined(state_dir, addr) {
-        Ok(None) => None,
-        Ok(Some(q)) => Some((RefusalReason::Quarantined, q.summary())),
-        Err(e) => {
-            let mut msg = format!("{addr} cannot be checked for quarantine: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            Some((RefusalReason::HealthUnknown, msg))
-        }
-    }
 }
 
 /// A refusal: the device, the reason, and a message with the fix.
@@ -337,7 +318,7 @@ impl Host {
             self.refusals_for(state, req, gpus, &p, d, &mut plan);
         }
         for (parent, _) in plan.mdevs.clone() {
-            if let Some((reason, message)) = health_refusal(self.journal.dir(), parent) {
+            if let Some((reason, message)) = self.quarantine_refusal(parent) {
                 refuse(&mut plan, Some(parent), reason, message);
             }
             if let Some(owner) = state.bound_to(parent) {
@@ -401,7 +382,7 @@ impl Host {
             );
         }
         if p.passed
-            && let Some((reason, message)) = health_refusal(self.journal.dir(), addr)
+            && let Some((reason, message)) = self.quarantine_refusal(addr)
         {
             refuse(reason, message, None);
         }
@@ -511,6 +492,15 @@ impl Host {
                 ),
                 Some(_) => {}
             }
+        }
+    }
+
+    /// The quarantine refusal for `addr`, if any (health that cannot be told refuses too).
+    fn quarantine_refusal(&self, addr: PciAddress) -> Option<(RefusalReason, String)> {
+        match self.quarantine.standing(addr) {
+            Standing::InService => None,
+            Standing::Quarantined(why) => Some((RefusalReason::Quarantined, why)),
+            Standing::Unknown(why) => Some((RefusalReason::HealthUnknown, why)),
         }
     }
 

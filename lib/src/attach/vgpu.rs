@@ -20,7 +20,6 @@ use super::journal::{JournalError, LockedJournal, Transaction, VgpuRecord, VgpuS
 use super::liveness::process_identity;
 use super::{Aftermath, AttachError, Host};
 use crate::failpoint::Failpoint;
-use crate::health::HealthRecords;
 use crate::owner::Owner;
 use crate::pci::PciAddress;
 use crate::vgpu::{self, Catalogue, Framework, ModelTotals, PlaceRequest, Placement};
@@ -67,13 +66,7 @@ impl Host {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let cat = vgpu::catalogue_with(
-            &self.sysfs,
-            &HealthRecords {
-                state_dir: self.journal.dir().to_owned(),
-            },
-            &mut totals,
-        );
+        let cat = vgpu::catalogue_with(&self.sysfs, self.quarantine.as_ref(), &mut totals);
         (cat, totals)
     }
 

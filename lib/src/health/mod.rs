@@ -34,7 +34,7 @@ pub use store::{
 
 use crate::owner::Owner;
 use crate::pci::PciAddress;
-pub use crate::quarantine::{NoQuarantine, QuarantineCheck};
+pub use crate::quarantine::{NoQuarantine, QuarantineCheck, Standing};
 
 /// Errors of the health records.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +98,17 @@ pub struct HealthRecords {
 impl QuarantineCheck for HealthRecords {
     fn is_quarantined(&self, device: PciAddress) -> bool {
         !matches!(is_quarantined(&self.state_dir, device), Ok(None))
+    }
+
+    fn standing(&self, device: PciAddress) -> Standing {
+        match is_quarantined(&self.state_dir, device) {
+            Ok(None) => Standing::InService,
+            Ok(Some(q)) => Standing::Quarantined(q.summary()),
+            Err(e) => Standing::Unknown(format!(
+                "{device} cannot be checked for quarantine: {}",
+                crate::error_chain(&e)
+            )),
+        }
     }
 }
 
