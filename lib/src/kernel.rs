@@ -2,7 +2,7 @@
 //! a kernel that reacts.
 //!
 //! On a real host ([`RealKernel`]) a write is a plain write to the sysfs attribute and Linux does
-//! the rest. Tests swap in the simulated kernel of [`crate::simulation`] (cargo feature
+//! the rest. Tests swap in the simulated kernel of `crate::simulation` (cargo feature
 //! `simulation`, never in a shipped build).
 
 use std::fs;

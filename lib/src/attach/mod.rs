@@ -418,7 +418,7 @@ impl Host {
     /// A host over `sysfs_root` (`/sys`) keeping its journal in `state_dir`; devices in `/dev`.
     ///
     /// With the cargo feature `simulation` (tests only), a sysfs root holding
-    /// [`crate::simulation::SIMULATION_MARKER`] gets the simulated kernel and VFIO check; without
+    /// `crate::simulation::SIMULATION_MARKER` gets the simulated kernel and VFIO check; without
     /// it, every root gets the real ones.
     pub fn new(
         sysfs_root: impl Into<PathBuf>,
