@@ -39,6 +39,8 @@ impl Host {
         Ok(report)
     }
 
+    /// Release attachment `i` of the locked journal: its vGPUs, then its devices, each step
+    /// saved, so a failure leaves the rest recorded for a rerun.
     pub(super) fn release(
         &self,
         j: &mut LockedJournal,
