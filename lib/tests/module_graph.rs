@@ -422,8 +422,22 @@ fn every_import_points_down_the_table() {
             .unwrap();
         }
     }
+    let edges = all_edges(&root);
+    for (scope, from, to) in PENDING_REMOVAL {
+        if !edges
+            .iter()
+            .any(|(e, _)| e.scope == *scope && e.from == *from && e.to == *to)
+        {
+            writeln!(
+                problems,
+                "PENDING_REMOVAL in {} lists [{scope}] {from} -> {to}, which is gone: delete that line",
+                file!()
+            )
+            .unwrap();
+        }
+    }
     let mut seen = BTreeSet::new();
-    for (edge, import) in all_edges(&root) {
+    for (edge, import) in edges {
         let pending = PENDING_REMOVAL
             .iter()
             .any(|(s, f, t)| *s == edge.scope && *f == edge.from && *t == edge.to);
