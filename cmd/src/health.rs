@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gpu_passthrough::attach::Owner;
+use gpu_passthrough::attach::{Owner, ingest_console};
 use gpu_passthrough::health::{self, HealthStore};
 
 use crate::Global;
@@ -53,7 +53,7 @@ pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
         Some(HealthCommand::Scan { console }) => emit_lines(global, &health::scan_file(console)?),
         Some(HealthCommand::Ingest { owner: o, console }) => emit_text(
             global,
-            &health::ingest(&global.state_dir, &Owner::new(o)?, console)?,
+            &ingest_console(&global.state_dir, &Owner::new(o)?, console)?,
         ),
         Some(HealthCommand::Clear(arg)) => emit_text(global, &store.clear(arg.device.parse()?)?),
     }

@@ -75,7 +75,8 @@ pub struct Selection {
     /// Allow moving the host's boot display.
     #[arg(long)]
     allow_boot_vga: bool,
-    /// vGPU: create an mdev of this type on each device instead of binding it.
+    /// vGPU: create an mdev of this type on each device instead of binding it (journaled and
+    /// released like --vgpu).
     #[arg(long, value_name = "TYPE")]
     mdev_type: Option<String>,
     /// Put the GPUs in one P2P clique even when they are not behind one PCIe switch.

@@ -62,7 +62,7 @@ fn a_failure_at_every_step_rolls_back_to_the_original_drivers() {
         let err = h.host().attach(&request()).unwrap_err();
         match (fault.as_str(), &err) {
             ("no-vfio-node", AttachError::NoVfioNode { group: 12, .. }) => {}
-            (f, AttachError::Vfio(_)) if f.contains("verify") => {}
+            (f, AttachError::Vfio { .. }) if f.contains("verify") => {}
             (f, AttachError::Write { path, .. }) => {
                 let attr = f.split_whitespace().nth(1).unwrap();
                 assert!(path.ends_with(attr), "{f}: failed on {}", path.display());
@@ -87,6 +87,17 @@ fn a_failed_rollback_is_repaired_by_reconcile() {
     let err = h.host().attach(&request()).unwrap_err();
     assert!(matches!(err, AttachError::RollbackFailed { .. }), "{err}");
     assert!(err.to_string().contains("reconcile"));
+    // The cause stays typed, and nothing in the chain claims a rollback.
+    let cause = std::error::Error::source(&err).expect("the cause is the source");
+    assert!(
+        matches!(
+            cause.downcast_ref::<Box<AttachError>>().map(|b| b.as_ref()),
+            Some(AttachError::Vfio { .. })
+        ),
+        "{cause}"
+    );
+    let chain = gpu_passthrough::error_chain(&err);
+    assert!(!chain.contains("was rolled back"), "{chain}");
     let j = h.journal().unwrap();
     assert_eq!(j["transactions"].as_array().unwrap().len(), 1);
     let r = h.host().reconcile().unwrap();

@@ -308,7 +308,6 @@ fn record(
         owner: owner.clone(),
         owner_process: None,
         devices: Vec::new(),
-        mdevs: Vec::new(),
         vgpus: Vec::new(),
     };
     for att in j
@@ -332,7 +331,7 @@ fn record(
 }
 
 fn is_empty(a: &Attachment) -> bool {
-    a.devices.is_empty() && a.mdevs.is_empty() && a.vgpus.is_empty()
+    a.devices.is_empty() && a.vgpus.is_empty()
 }
 
 /// Allocate vGPUs of `resource`: each ID names a verified vGPU of the plugin's pool (or of an

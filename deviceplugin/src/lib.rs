@@ -12,6 +12,7 @@
 //!   start-up pass that adopts or prepares GPUs.
 //! - [`allocate`]: the group re-check and the journal record of an allocation.
 //! - [`preferred`]: GetPreferredAllocation's choice (one NUMA node, then one PCIe switch).
+//! - [`served`]: a served device and its problems, as `inventory` and `vgpu` both report them.
 //! - [`vgpu`]: the vGPUs the library created for the plugin's pool, on both NVIDIA frameworks.
 //! - [`api`]: the generated v1beta1 messages, servers and clients.
 //!
@@ -23,6 +24,7 @@ pub mod allocate;
 pub mod inventory;
 pub mod naming;
 pub mod preferred;
+pub mod served;
 mod server;
 pub mod vgpu;
 
@@ -48,7 +50,8 @@ pub const API_VERSION: &str = "v1beta1";
 
 /// The quarantine seam (from the library): a quarantined device is reported `Unhealthy` and
 /// never allocated.
-pub use gpu_passthrough::health::{HealthRecords, NoQuarantine, QuarantineCheck as Quarantine};
+pub use gpu_passthrough::health::HealthRecords;
+pub use gpu_passthrough::quarantine::{NoQuarantine, QuarantineCheck as Quarantine};
 
 /// Errors of the plugin.
 #[derive(Debug, thiserror::Error)]

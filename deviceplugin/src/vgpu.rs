@@ -15,8 +15,8 @@ use gpu_passthrough::pci::Sysfs;
 use gpu_passthrough::vgpu::Framework;
 
 use crate::Quarantine;
-use crate::inventory::{Problem, ServedDevice, switch_of};
 use crate::naming::{DOMAIN, ResourceKind};
+use crate::served::{Problem, ServedDevice, switch_of};
 
 /// The resource name of a profile.
 pub fn resource_name(profile: &str) -> String {

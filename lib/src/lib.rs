@@ -15,6 +15,9 @@
 //! - [`paths`]: default locations (cache, state dir, sysfs).
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
+//! - [`owner`]: who holds devices ([`owner::Owner`]), named by every record and report.
+//! - [`quarantine`]: the question an allocator asks before handing a device out.
+//! - [`kernel`]: the sysfs writer every host change goes through (swapped for the simulation).
 //! - [`vfio`]: check a bound device through VFIO the way a VMM will open it.
 //! - [`health`]: NVIDIA fault classification, per-device health records, quarantine.
 //! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
@@ -41,11 +44,14 @@ mod fsutil;
 pub mod health;
 pub mod initrd;
 pub mod inspect;
+pub mod kernel;
 pub mod modinfo;
 pub mod outcome;
+pub mod owner;
 pub mod paths;
 pub mod pci;
 pub mod provision;
+pub mod quarantine;
 pub mod registry;
 pub mod remedy;
 #[cfg(feature = "simulation")]

@@ -391,7 +391,9 @@ fn vgpu_host_creates_and_removes_only_its_mdev() {
         .join("bus/pci/devices/0000:3d:00.0/mdev_supported_types/nvidia-735/available_instances");
     assert_eq!(std::fs::read_to_string(&avail).unwrap().trim(), "3");
     let r = host.detach(&owner("vm-v")).unwrap();
-    assert_eq!(r.removed_mdevs, std::slice::from_ref(&uuid));
+    // One record type for every mdev: `--mdev-type` is released like `--vgpu`.
+    assert_eq!(r.released_vgpus.len(), 1);
+    assert!(r.released_vgpus[0].contains(&uuid), "{r:?}");
     assert!(!h.sys.join("bus/mdev/devices").join(&uuid).exists());
     assert!(foreign.exists());
     assert_eq!(std::fs::read_to_string(&avail).unwrap().trim(), "4");
@@ -495,4 +497,67 @@ fn a_named_group_member_moves_and_other_members_are_held_not_passed() {
     assert_eq!(h.driver("0000:05:00.0"), None, "it had no driver");
     assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("igb"));
     assert!(h.journal_clean());
+}
+
+/// A journal written by a release that kept `attach --mdev-type` mdevs in their own `mdevs`
+/// lists still releases them: detach removes the committed one, reconcile the one an abandoned
+/// transaction created.
+#[test]
+fn a_journal_with_mdev_records_of_an_earlier_release_is_released() {
+    let h = sysfs::vgpu_host();
+    let host = h.host();
+    let mreq = PlanRequest {
+        mdev_type: Some("nvidia-735".into()),
+        ..req(&["0000:3d:00.0"])
+    };
+    let mut uuids = Vec::new();
+    for who in ["vm-old", "vm-crashed"] {
+        let spec = host
+            .attach(&AttachRequest {
+                plan: mreq.clone(),
+                owner: owner(who),
+                initrd: None,
+            })
+            .unwrap();
+        uuids.push(spec.devices[0].mdev_uuid.clone().unwrap());
+    }
+    let group = |u: &str| {
+        std::fs::read_link(h.sys.join("bus/mdev/devices").join(u).join("iommu_group"))
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+    };
+    // The shape that release wrote: no `vgpus`, the mdev in `mdevs`.
+    let mdev = |u: &str, verified: bool| {
+        serde_json::json!({
+            "parent": "0000:3d:00.0", "mdev_type": "nvidia-735", "uuid": u,
+            "iommu_group": group(u), "verified": verified,
+        })
+    };
+    let old = serde_json::json!({
+        "version": 1,
+        "transactions": [{
+            "owner": "vm-crashed", "pid": 1, "devices": [], "mdevs": [mdev(&uuids[1], false)],
+        }],
+        "attachments": [{
+            "owner": "vm-old", "devices": [], "mdevs": [mdev(&uuids[0], true)],
+        }],
+    });
+    std::fs::write(
+        h.state.join("journal.json"),
+        serde_json::to_vec_pretty(&old).unwrap(),
+    )
+    .unwrap();
+    let r = host.detach(&owner("vm-old")).unwrap();
+    assert_eq!(r.released_vgpus.len(), 1, "{r:?}");
+    assert!(!h.sys.join("bus/mdev/devices").join(&uuids[0]).exists());
+    let r = host.reconcile().unwrap();
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert!(!h.sys.join("bus/mdev/devices").join(&uuids[1]).exists());
+    assert!(h.journal_clean());
+    assert_eq!(h.mdevs().len(), 0);
 }

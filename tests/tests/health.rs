@@ -4,7 +4,7 @@
 use std::fs;
 
 use gpu_passthrough::attach::{
-    AttachError, AttachRequest, Host, Owner, PlanRequest, RefusalReason, ResetOutcome,
+    self, AttachError, AttachRequest, Host, Owner, PlanRequest, RefusalReason, ResetOutcome,
 };
 use gpu_passthrough::health::{self, FaultKind, HealthError, HealthStore};
 use gpu_passthrough::pci::PciAddress;
@@ -310,7 +310,7 @@ fn ingested_consoles_quarantine_and_gpus_n_skips_the_device() {
              [  9.0] NVRM: Xid (PCI:0000:00:05): 79, pid=9, GPU has fallen off the bus.\n",
         )
         .unwrap();
-        let report = health::ingest(&h.state, &owner(who), &console).unwrap();
+        let report = attach::ingest_console(&h.state, &owner(who), &console).unwrap();
         assert_eq!(report.faults.len(), 2);
         assert_eq!(
             report.recorded.len(),
@@ -321,7 +321,7 @@ fn ingested_consoles_quarantine_and_gpus_n_skips_the_device() {
         assert_eq!(report.recorded[0].fault.xid, Some(79));
         // Ingesting the same log again adds nothing.
         assert!(
-            health::ingest(&h.state, &owner(who), &console)
+            attach::ingest_console(&h.state, &owner(who), &console)
                 .unwrap()
                 .recorded
                 .is_empty()
@@ -336,8 +336,12 @@ fn ingested_consoles_quarantine_and_gpus_n_skips_the_device() {
         "{err}"
     );
     // An owner that never held anything has no devices to map to.
-    let e = health::ingest(&h.state, &owner("vm-z"), &dir.path().join("vm-a.log")).unwrap_err();
-    assert!(matches!(e, HealthError::NoHistory(_)), "{e}");
+    let e =
+        attach::ingest_console(&h.state, &owner("vm-z"), &dir.path().join("vm-a.log")).unwrap_err();
+    assert!(
+        matches!(e, AttachError::Health(HealthError::NoHistory(_))),
+        "{e}"
+    );
 }
 
 #[test]
@@ -453,4 +457,23 @@ fn the_device_plugin_seam_reads_the_health_records_and_fails_closed() {
         q.is_quarantined(a(GPU2)),
         "an unreadable record fails closed"
     );
+}
+
+/// A control plane's own health source: attach asks it instead of the health records.
+#[test]
+fn attach_asks_the_hosts_quarantine_check() {
+    struct Gpu1Broken;
+    impl gpu_passthrough::quarantine::QuarantineCheck for Gpu1Broken {
+        fn is_quarantined(&self, device: PciAddress) -> bool {
+            device == a(GPU1)
+        }
+    }
+    let h = two_gpus("flr");
+    let host = h.host().with_quarantine(Box::new(Gpu1Broken));
+    let err = attach(&host, &[GPU1], "vm-1").unwrap_err();
+    let AttachError::Refused(r) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(r[0].reason, RefusalReason::Quarantined, "{err}");
+    assert_eq!(attach_gpus(&host, 1, "vm-2").unwrap(), [a(GPU2)]);
 }

@@ -113,7 +113,7 @@ fn an_adopted_device_stays_on_vfio_when_the_vfio_check_fails() {
     // EBUSY from VFIO: another VMM has the group open (the simulation's injected failure).
     h.inject("fail-once verify");
     let err = attach(&h.host(), &["0000:05:00.0"], "vm").unwrap_err();
-    assert!(matches!(err, AttachError::Vfio(_)), "{err}");
+    assert!(matches!(err, AttachError::Vfio { .. }), "{err}");
     assert_eq!(h.driver("0000:05:00.0").as_deref(), Some("vfio-pci"));
     assert!(
         h.dev.join("vfio/3").exists(),
@@ -233,7 +233,6 @@ fn reconcile_does_not_roll_back_an_abandoned_transaction_whose_device_is_held() 
             pid: 1,
             owner_process: None,
             devices,
-            mdevs: Vec::new(),
             vgpus: Vec::new(),
         });
         j.save().unwrap();

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
-use super::{Owner, ProcessIdentity};
+use super::liveness::ProcessIdentity;
+use crate::health::HeldDevices;
+use crate::owner::Owner;
 use crate::pci::PciAddress;
 
 /// Errors reading or writing the journal.
@@ -91,19 +93,37 @@ pub struct DeviceRecord {
     pub step: Step,
 }
 
-/// An mdev created for an owner.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MdevRecord {
-    /// The parent device.
-    pub parent: PciAddress,
-    /// The mdev type id.
-    pub mdev_type: String,
-    /// The mdev UUID.
-    pub uuid: String,
-    /// IOMMU group of the mdev, once created.
-    pub iommu_group: Option<u32>,
+/// An mdev as releases before mdevs became [`VgpuRecord`]s recorded it (`attach --mdev-type`,
+/// the `mdevs` list): read from such a journal and turned into a vGPU record of the mdev
+/// framework at once, never written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+struct LegacyMdevRecord {
+    parent: PciAddress,
+    mdev_type: String,
+    uuid: String,
+    iommu_group: Option<u32>,
     /// Verified: past the point of no return.
-    pub verified: bool,
+    verified: bool,
+}
+
+impl From<LegacyMdevRecord> for VgpuRecord {
+    fn from(m: LegacyMdevRecord) -> VgpuRecord {
+        VgpuRecord {
+            framework: crate::vgpu::Framework::Mdev,
+            parent: m.parent,
+            profile: m.mdev_type.clone(),
+            type_id: m.mdev_type,
+            vf: None,
+            uuid: Some(m.uuid),
+            iommu_group: m.iommu_group,
+            // Unverified: the create may or may not have happened; release looks.
+            step: if m.verified {
+                VgpuStep::Verified
+            } else {
+                VgpuStep::Creating
+            },
+        }
+    }
 }
 
 /// How far the creation of a vGPU got (the last step begun).
@@ -139,8 +159,20 @@ pub struct VgpuRecord {
     pub step: VgpuStep,
 }
 
+impl VgpuRecord {
+    /// A name for people: `NVIDIA L40S-4Q on 0000:61:00.4` or `... mdev UUID on PARENT`.
+    pub fn label(&self) -> String {
+        match (&self.vf, &self.uuid) {
+            (Some(vf), _) => format!("{} on {vf}", self.profile),
+            (None, Some(u)) => format!("{} mdev {u} on {}", self.profile, self.parent),
+            _ => self.profile.clone(),
+        }
+    }
+}
+
 /// A transaction in flight.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "TransactionOnDisk")]
 pub struct Transaction {
     /// Who the devices are for.
     pub owner: Owner,
@@ -151,15 +183,44 @@ pub struct Transaction {
     pub owner_process: Option<ProcessIdentity>,
     /// Devices, in the order they are moved.
     pub devices: Vec<DeviceRecord>,
-    /// mdevs, in the order they are created.
-    pub mdevs: Vec<MdevRecord>,
-    /// vGPUs (`attach --vgpu`), in the order they are created.
-    #[serde(default)]
+    /// vGPUs and mdevs (`attach --vgpu`, `attach --mdev-type`), in the order they are created.
     pub vgpus: Vec<VgpuRecord>,
 }
 
-/// Devices (and mdevs) held for an owner.
+/// A [`Transaction`] as any release wrote it.
+#[derive(Deserialize)]
+struct TransactionOnDisk {
+    owner: Owner,
+    pid: u32,
+    #[serde(default)]
+    owner_process: Option<ProcessIdentity>,
+    devices: Vec<DeviceRecord>,
+    #[serde(default)]
+    mdevs: Vec<LegacyMdevRecord>,
+    #[serde(default)]
+    vgpus: Vec<VgpuRecord>,
+}
+
+impl From<TransactionOnDisk> for Transaction {
+    fn from(t: TransactionOnDisk) -> Transaction {
+        Transaction {
+            owner: t.owner,
+            pid: t.pid,
+            owner_process: t.owner_process,
+            devices: t.devices,
+            vgpus: t
+                .mdevs
+                .into_iter()
+                .map(VgpuRecord::from)
+                .chain(t.vgpus)
+                .collect(),
+        }
+    }
+}
+
+/// Devices (and vGPUs) held for an owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "AttachmentOnDisk")]
 pub struct Attachment {
     /// The owner.
     pub owner: Owner,
@@ -169,11 +230,37 @@ pub struct Attachment {
     pub owner_process: Option<ProcessIdentity>,
     /// Devices bound to vfio-pci for it.
     pub devices: Vec<DeviceRecord>,
-    /// mdevs created for it.
-    pub mdevs: Vec<MdevRecord>,
-    /// vGPUs created for it.
-    #[serde(default)]
+    /// vGPUs and mdevs created for it.
     pub vgpus: Vec<VgpuRecord>,
+}
+
+/// An [`Attachment`] as any release wrote it.
+#[derive(Deserialize)]
+struct AttachmentOnDisk {
+    owner: Owner,
+    #[serde(default)]
+    owner_process: Option<ProcessIdentity>,
+    devices: Vec<DeviceRecord>,
+    #[serde(default)]
+    mdevs: Vec<LegacyMdevRecord>,
+    #[serde(default)]
+    vgpus: Vec<VgpuRecord>,
+}
+
+impl From<AttachmentOnDisk> for Attachment {
+    fn from(a: AttachmentOnDisk) -> Attachment {
+        Attachment {
+            owner: a.owner,
+            owner_process: a.owner_process,
+            devices: a.devices,
+            vgpus: a
+                .mdevs
+                .into_iter()
+                .map(VgpuRecord::from)
+                .chain(a.vgpus)
+                .collect(),
+        }
+    }
 }
 
 /// Everything in the journal.
@@ -189,6 +276,17 @@ pub struct JournalState {
     /// faults a VM reports later are mapped to the devices it had.
     #[serde(default)]
     pub history: Vec<HistoryEntry>,
+}
+
+impl HistoryEntry {
+    /// What the owner's VM had, for [`crate::health::ingest`].
+    pub fn held(&self) -> HeldDevices {
+        HeldDevices {
+            owner: self.owner.clone(),
+            devices: self.devices.clone(),
+            gpus: self.gpus.clone(),
+        }
+    }
 }
 
 /// How many [`HistoryEntry`]s the journal keeps.
@@ -234,6 +332,22 @@ impl JournalState {
             })
     }
 
+    /// The owner that has `device` itself on vfio-pci (attached or mid-transaction); vGPUs
+    /// and mdevs on it do not count (more may be created there).
+    pub fn bound_to(&self, device: PciAddress) -> Option<&Owner> {
+        let bound = |d: &DeviceRecord| d.device == device;
+        self.attachments
+            .iter()
+            .find(|a| a.devices.iter().any(bound))
+            .map(|a| &a.owner)
+            .or_else(|| {
+                self.transactions
+                    .iter()
+                    .find(|t| t.devices.iter().any(bound))
+                    .map(|t| &t.owner)
+            })
+    }
+
     /// The newest hold of `owner` (attached now, or the last one it had).
     pub fn last_held(&self, owner: &Owner) -> Option<&HistoryEntry> {
         self.history.iter().rev().find(|h| &h.owner == owner)
@@ -257,6 +371,28 @@ impl JournalState {
         let now = unix_now();
         for h in self.history.iter_mut().filter(|h| &h.owner == owner) {
             h.until.get_or_insert(now);
+        }
+    }
+
+    /// Move a finished transaction into its owner's attachment.
+    pub fn commit(&mut self, txn: Transaction) {
+        let Transaction {
+            owner,
+            owner_process,
+            devices,
+            vgpus,
+            ..
+        } = txn;
+        if let Some(a) = self.attachments.iter_mut().find(|a| a.owner == owner) {
+            a.devices.extend(devices);
+            a.vgpus.extend(vgpus);
+        } else {
+            self.attachments.push(Attachment {
+                owner,
+                owner_process,
+                devices,
+                vgpus,
+            });
         }
     }
 

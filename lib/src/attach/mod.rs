@@ -20,115 +20,67 @@
 //! writes and recorded as having no other driver. Detach and rollback undo this from the
 //! device's actual state: unbind from whatever it is on, restore `driver_override`, probe (or
 //! bind) the original driver. Detach also resets each device handed to the VM and verifies it
-//! once it is back with the host (see `reset.rs`; failures become [`crate::health`] events), and
-//! placement refuses devices that [`crate::health::is_quarantined`] names.
+//! once it is back with the host (see `reset.rs`; failures become [`crate::health`] events,
+//! recorded by `health_record.rs`), and placement refuses devices the host's
+//! [`QuarantineCheck`] names (by default the health records, [`HealthRecords`]).
+//!
+//! One concern a file: `plan.rs` (what must move, every refusal), `devices.rs` (the listing),
+//! `bind.rs` (the bind transaction), `vgpu.rs` (vGPUs and mdevs: create, release),
+//! `restore.rs` (a device back to its driver, rollback), `detach.rs`, `reconcile.rs`,
+//! `boot.rs` (the boot spec), `vfio_node.rs` (waiting for the node), `persistence.rs`
+//! (`nvidia-smi`), `reset.rs`, `health_record.rs`, `journal.rs`, `guard.rs`, `holders.rs`,
+//! `liveness.rs`, `doctor.rs`, `driver_fit.rs`.
 //!
 //! vGPUs ([`Host::attach_vgpu`], `vgpu.rs`) are created in the same journal without moving any
-//! device: a type ID written to a vendor-VFIO VF, or an mdev created from a UUID; detach and
+//! device: a type ID written to a vendor-VFIO VF, or an mdev created from a UUID (also what
+//! [`PlanRequest::mdev_type`] asks for: one record type, [`journal::VgpuRecord`]); detach and
 //! reconcile release them only when no process holds them open.
 
+mod bind;
+mod boot;
+mod detach;
+mod devices;
 mod doctor;
 pub mod driver_fit;
 mod guard;
+mod health_record;
 pub mod holders;
 pub mod journal;
-pub mod kernel;
 mod liveness;
+mod persistence;
 mod plan;
+mod reconcile;
 mod reset;
-mod transaction;
+mod restore;
+mod vfio_node;
 mod vgpu;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::Serialize;
 
+pub use crate::kernel::{self, Kernel, RealKernel};
+pub use crate::owner::{Owner, OwnerError};
+pub use detach::DetachReport;
+pub use devices::{DeviceListing, DeviceReport};
 pub use doctor::{Check, CheckStatus, DoctorReport};
+pub use health_record::ingest_console;
 pub use journal::{Journal, JournalError, JournalState};
-pub use kernel::{Kernel, RealKernel};
 pub use liveness::{PidLiveness, ProcessIdentity, process_identity};
-pub use plan::{
-    DeviceListing, DeviceReport, Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite,
-};
+pub use plan::{Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
+pub use reconcile::{HeldDevice, ReconcileReport};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
-pub use transaction::{DetachReport, HeldDevice, ReconcileReport, RestoredDevice};
+pub use restore::RestoredDevice;
 pub use vgpu::VgpuAttachRequest;
 
+use crate::health::HealthRecords;
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{PciAddress, PciError, Sysfs};
+use crate::quarantine::QuarantineCheck;
 use crate::registry::ModuleFlavor;
 use crate::vfio::{RealVfio, VfioCheckError, VfioVerifier};
-
-/// Who holds attached devices: a validated string (it ends up in journal records).
-///
-/// 1–128 characters from `A–Z a–z 0–9 . _ - : @`, not `.` or `..`, no `/`. The CLI's liveness
-/// check understands `pid:N`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Owner(String);
-
-/// Why a string is not a valid owner.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid owner `{0}`: use 1-128 characters from A-Z a-z 0-9 . _ - : @ (e.g. `vm-42` or `pid:1234`)"
-)]
-pub struct OwnerError(pub String);
-
-impl Owner {
-    /// Validate an owner string.
-    pub fn new(s: &str) -> Result<Owner, OwnerError> {
-        let ok = !s.is_empty()
-            && s.len() <= 128
-            && s != "."
-            && !s.contains("..")
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@'));
-        if ok {
-            Ok(Owner(s.to_owned()))
-        } else {
-            Err(OwnerError(
-                s.chars().take(40).flat_map(char::escape_default).collect(),
-            ))
-        }
-    }
-
-    /// The owner string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The process ID of a `pid:N` owner.
-    pub fn pid(&self) -> Option<u32> {
-        self.0.strip_prefix("pid:")?.parse().ok()
-    }
-}
-
-impl fmt::Display for Owner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for Owner {
-    type Err = OwnerError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Owner::new(s)
-    }
-}
-
-impl Serialize for Owner {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Owner {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Owner::new(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-}
 
 /// Whether an owner still exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -216,8 +168,8 @@ pub enum AttachError {
         /// How many are free.
         free: usize,
     },
-    /// A sysfs write failed (the transaction was rolled back).
-    #[error("writing `{value}` to {path} failed; the transaction was rolled back{hint}")]
+    /// A sysfs write failed.
+    #[error("writing `{value}` to {path} failed{hint}{aftermath}")]
     Write {
         /// The attribute.
         path: PathBuf,
@@ -227,20 +179,32 @@ pub enum AttachError {
         source: std::io::Error,
         /// A fix, if known.
         hint: String,
+        /// What the failure left behind.
+        aftermath: Aftermath,
+    },
+    /// No UUID for a new mdev.
+    #[error("cannot read a UUID for the new mdev from {path}; nothing was created")]
+    Uuid {
+        /// The kernel's UUID source.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
     },
     /// After `drivers_probe` the device is not on vfio-pci.
     #[error(
-        "{device} is on {driver} after drivers_probe, not vfio-pci; load the driver (modprobe vfio-pci) and retry; the transaction was rolled back"
+        "{device} is on {driver} after drivers_probe, not vfio-pci; load the driver (modprobe vfio-pci) and retry{aftermath}"
     )]
     NotOnVfio {
         /// The device.
         device: PciAddress,
         /// Its driver now (or `no driver`).
         driver: String,
+        /// What the failure left behind.
+        aftermath: Aftermath,
     },
     /// `/dev/vfio/<group>` did not appear in time.
     #[error(
-        "{node} did not appear within {waited:?} after binding group {group} to vfio-pci; check dmesg; the transaction was rolled back"
+        "{node} did not appear within {waited:?} after binding group {group} to vfio-pci; check dmesg{aftermath}"
     )]
     NoVfioNode {
         /// The node path.
@@ -249,19 +213,28 @@ pub enum AttachError {
         group: u32,
         /// How long we waited.
         waited: Duration,
+        /// What the failure left behind.
+        aftermath: Aftermath,
     },
-    /// The VFIO check failed (the transaction was rolled back).
-    #[error("the VFIO check failed; the transaction was rolled back")]
-    Vfio(#[from] VfioCheckError),
+    /// The VFIO check failed.
+    #[error("the VFIO check failed{aftermath}")]
+    Vfio {
+        /// Why.
+        source: VfioCheckError,
+        /// What the failure left behind.
+        aftermath: Aftermath,
+    },
     /// Rolling back failed too: the journal keeps the transaction for `reconcile`.
     #[error(
-        "{cause}; rolling back also failed ({rollback}); the journal keeps the transaction: fix the cause and reconcile"
+        "the attach failed and rolling it back failed too ({}); the journal keeps the transaction: fix the cause and reconcile",
+        crate::error_chain(.rollback.as_ref())
     )]
     RollbackFailed {
         /// The original failure.
-        cause: String,
+        #[source]
+        cause: Box<AttachError>,
         /// The rollback failure.
-        rollback: String,
+        rollback: Box<AttachError>,
     },
     /// Restoring a device's driver failed.
     #[error(
@@ -313,9 +286,9 @@ pub enum AttachError {
     /// No such vGPU profile, or not enough room for it.
     #[error(transparent)]
     Vgpu(#[from] crate::vgpu::VgpuError),
-    /// A vGPU write did not take: the read-back differs (the transaction was rolled back).
+    /// A vGPU write did not take: the read-back differs.
     #[error(
-        "wrote `{wrote}` to {path} but read back `{read}`; the vGPU manager did not take it (check dmesg); the transaction was rolled back"
+        "wrote `{wrote}` to {path} but read back `{read}`; the vGPU manager did not take it (check dmesg){aftermath}"
     )]
     VgpuMismatch {
         /// The attribute.
@@ -324,6 +297,8 @@ pub enum AttachError {
         wrote: String,
         /// What was read back.
         read: String,
+        /// What the failure left behind.
+        aftermath: Aftermath,
     },
     /// A process holds one of the owner's vGPUs open: nothing was released.
     #[error("not releasing the vGPUs of owner {owner}: {}; stop that VM first (SIGTERM, then wait), then retry", .holders.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
@@ -349,7 +324,51 @@ pub enum AttachError {
     },
 }
 
+/// What a failure on the way left behind, said at the end of its message: an attach that was
+/// rolled back, or a change the journal keeps (a detach or reconcile to rerun, a rollback that
+/// failed too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aftermath {
+    /// An attach was rolled back: the host is as it was.
+    RolledBack,
+    /// The journal keeps the transaction or attachment: rerun the command, or reconcile, once
+    /// the cause is fixed.
+    KeptInJournal,
+}
+
+impl fmt::Display for Aftermath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Aftermath::RolledBack => "; the transaction was rolled back",
+            Aftermath::KeptInJournal => {
+                "; the journal keeps it: fix the cause, then rerun the command or reconcile"
+            }
+        })
+    }
+}
+
 impl AttachError {
+    /// The same error, once its attach was rolled back.
+    fn rolled_back(mut self) -> AttachError {
+        match &mut self {
+            AttachError::Write { aftermath, .. }
+            | AttachError::NotOnVfio { aftermath, .. }
+            | AttachError::NoVfioNode { aftermath, .. }
+            | AttachError::Vfio { aftermath, .. }
+            | AttachError::VgpuMismatch { aftermath, .. } => *aftermath = Aftermath::RolledBack,
+            _ => {}
+        }
+        self
+    }
+
+    /// A failed VFIO check, before anything was rolled back.
+    pub(crate) fn vfio(source: VfioCheckError) -> AttachError {
+        AttachError::Vfio {
+            source,
+            aftermath: Aftermath::KeptInJournal,
+        }
+    }
+
     /// Whether a safety rule or the request itself was refused (nothing was changed), as
     /// opposed to a failure on the way.
     pub fn is_refusal(&self) -> bool {
@@ -380,6 +399,8 @@ pub struct Host {
     kernel: Box<dyn Kernel>,
     verifier: Box<dyn VfioVerifier>,
     liveness: Box<dyn OwnerLiveness>,
+    /// Asked before a device or vGPU parent is handed out.
+    quarantine: Box<dyn QuarantineCheck>,
     vfio_wait: Duration,
 }
 
@@ -397,15 +418,19 @@ impl Host {
     /// A host over `sysfs_root` (`/sys`) keeping its journal in `state_dir`; devices in `/dev`.
     ///
     /// With the cargo feature `simulation` (tests only), a sysfs root holding
-    /// [`crate::simulation::SIMULATION_MARKER`] gets the simulated kernel and VFIO check; without
+    /// `crate::simulation::SIMULATION_MARKER` gets the simulated kernel and VFIO check; without
     /// it, every root gets the real ones.
     pub fn new(
         sysfs_root: impl Into<PathBuf>,
         state_dir: impl Into<PathBuf>,
         liveness: Box<dyn OwnerLiveness>,
     ) -> Host {
+        let state_dir = state_dir.into();
         let mut host = Host {
             sysfs: Sysfs::new(sysfs_root),
+            quarantine: Box::new(HealthRecords {
+                state_dir: state_dir.clone(),
+            }),
             journal: Journal::new(state_dir),
             dev_dir: PathBuf::from("/dev"),
             proc_root: PathBuf::from("/proc"),
@@ -459,6 +484,13 @@ impl Host {
         self
     }
 
+    /// Ask another health source whether a device is quarantined (by default the health
+    /// records in the state dir, [`HealthRecords`]).
+    pub fn with_quarantine(mut self, quarantine: Box<dyn QuarantineCheck>) -> Host {
+        self.quarantine = quarantine;
+        self
+    }
+
     /// Replace the VFIO check.
     pub fn with_verifier(mut self, verifier: Box<dyn VfioVerifier>) -> Host {
         self.verifier = verifier;
@@ -495,6 +527,7 @@ impl Host {
                 value: value.trim().to_owned(),
                 hint: write_hint(path, &source),
                 source,
+                aftermath: Aftermath::KeptInJournal,
             })
     }
 }

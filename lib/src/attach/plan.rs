@@ -5,10 +5,14 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::guard::describe;
+use super::holders::Holder;
 use super::journal::JournalState;
-use super::{AttachError, Host, Owner, PlanRequest, load_supported};
-use crate::pci::ids::{PciIds, SupportedGpus};
+use super::{AttachError, Host, PlanRequest, load_supported};
+use crate::owner::Owner;
+use crate::pci::ids::SupportedGpus;
 use crate::pci::{DeviceKind, PciAddress, PciDevice};
+use crate::quarantine::Standing;
 use crate::registry::ModuleFlavor;
 
 /// Why a device is in the plan.
@@ -86,26 +90,6 @@ pub enum RefusalReason {
     VgpuFunction,
 }
 
-/// The quarantine refusal for `addr`, if any (an unreadable record refuses too).
-fn health_refusal(
-    state_dir: &std::path::Path,
-    addr: PciAddress,
-) -> Option<(RefusalReason, String)> {
-    match crate::health::is_quarantined(state_dir, addr) {
-        Ok(None) => None,
-        Ok(Some(q)) => Some((RefusalReason::Quarantined, q.summary())),
-        Err(e) => {
-            let mut msg = format!("{addr} cannot be checked for quarantine: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            Some((RefusalReason::HealthUnknown, msg))
-        }
-    }
-}
-
 /// A refusal: the device, the reason, and a message with the fix.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
@@ -145,142 +129,7 @@ pub struct Plan {
     pub writes: Vec<SysfsWrite>,
 }
 
-/// A device as `devices` reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceReport {
-    /// The device.
-    #[serde(flatten)]
-    pub device: PciDevice,
-    /// Other members of its IOMMU group.
-    pub iommu_group_members: Vec<PciAddress>,
-    /// Other functions of its slot.
-    pub companions: Vec<PciAddress>,
-    /// The owner holding it.
-    pub owner: Option<Owner>,
-    /// NVIDIA GPUs: whether the open modules support it (when supported-gpus.json is known).
-    pub open_modules_supported: Option<bool>,
-    /// Ready to attach.
-    pub ready: bool,
-    /// Why not, when not ready.
-    pub not_ready_because: Vec<String>,
-}
-
-/// What `devices` found: the rows, and how many PCI devices were looked at, so that an empty
-/// list says why it is empty.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceListing {
-    /// PCI devices looked at.
-    pub scanned: usize,
-    /// Every device was listed, not only passthrough candidates.
-    pub all: bool,
-    /// The devices listed.
-    pub devices: Vec<DeviceReport>,
-    /// Why the list is empty, when it is.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
-
 impl Host {
-    /// [`Host::devices`], with the number of PCI devices looked at and, when nothing is
-    /// listed, a sentence saying so.
-    pub fn listing(
-        &self,
-        all: bool,
-        supported_gpus: Option<&std::path::Path>,
-    ) -> Result<DeviceListing, AttachError> {
-        let scanned = self.sysfs.addresses()?.len();
-        let devices = self.devices(all, supported_gpus)?;
-        let note = devices.is_empty().then(|| {
-            if scanned == 0 {
-                format!(
-                    "no PCI devices in {}",
-                    self.sysfs.root().join("bus/pci/devices").display()
-                )
-            } else {
-                format!(
-                    "no passthrough candidates among the {scanned} PCI devices looked at (none is a display controller, offers mdev types or is on vfio-pci); list every device to see them"
-                )
-            }
-        });
-        Ok(DeviceListing {
-            scanned,
-            all,
-            devices,
-            note,
-        })
-    }
-
-    /// Name devices from `pci.ids` and the supported-gpus table.
-    fn name(&self, d: &mut PciDevice, ids: &PciIds, gpus: Option<&SupportedGpus>) {
-        d.vendor_name = ids.vendor(d.vendor_id).map(str::to_owned);
-        d.device_name = gpus
-            .filter(|_| d.vendor_id == crate::pci::ids::NVIDIA_VENDOR_ID)
-            .and_then(|g| g.name(d.device_id))
-            .or_else(|| ids.device(d.vendor_id, d.device_id))
-            .map(str::to_owned);
-    }
-
-    /// Passthrough candidates (display controllers, devices with mdev types and devices on
-    /// vfio-pci), or every device with `all`, each with a verdict.
-    pub fn devices(
-        &self,
-        all: bool,
-        supported_gpus: Option<&std::path::Path>,
-    ) -> Result<Vec<DeviceReport>, AttachError> {
-        let gpus = load_supported(supported_gpus)?;
-        let ids = PciIds::system();
-        let state = self.journal.read()?;
-        let mut out = Vec::new();
-        for mut d in self.sysfs.devices()? {
-            let candidate = d.kind == DeviceKind::Display
-                || !d.mdev_types.is_empty()
-                || d.driver.as_deref() == Some("vfio-pci");
-            if !all && !candidate {
-                continue;
-            }
-            self.name(&mut d, &ids, gpus.as_ref());
-            let members = d
-                .iommu_group
-                .map(|g| self.sysfs.group_members(g).unwrap_or_default())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|a| *a != d.address)
-                .collect();
-            let companions = self
-                .sysfs
-                .addresses()?
-                .into_iter()
-                .filter(|a| *a != d.address && self.sysfs.same_slot(*a, d.address))
-                .collect();
-            let (ready, reasons) = if d.kind == DeviceKind::Bridge {
-                (false, vec!["bridges stay with the host".to_owned()])
-            } else {
-                let req = PlanRequest {
-                    devices: vec![d.address],
-                    ..Default::default()
-                };
-                let plan = self.plan_with(&state, &req, None)?;
-                (
-                    plan.refusals.is_empty(),
-                    plan.refusals.into_iter().map(|r| r.message).collect(),
-                )
-            };
-            out.push(DeviceReport {
-                open_modules_supported: gpus
-                    .as_ref()
-                    .filter(|_| d.is_nvidia_gpu())
-                    .map(|g| g.supports_open(d.device_id)),
-                owner: state.owner_of(d.address).cloned(),
-                iommu_group_members: members,
-                companions,
-                ready,
-                not_ready_because: reasons,
-                device: d,
-            });
-        }
-        Ok(out)
-    }
-
     /// What attach would do, without doing it.
     pub fn plan(&self, req: &PlanRequest) -> Result<Plan, AttachError> {
         let state = self.journal.read()?;
@@ -469,10 +318,10 @@ impl Host {
             self.refusals_for(state, req, gpus, &p, d, &mut plan);
         }
         for (parent, _) in plan.mdevs.clone() {
-            if let Some((reason, message)) = health_refusal(self.journal.dir(), parent) {
+            if let Some((reason, message)) = self.quarantine_refusal(parent) {
                 refuse(&mut plan, Some(parent), reason, message);
             }
-            if let Some(owner) = state.owner_of(parent) {
+            if let Some(owner) = state.bound_to(parent) {
                 refuse(
                     &mut plan,
                     Some(parent),
@@ -533,7 +382,7 @@ impl Host {
             );
         }
         if p.passed
-            && let Some((reason, message)) = health_refusal(self.journal.dir(), addr)
+            && let Some((reason, message)) = self.quarantine_refusal(addr)
         {
             refuse(reason, message, None);
         }
@@ -593,9 +442,9 @@ impl Host {
                 None,
             );
         }
-        let in_use = |held: Result<Vec<super::holders::Holder>, AttachError>| match held {
+        let in_use = |held: Result<Vec<Holder>, AttachError>| match held {
             Ok(h) if h.is_empty() => None,
-            Ok(h) => Some(super::guard::describe(&h)),
+            Ok(h) => Some(describe(&h)),
             Err(e) => Some(e.to_string()),
         };
         if p.adopt
@@ -643,6 +492,15 @@ impl Host {
                 ),
                 Some(_) => {}
             }
+        }
+    }
+
+    /// The quarantine refusal for `addr`, if any (health that cannot be told refuses too).
+    fn quarantine_refusal(&self, addr: PciAddress) -> Option<(RefusalReason, String)> {
+        match self.quarantine.standing(addr) {
+            Standing::InService => None,
+            Standing::Quarantined(why) => Some((RefusalReason::Quarantined, why)),
+            Standing::Unknown(why) => Some((RefusalReason::HealthUnknown, why)),
         }
     }
 

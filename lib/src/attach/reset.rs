@@ -9,18 +9,17 @@
 //! Verification after detach: config space readable and carrying the device's vendor/device ID
 //! (not `0xffff`: fallen off the bus, stuck in D3cold), not in D3cold, on its original driver,
 //! and an NVIDIA GPU given back to `nvidia` listed in `/proc/driver/nvidia/gpus/`. A failed
-//! reset or check is a health event of the owner ([`crate::health`]); if it cannot be recorded
-//! the device stays in its owner's attachment, out of placement (fail closed), and detach can be
-//! rerun.
+//! reset or check becomes health events of the owner ([`crate::health`]), returned to the
+//! caller, which records them (`health_record.rs`).
 
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use super::journal::{DeviceRecord, LockedJournal};
-use super::transaction::RestoredDevice;
-use super::{AttachError, Host, Owner};
-use crate::health::{Action, EventSource, Fault, FaultKind, HealthEvent, HealthStore};
+use super::{AttachError, Host};
+use crate::health::{Action, EventSource, Fault, FaultKind, HealthEvent};
+use crate::owner::Owner;
 use crate::pci::PciAddress;
 
 /// What became of a reset.
@@ -181,7 +180,7 @@ impl Host {
 
     /// Have the kernel reset `device` with the first method it offers, leaving out a bus reset
     /// while another device on the bus is in use by the host.
-    fn kernel_reset(&self, device: PciAddress) -> ResetReport {
+    pub(super) fn kernel_reset(&self, device: PciAddress) -> ResetReport {
         let start = Instant::now();
         let dir = self.sysfs.device_dir(device);
         let methods: Vec<String> = std::fs::read_to_string(dir.join("reset_method"))
@@ -233,7 +232,16 @@ impl Host {
             Ok(()) => report.outcome = ResetOutcome::Done,
             Err(e) => {
                 report.outcome = ResetOutcome::Failed;
-                report.detail = Some(e.to_string());
+                // The write alone: a failed reset leaves nothing to roll back or reconcile.
+                report.detail = Some(match &e {
+                    AttachError::Write {
+                        path,
+                        value,
+                        source,
+                        ..
+                    } => format!("writing `{value}` to {} failed: {source}", path.display()),
+                    other => crate::error_chain(other),
+                });
             }
         }
         report.ms = ms(start);
@@ -309,8 +317,8 @@ impl Host {
         }
     }
 
-    /// Health events for a failed reset or check.
-    fn events_for(
+    /// Health events for a failed reset or check (not recorded yet).
+    pub(super) fn events_for(
         owner: Option<&Owner>,
         source: EventSource,
         reset: Option<&ResetReport>,
@@ -345,89 +353,5 @@ impl Host {
             out.push(event(FaultKind::VerifyFailed, verify.problems.join("; ")));
         }
         out
-    }
-
-    fn record(&self, events: &[HealthEvent]) -> Result<Vec<HealthEvent>, AttachError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(HealthStore::new(self.journal.dir()).record(events)?)
-    }
-
-    /// Detach of one device: off vfio-pci, reset (devices given to the VM), back to its
-    /// original driver, verified. Failures are recorded as the owner's health events.
-    pub(super) fn release_device(
-        &self,
-        rec: &DeviceRecord,
-        owner: &Owner,
-    ) -> Result<RestoredDevice, AttachError> {
-        if rec.adopted {
-            // Adopted from vfio-pci: it stays there (VFIO resets it), so nothing to verify.
-            return self.restore(rec);
-        }
-        let reset = if rec.passed {
-            if self.sysfs.driver(rec.device).as_deref() == Some("vfio-pci") {
-                self.write(
-                    &self.sysfs.driver_dir("vfio-pci").join("unbind"),
-                    &rec.device.to_string(),
-                )?;
-            }
-            Some(self.kernel_reset(rec.device))
-        } else {
-            None
-        };
-        let mut restored = self.restore(rec)?;
-        let verify = self.verify_device(rec.device, rec.original_driver.as_deref());
-        let events = Self::events_for(Some(owner), EventSource::Detach, reset.as_ref(), &verify);
-        let events = self.record(&events)?;
-        restored.health = Some(HealthCheck {
-            reset,
-            verify,
-            events,
-        });
-        Ok(restored)
-    }
-
-    /// Reset `device` on demand, then verify it. Refused while it is attached or in a
-    /// transaction, and when only a bus reset is possible with a busy sibling on the bus.
-    pub fn reset(&self, device: PciAddress) -> Result<HealthCheck, AttachError> {
-        let j = self.journal.lock()?;
-        if let Some(owner) = j.state.owner_of(device) {
-            return Err(AttachError::ResetRefused {
-                device,
-                reason: format!("it is attached to owner {owner}; detach it first"),
-            });
-        }
-        if let Some(reason) = crate::vgpu::vgpu_role(&self.sysfs, device) {
-            return Err(AttachError::ResetRefused { device, reason });
-        }
-        let before = self.sysfs.device(device)?.driver;
-        let reset = if before.as_deref() == Some("vfio-pci") {
-            ResetReport {
-                device,
-                methods: Vec::new(),
-                method: Some("vfio".into()),
-                outcome: ResetOutcome::ByVfio,
-                detail: None,
-                ms: 0,
-            }
-        } else {
-            self.kernel_reset(device)
-        };
-        if reset.outcome == ResetOutcome::Refused {
-            return Err(AttachError::ResetRefused {
-                device,
-                reason: reset.detail.unwrap_or_default(),
-            });
-        }
-        let verify = self.verify_device(device, before.as_deref());
-        let events = Self::events_for(None, EventSource::Reset, Some(&reset), &verify);
-        let events = self.record(&events)?;
-        drop(j);
-        Ok(HealthCheck {
-            reset: Some(reset),
-            verify,
-            events,
-        })
     }
 }

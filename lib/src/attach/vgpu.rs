@@ -16,16 +16,17 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::holders::{self, Holder};
-use super::journal::{LockedJournal, Transaction, VgpuRecord, VgpuStep};
-use super::{AttachError, Host, Owner};
+use super::journal::{JournalError, LockedJournal, Transaction, VgpuRecord, VgpuStep};
+use super::liveness::process_identity;
+use super::{Aftermath, AttachError, Host};
 use crate::failpoint::Failpoint;
-use crate::health::HealthRecords;
+use crate::owner::Owner;
 use crate::pci::PciAddress;
 use crate::vgpu::{self, Catalogue, Framework, ModelTotals, PlaceRequest, Placement};
+use crate::vmm::{BootDevice, BootSpec};
 
 /// In the state dir: each vendor-VFIO GPU model's total framebuffer, as learned.
 const MODEL_TOTALS: &str = "vgpu-framebuffer.json";
-use crate::vmm::{BootDevice, BootSpec};
 
 /// vGPUs to create for an owner.
 #[derive(Debug, Clone)]
@@ -36,6 +37,13 @@ pub struct VgpuAttachRequest {
     pub owner: Owner,
     /// The initrd the VM boots, put in the boot spec.
     pub initrd: Option<PathBuf>,
+}
+
+/// A fresh UUID for an mdev, from the kernel.
+fn new_uuid() -> Result<String, AttachError> {
+    let path = PathBuf::from("/proc/sys/kernel/random/uuid");
+    let text = fs::read_to_string(&path).map_err(|source| AttachError::Uuid { path, source })?;
+    Ok(text.trim().to_owned())
 }
 
 fn read_trim(path: &Path) -> Option<String> {
@@ -58,13 +66,7 @@ impl Host {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let cat = vgpu::catalogue_with(
-            &self.sysfs,
-            &HealthRecords {
-                state_dir: self.journal.dir().to_owned(),
-            },
-            &mut totals,
-        );
+        let cat = vgpu::catalogue_with(&self.sysfs, self.quarantine.as_ref(), &mut totals);
         (cat, totals)
     }
 
@@ -116,7 +118,7 @@ impl Host {
                     };
                     (Some(vf), None)
                 }
-                Framework::Mdev => (None, Some(super::transaction::new_uuid()?)),
+                Framework::Mdev => (None, Some(new_uuid()?)),
             };
             out.push(VgpuRecord {
                 framework: placement.framework,
@@ -132,6 +134,32 @@ impl Host {
         Ok(out)
     }
 
+    /// The record of an mdev of `mdev_type` to create on `parent` (`attach --mdev-type`): a vGPU
+    /// of the mdev framework, named by the type's human name when the driver gives one.
+    pub(super) fn mdev_record(
+        &self,
+        parent: PciAddress,
+        mdev_type: &str,
+    ) -> Result<VgpuRecord, AttachError> {
+        let profile = self
+            .sysfs
+            .device(parent)
+            .ok()
+            .and_then(|d| d.mdev_types.into_iter().find(|m| m.id == mdev_type))
+            .and_then(|m| m.name)
+            .unwrap_or_else(|| mdev_type.to_owned());
+        Ok(VgpuRecord {
+            framework: Framework::Mdev,
+            parent,
+            profile,
+            type_id: mdev_type.to_owned(),
+            vf: None,
+            uuid: Some(new_uuid()?),
+            iommu_group: None,
+            step: VgpuStep::Planned,
+        })
+    }
+
     /// Create `req`'s vGPUs as one journaled transaction and return the VM's boot spec. Any
     /// failure releases what was created; nothing is left behind.
     pub fn attach_vgpu(&self, req: &VgpuAttachRequest) -> Result<BootSpec, AttachError> {
@@ -141,7 +169,7 @@ impl Host {
         // Kept before the tables shrink: the next catalogue still knows each GPU's total.
         let path = self.totals_path();
         let bytes = serde_json::to_vec(&totals).unwrap_or_default();
-        crate::fsutil::write_atomic(&path, &bytes).map_err(|source| super::JournalError::Io {
+        crate::fsutil::write_atomic(&path, &bytes).map_err(|source| JournalError::Io {
             action: "write",
             path,
             source,
@@ -153,9 +181,8 @@ impl Host {
             owner_process: req
                 .owner
                 .pid()
-                .and_then(|pid| super::process_identity(&self.proc_root, pid)),
+                .and_then(|pid| process_identity(&self.proc_root, pid)),
             devices: Vec::new(),
-            mdevs: Vec::new(),
             vgpus,
         });
         let t = j.state.transactions.len() - 1;
@@ -167,7 +194,7 @@ impl Host {
                 // Faults its VM reports later are about the physical GPUs: map them there.
                 let gpus: Vec<PciAddress> = txn.vgpus.iter().map(|v| v.parent).collect();
                 j.state.remember(&req.owner, gpus.clone(), gpus);
-                super::transaction::commit(&mut j, txn);
+                j.state.commit(txn);
                 j.save()?;
                 Failpoint::VgpuAfterCommit.hit();
                 Ok(BootSpec::new(
@@ -183,18 +210,19 @@ impl Host {
                     Ok(()) => {
                         j.state.transactions.remove(t);
                         j.save()?;
-                        Err(cause)
+                        Err(cause.rolled_back())
                     }
-                    Err(rb) => Err(AttachError::RollbackFailed {
-                        cause: cause.to_string(),
-                        rollback: rb.to_string(),
+                    Err(rollback) => Err(AttachError::RollbackFailed {
+                        cause: Box::new(cause),
+                        rollback: Box::new(rollback),
                     }),
                 }
             }
         }
     }
 
-    fn create_vgpus(
+    /// Create the transaction's vGPUs and mdevs, each read back and verified through VFIO.
+    pub(super) fn create_vgpus(
         &self,
         j: &mut LockedJournal,
         t: usize,
@@ -215,6 +243,7 @@ impl Host {
                             path,
                             wrote: rec.type_id.clone(),
                             read,
+                            aftermath: Aftermath::KeptInJournal,
                         });
                     }
                     (
@@ -232,6 +261,7 @@ impl Host {
                         .join("create");
                     self.write(&create, uuid)?;
                     Failpoint::VgpuAfterCreate.hit();
+                    Failpoint::AfterMdevCreate.hit();
                     let dir = self.mdev_dir(uuid);
                     let made = fs::read_link(dir.join("mdev_type"))
                         .ok()
@@ -242,6 +272,7 @@ impl Host {
                             path: dir.join("mdev_type"),
                             wrote: rec.type_id.clone(),
                             read: made,
+                            aftermath: Aftermath::KeptInJournal,
                         });
                     }
                     let group = fs::read_link(dir.join("iommu_group"))
@@ -252,14 +283,17 @@ impl Host {
                 (None, None) => continue,
             };
             let Some(group) = group else {
-                return Err(AttachError::Vfio(crate::vfio::VfioCheckError::Device {
+                return Err(AttachError::vfio(crate::vfio::VfioCheckError::Device {
                     device: dir,
                     detail: "the vGPU has no IOMMU group; is the NVIDIA vGPU manager loaded?"
                         .into(),
                 }));
             };
             let node = self.wait_node(group, None)?;
-            let report = self.verifier.verify(&dir, group)?;
+            let report = self
+                .verifier
+                .verify(&dir, group)
+                .map_err(AttachError::vfio)?;
             {
                 let r = &mut j.state.transactions[t].vgpus[i];
                 r.iommu_group = Some(group);
@@ -324,6 +358,7 @@ impl Host {
                 path,
                 wrote: value.into(),
                 read: "the vGPU still there".into(),
+                aftermath: Aftermath::KeptInJournal,
             });
         }
         Ok(true)
@@ -384,15 +419,6 @@ impl Host {
                 holders: found,
             })
         }
-    }
-}
-
-/// A name for a released vGPU: `NVIDIA L40S-4Q on 0000:61:00.4` or `... mdev UUID`.
-pub(super) fn vgpu_label(v: &VgpuRecord) -> String {
-    match (&v.vf, &v.uuid) {
-        (Some(vf), _) => format!("{} on {vf}", v.profile),
-        (None, Some(u)) => format!("{} mdev {u} on {}", v.profile, v.parent),
-        _ => v.profile.clone(),
     }
 }
 

@@ -5,8 +5,20 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{EventSource, Fault, HealthError, HealthEvent, HealthStore, Quarantine, scan_file};
-use crate::attach::{Journal, Owner};
+use crate::owner::Owner;
 use crate::pci::PciAddress;
+
+/// What an owner's VM had: the devices a fault in its console can be about (the caller takes
+/// it from the attachment history, `attach`'s journal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldDevices {
+    /// The owner.
+    pub owner: Owner,
+    /// Devices handed to its VM.
+    pub devices: Vec<PciAddress>,
+    /// Which of them are GPUs (display controllers).
+    pub gpus: Vec<PciAddress>,
+}
 
 /// What `ingest` did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,17 +77,14 @@ fn devices_for(fault: &Fault, devices: &[PciAddress], gpus: &[PciAddress]) -> Ve
     Vec::new()
 }
 
-/// Read `console` (a VM's console or kernel log), map its faults to the devices `owner` held
-/// (from the journal's history in `state_dir`) and record the failures as that owner's events.
+/// Read `console` (a VM's console or kernel log), map its faults to the devices `held` names
+/// and record the failures as events of its owner in the health records of `state_dir`.
 pub fn ingest(
     state_dir: &Path,
-    owner: &Owner,
+    held: &HeldDevices,
     console: &Path,
 ) -> Result<IngestReport, HealthError> {
-    let journal = Journal::new(state_dir).read()?;
-    let held = journal
-        .last_held(owner)
-        .ok_or_else(|| HealthError::NoHistory(owner.clone()))?;
+    let owner = &held.owner;
     let faults = scan_file(console)?;
     let events: Vec<HealthEvent> = faults
         .iter()

@@ -10,8 +10,9 @@
 //!   Placement (attach by address, `--gpus N`, vGPU parents) and any other allocator (e.g. a
 //!   device plugin) ask [`is_quarantined`]; an unreadable record is an error, so callers fail
 //!   closed.
-//! - [`ingest`]: a VM's console log, mapped to the devices its owner held (from the journal's
-//!   history), recorded as events of that owner.
+//! - [`ingest`]: a VM's console log, mapped to the devices its owner held ([`HeldDevices`], which
+//!   the caller takes from the attachment history: `attach::ingest_console`), recorded as events
+//!   of that owner.
 //!
 //! Reset and verification at detach live in `attach` (they write sysfs); they record their
 //! failures here.
@@ -25,14 +26,15 @@ use std::path::{Path, PathBuf};
 pub use gpu_passthrough_guest_contract::xid::{
     Action, Classifier, Fault, FaultKind, Scanner, XID_PREFIX, classify_line, xid_action,
 };
-pub use ingest::{IngestReport, ingest};
+pub use ingest::{HeldDevices, IngestReport, ingest};
 pub use store::{
     ClearReport, DeviceHealth, EventSource, HEALTH_FILE, HealthEvent, HealthFile, HealthStore,
     Policy, Quarantine,
 };
 
-use crate::attach::{JournalError, Owner};
+use crate::owner::Owner;
 use crate::pci::PciAddress;
+pub use crate::quarantine::{NoQuarantine, QuarantineCheck, Standing};
 
 /// Errors of the health records.
 #[derive(Debug, thiserror::Error)]
@@ -78,21 +80,11 @@ pub enum HealthError {
         #[source]
         source: std::io::Error,
     },
-    /// The journal (for the owner's history) could not be read.
-    #[error(transparent)]
-    Journal(#[from] JournalError),
     /// The owner never held a device on this host.
     #[error(
         "owner {0} never held a device on this host (no entry in the journal's history): its console cannot be mapped to devices"
     )]
     NoHistory(Owner),
-}
-
-/// The question an allocator asks before handing a device out (vGPU placement, the KubeVirt
-/// device plugin); a test or a control plane with its own health source implements it.
-pub trait QuarantineCheck: Send + Sync {
-    /// Whether `device` must not be handed out.
-    fn is_quarantined(&self, device: PciAddress) -> bool;
 }
 
 /// The health records of a state dir: quarantined when the record says so, and also when it
@@ -107,15 +99,16 @@ impl QuarantineCheck for HealthRecords {
     fn is_quarantined(&self, device: PciAddress) -> bool {
         !matches!(is_quarantined(&self.state_dir, device), Ok(None))
     }
-}
 
-/// No quarantine: every device may be handed out.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoQuarantine;
-
-impl QuarantineCheck for NoQuarantine {
-    fn is_quarantined(&self, _device: PciAddress) -> bool {
-        false
+    fn standing(&self, device: PciAddress) -> Standing {
+        match is_quarantined(&self.state_dir, device) {
+            Ok(None) => Standing::InService,
+            Ok(Some(q)) => Standing::Quarantined(q.summary()),
+            Err(e) => Standing::Unknown(format!(
+                "{device} cannot be checked for quarantine: {}",
+                crate::error_chain(&e)
+            )),
+        }
     }
 }
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{Fault, HealthError};
-use crate::attach::Owner;
 use crate::fsutil;
+use crate::owner::Owner;
 use crate::pci::PciAddress;
 
 /// The record's file name in the state dir.

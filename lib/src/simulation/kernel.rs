@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::vgpu;
 use super::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_RESET_LOG, has_flag, take_fault};
-use crate::attach::Kernel;
+use crate::kernel::Kernel;
 use crate::pci::{PciAddress, Sysfs, valid_driver_name};
 
 /// The kernel's reactions, performed on a fake tree (see the module docs).

@@ -118,7 +118,7 @@ struct Parent {
 }
 
 /// Everything the host can create now (see the module docs for how `available` is counted).
-pub fn catalogue(sysfs: &Sysfs, quarantine: &dyn crate::health::QuarantineCheck) -> Catalogue {
+pub fn catalogue(sysfs: &Sysfs, quarantine: &dyn crate::quarantine::QuarantineCheck) -> Catalogue {
     catalogue_with(sysfs, quarantine, &mut ModelTotals::new())
 }
 
@@ -130,7 +130,7 @@ pub type ModelTotals = BTreeMap<u16, u64>;
 /// [`catalogue`], with totals learned before; `totals` gains what this read shows.
 pub fn catalogue_with(
     sysfs: &Sysfs,
-    quarantine: &dyn crate::health::QuarantineCheck,
+    quarantine: &dyn crate::quarantine::QuarantineCheck,
     totals: &mut ModelTotals,
 ) -> Catalogue {
     let mut parents: Vec<Parent> = Vec::new();

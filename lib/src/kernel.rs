@@ -1,7 +1,8 @@
-//! Sysfs writes go through [`Kernel`], so that tests can run against a kernel that reacts.
+//! Every sysfs write that changes the host goes through [`Kernel`], so that tests can run against
+//! a kernel that reacts.
 //!
 //! On a real host ([`RealKernel`]) a write is a plain write to the sysfs attribute and Linux does
-//! the rest. Tests swap in the simulated kernel of [`crate::simulation`] (cargo feature
+//! the rest. Tests swap in the simulated kernel of `crate::simulation` (cargo feature
 //! `simulation`, never in a shipped build).
 
 use std::fs;

@@ -1,0 +1,214 @@
+//! The bind transaction: record, then move each planned device to vfio-pci, wait for its VFIO
+//! node, verify it, create the plan's mdevs, commit; any failure rolls everything back.
+
+use super::journal::{DeviceRecord, LockedJournal, Step, Transaction};
+use super::liveness::process_identity;
+use super::persistence::persistence;
+use super::{Aftermath, AttachError, AttachRequest, Host, load_supported};
+use crate::failpoint::Failpoint;
+use crate::pci::valid_driver_name;
+use crate::vmm::{BootDevice, BootSpec};
+
+impl Host {
+    /// Bind the planned devices to vfio-pci as one journaled transaction, verify them and return
+    /// the VM's boot spec. Any failure rolls back to the original drivers.
+    pub fn attach(&self, req: &AttachRequest) -> Result<BootSpec, AttachError> {
+        if req.plan.devices.is_empty() && req.plan.gpus.unwrap_or(0) == 0 {
+            return Err(AttachError::NothingRequested);
+        }
+        let gpus = load_supported(req.plan.supported_gpus.as_deref())?;
+        let mut j = self.journal.lock()?;
+        let mut plan_req = req.plan.clone();
+        plan_req.owner = Some(req.owner.clone());
+        let plan = self.plan_with(&j.state, &plan_req, gpus.as_ref())?;
+        if !plan.refusals.is_empty() {
+            return Err(AttachError::Refused(plan.refusals));
+        }
+        let txn = Transaction {
+            owner: req.owner.clone(),
+            pid: std::process::id(),
+            owner_process: req
+                .owner
+                .pid()
+                .and_then(|pid| process_identity(&self.proc_root, pid)),
+            devices: plan
+                .devices
+                .iter()
+                .map(|p| DeviceRecord {
+                    device: p.address,
+                    original_driver: if p.adopt { None } else { p.driver.clone() },
+                    original_override: self.sysfs.driver_override(p.address),
+                    adopted: p.adopt,
+                    iommu_group: p.iommu_group,
+                    passed: p.passed,
+                    persistence_disabled: false,
+                    original_d3cold: None,
+                    step: Step::Planned,
+                })
+                .collect(),
+            vgpus: plan
+                .mdevs
+                .iter()
+                .map(|(parent, mdev_type)| self.mdev_record(*parent, mdev_type))
+                .collect::<Result<_, _>>()?,
+        };
+        j.state.transactions.push(txn);
+        let t = j.state.transactions.len() - 1;
+        j.save()?;
+        Failpoint::AfterJournal.hit();
+        let result = self.run_binds(&mut j, t).and_then(|mut boot| {
+            boot.extend(self.create_vgpus(&mut j, t)?);
+            Ok(boot)
+        });
+        match result {
+            Ok(boot) => {
+                let txn = j.state.transactions.remove(t);
+                let held = txn
+                    .devices
+                    .iter()
+                    .filter(|d| !d.passed)
+                    .map(|d| d.device)
+                    .collect();
+                // Kept after detach: faults its VM reports later map to these devices.
+                let (passed, gpus) = (
+                    boot.iter().filter_map(|b| b.address).collect(),
+                    boot.iter()
+                        .filter(|b| b.gpu)
+                        .filter_map(|b| b.address)
+                        .collect(),
+                );
+                j.state.remember(&req.owner, passed, gpus);
+                j.state.commit(txn);
+                j.save()?;
+                Failpoint::AfterCommit.hit();
+                Ok(self.boot_spec(
+                    &req.owner,
+                    boot,
+                    held,
+                    req.initrd.clone(),
+                    req.plan.p2p_clique,
+                ))
+            }
+            Err(cause) => {
+                let txn = j.state.transactions[t].clone();
+                match self.roll_back(&txn) {
+                    Ok(_) => {
+                        j.state.transactions.remove(t);
+                        j.save()?;
+                        Err(cause.rolled_back())
+                    }
+                    Err(rollback) => Err(AttachError::RollbackFailed {
+                        cause: Box::new(cause),
+                        rollback: Box::new(rollback),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn set_step(
+        &self,
+        j: &mut LockedJournal,
+        t: usize,
+        i: usize,
+        step: Step,
+    ) -> Result<(), AttachError> {
+        j.state.transactions[t].devices[i].step = step;
+        j.save()?;
+        Ok(())
+    }
+
+    fn run_binds(&self, j: &mut LockedJournal, t: usize) -> Result<Vec<BootDevice>, AttachError> {
+        let count = j.state.transactions[t].devices.len();
+        for i in 0..count {
+            let rec = j.state.transactions[t].devices[i].clone();
+            if rec.adopted {
+                self.set_step(j, t, i, Step::Probed)?;
+                continue;
+            }
+            let a = rec.device.to_string();
+            if rec.original_driver.as_deref() == Some("nvidia") {
+                if !self.kernel.is_simulated() {
+                    self.set_step(j, t, i, Step::PersistenceOff)?;
+                    if persistence(&a, false) {
+                        j.state.transactions[t].devices[i].persistence_disabled = true;
+                    }
+                }
+                // Unbinding a GPU that a process holds blocks in the kernel (with our lock
+                // held): refuse instead. nvidia-persistenced counts too once persistence is
+                // meant to be off.
+                let clients = self.gpu_clients(rec.device, true)?;
+                if !clients.is_empty() {
+                    return Err(AttachError::DeviceHeld {
+                        device: rec.device,
+                        holders: clients,
+                        fix: "close the programs using the GPU (and turn its persistence mode off), then retry",
+                    });
+                }
+            }
+            self.hold_d3cold(j, t, i)?;
+            self.set_step(j, t, i, Step::OverrideSet)?;
+            self.write(
+                &self.sysfs.device_dir(rec.device).join("driver_override"),
+                "vfio-pci",
+            )?;
+            Failpoint::AfterOverride.hit();
+            if let Some(d) = &rec.original_driver
+                && valid_driver_name(d)
+            {
+                self.set_step(j, t, i, Step::Unbound)?;
+                self.write(&self.sysfs.driver_dir(d).join("unbind"), &a)?;
+                Failpoint::AfterUnbind.hit();
+            }
+            self.set_step(j, t, i, Step::Probed)?;
+            self.write(&self.sysfs.drivers_probe(), &a)?;
+            Failpoint::AfterProbe.hit();
+            let now = self.sysfs.driver(rec.device);
+            if now.as_deref() != Some("vfio-pci") {
+                return Err(AttachError::NotOnVfio {
+                    device: rec.device,
+                    driver: now.unwrap_or_else(|| "no driver".into()),
+                    aftermath: Aftermath::KeptInJournal,
+                });
+            }
+        }
+        // Wait for each group's node, then verify every device handed to the VM.
+        let mut boot = Vec::new();
+        for i in 0..count {
+            let rec = j.state.transactions[t].devices[i].clone();
+            let Some(group) = rec.iommu_group else {
+                continue;
+            };
+            self.set_step(j, t, i, Step::NodeReady)?;
+            let node = self.wait_node(group, Some(rec.device))?;
+            Failpoint::AfterNode.hit();
+            let dir = self.sysfs.device_dir(rec.device);
+            let report = if rec.passed {
+                Some(
+                    self.verifier
+                        .verify(&dir, group)
+                        .map_err(AttachError::vfio)?,
+                )
+            } else {
+                None
+            };
+            self.set_step(j, t, i, Step::Verified)?;
+            if rec.passed {
+                let dev = self.sysfs.device(rec.device)?;
+                boot.push(BootDevice {
+                    address: Some(rec.device),
+                    mdev_uuid: None,
+                    sysfs_path: dir,
+                    iommu_group: Some(group),
+                    vfio_device: node,
+                    gpu: dev.kind == crate::pci::DeviceKind::Display,
+                    vgpu: false,
+                    bar64_bytes: dev.bar64_bytes(),
+                    vfio: report,
+                });
+            }
+        }
+        Failpoint::AfterVerify.hit();
+        Ok(boot)
+    }
+}

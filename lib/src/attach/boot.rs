@@ -1,0 +1,29 @@
+//! The VM's boot spec from the devices an attach handed over: GPUs first, and one P2P clique
+//! when asked or when the GPUs share a PCIe switch.
+
+use std::path::PathBuf;
+
+use super::Host;
+use crate::owner::Owner;
+use crate::pci::PciAddress;
+use crate::vmm::{BootDevice, BootSpec};
+
+impl Host {
+    pub(super) fn boot_spec(
+        &self,
+        owner: &Owner,
+        mut boot: Vec<BootDevice>,
+        held: Vec<PciAddress>,
+        initrd: Option<PathBuf>,
+        p2p_asked: bool,
+    ) -> BootSpec {
+        boot.sort_by_key(|b| !b.gpu);
+        let gpus: Vec<PciAddress> = boot
+            .iter()
+            .filter(|b| b.gpu)
+            .filter_map(|b| b.address)
+            .collect();
+        let clique = p2p_asked || self.sysfs.share_pcie_switch(&gpus);
+        BootSpec::render(owner.as_str(), boot, held, initrd, clique)
+    }
+}
