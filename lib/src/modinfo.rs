@@ -11,6 +11,7 @@ use object::ReadRef;
 use object::read::elf::{FileHeader, SectionHeader};
 
 use crate::archive::decompress::{Compression, decompressing_reader_named};
+use crate::outcome::{Classify, Outcome};
 
 /// Largest decompressed module accepted (the biggest real module, `nvidia.ko` with debug info,
 /// is under 200 MB).
@@ -56,6 +57,17 @@ pub enum ModinfoError {
         /// The cap in bytes.
         limit: u64,
     },
+}
+
+impl Classify for ModinfoError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ModinfoError::Io { .. }
+            | ModinfoError::NotElf { .. }
+            | ModinfoError::NoModinfo { .. }
+            | ModinfoError::TooLarge { .. } => Outcome::Failed,
+        }
+    }
 }
 
 /// A module's bytes as the kernel's `finit_module` without flags wants them: decompressed

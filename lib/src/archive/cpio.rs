@@ -12,6 +12,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::compress::{LZ4_LEGACY_MAGIC, Lz4LegacyReader};
+use crate::outcome::{Classify, Outcome};
 
 /// Errors writing or reading cpio archives.
 #[derive(Debug, Error)]
@@ -60,6 +61,12 @@ pub enum CpioError {
         /// The error.
         source: io::Error,
     },
+}
+
+impl Classify for CpioError {
+    fn outcome(&self) -> Outcome {
+        Outcome::Failed
+    }
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> CpioError {

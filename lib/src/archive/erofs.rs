@@ -10,6 +10,7 @@ use erofs_rs::backend::SliceImage;
 use serde::Serialize;
 
 use super::cpio::InitrdEntry;
+use crate::outcome::{Classify, Outcome};
 
 /// Where the erofs superblock starts, and its magic (little endian) there.
 const SUPERBLOCK_OFFSET: usize = 1024;
@@ -35,6 +36,14 @@ pub enum ErofsError {
         /// What the reader found.
         reason: String,
     },
+}
+
+impl Classify for ErofsError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ErofsError::Io { .. } | ErofsError::Malformed { .. } => Outcome::Failed,
+        }
+    }
 }
 
 /// An erofs image's contents.

@@ -16,6 +16,7 @@ use std::io;
 use std::path::PathBuf;
 
 use self::decompress::Compression;
+use crate::outcome::{Classify, Outcome};
 
 /// Why an archive could not be read or extracted. Every variant names the archive (and the entry,
 /// when there is one) and says how to fix it.
@@ -129,4 +130,20 @@ pub enum ArchiveError {
         /// The visitor's message.
         message: String,
     },
+}
+
+impl Classify for ArchiveError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ArchiveError::Io { .. }
+            | ArchiveError::Decompress { .. }
+            | ArchiveError::Malformed { .. }
+            | ArchiveError::UnsafeEntry { .. }
+            | ArchiveError::LimitExceeded { .. }
+            | ArchiveError::ExtensionHeaderTooLarge { .. }
+            | ArchiveError::Destination { .. }
+            | ArchiveError::Write { .. }
+            | ArchiveError::Visitor { .. } => Outcome::Failed,
+        }
+    }
 }

@@ -57,9 +57,11 @@ pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use transaction::{DetachReport, HeldDevice, ReconcileReport, RestoredDevice};
 pub use vgpu::VgpuAttachRequest;
 
+use crate::outcome::{Classify, Outcome};
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{PciAddress, PciError, Sysfs};
 use crate::registry::ModuleFlavor;
+use crate::remedy::Remedy;
 use crate::vfio::{RealVfio, VfioCheckError, VfioVerifier};
 
 /// Who holds attached devices: a validated string (it ends up in journal records).
@@ -75,6 +77,13 @@ pub struct Owner(String);
     "invalid owner `{0}`: use 1-128 characters from A-Z a-z 0-9 . _ - : @ (e.g. `vm-42` or `pid:1234`)"
 )]
 pub struct OwnerError(pub String);
+
+/// A malformed owner is the request refused before anything was looked at.
+impl Classify for OwnerError {
+    fn outcome(&self) -> Outcome {
+        Outcome::Refused
+    }
+}
 
 impl Owner {
     /// Validate an owner string.
@@ -349,23 +358,63 @@ pub enum AttachError {
     },
 }
 
-impl AttachError {
-    /// Whether a safety rule or the request itself was refused (nothing was changed), as
-    /// opposed to a failure on the way.
-    pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
+impl Classify for AttachError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            AttachError::Pci(e) => e.outcome(),
+            AttachError::Journal(e) => e.outcome(),
+            AttachError::Ids(e) => e.outcome(),
+            AttachError::Vfio(e) => e.outcome(),
+            AttachError::Health(e) => e.outcome(),
+            AttachError::Vgpu(e) => e.outcome(),
+            // A safety rule or the request itself said no: nothing was changed.
             AttachError::Refused(_)
-                | AttachError::NotEnoughGpus { .. }
-                | AttachError::NoSuchMdevType { .. }
-                | AttachError::NothingRequested
-                | AttachError::DeviceHeld { .. }
-                | AttachError::ProcUnreadable { .. }
-                | AttachError::ResetRefused { .. }
-                | AttachError::Vgpu(_)
-                | AttachError::VgpuHeld { .. }
-                | AttachError::HoldersUnknown { .. }
-        )
+            | AttachError::NotEnoughGpus { .. }
+            | AttachError::NoSuchMdevType { .. }
+            | AttachError::NothingRequested
+            | AttachError::DeviceHeld { .. }
+            | AttachError::ProcUnreadable { .. }
+            | AttachError::ResetRefused { .. }
+            | AttachError::VgpuHeld { .. }
+            | AttachError::HoldersUnknown { .. } => Outcome::Refused,
+            AttachError::Write { .. }
+            | AttachError::NotOnVfio { .. }
+            | AttachError::NoVfioNode { .. }
+            | AttachError::RollbackFailed { .. }
+            | AttachError::Restore { .. }
+            | AttachError::NotAttached(_)
+            | AttachError::VgpuMismatch { .. } => Outcome::Failed,
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            AttachError::Pci(e) => e.remedy(),
+            AttachError::Journal(e) => e.remedy(),
+            AttachError::Ids(e) => e.remedy(),
+            AttachError::Vfio(e) => e.remedy(),
+            AttachError::Health(e) => e.remedy(),
+            AttachError::Vgpu(e) => e.remedy(),
+            AttachError::NothingRequested => Some(Remedy::NameDevices),
+            AttachError::RollbackFailed { .. } => Some(Remedy::Reconcile),
+            AttachError::Refused(refusals) => refusals
+                .iter()
+                .any(|r| r.reason == RefusalReason::BootVga)
+                .then_some(Remedy::AllowBootVga),
+            AttachError::NotEnoughGpus { .. }
+            | AttachError::NoSuchMdevType { .. }
+            | AttachError::DeviceHeld { .. }
+            | AttachError::ProcUnreadable { .. }
+            | AttachError::ResetRefused { .. }
+            | AttachError::VgpuHeld { .. }
+            | AttachError::HoldersUnknown { .. }
+            | AttachError::Write { .. }
+            | AttachError::NotOnVfio { .. }
+            | AttachError::NoVfioNode { .. }
+            | AttachError::Restore { .. }
+            | AttachError::NotAttached(_)
+            | AttachError::VgpuMismatch { .. } => None,
+        }
     }
 }
 

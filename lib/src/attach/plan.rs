@@ -7,9 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use super::journal::JournalState;
 use super::{AttachError, Host, Owner, PlanRequest, load_supported};
+use crate::outcome::{Outcome, ReportOutcome};
 use crate::pci::ids::{PciIds, SupportedGpus};
 use crate::pci::{DeviceKind, PciAddress, PciDevice};
 use crate::registry::ModuleFlavor;
+use crate::remedy::Remedy;
 
 /// Why a device is in the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +145,20 @@ pub struct Plan {
     pub refusals: Vec<Refusal>,
     /// The sysfs writes attach would make, in order (rollback not shown).
     pub writes: Vec<SysfsWrite>,
+}
+
+/// A plan with refusals is refused; a boot display among them names its remedy.
+impl ReportOutcome for Plan {
+    fn outcome(&self) -> Option<Outcome> {
+        (!self.refusals.is_empty()).then_some(Outcome::Refused)
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        self.refusals
+            .iter()
+            .any(|r| r.reason == RefusalReason::BootVga)
+            .then_some(Remedy::AllowBootVga)
+    }
 }
 
 /// A device as `devices` reports it.

@@ -21,6 +21,7 @@ use super::journal::{DeviceRecord, LockedJournal};
 use super::transaction::RestoredDevice;
 use super::{AttachError, Host, Owner};
 use crate::health::{Action, EventSource, Fault, FaultKind, HealthEvent, HealthStore};
+use crate::outcome::{Outcome, ReportOutcome};
 use crate::pci::PciAddress;
 
 /// What became of a reset.
@@ -84,6 +85,13 @@ pub struct HealthCheck {
     pub verify: Verification,
     /// Health events recorded for it.
     pub events: Vec<HealthEvent>,
+}
+
+/// A reset on demand: the device must verify afterwards.
+impl ReportOutcome for HealthCheck {
+    fn outcome(&self) -> Option<Outcome> {
+        (!self.verify.ok).then_some(Outcome::VerificationFailed)
+    }
 }
 
 /// Two lines for people: the reset (if any), then the verification, each with its time (each

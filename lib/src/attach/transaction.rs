@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::journal::{Attachment, DeviceRecord, LockedJournal, MdevRecord, Step, Transaction};
 use super::{AttachError, AttachRequest, Host, Liveness, Owner, load_supported};
 use crate::failpoint::Failpoint;
+use crate::outcome::{Outcome, ReportOutcome};
 use crate::pci::{PciAddress, valid_driver_name};
+use crate::remedy::Remedy;
 use crate::vmm::{BootDevice, BootSpec};
 
 /// A device given back to its driver.
@@ -68,6 +70,17 @@ pub struct ReconcileReport {
     pub kept_in_use: Vec<HeldDevice>,
     /// Failures (each also left in the journal for the next run).
     pub errors: Vec<String>,
+}
+
+/// A reconcile with errors failed; an owner it could not judge asks to be declared gone.
+impl ReportOutcome for ReconcileReport {
+    fn outcome(&self) -> Option<Outcome> {
+        (!self.errors.is_empty()).then_some(Outcome::Failed)
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        (!self.kept_unknown.is_empty()).then_some(Remedy::DeclareGone)
+    }
 }
 
 pub(super) fn new_uuid() -> Result<String, AttachError> {

@@ -21,7 +21,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::outcome::{Classify, Outcome};
 use crate::registry::{Arch, Artifact, ArtifactKind, Release, Sha256Digest};
+use crate::remedy::Remedy;
 use cache::{Store, remove_one_quietly, remove_quietly, validator_path};
 use transport::Transport;
 
@@ -244,6 +246,37 @@ pub enum FetchError {
     /// The HTTP client could not be set up (its TLS back end, most likely).
     #[error("cannot set up the HTTP client")]
     Client(#[source] reqwest::Error),
+}
+
+impl Classify for FetchError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            FetchError::DigestMismatch { .. }
+            | FetchError::SizeCap { .. }
+            | FetchError::UnpinnedCap { .. } => Outcome::VerificationFailed,
+            FetchError::Unpinned { .. } => Outcome::Refused,
+            FetchError::NoUrls
+            | FetchError::Redirect { .. }
+            | FetchError::Http { .. }
+            | FetchError::Network { .. }
+            | FetchError::Interrupted { .. }
+            | FetchError::Truncated { .. }
+            | FetchError::WrongRange { .. }
+            | FetchError::StalePartial { .. }
+            | FetchError::BadUrl { .. }
+            | FetchError::FileUrl { .. }
+            | FetchError::Cache { .. }
+            | FetchError::Client(_) => Outcome::Failed,
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            FetchError::Unpinned { release, .. } => Some(Remedy::PinRelease(release.clone())),
+            FetchError::Cache { .. } => Some(Remedy::CacheDir),
+            _ => None,
+        }
+    }
 }
 
 impl FetchError {

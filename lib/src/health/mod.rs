@@ -32,7 +32,9 @@ pub use store::{
 };
 
 use crate::attach::{JournalError, Owner};
+use crate::outcome::{Classify, Outcome};
 use crate::pci::PciAddress;
+use crate::remedy::Remedy;
 
 /// Errors of the health records.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,30 @@ pub enum HealthError {
         "owner {0} never held a device on this host (no entry in the journal's history): its console cannot be mapped to devices"
     )]
     NoHistory(Owner),
+}
+
+impl Classify for HealthError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            HealthError::Journal(e) => e.outcome(),
+            HealthError::Io { .. }
+            | HealthError::Corrupt { .. }
+            | HealthError::Version { .. }
+            | HealthError::Log { .. }
+            | HealthError::NoHistory(_) => Outcome::Failed,
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            HealthError::Io { .. } => Some(Remedy::StateDir),
+            HealthError::Journal(e) => e.remedy(),
+            HealthError::Corrupt { .. }
+            | HealthError::Version { .. }
+            | HealthError::Log { .. }
+            | HealthError::NoHistory(_) => None,
+        }
+    }
 }
 
 /// The question an allocator asks before handing a device out (vGPU placement, the KubeVirt

@@ -23,6 +23,7 @@ use thiserror::Error;
 use super::LayerFile;
 use crate::fsutil::sha256_file;
 use crate::inspect::{ClosureGap, Expectations, InspectedModule, Problem, kernel_closure};
+use crate::outcome::{Classify, Outcome};
 
 /// The program that writes the image, and the package that ships it.
 pub const MKFS_EROFS: &str = "mkfs.erofs";
@@ -84,6 +85,12 @@ impl fmt::Display for LayerForm {
 #[derive(Debug, Error)]
 #[error("unknown layer form `{0}`: use initrd, disk or both")]
 pub struct UnknownForm(pub String);
+
+impl Classify for UnknownForm {
+    fn outcome(&self) -> Outcome {
+        Outcome::Refused
+    }
+}
 
 impl FromStr for LayerForm {
     type Err = UnknownForm;
@@ -166,6 +173,21 @@ pub enum DiskError {
         /// The error.
         source: io::Error,
     },
+}
+
+impl Classify for DiskError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            // The release's own modules cannot mount the disk: a reviewer's matter.
+            DiskError::MountModuleMissing { .. } | DiskError::MountModuleProblems { .. } => {
+                Outcome::VerificationFailed
+            }
+            DiskError::MkfsMissing { .. }
+            | DiskError::MkfsFailed { .. }
+            | DiskError::NoKernelModules { .. }
+            | DiskError::Io { .. } => Outcome::Failed,
+        }
+    }
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DiskError {

@@ -58,9 +58,9 @@ pub(super) fn parse(text: &str, file: &str) -> Result<Vec<Release>, RegistryErro
     check_duplicate_headers(text, file)?;
     let table: Table = text
         .parse()
-        .map_err(|e: toml::de::Error| RegistryError::Syntax {
+        .map_err(|source: toml::de::Error| RegistryError::Syntax {
             file: file.to_string(),
-            message: e.to_string().trim_end().to_string(),
+            source,
         })?;
     let top = Ctx { file, release: "" };
     let mut releases_value = None;

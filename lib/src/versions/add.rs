@@ -2,7 +2,7 @@
 //! release, and only then write a pinned entry into a registry file.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -212,12 +212,7 @@ fn inspect_artifacts(
         firmware: root(ArtifactKind::NvidiaFirmware),
         driver_libs: root(ArtifactKind::NvidiaDriverLibs),
     };
-    inspect(expect, &trees)
-        .map_err(|e| VersionsError::Refused(relative_to(&e.to_string(), scratch.path())))
-}
-
-/// Paths in messages are inside the scratch directory, which is gone once we return: show them
-/// relative to the artifact (`nvidia-modules/lib/modules/.../nvidia.ko`).
-fn relative_to(message: &str, scratch: &Path) -> String {
-    message.replace(&format!("{}/", scratch.display()), "")
+    // Paths are inside the scratch directory, which is gone once we return: name them relative
+    // to it (`nvidia-modules/lib/modules/.../nvidia.ko`).
+    inspect(expect, &trees).map_err(|e| VersionsError::Refused(e.relative_to(scratch.path())))
 }

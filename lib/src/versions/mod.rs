@@ -34,7 +34,10 @@ use serde::Serialize;
 
 use crate::archive::ArchiveError;
 use crate::fetch::{FetchError, Fetcher};
+use crate::inspect::InspectError;
+use crate::outcome::{Classify, Outcome};
 use crate::registry::{Arch, ArtifactKind, ModuleFlavor, Registry, RegistryError};
+use crate::remedy::Remedy;
 
 /// Errors of the upgrade workflow. Each names the artifact or release and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -67,9 +70,10 @@ pub enum VersionsError {
         #[source]
         source: ArchiveError,
     },
-    /// The artifacts do not fit the release; the message names each file.
-    #[error("release refused, registry unchanged: {0}")]
-    Refused(String),
+    /// The artifacts do not fit the release; the inspection names each file (relative to its
+    /// artifact: the scratch tree is gone).
+    #[error("release refused, registry unchanged")]
+    Refused(#[source] InspectError),
     /// A kernel or driver version string that cannot be a version (it becomes a path).
     #[error("the {field} {problem}")]
     BadVersion {
@@ -83,31 +87,31 @@ pub enum VersionsError {
     Scratch(#[source] std::io::Error),
 }
 
-impl VersionsError {
-    /// Whether this is a verification failure (a digest, a size cap, an inspection): a
-    /// reviewer's matter, not a passing fault.
-    pub fn is_verification_failure(&self) -> bool {
+impl Classify for VersionsError {
+    fn outcome(&self) -> Outcome {
         match self {
-            VersionsError::Fetch { source, .. } => matches!(
-                source,
-                FetchError::DigestMismatch { .. }
-                    | FetchError::SizeCap { .. }
-                    | FetchError::UnpinnedCap { .. }
-            ),
-            VersionsError::Unpack { .. } | VersionsError::Refused(_) => true,
-            _ => false,
+            VersionsError::Registry(e) => e.outcome(),
+            VersionsError::Fetch { source, .. } => source.outcome(),
+            // A reviewer's matter: what was downloaded is not what the release says.
+            VersionsError::Unpack { .. } | VersionsError::Refused { .. } => {
+                Outcome::VerificationFailed
+            }
+            VersionsError::NoDriverVersion
+            | VersionsError::BadVersion { .. }
+            | VersionsError::Scratch(_) => Outcome::Failed,
         }
     }
 
-    /// Whether a safety rule refused the request (an unpinned artifact).
-    pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            VersionsError::Fetch {
-                source: FetchError::Unpinned { .. },
-                ..
-            }
-        )
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            VersionsError::Registry(e) => e.remedy(),
+            VersionsError::Fetch { source, .. } => source.remedy(),
+            VersionsError::Unpack { .. }
+            | VersionsError::Refused { .. }
+            | VersionsError::NoDriverVersion
+            | VersionsError::BadVersion { .. }
+            | VersionsError::Scratch(_) => None,
+        }
     }
 }
 

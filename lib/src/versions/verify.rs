@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::{VersionsError, deep};
 use crate::fetch::{FetchError, Fetcher, Progress};
+use crate::outcome::{Outcome, ReportOutcome};
 use crate::registry::{Arch, Artifact, ArtifactKind, Registry, Release};
 
 /// Where [`verify`] reads the bytes it checks.
@@ -94,6 +95,19 @@ pub enum Verdict {
     Error(Vec<String>),
     /// Everything checked matched, but some artifacts have no pin.
     Unpinned(usize),
+}
+
+/// A mismatch is a reviewer's matter, an artifact that could not be checked a failure on the
+/// way, an unpinned one refused.
+impl ReportOutcome for Verdict {
+    fn outcome(&self) -> Option<Outcome> {
+        match self {
+            Verdict::Ok => None,
+            Verdict::Mismatch(_) => Some(Outcome::VerificationFailed),
+            Verdict::Error(_) => Some(Outcome::Failed),
+            Verdict::Unpinned(_) => Some(Outcome::Refused),
+        }
+    }
 }
 
 impl fmt::Display for Verdict {
