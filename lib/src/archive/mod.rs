@@ -46,13 +46,17 @@ pub enum ArchiveError {
     },
     /// The tar structure itself is malformed.
     #[error(
-        "archive {archive} is not a valid tar archive ({reason}); fetch the artifact again or re-pack it with GNU tar"
+        "archive {archive} is not a valid tar archive{}; fetch the artifact again or re-pack it with GNU tar",
+        entry.as_ref().map(|e| format!(" (at entry `{e}`)")).unwrap_or_default()
     )]
     Malformed {
         /// The archive being read.
         archive: PathBuf,
-        /// What the parser found wrong.
-        reason: String,
+        /// The entry being read, when the headers got that far.
+        entry: Option<String>,
+        /// What the tar parser found wrong.
+        #[source]
+        source: io::Error,
     },
     /// An entry was refused because extracting it could be unsafe.
     #[error("archive {archive}: entry `{entry}` refused: {reason}; {fix}")]
@@ -99,6 +103,15 @@ pub enum ArchiveError {
         /// The cap for that kind of header.
         limit: u64,
     },
+    /// The extraction destination cannot be looked at.
+    #[error("cannot extract into {dest}: it cannot be read")]
+    DestinationIo {
+        /// The destination directory.
+        dest: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
     /// The extraction destination is unusable.
     #[error("cannot extract into {dest}: {reason}")]
     Destination {
@@ -142,6 +155,7 @@ impl Classify for ArchiveError {
             | ArchiveError::LimitExceeded { .. }
             | ArchiveError::ExtensionHeaderTooLarge { .. }
             | ArchiveError::Destination { .. }
+            | ArchiveError::DestinationIo { .. }
             | ArchiveError::Write { .. }
             | ArchiveError::Visitor { .. } => Outcome::Failed,
         }

@@ -124,7 +124,7 @@ pub enum DiskError {
         /// The program.
         program: &'static str,
         /// Its exit status.
-        status: String,
+        status: std::process::ExitStatus,
         /// The image it was writing.
         image: PathBuf,
         /// What it printed on stderr (last lines).
@@ -288,7 +288,7 @@ pub(super) fn make_image(tree: &Path, dir: &Path, uuid: &str) -> Result<LayerFil
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
         return Err(DiskError::MkfsFailed {
             program: MKFS_EROFS,
-            status: output.status.to_string(),
+            status: output.status,
             image,
             stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
         });

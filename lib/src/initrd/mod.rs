@@ -89,12 +89,16 @@ pub enum InitrdError {
     },
     /// The guest init is not a static binary for the guest's architecture: it would fail as
     /// `/init` before printing anything.
-    #[error("guest init `{path}`: {why}")]
+    #[error(
+        "guest init `{path}` cannot be the guest's /init; {}",
+        guest_init::BUILD_HINT
+    )]
     GuestInitUnfit {
         /// The path given.
         path: PathBuf,
-        /// What is wrong with it, and the fix.
-        why: String,
+        /// What is wrong with it.
+        #[source]
+        why: guest_init::Unfit,
     },
     /// A requested module is not in the release's NVIDIA modules.
     #[error(

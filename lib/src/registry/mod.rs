@@ -301,6 +301,24 @@ pub enum RegistryError {
         /// How to fix it.
         fix: String,
     },
+    /// A `sha256` field that is not a digest.
+    #[error(
+        "registry {file}: release `{release}`: field `{field}`: `{value}` is not a sha256 digest; \
+         pin release {release} in {file} to fill it in, or remove it"
+    )]
+    BadDigest {
+        /// The registry file.
+        file: String,
+        /// The release.
+        release: String,
+        /// The field, as a dotted path inside the release.
+        field: String,
+        /// The value found.
+        value: String,
+        /// What is wrong with it.
+        #[source]
+        source: DigestError,
+    },
     /// One file defines the same release twice.
     #[error(
         "registry {file}: release `{release}` is defined twice (lines {first_line} and \
@@ -374,6 +392,7 @@ impl Classify for RegistryError {
             | RegistryError::Syntax { .. }
             | RegistryError::UnEditable { .. }
             | RegistryError::Invalid { .. }
+            | RegistryError::BadDigest { .. }
             | RegistryError::DuplicateRelease { .. }
             | RegistryError::TwoDefaults { .. }
             | RegistryError::UnknownRelease { .. }

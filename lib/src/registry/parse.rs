@@ -405,16 +405,16 @@ fn parse_artifact(ctx: &Ctx<'_>, field: &str, item: &Value) -> Result<Artifact, 
         Some(v) => {
             let sha_field = format!("{field}.sha256");
             let s = ctx.string(&sha_field, v)?;
-            Some(s.parse::<Sha256Digest>().map_err(|e| {
-                ctx.invalid(
-                    &sha_field,
-                    format!("`{s}` is malformed: {e}"),
-                    format!(
-                        "pin release {} in {} to fill it in, or remove it",
-                        ctx.release, ctx.file
-                    ),
-                )
-            })?)
+            Some(
+                s.parse::<Sha256Digest>()
+                    .map_err(|source| RegistryError::BadDigest {
+                        file: ctx.file.to_string(),
+                        release: ctx.release.to_string(),
+                        field: sha_field,
+                        value: s.to_string(),
+                        source,
+                    })?,
+            )
         }
     };
     let size = match t.get("size") {
