@@ -198,8 +198,8 @@ pub enum FetchError {
     /// A resumed download got another byte range than the one asked for; the kept part is
     /// dropped.
     #[error(
-        "{url} answered a resume from byte {asked} with another range; the kept part was dropped \
-         and the download starts over"
+        "{url} answered a resume from byte {asked} with another range; the kept part was \
+         dropped, so the next attempt starts from zero"
     )]
     WrongRange {
         /// The URL.
@@ -211,7 +211,7 @@ pub enum FetchError {
     /// shorter); the kept part is dropped.
     #[error(
         "{url} cannot resume from byte {kept} (HTTP 416: the file changed or is shorter); the \
-         kept part was dropped and the download starts over"
+         kept part was dropped, so the next attempt starts from zero"
     )]
     StalePartial {
         /// The URL.
