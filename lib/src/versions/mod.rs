@@ -7,7 +7,7 @@
 //! - [`verify`]: re-check every pinned artifact, from its mirrors or from the cache, and decide
 //!   the verdict ([`VerifyReport::verdict`]).
 //!
-//! - [`diff`]: what changes from one release to another, for the reviewer of an upgrade.
+//! - [`diff()`]: what changes from one release to another, for the reviewer of an upgrade.
 //!
 //! Nothing is written to a registry file unless every check passed.
 //!
