@@ -308,3 +308,56 @@ fn each_verify_verdict_has_its_own_outcome() {
     assert_eq!(Verdict::Error(bad).outcome(), Some(Outcome::Failed));
     assert_eq!(Verdict::Unpinned(2).outcome(), Some(Outcome::Refused));
 }
+
+#[test]
+fn failures_on_the_way_are_failed_whatever_module_raised_them() {
+    let failed: Vec<Box<dyn Classify>> = vec![
+        Box::new(VfioCheckError::Container(io())),
+        Box::new(VfioCheckError::NotViable { group: 3 }),
+        Box::new(ModinfoError::NoModinfo {
+            file: "nvidia.ko".into(),
+        }),
+        Box::new(ListingError::Io {
+            file: "initrd".into(),
+            source: io(),
+        }),
+        Box::new(ArchiveError::Malformed {
+            archive: "a.tar".into(),
+            entry: None,
+            source: io(),
+        }),
+        Box::new(IdsError::Read {
+            path: "supported-gpus.json".into(),
+            source: io(),
+        }),
+        Box::new(RegistryError::NoDefault { known: Vec::new() }),
+        Box::new(DigestError::Length(3)),
+        Box::new(HealthError::NoHistory(Owner::new("vm").unwrap())),
+        Box::new(ProvisionError::UnsupportedArch("sparc")),
+        Box::new(FetchError::Http {
+            url: "https://x/k".into(),
+            status: 503,
+        }),
+    ];
+    for err in failed {
+        assert_eq!(err.outcome(), Outcome::Failed);
+    }
+}
+
+#[test]
+fn a_state_dir_that_cannot_be_written_names_the_state_dir_wherever_it_surfaces() {
+    let health_io = || HealthError::Io {
+        action: "write",
+        path: "health.json".into(),
+        source: io(),
+    };
+    for remedy in [
+        journal_io().remedy(),
+        AttachError::Journal(journal_io()).remedy(),
+        health_io().remedy(),
+        AttachError::Health(health_io()).remedy(),
+        ProvisionError::Attach(AttachError::Health(health_io())).remedy(),
+    ] {
+        assert_eq!(remedy, Some(Remedy::StateDir));
+    }
+}
