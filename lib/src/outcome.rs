@@ -48,3 +48,39 @@ pub trait ReportOutcome {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error type that names no remedy gets none by default.
+    #[derive(Debug)]
+    struct Busy;
+
+    impl Classify for Busy {
+        fn outcome(&self) -> Outcome {
+            Outcome::Failed
+        }
+    }
+
+    #[test]
+    fn outcomes_have_stable_names_and_no_remedy_is_the_default() {
+        let names = [
+            Outcome::Refused,
+            Outcome::VerificationFailed,
+            Outcome::Failed,
+            Outcome::NotReady,
+        ]
+        .map(|o| serde_json::to_string(&o).unwrap());
+        assert_eq!(
+            names,
+            [
+                "\"refused\"",
+                "\"verification_failed\"",
+                "\"failed\"",
+                "\"not_ready\""
+            ]
+        );
+        assert_eq!((Busy.outcome(), Busy.remedy()), (Outcome::Failed, None));
+    }
+}
