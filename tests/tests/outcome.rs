@@ -43,6 +43,7 @@ fn every_error_type_of_the_library_is_classified() {
     classified::<ListingError>();
     classified::<DiskError>();
     classified::<InitrdError>();
+    classified::<gpu_passthrough::initrd::guest_init::Unfit>();
     classified::<InspectError>();
     classified::<Problem>();
     classified::<ModinfoError>();
