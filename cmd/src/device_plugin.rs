@@ -2,14 +2,12 @@
 //! `gpu_passthrough_device_plugin`).
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
-use gpu_passthrough::outcome::Outcome;
 use gpu_passthrough_device_plugin::{Config, Prepare, run_until_signal};
 
 use crate::Global;
-use crate::output::{emit_text, report_error};
+use crate::output::{CmdResult, Failure, emit_text, report_error};
 
 /// Arguments of `device-plugin`.
 #[derive(Debug, clap::Args)]
@@ -33,7 +31,7 @@ pub struct DevicePluginArgs {
 
 /// Run the plugin; after SIGTERM print what the start-up pass did. A plugin that stopped on an
 /// error failed, whatever the error's kind.
-pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode> {
+pub fn run(global: &Global, args: &DevicePluginArgs) -> CmdResult {
     let config = Config {
         kubelet_dir: args.kubelet_dir.clone(),
         sysfs_root: global.sysfs_root.clone(),
@@ -47,6 +45,6 @@ pub fn run(global: &Global, args: &DevicePluginArgs) -> anyhow::Result<ExitCode>
     };
     match run_until_signal(config) {
         Ok(report) => emit_text(global, &report),
-        Err(e) => Ok(report_error(global, &e.into(), Outcome::Failed)),
+        Err(e) => Ok(report_error(global, &Failure::failed(e))),
     }
 }

@@ -1,13 +1,12 @@
 //! `health` (records, scan, ingest, clear) and `reset`: parse, call the library, print.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use gpu_passthrough::attach::{Owner, ingest_console};
 use gpu_passthrough::health::{self, HealthStore};
 
 use crate::Global;
-use crate::output::{emit_judged, emit_lines, emit_text};
+use crate::output::{CmdResult, emit_judged, emit_lines, emit_text};
 
 /// Arguments of `health`.
 #[derive(Debug, clap::Args)]
@@ -46,7 +45,7 @@ pub struct DeviceArg {
 }
 
 /// `health [scan|ingest|clear]`.
-pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
+pub fn run(global: &Global, args: &HealthArgs) -> CmdResult {
     let store = HealthStore::new(&global.state_dir);
     match &args.command {
         None => emit_lines(global, &store.records()?),
@@ -60,6 +59,6 @@ pub fn run(global: &Global, args: &HealthArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `reset DEVICE`: reset on demand, then verify.
-pub fn reset(global: &Global, arg: &DeviceArg) -> anyhow::Result<ExitCode> {
+pub fn reset(global: &Global, arg: &DeviceArg) -> CmdResult {
     emit_judged(global, &global.host(Vec::new()).reset(arg.device.parse()?)?)
 }

@@ -3,17 +3,16 @@
 //! A thin layer over `gpu_passthrough::attach::Host`: parse, call, print.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
-use anyhow::Context;
 use gpu_passthrough::attach::{Owner, PlanRequest};
+use gpu_passthrough::pci::AddressError;
 use gpu_passthrough::provision::{Provisioner, VmDevices, VmRequest};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
 use gpu_passthrough::vgpu::PlaceRequest;
 use gpu_passthrough::vmm::{DiskAttach, Vmm};
 
 use crate::Global;
-use crate::output::{DownloadBar, emit_judged, emit_text};
+use crate::output::{CmdResult, DownloadBar, Failure, emit_judged, emit_text};
 
 /// Options shared by the host commands.
 #[derive(Debug, Clone, clap::Args)]
@@ -162,7 +161,7 @@ impl VgpuArgs {
 }
 
 /// The request as parsed; bad input is refused before anything is built or fetched.
-fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanRequest> {
+fn plan_request(sel: &Selection, owner: Option<Owner>) -> Result<PlanRequest, AddressError> {
     Ok(PlanRequest {
         devices: sel
             .devices
@@ -180,27 +179,27 @@ fn plan_request(sel: &Selection, owner: Option<Owner>) -> anyhow::Result<PlanReq
 }
 
 /// `doctor`: host readiness.
-pub fn doctor(global: &Global, opts: &HostOpts) -> anyhow::Result<ExitCode> {
+pub fn doctor(global: &Global, opts: &HostOpts) -> CmdResult {
     let h = global.host(Vec::new());
     emit_judged(global, &h.doctor(opts.supported_gpus.as_deref())?)
 }
 
 /// `devices`: passthrough candidates or every device.
-pub fn devices(global: &Global, args: &DevicesArgs) -> anyhow::Result<ExitCode> {
+pub fn devices(global: &Global, args: &DevicesArgs) -> CmdResult {
     let h = global.host(Vec::new());
     let listing = h.listing(args.all, args.host.supported_gpus.as_deref())?;
     emit_text(global, &listing)
 }
 
 /// `vgpu types`: every profile the host can create now.
-pub fn vgpu(global: &Global, cmd: &VgpuCommand) -> anyhow::Result<ExitCode> {
+pub fn vgpu(global: &Global, cmd: &VgpuCommand) -> CmdResult {
     match cmd {
         VgpuCommand::Types => emit_text(global, &global.host(Vec::new()).vgpu_catalogue()),
     }
 }
 
 /// `plan`: what attach would do (`--vgpu`: where the vGPUs would go).
-pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
+pub fn plan(global: &Global, args: &PlanArgs) -> CmdResult {
     if let Some(place) = args.vgpu.place() {
         return emit_text(global, &global.host(Vec::new()).plan_vgpu(&place)?);
     }
@@ -214,7 +213,7 @@ pub fn plan(global: &Global, args: &PlanArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `attach`: ensure the release's layers, bind (or create vGPUs), verify, print the boot spec.
-pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
+pub fn attach(global: &Global, args: &AttachArgs) -> CmdResult {
     let owner = Owner::new(&args.owner)?;
     let devices = match args.vgpu.place() {
         Some(place) => VmDevices::Vgpus(place),
@@ -238,18 +237,21 @@ pub fn attach(global: &Global, args: &AttachArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `detach`: devices back to their original drivers.
-pub fn detach(global: &Global, args: &DetachArgs) -> anyhow::Result<ExitCode> {
+pub fn detach(global: &Global, args: &DetachArgs) -> CmdResult {
     let owner = Owner::new(&args.owner)?;
     emit_text(global, &global.host(Vec::new()).detach(&owner)?)
 }
 
 /// `reconcile`: repair what crashes left behind.
-pub fn reconcile(global: &Global, args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
+pub fn reconcile(global: &Global, args: &ReconcileArgs) -> CmdResult {
     let gone = args
         .gone
         .iter()
         .map(|o| Owner::new(o))
         .collect::<Result<_, _>>()?;
-    let report = global.host(gone).reconcile().context("reconcile")?;
+    let report = global
+        .host(gone)
+        .reconcile()
+        .map_err(|e| Failure::from(e).context("reconcile"))?;
     emit_judged(global, &report)
 }

@@ -1,7 +1,6 @@
 //! `gpu-passthrough initrd build | ensure | inspect`.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use gpu_passthrough::initrd::{LayerCompression, LayerForm, listing};
 use gpu_passthrough::provision::{self, Freshness};
@@ -9,7 +8,7 @@ use gpu_passthrough::registry::Arch;
 use gpu_passthrough::text::ListingText;
 
 use crate::Global;
-use crate::output::{DownloadBar, emit_text};
+use crate::output::{CmdResult, DownloadBar, emit_text};
 
 /// Initrd commands.
 #[derive(Debug, clap::Subcommand)]
@@ -58,7 +57,7 @@ pub struct BuildArgs {
 }
 
 /// Run an `initrd` command.
-pub fn run(global: &Global, cmd: &InitrdCommand) -> anyhow::Result<ExitCode> {
+pub fn run(global: &Global, cmd: &InitrdCommand) -> CmdResult {
     match cmd {
         InitrdCommand::Build(args) => build(global, args, Freshness::Rebuild),
         InitrdCommand::Ensure(args) => build(global, args, Freshness::Ensure),
@@ -66,7 +65,7 @@ pub fn run(global: &Global, cmd: &InitrdCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> anyhow::Result<ExitCode> {
+fn build(global: &Global, args: &BuildArgs, freshness: Freshness) -> CmdResult {
     let registry = global.registry()?;
     let release = registry.resolve(args.release.as_deref())?;
     let arch = args.arch.map_or_else(provision::host_arch, Ok)?;

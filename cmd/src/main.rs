@@ -14,9 +14,8 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, Subcommand};
 use gpu_passthrough::attach::{Host, Owner, PidLiveness};
-use gpu_passthrough::outcome::outcome;
 use gpu_passthrough::paths::{self, default_cache_dir};
-use gpu_passthrough::registry::Registry;
+use gpu_passthrough::registry::{Registry, RegistryError};
 
 /// Flags every command honours.
 #[derive(Debug, Clone, clap::Args)]
@@ -66,8 +65,8 @@ impl Global {
     }
 
     /// The embedded registry with the `--registry` files merged over it.
-    pub fn registry(&self) -> anyhow::Result<Registry> {
-        Ok(Registry::load(&self.registries)?)
+    pub fn registry(&self) -> Result<Registry, RegistryError> {
+        Registry::load(&self.registries)
     }
 
     /// The host these flags point at; owners in `gone` are declared gone, `pid:N` owners are
@@ -142,5 +141,5 @@ fn main() -> ExitCode {
         Command::Reset(a) => health::reset(&cli.global, a),
         Command::DevicePlugin(a) => device_plugin::run(&cli.global, a),
     };
-    result.unwrap_or_else(|err| output::report_error(&cli.global, &err, outcome(err.as_ref())))
+    result.unwrap_or_else(|failure| output::report_error(&cli.global, &failure))
 }

@@ -6,8 +6,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use gpu_passthrough::Progress;
-use gpu_passthrough::outcome::{Outcome, ReportOutcome};
-use gpu_passthrough::remedy::{Remedy, remedy};
+use gpu_passthrough::outcome::{Classify, Outcome, ReportOutcome};
+use gpu_passthrough::remedy::Remedy;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -24,6 +24,62 @@ pub fn exit_code(outcome: Option<Outcome>) -> u8 {
         Some(Outcome::NotReady) => 5,
     }
 }
+
+/// Why a command failed: the error (its chain is the message) with the outcome and remedy its
+/// library error gave when it was raised, so nothing downstream walks or downcasts the chain.
+#[derive(Debug)]
+pub struct Failure {
+    error: anyhow::Error,
+    outcome: Outcome,
+    remedy: Option<Remedy>,
+}
+
+/// Every library error converts with `?`, classified by its own [`Classify`] answer.
+impl<E> From<E> for Failure
+where
+    E: std::error::Error + Classify + Send + Sync + 'static,
+{
+    fn from(err: E) -> Failure {
+        Failure {
+            outcome: err.outcome(),
+            remedy: err.remedy(),
+            error: anyhow::Error::new(err),
+        }
+    }
+}
+
+impl Failure {
+    /// A failure the CLI itself found (a flag missing, output that could not be written):
+    /// nothing the library classifies, so a failure on the way.
+    pub fn failed(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            error: error.into(),
+            outcome: Outcome::Failed,
+            remedy: None,
+        }
+    }
+
+    /// A failure the CLI itself words.
+    pub fn message(message: impl Display + std::fmt::Debug + Send + Sync + 'static) -> Failure {
+        Failure::failed(anyhow::Error::msg(message))
+    }
+
+    /// The same failure judged otherwise (a report's verdict printed as the error).
+    pub fn with_outcome(self, outcome: Outcome) -> Failure {
+        Failure { outcome, ..self }
+    }
+
+    /// The same failure with the CLI's own words in front (a flag to pass).
+    pub fn context(self, context: impl Display + Send + Sync + 'static) -> Failure {
+        Failure {
+            error: self.error.context(context),
+            ..self
+        }
+    }
+}
+
+/// What a command returns: its exit code, or why it failed.
+pub type CmdResult = Result<ExitCode, Failure>;
 
 /// Set up `tracing` on stderr according to `-v`/`-q`.
 pub fn init_logging(global: &Global) {
@@ -45,13 +101,10 @@ pub fn init_logging(global: &Global) {
 
 /// Print the command's answer: `value` as pretty JSON when `--json`, else through `human` for
 /// people. The command succeeded.
-pub fn emit<T: Serialize>(
-    global: &Global,
-    value: &T,
-    human: impl FnOnce(&T),
-) -> anyhow::Result<ExitCode> {
+pub fn emit<T: Serialize>(global: &Global, value: &T, human: impl FnOnce(&T)) -> CmdResult {
     if global.json {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        let text = serde_json::to_string_pretty(value).map_err(Failure::failed)?;
+        println!("{text}");
     } else {
         human(value);
     }
@@ -59,18 +112,18 @@ pub fn emit<T: Serialize>(
 }
 
 /// [`emit`] with the value's `Display` form for people.
-pub fn emit_text<T: Serialize + Display>(global: &Global, value: &T) -> anyhow::Result<ExitCode> {
+pub fn emit_text<T: Serialize + Display>(global: &Global, value: &T) -> CmdResult {
     emit(global, value, |v| print!("{v}"))
 }
 
 /// [`emit`] for a list: one item a line for people.
-pub fn emit_lines<T: Serialize + Display>(global: &Global, list: &[T]) -> anyhow::Result<ExitCode> {
+pub fn emit_lines<T: Serialize + Display>(global: &Global, list: &[T]) -> CmdResult {
     emit(global, &list, |l| l.iter().for_each(|v| println!("{v}")))
 }
 
 /// Print a report that judges the request, with the flag for what it refused or kept, and exit
 /// with the code of its outcome.
-pub fn emit_judged<T>(global: &Global, report: &T) -> anyhow::Result<ExitCode>
+pub fn emit_judged<T>(global: &Global, report: &T) -> CmdResult
 where
     T: Serialize + Display + ReportOutcome,
 {
@@ -83,12 +136,15 @@ where
     Ok(ExitCode::from(exit_code(report.outcome())))
 }
 
-/// Print an error (as JSON on stdout with `--json`, else on stderr) with the flag that fixes
+/// Print a failure (as JSON on stdout with `--json`, else on stderr) with the flag that fixes
 /// it, and exit with the code of its outcome.
-pub fn report_error(global: &Global, err: &anyhow::Error, outcome: Outcome) -> ExitCode {
-    let code = exit_code(Some(outcome));
-    let hint = remedy(err.as_ref()).map(|r| format!(" ({})", flag_hint(&r)));
-    let message = format!("{err:#}{}", hint.unwrap_or_default());
+pub fn report_error(global: &Global, failure: &Failure) -> ExitCode {
+    let code = exit_code(Some(failure.outcome));
+    let hint = failure
+        .remedy
+        .as_ref()
+        .map(|r| format!(" ({})", flag_hint(r)));
+    let message = format!("{:#}{}", failure.error, hint.unwrap_or_default());
     if global.json {
         let body = serde_json::json!({ "error": message, "exit_code": code });
         println!("{body}");

@@ -10,7 +10,7 @@ use gpu_passthrough::text::ReleaseTable;
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
 
 use crate::Global;
-use crate::output::{DownloadBar, emit, emit_text, exit_code, report_error};
+use crate::output::{CmdResult, DownloadBar, Failure, emit, emit_text, exit_code, report_error};
 
 /// Registry commands.
 #[derive(Debug, clap::Subcommand)]
@@ -97,7 +97,7 @@ pub struct VerifyArgs {
 }
 
 /// Run a `versions` command.
-pub fn run(global: &Global, cmd: &VersionsCommand) -> anyhow::Result<ExitCode> {
+pub fn run(global: &Global, cmd: &VersionsCommand) -> CmdResult {
     match cmd {
         VersionsCommand::List => list(global),
         VersionsCommand::Show { release } => {
@@ -111,22 +111,23 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// The file `add` and `pin` write: the last `--registry`.
-fn target_file(global: &Global, command: &str) -> anyhow::Result<PathBuf> {
+fn target_file(global: &Global, command: &str) -> Result<PathBuf, Failure> {
     global.registries.last().cloned().ok_or_else(|| {
-        anyhow::anyhow!(
+        Failure::message(format!(
             "`versions {command}` writes a registry file: pass --registry FILE \
              (it is created if missing)"
-        )
+        ))
     })
 }
 
 /// The architecture asked for, else this machine's.
-fn arch_or_host(arch: Option<Arch>) -> anyhow::Result<Arch> {
-    arch.or_else(Arch::host)
-        .ok_or_else(|| anyhow::anyhow!("this machine's architecture is not supported: pass --arch"))
+fn arch_or_host(arch: Option<Arch>) -> Result<Arch, Failure> {
+    arch.or_else(Arch::host).ok_or_else(|| {
+        Failure::message("this machine's architecture is not supported: pass --arch")
+    })
 }
 
-fn list(global: &Global) -> anyhow::Result<ExitCode> {
+fn list(global: &Global) -> CmdResult {
     let rows = versions::summaries(&global.registry()?);
     emit(global, &serde_json::json!({ "releases": rows }), |_| {
         print!("{}", ReleaseTable(&rows));
@@ -139,7 +140,7 @@ fn list(global: &Global) -> anyhow::Result<ExitCode> {
 /// How to pin, for messages about unpinned artifacts.
 const PIN_HINT: &str = "pin them with `gpu-passthrough versions pin <release> --registry <file>`";
 
-fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
+fn add(global: &Global, args: &AddArgs) -> CmdResult {
     let request = AddRequest {
         file: target_file(global, "add")?,
         release: args.release.clone(),
@@ -149,7 +150,7 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
         gsp: !args.no_gsp,
         arch: arch_or_host(args.arch)?,
         artifacts: versions::artifact_urls(&args.artifacts)
-            .map_err(|e| anyhow::anyhow!("--artifact {e}"))?,
+            .map_err(|e| Failure::message(format!("--artifact {e}")))?,
         default: args.default,
         replace: args.replace,
         max_download_bytes: args.max_download_bytes,
@@ -157,13 +158,13 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
     let fetcher = versions::fetcher(&global.cache_dir())?;
     match versions::add(&fetcher, &request, &DownloadBar::new(global)) {
         Err(e @ VersionsError::NoDriverVersion) => {
-            Err(anyhow::Error::new(e).context("pass --driver-version"))
+            Err(Failure::from(e).context("pass --driver-version"))
         }
         report => emit_text(global, &report?),
     }
 }
 
-fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCode> {
+fn pin(global: &Global, name: &str, only: Option<Arch>) -> CmdResult {
     let file = target_file(global, "pin")?;
     let fetcher = versions::fetcher(&global.cache_dir())?;
     let bar = DownloadBar::new(global);
@@ -171,7 +172,7 @@ fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCo
     emit_text(global, &report)
 }
 
-fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> anyhow::Result<ExitCode> {
+fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> CmdResult {
     let arch = arch_or_host(arch)?;
     let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
     let fetcher = versions::fetcher(&cache)?;
@@ -181,7 +182,7 @@ fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> anyhow::Re
 }
 
 /// `versions verify`: the rows, then the verdict as the error and exit code.
-fn verify(global: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+fn verify(global: &Global, args: &VerifyArgs) -> CmdResult {
     let registry = global.registry()?;
     let source = match args.cached {
         true => VerifySource::Cache,
@@ -213,7 +214,7 @@ fn verify(global: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     emit(global, &doc, |_| print!("{report}"))?;
     Ok(match outcome.zip(message) {
         Some((outcome, msg)) if !global.json => {
-            report_error(global, &anyhow::anyhow!(msg), outcome)
+            report_error(global, &Failure::message(msg).with_outcome(outcome))
         }
         _ => ExitCode::from(code),
     })

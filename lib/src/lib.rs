@@ -20,9 +20,10 @@
 //! - [`kernel`]: the sysfs writer every host change goes through (swapped for the simulation).
 //! - [`vfio`]: check a bound device through VFIO the way a VMM will open it.
 //! - [`health`]: NVIDIA fault classification, per-device health records, quarantine.
-//! - [`remedy`]: which caller setting fixes an error (the CLI names its flag for it).
-//! - [`outcome`]: whether an error is a refusal, a verification failure or a failure on the way,
-//!   and what a returned report says (a plan with refusals, a host not ready).
+//! - [`remedy`]: the caller settings that fix an error (the CLI names its flag for each).
+//! - [`outcome`]: whether an error is a refusal, a verification failure or a failure on the way
+//!   (`Classify`, which every error type answers), and what a returned report says
+//!   (`ReportOutcome`: a plan with refusals, a host not ready).
 //! - [`text`]: the human-readable form of the reports (`Display`).
 //! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
 //! - [`vgpu`]: vGPU profiles on both NVIDIA frameworks (vendor VFIO, mdev) and their placement.

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use object::ReadRef;
 use object::read::elf::{FileHeader, SectionHeader};
 
+use crate::archive::ArchiveError;
 use crate::archive::decompress::{Compression, decompressing_reader_named};
+use crate::outcome::{Classify, Outcome};
 
 /// Largest decompressed module accepted (the biggest real module, `nvidia.ko` with debug info,
 /// is under 200 MB).
@@ -30,15 +32,44 @@ pub enum ModinfoError {
         #[source]
         source: std::io::Error,
     },
+    /// A compressed module could not be decompressed.
+    #[error("cannot decompress kernel module {file}; fetch the artifact again")]
+    Decompress {
+        /// The module file.
+        file: PathBuf,
+        /// The decompressor's error.
+        #[source]
+        source: ArchiveError,
+    },
     /// The (decompressed) bytes are not an ELF object.
     #[error(
-        "{file} is not a kernel module (ELF object): {reason}; check that the artifact holds built .ko files"
+        "{file} is not a kernel module (ELF object); check that the artifact holds built .ko files"
     )]
     NotElf {
         /// The module file.
         file: PathBuf,
         /// What the ELF parser said.
-        reason: String,
+        #[source]
+        source: object::read::Error,
+    },
+    /// The bytes are an object file of another format.
+    #[error(
+        "{file} is a {format:?} object, not a kernel module (ELF); check that the artifact holds built .ko files"
+    )]
+    OtherFormat {
+        /// The module file.
+        file: PathBuf,
+        /// The format found.
+        format: object::FileKind,
+    },
+    /// The `.modinfo` section is there but its bytes cannot be read.
+    #[error("{file}: the .modinfo section cannot be read; check that the file is a whole module")]
+    ModinfoUnreadable {
+        /// The module file.
+        file: PathBuf,
+        /// What the ELF parser said.
+        #[source]
+        source: object::read::Error,
     },
     /// The ELF object has no `.modinfo` section.
     #[error(
@@ -58,12 +89,26 @@ pub enum ModinfoError {
     },
 }
 
+impl Classify for ModinfoError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ModinfoError::Io { .. }
+            | ModinfoError::Decompress { .. }
+            | ModinfoError::NotElf { .. }
+            | ModinfoError::OtherFormat { .. }
+            | ModinfoError::ModinfoUnreadable { .. }
+            | ModinfoError::NoModinfo { .. }
+            | ModinfoError::TooLarge { .. } => Outcome::Failed,
+        }
+    }
+}
+
 /// A module's bytes as the kernel's `finit_module` without flags wants them: decompressed
 /// (`.ko.xz`, `.ko.zst`, `.ko.gz`, recognised by magic bytes), at most 1 GiB.
 pub(crate) fn decompressed_module(path: &Path) -> std::io::Result<Vec<u8>> {
     let file = File::open(path)?;
-    let (_, reader) = decompressing_reader_named(BufReader::new(file), path)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (_, reader) =
+        decompressing_reader_named(BufReader::new(file), path).map_err(std::io::Error::other)?;
     let mut bytes = Vec::new();
     reader.take(MAX_MODULE_BYTES + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_MODULE_BYTES {
@@ -104,8 +149,13 @@ impl ModInfo {
             }
             _ => {
                 let file = File::open(path).map_err(io_error)?;
-                let (_, reader) = decompressing_reader_named(BufReader::new(file), path)
-                    .map_err(|e| io_error(std::io::Error::other(e.to_string())))?;
+                let (_, reader) =
+                    decompressing_reader_named(BufReader::new(file), path).map_err(|source| {
+                        ModinfoError::Decompress {
+                            file: path.to_path_buf(),
+                            source,
+                        }
+                    })?;
                 let mut bytes = Vec::new();
                 reader
                     .take(MAX_MODULE_BYTES + 1)
@@ -219,11 +269,11 @@ fn read_prefix(mut file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 fn parse_elf<'d, R: ReadRef<'d>>(data: R, file: &Path) -> Result<ModInfo, ModinfoError> {
-    let not_elf = |reason: String| ModinfoError::NotElf {
+    let not_elf = |source| ModinfoError::NotElf {
         file: file.to_path_buf(),
-        reason,
+        source,
     };
-    let kind = object::FileKind::parse(data).map_err(|e| not_elf(e.to_string()))?;
+    let kind = object::FileKind::parse(data).map_err(not_elf)?;
     let (section, machine) = match kind {
         object::FileKind::Elf32 => {
             modinfo_section::<object::elf::FileHeader32<object::Endianness>, R>(data, file)?
@@ -231,7 +281,12 @@ fn parse_elf<'d, R: ReadRef<'d>>(data: R, file: &Path) -> Result<ModInfo, Modinf
         object::FileKind::Elf64 => {
             modinfo_section::<object::elf::FileHeader64<object::Endianness>, R>(data, file)?
         }
-        other => return Err(not_elf(format!("it is {other:?}, not ELF"))),
+        format => {
+            return Err(ModinfoError::OtherFormat {
+                file: file.to_path_buf(),
+                format,
+            });
+        }
     };
     Ok(ModInfo::from_section(section, machine))
 }
@@ -242,16 +297,14 @@ fn modinfo_section<'d, Elf: FileHeader<Endian = object::Endianness>, R: ReadRef<
     data: R,
     file: &Path,
 ) -> Result<(&'d [u8], u16), ModinfoError> {
-    let not_elf = |reason: String| ModinfoError::NotElf {
+    let not_elf = |source| ModinfoError::NotElf {
         file: file.to_path_buf(),
-        reason,
+        source,
     };
-    let header = Elf::parse(data).map_err(|e| not_elf(e.to_string()))?;
-    let endian = header.endian().map_err(|e| not_elf(e.to_string()))?;
+    let header = Elf::parse(data).map_err(not_elf)?;
+    let endian = header.endian().map_err(not_elf)?;
     let machine = header.e_machine(endian).0;
-    let sections = header
-        .sections(endian, data)
-        .map_err(|e| not_elf(e.to_string()))?;
+    let sections = header.sections(endian, data).map_err(not_elf)?;
     let (_, section) = sections
         .section_by_name(endian, b".modinfo")
         .ok_or_else(|| ModinfoError::NoModinfo {
@@ -259,7 +312,10 @@ fn modinfo_section<'d, Elf: FileHeader<Endian = object::Endianness>, R: ReadRef<
         })?;
     let bytes = section
         .data(endian, data)
-        .map_err(|e| not_elf(format!(".modinfo section unreadable: {e}")))?;
+        .map_err(|source| ModinfoError::ModinfoUnreadable {
+            file: file.to_path_buf(),
+            source,
+        })?;
     Ok((bytes, machine))
 }
 

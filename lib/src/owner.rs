@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::outcome::{Classify, Outcome};
+
 /// Who holds attached devices: a validated string (it ends up in journal records).
 ///
 /// 1–128 characters from `A–Z a–z 0–9 . _ - : @`, not `.` or `..`, no `/`. The CLI's liveness
@@ -21,6 +23,13 @@ pub struct Owner(String);
     "invalid owner `{0}`: use 1-128 characters from A-Z a-z 0-9 . _ - : @ (e.g. `vm-42` or `pid:1234`)"
 )]
 pub struct OwnerError(pub String);
+
+/// A malformed owner is the request refused before anything was looked at.
+impl Classify for OwnerError {
+    fn outcome(&self) -> Outcome {
+        Outcome::Refused
+    }
+}
 
 impl Owner {
     /// Validate an owner string.

@@ -14,7 +14,9 @@ use crate::attach::{
 };
 use crate::fetch::{FetchOptions, Fetcher, Progress};
 use crate::initrd::{BuildOptions, InitrdBuilder, InitrdError, LayerForm, Layers, guest_init};
+use crate::outcome::{Classify, Outcome};
 use crate::registry::{Arch, Registry, RegistryError, Release};
+use crate::remedy::Remedy;
 use crate::vmm::{BootSpec, DiskAttach, GpuDisk};
 
 /// Errors of provisioning: which step failed, with its cause.
@@ -66,19 +68,33 @@ pub enum ProvisionError {
     UnsupportedArch(&'static str),
 }
 
-impl ProvisionError {
-    /// Whether the request was refused before anything changed (see
-    /// [`AttachError::is_refusal`]).
-    pub fn is_refusal(&self) -> bool {
+impl Classify for ProvisionError {
+    fn outcome(&self) -> Outcome {
         match self {
-            ProvisionError::Attach(e) => e.is_refusal(),
+            ProvisionError::Registry(e) => e.outcome(),
+            ProvisionError::Layers { source, .. } => source.outcome(),
+            ProvisionError::Attach(e) => e.outcome(),
             ProvisionError::NotVgpuGuest { .. }
             | ProvisionError::VgpuManagerMismatch { .. }
-            | ProvisionError::DiskWithoutRelease => true,
-            _ => false,
+            | ProvisionError::DiskWithoutRelease => Outcome::Refused,
+            ProvisionError::UnsupportedArch(_) => Outcome::Failed,
         }
     }
 
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            ProvisionError::Registry(e) => e.remedy(),
+            ProvisionError::Layers { source, .. } => source.remedy(),
+            ProvisionError::Attach(e) => e.remedy(),
+            ProvisionError::NotVgpuGuest { .. }
+            | ProvisionError::VgpuManagerMismatch { .. }
+            | ProvisionError::DiskWithoutRelease
+            | ProvisionError::UnsupportedArch(_) => None,
+        }
+    }
+}
+
+impl ProvisionError {
     /// The initrd error behind a failed layer step, if that is what failed.
     pub fn initrd(&self) -> Option<&InitrdError> {
         match self {

@@ -223,9 +223,6 @@ impl Display for DetachReport {
                 write!(f, "{c}")?;
             }
         }
-        for m in &self.removed_mdevs {
-            writeln!(f, "removed mdev {m}")?;
-        }
         for v in &self.released_vgpus {
             writeln!(f, "released vGPU {v}")?;
         }

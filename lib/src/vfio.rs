@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_TYPE, vfio_device_bind_iommufd, vfio_device_info,
 };
+pub use vfio_ioctls::VfioError;
+
+use crate::outcome::{Classify, Outcome};
 
 /// What the VFIO check found for one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,11 +36,11 @@ pub struct VfioReport {
 #[derive(Debug, thiserror::Error)]
 pub enum VfioCheckError {
     /// `/dev/vfio/vfio` cannot be opened.
-    #[error("cannot open /dev/vfio/vfio: {0}; load the driver: modprobe vfio-pci")]
-    Container(String),
+    #[error("cannot open /dev/vfio/vfio; load the driver: modprobe vfio-pci")]
+    Container(#[source] std::io::Error),
     /// The type-1 IOMMU backend is missing.
-    #[error("the VFIO container has no type-1 IOMMU ({0}); load it: modprobe vfio_iommu_type1")]
-    NoType1(String),
+    #[error("the VFIO container has no type-1 IOMMU; load it: modprobe vfio_iommu_type1")]
+    NoType1(#[source] VfioError),
     /// The group is not viable: some member is bound to a host driver.
     #[error(
         "IOMMU group {group} is not viable: bind every member of /sys/kernel/iommu_groups/{group}/devices to vfio-pci (or leave it driverless)"
@@ -46,7 +49,56 @@ pub enum VfioCheckError {
         /// The group.
         group: u32,
     },
-    /// Any other failure, with the device.
+    /// The device could not be opened through its group.
+    #[error("cannot open {device} through VFIO")]
+    Open {
+        /// The device's sysfs path.
+        device: PathBuf,
+        /// What `vfio-ioctls` said.
+        #[source]
+        source: VfioError,
+    },
+    /// The device's iommufd cdev could not be opened.
+    #[error("cannot open the VFIO cdev {cdev} of {device}")]
+    Cdev {
+        /// The device's sysfs path.
+        device: PathBuf,
+        /// The cdev.
+        cdev: PathBuf,
+        /// The open error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `/dev/iommu` could not be opened for a cdev.
+    #[error("cannot open /dev/iommu for the cdev {cdev}: load it: modprobe iommufd")]
+    NoIommufd {
+        /// The cdev.
+        cdev: PathBuf,
+        /// The open error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused to bind the cdev to the iommufd.
+    #[error(
+        "VFIO_DEVICE_BIND_IOMMUFD of {cdev} failed (EBUSY: in use, or a member of its IOMMU group is on a host driver)"
+    )]
+    BindIommufd {
+        /// The cdev.
+        cdev: PathBuf,
+        /// The ioctl's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device did not answer `VFIO_DEVICE_GET_INFO`.
+    #[error("VFIO_DEVICE_GET_INFO on {device} failed")]
+    GetInfo {
+        /// The device's sysfs path (or its cdev).
+        device: PathBuf,
+        /// The ioctl's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Any other failure, with the device; no lower error to carry.
     #[error("VFIO check of {device} failed: {detail}")]
     Device {
         /// The device's sysfs path.
@@ -54,6 +106,22 @@ pub enum VfioCheckError {
         /// What failed.
         detail: String,
     },
+}
+
+impl Classify for VfioCheckError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            VfioCheckError::Container(_)
+            | VfioCheckError::NoType1(_)
+            | VfioCheckError::NotViable { .. }
+            | VfioCheckError::Open { .. }
+            | VfioCheckError::Cdev { .. }
+            | VfioCheckError::NoIommufd { .. }
+            | VfioCheckError::BindIommufd { .. }
+            | VfioCheckError::GetInfo { .. }
+            | VfioCheckError::Device { .. } => Outcome::Failed,
+        }
+    }
 }
 
 /// Checks a device bound to vfio-pci the way a VMM will use it.
@@ -133,32 +201,33 @@ pub(crate) fn cdevs(sysfs_device: &Path, dev_dir: &Path) -> Vec<PathBuf> {
 impl RealVfio {
     /// The check through the device's iommufd cdev (kernels without the legacy group node).
     fn verify_cdev(&self, sysfs_device: &Path, cdev: &Path) -> Result<VfioReport, VfioCheckError> {
-        let failed = |detail: String| VfioCheckError::Device {
-            device: sysfs_device.to_owned(),
-            detail,
-        };
         let rw = || {
             let mut o = std::fs::OpenOptions::new();
             o.read(true).write(true);
             o
         };
-        let device = rw()
-            .open(cdev)
-            .map_err(|e| failed(format!("cannot open {}: {e}", cdev.display())))?;
-        let iommu = rw().open("/dev/iommu").map_err(|e| {
-            failed(format!(
-                "cannot open /dev/iommu ({e}) for its cdev {}: load it: modprobe iommufd",
-                cdev.display()
-            ))
+        let device = rw().open(cdev).map_err(|source| VfioCheckError::Cdev {
+            device: sysfs_device.to_owned(),
+            cdev: cdev.to_owned(),
+            source,
         })?;
-        device_bind_iommufd(device.as_raw_fd(), iommu.as_raw_fd()).map_err(|e| {
-            failed(format!(
-                "VFIO_DEVICE_BIND_IOMMUFD of {}: {e} (EBUSY: in use, or a member of its IOMMU group is on a host driver)",
-                cdev.display()
-            ))
+        let iommu = rw()
+            .open("/dev/iommu")
+            .map_err(|source| VfioCheckError::NoIommufd {
+                cdev: cdev.to_owned(),
+                source,
+            })?;
+        device_bind_iommufd(device.as_raw_fd(), iommu.as_raw_fd()).map_err(|source| {
+            VfioCheckError::BindIommufd {
+                cdev: cdev.to_owned(),
+                source,
+            }
         })?;
-        let info = device_get_info(device.as_raw_fd())
-            .map_err(|e| failed(format!("VFIO_DEVICE_GET_INFO: {e}")))?;
+        let info =
+            device_get_info(device.as_raw_fd()).map_err(|source| VfioCheckError::GetInfo {
+                device: cdev.to_owned(),
+                source,
+            })?;
         Ok(VfioReport {
             regions: info.num_regions,
             irqs: info.num_irqs,
@@ -169,7 +238,7 @@ impl RealVfio {
 
 impl VfioVerifier for RealVfio {
     fn verify(&self, sysfs_device: &Path, group: u32) -> Result<VfioReport, VfioCheckError> {
-        use vfio_ioctls::{VfioContainer, VfioDevice, VfioError};
+        use vfio_ioctls::{VfioContainer, VfioDevice};
         let dev = Path::new("/dev");
         if !dev.join("vfio").join(group.to_string()).exists()
             && let Some(cdev) = cdevs(sysfs_device, dev).first()
@@ -177,24 +246,25 @@ impl VfioVerifier for RealVfio {
             return self.verify_cdev(sysfs_device, cdev);
         }
         let container = VfioContainer::new(None).map_err(|e| match e {
-            VfioError::OpenContainer(io) => VfioCheckError::Container(io.to_string()),
-            other => VfioCheckError::NoType1(other.to_string()),
+            VfioError::OpenContainer(io) => VfioCheckError::Container(io),
+            other => VfioCheckError::NoType1(other),
         })?;
         let device =
             VfioDevice::new(sysfs_device, Arc::new(container), false).map_err(|e| match e {
                 VfioError::GroupViable => VfioCheckError::NotViable { group },
                 VfioError::ContainerSetIOMMU(_)
                 | VfioError::VfioExtension
-                | VfioError::VfioType1V2 => VfioCheckError::NoType1(e.to_string()),
-                other => VfioCheckError::Device {
+                | VfioError::VfioType1V2 => VfioCheckError::NoType1(e),
+                source => VfioCheckError::Open {
                     device: sysfs_device.to_owned(),
-                    detail: other.to_string(),
+                    source,
                 },
             })?;
-        let info = device_get_info(device.as_raw_fd()).map_err(|e| VfioCheckError::Device {
-            device: sysfs_device.to_owned(),
-            detail: format!("VFIO_DEVICE_GET_INFO: {e}"),
-        })?;
+        let info =
+            device_get_info(device.as_raw_fd()).map_err(|source| VfioCheckError::GetInfo {
+                device: sysfs_device.to_owned(),
+                source,
+            })?;
         Ok(VfioReport {
             regions: info.num_regions,
             irqs: info.num_irqs,

@@ -21,24 +21,6 @@ const TABLE: &str = "module-graph.txt";
 /// The source trees checked, relative to the repository root.
 const TREES: &[&str] = &["lib/src", "deviceplugin/src"];
 
-/// Edges that break the table today and are being removed on another branch (outcome and
-/// remedy become vocabulary that imports nothing): `(scope, from, to)`. Delete each line once
-/// its edge is gone; never add one.
-const PENDING_REMOVAL: &[(&str, &str, &str)] = &[
-    ("lib/src", "outcome", "attach"),
-    ("lib/src", "outcome", "fetch"),
-    ("lib/src", "outcome", "initrd"),
-    ("lib/src", "outcome", "pci"),
-    ("lib/src", "outcome", "provision"),
-    ("lib/src", "outcome", "versions"),
-    ("lib/src", "remedy", "attach"),
-    ("lib/src", "remedy", "fetch"),
-    ("lib/src", "remedy", "health"),
-    ("lib/src", "remedy", "initrd"),
-    ("lib/src", "remedy", "pci"),
-    ("lib/src", "remedy", "registry"),
-];
-
 fn repo_root() -> PathBuf {
     match std::env::var_os("MODULE_GRAPH_ROOT") {
         Some(root) => PathBuf::from(root),
@@ -423,25 +405,9 @@ fn every_import_points_down_the_table() {
         }
     }
     let edges = all_edges(&root);
-    for (scope, from, to) in PENDING_REMOVAL {
-        if !edges
-            .iter()
-            .any(|(e, _)| e.scope == *scope && e.from == *from && e.to == *to)
-        {
-            writeln!(
-                problems,
-                "PENDING_REMOVAL in {} lists [{scope}] {from} -> {to}, which is gone: delete that line",
-                file!()
-            )
-            .unwrap();
-        }
-    }
     let mut seen = BTreeSet::new();
     for (edge, import) in edges {
-        let pending = PENDING_REMOVAL
-            .iter()
-            .any(|(s, f, t)| *s == edge.scope && *f == edge.from && *t == edge.to);
-        if table.allows(&edge) || pending || !seen.insert((import.file.clone(), edge.clone())) {
+        if table.allows(&edge) || !seen.insert((import.file.clone(), edge.clone())) {
             continue;
         }
         writeln!(

@@ -3,6 +3,7 @@
 //! proprietary release for a GPU only the open modules support; the real 535 list (which has no
 //! such marks) refuses nothing. Refused before anything moves.
 
+use gpu_passthrough::outcome::{Classify, Outcome};
 use std::path::Path;
 
 use gpu_passthrough::attach::{AttachError, PlanRequest, RefusalReason};
@@ -137,10 +138,7 @@ fn attach_refuses_before_any_device_moves() {
             && msg.contains("use a release with GSP firmware"),
         "{msg}"
     );
-    assert_eq!(
-        gpu_passthrough::outcome::outcome(&err),
-        gpu_passthrough::outcome::Outcome::Refused
-    );
+    assert_eq!(err.outcome(), Outcome::Refused);
     assert_eq!(h.driver_override("0000:01:00.0"), None, "nothing moved");
     assert!(h.journal_clean());
 }

@@ -2,6 +2,7 @@
 //! fails without its point's fix. Processes are a fake proc root: `<pid>/comm`, `<pid>/fd/<n>`
 //! links to the nodes they hold, `<pid>/stat` and `<pid>/ns/pid` for owner identity.
 
+use gpu_passthrough::outcome::{Classify, Outcome};
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -161,7 +162,7 @@ fn adoption_is_refused_while_another_process_holds_the_group_node() {
         r.message
     );
     let err = attach(&host, &["0000:05:00.0"], "vm").unwrap_err();
-    assert!(err.is_refusal());
+    assert!(err.outcome() == Outcome::Refused);
     assert!(
         err.to_string().contains("pid 4242 (qemu-system-x86)"),
         "{err}"
@@ -180,7 +181,7 @@ fn detach_is_refused_while_a_vmm_holds_the_group_node_and_works_once_it_is_gone(
     attach(&host, &["0000:01:00.0"], "vm-1").unwrap();
     proc.holder(777, "cloud-hypervisor", &[&h.dev.join("vfio/12")]);
     let err = host.detach(&owner("vm-1")).unwrap_err();
-    assert!(err.is_refusal(), "{err}");
+    assert!(err.outcome() == Outcome::Refused, "{err}");
     assert_eq!(held_by(&err), [(777, "cloud-hypervisor".to_owned())]);
     assert!(
         err.to_string().contains("pid 777 (cloud-hypervisor) holds"),
@@ -436,7 +437,8 @@ fn a_physical_function_with_vfs_enabled_is_refused_with_the_fix() {
     assert!(
         attach(&h.host(), &["0000:3b:00.0"], "vm")
             .unwrap_err()
-            .is_refusal()
+            .outcome()
+            == Outcome::Refused
     );
     assert_eq!(h.driver("0000:3b:00.0").as_deref(), Some("nvidia"));
     assert!(h.journal_clean());
@@ -518,7 +520,8 @@ fn chipset_functions_in_the_gpus_group_are_refused_unless_named() {
     assert!(
         attach(&h.host(), &["0000:02:00.0"], "vm")
             .unwrap_err()
-            .is_refusal()
+            .outcome()
+            == Outcome::Refused
     );
     assert_eq!(h.driver("0000:00:14.0").as_deref(), Some("xhci_hcd"));
     assert_eq!(h.driver("0000:02:00.0").as_deref(), Some("nvidia"));
@@ -600,7 +603,7 @@ fn a_gpu_in_use_by_a_program_is_refused_with_the_list_before_any_write() {
         "another GPU's client"
     );
     let err = attach(&host, &["0000:01:00.0"], "vm").unwrap_err();
-    assert!(err.is_refusal());
+    assert!(err.outcome() == Outcome::Refused);
     assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
     assert_eq!(h.driver_override("0000:01:00.0"), None, "nothing written");
 }
@@ -618,7 +621,7 @@ fn persistenced_holding_the_gpu_is_refused_instead_of_a_blocked_unbind() {
     // ... but when it still holds the GPU (here: nvidia-smi cannot run), no unbind is tried.
     let err = attach(&host, &["0000:01:00.0"], "vm").unwrap_err();
     assert_eq!(held_by(&err), [(55, "nvidia-persiste".to_owned())], "{err}");
-    assert!(err.is_refusal());
+    assert!(err.outcome() == Outcome::Refused);
     assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
     assert_eq!(h.driver_override("0000:01:00.0"), None);
     assert!(h.journal_clean());

@@ -3,6 +3,7 @@
 //! the mount modules in load order, and the refusals (a mount module missing from the
 //! kernel-modules artifact, mkfs.erofs not installed).
 
+use gpu_passthrough::outcome::{Classify, Outcome};
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -403,7 +404,7 @@ fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
             &NoProgress,
         )
         .unwrap_err();
-    assert!(err.is_refusal(), "{err}");
+    assert!(err.outcome() == Outcome::Refused, "{err}");
     assert!(h.journal_clean());
     let _ = fs::remove_dir_all(&dir);
 }

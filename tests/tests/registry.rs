@@ -195,6 +195,12 @@ fn each_validation_error_names_file_release_and_field() {
                 release,
                 field: got,
                 ..
+            }
+            | RegistryError::BadDigest {
+                file: f,
+                release,
+                field: got,
+                ..
             } => {
                 assert_eq!(f, &file.display().to_string(), "{what}");
                 assert_eq!(release, "r", "{what}");

@@ -3,6 +3,7 @@
 //! that does not match, a VMM holding a VF at detach, quarantine, and the release's guest driver
 //! against the host's vGPU manager.
 
+use gpu_passthrough::outcome::{Classify, Outcome};
 use std::fs;
 use std::path::PathBuf;
 
@@ -160,7 +161,7 @@ fn a_read_back_that_differs_rolls_back_and_leaves_nothing() {
         msg.contains("current_vgpu_type") && msg.contains("1150"),
         "{msg}"
     );
-    assert!(!e.is_refusal());
+    assert!(e.outcome() != Outcome::Refused);
     assert!(h.journal_clean());
     assert_eq!(h.vgpu_type("0000:61:00.4"), "0");
 }
@@ -201,7 +202,7 @@ fn a_vf_held_open_by_a_vmm_is_not_released_until_the_vmm_is_gone() {
     let mut vmm = sysfs::fake_vmm(&node);
     let e = h.host().detach(&owner("vm-1")).unwrap_err();
     let msg = e.to_string();
-    assert!(e.is_refusal(), "{msg}");
+    assert!(e.outcome() == Outcome::Refused, "{msg}");
     assert!(
         msg.contains(&format!("pid {}", vmm.id())) && msg.contains("SIGTERM"),
         "{msg}"
@@ -322,7 +323,7 @@ fn the_release_guest_driver_must_match_the_host_vgpu_manager() {
             matches!(e, ProvisionError::VgpuManagerMismatch { .. }),
             "{msg}"
         );
-        assert!(e.is_refusal());
+        assert!(e.outcome() == Outcome::Refused);
         assert!(msg.contains("grid-550") && msg.contains("550"), "{msg}");
         if let Some(v) = version {
             assert!(msg.contains(v), "{msg}");
@@ -430,7 +431,7 @@ fn an_unreadable_proc_refuses_the_release_rather_than_guess() {
     let blind = h.host().with_proc_root(h.dir.path().join("no-proc"));
     let e = blind.detach(&owner("vm-1")).unwrap_err();
     assert!(matches!(e, AttachError::HoldersUnknown { .. }), "{e}");
-    assert!(e.is_refusal());
+    assert!(e.outcome() == Outcome::Refused);
     assert_eq!(h.vgpu_type("0000:61:00.4"), "1150", "nothing released");
     h.host().detach(&owner("vm-1")).unwrap();
     assert_eq!(h.vgpu_type("0000:61:00.4"), "0");
@@ -455,7 +456,7 @@ fn two_attaches_racing_for_the_last_48q_get_it_once() {
         "{results:?}"
     );
     let e = results.into_iter().find_map(Result::err).unwrap();
-    assert!(e.is_refusal(), "{e}");
+    assert!(e.outcome() == Outcome::Refused, "{e}");
     assert_eq!(
         L40S_VFS_61
             .iter()

@@ -12,6 +12,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::compress::{LZ4_LEGACY_MAGIC, Lz4LegacyReader};
+use crate::outcome::{Classify, Outcome};
 
 /// Errors writing or reading cpio archives.
 #[derive(Debug, Error)]
@@ -42,6 +43,19 @@ pub enum CpioError {
         /// Its size.
         size: u64,
     },
+    /// A layer whose bytes the cpio reader or the decompressor could not read.
+    #[error("{file}: the {compression} layer at byte {offset} cannot be read")]
+    Unreadable {
+        /// The initrd file.
+        file: String,
+        /// Where the layer starts.
+        offset: u64,
+        /// The layer's compression (`none` for plain cpio).
+        compression: &'static str,
+        /// The reader's error.
+        #[source]
+        source: io::Error,
+    },
     /// A malformed archive while reading.
     #[error("{file}: layer at byte {offset}: {why}")]
     Malformed {
@@ -60,6 +74,12 @@ pub enum CpioError {
         /// The error.
         source: io::Error,
     },
+}
+
+impl Classify for CpioError {
+    fn outcome(&self) -> Outcome {
+        Outcome::Failed
+    }
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> CpioError {
@@ -328,8 +348,14 @@ pub fn read_initrd(path: &Path) -> Result<Vec<InitrdLayer>, CpioError> {
             offset,
             why,
         };
+        let unreadable = |compression, source| CpioError::Unreadable {
+            file: file_name.clone(),
+            offset,
+            compression,
+            source,
+        };
         let layer = if magic.starts_with(b"07070") {
-            read_layer(&mut input, "none", offset).map_err(|e| malformed(e.to_string()))?
+            read_layer(&mut input, "none", offset).map_err(|e| unreadable("none", e))?
         } else {
             let (compression, mut decoder): (&'static str, Box<dyn Read + '_>) =
                 if magic.starts_with(&[0x1f, 0x8b]) {
@@ -339,7 +365,7 @@ pub fn read_initrd(path: &Path) -> Result<Vec<InitrdLayer>, CpioError> {
                     )
                 } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
                     let d = zstd::stream::read::Decoder::with_buffer(&mut input)
-                        .map_err(|e| malformed(e.to_string()))?
+                        .map_err(|e| unreadable("zstd", e))?
                         .single_frame();
                     ("zstd", Box::new(d))
                 } else if magic.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
@@ -356,10 +382,10 @@ pub fn read_initrd(path: &Path) -> Result<Vec<InitrdLayer>, CpioError> {
                     )));
                 };
             let layer = read_layer(&mut decoder, compression, offset)
-                .map_err(|e| malformed(e.to_string()))?;
+                .map_err(|e| unreadable(compression, e))?;
             // Consume the rest of the compressed stream (its checksum trailer, or for LZ4 the
             // padding up to the end) so the next layer starts where the kernel would find it.
-            io::copy(&mut decoder, &mut io::sink()).map_err(|e| malformed(e.to_string()))?;
+            io::copy(&mut decoder, &mut io::sink()).map_err(|e| unreadable(compression, e))?;
             layer
         };
         layers.push(layer);

@@ -10,6 +10,7 @@ use erofs_rs::backend::SliceImage;
 use serde::Serialize;
 
 use super::cpio::InitrdEntry;
+use crate::outcome::{Classify, Outcome};
 
 /// Where the erofs superblock starts, and its magic (little endian) there.
 const SUPERBLOCK_OFFSET: usize = 1024;
@@ -27,14 +28,38 @@ pub enum ErofsError {
         #[source]
         source: std::io::Error,
     },
-    /// The bytes are not a readable erofs file system.
-    #[error("{file} is not a readable erofs image: {reason}; rebuild it with `initrd build`")]
+    /// The file has no erofs superblock.
+    #[error(
+        "{file} is not a readable erofs image (no erofs superblock at byte 1024); rebuild it with `initrd build`"
+    )]
+    NoSuperblock {
+        /// The image.
+        file: String,
+    },
+    /// The erofs reader could not read the image.
+    #[error(
+        "{file} is not a readable erofs image{}; rebuild it with `initrd build`",
+        entry.as_ref().map(|e| format!(" (at {e})")).unwrap_or_default()
+    )]
     Malformed {
         /// The image.
         file: String,
+        /// The entry being read, once the walk got that far.
+        entry: Option<String>,
         /// What the reader found.
-        reason: String,
+        #[source]
+        source: erofs_rs::Error,
     },
+}
+
+impl Classify for ErofsError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ErofsError::Io { .. }
+            | ErofsError::NoSuperblock { .. }
+            | ErofsError::Malformed { .. } => Outcome::Failed,
+        }
+    }
 }
 
 /// An erofs image's contents.
@@ -66,18 +91,19 @@ pub fn read_image(path: &Path) -> Result<ImageListing, ErofsError> {
     std::fs::File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(io_err)?;
-    let malformed = |reason: String| ErofsError::Malformed {
+    let malformed = |source| ErofsError::Malformed {
         file: file.clone(),
-        reason,
+        entry: None,
+        source,
     };
     if !is_erofs(&bytes) {
-        return Err(malformed("no erofs superblock at byte 1024".into()));
+        return Err(ErofsError::NoSuperblock { file });
     }
-    let fs = EroFS::new(SliceImage::new(&bytes)).map_err(|e| malformed(e.to_string()))?;
+    let fs = EroFS::new(SliceImage::new(&bytes)).map_err(malformed)?;
     let mut entries = Vec::new();
     let mut content_bytes = 0;
-    for entry in fs.walk_dir("/").map_err(|e| malformed(e.to_string()))? {
-        let entry = entry.map_err(|e| malformed(e.to_string()))?;
+    for entry in fs.walk_dir("/").map_err(malformed)? {
+        let entry = entry.map_err(malformed)?;
         let inode = entry.inode;
         let path = entry.dir_entry.path();
         let path = path.to_string_lossy().trim_start_matches('/').to_string();
@@ -89,7 +115,11 @@ pub fn read_image(path: &Path) -> Result<ImageListing, ErofsError> {
         } else if inode.is_symlink() {
             let target = fs
                 .read_link_inode(inode)
-                .map_err(|e| malformed(format!("{path}: {e}")))?;
+                .map_err(|source| ErofsError::Malformed {
+                    file: file.clone(),
+                    entry: Some(path.clone()),
+                    source,
+                })?;
             ("symlink", Some(target.to_string_lossy().into_owned()))
         } else {
             ("other", None)

@@ -16,6 +16,7 @@ use std::io;
 use std::path::PathBuf;
 
 use self::decompress::Compression;
+use crate::outcome::{Classify, Outcome};
 
 /// Why an archive could not be read or extracted. Every variant names the archive (and the entry,
 /// when there is one) and says how to fix it.
@@ -45,13 +46,17 @@ pub enum ArchiveError {
     },
     /// The tar structure itself is malformed.
     #[error(
-        "archive {archive} is not a valid tar archive ({reason}); fetch the artifact again or re-pack it with GNU tar"
+        "archive {archive} is not a valid tar archive{}; fetch the artifact again or re-pack it with GNU tar",
+        entry.as_ref().map(|e| format!(" (at entry `{e}`)")).unwrap_or_default()
     )]
     Malformed {
         /// The archive being read.
         archive: PathBuf,
-        /// What the parser found wrong.
-        reason: String,
+        /// The entry being read, when the headers got that far.
+        entry: Option<String>,
+        /// What the tar parser found wrong.
+        #[source]
+        source: io::Error,
     },
     /// An entry was refused because extracting it could be unsafe.
     #[error("archive {archive}: entry `{entry}` refused: {reason}; {fix}")]
@@ -98,6 +103,15 @@ pub enum ArchiveError {
         /// The cap for that kind of header.
         limit: u64,
     },
+    /// The extraction destination cannot be looked at.
+    #[error("cannot extract into {dest}: it cannot be read")]
+    DestinationIo {
+        /// The destination directory.
+        dest: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
     /// The extraction destination is unusable.
     #[error("cannot extract into {dest}: {reason}")]
     Destination {
@@ -129,4 +143,21 @@ pub enum ArchiveError {
         /// The visitor's message.
         message: String,
     },
+}
+
+impl Classify for ArchiveError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ArchiveError::Io { .. }
+            | ArchiveError::Decompress { .. }
+            | ArchiveError::Malformed { .. }
+            | ArchiveError::UnsafeEntry { .. }
+            | ArchiveError::LimitExceeded { .. }
+            | ArchiveError::ExtensionHeaderTooLarge { .. }
+            | ArchiveError::Destination { .. }
+            | ArchiveError::DestinationIo { .. }
+            | ArchiveError::Write { .. }
+            | ArchiveError::Visitor { .. } => Outcome::Failed,
+        }
+    }
 }

@@ -195,11 +195,15 @@ pub fn extract_tar(
         dest: dest.to_path_buf(),
         reason,
     };
+    let dest_io = |source| ArchiveError::DestinationIo {
+        dest: dest.to_path_buf(),
+        source,
+    };
     let dest_was_empty_dir = match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        Err(e) => return Err(dest_error(format!("{e}"))),
+        Err(source) => return Err(dest_io(source)),
         Ok(meta) if meta.is_dir() => {
-            let mut listing = fs::read_dir(dest).map_err(|e| dest_error(format!("{e}")))?;
+            let mut listing = fs::read_dir(dest).map_err(dest_io)?;
             if listing.next().is_some() {
                 return Err(dest_error(
                     "the directory is not empty; remove it or choose another destination".into(),
@@ -463,11 +467,8 @@ impl Walker {
             }
             _ => ArchiveError::Malformed {
                 archive: self.archive.clone(),
-                reason: if entry.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("at entry `{entry}`: {e}")
-                },
+                entry: (!entry.is_empty()).then(|| entry.to_string()),
+                source: e,
             },
         }
     }
@@ -593,9 +594,10 @@ impl Walker {
         }
         self.nodes.insert(path.clone(), node);
 
-        let mode = header.mode().map_err(|e| ArchiveError::Malformed {
+        let mode = header.mode().map_err(|source| ArchiveError::Malformed {
             archive: self.archive.clone(),
-            reason: format!("entry `{shown}` has an unreadable mode: {e}"),
+            entry: Some(shown.clone()),
+            source,
         })? & 0o777;
         // A directory's mode from an artifact only decides who may add files under it (0777)
         // or lock the builder out of it (0000): both are wrong for a layer, so it is fixed.

@@ -41,6 +41,13 @@ pub struct DoctorReport {
     pub verdict: CheckStatus,
 }
 
+/// A failed check: the host is not ready; a warning is fine.
+impl ReportOutcome for DoctorReport {
+    fn outcome(&self) -> Option<Outcome> {
+        (self.verdict == CheckStatus::Fail).then_some(Outcome::NotReady)
+    }
+}
+
 fn check(name: &str, status: CheckStatus, detail: String, fix: &str) -> Check {
     Check {
         name: name.into(),
@@ -54,6 +61,7 @@ fn check(name: &str, status: CheckStatus, detail: String, fix: &str) -> Check {
     }
 }
 
+use crate::outcome::{Outcome, ReportOutcome};
 use CheckStatus::{Fail, Ok as Good, Warn};
 
 impl Host {

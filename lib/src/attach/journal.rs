@@ -20,8 +20,10 @@ use serde::{Deserialize, Serialize};
 
 use super::liveness::ProcessIdentity;
 use crate::health::HeldDevices;
+use crate::outcome::{Classify, Outcome};
 use crate::owner::Owner;
 use crate::pci::PciAddress;
+use crate::remedy::Remedy;
 
 /// Errors reading or writing the journal.
 #[derive(Debug, thiserror::Error)]
@@ -38,14 +40,41 @@ pub enum JournalError {
     },
     /// The journal does not parse.
     #[error(
-        "{path} is corrupt ({detail}); nothing was changed. Inspect it, move it aside and repair the devices by hand, then rerun"
+        "{path} is corrupt; nothing was changed. Inspect it, move it aside and repair the devices by hand, then rerun"
     )]
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// The parse error.
-        detail: String,
+        /// The parse error, with line and column.
+        #[source]
+        source: serde_json::Error,
     },
+    /// The state could not be serialized (a bug: every field serializes); nothing was written.
+    #[error("cannot serialize the journal for {path}; nothing was written")]
+    Serialize {
+        /// The file.
+        path: PathBuf,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Classify for JournalError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            JournalError::Io { .. }
+            | JournalError::Corrupt { .. }
+            | JournalError::Serialize { .. } => Outcome::Failed,
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            JournalError::Io { .. } => Some(Remedy::StateDir),
+            JournalError::Corrupt { .. } | JournalError::Serialize { .. } => None,
+        }
+    }
 }
 
 /// How far a device's transaction got (the last step begun).
@@ -465,9 +494,9 @@ impl Journal {
 
 fn read_state(path: &Path) -> Result<JournalState, JournalError> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| JournalError::Corrupt {
             path: path.to_owned(),
-            detail: e.to_string(),
+            source,
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(JournalState {
             version: 1,
@@ -485,10 +514,11 @@ impl LockedJournal {
     /// Write the state atomically: temp file, fsync, rename, fsync the directory.
     pub fn save(&mut self) -> Result<(), JournalError> {
         self.state.version = 1;
-        let bytes = serde_json::to_vec_pretty(&self.state).map_err(|e| JournalError::Corrupt {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        })?;
+        let bytes =
+            serde_json::to_vec_pretty(&self.state).map_err(|source| JournalError::Serialize {
+                path: self.path.clone(),
+                source,
+            })?;
         crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| JournalError::Io {
             action: "write",
             path: self.path.clone(),

@@ -76,10 +76,12 @@ pub use restore::RestoredDevice;
 pub use vgpu::VgpuAttachRequest;
 
 use crate::health::HealthRecords;
+use crate::outcome::{Classify, Outcome};
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{PciAddress, PciError, Sysfs};
 use crate::quarantine::QuarantineCheck;
 use crate::registry::ModuleFlavor;
+use crate::remedy::Remedy;
 use crate::vfio::{RealVfio, VfioCheckError, VfioVerifier};
 
 /// Whether an owner still exists.
@@ -368,23 +370,67 @@ impl AttachError {
             aftermath: Aftermath::KeptInJournal,
         }
     }
+}
 
-    /// Whether a safety rule or the request itself was refused (nothing was changed), as
-    /// opposed to a failure on the way.
-    pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
+impl Classify for AttachError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            AttachError::Pci(e) => e.outcome(),
+            AttachError::Journal(e) => e.outcome(),
+            AttachError::Ids(e) => e.outcome(),
+            AttachError::Vfio { source, .. } => source.outcome(),
+            AttachError::Health(e) => e.outcome(),
+            AttachError::Vgpu(e) => e.outcome(),
+            // A safety rule or the request itself said no: nothing was changed.
             AttachError::Refused(_)
-                | AttachError::NotEnoughGpus { .. }
-                | AttachError::NoSuchMdevType { .. }
-                | AttachError::NothingRequested
-                | AttachError::DeviceHeld { .. }
-                | AttachError::ProcUnreadable { .. }
-                | AttachError::ResetRefused { .. }
-                | AttachError::Vgpu(_)
-                | AttachError::VgpuHeld { .. }
-                | AttachError::HoldersUnknown { .. }
-        )
+            | AttachError::NotEnoughGpus { .. }
+            | AttachError::NoSuchMdevType { .. }
+            | AttachError::NothingRequested
+            | AttachError::DeviceHeld { .. }
+            | AttachError::ProcUnreadable { .. }
+            | AttachError::ResetRefused { .. }
+            | AttachError::VgpuHeld { .. }
+            | AttachError::HoldersUnknown { .. } => Outcome::Refused,
+            AttachError::Write { .. }
+            | AttachError::NotOnVfio { .. }
+            | AttachError::NoVfioNode { .. }
+            | AttachError::RollbackFailed { .. }
+            | AttachError::Restore { .. }
+            | AttachError::NotAttached(_)
+            | AttachError::Uuid { .. }
+            | AttachError::VgpuMismatch { .. } => Outcome::Failed,
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            AttachError::Pci(e) => e.remedy(),
+            AttachError::Journal(e) => e.remedy(),
+            AttachError::Ids(e) => e.remedy(),
+            AttachError::Vfio { source, .. } => source.remedy(),
+            AttachError::Health(e) => e.remedy(),
+            AttachError::Vgpu(e) => e.remedy(),
+            AttachError::NothingRequested => Some(Remedy::NameDevices),
+            AttachError::RollbackFailed { .. } => Some(Remedy::Reconcile),
+            AttachError::Refused(refusals) => refusals
+                .iter()
+                .any(|r| r.reason == RefusalReason::BootVga)
+                .then_some(Remedy::AllowBootVga),
+            AttachError::NotEnoughGpus { .. }
+            | AttachError::NoSuchMdevType { .. }
+            | AttachError::DeviceHeld { .. }
+            | AttachError::ProcUnreadable { .. }
+            | AttachError::ResetRefused { .. }
+            | AttachError::VgpuHeld { .. }
+            | AttachError::HoldersUnknown { .. }
+            | AttachError::Write { .. }
+            | AttachError::NotOnVfio { .. }
+            | AttachError::NoVfioNode { .. }
+            | AttachError::Restore { .. }
+            | AttachError::NotAttached(_)
+            | AttachError::Uuid { .. }
+            | AttachError::VgpuMismatch { .. } => None,
+        }
     }
 }
 

@@ -9,11 +9,13 @@ use super::guard::describe;
 use super::holders::Holder;
 use super::journal::JournalState;
 use super::{AttachError, Host, PlanRequest, load_supported};
+use crate::outcome::{Outcome, ReportOutcome};
 use crate::owner::Owner;
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{DeviceKind, PciAddress, PciDevice};
 use crate::quarantine::Standing;
 use crate::registry::ModuleFlavor;
+use crate::remedy::Remedy;
 
 /// Why a device is in the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +129,20 @@ pub struct Plan {
     pub refusals: Vec<Refusal>,
     /// The sysfs writes attach would make, in order (rollback not shown).
     pub writes: Vec<SysfsWrite>,
+}
+
+/// A plan with refusals is refused; a boot display among them names its remedy.
+impl ReportOutcome for Plan {
+    fn outcome(&self) -> Option<Outcome> {
+        (!self.refusals.is_empty()).then_some(Outcome::Refused)
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        self.refusals
+            .iter()
+            .any(|r| r.reason == RefusalReason::BootVga)
+            .then_some(Remedy::AllowBootVga)
+    }
 }
 
 impl Host {

@@ -8,8 +8,10 @@ use super::holders::Holder;
 use super::journal::{Step, Transaction, VgpuStep};
 use super::restore::RestoredDevice;
 use super::{AttachError, Host, Liveness};
+use crate::outcome::{Outcome, ReportOutcome};
 use crate::owner::Owner;
 use crate::pci::PciAddress;
+use crate::remedy::Remedy;
 
 /// A device kept because a process holds it open.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +43,17 @@ pub struct ReconcileReport {
     pub kept_in_use: Vec<HeldDevice>,
     /// Failures (each also left in the journal for the next run).
     pub errors: Vec<String>,
+}
+
+/// A reconcile with errors failed; an owner it could not judge asks to be declared gone.
+impl ReportOutcome for ReconcileReport {
+    fn outcome(&self) -> Option<Outcome> {
+        (!self.errors.is_empty()).then_some(Outcome::Failed)
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        (!self.kept_unknown.is_empty()).then_some(Remedy::DeclareGone)
+    }
 }
 
 impl Host {

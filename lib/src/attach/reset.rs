@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::journal::{DeviceRecord, LockedJournal};
 use super::{AttachError, Host};
 use crate::health::{Action, EventSource, Fault, FaultKind, HealthEvent};
+use crate::outcome::{Outcome, ReportOutcome};
 use crate::owner::Owner;
 use crate::pci::PciAddress;
 
@@ -83,6 +84,13 @@ pub struct HealthCheck {
     pub verify: Verification,
     /// Health events recorded for it.
     pub events: Vec<HealthEvent>,
+}
+
+/// A reset on demand: the device must verify afterwards.
+impl ReportOutcome for HealthCheck {
+    fn outcome(&self) -> Option<Outcome> {
+        (!self.verify.ok).then_some(Outcome::VerificationFailed)
+    }
 }
 
 /// Two lines for people: the reset (if any), then the verification, each with its time (each

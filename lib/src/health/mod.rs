@@ -32,9 +32,11 @@ pub use store::{
     Policy, Quarantine,
 };
 
+use crate::outcome::{Classify, Outcome};
 use crate::owner::Owner;
 use crate::pci::PciAddress;
 pub use crate::quarantine::{NoQuarantine, QuarantineCheck, Standing};
+use crate::remedy::Remedy;
 
 /// Errors of the health records.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,28 @@ pub enum HealthError {
         "owner {0} never held a device on this host (no entry in the journal's history): its console cannot be mapped to devices"
     )]
     NoHistory(Owner),
+}
+
+impl Classify for HealthError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            HealthError::Io { .. }
+            | HealthError::Corrupt { .. }
+            | HealthError::Version { .. }
+            | HealthError::Log { .. }
+            | HealthError::NoHistory(_) => Outcome::Failed,
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            HealthError::Io { .. } => Some(Remedy::StateDir),
+            HealthError::Corrupt { .. }
+            | HealthError::Version { .. }
+            | HealthError::Log { .. }
+            | HealthError::NoHistory(_) => None,
+        }
+    }
 }
 
 /// The health records of a state dir: quarantined when the record says so, and also when it

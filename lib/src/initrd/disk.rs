@@ -23,6 +23,7 @@ use thiserror::Error;
 use super::LayerFile;
 use crate::fsutil::sha256_file;
 use crate::inspect::{ClosureGap, Expectations, InspectedModule, Problem, kernel_closure};
+use crate::outcome::{Classify, Outcome};
 
 /// The program that writes the image, and the package that ships it.
 pub const MKFS_EROFS: &str = "mkfs.erofs";
@@ -85,6 +86,12 @@ impl fmt::Display for LayerForm {
 #[error("unknown layer form `{0}`: use initrd, disk or both")]
 pub struct UnknownForm(pub String);
 
+impl Classify for UnknownForm {
+    fn outcome(&self) -> Outcome {
+        Outcome::Refused
+    }
+}
+
 impl FromStr for LayerForm {
     type Err = UnknownForm;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -117,7 +124,7 @@ pub enum DiskError {
         /// The program.
         program: &'static str,
         /// Its exit status.
-        status: String,
+        status: std::process::ExitStatus,
         /// The image it was writing.
         image: PathBuf,
         /// What it printed on stderr (last lines).
@@ -166,6 +173,21 @@ pub enum DiskError {
         /// The error.
         source: io::Error,
     },
+}
+
+impl Classify for DiskError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            // The release's own modules cannot mount the disk: a reviewer's matter.
+            DiskError::MountModuleMissing { .. } | DiskError::MountModuleProblems { .. } => {
+                Outcome::VerificationFailed
+            }
+            DiskError::MkfsMissing { .. }
+            | DiskError::MkfsFailed { .. }
+            | DiskError::NoKernelModules { .. }
+            | DiskError::Io { .. } => Outcome::Failed,
+        }
+    }
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DiskError {
@@ -266,7 +288,7 @@ pub(super) fn make_image(tree: &Path, dir: &Path, uuid: &str) -> Result<LayerFil
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
         return Err(DiskError::MkfsFailed {
             program: MKFS_EROFS,
-            status: output.status.to_string(),
+            status: output.status,
             image,
             stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
         });

@@ -6,6 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::InitrdError;
+use crate::outcome::{Classify, Outcome};
 use crate::registry::Arch;
 
 /// How the static guest init is built, for messages that have to say it.
@@ -59,33 +60,58 @@ pub(super) fn read_checked(path: &Path, arch: Arch) -> Result<Vec<u8>, InitrdErr
     Ok(bytes)
 }
 
+/// Why a file cannot be the guest's `/init`.
+#[derive(Debug, thiserror::Error)]
+pub enum Unfit {
+    /// Not a 64-bit ELF file at all.
+    #[error("not a 64-bit ELF executable")]
+    NotElf(#[source] object::read::Error),
+    /// An ELF for another machine.
+    #[error("built for ELF machine {found}, the guest is {arch} ({expected})")]
+    Machine {
+        /// The file's `e_machine`.
+        found: u16,
+        /// The guest's architecture.
+        arch: Arch,
+        /// Its `e_machine`.
+        expected: u16,
+    },
+    /// It names an ELF interpreter.
+    #[error("dynamically linked (it names an ELF interpreter), but the initramfs has no libc")]
+    Dynamic,
+}
+
+impl Classify for Unfit {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Unfit::NotElf(_) | Unfit::Machine { .. } | Unfit::Dynamic => Outcome::Failed,
+        }
+    }
+}
+
 /// The guest init runs before anything else exists in the guest: it must be a static ELF
 /// executable for the guest's architecture.
-fn check(bytes: &[u8], arch: Arch) -> Result<(), String> {
+fn check(bytes: &[u8], arch: Arch) -> Result<(), Unfit> {
     use object::read::elf::{FileHeader, ProgramHeader};
-    const FIX: &str = BUILD_HINT;
-    let header = object::elf::FileHeader64::<object::Endianness>::parse(bytes)
-        .map_err(|e| format!("not a 64-bit ELF executable ({e}); {FIX}"))?;
-    let endian = header
-        .endian()
-        .map_err(|e| format!("unreadable ELF header ({e}); {FIX}"))?;
+    let header =
+        object::elf::FileHeader64::<object::Endianness>::parse(bytes).map_err(Unfit::NotElf)?;
+    let endian = header.endian().map_err(Unfit::NotElf)?;
     let machine = header.e_machine(endian).0;
     if machine != arch.elf_machine() {
-        return Err(format!(
-            "built for ELF machine {machine}, the guest is {arch} ({}); {FIX}",
-            arch.elf_machine()
-        ));
+        return Err(Unfit::Machine {
+            found: machine,
+            arch,
+            expected: arch.elf_machine(),
+        });
     }
     let phdrs = header
         .program_headers(endian, bytes)
-        .map_err(|e| format!("unreadable program headers ({e}); {FIX}"))?;
+        .map_err(Unfit::NotElf)?;
     if phdrs
         .iter()
         .any(|ph| ph.p_type(endian) == object::elf::PT_INTERP)
     {
-        return Err(format!(
-            "dynamically linked (it names an ELF interpreter), but the initramfs has no libc; {FIX}"
-        ));
+        return Err(Unfit::Dynamic);
     }
     Ok(())
 }
@@ -112,18 +138,13 @@ mod tests {
     fn guest_init_must_be_static_and_for_the_guest_arch() {
         assert!(check(&static_elf(62), Arch::X86_64).is_ok());
         let err = check(&static_elf(183), Arch::X86_64).unwrap_err();
-        assert!(err.contains("machine 183"), "{err}");
-        assert!(
-            check(b"#!/bin/sh\n", Arch::X86_64)
-                .unwrap_err()
-                .contains("not a 64-bit ELF")
-        );
+        assert!(err.to_string().contains("machine 183"), "{err}");
+        assert!(matches!(
+            check(b"#!/bin/sh\n", Arch::X86_64),
+            Err(Unfit::NotElf(_))
+        ));
         // This test binary itself is dynamically linked.
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert!(
-            check(&me, Arch::X86_64)
-                .unwrap_err()
-                .contains("dynamically linked")
-        );
+        assert!(matches!(check(&me, Arch::X86_64), Err(Unfit::Dynamic)));
     }
 }

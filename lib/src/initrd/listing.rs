@@ -8,6 +8,8 @@ use serde::Serialize;
 
 use crate::archive::cpio::{CpioError, InitrdLayer, read_initrd};
 use crate::archive::erofs::{ErofsError, ImageListing, is_erofs, read_image};
+use crate::outcome::{Classify, Outcome};
+use crate::remedy::Remedy;
 
 /// The contents of an initrd or a GPU disk image. Serializes as the bare listing: an initrd's
 /// layers stay the JSON array they always were.
@@ -38,6 +40,24 @@ pub enum ListingError {
     /// Not a readable erofs image.
     #[error(transparent)]
     Erofs(#[from] ErofsError),
+}
+
+impl Classify for ListingError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ListingError::Io { .. } => Outcome::Failed,
+            ListingError::Cpio(e) => e.outcome(),
+            ListingError::Erofs(e) => e.outcome(),
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            ListingError::Io { .. } => None,
+            ListingError::Cpio(e) => e.remedy(),
+            ListingError::Erofs(e) => e.remedy(),
+        }
+    }
 }
 
 /// List the file at `path`: an erofs image if it has an erofs superblock, else an initrd.

@@ -45,7 +45,9 @@ use crate::archive::cpio::CpioError;
 pub use crate::archive::cpio::{InitrdLayer, read_initrd};
 use crate::fetch::{FetchError, Fetcher, Progress};
 use crate::inspect::{Expectations, InspectError, Inventory, Trees, inspect_for};
+use crate::outcome::{Classify, Outcome};
 use crate::registry::{Arch, ArtifactKind, Release};
+use crate::remedy::Remedy;
 
 /// Bumped whenever the builder's output changes for the same inputs, so old cache entries are
 /// never mistaken for new ones.
@@ -87,12 +89,16 @@ pub enum InitrdError {
     },
     /// The guest init is not a static binary for the guest's architecture: it would fail as
     /// `/init` before printing anything.
-    #[error("guest init `{path}`: {why}")]
+    #[error(
+        "guest init `{path}` cannot be the guest's /init; {}",
+        guest_init::BUILD_HINT
+    )]
     GuestInitUnfit {
         /// The path given.
         path: PathBuf,
-        /// What is wrong with it, and the fix.
-        why: String,
+        /// What is wrong with it.
+        #[source]
+        why: guest_init::Unfit,
     },
     /// A requested module is not in the release's NVIDIA modules.
     #[error(
@@ -158,24 +164,42 @@ pub enum InitrdError {
     },
 }
 
-impl InitrdError {
-    /// Whether the artifacts failed verification (digest, inspection): a reviewer's matter.
-    pub fn is_verification_failure(&self) -> bool {
-        matches!(
-            self,
-            InitrdError::Inspect(_)
-                | InitrdError::Disk(
-                    DiskError::MountModuleMissing { .. } | DiskError::MountModuleProblems { .. }
-                )
-                | InitrdError::Fetch(
-                    FetchError::DigestMismatch { .. } | FetchError::SizeCap { .. }
-                )
-        )
+impl Classify for InitrdError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            InitrdError::Fetch(e) => e.outcome(),
+            InitrdError::Archive(e) => e.outcome(),
+            InitrdError::Inspect(e) => e.outcome(),
+            InitrdError::Cpio(e) => e.outcome(),
+            InitrdError::Disk(e) => e.outcome(),
+            InitrdError::Release { .. }
+            | InitrdError::GuestInit { .. }
+            | InitrdError::NoGuestInit { .. }
+            | InitrdError::GuestInitUnfit { .. }
+            | InitrdError::UnknownModule { .. }
+            | InitrdError::UnclassifiedFile { .. }
+            | InitrdError::CapabilityNotCarried { .. }
+            | InitrdError::Io { .. } => Outcome::Failed,
+        }
     }
 
-    /// Whether a safety rule refused the build (an unpinned artifact).
-    pub fn is_refusal(&self) -> bool {
-        matches!(self, InitrdError::Fetch(FetchError::Unpinned { .. }))
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            InitrdError::Fetch(e) => e.remedy(),
+            InitrdError::Archive(e) => e.remedy(),
+            InitrdError::Inspect(e) => e.remedy(),
+            InitrdError::Cpio(e) => e.remedy(),
+            InitrdError::Disk(e) => e.remedy(),
+            InitrdError::GuestInit { .. } | InitrdError::NoGuestInit { .. } => {
+                Some(Remedy::GuestInit)
+            }
+            InitrdError::Release { .. }
+            | InitrdError::GuestInitUnfit { .. }
+            | InitrdError::UnknownModule { .. }
+            | InitrdError::UnclassifiedFile { .. }
+            | InitrdError::CapabilityNotCarried { .. }
+            | InitrdError::Io { .. } => None,
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 //! them.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use crate::outcome::{Classify, Outcome};
 use crate::registry::{Arch, ModuleFlavor};
 
 /// One thing wrong with the artifacts; each names the file and the fix.
@@ -168,6 +169,29 @@ pub enum Problem {
     },
 }
 
+/// Every problem is the artifacts failing a check against the release.
+impl Classify for Problem {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Problem::WrongKernel { .. }
+            | Problem::NoVermagic { .. }
+            | Problem::WrongDriverVersion { .. }
+            | Problem::WrongArch { .. }
+            | Problem::UnresolvedDependency { .. }
+            | Problem::DependencyCycle { .. }
+            | Problem::MissingFirmware { .. }
+            | Problem::WrongFlavor { .. }
+            | Problem::OpenWithoutGsp
+            | Problem::LibraryVersion { .. }
+            | Problem::DuplicateModule { .. }
+            | Problem::DuplicateLibrary { .. }
+            | Problem::BadSoname { .. }
+            | Problem::NoNvidiaModules { .. }
+            | Problem::Unreadable { .. } => Outcome::VerificationFailed,
+        }
+    }
+}
+
 /// The artifacts failed inspection; `problems` lists every problem found.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -179,11 +203,132 @@ pub enum InspectError {
     },
 }
 
+impl Classify for InspectError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            InspectError::Rejected { .. } => Outcome::VerificationFailed,
+        }
+    }
+}
+
 impl InspectError {
     /// Every problem found.
     pub fn problems(&self) -> &[Problem] {
         match self {
             InspectError::Rejected { problems } => problems,
+        }
+    }
+
+    /// The same problems with the paths below `root` made relative to it: for trees unpacked
+    /// into a scratch directory that is gone once the error is returned.
+    pub fn relative_to(self, root: &Path) -> InspectError {
+        match self {
+            InspectError::Rejected { problems } => InspectError::Rejected {
+                problems: problems.into_iter().map(|p| p.relative_to(root)).collect(),
+            },
+        }
+    }
+}
+
+impl Problem {
+    /// The same problem with its paths below `root` made relative to it.
+    fn relative_to(self, root: &Path) -> Problem {
+        let rel = |p: PathBuf| p.strip_prefix(root).map(Path::to_path_buf).unwrap_or(p);
+        match self {
+            Problem::WrongKernel {
+                file,
+                built_for,
+                expected,
+            } => Problem::WrongKernel {
+                file: rel(file),
+                built_for,
+                expected,
+            },
+            Problem::NoVermagic { file } => Problem::NoVermagic { file: rel(file) },
+            Problem::WrongDriverVersion {
+                file,
+                found,
+                expected,
+            } => Problem::WrongDriverVersion {
+                file: rel(file),
+                found,
+                expected,
+            },
+            Problem::WrongArch {
+                file,
+                machine,
+                arch,
+                expected,
+            } => Problem::WrongArch {
+                file: rel(file),
+                machine,
+                arch,
+                expected,
+            },
+            Problem::UnresolvedDependency {
+                file,
+                module,
+                dependency,
+            } => Problem::UnresolvedDependency {
+                file: rel(file),
+                module,
+                dependency,
+            },
+            Problem::MissingFirmware { file, firmware } => Problem::MissingFirmware {
+                file: rel(file),
+                firmware,
+            },
+            Problem::WrongFlavor {
+                file,
+                module,
+                license,
+                actual,
+                claimed,
+            } => Problem::WrongFlavor {
+                file: rel(file),
+                module,
+                license,
+                actual,
+                claimed,
+            },
+            Problem::LibraryVersion {
+                file,
+                real_name,
+                expected,
+            } => Problem::LibraryVersion {
+                file: rel(file),
+                real_name,
+                expected,
+            },
+            Problem::DuplicateModule {
+                name,
+                first,
+                second,
+            } => Problem::DuplicateModule {
+                name,
+                first: rel(first),
+                second: rel(second),
+            },
+            Problem::DuplicateLibrary {
+                name,
+                first,
+                second,
+            } => Problem::DuplicateLibrary {
+                name,
+                first: rel(first),
+                second: rel(second),
+            },
+            Problem::BadSoname { file, soname } => Problem::BadSoname {
+                file: rel(file),
+                soname,
+            },
+            Problem::NoNvidiaModules { tree } => Problem::NoNvidiaModules { tree: rel(tree) },
+            // The reason is the reader's message, which may name the file again.
+            Problem::Unreadable { file, reason } => Problem::Unreadable {
+                file: rel(file),
+                reason: reason.replace(&format!("{}/", root.display()), ""),
+            },
+            Problem::DependencyCycle { .. } | Problem::OpenWithoutGsp => self,
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::outcome::{Classify, Outcome};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A PCI function address `DDDD:BB:DD.F`.
@@ -28,6 +29,13 @@ pub struct AddressError {
     pub input: String,
     /// What was wrong.
     pub why: &'static str,
+}
+
+/// A malformed address is the request refused before anything was looked at.
+impl Classify for AddressError {
+    fn outcome(&self) -> Outcome {
+        Outcome::Refused
+    }
 }
 
 impl PciAddress {

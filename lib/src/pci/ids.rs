@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::outcome::{Classify, Outcome};
 use serde::Deserialize;
 
 /// NVIDIA's PCI vendor ID.
@@ -34,6 +35,14 @@ pub enum IdsError {
         /// The JSON error.
         source: serde_json::Error,
     },
+}
+
+impl Classify for IdsError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            IdsError::Read { .. } | IdsError::Parse { .. } => Outcome::Failed,
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -11,6 +11,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::outcome::{Classify, Outcome};
+use crate::remedy::Remedy;
 use serde::{Deserialize, Serialize};
 
 pub use address::{AddressError, PciAddress};
@@ -42,6 +44,23 @@ pub enum PciError {
         /// What was wrong.
         detail: String,
     },
+}
+
+impl Classify for PciError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            PciError::Read { .. } | PciError::NoSuchDevice { .. } | PciError::Malformed { .. } => {
+                Outcome::Failed
+            }
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            PciError::Read { .. } => Some(Remedy::SysfsRoot),
+            PciError::NoSuchDevice { .. } | PciError::Malformed { .. } => None,
+        }
+    }
 }
 
 /// What a device is, from its PCI class code.

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::outcome::{Classify, Outcome};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
@@ -19,6 +20,14 @@ pub enum DigestError {
     /// A character outside `0-9a-f`.
     #[error("a sha256 digest uses only lowercase hex (0-9, a-f); found {0:?}")]
     Character(char),
+}
+
+impl Classify for DigestError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            DigestError::Length(_) | DigestError::Character(_) => Outcome::Failed,
+        }
+    }
 }
 
 impl Sha256Digest {

@@ -179,10 +179,7 @@ fn read_doc(file: &Path) -> Result<DocumentMut, RegistryError> {
     // Validate the file as it is first, so an edit never builds on a broken file.
     parse::parse(&text, &name)?;
     text.parse::<DocumentMut>()
-        .map_err(|e| RegistryError::Syntax {
-            file: name,
-            message: e.to_string().trim_end().to_string(),
-        })
+        .map_err(|source| RegistryError::UnEditable { file: name, source })
 }
 
 fn save(file: &Path, doc: &DocumentMut) -> Result<(), RegistryError> {

@@ -14,6 +14,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::outcome::{Classify, Outcome};
+use crate::remedy::Remedy;
 use serde::{Deserialize, Serialize};
 
 pub use digest::{DigestError, Sha256Digest};
@@ -266,12 +268,24 @@ pub enum RegistryError {
         source: std::io::Error,
     },
     /// The file is not valid TOML.
-    #[error("registry {file} is not valid TOML: {message}")]
+    #[error("registry {file} is not valid TOML")]
     Syntax {
         /// The registry file.
         file: String,
-        /// The parser's message, with line and column.
-        message: String,
+        /// The parser's error, with line and column.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The file is valid TOML, but the editor that keeps its comments cannot parse it.
+    #[error(
+        "registry {file} is valid TOML but cannot be edited in place; write the change by hand"
+    )]
+    UnEditable {
+        /// The registry file.
+        file: String,
+        /// The editing parser's error, with line and column.
+        #[source]
+        source: toml_edit::TomlError,
     },
     /// A field is missing, unknown or has a bad value.
     #[error("registry {file}: release `{release}`: field `{field}`: {problem}; {fix}")]
@@ -286,6 +300,24 @@ pub enum RegistryError {
         problem: String,
         /// How to fix it.
         fix: String,
+    },
+    /// A `sha256` field that is not a digest.
+    #[error(
+        "registry {file}: release `{release}`: field `{field}`: `{value}` is not a sha256 digest; \
+         pin release {release} in {file} to fill it in, or remove it"
+    )]
+    BadDigest {
+        /// The registry file.
+        file: String,
+        /// The release.
+        release: String,
+        /// The field, as a dotted path inside the release.
+        field: String,
+        /// The value found.
+        value: String,
+        /// What is wrong with it.
+        #[source]
+        source: DigestError,
     },
     /// One file defines the same release twice.
     #[error(
@@ -351,6 +383,31 @@ pub enum RegistryError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+impl Classify for RegistryError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            RegistryError::Read { .. }
+            | RegistryError::Syntax { .. }
+            | RegistryError::UnEditable { .. }
+            | RegistryError::Invalid { .. }
+            | RegistryError::BadDigest { .. }
+            | RegistryError::DuplicateRelease { .. }
+            | RegistryError::TwoDefaults { .. }
+            | RegistryError::UnknownRelease { .. }
+            | RegistryError::NoDefault { .. }
+            | RegistryError::Exists { .. }
+            | RegistryError::Write { .. } => Outcome::Failed,
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            RegistryError::Read { .. } => Some(Remedy::RegistryFile),
+            _ => None,
+        }
+    }
 }
 
 /// Merged releases from the embedded registry and any files over it.

@@ -58,9 +58,9 @@ pub(super) fn parse(text: &str, file: &str) -> Result<Vec<Release>, RegistryErro
     check_duplicate_headers(text, file)?;
     let table: Table = text
         .parse()
-        .map_err(|e: toml::de::Error| RegistryError::Syntax {
+        .map_err(|source: toml::de::Error| RegistryError::Syntax {
             file: file.to_string(),
-            message: e.to_string().trim_end().to_string(),
+            source,
         })?;
     let top = Ctx { file, release: "" };
     let mut releases_value = None;
@@ -405,16 +405,16 @@ fn parse_artifact(ctx: &Ctx<'_>, field: &str, item: &Value) -> Result<Artifact, 
         Some(v) => {
             let sha_field = format!("{field}.sha256");
             let s = ctx.string(&sha_field, v)?;
-            Some(s.parse::<Sha256Digest>().map_err(|e| {
-                ctx.invalid(
-                    &sha_field,
-                    format!("`{s}` is malformed: {e}"),
-                    format!(
-                        "pin release {} in {} to fill it in, or remove it",
-                        ctx.release, ctx.file
-                    ),
-                )
-            })?)
+            Some(
+                s.parse::<Sha256Digest>()
+                    .map_err(|source| RegistryError::BadDigest {
+                        file: ctx.file.to_string(),
+                        release: ctx.release.to_string(),
+                        field: sha_field,
+                        value: s.to_string(),
+                        source,
+                    })?,
+            )
         }
     };
     let size = match t.get("size") {

@@ -36,9 +36,10 @@ impl VfioVerifier for SimulatedVfio {
                     .exists()
             });
         if !cdev && !self.dev_dir.join("vfio").join(group.to_string()).exists() {
-            return Err(VfioCheckError::Container(format!(
-                "no {}/vfio/{group}",
-                self.dev_dir.display()
+            // What opening the container reports where the node is missing.
+            return Err(VfioCheckError::Container(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no {}/vfio/{group}", self.dev_dir.display()),
             )));
         }
         let on_vfio = fs::read_link(sysfs_device.join("driver"))

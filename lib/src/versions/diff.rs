@@ -10,8 +10,10 @@ use serde::Serialize;
 use crate::fetch::{Fetcher, Progress};
 use crate::initrd::{BuildOptions, InitrdBuilder, InitrdError, module_params};
 use crate::inspect::Inventory;
+use crate::outcome::{Classify, Outcome};
 use crate::pci::ids::SupportedGpus;
 use crate::registry::{Arch, Registry, RegistryError, Release};
+use crate::remedy::Remedy;
 
 /// A field that differs, `from` → `to` (`None`: unset).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -137,6 +139,22 @@ pub enum DiffError {
         #[source]
         source: InitrdError,
     },
+}
+
+impl Classify for DiffError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            DiffError::Registry(e) => e.outcome(),
+            DiffError::Inspect { source, .. } => source.outcome(),
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            DiffError::Registry(e) => e.remedy(),
+            DiffError::Inspect { source, .. } => source.remedy(),
+        }
+    }
 }
 
 /// Compare releases `a` and `b` of `registry` for `arch`: their registry fields, and what their

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::outcome::{Classify, Outcome};
 use crate::pci::PciAddress;
 
 pub use catalogue::{
@@ -137,4 +138,16 @@ pub enum VgpuError {
         /// How many can be created.
         available: u32,
     },
+}
+
+impl Classify for VgpuError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            VgpuError::Read { .. } => Outcome::Failed,
+            // The request does not fit the host: nothing was created.
+            VgpuError::NoSuchProfile { .. }
+            | VgpuError::ZeroCount { .. }
+            | VgpuError::NotEnough { .. } => Outcome::Refused,
+        }
+    }
 }
