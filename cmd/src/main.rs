@@ -128,6 +128,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     output::init_logging(&cli.global);
+    // The CLI is the binary crash tests kill: it alone opts in to the failpoint variable.
+    if let Err(err) = gpu_passthrough::failpoint::arm_from_env() {
+        let err = anyhow::Error::from(err);
+        return output::report_error(&cli.global, &err, outcome(err.as_ref()));
+    }
     let result = match &cli.command {
         Command::Versions(c) => versions::run(&cli.global, c),
         Command::Initrd(c) => initrd::run(&cli.global, c),

@@ -478,6 +478,8 @@ fn unpinned_release_is_refused_with_the_pin_command() {
 #[ignore = "child process of killed_build_leaves_nothing_trusted_and_the_next_build_recovers"]
 fn killed_build_child() {
     let cache = std::env::var_os("INITRD_CRASH_CACHE").expect("run by the crash test only");
+    // This test binary opts in to the failpoint variable, as the CLI does.
+    gpu_passthrough::failpoint::arm_from_env().expect("the parent names a known failpoint");
     let (_, registry, init) = shared();
     let _ = build(
         Path::new(&cache),
@@ -500,7 +502,12 @@ fn killed_build_leaves_nothing_trusted_and_the_next_build_recovers() {
         .stderr(Stdio::null())
         .status()
         .unwrap();
-    assert!(!status.success(), "the child build should have been killed");
+    // SIGABRT (6) from the failpoint, not a panic or an error exit.
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(6),
+        "the child build should have been aborted at the failpoint: {status:?}"
+    );
     let names: Vec<String> = fs::read_dir(cache.join("layers"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
