@@ -240,10 +240,17 @@ fn a_crash_at_every_step_is_repaired_by_reconcile() {
 #[test]
 fn an_unknown_failpoint_is_refused() {
     let h = sysfs::workstation();
-    let out = cli(&h, &["attach", GPU, "--owner", "vm-typo"], Some("after-unbinds"));
+    let out = cli(
+        &h,
+        &["attach", GPU, "--owner", "vm-typo"],
+        Some("after-unbinds"),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("after-unbinds") && err.contains("after-unbind,"), "{err}");
+    assert!(
+        err.contains("after-unbinds") && err.contains("after-unbind,"),
+        "{err}"
+    );
     assert_eq!(h.driver(GPU).as_deref(), Some("nvidia"));
 }
 
