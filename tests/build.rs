@@ -5,7 +5,8 @@
 //!
 //! The lookup: `$GPU_PASSTHROUGH_FIXTURES` when set, else the first `shared/fixtures` holding a
 //! `SHA256SUMS` above this crate (`../shared/fixtures` beside a checkout, and beside the main
-//! checkout for a worktree under it).
+//! checkout for a worktree under it), else `e2e/work/fixtures` (where `e2e/run` and `.ci/run`
+//! make them on a machine without any).
 
 use std::path::{Path, PathBuf};
 
@@ -31,7 +32,8 @@ fn main() {
                 "cargo::error=the tests need the real fixtures (a Debian guest kernel and NVIDIA \
                  535 driver artifacts), and {why}. Put them in ../shared/fixtures beside the \
                  repository (a copy, or make them there: `sudo e2e/make-fixtures.sh \
-                 ../shared/fixtures`, Debian with network, about 15 minutes), or set {ENV}=DIR."
+                 ../shared/fixtures`, Debian with network, about 15 minutes; `.ci/run` and \
+                 `e2e/run` make them in e2e/work/fixtures), or set {ENV}=DIR."
             );
         }
     }
@@ -46,13 +48,15 @@ fn find(manifest_dir: &Path) -> Result<PathBuf, String> {
             Err(format!("{ENV}={} has no SHA256SUMS", dir.display()))
         };
     }
+    let made_here = manifest_dir.join("../e2e/work/fixtures");
     manifest_dir
         .ancestors()
         .map(|a| a.join("shared/fixtures"))
+        .chain([made_here])
         .find(|d| d.join("SHA256SUMS").is_file())
         .ok_or_else(|| {
             format!(
-                "there is no shared/fixtures with a SHA256SUMS above {}",
+                "there is no shared/fixtures with a SHA256SUMS above {} (nor e2e/work/fixtures)",
                 manifest_dir.display()
             )
         })

@@ -3,7 +3,7 @@
 //!
 //! The directory is `$GPU_PASSTHROUGH_FIXTURES` when set, else the first `shared/fixtures` found
 //! walking up from this crate (`../shared/fixtures` beside a checkout; beside the main checkout
-//! for a worktree under it). The build script looks it up: without it this crate does not build,
+//! for a worktree under it), else `e2e/work/fixtures` (made there by `e2e/run`). The build script looks it up: without it this crate does not build,
 //! with one message saying how to get the fixtures, never a silent skip.
 //!
 //! ```no_run
