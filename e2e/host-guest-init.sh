@@ -149,7 +149,7 @@ check "attach --gpus 1: the other display ($DISP2) on vfio-pci" test "$(driver_o
 run detach-gpus $CLI detach --owner vm-4 --json
 run health-clear $CLI health clear $VGA --json
 
-# Host hardening (issue 10 points 1-2; checks in e2e/check/src/host/hardening.rs): a process
+# Host hardening (checks in e2e/check/src/host/hardening.rs): a process
 # holding a device's VFIO node keeps the device. The NIC, bound to vfio-pci by hand (no journal
 # record) and held by `sleep`: attach by another owner is refused naming it, the NIC stays bound.
 # The edu device attached for vm-h, then held: detach and reconcile --gone refuse and keep it;
