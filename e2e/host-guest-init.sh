@@ -149,21 +149,33 @@ check "attach --gpus 1: the other display ($DISP2) on vfio-pci" test "$(driver_o
 run detach-gpus $CLI detach --owner vm-4 --json
 run health-clear $CLI health clear $VGA --json
 
-# Host hardening (issue 10 points 1-2; checks in e2e/check/src/host/hardening.rs): a process
+# Host hardening (checks in e2e/check/src/host/hardening.rs): a process
 # holding a device's VFIO node keeps the device. The NIC, bound to vfio-pci by hand (no journal
 # record) and held by `sleep`: attach by another owner is refused naming it, the NIC stays bound.
 # The edu device attached for vm-h, then held: detach and reconcile --gone refuse and keep it;
 # once the holder exits, detach gives it back.
+# hold ROLE NODE: a background `sleep` holding NODE open on fd 3, in $holder; waits until the
+# sleep itself holds it (exec'd, fd 3 open), since the CLI names a holder from /proc/PID/comm and
+# /proc/PID/fd: a holder caught between fork and exec reads as `sh`, or holds nothing yet.
+hold() {
+    sleep 600 3<>"$2" &
+    holder=$!
+    i=0
+    while { [ "$(cat /proc/$holder/comm 2>/dev/null)" != sleep ] ||
+        [ "$(readlink /proc/$holder/fd/3 2>/dev/null)" != "$2" ]; } && [ $i -lt 50 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    check "held: the $1 holder is sleep with $2 open" test "$(cat /proc/$holder/comm)" = sleep -a \
+        "$(readlink /proc/$holder/fd/3)" = "$2"
+    say holder $1 $holder
+}
 hardening_holders() {
     g=$(basename "$(readlink /sys/bus/pci/devices/$NIC/iommu_group)")
     echo vfio-pci > /sys/bus/pci/devices/$NIC/driver_override
     echo $NIC > /sys/bus/pci/drivers/e1000e/unbind
     echo $NIC > /sys/bus/pci/drivers_probe
     i=0; while [ ! -e /dev/vfio/$g ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-    sleep 600 3<>/dev/vfio/$g &
-    holder=$!
-    sleep 0.2
-    say holder nic $holder
+    hold nic /dev/vfio/$g
     run held-attach $CLI attach $NIC --owner vm-h2 --json
     check "held: nic still on vfio-pci after the refused attach" test "$(driver_of $NIC)" = vfio-pci
     kill $holder; wait $holder 2>/dev/null
@@ -174,10 +186,7 @@ hardening_holders() {
 
     run held-edu-attach $CLI attach $EDU --owner vm-h --json
     g=$(basename "$(readlink /sys/bus/pci/devices/$EDU/iommu_group)")
-    sleep 600 3<>/dev/vfio/$g &
-    holder=$!
-    sleep 0.2
-    say holder edu $holder
+    hold edu /dev/vfio/$g
     run held-detach $CLI detach --owner vm-h --json
     check "held: edu still on vfio-pci after the refused detach" test "$(driver_of $EDU)" = vfio-pci
     run held-reconcile $CLI reconcile --gone vm-h --json

@@ -127,6 +127,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     output::init_logging(&cli.global);
+    // The CLI is the binary crash tests kill: it alone opts in to the failpoint variable.
+    if let Err(err) = gpu_passthrough::failpoint::arm_from_env() {
+        return output::report_error(&cli.global, &output::Failure::from(err));
+    }
     let result = match &cli.command {
         Command::Versions(c) => versions::run(&cli.global, c),
         Command::Initrd(c) => initrd::run(&cli.global, c),

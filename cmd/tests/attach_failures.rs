@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::process::Command;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Output};
 
 use common::cli_binary;
 use gpu_passthrough::attach::{AttachError, AttachRequest, Owner, PlanRequest};
@@ -117,8 +118,20 @@ fn cli(h: &FakeHost, args: &[&str], failpoint: Option<&str>) -> std::process::Ou
     cmd.output().expect("run the CLI")
 }
 
-/// One crash case on its own fake tree (cases run in parallel threads).
-fn crash_case(fp: &str) {
+/// The failpoint a killed CLI said it aborted at (its last words on stderr). Panics unless the
+/// process died of SIGABRT (6) after saying so: a panic or an error exit is not a crash case.
+fn aborted_at(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(6), "not aborted: {err}");
+    err.lines()
+        .find_map(|line| line.split_once("failpoint ")?.1.split_once(": aborting"))
+        .map(|(name, _)| name.to_owned())
+        .unwrap_or_else(|| panic!("aborted, but not at a failpoint: {err}"))
+}
+
+/// One crash case on its own fake tree (cases run in parallel threads); returns the failpoint
+/// the CLI aborted at.
+fn crash_case(fp: &str) -> String {
     let h = sysfs::workstation();
     let attach = ["attach", GPU, "--owner", "vm-crash"];
     if fp == "mid-rollback" {
@@ -132,7 +145,7 @@ fn crash_case(fp: &str) {
             String::from_utf8_lossy(&out.stderr)
         );
         let out = cli(&h, &["detach", "--owner", "vm-crash"], Some(fp));
-        assert_eq!(out.status.code(), None, "{fp}: detach must be killed");
+        let reached = aborted_at(&out);
         // Half detached: the attachment is still recorded, detach again finishes.
         let out = cli(&h, &["detach", "--owner", "vm-crash"], None);
         assert!(
@@ -141,15 +154,10 @@ fn crash_case(fp: &str) {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_original(&h, fp);
-        return;
+        return reached;
     }
     let out = cli(&h, &attach, Some(fp));
-    assert_eq!(
-        out.status.code(),
-        None,
-        "{fp}: the CLI must be killed, got {:?}",
-        out.status
-    );
+    let reached = aborted_at(&out);
     h.clear_faults();
     if fp == "after-unbind" {
         // Until reconcile runs, the half-done device is refused with the fix.
@@ -188,22 +196,22 @@ fn crash_case(fp: &str) {
         );
     }
     assert_original(&h, fp);
+    reached
 }
 
 /// The CLI process aborted at every failpoint of attach (and of a rollback and a detach);
 /// reconcile (then detach, for the cases past the point of no return) restores everything.
 #[test]
 fn a_crash_at_every_step_is_repaired_by_reconcile() {
-    let mut cases = 0;
-    std::thread::scope(|s| {
+    let mut reached: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = Failpoint::of(Stage::Attach)
             .filter(|fp| *fp != Failpoint::AfterMdevCreate) // the vGPU case below
             .map(|fp| s.spawn(move || crash_case(fp.name())))
             .collect();
-        for h in handles {
-            h.join().expect("crash case passed");
-            cases += 1;
-        }
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("crash case passed"))
+            .collect()
     });
     // vGPU: killed right after the mdev was created; reconcile removes it.
     let h = sysfs::vgpu_host();
@@ -219,7 +227,7 @@ fn a_crash_at_every_step_is_repaired_by_reconcile() {
         ],
         Some("after-mdev-create"),
     );
-    assert_eq!(out.status.code(), None);
+    reached.push(aborted_at(&out));
     let mdevs = h.sys.join("bus/mdev/devices");
     assert_eq!(std::fs::read_dir(&mdevs).unwrap().count(), 1);
     let out = cli(&h, &["reconcile"], None);
@@ -231,8 +239,30 @@ fn a_crash_at_every_step_is_repaired_by_reconcile() {
     assert_eq!(std::fs::read_dir(&mdevs).unwrap().count(), 0);
     assert!(h.journal_clean());
     assert_eq!(h.driver("0000:3d:00.0").as_deref(), Some("nvidia"));
-    cases += 1;
-    assert_eq!(cases, Failpoint::of(Stage::Attach).count());
+    // Each attach failpoint was reached by the CLI itself, as its own words say.
+    reached.sort();
+    let mut expected: Vec<&str> = Failpoint::of(Stage::Attach).map(Failpoint::name).collect();
+    expected.sort_unstable();
+    assert_eq!(reached, expected);
+}
+
+/// A failpoint name the CLI does not know is refused before anything runs, never silently
+/// ignored (a crash test with a typo would otherwise pass without crashing anything).
+#[test]
+fn an_unknown_failpoint_is_refused() {
+    let h = sysfs::workstation();
+    let out = cli(
+        &h,
+        &["attach", GPU, "--owner", "vm-typo"],
+        Some("after-unbinds"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("after-unbinds") && err.contains("after-unbind,"),
+        "{err}"
+    );
+    assert_eq!(h.driver(GPU).as_deref(), Some("nvidia"));
 }
 
 /// A `pid:N` owner: kept while the process exists (even stopped), released once it is gone.

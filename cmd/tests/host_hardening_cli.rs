@@ -1,4 +1,4 @@
-//! Issue 10's host points as the CLI shows them: `devices` on a host without candidates, and a
+//! The host guards as the CLI shows them: `devices` on a host without candidates, and a
 //! detach refused while a real process (this test) holds the device's VFIO node.
 
 mod common;

@@ -225,7 +225,7 @@ fn verify_cached_rehashes_the_cache() {
 
 #[test]
 fn verify_deep_reports_a_tampered_unpacked_tree_with_exit_3() {
-    // Issue 10, point 17: an unpacked tree is trusted by its presence; --deep re-hashes it
+    // An unpacked tree is trusted by its presence; --deep re-hashes it
     // against the record written beside it when it was unpacked.
     let body = b"kernel bytes".repeat(1000);
     let mirror = Mirror::files([("/vmlinuz", body.clone())]);

@@ -254,7 +254,7 @@ impl ModInfo {
     }
 }
 
-/// The one module-name rule, shared with the guest init (see the manifest crate).
+/// The one module-name rule, shared with the guest init (see the guest-contract crate).
 pub use gpu_passthrough_guest_contract::normalize_module_name;
 
 fn read_prefix(mut file: &File, buf: &mut [u8]) -> std::io::Result<usize> {

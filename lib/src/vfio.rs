@@ -35,9 +35,15 @@ pub struct VfioReport {
 /// Why a VFIO check failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioCheckError {
-    /// `/dev/vfio/vfio` cannot be opened.
-    #[error("cannot open /dev/vfio/vfio; load the driver: modprobe vfio-pci")]
-    Container(#[source] std::io::Error),
+    /// The VFIO container (`/dev/vfio/vfio`) cannot be opened.
+    #[error("cannot open {path}; load the driver: modprobe vfio-pci")]
+    Container {
+        /// The container node.
+        path: PathBuf,
+        /// The open error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The type-1 IOMMU backend is missing.
     #[error("the VFIO container has no type-1 IOMMU; load it: modprobe vfio_iommu_type1")]
     NoType1(#[source] VfioError),
@@ -69,9 +75,11 @@ pub enum VfioCheckError {
         #[source]
         source: std::io::Error,
     },
-    /// `/dev/iommu` could not be opened for a cdev.
-    #[error("cannot open /dev/iommu for the cdev {cdev}: load it: modprobe iommufd")]
+    /// The iommufd node (`/dev/iommu`) could not be opened for a cdev.
+    #[error("cannot open {iommu} for the cdev {cdev}: load it: modprobe iommufd")]
     NoIommufd {
+        /// The iommufd node.
+        iommu: PathBuf,
         /// The cdev.
         cdev: PathBuf,
         /// The open error.
@@ -111,7 +119,7 @@ pub enum VfioCheckError {
 impl Classify for VfioCheckError {
     fn outcome(&self) -> Outcome {
         match self {
-            VfioCheckError::Container(_)
+            VfioCheckError::Container { .. }
             | VfioCheckError::NoType1(_)
             | VfioCheckError::NotViable { .. }
             | VfioCheckError::Open { .. }
@@ -132,8 +140,21 @@ pub trait VfioVerifier: Send + Sync {
 
 /// The real check through `vfio-ioctls` (needs `/dev/vfio/vfio` and a real IOMMU group), or
 /// through the device's iommufd cdev and `/dev/iommu` on a kernel without group nodes.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RealVfio;
+///
+/// Its devices directory is `/dev` unless [`RealVfio::new`] names another (the host's `/dev`
+/// mounted elsewhere, or a test's empty directory). `vfio-ioctls` opens the legacy group
+/// interface at `/dev/vfio` only, so under another directory a device is checked through its
+/// cdev there, and one without a cdev is refused rather than checked against the wrong `/dev`.
+#[derive(Debug, Clone)]
+pub struct RealVfio {
+    dev_dir: PathBuf,
+}
+
+impl Default for RealVfio {
+    fn default() -> Self {
+        RealVfio::new("/dev")
+    }
+}
 
 // `VFIO_DEVICE_GET_INFO` is `_IO(VFIO_TYPE, VFIO_BASE + 7)` in `<linux/vfio.h>`: the kernel
 // encodes no size in it, hence the `_bad` form.
@@ -199,6 +220,43 @@ pub(crate) fn cdevs(sysfs_device: &Path, dev_dir: &Path) -> Vec<PathBuf> {
 }
 
 impl RealVfio {
+    /// The check of the nodes under `dev_dir` (`vfio/`, `vfio/devices/`, `iommu`).
+    pub fn new(dev_dir: impl Into<PathBuf>) -> RealVfio {
+        RealVfio {
+            dev_dir: dev_dir.into(),
+        }
+    }
+
+    /// Under a devices directory other than `/dev`, where `vfio-ioctls` cannot follow: the
+    /// container must open there, and then the device needs a cdev there.
+    fn verify_elsewhere(
+        &self,
+        sysfs_device: &Path,
+        group: u32,
+    ) -> Result<VfioReport, VfioCheckError> {
+        let container = self.dev_dir.join("vfio/vfio");
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&container)
+            .map_err(|source| VfioCheckError::Container {
+                path: container.clone(),
+                source,
+            })?;
+        match cdevs(sysfs_device, &self.dev_dir).first() {
+            Some(cdev) => self.verify_cdev(sysfs_device, cdev),
+            None => Err(VfioCheckError::Device {
+                device: sysfs_device.to_owned(),
+                detail: format!(
+                    "group {group} has no VFIO device cdev under {dir}/vfio/devices, and the \
+                     group interface opens /dev/vfio only: check it with the devices directory \
+                     /dev, or on a kernel with VFIO device cdevs",
+                    dir = self.dev_dir.display()
+                ),
+            }),
+        }
+    }
+
     /// The check through the device's iommufd cdev (kernels without the legacy group node).
     fn verify_cdev(&self, sysfs_device: &Path, cdev: &Path) -> Result<VfioReport, VfioCheckError> {
         let rw = || {
@@ -211,9 +269,11 @@ impl RealVfio {
             cdev: cdev.to_owned(),
             source,
         })?;
+        let iommu_path = self.dev_dir.join("iommu");
         let iommu = rw()
-            .open("/dev/iommu")
+            .open(&iommu_path)
             .map_err(|source| VfioCheckError::NoIommufd {
+                iommu: iommu_path.clone(),
                 cdev: cdev.to_owned(),
                 source,
             })?;
@@ -238,15 +298,20 @@ impl RealVfio {
 
 impl VfioVerifier for RealVfio {
     fn verify(&self, sysfs_device: &Path, group: u32) -> Result<VfioReport, VfioCheckError> {
-        use vfio_ioctls::{VfioContainer, VfioDevice};
-        let dev = Path::new("/dev");
-        if !dev.join("vfio").join(group.to_string()).exists()
-            && let Some(cdev) = cdevs(sysfs_device, dev).first()
+        use vfio_ioctls::{VfioContainer, VfioDevice, VfioError};
+        if self.dev_dir != Path::new("/dev") {
+            return self.verify_elsewhere(sysfs_device, group);
+        }
+        if !self.dev_dir.join("vfio").join(group.to_string()).exists()
+            && let Some(cdev) = cdevs(sysfs_device, &self.dev_dir).first()
         {
             return self.verify_cdev(sysfs_device, cdev);
         }
         let container = VfioContainer::new(None).map_err(|e| match e {
-            VfioError::OpenContainer(io) => VfioCheckError::Container(io),
+            VfioError::OpenContainer(source) => VfioCheckError::Container {
+                path: self.dev_dir.join("vfio/vfio"),
+                source,
+            },
             other => VfioCheckError::NoType1(other),
         })?;
         let device =
@@ -294,19 +359,51 @@ mod tests {
         assert!(cdevs(&dir.path().join("none"), Path::new("/dev")).is_empty());
         // A cdev that cannot be opened is named in the failure.
         let missing = dir.path().join("vfio-devices-vfio7");
-        let err = RealVfio.verify_cdev(&device, &missing).unwrap_err();
+        let err = RealVfio::default()
+            .verify_cdev(&device, &missing)
+            .unwrap_err();
         assert!(err.to_string().contains(missing.to_str().unwrap()), "{err}");
     }
 
+    /// A devices directory without VFIO (an empty one here, so the test runs the same on every
+    /// host): the check names the container it looked for and the module to load.
     #[test]
     fn real_check_without_vfio_names_the_module_to_load() {
-        if Path::new("/dev/vfio/vfio").exists() {
-            return; // a host with VFIO: the e2e guest covers this path
-        }
-        let err = RealVfio
+        let dev = tempfile::tempdir().unwrap();
+        let err = RealVfio::new(dev.path())
             .verify(Path::new("/sys/bus/pci/devices/0000:00:00.0"), 0)
             .unwrap_err();
-        assert!(matches!(err, VfioCheckError::Container(_)), "{err}");
-        assert!(err.to_string().contains("modprobe vfio-pci"));
+        assert!(matches!(err, VfioCheckError::Container { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("modprobe vfio-pci"), "{text}");
+        let container = dev.path().join("vfio/vfio");
+        assert!(text.contains(container.to_str().unwrap()), "{text}");
+    }
+
+    /// Under another devices directory the check follows it: a device without a cdev there is
+    /// refused (vfio-ioctls would open /dev/vfio instead), one with a cdev is opened there.
+    #[test]
+    fn real_check_under_another_dev_dir_opens_nothing_under_dev() {
+        let root = tempfile::tempdir().unwrap();
+        let dev = root.path().join("dev");
+        std::fs::create_dir_all(dev.join("vfio/devices")).unwrap();
+        std::fs::write(dev.join("vfio/vfio"), b"").unwrap();
+        let device = root.path().join("0000:01:00.0");
+        std::fs::create_dir_all(&device).unwrap();
+        let err = RealVfio::new(&dev).verify(&device, 12).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, VfioCheckError::Device { .. }) && text.contains("no VFIO device cdev"),
+            "{text}"
+        );
+        // With a cdev: it is the node opened (a plain file here, so the bind fails naming it).
+        std::fs::create_dir_all(device.join("vfio-dev/vfio3")).unwrap();
+        std::fs::write(dev.join("vfio/devices/vfio3"), b"").unwrap();
+        let err = RealVfio::new(&dev).verify(&device, 12).unwrap_err();
+        let iommu = dev.join("iommu");
+        assert!(
+            err.to_string().contains(iommu.to_str().unwrap()),
+            "the iommufd under the devices directory: {err}"
+        );
     }
 }

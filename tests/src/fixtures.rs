@@ -2,8 +2,9 @@
 //! modules, GSP firmware and libraries) and their `SHA256SUMS`.
 //!
 //! The directory is `$GPU_PASSTHROUGH_FIXTURES` when set, else the first `shared/fixtures` found
-//! walking up from this crate (so it works from `/work/main` and from worktrees alike). A missing
-//! directory is a test failure with a message, never a silent skip.
+//! walking up from this crate (`../shared/fixtures` beside a checkout; beside the main checkout
+//! for a worktree under it), else `e2e/work/fixtures` (made there by `e2e/run`). The build script looks it up: without it this crate does not build,
+//! with one message saying how to get the fixtures, never a silent skip.
 //!
 //! ```no_run
 //! use gpu_passthrough_tests::fixtures;
@@ -55,7 +56,8 @@ pub fn proprietary_artifacts() -> Vec<(&'static str, PathBuf)> {
 /// NVIDIA's supported-GPU list.
 pub const SUPPORTED_GPUS: &str = "nvidia-535.261.03/supported-gpus.json";
 
-/// The fixtures directory (see the module docs). Panics with the fix when it is missing.
+/// The fixtures directory (see the module docs): `$GPU_PASSTHROUGH_FIXTURES` at run time if set,
+/// else the one the build found. Panics with the fix when the variable names no fixtures.
 pub fn dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GPU_PASSTHROUGH_FIXTURES") {
         let dir = PathBuf::from(dir);
@@ -66,18 +68,7 @@ pub fn dir() -> PathBuf {
         );
         return dir;
     }
-    let start = Path::new(env!("CARGO_MANIFEST_DIR"));
-    start
-        .ancestors()
-        .map(|a| a.join("shared/fixtures"))
-        .find(|d| d.join("SHA256SUMS").is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "no shared/fixtures with a SHA256SUMS above {}; set GPU_PASSTHROUGH_FIXTURES to \
-                 the fixtures directory",
-                start.display()
-            )
-        })
+    PathBuf::from(env!("GPU_PASSTHROUGH_FIXTURES_DIR"))
 }
 
 /// The absolute path of a fixture given relative to the fixtures directory.

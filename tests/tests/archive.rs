@@ -358,7 +358,7 @@ fn setuid_setgid_and_sticky_bits_are_stripped() {
         .unwrap()
         .permissions()
         .mode();
-    // Directory modes are normalised (issue 10, point 16).
+    // Directory modes are normalised.
     assert_eq!(mode & 0o7777, 0o755);
 }
 

@@ -1,5 +1,5 @@
-//! Tar reading stays bounded against hostile extension headers, and normalises what it passes on
-//! (issue 10, points 12 and 16).
+//! Tar reading stays bounded against hostile extension headers, and normalises what it passes
+//! on.
 
 use std::io::{self, Read};
 use std::path::Path;

@@ -505,7 +505,7 @@ impl Progress for SwapAfter<'_> {
 
 #[test]
 fn resume_names_its_validator_and_a_file_changed_upstream_is_not_spliced() {
-    // Issue 10, point 14. The first answer breaks after 200 kB and the file then changes
+    // The first answer breaks after 200 kB and the file then changes
     // upstream: the resume must carry If-Range, so the server sends the whole new file
     // instead of its tail being appended to the old file's head.
     let old = payload(500_000);

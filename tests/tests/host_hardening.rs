@@ -1,5 +1,5 @@
-//! Issue 10, host points 1-9: never take a device from a running VM or from the host. Each test
-//! fails without its point's fix. Processes are a fake proc root: `<pid>/comm`, `<pid>/fd/<n>`
+//! Never take a device from a running VM or from the host. Each test fails without the guard it
+//! is named after. Processes are a fake proc root: `<pid>/comm`, `<pid>/fd/<n>`
 //! links to the nodes they hold, `<pid>/stat` and `<pid>/ns/pid` for owner identity.
 
 use gpu_passthrough::outcome::{Classify, Outcome};

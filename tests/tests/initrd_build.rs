@@ -194,7 +194,7 @@ fn layers_list_in_gnu_cpio_exactly_as_the_manifest_says() {
 
 #[test]
 fn the_gpu_layer_emits_nothing_outside_gpu() {
-    // Issue 10, point 11: appended to a usrmerge initrd (`lib -> usr/lib`), an entry for `lib`
+    // Appended to a usrmerge initrd (`lib -> usr/lib`), an entry for `lib`
     // or `lib/firmware` would make the kernel's unpacker replace the symlink with a directory.
     let (dir, registry, init) = shared();
     let layers = build(
@@ -478,6 +478,8 @@ fn unpinned_release_is_refused_with_the_pin_command() {
 #[ignore = "child process of killed_build_leaves_nothing_trusted_and_the_next_build_recovers"]
 fn killed_build_child() {
     let cache = std::env::var_os("INITRD_CRASH_CACHE").expect("run by the crash test only");
+    // This test binary opts in to the failpoint variable, as the CLI does.
+    gpu_passthrough::failpoint::arm_from_env().expect("the parent names a known failpoint");
     let (_, registry, init) = shared();
     let _ = build(
         Path::new(&cache),
@@ -500,7 +502,12 @@ fn killed_build_leaves_nothing_trusted_and_the_next_build_recovers() {
         .stderr(Stdio::null())
         .status()
         .unwrap();
-    assert!(!status.success(), "the child build should have been killed");
+    // SIGABRT (6) from the failpoint, not a panic or an error exit.
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(6),
+        "the child build should have been aborted at the failpoint: {status:?}"
+    );
     let names: Vec<String> = fs::read_dir(cache.join("layers"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -582,7 +589,7 @@ fn a_proprietary_release_without_gsp_builds_with_no_firmware() {
 
 #[test]
 fn xz_compressed_modules_are_written_decompressed() {
-    // Issue 10, point 10: a distribution's modules are `.ko.xz`; the guest's finit_module is
+    // A distribution's modules are `.ko.xz`; the guest's finit_module is
     // called without the compressed-file flag, so the layer must carry plain ELF `.ko` files.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("nvidia-modules-xz.tar.gz");
@@ -628,7 +635,7 @@ fn xz_compressed_modules_are_written_decompressed() {
 
 #[test]
 fn an_unused_module_with_a_missing_dependency_does_not_block_a_build() {
-    // Issue 10, point 16: nvidia_peermem needs ib_core, which a GPU-only guest kernel's modules
+    // nvidia_peermem needs ib_core, which a GPU-only guest kernel's modules
     // lack; peermem is not in the default layer, so its dependency must not be resolved at all.
     let dir = tempfile::tempdir().unwrap();
     let tar = doctored_modules(dir.path(), |path, data| {
@@ -671,7 +678,7 @@ fn an_unused_module_with_a_missing_dependency_does_not_block_a_build() {
 
 #[test]
 fn verify_deep_reports_a_tampered_unpacked_tree_and_layer() {
-    // Issue 10, point 17: the cache trusts unpacked trees and built layers by their presence;
+    // The cache trusts unpacked trees and built layers by their presence;
     // a deep verify re-hashes them against what was recorded when they were made.
     use gpu_passthrough::versions::deep::{CacheItem, CacheStatus};
     use gpu_passthrough::versions::{self, Verdict, VerifySource};

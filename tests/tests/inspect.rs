@@ -680,7 +680,7 @@ fn problems_of_with(expect: &Expectations, trees: &Trees) -> Vec<Problem> {
 
 #[test]
 fn duplicate_library_names_are_refused() {
-    // Issue 10, point 16: two files of one name (and so one soname) in one layer.
+    // Two files of one name (and so one soname) in one layer.
     let x = extracted();
     let tmp = tempfile::tempdir().unwrap();
     let libs = tmp.path().join("libs");

@@ -35,6 +35,7 @@ fn every_error_type_of_the_library_is_classified() {
     classified::<CpioError>();
     classified::<ErofsError>();
     classified::<AttachError>();
+    classified::<gpu_passthrough::failpoint::FailpointError>();
     classified::<JournalError>();
     classified::<OwnerError>();
     classified::<FetchError>();
@@ -318,7 +319,10 @@ fn each_verify_verdict_has_its_own_outcome() {
 #[test]
 fn failures_on_the_way_are_failed_whatever_module_raised_them() {
     let failed: Vec<Box<dyn Classify>> = vec![
-        Box::new(VfioCheckError::Container(io())),
+        Box::new(VfioCheckError::Container {
+            path: "/dev/vfio/vfio".into(),
+            source: io(),
+        }),
         Box::new(VfioCheckError::NotViable { group: 3 }),
         Box::new(ModinfoError::NoModinfo {
             file: "nvidia.ko".into(),

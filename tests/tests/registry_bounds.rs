@@ -1,5 +1,5 @@
 //! Registry and `versions add` inputs that would make the builder walk the host or download
-//! without bound (issue 10, points 13 and 15).
+//! without bound.
 
 use gpu_passthrough::outcome::{Classify, Outcome};
 use std::collections::BTreeMap;

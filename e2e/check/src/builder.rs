@@ -1,4 +1,4 @@
-//! Run BH (builder hardening, issue 10 points 10 and 11): a release whose kernel modules are all
+//! Run BH (builder hardening): a release whose kernel modules are all
 //! `.ko.xz`, its layers appended to a platform initrd whose `/lib` is a symlink (usrmerge).
 //! The guest's early script (`E2E-BH` lines) looks at the root before handing over to our init.
 

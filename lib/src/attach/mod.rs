@@ -482,7 +482,7 @@ impl Host {
             proc_root: PathBuf::from("/proc"),
             nvidia_gpus: PathBuf::from("/proc/driver/nvidia/gpus"),
             kernel: Box::new(RealKernel),
-            verifier: Box::new(RealVfio),
+            verifier: Box::new(RealVfio::default()),
             liveness,
             vfio_wait: Duration::from_secs(10),
         };
@@ -508,9 +508,11 @@ impl Host {
     #[cfg(not(feature = "simulation"))]
     fn pick_kernel(&mut self) {}
 
-    /// Use another devices directory (where `vfio/<group>` nodes appear).
+    /// Use another devices directory (where `vfio/<group>` nodes appear); the VFIO check looks
+    /// there too, so call this before [`Host::with_verifier`].
     pub fn with_dev_dir(mut self, dev_dir: impl Into<PathBuf>) -> Host {
         self.dev_dir = dev_dir.into();
+        self.verifier = Box::new(RealVfio::new(&self.dev_dir));
         self.pick_kernel();
         self
     }

@@ -37,10 +37,10 @@ impl VfioVerifier for SimulatedVfio {
             });
         if !cdev && !self.dev_dir.join("vfio").join(group.to_string()).exists() {
             // What opening the container reports where the node is missing.
-            return Err(VfioCheckError::Container(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("no {}/vfio/{group}", self.dev_dir.display()),
-            )));
+            return Err(VfioCheckError::Container {
+                path: self.dev_dir.join("vfio").join(group.to_string()),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
         }
         let on_vfio = fs::read_link(sysfs_device.join("driver"))
             .ok()
@@ -78,7 +78,7 @@ mod tests {
         };
         assert!(matches!(
             check.verify(&device, 4),
-            Err(VfioCheckError::Container(_))
+            Err(VfioCheckError::Container { .. })
         ));
         fs::write(dev.join("vfio/4"), "").unwrap();
         assert!(matches!(

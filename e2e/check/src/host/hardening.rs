@@ -1,4 +1,4 @@
-//! Run C, host hardening (issue 10 points 1-2): a process holding a device's VFIO node keeps
+//! Run C, host hardening: a process holding a device's VFIO node keeps
 //! the device. The guest holds the NIC's `/dev/vfio/N` with `sleep` after binding it to vfio-pci
 //! by hand (`E2E-C holder nic PID`), and later the node of the edu device attached for `vm-h`
 //! (`E2E-C holder edu PID`); see `hardening_holders` in `e2e/host-guest-init.sh`.
@@ -23,7 +23,7 @@ fn named(pid: Option<u32>) -> String {
 }
 
 pub fn checks(c: &mut Checks, run: &RunC, console: &Console) {
-    // Point 9: the listing says how many PCI devices it looked at (all of them, as --all shows).
+    // The listing says how many PCI devices it looked at (all of them, as --all shows).
     let (some, every) = (
         run.command("devices").parse::<Listing>(),
         run.command("devices-all").parse::<Listing>(),
