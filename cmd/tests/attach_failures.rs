@@ -257,7 +257,7 @@ fn an_unknown_failpoint_is_refused() {
         Some("after-unbinds"),
     );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(
         err.contains("after-unbinds") && err.contains("after-unbind,"),
         "{err}"
