@@ -9,6 +9,7 @@
 //! - [`capabilities`]: which driver capability (compute, utility, video, ...) each library is.
 //! - [`archive`]: read tar archives safely; write and read deterministic cpio (newc) archives.
 //! - [`modinfo`]: kernel module metadata from a `.ko`'s ELF `.modinfo` section.
+//! - [`modsig`]: the signature appended to a `.ko` (signer, key id, digest), as `modinfo` shows it.
 //! - [`inspect`]: check extracted artifacts against a release (vermagic, versions, dependencies,
 //!   firmware, libraries) and list them in load order.
 //! - [`initrd`]: build the base, GPU and combined initrd layers.
@@ -42,6 +43,7 @@ pub mod health;
 pub mod initrd;
 pub mod inspect;
 pub mod modinfo;
+pub mod modsig;
 pub mod outcome;
 pub mod paths;
 pub mod pci;
