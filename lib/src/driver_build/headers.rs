@@ -116,7 +116,10 @@ pub fn locate(roots: &[PathBuf], kernel_version: &str) -> Result<BuildTree, Head
         [] => return Err(HeadersError::NoBuildTree),
         [one] => one.clone(),
         many => {
-            let names: Vec<String> = many.iter().map(|(_, r)| format!("/{}", r.display())).collect();
+            let names: Vec<String> = many
+                .iter()
+                .map(|(_, r)| format!("/{}", r.display()))
+                .collect();
             return Err(HeadersError::SeveralBuildTrees(names.join(", ")));
         }
     };
@@ -177,7 +180,10 @@ fn check_complete(
             needed: tree.syssrc.clone(),
             hint: format!(
                 " (Debian: {})",
-                tree.syssrc.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                tree.syssrc
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             ),
         });
     }

@@ -316,10 +316,7 @@ pub fn prepare(job: &Job) -> Result<Prepared, DriverBuildError> {
     fs::create_dir(work.join("home")).map_err(scratch_err(&work))?;
     let src = work.join("src");
     fs::rename(&found.dir, &src).map_err(scratch_err(&src))?;
-    let source = ModuleSource {
-        dir: src,
-        ..found
-    };
+    let source = ModuleSource { dir: src, ..found };
     fs::remove_dir_all(&unpacked).map_err(scratch_err(&unpacked))?;
 
     let inputs = root.join("inputs");
@@ -330,7 +327,9 @@ pub fn prepare(job: &Job) -> Result<Prepared, DriverBuildError> {
     let env = build_env(job);
     let mut sandbox = Sandbox::new(&work, env, job.limits);
     for header_root in &header_roots {
-        sandbox.add_tree(header_root).map_err(scratch_err(header_root))?;
+        sandbox
+            .add_tree(header_root)
+            .map_err(scratch_err(header_root))?;
     }
     for (i, (_, patch)) in job.patches.iter().enumerate() {
         let copy = inputs.join(format!("{i:02}.patch"));
@@ -615,11 +614,22 @@ fn compile_errors(log: &str) -> (String, String) {
             log.lines()
                 .find(|l| l.contains("***") && l.contains("Error"))
                 .and_then(|l| l.split(": ").nth(2))
-                .map(|f| f.trim_end_matches(|c| c == ']' || c == ' ').trim_end_matches("] Error 1").to_string())
+                .map(|f| {
+                    f.trim_end_matches(|c| c == ']' || c == ' ')
+                        .trim_end_matches("] Error 1")
+                        .to_string()
+                })
         })
         .unwrap_or_else(|| "make".into());
     let errors = if errors.is_empty() {
-        log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        log.lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
     } else {
         errors.join("\n")
     };
@@ -644,6 +654,9 @@ mod tests {
     fn a_failed_hunk_is_named() {
         let log = "patching file nvidia/nv-pci.c\nHunk #1 FAILED at 220.\n1 out of 1 hunk FAILED\n";
         let detail = patch_detail(log);
-        assert!(detail.contains("nvidia/nv-pci.c") && detail.contains("Hunk #1 FAILED"), "{detail}");
+        assert!(
+            detail.contains("nvidia/nv-pci.c") && detail.contains("Hunk #1 FAILED"),
+            "{detail}"
+        );
     }
 }

@@ -16,15 +16,9 @@ pub fn module_dir(kernel_version: &str) -> PathBuf {
 }
 
 /// Write `modules` (file name → host path; sorted by name) as a `.tar.gz` to `dest`.
-pub fn pack(
-    kernel_version: &str,
-    modules: &[(String, PathBuf)],
-    dest: &Path,
-) -> io::Result<()> {
+pub fn pack(kernel_version: &str, modules: &[(String, PathBuf)], dest: &Path) -> io::Result<()> {
     let file = File::create(dest)?;
-    let gz = GzBuilder::new()
-        .mtime(0)
-        .write(file, Compression::best());
+    let gz = GzBuilder::new().mtime(0).write(file, Compression::best());
     let mut tar = tar::Builder::new(gz);
     tar.mode(tar::HeaderMode::Deterministic);
     let dir = module_dir(kernel_version);

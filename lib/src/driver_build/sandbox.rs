@@ -31,7 +31,9 @@ pub const WORK_DIR: &str = "/build";
 pub const NOBODY: u32 = 65534;
 
 /// Host top-level entries the sandbox sees (read-only): the toolchain and its libraries.
-const SYSTEM_TOP: [&str; 8] = ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt"];
+const SYSTEM_TOP: [&str; 8] = [
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt",
+];
 
 /// Host files under `/etc` the toolchain reads: the loader cache and the alternatives (`cc`,
 /// `awk`).
@@ -145,7 +147,11 @@ impl Sandbox {
              capabilities; no_new_privs; wall {} s; address space {} MiB per process; umask 022",
             bwrap_version().unwrap_or_else(|| "(version unknown)".into()),
             NOBODY,
-            if is_root() { "nobody, mapped" } else { "the caller's, mapped" },
+            if is_root() {
+                "nobody, mapped"
+            } else {
+                "the caller's, mapped"
+            },
             self.limits.wall.as_secs(),
             self.limits.memory_bytes >> 20,
         )
@@ -153,7 +159,12 @@ impl Sandbox {
 
     /// Mount-plan one directory level: `sources` are the input directories that appear at
     /// `inside`; `host_backed` says whether the sandbox shows the host's `inside` there.
-    fn place(&mut self, inside: &Path, sources: &[PathBuf], host_backed: bool) -> std::io::Result<()> {
+    fn place(
+        &mut self,
+        inside: &Path,
+        sources: &[PathBuf],
+        host_backed: bool,
+    ) -> std::io::Result<()> {
         let mut names = BTreeSet::new();
         for source in sources {
             for entry in fs::read_dir(source)? {
@@ -220,9 +231,22 @@ impl Sandbox {
         ]
         .map(String::from)
         .to_vec();
-        let id = if is_root() { NOBODY } else { nix::unistd::getuid().as_raw() };
-        let gid = if is_root() { NOBODY } else { nix::unistd::getgid().as_raw() };
-        a.extend(["--uid".into(), id.to_string(), "--gid".into(), gid.to_string()]);
+        let id = if is_root() {
+            NOBODY
+        } else {
+            nix::unistd::getuid().as_raw()
+        };
+        let gid = if is_root() {
+            NOBODY
+        } else {
+            nix::unistd::getgid().as_raw()
+        };
+        a.extend([
+            "--uid".into(),
+            id.to_string(),
+            "--gid".into(),
+            gid.to_string(),
+        ]);
         let s = |p: &Path| p.to_string_lossy().into_owned();
         for top in SYSTEM_TOP {
             let host = Path::new("/").join(top);
@@ -261,7 +285,12 @@ impl Sandbox {
         for dir in &self.opened {
             a.extend(["--remount-ro".into(), s(dir)]);
         }
-        a.extend(["--proc".into(), "/proc".into(), "--dev".into(), "/dev".into()]);
+        a.extend([
+            "--proc".into(),
+            "/proc".into(),
+            "--dev".into(),
+            "/dev".into(),
+        ]);
         a.extend(["--tmpfs".into(), "/tmp".into()]);
         a.extend(["--bind".into(), s(&self.work), WORK_DIR.into()]);
         a.extend(["--remount-ro".into(), "/".into()]);
@@ -279,7 +308,9 @@ impl Sandbox {
             let what = what.to_string();
             move |source| SandboxError::Start { what, source }
         };
-        let mut args = self.bwrap_args(cwd).map_err(start_err("reading the mount plan"))?;
+        let mut args = self
+            .bwrap_args(cwd)
+            .map_err(start_err("reading the mount plan"))?;
         args.push("--".into());
         args.extend([
             "prlimit".into(),
@@ -292,7 +323,9 @@ impl Sandbox {
         ]);
         args.extend(argv.iter().cloned());
         let out = File::create(log).map_err(start_err("creating the build log"))?;
-        let err = out.try_clone().map_err(start_err("creating the build log"))?;
+        let err = out
+            .try_clone()
+            .map_err(start_err("creating the build log"))?;
         let mut command = Command::new("bwrap");
         command
             .args(&args)

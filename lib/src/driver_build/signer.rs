@@ -37,7 +37,14 @@ pub fn signer(cert: &Path) -> Result<Signer, SignerError> {
     let mut last = String::new();
     for form in ["PEM", "DER"] {
         let out = Command::new("openssl")
-            .args(["x509", "-noout", "-subject", "-serial", "-nameopt", "multiline,utf8,-esc_msb"])
+            .args([
+                "x509",
+                "-noout",
+                "-subject",
+                "-serial",
+                "-nameopt",
+                "multiline,utf8,-esc_msb",
+            ])
             .args(["-inform", form, "-in"])
             .arg(cert)
             .env("LC_ALL", "C")
@@ -47,7 +54,11 @@ pub fn signer(cert: &Path) -> Result<Signer, SignerError> {
                 source,
             })?;
         if !out.status.success() {
-            last = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").to_string();
+            last = String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
             continue;
         }
         let text = String::from_utf8_lossy(&out.stdout);
@@ -70,15 +81,14 @@ fn parse(text: &str) -> Option<Signer> {
         .and_then(|rest| rest.split_once('='))
         .map(|(_, v)| v.trim().to_string())
         .filter(|v| !v.is_empty())?;
-    let serial = text.lines().find_map(|l| l.trim().strip_prefix("serial="))?;
+    let serial = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("serial="))?;
     let mut hex = serial.trim().to_ascii_uppercase();
     if hex.len() % 2 == 1 {
         hex.insert(0, '0');
     }
-    let bytes: Vec<&str> = (0..hex.len())
-        .step_by(2)
-        .map(|i| &hex[i..i + 2])
-        .collect();
+    let bytes: Vec<&str> = (0..hex.len()).step_by(2).map(|i| &hex[i..i + 2]).collect();
     Some(Signer {
         subject,
         key_id: bytes.join(":"),
@@ -97,7 +107,12 @@ mod tests {
         .unwrap();
         assert_eq!(s.subject, "Build key");
         assert_eq!(s.key_id, "1F:A0:03:0B");
-        assert_eq!(parse("subject=\n    commonName = k\nserial=abc\n").unwrap().key_id, "0A:BC");
+        assert_eq!(
+            parse("subject=\n    commonName = k\nserial=abc\n")
+                .unwrap()
+                .key_id,
+            "0A:BC"
+        );
         assert!(parse("subject=\n    organizationName = x\nserial=01\n").is_none());
     }
 }

@@ -85,13 +85,14 @@ pub fn locate(
     let Some(first) = sources.first().cloned() else {
         return Err(SourceError::NotFound);
     };
-    let source = sources
-        .into_iter()
-        .find(|s| s.flavor == flavor)
-        .ok_or(SourceError::WrongFlavor {
-            found: first.flavor,
-            wanted: flavor,
-        })?;
+    let source =
+        sources
+            .into_iter()
+            .find(|s| s.flavor == flavor)
+            .ok_or(SourceError::WrongFlavor {
+                found: first.flavor,
+                wanted: flavor,
+            })?;
     if source.version != driver_version {
         return Err(SourceError::WrongVersion {
             found: source.version,

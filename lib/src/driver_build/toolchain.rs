@@ -139,7 +139,11 @@ pub fn compiler_for(cc_version_text: &str) -> Result<Compiler, ToolchainError> {
         .filter(|w| w.starts_with(family) && !w.contains('/'))
         .unwrap_or(family);
     let package = format!("{family}-{major}");
-    let candidates = [named.to_string(), format!("{family}-{major}"), family.to_string()];
+    let candidates = [
+        named.to_string(),
+        format!("{family}-{major}"),
+        family.to_string(),
+    ];
     let mut seen_other = None;
     for program in candidates {
         if find(&program).is_none() {
@@ -191,7 +195,10 @@ fn version_major(text: &str) -> Option<u32> {
         .rev()
         .find(|w| {
             let parts: Vec<&str> = w.split('.').collect();
-            parts.len() >= 2 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            parts.len() >= 2
+                && parts
+                    .iter()
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         })
         .and_then(|w| w.split('.').next()?.parse().ok())
 }
@@ -202,7 +209,10 @@ mod tests {
 
     #[test]
     fn the_major_version_is_the_last_dotted_number() {
-        assert_eq!(version_major("gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0"), Some(12));
+        assert_eq!(
+            version_major("gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0"),
+            Some(12)
+        );
         assert_eq!(version_major("gcc (GCC) 13.1.1 20230614"), Some(13));
         assert_eq!(version_major("Debian clang version 14.0.6"), Some(14));
         assert_eq!(version_major("no version here"), None);

@@ -11,6 +11,7 @@
 //!
 //! Nothing is written to a registry file unless every check passed.
 
+pub mod build;
 pub mod deep;
 pub mod diff;
 
