@@ -9,11 +9,11 @@ use gpu_passthrough::driver_build::{SigningKey, Stage, sandbox::SandboxLimits};
 use gpu_passthrough::outcome::ReportOutcome;
 use gpu_passthrough::registry::{Arch, ModuleFlavor};
 use gpu_passthrough::text::ReleaseTable;
-use gpu_passthrough::versions::build::{self, BuildInputs, BuildRequest};
+use gpu_passthrough::versions::build::{self, BuildInputs, BuildRequest, RebuildRequest};
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
 
 use crate::Global;
-use crate::output::{DownloadBar, emit, emit_text, exit_code, report_error};
+use crate::output::{DownloadBar, emit, emit_judged, emit_text, exit_code, report_error};
 
 /// Registry commands.
 #[derive(Debug, clap::Subcommand)]
@@ -169,6 +169,10 @@ pub struct VerifyArgs {
     /// Also re-hash the unpacked artifact trees and built layers in the cache.
     #[arg(long)]
     deep: bool,
+    /// Rebuild RELEASE's modules from its pinned inputs and compare (exit 3 naming each module
+    /// that differs).
+    #[arg(long, requires = "release")]
+    rebuild: bool,
 }
 
 /// Run a `versions` command.
@@ -292,6 +296,24 @@ fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> anyhow::Re
 
 /// `versions verify`: the rows, then the verdict as the error and exit code.
 fn verify(global: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    if let Some(name) = args.release.as_ref().filter(|_| args.rebuild) {
+        let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
+        let (arch, signing) = (arch_or_host(None)?, None);
+        let req = RebuildRequest {
+            release: name.clone(),
+            arch,
+            signing,
+        };
+        let stage = |s: Stage| {
+            if !global.quiet {
+                eprintln!("{s}")
+            }
+        };
+        let fetcher = versions::fetcher(&cache)?;
+        let report =
+            build::verify_rebuild(&fetcher, &cache, &global.registry()?, &req, &bar, &stage)?;
+        return emit_judged(global, &report);
+    }
     let registry = global.registry()?;
     let source = match args.cached {
         true => VerifySource::Cache,

@@ -652,3 +652,32 @@ impl Display for crate::versions::build::BuildReport {
         writeln!(f, "logs: {}", self.logs.display())
     }
 }
+
+impl Display for crate::versions::build::RebuildReport {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let how = if self.without_signatures {
+            " (modules compared without their signatures: no key given)"
+        } else {
+            ""
+        };
+        if self.matches() {
+            writeln!(
+                f,
+                "release {} ({}): the rebuild gives the pinned modules{how}, sha256 {}",
+                self.release, self.arch, self.actual_sha256
+            )
+        } else {
+            writeln!(
+                f,
+                "release {} ({}): the rebuild DIFFERS{how}: pinned sha256 {}, rebuilt {}; \
+                 differing: {} (logs: {})",
+                self.release,
+                self.arch,
+                self.expected_sha256,
+                self.actual_sha256,
+                self.differing.join(", "),
+                self.logs.display()
+            )
+        }
+    }
+}
