@@ -275,6 +275,20 @@ pub fn prepare(job: &Job) -> Result<Prepared, DriverBuildError> {
         move |source| DriverBuildError::Scratch { path, source }
     };
 
+    let unpacked = root.join("source");
+    unpack(&job.source, &unpacked).map_err(|source| DriverBuildError::Unpack {
+        what: "nvidia-kernel-source".into(),
+        source,
+    })?;
+    let found = source::locate(&unpacked, &job.driver_version, job.flavor)?;
+    let work = root.join("work");
+    fs::create_dir(&work).map_err(scratch_err(&work))?;
+    fs::create_dir(work.join("home")).map_err(scratch_err(&work))?;
+    let src = work.join("src");
+    fs::rename(&found.dir, &src).map_err(scratch_err(&src))?;
+    let source = ModuleSource { dir: src, ..found };
+    fs::remove_dir_all(&unpacked).map_err(scratch_err(&unpacked))?;
+
     let mut header_roots = Vec::new();
     for (i, archive) in job.headers.iter().enumerate() {
         let dest = root.join(format!("headers/{i}"));
@@ -304,20 +318,6 @@ pub fn prepare(job: &Job) -> Result<Prepared, DriverBuildError> {
         }
         None => None,
     };
-
-    let unpacked = root.join("source");
-    unpack(&job.source, &unpacked).map_err(|source| DriverBuildError::Unpack {
-        what: "nvidia-kernel-source".into(),
-        source,
-    })?;
-    let found = source::locate(&unpacked, &job.driver_version, job.flavor)?;
-    let work = root.join("work");
-    fs::create_dir(&work).map_err(scratch_err(&work))?;
-    fs::create_dir(work.join("home")).map_err(scratch_err(&work))?;
-    let src = work.join("src");
-    fs::rename(&found.dir, &src).map_err(scratch_err(&src))?;
-    let source = ModuleSource { dir: src, ..found };
-    fs::remove_dir_all(&unpacked).map_err(scratch_err(&unpacked))?;
 
     let inputs = root.join("inputs");
     fs::create_dir(&inputs).map_err(scratch_err(&inputs))?;
