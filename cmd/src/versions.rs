@@ -3,14 +3,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use gpu_passthrough::driver_build::{SigningKey, Stage, sandbox::SandboxLimits};
 use gpu_passthrough::outcome::ReportOutcome;
 use gpu_passthrough::registry::{Arch, ModuleFlavor};
 use gpu_passthrough::text::ReleaseTable;
+use gpu_passthrough::versions::build::{self, BuildInputs, BuildRequest, RebuildRequest};
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
 
 use crate::Global;
-use crate::output::{DownloadBar, emit, emit_text, exit_code, report_error};
+use crate::output::{DownloadBar, emit, emit_judged, emit_text, exit_code, report_error};
 
 /// Registry commands.
 #[derive(Debug, clap::Subcommand)]
@@ -44,6 +47,78 @@ pub enum VersionsCommand {
     },
     /// Re-check every pinned artifact (exit 3 naming each mismatch; 4 if any is unpinned).
     Verify(VerifyArgs),
+    /// Build NVIDIA's modules for a kernel in a sandbox; inspect, cache and pin them into FILE.
+    Build(BuildArgs),
+}
+
+/// `versions build` arguments.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Name of the new release.
+    release: String,
+    #[arg(long, help = "The guest kernel's `uname -r` (the headers must be its)")]
+    kernel_version: String,
+    #[arg(long, help = "The NVIDIA driver version (the source must be it)")]
+    driver_version: String,
+    #[arg(long, help = "The module flavor (the source must be it)")]
+    flavor: ModuleFlavor,
+    #[arg(
+        long,
+        help = "Architecture [default: this machine's; no cross-compiling]"
+    )]
+    arch: Option<Arch>,
+    #[arg(
+        long = "artifact",
+        value_name = "KIND=URL",
+        required = true,
+        help = "nvidia-kernel-source, kernel-headers (one per archive), source-patch (applied \
+                in order), or any kind `add` takes"
+    )]
+    artifacts: Vec<String>,
+    #[arg(
+        long,
+        value_name = "KEY",
+        requires = "sign_cert",
+        help = "Sign every module with KEY"
+    )]
+    sign_key: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "CERT",
+        requires = "sign_key",
+        help = "KEY's X.509 certificate"
+    )]
+    sign_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "URL",
+        help = "The artifact's URL is URL/<file name>"
+    )]
+    base_url: Option<String>,
+    #[arg(
+        long,
+        value_name = "DIR",
+        help = "Copy the artifact into DIR for publishing"
+    )]
+    out: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10800,
+        help = "Kill a longer build"
+    )]
+    time_limit: u64,
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 8192,
+        help = "Address space per process"
+    )]
+    memory_limit: u64,
+    #[arg(long, help = "Make it the default release")]
+    default: bool,
+    #[arg(long, help = "Overwrite a release of the same name in FILE")]
+    replace: bool,
 }
 
 /// `versions add` arguments.
@@ -94,6 +169,10 @@ pub struct VerifyArgs {
     /// Also re-hash the unpacked artifact trees and built layers in the cache.
     #[arg(long)]
     deep: bool,
+    /// Rebuild RELEASE's modules from its pinned inputs and compare (exit 3 naming each module
+    /// that differs).
+    #[arg(long, requires = "release")]
+    rebuild: bool,
 }
 
 /// Run a `versions` command.
@@ -107,6 +186,7 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> anyhow::Result<ExitCode> {
         VersionsCommand::Pin { release, arch } => pin(global, release, *arch),
         VersionsCommand::Diff { from, to, arch } => diff(global, from, to, *arch),
         VersionsCommand::Verify(args) => verify(global, args),
+        VersionsCommand::Build(args) => build(global, args),
     }
 }
 
@@ -163,6 +243,40 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn build(global: &Global, a: &BuildArgs) -> anyhow::Result<ExitCode> {
+    let request = BuildRequest {
+        file: target_file(global, "build")?,
+        release: a.release.clone(),
+        kernel_version: a.kernel_version.clone(),
+        driver_version: a.driver_version.clone(),
+        flavor: a.flavor,
+        arch: arch_or_host(a.arch)?,
+        inputs: BuildInputs::parse(&a.artifacts).map_err(|e| anyhow::anyhow!("--artifact {e}"))?,
+        signing: a
+            .sign_key
+            .clone()
+            .zip(a.sign_cert.clone())
+            .map(|(key, cert)| SigningKey { key, cert }),
+        base_url: a.base_url.clone(),
+        out_dir: a.out.clone(),
+        default: a.default,
+        replace: a.replace,
+        limits: SandboxLimits {
+            wall: Duration::from_secs(a.time_limit),
+            memory_bytes: a.memory_limit << 20,
+        },
+        jobs: None,
+    };
+    let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
+    let stage = |s: Stage| {
+        if !global.quiet {
+            eprintln!("{s}")
+        }
+    };
+    let report = build::build(&versions::fetcher(&cache)?, &cache, &request, &bar, &stage)?;
+    emit_text(global, &report)
+}
+
 fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCode> {
     let file = target_file(global, "pin")?;
     let fetcher = versions::fetcher(&global.cache_dir())?;
@@ -182,6 +296,24 @@ fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> anyhow::Re
 
 /// `versions verify`: the rows, then the verdict as the error and exit code.
 fn verify(global: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    if let Some(name) = args.release.as_ref().filter(|_| args.rebuild) {
+        let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
+        let (arch, signing) = (arch_or_host(None)?, None);
+        let req = RebuildRequest {
+            release: name.clone(),
+            arch,
+            signing,
+        };
+        let stage = |s: Stage| {
+            if !global.quiet {
+                eprintln!("{s}")
+            }
+        };
+        let fetcher = versions::fetcher(&cache)?;
+        let report =
+            build::verify_rebuild(&fetcher, &cache, &global.registry()?, &req, &bar, &stage)?;
+        return emit_judged(global, &report);
+    }
     let registry = global.registry()?;
     let source = match args.cached {
         true => VerifySource::Cache,

@@ -76,6 +76,9 @@ fn of(e: &(dyn Error + 'static)) -> Option<Outcome> {
     if let Some(f) = e.downcast_ref::<FetchError>() {
         return Some(fetch(f));
     }
+    if let Some(b) = e.downcast_ref::<crate::versions::build::BuildError>() {
+        return Some(b.outcome());
+    }
     // A malformed address or owner is the request refused before anything was looked at.
     if e.downcast_ref::<AddressError>().is_some() || e.downcast_ref::<OwnerError>().is_some() {
         return Some(Outcome::Refused);

@@ -7,6 +7,7 @@
 
 pub mod compress;
 pub mod cpio;
+pub mod deb;
 pub mod decompress;
 pub mod erofs;
 pub mod tar;
@@ -97,6 +98,14 @@ pub enum ArchiveError {
         size: u64,
         /// The cap for that kind of header.
         limit: u64,
+    },
+    /// A `.deb` package's `ar` structure is unusable, or it has no data member we read.
+    #[error("package {archive}: {reason}; fetch the package again from its Debian mirror")]
+    Deb {
+        /// The package being read.
+        archive: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The extraction destination is unusable.
     #[error("cannot extract into {dest}: {reason}")]

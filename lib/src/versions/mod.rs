@@ -11,6 +11,7 @@
 //!
 //! Nothing is written to a registry file unless every check passed.
 
+pub mod build;
 pub mod deep;
 pub mod diff;
 
@@ -314,6 +315,9 @@ pub fn add(
         module_flavor: req.flavor,
         gsp: req.gsp,
         vgpu: None,
+        signer: None,
+        module_sig_force: false,
+        build: None,
         default: req.default,
         artifacts: BTreeMap::from([(req.arch, artifacts)]),
         source: req.file.display().to_string(),
