@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use gpu_passthrough::driver_build::{SigningKey, Stage, sandbox::SandboxLimits};
 use gpu_passthrough::outcome::ReportOutcome;
-use gpu_passthrough::registry::{Arch, ModuleFlavor};
+use gpu_passthrough::registry::{Arch, ModuleFlavor, Signer};
 use gpu_passthrough::text::ReleaseTable;
 use gpu_passthrough::versions::build::{self, BuildInputs, BuildRequest, RebuildRequest};
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
@@ -153,6 +153,16 @@ pub struct AddArgs {
     /// Largest download accepted per artifact, in bytes (default: 4 GiB).
     #[arg(long, value_name = "BYTES")]
     max_download_bytes: Option<u64>,
+    /// The NVIDIA modules are signed by this certificate CN (`modinfo`'s `signer:`); each must
+    /// carry that signature.
+    #[arg(long, value_name = "CN", requires = "signer_key_id")]
+    signer: Option<String>,
+    /// The signing certificate's serial as `AA:BB:...` (`modinfo`'s `sig_key:`).
+    #[arg(long, value_name = "ID", requires = "signer")]
+    signer_key_id: Option<String>,
+    /// The guest kernel refuses unsigned modules (CONFIG_MODULE_SIG_FORCE=y): needs --signer.
+    #[arg(long)]
+    module_sig_force: bool,
 }
 
 /// `versions verify` arguments.
@@ -233,6 +243,12 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
         default: args.default,
         replace: args.replace,
         max_download_bytes: args.max_download_bytes,
+        signer: args
+            .signer
+            .clone()
+            .zip(args.signer_key_id.clone())
+            .map(|(subject, key_id)| Signer { subject, key_id }),
+        module_sig_force: args.module_sig_force,
     };
     let fetcher = versions::fetcher(&global.cache_dir())?;
     match versions::add(&fetcher, &request, &DownloadBar::new(global)) {

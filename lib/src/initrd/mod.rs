@@ -44,7 +44,7 @@ pub use crate::archive::compress::LayerCompression;
 use crate::archive::cpio::CpioError;
 pub use crate::archive::cpio::{InitrdLayer, read_initrd};
 use crate::fetch::{FetchError, Fetcher, Progress};
-use crate::inspect::{Expectations, InspectError, Inventory, Trees, inspect_for};
+use crate::inspect::{Expectations, InspectError, Inventory, SigningRule, Trees, inspect_for};
 use crate::registry::{Arch, ArtifactKind, Release};
 
 /// Bumped whenever the builder's output changes for the same inputs, so old cache entries are
@@ -415,6 +415,7 @@ impl<'a> InitrdBuilder<'a> {
                 arch,
                 flavor: release.module_flavor,
                 gsp: release.gsp,
+                signing: SigningRule::of(release),
             },
             &Trees {
                 nvidia_modules: tree(ArtifactKind::NvidiaModules),
@@ -457,6 +458,7 @@ impl<'a> InitrdBuilder<'a> {
                 arch,
                 flavor: release.module_flavor,
                 gsp: release.gsp,
+                signing: SigningRule::of(release),
             };
             let modules = disk::mount_modules(&release.name, &expect, kernel_tree.as_deref())?;
             disk::base_files(&modules)?

@@ -23,7 +23,7 @@ use crate::archive::tar::{Limits, extract_tar};
 use crate::driver_build::sandbox::SandboxLimits;
 use crate::driver_build::{self, DriverBuildError, Job, SigningKey, Stage, pack};
 use crate::fetch::{FetchError, Fetched, Fetcher, Progress};
-use crate::inspect::{Expectations, Trees, inspect};
+use crate::inspect::{Expectations, SigningRule, Trees, inspect};
 use crate::registry::{
     Arch, Artifact, ArtifactKind, BuildProvenance, ModuleFlavor, Registry, RegistryError, Release,
     Sha256Digest, Signer, write_release,
@@ -457,7 +457,15 @@ fn build_or_reuse(
                 let others: Vec<&Input> =
                     inputs.iter().filter(|i| !i.kind.is_build_input()).collect();
                 if !others.is_empty() {
-                    inspect_built(spec, &cached, &others)?;
+                    let signer = record
+                        .signer
+                        .clone()
+                        .map(|(subject, key_id)| Signer { subject, key_id });
+                    let rule = SigningRule {
+                        signer: signer.as_ref(),
+                        module_sig_force: record.module_sig_force,
+                    };
+                    inspect_built(spec, &cached, &others, rule)?;
                 }
                 return Ok(Built {
                     record,
@@ -523,7 +531,11 @@ fn build_or_reuse(
         });
     }
     let others: Vec<&Input> = inputs.iter().filter(|i| !i.kind.is_build_input()).collect();
-    inspect_built(spec, &packed, &others)?;
+    let rule = SigningRule {
+        signer: prepared.signer.as_ref(),
+        module_sig_force: prepared.tree.config.module_sig_force,
+    };
+    inspect_built(spec, &packed, &others, rule)?;
 
     // Into the content-addressed cache, verified like any download.
     let got = fetcher
@@ -562,7 +574,12 @@ fn build_or_reuse(
 }
 
 /// Inspect the packed modules (with the release's other artifacts) as `versions add` would.
-fn inspect_built(spec: &Spec, packed: &Path, others: &[&Input]) -> Result<(), BuildError> {
+fn inspect_built(
+    spec: &Spec,
+    packed: &Path,
+    others: &[&Input],
+    signing: SigningRule,
+) -> Result<(), BuildError> {
     let scratch = tempfile::tempdir().map_err(|source| BuildError::Write {
         path: std::env::temp_dir(),
         source,
@@ -597,6 +614,7 @@ fn inspect_built(spec: &Spec, packed: &Path, others: &[&Input]) -> Result<(), Bu
         arch: spec.arch,
         flavor: Some(spec.flavor),
         gsp: true,
+        signing,
     };
     inspect(&expect, &trees).map_err(|e| {
         BuildError::Refused(

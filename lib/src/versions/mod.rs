@@ -26,10 +26,10 @@ use serde::Serialize;
 use crate::archive::ArchiveError;
 use crate::archive::tar::{Limits, extract_tar};
 use crate::fetch::{FetchError, Fetched, Fetcher, Progress};
-use crate::inspect::{Expectations, Inventory, Trees, inspect};
+use crate::inspect::{Expectations, Inventory, SigningRule, Trees, inspect};
 use crate::registry::{
     Arch, Artifact, ArtifactKind, ArtifactPin, ModuleFlavor, Registry, RegistryError, Release,
-    pin_artifacts, write_release,
+    Signer, pin_artifacts, write_release,
 };
 
 /// Errors of the upgrade workflow. Each names the artifact or release and the fix.
@@ -179,6 +179,12 @@ pub struct AddRequest {
     /// Largest download accepted per artifact; `None` takes the fetcher's default cap for
     /// downloads without a pinned size.
     pub max_download_bytes: Option<u64>,
+    /// Who signed the NVIDIA modules: each must carry that signature, and the release records
+    /// it. `None`: no signature is required.
+    pub signer: Option<Signer>,
+    /// The guest kernel refuses unsigned modules (`CONFIG_MODULE_SIG_FORCE=y`): every module must
+    /// be signed and a signer named; the release records it.
+    pub module_sig_force: bool,
 }
 
 /// The fetcher the registry workflows use: the artifact cache in `cache_dir`, default limits.
@@ -294,6 +300,10 @@ pub fn add(
                 arch: req.arch,
                 flavor: req.flavor,
                 gsp: req.gsp,
+                signing: SigningRule {
+                    signer: req.signer.as_ref(),
+                    module_sig_force: req.module_sig_force,
+                },
             },
         )?),
         _ => None,
@@ -315,8 +325,8 @@ pub fn add(
         module_flavor: req.flavor,
         gsp: req.gsp,
         vgpu: None,
-        signer: None,
-        module_sig_force: false,
+        signer: req.signer.clone(),
+        module_sig_force: req.module_sig_force,
         build: None,
         default: req.default,
         artifacts: BTreeMap::from([(req.arch, artifacts)]),
@@ -616,7 +626,9 @@ pub fn verify(
 }
 
 /// [`verify`], and then re-hash what the cache at `cache_dir` trusts by presence: every unpacked
-/// artifact tree and every built layer, against the digests recorded when they were made.
+/// artifact tree and every built layer, against the digests recorded when they were made; and
+/// the module signatures of every unpacked `nvidia-modules` tree of a release that names a
+/// signer (or forces signatures).
 pub fn verify_deep(
     fetcher: &Fetcher,
     cache_dir: &Path,
@@ -627,6 +639,13 @@ pub fn verify_deep(
 ) -> Result<VerifyReport, VersionsError> {
     let mut report = verify(fetcher, registry, release, source, progress)?;
     report.cache = deep::verify_cache(cache_dir);
+    let releases: Vec<&Release> = match release {
+        Some(n) => vec![registry.release(n)?],
+        None => registry.releases().collect(),
+    };
+    report
+        .cache
+        .extend(deep::verify_signatures(cache_dir, releases));
     Ok(report)
 }
 
