@@ -1,17 +1,25 @@
 //! Module signatures read by `gpu_passthrough::modsig` against kmod's real `modinfo`: the Debian
 //! kernel's own signed modules, and a fixture module signed here by the kernel's `sign-file`
-//! (from the `linux-kbuild-6.1` .deb of the build inputs) with throwaway keys.
+//! (from the `linux-kbuild-6.1` .deb of the build inputs) with throwaway keys. Then a release's
+//! signer checked by inspection, `versions add` and `verify --deep` on modules signed that way.
 //!
 //! `modinfo` (kmod, built with libcrypto as Debian's is), `openssl` and `dpkg-deb` are required:
 //! a missing one fails the test with what to install.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use gpu_passthrough::archive::tar::{Limits, extract_tar};
+use gpu_passthrough::fetch::NoProgress;
+use gpu_passthrough::inspect::{Problem, SigningRule, check_signatures};
 use gpu_passthrough::modsig::{self, ModuleSignature};
+use gpu_passthrough::registry::{Arch, ArtifactKind, ModuleFlavor, Registry, Signer};
+use gpu_passthrough::versions::deep::{self, CacheStatus};
+use gpu_passthrough::versions::{self, AddRequest, VersionsError};
 use gpu_passthrough_tests::fixtures;
+use gpu_passthrough_tests::http::Mirror;
 
 const KBUILD_DEB: &str = "build-inputs/linux-kbuild-6.1_6.1.192-3_amd64.deb";
 const KVER: &str = "6.1.0-56-amd64";
@@ -269,4 +277,217 @@ fn a_signature_cut_short_is_an_error_naming_the_file() {
         "{err}"
     );
     assert!(err.to_string().contains("peermem-cut-short.ko"), "{err}");
+}
+
+/// The fixture NVIDIA modules tarball with every `.ko` signed by `key`/`cert`, written to `out`.
+fn signed_nvidia_tarball(out: &Path, key: &Path, cert: &Path) {
+    let s = scratch();
+    let work = tempfile::tempdir_in(&s.dir).unwrap();
+    fixtures::repack_modules(
+        &fixtures::path(fixtures::NVIDIA_MODULES),
+        out,
+        |path, data| {
+            let ko = work.path().join("m.ko");
+            std::fs::write(&ko, data).unwrap();
+            let status = Command::new(&s.sign_file)
+                .arg("sha256")
+                .args([key, cert, &ko])
+                .status()
+                .expect("run sign-file");
+            assert!(status.success(), "sign-file on {path}");
+            (path.to_string(), std::fs::read(&ko).unwrap())
+        },
+    );
+}
+
+/// A throwaway key, the fixture modules signed by it (tarball and unpacked), and the signer a
+/// release would record for it.
+struct SignedRelease {
+    tarball: PathBuf,
+    tree: PathBuf,
+    signer: Signer,
+}
+
+fn signed_release() -> &'static SignedRelease {
+    static SIGNED: OnceLock<SignedRelease> = OnceLock::new();
+    SIGNED.get_or_init(|| {
+        let dir = &scratch().dir;
+        let (key, cert) = throwaway_key(dir, "release", "/CN=release signing key/", "0x1F2E3D");
+        let tarball = dir.join("nvidia-signed.tar.gz");
+        signed_nvidia_tarball(&tarball, &key, &cert);
+        let tree = dir.join("nvidia-signed");
+        extract_tar(&tarball, &tree, &Limits::default()).unwrap();
+        SignedRelease {
+            tarball,
+            tree,
+            signer: Signer {
+                subject: "release signing key".into(),
+                key_id: "1F:2E:3D".into(),
+            },
+        }
+    })
+}
+
+#[test]
+fn inspection_wants_every_nvidia_module_signed_by_the_release_signer() {
+    let signed = signed_release();
+    let rule = |signer, module_sig_force| SigningRule {
+        signer,
+        module_sig_force,
+    };
+    assert_eq!(
+        check_signatures(rule(Some(&signed.signer), false), &signed.tree),
+        []
+    );
+    assert_eq!(
+        check_signatures(rule(Some(&signed.signer), true), &signed.tree),
+        []
+    );
+    // Another key id: each module is named with what it is signed by.
+    let other = Signer {
+        key_id: "1F:2E:3E".into(),
+        ..signed.signer.clone()
+    };
+    let problems = check_signatures(rule(Some(&other), false), &signed.tree);
+    assert_eq!(problems.len(), 5, "{problems:?}");
+    assert!(problems.iter().all(
+        |p| matches!(p, Problem::WrongSigner { found_key_id, .. } if found_key_id == "1F:2E:3D")
+    ));
+    assert!(
+        problems[0]
+            .to_string()
+            .contains("is signed by \"release signing key\" (key 1F:2E:3D)")
+    );
+    // The unsigned fixture modules against a signer.
+    let unsigned = scratch().dir.join("nvidia");
+    let problems = check_signatures(rule(Some(&signed.signer), false), &unsigned);
+    assert_eq!(problems.len(), 5, "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .all(|p| matches!(p, Problem::UnsignedModule { .. }))
+    );
+    // A kernel that refuses unsigned modules and no signer: refused once, and each module.
+    let problems = check_signatures(rule(None, true), &unsigned);
+    assert_eq!(problems[0], Problem::ForcedSignaturesWithoutSigner);
+    assert_eq!(
+        problems
+            .iter()
+            .filter(|p| matches!(p, Problem::UnsignedUnderForce { .. }))
+            .count(),
+        5
+    );
+    // No signer and no force: nothing is read, nothing refused.
+    assert_eq!(check_signatures(rule(None, false), &unsigned), []);
+}
+
+fn add_request(file: PathBuf, mirror: &Mirror, signer: Option<Signer>, force: bool) -> AddRequest {
+    AddRequest {
+        file,
+        release: "signed".into(),
+        kernel_version: KVER.into(),
+        driver_version: Some(fixtures::DRIVER_VERSION.into()),
+        flavor: Some(ModuleFlavor::Open),
+        gsp: true,
+        arch: Arch::X86_64,
+        artifacts: BTreeMap::from([
+            (
+                ArtifactKind::NvidiaModules,
+                vec![mirror.url("/modules.tar.gz")],
+            ),
+            (
+                ArtifactKind::NvidiaFirmware,
+                vec![mirror.url("/firmware.tar.gz")],
+            ),
+        ]),
+        default: false,
+        replace: true,
+        max_download_bytes: None,
+        signer,
+        module_sig_force: force,
+    }
+}
+
+#[test]
+fn versions_add_checks_and_records_the_signer_and_verify_deep_checks_the_unpacked_tree() {
+    let signed = signed_release();
+    let mirror = Mirror::files([
+        ("/modules.tar.gz", std::fs::read(&signed.tarball).unwrap()),
+        (
+            "/firmware.tar.gz",
+            std::fs::read(fixtures::path(fixtures::NVIDIA_FIRMWARE)).unwrap(),
+        ),
+    ]);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let fetcher = versions::fetcher(&cache).unwrap();
+    let file = work.path().join("registry.toml");
+
+    let wrong = Signer {
+        subject: "someone else".into(),
+        ..signed.signer.clone()
+    };
+    let err = versions::add(
+        &fetcher,
+        &add_request(file.clone(), &mirror, Some(wrong), false),
+        &NoProgress,
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, VersionsError::Refused(_))
+            && message.contains("nvidia.ko")
+            && message.contains("\"someone else\""),
+        "{message}"
+    );
+    assert!(!file.exists(), "a refused add writes nothing");
+    let err = versions::add(
+        &fetcher,
+        &add_request(file.clone(), &mirror, None, true),
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("names no signer"), "{err}");
+
+    let report = versions::add(
+        &fetcher,
+        &add_request(file.clone(), &mirror, Some(signed.signer.clone()), true),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(report.release.signer.as_ref(), Some(&signed.signer));
+    let registry = Registry::read(&file).unwrap();
+    let release = registry.release("signed").unwrap();
+    assert_eq!(release.signer.as_ref(), Some(&signed.signer));
+    assert!(release.module_sig_force);
+
+    // verify --deep: nothing unpacked yet, then the signed tree, then a tree whose modules lost
+    // their signature.
+    let rows = deep::verify_signatures(&cache, [release]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, CacheStatus::Unrecorded, "{:?}", rows[0]);
+    let digest = release
+        .artifact(Arch::X86_64, ArtifactKind::NvidiaModules)
+        .and_then(|a| a.sha256)
+        .unwrap();
+    let unpacked = cache.join("unpacked").join(digest.to_hex());
+    std::fs::create_dir_all(cache.join("unpacked")).unwrap();
+    extract_tar(&signed.tarball, &unpacked, &Limits::default()).unwrap();
+    let rows = deep::verify_signatures(&cache, [release]);
+    assert_eq!(rows[0].status, CacheStatus::Ok, "{:?}", rows[0]);
+    let nvidia = unpacked.join(format!("lib/modules/{KVER}/kernel/drivers/gpu/nvidia.ko"));
+    std::fs::copy(
+        scratch().dir.join(format!(
+            "nvidia/lib/modules/{KVER}/kernel/drivers/gpu/nvidia.ko"
+        )),
+        &nvidia,
+    )
+    .unwrap();
+    let rows = deep::verify_signatures(&cache, [release]);
+    assert_eq!(rows[0].status, CacheStatus::Mismatch, "{:?}", rows[0]);
+    let detail = rows[0].detail.as_deref().unwrap();
+    assert!(
+        detail.contains("nvidia.ko") && detail.contains("carries no signature"),
+        "{detail}"
+    );
 }
