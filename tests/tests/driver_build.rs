@@ -367,7 +367,10 @@ fn a_compile_failure_names_the_file_the_errors_and_the_log() {
     let mut req = s.request(s.source(&Tiny::default(), "tiny.tar.gz"));
     req.inputs.patches = vec![s.served.url("/break.patch")];
     let err = s.build(&req, "cache").unwrap_err();
-    let BuildError::Driver(DriverBuildError::Compile { file, errors, log }) = &err else {
+    let BuildError::Driver(driver) = &err else {
+        panic!("expected a compile failure, got {err}");
+    };
+    let DriverBuildError::Compile { file, errors, log } = &**driver else {
         panic!("expected a compile failure, got {err}");
     };
     assert!(file.ends_with("nvidia/nv-frontend.c"), "{file}");
@@ -397,7 +400,10 @@ fn the_build_cannot_reach_the_network() {
     let err = s
         .build(&s.request(s.source(&tiny, "net.tar.gz")), "cache")
         .unwrap_err();
-    let BuildError::Driver(DriverBuildError::Compile { log, .. }) = &err else {
+    let BuildError::Driver(driver) = &err else {
+        panic!("expected the build to fail inside the sandbox, got {err}");
+    };
+    let DriverBuildError::Compile { log, .. } = &**driver else {
         panic!("expected the build to fail inside the sandbox, got {err}");
     };
     let text = fs::read_to_string(log).unwrap();

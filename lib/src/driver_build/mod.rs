@@ -614,11 +614,7 @@ fn compile_errors(log: &str) -> (String, String) {
             log.lines()
                 .find(|l| l.contains("***") && l.contains("Error"))
                 .and_then(|l| l.split(": ").nth(2))
-                .map(|f| {
-                    f.trim_end_matches(|c| c == ']' || c == ' ')
-                        .trim_end_matches("] Error 1")
-                        .to_string()
-                })
+                .map(|f| f.trim_end_matches("] Error 1").to_string())
         })
         .unwrap_or_else(|| "make".into());
     let errors = if errors.is_empty() {

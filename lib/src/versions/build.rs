@@ -39,9 +39,9 @@ const RECIPE: &str = "1";
 /// Errors of [`build`] and [`verify_rebuild`].
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// The registry could not be read or written.
+    /// The registry could not be read or written (boxed: its messages are large).
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Registry(Box<RegistryError>),
     /// The request itself is wrong.
     #[error("{0}")]
     Request(String),
@@ -54,9 +54,9 @@ pub enum BuildError {
         #[source]
         source: FetchError,
     },
-    /// The modules could not be built.
+    /// The modules could not be built (boxed: its messages are large).
     #[error(transparent)]
-    Driver(#[from] DriverBuildError),
+    Driver(Box<DriverBuildError>),
     /// The built modules failed the inspection `versions add` runs: nothing was published.
     #[error("the built modules were refused, nothing published: {0}")]
     Refused(String),
@@ -67,7 +67,7 @@ pub enum BuildError {
         what: String,
         /// Why.
         #[source]
-        source: ArchiveError,
+        source: Box<ArchiveError>,
     },
     /// A file of the build could not be written (cache record, artifact, `--out`).
     #[error("cannot write {path}")]
@@ -80,13 +80,27 @@ pub enum BuildError {
     },
 }
 
+impl From<DriverBuildError> for BuildError {
+    fn from(e: DriverBuildError) -> Self {
+        BuildError::Driver(Box::new(e))
+    }
+}
+
+impl From<RegistryError> for BuildError {
+    fn from(e: RegistryError) -> Self {
+        BuildError::Registry(Box::new(e))
+    }
+}
+
 impl BuildError {
     /// The kind of failure, for exit codes and API statuses.
     pub fn outcome(&self) -> crate::outcome::Outcome {
         use crate::outcome::Outcome;
         match self {
             BuildError::Request(_) => Outcome::Refused,
-            BuildError::Registry(RegistryError::Exists { .. }) => Outcome::Refused,
+            BuildError::Registry(e) if matches!(**e, RegistryError::Exists { .. }) => {
+                Outcome::Refused
+            }
             BuildError::Driver(e) if e.is_refusal() => Outcome::Refused,
             BuildError::Driver(e) if e.is_verification_failure() => Outcome::VerificationFailed,
             BuildError::Refused(_) | BuildError::Unpack { .. } => Outcome::VerificationFailed,
@@ -571,7 +585,7 @@ fn inspect_built(spec: &Spec, packed: &Path, others: &[&Input]) -> Result<(), Bu
     let modules = scratch.path().join("nvidia-modules");
     extract_tar(packed, &modules, &Limits::default()).map_err(|source| BuildError::Unpack {
         what: "the built nvidia-modules".into(),
-        source,
+        source: Box::new(source),
     })?;
     roots.insert(ArtifactKind::NvidiaModules, modules);
     for input in others.iter().filter(|i| i.kind != ArtifactKind::Kernel) {
@@ -579,7 +593,7 @@ fn inspect_built(spec: &Spec, packed: &Path, others: &[&Input]) -> Result<(), Bu
         extract_tar(&input.got.path, &dest, &Limits::default()).map_err(|source| {
             BuildError::Unpack {
                 what: format!("the {} artifact", input.kind),
-                source,
+                source: Box::new(source),
             }
         })?;
         roots.insert(input.kind, dest);
@@ -623,15 +637,15 @@ fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
             req.arch, req.arch
         )));
     }
-    if let Some(base) = &req.base_url {
-        if !["https://", "http://", "file://"]
-            .iter()
-            .any(|s| base.starts_with(s))
-        {
-            return Err(BuildError::Request(format!(
-                "--base-url `{base}` is not an https, http or file URL"
-            )));
-        }
+    let schemes = ["https://", "http://", "file://"];
+    if let Some(base) = req
+        .base_url
+        .as_ref()
+        .filter(|b| !schemes.iter().any(|s| b.starts_with(s)))
+    {
+        return Err(BuildError::Request(format!(
+            "--base-url `{base}` is not an https, http or file URL"
+        )));
     }
     if !req.replace && req.file.exists() {
         let existing = Registry::read(&req.file)?;
@@ -855,7 +869,7 @@ fn differing_modules(
         })
         .map_err(|source| BuildError::Unpack {
             what: what.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(out)
     };
