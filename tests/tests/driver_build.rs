@@ -34,6 +34,8 @@ const KBUILD: &str =
 /// A tiny module source: `before` runs before Kbuild in the `modules` target.
 struct Tiny<'a> {
     version: &'a str,
+    /// What `MODULE_VERSION` says (the Kbuild's version unless a test lies).
+    module_version: &'a str,
     license: &'a str,
     before: &'a str,
     code: &'a str,
@@ -43,6 +45,7 @@ impl Default for Tiny<'_> {
     fn default() -> Self {
         Tiny {
             version: DRIVER_VERSION,
+            module_version: "NV_VERSION_STRING",
             license: "Dual MIT/GPL",
             before: "",
             code: "static int __init nv_init(void) { return 0; }",
@@ -77,9 +80,9 @@ impl Tiny<'_> {
             "kernel-open/nvidia/nv-frontend.c",
             format!(
                 "#include <linux/module.h>\n#include <linux/init.h>\n\
-                 MODULE_LICENSE(\"{}\");\nMODULE_VERSION(NV_VERSION_STRING);\n{}\n\
+                 MODULE_LICENSE(\"{}\");\nMODULE_VERSION({});\n{}\n\
                  static void __exit nv_exit(void) {{}}\nmodule_init(nv_init);\nmodule_exit(nv_exit);\n",
-                self.license, self.code
+                self.license, self.module_version, self.code
             ),
         );
         let bytes = tar.into_inner().unwrap();
@@ -292,6 +295,33 @@ fn a_rebuild_that_differs_names_the_module() {
     assert_eq!(report.differing, ["nvidia.ko"]);
     assert_eq!(report.outcome(), Some(Outcome::VerificationFailed));
     assert!(report.to_string().contains("nvidia.ko"), "{report}");
+}
+
+#[test]
+fn modules_the_inspection_rejects_are_not_published() {
+    let s = Setup::new();
+    let lying = Tiny {
+        module_version: "\"1.2.3\"",
+        ..Tiny::default()
+    };
+    let req = s.request(s.source(&lying, "lying.tar.gz"));
+    let err = s.build(&req, "cache").unwrap_err();
+    assert!(matches!(err, BuildError::Refused(_)), "{err}");
+    assert_eq!(outcome(&err), Outcome::VerificationFailed);
+    assert!(err.to_string().contains("1.2.3"), "{err}");
+    assert!(!req.file.exists(), "no registry entry");
+    assert!(!s.dir.path().join("out").exists(), "nothing in --out");
+    let records = fs::read_dir(s.cache("cache").join("builds"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(
+        records, 0,
+        "no cache record: the same inputs again build again"
+    );
 }
 
 #[test]
