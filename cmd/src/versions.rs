@@ -47,7 +47,8 @@ pub enum VersionsCommand {
     },
     /// Re-check every pinned artifact (exit 3 naming each mismatch; 4 if any is unpinned).
     Verify(VerifyArgs),
-    /// Build NVIDIA's modules for a kernel in a sandbox; inspect, cache and pin them into FILE.
+    /// Build NVIDIA's modules in a sandbox from --artifact nvidia-kernel-source=URL,
+    /// kernel-headers=URL (once per archive) and source-patch=URL (in order); pin into FILE.
     Build(BuildArgs),
 }
 
@@ -68,9 +69,12 @@ pub struct BuildArgs {
     /// Copy the artifact into DIR for publishing.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Kill the build past SECONDS; and cap each process's address space at MIB.
-    #[arg(long, num_args = 2, value_names = ["SECONDS", "MIB"], default_values_t = [10800, 8192])]
-    limits: Vec<u64>,
+    /// Kill the build past SECONDS.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10800)]
+    time_limit: u64,
+    /// Cap each build process's address space at MIB.
+    #[arg(long, value_name = "MIB", default_value_t = 8192)]
+    memory_limit: u64,
 }
 
 /// `versions add` arguments.
@@ -222,9 +226,11 @@ fn build(global: &Global, a: &BuildArgs) -> anyhow::Result<ExitCode> {
         out_dir: a.out.clone(),
         default: add.default,
         replace: add.replace,
+        gsp: !add.no_gsp,
+        max_download_bytes: add.max_download_bytes,
         limits: SandboxLimits {
-            wall: Duration::from_secs(a.limits[0]),
-            memory_bytes: a.limits[1] << 20,
+            wall: Duration::from_secs(a.time_limit),
+            memory_bytes: a.memory_limit << 20,
         },
         jobs: None,
     };

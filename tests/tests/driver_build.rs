@@ -143,6 +143,8 @@ impl Setup {
             out_dir: Some(self.dir.path().join("out")),
             default: false,
             replace: false,
+            gsp: true,
+            max_download_bytes: None,
             limits: SandboxLimits {
                 wall: Duration::from_secs(600),
                 memory_bytes: 4 << 30,

@@ -302,8 +302,15 @@ impl Sandbox {
     }
 
     /// Run `argv` inside the sandbox with `cwd` (an inside path) as its directory; its stdout
-    /// and stderr go to `log` (a host path). Returns when it exited successfully.
-    pub fn run(&self, argv: &[String], cwd: &Path, log: &Path) -> Result<(), SandboxError> {
+    /// and stderr go to `log` (a host path). Returns when it exited successfully; killed at
+    /// `deadline` (the build's, shared by its commands).
+    pub fn run(
+        &self,
+        argv: &[String],
+        cwd: &Path,
+        log: &Path,
+        deadline: Instant,
+    ) -> Result<(), SandboxError> {
         let start_err = |what: &str| {
             let what = what.to_string();
             move |source| SandboxError::Start { what, source }
@@ -339,7 +346,6 @@ impl Sandbox {
             command.uid(NOBODY).gid(NOBODY);
         }
         let mut child = command.spawn().map_err(start_err("running bwrap"))?;
-        let deadline = Instant::now() + self.limits.wall;
         let status = loop {
             match child.try_wait().map_err(start_err("waiting for bwrap"))? {
                 Some(status) => break status,

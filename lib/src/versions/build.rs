@@ -189,6 +189,10 @@ pub struct BuildRequest {
     pub default: bool,
     /// Overwrite a release of the same name in the file.
     pub replace: bool,
+    /// Whether the release ships GSP firmware (`false`: proprietary only).
+    pub gsp: bool,
+    /// Largest download accepted per input; `None`: the fetcher's default cap.
+    pub max_download_bytes: Option<u64>,
     /// The sandbox's limits.
     pub limits: SandboxLimits,
     /// `make -j`; `None`: the cores available.
@@ -279,7 +283,7 @@ pub fn build(
             url: urls[0].clone(),
         });
         let got = fetcher
-            .fetch_unpinned(urls, None, progress)
+            .fetch_unpinned(urls, req.max_download_bytes, progress)
             .map_err(|source| BuildError::Fetch { what, source })?;
         inputs.push(Input {
             kind,
@@ -318,6 +322,7 @@ pub fn build(
         flavor: req.flavor,
         arch: req.arch,
         signing: req.signing.as_ref(),
+        gsp: req.gsp,
         limits: req.limits,
         jobs: req.jobs,
     };
@@ -352,7 +357,7 @@ pub fn build(
         kernel_version: req.kernel_version.clone(),
         driver_version: Some(req.driver_version.clone()),
         module_flavor: Some(req.flavor),
-        gsp: true,
+        gsp: req.gsp,
         vgpu: None,
         default: req.default,
         signer: built
@@ -396,6 +401,7 @@ struct Spec<'a> {
     flavor: ModuleFlavor,
     arch: Arch,
     signing: Option<&'a SigningKey>,
+    gsp: bool,
     limits: SandboxLimits,
     jobs: Option<usize>,
 }
@@ -610,7 +616,7 @@ fn inspect_built(spec: &Spec, packed: &Path, others: &[&Input]) -> Result<(), Bu
         driver_version: spec.driver_version,
         arch: spec.arch,
         flavor: Some(spec.flavor),
-        gsp: true,
+        gsp: spec.gsp,
     };
     inspect(&expect, &trees).map_err(|e| {
         BuildError::Refused(
@@ -810,6 +816,7 @@ pub fn verify_rebuild(
         } else {
             None
         },
+        gsp: found.gsp,
         limits: SandboxLimits::default(),
         jobs: None,
     };
