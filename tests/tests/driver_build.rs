@@ -650,7 +650,7 @@ fn signed_modules_carry_the_signature_and_the_release_names_the_signer() {
     // The module's last bytes are the signature, as the kernel expects.
     let unpacked = s.dir.path().join("unpacked");
     gpu_passthrough::archive::tar::extract_tar(
-        &report.published.unwrap(),
+        report.published.as_ref().unwrap(),
         &unpacked,
         &Default::default(),
     )
@@ -658,6 +658,30 @@ fn signed_modules_carry_the_signature_and_the_release_names_the_signer() {
     let ko = unpacked.join("lib/modules/6.1.0-56-amd64/kernel/drivers/gpu/nvidia.ko");
     let bytes = fs::read(&ko).unwrap();
     assert!(bytes.ends_with(b"~Module signature appended~\n"));
+
+    // Rebuilt without the key, the modules match the pinned ones minus their signatures; with
+    // it, byte for byte (sign-file signs without a timestamp).
+    for signing in [None, req.signing.clone()] {
+        let cache = s.cache(if signing.is_some() {
+            "rebuild-key"
+        } else {
+            "rebuild"
+        });
+        let fetcher = Fetcher::new(&cache, FetchOptions::default()).unwrap();
+        let rebuild = RebuildRequest {
+            release: "tiny".into(),
+            arch: gpu_passthrough::registry::Arch::X86_64,
+            signing: signing.clone(),
+        };
+        let again =
+            build::verify_rebuild(&fetcher, &cache, &registry, &rebuild, &NoProgress, &|_| {})
+                .unwrap();
+        assert!(again.matches(), "{again}");
+        assert_eq!(again.without_signatures, signing.is_none());
+        if signing.is_some() {
+            assert_eq!(again.actual_sha256, report.sha256);
+        }
+    }
     // kmod agrees on who signed it, when it is installed.
     if let Ok(out) = Command::new("modinfo").arg(&ko).output() {
         let text = String::from_utf8_lossy(&out.stdout);
