@@ -368,6 +368,28 @@ fn a_source_of_another_driver_version_or_flavor_is_refused() {
 }
 
 #[test]
+fn a_proprietary_source_builds_as_the_proprietary_flavor() {
+    let s = Setup::new();
+    let proprietary = Tiny {
+        license: "NVIDIA",
+        ..Tiny::default()
+    };
+    let req = BuildRequest {
+        flavor: ModuleFlavor::Proprietary,
+        ..s.request(s.source(&proprietary, "p.tar.gz"))
+    };
+    let report = s.build(&req, "cache").unwrap();
+    assert_eq!(
+        report.file_name,
+        "nvidia-modules-535.261.03-6.1.0-56-amd64-x86_64.tar.gz"
+    );
+    assert_eq!(
+        report.release.module_flavor,
+        Some(ModuleFlavor::Proprietary)
+    );
+}
+
+#[test]
 fn a_patch_that_does_not_apply_is_refused_naming_file_and_hunk() {
     let s = Setup::new();
     fs::write(
