@@ -325,7 +325,7 @@ pub fn prepare(job: &Job) -> Result<Prepared, DriverBuildError> {
     if sandbox::is_root() {
         give_to_nobody(&work).map_err(scratch_err(&work))?;
     }
-    let env = build_env(job);
+    let env = build_env();
     let mut sandbox = Sandbox::new(&work, env, job.limits);
     for header_root in &header_roots {
         sandbox
@@ -500,8 +500,7 @@ fn sign(
 
 /// The environment of every sandboxed command: fixed, so that nothing of the caller's reaches
 /// the modules.
-fn build_env(job: &Job) -> Vec<(String, String)> {
-    let _ = job;
+fn build_env() -> Vec<(String, String)> {
     [
         ("PATH", toolchain::SANDBOX_PATH.to_string()),
         ("HOME", format!("{WORK_DIR}/home")),

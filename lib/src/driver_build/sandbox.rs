@@ -141,17 +141,13 @@ impl Sandbox {
 
     /// The sandbox's settings in words, for the release's provenance.
     pub fn describe(&self) -> String {
+        let (uid, gid) = ids();
         format!(
             "bubblewrap {}: user, pid, ipc, uts, cgroup and network namespaces (no network); \
-             read-only system and inputs, writable {WORK_DIR} only; uid {} ({}); no \
-             capabilities; no_new_privs; wall {} s; address space {} MiB per process; umask 022",
+             read-only system and inputs, writable {WORK_DIR} only; uid {uid} gid {gid} in a \
+             user namespace; no capabilities; no_new_privs; wall {} s; address space {} MiB per \
+             process; umask 022",
             bwrap_version().unwrap_or_else(|| "(version unknown)".into()),
-            NOBODY,
-            if is_root() {
-                "nobody, mapped"
-            } else {
-                "the caller's, mapped"
-            },
             self.limits.wall.as_secs(),
             self.limits.memory_bytes >> 20,
         )
@@ -231,19 +227,10 @@ impl Sandbox {
         ]
         .map(String::from)
         .to_vec();
-        let id = if is_root() {
-            NOBODY
-        } else {
-            nix::unistd::getuid().as_raw()
-        };
-        let gid = if is_root() {
-            NOBODY
-        } else {
-            nix::unistd::getgid().as_raw()
-        };
+        let (uid, gid) = ids();
         a.extend([
             "--uid".into(),
-            id.to_string(),
+            uid.to_string(),
             "--gid".into(),
             gid.to_string(),
         ]);
@@ -372,6 +359,18 @@ impl Sandbox {
                 log: log.to_path_buf(),
             })
         }
+    }
+}
+
+/// The uid and gid the build runs as: [`NOBODY`] when we are root, else our own.
+fn ids() -> (u32, u32) {
+    if is_root() {
+        (NOBODY, NOBODY)
+    } else {
+        (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        )
     }
 }
 

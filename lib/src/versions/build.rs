@@ -42,9 +42,48 @@ pub enum BuildError {
     /// The registry could not be read or written (boxed: its messages are large).
     #[error(transparent)]
     Registry(Box<RegistryError>),
-    /// The request itself is wrong.
-    #[error("{0}")]
-    Request(String),
+    /// A kernel or driver version string that cannot be a version (it becomes a path).
+    #[error("the {field} {problem}")]
+    BadVersion {
+        /// `kernel version` or `driver version`.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Modules for another architecture were asked for.
+    #[error(
+        "modules for {arch} cannot be built on this machine (no cross-compiling); build on an \
+         {arch} machine"
+    )]
+    OtherArch {
+        /// The architecture asked for.
+        arch: Arch,
+    },
+    /// The base URL is not a URL artifacts can have.
+    #[error("the base URL `{0}` is not an https, http or file URL")]
+    BadBaseUrl(String),
+    /// No module source among the inputs.
+    #[error("an nvidia-kernel-source input is required: the module source to build")]
+    NoSource,
+    /// A release to rebuild was not made by `versions build`.
+    #[error(
+        "release `{release}` cannot be rebuilt: {what}; only releases made by `versions build` can"
+    )]
+    NotBuilt {
+        /// The release.
+        release: String,
+        /// What it lacks.
+        what: String,
+    },
+    /// The signing key or certificate cannot be read.
+    #[error("cannot read the signing file {path}; pass a readable key and certificate")]
+    SigningFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// An input could not be downloaded or did not verify.
     #[error("the {what} input")]
     Fetch {
@@ -97,7 +136,11 @@ impl BuildError {
     pub fn outcome(&self) -> crate::outcome::Outcome {
         use crate::outcome::Outcome;
         match self {
-            BuildError::Request(_) => Outcome::Refused,
+            BuildError::BadVersion { .. }
+            | BuildError::OtherArch { .. }
+            | BuildError::BadBaseUrl(_)
+            | BuildError::NoSource
+            | BuildError::NotBuilt { .. } => Outcome::Refused,
             BuildError::Registry(e) if matches!(**e, RegistryError::Exists { .. }) => {
                 Outcome::Refused
             }
@@ -226,7 +269,7 @@ pub struct BuildRecord {
     /// The sandbox's settings.
     pub sandbox: String,
     /// Who signed.
-    pub signer: Option<(String, String)>,
+    pub signer: Option<Signer>,
     /// The kernel's CONFIG_MODULE_SIG_FORCE.
     pub module_sig_force: bool,
 }
@@ -341,7 +384,7 @@ pub fn build(
     let mut artifacts = vec![Artifact {
         kind: ArtifactKind::NvidiaModules,
         urls: vec![url],
-        sha256: Some(hex_digest(&built.record.sha256)?),
+        sha256: Some(built.digest),
         size: Some(built.record.size),
     }];
     artifacts.extend(inputs.iter().map(|input| Artifact {
@@ -360,14 +403,7 @@ pub fn build(
         gsp: req.gsp,
         vgpu: None,
         default: req.default,
-        signer: built
-            .record
-            .signer
-            .as_ref()
-            .map(|(subject, key_id)| Signer {
-                subject: subject.clone(),
-                key_id: key_id.clone(),
-            }),
+        signer: built.record.signer.clone(),
         module_sig_force: built.record.module_sig_force,
         build: Some(BuildProvenance {
             builder: BUILDER.into(),
@@ -408,6 +444,7 @@ struct Spec<'a> {
 
 struct Built {
     record: BuildRecord,
+    digest: Sha256Digest,
     cached: PathBuf,
     cache_hit: bool,
     logs: PathBuf,
@@ -437,12 +474,9 @@ fn cache_key(spec: &Spec, inputs: &[Input]) -> Result<String, BuildError> {
     }
     if let Some(key) = spec.signing {
         for (name, path) in [("sign_key", &key.key), ("sign_cert", &key.cert)] {
-            let bytes = fs::read(path).map_err(|e| {
-                BuildError::Request(format!(
-                    "cannot read {} ({e}); pass a readable --{} file",
-                    path.display(),
-                    name.replace('_', "-")
-                ))
+            let bytes = fs::read(path).map_err(|source| BuildError::SigningFile {
+                path: path.clone(),
+                source,
             })?;
             field(name, &hex::encode(Sha256::digest(&bytes)));
         }
@@ -469,10 +503,10 @@ fn build_or_reuse(
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(record) = record {
-            let cached = hex_digest(&record.sha256)
-                .ok()
-                .and_then(|d| fetcher.cached(&d));
-            if let Some(cached) = cached {
+            // A damaged record, or an artifact gone from the cache, is a miss.
+            let digest: Option<Sha256Digest> = record.sha256.parse().ok();
+            let cached = digest.and_then(|d| Some((d, fetcher.cached(&d)?)));
+            if let Some((digest, cached)) = cached {
                 stage(Stage::CacheHit);
                 let others: Vec<&Input> =
                     inputs.iter().filter(|i| !i.kind.is_build_input()).collect();
@@ -481,6 +515,7 @@ fn build_or_reuse(
                 }
                 return Ok(Built {
                     record,
+                    digest,
                     cached,
                     cache_hit: true,
                     logs,
@@ -498,9 +533,7 @@ fn build_or_reuse(
         source: by_kind(ArtifactKind::NvidiaKernelSource)
             .map(|i| i.got.path.clone())
             .next()
-            .ok_or_else(|| {
-                BuildError::Request("an nvidia-kernel-source input is required".into())
-            })?,
+            .ok_or(BuildError::NoSource)?,
         headers: by_kind(ArtifactKind::KernelHeaders)
             .map(|i| i.got.path.clone())
             .collect(),
@@ -559,10 +592,7 @@ fn build_or_reuse(
         modules: built_modules,
         compiler: prepared.compiler.version.clone(),
         sandbox: prepared.sandbox(),
-        signer: prepared
-            .signer
-            .as_ref()
-            .map(|s| (s.subject.clone(), s.key_id.clone())),
+        signer: prepared.signer.clone(),
         module_sig_force: prepared.tree.config.module_sig_force,
     };
     if use_cache {
@@ -575,6 +605,7 @@ fn build_or_reuse(
     }
     Ok(Built {
         record,
+        digest: got.sha256,
         cached: got.path,
         cache_hit: false,
         logs,
@@ -633,15 +664,11 @@ fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
         ("driver version", &req.driver_version),
     ] {
         if let Some(problem) = crate::registry::version_string_problem(value) {
-            return Err(BuildError::Request(format!("the {field} {problem}")));
+            return Err(BuildError::BadVersion { field, problem });
         }
     }
     if Arch::host() != Some(req.arch) {
-        return Err(BuildError::Request(format!(
-            "modules for {} cannot be built on this machine (no cross-compiling); build on an {} \
-             machine",
-            req.arch, req.arch
-        )));
+        return Err(BuildError::OtherArch { arch: req.arch });
     }
     let schemes = ["https://", "http://", "file://"];
     if let Some(base) = req
@@ -649,9 +676,7 @@ fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
         .as_ref()
         .filter(|b| !schemes.iter().any(|s| b.starts_with(s)))
     {
-        return Err(BuildError::Request(format!(
-            "--base-url `{base}` is not an https, http or file URL"
-        )));
+        return Err(BuildError::BadBaseUrl(base.clone()));
     }
     if !req.replace && req.file.exists() {
         let existing = Registry::read(&req.file)?;
@@ -674,9 +699,8 @@ fn publish(file: &Path, dir: &Path, name: &str) -> Result<PathBuf, BuildError> {
         source,
     };
     fs::create_dir_all(dir).map_err(err)?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    fs::copy(file, &tmp).map_err(err)?;
-    fs::rename(&tmp, &dest).map_err(err)?;
+    let bytes = fs::read(file).map_err(err)?;
+    crate::fsutil::write_atomic(&dest, &bytes).map_err(err)?;
     Ok(dest)
 }
 
@@ -688,11 +712,6 @@ fn file_url(path: &Path) -> String {
 /// A URL's last path segment, for messages (`nv-pci-exclude-bars.patch`).
 fn url_name(url: &str) -> String {
     url.rsplit('/').next().unwrap_or(url).to_string()
-}
-
-fn hex_digest(hex: &str) -> Result<Sha256Digest, BuildError> {
-    hex.parse()
-        .map_err(|e| BuildError::Request(format!("a recorded digest `{hex}` is malformed: {e}")))
 }
 
 /// What [`verify_rebuild`] found.
@@ -754,11 +773,9 @@ pub fn verify_rebuild(
 ) -> Result<RebuildReport, BuildError> {
     let (release, arch, signing) = (req.release.as_str(), req.arch, req.signing.as_ref());
     let found = registry.release(release)?;
-    let not_built = |what: &str| {
-        BuildError::Request(format!(
-            "release `{release}` cannot be rebuilt: {what}; only releases made by `versions build` \
-             can"
-        ))
+    let not_built = |what: &str| BuildError::NotBuilt {
+        release: release.to_string(),
+        what: what.to_string(),
     };
     let pinned = found
         .artifact(arch, ArtifactKind::NvidiaModules)
@@ -801,9 +818,7 @@ pub fn verify_rebuild(
         return Err(not_built("it has no pinned nvidia-kernel-source input"));
     }
     if Arch::host() != Some(arch) {
-        return Err(BuildError::Request(format!(
-            "{arch} modules cannot be rebuilt on this machine (no cross-compiling)"
-        )));
+        return Err(BuildError::OtherArch { arch });
     }
     let without_signatures = found.signer.is_some() && signing.is_none();
     let spec = Spec {
