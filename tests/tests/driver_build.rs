@@ -714,3 +714,70 @@ fn signed_modules_carry_the_signature_and_the_release_names_the_signer() {
         assert!(text.contains(&signer.key_id), "{text}");
     }
 }
+
+#[test]
+fn the_sandbox_shows_input_trees_at_their_absolute_paths_merged_with_the_host() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Instant;
+
+    use gpu_passthrough::driver_build::sandbox::Sandbox;
+    let dir = tempfile::tempdir().unwrap();
+    // The sandbox may run as nobody: it must be able to reach the trees.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let new = format!("zz-gpu-passthrough-{}", std::process::id());
+    let tree = |name: &str, files: &[&str]| {
+        let root = dir.path().join(name);
+        for f in files {
+            let path = root.join(f);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, name).unwrap();
+        }
+        root
+    };
+    // Two archives sharing a directory the host lacks, one below a host directory, one through
+    // the host's `/lib` link (merged /usr).
+    let a = tree(
+        "a",
+        &[
+            &format!("usr/{new}/a/file"),
+            "usr/src/linux-headers-x/file",
+            &format!("usr/share/doc/{new}-a/file"),
+        ],
+    );
+    let b = tree(
+        "b",
+        &[
+            &format!("usr/{new}/b/file"),
+            &format!("usr/share/doc/{new}-b/file"),
+        ],
+    );
+    let c = tree("c", &[&format!("lib/{new}/file")]);
+    let work = dir.path().join("work");
+    fs::create_dir(&work).unwrap();
+    // As root the sandbox runs as nobody, who must own its scratch directory (elsewhere this
+    // fails and the caller owns it).
+    let _ = std::os::unix::fs::chown(&work, Some(65534), Some(65534));
+    let mut sandbox = Sandbox::new(
+        &work,
+        vec![("PATH".into(), "/usr/bin:/bin".into())],
+        Default::default(),
+    );
+    for root in [&a, &b, &c] {
+        sandbox.add_tree(root).unwrap();
+    }
+    let script = format!(
+        "cat /usr/{new}/a/file /usr/{new}/b/file /usr/src/linux-headers-x/file /lib/{new}/file \
+         /usr/share/doc/{new}-a/file /usr/share/doc/{new}-b/file && test -x /usr/bin/sh && ! touch /usr/{new}/a/new 2>/dev/null && touch /build/ok"
+    );
+    let log = dir.path().join("log");
+    let argv = ["sh".to_string(), "-c".into(), script];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let result = sandbox.run(&argv, Path::new("/build"), &log, deadline);
+    let output = fs::read_to_string(&log).unwrap_or_default();
+    result.unwrap_or_else(|e| panic!("{e}: {output}"));
+    assert_eq!(output, "abacab");
+    assert!(
+        work.join("ok").exists(),
+        "the scratch directory is writable"
+    );
+}

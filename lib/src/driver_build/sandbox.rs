@@ -103,11 +103,18 @@ pub struct Sandbox {
     work: PathBuf,
     env: Vec<(String, String)>,
     limits: SandboxLimits,
-    /// Inside path → host path, mounted whole and read-only.
+    /// The input trees, planned together (two may share a directory).
+    trees: Vec<PathBuf>,
+    /// Single files and directories: inside path → host path.
+    files: BTreeMap<PathBuf, PathBuf>,
+    /// The mount plan: inside path → host path, mounted whole and read-only.
     units: BTreeMap<PathBuf, PathBuf>,
     /// Host directories whose contents are merged with input trees (a tmpfs holding the host's
     /// entries and the inputs' mount points).
     opened: BTreeSet<PathBuf>,
+    /// Host directories several inputs share below [`MERGE_DEPTH`]: hidden by a tmpfs holding
+    /// only the inputs' entries.
+    shadowed: BTreeSet<PathBuf>,
 }
 
 impl Sandbox {
@@ -118,19 +125,30 @@ impl Sandbox {
             work: work.to_path_buf(),
             env,
             limits,
+            trees: Vec::new(),
+            files: BTreeMap::new(),
             units: BTreeMap::new(),
             opened: BTreeSet::new(),
+            shadowed: BTreeSet::new(),
         }
     }
 
     /// Show the tree at `root` (an unpacked package: its paths are absolute paths) read-only at
-    /// its own absolute paths, merged with the host's system directories and earlier trees.
+    /// its own absolute paths, merged with the host's system directories and the other trees.
     pub fn add_tree(&mut self, root: &Path) -> std::io::Result<()> {
-        self.place(Path::new("/"), &[root.to_path_buf()], true)
+        self.trees.push(root.to_path_buf());
+        self.units.clear();
+        self.opened.clear();
+        self.shadowed.clear();
+        let trees = self.trees.clone();
+        self.place(Path::new("/"), &trees, true)?;
+        self.units.extend(self.files.clone());
+        Ok(())
     }
 
     /// Show one host file or directory read-only at `inside`.
     pub fn add_file(&mut self, host: &Path, inside: &Path) {
+        self.files.insert(inside.to_path_buf(), host.to_path_buf());
         self.units.insert(inside.to_path_buf(), host.to_path_buf());
     }
 
@@ -197,15 +215,19 @@ impl Sandbox {
                 }
                 _ => {}
             }
-            if all_dirs && providers.len() > 1 {
-                // Two inputs share a directory the host lacks: merge them on the root's tmpfs.
-                self.place(&child_inside, &providers, false)?;
-                continue;
-            }
             if host_backed && system && host.is_none() && inside != Path::new("/") {
                 // A new entry in a directory the host provides needs a writable place for its
                 // mount point.
                 self.opened.insert(inside.to_path_buf());
+            }
+            if all_dirs && providers.len() > 1 {
+                // Several inputs share the directory: merge them in it; the host's own entries
+                // there (a kernel's own headers, say) are hidden, as a single input's would be.
+                if host.as_ref().is_some_and(|m| m.is_dir()) {
+                    self.shadowed.insert(child_inside.clone());
+                }
+                self.place(&child_inside, &providers, false)?;
+                continue;
             }
             if let Some(last) = providers.last() {
                 self.units.insert(child_inside, last.clone());
@@ -266,10 +288,13 @@ impl Sandbox {
                 }
             }
         }
+        for dir in &self.shadowed {
+            a.extend(["--tmpfs".into(), s(dir)]);
+        }
         for (inside, host) in &self.units {
             a.extend(["--ro-bind".into(), s(host), s(inside)]);
         }
-        for dir in &self.opened {
+        for dir in self.opened.iter().chain(&self.shadowed) {
             a.extend(["--remount-ro".into(), s(dir)]);
         }
         a.extend([
