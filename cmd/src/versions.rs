@@ -47,78 +47,34 @@ pub enum VersionsCommand {
     },
     /// Re-check every pinned artifact (exit 3 naming each mismatch; 4 if any is unpinned).
     Verify(VerifyArgs),
-    /// Build NVIDIA's modules for a kernel in a sandbox; inspect, cache and pin them into FILE.
+    /// Build NVIDIA's modules in a sandbox from --artifact nvidia-kernel-source=URL,
+    /// kernel-headers=URL (once per archive) and source-patch=URL (in order); pin into FILE.
     Build(BuildArgs),
 }
 
-/// `versions build` arguments.
+/// `versions build` arguments: those of `add`, the inputs as `--artifact`s, and the build's own.
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
-    /// Name of the new release.
-    release: String,
-    #[arg(long, help = "The guest kernel's `uname -r` (the headers must be its)")]
-    kernel_version: String,
-    #[arg(long, help = "The NVIDIA driver version (the source must be it)")]
-    driver_version: String,
-    #[arg(long, help = "The module flavor (the source must be it)")]
-    flavor: ModuleFlavor,
-    #[arg(
-        long,
-        help = "Architecture [default: this machine's; no cross-compiling]"
-    )]
-    arch: Option<Arch>,
-    #[arg(
-        long = "artifact",
-        value_name = "KIND=URL",
-        required = true,
-        help = "nvidia-kernel-source, kernel-headers (one per archive), source-patch (applied \
-                in order), or any kind `add` takes"
-    )]
-    artifacts: Vec<String>,
-    #[arg(
-        long,
-        value_name = "KEY",
-        requires = "sign_cert",
-        help = "Sign every module with KEY"
-    )]
+    #[command(flatten)]
+    add: AddArgs,
+    /// Sign every module with KEY (and --sign-cert).
+    #[arg(long, value_name = "KEY", requires = "sign_cert")]
     sign_key: Option<PathBuf>,
-    #[arg(
-        long,
-        value_name = "CERT",
-        requires = "sign_key",
-        help = "KEY's X.509 certificate"
-    )]
+    /// KEY's X.509 certificate.
+    #[arg(long, value_name = "CERT", requires = "sign_key")]
     sign_cert: Option<PathBuf>,
-    #[arg(
-        long,
-        value_name = "URL",
-        help = "The artifact's URL is URL/<file name>"
-    )]
+    /// The artifact's URL is URL/<file name> [default: a file:// URL].
+    #[arg(long, value_name = "URL")]
     base_url: Option<String>,
-    #[arg(
-        long,
-        value_name = "DIR",
-        help = "Copy the artifact into DIR for publishing"
-    )]
+    /// Copy the artifact into DIR for publishing.
+    #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    #[arg(
-        long,
-        value_name = "SECONDS",
-        default_value_t = 10800,
-        help = "Kill a longer build"
-    )]
+    /// Kill the build past SECONDS.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10800)]
     time_limit: u64,
-    #[arg(
-        long,
-        value_name = "MIB",
-        default_value_t = 8192,
-        help = "Address space per process"
-    )]
+    /// Cap each build process's address space at MIB.
+    #[arg(long, value_name = "MIB", default_value_t = 8192)]
     memory_limit: u64,
-    #[arg(long, help = "Make it the default release")]
-    default: bool,
-    #[arg(long, help = "Overwrite a release of the same name in FILE")]
-    replace: bool,
 }
 
 /// `versions add` arguments.
@@ -260,14 +216,31 @@ fn add(global: &Global, args: &AddArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn build(global: &Global, a: &BuildArgs) -> anyhow::Result<ExitCode> {
+    let (add, need) = (&a.add, |flag| {
+        anyhow::anyhow!("`versions build` needs {flag}")
+    });
+    // A build records who signed from --sign-cert and module_sig_force from the headers' config.
+    if add.signer.is_some() || add.module_sig_force {
+        anyhow::bail!(
+            "`versions build` records the signer from --sign-cert and module_sig_force from the \
+             kernel headers: drop --signer/--signer-key-id/--module-sig-force and pass \
+             --sign-key/--sign-cert to sign the modules"
+        );
+    }
     let request = BuildRequest {
         file: target_file(global, "build")?,
-        release: a.release.clone(),
-        kernel_version: a.kernel_version.clone(),
-        driver_version: a.driver_version.clone(),
-        flavor: a.flavor,
-        arch: arch_or_host(a.arch)?,
-        inputs: BuildInputs::parse(&a.artifacts).map_err(|e| anyhow::anyhow!("--artifact {e}"))?,
+        release: add.release.clone(),
+        kernel_version: add.kernel_version.clone(),
+        driver_version: add
+            .driver_version
+            .clone()
+            .ok_or_else(|| need("--driver-version"))?,
+        flavor: add
+            .flavor
+            .ok_or_else(|| need("--flavor open|proprietary"))?,
+        arch: arch_or_host(add.arch)?,
+        inputs: BuildInputs::parse(&add.artifacts)
+            .map_err(|e| anyhow::anyhow!("--artifact {e}"))?,
         signing: a
             .sign_key
             .clone()
@@ -275,8 +248,10 @@ fn build(global: &Global, a: &BuildArgs) -> anyhow::Result<ExitCode> {
             .map(|(key, cert)| SigningKey { key, cert }),
         base_url: a.base_url.clone(),
         out_dir: a.out.clone(),
-        default: a.default,
-        replace: a.replace,
+        default: add.default,
+        replace: add.replace,
+        gsp: !add.no_gsp,
+        max_download_bytes: add.max_download_bytes,
         limits: SandboxLimits {
             wall: Duration::from_secs(a.time_limit),
             memory_bytes: a.memory_limit << 20,
@@ -284,13 +259,23 @@ fn build(global: &Global, a: &BuildArgs) -> anyhow::Result<ExitCode> {
         jobs: None,
     };
     let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
-    let stage = |s: Stage| {
+    let report = build::build(
+        &versions::fetcher(&cache)?,
+        &cache,
+        &request,
+        &bar,
+        &stages(global),
+    )?;
+    emit_text(global, &report)
+}
+
+/// Build stages on stderr, for people.
+fn stages(global: &Global) -> impl Fn(Stage) + '_ {
+    |s| {
         if !global.quiet {
             eprintln!("{s}")
         }
-    };
-    let report = build::build(&versions::fetcher(&cache)?, &cache, &request, &bar, &stage)?;
-    emit_text(global, &report)
+    }
 }
 
 fn pin(global: &Global, name: &str, only: Option<Arch>) -> anyhow::Result<ExitCode> {
@@ -320,14 +305,9 @@ fn verify(global: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             arch,
             signing,
         };
-        let stage = |s: Stage| {
-            if !global.quiet {
-                eprintln!("{s}")
-            }
-        };
-        let fetcher = versions::fetcher(&cache)?;
-        let report =
-            build::verify_rebuild(&fetcher, &cache, &global.registry()?, &req, &bar, &stage)?;
+        let (fetcher, registry) = (versions::fetcher(&cache)?, global.registry()?);
+        let stages = stages(global);
+        let report = build::verify_rebuild(&fetcher, &cache, &registry, &req, &bar, &stages)?;
         return emit_judged(global, &report);
     }
     let registry = global.registry()?;

@@ -1,11 +1,11 @@
 //! `gpu-init`: PID 1 of a GPU guest, or `gpu-init setup --root DIR` called by another init.
 
-use gpu_passthrough_guest_contract::MANIFEST_PATH;
-use gpu_passthrough_guest_contract::report::Status;
 use gpu_passthrough_init::context::SetupContext;
 use gpu_passthrough_init::loaded::AlreadyLoaded;
 use gpu_passthrough_init::modules::FinitModule;
 use gpu_passthrough_init::{boot, cdi_hook, dryrun, setup};
+use gpu_passthrough_guest_contract::MANIFEST_PATH;
+use gpu_passthrough_guest_contract::report::Status;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

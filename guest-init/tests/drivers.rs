@@ -5,11 +5,11 @@
 mod common;
 
 use common::{FakeKernel, Guest, Outcome, RootKind, write};
+use gpu_passthrough_init::env::GuestEnv;
+use gpu_passthrough_init::setup;
 use gpu_passthrough_guest_contract::Manifest;
 use gpu_passthrough_guest_contract::capability::Capability;
 use gpu_passthrough_guest_contract::report::{DaemonResult, Report, Status};
-use gpu_passthrough_init::env::GuestEnv;
-use gpu_passthrough_init::setup;
 use nix::errno::Errno;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{FakeKernel, Guest, RootKind};
-use gpu_passthrough_guest_contract::report::{LdconfigStatus, Report};
 use gpu_passthrough_init::setup;
+use gpu_passthrough_guest_contract::report::{LdconfigStatus, Report};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,9 +4,9 @@
 mod common;
 
 use common::{FakeKernel, Guest, RootKind, gpu_information};
-use gpu_passthrough_guest_contract::report::Status;
 use gpu_passthrough_init::dryrun::{DryRun, Would};
 use gpu_passthrough_init::setup;
+use gpu_passthrough_guest_contract::report::Status;
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;

@@ -4,10 +4,10 @@
 mod common;
 
 use common::{DRIVER, FakeKernel, Guest, Outcome, RootKind};
+use gpu_passthrough_init::setup;
 use gpu_passthrough_guest_contract::report::{
     FailureClass, LdconfigStatus, ModuleResult, NodeAction, Report, SetupErrorClass, Status,
 };
-use gpu_passthrough_init::setup;
 use nix::errno::Errno;
 use serde_json::Value;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

@@ -13,6 +13,7 @@
 //! - [`inspect`]: check extracted artifacts against a release (vermagic, versions, dependencies,
 //!   firmware, libraries) and list them in load order.
 //! - [`initrd`]: build the base, GPU and combined initrd layers.
+//! - [`driver_build`]: compile NVIDIA's modules for one kernel in a bubblewrap sandbox.
 //! - [`paths`]: default locations (cache, state dir, sysfs).
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
@@ -22,7 +23,7 @@
 //! - [`outcome`]: whether an error is a refusal, a verification failure or a failure on the way,
 //!   and what a returned report says (a plan with refusals, a host not ready).
 //! - [`text`]: the human-readable form of the reports (`Display`).
-//! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
+//! - [`versions`]: the driver-upgrade workflow: add, build, pin and verify releases.
 //! - [`vgpu`]: vGPU profiles on both NVIDIA frameworks (vendor VFIO, mdev) and their placement.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
 //! - `simulation` (cargo feature, tests only): a kernel and VFIO check that react on fake trees.

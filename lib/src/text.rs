@@ -602,6 +602,15 @@ impl Display for crate::versions::ReleaseDiff {
         if self.gpus_gained.is_empty() && self.gpus_lost.is_empty() {
             writeln!(f, "  supported GPUs: unchanged")?;
         }
+        for c in &self.provenance {
+            writeln!(
+                f,
+                "  ~ built with {} {} -> {}",
+                c.field,
+                opt(&c.from),
+                opt(&c.to)
+            )?;
+        }
         Ok(())
     }
 }

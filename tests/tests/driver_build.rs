@@ -34,6 +34,8 @@ const KBUILD: &str =
 /// A tiny module source: `before` runs before Kbuild in the `modules` target.
 struct Tiny<'a> {
     version: &'a str,
+    /// What `MODULE_VERSION` says (the Kbuild's version unless a test lies).
+    module_version: &'a str,
     license: &'a str,
     before: &'a str,
     code: &'a str,
@@ -43,6 +45,7 @@ impl Default for Tiny<'_> {
     fn default() -> Self {
         Tiny {
             version: DRIVER_VERSION,
+            module_version: "NV_VERSION_STRING",
             license: "Dual MIT/GPL",
             before: "",
             code: "static int __init nv_init(void) { return 0; }",
@@ -77,9 +80,9 @@ impl Tiny<'_> {
             "kernel-open/nvidia/nv-frontend.c",
             format!(
                 "#include <linux/module.h>\n#include <linux/init.h>\n\
-                 MODULE_LICENSE(\"{}\");\nMODULE_VERSION(NV_VERSION_STRING);\n{}\n\
+                 MODULE_LICENSE(\"{}\");\nMODULE_VERSION({});\n{}\n\
                  static void __exit nv_exit(void) {{}}\nmodule_init(nv_init);\nmodule_exit(nv_exit);\n",
-                self.license, self.code
+                self.license, self.module_version, self.code
             ),
         );
         let bytes = tar.into_inner().unwrap();
@@ -140,6 +143,8 @@ impl Setup {
             out_dir: Some(self.dir.path().join("out")),
             default: false,
             replace: false,
+            gsp: true,
+            max_download_bytes: None,
             limits: SandboxLimits {
                 wall: Duration::from_secs(600),
                 memory_bytes: 4 << 30,
@@ -295,6 +300,33 @@ fn a_rebuild_that_differs_names_the_module() {
 }
 
 #[test]
+fn modules_the_inspection_rejects_are_not_published() {
+    let s = Setup::new();
+    let lying = Tiny {
+        module_version: "\"1.2.3\"",
+        ..Tiny::default()
+    };
+    let req = s.request(s.source(&lying, "lying.tar.gz"));
+    let err = s.build(&req, "cache").unwrap_err();
+    assert!(matches!(err, BuildError::Refused(_)), "{err}");
+    assert_eq!(outcome(&err), Outcome::VerificationFailed);
+    assert!(err.to_string().contains("1.2.3"), "{err}");
+    assert!(!req.file.exists(), "no registry entry");
+    assert!(!s.dir.path().join("out").exists(), "nothing in --out");
+    let records = fs::read_dir(s.cache("cache").join("builds"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(
+        records, 0,
+        "no cache record: the same inputs again build again"
+    );
+}
+
+#[test]
 fn headers_of_another_kernel_are_refused() {
     let s = Setup::new();
     let req = BuildRequest {
@@ -336,6 +368,28 @@ fn a_source_of_another_driver_version_or_flavor_is_refused() {
 }
 
 #[test]
+fn a_proprietary_source_builds_as_the_proprietary_flavor() {
+    let s = Setup::new();
+    let proprietary = Tiny {
+        license: "NVIDIA",
+        ..Tiny::default()
+    };
+    let req = BuildRequest {
+        flavor: ModuleFlavor::Proprietary,
+        ..s.request(s.source(&proprietary, "p.tar.gz"))
+    };
+    let report = s.build(&req, "cache").unwrap();
+    assert_eq!(
+        report.file_name,
+        "nvidia-modules-535.261.03-6.1.0-56-amd64-x86_64.tar.gz"
+    );
+    assert_eq!(
+        report.release.module_flavor,
+        Some(ModuleFlavor::Proprietary)
+    );
+}
+
+#[test]
 fn a_patch_that_does_not_apply_is_refused_naming_file_and_hunk() {
     let s = Setup::new();
     fs::write(
@@ -367,7 +421,10 @@ fn a_compile_failure_names_the_file_the_errors_and_the_log() {
     let mut req = s.request(s.source(&Tiny::default(), "tiny.tar.gz"));
     req.inputs.patches = vec![s.served.url("/break.patch")];
     let err = s.build(&req, "cache").unwrap_err();
-    let BuildError::Driver(DriverBuildError::Compile { file, errors, log }) = &err else {
+    let BuildError::Driver(driver) = &err else {
+        panic!("expected a compile failure, got {err}");
+    };
+    let DriverBuildError::Compile { file, errors, log } = &**driver else {
         panic!("expected a compile failure, got {err}");
     };
     assert!(file.ends_with("nvidia/nv-frontend.c"), "{file}");
@@ -397,7 +454,10 @@ fn the_build_cannot_reach_the_network() {
     let err = s
         .build(&s.request(s.source(&tiny, "net.tar.gz")), "cache")
         .unwrap_err();
-    let BuildError::Driver(DriverBuildError::Compile { log, .. }) = &err else {
+    let BuildError::Driver(driver) = &err else {
+        panic!("expected the build to fail inside the sandbox, got {err}");
+    };
+    let DriverBuildError::Compile { log, .. } = &**driver else {
         panic!("expected the build to fail inside the sandbox, got {err}");
     };
     let text = fs::read_to_string(log).unwrap();
@@ -612,7 +672,7 @@ fn signed_modules_carry_the_signature_and_the_release_names_the_signer() {
     // The module's last bytes are the signature, as the kernel expects.
     let unpacked = s.dir.path().join("unpacked");
     gpu_passthrough::archive::tar::extract_tar(
-        &report.published.unwrap(),
+        report.published.as_ref().unwrap(),
         &unpacked,
         &Default::default(),
     )
@@ -620,6 +680,30 @@ fn signed_modules_carry_the_signature_and_the_release_names_the_signer() {
     let ko = unpacked.join("lib/modules/6.1.0-56-amd64/kernel/drivers/gpu/nvidia.ko");
     let bytes = fs::read(&ko).unwrap();
     assert!(bytes.ends_with(b"~Module signature appended~\n"));
+
+    // Rebuilt without the key, the modules match the pinned ones minus their signatures; with
+    // it, byte for byte (sign-file signs without a timestamp).
+    for signing in [None, req.signing.clone()] {
+        let cache = s.cache(if signing.is_some() {
+            "rebuild-key"
+        } else {
+            "rebuild"
+        });
+        let fetcher = Fetcher::new(&cache, FetchOptions::default()).unwrap();
+        let rebuild = RebuildRequest {
+            release: "tiny".into(),
+            arch: gpu_passthrough::registry::Arch::X86_64,
+            signing: signing.clone(),
+        };
+        let again =
+            build::verify_rebuild(&fetcher, &cache, &registry, &rebuild, &NoProgress, &|_| {})
+                .unwrap();
+        assert!(again.matches(), "{again}");
+        assert_eq!(again.without_signatures, signing.is_none());
+        if signing.is_some() {
+            assert_eq!(again.actual_sha256, report.sha256);
+        }
+    }
     // kmod agrees on who signed it, when it is installed.
     if let Ok(out) = Command::new("modinfo").arg(&ko).output() {
         let text = String::from_utf8_lossy(&out.stdout);
@@ -629,4 +713,71 @@ fn signed_modules_carry_the_signature_and_the_release_names_the_signer() {
         );
         assert!(text.contains(&signer.key_id), "{text}");
     }
+}
+
+#[test]
+fn the_sandbox_shows_input_trees_at_their_absolute_paths_merged_with_the_host() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Instant;
+
+    use gpu_passthrough::driver_build::sandbox::Sandbox;
+    let dir = tempfile::tempdir().unwrap();
+    // The sandbox may run as nobody: it must be able to reach the trees.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let new = format!("zz-gpu-passthrough-{}", std::process::id());
+    let tree = |name: &str, files: &[&str]| {
+        let root = dir.path().join(name);
+        for f in files {
+            let path = root.join(f);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, name).unwrap();
+        }
+        root
+    };
+    // Two archives sharing a directory the host lacks, one below a host directory, one through
+    // the host's `/lib` link (merged /usr).
+    let a = tree(
+        "a",
+        &[
+            &format!("usr/{new}/a/file"),
+            "usr/src/linux-headers-x/file",
+            &format!("usr/share/doc/{new}-a/file"),
+        ],
+    );
+    let b = tree(
+        "b",
+        &[
+            &format!("usr/{new}/b/file"),
+            &format!("usr/share/doc/{new}-b/file"),
+        ],
+    );
+    let c = tree("c", &[&format!("lib/{new}/file")]);
+    let work = dir.path().join("work");
+    fs::create_dir(&work).unwrap();
+    // As root the sandbox runs as nobody, who must own its scratch directory (elsewhere this
+    // fails and the caller owns it).
+    let _ = std::os::unix::fs::chown(&work, Some(65534), Some(65534));
+    let mut sandbox = Sandbox::new(
+        &work,
+        vec![("PATH".into(), "/usr/bin:/bin".into())],
+        Default::default(),
+    );
+    for root in [&a, &b, &c] {
+        sandbox.add_tree(root).unwrap();
+    }
+    let script = format!(
+        "cat /usr/{new}/a/file /usr/{new}/b/file /usr/src/linux-headers-x/file /lib/{new}/file \
+         /usr/share/doc/{new}-a/file /usr/share/doc/{new}-b/file && test -x /usr/bin/sh && ! touch /usr/{new}/a/new 2>/dev/null && touch /build/ok"
+    );
+    let log = dir.path().join("log");
+    let argv = ["sh".to_string(), "-c".into(), script];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let result = sandbox.run(&argv, Path::new("/build"), &log, deadline);
+    let output = fs::read_to_string(&log).unwrap_or_default();
+    result.unwrap_or_else(|e| panic!("{e}: {output}"));
+    assert_eq!(output, "abacab");
+    assert!(
+        work.join("ok").exists(),
+        "the scratch directory is writable"
+    );
 }

@@ -3,8 +3,8 @@
 //! before a run on real hardware.
 
 use gpu_passthrough::attach::PlanRequest;
-use gpu_passthrough_guest_contract::report::{ModuleReport, ModuleResult, Report, Status};
 use gpu_passthrough_init::dryrun::{self, DryRunArgs};
+use gpu_passthrough_guest_contract::report::{ModuleReport, ModuleResult, Report, Status};
 use gpu_passthrough_real_gpu::{Outcome, Roots, Summary, checks, facts, inject};
 use gpu_passthrough_tests::sysfs::{FakeHost, workstation};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};

@@ -2,9 +2,9 @@
 //! workload root in a temp dir, inside a private mount namespace so no mount reaches the host.
 #![allow(dead_code)]
 
-use gpu_passthrough_guest_contract::{DeviceNodes, Library, Manifest, Module, SCHEMA};
 use gpu_passthrough_init::context::SetupContext;
 use gpu_passthrough_init::modules::{LoadError, ModuleLoader};
+use gpu_passthrough_guest_contract::{DeviceNodes, Library, Manifest, Module, SCHEMA};
 use gpu_passthrough_tests::fixtures;
 use nix::errno::Errno;
 use std::cell::RefCell;

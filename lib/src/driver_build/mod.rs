@@ -24,6 +24,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -324,7 +325,7 @@ pub fn prepare(job: &Job) -> Result<Prepared, DriverBuildError> {
     if sandbox::is_root() {
         give_to_nobody(&work).map_err(scratch_err(&work))?;
     }
-    let env = build_env(job);
+    let env = build_env();
     let mut sandbox = Sandbox::new(&work, env, job.limits);
     for header_root in &header_roots {
         sandbox
@@ -353,6 +354,8 @@ pub fn prepare(job: &Job) -> Result<Prepared, DriverBuildError> {
 /// Patch, compile, strip and sign, in the sandbox; the modules it made.
 pub fn compile(prepared: &Prepared, stage: &dyn Fn(Stage)) -> Result<Modules, DriverBuildError> {
     let job = &prepared.job;
+    // One wall-clock limit for the whole build, its commands together.
+    let deadline = Instant::now() + job.limits.wall;
     let log = |name: &str| job.log_dir.join(name);
     let src = Path::new(SOURCE_DIR);
     for (i, (name, _)) in job.patches.iter().enumerate() {
@@ -374,7 +377,7 @@ pub fn compile(prepared: &Prepared, stage: &dyn Fn(Stage)) -> Result<Modules, Dr
         .into_iter()
         .chain([format!("/inputs/{i:02}.patch")])
         .collect::<Vec<_>>();
-        match prepared.sandbox.run(&argv, src, &patch_log) {
+        match prepared.sandbox.run(&argv, src, &patch_log, deadline) {
             Ok(()) => {}
             Err(SandboxError::Failed { .. }) => {
                 return Err(DriverBuildError::Patch {
@@ -399,7 +402,7 @@ pub fn compile(prepared: &Prepared, stage: &dyn Fn(Stage)) -> Result<Modules, Dr
         format!("KERNEL_UNAME={}", prepared.tree.release),
         format!("CC={}", prepared.compiler.program),
     ];
-    match prepared.sandbox.run(&argv, src, &make_log) {
+    match prepared.sandbox.run(&argv, src, &make_log, deadline) {
         Ok(()) => {}
         Err(SandboxError::Failed { .. }) => {
             let text = fs::read_to_string(&make_log).unwrap_or_default();
@@ -434,9 +437,11 @@ pub fn compile(prepared: &Prepared, stage: &dyn Fn(Stage)) -> Result<Modules, Dr
     });
     let mut argv = vec!["strip".to_string(), "--strip-debug".into()];
     argv.extend(inside.iter().cloned());
-    prepared.sandbox.run(&argv, src, &log("strip.log"))?;
+    prepared
+        .sandbox
+        .run(&argv, src, &log("strip.log"), deadline)?;
     if let Some(key) = &job.signing {
-        sign(prepared, key, &inside, &log("sign.log"))?;
+        sign(prepared, key, &inside, &log("sign.log"), deadline)?;
     }
     Ok(modules
         .into_iter()
@@ -452,6 +457,7 @@ fn sign(
     key: &SigningKey,
     modules: &[String],
     log: &Path,
+    deadline: Instant,
 ) -> Result<(), DriverBuildError> {
     let keys = prepared.scratch.path().join("keys");
     let scratch_err = |source| DriverBuildError::Scratch {
@@ -487,15 +493,14 @@ fn sign(
         hash,
     ];
     argv.extend(modules.iter().cloned());
-    let result = sandbox.run(&argv, Path::new(WORK_DIR), log);
+    let result = sandbox.run(&argv, Path::new(WORK_DIR), log, deadline);
     let _ = fs::remove_dir_all(&keys);
     result.map_err(Into::into)
 }
 
 /// The environment of every sandboxed command: fixed, so that nothing of the caller's reaches
 /// the modules.
-fn build_env(job: &Job) -> Vec<(String, String)> {
-    let _ = job;
+fn build_env() -> Vec<(String, String)> {
     [
         ("PATH", toolchain::SANDBOX_PATH.to_string()),
         ("HOME", format!("{WORK_DIR}/home")),
@@ -614,11 +619,7 @@ fn compile_errors(log: &str) -> (String, String) {
             log.lines()
                 .find(|l| l.contains("***") && l.contains("Error"))
                 .and_then(|l| l.split(": ").nth(2))
-                .map(|f| {
-                    f.trim_end_matches(|c| c == ']' || c == ' ')
-                        .trim_end_matches("] Error 1")
-                        .to_string()
-                })
+                .map(|f| f.trim_end_matches("] Error 1").to_string())
         })
         .unwrap_or_else(|| "make".into());
     let errors = if errors.is_empty() {

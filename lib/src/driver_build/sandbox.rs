@@ -103,11 +103,18 @@ pub struct Sandbox {
     work: PathBuf,
     env: Vec<(String, String)>,
     limits: SandboxLimits,
-    /// Inside path → host path, mounted whole and read-only.
+    /// The input trees, planned together (two may share a directory).
+    trees: Vec<PathBuf>,
+    /// Single files and directories: inside path → host path.
+    files: BTreeMap<PathBuf, PathBuf>,
+    /// The mount plan: inside path → host path, mounted whole and read-only.
     units: BTreeMap<PathBuf, PathBuf>,
     /// Host directories whose contents are merged with input trees (a tmpfs holding the host's
     /// entries and the inputs' mount points).
     opened: BTreeSet<PathBuf>,
+    /// Host directories several inputs share below [`MERGE_DEPTH`]: hidden by a tmpfs holding
+    /// only the inputs' entries.
+    shadowed: BTreeSet<PathBuf>,
 }
 
 impl Sandbox {
@@ -118,19 +125,30 @@ impl Sandbox {
             work: work.to_path_buf(),
             env,
             limits,
+            trees: Vec::new(),
+            files: BTreeMap::new(),
             units: BTreeMap::new(),
             opened: BTreeSet::new(),
+            shadowed: BTreeSet::new(),
         }
     }
 
     /// Show the tree at `root` (an unpacked package: its paths are absolute paths) read-only at
-    /// its own absolute paths, merged with the host's system directories and earlier trees.
+    /// its own absolute paths, merged with the host's system directories and the other trees.
     pub fn add_tree(&mut self, root: &Path) -> std::io::Result<()> {
-        self.place(Path::new("/"), &[root.to_path_buf()], true)
+        self.trees.push(root.to_path_buf());
+        self.units.clear();
+        self.opened.clear();
+        self.shadowed.clear();
+        let trees = self.trees.clone();
+        self.place(Path::new("/"), &trees, true)?;
+        self.units.extend(self.files.clone());
+        Ok(())
     }
 
     /// Show one host file or directory read-only at `inside`.
     pub fn add_file(&mut self, host: &Path, inside: &Path) {
+        self.files.insert(inside.to_path_buf(), host.to_path_buf());
         self.units.insert(inside.to_path_buf(), host.to_path_buf());
     }
 
@@ -141,17 +159,13 @@ impl Sandbox {
 
     /// The sandbox's settings in words, for the release's provenance.
     pub fn describe(&self) -> String {
+        let (uid, gid) = ids();
         format!(
             "bubblewrap {}: user, pid, ipc, uts, cgroup and network namespaces (no network); \
-             read-only system and inputs, writable {WORK_DIR} only; uid {} ({}); no \
-             capabilities; no_new_privs; wall {} s; address space {} MiB per process; umask 022",
+             read-only system and inputs, writable {WORK_DIR} only; uid {uid} gid {gid} in a \
+             user namespace; no capabilities; no_new_privs; wall {} s; address space {} MiB per \
+             process; umask 022",
             bwrap_version().unwrap_or_else(|| "(version unknown)".into()),
-            NOBODY,
-            if is_root() {
-                "nobody, mapped"
-            } else {
-                "the caller's, mapped"
-            },
             self.limits.wall.as_secs(),
             self.limits.memory_bytes >> 20,
         )
@@ -201,15 +215,19 @@ impl Sandbox {
                 }
                 _ => {}
             }
-            if all_dirs && providers.len() > 1 {
-                // Two inputs share a directory the host lacks: merge them on the root's tmpfs.
-                self.place(&child_inside, &providers, false)?;
-                continue;
-            }
             if host_backed && system && host.is_none() && inside != Path::new("/") {
                 // A new entry in a directory the host provides needs a writable place for its
                 // mount point.
                 self.opened.insert(inside.to_path_buf());
+            }
+            if all_dirs && providers.len() > 1 {
+                // Several inputs share the directory: merge them in it; the host's own entries
+                // there (a kernel's own headers, say) are hidden, as a single input's would be.
+                if host.as_ref().is_some_and(|m| m.is_dir()) {
+                    self.shadowed.insert(child_inside.clone());
+                }
+                self.place(&child_inside, &providers, false)?;
+                continue;
             }
             if let Some(last) = providers.last() {
                 self.units.insert(child_inside, last.clone());
@@ -231,19 +249,10 @@ impl Sandbox {
         ]
         .map(String::from)
         .to_vec();
-        let id = if is_root() {
-            NOBODY
-        } else {
-            nix::unistd::getuid().as_raw()
-        };
-        let gid = if is_root() {
-            NOBODY
-        } else {
-            nix::unistd::getgid().as_raw()
-        };
+        let (uid, gid) = ids();
         a.extend([
             "--uid".into(),
-            id.to_string(),
+            uid.to_string(),
             "--gid".into(),
             gid.to_string(),
         ]);
@@ -279,10 +288,13 @@ impl Sandbox {
                 }
             }
         }
+        for dir in &self.shadowed {
+            a.extend(["--tmpfs".into(), s(dir)]);
+        }
         for (inside, host) in &self.units {
             a.extend(["--ro-bind".into(), s(host), s(inside)]);
         }
-        for dir in &self.opened {
+        for dir in self.opened.iter().chain(&self.shadowed) {
             a.extend(["--remount-ro".into(), s(dir)]);
         }
         a.extend([
@@ -302,8 +314,15 @@ impl Sandbox {
     }
 
     /// Run `argv` inside the sandbox with `cwd` (an inside path) as its directory; its stdout
-    /// and stderr go to `log` (a host path). Returns when it exited successfully.
-    pub fn run(&self, argv: &[String], cwd: &Path, log: &Path) -> Result<(), SandboxError> {
+    /// and stderr go to `log` (a host path). Returns when it exited successfully; killed at
+    /// `deadline` (the build's, shared by its commands).
+    pub fn run(
+        &self,
+        argv: &[String],
+        cwd: &Path,
+        log: &Path,
+        deadline: Instant,
+    ) -> Result<(), SandboxError> {
         let start_err = |what: &str| {
             let what = what.to_string();
             move |source| SandboxError::Start { what, source }
@@ -339,7 +358,6 @@ impl Sandbox {
             command.uid(NOBODY).gid(NOBODY);
         }
         let mut child = command.spawn().map_err(start_err("running bwrap"))?;
-        let deadline = Instant::now() + self.limits.wall;
         let status = loop {
             match child.try_wait().map_err(start_err("waiting for bwrap"))? {
                 Some(status) => break status,
@@ -366,6 +384,18 @@ impl Sandbox {
                 log: log.to_path_buf(),
             })
         }
+    }
+}
+
+/// The uid and gid the build runs as: [`NOBODY`] when we are root, else our own.
+fn ids() -> (u32, u32) {
+    if is_root() {
+        (NOBODY, NOBODY)
+    } else {
+        (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        )
     }
 }
 

@@ -219,6 +219,19 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_tool_is_refused_naming_its_package() {
+        let missing = Tool {
+            program: "no-such-build-tool",
+            package: "no-such-package",
+        };
+        let err = require(&[BUILD_TOOLS[0], missing]).unwrap_err().to_string();
+        assert!(
+            err.contains("no-such-build-tool") && err.contains("no-such-package"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn an_unknown_compiler_is_refused_with_its_text() {
         let err = compiler_for("icc 2021.1").unwrap_err();
         assert!(err.to_string().contains("icc 2021.1"), "{err}");

@@ -271,7 +271,7 @@ pub struct Release {
 }
 
 /// The signer of a release's modules, as kmod's `modinfo` prints it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signer {
     /// The signing certificate's subject CN (`modinfo`'s `signer:`).
     pub subject: String,

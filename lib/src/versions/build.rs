@@ -39,12 +39,51 @@ const RECIPE: &str = "1";
 /// Errors of [`build`] and [`verify_rebuild`].
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// The registry could not be read or written.
+    /// The registry could not be read or written (boxed: its messages are large).
     #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// The request itself is wrong.
-    #[error("{0}")]
-    Request(String),
+    Registry(Box<RegistryError>),
+    /// A kernel or driver version string that cannot be a version (it becomes a path).
+    #[error("the {field} {problem}")]
+    BadVersion {
+        /// `kernel version` or `driver version`.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Modules for another architecture were asked for.
+    #[error(
+        "modules for {arch} cannot be built on this machine (no cross-compiling); build on an \
+         {arch} machine"
+    )]
+    OtherArch {
+        /// The architecture asked for.
+        arch: Arch,
+    },
+    /// The base URL is not a URL artifacts can have.
+    #[error("the base URL `{0}` is not an https, http or file URL")]
+    BadBaseUrl(String),
+    /// No module source among the inputs.
+    #[error("an nvidia-kernel-source input is required: the module source to build")]
+    NoSource,
+    /// A release to rebuild was not made by `versions build`.
+    #[error(
+        "release `{release}` cannot be rebuilt: {what}; only releases made by `versions build` can"
+    )]
+    NotBuilt {
+        /// The release.
+        release: String,
+        /// What it lacks.
+        what: String,
+    },
+    /// The signing key or certificate cannot be read.
+    #[error("cannot read the signing file {path}; pass a readable key and certificate")]
+    SigningFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// An input could not be downloaded or did not verify.
     #[error("the {what} input")]
     Fetch {
@@ -54,9 +93,9 @@ pub enum BuildError {
         #[source]
         source: FetchError,
     },
-    /// The modules could not be built.
+    /// The modules could not be built (boxed: its messages are large).
     #[error(transparent)]
-    Driver(#[from] DriverBuildError),
+    Driver(Box<DriverBuildError>),
     /// The built modules failed the inspection `versions add` runs: nothing was published.
     #[error("the built modules were refused, nothing published: {0}")]
     Refused(String),
@@ -67,7 +106,7 @@ pub enum BuildError {
         what: String,
         /// Why.
         #[source]
-        source: ArchiveError,
+        source: Box<ArchiveError>,
     },
     /// A file of the build could not be written (cache record, artifact, `--out`).
     #[error("cannot write {path}")]
@@ -80,13 +119,31 @@ pub enum BuildError {
     },
 }
 
+impl From<DriverBuildError> for BuildError {
+    fn from(e: DriverBuildError) -> Self {
+        BuildError::Driver(Box::new(e))
+    }
+}
+
+impl From<RegistryError> for BuildError {
+    fn from(e: RegistryError) -> Self {
+        BuildError::Registry(Box::new(e))
+    }
+}
+
 impl BuildError {
     /// The kind of failure, for exit codes and API statuses.
     pub fn outcome(&self) -> crate::outcome::Outcome {
         use crate::outcome::Outcome;
         match self {
-            BuildError::Request(_) => Outcome::Refused,
-            BuildError::Registry(RegistryError::Exists { .. }) => Outcome::Refused,
+            BuildError::BadVersion { .. }
+            | BuildError::OtherArch { .. }
+            | BuildError::BadBaseUrl(_)
+            | BuildError::NoSource
+            | BuildError::NotBuilt { .. } => Outcome::Refused,
+            BuildError::Registry(e) if matches!(**e, RegistryError::Exists { .. }) => {
+                Outcome::Refused
+            }
             BuildError::Driver(e) if e.is_refusal() => Outcome::Refused,
             BuildError::Driver(e) if e.is_verification_failure() => Outcome::VerificationFailed,
             BuildError::Refused(_) | BuildError::Unpack { .. } => Outcome::VerificationFailed,
@@ -175,6 +232,10 @@ pub struct BuildRequest {
     pub default: bool,
     /// Overwrite a release of the same name in the file.
     pub replace: bool,
+    /// Whether the release ships GSP firmware (`false`: proprietary only).
+    pub gsp: bool,
+    /// Largest download accepted per input; `None`: the fetcher's default cap.
+    pub max_download_bytes: Option<u64>,
     /// The sandbox's limits.
     pub limits: SandboxLimits,
     /// `make -j`; `None`: the cores available.
@@ -208,7 +269,7 @@ pub struct BuildRecord {
     /// The sandbox's settings.
     pub sandbox: String,
     /// Who signed.
-    pub signer: Option<(String, String)>,
+    pub signer: Option<Signer>,
     /// The kernel's CONFIG_MODULE_SIG_FORCE.
     pub module_sig_force: bool,
 }
@@ -265,7 +326,7 @@ pub fn build(
             url: urls[0].clone(),
         });
         let got = fetcher
-            .fetch_unpinned(urls, None, progress)
+            .fetch_unpinned(urls, req.max_download_bytes, progress)
             .map_err(|source| BuildError::Fetch { what, source })?;
         inputs.push(Input {
             kind,
@@ -304,6 +365,7 @@ pub fn build(
         flavor: req.flavor,
         arch: req.arch,
         signing: req.signing.as_ref(),
+        gsp: req.gsp,
         limits: req.limits,
         jobs: req.jobs,
     };
@@ -322,7 +384,7 @@ pub fn build(
     let mut artifacts = vec![Artifact {
         kind: ArtifactKind::NvidiaModules,
         urls: vec![url],
-        sha256: Some(hex_digest(&built.record.sha256)?),
+        sha256: Some(built.digest),
         size: Some(built.record.size),
     }];
     artifacts.extend(inputs.iter().map(|input| Artifact {
@@ -338,17 +400,10 @@ pub fn build(
         kernel_version: req.kernel_version.clone(),
         driver_version: Some(req.driver_version.clone()),
         module_flavor: Some(req.flavor),
-        gsp: true,
+        gsp: req.gsp,
         vgpu: None,
         default: req.default,
-        signer: built
-            .record
-            .signer
-            .as_ref()
-            .map(|(subject, key_id)| Signer {
-                subject: subject.clone(),
-                key_id: key_id.clone(),
-            }),
+        signer: built.record.signer.clone(),
         module_sig_force: built.record.module_sig_force,
         build: Some(BuildProvenance {
             builder: BUILDER.into(),
@@ -382,12 +437,14 @@ struct Spec<'a> {
     flavor: ModuleFlavor,
     arch: Arch,
     signing: Option<&'a SigningKey>,
+    gsp: bool,
     limits: SandboxLimits,
     jobs: Option<usize>,
 }
 
 struct Built {
     record: BuildRecord,
+    digest: Sha256Digest,
     cached: PathBuf,
     cache_hit: bool,
     logs: PathBuf,
@@ -417,12 +474,9 @@ fn cache_key(spec: &Spec, inputs: &[Input]) -> Result<String, BuildError> {
     }
     if let Some(key) = spec.signing {
         for (name, path) in [("sign_key", &key.key), ("sign_cert", &key.cert)] {
-            let bytes = fs::read(path).map_err(|e| {
-                BuildError::Request(format!(
-                    "cannot read {} ({e}); pass a readable --{} file",
-                    path.display(),
-                    name.replace('_', "-")
-                ))
+            let bytes = fs::read(path).map_err(|source| BuildError::SigningFile {
+                path: path.clone(),
+                source,
             })?;
             field(name, &hex::encode(Sha256::digest(&bytes)));
         }
@@ -449,26 +503,23 @@ fn build_or_reuse(
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(record) = record {
-            let cached = hex_digest(&record.sha256)
-                .ok()
-                .and_then(|d| fetcher.cached(&d));
-            if let Some(cached) = cached {
+            // A damaged record, or an artifact gone from the cache, is a miss.
+            let digest: Option<Sha256Digest> = record.sha256.parse().ok();
+            let cached = digest.and_then(|d| Some((d, fetcher.cached(&d)?)));
+            if let Some((digest, cached)) = cached {
                 stage(Stage::CacheHit);
                 let others: Vec<&Input> =
                     inputs.iter().filter(|i| !i.kind.is_build_input()).collect();
                 if !others.is_empty() {
-                    let signer = record
-                        .signer
-                        .clone()
-                        .map(|(subject, key_id)| Signer { subject, key_id });
                     let rule = SigningRule {
-                        signer: signer.as_ref(),
+                        signer: record.signer.as_ref(),
                         module_sig_force: record.module_sig_force,
                     };
                     inspect_built(spec, &cached, &others, rule)?;
                 }
                 return Ok(Built {
                     record,
+                    digest,
                     cached,
                     cache_hit: true,
                     logs,
@@ -486,9 +537,7 @@ fn build_or_reuse(
         source: by_kind(ArtifactKind::NvidiaKernelSource)
             .map(|i| i.got.path.clone())
             .next()
-            .ok_or_else(|| {
-                BuildError::Request("an nvidia-kernel-source input is required".into())
-            })?,
+            .ok_or(BuildError::NoSource)?,
         headers: by_kind(ArtifactKind::KernelHeaders)
             .map(|i| i.got.path.clone())
             .collect(),
@@ -551,10 +600,7 @@ fn build_or_reuse(
         modules: built_modules,
         compiler: prepared.compiler.version.clone(),
         sandbox: prepared.sandbox(),
-        signer: prepared
-            .signer
-            .as_ref()
-            .map(|s| (s.subject.clone(), s.key_id.clone())),
+        signer: prepared.signer.clone(),
         module_sig_force: prepared.tree.config.module_sig_force,
     };
     if use_cache {
@@ -567,6 +613,7 @@ fn build_or_reuse(
     }
     Ok(Built {
         record,
+        digest: got.sha256,
         cached: got.path,
         cache_hit: false,
         logs,
@@ -588,7 +635,7 @@ fn inspect_built(
     let modules = scratch.path().join("nvidia-modules");
     extract_tar(packed, &modules, &Limits::default()).map_err(|source| BuildError::Unpack {
         what: "the built nvidia-modules".into(),
-        source,
+        source: Box::new(source),
     })?;
     roots.insert(ArtifactKind::NvidiaModules, modules);
     for input in others.iter().filter(|i| i.kind != ArtifactKind::Kernel) {
@@ -596,7 +643,7 @@ fn inspect_built(
         extract_tar(&input.got.path, &dest, &Limits::default()).map_err(|source| {
             BuildError::Unpack {
                 what: format!("the {} artifact", input.kind),
-                source,
+                source: Box::new(source),
             }
         })?;
         roots.insert(input.kind, dest);
@@ -613,7 +660,7 @@ fn inspect_built(
         driver_version: spec.driver_version,
         arch: spec.arch,
         flavor: Some(spec.flavor),
-        gsp: true,
+        gsp: spec.gsp,
         signing,
     };
     inspect(&expect, &trees).map_err(|e| {
@@ -631,25 +678,19 @@ fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
         ("driver version", &req.driver_version),
     ] {
         if let Some(problem) = crate::registry::version_string_problem(value) {
-            return Err(BuildError::Request(format!("the {field} {problem}")));
+            return Err(BuildError::BadVersion { field, problem });
         }
     }
     if Arch::host() != Some(req.arch) {
-        return Err(BuildError::Request(format!(
-            "modules for {} cannot be built on this machine (no cross-compiling); build on an {} \
-             machine",
-            req.arch, req.arch
-        )));
+        return Err(BuildError::OtherArch { arch: req.arch });
     }
-    if let Some(base) = &req.base_url {
-        if !["https://", "http://", "file://"]
-            .iter()
-            .any(|s| base.starts_with(s))
-        {
-            return Err(BuildError::Request(format!(
-                "--base-url `{base}` is not an https, http or file URL"
-            )));
-        }
+    let schemes = ["https://", "http://", "file://"];
+    if let Some(base) = req
+        .base_url
+        .as_ref()
+        .filter(|b| !schemes.iter().any(|s| b.starts_with(s)))
+    {
+        return Err(BuildError::BadBaseUrl(base.clone()));
     }
     if !req.replace && req.file.exists() {
         let existing = Registry::read(&req.file)?;
@@ -672,9 +713,8 @@ fn publish(file: &Path, dir: &Path, name: &str) -> Result<PathBuf, BuildError> {
         source,
     };
     fs::create_dir_all(dir).map_err(err)?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    fs::copy(file, &tmp).map_err(err)?;
-    fs::rename(&tmp, &dest).map_err(err)?;
+    let bytes = fs::read(file).map_err(err)?;
+    crate::fsutil::write_atomic(&dest, &bytes).map_err(err)?;
     Ok(dest)
 }
 
@@ -686,11 +726,6 @@ fn file_url(path: &Path) -> String {
 /// A URL's last path segment, for messages (`nv-pci-exclude-bars.patch`).
 fn url_name(url: &str) -> String {
     url.rsplit('/').next().unwrap_or(url).to_string()
-}
-
-fn hex_digest(hex: &str) -> Result<Sha256Digest, BuildError> {
-    hex.parse()
-        .map_err(|e| BuildError::Request(format!("a recorded digest `{hex}` is malformed: {e}")))
 }
 
 /// What [`verify_rebuild`] found.
@@ -752,11 +787,9 @@ pub fn verify_rebuild(
 ) -> Result<RebuildReport, BuildError> {
     let (release, arch, signing) = (req.release.as_str(), req.arch, req.signing.as_ref());
     let found = registry.release(release)?;
-    let not_built = |what: &str| {
-        BuildError::Request(format!(
-            "release `{release}` cannot be rebuilt: {what}; only releases made by `versions build` \
-             can"
-        ))
+    let not_built = |what: &str| BuildError::NotBuilt {
+        release: release.to_string(),
+        what: what.to_string(),
     };
     let pinned = found
         .artifact(arch, ArtifactKind::NvidiaModules)
@@ -799,9 +832,7 @@ pub fn verify_rebuild(
         return Err(not_built("it has no pinned nvidia-kernel-source input"));
     }
     if Arch::host() != Some(arch) {
-        return Err(BuildError::Request(format!(
-            "{arch} modules cannot be rebuilt on this machine (no cross-compiling)"
-        )));
+        return Err(BuildError::OtherArch { arch });
     }
     let without_signatures = found.signer.is_some() && signing.is_none();
     let spec = Spec {
@@ -814,6 +845,7 @@ pub fn verify_rebuild(
         } else {
             None
         },
+        gsp: found.gsp,
         limits: SandboxLimits::default(),
         jobs: None,
     };
@@ -873,7 +905,7 @@ fn differing_modules(
         })
         .map_err(|source| BuildError::Unpack {
             what: what.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(out)
     };

@@ -14,6 +14,7 @@
 pub mod build;
 pub mod deep;
 pub mod diff;
+pub mod provenance;
 
 pub use diff::{DiffError, ReleaseDiff, compare, diff};
 
