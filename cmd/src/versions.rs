@@ -3,14 +3,19 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use gpu_passthrough::driver_build::{SigningKey, Stage, sandbox::SandboxLimits};
 use gpu_passthrough::outcome::ReportOutcome;
-use gpu_passthrough::registry::{Arch, ModuleFlavor};
+use gpu_passthrough::registry::{Arch, ModuleFlavor, Signer};
 use gpu_passthrough::text::ReleaseTable;
+use gpu_passthrough::versions::build::{self, BuildInputs, BuildRequest, RebuildRequest};
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
 
 use crate::Global;
-use crate::output::{CmdResult, DownloadBar, Failure, emit, emit_text, exit_code, report_error};
+use crate::output::{
+    CmdResult, DownloadBar, Failure, emit, emit_judged, emit_text, exit_code, report_error,
+};
 
 /// Registry commands.
 #[derive(Debug, clap::Subcommand)]
@@ -44,6 +49,34 @@ pub enum VersionsCommand {
     },
     /// Re-check every pinned artifact (exit 3 naming each mismatch; 4 if any is unpinned).
     Verify(VerifyArgs),
+    /// Build NVIDIA's modules in a sandbox from --artifact nvidia-kernel-source=URL,
+    /// kernel-headers=URL (once per archive) and source-patch=URL (in order); pin into FILE.
+    Build(BuildArgs),
+}
+
+/// `versions build` arguments: those of `add`, the inputs as `--artifact`s, and the build's own.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    add: AddArgs,
+    /// Sign every module with KEY (and --sign-cert).
+    #[arg(long, value_name = "KEY", requires = "sign_cert")]
+    sign_key: Option<PathBuf>,
+    /// KEY's X.509 certificate.
+    #[arg(long, value_name = "CERT", requires = "sign_key")]
+    sign_cert: Option<PathBuf>,
+    /// The artifact's URL is URL/<file name> [default: a file:// URL].
+    #[arg(long, value_name = "URL")]
+    base_url: Option<String>,
+    /// Copy the artifact into DIR for publishing.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Kill the build past SECONDS.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10800)]
+    time_limit: u64,
+    /// Cap each build process's address space at MIB.
+    #[arg(long, value_name = "MIB", default_value_t = 8192)]
+    memory_limit: u64,
 }
 
 /// `versions add` arguments.
@@ -78,6 +111,16 @@ pub struct AddArgs {
     /// Largest download accepted per artifact, in bytes (default: 4 GiB).
     #[arg(long, value_name = "BYTES")]
     max_download_bytes: Option<u64>,
+    /// The NVIDIA modules are signed by this certificate CN (`modinfo`'s `signer:`); each must
+    /// carry that signature.
+    #[arg(long, value_name = "CN", requires = "signer_key_id")]
+    signer: Option<String>,
+    /// The signing certificate's serial as `AA:BB:...` (`modinfo`'s `sig_key:`).
+    #[arg(long, value_name = "ID", requires = "signer")]
+    signer_key_id: Option<String>,
+    /// The guest kernel refuses unsigned modules (CONFIG_MODULE_SIG_FORCE=y): needs --signer.
+    #[arg(long)]
+    module_sig_force: bool,
 }
 
 /// `versions verify` arguments.
@@ -94,6 +137,10 @@ pub struct VerifyArgs {
     /// Also re-hash the unpacked artifact trees and built layers in the cache.
     #[arg(long)]
     deep: bool,
+    /// Rebuild RELEASE's modules from its pinned inputs and compare (exit 3 naming each module
+    /// that differs).
+    #[arg(long, requires = "release")]
+    rebuild: bool,
 }
 
 /// Run a `versions` command.
@@ -107,6 +154,7 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> CmdResult {
         VersionsCommand::Pin { release, arch } => pin(global, release, *arch),
         VersionsCommand::Diff { from, to, arch } => diff(global, from, to, *arch),
         VersionsCommand::Verify(args) => verify(global, args),
+        VersionsCommand::Build(args) => build(global, args),
     }
 }
 
@@ -154,6 +202,12 @@ fn add(global: &Global, args: &AddArgs) -> CmdResult {
         default: args.default,
         replace: args.replace,
         max_download_bytes: args.max_download_bytes,
+        signer: args
+            .signer
+            .clone()
+            .zip(args.signer_key_id.clone())
+            .map(|(subject, key_id)| Signer { subject, key_id }),
+        module_sig_force: args.module_sig_force,
     };
     let fetcher = versions::fetcher(&global.cache_dir())?;
     match versions::add(&fetcher, &request, &DownloadBar::new(global)) {
@@ -161,6 +215,70 @@ fn add(global: &Global, args: &AddArgs) -> CmdResult {
             Err(Failure::from(e).context("pass --driver-version"))
         }
         report => emit_text(global, &report?),
+    }
+}
+
+fn build(global: &Global, a: &BuildArgs) -> CmdResult {
+    let (add, need) = (&a.add, |flag| {
+        Failure::message(format!("`versions build` needs {flag}"))
+    });
+    // A build records who signed from --sign-cert and module_sig_force from the headers' config.
+    if add.signer.is_some() || add.module_sig_force {
+        return Err(Failure::message(
+            "`versions build` records the signer from --sign-cert and module_sig_force from the \
+             kernel headers: drop --signer/--signer-key-id/--module-sig-force and pass \
+             --sign-key/--sign-cert to sign the modules",
+        )
+        .with_outcome(gpu_passthrough::outcome::Outcome::Refused));
+    }
+    let request = BuildRequest {
+        file: target_file(global, "build")?,
+        release: add.release.clone(),
+        kernel_version: add.kernel_version.clone(),
+        driver_version: add
+            .driver_version
+            .clone()
+            .ok_or_else(|| need("--driver-version"))?,
+        flavor: add
+            .flavor
+            .ok_or_else(|| need("--flavor open|proprietary"))?,
+        arch: arch_or_host(add.arch)?,
+        inputs: BuildInputs::parse(&add.artifacts)
+            .map_err(|e| Failure::message(format!("--artifact {e}")))?,
+        signing: a
+            .sign_key
+            .clone()
+            .zip(a.sign_cert.clone())
+            .map(|(key, cert)| SigningKey { key, cert }),
+        base_url: a.base_url.clone(),
+        out_dir: a.out.clone(),
+        default: add.default,
+        replace: add.replace,
+        gsp: !add.no_gsp,
+        max_download_bytes: add.max_download_bytes,
+        limits: SandboxLimits {
+            wall: Duration::from_secs(a.time_limit),
+            memory_bytes: a.memory_limit << 20,
+        },
+        jobs: None,
+    };
+    let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
+    let report = build::build(
+        &versions::fetcher(&cache)?,
+        &cache,
+        &request,
+        &bar,
+        &stages(global),
+    )?;
+    emit_text(global, &report)
+}
+
+/// Build stages on stderr, for people.
+fn stages(global: &Global) -> impl Fn(Stage) + '_ {
+    |s| {
+        if !global.quiet {
+            eprintln!("{s}")
+        }
     }
 }
 
@@ -183,6 +301,19 @@ fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> CmdResult 
 
 /// `versions verify`: the rows, then the verdict as the error and exit code.
 fn verify(global: &Global, args: &VerifyArgs) -> CmdResult {
+    if let Some(name) = args.release.as_ref().filter(|_| args.rebuild) {
+        let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
+        let (arch, signing) = (arch_or_host(None)?, None);
+        let req = RebuildRequest {
+            release: name.clone(),
+            arch,
+            signing,
+        };
+        let (fetcher, registry) = (versions::fetcher(&cache)?, global.registry()?);
+        let stages = stages(global);
+        let report = build::verify_rebuild(&fetcher, &cache, &registry, &req, &bar, &stages)?;
+        return emit_judged(global, &report);
+    }
     let registry = global.registry()?;
     let source = match args.cached {
         true => VerifySource::Cache,

@@ -313,6 +313,10 @@ fn add_refuses_a_tampered_archive_and_leaves_registry_and_cache_alone() {
 }
 
 fn add_modules_only(kernel: &str, driver: &str) -> Output {
+    add_modules_only_with(kernel, driver, &[])
+}
+
+fn add_modules_only_with(kernel: &str, driver: &str, extra: &[&str]) -> Output {
     let mirror = Mirror::dir(&fixtures::dir());
     let work = tempfile::tempdir().unwrap();
     let registry = work.path().join("registry.toml");
@@ -331,6 +335,7 @@ fn add_modules_only(kernel: &str, driver: &str) -> Output {
             "nvidia-modules={}",
             mirror.url(&format!("/{}", fixtures::NVIDIA_MODULES))
         ))
+        .args(extra)
         .arg("--registry")
         .arg(&registry));
     assert!(
@@ -354,6 +359,24 @@ fn add_refuses_modules_of_another_driver_version_naming_the_ko() {
     assert!(
         !stderr.contains("/tmp/"),
         "paths are shown relative to the artifact: {stderr}"
+    );
+}
+
+#[test]
+fn add_with_a_signer_refuses_unsigned_modules_naming_the_ko_and_the_signer() {
+    let out = add_modules_only_with(
+        fixtures::KERNEL_VERSION,
+        fixtures::DRIVER_VERSION,
+        &["--signer", "release key", "--signer-key-id", "1F:2E:3D"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nvidia.ko")
+            && stderr.contains("carries no signature")
+            && stderr.contains("\"release key\" (key 1F:2E:3D)"),
+        "{}",
+        text(&out)
     );
 }
 

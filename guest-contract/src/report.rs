@@ -38,6 +38,10 @@ pub enum FailureClass {
     MissingFile,
     /// The driver could not initialise the GPU (`RmInitAdapter failed` in the kernel log).
     InitFailed,
+    /// EKEYREJECTED: the kernel refused the module's signature (unsigned or signed by a key it
+    /// does not trust, under `module.sig_enforce=1` or `CONFIG_MODULE_SIG_FORCE`; or a signature
+    /// that does not verify). The message has the kernel's reason and the fix.
+    SignatureRejected,
     /// Anything else (errno and kernel log line in the message).
     Other,
 }
@@ -490,6 +494,7 @@ mod tests {
             (FailureClass::MissingFirmware, "missing_firmware"),
             (FailureClass::MissingFile, "missing_file"),
             (FailureClass::InitFailed, "init_failed"),
+            (FailureClass::SignatureRejected, "signature_rejected"),
             (FailureClass::Other, "other"),
         ];
         for (class, name) in classes {

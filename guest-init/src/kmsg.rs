@@ -67,9 +67,44 @@ pub fn failed_firmware(line: &str) -> Option<String> {
     None
 }
 
+/// The kernel's reason for refusing a module's signature, if `line` is that record:
+/// `Loading of unsigned module is rejected`, `Loading of module with unavailable key is
+/// rejected` or `Loading of module with unsupported crypto is rejected` (the kernel prints it,
+/// and fails the load with EKEYREJECTED, only where signatures are enforced).
+pub fn signature_rejection(line: &str) -> Option<&str> {
+    let rest = line.split("Loading of ").nth(1)?;
+    let reason = rest.strip_suffix(" is rejected")?;
+    (!reason.is_empty()).then_some(reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_kernels_reason_for_a_rejected_signature() {
+        // The records of Linux 6.1 (kernel/module/signing.c), as read from /dev/kmsg.
+        assert_eq!(
+            signature_rejection("Loading of unsigned module is rejected"),
+            Some("unsigned module")
+        );
+        assert_eq!(
+            signature_rejection("Loading of module with unavailable key is rejected"),
+            Some("module with unavailable key")
+        );
+        assert_eq!(
+            signature_rejection("module: Loading of module with unsupported crypto is rejected"),
+            Some("module with unsupported crypto")
+        );
+        assert_eq!(
+            signature_rejection(
+                "nvidia: module verification failed: signature and/or required key missing - tainting kernel"
+            ),
+            None
+        );
+        assert_eq!(signature_rejection("Loading of  is rejected"), None);
+        assert_eq!(signature_rejection("Loading of unsigned module"), None);
+    }
 
     #[test]
     fn finds_firmware_names_in_both_kernel_messages() {

@@ -1,7 +1,7 @@
 //! Loading the manifest's kernel modules in order and classifying each failure.
 
 use crate::context::SetupContext;
-use crate::kmsg::{KernelLog, failed_firmware};
+use crate::kmsg::{KernelLog, failed_firmware, signature_rejection};
 use gpu_passthrough_guest_contract::report::{FailureClass, ModuleReport, ModuleResult};
 use gpu_passthrough_guest_contract::{Module, normalize_module_name};
 use nix::errno::Errno;
@@ -141,6 +141,7 @@ pub fn class_name(class: FailureClass) -> &'static str {
         FailureClass::MissingFirmware => "missing_firmware",
         FailureClass::MissingFile => "missing_file",
         FailureClass::InitFailed => "init_failed",
+        FailureClass::SignatureRejected => "signature_rejected",
         FailureClass::Other => "other",
     }
 }
@@ -196,6 +197,11 @@ fn classify(
                  VM (vfio-pci device on the VMM command line) or boot without HAS_GPU=1"
             ),
         ),
+        LoadError::Kernel(Errno::EKEYREJECTED) => (
+            FailureClass::SignatureRejected,
+            errno,
+            signature_message(name, kernel_lines),
+        ),
         LoadError::Kernel(e @ (Errno::ENOEXEC | Errno::EINVAL))
             if !kernel_lines.iter().any(|l| l.contains("nknown parameter")) =>
         {
@@ -228,4 +234,33 @@ fn classify(
             )
         }
     }
+}
+
+/// What a signature the kernel refused (EKEYREJECTED) means, from the kernel's own reason when it
+/// logged one, and the fix.
+fn signature_message(name: &str, kernel_lines: &[String]) -> String {
+    const FIX: &str = "sign the modules with a key the guest kernel trusts (built into the kernel or \
+                       enrolled in its keyring, e.g. through MOK; `versions build --sign-key \
+                       --sign-cert`) and rebuild the GPU layer";
+    let Some((line, reason)) = kernel_lines
+        .iter()
+        .find_map(|l| signature_rejection(l).map(|r| (l, r)))
+    else {
+        return format!(
+            "{name}: the kernel refused its signature (EKEYREJECTED, no reason logged: the module \
+             was changed after it was signed, or its signature is corrupt): {FIX}"
+        );
+    };
+    let meaning = match reason {
+        "unsigned module" => {
+            "it is unsigned and the guest kernel enforces module signatures \
+                              (module.sig_enforce=1 or CONFIG_MODULE_SIG_FORCE)"
+        }
+        "module with unavailable key" => "it is signed by a key the guest kernel does not trust",
+        "module with unsupported crypto" => {
+            "its signature uses a digest or key algorithm the guest kernel lacks (use sha256)"
+        }
+        _ => "the guest kernel refused its signature",
+    };
+    format!("{name}: {reason}: {meaning} (EKEYREJECTED; kernel: \"{line}\"): {FIX}")
 }

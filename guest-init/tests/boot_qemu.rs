@@ -2,8 +2,10 @@
 //! 535.261.03 open modules and no GPU passed through. Checks the real `finit_module`
 //! classification, the switch into a directory root, the workload run and the power-off.
 //! Then the same payload as a read-only erofs image on virtio-pmem (`GPU_DISK=pmem`): the mount
-//! modules from the base layer, the DAX mount, the same setup. Two boots, about 10 s each. Needs
-//! `qemu-system-x86_64` (`apt-get install qemu-system-x86`) and `mkfs.erofs` (`erofs-utils`).
+//! modules from the base layer, the DAX mount, the same setup. Last, `module.sig_enforce=1`: the
+//! unsigned NVIDIA modules are `signature_rejected`, Debian's signed ones load. Three boots, about
+//! 10 s each. Needs `qemu-system-x86_64` (`apt-get install qemu-system-x86`) and `mkfs.erofs`
+//! (`erofs-utils`).
 
 mod common;
 
@@ -297,6 +299,51 @@ fn pid1_classifies_real_module_failures_switches_root_runs_the_workload_and_powe
     assert_eq!(
         report.payload.as_ref().map(|p| p.source),
         Some(PayloadSource::Initramfs)
+    );
+}
+
+/// `module.sig_enforce=1`: the kernel takes only modules signed by a key it trusts. Debian's own
+/// modules (signed at the kernel's build) still load; the fixture NVIDIA modules carry no
+/// signature, so the kernel refuses nvidia with EKEYREJECTED and logs why.
+#[test]
+fn pid1_reports_unsigned_modules_refused_under_sig_enforce_as_signature_rejected() {
+    let gpu_init = common::build_static();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let tree = build_tree(dir.path(), &gpu_init);
+    let initrd = pack(dir.path(), &tree);
+    let (console, report) = boot(
+        &initrd,
+        "module.sig_enforce=1",
+        &["-m".into(), "768".into()],
+    );
+    assert_eq!(report.status, Status::Failed, "{console}");
+    for signed in ["drm", "drm_kms_helper", "wmi", "video"] {
+        let module = report.module(signed).unwrap();
+        assert_eq!(module.result, ModuleResult::Loaded, "{signed}: {module:?}");
+    }
+    let nvidia = report.module("nvidia").unwrap();
+    assert_eq!(nvidia.result, ModuleResult::Failed);
+    assert_eq!(
+        nvidia.class,
+        Some(FailureClass::SignatureRejected),
+        "{nvidia:?}"
+    );
+    assert_eq!(nvidia.errno, Some(129));
+    let message = nvidia.message.as_deref().unwrap();
+    assert!(
+        message.starts_with("nvidia: unsigned module: ")
+            && message.contains("Loading of unsigned module is rejected")
+            && message.contains("a key the guest kernel trusts"),
+        "{message}"
+    );
+    for dependent in ["nvidia_uvm", "nvidia_modeset", "nvidia_drm"] {
+        let module = report.module(dependent).unwrap();
+        assert_eq!(module.result, ModuleResult::Skipped, "{dependent}");
+        assert_eq!(module.class, Some(FailureClass::SignatureRejected));
+    }
+    assert!(
+        console.contains("gpu-init: workload exited with status 0; powering off"),
+        "{console}"
     );
 }
 

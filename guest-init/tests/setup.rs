@@ -334,6 +334,70 @@ fn enoexec_is_wrong_kernel_naming_both_versions() {
     );
 }
 
+/// EKEYREJECTED with each record Linux 6.1 logs for it (kernel/module/signing.c), and without one
+/// (a signature that does not verify).
+#[test]
+fn a_refused_signature_is_signature_rejected_with_the_kernels_reason_and_the_fix() {
+    let guest = Guest::new(RootKind::Debian, 1);
+    guest.unregister_driver();
+    for (line, reason) in [
+        ("Loading of unsigned module is rejected", "unsigned module"),
+        (
+            "Loading of module with unavailable key is rejected",
+            "module with unavailable key",
+        ),
+        (
+            "Loading of module with unsupported crypto is rejected",
+            "module with unsupported crypto",
+        ),
+    ] {
+        let kernel = FakeKernel::new(&guest).with(
+            "nvidia.ko",
+            Outcome::FailWithLog(Errno::EKEYREJECTED, line.into()),
+        );
+        let report = run(&guest, &kernel);
+        assert_eq!(report.status, Status::Failed);
+        let nvidia = &report.modules[0];
+        assert_eq!(
+            nvidia.class,
+            Some(FailureClass::SignatureRejected),
+            "{line}"
+        );
+        assert_eq!(nvidia.errno, Some(129));
+        let msg = nvidia.message.as_deref().unwrap();
+        assert!(msg.starts_with(&format!("nvidia: {reason}: ")), "{msg}");
+        assert!(msg.contains(line), "{msg}");
+        assert!(
+            msg.contains("sign the modules with a key the guest kernel trusts"),
+            "{msg}"
+        );
+        // The modules that depend on it are skipped with its class.
+        assert_eq!(
+            report.modules[1].class,
+            Some(FailureClass::SignatureRejected)
+        );
+        assert_eq!(report.modules[1].result, ModuleResult::Skipped);
+        assert_eq!(json(&report)["modules"][0]["class"], "signature_rejected");
+    }
+    let bad = FakeKernel::new(&guest).with("nvidia.ko", Outcome::Fail(Errno::EKEYREJECTED));
+    let report = run(&guest, &bad);
+    assert_eq!(
+        report.modules[0].class,
+        Some(FailureClass::SignatureRejected)
+    );
+    let msg = report.modules[0].message.as_deref().unwrap();
+    assert!(msg.contains("changed after it was signed"), "{msg}");
+    // A signature line next to another errno does not make it a signature failure.
+    let other = FakeKernel::new(&guest).with(
+        "nvidia.ko",
+        Outcome::FailWithLog(Errno::EIO, "Loading of unsigned module is rejected".into()),
+    );
+    assert_eq!(
+        run(&guest, &other).modules[0].class,
+        Some(FailureClass::Other)
+    );
+}
+
 #[test]
 fn missing_firmware_names_the_file_from_the_kernel_log() {
     let guest = Guest::new(RootKind::Debian, 1);

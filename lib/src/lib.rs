@@ -9,9 +9,11 @@
 //! - [`capabilities`]: which driver capability (compute, utility, video, ...) each library is.
 //! - [`archive`]: read tar archives safely; write and read deterministic cpio (newc) archives.
 //! - [`modinfo`]: kernel module metadata from a `.ko`'s ELF `.modinfo` section.
+//! - [`modsig`]: the signature appended to a `.ko` (signer, key id, digest), as `modinfo` shows it.
 //! - [`inspect`]: check extracted artifacts against a release (vermagic, versions, dependencies,
 //!   firmware, libraries) and list them in load order.
 //! - [`initrd`]: build the base, GPU and combined initrd layers.
+//! - [`driver_build`]: compile NVIDIA's modules for one kernel in a bubblewrap sandbox.
 //! - [`paths`]: default locations (cache, state dir, sysfs).
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
@@ -25,7 +27,7 @@
 //!   (`Classify`, which every error type answers), and what a returned report says
 //!   (`ReportOutcome`: a plan with refusals, a host not ready).
 //! - [`text`]: the human-readable form of the reports (`Display`).
-//! - [`versions`]: the driver-upgrade workflow: add, pin and verify releases.
+//! - [`versions`]: the driver-upgrade workflow: add, build, pin and verify releases.
 //! - [`vgpu`]: vGPU profiles on both NVIDIA frameworks (vendor VFIO, mdev) and their placement.
 //! - [`vmm`]: render a boot spec for Cloud Hypervisor and QEMU.
 //! - `simulation` (cargo feature, tests only): a kernel and VFIO check that react on fake trees.
@@ -37,6 +39,7 @@
 pub mod archive;
 pub mod attach;
 pub mod capabilities;
+pub mod driver_build;
 pub mod failpoint;
 pub mod fetch;
 /// The download progress callback every workflow takes.
@@ -47,6 +50,7 @@ pub mod initrd;
 pub mod inspect;
 pub mod kernel;
 pub mod modinfo;
+pub mod modsig;
 pub mod outcome;
 pub mod owner;
 pub mod paths;

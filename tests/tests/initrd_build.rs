@@ -587,6 +587,44 @@ fn a_proprietary_release_without_gsp_builds_with_no_firmware() {
     );
 }
 
+/// A release that names a signer: the unsigned fixture modules are refused before a layer is
+/// written, each named with the signer the release expected.
+#[test]
+fn a_release_naming_a_signer_refuses_unsigned_modules() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = format!(
+        "kernel_version = \"{}\"\ndriver_version = \"{}\"\nmodule_flavor = \"open\"\n\
+         signer = {{ subject = \"release key\", key_id = \"1F:2E:3D\" }}\n",
+        fixtures::KERNEL_VERSION,
+        fixtures::DRIVER_VERSION
+    );
+    let path = fixtures::write_registry_with(
+        dir.path(),
+        RELEASE,
+        &header,
+        &fixtures::gpu_artifacts(),
+        true,
+    );
+    let registry = Registry::load(&[path]).unwrap();
+    let init = guest_init(dir.path());
+    let err = build(
+        &dir.path().join("cache"),
+        &registry,
+        &options(&init, LayerCompression::None),
+        false,
+    )
+    .unwrap_err();
+    assert!(matches!(err, InitrdError::Inspect(_)), "{err}");
+    let msg = err.to_string();
+    for needle in [
+        "nvidia.ko",
+        "carries no signature",
+        "\"release key\" (key 1F:2E:3D)",
+    ] {
+        assert!(msg.contains(needle), "no `{needle}` in:\n{msg}");
+    }
+}
+
 #[test]
 fn xz_compressed_modules_are_written_decompressed() {
     // A distribution's modules are `.ko.xz`; the guest's finit_module is

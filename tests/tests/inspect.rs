@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use gpu_passthrough::archive::tar::{Limits, extract_tar};
-use gpu_passthrough::inspect::{Expectations, Inventory, Problem, Trees, inspect};
+use gpu_passthrough::inspect::{Expectations, Inventory, Problem, SigningRule, Trees, inspect};
 use gpu_passthrough::registry::{Arch, ModuleFlavor};
 
 const KVER: &str = "6.1.0-56-amd64";
@@ -66,6 +66,7 @@ fn expect() -> Expectations<'static> {
         arch: Arch::X86_64,
         flavor: Some(ModuleFlavor::Open),
         gsp: true,
+        signing: SigningRule::default(),
     }
 }
 

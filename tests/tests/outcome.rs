@@ -36,6 +36,14 @@ fn every_error_type_of_the_library_is_classified() {
     classified::<ErofsError>();
     classified::<AttachError>();
     classified::<gpu_passthrough::failpoint::FailpointError>();
+    classified::<gpu_passthrough::driver_build::DriverBuildError>();
+    classified::<gpu_passthrough::driver_build::headers::HeadersError>();
+    classified::<gpu_passthrough::driver_build::sandbox::SandboxError>();
+    classified::<gpu_passthrough::driver_build::signer::SignerError>();
+    classified::<gpu_passthrough::driver_build::source::SourceError>();
+    classified::<gpu_passthrough::driver_build::toolchain::ToolchainError>();
+    classified::<gpu_passthrough::modsig::ModsigError>();
+    classified::<gpu_passthrough::versions::build::BuildError>();
     classified::<JournalError>();
     classified::<OwnerError>();
     classified::<FetchError>();

@@ -73,6 +73,8 @@ fn request(file: std::path::PathBuf, kernel: &str, url: String) -> AddRequest {
         default: false,
         replace: false,
         max_download_bytes: None,
+        signer: None,
+        module_sig_force: false,
     }
 }
 

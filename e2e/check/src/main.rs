@@ -16,6 +16,7 @@ mod host;
 mod layers;
 mod modules;
 mod serve;
+mod signing;
 
 use clap::{Parser, Subcommand};
 use console::Console;
@@ -205,6 +206,48 @@ enum Command {
         #[arg(long)]
         image_resident_bytes: u64,
     },
+    /// Run F: the modules `versions build` made (unpacked) against the prebuilt fixture modules.
+    BuiltModules {
+        /// The unpacked built artifact.
+        built: PathBuf,
+        /// The unpacked prebuilt modules.
+        prebuilt: PathBuf,
+        /// The signing certificate's common name (absent: the modules must be unsigned).
+        #[arg(long, requires = "key_id")]
+        signer: Option<String>,
+        /// Its serial as `AA:BB:...`.
+        #[arg(long, requires = "signer")]
+        key_id: Option<String>,
+    },
+    /// Run F: `versions build --json` output, a compile or a cache hit; its time as a figure.
+    BuildReport {
+        /// The saved JSON.
+        json: PathBuf,
+        /// Names the build in check and figure names.
+        #[arg(long)]
+        label: String,
+        /// The build must have been a cache hit.
+        #[arg(long)]
+        cache_hit: bool,
+    },
+    /// Run F: two builds' module digests must be equal.
+    Reproducible {
+        /// The first build's JSON.
+        first: PathBuf,
+        /// The second build's JSON.
+        second: PathBuf,
+    },
+    /// Run F: a guest booted with `module.sig_enforce=1`.
+    SignatureGuest {
+        /// The console log.
+        log: PathBuf,
+        /// The kernel's reason the report must carry (`unsigned module`, `unavailable key`).
+        #[arg(long)]
+        reason: String,
+        /// QEMU's exit code.
+        #[arg(long, allow_hyphen_values = true)]
+        boot_rc: i32,
+    },
     /// Print the .ko files needed for the named modules, dependencies first.
     Modorder {
         /// A directory tree of .ko files.
@@ -352,6 +395,29 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Command::BuiltModules {
+            built,
+            prebuilt,
+            signer,
+            key_id,
+        } => {
+            let expected = signer
+                .as_deref()
+                .zip(key_id.as_deref())
+                .map(|(signer, key_id)| signing::Expected { signer, key_id });
+            signing::built_modules(&built, &prebuilt, expected.as_ref())
+        }
+        Command::BuildReport {
+            json,
+            label,
+            cache_hit,
+        } => signing::build_report(&json, &label, cache_hit)?,
+        Command::Reproducible { first, second } => signing::reproducible(&first, &second)?,
+        Command::SignatureGuest {
+            log,
+            reason,
+            boot_rc,
+        } => signing::signature_guest(&Console::read(&log)?, &reason, boot_rc),
         Command::Serve { dir, port_file } => return serve::serve(&dir, &port_file),
         Command::DoctorModule {
             module,

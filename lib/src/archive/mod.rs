@@ -7,6 +7,7 @@
 
 pub mod compress;
 pub mod cpio;
+pub mod deb;
 pub mod decompress;
 pub mod erofs;
 pub mod tar;
@@ -112,6 +113,14 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
+    /// A `.deb` package's `ar` structure is unusable, or it has no data member we read.
+    #[error("package {archive}: {reason}; fetch the package again from its Debian mirror")]
+    Deb {
+        /// The package being read.
+        archive: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The extraction destination is unusable.
     #[error("cannot extract into {dest}: {reason}")]
     Destination {
@@ -157,6 +166,7 @@ impl Classify for ArchiveError {
             | ArchiveError::Destination { .. }
             | ArchiveError::DestinationIo { .. }
             | ArchiveError::Write { .. }
+            | ArchiveError::Deb { .. }
             | ArchiveError::Visitor { .. } => Outcome::Failed,
         }
     }

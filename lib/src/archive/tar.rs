@@ -117,6 +117,28 @@ pub fn walk_tar_stream<R: BufRead>(
     limits: &Limits,
     visit: &mut dyn FnMut(&TarEntry, &mut dyn Read) -> Result<(), ArchiveError>,
 ) -> Result<TarSummary, ArchiveError> {
+    walk_tar_stream_with(input, name, limits, AbsoluteLinks::Refuse, visit)
+}
+
+/// How a symlink whose target is absolute is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AbsoluteLinks {
+    /// Refused: an artifact's links must be relative.
+    #[default]
+    Refuse,
+    /// The archive's root stands for the filesystem root (a Debian package's data): a target
+    /// `/usr/src/x` means the archive's own `usr/src/x`, and is written as a relative link.
+    FromRoot,
+}
+
+/// [`walk_tar_stream`], with absolute symlink targets treated as `links` says.
+pub fn walk_tar_stream_with<R: BufRead>(
+    input: R,
+    name: &Path,
+    limits: &Limits,
+    links: AbsoluteLinks,
+    visit: &mut dyn FnMut(&TarEntry, &mut dyn Read) -> Result<(), ArchiveError>,
+) -> Result<TarSummary, ArchiveError> {
     let (compression, decoded) = decompressing_reader_named(input, name)?;
     let state = Rc::new(Cell::new(SourceState::Ok));
     let stream_cap = limits
@@ -138,6 +160,7 @@ pub fn walk_tar_stream<R: BufRead>(
         oversized: Rc::clone(&oversized),
         archive: name.to_path_buf(),
         limits: *limits,
+        links,
         nodes: HashMap::new(),
         symlinks: Vec::new(),
         summary: TarSummary {
@@ -191,6 +214,35 @@ pub fn extract_tar(
     dest: &Path,
     limits: &Limits,
 ) -> Result<TarSummary, ArchiveError> {
+    extract_from(archive, dest, limits, AbsoluteLinks::Refuse, || {
+        File::open(archive)
+            .map(|f| BufReader::with_capacity(1 << 16, f))
+            .map_err(|source| ArchiveError::Io {
+                archive: archive.to_path_buf(),
+                source,
+            })
+    })
+}
+
+/// [`extract_tar`] of any (possibly compressed) stream; `name` is used in error messages,
+/// absolute symlink targets are treated as `links` says.
+pub fn extract_tar_stream<R: BufRead>(
+    input: R,
+    name: &Path,
+    dest: &Path,
+    limits: &Limits,
+    links: AbsoluteLinks,
+) -> Result<TarSummary, ArchiveError> {
+    extract_from(name, dest, limits, links, || Ok(input))
+}
+
+fn extract_from<R: BufRead>(
+    archive: &Path,
+    dest: &Path,
+    limits: &Limits,
+    links: AbsoluteLinks,
+    open: impl FnOnce() -> Result<R, ArchiveError>,
+) -> Result<TarSummary, ArchiveError> {
     let dest_error = |reason: String| ArchiveError::Destination {
         dest: dest.to_path_buf(),
         reason,
@@ -241,7 +293,8 @@ pub fn extract_tar(
         source,
     };
 
-    let summary = walk_tar(archive, limits, &mut |entry, contents| {
+    let input = open()?;
+    let summary = walk_tar_stream_with(input, archive, limits, links, &mut |entry, contents| {
         let target = root.join(&entry.path);
         if let Some(parent) = entry.path.parent() {
             ensure_dirs(&root, parent).map_err(|e| write_err(&target, e))?;
@@ -402,6 +455,7 @@ struct Walker {
     /// Set by the header guard when an extension header was over its cap.
     oversized: Rc<Cell<Option<Oversized>>>,
     limits: Limits,
+    links: AbsoluteLinks,
     nodes: HashMap<PathBuf, Node>,
     /// Each symlink with the paths its target walks through (lexically, relative to the
     /// root) before reaching its final component.
@@ -695,7 +749,14 @@ impl Walker {
                 fix,
             ));
         }
-        let target = Path::new(OsStr::from_bytes(&raw)).to_path_buf();
+        let mut target = Path::new(OsStr::from_bytes(&raw)).to_path_buf();
+        if self.links == AbsoluteLinks::FromRoot && target.is_absolute() {
+            // From the link's directory up to the archive root, then down to the target.
+            let depth = path.parent().map_or(0, |p| p.components().count());
+            let mut relative: PathBuf = std::iter::repeat_n("..", depth).collect();
+            relative.push(target.strip_prefix("/").unwrap_or(&target));
+            target = relative;
+        }
         let mut resolved: Vec<&OsStr> = path
             .parent()
             .map(|p| p.iter().collect())

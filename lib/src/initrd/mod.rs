@@ -44,7 +44,7 @@ pub use crate::archive::compress::LayerCompression;
 use crate::archive::cpio::CpioError;
 pub use crate::archive::cpio::{InitrdLayer, read_initrd};
 use crate::fetch::{FetchError, Fetcher, Progress};
-use crate::inspect::{Expectations, InspectError, Inventory, Trees, inspect_for};
+use crate::inspect::{Expectations, InspectError, Inventory, SigningRule, Trees, inspect_for};
 use crate::outcome::{Classify, Outcome};
 use crate::registry::{Arch, ArtifactKind, Release};
 use crate::remedy::Remedy;
@@ -439,6 +439,7 @@ impl<'a> InitrdBuilder<'a> {
                 arch,
                 flavor: release.module_flavor,
                 gsp: release.gsp,
+                signing: SigningRule::of(release),
             },
             &Trees {
                 nvidia_modules: tree(ArtifactKind::NvidiaModules),
@@ -481,6 +482,7 @@ impl<'a> InitrdBuilder<'a> {
                 arch,
                 flavor: release.module_flavor,
                 gsp: release.gsp,
+                signing: SigningRule::of(release),
             };
             let modules = disk::mount_modules(&release.name, &expect, kernel_tree.as_deref())?;
             disk::base_files(&modules)?

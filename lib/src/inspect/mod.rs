@@ -25,9 +25,11 @@ use crate::registry::{Arch, ModuleFlavor};
 
 mod libraries;
 mod problem;
+mod signatures;
 
 use libraries::inspect_driver_libs;
 pub use problem::{InspectError, Problem};
+pub use signatures::{SigningRule, check_tree as check_signatures};
 
 /// What the registry says the artifacts must be.
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +45,9 @@ pub struct Expectations<'a> {
     /// Whether the release ships GSP firmware. Without it (a proprietary release, `gsp =
     /// false`), the modules' `firmware=` lines are not required and no firmware is collected.
     pub gsp: bool,
+    /// Who must have signed the NVIDIA modules, and whether the guest kernel refuses unsigned
+    /// ones (then every module must carry a signature).
+    pub signing: SigningRule<'a>,
 }
 
 /// The license the core NVIDIA modules (`nvidia`, `nvidia_modeset`) carry in the proprietary
@@ -133,6 +138,7 @@ pub fn inspect_for(
     roots: Option<&[String]>,
 ) -> Result<Inventory, InspectError> {
     let mut problems = Vec::new();
+    signatures::check_release(expect.signing, &mut problems);
 
     // NVIDIA modules: every .ko in the tree.
     let mut nvidia: BTreeMap<String, InspectedModule> = BTreeMap::new();
@@ -346,6 +352,7 @@ fn check_module(expect: &Expectations, module: &InspectedModule, problems: &mut 
             expected: expect.driver_version.to_string(),
         });
     }
+    signatures::check_module(expect.signing, module, problems);
     let expected = expect.arch.elf_machine();
     if module.info.elf_machine() != expected {
         problems.push(Problem::WrongArch {

@@ -159,6 +159,53 @@ pub enum Problem {
         /// The tree's root.
         tree: PathBuf,
     },
+    /// An NVIDIA module of a release that names a signer carries no signature.
+    #[error(
+        "{file}: module {module} carries no signature, but the release says its modules are signed by \"{subject}\" (key {key_id}): sign it with that key (the kernel's scripts/sign-file, or versions build --sign-key/--sign-cert) or use the artifact that was signed"
+    )]
+    UnsignedModule {
+        /// The module.
+        file: PathBuf,
+        /// Its name.
+        module: String,
+        /// The release's signer.
+        subject: String,
+        /// The release's key id.
+        key_id: String,
+    },
+    /// An NVIDIA module is signed by another key than the release names.
+    #[error(
+        "{file}: module {module} is signed by \"{found_subject}\" (key {found_key_id}), but the release says \"{subject}\" (key {key_id}): use the modules signed by the release's key, or record the signer that signed them"
+    )]
+    WrongSigner {
+        /// The module.
+        file: PathBuf,
+        /// Its name.
+        module: String,
+        /// The signer the signature names (`modinfo`'s `signer:`).
+        found_subject: String,
+        /// Its key id (`modinfo`'s `sig_key:`).
+        found_key_id: String,
+        /// The release's signer.
+        subject: String,
+        /// The release's key id.
+        key_id: String,
+    },
+    /// The guest kernel refuses unsigned modules and this one has none.
+    #[error(
+        "{file}: module {module} carries no signature, and the guest kernel refuses unsigned modules (module_sig_force = true, CONFIG_MODULE_SIG_FORCE=y): use the kernel's signed modules, or sign it with a key the kernel trusts"
+    )]
+    UnsignedUnderForce {
+        /// The module.
+        file: PathBuf,
+        /// Its name.
+        module: String,
+    },
+    /// The guest kernel refuses unsigned modules but the release names no signer.
+    #[error(
+        "the guest kernel refuses unsigned modules (module_sig_force = true, CONFIG_MODULE_SIG_FORCE=y) but the release names no signer: build the modules with versions build --sign-key/--sign-cert and a key the guest kernel trusts"
+    )]
+    ForcedSignaturesWithoutSigner,
     /// A file could not be read or parsed.
     #[error("{file}: {reason}")]
     Unreadable {
@@ -187,6 +234,10 @@ impl Classify for Problem {
             | Problem::DuplicateLibrary { .. }
             | Problem::BadSoname { .. }
             | Problem::NoNvidiaModules { .. }
+            | Problem::UnsignedModule { .. }
+            | Problem::WrongSigner { .. }
+            | Problem::UnsignedUnderForce { .. }
+            | Problem::ForcedSignaturesWithoutSigner
             | Problem::Unreadable { .. } => Outcome::VerificationFailed,
         }
     }
@@ -328,7 +379,39 @@ impl Problem {
                 file: rel(file),
                 reason: reason.replace(&format!("{}/", root.display()), ""),
             },
-            Problem::DependencyCycle { .. } | Problem::OpenWithoutGsp => self,
+            Problem::UnsignedModule {
+                file,
+                module,
+                subject,
+                key_id,
+            } => Problem::UnsignedModule {
+                file: rel(file),
+                module,
+                subject,
+                key_id,
+            },
+            Problem::WrongSigner {
+                file,
+                module,
+                found_subject,
+                found_key_id,
+                subject,
+                key_id,
+            } => Problem::WrongSigner {
+                file: rel(file),
+                module,
+                found_subject,
+                found_key_id,
+                subject,
+                key_id,
+            },
+            Problem::UnsignedUnderForce { file, module } => Problem::UnsignedUnderForce {
+                file: rel(file),
+                module,
+            },
+            Problem::DependencyCycle { .. }
+            | Problem::OpenWithoutGsp
+            | Problem::ForcedSignaturesWithoutSigner => self,
         }
     }
 }

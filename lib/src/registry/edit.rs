@@ -63,7 +63,11 @@ pub fn pin_artifacts(
         let mut pinned = release.clone();
         for pin in pins {
             if let Some(list) = pinned.artifacts.get_mut(&pin.arch) {
-                for a in list.iter_mut().filter(|a| a.kind == pin.kind) {
+                // Kinds listed several times (patches, header archives) take their pins in
+                // order, one per unpinned entry.
+                if let Some(a) = list.iter_mut().find(|a| {
+                    a.kind == pin.kind && (a.sha256.is_none() || !a.kind.allows_several())
+                }) {
                     a.sha256 = Some(pin.sha256);
                     a.size = Some(pin.size);
                 }
@@ -80,11 +84,13 @@ pub fn pin_artifacts(
         else {
             continue;
         };
-        for table in list.iter_mut() {
-            if table.get("kind").and_then(Item::as_str) == Some(pin.kind.as_str()) {
-                table["sha256"] = value(pin.sha256.to_hex());
-                table["size"] = value(size_value(pin.size));
-            }
+        let target = list.iter_mut().find(|table| {
+            table.get("kind").and_then(Item::as_str) == Some(pin.kind.as_str())
+                && (!pin.kind.allows_several() || !table.contains_key("sha256"))
+        });
+        if let Some(table) = target {
+            table["sha256"] = value(pin.sha256.to_hex());
+            table["size"] = value(size_value(pin.size));
         }
     }
     save(file, &doc)
@@ -126,6 +132,23 @@ fn release_table(release: &Release) -> Table {
     }
     if release.default {
         t["default"] = value(true);
+    }
+    if let Some(signer) = &release.signer {
+        let mut inline = toml_edit::InlineTable::new();
+        inline.insert("subject", signer.subject.as_str().into());
+        inline.insert("key_id", signer.key_id.as_str().into());
+        t["signer"] = value(inline);
+    }
+    if release.module_sig_force {
+        t["module_sig_force"] = value(true);
+    }
+    if let Some(build) = &release.build {
+        let mut bt = Table::new();
+        bt["builder"] = value(build.builder.as_str());
+        bt["compiler"] = value(build.compiler.as_str());
+        bt["sandbox"] = value(build.sandbox.as_str());
+        bt["source_date_epoch"] = value(size_value(build.source_date_epoch));
+        t.insert("build", Item::Table(bt));
     }
     let mut per_arch = Table::new();
     per_arch.set_implicit(true);

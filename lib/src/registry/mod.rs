@@ -93,16 +93,26 @@ pub enum ArtifactKind {
     NvidiaFirmware,
     /// A tar of the NVIDIA userspace libraries and tools.
     NvidiaDriverLibs,
+    /// NVIDIA's kernel module source (open or proprietary), a tarball or a `.deb`: an input of
+    /// `versions build`.
+    NvidiaKernelSource,
+    /// One archive (tarball or `.deb`) of the kernel's build tree; several together make it.
+    KernelHeaders,
+    /// A patch applied to the module source before building, in registry order.
+    SourcePatch,
 }
 
 impl ArtifactKind {
     /// Every kind, in registry order.
-    pub const ALL: [ArtifactKind; 5] = [
+    pub const ALL: [ArtifactKind; 8] = [
         ArtifactKind::Kernel,
         ArtifactKind::KernelModules,
         ArtifactKind::NvidiaModules,
         ArtifactKind::NvidiaFirmware,
         ArtifactKind::NvidiaDriverLibs,
+        ArtifactKind::NvidiaKernelSource,
+        ArtifactKind::KernelHeaders,
+        ArtifactKind::SourcePatch,
     ];
 
     /// The name used in the registry and on the command line.
@@ -113,7 +123,30 @@ impl ArtifactKind {
             ArtifactKind::NvidiaModules => "nvidia-modules",
             ArtifactKind::NvidiaFirmware => "nvidia-firmware",
             ArtifactKind::NvidiaDriverLibs => "nvidia-driver-libs",
+            ArtifactKind::NvidiaKernelSource => "nvidia-kernel-source",
+            ArtifactKind::KernelHeaders => "kernel-headers",
+            ArtifactKind::SourcePatch => "source-patch",
         }
+    }
+
+    /// Whether the kind is an input of `versions build` (what the modules were built from)
+    /// rather than something a guest's layers carry.
+    pub fn is_build_input(self) -> bool {
+        matches!(
+            self,
+            ArtifactKind::NvidiaKernelSource
+                | ArtifactKind::KernelHeaders
+                | ArtifactKind::SourcePatch
+        )
+    }
+
+    /// Whether one architecture may list several artifacts of this kind (the archives of one
+    /// build tree, patches in order); every other kind appears once, mirrors in `urls`.
+    pub fn allows_several(self) -> bool {
+        matches!(
+            self,
+            ArtifactKind::KernelHeaders | ArtifactKind::SourcePatch
+        )
     }
 }
 
@@ -132,7 +165,8 @@ impl FromStr for ArtifactKind {
             .ok_or_else(|| {
                 format!(
                     "unknown artifact kind `{s}`: use one of kernel, kernel-modules, \
-                     nvidia-modules, nvidia-firmware, nvidia-driver-libs"
+                     nvidia-modules, nvidia-firmware, nvidia-driver-libs, nvidia-kernel-source, \
+                     kernel-headers, source-patch"
                 )
             })
     }
@@ -223,10 +257,42 @@ pub struct Release {
     pub vgpu: Option<VgpuGuest>,
     /// Whether this is the release used when none is named.
     pub default: bool,
+    /// Who signed the release's modules (`signer = { subject = "...", key_id = "..." }`);
+    /// `None`: unsigned modules.
+    pub signer: Option<Signer>,
+    /// The guest kernel refuses unsigned modules (`CONFIG_MODULE_SIG_FORCE=y`), as read from its
+    /// headers when the modules were built (`module_sig_force = true`).
+    pub module_sig_force: bool,
+    /// How the modules were built, for a release made by `versions build` (`[releases.R.build]`);
+    /// the inputs' digests are its pinned input artifacts.
+    pub build: Option<BuildProvenance>,
     /// Artifacts per architecture.
     pub artifacts: BTreeMap<Arch, Vec<Artifact>>,
     /// Where the release was defined: `"embedded"` or the registry file's path.
     pub source: String,
+}
+
+/// The signer of a release's modules, as kmod's `modinfo` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signer {
+    /// The signing certificate's subject CN (`modinfo`'s `signer:`).
+    pub subject: String,
+    /// The certificate's serial number as uppercase hex bytes joined by `:` (`modinfo`'s
+    /// `sig_key:`; `sign-file` names the key by issuer and serial).
+    pub key_id: String,
+}
+
+/// What a built release's modules were made with, besides its pinned inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BuildProvenance {
+    /// The builder: this program's name and version.
+    pub builder: String,
+    /// The compiler's version string (`gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0`).
+    pub compiler: String,
+    /// The sandbox's settings (tool, namespaces, limits), in words.
+    pub sandbox: String,
+    /// The `SOURCE_DATE_EPOCH` the build ran with.
+    pub source_date_epoch: u64,
 }
 
 /// A vGPU guest release's compatibility with host vGPU managers.

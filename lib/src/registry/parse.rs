@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use toml::{Table, Value};
 
-use super::{Arch, Artifact, ArtifactKind, ModuleFlavor, RegistryError, Release, Sha256Digest};
+use super::{
+    Arch, Artifact, ArtifactKind, BuildProvenance, ModuleFlavor, RegistryError, Release,
+    Sha256Digest, Signer,
+};
 
 const RELEASE_KEYS: &[&str] = &[
     "kernel_version",
@@ -15,8 +18,13 @@ const RELEASE_KEYS: &[&str] = &[
     "vgpu_guest",
     "vgpu_manager_branches",
     "default",
+    "signer",
+    "module_sig_force",
+    "build",
     "artifacts",
 ];
+const SIGNER_KEYS: &[&str] = &["subject", "key_id"];
+const BUILD_KEYS: &[&str] = &["builder", "compiler", "sandbox", "source_date_epoch"];
 const ARTIFACT_KEYS: &[&str] = &["kind", "url", "urls", "sha256", "size"];
 const URL_SCHEMES: &[&str] = &["https://", "http://", "file://"];
 
@@ -222,7 +230,9 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
                 for (i, item) in items.iter().enumerate() {
                     let field = format!("artifacts.{arch_name}[{i}]");
                     let artifact = parse_artifact(&ctx, &field, item)?;
-                    if parsed.iter().any(|a| a.kind == artifact.kind) {
+                    if !artifact.kind.allows_several()
+                        && parsed.iter().any(|a| a.kind == artifact.kind)
+                    {
                         return Err(ctx.invalid(
                             &format!("{field}.kind"),
                             format!("artifact kind `{}` appears twice for {arch}", artifact.kind),
@@ -248,6 +258,7 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
             ArtifactKind::NvidiaModules
                 | ArtifactKind::NvidiaFirmware
                 | ArtifactKind::NvidiaDriverLibs
+                | ArtifactKind::NvidiaKernelSource
         )
     });
     if has_driver_artifact && driver_version.is_none() {
@@ -257,6 +268,26 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
             "add driver_version = \"<the NVIDIA driver version>\" (module checks compare against it)",
         ));
     }
+    let signer = parse_signer(&ctx, table)?;
+    let module_sig_force = match table.get("module_sig_force") {
+        None => false,
+        Some(Value::Boolean(b)) => *b,
+        Some(other) => {
+            return Err(ctx.invalid(
+                "module_sig_force",
+                format!("expected true or false, found {}", other.type_str()),
+                "write module_sig_force = true for a kernel with CONFIG_MODULE_SIG_FORCE=y, or remove it",
+            ));
+        }
+    };
+    if module_sig_force && signer.is_none() && has_driver_artifact {
+        return Err(ctx.invalid(
+            "signer",
+            "missing, but module_sig_force = true: the guest kernel refuses unsigned modules",
+            "build the modules again with a signing key (versions build --sign-key --sign-cert)",
+        ));
+    }
+    let build = parse_build(&ctx, table)?;
     Ok(Release {
         name: name.to_string(),
         kernel_version,
@@ -265,9 +296,102 @@ fn parse_release(file: &str, name: &str, value: &Value) -> Result<Release, Regis
         gsp,
         vgpu,
         default,
+        signer,
+        module_sig_force,
+        build,
         artifacts,
         source: file.to_string(),
     })
+}
+
+/// The string fields of an inline table with exactly `keys`, each required and non-empty.
+fn string_table(
+    ctx: &Ctx<'_>,
+    field: &str,
+    value: &Value,
+    keys: &[&str],
+    example: &str,
+) -> Result<BTreeMap<String, Value>, RegistryError> {
+    let Value::Table(t) = value else {
+        return Err(ctx.invalid(
+            field,
+            format!("expected a table, found {}", value.type_str()),
+            format!("write {field} = {example}"),
+        ));
+    };
+    for key in t.keys() {
+        if !keys.contains(&key.as_str()) {
+            return Err(ctx.invalid(
+                &format!("{field}.{key}"),
+                "unknown key",
+                format!("remove it; {field} keys are {}", keys.join(", ")),
+            ));
+        }
+    }
+    for key in keys {
+        if !t.contains_key(*key) {
+            return Err(ctx.invalid(
+                &format!("{field}.{key}"),
+                "missing",
+                format!("write {field} = {example}"),
+            ));
+        }
+    }
+    Ok(t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+fn parse_signer(ctx: &Ctx<'_>, table: &Table) -> Result<Option<Signer>, RegistryError> {
+    let Some(value) = table.get("signer") else {
+        return Ok(None);
+    };
+    let example = "{ subject = \"<certificate CN>\", key_id = \"<serial, AA:BB:...>\" }";
+    let t = string_table(ctx, "signer", value, SIGNER_KEYS, example)?;
+    let subject = ctx.string("signer.subject", &t["subject"])?;
+    let key_id = ctx.string("signer.key_id", &t["key_id"])?;
+    if subject.trim().is_empty() {
+        return Err(ctx.invalid(
+            "signer.subject",
+            "is empty",
+            "write the certificate's subject CN",
+        ));
+    }
+    let hex_pair = |p: &str| {
+        p.len() == 2
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    };
+    if key_id.is_empty() || !key_id.split(':').all(hex_pair) {
+        return Err(ctx.invalid(
+            "signer.key_id",
+            format!("`{key_id}` is not uppercase hex bytes joined by `:`"),
+            "write the certificate's serial as modinfo prints sig_key, e.g. \"1F:A0:03\"",
+        ));
+    }
+    Ok(Some(Signer { subject, key_id }))
+}
+
+fn parse_build(ctx: &Ctx<'_>, table: &Table) -> Result<Option<BuildProvenance>, RegistryError> {
+    let Some(value) = table.get("build") else {
+        return Ok(None);
+    };
+    let example = "{ builder = \"...\", compiler = \"...\", sandbox = \"...\", source_date_epoch = N } (versions build writes it)";
+    let t = string_table(ctx, "build", value, BUILD_KEYS, example)?;
+    let source_date_epoch = match &t["source_date_epoch"] {
+        Value::Integer(n) if *n >= 0 => *n as u64,
+        other => {
+            return Err(ctx.invalid(
+                "build.source_date_epoch",
+                format!("expected seconds since 1970 (a non-negative integer), found {other}"),
+                "write the SOURCE_DATE_EPOCH the build ran with",
+            ));
+        }
+    };
+    Ok(Some(BuildProvenance {
+        builder: ctx.string("build.builder", &t["builder"])?,
+        compiler: ctx.string("build.compiler", &t["compiler"])?,
+        sandbox: ctx.string("build.sandbox", &t["sandbox"])?,
+        source_date_epoch,
+    }))
 }
 
 fn parse_vgpu(ctx: &Ctx<'_>, table: &Table) -> Result<Option<super::VgpuGuest>, RegistryError> {
@@ -346,7 +470,7 @@ fn parse_artifact(ctx: &Ctx<'_>, field: &str, item: &Value) -> Result<Artifact, 
             return Err(ctx.invalid(
                 &kind_field,
                 "missing",
-                "add kind = \"kernel\" (or kernel-modules, nvidia-modules, nvidia-firmware, nvidia-driver-libs)",
+                "add kind = \"kernel\" (or kernel-modules, nvidia-modules, nvidia-firmware, nvidia-driver-libs, nvidia-kernel-source, kernel-headers, source-patch)",
             ));
         }
         Some(v) => ctx

@@ -9,9 +9,10 @@ use serde::Serialize;
 use super::VersionsError;
 use crate::archive::tar::{Limits, extract_tar};
 use crate::fetch::{Fetched, Fetcher, Progress};
-use crate::inspect::{Expectations, Inventory, Trees, inspect};
+use crate::inspect::{Expectations, Inventory, SigningRule, Trees, inspect};
 use crate::registry::{
-    Arch, Artifact, ArtifactKind, ModuleFlavor, Registry, RegistryError, Release, write_release,
+    Arch, Artifact, ArtifactKind, ModuleFlavor, Registry, RegistryError, Release, Signer,
+    write_release,
 };
 
 /// A new release to add.
@@ -40,6 +41,12 @@ pub struct AddRequest {
     /// Largest download accepted per artifact; `None` takes the fetcher's default cap for
     /// downloads without a pinned size.
     pub max_download_bytes: Option<u64>,
+    /// Who signed the NVIDIA modules: each must carry that signature, and the release records
+    /// it. `None`: no signature is required.
+    pub signer: Option<Signer>,
+    /// The guest kernel refuses unsigned modules (`CONFIG_MODULE_SIG_FORCE=y`): every module must
+    /// be signed and a signer named; the release records it.
+    pub module_sig_force: bool,
 }
 
 /// `KIND=URL` pairs → kind → URLs in the order given: the first URL of a kind is the primary,
@@ -150,6 +157,10 @@ pub fn add(
                 arch: req.arch,
                 flavor: req.flavor,
                 gsp: req.gsp,
+                signing: SigningRule {
+                    signer: req.signer.as_ref(),
+                    module_sig_force: req.module_sig_force,
+                },
             },
         )?),
         _ => None,
@@ -171,6 +182,9 @@ pub fn add(
         module_flavor: req.flavor,
         gsp: req.gsp,
         vgpu: None,
+        signer: req.signer.clone(),
+        module_sig_force: req.module_sig_force,
+        build: None,
         default: req.default,
         artifacts: BTreeMap::from([(req.arch, artifacts)]),
         source: req.file.display().to_string(),

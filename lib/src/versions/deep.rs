@@ -9,6 +9,8 @@ use serde::Serialize;
 use crate::fsutil;
 use crate::initrd::Layers;
 use crate::initrd::tree;
+use crate::inspect::{SigningRule, check_signatures};
+use crate::registry::{ArtifactKind, Release};
 
 /// What a [`CacheRow`] checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -18,6 +20,9 @@ pub enum CacheItem {
     UnpackedTree,
     /// A built layer under `<cache>/layers/<key>/`.
     Layer,
+    /// The module signatures of a release's unpacked `nvidia-modules` artifact, against the
+    /// signer and `module_sig_force` the release records.
+    ModuleSignatures,
 }
 
 /// The state of one cached item.
@@ -64,6 +69,7 @@ impl std::fmt::Display for CacheRow {
         let item = match self.item {
             CacheItem::UnpackedTree => "unpacked tree",
             CacheItem::Layer => "layer",
+            CacheItem::ModuleSignatures => "module signatures",
         };
         write!(
             f,
@@ -98,6 +104,64 @@ pub fn verify_cache(cache_dir: &Path) -> Vec<CacheRow> {
     }
     for dir in subdirs(&cache_dir.join("layers")) {
         rows.extend(check_layers(&dir));
+    }
+    rows
+}
+
+/// For each of `releases` that names a signer or forces signatures: the signatures of its
+/// `nvidia-modules` trees unpacked in the cache, one row each (a tree not unpacked is
+/// `unrecorded`: `initrd build` unpacks and checks it).
+pub fn verify_signatures<'r>(
+    cache_dir: &Path,
+    releases: impl IntoIterator<Item = &'r Release>,
+) -> Vec<CacheRow> {
+    let mut rows = Vec::new();
+    for release in releases {
+        let rule = SigningRule::of(release);
+        if rule.signer.is_none() && !rule.module_sig_force {
+            continue;
+        }
+        for list in release.artifacts.values() {
+            for artifact in list
+                .iter()
+                .filter(|a| a.kind == ArtifactKind::NvidiaModules)
+            {
+                let Some(digest) = artifact.sha256 else {
+                    continue;
+                };
+                let dir = cache_dir.join("unpacked").join(digest.to_hex());
+                let row = |status, detail| {
+                    CacheRow::new(CacheItem::ModuleSignatures, dir.clone(), status, detail)
+                };
+                if !dir.is_dir() {
+                    rows.push(row(
+                        CacheStatus::Unrecorded,
+                        Some(format!(
+                            "release {}'s nvidia-modules are not unpacked in this cache; `initrd \
+                             build` unpacks and checks them",
+                            release.name
+                        )),
+                    ));
+                    continue;
+                }
+                let problems = check_signatures(rule, &dir);
+                rows.push(match problems.is_empty() {
+                    true => row(CacheStatus::Ok, None),
+                    false => row(
+                        CacheStatus::Mismatch,
+                        Some(format!(
+                            "release {}: {}",
+                            release.name,
+                            problems
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        )),
+                    ),
+                });
+            }
+        }
     }
     rows
 }

@@ -122,6 +122,8 @@ pub struct ReleaseDiff {
     pub gpus_gained: Vec<GpuChange>,
     /// GPUs A's driver supports that B's does not.
     pub gpus_lost: Vec<GpuChange>,
+    /// How the modules were made: build inputs, compiler, builder, sandbox, signer.
+    pub provenance: Vec<super::provenance::FieldChange>,
 }
 
 /// Errors of [`diff`].
@@ -240,6 +242,7 @@ pub fn compare(
         programs: SetDiff::of(&programs(ia), &programs(ib)),
         gpus_gained: gpus(ib, ia),
         gpus_lost: gpus(ia, ib),
+        provenance: super::provenance::changes(ra, rb, arch),
     }
 }
 

@@ -16,9 +16,11 @@
 //! they share and the release summaries of `versions list`.
 
 mod add;
+pub mod build;
 pub mod deep;
 pub mod diff;
 mod pin;
+pub mod provenance;
 mod verify;
 
 pub use add::{AddReport, AddRequest, InspectionSummary, add, artifact_urls};

@@ -191,7 +191,9 @@ pub fn verify(
 }
 
 /// [`verify`], and then re-hash what the cache at `cache_dir` trusts by presence: every unpacked
-/// artifact tree and every built layer, against the digests recorded when they were made.
+/// artifact tree and every built layer, against the digests recorded when they were made; and
+/// the module signatures of every unpacked `nvidia-modules` tree of a release that names a
+/// signer (or forces signatures).
 pub fn verify_deep(
     fetcher: &Fetcher,
     cache_dir: &Path,
@@ -202,6 +204,13 @@ pub fn verify_deep(
 ) -> Result<VerifyReport, VersionsError> {
     let mut report = verify(fetcher, registry, release, source, progress)?;
     report.cache = deep::verify_cache(cache_dir);
+    let releases: Vec<&Release> = match release {
+        Some(n) => vec![registry.release(n)?],
+        None => registry.releases().collect(),
+    };
+    report
+        .cache
+        .extend(deep::verify_signatures(cache_dir, releases));
     Ok(report)
 }
 
