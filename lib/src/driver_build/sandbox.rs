@@ -87,6 +87,17 @@ pub enum SandboxError {
         /// The command's log.
         log: PathBuf,
     },
+    /// bwrap itself refused to set the sandbox up (before the command ran).
+    #[error(
+        "the build sandbox could not be set up (bwrap: {message}); when that is about \
+         namespaces or the uid map, bubblewrap needs user namespaces \
+         (sysctl user.max_user_namespaces > 0; on Ubuntu also \
+         kernel.apparmor_restrict_unprivileged_userns=0)"
+    )]
+    Refused {
+        /// bwrap's own message.
+        message: String,
+    },
     /// The command exited unsuccessfully.
     #[error("`{command}` failed in the build sandbox ({status}); the log is {log}")]
     Failed {
@@ -389,7 +400,14 @@ impl Sandbox {
             }
         };
         if status.success() {
-            Ok(())
+            return Ok(());
+        }
+        // bwrap's own failures come before the command's first output line.
+        let first = fs::read_to_string(log).unwrap_or_default();
+        if let Some(message) = first.lines().next().and_then(|l| l.strip_prefix("bwrap: ")) {
+            Err(SandboxError::Refused {
+                message: message.to_string(),
+            })
         } else {
             Err(SandboxError::Failed {
                 command: argv.join(" "),

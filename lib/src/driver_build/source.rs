@@ -172,3 +172,54 @@ fn find_dirs(dir: &Path, depth: usize, found: &mut Vec<PathBuf>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(root: &Path, dir: &str, version: &str, license: &str) {
+        let d = root.join(dir);
+        fs::create_dir_all(d.join("nvidia")).unwrap();
+        fs::write(
+            d.join("Kbuild"),
+            format!("ccflags-y += -DNV_VERSION_STRING=\\\"{version}\\\"\n"),
+        )
+        .unwrap();
+        fs::write(
+            d.join("nvidia/nv-frontend.c"),
+            format!("MODULE_LICENSE(\"{license}\");\n"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_run_with_both_trees_gives_the_flavor_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        tree(dir.path(), "NVIDIA-Linux/kernel", "550.1", "NVIDIA");
+        tree(
+            dir.path(),
+            "NVIDIA-Linux/kernel-open",
+            "550.1",
+            "Dual MIT/GPL",
+        );
+        let open = locate(dir.path(), "550.1", ModuleFlavor::Open).unwrap();
+        assert!(open.dir.ends_with("kernel-open"));
+        let closed = locate(dir.path(), "550.1", ModuleFlavor::Proprietary).unwrap();
+        assert!(closed.dir.ends_with("kernel"));
+        let err = locate(dir.path(), "535.1", ModuleFlavor::Open).unwrap_err();
+        assert!(matches!(err, SourceError::WrongVersion { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_tree_that_does_not_say_its_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        tree(dir.path(), "src", "", "Dual MIT/GPL");
+        let err = locate(dir.path(), "535.1", ModuleFlavor::Open).unwrap_err();
+        assert!(err.to_string().contains("NV_VERSION_STRING"), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            locate(empty.path(), "535.1", ModuleFlavor::Open),
+            Err(SourceError::NotFound)
+        ));
+    }
+}
