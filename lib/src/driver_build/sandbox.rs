@@ -116,6 +116,7 @@ impl Classify for SandboxError {
         match self {
             SandboxError::Start { .. }
             | SandboxError::TimedOut { .. }
+            | SandboxError::Refused { .. }
             | SandboxError::Failed { .. } => Outcome::Failed,
         }
     }
