@@ -433,7 +433,7 @@ fn versions_add_checks_and_records_the_signer_and_verify_deep_checks_the_unpacke
         &NoProgress,
     )
     .unwrap_err();
-    let message = err.to_string();
+    let message = gpu_passthrough::error_chain(&err);
     assert!(
         matches!(err, VersionsError::Refused(_))
             && message.contains("nvidia.ko")
@@ -447,7 +447,8 @@ fn versions_add_checks_and_records_the_signer_and_verify_deep_checks_the_unpacke
         &NoProgress,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("names no signer"), "{err}");
+    let message = gpu_passthrough::error_chain(&err);
+    assert!(message.contains("names no signer"), "{message}");
 
     let report = versions::add(
         &fetcher,

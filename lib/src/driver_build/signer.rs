@@ -1,6 +1,7 @@
 //! Who signs: a signing certificate read with `openssl x509`, in the form kmod's `modinfo` prints
-//! for a module it signed (`signer:` the CN, `sig_key:` the serial as `AA:BB:...`; `sign-file`
-//! names its key by issuer and serial number).
+//! for a module it signed (`signer:` the issuer's CN, `sig_key:` the serial as `AA:BB:...`:
+//! `sign-file` names its key by issuer and serial number, so a CA-issued key's signatures name
+//! the CA, not the certificate's own subject).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +23,7 @@ pub enum SignerError {
     },
     /// The file is not a certificate openssl reads.
     #[error(
-        "{cert} is not an X.509 certificate (PEM or DER) with a subject CN and a serial: {detail}; \
+        "{cert} is not an X.509 certificate (PEM or DER) with an issuer CN and a serial: {detail}; \
          pass the certificate of the signing key as --sign-cert"
     )]
     NotACertificate {
@@ -51,7 +52,7 @@ pub fn signer(cert: &Path) -> Result<Signer, SignerError> {
             .args([
                 "x509",
                 "-noout",
-                "-subject",
+                "-issuer",
                 "-serial",
                 "-nameopt",
                 "multiline,utf8,-esc_msb",
@@ -75,7 +76,7 @@ pub fn signer(cert: &Path) -> Result<Signer, SignerError> {
         let text = String::from_utf8_lossy(&out.stdout);
         return parse(&text).ok_or_else(|| SignerError::NotACertificate {
             cert: cert.to_path_buf(),
-            detail: "no commonName in its subject".into(),
+            detail: "no commonName in its issuer".into(),
         });
     }
     Err(SignerError::NotACertificate {
@@ -84,7 +85,7 @@ pub fn signer(cert: &Path) -> Result<Signer, SignerError> {
     })
 }
 
-/// openssl's `-subject -serial -nameopt multiline` output → the signer.
+/// openssl's `-issuer -serial -nameopt multiline` output → the signer.
 fn parse(text: &str) -> Option<Signer> {
     let subject = text
         .lines()
@@ -111,19 +112,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn subject_cn_and_serial_bytes_as_modinfo_prints_them() {
+    fn issuer_cn_and_serial_bytes_as_modinfo_prints_them() {
         let s = parse(
-            "subject=\n    organizationName          = Example\n    commonName                = Build key\nserial=1FA0030B\n",
+            "issuer=\n    organizationName          = Example\n    commonName                = Build key\nserial=1FA0030B\n",
         )
         .unwrap();
         assert_eq!(s.subject, "Build key");
         assert_eq!(s.key_id, "1F:A0:03:0B");
         assert_eq!(
-            parse("subject=\n    commonName = k\nserial=abc\n")
+            parse("issuer=\n    commonName = k\nserial=abc\n")
                 .unwrap()
                 .key_id,
             "0A:BC"
         );
-        assert!(parse("subject=\n    organizationName = x\nserial=01\n").is_none());
+        assert!(parse("issuer=\n    organizationName = x\nserial=01\n").is_none());
     }
 }

@@ -275,7 +275,9 @@ pub struct Release {
 /// The signer of a release's modules, as kmod's `modinfo` prints it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signer {
-    /// The signing certificate's subject CN (`modinfo`'s `signer:`).
+    /// The CN of the signing certificate's issuer, which is what a module's signature names
+    /// (`sign-file` identifies the key by issuer and serial; `modinfo`'s `signer:`). For the
+    /// usual self-signed module-signing key it is the certificate's own subject.
     pub subject: String,
     /// The certificate's serial number as uppercase hex bytes joined by `:` (`modinfo`'s
     /// `sig_key:`; `sign-file` names the key by issuer and serial).
