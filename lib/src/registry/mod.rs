@@ -5,6 +5,7 @@
 //! releases. Every validation error names the file, the release and the field, and says the fix.
 
 mod digest;
+mod duplicates;
 mod edit;
 mod parse;
 mod version_string;
