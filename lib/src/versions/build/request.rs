@@ -7,6 +7,7 @@ use super::BuildError;
 use crate::driver_build::SigningKey;
 use crate::driver_build::sandbox::SandboxLimits;
 use crate::registry::{Arch, ArtifactKind, ModuleFlavor, Registry, RegistryError};
+use crate::versions::AddRequest;
 
 /// The inputs of a build, by URL.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,6 +96,38 @@ pub struct BuildRequest {
     pub limits: SandboxLimits,
     /// `make -j`; `None`: the cores available.
     pub jobs: Option<usize>,
+}
+
+impl BuildRequest {
+    /// The build of the release `add` describes, from `inputs` (they are its artifacts), with
+    /// the driver version and flavor the source must be; no key, base URL or output directory,
+    /// the sandbox's default limits, every core. `add`'s `signer` and `module_sig_force` are
+    /// not taken: a build records them from its key's certificate and the kernel's `.config`.
+    pub fn from_add(
+        add: AddRequest,
+        driver_version: String,
+        flavor: ModuleFlavor,
+        inputs: BuildInputs,
+    ) -> BuildRequest {
+        BuildRequest {
+            file: add.file,
+            release: add.release,
+            kernel_version: add.kernel_version,
+            driver_version,
+            flavor,
+            arch: add.arch,
+            inputs,
+            signing: None,
+            base_url: None,
+            out_dir: None,
+            default: add.default,
+            replace: add.replace,
+            gsp: add.gsp,
+            max_download_bytes: add.max_download_bytes,
+            limits: SandboxLimits::default(),
+            jobs: None,
+        }
+    }
 }
 
 /// Refuse what cannot be built here before anything is fetched.
