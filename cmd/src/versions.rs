@@ -1,13 +1,15 @@
 //! `gpu-passthrough versions ...`: list and show releases, and the driver-upgrade workflow
 //! (`add`, `pin`, `verify`). Files are written to the last `--registry FILE`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use gpu_passthrough::Fetcher;
 use gpu_passthrough::driver_build::{SigningKey, Stage, sandbox::SandboxLimits};
-use gpu_passthrough::outcome::ReportOutcome;
-use gpu_passthrough::registry::{Arch, ModuleFlavor, Signer};
+use gpu_passthrough::outcome::{Outcome, ReportOutcome};
+use gpu_passthrough::registry::{Arch, ArtifactKind, ModuleFlavor, Signer};
 use gpu_passthrough::text::ReleaseTable;
 use gpu_passthrough::versions::build::{self, BuildInputs, BuildRequest, RebuildRequest};
 use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, VersionsError};
@@ -189,16 +191,33 @@ fn list(global: &Global) -> CmdResult {
 const PIN_HINT: &str = "pin them with `gpu-passthrough versions pin <release> --registry <file>`";
 
 fn add(global: &Global, args: &AddArgs) -> CmdResult {
-    let request = AddRequest {
-        file: target_file(global, "add")?,
+    let artifacts = versions::artifact_urls(&args.artifacts).map_err(artifact_flag)?;
+    let request = add_request(global, args, "add", artifacts)?;
+    let (fetcher, bar) = fetcher(global)?;
+    match versions::add(&fetcher, &request, &bar) {
+        Err(e @ VersionsError::NoDriverVersion) => {
+            Err(Failure::from(e).context("pass --driver-version"))
+        }
+        report => emit_text(global, &report?),
+    }
+}
+
+/// The release `add` writes from its flags (and `build`, which takes them too).
+fn add_request(
+    global: &Global,
+    args: &AddArgs,
+    command: &str,
+    artifacts: BTreeMap<ArtifactKind, Vec<String>>,
+) -> Result<AddRequest, Failure> {
+    Ok(AddRequest {
+        file: target_file(global, command)?,
         release: args.release.clone(),
         kernel_version: args.kernel_version.clone(),
         driver_version: args.driver_version.clone(),
         flavor: args.flavor,
         gsp: !args.no_gsp,
         arch: arch_or_host(args.arch)?,
-        artifacts: versions::artifact_urls(&args.artifacts)
-            .map_err(|e| Failure::message(format!("--artifact {e}")))?,
+        artifacts,
         default: args.default,
         replace: args.replace,
         max_download_bytes: args.max_download_bytes,
@@ -208,68 +227,51 @@ fn add(global: &Global, args: &AddArgs) -> CmdResult {
             .zip(args.signer_key_id.clone())
             .map(|(subject, key_id)| Signer { subject, key_id }),
         module_sig_force: args.module_sig_force,
-    };
+    })
+}
+
+/// A bad `--artifact` pair.
+fn artifact_flag(problem: String) -> Failure {
+    Failure::message(format!("--artifact {problem}"))
+}
+
+/// The fetcher over the cache and a progress bar for its downloads.
+fn fetcher(global: &Global) -> Result<(Fetcher, DownloadBar), Failure> {
     let fetcher = versions::fetcher(&global.cache_dir())?;
-    match versions::add(&fetcher, &request, &DownloadBar::new(global)) {
-        Err(e @ VersionsError::NoDriverVersion) => {
-            Err(Failure::from(e).context("pass --driver-version"))
-        }
-        report => emit_text(global, &report?),
-    }
+    Ok((fetcher, DownloadBar::new(global)))
 }
 
 fn build(global: &Global, a: &BuildArgs) -> CmdResult {
-    let (add, need) = (&a.add, |flag| {
-        Failure::message(format!("`versions build` needs {flag}"))
-    });
     // A build records who signed from --sign-cert and module_sig_force from the headers' config.
-    if add.signer.is_some() || add.module_sig_force {
+    if a.add.signer.is_some() || a.add.module_sig_force {
         return Err(Failure::message(
             "`versions build` records the signer from --sign-cert and module_sig_force from the \
              kernel headers: drop --signer/--signer-key-id/--module-sig-force and pass \
              --sign-key/--sign-cert to sign the modules",
         )
-        .with_outcome(gpu_passthrough::outcome::Outcome::Refused));
+        .with_outcome(Outcome::Refused));
     }
+    let need = |flag| Failure::message(format!("`versions build` needs {flag}"));
+    let add = add_request(global, &a.add, "build", BTreeMap::new())?;
+    let driver = (add.driver_version.clone()).ok_or_else(|| need("--driver-version"))?;
+    let flavor = add
+        .flavor
+        .ok_or_else(|| need("--flavor open|proprietary"))?;
+    let inputs = BuildInputs::parse(&a.add.artifacts).map_err(artifact_flag)?;
     let request = BuildRequest {
-        file: target_file(global, "build")?,
-        release: add.release.clone(),
-        kernel_version: add.kernel_version.clone(),
-        driver_version: add
-            .driver_version
-            .clone()
-            .ok_or_else(|| need("--driver-version"))?,
-        flavor: add
-            .flavor
-            .ok_or_else(|| need("--flavor open|proprietary"))?,
-        arch: arch_or_host(add.arch)?,
-        inputs: BuildInputs::parse(&add.artifacts)
-            .map_err(|e| Failure::message(format!("--artifact {e}")))?,
-        signing: a
-            .sign_key
-            .clone()
-            .zip(a.sign_cert.clone())
+        signing: (a.sign_key.clone().zip(a.sign_cert.clone()))
             .map(|(key, cert)| SigningKey { key, cert }),
         base_url: a.base_url.clone(),
         out_dir: a.out.clone(),
-        default: add.default,
-        replace: add.replace,
-        gsp: !add.no_gsp,
-        max_download_bytes: add.max_download_bytes,
         limits: SandboxLimits {
             wall: Duration::from_secs(a.time_limit),
             memory_bytes: a.memory_limit << 20,
         },
-        jobs: None,
+        ..BuildRequest::from_add(add, driver, flavor, inputs)
     };
-    let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
-    let report = build::build(
-        &versions::fetcher(&cache)?,
-        &cache,
-        &request,
-        &bar,
-        &stages(global),
-    )?;
+    let (fetcher, bar) = fetcher(global)?;
+    let cache = global.cache_dir();
+    let report = build::build(&fetcher, &cache, &request, &bar, &stages(global))?;
     emit_text(global, &report)
 }
 
@@ -284,43 +286,38 @@ fn stages(global: &Global) -> impl Fn(Stage) + '_ {
 
 fn pin(global: &Global, name: &str, only: Option<Arch>) -> CmdResult {
     let file = target_file(global, "pin")?;
-    let fetcher = versions::fetcher(&global.cache_dir())?;
-    let bar = DownloadBar::new(global);
+    let (fetcher, bar) = fetcher(global)?;
     let report = versions::pin(&fetcher, &global.registries, &file, name, only, &bar)?;
     emit_text(global, &report)
 }
 
 fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> CmdResult {
     let arch = arch_or_host(arch)?;
-    let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
-    let fetcher = versions::fetcher(&cache)?;
-    let registry = global.registry()?;
+    let ((fetcher, bar), registry) = (fetcher(global)?, global.registry()?);
+    let cache = global.cache_dir();
     let report = versions::diff(&fetcher, &cache, &registry, from, to, arch, &bar)?;
     emit_text(global, &report)
 }
 
 /// `versions verify`: the rows, then the verdict as the error and exit code.
 fn verify(global: &Global, args: &VerifyArgs) -> CmdResult {
-    if let Some(name) = args.release.as_ref().filter(|_| args.rebuild) {
-        let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
-        let (arch, signing) = (arch_or_host(None)?, None);
+    let ((fetcher, bar), registry) = (fetcher(global)?, global.registry()?);
+    let cache = global.cache_dir();
+    if let Some(name) = args.release.clone().filter(|_| args.rebuild) {
+        let arch = arch_or_host(None)?;
         let req = RebuildRequest {
-            release: name.clone(),
+            release: name,
             arch,
-            signing,
+            signing: None,
         };
-        let (fetcher, registry) = (versions::fetcher(&cache)?, global.registry()?);
-        let stages = stages(global);
-        let report = build::verify_rebuild(&fetcher, &cache, &registry, &req, &bar, &stages)?;
+        let report =
+            build::verify_rebuild(&fetcher, &cache, &registry, &req, &bar, &stages(global))?;
         return emit_judged(global, &report);
     }
-    let registry = global.registry()?;
     let source = match args.cached {
         true => VerifySource::Cache,
         false => VerifySource::Mirrors,
     };
-    let (cache, bar) = (global.cache_dir(), DownloadBar::new(global));
-    let fetcher = versions::fetcher(&cache)?;
     let name = args.release.as_deref();
     let report = match args.deep {
         true => versions::verify_deep(&fetcher, &cache, &registry, name, source, &bar)?,

@@ -43,7 +43,7 @@ pub mod driver_build;
 pub mod failpoint;
 pub mod fetch;
 /// The download progress callback every workflow takes.
-pub use fetch::Progress;
+pub use fetch::{Fetcher, Progress};
 mod fsutil;
 pub mod health;
 pub mod initrd;
