@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gpu_passthrough::outcome::Classified;
 use gpu_passthrough_device_plugin::{Config, Prepare, run_until_signal};
 
 use crate::Global;
-use crate::output::{CmdResult, Failure, emit_text, report_error};
+use crate::output::{CmdResult, emit_text, report_error};
 
 /// Arguments of `device-plugin`.
 #[derive(Debug, clap::Args)]
@@ -45,6 +46,6 @@ pub fn run(global: &Global, args: &DevicePluginArgs) -> CmdResult {
     };
     match run_until_signal(config) {
         Ok(report) => emit_text(global, &report),
-        Err(e) => Ok(report_error(global, &Failure::failed(e))),
+        Err(e) => Ok(report_error(global, &Classified::failed(e))),
     }
 }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use gpu_passthrough::attach::{Owner, PlanRequest};
+use gpu_passthrough::outcome::Classified;
 use gpu_passthrough::pci::AddressError;
 use gpu_passthrough::provision::{Provisioner, VmDevices, VmRequest};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
@@ -12,7 +13,7 @@ use gpu_passthrough::vgpu::PlaceRequest;
 use gpu_passthrough::vmm::{DiskAttach, Vmm};
 
 use crate::Global;
-use crate::output::{CmdResult, DownloadBar, Failure, emit_judged, emit_text};
+use crate::output::{CmdResult, DownloadBar, emit_judged, emit_text};
 
 /// Options shared by the host commands.
 #[derive(Debug, Clone, clap::Args)]
@@ -252,6 +253,6 @@ pub fn reconcile(global: &Global, args: &ReconcileArgs) -> CmdResult {
     let report = global
         .host(gone)
         .reconcile()
-        .map_err(|e| Failure::from(e).context("reconcile"))?;
+        .map_err(|e| Classified::from(e).context("reconcile"))?;
     emit_judged(global, &report)
 }

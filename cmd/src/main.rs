@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     output::init_logging(&cli.global);
     // The CLI is the binary crash tests kill: it alone opts in to the failpoint variable.
     if let Err(err) = gpu_passthrough::failpoint::arm_from_env() {
-        return output::report_error(&cli.global, &output::Failure::from(err));
+        return output::report_error(&cli.global, &err.into());
     }
     let result = match &cli.command {
         Command::Versions(c) => versions::run(&cli.global, c),

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use gpu_passthrough::Progress;
-use gpu_passthrough::outcome::{Classify, Outcome, ReportOutcome};
+use gpu_passthrough::outcome::{Classified, Outcome, ReportOutcome};
 use gpu_passthrough::remedy::Remedy;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -25,61 +25,8 @@ pub fn exit_code(outcome: Option<Outcome>) -> u8 {
     }
 }
 
-/// Why a command failed: the error (its chain is the message) with the outcome and remedy its
-/// library error gave when it was raised, so nothing downstream walks or downcasts the chain.
-#[derive(Debug)]
-pub struct Failure {
-    error: anyhow::Error,
-    outcome: Outcome,
-    remedy: Option<Remedy>,
-}
-
-/// Every library error converts with `?`, classified by its own [`Classify`] answer.
-impl<E> From<E> for Failure
-where
-    E: std::error::Error + Classify + Send + Sync + 'static,
-{
-    fn from(err: E) -> Failure {
-        Failure {
-            outcome: err.outcome(),
-            remedy: err.remedy(),
-            error: anyhow::Error::new(err),
-        }
-    }
-}
-
-impl Failure {
-    /// A failure the CLI itself found (a flag missing, output that could not be written):
-    /// nothing the library classifies, so a failure on the way.
-    pub fn failed(error: impl Into<anyhow::Error>) -> Failure {
-        Failure {
-            error: error.into(),
-            outcome: Outcome::Failed,
-            remedy: None,
-        }
-    }
-
-    /// A failure the CLI itself words.
-    pub fn message(message: impl Display + std::fmt::Debug + Send + Sync + 'static) -> Failure {
-        Failure::failed(anyhow::Error::msg(message))
-    }
-
-    /// The same failure judged otherwise (a report's verdict printed as the error).
-    pub fn with_outcome(self, outcome: Outcome) -> Failure {
-        Failure { outcome, ..self }
-    }
-
-    /// The same failure with the CLI's own words in front (a flag to pass).
-    pub fn context(self, context: impl Display + Send + Sync + 'static) -> Failure {
-        Failure {
-            error: self.error.context(context),
-            ..self
-        }
-    }
-}
-
 /// What a command returns: its exit code, or why it failed.
-pub type CmdResult = Result<ExitCode, Failure>;
+pub type CmdResult = Result<ExitCode, Classified>;
 
 /// Set up `tracing` on stderr according to `-v`/`-q`.
 pub fn init_logging(global: &Global) {
@@ -103,7 +50,7 @@ pub fn init_logging(global: &Global) {
 /// people. The command succeeded.
 pub fn emit<T: Serialize>(global: &Global, value: &T, human: impl FnOnce(&T)) -> CmdResult {
     if global.json {
-        let text = serde_json::to_string_pretty(value).map_err(Failure::failed)?;
+        let text = serde_json::to_string_pretty(value).map_err(Classified::failed)?;
         println!("{text}");
     } else {
         human(value);
@@ -138,13 +85,10 @@ where
 
 /// Print a failure (as JSON on stdout with `--json`, else on stderr) with the flag that fixes
 /// it, and exit with the code of its outcome.
-pub fn report_error(global: &Global, failure: &Failure) -> ExitCode {
-    let code = exit_code(Some(failure.outcome));
-    let hint = failure
-        .remedy
-        .as_ref()
-        .map(|r| format!(" ({})", flag_hint(r)));
-    let message = format!("{:#}{}", failure.error, hint.unwrap_or_default());
+pub fn report_error(global: &Global, failure: &Classified) -> ExitCode {
+    let code = exit_code(Some(failure.outcome()));
+    let hint = failure.remedy().map(|r| format!(" ({})", flag_hint(r)));
+    let message = format!("{failure}{}", hint.unwrap_or_default());
     if global.json {
         let body = serde_json::json!({ "error": message, "exit_code": code });
         println!("{body}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gpu_passthrough::Fetcher;
 use gpu_passthrough::driver_build::{SigningKey, Stage, sandbox::SandboxLimits};
-use gpu_passthrough::outcome::{Outcome, ReportOutcome};
+use gpu_passthrough::outcome::{Classified, Outcome, ReportOutcome};
 use gpu_passthrough::registry::{Arch, ArtifactKind, ModuleFlavor, Signer};
 use gpu_passthrough::text::ReleaseTable;
 use gpu_passthrough::versions::build::{self, BuildInputs, BuildRequest, RebuildRequest};
@@ -16,7 +16,7 @@ use gpu_passthrough::versions::{self, AddRequest, Verdict, VerifySource, Version
 
 use crate::Global;
 use crate::output::{
-    CmdResult, DownloadBar, Failure, emit, emit_judged, emit_text, exit_code, report_error,
+    CmdResult, DownloadBar, emit, emit_judged, emit_text, exit_code, report_error,
 };
 
 /// Registry commands.
@@ -161,9 +161,9 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> CmdResult {
 }
 
 /// The file `add` and `pin` write: the last `--registry`.
-fn target_file(global: &Global, command: &str) -> Result<PathBuf, Failure> {
+fn target_file(global: &Global, command: &str) -> Result<PathBuf, Classified> {
     global.registries.last().cloned().ok_or_else(|| {
-        Failure::message(format!(
+        Classified::message(format!(
             "`versions {command}` writes a registry file: pass --registry FILE \
              (it is created if missing)"
         ))
@@ -171,9 +171,9 @@ fn target_file(global: &Global, command: &str) -> Result<PathBuf, Failure> {
 }
 
 /// The architecture asked for, else this machine's.
-fn arch_or_host(arch: Option<Arch>) -> Result<Arch, Failure> {
+fn arch_or_host(arch: Option<Arch>) -> Result<Arch, Classified> {
     arch.or_else(Arch::host).ok_or_else(|| {
-        Failure::message("this machine's architecture is not supported: pass --arch")
+        Classified::message("this machine's architecture is not supported: pass --arch")
     })
 }
 
@@ -196,7 +196,7 @@ fn add(global: &Global, args: &AddArgs) -> CmdResult {
     let (fetcher, bar) = fetcher(global)?;
     match versions::add(&fetcher, &request, &bar) {
         Err(e @ VersionsError::NoDriverVersion) => {
-            Err(Failure::from(e).context("pass --driver-version"))
+            Err(Classified::from(e).context("pass --driver-version"))
         }
         report => emit_text(global, &report?),
     }
@@ -208,7 +208,7 @@ fn add_request(
     args: &AddArgs,
     command: &str,
     artifacts: BTreeMap<ArtifactKind, Vec<String>>,
-) -> Result<AddRequest, Failure> {
+) -> Result<AddRequest, Classified> {
     Ok(AddRequest {
         file: target_file(global, command)?,
         release: args.release.clone(),
@@ -231,12 +231,12 @@ fn add_request(
 }
 
 /// A bad `--artifact` pair.
-fn artifact_flag(problem: String) -> Failure {
-    Failure::message(format!("--artifact {problem}"))
+fn artifact_flag(problem: String) -> Classified {
+    Classified::message(format!("--artifact {problem}"))
 }
 
 /// The fetcher over the cache and a progress bar for its downloads.
-fn fetcher(global: &Global) -> Result<(Fetcher, DownloadBar), Failure> {
+fn fetcher(global: &Global) -> Result<(Fetcher, DownloadBar), Classified> {
     let fetcher = versions::fetcher(&global.cache_dir())?;
     Ok((fetcher, DownloadBar::new(global)))
 }
@@ -244,14 +244,14 @@ fn fetcher(global: &Global) -> Result<(Fetcher, DownloadBar), Failure> {
 fn build(global: &Global, a: &BuildArgs) -> CmdResult {
     // A build records who signed from --sign-cert and module_sig_force from the headers' config.
     if a.add.signer.is_some() || a.add.module_sig_force {
-        return Err(Failure::message(
+        return Err(Classified::message(
             "`versions build` records the signer from --sign-cert and module_sig_force from the \
              kernel headers: drop --signer/--signer-key-id/--module-sig-force and pass \
              --sign-key/--sign-cert to sign the modules",
         )
         .with_outcome(Outcome::Refused));
     }
-    let need = |flag| Failure::message(format!("`versions build` needs {flag}"));
+    let need = |flag| Classified::message(format!("`versions build` needs {flag}"));
     let add = add_request(global, &a.add, "build", BTreeMap::new())?;
     let driver = (add.driver_version.clone()).ok_or_else(|| need("--driver-version"))?;
     let flavor = add
@@ -342,7 +342,7 @@ fn verify(global: &Global, args: &VerifyArgs) -> CmdResult {
     emit(global, &doc, |_| print!("{report}"))?;
     Ok(match outcome.zip(message) {
         Some((outcome, msg)) if !global.json => {
-            report_error(global, &Failure::message(msg).with_outcome(outcome))
+            report_error(global, &Classified::message(msg).with_outcome(outcome))
         }
         _ => ExitCode::from(code),
     })
