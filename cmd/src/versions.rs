@@ -193,7 +193,7 @@ const PIN_HINT: &str = "pin them with `gpu-passthrough versions pin <release> --
 fn add(global: &Global, args: &AddArgs) -> CmdResult {
     let artifacts = versions::artifact_urls(&args.artifacts).map_err(artifact_flag)?;
     let request = add_request(global, args, "add", artifacts)?;
-    let (fetcher, bar) = fetcher(global)?;
+    let (fetcher, bar, _) = fetcher(global)?;
     match versions::add(&fetcher, &request, &bar) {
         Err(e @ VersionsError::NoDriverVersion) => {
             Err(Classified::from(e).context("pass --driver-version"))
@@ -235,10 +235,10 @@ fn artifact_flag(problem: String) -> Classified {
     Classified::message(format!("--artifact {problem}"))
 }
 
-/// The fetcher over the cache and a progress bar for its downloads.
-fn fetcher(global: &Global) -> Result<(Fetcher, DownloadBar), Classified> {
-    let fetcher = versions::fetcher(&global.cache_dir())?;
-    Ok((fetcher, DownloadBar::new(global)))
+/// The fetcher over the cache, a progress bar for its downloads, and the cache.
+fn fetcher(global: &Global) -> Result<(Fetcher, DownloadBar, PathBuf), Classified> {
+    let cache = global.cache_dir();
+    Ok((versions::fetcher(&cache)?, DownloadBar::new(global), cache))
 }
 
 fn build(global: &Global, a: &BuildArgs) -> CmdResult {
@@ -269,8 +269,7 @@ fn build(global: &Global, a: &BuildArgs) -> CmdResult {
         },
         ..BuildRequest::from_add(add, driver, flavor, inputs)
     };
-    let (fetcher, bar) = fetcher(global)?;
-    let cache = global.cache_dir();
+    let (fetcher, bar, cache) = fetcher(global)?;
     let report = build::build(&fetcher, &cache, &request, &bar, &stages(global))?;
     emit_text(global, &report)
 }
@@ -286,23 +285,21 @@ fn stages(global: &Global) -> impl Fn(Stage) + '_ {
 
 fn pin(global: &Global, name: &str, only: Option<Arch>) -> CmdResult {
     let file = target_file(global, "pin")?;
-    let (fetcher, bar) = fetcher(global)?;
+    let (fetcher, bar, _) = fetcher(global)?;
     let report = versions::pin(&fetcher, &global.registries, &file, name, only, &bar)?;
     emit_text(global, &report)
 }
 
 fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> CmdResult {
     let arch = arch_or_host(arch)?;
-    let ((fetcher, bar), registry) = (fetcher(global)?, global.registry()?);
-    let cache = global.cache_dir();
+    let ((fetcher, bar, cache), registry) = (fetcher(global)?, global.registry()?);
     let report = versions::diff(&fetcher, &cache, &registry, from, to, arch, &bar)?;
     emit_text(global, &report)
 }
 
 /// `versions verify`: the rows, then the verdict as the error and exit code.
 fn verify(global: &Global, args: &VerifyArgs) -> CmdResult {
-    let ((fetcher, bar), registry) = (fetcher(global)?, global.registry()?);
-    let cache = global.cache_dir();
+    let ((fetcher, bar, cache), registry) = (fetcher(global)?, global.registry()?);
     if let Some(name) = args.release.clone().filter(|_| args.rebuild) {
         let arch = arch_or_host(None)?;
         let req = RebuildRequest {
