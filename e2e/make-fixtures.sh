@@ -56,6 +56,15 @@ pkgs=(nvidia-open-kernel-dkms firmware-nvidia-gsp libcuda1 libnvidia-ml1 libnvid
 mkdir -p "$WORK/x"
 for deb in "$WORK"/*.deb; do dpkg -x "$deb" "$WORK/x"; done
 
+# 3b. The inputs of `versions build`, as Debian ships them: the open module source and the
+# kernel's three build-tree packages (arch headers, common headers, kbuild).
+mkdir -p "$OUT/build-inputs"
+cp "$WORK"/nvidia-open-kernel-dkms_*.deb "$OUT/build-inputs/"
+hdeps=$(dpkg-query -W -f='${Depends}' "linux-headers-$KVER")
+common=$(grep -o 'linux-headers-[^ ,]*-common' <<<"$hdeps" | head -n1)
+kbuild=$(grep -o 'linux-kbuild-[0-9.]*' <<<"$hdeps" | head -n1)
+(cd "$OUT/build-inputs" && apt-get download -qq "linux-headers-$KVER" "$common" "$kbuild")
+
 KDIR=$OUT/linux-$KVER
 NDIR=$OUT/nvidia-$DRV
 mkdir -p "$KDIR" "$NDIR"
