@@ -21,7 +21,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::modinfo::{ModInfo, normalize_module_name};
-use crate::registry::{Arch, ModuleFlavor};
+use crate::registry::{Arch, ArtifactKind, ModuleFlavor};
 
 mod closure;
 mod libraries;
@@ -70,6 +70,19 @@ pub struct Trees<'a> {
     pub firmware: Option<&'a Path>,
     /// The `nvidia-driver-libs` artifact (`usr/lib/...`, `usr/bin/...`).
     pub driver_libs: Option<&'a Path>,
+}
+
+impl<'a> Trees<'a> {
+    /// The trees of artifacts unpacked at `roots`, by kind (kinds not inspected are ignored).
+    pub fn from_roots(roots: &'a BTreeMap<ArtifactKind, PathBuf>) -> Trees<'a> {
+        let root = |k: ArtifactKind| roots.get(&k).map(PathBuf::as_path);
+        Trees {
+            nvidia_modules: root(ArtifactKind::NvidiaModules),
+            kernel_modules: root(ArtifactKind::KernelModules),
+            firmware: root(ArtifactKind::NvidiaFirmware),
+            driver_libs: root(ArtifactKind::NvidiaDriverLibs),
+        }
+    }
 }
 
 /// Everything the GPU layer needs, checked.

@@ -333,6 +333,18 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Refuse to add `release` to `file` when the file already defines it: `versions add` and
+    /// `versions build` overwrite a release only when asked to replace it.
+    pub fn refuse_existing(file: &Path, release: &str) -> Result<(), RegistryError> {
+        if file.exists() && Registry::read(file)?.release(release).is_ok() {
+            return Err(RegistryError::Exists {
+                file: file.display().to_string(),
+                release: release.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// The registry embedded in the binary.
     pub fn embedded() -> Result<Registry, RegistryError> {
         Registry::parse(EMBEDDED_TOML, EMBEDDED_SOURCE)

@@ -11,8 +11,7 @@ use crate::archive::tar::{Limits, extract_tar};
 use crate::fetch::{Fetched, Fetcher, Progress};
 use crate::inspect::{Expectations, Inventory, SigningRule, Trees, inspect};
 use crate::registry::{
-    Arch, Artifact, ArtifactKind, ModuleFlavor, Registry, RegistryError, Release, Signer,
-    write_release,
+    Arch, Artifact, ArtifactKind, ModuleFlavor, Registry, Release, Signer, write_release,
 };
 
 /// A new release to add.
@@ -112,15 +111,8 @@ pub fn add(
     req: &AddRequest,
     progress: &dyn Progress,
 ) -> Result<AddReport, VersionsError> {
-    if !req.replace && req.file.exists() {
-        let existing = Registry::read(&req.file)?;
-        if existing.release(&req.release).is_ok() {
-            return Err(RegistryError::Exists {
-                file: req.file.display().to_string(),
-                release: req.release.clone(),
-            }
-            .into());
-        }
+    if !req.replace {
+        Registry::refuse_existing(&req.file, &req.release)?;
     }
     let versions = [
         ("kernel_version", Some(&req.kernel_version)),
@@ -219,13 +211,7 @@ fn inspect_artifacts(
         })?;
         roots.insert(*kind, dest);
     }
-    let root = |k: ArtifactKind| roots.get(&k).map(PathBuf::as_path);
-    let trees = Trees {
-        nvidia_modules: root(ArtifactKind::NvidiaModules),
-        kernel_modules: root(ArtifactKind::KernelModules),
-        firmware: root(ArtifactKind::NvidiaFirmware),
-        driver_libs: root(ArtifactKind::NvidiaDriverLibs),
-    };
+    let trees = Trees::from_roots(&roots);
     // Paths are inside the scratch directory, which is gone once we return: name them relative
     // to it (`nvidia-modules/lib/modules/.../nvidia.ko`).
     inspect(expect, &trees).map_err(|e| VersionsError::Refused(e.relative_to(scratch.path())))

@@ -275,13 +275,7 @@ fn inspect_built(
         })?;
         roots.insert(input.kind, dest);
     }
-    let root = |k: ArtifactKind| roots.get(&k).map(PathBuf::as_path);
-    let trees = Trees {
-        nvidia_modules: root(ArtifactKind::NvidiaModules),
-        kernel_modules: root(ArtifactKind::KernelModules),
-        firmware: root(ArtifactKind::NvidiaFirmware),
-        driver_libs: root(ArtifactKind::NvidiaDriverLibs),
-    };
+    let trees = Trees::from_roots(&roots);
     let expect = Expectations {
         kernel_version: spec.kernel_version,
         driver_version: spec.driver_version,

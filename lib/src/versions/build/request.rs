@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use super::BuildError;
 use crate::driver_build::SigningKey;
 use crate::driver_build::sandbox::SandboxLimits;
-use crate::registry::{Arch, ArtifactKind, ModuleFlavor, Registry, RegistryError};
+use crate::registry::{Arch, ArtifactKind, ModuleFlavor, Registry};
 use crate::versions::AddRequest;
 
 /// The inputs of a build, by URL.
@@ -151,15 +151,8 @@ pub(super) fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
     {
         return Err(BuildError::BadBaseUrl(base.clone()));
     }
-    if !req.replace && req.file.exists() {
-        let existing = Registry::read(&req.file)?;
-        if existing.release(&req.release).is_ok() {
-            return Err(RegistryError::Exists {
-                file: req.file.display().to_string(),
-                release: req.release.clone(),
-            }
-            .into());
-        }
+    if !req.replace {
+        Registry::refuse_existing(&req.file, &req.release)?;
     }
     Ok(())
 }
