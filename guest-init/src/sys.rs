@@ -9,13 +9,7 @@ use std::process::Command;
 
 /// Bind-mount `src` on `dst` (recursively), then make the top mount read-only.
 pub fn bind_read_only(src: &Path, dst: &Path) -> nix::Result<()> {
-    mount(
-        Some(src),
-        dst,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )?;
+    bind(src, dst)?;
     mount(
         None::<&str>,
         dst,

@@ -237,3 +237,25 @@ pub fn xz_compress_modules(input: &Path, out: &Path) -> BTreeMap<String, Vec<u8>
     });
     originals
 }
+
+/// A tar with one entry whose raw name and link target are given (a symlink when `link` is
+/// set), bytes the `tar` crate's safe setters would refuse to write: hostile archives for tests.
+pub fn raw_tar(path: &[u8], link: Option<&[u8]>) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    let old = h.as_old_mut();
+    old.name[..path.len()].copy_from_slice(path);
+    if let Some(link) = link {
+        old.linkname[..link.len()].copy_from_slice(link);
+    }
+    h.set_entry_type(if link.is_some() {
+        tar::EntryType::Symlink
+    } else {
+        tar::EntryType::Regular
+    });
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append(&h, &[][..]).unwrap();
+    tar.into_inner().unwrap()
+}

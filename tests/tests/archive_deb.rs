@@ -22,27 +22,6 @@ fn deb(dir: &Path, name: &str, members: &[(&str, Vec<u8>)]) -> PathBuf {
     path
 }
 
-/// A tar with one entry whose raw name and link target are given.
-fn raw_tar(path: &[u8], link: Option<&[u8]>) -> Vec<u8> {
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    let old = h.as_old_mut();
-    old.name[..path.len()].copy_from_slice(path);
-    if let Some(link) = link {
-        old.linkname[..link.len()].copy_from_slice(link);
-    }
-    h.set_entry_type(if link.is_some() {
-        tar::EntryType::Symlink
-    } else {
-        tar::EntryType::Regular
-    });
-    h.set_size(0);
-    h.set_mode(0o644);
-    h.set_cksum();
-    tar.append(&h, &[][..]).unwrap();
-    tar.into_inner().unwrap()
-}
-
 fn version() -> (&'static str, Vec<u8>) {
     ("debian-binary", b"2.0\n".to_vec())
 }
@@ -90,7 +69,7 @@ fn a_package_that_is_not_debian_or_uses_another_compression_is_refused() {
     let p = deb(
         dir.path(),
         "nover.deb",
-        &[("data.tar", raw_tar(b"a", None))],
+        &[("data.tar", fixtures::raw_tar(b"a", None))],
     );
     let err = extract_deb(&p, &dir.path().join("o1"), &Limits::default()).unwrap_err();
     assert!(err.to_string().contains("debian-binary"), "{err}");
@@ -135,7 +114,7 @@ fn a_hostile_data_member_is_refused_by_the_tar_rules() {
         let p = deb(
             dir.path(),
             name,
-            &[version(), ("data.tar", raw_tar(path, link))],
+            &[version(), ("data.tar", fixtures::raw_tar(path, link))],
         );
         let dest = dir.path().join(name).with_extension("out");
         let err = extract_deb(&p, &dest, &Limits::default()).unwrap_err();
@@ -150,7 +129,7 @@ fn a_hostile_data_member_is_refused_by_the_tar_rules() {
     let p = deb(
         dir.path(),
         "big.deb",
-        &[version(), ("data.tar", raw_tar(b"a", None))],
+        &[version(), ("data.tar", fixtures::raw_tar(b"a", None))],
     );
     let tiny = Limits {
         max_total_bytes: 16,

@@ -579,23 +579,7 @@ fn a_kernel_that_loads_signed_modules_only_gets_no_unsigned_build() {
 
 /// A source archive with one hostile entry besides the tiny source.
 fn hostile_source(dir: &Path, name: &str, path: &[u8], link: Option<&[u8]>) {
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    let old = h.as_old_mut();
-    old.name[..path.len()].copy_from_slice(path);
-    if let Some(link) = link {
-        old.linkname[..link.len()].copy_from_slice(link);
-    }
-    h.set_entry_type(if link.is_some() {
-        tar::EntryType::Symlink
-    } else {
-        tar::EntryType::Regular
-    });
-    h.set_size(0);
-    h.set_mode(0o644);
-    h.set_cksum();
-    tar.append(&h, &[][..]).unwrap();
-    fs::write(dir.join(name), tar.into_inner().unwrap()).unwrap();
+    fs::write(dir.join(name), fixtures::raw_tar(path, link)).unwrap();
 }
 
 #[test]
