@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gpu_passthrough::Fetcher;
 use gpu_passthrough::driver_build::{SigningKey, Stage, sandbox::SandboxLimits};
-use gpu_passthrough::outcome::{Classified, Outcome, ReportOutcome};
+use gpu_passthrough::outcome::{Classified, ReportOutcome};
 use gpu_passthrough::registry::{Arch, ArtifactKind, ModuleFlavor, Signer};
 use gpu_passthrough::text::ReleaseTable;
 use gpu_passthrough::versions::build::{self, BuildInputs, BuildRequest, RebuildRequest};
@@ -242,15 +242,6 @@ fn fetcher(global: &Global) -> Result<(Fetcher, DownloadBar, PathBuf), Classifie
 }
 
 fn build(global: &Global, a: &BuildArgs) -> CmdResult {
-    // A build records who signed from --sign-cert and module_sig_force from the headers' config.
-    if a.add.signer.is_some() || a.add.module_sig_force {
-        return Err(Classified::message(
-            "`versions build` records the signer from --sign-cert and module_sig_force from the \
-             kernel headers: drop --signer/--signer-key-id/--module-sig-force and pass \
-             --sign-key/--sign-cert to sign the modules",
-        )
-        .with_outcome(Outcome::Refused));
-    }
     let need = |flag| Classified::message(format!("`versions build` needs {flag}"));
     let add = add_request(global, &a.add, "build", BTreeMap::new())?;
     let driver = (add.driver_version.clone()).ok_or_else(|| need("--driver-version"))?;
@@ -267,7 +258,7 @@ fn build(global: &Global, a: &BuildArgs) -> CmdResult {
             wall: Duration::from_secs(a.time_limit),
             memory_bytes: a.memory_limit << 20,
         },
-        ..BuildRequest::from_add(add, driver, flavor, inputs)
+        ..BuildRequest::from_add(add, driver, flavor, inputs)?
     };
     let (fetcher, bar, cache) = fetcher(global)?;
     let report = build::build(&fetcher, &cache, &request, &bar, &stages(global))?;

@@ -36,6 +36,15 @@ pub enum BuildError {
     /// The base URL is not a URL artifacts can have.
     #[error("the base URL `{0}` is not an https, http or file URL")]
     BadBaseUrl(String),
+    /// An expected signer or `module_sig_force` was given: a build takes both from what it
+    /// does (the signing certificate, the kernel headers' config), never from the caller.
+    #[error(
+        "a build records its signer from the signing certificate and module_sig_force from the \
+         kernel headers: drop the signer and module_sig_force (--signer/--signer-key-id/\
+         --module-sig-force) and pass a signing key and certificate (--sign-key/--sign-cert) to \
+         sign the modules"
+    )]
+    SignerGiven,
     /// No module source among the inputs.
     #[error("an nvidia-kernel-source input is required: the module source to build")]
     NoSource,
@@ -114,6 +123,7 @@ impl Classify for BuildError {
             BuildError::BadVersion { .. }
             | BuildError::OtherArch { .. }
             | BuildError::BadBaseUrl(_)
+            | BuildError::SignerGiven
             | BuildError::NoSource
             | BuildError::NotBuilt { .. } => Outcome::Refused,
             // What was built or downloaded is not what the release says: a reviewer's matter.
@@ -130,6 +140,7 @@ impl Classify for BuildError {
             BuildError::BadVersion { .. }
             | BuildError::OtherArch { .. }
             | BuildError::BadBaseUrl(_)
+            | BuildError::SignerGiven
             | BuildError::NoSource
             | BuildError::NotBuilt { .. }
             | BuildError::Refused(_)

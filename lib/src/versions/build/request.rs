@@ -102,14 +102,18 @@ impl BuildRequest {
     /// The build of the release `add` describes, from `inputs` (they are its artifacts), with
     /// the driver version and flavor the source must be; no key, base URL or output directory,
     /// the sandbox's default limits, every core. `add`'s `signer` and `module_sig_force` are
-    /// not taken: a build records them from its key's certificate and the kernel's `.config`.
+    /// refused ([`BuildError::SignerGiven`]): a build records them from its key's certificate and
+    /// the kernel's `.config`.
     pub fn from_add(
         add: AddRequest,
         driver_version: String,
         flavor: ModuleFlavor,
         inputs: BuildInputs,
-    ) -> BuildRequest {
-        BuildRequest {
+    ) -> Result<BuildRequest, BuildError> {
+        if add.signer.is_some() || add.module_sig_force {
+            return Err(BuildError::SignerGiven);
+        }
+        Ok(BuildRequest {
             file: add.file,
             release: add.release,
             kernel_version: add.kernel_version,
@@ -126,7 +130,7 @@ impl BuildRequest {
             max_download_bytes: add.max_download_bytes,
             limits: SandboxLimits::default(),
             jobs: None,
-        }
+        })
     }
 }
 
@@ -155,4 +159,52 @@ pub(super) fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
         Registry::refuse_existing(&req.file, &req.release)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::{Classify, Outcome};
+    use crate::registry::Signer;
+
+    /// A caller's signer is refused, not dropped: the build names its own from the certificate.
+    #[test]
+    fn a_signer_or_forced_signatures_from_the_caller_are_refused() {
+        let add = |signer: Option<Signer>, module_sig_force| AddRequest {
+            file: "r.toml".into(),
+            release: "r".into(),
+            kernel_version: "6.1.0-56-amd64".into(),
+            driver_version: Some("535.261.03".into()),
+            flavor: Some(ModuleFlavor::Open),
+            gsp: true,
+            arch: Arch::X86_64,
+            artifacts: BTreeMap::new(),
+            default: false,
+            replace: false,
+            max_download_bytes: None,
+            signer,
+            module_sig_force,
+        };
+        let build = |add| {
+            BuildRequest::from_add(
+                add,
+                "535.261.03".into(),
+                ModuleFlavor::Open,
+                Default::default(),
+            )
+        };
+        assert!(build(add(None, false)).is_ok());
+        let signer = Signer {
+            subject: "k".into(),
+            key_id: "01".into(),
+        };
+        for err in [build(add(Some(signer), false)), build(add(None, true))]
+            .into_iter()
+            .map(Result::unwrap_err)
+        {
+            assert!(matches!(err, BuildError::SignerGiven), "{err}");
+            assert_eq!(err.outcome(), Outcome::Refused);
+            assert!(err.to_string().contains("--sign-key"), "{err}");
+        }
+    }
 }
