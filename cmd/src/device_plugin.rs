@@ -35,9 +35,9 @@ pub struct DevicePluginArgs {
 pub fn run(global: &Global, args: &DevicePluginArgs) -> CmdResult {
     let config = Config {
         kubelet_dir: args.kubelet_dir.clone(),
-        sysfs_root: global.sysfs_root.clone(),
-        state_dir: global.state_dir.clone(),
-        dev_dir: global.dev_dir.clone(),
+        sysfs_root: global.at.sysfs_root.clone(),
+        state_dir: global.at.state_dir.clone(),
+        dev_dir: global.at.dev_dir.clone(),
         pci_ids: args.pci_ids.clone(),
         supported_gpus: args.supported_gpus.clone(),
         prepare: args.prepare.unwrap_or(Prepare::None),

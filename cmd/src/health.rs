@@ -46,13 +46,13 @@ pub struct DeviceArg {
 
 /// `health [scan|ingest|clear]`.
 pub fn run(global: &Global, args: &HealthArgs) -> CmdResult {
-    let store = HealthStore::new(&global.state_dir);
+    let store = HealthStore::new(&global.at.state_dir);
     match &args.command {
         None => emit_lines(global, &store.records()?),
         Some(HealthCommand::Scan { console }) => emit_lines(global, &health::scan_file(console)?),
         Some(HealthCommand::Ingest { owner: o, console }) => emit_text(
             global,
-            &ingest_console(&global.state_dir, &Owner::new(o)?, console)?,
+            &ingest_console(&global.at.state_dir, &Owner::new(o)?, console)?,
         ),
         Some(HealthCommand::Clear(arg)) => emit_text(global, &store.clear(arg.device.parse()?)?),
     }
@@ -60,5 +60,8 @@ pub fn run(global: &Global, args: &HealthArgs) -> CmdResult {
 
 /// `reset DEVICE`: reset on demand, then verify.
 pub fn reset(global: &Global, arg: &DeviceArg) -> CmdResult {
-    emit_judged(global, &global.host(Vec::new()).reset(arg.device.parse()?)?)
+    emit_judged(
+        global,
+        &global.at.host(Vec::new()).reset(arg.device.parse()?)?,
+    )
 }

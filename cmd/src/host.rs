@@ -40,23 +40,6 @@ pub enum VgpuCommand {
     Types,
 }
 
-/// `--vgpu PROFILE [--count N] [--numa N] [--pack]` (for `plan` and `attach`).
-#[derive(Debug, Clone, clap::Args)]
-pub struct VgpuArgs {
-    /// vGPUs of this profile (`NVIDIA L40S-4Q` or `L40S-4Q`) instead of devices.
-    #[arg(long, value_name = "PROFILE", conflicts_with_all = ["devices", "gpus", "mdev_type"])]
-    vgpu: Option<String>,
-    /// With --vgpu: how many.
-    #[arg(long, value_name = "N", default_value_t = 1, requires = "vgpu")]
-    count: u32,
-    /// With --vgpu: prefer this NUMA node on ties.
-    #[arg(long, value_name = "N", requires = "vgpu")]
-    numa: Option<u32>,
-    /// With --vgpu: fill the most-loaded GPU that still fits instead of the least loaded.
-    #[arg(long, requires = "vgpu")]
-    pack: bool,
-}
-
 /// What to move (shared by `plan` and `attach`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Selection {
@@ -95,7 +78,7 @@ pub struct PlanArgs {
     #[arg(long, value_name = "ID")]
     owner: Option<String>,
     #[command(flatten)]
-    vgpu: VgpuArgs,
+    vgpu: Option<PlaceRequest>,
 }
 
 /// Arguments of `attach`.
@@ -125,7 +108,7 @@ pub struct AttachArgs {
     #[arg(long, value_name = "pmem|/dev/vdX")]
     gpu_disk: Option<DiskAttach>,
     #[command(flatten)]
-    vgpu: VgpuArgs,
+    vgpu: Option<PlaceRequest>,
 }
 
 /// Arguments of `detach`.
@@ -149,18 +132,6 @@ pub struct ReconcileArgs {
     host: HostOpts,
 }
 
-impl VgpuArgs {
-    /// The placement asked for, when `--vgpu` names a profile.
-    pub fn place(&self) -> Option<PlaceRequest> {
-        Some(PlaceRequest {
-            profile: self.vgpu.clone()?,
-            count: self.count,
-            numa: self.numa,
-            pack: self.pack,
-        })
-    }
-}
-
 /// The request as parsed; bad input is refused before anything is built or fetched.
 fn plan_request(sel: &Selection, owner: Option<Owner>) -> Result<PlanRequest, AddressError> {
     Ok(PlanRequest {
@@ -181,13 +152,13 @@ fn plan_request(sel: &Selection, owner: Option<Owner>) -> Result<PlanRequest, Ad
 
 /// `doctor`: host readiness.
 pub fn doctor(global: &Global, opts: &HostOpts) -> CmdResult {
-    let h = global.host(Vec::new());
+    let h = global.at.host(Vec::new());
     emit_judged(global, &h.doctor(opts.supported_gpus.as_deref())?)
 }
 
 /// `devices`: passthrough candidates or every device.
 pub fn devices(global: &Global, args: &DevicesArgs) -> CmdResult {
-    let h = global.host(Vec::new());
+    let h = global.at.host(Vec::new());
     let listing = h.listing(args.all, args.host.supported_gpus.as_deref())?;
     emit_text(global, &listing)
 }
@@ -195,20 +166,20 @@ pub fn devices(global: &Global, args: &DevicesArgs) -> CmdResult {
 /// `vgpu types`: every profile the host can create now.
 pub fn vgpu(global: &Global, cmd: &VgpuCommand) -> CmdResult {
     match cmd {
-        VgpuCommand::Types => emit_text(global, &global.host(Vec::new()).vgpu_catalogue()),
+        VgpuCommand::Types => emit_text(global, &global.at.host(Vec::new()).vgpu_catalogue()),
     }
 }
 
 /// `plan`: what attach would do (`--vgpu`: where the vGPUs would go).
 pub fn plan(global: &Global, args: &PlanArgs) -> CmdResult {
-    if let Some(place) = args.vgpu.place() {
-        return emit_text(global, &global.host(Vec::new()).plan_vgpu(&place)?);
+    if let Some(place) = &args.vgpu {
+        return emit_text(global, &global.at.host(Vec::new()).plan_vgpu(place)?);
     }
     let owner = args.owner.as_deref().map(Owner::new).transpose()?;
     let req = plan_request(&args.sel, owner)?;
-    let registry = Registry::for_request(&global.registries, args.sel.release.as_deref())?;
-    let h = global.host(Vec::new());
-    let plan = Provisioner::new(&h, &registry, global.cache_dir())
+    let registry = Registry::for_request(&global.at.registries, args.sel.release.as_deref())?;
+    let h = global.at.host(Vec::new());
+    let plan = Provisioner::new(&h, &registry, global.at.cache_dir())
         .plan(&req, args.sel.release.as_deref())?;
     emit_judged(global, &plan)
 }
@@ -216,13 +187,13 @@ pub fn plan(global: &Global, args: &PlanArgs) -> CmdResult {
 /// `attach`: ensure the release's layers, bind (or create vGPUs), verify, print the boot spec.
 pub fn attach(global: &Global, args: &AttachArgs) -> CmdResult {
     let owner = Owner::new(&args.owner)?;
-    let devices = match args.vgpu.place() {
-        Some(place) => VmDevices::Vgpus(place),
+    let devices = match &args.vgpu {
+        Some(place) => VmDevices::Vgpus(place.clone()),
         None => VmDevices::Gpus(plan_request(&args.sel, Some(owner.clone()))?),
     };
-    let registry = Registry::for_request(&global.registries, args.sel.release.as_deref())?;
-    let h = global.host(Vec::new());
-    let mut provisioner = Provisioner::new(&h, &registry, global.cache_dir());
+    let registry = Registry::for_request(&global.at.registries, args.sel.release.as_deref())?;
+    let h = global.at.host(Vec::new());
+    let mut provisioner = Provisioner::new(&h, &registry, global.at.cache_dir());
     if let Some(init) = &args.guest_init {
         provisioner = provisioner.with_guest_init(init);
     }
@@ -240,7 +211,7 @@ pub fn attach(global: &Global, args: &AttachArgs) -> CmdResult {
 /// `detach`: devices back to their original drivers.
 pub fn detach(global: &Global, args: &DetachArgs) -> CmdResult {
     let owner = Owner::new(&args.owner)?;
-    emit_text(global, &global.host(Vec::new()).detach(&owner)?)
+    emit_text(global, &global.at.host(Vec::new()).detach(&owner)?)
 }
 
 /// `reconcile`: repair what crashes left behind.
@@ -251,6 +222,7 @@ pub fn reconcile(global: &Global, args: &ReconcileArgs) -> CmdResult {
         .map(|o| Owner::new(o))
         .collect::<Result<_, _>>()?;
     let report = global
+        .at
         .host(gone)
         .reconcile()
         .map_err(|e| Classified::from(e).context("reconcile"))?;

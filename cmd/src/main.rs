@@ -9,13 +9,10 @@ mod initrd;
 mod output;
 mod versions;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, Subcommand};
-use gpu_passthrough::attach::{Host, Owner, PidLiveness};
-use gpu_passthrough::paths::{self, default_cache_dir};
-use gpu_passthrough::registry::{Registry, RegistryError};
+use gpu_passthrough::provision::Locations;
 
 /// Flags every command honours.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,55 +26,9 @@ pub struct Global {
     /// Less output: errors only.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
-    /// Registry file merged over the embedded default; repeatable, later files win.
-    #[arg(
-        long = "registry",
-        value_name = "FILE",
-        global = true,
-        env = "GPU_PASSTHROUGH_REGISTRY",
-        value_delimiter = ':'
-    )]
-    pub registries: Vec<PathBuf>,
-    /// Artifact and layer cache [default: $XDG_CACHE_HOME/gpu-passthrough, or
-    /// /var/cache/gpu-passthrough for root].
-    #[arg(
-        long,
-        value_name = "DIR",
-        global = true,
-        env = "GPU_PASSTHROUGH_CACHE_DIR"
-    )]
-    pub cache_dir: Option<PathBuf>,
-    /// Root of the sysfs tree to read and write (tests point this at a fake tree).
-    #[arg(long, value_name = "DIR", global = true, default_value = paths::SYSFS_ROOT)]
-    pub sysfs_root: PathBuf,
-    /// Where attachments and the bind journal are kept.
-    #[arg(long, value_name = "DIR", global = true, default_value = paths::STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// Devices directory where `vfio/<group>` nodes appear (tests point this at a fake tree).
-    #[arg(long, value_name = "DIR", global = true, default_value = paths::DEV_DIR)]
-    pub dev_dir: PathBuf,
-}
-
-impl Global {
-    /// The cache directory: the flag, the environment, or the library's default.
-    pub fn cache_dir(&self) -> PathBuf {
-        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
-    }
-
-    /// The embedded registry with the `--registry` files merged over it.
-    pub fn registry(&self) -> Result<Registry, RegistryError> {
-        Registry::load(&self.registries)
-    }
-
-    /// The host these flags point at; owners in `gone` are declared gone, `pid:N` owners are
-    /// judged by their process.
-    pub fn host(&self, gone: Vec<Owner>) -> Host {
-        let liveness = PidLiveness {
-            gone,
-            ..Default::default()
-        };
-        Host::new(&self.sysfs_root, &self.state_dir, Box::new(liveness)).with_dev_dir(&self.dev_dir)
-    }
+    /// Where the host's files are.
+    #[command(flatten)]
+    pub at: Locations,
 }
 
 #[derive(Debug, Parser)]

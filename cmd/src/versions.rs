@@ -150,7 +150,7 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> CmdResult {
     match cmd {
         VersionsCommand::List => list(global),
         VersionsCommand::Show { release } => {
-            emit_text(global, global.registry()?.resolve(release.as_deref())?)
+            emit_text(global, global.at.registry()?.resolve(release.as_deref())?)
         }
         VersionsCommand::Add(args) => add(global, args),
         VersionsCommand::Pin { release, arch } => pin(global, release, *arch),
@@ -162,7 +162,7 @@ pub fn run(global: &Global, cmd: &VersionsCommand) -> CmdResult {
 
 /// The file `add` and `pin` write: the last `--registry`.
 fn target_file(global: &Global, command: &str) -> Result<PathBuf, Classified> {
-    global.registries.last().cloned().ok_or_else(|| {
+    global.at.registries.last().cloned().ok_or_else(|| {
         Classified::message(format!(
             "`versions {command}` writes a registry file: pass --registry FILE \
              (it is created if missing)"
@@ -178,7 +178,7 @@ fn arch_or_host(arch: Option<Arch>) -> Result<Arch, Classified> {
 }
 
 fn list(global: &Global) -> CmdResult {
-    let rows = versions::summaries(&global.registry()?);
+    let rows = versions::summaries(&global.at.registry()?);
     emit(global, &serde_json::json!({ "releases": rows }), |_| {
         print!("{}", ReleaseTable(&rows));
         if rows.iter().any(|r| r.unpinned > 0) {
@@ -237,7 +237,7 @@ fn artifact_flag(problem: String) -> Classified {
 
 /// The fetcher over the cache, a progress bar for its downloads, and the cache.
 fn fetcher(global: &Global) -> Result<(Fetcher, DownloadBar, PathBuf), Classified> {
-    let cache = global.cache_dir();
+    let cache = global.at.cache_dir();
     Ok((versions::fetcher(&cache)?, DownloadBar::new(global), cache))
 }
 
@@ -277,20 +277,20 @@ fn stages(global: &Global) -> impl Fn(Stage) + '_ {
 fn pin(global: &Global, name: &str, only: Option<Arch>) -> CmdResult {
     let file = target_file(global, "pin")?;
     let (fetcher, bar, _) = fetcher(global)?;
-    let report = versions::pin(&fetcher, &global.registries, &file, name, only, &bar)?;
+    let report = versions::pin(&fetcher, &global.at.registries, &file, name, only, &bar)?;
     emit_text(global, &report)
 }
 
 fn diff(global: &Global, from: &str, to: &str, arch: Option<Arch>) -> CmdResult {
     let arch = arch_or_host(arch)?;
-    let ((fetcher, bar, cache), registry) = (fetcher(global)?, global.registry()?);
+    let ((fetcher, bar, cache), registry) = (fetcher(global)?, global.at.registry()?);
     let report = versions::diff(&fetcher, &cache, &registry, from, to, arch, &bar)?;
     emit_text(global, &report)
 }
 
 /// `versions verify`: the rows, then the verdict as the error and exit code.
 fn verify(global: &Global, args: &VerifyArgs) -> CmdResult {
-    let ((fetcher, bar, cache), registry) = (fetcher(global)?, global.registry()?);
+    let ((fetcher, bar, cache), registry) = (fetcher(global)?, global.at.registry()?);
     if let Some(name) = args.release.clone().filter(|_| args.rebuild) {
         let arch = arch_or_host(None)?;
         let req = RebuildRequest {

@@ -6,16 +6,27 @@ use serde::Serialize;
 use super::{Catalogue, Framework, VgpuError};
 use crate::pci::PciAddress;
 
-/// What to place.
+/// What to place (`--vgpu PROFILE [--count N] [--numa N] [--pack]` on the CLI).
 #[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct PlaceRequest {
-    /// The profile name (with or without `NVIDIA `/`GRID `).
+    /// vGPUs of this profile (`NVIDIA L40S-4Q` or `L40S-4Q`) instead of devices.
+    #[cfg_attr(feature = "cli", arg(
+        id = "vgpu", long = "vgpu", value_name = "PROFILE", required = false,
+        conflicts_with_all = ["devices", "gpus", "mdev_type"]
+    ))]
     pub profile: String,
-    /// How many.
+    /// With --vgpu: how many.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "N", default_value_t = 1, requires = "vgpu")
+    )]
     pub count: u32,
-    /// Prefer this NUMA node on ties.
+    /// With --vgpu: prefer this NUMA node on ties.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N", requires = "vgpu"))]
     pub numa: Option<u32>,
-    /// Fill the most-loaded parent that still fits instead.
+    /// With --vgpu: fill the most-loaded parent that still fits instead of the least loaded.
+    #[cfg_attr(feature = "cli", arg(long, requires = "vgpu"))]
     pub pack: bool,
 }
 
