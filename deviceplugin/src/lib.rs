@@ -14,6 +14,7 @@
 //! - [`preferred`]: GetPreferredAllocation's choice (one NUMA node, then one PCIe switch).
 //! - [`served`]: a served device and its problems, as `inventory` and `vgpu` both report them.
 //! - [`vgpu`]: the vGPUs the library created for the plugin's pool, on both NVIDIA frameworks.
+//! - `authority`: the relay that lets clients naming the socket as `:authority` be served.
 //! - [`api`]: the generated v1beta1 messages, servers and clients.
 //!
 //! The plugin holds no device state of its own: each scan and each Allocate reads the journal
@@ -21,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod allocate;
+mod authority;
 pub mod inventory;
 pub mod naming;
 pub mod preferred;

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use tokio::io::DuplexStream;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Endpoint, Server, Uri};
 use tonic::{Request, Response, Status};
 
@@ -20,6 +21,7 @@ use crate::allocate::{AllocateError, allocate};
 use crate::api::device_plugin_server::{DevicePlugin, DevicePluginServer};
 use crate::api::registration_client::RegistrationClient;
 use crate::api::{self, Empty};
+use crate::authority;
 use crate::inventory::{self, Inventory, PrepareReport};
 use crate::naming::{Namer, socket_name};
 use crate::preferred::{Candidate, preferred};
@@ -233,10 +235,11 @@ fn start_server(shared: &Arc<Shared>, resource: &str) -> Result<Served, PluginEr
         shared: shared.clone(),
         stop: stop_rx.clone(),
     };
+    let incoming = relayed(listener, stop_rx.clone());
     let task = tokio::spawn(async move {
         let r = Server::builder()
             .add_service(DevicePluginServer::new(svc))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(stop_rx))
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
             .await;
         if let Err(e) = r {
             tracing::error!("device plugin server: {e}");
@@ -258,6 +261,37 @@ fn start_server(shared: &Arc<Shared>, resource: &str) -> Result<Served, PluginEr
         task,
         registered_with: None,
     })
+}
+
+/// The connections accepted on `listener`, each through the authority relay.
+fn relayed(
+    listener: UnixListener,
+    stop: watch::Receiver<bool>,
+) -> ReceiverStream<std::io::Result<DuplexStream>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let client = tokio::select! {
+                r = listener.accept() => r.map(|(s, _)| s),
+                () = stopped(stop.clone()) => break,
+            };
+            let client = match client {
+                Ok(c) => c,
+                Err(e) => {
+                    if tx.send(Err(e)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(authority::relay(client, ours));
+            if tx.send(Ok(theirs)).await.is_err() {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 async fn register(config: &Config, resource: &str, socket: &Path) -> Result<(), String> {

@@ -703,3 +703,53 @@ async fn serves_pool_vgpus_on_both_frameworks() {
     plugin.stop().await;
     kubelet.stop().await;
 }
+
+/// A gRPC C-core client (Python's grpcio), naming the plugin by its socket path as `:authority`
+/// the way C-core, Java and Swift clients and older kubelets do, percent-encoded or raw.
+const GRPCIO_CLIENT: &str = r#"
+import sys, grpc
+sock, authority = sys.argv[1], sys.argv[2]
+ch = grpc.insecure_channel("unix:" + sock, options=[("grpc.default_authority", authority)])
+opts = ch.unary_unary("/v1beta1.DevicePlugin/GetDevicePluginOptions")(b"", timeout=10)
+print("options", opts.hex())
+watch = ch.unary_stream("/v1beta1.DevicePlugin/ListAndWatch")(b"", timeout=10)
+print("devices", len(next(watch)))
+watch.cancel()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_naming_the_socket_path_as_authority_is_served() {
+    let Some(python) = gpu_passthrough_tests::python::with_modules(&["grpc"]) else {
+        return;
+    };
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let sock = plugin.dir.join(H100_SOCK);
+    let raw = sock.display().to_string();
+    let encoded = raw.replace('/', "%2F");
+    for authority in [encoded, raw.clone(), "localhost".to_owned()] {
+        let (python, sock) = (python.clone(), raw.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(python)
+                .args(["-c", GRPCIO_CLIENT, &sock, &authority])
+                .output()
+                .expect("python runs")
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // GetPreferredAllocation available (field 2 = true); a non-empty device list.
+        assert!(stdout.contains("options 1001"), "{stdout}");
+        assert!(!stdout.contains("devices 0"), "{stdout}");
+    }
+    plugin.stop().await;
+    kubelet.stop().await;
+}
