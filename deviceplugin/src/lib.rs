@@ -67,6 +67,16 @@ pub enum PluginError {
     /// The supported-gpus table or pci.ids could not be read.
     #[error(transparent)]
     Ids(#[from] gpu_passthrough::pci::ids::IdsError),
+    /// A task of the plugin panicked; the plugin goes on without its result.
+    #[error(
+        "the {task} panicked ({message}); this is a bug in the device plugin: please report it"
+    )]
+    Panicked {
+        /// What was running.
+        task: &'static str,
+        /// The panic's message.
+        message: String,
+    },
     /// A file or socket operation failed.
     #[error("cannot {action} {path}")]
     Io {
@@ -189,6 +199,18 @@ fn read(p: &Path) -> Result<String, PluginError> {
         path: p.to_owned(),
         source,
     })
+}
+
+/// A panic's message, for the error that reports it.
+pub(crate) fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned()),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// Run until SIGTERM or SIGINT, then remove the sockets and return.

@@ -115,27 +115,12 @@ impl DevicePlugin for PluginService {
             .get(&self.resource)
             .cloned()
             .unwrap_or_default();
-        let mut out = api::PreferredAllocationResponse::default();
-        for c in req.into_inner().container_requests {
-            let avail: Vec<Candidate> = c
-                .available_device_i_ds
-                .iter()
-                .map(|id| {
-                    let d = served.iter().find(|d| d.id == *id);
-                    Candidate {
-                        id: id.clone(),
-                        numa: d.and_then(|d| d.numa),
-                        switch: d.and_then(|d| d.switch.clone()),
-                    }
-                })
-                .collect();
-            let size = usize::try_from(c.allocation_size).unwrap_or(0);
-            out.container_responses
-                .push(api::ContainerPreferredAllocationResponse {
-                    device_i_ds: preferred(&avail, &c.must_include_device_i_ds, size),
-                });
-        }
-        Ok(Response::new(out))
+        let req = req.into_inner();
+        guarded("GetPreferredAllocation", move || {
+            preferred_allocation(&served, req)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn allocate(
@@ -150,7 +135,7 @@ impl DevicePlugin for PluginService {
             .collect();
         let shared = self.shared.clone();
         let resource = self.resource.clone();
-        let result = tokio::task::spawn_blocking(move || {
+        let result = guarded("Allocate", move || {
             let host = shared.config.host();
             allocate(
                 &host,
@@ -160,8 +145,7 @@ impl DevicePlugin for PluginService {
                 &containers,
             )
         })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .await?;
         match result {
             Ok(a) => Ok(Response::new(api::AllocateResponse {
                 container_responses: a
@@ -201,13 +185,77 @@ impl DevicePlugin for PluginService {
     }
 }
 
-/// One resource's server.
+fn preferred_allocation(
+    served: &[crate::served::ServedDevice],
+    req: api::PreferredAllocationRequest,
+) -> api::PreferredAllocationResponse {
+    let mut out = api::PreferredAllocationResponse::default();
+    for c in req.container_requests {
+        let avail: Vec<Candidate> = c
+            .available_device_i_ds
+            .iter()
+            .map(|id| {
+                let d = served.iter().find(|d| d.id == *id);
+                Candidate {
+                    id: id.clone(),
+                    numa: d.and_then(|d| d.numa),
+                    switch: d.and_then(|d| d.switch.clone()),
+                }
+            })
+            .collect();
+        let size = usize::try_from(c.allocation_size).unwrap_or(0);
+        out.container_responses
+            .push(api::ContainerPreferredAllocationResponse {
+                device_i_ds: preferred(&avail, &c.must_include_device_i_ds, size),
+            });
+    }
+    out
+}
+
+/// Run a request's work as its own task, so a panic in it answers that request with an error
+/// and the plugin goes on serving.
+async fn guarded<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        let e = PluginError::Panicked {
+            task: what,
+            message: crate::panic_message(e),
+        };
+        tracing::error!("{e}");
+        Status::internal(e.to_string())
+    })
+}
+
+/// One resource's server. Dropping it (at shutdown, on an error, on a panic or when the run
+/// is cancelled) stops the server and removes its socket.
 struct Served {
     socket: PathBuf,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
     /// The kubelet socket's inode when we registered (None: not registered yet).
     registered_with: Option<u64>,
+}
+
+impl Served {
+    /// Stop serving, waiting up to `grace` for the server to finish.
+    async fn shut_down(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(grace, task).await;
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PluginError {
@@ -258,7 +306,7 @@ fn start_server(shared: &Arc<Shared>, resource: &str) -> Result<Served, PluginEr
     Ok(Served {
         socket,
         stop,
-        task,
+        task: Some(task),
         registered_with: None,
     })
 }
@@ -338,7 +386,12 @@ async fn scan(shared_config: &Config, namer: &Namer) -> Result<Inventory, Plugin
         inventory::scan(&config.host(), &namer, config.quarantine().as_ref())
     })
     .await
-    .unwrap_or_else(|e| panic!("scan task: {e}"))
+    .unwrap_or_else(|e| {
+        Err(PluginError::Panicked {
+            task: "health scan",
+            message: crate::panic_message(e),
+        })
+    })
 }
 
 /// Run the plugin until `shutdown` completes: adopt or prepare GPUs, serve and register each
@@ -359,7 +412,13 @@ pub async fn run(
             )
         })
         .await
-        .unwrap_or_else(|e| panic!("prepare task: {e}"))?
+        .unwrap_or_else(|e| {
+            Err(PluginError::Panicked {
+                task: "start-up pass",
+                message: crate::panic_message(e),
+            }
+            .into())
+        })?
     };
     tracing::info!(
         "start: adopted {:?}, moved {:?}, skipped {:?}",
@@ -377,12 +436,10 @@ pub async fn run(
     });
     let mut servers: BTreeMap<String, Served> = BTreeMap::new();
     tokio::pin!(shutdown);
-    let result = loop {
-        if let Err(e) = tick(&shared, &mut servers).await {
-            break Err(e);
-        }
+    loop {
+        tick(&shared, &mut servers).await;
         tokio::select! {
-            _ = &mut shutdown => break Ok(()),
+            _ = &mut shutdown => break,
             _ = tokio::time::sleep(config.poll_interval) => {}
         }
         match scan(&config, &namer).await {
@@ -398,21 +455,16 @@ pub async fn run(
             }
             Err(e) => tracing::warn!("scan: {e}"),
         }
-    };
-    for (_, s) in std::mem::take(&mut servers) {
-        let _ = s.stop.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.task).await;
-        let _ = std::fs::remove_file(&s.socket);
     }
-    result.map(|()| report)
+    for (_, s) in std::mem::take(&mut servers) {
+        s.shut_down(Duration::from_secs(5)).await;
+    }
+    Ok(report)
 }
 
 /// One supervision pass: a server per resource, its socket present, registered with the
 /// kubelet that is running now.
-async fn tick(
-    shared: &Arc<Shared>,
-    servers: &mut BTreeMap<String, Served>,
-) -> Result<(), PluginError> {
+async fn tick(shared: &Arc<Shared>, servers: &mut BTreeMap<String, Served>) {
     let resources: Vec<String> = shared
         .inventory
         .borrow()
@@ -429,12 +481,18 @@ async fn tick(
                 servers[r].socket.display()
             );
             if let Some(s) = servers.remove(r) {
-                let _ = s.stop.send(true);
-                let _ = tokio::time::timeout(Duration::from_secs(2), s.task).await;
+                s.shut_down(Duration::from_secs(2)).await;
             }
         }
         if !servers.contains_key(r) {
-            servers.insert(r.clone(), start_server(shared, r)?);
+            // One resource's socket failing leaves the others served; it is tried again on
+            // the next pass.
+            match start_server(shared, r) {
+                Ok(s) => {
+                    servers.insert(r.clone(), s);
+                }
+                Err(e) => tracing::error!("serving {r}: {e}; retrying"),
+            }
         }
     }
     let kubelet = kubelet_inode(&shared.config);
@@ -454,5 +512,4 @@ async fn tick(
             Err(e) => tracing::warn!("registering {r}: {e}; retrying"),
         }
     }
-    Ok(())
 }

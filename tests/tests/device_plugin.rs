@@ -753,3 +753,130 @@ async fn a_client_naming_the_socket_path_as_authority_is_served() {
     plugin.stop().await;
     kubelet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_refuses_a_device_asked_for_twice() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let twice_in_one = alloc(&["0000:18:00.0", "0000:18:00.0"]);
+    let across = AllocateRequest {
+        container_requests: vec![
+            ContainerAllocateRequest {
+                devices_ids: vec!["0000:9a:00.0".into()],
+            },
+            ContainerAllocateRequest {
+                devices_ids: vec!["0000:9a:00.0".into()],
+            },
+        ],
+    };
+    for (req, id) in [(twice_in_one, "0000:18:00.0"), (across, "0000:9a:00.0")] {
+        let err = client.allocate(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message().contains(id) && err.message().contains("more than once"),
+            "{}",
+            err.message()
+        );
+    }
+    assert_eq!(
+        owner_of(&h, "0000:18:00.0").as_deref(),
+        Some("device-plugin")
+    );
+    assert_eq!(
+        owner_of(&h, "0000:9a:00.0").as_deref(),
+        Some("device-plugin")
+    );
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_resources_socket_failing_leaves_the_others_served_and_is_retried() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    // A directory where the H100 socket goes: it can be neither removed nor bound.
+    let blocker = cfg.plugin_dir().join(H100_SOCK);
+    fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let plugin = start(cfg);
+    let regs = kubelet.wait_registrations(1, WAIT).await;
+    let names: Vec<&str> = regs.iter().map(|r| r.resource_name.as_str()).collect();
+    assert_eq!(names, [RTX4090], "the other resource is served meanwhile");
+    assert!(!plugin.task.is_finished(), "the plugin goes on");
+
+    fs::remove_dir_all(&blocker).unwrap();
+    let regs = kubelet.wait_registrations(2, WAIT).await;
+    assert!(
+        regs.iter().any(|r| r.resource_name == H100),
+        "retried: {regs:?}"
+    );
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(health(&next(&mut stream).await, "0000:18:00.0"), "Healthy");
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+/// A quarantine check that panics while armed: a bug anywhere under a request or a scan.
+struct PanickingQuarantine(Arc<std::sync::atomic::AtomicBool>);
+
+impl Quarantine for PanickingQuarantine {
+    fn is_quarantined(&self, _: PciAddress) -> bool {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("quarantine check exploded");
+        }
+        false
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_answers_its_request_with_an_error_and_serving_goes_on() {
+    let h = vfio_host();
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cfg = Config {
+        quarantine: Some(Arc::new(PanickingQuarantine(armed.clone()))),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("Allocate panicked") && err.message().contains("exploded"),
+        "{}",
+        err.message()
+    );
+    // Health scans panic too meanwhile (every 50 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!plugin.task.is_finished(), "the plugin survives");
+    armed.store(false, std::sync::atomic::Ordering::SeqCst);
+
+    let ok = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap();
+    assert_eq!(ok.into_inner().container_responses.len(), 1);
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(health(&next(&mut stream).await, "0000:9a:00.0"), "Healthy");
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_are_removed_when_the_plugin_is_cancelled() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    assert_eq!(sockets(&plugin.dir).len(), 3, "{:?}", sockets(&plugin.dir));
+    plugin.task.abort();
+    let _ = (&mut { plugin.task }).await;
+    assert_eq!(sockets(&plugin.dir), ["kubelet.sock"]);
+    kubelet.stop().await;
+}
