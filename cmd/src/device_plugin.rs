@@ -28,6 +28,9 @@ pub struct DevicePluginArgs {
     /// The NVIDIA driver's supported-gpus.json: names for GPUs pci.ids does not know.
     #[arg(long, value_name = "FILE", env = "GPU_PASSTHROUGH_SUPPORTED_GPUS")]
     supported_gpus: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9400) [default: none].
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Run the plugin; after SIGTERM print what the start-up pass did. A plugin that stopped on an
@@ -42,6 +45,7 @@ pub fn run(global: &Global, args: &DevicePluginArgs) -> CmdResult {
         supported_gpus: args.supported_gpus.clone(),
         prepare: args.prepare.unwrap_or(Prepare::None),
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+        metrics_addr: args.metrics_addr,
         ..Config::new()
     };
     match run_until_signal(config) {

@@ -11,6 +11,7 @@
 //! - [`inventory`]: the served GPUs, read from the journal, with health from sysfs; the
 //!   start-up pass that adopts or prepares GPUs.
 //! - [`allocate`]: the group re-check and the journal record of an allocation.
+//! - [`metrics`]: the Prometheus metrics `--metrics-addr` serves.
 //! - [`preferred`]: GetPreferredAllocation's choice (one NUMA node, then one PCIe switch).
 //! - [`served`]: a served device and its problems, as `inventory` and `vgpu` both report them.
 //! - [`vgpu`]: the vGPUs the library created for the plugin's pool, on both NVIDIA frameworks.
@@ -24,6 +25,7 @@
 pub mod allocate;
 mod authority;
 pub mod inventory;
+pub mod metrics;
 pub mod naming;
 pub mod preferred;
 pub mod served;
@@ -77,6 +79,15 @@ pub enum PluginError {
         /// The panic's message.
         message: String,
     },
+    /// The metrics address cannot be listened on.
+    #[error("cannot serve metrics on {addr}; choose a free address for --metrics-addr")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A file or socket operation failed.
     #[error("cannot {action} {path}")]
     Io {
@@ -111,6 +122,8 @@ pub struct Config {
     pub poll_interval: Duration,
     /// The quarantine seam; `None` means the health records in `state_dir` (fail closed).
     pub quarantine: Option<Arc<dyn Quarantine>>,
+    /// Where to serve Prometheus metrics over HTTP; `None` serves none.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -122,13 +135,15 @@ impl std::fmt::Debug for Config {
             .field("dev_dir", &self.dev_dir)
             .field("prepare", &self.prepare)
             .field("poll_interval", &self.poll_interval)
+            .field("metrics_addr", &self.metrics_addr)
             .finish()
     }
 }
 
 impl Config {
     /// Defaults for a real node: `/var/lib/kubelet`, `/sys`, `/var/lib/gpu-passthrough`, `/dev`,
-    /// a one-second poll, no preparation, quarantine by the state dir's health records.
+    /// a one-second poll, no preparation, quarantine by the state dir's health records, no
+    /// metrics.
     pub fn new() -> Self {
         Config {
             kubelet_dir: PathBuf::from("/var/lib/kubelet"),
@@ -140,6 +155,7 @@ impl Config {
             prepare: Prepare::None,
             poll_interval: Duration::from_secs(1),
             quarantine: None,
+            metrics_addr: None,
         }
     }
 

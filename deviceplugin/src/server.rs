@@ -23,6 +23,7 @@ use crate::api::registration_client::RegistrationClient;
 use crate::api::{self, Empty};
 use crate::authority;
 use crate::inventory::{self, Inventory, PrepareReport};
+use crate::metrics::{self, AllocationResult, Metrics, Operation};
 use crate::naming::{Namer, socket_name};
 use crate::preferred::{Candidate, preferred};
 use crate::{API_VERSION, Config, PluginError};
@@ -31,6 +32,7 @@ struct Shared {
     config: Config,
     namer: Namer,
     inventory: watch::Receiver<Arc<Inventory>>,
+    metrics: Arc<Metrics>,
 }
 
 fn devices_of(inv: &Inventory, resource: &str) -> Vec<api::Device> {
@@ -135,6 +137,7 @@ impl DevicePlugin for PluginService {
             .collect();
         let shared = self.shared.clone();
         let resource = self.resource.clone();
+        let metrics = self.shared.metrics.clone();
         let result = guarded("Allocate", move || {
             let host = shared.config.host();
             allocate(
@@ -145,7 +148,14 @@ impl DevicePlugin for PluginService {
                 &containers,
             )
         })
-        .await?;
+        .await
+        .inspect_err(|_| metrics.allocation(&self.resource, AllocationResult::Failed))?;
+        let outcome = match &result {
+            Ok(_) => AllocationResult::Granted,
+            Err(AllocateError::Plugin(_)) => AllocationResult::Failed,
+            Err(_) => AllocationResult::Refused,
+        };
+        metrics.allocation(&self.resource, outcome);
         match result {
             Ok(a) => Ok(Response::new(api::AllocateResponse {
                 container_responses: a
@@ -429,10 +439,26 @@ pub async fn run(
     let dir = config.plugin_dir();
     std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
     let (inv_tx, inv_rx) = watch::channel(Arc::new(scan(&config, &namer).await?));
+    let metrics = Arc::new(Metrics::new(&config.state_dir));
+    metrics.errors(Operation::Attach, report.attach_errors as u64);
+    // Dropped with `run`, which ends the metrics server.
+    let _metrics_server = match config.metrics_addr {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            tracing::info!("serving metrics on http://{addr}/metrics");
+            Some(AbortOnDrop(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                inv_rx.clone(),
+            ))))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         config: config.clone(),
         namer: namer.clone(),
         inventory: inv_rx,
+        metrics,
     });
     let mut servers: BTreeMap<String, Served> = BTreeMap::new();
     tokio::pin!(shutdown);
@@ -453,13 +479,25 @@ pub async fn run(
                     }
                 });
             }
-            Err(e) => tracing::warn!("scan: {e}"),
+            Err(e) => {
+                shared.metrics.errors(Operation::Scan, 1);
+                tracing::warn!("scan: {e}");
+            }
         }
     }
     for (_, s) in std::mem::take(&mut servers) {
         s.shut_down(Duration::from_secs(5)).await;
     }
     Ok(report)
+}
+
+/// A task that ends when this is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One supervision pass: a server per resource, its socket present, registered with the
@@ -491,7 +529,10 @@ async fn tick(shared: &Arc<Shared>, servers: &mut BTreeMap<String, Served>) {
                 Ok(s) => {
                     servers.insert(r.clone(), s);
                 }
-                Err(e) => tracing::error!("serving {r}: {e}; retrying"),
+                Err(e) => {
+                    shared.metrics.errors(Operation::Serve, 1);
+                    tracing::error!("serving {r}: {e}; retrying");
+                }
             }
         }
     }
@@ -509,7 +550,10 @@ async fn tick(shared: &Arc<Shared>, servers: &mut BTreeMap<String, Served>) {
                 tracing::info!("registered {r} with the kubelet");
                 s.registered_with = kubelet;
             }
-            Err(e) => tracing::warn!("registering {r}: {e}; retrying"),
+            Err(e) => {
+                shared.metrics.errors(Operation::Register, 1);
+                tracing::warn!("registering {r}: {e}; retrying");
+            }
         }
     }
 }

@@ -880,3 +880,163 @@ async fn sockets_are_removed_when_the_plugin_is_cancelled() {
     assert_eq!(sockets(&plugin.dir), ["kubelet.sock"]);
     kubelet.stop().await;
 }
+
+/// Scrape an OpenMetrics endpoint with Python's `prometheus_client` parser: every sample as
+/// `[name, labels, value]`.
+const SCRAPE: &str = r#"
+import sys, json, urllib.request
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+print(json.dumps([[s.name, s.labels, s.value] for f in text_string_to_metric_families(text) for s in f.samples]))
+"#;
+
+type Sample = (String, std::collections::BTreeMap<String, String>, f64);
+
+async fn scrape(python: &std::path::Path, addr: std::net::SocketAddr) -> Vec<Sample> {
+    let python = python.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-c", SCRAPE, &format!("http://{addr}/metrics")])
+            .output()
+            .expect("python runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("samples as JSON")
+}
+
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.2)
+}
+
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_and_parse_as_openmetrics() {
+    use gpu_passthrough::attach::Owner;
+    use gpu_passthrough::health::{self, EventSource, HealthEvent, HealthStore};
+    let Some(python) = gpu_passthrough_tests::python::with_modules(&["prometheus_client"]) else {
+        return;
+    };
+    let h = vfio_host();
+    let addr = free_port();
+    let cfg = Config {
+        metrics_addr: Some(addr),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let p = "gpu_passthrough_plugin_";
+    let m = scrape(&python, addr).await;
+    let devices = format!("{p}devices");
+    let healthy = |r, h| [("resource", r), ("health", h)];
+    assert_eq!(sample(&m, &devices, &healthy(H100, "Healthy")), Some(2.0));
+    assert_eq!(sample(&m, &devices, &healthy(H100, "Unhealthy")), Some(0.0));
+    assert_eq!(
+        sample(&m, &devices, &healthy(RTX4090, "Healthy")),
+        Some(1.0)
+    );
+    let dev_9a = [("resource", H100), ("device", "0000:9a:00.0")];
+    assert_eq!(
+        sample(&m, &format!("{p}device_healthy"), &dev_9a),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, &format!("{p}quarantined_devices"), &[]),
+        Some(0.0)
+    );
+    for op in ["attach", "scan", "serve", "register"] {
+        let errors = format!("{p}errors_total");
+        assert_eq!(sample(&m, &errors, &[("operation", op)]), Some(0.0), "{op}");
+    }
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let boot_id = [("boot_id", boot.trim())];
+    assert_eq!(sample(&m, &format!("{p}boot"), &boot_id), Some(1.0));
+
+    // A device turns unhealthy; one allocation granted, one refused.
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    next(&mut stream).await;
+    fs::remove_file(h.dev.join("vfio/21")).unwrap();
+    assert_eq!(
+        health(&next(&mut stream).await, "0000:9a:00.0"),
+        "Unhealthy"
+    );
+    client.allocate(alloc(&["0000:18:00.0"])).await.unwrap();
+    client.allocate(alloc(&["0000:9a:00.0"])).await.unwrap_err();
+    let m = scrape(&python, addr).await;
+    assert_eq!(sample(&m, &devices, &healthy(H100, "Unhealthy")), Some(1.0));
+    assert_eq!(
+        sample(&m, &format!("{p}device_healthy"), &dev_9a),
+        Some(0.0)
+    );
+    let allocations = format!("{p}allocations_total");
+    let result = |r| [("resource", H100), ("result", r)];
+    assert_eq!(sample(&m, &allocations, &result("granted")), Some(1.0));
+    assert_eq!(sample(&m, &allocations, &result("refused")), Some(1.0));
+    // Two VMs lost 0000:18:00.0: two faults, and the host quarantines it.
+    let line = "NVRM: Xid (PCI:0000:18:00): 79, pid=1234, GPU has fallen off the bus.";
+    let fault = health::classify_line(line).unwrap();
+    let class = fault.kind.to_string();
+    let events: Vec<HealthEvent> = ["vm-1", "vm-2"]
+        .iter()
+        .map(|o| {
+            let owner = Some(Owner::new(o).unwrap());
+            HealthEvent::now(
+                "0000:18:00.0".parse().unwrap(),
+                owner,
+                EventSource::Console,
+                fault.clone(),
+            )
+        })
+        .collect();
+    HealthStore::new(&h.state).record(&events).unwrap();
+
+    // The health records are read at each scrape.
+    let m = scrape(&python, addr).await;
+    let faults = [("device", "0000:18:00.0"), ("class", class.as_str())];
+    assert_eq!(sample(&m, &format!("{p}faults"), &faults), Some(2.0));
+    assert_eq!(
+        sample(&m, &format!("{p}quarantined_devices"), &[]),
+        Some(1.0)
+    );
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_address_in_use_is_refused_naming_it() {
+    let h = vfio_host();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let cfg = Config {
+        metrics_addr: Some(addr),
+        ..config(&h)
+    };
+    let plugin = start(cfg);
+    let err = plugin.task.await.unwrap().unwrap_err();
+    assert!(
+        err.contains(&format!("cannot serve metrics on {addr}")),
+        "{err}"
+    );
+}
