@@ -19,8 +19,9 @@ pub struct DevicePluginArgs {
     /// Also move this many free GPUs (or `all`) to vfio-pci at start (owner `device-plugin`).
     #[arg(long, value_name = "N|all")]
     prepare: Option<Prepare>,
-    /// How often health, the sockets and the kubelet are checked, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    /// How often health, the sockets and the kubelet are checked when no kernel event woke the
+    /// plugin sooner, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
     poll_ms: u64,
     /// pci.ids for resource names [default: the system's].
     #[arg(long, value_name = "FILE")]

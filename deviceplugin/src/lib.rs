@@ -11,6 +11,7 @@
 //! - [`inventory`]: the served GPUs, read from the journal, with health from sysfs; the
 //!   start-up pass that adopts or prepares GPUs.
 //! - [`allocate`]: the group re-check and the journal record of an allocation.
+//! - [`events`]: the kernel events (uevents, inotify) that wake a health scan.
 //! - [`metrics`]: the Prometheus metrics `--metrics-addr` serves.
 //! - [`preferred`]: GetPreferredAllocation's choice (one NUMA node, then one PCIe switch).
 //! - [`served`]: a served device and its problems, as `inventory` and `vgpu` both report them.
@@ -24,6 +25,7 @@
 
 pub mod allocate;
 mod authority;
+pub mod events;
 pub mod inventory;
 pub mod metrics;
 pub mod naming;
@@ -118,7 +120,8 @@ pub struct Config {
     pub supported_gpus: Option<PathBuf>,
     /// GPUs to move to vfio-pci at start.
     pub prepare: Prepare,
-    /// How often health, sockets and the kubelet are checked.
+    /// How often health, sockets and the kubelet are checked when no kernel event (a uevent,
+    /// a change in `/dev/vfio` or the plugin directory) asked sooner: the safety net.
     pub poll_interval: Duration,
     /// The quarantine seam; `None` means the health records in `state_dir` (fail closed).
     pub quarantine: Option<Arc<dyn Quarantine>>,
@@ -142,7 +145,7 @@ impl std::fmt::Debug for Config {
 
 impl Config {
     /// Defaults for a real node: `/var/lib/kubelet`, `/sys`, `/var/lib/gpu-passthrough`, `/dev`,
-    /// a one-second poll, no preparation, quarantine by the state dir's health records, no
+    /// a 30-second safety-net poll, no preparation, quarantine by the state dir's health records, no
     /// metrics.
     pub fn new() -> Self {
         Config {
@@ -153,7 +156,7 @@ impl Config {
             pci_ids: None,
             supported_gpus: None,
             prepare: Prepare::None,
-            poll_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(30),
             quarantine: None,
             metrics_addr: None,
         }

@@ -1,5 +1,6 @@
 //! The gRPC side: one DevicePlugin server per resource on its own socket, registration with
-//! the kubelet (again after it restarts), the health poller and shutdown.
+//! the kubelet (again after it restarts), health scans on kernel events and a slow poll, and
+//! shutdown.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tokio::io::DuplexStream;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Endpoint, Server, Uri};
@@ -21,12 +22,12 @@ use crate::allocate::{AllocateError, allocate};
 use crate::api::device_plugin_server::{DevicePlugin, DevicePluginServer};
 use crate::api::registration_client::RegistrationClient;
 use crate::api::{self, Empty};
-use crate::authority;
 use crate::inventory::{self, Inventory, PrepareReport};
 use crate::metrics::{self, AllocationResult, Metrics, Operation};
 use crate::naming::{Namer, socket_name};
 use crate::preferred::{Candidate, preferred};
 use crate::{API_VERSION, Config, PluginError};
+use crate::{authority, events};
 
 struct Shared {
     config: Config,
@@ -461,12 +462,16 @@ pub async fn run(
         metrics,
     });
     let mut servers: BTreeMap<String, Served> = BTreeMap::new();
+    let wake = Arc::new(Notify::new());
+    // Dropped with `run`, which stops them.
+    let _watchers = events::spawn(&config.dev_dir, &dir, wake.clone());
     tokio::pin!(shutdown);
     loop {
         tick(&shared, &mut servers).await;
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep(config.poll_interval) => {}
+            () = wake.notified() => {}
         }
         match scan(&config, &namer).await {
             Ok(inv) => {

@@ -1040,3 +1040,36 @@ async fn a_metrics_address_in_use_is_refused_naming_it() {
         "{err}"
     );
 }
+
+/// With the safety-net poll an hour away, a VFIO node vanishing (inotify) still reaches
+/// ListAndWatch at once, and so does a restarting kubelet's new socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vfio_node_and_kubelet_changes_are_seen_without_waiting_for_the_poll() {
+    let h = vfio_host();
+    let cfg = Config {
+        poll_interval: Duration::from_secs(3600),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg.clone());
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(health(&next(&mut stream).await, "0000:9a:00.0"), "Healthy");
+
+    let node = h.dev.join("vfio/21");
+    fs::remove_file(&node).unwrap();
+    assert_eq!(
+        health(&next(&mut stream).await, "0000:9a:00.0"),
+        "Unhealthy"
+    );
+    fs::write(&node, "").unwrap();
+    assert_eq!(health(&next(&mut stream).await, "0000:9a:00.0"), "Healthy");
+
+    kubelet.stop().await;
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let regs = kubelet.wait_registrations(2, WAIT).await;
+    assert_eq!(regs.len(), 2, "registered again: {regs:?}");
+    plugin.stop().await;
+    kubelet.stop().await;
+}
