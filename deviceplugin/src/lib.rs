@@ -125,6 +125,9 @@ pub struct Config {
     pub poll_interval: Duration,
     /// The quarantine seam; `None` means the health records in `state_dir` (fail closed).
     pub quarantine: Option<Arc<dyn Quarantine>>,
+    /// Whether kernel events (uevents, inotify) wake a health scan; without them health is
+    /// seen at the poll only.
+    pub kernel_events: bool,
     /// Where to serve Prometheus metrics over HTTP; `None` serves none.
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -138,6 +141,7 @@ impl std::fmt::Debug for Config {
             .field("dev_dir", &self.dev_dir)
             .field("prepare", &self.prepare)
             .field("poll_interval", &self.poll_interval)
+            .field("kernel_events", &self.kernel_events)
             .field("metrics_addr", &self.metrics_addr)
             .finish()
     }
@@ -145,7 +149,7 @@ impl std::fmt::Debug for Config {
 
 impl Config {
     /// Defaults for a real node: `/var/lib/kubelet`, `/sys`, `/var/lib/gpu-passthrough`, `/dev`,
-    /// a 30-second safety-net poll, no preparation, quarantine by the state dir's health records, no
+    /// kernel events and a 30-second safety-net poll, no preparation, quarantine by the state dir's health records, no
     /// metrics.
     pub fn new() -> Self {
         Config {
@@ -158,6 +162,7 @@ impl Config {
             prepare: Prepare::None,
             poll_interval: Duration::from_secs(30),
             quarantine: None,
+            kernel_events: true,
             metrics_addr: None,
         }
     }

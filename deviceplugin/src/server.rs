@@ -464,7 +464,9 @@ pub async fn run(
     let mut servers: BTreeMap<String, Served> = BTreeMap::new();
     let wake = Arc::new(Notify::new());
     // Dropped with `run`, which stops them.
-    let _watchers = events::spawn(&config.dev_dir, &dir, wake.clone());
+    let _watchers = config
+        .kernel_events
+        .then(|| events::spawn(&config.dev_dir, &dir, wake.clone()));
     tokio::pin!(shutdown);
     loop {
         tick(&shared, &mut servers).await;
