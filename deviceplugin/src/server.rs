@@ -337,9 +337,9 @@ fn relayed(
             let client = match client {
                 Ok(c) => c,
                 Err(e) => {
-                    if tx.send(Err(e)).await.is_err() {
-                        break;
-                    }
+                    // Out of descriptors, say: the server must outlive it, so wait and go on.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
@@ -427,8 +427,7 @@ pub async fn run(
             Err(PluginError::Panicked {
                 task: "start-up pass",
                 message: crate::panic_message(e),
-            }
-            .into())
+            })
         })?
     };
     tracing::info!(
