@@ -19,8 +19,9 @@ pub struct DevicePluginArgs {
     /// Also move this many free GPUs (or `all`) to vfio-pci at start (owner `device-plugin`).
     #[arg(long, value_name = "N|all")]
     prepare: Option<Prepare>,
-    /// How often health, the sockets and the kubelet are checked, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    /// How often health, the sockets and the kubelet are checked when no kernel event woke the
+    /// plugin sooner, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
     poll_ms: u64,
     /// pci.ids for resource names [default: the system's].
     #[arg(long, value_name = "FILE")]
@@ -28,6 +29,9 @@ pub struct DevicePluginArgs {
     /// The NVIDIA driver's supported-gpus.json: names for GPUs pci.ids does not know.
     #[arg(long, value_name = "FILE", env = "GPU_PASSTHROUGH_SUPPORTED_GPUS")]
     supported_gpus: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9400) [default: none].
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Run the plugin; after SIGTERM print what the start-up pass did. A plugin that stopped on an
@@ -42,6 +46,7 @@ pub fn run(global: &Global, args: &DevicePluginArgs) -> CmdResult {
         supported_gpus: args.supported_gpus.clone(),
         prepare: args.prepare.unwrap_or(Prepare::None),
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+        metrics_addr: args.metrics_addr,
         ..Config::new()
     };
     match run_until_signal(config) {

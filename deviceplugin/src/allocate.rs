@@ -95,6 +95,9 @@ pub enum AllocateError {
         /// The function.
         device: PciAddress,
     },
+    /// The request names a device twice (in one container or across containers).
+    #[error("{0} is asked for more than once in one Allocate; each device can be handed out once")]
+    Duplicate(String),
     /// Reading sysfs or the journal failed.
     #[error(transparent)]
     Plugin(#[from] PluginError),
@@ -124,6 +127,18 @@ fn push(list: &mut Vec<DeviceNode>, n: DeviceNode) {
     }
 }
 
+/// A kubelet never asks for one device twice; a request that does is refused whole rather
+/// than answered with a device listed for two containers.
+fn refuse_duplicates(containers: &[Vec<String>]) -> Result<(), AllocateError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for id in containers.iter().flatten() {
+        if !seen.insert(id.as_str()) {
+            return Err(AllocateError::Duplicate(id.clone()));
+        }
+    }
+    Ok(())
+}
+
 /// Check and record an allocation of `containers` (device IDs per container) of `resource`,
 /// all or nothing, under the journal lock.
 pub fn allocate(
@@ -133,6 +148,7 @@ pub fn allocate(
     resource: &str,
     containers: &[Vec<String>],
 ) -> Result<Allocation, AllocateError> {
+    refuse_duplicates(containers)?;
     let sysfs = host.sysfs();
     let mut j = host.journal().lock().map_err(PluginError::from)?;
     let is_vgpu_resource = j

@@ -173,6 +173,8 @@ pub struct PrepareReport {
     pub moved: Vec<PciAddress>,
     /// GPUs left alone, with why (boot display, a group with host devices, a failed attach).
     pub skipped: Vec<(PciAddress, String)>,
+    /// How many of the skipped GPUs an attach failed on.
+    pub attach_errors: usize,
 }
 
 impl fmt::Display for PrepareReport {
@@ -240,7 +242,10 @@ pub fn prepare(
                 report.moved.push(addr);
                 budget -= 1;
             }
-            Err(e) => report.skipped.push((addr, e.to_string())),
+            Err(e) => {
+                report.attach_errors += 1;
+                report.skipped.push((addr, e.to_string()));
+            }
         }
     }
     Ok(report)

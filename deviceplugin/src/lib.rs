@@ -11,9 +11,12 @@
 //! - [`inventory`]: the served GPUs, read from the journal, with health from sysfs; the
 //!   start-up pass that adopts or prepares GPUs.
 //! - [`allocate`]: the group re-check and the journal record of an allocation.
+//! - [`events`]: the kernel events (uevents, inotify) that wake a health scan.
+//! - [`metrics`]: the Prometheus metrics `--metrics-addr` serves.
 //! - [`preferred`]: GetPreferredAllocation's choice (one NUMA node, then one PCIe switch).
 //! - [`served`]: a served device and its problems, as `inventory` and `vgpu` both report them.
 //! - [`vgpu`]: the vGPUs the library created for the plugin's pool, on both NVIDIA frameworks.
+//! - `authority`: the relay that lets clients naming the socket as `:authority` be served.
 //! - [`api`]: the generated v1beta1 messages, servers and clients.
 //!
 //! The plugin holds no device state of its own: each scan and each Allocate reads the journal
@@ -21,7 +24,10 @@
 #![deny(missing_docs)]
 
 pub mod allocate;
+mod authority;
+pub mod events;
 pub mod inventory;
+pub mod metrics;
 pub mod naming;
 pub mod preferred;
 pub mod served;
@@ -65,6 +71,25 @@ pub enum PluginError {
     /// The supported-gpus table or pci.ids could not be read.
     #[error(transparent)]
     Ids(#[from] gpu_passthrough::pci::ids::IdsError),
+    /// A task of the plugin panicked; the plugin goes on without its result.
+    #[error(
+        "the {task} panicked ({message}); this is a bug in the device plugin: please report it"
+    )]
+    Panicked {
+        /// What was running.
+        task: &'static str,
+        /// The panic's message.
+        message: String,
+    },
+    /// The metrics address cannot be listened on.
+    #[error("cannot serve metrics on {addr}; choose a free address for --metrics-addr")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A file or socket operation failed.
     #[error("cannot {action} {path}")]
     Io {
@@ -95,10 +120,16 @@ pub struct Config {
     pub supported_gpus: Option<PathBuf>,
     /// GPUs to move to vfio-pci at start.
     pub prepare: Prepare,
-    /// How often health, sockets and the kubelet are checked.
+    /// How often health, sockets and the kubelet are checked when no kernel event (a uevent,
+    /// a change in `/dev/vfio` or the plugin directory) asked sooner: the safety net.
     pub poll_interval: Duration,
     /// The quarantine seam; `None` means the health records in `state_dir` (fail closed).
     pub quarantine: Option<Arc<dyn Quarantine>>,
+    /// Whether kernel events (uevents, inotify) wake a health scan; without them health is
+    /// seen at the poll only.
+    pub kernel_events: bool,
+    /// Where to serve Prometheus metrics over HTTP; `None` serves none.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -110,13 +141,16 @@ impl std::fmt::Debug for Config {
             .field("dev_dir", &self.dev_dir)
             .field("prepare", &self.prepare)
             .field("poll_interval", &self.poll_interval)
+            .field("kernel_events", &self.kernel_events)
+            .field("metrics_addr", &self.metrics_addr)
             .finish()
     }
 }
 
 impl Config {
     /// Defaults for a real node: `/var/lib/kubelet`, `/sys`, `/var/lib/gpu-passthrough`, `/dev`,
-    /// a one-second poll, no preparation, quarantine by the state dir's health records.
+    /// kernel events and a 30-second safety-net poll, no preparation, quarantine by the state dir's health records, no
+    /// metrics.
     pub fn new() -> Self {
         Config {
             kubelet_dir: PathBuf::from("/var/lib/kubelet"),
@@ -126,8 +160,10 @@ impl Config {
             pci_ids: None,
             supported_gpus: None,
             prepare: Prepare::None,
-            poll_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(30),
             quarantine: None,
+            kernel_events: true,
+            metrics_addr: None,
         }
     }
 
@@ -187,6 +223,18 @@ fn read(p: &Path) -> Result<String, PluginError> {
         path: p.to_owned(),
         source,
     })
+}
+
+/// A panic's message, for the error that reports it.
+pub(crate) fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned()),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// Run until SIGTERM or SIGINT, then remove the sockets and return.

@@ -1,5 +1,6 @@
 //! The gRPC side: one DevicePlugin server per resource on its own socket, registration with
-//! the kubelet (again after it restarts), the health poller and shutdown.
+//! the kubelet (again after it restarts), health scans on kernel events and a slow poll, and
+//! shutdown.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -9,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use tokio::io::DuplexStream;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Endpoint, Server, Uri};
 use tonic::{Request, Response, Status};
 
@@ -21,14 +23,17 @@ use crate::api::device_plugin_server::{DevicePlugin, DevicePluginServer};
 use crate::api::registration_client::RegistrationClient;
 use crate::api::{self, Empty};
 use crate::inventory::{self, Inventory, PrepareReport};
+use crate::metrics::{self, AllocationResult, Metrics, Operation};
 use crate::naming::{Namer, socket_name};
 use crate::preferred::{Candidate, preferred};
 use crate::{API_VERSION, Config, PluginError};
+use crate::{authority, events};
 
 struct Shared {
     config: Config,
     namer: Namer,
     inventory: watch::Receiver<Arc<Inventory>>,
+    metrics: Arc<Metrics>,
 }
 
 fn devices_of(inv: &Inventory, resource: &str) -> Vec<api::Device> {
@@ -113,27 +118,12 @@ impl DevicePlugin for PluginService {
             .get(&self.resource)
             .cloned()
             .unwrap_or_default();
-        let mut out = api::PreferredAllocationResponse::default();
-        for c in req.into_inner().container_requests {
-            let avail: Vec<Candidate> = c
-                .available_device_i_ds
-                .iter()
-                .map(|id| {
-                    let d = served.iter().find(|d| d.id == *id);
-                    Candidate {
-                        id: id.clone(),
-                        numa: d.and_then(|d| d.numa),
-                        switch: d.and_then(|d| d.switch.clone()),
-                    }
-                })
-                .collect();
-            let size = usize::try_from(c.allocation_size).unwrap_or(0);
-            out.container_responses
-                .push(api::ContainerPreferredAllocationResponse {
-                    device_i_ds: preferred(&avail, &c.must_include_device_i_ds, size),
-                });
-        }
-        Ok(Response::new(out))
+        let req = req.into_inner();
+        guarded("GetPreferredAllocation", move || {
+            preferred_allocation(&served, req)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn allocate(
@@ -148,7 +138,8 @@ impl DevicePlugin for PluginService {
             .collect();
         let shared = self.shared.clone();
         let resource = self.resource.clone();
-        let result = tokio::task::spawn_blocking(move || {
+        let metrics = self.shared.metrics.clone();
+        let result = guarded("Allocate", move || {
             let host = shared.config.host();
             allocate(
                 &host,
@@ -159,7 +150,13 @@ impl DevicePlugin for PluginService {
             )
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .inspect_err(|_| metrics.allocation(&self.resource, AllocationResult::Failed))?;
+        let outcome = match &result {
+            Ok(_) => AllocationResult::Granted,
+            Err(AllocateError::Plugin(_)) => AllocationResult::Failed,
+            Err(_) => AllocationResult::Refused,
+        };
+        metrics.allocation(&self.resource, outcome);
         match result {
             Ok(a) => Ok(Response::new(api::AllocateResponse {
                 container_responses: a
@@ -199,13 +196,77 @@ impl DevicePlugin for PluginService {
     }
 }
 
-/// One resource's server.
+fn preferred_allocation(
+    served: &[crate::served::ServedDevice],
+    req: api::PreferredAllocationRequest,
+) -> api::PreferredAllocationResponse {
+    let mut out = api::PreferredAllocationResponse::default();
+    for c in req.container_requests {
+        let avail: Vec<Candidate> = c
+            .available_device_i_ds
+            .iter()
+            .map(|id| {
+                let d = served.iter().find(|d| d.id == *id);
+                Candidate {
+                    id: id.clone(),
+                    numa: d.and_then(|d| d.numa),
+                    switch: d.and_then(|d| d.switch.clone()),
+                }
+            })
+            .collect();
+        let size = usize::try_from(c.allocation_size).unwrap_or(0);
+        out.container_responses
+            .push(api::ContainerPreferredAllocationResponse {
+                device_i_ds: preferred(&avail, &c.must_include_device_i_ds, size),
+            });
+    }
+    out
+}
+
+/// Run a request's work as its own task, so a panic in it answers that request with an error
+/// and the plugin goes on serving.
+async fn guarded<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        let e = PluginError::Panicked {
+            task: what,
+            message: crate::panic_message(e),
+        };
+        tracing::error!("{e}");
+        Status::internal(e.to_string())
+    })
+}
+
+/// One resource's server. Dropping it (at shutdown, on an error, on a panic or when the run
+/// is cancelled) stops the server and removes its socket.
 struct Served {
     socket: PathBuf,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
     /// The kubelet socket's inode when we registered (None: not registered yet).
     registered_with: Option<u64>,
+}
+
+impl Served {
+    /// Stop serving, waiting up to `grace` for the server to finish.
+    async fn shut_down(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(grace, task).await;
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PluginError {
@@ -233,10 +294,11 @@ fn start_server(shared: &Arc<Shared>, resource: &str) -> Result<Served, PluginEr
         shared: shared.clone(),
         stop: stop_rx.clone(),
     };
+    let incoming = relayed(listener, stop_rx.clone());
     let task = tokio::spawn(async move {
         let r = Server::builder()
             .add_service(DevicePluginServer::new(svc))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(stop_rx))
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
             .await;
         if let Err(e) = r {
             tracing::error!("device plugin server: {e}");
@@ -255,9 +317,40 @@ fn start_server(shared: &Arc<Shared>, resource: &str) -> Result<Served, PluginEr
     Ok(Served {
         socket,
         stop,
-        task,
+        task: Some(task),
         registered_with: None,
     })
+}
+
+/// The connections accepted on `listener`, each through the authority relay.
+fn relayed(
+    listener: UnixListener,
+    stop: watch::Receiver<bool>,
+) -> ReceiverStream<std::io::Result<DuplexStream>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let client = tokio::select! {
+                r = listener.accept() => r.map(|(s, _)| s),
+                () = stopped(stop.clone()) => break,
+            };
+            let client = match client {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, say: the server must outlive it, so wait and go on.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(authority::relay(client, ours));
+            if tx.send(Ok(theirs)).await.is_err() {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 async fn register(config: &Config, resource: &str, socket: &Path) -> Result<(), String> {
@@ -304,7 +397,12 @@ async fn scan(shared_config: &Config, namer: &Namer) -> Result<Inventory, Plugin
         inventory::scan(&config.host(), &namer, config.quarantine().as_ref())
     })
     .await
-    .unwrap_or_else(|e| panic!("scan task: {e}"))
+    .unwrap_or_else(|e| {
+        Err(PluginError::Panicked {
+            task: "health scan",
+            message: crate::panic_message(e),
+        })
+    })
 }
 
 /// Run the plugin until `shutdown` completes: adopt or prepare GPUs, serve and register each
@@ -325,7 +423,12 @@ pub async fn run(
             )
         })
         .await
-        .unwrap_or_else(|e| panic!("prepare task: {e}"))?
+        .unwrap_or_else(|e| {
+            Err(PluginError::Panicked {
+                task: "start-up pass",
+                message: crate::panic_message(e),
+            })
+        })?
     };
     tracing::info!(
         "start: adopted {:?}, moved {:?}, skipped {:?}",
@@ -336,20 +439,40 @@ pub async fn run(
     let dir = config.plugin_dir();
     std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
     let (inv_tx, inv_rx) = watch::channel(Arc::new(scan(&config, &namer).await?));
+    let metrics = Arc::new(Metrics::new(&config.state_dir));
+    metrics.errors(Operation::Attach, report.attach_errors as u64);
+    // Dropped with `run`, which ends the metrics server.
+    let _metrics_server = match config.metrics_addr {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            tracing::info!("serving metrics on http://{addr}/metrics");
+            Some(AbortOnDrop(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                inv_rx.clone(),
+            ))))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         config: config.clone(),
         namer: namer.clone(),
         inventory: inv_rx,
+        metrics,
     });
     let mut servers: BTreeMap<String, Served> = BTreeMap::new();
+    let wake = Arc::new(Notify::new());
+    // Dropped with `run`, which stops them.
+    let _watchers = config
+        .kernel_events
+        .then(|| events::spawn(&config.dev_dir, &dir, wake.clone()));
     tokio::pin!(shutdown);
-    let result = loop {
-        if let Err(e) = tick(&shared, &mut servers).await {
-            break Err(e);
-        }
+    loop {
+        tick(&shared, &mut servers).await;
         tokio::select! {
-            _ = &mut shutdown => break Ok(()),
+            _ = &mut shutdown => break,
             _ = tokio::time::sleep(config.poll_interval) => {}
+            () = wake.notified() => {}
         }
         match scan(&config, &namer).await {
             Ok(inv) => {
@@ -362,23 +485,30 @@ pub async fn run(
                     }
                 });
             }
-            Err(e) => tracing::warn!("scan: {e}"),
+            Err(e) => {
+                shared.metrics.errors(Operation::Scan, 1);
+                tracing::warn!("scan: {e}");
+            }
         }
-    };
-    for (_, s) in std::mem::take(&mut servers) {
-        let _ = s.stop.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.task).await;
-        let _ = std::fs::remove_file(&s.socket);
     }
-    result.map(|()| report)
+    for (_, s) in std::mem::take(&mut servers) {
+        s.shut_down(Duration::from_secs(5)).await;
+    }
+    Ok(report)
+}
+
+/// A task that ends when this is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One supervision pass: a server per resource, its socket present, registered with the
 /// kubelet that is running now.
-async fn tick(
-    shared: &Arc<Shared>,
-    servers: &mut BTreeMap<String, Served>,
-) -> Result<(), PluginError> {
+async fn tick(shared: &Arc<Shared>, servers: &mut BTreeMap<String, Served>) {
     let resources: Vec<String> = shared
         .inventory
         .borrow()
@@ -395,12 +525,21 @@ async fn tick(
                 servers[r].socket.display()
             );
             if let Some(s) = servers.remove(r) {
-                let _ = s.stop.send(true);
-                let _ = tokio::time::timeout(Duration::from_secs(2), s.task).await;
+                s.shut_down(Duration::from_secs(2)).await;
             }
         }
         if !servers.contains_key(r) {
-            servers.insert(r.clone(), start_server(shared, r)?);
+            // One resource's socket failing leaves the others served; it is tried again on
+            // the next pass.
+            match start_server(shared, r) {
+                Ok(s) => {
+                    servers.insert(r.clone(), s);
+                }
+                Err(e) => {
+                    shared.metrics.errors(Operation::Serve, 1);
+                    tracing::error!("serving {r}: {e}; retrying");
+                }
+            }
         }
     }
     let kubelet = kubelet_inode(&shared.config);
@@ -417,8 +556,10 @@ async fn tick(
                 tracing::info!("registered {r} with the kubelet");
                 s.registered_with = kubelet;
             }
-            Err(e) => tracing::warn!("registering {r}: {e}; retrying"),
+            Err(e) => {
+                shared.metrics.errors(Operation::Register, 1);
+                tracing::warn!("registering {r}: {e}; retrying");
+            }
         }
     }
-    Ok(())
 }

@@ -3,4 +3,5 @@
 pub mod fixtures;
 pub mod http;
 pub mod kubelet;
+pub mod python;
 pub mod sysfs;

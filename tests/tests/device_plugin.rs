@@ -703,3 +703,373 @@ async fn serves_pool_vgpus_on_both_frameworks() {
     plugin.stop().await;
     kubelet.stop().await;
 }
+
+/// A gRPC C-core client (Python's grpcio), naming the plugin by its socket path as `:authority`
+/// the way C-core, Java and Swift clients and older kubelets do, percent-encoded or raw.
+const GRPCIO_CLIENT: &str = r#"
+import sys, grpc
+sock, authority = sys.argv[1], sys.argv[2]
+ch = grpc.insecure_channel("unix:" + sock, options=[("grpc.default_authority", authority)])
+opts = ch.unary_unary("/v1beta1.DevicePlugin/GetDevicePluginOptions")(b"", timeout=10)
+print("options", opts.hex())
+watch = ch.unary_stream("/v1beta1.DevicePlugin/ListAndWatch")(b"", timeout=10)
+print("devices", len(next(watch)))
+watch.cancel()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_naming_the_socket_path_as_authority_is_served() {
+    let Some(python) = gpu_passthrough_tests::python::with_modules(&["grpc"]) else {
+        return;
+    };
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let sock = plugin.dir.join(H100_SOCK);
+    let raw = sock.display().to_string();
+    let encoded = raw.replace('/', "%2F");
+    for authority in [encoded, raw.clone(), "localhost".to_owned()] {
+        let (python, sock) = (python.clone(), raw.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(python)
+                .args(["-c", GRPCIO_CLIENT, &sock, &authority])
+                .output()
+                .expect("python runs")
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // GetPreferredAllocation available (field 2 = true); a non-empty device list.
+        assert!(stdout.contains("options 1001"), "{stdout}");
+        assert!(!stdout.contains("devices 0"), "{stdout}");
+    }
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_refuses_a_device_asked_for_twice() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let twice_in_one = alloc(&["0000:18:00.0", "0000:18:00.0"]);
+    let across = AllocateRequest {
+        container_requests: vec![
+            ContainerAllocateRequest {
+                devices_ids: vec!["0000:9a:00.0".into()],
+            },
+            ContainerAllocateRequest {
+                devices_ids: vec!["0000:9a:00.0".into()],
+            },
+        ],
+    };
+    for (req, id) in [(twice_in_one, "0000:18:00.0"), (across, "0000:9a:00.0")] {
+        let err = client.allocate(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message().contains(id) && err.message().contains("more than once"),
+            "{}",
+            err.message()
+        );
+    }
+    assert_eq!(
+        owner_of(&h, "0000:18:00.0").as_deref(),
+        Some("device-plugin")
+    );
+    assert_eq!(
+        owner_of(&h, "0000:9a:00.0").as_deref(),
+        Some("device-plugin")
+    );
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_resources_socket_failing_leaves_the_others_served_and_is_retried() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    // A directory where the H100 socket goes: it can be neither removed nor bound.
+    let blocker = cfg.plugin_dir().join(H100_SOCK);
+    fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let plugin = start(cfg);
+    let regs = kubelet.wait_registrations(1, WAIT).await;
+    let names: Vec<&str> = regs.iter().map(|r| r.resource_name.as_str()).collect();
+    assert_eq!(names, [RTX4090], "the other resource is served meanwhile");
+    assert!(!plugin.task.is_finished(), "the plugin goes on");
+
+    fs::remove_dir_all(&blocker).unwrap();
+    let regs = kubelet.wait_registrations(2, WAIT).await;
+    assert!(
+        regs.iter().any(|r| r.resource_name == H100),
+        "retried: {regs:?}"
+    );
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(health(&next(&mut stream).await, "0000:18:00.0"), "Healthy");
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+/// A quarantine check that panics while armed: a bug anywhere under a request or a scan.
+struct PanickingQuarantine(Arc<std::sync::atomic::AtomicBool>);
+
+impl Quarantine for PanickingQuarantine {
+    fn is_quarantined(&self, _: PciAddress) -> bool {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("quarantine check exploded");
+        }
+        false
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_answers_its_request_with_an_error_and_serving_goes_on() {
+    let h = vfio_host();
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cfg = Config {
+        quarantine: Some(Arc::new(PanickingQuarantine(armed.clone()))),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("Allocate panicked") && err.message().contains("exploded"),
+        "{}",
+        err.message()
+    );
+    // Health scans panic too meanwhile (every 50 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!plugin.task.is_finished(), "the plugin survives");
+    armed.store(false, std::sync::atomic::Ordering::SeqCst);
+
+    let ok = client.allocate(alloc(&["0000:18:00.0"])).await.unwrap();
+    assert_eq!(ok.into_inner().container_responses.len(), 1);
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(health(&next(&mut stream).await, "0000:9a:00.0"), "Healthy");
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_are_removed_when_the_plugin_is_cancelled() {
+    let h = vfio_host();
+    let cfg = config(&h);
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    assert_eq!(sockets(&plugin.dir).len(), 3, "{:?}", sockets(&plugin.dir));
+    plugin.task.abort();
+    let _ = (&mut { plugin.task }).await;
+    assert_eq!(sockets(&plugin.dir), ["kubelet.sock"]);
+    kubelet.stop().await;
+}
+
+/// Scrape an OpenMetrics endpoint with Python's `prometheus_client` parser: every sample as
+/// `[name, labels, value]`.
+const SCRAPE: &str = r#"
+import sys, json, urllib.request
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+print(json.dumps([[s.name, s.labels, s.value] for f in text_string_to_metric_families(text) for s in f.samples]))
+"#;
+
+type Sample = (String, std::collections::BTreeMap<String, String>, f64);
+
+async fn scrape(python: &std::path::Path, addr: std::net::SocketAddr) -> Vec<Sample> {
+    let python = python.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-c", SCRAPE, &format!("http://{addr}/metrics")])
+            .output()
+            .expect("python runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("samples as JSON")
+}
+
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.2)
+}
+
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_and_parse_as_openmetrics() {
+    use gpu_passthrough::attach::Owner;
+    use gpu_passthrough::health::{self, EventSource, HealthEvent, HealthStore};
+    let Some(python) = gpu_passthrough_tests::python::with_modules(&["prometheus_client"]) else {
+        return;
+    };
+    let h = vfio_host();
+    let addr = free_port();
+    let cfg = Config {
+        metrics_addr: Some(addr),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let p = "gpu_passthrough_plugin_";
+    let m = scrape(&python, addr).await;
+    let devices = format!("{p}devices");
+    let healthy = |r, h| [("resource", r), ("health", h)];
+    assert_eq!(sample(&m, &devices, &healthy(H100, "Healthy")), Some(2.0));
+    assert_eq!(sample(&m, &devices, &healthy(H100, "Unhealthy")), Some(0.0));
+    assert_eq!(
+        sample(&m, &devices, &healthy(RTX4090, "Healthy")),
+        Some(1.0)
+    );
+    let dev_9a = [("resource", H100), ("device", "0000:9a:00.0")];
+    assert_eq!(
+        sample(&m, &format!("{p}device_healthy"), &dev_9a),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, &format!("{p}quarantined_devices"), &[]),
+        Some(0.0)
+    );
+    for op in ["attach", "scan", "serve", "register"] {
+        let errors = format!("{p}errors_total");
+        assert_eq!(sample(&m, &errors, &[("operation", op)]), Some(0.0), "{op}");
+    }
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let boot_id = [("boot_id", boot.trim())];
+    assert_eq!(sample(&m, &format!("{p}boot"), &boot_id), Some(1.0));
+
+    // A device turns unhealthy; one allocation granted, one refused.
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    next(&mut stream).await;
+    fs::remove_file(h.dev.join("vfio/21")).unwrap();
+    assert_eq!(
+        health(&next(&mut stream).await, "0000:9a:00.0"),
+        "Unhealthy"
+    );
+    client.allocate(alloc(&["0000:18:00.0"])).await.unwrap();
+    client.allocate(alloc(&["0000:9a:00.0"])).await.unwrap_err();
+    let m = scrape(&python, addr).await;
+    assert_eq!(sample(&m, &devices, &healthy(H100, "Unhealthy")), Some(1.0));
+    assert_eq!(
+        sample(&m, &format!("{p}device_healthy"), &dev_9a),
+        Some(0.0)
+    );
+    let allocations = format!("{p}allocations_total");
+    let result = |r| [("resource", H100), ("result", r)];
+    assert_eq!(sample(&m, &allocations, &result("granted")), Some(1.0));
+    assert_eq!(sample(&m, &allocations, &result("refused")), Some(1.0));
+    // Two VMs lost 0000:18:00.0: two faults, and the host quarantines it.
+    let line = "NVRM: Xid (PCI:0000:18:00): 79, pid=1234, GPU has fallen off the bus.";
+    let fault = health::classify_line(line).unwrap();
+    let class = fault.kind.to_string();
+    let events: Vec<HealthEvent> = ["vm-1", "vm-2"]
+        .iter()
+        .map(|o| {
+            let owner = Some(Owner::new(o).unwrap());
+            HealthEvent::now(
+                "0000:18:00.0".parse().unwrap(),
+                owner,
+                EventSource::Console,
+                fault.clone(),
+            )
+        })
+        .collect();
+    HealthStore::new(&h.state).record(&events).unwrap();
+
+    // The health records are read at each scrape.
+    let m = scrape(&python, addr).await;
+    let faults = [("device", "0000:18:00.0"), ("class", class.as_str())];
+    assert_eq!(sample(&m, &format!("{p}faults"), &faults), Some(2.0));
+    assert_eq!(
+        sample(&m, &format!("{p}quarantined_devices"), &[]),
+        Some(1.0)
+    );
+    plugin.stop().await;
+    kubelet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_address_in_use_is_refused_naming_it() {
+    let h = vfio_host();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let cfg = Config {
+        metrics_addr: Some(addr),
+        ..config(&h)
+    };
+    let plugin = start(cfg);
+    let err = plugin.task.await.unwrap().unwrap_err();
+    assert!(
+        err.contains(&format!("cannot serve metrics on {addr}")),
+        "{err}"
+    );
+}
+
+/// With the safety-net poll an hour away, a VFIO node vanishing (inotify) still reaches
+/// ListAndWatch at once, and so does a restarting kubelet's new socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vfio_node_and_kubelet_changes_are_seen_without_waiting_for_the_poll() {
+    let h = vfio_host();
+    let cfg = Config {
+        poll_interval: Duration::from_secs(3600),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg.clone());
+    kubelet.wait_registrations(2, WAIT).await;
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    assert_eq!(health(&next(&mut stream).await, "0000:9a:00.0"), "Healthy");
+
+    let node = h.dev.join("vfio/21");
+    fs::remove_file(&node).unwrap();
+    assert_eq!(
+        health(&next(&mut stream).await, "0000:9a:00.0"),
+        "Unhealthy"
+    );
+    fs::write(&node, "").unwrap();
+    assert_eq!(health(&next(&mut stream).await, "0000:9a:00.0"), "Healthy");
+
+    kubelet.stop().await;
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let regs = kubelet.wait_registrations(2, WAIT).await;
+    assert_eq!(regs.len(), 2, "registered again: {regs:?}");
+    plugin.stop().await;
+    kubelet.stop().await;
+}
