@@ -49,7 +49,7 @@ pub fn run(global: &Global, args: &HealthArgs) -> CmdResult {
     let store = HealthStore::new(&global.at.state_dir);
     match &args.command {
         None => emit_lines(global, &store.records()?),
-        Some(HealthCommand::Scan { console }) => emit_lines(global, &health::scan_file(console)?),
+        Some(HealthCommand::Scan { console }) => emit_text(global, &health::scan_file(console)?),
         Some(HealthCommand::Ingest { owner: o, console }) => emit_text(
             global,
             &ingest_console(&global.at.state_dir, &Owner::new(o)?, console)?,

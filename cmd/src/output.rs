@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use gpu_passthrough::Progress;
 use gpu_passthrough::outcome::{Classified, Outcome, ReportOutcome};
 use gpu_passthrough::remedy::Remedy;
+use gpu_passthrough::text::escape_control;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -58,14 +59,27 @@ pub fn emit<T: Serialize>(global: &Global, value: &T, human: impl FnOnce(&T)) ->
     Ok(ExitCode::SUCCESS)
 }
 
+/// `value`'s `Display` form for a terminal: reports carry guest-derived text (a console's
+/// fault messages), so every control character but the line breaks is escaped.
+fn terminal<T: Display + ?Sized>(value: &T) -> String {
+    value
+        .to_string()
+        .split('\n')
+        .map(escape_control)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// [`emit`] with the value's `Display` form for people.
 pub fn emit_text<T: Serialize + Display>(global: &Global, value: &T) -> CmdResult {
-    emit(global, value, |v| print!("{v}"))
+    emit(global, value, |v| print!("{}", terminal(v)))
 }
 
 /// [`emit`] for a list: one item a line for people.
 pub fn emit_lines<T: Serialize + Display>(global: &Global, list: &[T]) -> CmdResult {
-    emit(global, &list, |l| l.iter().for_each(|v| println!("{v}")))
+    emit(global, &list, |l| {
+        l.iter().for_each(|v| println!("{}", terminal(v)))
+    })
 }
 
 /// Print a report that judges the request, with the flag for what it refused or kept, and exit
@@ -75,7 +89,7 @@ where
     T: Serialize + Display + ReportOutcome,
 {
     emit(global, report, |r| {
-        print!("{r}");
+        print!("{}", terminal(r));
         if let Some(remedy) = r.remedy() {
             println!("({})", flag_hint(&remedy));
         }
@@ -88,7 +102,7 @@ where
 pub fn report_error(global: &Global, failure: &Classified) -> ExitCode {
     let code = exit_code(Some(failure.outcome()));
     let hint = failure.remedy().map(|r| format!(" ({})", flag_hint(r)));
-    let message = format!("{failure}{}", hint.unwrap_or_default());
+    let message = format!("{}{}", terminal(failure), hint.unwrap_or_default());
     if global.json {
         let body = serde_json::json!({ "error": message, "exit_code": code });
         println!("{body}");

@@ -61,8 +61,11 @@ fn scan_prints_one_event_per_fault_with_stable_fields() {
         ],
     );
     assert!(out.status.success());
-    let v = json(&out);
+    let report = json(&out);
+    assert_eq!(report["stats"]["lines"], 4, "{report}");
+    let v = &report["faults"];
     assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v[0]["count"], 1);
     assert_eq!(v[0]["kind"], "init_failed");
     assert_eq!(v[0]["address"], "0000:01:00.0");
     assert_eq!(v[1]["kind"], "xid");
@@ -72,6 +75,32 @@ fn scan_prints_one_event_per_fault_with_stable_fields() {
     let missing = run(&h, &["health", "scan", "--console", "/nonexistent/log"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/log"));
+}
+
+#[test]
+fn guest_text_reaches_the_terminal_escaped() {
+    let h = host();
+    let log = h.dir.path().join("console.log");
+    // JSON-escaped control characters in a forged GPU-XID line: ESC sequences that would clear
+    // the screen and retitle the terminal.
+    std::fs::write(
+        &log,
+        r#"GPU-XID {"address":"0000:00:05.0","kind":"xid","xid":79,"message":"\u001b[2J\u001b]0;owned\u0007 \u009b31m","action":"reboot_host"}"#,
+    )
+    .unwrap();
+    let out = run(&h, &["health", "scan", "--console", log.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    assert!(
+        text.contains("\\x1b[2J\\x1b]0;owned\\x07 \\u{9b}31m"),
+        "{text}"
+    );
+    // The guest's "reboot_host" is not what the host says about an Xid 79.
+    assert!(text.contains("action reset_gpu"), "{text}");
 }
 
 #[test]

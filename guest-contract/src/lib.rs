@@ -6,7 +6,8 @@
 //! - [`capability`]: the driver capabilities (`compute`, `video`, ...) both sides select by;
 //! - [`normalize_module_name`]: the one rule both sides use to compare kernel module names;
 //! - [`xid`]: the NVIDIA fault classifier (kernel-log lines → faults and host actions) that the
-//!   host's `health` and the guest init's `GPU-XID {json}` lines share.
+//!   host's `health` and the guest init's `GPU-XID {json}` lines share;
+//! - [`printable`]: guest-derived text escaped for a terminal.
 //!
 //! Both types serialize and deserialize, so a field renamed here is a compile error in every
 //! producer and consumer. The crate is small on purpose: the static guest init must not pull in
@@ -16,6 +17,7 @@
 pub mod capability;
 pub mod disk;
 mod manifest;
+pub mod printable;
 pub mod report;
 pub mod xid;
 

@@ -125,9 +125,24 @@ pub enum LdconfigStatus {
     Missing,
     /// Ran and failed; see `ldconfig_message`.
     Failed,
+    /// Not run: where `ldconfig` or its cache should be is not a regular file (a FIFO, a
+    /// device); see `ldconfig_message`.
+    NotAFile,
+    /// Ran past its deadline and was killed; see `ldconfig_message`.
+    TimedOut,
     /// Not attempted (no root, or an earlier step failed).
     #[default]
     NotRun,
+}
+
+impl LdconfigStatus {
+    /// Whether it is an error of the root's `ldconfig` (failed, not a file, timed out).
+    pub fn is_error(self) -> bool {
+        matches!(
+            self,
+            LdconfigStatus::Failed | LdconfigStatus::NotAFile | LdconfigStatus::TimedOut
+        )
+    }
 }
 
 /// Library injection into the workload root.

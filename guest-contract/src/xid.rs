@@ -15,8 +15,10 @@
 //! Anything else, including the follow-up lines the driver prints after a fault
 //! (`rm_init_adapter failed, device minor number 0`), yields nothing.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
+use memchr::memmem;
 use serde::{Deserialize, Serialize};
 
 /// Prefix of the guest init's console line for a fault seen while the workload runs.
@@ -71,7 +73,7 @@ impl Action {
 }
 
 /// One NVIDIA fault.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Fault {
     /// PCI address `DDDD:BB:DD.F` (lowercase) as the log names it, when it names one.
     pub address: Option<String>,
@@ -132,7 +134,13 @@ impl fmt::Display for Fault {
         if let Some(x) = self.xid {
             write!(f, " {x}")?;
         }
-        write!(f, "  action {}  {}", self.action, self.message)
+        // The message is the guest's text: no control character reaches a terminal.
+        write!(
+            f,
+            "  action {}  {}",
+            self.action,
+            crate::printable::escape_control(&self.message)
+        )
     }
 }
 
@@ -177,7 +185,21 @@ impl Classifier {
                     address: self.pending_gpu.take(),
                     kind: FaultKind::FallenOffBus,
                     xid: None,
-                    message: msg.trim_end_matches('.').to_owned(),
+                    message: bounded(msg.trim_end_matches('.')),
+                    action: Action::ResetGpu,
+                });
+            }
+            // Older drivers: `GPU at 0000:01:00.0 has fallen off the bus.`
+            if let Some(rest) = msg.strip_prefix("GPU at ")
+                && let Some((addr, words)) = rest.split_once(' ')
+                && words.starts_with("has fallen off the bus")
+            {
+                self.pending_gpu = None;
+                return Some(Fault {
+                    address: full_address(addr),
+                    kind: FaultKind::FallenOffBus,
+                    xid: None,
+                    message: bounded(words.trim_end_matches('.')),
                     action: Action::ResetGpu,
                 });
             }
@@ -197,46 +219,374 @@ pub fn classify_line(line: &str) -> Option<Fault> {
     Classifier::new().feed(line)
 }
 
-/// Every fault in a log, in order (see [`Scanner`]).
+/// Every distinct fault in a log, in the order first seen (see [`Scanner`]).
 pub fn scan(text: &str) -> Vec<Fault> {
     let mut s = Scanner::default();
-    for line in text.lines() {
-        s.push(line);
-    }
-    s.finish()
+    s.feed(text.as_bytes());
+    s.finish().faults.into_iter().map(|f| f.fault).collect()
 }
 
-/// Scans a log line by line. `GPU-XID` lines of the guest init count too; one that repeats a
-/// kernel line just before it (the console shows both) is not counted twice.
-#[derive(Debug, Clone, Default)]
+/// Bytes of a line the scanner looks at; the rest of a longer line is counted, never kept.
+pub const MAX_LINE: usize = 4096;
+/// Bytes of a fault's message kept (the driver's own messages are far shorter).
+pub const MAX_MESSAGE: usize = 512;
+/// Distinct faults one scan keeps; occurrences of further distinct faults are only counted.
+pub const MAX_DISTINCT: usize = 1024;
+/// Kernel faults a `GPU-XID` line may repeat: the guest init prints its line right after the
+/// kernel's, so only the last few are remembered.
+const RECENT_KERNEL_FAULTS: usize = 16;
+/// What makes a line worth classifying: every fault line contains one of these.
+const MARKERS: [&str; 3] = ["NVRM", XID_PREFIX, "power state"];
+
+/// What a scan read, in counts only, so that a hostile console costs no memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanStats {
+    /// Bytes read.
+    pub bytes: u64,
+    /// Lines read (a last line without a newline included).
+    pub lines: u64,
+    /// Lines longer than [`MAX_LINE`]: only their first [`MAX_LINE`] bytes were looked at.
+    pub long_lines: u64,
+    /// The bytes of those lines past [`MAX_LINE`], skipped unread by the classifier.
+    pub skipped_bytes: u64,
+    /// Fault occurrences (a `GPU-XID` line repeating the kernel's line just before is not
+    /// counted again).
+    pub occurrences: u64,
+    /// Occurrences of distinct faults beyond [`MAX_DISTINCT`], counted but not kept.
+    pub occurrences_not_kept: u64,
+    /// `GPU-XID` lines the host did not take: unparseable, or claiming a host-side kind.
+    pub guest_lines_refused: u64,
+}
+
+/// One distinct fault and how often the log had it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenFault {
+    /// The fault.
+    #[serde(flatten)]
+    pub fault: Fault,
+    /// How many times.
+    pub count: u64,
+}
+
+/// `COUNTx  FAULT`.
+impl fmt::Display for SeenFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x  {}", self.count, self.fault)
+    }
+}
+
+/// What a [`Scanner`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanReport {
+    /// Distinct faults, in the order first seen, at most [`MAX_DISTINCT`].
+    pub faults: Vec<SeenFault>,
+    /// What was read.
+    pub stats: ScanStats,
+}
+
+/// A summary line, then one line per distinct fault.
+impl fmt::Display for ScanReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.stats;
+        writeln!(
+            f,
+            "{} fault lines ({} distinct, {} beyond the cap of {MAX_DISTINCT} not kept) in {} lines, {} bytes; {} lines over {MAX_LINE} bytes ({} bytes skipped); {} GPU-XID lines refused",
+            s.occurrences,
+            self.faults.len(),
+            s.occurrences_not_kept,
+            s.lines,
+            s.bytes,
+            s.long_lines,
+            s.skipped_bytes,
+            s.guest_lines_refused
+        )?;
+        self.faults.iter().try_for_each(|x| writeln!(f, "{x}"))
+    }
+}
+
+/// Scans a log as it streams in, in memory bounded by [`MAX_LINE`] and [`MAX_DISTINCT`] and in
+/// time linear in its size: only lines containing a marker (`NVRM`, `GPU-XID `, `power state`)
+/// are classified, found by one forward search per marker over each chunk.
+///
+/// `GPU-XID` lines of the guest init count, read by the host's rules ([`host_view`]: the
+/// guest's `action` is never taken); one that repeats a kernel line just before it (the console
+/// shows both) is not counted twice.
+#[derive(Debug, Clone)]
 pub struct Scanner {
     classifier: Classifier,
-    out: Vec<Fault>,
-    /// Raw kernel faults not yet matched by a GPU-XID line (the guest prints it after the kernel).
-    unmatched: Vec<usize>,
+    faults: Vec<SeenFault>,
+    index: HashMap<Fault, usize>,
+    /// Kernel faults not yet repeated by a `GPU-XID` line, newest last.
+    recent_kernel: VecDeque<usize>,
+    stats: ScanStats,
+    /// The first [`MAX_LINE`] bytes of a line that began in an earlier chunk.
+    carry: Vec<u8>,
+    /// The length of that line so far (0: no line carried).
+    carry_len: u64,
+    /// The number of the last line given to the classifier (for multi-line messages).
+    last_classified: Option<u64>,
+    finders: [memmem::Finder<'static>; 3],
+    /// What a line's text came to (`None`: no fault, or a refused `GPU-XID` line).
+    memo: HashMap<Box<str>, Option<Seen>>,
+}
+
+impl Default for Scanner {
+    fn default() -> Self {
+        Scanner {
+            classifier: Classifier::new(),
+            faults: Vec::new(),
+            index: HashMap::new(),
+            recent_kernel: VecDeque::new(),
+            stats: ScanStats::default(),
+            carry: Vec::new(),
+            carry_len: 0,
+            last_classified: None,
+            finders: MARKERS.map(memmem::Finder::new),
+            memo: HashMap::new(),
+        }
+    }
 }
 
 impl Scanner {
-    /// Feed one line.
-    pub fn push(&mut self, line: &str) {
-        if let Some(f) = Fault::from_line(line) {
-            if let Some(pos) = self.unmatched.iter().position(|&i| self.out[i] == f) {
-                self.unmatched.remove(pos);
+    /// Feed the next bytes of the log (any chunking; lines may span chunks).
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.stats.bytes += chunk.len() as u64;
+        // The next occurrence of each marker at or after the current line's start; each only
+        // moves forward, so the chunk is searched once per marker.
+        let mut next = [0usize; 3];
+        self.advance(chunk, &mut next, 0);
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', chunk) {
+            let piece = &chunk[start..end];
+            if self.carry_len > 0 || !self.carry.is_empty() {
+                self.extend_carry(piece);
+                self.end_carried_line();
             } else {
-                self.out.push(f);
+                self.stats.lines += 1;
+                self.note_length(piece.len() as u64);
+                if next.iter().any(|&p| p < end) {
+                    let kept = &piece[..piece.len().min(MAX_LINE)];
+                    self.line(kept);
+                }
             }
-            return;
+            start = end + 1;
+            self.advance(chunk, &mut next, start);
         }
-        if let Some(f) = self.classifier.feed(line) {
-            self.unmatched.push(self.out.len());
-            self.out.push(f);
+        if start < chunk.len() {
+            self.extend_carry(&chunk[start..]);
         }
     }
 
-    /// The faults found, in order.
-    pub fn finish(self) -> Vec<Fault> {
-        self.out
+    /// The faults found.
+    pub fn finish(mut self) -> ScanReport {
+        if self.carry_len > 0 {
+            self.end_carried_line();
+        }
+        ScanReport {
+            faults: self.faults,
+            stats: self.stats,
+        }
     }
+
+    fn advance(&self, chunk: &[u8], next: &mut [usize; 3], from: usize) {
+        for (i, p) in next.iter_mut().enumerate() {
+            if from == 0 || *p < from {
+                *p = self.finders[i]
+                    .find(&chunk[from.min(chunk.len())..])
+                    .map_or(usize::MAX, |at| at + from);
+            }
+        }
+    }
+
+    fn extend_carry(&mut self, piece: &[u8]) {
+        let room = MAX_LINE.saturating_sub(self.carry.len());
+        self.carry
+            .extend_from_slice(&piece[..piece.len().min(room)]);
+        self.carry_len += piece.len() as u64;
+    }
+
+    fn end_carried_line(&mut self) {
+        self.stats.lines += 1;
+        self.note_length(self.carry_len);
+        let carried = std::mem::take(&mut self.carry);
+        if MARKERS
+            .iter()
+            .any(|m| memmem::find(&carried, m.as_bytes()).is_some())
+        {
+            self.line(&carried);
+        }
+        self.carry = carried;
+        self.carry.clear();
+        self.carry_len = 0;
+    }
+
+    fn note_length(&mut self, len: u64) {
+        if len > MAX_LINE as u64 {
+            self.stats.long_lines += 1;
+            self.stats.skipped_bytes += len - MAX_LINE as u64;
+        }
+    }
+
+    /// Classify line number `stats.lines` (its first [`MAX_LINE`] bytes).
+    fn line(&mut self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let text = text.trim_end_matches('\r');
+        let number = self.stats.lines;
+        if let Some(at) = text.find(XID_PREFIX) {
+            // Only the JSON after the prefix matters: a repeated line is read once.
+            let key = &text[at..];
+            let seen = match self.memo.get(key) {
+                Some(&seen) => seen,
+                None => {
+                    let seen = Fault::from_line(key)
+                        .as_ref()
+                        .and_then(host_view)
+                        .map(|f| self.intern(f));
+                    self.remember(key, seen);
+                    seen
+                }
+            };
+            match seen {
+                None => self.stats.guest_lines_refused += 1,
+                Some(seen) => {
+                    let repeat = match seen {
+                        Seen::Kept(i) => self.recent_kernel.iter().position(|&k| k == i),
+                        Seen::NotKept => None,
+                    };
+                    match repeat {
+                        Some(pos) => {
+                            self.recent_kernel.remove(pos);
+                        }
+                        None => self.occur(seen),
+                    }
+                }
+            }
+            return;
+        }
+        // A multi-line message is consecutive lines: anything between forgets it.
+        if self.last_classified.is_none_or(|n| n + 1 != number) {
+            self.classifier = Classifier::new();
+        }
+        self.last_classified = Some(number);
+        // An Xid or `GPU DDDD:...` line of the driver depends on its message alone and ends any
+        // multi-line message: a repeated one is read once.
+        let stateless = nvrm_message(text).filter(|m| {
+            m.starts_with("Xid ") || (m.starts_with("GPU ") && !m.starts_with("GPU at "))
+        });
+        let seen = match stateless.map(|m| (m, self.memo.get(m).copied())) {
+            Some((_, Some(seen))) => {
+                self.classifier = Classifier::new();
+                seen
+            }
+            Some((m, None)) => {
+                let seen = self.classifier.feed(text).map(|f| self.intern(f));
+                self.remember(m, seen);
+                seen
+            }
+            None => self.classifier.feed(text).map(|f| self.intern(f)),
+        };
+        if let Some(seen) = seen {
+            self.occur(seen);
+            if let Seen::Kept(i) = seen {
+                if self.recent_kernel.len() == RECENT_KERNEL_FAULTS {
+                    self.recent_kernel.pop_front();
+                }
+                self.recent_kernel.push_back(i);
+            }
+        }
+    }
+
+    /// Remember what a line's `key` came to, if the key is short; the memory is bounded.
+    fn remember(&mut self, key: &str, seen: Option<Seen>) {
+        if key.len() > MEMO_KEY {
+            return;
+        }
+        if self.memo.len() >= MEMO_ENTRIES {
+            self.memo.clear();
+        }
+        self.memo.insert(key.into(), seen);
+    }
+
+    /// The distinct fault `f` is, kept if there is room.
+    fn intern(&mut self, f: Fault) -> Seen {
+        if let Some(&i) = self.index.get(&f) {
+            return Seen::Kept(i);
+        }
+        if self.faults.len() >= MAX_DISTINCT {
+            return Seen::NotKept;
+        }
+        let i = self.faults.len();
+        self.index.insert(f.clone(), i);
+        self.faults.push(SeenFault { fault: f, count: 0 });
+        Seen::Kept(i)
+    }
+
+    /// Count one occurrence.
+    fn occur(&mut self, seen: Seen) {
+        self.stats.occurrences += 1;
+        match seen {
+            Seen::Kept(i) => self.faults[i].count += 1,
+            Seen::NotKept => self.stats.occurrences_not_kept += 1,
+        }
+    }
+}
+
+/// A distinct fault of a scan: its index among those kept, or beyond the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Kept(usize),
+    NotKept,
+}
+
+/// Lines remembered by their text (so a repeated line is classified once), and the longest
+/// text remembered: together at most 1 MiB.
+const MEMO_ENTRIES: usize = 4096;
+const MEMO_KEY: usize = 256;
+
+/// The host's reading of a guest init's `GPU-XID` fault: what the guest chose (its `action`,
+/// and its `kind` where the text says otherwise) is not taken; the kernel's line is rebuilt
+/// from the reported address, number and message and classified by the host's own rules, as if
+/// the host had read it. `None` for what the host would not have classified so, and for the
+/// host-side kinds (a guest cannot report the host's verification).
+pub fn host_view(guest: &Fault) -> Option<Fault> {
+    let address = match guest.address.as_deref() {
+        Some(a) => Some(full_address(a)?),
+        None => None,
+    };
+    let message = bounded(&guest.message);
+    match guest.kind {
+        FaultKind::Xid | FaultKind::GspTimeout | FaultKind::GspError => {
+            classify_xid(&format!("(PCI:{}): {}, {message}", address?, guest.xid?))
+        }
+        FaultKind::InitFailed => classify_nvrm(&match &address {
+            Some(a) => format!("GPU {a}: {message}"),
+            None => message,
+        })
+        .filter(|f| f.kind == FaultKind::InitFailed),
+        FaultKind::PowerState => {
+            classify_power_state(&format!("pci {}: {message}", address.as_deref()?))
+        }
+        FaultKind::FallenOffBus => {
+            let fallen = message.contains("fallen off the bus");
+            fallen.then_some(Fault {
+                address,
+                kind: FaultKind::FallenOffBus,
+                xid: None,
+                message,
+                action: Action::ResetGpu,
+            })
+        }
+        FaultKind::VerifyFailed | FaultKind::ResetFailed => None,
+    }
+}
+
+/// At most [`MAX_MESSAGE`] bytes of `s`, cut at a character boundary.
+fn bounded(s: &str) -> String {
+    let mut end = s.len().min(MAX_MESSAGE);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 /// The message after `NVRM: `, if the line is the NVIDIA driver's.
@@ -260,7 +610,7 @@ fn classify_nvrm(msg: &str) -> Option<Fault> {
             address,
             kind: FaultKind::InitFailed,
             xid: None,
-            message: msg[at..].to_owned(),
+            message: bounded(&msg[at..]),
             action: Action::ResetGpu,
         });
     }
@@ -292,7 +642,7 @@ fn classify_xid(rest: &str) -> Option<Fault> {
         address: Some(address),
         kind,
         xid: Some(xid),
-        message: message.trim_end_matches('.').to_owned(),
+        message: bounded(message.trim_end_matches('.')),
         action,
     })
 }
@@ -314,9 +664,27 @@ fn recovery_action(message: &str) -> Action {
     }
 }
 
+/// The PCI core's words for a device that cannot leave a low-power state, one per wording of
+/// the kernels in service (all from `drivers/pci/pci.c`; the prefix is the driver holding the
+/// device: `nvidia`, `vfio-pci`, `pci` when none):
+const POWER_STATE_FAILURES: [&str; 3] = [
+    // v6.0 and later, `pci_power_up()`:
+    // "Unable to change power state from %s to D0, device inaccessible".
+    "Unable to change power state from D3",
+    // v4.x to v5.19, `pci_raw_set_power_state()`:
+    // "can't change power state from %s to %s (config space inaccessible)".
+    "can't change power state from D3",
+    // Before v5.19, `pci_raw_set_power_state()` when the device stays put after the write:
+    // "Refused to change power state, currently in D%d".
+    "Refused to change power state, currently in D3",
+];
+
 /// `nvidia 0000:01:00.0: Unable to change power state from D3cold to D0, device inaccessible`
+/// and the other wordings of [`POWER_STATE_FAILURES`].
 fn classify_power_state(line: &str) -> Option<Fault> {
-    let at = line.find("Unable to change power state from D3cold")?;
+    let at = POWER_STATE_FAILURES
+        .iter()
+        .find_map(|words| line.find(words))?;
     let address = line[..at]
         .trim_end()
         .strip_suffix(':')
@@ -326,7 +694,7 @@ fn classify_power_state(line: &str) -> Option<Fault> {
         address,
         kind: FaultKind::PowerState,
         xid: None,
-        message: line[at..].trim().to_owned(),
+        message: bounded(line[at..].trim()),
         action: Action::ResetGpu,
     })
 }
@@ -530,6 +898,170 @@ mod tests {
         assert_eq!(scan(&format!("{raw}\n{line}\n")), vec![f.clone()]);
         // A GPU-XID line alone (kernel line not on the console at this log level) counts.
         assert_eq!(scan(&format!("{line}\n")), vec![f]);
+    }
+
+    #[test]
+    fn every_wording_of_the_power_state_failure_is_classified() {
+        // Each wording of drivers/pci/pci.c that kernels in service print, with each driver
+        // prefix, from real logs:
+        for (line, address) in [
+            // v6.0+ pci_power_up(), prefix `nvidia`: bryansteiner/gpu-passthrough-tutorial
+            // issue #39.
+            (
+                "[   87.412759] nvidia 0000:01:00.0: Unable to change power state from D3cold to D0, device inaccessible",
+                "0000:01:00.0",
+            ),
+            // v6.0+ pci_power_up(), prefix `vfio-pci`: kata-containers/kata-containers issue
+            // #11708 (host dmesg after cold-plugging a GPU repeatedly).
+            (
+                "[586739.359281] vfio-pci 0000:01:00.0: Unable to change power state from D3cold to D0, device inaccessible",
+                "0000:01:00.0",
+            ),
+            // v6.0+ from D3hot: clearlinux/distribution issue #3291 (journalctl, prefix
+            // `pcieport`).
+            (
+                "Mar 26 12:24:25 DadsGram kernel: pcieport 0000:03:02.0: Unable to change power state from D3hot to D0, device inaccessible",
+                "0000:03:02.0",
+            ),
+            // v4.x-v5.19 pci_raw_set_power_state(), prefix `pci` (no driver bound): a
+            // linux-pci list report of a dock unplugged in s2idle (the mail wrapped the line).
+            (
+                "[  316.876997] pci 0000:01:00.0: can't change power state from D3cold to D0 (config space inaccessible)",
+                "0000:01:00.0",
+            ),
+            // The same wording with prefix `pcieport`: a linux-pci list report (lockdep
+            // warning on a Thunderbolt dock unplug, 5.16-rc2).
+            (
+                "[   28.583995] pcieport 0000:09:04.0: can't change power state from D3cold to D0 (config space inaccessible)",
+                "0000:09:04.0",
+            ),
+            // Before v5.19 pci_raw_set_power_state(), prefix `nvidia`: a Kubuntu forum thread
+            // ("bumblebee stopped working after upgrade to Saucy", kernel 3.11 kern.log).
+            (
+                "Nov 28 05:14:09 knubuntu kernel: [  478.451301] nvidia 0000:01:00.0: Refused to change power state, currently in D3",
+                "0000:01:00.0",
+            ),
+        ] {
+            let f = one(line);
+            assert_eq!(f.kind, FaultKind::PowerState, "{line}");
+            assert_eq!(f.action, Action::ResetGpu, "{line}");
+            assert_eq!(f.address.as_deref(), Some(address), "{line}");
+        }
+        // Going into a low-power state is not the fault (vfio-pci idling a device), in either
+        // wording.
+        for line in [
+            "[ 210.762732] vfio-pci 0000:01:00.0: can't change power state from D0 to D3hot (config space inaccessible)",
+            "nvidia 0000:01:00.0: power state changed by ACPI to D0",
+        ] {
+            assert_eq!(classify_line(line), None, "{line}");
+        }
+    }
+
+    #[test]
+    fn older_drivers_one_line_fallen_off_the_bus_is_classified() {
+        // The Kubuntu forum thread above (driver 304.88).
+        let f = one(
+            "Nov 28 05:12:36 knubuntu kernel: [  384.708185] NVRM: GPU at 0000:01:00.0 has fallen off the bus.",
+        );
+        assert_eq!(f.kind, FaultKind::FallenOffBus);
+        assert_eq!(f.address.as_deref(), Some("0000:01:00.0"));
+    }
+
+    #[test]
+    fn the_guests_action_is_never_taken() {
+        // An application fault the guest calls a reboot: the host reads Xid 13 as what it is.
+        let forged = r#"GPU-XID {"address":"0000:00:05.0","kind":"xid","xid":13,"message":"Graphics Exception","action":"reboot_host"}"#;
+        let faults = scan(forged);
+        assert_eq!(faults.len(), 1, "{faults:?}");
+        assert_eq!(faults[0].action, Action::None);
+        // And the other way round: Xid 79 called harmless still needs a reset.
+        let quiet = r#"GPU-XID {"address":"0000:00:05.0","kind":"xid","xid":79,"message":"GPU has fallen off the bus","action":"none"}"#;
+        assert_eq!(scan(quiet)[0].action, Action::ResetGpu);
+        // A kind that says otherwise than its number is the number's.
+        let f: Fault = serde_json::from_str(
+            r#"{"address":"0000:00:05.0","kind":"xid","xid":119,"message":"Timeout","action":"none"}"#,
+        )
+        .unwrap();
+        assert_eq!(host_view(&f).unwrap().kind, FaultKind::GspTimeout);
+        // Host-side kinds and malformed addresses are refused.
+        let mut report = Scanner::default();
+        report.feed(br#"GPU-XID {"address":"0000:00:05.0","kind":"verify_failed","xid":null,"message":"x","action":"reset_gpu"}
+GPU-XID {"address":"nonsense","kind":"xid","xid":79,"message":"x","action":"reset_gpu"}
+GPU-XID {"kind":
+"#);
+        let report = report.finish();
+        assert!(report.faults.is_empty(), "{report:?}");
+        assert_eq!(report.stats.guest_lines_refused, 3);
+    }
+
+    #[test]
+    fn a_faults_message_is_printed_escaped() {
+        let f = Fault::from_line(
+            r#"GPU-XID {"address":"0000:00:05.0","kind":"xid","xid":79,"message":"\u001b]0;owned\u0007\u001b[2J","action":"reset_gpu"}"#,
+        )
+        .unwrap();
+        let shown = host_view(&f).unwrap().to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.contains("\\x1b]0;owned\\x07\\x1b[2J"), "{shown}");
+    }
+
+    #[test]
+    fn a_long_line_is_counted_not_kept() {
+        let mut s = Scanner::default();
+        // 10 MiB without a newline, fed in pieces, with a fault line past the cap.
+        let filler = vec![b'A'; 1 << 20];
+        for _ in 0..10 {
+            s.feed(&filler);
+        }
+        let hidden = b" NVRM: Xid (PCI:0000:01:00): 79, pid=1, GPU has fallen off the bus.";
+        s.feed(hidden);
+        assert!(s.carry.len() <= MAX_LINE, "the carried line is capped");
+        s.feed(b"\nNVRM: Xid (PCI:0000:01:00): 48, pid=1, DBE\n");
+        let report = s.finish();
+        assert_eq!(report.stats.lines, 2);
+        assert_eq!(report.stats.long_lines, 1);
+        let long = 10 * (1u64 << 20) + hidden.len() as u64;
+        assert_eq!(report.stats.skipped_bytes, long - MAX_LINE as u64);
+        let xids: Vec<_> = report.faults.iter().map(|f| f.fault.xid).collect();
+        assert_eq!(xids, [Some(48)], "the Xid past the cap is not read");
+    }
+
+    #[test]
+    fn lines_split_anywhere_across_chunks_are_read_once() {
+        let text = "boot\n[ 1.0] NVRM: Xid (PCI:0000:02:00): 79, pid=1, GPU has fallen off the bus.\nx\n[ 2.0] nvidia 0000:02:00.0: Unable to change power state from D3cold to D0, device inaccessible\n";
+        let whole = scan(text);
+        assert_eq!(whole.len(), 2);
+        for size in 1..text.len() {
+            let mut s = Scanner::default();
+            text.as_bytes().chunks(size).for_each(|c| s.feed(c));
+            let report = s.finish();
+            let faults: Vec<Fault> = report.faults.into_iter().map(|f| f.fault).collect();
+            assert_eq!(faults, whole, "chunks of {size}");
+            assert_eq!(report.stats.lines, 4, "chunks of {size}");
+        }
+    }
+
+    #[test]
+    fn distinct_faults_are_capped_and_repeats_counted() {
+        let mut text = String::new();
+        for pid in 0..(MAX_DISTINCT + 10) {
+            text.push_str(&format!(
+                "NVRM: Xid (PCI:0000:01:00): 79, pid={pid}, GPU has fallen off the bus.\n"
+            ));
+        }
+        text.push_str("NVRM: Xid (PCI:0000:01:00): 79, pid=0, GPU has fallen off the bus.\n");
+        let mut s = Scanner::default();
+        s.feed(text.as_bytes());
+        let report = s.finish();
+        assert_eq!(report.faults.len(), MAX_DISTINCT);
+        assert_eq!(report.faults[0].count, 2);
+        assert_eq!(report.stats.occurrences, MAX_DISTINCT as u64 + 11);
+        assert_eq!(report.stats.occurrences_not_kept, 10);
+        // A GPU-XID line repeating an old kernel fault (not among the recent ones) counts.
+        let f = one("NVRM: Xid (PCI:0000:01:00): 79, pid=0, GPU has fallen off the bus.");
+        let mut s = Scanner::default();
+        s.feed(format!("{}\n{}\n", f.line(), f.line()).as_bytes());
+        assert_eq!(s.finish().faults[0].count, 2);
     }
 
     #[test]

@@ -8,7 +8,6 @@
 
 use crate::inroot::{RootDir, RootError};
 use crate::libraries::run_ldconfig;
-use gpu_passthrough_guest_contract::report::LdconfigStatus;
 use std::path::{Path, PathBuf};
 
 /// The program name the spec's hooks use as argv[0] (the one `nvidia-ctk` spec files use).
@@ -97,7 +96,11 @@ pub fn run(args: &[String], state: &str) -> Result<Vec<String>, HookError> {
                 problems.push(format!("cannot write {CONTAINER_LD_CONF}: {e}"));
             }
             // An image without glibc ldconfig keeps only the links, as with nvidia-ctk.
-            if let (LdconfigStatus::Failed, Some(message)) = run_ldconfig(&root) {
+            // A FIFO where ldconfig or its cache should be, or an ldconfig past its
+            // deadline, is a problem too: the hook never blocks the container's start.
+            if let (status, Some(message)) = run_ldconfig(&root)
+                && status.is_error()
+            {
                 problems.push(message);
             }
         }

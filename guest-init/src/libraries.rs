@@ -10,10 +10,11 @@ use crate::inroot::{self, RootDir};
 use crate::sys;
 use gpu_passthrough_guest_contract::Manifest;
 use gpu_passthrough_guest_contract::report::{LdconfigStatus, LibrariesReport, Shadowed};
-use rustix::fs::FileType;
+use rustix::fs::{FileType, OFlags, ResolveFlags};
 use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// Where the GPU layer appears inside the workload root.
 pub const GPU_MOUNT: &str = "/usr/lib/gpu-passthrough";
@@ -302,51 +303,112 @@ fn shadow(
     Ok(())
 }
 
-/// The root's glibc `ldconfig` (an ELF program; Alpine's is a no-op shell script), inside the root.
-pub fn find_ldconfig(root: &RootDir) -> Option<&'static str> {
-    [
+/// How long the root's `ldconfig` may run: it is the workload's program, and PID 1 waits for
+/// it before its report.
+pub const LDCONFIG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the root's `ldconfig` writes its cache.
+const LD_SO_CACHE: &str = "/etc/ld.so.cache";
+
+/// The root's glibc `ldconfig` (an ELF program; Alpine's is a no-op shell script), inside the
+/// root. Each candidate is looked at without opening it for reading first (a FIFO there would
+/// block PID 1 before its report); one that is there but is not a regular file (a FIFO, a
+/// device, a directory) is an error naming it.
+pub fn find_ldconfig(root: &RootDir) -> Result<Option<&'static str>, String> {
+    for p in [
         "/sbin/ldconfig.real",
         "/usr/sbin/ldconfig.real",
         "/sbin/ldconfig",
         "/usr/sbin/ldconfig",
         "/usr/bin/ldconfig",
-    ]
-    .into_iter()
-    .find(|p| {
+    ] {
+        // O_PATH opens nothing: a FIFO or a device is not touched.
+        let Ok(handle) = root.open_path(p, OFlags::PATH, ResolveFlags::empty()) else {
+            continue;
+        };
+        let kind = rustix::fs::fstat(&handle).map(|st| FileType::from_raw_mode(st.st_mode));
+        if kind != Ok(FileType::RegularFile) {
+            return Err(format!(
+                "{p} in the workload root is not a regular file ({}): refusing to run or read it",
+                kind.map_or_else(|e| e.to_string(), |k| format!("{k:?}"))
+            ));
+        }
         let mut magic = [0u8; 4];
-        root.open_read(p)
+        let elf = root
+            .open_path(p, OFlags::RDONLY | OFlags::NONBLOCK, ResolveFlags::empty())
+            .map(std::fs::File::from)
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
             .is_ok()
-            && magic == *b"\x7fELF"
-    })
+            && magic == *b"\x7fELF";
+        if elf {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
 }
 
 /// Run the root's own `ldconfig`, chrooted and without any privilege (see
 /// [`sys::unprivileged_in_root`]): it is the workload's program, so it gets only what rewriting
 /// the root's own `/etc/ld.so.cache` needs. The root's ldconfig, not one of ours, because the
-/// cache format must match the root's glibc.
+/// cache format must match the root's glibc. It runs for at most [`LDCONFIG_TIMEOUT`]; a
+/// non-regular file where it or its cache should be is an error, and nothing is run.
 pub fn run_ldconfig(root: &RootDir) -> (LdconfigStatus, Option<String>) {
-    let Some(ldconfig) = find_ldconfig(root) else {
-        return (
-            LdconfigStatus::Missing,
-            Some(format!(
-                "the workload root has no glibc ldconfig (musl or distroless?): the driver libraries \
-                 are reachable only through the soname links and {GPU_MOUNT}/lib; the NVIDIA \
-                 libraries need a glibc root to run"
-            )),
-        );
+    run_ldconfig_within(root, LDCONFIG_TIMEOUT)
+}
+
+fn run_ldconfig_within(root: &RootDir, limit: Duration) -> (LdconfigStatus, Option<String>) {
+    let ldconfig = match find_ldconfig(root) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return (
+                LdconfigStatus::Missing,
+                Some(format!(
+                    "the workload root has no glibc ldconfig (musl or distroless?): the driver libraries \
+                     are reachable only through the soname links and {GPU_MOUNT}/lib; the NVIDIA \
+                     libraries need a glibc root to run"
+                )),
+            );
+        }
+        Err(message) => return (LdconfigStatus::NotAFile, Some(message)),
     };
+    match root.lstat(LD_SO_CACHE) {
+        Ok(None | Some(FileType::RegularFile | FileType::Symlink)) => {}
+        Ok(Some(kind)) => {
+            return (
+                LdconfigStatus::NotAFile,
+                Some(format!(
+                    "{LD_SO_CACHE} in the workload root is not a regular file ({kind:?}): \
+                     {ldconfig} not run; replace it with a file or remove it"
+                )),
+            );
+        }
+        Err(e) => {
+            return (
+                LdconfigStatus::Failed,
+                Some(format!(
+                    "cannot look at {LD_SO_CACHE} in the workload root: {e}"
+                )),
+            );
+        }
+    }
     let mut cmd = Command::new(ldconfig);
     cmd.env_clear();
     sys::unprivileged_in_root(&mut cmd, root.fd());
-    match cmd.output() {
-        Ok(out) if out.status.success() => (LdconfigStatus::Ok, None),
-        Ok(out) => (
+    match run_bounded(&mut cmd, limit) {
+        Ok(Some((status, _))) if status.success() => (LdconfigStatus::Ok, None),
+        Ok(Some((status, stderr))) => (
             LdconfigStatus::Failed,
             Some(format!(
-                "{ldconfig} in the workload root failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                "{ldconfig} in the workload root failed ({status}): {}",
+                stderr.trim()
+            )),
+        ),
+        Ok(None) => (
+            LdconfigStatus::TimedOut,
+            Some(format!(
+                "{ldconfig} in the workload root ran longer than {}s and was killed; the driver \
+                 libraries are reachable only through the soname links and {GPU_MOUNT}/lib",
+                limit.as_secs_f32()
             )),
         ),
         Err(e) => (
@@ -355,6 +417,48 @@ pub fn run_ldconfig(root: &RootDir) -> (LdconfigStatus, Option<String>) {
                 "cannot run {ldconfig} chrooted and unprivileged in the workload root: {e}"
             )),
         ),
+    }
+}
+
+/// Bytes of a program's standard error kept for the report.
+const STDERR_KEPT: usize = 4096;
+
+/// Run `cmd` (no input, output dropped) for at most `limit`: its exit status and the start of
+/// its standard error, or `None` when it was killed at the deadline.
+fn run_bounded(
+    cmd: &mut Command,
+    limit: Duration,
+) -> std::io::Result<Option<(ExitStatus, String)>> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    // Drained on a thread of its own so a chatty program never blocks on a full pipe.
+    let stderr = child.stderr.take().map(|mut pipe| {
+        std::thread::spawn(move || {
+            let (mut kept, mut buf) = (Vec::new(), [0u8; 4096]);
+            while let Ok(n) = std::io::Read::read(&mut pipe, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let room = STDERR_KEPT.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+            String::from_utf8_lossy(&kept).into_owned()
+        })
+    });
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let text = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+            return Ok(Some((status, text)));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -458,5 +562,74 @@ mod tests {
             library_dirs(&RootDir::open(split.path()).unwrap(), "x86_64"),
             ["/lib/x86_64-linux-gnu", "/usr/lib", "/lib"]
         );
+    }
+
+    /// Make a FIFO at `path`.
+    fn fifo(path: &Path) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+    }
+
+    /// `f` on a thread, failing after a few seconds instead of hanging the suite.
+    fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("blocked: a FIFO was opened for reading")
+    }
+
+    #[test]
+    fn a_fifo_where_ldconfig_should_be_is_an_error_not_a_hang() {
+        let root = tempfile::tempdir().unwrap();
+        fifo(&root.path().join("sbin/ldconfig"));
+        let path = root.path().to_owned();
+        let (status, message) =
+            within_seconds(move || run_ldconfig(&RootDir::open(&path).unwrap()));
+        assert_eq!(status, LdconfigStatus::NotAFile);
+        let message = message.unwrap();
+        assert!(
+            message.contains("/sbin/ldconfig") && message.contains("Fifo"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_fifo_where_the_cache_should_be_is_an_error_and_nothing_runs() {
+        let root = tempfile::tempdir().unwrap();
+        let ldconfig = root.path().join("sbin/ldconfig");
+        std::fs::create_dir_all(ldconfig.parent().unwrap()).unwrap();
+        std::fs::write(&ldconfig, b"\x7fELF not really").unwrap();
+        fifo(&root.path().join("etc/ld.so.cache"));
+        let path = root.path().to_owned();
+        let (status, message) =
+            within_seconds(move || run_ldconfig(&RootDir::open(&path).unwrap()));
+        assert_eq!(status, LdconfigStatus::NotAFile);
+        assert!(message.unwrap().contains("/etc/ld.so.cache"));
+    }
+
+    #[test]
+    fn a_program_past_its_deadline_is_killed() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let started = Instant::now();
+        let outcome = run_bounded(&mut cmd, Duration::from_millis(200)).unwrap();
+        assert!(outcome.is_none(), "{outcome:?}");
+        assert!(started.elapsed() < Duration::from_secs(20));
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo oops >&2; exit 3"]);
+        let (status, stderr) = run_bounded(&mut cmd, Duration::from_secs(20))
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code(), Some(3));
+        assert_eq!(stderr.trim(), "oops");
     }
 }

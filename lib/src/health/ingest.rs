@@ -4,7 +4,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{EventSource, Fault, HealthError, HealthEvent, HealthStore, Quarantine, scan_file};
+use super::{
+    EventSource, Fault, HealthError, HealthEvent, HealthStore, Quarantine, ScanStats, scan_file,
+};
 use crate::owner::Owner;
 use crate::pci::PciAddress;
 
@@ -27,8 +29,11 @@ pub struct IngestReport {
     pub owner: Owner,
     /// The devices its VM had (its newest hold in the journal's history).
     pub devices: Vec<PciAddress>,
-    /// Every fault found in the log.
+    /// Every distinct fault found in the log (at most [`super::MAX_DISTINCT`]).
     pub faults: Vec<Fault>,
+    /// What the scan read: lines, long lines, occurrences, refused `GPU-XID` lines.
+    #[serde(default)]
+    pub scan: ScanStats,
     /// The events recorded (failures only; application faults need nothing of the host).
     pub recorded: Vec<HealthEvent>,
     /// Devices quarantined now.
@@ -40,7 +45,8 @@ impl std::fmt::Display for IngestReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} faults in the log, {} recorded for {}",
+            "{} faults in the log ({} distinct), {} recorded for {}",
+            self.scan.occurrences,
             self.faults.len(),
             self.recorded.len(),
             self.owner
@@ -85,7 +91,9 @@ pub fn ingest(
     console: &Path,
 ) -> Result<IngestReport, HealthError> {
     let owner = &held.owner;
-    let faults = scan_file(console)?;
+    // Parsed before any lock is taken; what follows is bounded by the scan's caps.
+    let scan = scan_file(console)?;
+    let faults: Vec<Fault> = scan.faults.into_iter().map(|f| f.fault).collect();
     let events: Vec<HealthEvent> = faults
         .iter()
         .filter(|f| f.action.needs_host())
@@ -107,6 +115,7 @@ pub fn ingest(
         owner: owner.clone(),
         devices: held.devices.clone(),
         faults,
+        scan: scan.stats,
         recorded,
         quarantined,
     })

@@ -20,16 +20,17 @@
 mod ingest;
 mod store;
 
-use std::io::BufRead;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub use gpu_passthrough_guest_contract::xid::{
-    Action, Classifier, Fault, FaultKind, Scanner, XID_PREFIX, classify_line, xid_action,
+    Action, Classifier, Fault, FaultKind, MAX_DISTINCT, MAX_LINE, MAX_MESSAGE, ScanReport,
+    ScanStats, Scanner, SeenFault, XID_PREFIX, classify_line, host_view, xid_action,
 };
 pub use ingest::{HeldDevices, IngestReport, ingest};
 pub use store::{
-    ClearReport, DeviceHealth, EventSource, HEALTH_FILE, HealthEvent, HealthFile, HealthStore,
-    Policy, Quarantine,
+    ClearReport, DeviceHealth, EventSource, EventTally, HEALTH_FILE, HealthEvent, HealthFile,
+    HealthStore, MAX_EVENTS_PER_DEVICE, Policy, Quarantine,
 };
 
 use crate::outcome::{Classify, Outcome};
@@ -146,23 +147,30 @@ pub fn is_quarantined(
     HealthStore::new(state_dir).quarantine(address)
 }
 
-/// Every NVIDIA fault in a console or kernel log, in order. The file is read line by line
-/// (lossy UTF-8), so a large or partly binary console is fine.
-pub fn scan_file(path: &Path) -> Result<Vec<Fault>, HealthError> {
+/// How much of a log is read at a time: the whole of the scan's memory besides its bounded
+/// results ([`gpu_passthrough_guest_contract::xid::MAX_LINE`], `MAX_DISTINCT`).
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// Every distinct NVIDIA fault in a console or kernel log, in the order first seen, with
+/// counts. Read in chunks through the guest contract's [`Scanner`], so a console of any size and
+/// content (binary, one line of gigabytes) is read in bounded memory and linear time. Takes
+/// no lock: callers parse first and record after.
+pub fn scan_file(path: &Path) -> Result<ScanReport, HealthError> {
     let err = |source| HealthError::Log {
         path: path.to_owned(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(err)?;
-    let mut reader = std::io::BufReader::new(file);
+    let mut file = std::fs::File::open(path).map_err(err)?;
     let mut scanner = Scanner::default();
-    let mut buf = Vec::new();
+    let mut buf = vec![0u8; SCAN_CHUNK];
     loop {
-        buf.clear();
-        if reader.read_until(b'\n', &mut buf).map_err(err)? == 0 {
-            break;
-        }
-        scanner.push(String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']));
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(err(e)),
+        };
+        scanner.feed(&buf[..n]);
     }
     Ok(scanner.finish())
 }

@@ -1,12 +1,23 @@
 //! `health.json`: per-device events, and the quarantine policy over them.
+//!
+//! Bounded: each device keeps its newest [`MAX_EVENTS_PER_DEVICE`] events, older ones are
+//! summarised as counts ([`EventTally`]) that still count towards quarantine. `health.lock` is
+//! held only for the read-modify-write of that bounded file (duplicates dropped before it is
+//! taken), and nothing waits for another lock while holding it: the lock order is the journal
+//! lock, then `health.lock`, never the other way. Reads take no lock and reuse the last parse
+//! while the file's bytes are unchanged, so a device plugin polling every device parses once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Fault, HealthError};
+use super::{Fault, FaultKind, HealthError};
 use crate::fsutil;
 use crate::owner::Owner;
 use crate::pci::PciAddress;
@@ -14,11 +25,15 @@ use crate::pci::PciAddress;
 /// The record's file name in the state dir.
 pub const HEALTH_FILE: &str = "health.json";
 /// The format version this build reads and writes.
-pub const HEALTH_VERSION: u32 = 1;
+pub const HEALTH_VERSION: u32 = 2;
+/// The earliest format version this build still reads (version 1 had no tallies).
+const OLDEST_READABLE: u32 = 1;
+/// Events kept per device (the newest); older ones become [`EventTally`] counts.
+pub const MAX_EVENTS_PER_DEVICE: usize = 32;
 const LOCK_FILE: &str = "health.lock";
 
 /// Where an event came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventSource {
     /// A VM's console log, ingested for its owner.
@@ -68,6 +83,16 @@ impl HealthEvent {
         self.fault.action.needs_host()
     }
 
+    /// What makes two events the same (their time aside): one is recorded, not both.
+    fn identity(&self) -> (PciAddress, Option<Owner>, EventSource, Fault) {
+        (
+            self.device,
+            self.owner.clone(),
+            self.source,
+            self.fault.clone(),
+        )
+    }
+
     fn describe(&self) -> String {
         let owner = self
             .owner
@@ -77,7 +102,9 @@ impl HealthEvent {
             Some(x) => format!("xid {x}"),
             None => self.fault.kind.to_string(),
         };
-        format!("{owner}: {what} ({})", self.fault.message)
+        let message =
+            gpu_passthrough_guest_contract::printable::escape_control(&self.fault.message);
+        format!("{owner}: {what} ({message})")
     }
 }
 
@@ -104,6 +131,7 @@ impl std::fmt::Display for DeviceHealth {
                 self.events.len()
             )?,
         }
+        self.older.iter().try_for_each(|t| write!(f, "\n  {t}"))?;
         self.events.iter().try_for_each(|e| write!(f, "\n  {e}"))
     }
 }
@@ -113,8 +141,84 @@ impl std::fmt::Display for DeviceHealth {
 pub struct HealthFile {
     /// [`HEALTH_VERSION`].
     pub version: u32,
-    /// Events per device, oldest first.
+    /// Events per device, oldest first, at most [`MAX_EVENTS_PER_DEVICE`] each.
     pub devices: BTreeMap<PciAddress, Vec<HealthEvent>>,
+    /// Per device, the events no longer kept, as counts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub older: BTreeMap<PciAddress, Vec<EventTally>>,
+}
+
+/// Events of one device no longer kept one by one: how many, of whom, of what kind, when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventTally {
+    /// Who had the device (`None`: unknown).
+    pub owner: Option<Owner>,
+    /// Where the events came from.
+    pub source: EventSource,
+    /// Their kind.
+    pub kind: FaultKind,
+    /// Whether they were failures (count towards quarantine).
+    pub failure: bool,
+    /// How many.
+    pub count: u64,
+    /// Unix time of the first.
+    pub first_at: u64,
+    /// Unix time of the last.
+    pub last_at: u64,
+}
+
+impl EventTally {
+    fn matches(&self, e: &HealthEvent) -> bool {
+        self.owner == e.owner
+            && self.source == e.source
+            && self.kind == e.fault.kind
+            && self.failure == e.is_failure()
+    }
+
+    fn describe(&self) -> String {
+        let owner = self
+            .owner
+            .as_ref()
+            .map_or("unknown owner".to_owned(), |o| o.to_string());
+        format!("{owner}: {} earlier {} events", self.count, self.kind)
+    }
+}
+
+/// `FIRST..LAST owner OWNER  COUNTx KIND (SOURCE)`.
+impl std::fmt::Display for EventTally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let owner = self
+            .owner
+            .as_ref()
+            .map_or("-".to_owned(), |o| o.to_string());
+        write!(
+            f,
+            "{}..{} owner {owner}  {}x {} ({:?}, older events summarised)",
+            self.first_at, self.last_at, self.count, self.kind, self.source
+        )
+    }
+}
+
+/// Fold `events` into `tallies`, one tally per owner, source, kind and failure.
+fn tally(tallies: &mut Vec<EventTally>, events: impl IntoIterator<Item = HealthEvent>) {
+    for e in events {
+        match tallies.iter_mut().find(|t| t.matches(&e)) {
+            Some(t) => {
+                t.count += 1;
+                t.first_at = t.first_at.min(e.at);
+                t.last_at = t.last_at.max(e.at);
+            }
+            None => tallies.push(EventTally {
+                failure: e.is_failure(),
+                owner: e.owner,
+                source: e.source,
+                kind: e.fault.kind,
+                count: 1,
+                first_at: e.at,
+                last_at: e.at,
+            }),
+        }
+    }
 }
 
 /// When a device is quarantined.
@@ -142,6 +246,9 @@ pub struct Quarantine {
     pub owners: Vec<Option<Owner>>,
     /// The failure events.
     pub events: Vec<HealthEvent>,
+    /// Earlier failure events, as counts.
+    #[serde(default)]
+    pub older: Vec<EventTally>,
 }
 
 impl Quarantine {
@@ -151,9 +258,10 @@ impl Quarantine {
             "{} is quarantined after failure events from {} owners: {}; repair it, then clear its health record",
             self.device,
             self.owners.len(),
-            self.events
+            self.older
                 .iter()
-                .map(HealthEvent::describe)
+                .map(EventTally::describe)
+                .chain(self.events.iter().map(HealthEvent::describe))
                 .collect::<Vec<_>>()
                 .join("; ")
         )
@@ -167,6 +275,9 @@ pub struct DeviceHealth {
     pub device: PciAddress,
     /// Its events, oldest first.
     pub events: Vec<HealthEvent>,
+    /// Its events no longer kept, as counts.
+    #[serde(default)]
+    pub older: Vec<EventTally>,
     /// Set when it is quarantined.
     pub quarantine: Option<Quarantine>,
 }
@@ -227,89 +338,131 @@ impl HealthStore {
 
     /// Read the records (none yet: empty). A snapshot: writers replace the file atomically.
     pub fn read(&self) -> Result<HealthFile, HealthError> {
+        Ok(self.snapshot()?.as_ref().clone())
+    }
+
+    /// The records as last parsed, parsed again only when the file's bytes changed: one parse
+    /// serves every device a poll asks about.
+    fn snapshot(&self) -> Result<Arc<HealthFile>, HealthError> {
+        /// The last parse per record file (a process has one or a few state dirs): a hash of
+        /// its bytes and the records.
+        type Parsed = HashMap<PathBuf, (u64, u64, Arc<HealthFile>)>;
+        static LAST: Mutex<Option<Parsed>> = Mutex::new(None);
+        const FILES_REMEMBERED: usize = 8;
         let path = self.path();
-        match fs::read(&path) {
-            Ok(bytes) => {
-                // The version first, so a newer format is reported as such, not as corrupt.
-                #[derive(Deserialize)]
-                struct Version {
-                    version: u32,
-                }
-                let v: Version =
-                    serde_json::from_slice(&bytes).map_err(|e| HealthError::Corrupt {
-                        path: path.clone(),
-                        detail: e.to_string(),
-                    })?;
-                if v.version != HEALTH_VERSION {
-                    return Err(HealthError::Version {
-                        path,
-                        found: v.version,
-                    });
-                }
-                serde_json::from_slice(&bytes).map_err(|e| HealthError::Corrupt {
-                    path,
-                    detail: e.to_string(),
-                })
+        let bytes = match read_record(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Arc::new(HealthFile {
+                    version: HEALTH_VERSION,
+                    ..Default::default()
+                }));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HealthFile {
-                version: HEALTH_VERSION,
-                ..Default::default()
-            }),
-            Err(source) => Err(HealthError::Io {
-                action: "read",
-                path,
-                source,
-            }),
+            Err(source) => {
+                return Err(HealthError::Io {
+                    action: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        let digest = hasher.finish();
+        let len = bytes.len() as u64;
+        let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = last.get_or_insert_with(HashMap::new);
+        if let Some((l, d, file)) = last.get(&path)
+            && (*l, *d) == (len, digest)
+        {
+            return Ok(Arc::clone(file));
         }
+        let file = Arc::new(parse(&path, &bytes)?);
+        if last.len() >= FILES_REMEMBERED && !last.contains_key(&path) {
+            last.clear();
+        }
+        last.insert(path, (len, digest, Arc::clone(&file)));
+        Ok(file)
     }
 
     /// The quarantine of `device` under this store's policy, if it is quarantined.
     pub fn quarantine(&self, device: PciAddress) -> Result<Option<Quarantine>, HealthError> {
-        let file = self.read()?;
-        Ok(self.judge(
-            device,
-            file.devices.get(&device).map_or(&[][..], Vec::as_slice),
-        ))
+        let file = self.snapshot()?;
+        Ok(self.judge(device, &file))
     }
 
-    fn judge(&self, device: PciAddress, events: &[HealthEvent]) -> Option<Quarantine> {
+    fn judge(&self, device: PciAddress, file: &HealthFile) -> Option<Quarantine> {
+        let events = file.devices.get(&device).map_or(&[][..], Vec::as_slice);
+        let older = file.older.get(&device).map_or(&[][..], Vec::as_slice);
         let failures: Vec<HealthEvent> =
             events.iter().filter(|e| e.is_failure()).cloned().collect();
-        let owners: BTreeSet<Option<Owner>> = failures.iter().map(|e| e.owner.clone()).collect();
+        let older: Vec<EventTally> = older.iter().filter(|t| t.failure).cloned().collect();
+        let owners: BTreeSet<Option<Owner>> = failures
+            .iter()
+            .map(|e| e.owner.clone())
+            .chain(older.iter().map(|t| t.owner.clone()))
+            .collect();
         (owners.len() >= self.policy.quarantine_after.max(1)).then(|| Quarantine {
             device,
             owners: owners.into_iter().collect(),
             events: failures,
+            older,
         })
     }
 
     /// Every device with a record.
     pub fn records(&self) -> Result<Vec<DeviceHealth>, HealthError> {
-        let file = self.read()?;
-        Ok(file
+        let file = self.snapshot()?;
+        let devices: BTreeSet<PciAddress> = file
             .devices
+            .keys()
+            .chain(file.older.keys())
+            .copied()
+            .collect();
+        Ok(devices
             .into_iter()
-            .map(|(device, events)| DeviceHealth {
+            .map(|device| DeviceHealth {
                 device,
-                quarantine: self.judge(device, &events),
-                events,
+                quarantine: self.judge(device, &file),
+                events: file.devices.get(&device).cloned().unwrap_or_default(),
+                older: file.older.get(&device).cloned().unwrap_or_default(),
             })
             .collect())
     }
 
-    /// Append events (an identical event already recorded is not added twice). Returns the
-    /// events added.
+    /// Append events (an identical event already kept is not added twice; beyond
+    /// [`MAX_EVENTS_PER_DEVICE`] the oldest become counts). Returns the events added.
     pub fn record(&self, events: &[HealthEvent]) -> Result<Vec<HealthEvent>, HealthError> {
+        // Duplicates dropped before the lock, in one pass.
+        let mut seen = HashSet::new();
+        let fresh: Vec<&HealthEvent> = events
+            .iter()
+            .filter(|e| seen.insert(e.identity()))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(Vec::new());
+        }
         self.change(|file| {
             let mut added = Vec::new();
-            for e in events {
+            // Per device, what it keeps (at most the cap), hashed once.
+            let mut kept: HashMap<PciAddress, HashSet<_>> = HashMap::new();
+            for e in fresh {
                 let list = file.devices.entry(e.device).or_default();
-                let dup = list
-                    .iter()
-                    .any(|o| o.owner == e.owner && o.fault == e.fault && o.source == e.source);
-                if !dup {
+                let known = kept
+                    .entry(e.device)
+                    .or_insert_with(|| list.iter().map(HealthEvent::identity).collect());
+                if known.insert(e.identity()) {
                     list.push(e.clone());
                     added.push(e.clone());
+                }
+            }
+            for device in kept.into_keys() {
+                let Some(list) = file.devices.get_mut(&device) else {
+                    continue;
+                };
+                if list.len() > MAX_EVENTS_PER_DEVICE {
+                    let excess = list.len() - MAX_EVENTS_PER_DEVICE;
+                    tally(file.older.entry(device).or_default(), list.drain(..excess));
                 }
             }
             added
@@ -319,11 +472,13 @@ impl HealthStore {
     /// Remove every event of `device` (after a repair).
     pub fn clear(&self, device: PciAddress) -> Result<ClearReport, HealthError> {
         self.change(|file| {
+            let was_quarantined = self.judge(device, file).is_some();
             let events = file.devices.remove(&device).unwrap_or_default();
+            let older = file.older.remove(&device).unwrap_or_default();
             ClearReport {
                 device,
-                removed: events.len(),
-                was_quarantined: self.judge(device, &events).is_some(),
+                removed: events.len() + older.iter().map(|t| t.count as usize).sum::<usize>(),
+                was_quarantined,
             }
         })
     }
@@ -345,6 +500,7 @@ impl HealthStore {
         let out = f(&mut file);
         file.version = HEALTH_VERSION;
         file.devices.retain(|_, v| !v.is_empty());
+        file.older.retain(|_, v| !v.is_empty());
         let path = self.path();
         let bytes = serde_json::to_vec_pretty(&file).map_err(|e| HealthError::Corrupt {
             path: path.clone(),
@@ -352,5 +508,146 @@ impl HealthStore {
         })?;
         fsutil::write_atomic(&path, &bytes).map_err(io("write", &path))?;
         Ok(out)
+    }
+}
+
+/// The record file's bytes. The file is bounded by [`MAX_EVENTS_PER_DEVICE`]; a larger one
+/// (written by hand, or by an earlier build without the cap) is still read whole.
+fn read_record(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut file = fs::File::open(path)?;
+    let mut bytes = Vec::with_capacity(file.metadata().map_or(0, |m| m.size() as usize));
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Parse the record: the version first, so a newer format is reported as such, not as corrupt.
+fn parse(path: &Path, bytes: &[u8]) -> Result<HealthFile, HealthError> {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let corrupt = |e: serde_json::Error| HealthError::Corrupt {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    };
+    let v: Version = serde_json::from_slice(bytes).map_err(corrupt)?;
+    if !(OLDEST_READABLE..=HEALTH_VERSION).contains(&v.version) {
+        return Err(HealthError::Version {
+            path: path.to_owned(),
+            found: v.version,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(corrupt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::{Action, classify_line};
+
+    fn event(device: &str, owner: &str, pid: u32) -> HealthEvent {
+        let line =
+            format!("NVRM: Xid (PCI:0000:01:00): 79, pid={pid}, GPU has fallen off the bus.");
+        HealthEvent::now(
+            device.parse().unwrap(),
+            Some(Owner::new(owner).unwrap()),
+            EventSource::Console,
+            classify_line(&line).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_device_keeps_its_newest_events_and_counts_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HealthStore::new(dir.path()).with_policy(Policy {
+            quarantine_after: 2,
+        });
+        // One owner's flood: 10 000 distinct events in one call, then the same again.
+        let flood: Vec<HealthEvent> = (0..10_000).map(|i| event("0000:01:00.0", "a", i)).collect();
+        assert_eq!(store.record(&flood).unwrap().len(), 10_000);
+        let file = store.read().unwrap();
+        let kept = &file.devices[&"0000:01:00.0".parse().unwrap()];
+        assert_eq!(kept.len(), MAX_EVENTS_PER_DEVICE);
+        assert!(kept.last().unwrap().fault.message.contains("pid=9999,"));
+        let older = &file.older[&"0000:01:00.0".parse().unwrap()];
+        assert_eq!(
+            older.len(),
+            1,
+            "one tally per owner, source, kind: {older:?}"
+        );
+        assert_eq!(older[0].count, (10_000 - MAX_EVENTS_PER_DEVICE) as u64);
+        let size = fs::metadata(store.path()).unwrap().len();
+        assert!(size < 64 * 1024, "{size} bytes");
+        // The same events again: what is kept is not added twice.
+        let again = store.record(&flood[flood.len() - 5..]).unwrap();
+        assert!(again.is_empty(), "{again:?}");
+        // The tallied owner still counts: one more owner quarantines.
+        assert!(
+            store
+                .quarantine("0000:01:00.0".parse().unwrap())
+                .unwrap()
+                .is_none()
+        );
+        let mut others: Vec<HealthEvent> = (0..MAX_EVENTS_PER_DEVICE as u32)
+            .map(|i| event("0000:01:00.0", "b", i))
+            .collect();
+        others.push(event("0000:01:00.0", "b", 0)); // a duplicate in the same call
+        assert_eq!(store.record(&others).unwrap().len(), MAX_EVENTS_PER_DEVICE);
+        let q = store
+            .quarantine("0000:01:00.0".parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(q.owners.len(), 2, "{q:?}");
+        assert!(q.summary().contains("a: "), "{}", q.summary());
+        // Clearing removes the counts too.
+        let cleared = store.clear("0000:01:00.0".parse().unwrap()).unwrap();
+        assert!(cleared.was_quarantined);
+        assert_eq!(cleared.removed, 10_000 + MAX_EVENTS_PER_DEVICE);
+        assert!(store.records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_record_is_read_and_rewritten_as_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HealthStore::new(dir.path());
+        let e = event("0000:02:00.0", "a", 1);
+        let v1 = serde_json::json!({
+            "version": 1,
+            "devices": { "0000:02:00.0": [e] },
+        });
+        fs::write(store.path(), serde_json::to_vec(&v1).unwrap()).unwrap();
+        assert_eq!(store.records().unwrap()[0].events, std::slice::from_ref(&e));
+        store.record(&[event("0000:02:00.0", "b", 1)]).unwrap();
+        let file = store.read().unwrap();
+        assert_eq!(file.version, HEALTH_VERSION);
+        assert_eq!(file.devices[&e.device].len(), 2);
+        assert!(matches!(
+            parse(&store.path(), br#"{"version": 3, "devices": {}}"#),
+            Err(HealthError::Version { found: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn a_read_is_parsed_again_only_when_the_bytes_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HealthStore::new(dir.path());
+        store.record(&[event("0000:03:00.0", "a", 1)]).unwrap();
+        let first = store.snapshot().unwrap();
+        assert!(Arc::ptr_eq(&first, &store.snapshot().unwrap()), "reused");
+        // Rewritten in place with other bytes of the same length: parsed again.
+        let text = fs::read_to_string(store.path()).unwrap();
+        fs::write(store.path(), text.replace("pid=1,", "pid=2,")).unwrap();
+        let second = store.snapshot().unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert!(
+            second.devices.values().next().unwrap()[0]
+                .fault
+                .message
+                .contains("pid=2,")
+        );
+        assert_eq!(
+            second.devices.values().next().unwrap()[0].fault.action,
+            Action::ResetGpu
+        );
     }
 }

@@ -9,6 +9,8 @@ mod versions;
 use std::fmt::Display;
 
 pub use attach::BootSpecText;
+/// Guest-derived text (a console's fault messages) escaped before it is shown.
+pub use gpu_passthrough_guest_contract::printable::escape_control;
 pub use initrd::{InitrdText, ListingText};
 pub use versions::ReleaseTable;
 

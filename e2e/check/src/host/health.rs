@@ -7,7 +7,9 @@ use super::{RunC, rc_is, show};
 use crate::checks::Checks;
 use crate::cli_json::{CliError, PciAddress};
 use gpu_passthrough::attach::{HealthCheck, ResetOutcome};
-use gpu_passthrough::health::{Action, ClearReport, DeviceHealth, Fault, FaultKind, IngestReport};
+use gpu_passthrough::health::{
+    Action, ClearReport, DeviceHealth, FaultKind, IngestReport, ScanReport,
+};
 use gpu_passthrough::vmm::BootSpec;
 
 /// The health check of `dev` in the detach report of command `label`.
@@ -98,10 +100,15 @@ pub fn checks(c: &mut Checks, run: &RunC) {
         || format!("{vga_h:?}"),
     );
 
-    let scan = run.command("health-scan").parse::<Vec<Fault>>();
+    let scan = run.command("health-scan").parse::<ScanReport>();
     let got: Vec<(FaultKind, Option<u32>, Action)> = scan
         .as_ref()
-        .map(|s| s.iter().map(|f| (f.kind, f.xid, f.action)).collect())
+        .map(|s| {
+            s.faults
+                .iter()
+                .map(|f| (f.fault.kind, f.fault.xid, f.fault.action))
+                .collect()
+        })
         .unwrap_or_default();
     c.check(
         "health scan: Xid 13 (none), Xid 79 (reset_gpu, its GPU-XID line not counted twice), D3cold",
@@ -112,7 +119,7 @@ pub fn checks(c: &mut Checks, run: &RunC) {
         ],
         || format!("{scan:?}"),
     );
-    for f in scan.iter().flatten() {
+    for f in scan.iter().flat_map(|s| &s.faults) {
         c.info(format!("health scan: {f}"));
     }
     let i1 = run.command("ingest-vm-1").parse::<IngestReport>();
