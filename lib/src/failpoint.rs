@@ -62,6 +62,8 @@ pub enum Stage {
     Initrd,
     /// The create and release of vGPUs (`attach --vgpu`, detach, reconcile).
     Vgpu,
+    /// A kernel reset (detach, `reset`).
+    Reset,
 }
 
 /// Every failpoint, in the order its workflow reaches it.
@@ -99,11 +101,13 @@ pub enum Failpoint {
     VgpuAfterCommit,
     /// One vGPU of a detach is released, the others not yet.
     VgpuMidRelease,
+    /// A device's `reset_method` is narrowed for a reset, not yet put back.
+    ResetRestricted,
 }
 
 impl Failpoint {
     /// Every failpoint.
-    pub const ALL: [Failpoint; 16] = [
+    pub const ALL: [Failpoint; 17] = [
         Failpoint::AfterJournal,
         Failpoint::AfterOverride,
         Failpoint::AfterUnbind,
@@ -120,6 +124,7 @@ impl Failpoint {
         Failpoint::VgpuAfterVerify,
         Failpoint::VgpuAfterCommit,
         Failpoint::VgpuMidRelease,
+        Failpoint::ResetRestricted,
     ];
 
     /// The failpoint of this [`Failpoint::name`].
@@ -146,6 +151,7 @@ impl Failpoint {
             Failpoint::VgpuAfterVerify => "vgpu-after-verify",
             Failpoint::VgpuAfterCommit => "vgpu-after-commit",
             Failpoint::VgpuMidRelease => "vgpu-mid-release",
+            Failpoint::ResetRestricted => "reset-restricted",
         }
     }
 
@@ -153,6 +159,7 @@ impl Failpoint {
     pub fn stage(self) -> Stage {
         match self {
             Failpoint::InitrdMidway => Stage::Initrd,
+            Failpoint::ResetRestricted => Stage::Reset,
             Failpoint::VgpuAfterJournal
             | Failpoint::VgpuAfterCreate
             | Failpoint::VgpuAfterVerify

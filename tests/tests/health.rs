@@ -395,8 +395,19 @@ fn a_failure_that_cannot_be_recorded_keeps_the_device_out_of_service() {
     // Fixed: detach again records the event and releases it.
     fs::remove_dir(h.state.join("health.json")).unwrap();
     let report = host.detach(&owner("vm-1")).unwrap();
-    assert_eq!(report.restored[0].health.as_ref().unwrap().events.len(), 1);
+    let check = report.restored[0].health.as_ref().unwrap();
+    assert_eq!(check.events.len(), 1);
     assert!(h.journal_clean());
+    // The rerun found it back on nvidia and did not reset it from under that driver.
+    assert_eq!(
+        check.reset.as_ref().unwrap().outcome,
+        ResetOutcome::AlreadyReturned
+    );
+    assert_eq!(
+        fs::read_to_string(dev_file(&h, GPU1, SIM_RESET_LOG)).unwrap(),
+        "flr\n",
+        "reset once, by the first detach"
+    );
 }
 
 #[test]

@@ -128,9 +128,9 @@ impl Host {
             }
             let a = rec.device.to_string();
             if rec.original_driver.as_deref() == Some("nvidia") {
-                if !self.kernel.is_simulated() {
+                if let Some(smi) = &self.nvidia_smi {
                     self.set_step(j, t, i, Step::PersistenceOff)?;
-                    if persistence(&a, false) {
+                    if persistence(smi, rec.device, false, self.command_timeout)? {
                         j.state.transactions[t].devices[i].persistence_disabled = true;
                     }
                 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::journal::{DeviceRecord, LockedJournal};
-use super::reset::HealthCheck;
+use super::reset::{HealthCheck, ResetOutcome, ResetReport};
 use super::restore::RestoredDevice;
 use super::{AttachError, Host};
 use crate::failpoint::Failpoint;
@@ -65,7 +65,7 @@ impl Host {
             Failpoint::VgpuMidRelease.hit();
         }
         for rec in att.devices.iter().rev() {
-            let (mut restored, events) = self.release_device(rec, &att.owner)?;
+            let (mut restored, events) = self.release_device(j, rec, &att.owner)?;
             // Recorded before the device leaves the attachment: if that fails, it stays out of
             // placement and detach can be rerun.
             if let Some(check) = &mut restored.health {
@@ -89,6 +89,7 @@ impl Host {
     /// records them).
     pub(super) fn release_device(
         &self,
+        j: &mut LockedJournal,
         rec: &DeviceRecord,
         owner: &Owner,
     ) -> Result<(RestoredDevice, Vec<HealthEvent>), AttachError> {
@@ -96,16 +97,31 @@ impl Host {
             // Adopted from vfio-pci: it stays there (VFIO resets it), so nothing to verify.
             return Ok((self.restore(rec)?, Vec::new()));
         }
-        let reset = if rec.passed {
-            if self.sysfs.driver(rec.device).as_deref() == Some("vfio-pci") {
+        let now = self.sysfs.driver(rec.device);
+        let reset = if !rec.passed {
+            None
+        } else if now.is_some() && now != Some("vfio-pci".into()) && now == rec.original_driver {
+            // A rerun of a detach that failed after giving it back (a health write, say): its
+            // host driver has it again, and a reset would pull it from under that driver.
+            Some(ResetReport {
+                device: rec.device,
+                methods: Vec::new(),
+                method: None,
+                outcome: ResetOutcome::AlreadyReturned,
+                detail: Some(format!(
+                    "already back on {}: a rerun detach does not reset it",
+                    now.as_deref().unwrap_or_default()
+                )),
+                ms: 0,
+            })
+        } else {
+            if now.as_deref() == Some("vfio-pci") {
                 self.write(
                     &self.sysfs.driver_dir("vfio-pci").join("unbind"),
                     &rec.device.to_string(),
                 )?;
             }
-            Some(self.kernel_reset(rec.device))
-        } else {
-            None
+            Some(self.kernel_reset(j, rec.device, Some(owner))?)
         };
         let mut restored = self.restore(rec)?;
         let verify = self.verify_device(rec.device, rec.original_driver.as_deref());

@@ -157,6 +157,21 @@ pub enum AttachError {
         /// Why.
         reason: String,
     },
+    /// A program the library runs for a device (`nvidia-smi`) did not finish in time: it was
+    /// killed. A GPU that wedges its driver (Xid 79, fallen off the bus) hangs such programs.
+    #[error(
+        "{device}: `{command}` did not finish within {after:?} and was killed; the GPU may be wedged (check dmesg for Xid 79 or `fallen off the bus`){aftermath}"
+    )]
+    CommandTimeout {
+        /// The device it ran for.
+        device: PciAddress,
+        /// The command line.
+        command: String,
+        /// The limit.
+        after: Duration,
+        /// What the failure left behind.
+        aftermath: Aftermath,
+    },
     /// No such vGPU profile, or not enough room for it.
     #[error(transparent)]
     Vgpu(#[from] crate::vgpu::VgpuError),
@@ -229,7 +244,8 @@ impl AttachError {
             | AttachError::NotOnVfio { aftermath, .. }
             | AttachError::NoVfioNode { aftermath, .. }
             | AttachError::Vfio { aftermath, .. }
-            | AttachError::VgpuMismatch { aftermath, .. } => *aftermath = Aftermath::RolledBack,
+            | AttachError::VgpuMismatch { aftermath, .. }
+            | AttachError::CommandTimeout { aftermath, .. } => *aftermath = Aftermath::RolledBack,
             _ => {}
         }
         self
@@ -264,6 +280,7 @@ impl Classify for AttachError {
             | AttachError::VgpuHeld { .. }
             | AttachError::HoldersUnknown { .. } => Outcome::Refused,
             AttachError::Write { .. }
+            | AttachError::CommandTimeout { .. }
             | AttachError::NotOnVfio { .. }
             | AttachError::NoVfioNode { .. }
             | AttachError::RollbackFailed { .. }
@@ -296,6 +313,7 @@ impl Classify for AttachError {
             | AttachError::VgpuHeld { .. }
             | AttachError::HoldersUnknown { .. }
             | AttachError::Write { .. }
+            | AttachError::CommandTimeout { .. }
             | AttachError::NotOnVfio { .. }
             | AttachError::NoVfioNode { .. }
             | AttachError::Restore { .. }

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::guard::describe;
 use super::journal::Journal;
 use super::reset::{HealthCheck, ResetOutcome, ResetReport};
 use super::{AttachError, Host};
@@ -39,9 +40,10 @@ impl Host {
     }
 
     /// Reset `device` on demand, then verify it. Refused while it is attached or in a
-    /// transaction, and when only a bus reset is possible with a busy sibling on the bus.
+    /// transaction, while it is the boot display, while a process uses it on its host driver
+    /// (named), and when only a bus reset is possible with a sibling on the bus in use.
     pub fn reset(&self, device: PciAddress) -> Result<HealthCheck, AttachError> {
-        let j = self.journal.lock()?;
+        let mut j = self.journal.lock()?;
         if let Some(owner) = j.state.owner_of(device) {
             return Err(AttachError::ResetRefused {
                 device,
@@ -51,7 +53,27 @@ impl Host {
         if let Some(reason) = crate::vgpu::vgpu_role(&self.sysfs, device) {
             return Err(AttachError::ResetRefused { device, reason });
         }
-        let before = self.sysfs.device(device)?.driver;
+        let found = self.sysfs.device(device)?;
+        if found.boot_vga {
+            return Err(AttachError::ResetRefused {
+                device,
+                reason: "it is the boot display (boot_vga=1): a reset blanks the host console and may hang the machine".into(),
+            });
+        }
+        let before = found.driver;
+        if before.as_deref() == Some("nvidia") {
+            // Every client counts, nvidia-persistenced too: a reset pulls the GPU from under them.
+            let clients = self.gpu_clients(device, true)?;
+            if !clients.is_empty() {
+                return Err(AttachError::ResetRefused {
+                    device,
+                    reason: format!(
+                        "it is in use on the host: {}; close those programs (and turn persistence mode off: nvidia-smi -i {device} -pm 0) first",
+                        describe(&clients)
+                    ),
+                });
+            }
+        }
         let reset = if before.as_deref() == Some("vfio-pci") {
             ResetReport {
                 device,
@@ -62,7 +84,7 @@ impl Host {
                 ms: 0,
             }
         } else {
-            self.kernel_reset(device)
+            self.kernel_reset(&mut j, device, None)?
         };
         if reset.outcome == ResetOutcome::Refused {
             return Err(AttachError::ResetRefused {

@@ -305,6 +305,20 @@ pub struct JournalState {
     /// faults a VM reports later are mapped to the devices it had.
     #[serde(default)]
     pub history: Vec<HistoryEntry>,
+    /// `reset_method`s narrowed for a reset in progress, saved before the narrowing is
+    /// written: reconcile puts back any a crash left ([`ResetRestriction`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reset_restrictions: Vec<ResetRestriction>,
+}
+
+/// A device's `reset_method` narrowed (a bus reset left out while a sibling is in use) for
+/// the length of one reset, and its value before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetRestriction {
+    /// The device.
+    pub device: PciAddress,
+    /// `reset_method` before it was narrowed.
+    pub original: String,
 }
 
 impl HistoryEntry {

@@ -85,6 +85,10 @@ use crate::quarantine::QuarantineCheck;
 use crate::registry::ModuleFlavor;
 use crate::vfio::{RealVfio, VfioVerifier};
 
+/// How long `nvidia-smi -pm` may run by default: it answers in well under a second on a
+/// healthy GPU, and hangs forever on a wedged one.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Whether an owner still exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -157,6 +161,10 @@ pub struct Host {
     /// Asked before a device or vGPU parent is handed out.
     quarantine: Box<dyn QuarantineCheck>,
     vfio_wait: Duration,
+    /// The `nvidia-smi` run for persistence mode (`None`: none found, or a simulated kernel).
+    nvidia_smi: Option<PathBuf>,
+    /// How long a program run for a device may take before it is killed.
+    command_timeout: Duration,
 }
 
 impl fmt::Debug for Host {
@@ -194,6 +202,8 @@ impl Host {
             verifier: Box::new(RealVfio::default()),
             liveness,
             vfio_wait: Duration::from_secs(10),
+            nvidia_smi: guard::find_nvidia_smi(guard::NVIDIA_SMI_PATHS),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
         };
         host.pick_kernel();
         host
@@ -210,6 +220,8 @@ impl Host {
                 dev_dir: self.dev_dir.clone(),
             });
             self.vfio_wait = Duration::from_millis(200);
+            // The host's nvidia-smi must never act on a simulated tree's addresses.
+            self.nvidia_smi = None;
             self.nvidia_gpus = self.sysfs.root().join(crate::simulation::SIM_NVIDIA_GPUS);
         }
     }
@@ -257,6 +269,21 @@ impl Host {
     /// How long to wait for `/dev/vfio/<group>` after a bind.
     pub fn with_vfio_wait(mut self, wait: Duration) -> Host {
         self.vfio_wait = wait;
+        self
+    }
+
+    /// Run this program as `nvidia-smi` (instead of the first of
+    /// the fixed paths that exists; tests use a fake one). Call after
+    /// [`Host::with_dev_dir`], which picks the kernel again.
+    pub fn with_nvidia_smi(mut self, program: impl Into<PathBuf>) -> Host {
+        self.nvidia_smi = Some(program.into());
+        self
+    }
+
+    /// How long a program run for a device (`nvidia-smi`) may take before it is killed and
+    /// the operation fails naming the device (default [`DEFAULT_COMMAND_TIMEOUT`]).
+    pub fn with_command_timeout(mut self, limit: Duration) -> Host {
+        self.command_timeout = limit;
         self
     }
 

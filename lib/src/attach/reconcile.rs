@@ -63,6 +63,8 @@ impl Host {
     pub fn reconcile(&self) -> Result<ReconcileReport, AttachError> {
         let mut j = self.journal.lock()?;
         let mut report = ReconcileReport::default();
+        // First: a reset_method a crash left narrowed (reset.rs).
+        report.errors.extend(self.undo_reset_restrictions(&mut j)?);
         // The lock is held by every running attach, so these were all abandoned.
         let txns = std::mem::take(&mut j.state.transactions);
         for txn in txns {

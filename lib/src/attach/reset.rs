@@ -2,9 +2,14 @@
 //!
 //! The reset follows libvirt: while a device is on vfio-pci, VFIO resets it when the VMM opens
 //! and releases it, so nothing more is done. Otherwise the kernel resets it (`reset`, with the
-//! methods `reset_method` lists: FLR, PM, bus, …), except that a bus reset is refused when
-//! another device on the bus is in use by the host (it would be reset too). At detach the
-//! device is unbound from vfio-pci first, so its original driver gets a freshly reset device.
+//! methods `reset_method` lists: FLR, PM, bus, …), except that a bus reset is left out when
+//! another device on the bus is in use (it would be reset too): on a host driver, on vfio-pci
+//! for another owner, or held open by a process. Leaving it out narrows `reset_method` for the
+//! reset; the original is journaled first and reconcile puts it back after a crash. At detach
+//! the device is unbound from vfio-pci first, so its original driver gets a freshly reset
+//! device; a rerun detach finds it back on that driver and does not reset it again. An
+//! on-demand reset is refused for the boot display and for a GPU a host process uses
+//! (`health_record.rs`).
 //!
 //! Verification after detach: config space readable and carrying the device's vendor/device ID
 //! (not `0xffff`: fallen off the bus, stuck in D3cold), not in D3cold, on its original driver,
@@ -16,8 +21,10 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::journal::{DeviceRecord, LockedJournal};
+use super::guard::describe;
+use super::journal::{DeviceRecord, JournalState, LockedJournal, ResetRestriction};
 use super::{AttachError, Host};
+use crate::failpoint::Failpoint;
 use crate::health::{Action, EventSource, Fault, FaultKind, HealthEvent};
 use crate::outcome::{Outcome, ReportOutcome};
 use crate::owner::Owner;
@@ -37,6 +44,9 @@ pub enum ResetOutcome {
     Refused,
     /// The kernel's reset failed (a health event).
     Failed,
+    /// Already back on its host driver (a detach rerun after a failure past the reset): a
+    /// reset now would pull the device from under that driver, so none is done.
+    AlreadyReturned,
 }
 
 /// A reset.
@@ -109,6 +119,9 @@ impl std::fmt::Display for HealthCheck {
                 ResetOutcome::Failed => {
                     format!("reset failed: {}", r.detail.as_deref().unwrap_or(""))
                 }
+                ResetOutcome::AlreadyReturned => {
+                    format!("not reset: {}", r.detail.as_deref().unwrap_or(""))
+                }
             };
             writeln!(f, "{}  {what} ({} ms)", v.device, r.ms)?;
         }
@@ -172,23 +185,50 @@ impl Host {
         }
     }
 
-    /// Devices on the same bus as `device`, bound to a host driver (not vfio-pci).
-    fn busy_bus_siblings(&self, device: PciAddress) -> Vec<(PciAddress, String)> {
+    /// Devices on the same bus as `device` that a bus reset would take from someone, each
+    /// with why: bound to a host driver, on vfio-pci for an owner other than `owner` (whose
+    /// devices are given back with this one), or on vfio-pci and held open by a process (a VM
+    /// outside this tool). An unreadable proc tree counts as in use (fail closed).
+    fn busy_bus_siblings(
+        &self,
+        state: &JournalState,
+        device: PciAddress,
+        owner: Option<&Owner>,
+    ) -> Vec<(PciAddress, String)> {
         self.sysfs
             .addresses()
             .unwrap_or_default()
             .into_iter()
             .filter(|a| *a != device && a.domain == device.domain && a.bus == device.bus)
             .filter_map(|a| {
-                let d = self.sysfs.driver(a)?;
-                (d != "vfio-pci").then_some((a, d))
+                let driver = self.sysfs.driver(a)?;
+                if driver != "vfio-pci" {
+                    return Some((a, format!("on {driver}")));
+                }
+                if let Some(other) = state.owner_of(a).filter(|o| Some(*o) != owner) {
+                    return Some((a, format!("on vfio-pci for owner {other}")));
+                }
+                let group = self.sysfs.device(a).ok().and_then(|d| d.iommu_group);
+                match self.held_by(&self.vfio_nodes(a, group)) {
+                    Ok(h) if h.is_empty() => None,
+                    Ok(h) => Some((a, format!("on vfio-pci, {}", describe(&h)))),
+                    Err(e) => Some((a, format!("on vfio-pci, and {e}"))),
+                }
             })
             .collect()
     }
 
     /// Have the kernel reset `device` with the first method it offers, leaving out a bus reset
-    /// while another device on the bus is in use by the host.
-    pub(super) fn kernel_reset(&self, device: PciAddress) -> ResetReport {
+    /// while another device on the bus is in use ([`Host::busy_bus_siblings`]; `owner`'s own
+    /// devices do not count). Leaving it out narrows `reset_method` for the reset: the
+    /// original value is journaled before the narrowing is written and put back after the
+    /// reset, or by reconcile after a crash ([`Host::undo_reset_restrictions`]).
+    pub(super) fn kernel_reset(
+        &self,
+        j: &mut LockedJournal,
+        device: PciAddress,
+        owner: Option<&Owner>,
+    ) -> Result<ResetReport, AttachError> {
         let start = Instant::now();
         let dir = self.sysfs.device_dir(device);
         let methods: Vec<String> = std::fs::read_to_string(dir.join("reset_method"))
@@ -204,9 +244,13 @@ impl Host {
         };
         if methods.is_empty() {
             report.ms = ms(start);
-            return report;
+            return Ok(report);
         }
-        let busy = self.busy_bus_siblings(device);
+        let busy = if methods.iter().any(|m| m == "bus") {
+            self.busy_bus_siblings(&j.state, device, owner)
+        } else {
+            Vec::new()
+        };
         let allowed: Vec<String> = methods
             .iter()
             .filter(|m| *m != "bus" || busy.is_empty())
@@ -215,32 +259,49 @@ impl Host {
         if allowed.is_empty() {
             report.outcome = ResetOutcome::Refused;
             report.detail = Some(format!(
-                "only a bus reset is possible, and it would also reset {} in use by the host",
+                "only a bus reset is possible, and it would also reset {} in use",
                 busy.iter()
-                    .map(|(a, d)| format!("{a} (on {d})"))
+                    .map(|(a, why)| format!("{a} ({why})"))
                     .collect::<Vec<_>>()
                     .join(", ")
             ));
             report.ms = ms(start);
-            return report;
+            return Ok(report);
         }
         let restrict = allowed.len() < methods.len();
+        let method_path = dir.join("reset_method");
+        if restrict {
+            j.state.reset_restrictions.retain(|r| r.device != device);
+            j.state.reset_restrictions.push(ResetRestriction {
+                device,
+                original: methods.join(" "),
+            });
+            j.save()?;
+        }
+        let mut put_back = !restrict;
         let result = (|| {
             if restrict {
-                self.write(&dir.join("reset_method"), &allowed.join(" "))?;
+                self.write(&method_path, &allowed.join(" "))?;
+                Failpoint::ResetRestricted.hit();
             }
             let reset = self.write(&dir.join("reset"), "1");
             if restrict {
-                self.write(&dir.join("reset_method"), &methods.join(" "))?;
+                self.write(&method_path, &methods.join(" "))?;
+                put_back = true;
             }
             reset
         })();
+        if restrict && put_back {
+            j.state.reset_restrictions.retain(|r| r.device != device);
+            j.save()?;
+        }
         report.method = allowed.first().cloned();
         match result {
             Ok(()) => report.outcome = ResetOutcome::Done,
             Err(e) => {
                 report.outcome = ResetOutcome::Failed;
-                // The write alone: a failed reset leaves nothing to roll back or reconcile.
+                // The write alone: a failed reset leaves nothing to roll back; a narrowing
+                // not put back stays journaled for reconcile.
                 report.detail = Some(match &e {
                     AttachError::Write {
                         path,
@@ -253,7 +314,42 @@ impl Host {
             }
         }
         report.ms = ms(start);
-        report
+        Ok(report)
+    }
+
+    /// Put back every `reset_method` a crash left narrowed (see [`Host::kernel_reset`]);
+    /// returns one sentence per device it could not put back (kept journaled for the next
+    /// run). Reconcile calls it first.
+    pub(super) fn undo_reset_restrictions(
+        &self,
+        j: &mut LockedJournal,
+    ) -> Result<Vec<String>, AttachError> {
+        if j.state.reset_restrictions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut errors = Vec::new();
+        for r in std::mem::take(&mut j.state.reset_restrictions) {
+            let path = self.sysfs.device_dir(r.device).join("reset_method");
+            let Ok(now) = std::fs::read_to_string(&path) else {
+                continue; // the device is gone: nothing to put back
+            };
+            if now.trim() == r.original {
+                continue;
+            }
+            if let Err(e) = self.write(&path, &r.original) {
+                errors.push(format!(
+                    "putting back reset_method `{}` of {}: {}",
+                    r.original,
+                    r.device,
+                    crate::error_chain(&e)
+                ));
+                j.state.reset_restrictions.push(r);
+            } else {
+                tracing::info!("{}: reset_method put back to `{}`", r.device, r.original);
+            }
+        }
+        j.save()?;
+        Ok(errors)
     }
 
     /// Check `device` now that it is back with the host, expecting it on `expected_driver`.

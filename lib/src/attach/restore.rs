@@ -68,8 +68,12 @@ impl Host {
                 actual: now.unwrap_or_else(|| "no driver".into()),
             });
         }
-        if rec.persistence_disabled {
-            persistence(&a, true);
+        if rec.persistence_disabled
+            && let Some(smi) = &self.nvidia_smi
+            && let Err(e) = persistence(smi, rec.device, true, self.command_timeout)
+        {
+            // The device is back on its driver; only its persistence mode is left off.
+            tracing::warn!("{}", crate::error_chain(&e));
         }
         self.restore_d3cold(rec);
         Ok(RestoredDevice {
