@@ -96,7 +96,10 @@ pub fn problems(
             out.push(Problem::NoVfioNode(node));
         }
     }
-    if quarantine.is_quarantined(rec.parent) {
+    // The parent only on the host's evidence; a VF also on its own tenants' faults.
+    if quarantine.is_quarantined(rec.parent)
+        || rec.vf.is_some_and(|vf| quarantine.is_quarantined(vf))
+    {
         out.push(Problem::Quarantined);
     }
     out

@@ -413,15 +413,116 @@ fn a_vendor_vfio_vf_or_its_pf_is_never_moved_to_vfio_pci() {
 }
 
 #[test]
-fn a_vgpu_owner_is_remembered_on_the_physical_gpu_for_health() {
+fn a_vgpu_owner_is_remembered_with_its_vgpu_not_the_physical_gpu() {
     let h = sysfs::l40s_host();
     attach(&h, "L40S-4Q", 1, "vm-1");
     let j = h.journal().unwrap();
     let last = j["history"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["owner"], "vm-1");
-    assert_eq!(last["gpus"], serde_json::json!(["0000:61:00.0"]), "{last}");
+    assert_eq!(last["gpus"], serde_json::json!([]), "{last}");
+    assert_eq!(
+        last["vgpus"],
+        serde_json::json!([{"parent": "0000:61:00.0", "vf": "0000:61:00.4"}]),
+        "{last}"
+    );
     assert_eq!(j["attachments"][0]["vgpus"][0]["vf"], "0000:61:00.4");
     assert_eq!(j["attachments"][0]["vgpus"][0]["step"], "verified");
+}
+
+/// A console reporting the GPU fallen off the bus (a failure: it needs the host to act).
+fn hostile_console(dir: &std::path::Path, who: &str) -> PathBuf {
+    let console = dir.join(format!("{who}.log"));
+    fs::write(
+        &console,
+        "[  9.0] NVRM: Xid (PCI:0000:00:05): 79, pid=9, GPU has fallen off the bus.\n",
+    )
+    .unwrap();
+    console
+}
+
+/// Two tenants of one GPU each report failures: each fault stays with that tenant's vGPU (its
+/// VF's record), the shared GPU stays in service, and the device plugin keeps serving the
+/// other tenants' vGPUs.
+#[test]
+fn vgpu_faults_are_charged_to_the_vf_never_the_shared_parent() {
+    let h = sysfs::l40s_host();
+    let logs = tempfile::tempdir().unwrap();
+    let parent: gpu_passthrough::pci::PciAddress = "0000:61:00.0".parse().unwrap();
+    // Least loaded first: vm-1 and vm-2 on 61:00.0, vm-3 on 41:00.0, vm-4 on 61:00.0.
+    for who in ["vm-1", "vm-2", "vm-3", "vm-4"] {
+        attach(&h, "L40S-4Q", 1, who);
+    }
+    for (who, vf) in [("vm-1", "0000:61:00.4"), ("vm-2", "0000:61:00.5")] {
+        let report = gpu_passthrough::attach::ingest_console(
+            &h.state,
+            &owner(who),
+            &hostile_console(logs.path(), who),
+        )
+        .unwrap();
+        assert_eq!(report.recorded.len(), 1, "{report:?}");
+        assert_eq!(report.recorded[0].device.to_string(), vf);
+        assert_eq!(report.recorded[0].owner, Some(owner(who)));
+    }
+    let store = HealthStore::new(&h.state);
+    assert_eq!(store.quarantine(parent).unwrap(), None, "the shared GPU");
+    let records = store.records().unwrap();
+    assert!(records.iter().all(|r| r.device != parent), "{records:?}");
+    for (who, vf) in [("vm-1", "0000:61:00.4"), ("vm-2", "0000:61:00.5")] {
+        let r = records
+            .iter()
+            .find(|r| r.device.to_string() == vf)
+            .expect("the VF's record");
+        assert_eq!(r.events.len(), 1);
+        assert_eq!(r.events[0].owner, Some(owner(who)));
+        assert_eq!(r.events[0].fault.xid, Some(79));
+    }
+    // The device plugin: vm-4's vGPU on the same GPU is still healthy.
+    let j = h.host().journal().read().unwrap();
+    let quarantine = gpu_passthrough::health::HealthRecords {
+        state_dir: h.state.clone(),
+    };
+    let third = j
+        .attachments
+        .iter()
+        .find(|a| a.owner == owner("vm-4"))
+        .unwrap();
+    assert_eq!(third.vgpus[0].parent, parent, "a tenant of the same GPU");
+    let problems = gpu_passthrough_device_plugin::vgpu::problems(
+        h.host().sysfs(),
+        &h.dev,
+        &third.vgpus[0],
+        &quarantine,
+    );
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+/// The mdev framework: two tenants' faults are kept on the parent's record marked with each
+/// tenant's mdev, and never count towards the parent's quarantine.
+#[test]
+fn mdev_faults_stay_with_the_mdev_and_never_quarantine_the_parent() {
+    let h = sysfs::vgpu_host();
+    let logs = tempfile::tempdir().unwrap();
+    let parent: gpu_passthrough::pci::PciAddress = "0000:3d:00.0".parse().unwrap();
+    let mut uuids = Vec::new();
+    for who in ["vm-a", "vm-b"] {
+        let spec = attach(&h, "A16-4Q", 1, who);
+        uuids.push(spec.devices[0].mdev_uuid.clone().expect("an mdev"));
+        gpu_passthrough::attach::ingest_console(
+            &h.state,
+            &owner(who),
+            &hostile_console(logs.path(), who),
+        )
+        .unwrap();
+    }
+    let store = HealthStore::new(&h.state);
+    assert_eq!(store.quarantine(parent).unwrap(), None);
+    let records = store.records().unwrap();
+    let events = &records.iter().find(|r| r.device == parent).unwrap().events;
+    assert_eq!(events.len(), 2, "{events:?}");
+    for (e, (who, uuid)) in events.iter().zip(["vm-a", "vm-b"].iter().zip(&uuids)) {
+        assert_eq!(e.owner, Some(owner(who)));
+        assert_eq!(e.mdev.as_ref(), Some(uuid));
+    }
 }
 
 #[test]

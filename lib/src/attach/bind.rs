@@ -70,14 +70,17 @@ impl Host {
                     .map(|d| d.device)
                     .collect();
                 // Kept after detach: faults its VM reports later map to these devices.
+                // vGPUs (`--mdev-type`) are remembered as such: their faults are theirs.
+                let whole = || boot.iter().filter(|b| !b.vgpu);
                 let (passed, gpus) = (
-                    boot.iter().filter_map(|b| b.address).collect(),
-                    boot.iter()
+                    whole().filter_map(|b| b.address).collect(),
+                    whole()
                         .filter(|b| b.gpu)
                         .filter_map(|b| b.address)
                         .collect(),
                 );
                 j.state.remember(&req.owner, passed, gpus);
+                j.state.remember_vgpus(&req.owner, &txn.vgpus);
                 j.state.commit(txn);
                 j.save()?;
                 Failpoint::AfterCommit.hit();

@@ -19,7 +19,7 @@ use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::liveness::ProcessIdentity;
-use crate::health::HeldDevices;
+use crate::health::{HeldDevices, HeldVgpu};
 use crate::outcome::{Classify, Outcome};
 use crate::owner::Owner;
 use crate::pci::PciAddress;
@@ -328,6 +328,7 @@ impl HistoryEntry {
             owner: self.owner.clone(),
             devices: self.devices.clone(),
             gpus: self.gpus.clone(),
+            vgpus: self.vgpus.clone(),
         }
     }
 }
@@ -348,6 +349,9 @@ pub struct HistoryEntry {
     pub since: u64,
     /// Unix time of the detach, once detached.
     pub until: Option<u64>,
+    /// vGPUs handed to its VM (their faults are charged to them, not to the parent GPU).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vgpus: Vec<HeldVgpu>,
 }
 
 fn unix_now() -> u64 {
@@ -404,9 +408,21 @@ impl JournalState {
             gpus,
             since: unix_now(),
             until: None,
+            vgpus: Vec::new(),
         });
         let excess = self.history.len().saturating_sub(HISTORY_KEEP);
         self.history.drain(..excess);
+    }
+
+    /// Add `vgpus` to `owner`'s newest hold (after [`JournalState::remember`]).
+    pub fn remember_vgpus(&mut self, owner: &Owner, vgpus: &[VgpuRecord]) {
+        if let Some(h) = self.history.iter_mut().rev().find(|h| &h.owner == owner) {
+            h.vgpus.extend(vgpus.iter().map(|v| HeldVgpu {
+                parent: v.parent,
+                vf: v.vf,
+                mdev: v.uuid.clone(),
+            }));
+        }
     }
 
     /// Record that `owner` gave its devices back.

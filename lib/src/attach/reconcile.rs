@@ -75,7 +75,6 @@ impl Host {
                     .iter()
                     .filter(|d| d.passed)
                     .map(|d| d.device)
-                    .chain(txn.vgpus.iter().map(|v| v.parent))
                     .collect();
                 let gpus = passed
                     .iter()
@@ -87,6 +86,7 @@ impl Host {
                     })
                     .collect();
                 j.state.remember(&txn.owner, passed, gpus);
+                j.state.remember_vgpus(&txn.owner, &txn.vgpus);
                 j.state.commit(txn);
             } else {
                 match self.roll_back(&txn) {

@@ -191,9 +191,9 @@ impl Host {
         match self.create_vgpus(&mut j, t) {
             Ok(boot) => {
                 let txn = j.state.transactions.remove(t);
-                // Faults its VM reports later are about the physical GPUs: map them there.
-                let gpus: Vec<PciAddress> = txn.vgpus.iter().map(|v| v.parent).collect();
-                j.state.remember(&req.owner, gpus.clone(), gpus);
+                // Faults its VM reports later are its vGPUs', never the shared parents'.
+                j.state.remember(&req.owner, Vec::new(), Vec::new());
+                j.state.remember_vgpus(&req.owner, &txn.vgpus);
                 j.state.commit(txn);
                 j.save()?;
                 Failpoint::VgpuAfterCommit.hit();

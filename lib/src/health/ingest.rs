@@ -20,6 +20,41 @@ pub struct HeldDevices {
     pub devices: Vec<PciAddress>,
     /// Which of them are GPUs (display controllers).
     pub gpus: Vec<PciAddress>,
+    /// vGPUs handed to its VM: a fault its guest reports is charged to the vGPU, never to
+    /// the parent GPU that serves other tenants too.
+    #[serde(default)]
+    pub vgpus: Vec<HeldVgpu>,
+}
+
+/// A vGPU an owner's VM had: a VF with a vGPU type (vendor VFIO), or an mdev.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldVgpu {
+    /// The physical GPU it is on.
+    pub parent: PciAddress,
+    /// Its VF (vendor VFIO): faults go to the VF's own record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vf: Option<PciAddress>,
+    /// Its mdev UUID (mdev): faults go to the parent's record marked with it, and never count
+    /// towards the parent's quarantine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdev: Option<String>,
+}
+
+/// Where a fault is charged: a device's own record, or an mdev on its parent's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Charge {
+    Device(PciAddress),
+    Mdev(PciAddress, String),
+}
+
+impl HeldVgpu {
+    fn charge(&self) -> Option<Charge> {
+        match (&self.vf, &self.mdev) {
+            (Some(vf), _) => Some(Charge::Device(*vf)),
+            (None, Some(uuid)) => Some(Charge::Mdev(self.parent, uuid.clone())),
+            (None, None) => None,
+        }
+    }
 }
 
 /// What `ingest` did.
@@ -61,24 +96,32 @@ impl std::fmt::Display for IngestReport {
     }
 }
 
-/// Which held devices a fault is about. The guest names its own PCI addresses, which need not be
-/// the host's: an address that is one of the held devices is taken as it is; otherwise the fault
-/// is about the VM's GPU if it had one, and about all of its GPUs if it had several (a device that
-/// cannot be ruled out is suspect).
-fn devices_for(fault: &Fault, devices: &[PciAddress], gpus: &[PciAddress]) -> Vec<PciAddress> {
+/// Which held devices (or vGPUs) a fault is about. The guest names its own PCI addresses, which
+/// need not be the host's: an address that is one of the held devices (or vGPU VFs) is taken as
+/// it is; otherwise the fault is about the VM's GPU or vGPU if it had one, and about all of them
+/// if it had several (one that cannot be ruled out is suspect). A vGPU's parent is never
+/// charged: it serves other tenants, and only the host's own evidence can take it out.
+fn charges_for(fault: &Fault, held: &HeldDevices) -> Vec<Charge> {
+    let vfs = held.vgpus.iter().filter_map(|v| v.vf);
     if let Some(a) = fault
         .address
         .as_deref()
         .and_then(|a| a.parse::<PciAddress>().ok())
-        .filter(|a| devices.contains(a))
+        .filter(|a| held.devices.contains(a) || vfs.clone().any(|vf| vf == *a))
     {
-        return vec![a];
+        return vec![Charge::Device(a)];
     }
+    let gpus: Vec<Charge> = held
+        .gpus
+        .iter()
+        .map(|g| Charge::Device(*g))
+        .chain(held.vgpus.iter().filter_map(HeldVgpu::charge))
+        .collect();
     if !gpus.is_empty() {
-        return gpus.to_vec();
+        return gpus;
     }
-    if devices.len() == 1 {
-        return devices.to_vec();
+    if held.devices.len() == 1 {
+        return vec![Charge::Device(held.devices[0])];
     }
     Vec::new()
 }
@@ -98,16 +141,24 @@ pub fn ingest(
         .iter()
         .filter(|f| f.action.needs_host())
         .flat_map(|f| {
-            devices_for(f, &held.devices, &held.gpus)
-                .into_iter()
-                .map(|d| HealthEvent::now(d, Some(owner.clone()), EventSource::Console, f.clone()))
+            charges_for(f, held).into_iter().map(|c| {
+                let (device, mdev) = match c {
+                    Charge::Device(d) => (d, None),
+                    Charge::Mdev(parent, uuid) => (parent, Some(uuid)),
+                };
+                let mut e =
+                    HealthEvent::now(device, Some(owner.clone()), EventSource::Console, f.clone());
+                e.mdev = mdev;
+                e
+            })
         })
         .collect();
     let store = HealthStore::new(state_dir);
     let recorded = store.record(&events)?;
     let mut quarantined = Vec::new();
-    for d in &held.devices {
-        if let Some(q) = store.quarantine(*d)? {
+    let vfs = held.vgpus.iter().filter_map(|v| v.vf);
+    for d in held.devices.iter().copied().chain(vfs) {
+        if let Some(q) = store.quarantine(d)? {
             quarantined.push(q);
         }
     }

@@ -27,7 +27,7 @@ pub use gpu_passthrough_guest_contract::xid::{
     Action, Classifier, Fault, FaultKind, MAX_DISTINCT, MAX_LINE, MAX_MESSAGE, ScanReport,
     ScanStats, Scanner, SeenFault, XID_PREFIX, classify_line, host_view, xid_action,
 };
-pub use ingest::{HeldDevices, IngestReport, ingest};
+pub use ingest::{HeldDevices, HeldVgpu, IngestReport, ingest};
 pub use store::{
     ClearReport, DeviceHealth, EventSource, EventTally, HEALTH_FILE, HealthEvent, HealthFile,
     HealthStore, MAX_EVENTS_PER_DEVICE, Policy, Quarantine,

@@ -57,6 +57,10 @@ pub struct HealthEvent {
     pub source: EventSource,
     /// The fault (its `address` is as the log named it, e.g. the guest's PCI address).
     pub fault: Fault,
+    /// The mdev (its UUID) on `device` the fault is charged to: a vGPU tenant's fault stays
+    /// with its vGPU and never counts towards the shared parent's quarantine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdev: Option<String>,
 }
 
 impl HealthEvent {
@@ -75,18 +79,34 @@ impl HealthEvent {
                 .map_or(0, |d| d.as_secs()),
             source,
             fault,
+            mdev: None,
         }
     }
 
-    /// A failure event: one that needs the host to act (counts towards quarantine).
+    /// A failure event: one that needs the host to act.
     pub fn is_failure(&self) -> bool {
         self.fault.action.needs_host()
     }
 
+    /// Whether it counts towards `device`'s quarantine: a failure about the device itself, not
+    /// one charged to an mdev on it (see [`HealthEvent::mdev`]).
+    pub fn counts_for_quarantine(&self) -> bool {
+        self.is_failure() && self.mdev.is_none()
+    }
+
     /// What makes two events the same (their time aside): one is recorded, not both.
-    fn identity(&self) -> (PciAddress, Option<Owner>, EventSource, Fault) {
+    fn identity(
+        &self,
+    ) -> (
+        PciAddress,
+        Option<String>,
+        Option<Owner>,
+        EventSource,
+        Fault,
+    ) {
         (
             self.device,
+            self.mdev.clone(),
             self.owner.clone(),
             self.source,
             self.fault.clone(),
@@ -115,7 +135,11 @@ impl std::fmt::Display for HealthEvent {
             .owner
             .as_ref()
             .map_or("-".to_owned(), |o| o.to_string());
-        write!(f, "{} owner {owner}  {}", self.at, self.fault)
+        write!(f, "{} owner {owner}  {}", self.at, self.fault)?;
+        match &self.mdev {
+            Some(uuid) => write!(f, "  (mdev {uuid}: not the GPU's)"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -172,7 +196,7 @@ impl EventTally {
         self.owner == e.owner
             && self.source == e.source
             && self.kind == e.fault.kind
-            && self.failure == e.is_failure()
+            && self.failure == e.counts_for_quarantine()
     }
 
     fn describe(&self) -> String {
@@ -209,7 +233,7 @@ fn tally(tallies: &mut Vec<EventTally>, events: impl IntoIterator<Item = HealthE
                 t.last_at = t.last_at.max(e.at);
             }
             None => tallies.push(EventTally {
-                failure: e.is_failure(),
+                failure: e.counts_for_quarantine(),
                 owner: e.owner,
                 source: e.source,
                 kind: e.fault.kind,
@@ -394,8 +418,11 @@ impl HealthStore {
     fn judge(&self, device: PciAddress, file: &HealthFile) -> Option<Quarantine> {
         let events = file.devices.get(&device).map_or(&[][..], Vec::as_slice);
         let older = file.older.get(&device).map_or(&[][..], Vec::as_slice);
-        let failures: Vec<HealthEvent> =
-            events.iter().filter(|e| e.is_failure()).cloned().collect();
+        let failures: Vec<HealthEvent> = events
+            .iter()
+            .filter(|e| e.counts_for_quarantine())
+            .cloned()
+            .collect();
         let older: Vec<EventTally> = older.iter().filter(|t| t.failure).cloned().collect();
         let owners: BTreeSet<Option<Owner>> = failures
             .iter()
