@@ -304,6 +304,9 @@ fn a_reset_whose_device_does_not_verify_failed_verification() {
             driver: Some("nvidia".into()),
             problems: Vec::new(),
             ms: 1,
+            bar0: None,
+            link_width: None,
+            aer: None,
         },
         events: Vec::new(),
     };

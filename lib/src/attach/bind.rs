@@ -44,6 +44,7 @@ impl Host {
                     persistence_disabled: false,
                     original_d3cold: None,
                     step: Step::Planned,
+                    baseline: p.passed.then(|| self.host_baseline(p.address)),
                 })
                 .collect(),
             vgpus: plan

@@ -70,6 +70,8 @@ impl Host {
             // placement and detach can be rerun.
             if let Some(check) = &mut restored.health {
                 check.events = self.record_health(&events)?;
+                // A device the guests blamed is decided here, by this check.
+                self.settle_suspect(rec.device, &check.verify)?;
             }
             report.restored.push(restored);
             j.state.attachments[i]
@@ -124,7 +126,11 @@ impl Host {
             Some(self.kernel_reset(j, rec.device, Some(owner))?)
         };
         let mut restored = self.restore(rec)?;
-        let verify = self.verify_device(rec.device, rec.original_driver.as_deref());
+        let verify = self.check_device_against(
+            rec.device,
+            rec.original_driver.as_deref(),
+            rec.baseline.as_ref(),
+        );
         let events = Self::events_for(Some(owner), EventSource::Detach, reset.as_ref(), &verify);
         restored.health = Some(HealthCheck {
             reset,

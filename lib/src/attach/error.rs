@@ -157,6 +157,14 @@ pub enum AttachError {
         /// Why.
         reason: String,
     },
+    /// A host check that must not be done now.
+    #[error("not checking {device}: {reason}")]
+    CheckRefused {
+        /// The device.
+        device: PciAddress,
+        /// Why.
+        reason: String,
+    },
     /// A program the library runs for a device (`nvidia-smi`) did not finish in time: it was
     /// killed. A GPU that wedges its driver (Xid 79, fallen off the bus) hangs such programs.
     #[error(
@@ -277,6 +285,7 @@ impl Classify for AttachError {
             | AttachError::DeviceHeld { .. }
             | AttachError::ProcUnreadable { .. }
             | AttachError::ResetRefused { .. }
+            | AttachError::CheckRefused { .. }
             | AttachError::VgpuHeld { .. }
             | AttachError::HoldersUnknown { .. } => Outcome::Refused,
             AttachError::Write { .. }
@@ -310,6 +319,7 @@ impl Classify for AttachError {
             | AttachError::DeviceHeld { .. }
             | AttachError::ProcUnreadable { .. }
             | AttachError::ResetRefused { .. }
+            | AttachError::CheckRefused { .. }
             | AttachError::VgpuHeld { .. }
             | AttachError::HoldersUnknown { .. }
             | AttachError::Write { .. }

@@ -5,9 +5,15 @@ use std::path::Path;
 
 use super::guard::describe;
 use super::journal::Journal;
-use super::reset::{HealthCheck, ResetOutcome, ResetReport};
+use serde::{Deserialize, Serialize};
+
+use super::reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 use super::{AttachError, Host};
-use crate::health::{EventSource, HealthError, HealthEvent, HealthStore, IngestReport};
+use crate::health::{
+    Action, EventSource, Fault, FaultKind, HealthError, HealthEvent, HealthStore, HostCheckRecord,
+    IngestReport, Quarantine,
+};
+use crate::outcome::{Outcome, ReportOutcome};
 use crate::owner::Owner;
 use crate::pci::PciAddress;
 
@@ -27,7 +33,121 @@ pub fn ingest_console(
     Ok(crate::health::ingest(state_dir, &held, console)?)
 }
 
+/// The host's own check of a device on demand ([`Host::check_device`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCheck {
+    /// What was checked and read.
+    pub verify: Verification,
+    /// The guests had made it suspect before the check.
+    pub was_suspect: bool,
+    /// Its standing afterwards: `None` in service; a quarantine when the check failed (or the
+    /// host's own earlier evidence already quarantined it).
+    pub quarantine: Option<Quarantine>,
+}
+
+/// A failed check failed verification.
+impl ReportOutcome for DeviceCheck {
+    fn outcome(&self) -> Option<Outcome> {
+        (!self.verify.ok).then_some(Outcome::VerificationFailed)
+    }
+}
+
+/// The verification line, then the verdict.
+impl std::fmt::Display for DeviceCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = &self.verify;
+        let readings = v.readings().join(" ");
+        if v.ok {
+            writeln!(f, "{}  host check passed: {readings}", v.device)?;
+        } else {
+            writeln!(
+                f,
+                "{}  HOST CHECK FAILED: {} ({readings})",
+                v.device,
+                v.problems.join("; ")
+            )?;
+        }
+        match (&self.quarantine, self.was_suspect) {
+            (Some(q), _) => writeln!(f, "{}", q.summary()),
+            (None, true) => writeln!(f, "{}  suspect, checked: back in service", v.device),
+            (None, false) => writeln!(f, "{}  in service", v.device),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl Host {
+    /// The host's own check of `device` on demand (config space, BAR0 through `resource0`,
+    /// link width; no reset), recorded in its health record: a device the guests made suspect
+    /// goes back to service if it passes, and a failure quarantines it. Refused while the
+    /// device is attached (its VM has it: detach checks it).
+    pub fn check_device(&self, device: PciAddress) -> Result<DeviceCheck, AttachError> {
+        let j = self.journal.lock()?;
+        if let Some(owner) = j.state.owner_of(device) {
+            return Err(AttachError::CheckRefused {
+                device,
+                reason: format!(
+                    "it is attached to owner {owner}; detach checks it (or detach it first)"
+                ),
+            });
+        }
+        let driver = self.sysfs.device(device)?.driver;
+        let verify = self.check_device_against(device, driver.as_deref(), None);
+        let was_suspect = HealthStore::new(self.journal.dir())
+            .quarantine(device)?
+            .is_some_and(|q| q.suspect);
+        let quarantine = self.record_host_check(&verify, was_suspect)?;
+        drop(j);
+        Ok(DeviceCheck {
+            verify,
+            was_suspect,
+            quarantine,
+        })
+    }
+
+    /// After the check at detach: a suspect device is decided by it (see
+    /// [`Host::check_device`]); any other is left to the owners policy.
+    pub(super) fn settle_suspect(
+        &self,
+        device: PciAddress,
+        verify: &Verification,
+    ) -> Result<(), AttachError> {
+        let suspect = HealthStore::new(self.journal.dir())
+            .quarantine(device)?
+            .is_some_and(|q| q.suspect);
+        if suspect {
+            self.record_host_check(verify, true)?;
+        }
+        Ok(())
+    }
+
+    fn record_host_check(
+        &self,
+        verify: &Verification,
+        was_suspect: bool,
+    ) -> Result<Option<Quarantine>, AttachError> {
+        let record = HostCheckRecord {
+            at: unix_now(),
+            passed: verify.ok,
+            was_suspect,
+            readings: verify.readings(),
+            problems: verify.problems.clone(),
+        };
+        let failure = (!verify.ok).then(|| Fault {
+            address: Some(verify.device.to_string()),
+            kind: FaultKind::VerifyFailed,
+            xid: None,
+            message: verify.problems.join("; "),
+            action: Action::ResetGpu,
+        });
+        Ok(HealthStore::new(self.journal.dir()).record_check(verify.device, &record, failure)?)
+    }
+
     /// Record `events` in the health records; returns what was recorded.
     pub(super) fn record_health(
         &self,

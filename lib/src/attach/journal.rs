@@ -120,6 +120,22 @@ pub struct DeviceRecord {
     pub original_d3cold: Option<String>,
     /// The last step begun.
     pub step: Step,
+    /// What the host read of the device at attach (a device handed to the VM), compared by
+    /// the check at detach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<HostBaseline>,
+}
+
+/// A device's AER error counters and link width, read by the host at attach: the check at
+/// detach fails when the counters moved or the link came back narrower.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostBaseline {
+    /// `TOTAL_ERR_FATAL` of `aer_dev_fatal`.
+    pub aer_fatal: Option<u64>,
+    /// `TOTAL_ERR_NONFATAL` of `aer_dev_nonfatal`.
+    pub aer_nonfatal: Option<u64>,
+    /// `current_link_width`.
+    pub link_width: Option<u32>,
 }
 
 /// An mdev as releases before mdevs became [`VgpuRecord`]s recorded it (`attach --mdev-type`,

@@ -69,7 +69,7 @@ pub use detach::DetachReport;
 pub use devices::{DeviceListing, DeviceReport};
 pub use doctor::{Check, CheckStatus, DoctorReport};
 pub use error::{Aftermath, AttachError};
-pub use health_record::ingest_console;
+pub use health_record::{DeviceCheck, ingest_console};
 pub use journal::{Journal, JournalError, JournalState};
 pub use liveness::{PidLiveness, ProcessIdentity, process_identity};
 pub use plan::{Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};

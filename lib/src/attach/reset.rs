@@ -17,12 +17,13 @@
 //! reset or check becomes health events of the owner ([`crate::health`]), returned to the
 //! caller, which records them (`health_record.rs`).
 
+use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use super::guard::describe;
-use super::journal::{DeviceRecord, JournalState, LockedJournal, ResetRestriction};
+use super::journal::{DeviceRecord, HostBaseline, JournalState, LockedJournal, ResetRestriction};
 use super::{AttachError, Host};
 use crate::failpoint::Failpoint;
 use crate::health::{Action, EventSource, Fault, FaultKind, HealthEvent};
@@ -83,6 +84,90 @@ pub struct Verification {
     pub problems: Vec<String>,
     /// How long it took.
     pub ms: u64,
+    /// BAR0's first register read through sysfs `resource0` (an NVIDIA GPU's `PMC_BOOT_0`,
+    /// its chip identity): all-ones is a device fallen off the bus. `None`: not read (no
+    /// `resource0`, memory decoding off, or not mappable here).
+    #[serde(default)]
+    pub bar0: Option<u32>,
+    /// Link width now and at most (`current_link_width`, `max_link_width`).
+    #[serde(default)]
+    pub link_width: Option<(u32, u32)>,
+    /// AER counters now (`TOTAL_ERR_FATAL`, `TOTAL_ERR_NONFATAL`).
+    #[serde(default)]
+    pub aer: Option<(u64, u64)>,
+}
+
+impl Verification {
+    /// What was read, one `name=value` each, for the health record.
+    pub fn readings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let (Some(v), Some(d)) = (self.vendor_id, self.device_id) {
+            out.push(format!("id={v:04x}:{d:04x}"));
+        }
+        if let Some(b) = self.bar0 {
+            out.push(format!("bar0={b:#010x}"));
+        }
+        if let Some((now, max)) = self.link_width {
+            out.push(format!("link=x{now}/x{max}"));
+        }
+        if let Some((f, n)) = self.aer {
+            out.push(format!("aer_fatal={f} aer_nonfatal={n}"));
+        }
+        out
+    }
+}
+
+/// The `TOTAL_ERR_*` line of an AER counter file (`aer_dev_fatal`, `aer_dev_nonfatal`).
+fn aer_total(dir: &Path, name: &str) -> Option<u64> {
+    std::fs::read_to_string(dir.join(name))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("TOTAL_ERR_")?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+}
+
+fn read_u32(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The first 32-bit register of BAR0, through sysfs `resource0`. A memory BAR's `resourceN`
+/// only supports mmap (read(2) is for I/O BARs), so it is mapped, one page, read-only.
+#[allow(unsafe_code)]
+fn bar0_register(dir: &Path) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    // Memory decoding off (a device on no driver, or on vfio-pci unopened): reads would be
+    // all-ones without saying anything about the device.
+    if std::fs::read_to_string(dir.join("enable")).is_ok_and(|e| e.trim() == "0") {
+        return None;
+    }
+    let file = std::fs::File::open(dir.join("resource0")).ok()?;
+    if file.metadata().ok()?.len() < 4 {
+        return None;
+    }
+    // SAFETY: a fresh read-only shared mapping of one page of an open file, not aliased by
+    // any Rust reference; it is read once (volatile: it is device memory) and unmapped before
+    // the file is closed.
+    unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        if page == libc::MAP_FAILED {
+            return None;
+        }
+        let value = std::ptr::read_volatile(page.cast::<u32>());
+        libc::munmap(page, 4096);
+        Some(u32::from_le(value))
+    }
 }
 
 /// Reset and verification of one device at detach (or on demand).
@@ -352,8 +437,29 @@ impl Host {
         Ok(errors)
     }
 
+    /// What the host reads of `device` at attach, for the check at detach.
+    pub(super) fn host_baseline(&self, device: PciAddress) -> HostBaseline {
+        let dir = self.sysfs.device_dir(device);
+        HostBaseline {
+            aer_fatal: aer_total(&dir, "aer_dev_fatal"),
+            aer_nonfatal: aer_total(&dir, "aer_dev_nonfatal"),
+            link_width: read_u32(&dir.join("current_link_width")),
+        }
+    }
+
     /// Check `device` now that it is back with the host, expecting it on `expected_driver`.
     pub fn verify_device(&self, device: PciAddress, expected_driver: Option<&str>) -> Verification {
+        self.check_device_against(device, expected_driver, None)
+    }
+
+    /// The host's own check of `device`: [`Host::verify_device`], and with `baseline` (read at
+    /// attach) also the AER counters unchanged and the link no narrower than then.
+    pub(super) fn check_device_against(
+        &self,
+        device: PciAddress,
+        expected_driver: Option<&str>,
+        baseline: Option<&HostBaseline>,
+    ) -> Verification {
         let start = Instant::now();
         let dir = self.sysfs.device_dir(device);
         let mut problems = Vec::new();
@@ -410,6 +516,43 @@ impl Host {
                 ));
             }
         }
+        let bar0 = bar0_register(&dir);
+        if bar0 == Some(u32::MAX) {
+            problems.push(
+                "BAR0's first register reads all-ones through resource0: the device does not answer (fallen off the bus)".to_owned(),
+            );
+        }
+        let link_width =
+            read_u32(&dir.join("current_link_width")).zip(read_u32(&dir.join("max_link_width")));
+        // Speed is not judged: GPUs lower it themselves when idle. Width they keep.
+        if let Some((now, max)) = link_width {
+            let before = baseline.and_then(|b| b.link_width);
+            if now < max && before.is_none_or(|b| now < b) {
+                problems.push(format!(
+                    "the link trained to x{now} of x{max}{}",
+                    before.map_or(String::new(), |b| format!(" (x{b} at attach)"))
+                ));
+            }
+        }
+        let (fatal, nonfatal) = (
+            aer_total(&dir, "aer_dev_fatal"),
+            aer_total(&dir, "aer_dev_nonfatal"),
+        );
+        if let Some(b) = baseline {
+            for (what, then, now) in [
+                ("fatal", b.aer_fatal, fatal),
+                ("non-fatal", b.aer_nonfatal, nonfatal),
+            ] {
+                if let (Some(then), Some(now)) = (then, now)
+                    && now > then
+                {
+                    problems.push(format!(
+                        "{} {what} AER errors during the attachment ({then} at attach, {now} now)",
+                        now - then
+                    ));
+                }
+            }
+        }
         Verification {
             device,
             ok: problems.is_empty(),
@@ -418,6 +561,9 @@ impl Host {
             driver,
             problems,
             ms: ms(start),
+            bar0,
+            link_width,
+            aer: fatal.zip(nonfatal),
         }
     }
 

@@ -30,7 +30,7 @@ pub use gpu_passthrough_guest_contract::xid::{
 pub use ingest::{HeldDevices, HeldVgpu, IngestReport, ingest};
 pub use store::{
     ClearReport, DeviceHealth, EventSource, EventTally, HEALTH_FILE, HealthEvent, HealthFile,
-    HealthStore, MAX_EVENTS_PER_DEVICE, Policy, Quarantine,
+    HealthStore, HostCheckRecord, MAX_EVENTS_PER_DEVICE, Policy, Quarantine,
 };
 
 use crate::outcome::{Classify, Outcome};

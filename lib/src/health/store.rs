@@ -42,6 +42,9 @@ pub enum EventSource {
     Detach,
     /// An on-demand reset.
     Reset,
+    /// The host's own check of a suspect device ([`HostCheckRecord`]): its failure
+    /// quarantines at once.
+    Check,
 }
 
 /// One recorded event.
@@ -61,6 +64,10 @@ pub struct HealthEvent {
     /// with its vGPU and never counts towards the shared parent's quarantine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mdev: Option<String>,
+    /// For a guest's (console) failure: Unix time of the host check that passed after it.
+    /// Checked and found wanting, it no longer makes the device suspect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked: Option<u64>,
 }
 
 impl HealthEvent {
@@ -80,6 +87,7 @@ impl HealthEvent {
             source,
             fault,
             mdev: None,
+            checked: None,
         }
     }
 
@@ -91,7 +99,7 @@ impl HealthEvent {
     /// Whether it counts towards `device`'s quarantine: a failure about the device itself, not
     /// one charged to an mdev on it (see [`HealthEvent::mdev`]).
     pub fn counts_for_quarantine(&self) -> bool {
-        self.is_failure() && self.mdev.is_none()
+        self.is_failure() && self.mdev.is_none() && self.checked.is_none()
     }
 
     /// What makes two events the same (their time aside): one is recorded, not both.
@@ -170,6 +178,25 @@ pub struct HealthFile {
     /// Per device, the events no longer kept, as counts.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub older: BTreeMap<PciAddress, Vec<EventTally>>,
+    /// Per device, the newest check the host made of it itself.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<PciAddress, HostCheckRecord>,
+}
+
+/// The host's own check of a device (config space, BAR0, link, AER; see `attach`'s
+/// verification): what decides whether a device the guests blamed is quarantined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCheckRecord {
+    /// Unix time of the check.
+    pub at: u64,
+    /// Every check passed.
+    pub passed: bool,
+    /// The device was suspect (guest-reported failures) when checked.
+    pub was_suspect: bool,
+    /// What was read: one `name=value` a reading (`bar0=0x...`, `link=x16/x16`, ...).
+    pub readings: Vec<String>,
+    /// What failed, one sentence each.
+    pub problems: Vec<String>,
 }
 
 /// Events of one device no longer kept one by one: how many, of whom, of what kind, when.
@@ -273,13 +300,27 @@ pub struct Quarantine {
     /// Earlier failure events, as counts.
     #[serde(default)]
     pub older: Vec<EventTally>,
+    /// Only guests reported the failures: held out of service until the host checks it
+    /// itself (at the next detach, or on demand); that check returns it or quarantines it.
+    #[serde(default)]
+    pub suspect: bool,
 }
 
 impl Quarantine {
     /// One sentence naming the events, for refusals.
     pub fn summary(&self) -> String {
+        let what = if self.suspect {
+            "is suspect (out of service, not quarantined) after guest-reported failures"
+        } else {
+            "is quarantined after failure events"
+        };
+        let fix = if self.suspect {
+            "the host's own check (the next detach, or on demand) returns it to service or quarantines it"
+        } else {
+            "repair it, then clear its health record"
+        };
         format!(
-            "{} is quarantined after failure events from {} owners: {}; repair it, then clear its health record",
+            "{} {what} from {} owners: {}; {fix}",
             self.device,
             self.owners.len(),
             self.older
@@ -287,7 +328,7 @@ impl Quarantine {
                 .map(EventTally::describe)
                 .chain(self.events.iter().map(HealthEvent::describe))
                 .collect::<Vec<_>>()
-                .join("; ")
+                .join("; "),
         )
     }
 }
@@ -302,8 +343,11 @@ pub struct DeviceHealth {
     /// Its events no longer kept, as counts.
     #[serde(default)]
     pub older: Vec<EventTally>,
-    /// Set when it is quarantined.
+    /// Set when it is quarantined (or suspect).
     pub quarantine: Option<Quarantine>,
+    /// The newest check the host made of it itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<HostCheckRecord>,
 }
 
 /// What `clear` removed.
@@ -415,25 +459,75 @@ impl HealthStore {
         Ok(self.judge(device, &file))
     }
 
+    /// The host's own evidence (detach and reset checks: the owners policy; a failed host
+    /// check: at once) quarantines; guests' failures alone (console events not checked since)
+    /// only make the device suspect.
     fn judge(&self, device: PciAddress, file: &HealthFile) -> Option<Quarantine> {
         let events = file.devices.get(&device).map_or(&[][..], Vec::as_slice);
         let older = file.older.get(&device).map_or(&[][..], Vec::as_slice);
-        let failures: Vec<HealthEvent> = events
-            .iter()
-            .filter(|e| e.counts_for_quarantine())
-            .cloned()
-            .collect();
-        let older: Vec<EventTally> = older.iter().filter(|t| t.failure).cloned().collect();
-        let owners: BTreeSet<Option<Owner>> = failures
-            .iter()
-            .map(|e| e.owner.clone())
-            .chain(older.iter().map(|t| t.owner.clone()))
-            .collect();
-        (owners.len() >= self.policy.quarantine_after.max(1)).then(|| Quarantine {
-            device,
-            owners: owners.into_iter().collect(),
-            events: failures,
-            older,
+        let verdict = |guest: bool| {
+            let failures: Vec<HealthEvent> = events
+                .iter()
+                .filter(|e| {
+                    e.counts_for_quarantine() && (e.source == EventSource::Console) == guest
+                })
+                .cloned()
+                .collect();
+            let older: Vec<EventTally> = older
+                .iter()
+                .filter(|t| t.failure && (t.source == EventSource::Console) == guest)
+                .cloned()
+                .collect();
+            let owners: BTreeSet<Option<Owner>> = failures
+                .iter()
+                .map(|e| e.owner.clone())
+                .chain(older.iter().map(|t| t.owner.clone()))
+                .collect();
+            let failed_check = failures.iter().any(|e| e.source == EventSource::Check)
+                || older.iter().any(|t| t.source == EventSource::Check);
+            (failed_check || owners.len() >= self.policy.quarantine_after.max(1)).then(|| {
+                Quarantine {
+                    device,
+                    owners: owners.into_iter().collect(),
+                    events: failures,
+                    older,
+                    suspect: guest,
+                }
+            })
+        };
+        verdict(false).or_else(|| verdict(true))
+    }
+
+    /// Record the host's own check of `device`. A pass clears the guests' failures recorded
+    /// so far (kept, marked checked: the evidence stays) and so returns a suspect device to
+    /// service; a failure is a [`EventSource::Check`] event, which quarantines it. Returns the
+    /// device's standing afterwards.
+    pub fn record_check(
+        &self,
+        device: PciAddress,
+        check: &HostCheckRecord,
+        failure: Option<Fault>,
+    ) -> Result<Option<Quarantine>, HealthError> {
+        if let Some(fault) = failure {
+            let mut e = HealthEvent::now(device, None, EventSource::Check, fault);
+            e.at = check.at;
+            self.record(&[e])?;
+        }
+        self.change(|file| {
+            if check.passed {
+                for e in file.devices.get_mut(&device).into_iter().flatten() {
+                    if e.source == EventSource::Console && e.is_failure() {
+                        e.checked.get_or_insert(check.at);
+                    }
+                }
+                for t in file.older.get_mut(&device).into_iter().flatten() {
+                    if t.source == EventSource::Console {
+                        t.failure = false;
+                    }
+                }
+            }
+            file.checks.insert(device, check.clone());
+            self.judge(device, file)
         })
     }
 
@@ -444,12 +538,14 @@ impl HealthStore {
             .devices
             .keys()
             .chain(file.older.keys())
+            .chain(file.checks.keys())
             .copied()
             .collect();
         Ok(devices
             .into_iter()
             .map(|device| DeviceHealth {
                 device,
+                last_check: file.checks.get(&device).cloned(),
                 quarantine: self.judge(device, &file),
                 events: file.devices.get(&device).cloned().unwrap_or_default(),
                 older: file.older.get(&device).cloned().unwrap_or_default(),
@@ -502,6 +598,7 @@ impl HealthStore {
             let was_quarantined = self.judge(device, file).is_some();
             let events = file.devices.remove(&device).unwrap_or_default();
             let older = file.older.remove(&device).unwrap_or_default();
+            file.checks.remove(&device);
             ClearReport {
                 device,
                 removed: events.len() + older.iter().map(|t| t.count as usize).sum::<usize>(),
