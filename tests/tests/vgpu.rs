@@ -496,6 +496,34 @@ fn vgpu_faults_are_charged_to_the_vf_never_the_shared_parent() {
     assert!(problems.is_empty(), "{problems:?}");
 }
 
+/// A VF two tenants blamed is out of service (suspect) and skipped; its GPU's other VFs are
+/// handed out.
+#[test]
+fn a_vf_its_tenants_blamed_is_skipped_not_its_gpu() {
+    let h = sysfs::l40s_host();
+    let logs = tempfile::tempdir().unwrap();
+    for who in ["vm-1", "vm-2"] {
+        let spec = attach(&h, "L40S-24Q", 1, who);
+        assert_eq!(
+            spec.devices[0].address.map(|a| a.to_string()).as_deref(),
+            Some("0000:61:00.4")
+        );
+        h.host().detach(&owner(who)).unwrap();
+        gpu_passthrough::attach::ingest_console(
+            &h.state,
+            &owner(who),
+            &hostile_console(logs.path(), who),
+        )
+        .unwrap();
+    }
+    let spec = attach(&h, "L40S-24Q", 1, "vm-3");
+    assert_eq!(
+        spec.devices[0].address.map(|a| a.to_string()).as_deref(),
+        Some("0000:61:00.5"),
+        "the blamed VF is skipped, its GPU still serves"
+    );
+}
+
 /// The mdev framework: two tenants' faults are kept on the parent's record marked with each
 /// tenant's mdev, and never count towards the parent's quarantine.
 #[test]

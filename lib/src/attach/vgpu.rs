@@ -101,6 +101,8 @@ impl Host {
                             read_trim(&dir.join("current_vgpu_type")).as_deref() == Some("0")
                                 && j.state.owner_of(*vf).is_none()
                                 && !out.iter().any(|r| r.vf == Some(*vf))
+                                // Its own tenants' faults take a VF (not its GPU) out.
+                                && !self.quarantine.is_quarantined(*vf)
                                 && fs::read_to_string(dir.join("creatable_vgpu_types")).is_ok_and(
                                     |t| {
                                         vgpu::parse_creatable_types(&t)
