@@ -288,9 +288,17 @@ fn a_hung_nvidia_smi_is_killed_and_fails_the_attach_naming_the_device() {
     assert_eq!(h.driver(GPU).as_deref(), Some("nvidia"), "rolled back");
     assert!(h.journal_clean());
 
-    // A working nvidia-smi: persistence off at attach, back on at detach, for that GPU only.
+    // A working nvidia-smi: persistence off at attach, back on at detach, for that GPU only;
+    // back on after detach let go of the journal lock (it notes whether the lock is free).
     let log = tools.path().join("calls");
-    let smi = fake_smi(tools.path(), &format!("echo \"$@\" >> {}", log.display()));
+    let smi = fake_smi(
+        tools.path(),
+        &format!(
+            "echo \"$@\" >> {log}\nif [ \"$4\" = 1 ]; then flock -n {lock} true && echo free >> {log} || echo held >> {log}; fi",
+            log = log.display(),
+            lock = h.state.join("lock").display()
+        ),
+    );
     let host = h
         .host()
         .with_nvidia_smi(&smi)
@@ -299,6 +307,6 @@ fn a_hung_nvidia_smi_is_killed_and_fails_the_attach_naming_the_device() {
     host.detach(&Owner::new("vm-1").unwrap()).unwrap();
     assert_eq!(
         fs::read_to_string(&log).unwrap(),
-        format!("-i {GPU} -pm 0\n-i {GPU} -pm 1\n")
+        format!("-i {GPU} -pm 0\n-i {GPU} -pm 1\nfree\n")
     );
 }

@@ -35,8 +35,14 @@ impl Host {
         let Some(i) = j.state.attachments.iter().position(|a| &a.owner == owner) else {
             return Err(AttachError::NotAttached(owner.clone()));
         };
-        let report = self.release(&mut j, i)?;
-        Ok(report)
+        let mut given_back = Vec::new();
+        let report = self.release_deferring(&mut j, i, &mut given_back);
+        // nvidia-smi may hang on a wedged GPU: never with the journal lock held.
+        drop(j);
+        for rec in &given_back {
+            self.persistence_back_on(rec);
+        }
+        report
     }
 
     /// Release attachment `i` of the locked journal: its vGPUs, then its devices, each step
@@ -45,6 +51,22 @@ impl Host {
         &self,
         j: &mut LockedJournal,
         i: usize,
+    ) -> Result<DetachReport, AttachError> {
+        let mut given_back = Vec::new();
+        let report = self.release_deferring(j, i, &mut given_back);
+        for rec in &given_back {
+            self.persistence_back_on(rec);
+        }
+        report
+    }
+
+    /// [`Host::release`], leaving persistence mode of the devices given back (pushed to
+    /// `given_back`) for the caller to turn on.
+    fn release_deferring(
+        &self,
+        j: &mut LockedJournal,
+        i: usize,
+        given_back: &mut Vec<DeviceRecord>,
     ) -> Result<DetachReport, AttachError> {
         let att = j.state.attachments[i].clone();
         self.guard_release(&att.devices)?;
@@ -65,7 +87,11 @@ impl Host {
             Failpoint::VgpuMidRelease.hit();
         }
         for rec in att.devices.iter().rev() {
-            let (mut restored, events) = self.release_device(j, rec, &att.owner)?;
+            let released = self.release_device(j, rec, &att.owner);
+            if released.is_ok() || self.sysfs.driver(rec.device) == rec.original_driver {
+                given_back.push(rec.clone());
+            }
+            let (mut restored, events) = released?;
             // Recorded before the device leaves the attachment: if that fails, it stays out of
             // placement and detach can be rerun.
             if let Some(check) = &mut restored.health {
@@ -97,7 +123,7 @@ impl Host {
     ) -> Result<(RestoredDevice, Vec<HealthEvent>), AttachError> {
         if rec.adopted {
             // Adopted from vfio-pci: it stays there (VFIO resets it), so nothing to verify.
-            return Ok((self.restore(rec)?, Vec::new()));
+            return Ok((self.put_back(rec)?, Vec::new()));
         }
         let now = self.sysfs.driver(rec.device);
         let reset = if !rec.passed {
@@ -125,7 +151,7 @@ impl Host {
             }
             Some(self.kernel_reset(j, rec.device, Some(owner))?)
         };
-        let mut restored = self.restore(rec)?;
+        let mut restored = self.put_back(rec)?;
         let verify = self.check_device_against(
             rec.device,
             rec.original_driver.as_deref(),

@@ -27,6 +27,26 @@ impl Host {
     /// Put one device back to its recorded original state, looking at what it is now (so that
     /// it is correct whichever step a crash interrupted, and safe to repeat).
     pub(super) fn restore(&self, rec: &DeviceRecord) -> Result<RestoredDevice, AttachError> {
+        let restored = self.put_back(rec)?;
+        self.persistence_back_on(rec);
+        Ok(restored)
+    }
+
+    /// Turn persistence mode back on for a GPU attach turned it off for (`nvidia-smi`, under
+    /// its time limit; a failure only leaves persistence off, so it is logged). Detach runs it
+    /// after the journal lock is released.
+    pub(super) fn persistence_back_on(&self, rec: &DeviceRecord) {
+        if rec.persistence_disabled
+            && let Some(smi) = &self.nvidia_smi
+            && let Err(e) = persistence(smi, rec.device, true, self.command_timeout)
+        {
+            // The device is back on its driver; only its persistence mode is left off.
+            tracing::warn!("{}", crate::error_chain(&e));
+        }
+    }
+
+    /// [`Host::restore`] without persistence mode, which the caller turns back on.
+    pub(super) fn put_back(&self, rec: &DeviceRecord) -> Result<RestoredDevice, AttachError> {
         if rec.adopted {
             // It was on vfio-pci before us, maybe in use by a VM we do not know: leave it there.
             return Ok(RestoredDevice {
@@ -67,13 +87,6 @@ impl Host {
                     .unwrap_or_else(|| "no driver".into()),
                 actual: now.unwrap_or_else(|| "no driver".into()),
             });
-        }
-        if rec.persistence_disabled
-            && let Some(smi) = &self.nvidia_smi
-            && let Err(e) = persistence(smi, rec.device, true, self.command_timeout)
-        {
-            // The device is back on its driver; only its persistence mode is left off.
-            tracing::warn!("{}", crate::error_chain(&e));
         }
         self.restore_d3cold(rec);
         Ok(RestoredDevice {
