@@ -118,12 +118,17 @@ fn a_suspect_device_that_passes_the_host_check_returns_to_service_with_the_evide
     let record = HealthStore::new(&h.state).records().unwrap().remove(0);
     assert_eq!(record.events.len(), 2);
     assert!(record.events.iter().all(|e| e.checked.is_some()));
-    let last = record.last_check.expect("the check is recorded");
+    let last = record.last_check.clone().expect("the check is recorded");
     assert!(last.passed && last.was_suspect);
     assert!(
         last.readings.iter().any(|r| r == "bar0=0x192000a1"),
         "{:?}",
         last.readings
+    );
+    let listed = record.to_string();
+    assert!(
+        listed.contains("host check passed: id=10de:2684 bar0=0x192000a1 link=x16/x16"),
+        "{listed}"
     );
     attach(&host, "vm-c").unwrap();
 }
@@ -141,8 +146,9 @@ fn a_suspect_device_whose_bar0_reads_all_ones_is_quarantined() {
         check.verify.problems
     );
     assert_eq!(check.outcome(), Some(Outcome::VerificationFailed));
-    let q = check.quarantine.expect("quarantined");
+    let q = check.quarantine.clone().expect("quarantined");
     assert!(!q.suspect, "the host's own evidence quarantines");
+    assert!(check.to_string().contains("HOST CHECK FAILED"), "{check}");
     // A later pass does not lift a quarantine: only clearing the record after a repair does.
     bar0(&h, BOOT_0);
     assert!(host.check_device(a(GPU)).unwrap().quarantine.is_some());

@@ -144,8 +144,11 @@ impl std::fmt::Display for HealthEvent {
             .as_ref()
             .map_or("-".to_owned(), |o| o.to_string());
         write!(f, "{} owner {owner}  {}", self.at, self.fault)?;
-        match &self.mdev {
-            Some(uuid) => write!(f, "  (mdev {uuid}: not the GPU's)"),
+        if let Some(uuid) = &self.mdev {
+            write!(f, "  (mdev {uuid}: not the GPU's)")?;
+        }
+        match self.checked {
+            Some(at) => write!(f, "  (the host's check at {at} passed)"),
             None => Ok(()),
         }
     }
@@ -155,6 +158,7 @@ impl std::fmt::Display for HealthEvent {
 impl std::fmt::Display for DeviceHealth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.quarantine {
+            Some(q) if q.suspect => write!(f, "{}  SUSPECT: {}", self.device, q.summary())?,
             Some(q) => write!(f, "{}  QUARANTINED: {}", self.device, q.summary())?,
             None => write!(
                 f,
@@ -164,7 +168,22 @@ impl std::fmt::Display for DeviceHealth {
             )?,
         }
         self.older.iter().try_for_each(|t| write!(f, "\n  {t}"))?;
-        self.events.iter().try_for_each(|e| write!(f, "\n  {e}"))
+        self.events.iter().try_for_each(|e| write!(f, "\n  {e}"))?;
+        match &self.last_check {
+            Some(c) => write!(
+                f,
+                "\n  {} host check {}: {}{}",
+                c.at,
+                if c.passed { "passed" } else { "FAILED" },
+                c.readings.join(" "),
+                if c.problems.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", c.problems.join("; "))
+                }
+            ),
+            None => Ok(()),
+        }
     }
 }
 
