@@ -699,6 +699,72 @@ mod tests {
         )
     }
 
+    fn check(passed: bool) -> HostCheckRecord {
+        HostCheckRecord {
+            at: 1,
+            passed,
+            was_suspect: true,
+            readings: vec!["bar0=0x192000a1".into()],
+            problems: Vec::new(),
+        }
+    }
+
+    /// Guests' failures, even tallied beyond the cap, only make a device suspect; a passing
+    /// host check clears them (kept tallies too), later guest failures count afresh, and a
+    /// failed check quarantines even once it is tallied itself.
+    #[test]
+    fn guest_failures_make_a_device_suspect_until_the_host_checks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HealthStore::new(dir.path());
+        let device: PciAddress = "0000:01:00.0".parse().unwrap();
+        let flood = |owner: &str, from: u32| -> Vec<HealthEvent> {
+            (from..from + 40)
+                .map(|i| event("0000:01:00.0", owner, i))
+                .collect()
+        };
+        store.record(&flood("a", 0)).unwrap();
+        store.record(&flood("b", 0)).unwrap();
+        let q = store.quarantine(device).unwrap().expect("out of service");
+        assert!(q.suspect && !q.older.is_empty(), "{q:?}");
+        assert_eq!(
+            store.record_check(device, &check(true), None).unwrap(),
+            None
+        );
+        // New guest failures from two owners make it suspect again.
+        store.record(&flood("c", 100)).unwrap();
+        assert_eq!(store.quarantine(device).unwrap(), None, "one owner");
+        store.record(&flood("d", 100)).unwrap();
+        assert!(store.quarantine(device).unwrap().unwrap().suspect);
+        // mdev tenants' failures never count towards the parent.
+        let other: PciAddress = "0000:02:00.0".parse().unwrap();
+        let mdev: Vec<HealthEvent> = ["a", "b"]
+            .iter()
+            .map(|o| {
+                let mut e = event("0000:02:00.0", o, 1);
+                e.mdev = Some(format!("uuid-{o}"));
+                e
+            })
+            .collect();
+        assert_eq!(store.record(&mdev).unwrap().len(), 2, "one per mdev");
+        assert_eq!(store.quarantine(other).unwrap(), None);
+        // A failed check quarantines, and still does once flooded into the tallies.
+        let fault =
+            classify_line("NVRM: Xid (PCI:0000:01:00): 79, pid=1, GPU has fallen off the bus.")
+                .unwrap();
+        let q = store
+            .record_check(device, &check(false), Some(fault))
+            .unwrap()
+            .expect("quarantined");
+        assert!(!q.suspect);
+        store.record(&flood("e", 200)).unwrap();
+        let q = store
+            .quarantine(device)
+            .unwrap()
+            .expect("still quarantined");
+        assert!(!q.suspect && q.events.is_empty(), "{q:?}");
+        assert!(q.older.iter().any(|t| t.source == EventSource::Check));
+    }
+
     #[test]
     fn a_device_keeps_its_newest_events_and_counts_the_rest() {
         let dir = tempfile::tempdir().unwrap();
