@@ -1,4 +1,4 @@
-//! `health` (records, scan, ingest, clear) and `reset`: parse, call the library, print.
+//! `health` (records, scan, ingest, check, clear) and `reset`: parse, call the library, print.
 
 use std::path::PathBuf;
 
@@ -33,18 +33,20 @@ pub enum HealthCommand {
         #[arg(long, value_name = "FILE")]
         console: PathBuf,
     },
+    /// The host's own check of a free device: back to service if suspect, or quarantined.
+    Check(DeviceArg),
     /// Remove a device's health record after a repair (ends its quarantine).
     Clear(DeviceArg),
 }
 
-/// The one device of `health clear` and `reset`.
+/// The one device of `health check`, `health clear` and `reset`.
 #[derive(Debug, clap::Args)]
 pub struct DeviceArg {
     /// The device, DDDD:BB:DD.F.
     device: String,
 }
 
-/// `health [scan|ingest|clear]`.
+/// `health [scan|ingest|check|clear]`.
 pub fn run(global: &Global, args: &HealthArgs) -> CmdResult {
     let store = HealthStore::new(&global.at.state_dir);
     match &args.command {
@@ -53,6 +55,13 @@ pub fn run(global: &Global, args: &HealthArgs) -> CmdResult {
         Some(HealthCommand::Ingest { owner: o, console }) => emit_text(
             global,
             &ingest_console(&global.at.state_dir, &Owner::new(o)?, console)?,
+        ),
+        Some(HealthCommand::Check(arg)) => emit_judged(
+            global,
+            &global
+                .at
+                .host(Vec::new())
+                .check_device(arg.device.parse()?)?,
         ),
         Some(HealthCommand::Clear(arg)) => emit_text(global, &store.clear(arg.device.parse()?)?),
     }

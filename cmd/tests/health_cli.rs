@@ -191,3 +191,31 @@ fn reset_of_an_attached_device_is_refused() {
     assert!(out.status.success());
     assert_eq!(json(&out)["reset"]["outcome"], "no_method");
 }
+
+/// `health check`: the host's own check of a free device; a BAR0 reading all-ones fails it
+/// (exit 3) and quarantines the device.
+#[test]
+fn health_check_reads_the_device_and_quarantines_on_failure() {
+    let h = host();
+    let dev = h.sys.join("bus/pci/devices/0000:00:04.0");
+    let mut page = vec![0u8; 4096];
+    page[..4].copy_from_slice(&0x010000edu32.to_le_bytes());
+    std::fs::write(dev.join("resource0"), &page).unwrap();
+    let out = run(&h, &["--json", "health", "check", "0000:00:04.0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json(&out);
+    assert_eq!(report["verify"]["bar0"], 0x010000ed, "{report}");
+    assert!(report["quarantine"].is_null(), "{report}");
+    std::fs::write(dev.join("resource0"), [0xffu8; 4096]).unwrap();
+    let out = run(&h, &["health", "check", "0000:00:04.0"]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("HOST CHECK FAILED") && text.contains("is quarantined"),
+        "{text}"
+    );
+}
