@@ -196,7 +196,9 @@ fn reset_of_an_attached_device_is_refused() {
 /// (exit 3) and quarantines the device.
 #[test]
 fn health_check_reads_the_device_and_quarantines_on_failure() {
-    let h = host();
+    let h = FakeHost::new(true);
+    // QEMU's edu device: BAR0 starts with its identification register.
+    h.add(FakeDevice::new("0000:00:04.0", 0x1234, 0x11e8, 0x00ff00).group(4));
     let dev = h.sys.join("bus/pci/devices/0000:00:04.0");
     let mut page = vec![0u8; 4096];
     page[..4].copy_from_slice(&0x010000edu32.to_le_bytes());

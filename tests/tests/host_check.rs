@@ -206,3 +206,31 @@ fn detach_fails_the_check_when_aer_counters_moved_or_the_link_narrowed() {
     );
     assert_eq!(v.aer, Some((0, 2)));
 }
+
+/// BAR0 is read only where its first register is an identity register: a display whose BAR0
+/// is its framebuffer (white pixels read all-ones) is not judged by it.
+#[test]
+fn bar0_is_read_only_where_it_starts_with_an_identity_register() {
+    let h = FakeHost::new(true);
+    h.add(
+        FakeDevice::new("0000:00:02.0", 0x1234, 0x1111, 0x030000)
+            .driver("bochs-drm")
+            .group(2),
+    );
+    let fb = h.sys.join("bus/pci/devices/0000:00:02.0/resource0");
+    fs::write(&fb, [0xffu8; 4096]).unwrap();
+    let check = h.host().check_device(a("0000:00:02.0")).unwrap();
+    assert!(check.verify.ok, "{:?}", check.verify.problems);
+    assert_eq!(check.verify.bar0, None, "not read");
+}
+
+/// Without a baseline from attach, a link narrower than the device's maximum (a slot wired x8)
+/// is read, not judged.
+#[test]
+fn a_link_narrower_than_its_maximum_is_judged_only_against_attach() {
+    let h = gpu();
+    fs::write(file(&h, "current_link_width"), "8\n").unwrap();
+    let check = h.host().check_device(a(GPU)).unwrap();
+    assert!(check.verify.ok, "{:?}", check.verify.problems);
+    assert_eq!(check.verify.link_width, Some((8, 16)));
+}
