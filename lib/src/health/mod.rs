@@ -5,8 +5,13 @@
 //!   [`scan_file`] reads a log.
 //! - Health records per device under the state dir ([`HealthStore`], `health.json`, versioned,
 //!   replaced atomically with fsync, changed under a lock).
-//! - Quarantine: a device with [`Policy::quarantine_after`] (default 2) failure events from
-//!   distinct owners is not handed out again until its record is cleared after a repair.
+//! - Quarantine: a device with [`Policy::quarantine_after`] (default 2) failure events of the
+//!   host's own (detach, reset) from distinct owners, or one failed host check
+//!   ([`EventSource::Check`]), is not handed out again until its record is cleared after a
+//!   repair. Guests' failures (console events) from as many owners only make it *suspect*
+//!   ([`Quarantine::suspect`]): out of service until the host checks it itself
+//!   ([`HealthStore::record_check`]: a pass returns it, a failure quarantines it). A vGPU
+//!   tenant's failures are its vGPU's, never its parent GPU's ([`HealthEvent::mdev`]).
 //!   Placement (attach by address, `--gpus N`, vGPU parents) and any other allocator (e.g. a
 //!   device plugin) ask [`is_quarantined`]; an unreadable record is an error, so callers fail
 //!   closed.
