@@ -272,21 +272,6 @@ impl Host {
         self
     }
 
-    /// Run this program as `nvidia-smi` (instead of the first of
-    /// the fixed paths that exists; tests use a fake one). Call after
-    /// [`Host::with_dev_dir`], which picks the kernel again.
-    pub fn with_nvidia_smi(mut self, program: impl Into<PathBuf>) -> Host {
-        self.nvidia_smi = Some(program.into());
-        self
-    }
-
-    /// How long a program run for a device (`nvidia-smi`) may take before it is killed and
-    /// the operation fails naming the device (default [`DEFAULT_COMMAND_TIMEOUT`]).
-    pub fn with_command_timeout(mut self, limit: Duration) -> Host {
-        self.command_timeout = limit;
-        self
-    }
-
     /// The sysfs view.
     pub fn sysfs(&self) -> &Sysfs {
         &self.sysfs
@@ -300,6 +285,20 @@ impl Host {
     /// The devices directory.
     pub fn dev_dir(&self) -> &Path {
         &self.dev_dir
+    }
+
+    /// Run this program as `nvidia-smi` (instead of the first of the fixed paths that exists;
+    /// tests use a fake one). Call after [`Host::with_dev_dir`], which picks the kernel again.
+    pub fn with_nvidia_smi(mut self, program: impl Into<PathBuf>) -> Host {
+        self.nvidia_smi = Some(program.into());
+        self
+    }
+
+    /// How long a program run for a device (`nvidia-smi`) may take before it is killed and
+    /// the operation fails naming the device (default [`DEFAULT_COMMAND_TIMEOUT`]).
+    pub fn with_command_timeout(mut self, limit: Duration) -> Host {
+        self.command_timeout = limit;
+        self
     }
 
     fn write(&self, path: &Path, value: &str) -> Result<(), AttachError> {

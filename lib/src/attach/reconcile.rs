@@ -63,8 +63,6 @@ impl Host {
     pub fn reconcile(&self) -> Result<ReconcileReport, AttachError> {
         let mut j = self.journal.lock()?;
         let mut report = ReconcileReport::default();
-        // First: a reset_method a crash left narrowed (reset.rs).
-        report.errors.extend(self.undo_reset_restrictions(&mut j)?);
         // The lock is held by every running attach, so these were all abandoned.
         let txns = std::mem::take(&mut j.state.transactions);
         for txn in txns {
@@ -113,6 +111,8 @@ impl Host {
             }
             j.save()?;
         }
+        // A reset_method a crash left narrowed (reset.rs).
+        report.errors.extend(self.undo_reset_restrictions(&mut j)?);
         let mut i = 0;
         while i < j.state.attachments.len() {
             let owner = j.state.attachments[i].owner.clone();
