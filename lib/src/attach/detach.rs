@@ -128,7 +128,8 @@ impl Host {
         let now = self.sysfs.driver(rec.device);
         let reset = if !rec.passed {
             None
-        } else if now.is_some() && now != Some("vfio-pci".into()) && now == rec.original_driver {
+        } else if now.is_some() && now.as_deref() != Some("vfio-pci") && now == rec.original_driver
+        {
             // A rerun of a detach that failed after giving it back (a health write, say): its
             // host driver has it again, and a reset would pull it from under that driver.
             Some(ResetReport {

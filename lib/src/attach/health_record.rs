@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use super::guard::describe;
-use super::journal::Journal;
 use serde::{Deserialize, Serialize};
 
+use super::guard::describe;
+use super::journal::Journal;
 use super::reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 use super::{AttachError, Host};
 use crate::health::{
