@@ -24,9 +24,12 @@ use crate::pci::PciAddress;
 
 /// The record's file name in the state dir.
 pub const HEALTH_FILE: &str = "health.json";
-/// The format version this build reads and writes.
-pub const HEALTH_VERSION: u32 = 2;
-/// The earliest format version this build still reads (version 1 had no tallies).
+/// The format version this build reads and writes. Version 3 added host checks, mdev events
+/// and checked guest events: a build that knows only 2 would count an mdev tenant's failures
+/// against its parent GPU, so it refuses the file (fail closed) instead.
+pub const HEALTH_VERSION: u32 = 3;
+/// The earliest format version this build still reads (version 1 had no tallies; 2 no
+/// checks); older files read as they are.
 const OLDEST_READABLE: u32 = 1;
 /// Events kept per device (the newest); older ones become [`EventTally`] counts.
 pub const MAX_EVENTS_PER_DEVICE: usize = 32;
@@ -831,8 +834,8 @@ mod tests {
         assert_eq!(file.version, HEALTH_VERSION);
         assert_eq!(file.devices[&e.device].len(), 2);
         assert!(matches!(
-            parse(&store.path(), br#"{"version": 3, "devices": {}}"#),
-            Err(HealthError::Version { found: 3, .. })
+            parse(&store.path(), br#"{"version": 4, "devices": {}}"#),
+            Err(HealthError::Version { found: 4, .. })
         ));
     }
 
