@@ -32,6 +32,12 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Flush everything written to the filesystem holding `path` (`syncfs(2)`): one call for a
+/// whole unpacked tree instead of an fsync per file.
+pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {
+    nix::unistd::syncfs(File::open(path)?).map_err(io::Error::from)
+}
+
 /// Rename `from` to `to` and make the rename durable (fsync of `to`'s directory).
 pub(crate) fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     fs::rename(from, to)?;
