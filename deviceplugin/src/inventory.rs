@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::Path;
 
 use gpu_passthrough::attach::journal::JournalState;
-use gpu_passthrough::attach::{AttachRequest, Host, Owner, PlanRequest};
+use gpu_passthrough::attach::{AttachError, AttachRequest, Host, Owner, PlanRequest};
 use gpu_passthrough::pci::{PciAddress, Sysfs};
 
 use crate::naming::{NameSource, Namer, ResourceKind};
@@ -201,11 +201,19 @@ impl fmt::Display for PrepareReport {
 /// Record the unowned NVIDIA GPUs already on vfio-pci for the pool, and move `prepare` more
 /// to vfio-pci, each through the attach transaction with owner [`POOL_OWNER`]. Never takes
 /// the boot display or a group with host devices (the plan refuses them).
+///
+/// A plugin that cannot see the host's processes (no `hostPID`) refuses a `prepare` other
+/// than [`Prepare::None`] outright, naming the fix: it was asked to move GPUs and cannot do so
+/// safely. With [`Prepare::None`] it adopts nothing (each candidate is skipped with that
+/// reason) and serves what the journal already holds.
 pub fn prepare(
     host: &Host,
     prepare: Prepare,
     supported_gpus: Option<&Path>,
 ) -> Result<PrepareReport, PluginError> {
+    if prepare != Prepare::None {
+        host.sees_host_processes().map_err(AttachError::from)?;
+    }
     let owner = Owner::new(POOL_OWNER).expect("valid owner");
     let mut report = PrepareReport::default();
     let mut budget = match prepare {

@@ -1073,3 +1073,72 @@ async fn vfio_node_and_kubelet_changes_are_seen_without_waiting_for_the_poll() {
     plugin.stop().await;
     kubelet.stop().await;
 }
+
+/// A proc root as a pod without `hostPID` sees it: its own PID namespace.
+fn container_proc(h: &FakeHost) -> PathBuf {
+    let root = h.dir.path().join("container-proc");
+    fs::create_dir_all(root.join("self/ns")).unwrap();
+    symlink("pid:[4026532611]", root.join("self/ns/pid")).unwrap();
+    root
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blind_plugin_refuses_prepare_naming_host_pid_and_moves_nothing() {
+    let h = workstation();
+    let cfg = Config {
+        prepare: Prepare::All,
+        proc_root: container_proc(&h),
+        ..config(&h)
+    };
+    let err = gpu_passthrough_device_plugin::run(cfg, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("hostPID: true"), "{err}");
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
+    assert!(h.journal_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blind_plugin_serves_its_pool_but_adopts_nothing() {
+    let h = vfio_host();
+    // Prepared earlier by a plugin that saw the host: 18:00.0 is in the pool.
+    let pool = gpu_passthrough::attach::Owner::new("device-plugin").unwrap();
+    h.host()
+        .attach(&gpu_passthrough::attach::AttachRequest {
+            plan: gpu_passthrough::attach::PlanRequest {
+                devices: vec!["0000:18:00.0".parse().unwrap()],
+                ..Default::default()
+            },
+            owner: pool,
+            initrd: None,
+        })
+        .unwrap();
+    let cfg = Config {
+        proc_root: container_proc(&h),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    let regs = kubelet.wait_registrations(1, WAIT).await;
+    assert_eq!(regs[0].resource_name, H100);
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    let first = next(&mut stream).await;
+    let ids: Vec<&str> = first.devices.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["0000:18:00.0"], "the unowned 9a:00.0 is not adopted");
+    assert_eq!(health(&first, "0000:18:00.0"), "Healthy");
+    // Allocate moves no device (a pool GPU on vfio-pci changes owner in the journal): served.
+    client.allocate(alloc(&["0000:18:00.0"])).await.unwrap();
+    assert_eq!(owner_of(&h, "0000:9a:00.0"), None);
+    let report = plugin.stop().await;
+    assert!(report.adopted.is_empty(), "{report:?}");
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|(a, why)| a.to_string() == "0000:9a:00.0" && why.contains("hostPID: true")),
+        "{report:?}"
+    );
+    kubelet.stop().await;
+}

@@ -16,6 +16,7 @@ impl Host {
         if req.plan.devices.is_empty() && req.plan.gpus.unwrap_or(0) == 0 {
             return Err(AttachError::NothingRequested);
         }
+        self.sees_host_processes()?;
         let gpus = load_supported(req.plan.supported_gpus.as_deref())?;
         let mut j = self.journal.lock()?;
         let mut plan_req = req.plan.clone();

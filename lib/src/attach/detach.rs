@@ -31,6 +31,7 @@ impl Host {
     /// Give every device of `owner` back to its original driver (or none, if it had none) and
     /// remove the mdevs created for it. Safe to repeat after a crash.
     pub fn detach(&self, owner: &Owner) -> Result<DetachReport, AttachError> {
+        self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
         let Some(i) = j.state.attachments.iter().position(|a| &a.owner == owner) else {
             return Err(AttachError::NotAttached(owner.clone()));

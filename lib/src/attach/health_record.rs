@@ -41,6 +41,7 @@ impl Host {
     /// Reset `device` on demand, then verify it. Refused while it is attached or in a
     /// transaction, and when only a bus reset is possible with a busy sibling on the bus.
     pub fn reset(&self, device: PciAddress) -> Result<HealthCheck, AttachError> {
+        self.sees_host_processes()?;
         let j = self.journal.lock()?;
         if let Some(owner) = j.state.owner_of(device) {
             return Err(AttachError::ResetRefused {

@@ -260,6 +260,13 @@ impl Host {
         self
     }
 
+    /// `Ok` when this process sees the host's processes through its proc root; every
+    /// operation that moves or releases a device asks first and refuses when blind (see
+    /// [`crate::pidns`]).
+    pub fn sees_host_processes(&self) -> Result<(), crate::pidns::Blind> {
+        crate::pidns::sees_host(&self.proc_root)
+    }
+
     /// The sysfs view.
     pub fn sysfs(&self) -> &Sysfs {
         &self.sysfs

@@ -61,6 +61,7 @@ impl Host {
     /// attachments whose owner is [`Liveness::Gone`]. Never releases an owner that is alive
     /// or unknown.
     pub fn reconcile(&self) -> Result<ReconcileReport, AttachError> {
+        self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
         let mut report = ReconcileReport::default();
         // The lock is held by every running attach, so these were all abandoned.

@@ -163,6 +163,7 @@ impl Host {
     /// Create `req`'s vGPUs as one journaled transaction and return the VM's boot spec. Any
     /// failure releases what was created; nothing is left behind.
     pub fn attach_vgpu(&self, req: &VgpuAttachRequest) -> Result<BootSpec, AttachError> {
+        self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
         let (cat, totals) = self.vgpu_catalogue_learning();
         let placement = vgpu::place(&cat, &req.place)?;
