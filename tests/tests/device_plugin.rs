@@ -1142,3 +1142,73 @@ async fn a_blind_plugin_serves_its_pool_but_adopts_nothing() {
     );
     kubelet.stop().await;
 }
+
+/// A proc root seeing the host, in boot `boot`.
+fn host_proc_in_boot(h: &FakeHost, boot: &str) -> PathBuf {
+    let root = h.dir.path().join("host-proc");
+    fs::create_dir_all(root.join("self/ns")).unwrap();
+    let _ = symlink(
+        gpu_passthrough::pidns::INITIAL_PID_NS,
+        root.join("self/ns/pid"),
+    );
+    fs::create_dir_all(root.join("sys/kernel/random")).unwrap();
+    fs::write(root.join("sys/kernel/random/boot_id"), format!("{boot}\n")).unwrap();
+    root
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_start_after_a_reboot_the_earlier_boots_records_end_and_gpus_are_adopted_afresh() {
+    let h = vfio_host();
+    // Boot A: 18:00.0 in the pool, 9a:00.0 allocated to a pod.
+    let before = host_proc_in_boot(&h, "boot-a");
+    for (addr, who) in [
+        ("0000:18:00.0", "device-plugin"),
+        ("0000:9a:00.0", "device-plugin:alloc-1"),
+    ] {
+        h.host()
+            .with_proc_root(&before)
+            .attach(&gpu_passthrough::attach::AttachRequest {
+                plan: gpu_passthrough::attach::PlanRequest {
+                    devices: vec![addr.parse().unwrap()],
+                    ..Default::default()
+                },
+                owner: gpu_passthrough::attach::Owner::new(who).unwrap(),
+                initrd: None,
+            })
+            .unwrap();
+    }
+    // Boot B: both GPUs are on vfio-pci again by the node's own configuration.
+    let cfg = Config {
+        proc_root: host_proc_in_boot(&h, "boot-b"),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let j = h.journal().unwrap();
+    for att in j["attachments"].as_array().unwrap() {
+        assert_eq!(att["boot_id"], "boot-b", "{att}");
+        assert_eq!(
+            att["owner"], "device-plugin",
+            "the pod's allocation ended: {att}"
+        );
+    }
+    let report = plugin.stop().await;
+    let ended: Vec<String> = report
+        .ended_by_reboot
+        .iter()
+        .map(|e| format!("{} {}", e.owner, e.boot_id))
+        .collect();
+    assert_eq!(
+        ended,
+        ["device-plugin boot-a", "device-plugin:alloc-1 boot-a"]
+    );
+    let mut adopted: Vec<String> = report.adopted.iter().map(|a| a.to_string()).collect();
+    adopted.sort();
+    assert!(
+        adopted.contains(&"0000:18:00.0".to_owned())
+            && adopted.contains(&"0000:9a:00.0".to_owned()),
+        "{report:?}"
+    );
+    kubelet.stop().await;
+}

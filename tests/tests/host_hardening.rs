@@ -241,6 +241,7 @@ fn reconcile_does_not_roll_back_an_abandoned_transaction_whose_device_is_held() 
             owner_process: None,
             devices,
             vgpus: Vec::new(),
+            boot_id: att.boot_id,
         });
         j.save().unwrap();
     }

@@ -32,6 +32,7 @@ impl Host {
                 .owner
                 .pid()
                 .and_then(|pid| process_identity(&self.proc_root, pid)),
+            boot_id: self.boot_id(),
             devices: plan
                 .devices
                 .iter()

@@ -73,7 +73,7 @@ pub use health_record::ingest_console;
 pub use journal::{Journal, JournalError, JournalState};
 pub use liveness::{PidLiveness, ProcessIdentity, process_identity};
 pub use plan::{Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
-pub use reconcile::{HeldDevice, ReconcileReport};
+pub use reconcile::{EndedByReboot, HeldDevice, ReconcileReport};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use restore::RestoredDevice;
 pub use vgpu::VgpuAttachRequest;
@@ -265,6 +265,15 @@ impl Host {
     /// [`crate::pidns`]).
     pub fn sees_host_processes(&self) -> Result<(), crate::pidns::Blind> {
         crate::pidns::sees_host(&self.proc_root)
+    }
+
+    /// This boot's ID as the kernel gives it (`<proc>/sys/kernel/random/boot_id`), recorded
+    /// with every transaction; `None` when unreadable (nothing is then judged by boot).
+    pub fn boot_id(&self) -> Option<String> {
+        std::fs::read_to_string(self.proc_root.join("sys/kernel/random/boot_id"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
     }
 
     /// The sysfs view.

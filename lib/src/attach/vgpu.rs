@@ -185,6 +185,7 @@ impl Host {
                 .and_then(|pid| process_identity(&self.proc_root, pid)),
             devices: Vec::new(),
             vgpus,
+            boot_id: self.boot_id(),
         });
         let t = j.state.transactions.len() - 1;
         j.save()?;
