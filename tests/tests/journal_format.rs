@@ -258,3 +258,30 @@ fn an_interrupted_attach_of_an_earlier_boot_is_never_finished() {
     assert!(h.journal_clean());
     assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
 }
+
+// ---------------------------------------------------------------- the state dir
+
+#[test]
+fn the_state_dir_is_private_and_one_others_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = sysfs::workstation();
+    attach(&h.host(), &["0000:01:00.0"], "vm-1").unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&h.state), 0o700, "created private");
+    assert_eq!(mode(&journal_path(&h)), 0o600);
+    assert_eq!(mode(&h.state.join("lock")), 0o600);
+    // Someone made it world-writable: nothing is read or written until it is fixed.
+    fs::set_permissions(&h.state, fs::Permissions::from_mode(0o777)).unwrap();
+    let before = fs::read(journal_path(&h)).unwrap();
+    let e = h.host().detach(&owner("vm-1")).unwrap_err();
+    assert!(
+        matches!(e, AttachError::Journal(JournalError::UnsafeStateDir { .. })),
+        "{e}"
+    );
+    assert_eq!(e.outcome(), Outcome::Refused);
+    assert!(e.to_string().contains("chmod 700"), "{e}");
+    assert_eq!(fs::read(journal_path(&h)).unwrap(), before);
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+    fs::set_permissions(&h.state, fs::Permissions::from_mode(0o700)).unwrap();
+    h.host().detach(&owner("vm-1")).unwrap();
+}

@@ -57,6 +57,16 @@ pub enum JournalError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Others may change the state dir: they could replace the journal or plant links in it.
+    #[error(
+        "the state dir {path} is not safe: {why}; nothing was read or written. Fix: `chown root:root {path} && chmod 700 {path}`, or choose another state dir"
+    )]
+    UnsafeStateDir {
+        /// The state dir.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The journal does not parse.
     #[error(
         "{path} is corrupt; nothing was changed. Inspect it, move it aside and repair the devices by hand, then rerun"
@@ -85,13 +95,13 @@ impl Classify for JournalError {
             JournalError::Io { .. }
             | JournalError::Corrupt { .. }
             | JournalError::Serialize { .. } => Outcome::Failed,
-            JournalError::Newer { .. } => Outcome::Refused,
+            JournalError::Newer { .. } | JournalError::UnsafeStateDir { .. } => Outcome::Refused,
         }
     }
 
     fn remedy(&self) -> Option<Remedy> {
         match self {
-            JournalError::Io { .. } => Some(Remedy::StateDir),
+            JournalError::Io { .. } | JournalError::UnsafeStateDir { .. } => Some(Remedy::StateDir),
             JournalError::Corrupt { .. }
             | JournalError::Serialize { .. }
             | JournalError::Newer { .. } => None,
@@ -512,7 +522,13 @@ impl Journal {
                 source,
             }
         };
-        fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
+        // Created 0700; an existing one others may write is refused.
+        if let Some(why) = crate::fsutil::private_dir(&self.dir).map_err(io("create", &self.dir))? {
+            return Err(JournalError::UnsafeStateDir {
+                path: self.dir.clone(),
+                why,
+            });
+        }
         let lock_path = self.dir.join("lock");
         let lock = crate::fsutil::lock_exclusive(&lock_path).map_err(io("lock", &lock_path))?;
         let path = self.path();
@@ -581,7 +597,7 @@ impl LockedJournal {
                 path: self.path.clone(),
                 source,
             })?;
-        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| JournalError::Io {
+        crate::fsutil::write_private(&self.path, &bytes).map_err(|source| JournalError::Io {
             action: "write",
             path: self.path.clone(),
             source,

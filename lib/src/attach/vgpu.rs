@@ -170,7 +170,7 @@ impl Host {
         // Kept before the tables shrink: the next catalogue still knows each GPU's total.
         let path = self.totals_path();
         let bytes = serde_json::to_vec(&totals).unwrap_or_default();
-        crate::fsutil::write_atomic(&path, &bytes).map_err(|source| JournalError::Io {
+        crate::fsutil::write_private(&path, &bytes).map_err(|source| JournalError::Io {
             action: "write",
             path,
             source,
