@@ -285,3 +285,21 @@ fn the_state_dir_is_private_and_one_others_may_write_is_refused() {
     fs::set_permissions(&h.state, fs::Permissions::from_mode(0o700)).unwrap();
     h.host().detach(&owner("vm-1")).unwrap();
 }
+
+#[test]
+fn after_a_reboot_detach_never_releases_on_the_earlier_boots_record() {
+    let h = sysfs::workstation();
+    let proc = proc_booted(&h, "boot-a");
+    attach(&h.host().with_proc_root(&proc), &["0000:01:00.0"], "vm-1").unwrap();
+    // Rebooted with both functions on vfio-pci by `vfio-pci.ids=`; detach before any reconcile.
+    let proc = proc_booted(&h, "boot-b");
+    let e = h
+        .host()
+        .with_proc_root(&proc)
+        .detach(&owner("vm-1"))
+        .unwrap_err();
+    assert!(matches!(e, AttachError::NotAttached(_)), "{e}");
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(h.driver("0000:01:00.1").as_deref(), Some("vfio-pci"));
+    assert!(h.journal_clean());
+}

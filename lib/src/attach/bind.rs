@@ -19,6 +19,7 @@ impl Host {
         self.sees_host_processes()?;
         let gpus = load_supported(req.plan.supported_gpus.as_deref())?;
         let mut j = self.journal.lock()?;
+        self.end_earlier_boots(&mut j)?;
         let mut plan_req = req.plan.clone();
         plan_req.owner = Some(req.owner.clone());
         let plan = self.plan_with(&j.state, &plan_req, gpus.as_ref())?;

@@ -33,6 +33,8 @@ impl Host {
     pub fn detach(&self, owner: &Owner) -> Result<DetachReport, AttachError> {
         self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
+        // An attachment of an earlier boot ended with it: never released on its record.
+        self.end_earlier_boots(&mut j)?;
         let Some(i) = j.state.attachments.iter().position(|a| &a.owner == owner) else {
             return Err(AttachError::NotAttached(owner.clone()));
         };

@@ -42,7 +42,8 @@ impl Host {
     /// transaction, and when only a bus reset is possible with a busy sibling on the bus.
     pub fn reset(&self, device: PciAddress) -> Result<HealthCheck, AttachError> {
         self.sees_host_processes()?;
-        let j = self.journal.lock()?;
+        let mut j = self.journal.lock()?;
+        self.end_earlier_boots(&mut j)?;
         if let Some(owner) = j.state.owner_of(device) {
             return Err(AttachError::ResetRefused {
                 device,

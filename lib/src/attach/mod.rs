@@ -29,8 +29,8 @@
 //! `restore.rs` (a device back to its driver, rollback), `detach.rs`, `reconcile.rs`,
 //! `boot.rs` (the boot spec), `vfio_node.rs` (waiting for the node), `persistence.rs`
 //! (`nvidia-smi`), `reset.rs`, `health_record.rs`, `journal.rs`, `guard.rs`, `holders.rs`,
-//! `liveness.rs`, `doctor.rs`, `driver_fit.rs`, `error.rs` (what an operation fails on and
-//! leaves behind).
+//! `liveness.rs`, `doctor.rs`, `driver_fit.rs`, `boots.rs` (an earlier boot's records ended),
+//! `error.rs` (what an operation fails on and leaves behind).
 //!
 //! vGPUs ([`Host::attach_vgpu`], `vgpu.rs`) are created in the same journal without moving any
 //! device: a type ID written to a vendor-VFIO VF, or an mdev created from a UUID (also what
@@ -39,6 +39,7 @@
 
 mod bind;
 mod boot;
+mod boots;
 mod detach;
 mod devices;
 mod doctor;
@@ -65,6 +66,7 @@ use serde::Serialize;
 
 pub use crate::kernel::{self, Kernel, RealKernel};
 pub use crate::owner::{Owner, OwnerError};
+pub use boots::{DeviceNow, EndedByReboot};
 pub use detach::DetachReport;
 pub use devices::{DeviceListing, DeviceReport};
 pub use doctor::{Check, CheckStatus, DoctorReport};
@@ -73,7 +75,7 @@ pub use health_record::ingest_console;
 pub use journal::{Journal, JournalError, JournalState};
 pub use liveness::{PidLiveness, ProcessIdentity, process_identity};
 pub use plan::{Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
-pub use reconcile::{EndedByReboot, HeldDevice, ReconcileReport};
+pub use reconcile::{HeldDevice, ReconcileReport};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
 pub use restore::RestoredDevice;
 pub use vgpu::VgpuAttachRequest;

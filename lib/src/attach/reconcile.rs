@@ -2,18 +2,14 @@
 //! left, then release the owners their liveness check says are gone; never what a process
 //! still holds.
 //!
-//! A reboot undoes every change attach makes (binds, `driver_override`, `d3cold_allowed`,
-//! persistence mode, mdevs and vGPU types do not survive it), and the VMs are gone. So the
-//! records of an earlier boot (their `boot_id` differs from this boot's) describe nothing that
-//! exists: they are reported with each device's driver as the host shows it now and dropped,
-//! and nothing is written to a device on their say-so. A GPU that the boot put on vfio-pci by
-//! itself (`vfio-pci.ids=`) is the host's configuration, not ours: it is left there, unowned.
+//! An earlier boot's records are ended first (`boots.rs`).
 
 use serde::{Deserialize, Serialize};
 
+use super::boots::EndedByReboot;
 use super::detach::DetachReport;
 use super::holders::Holder;
-use super::journal::{LockedJournal, Step, Transaction, VgpuStep};
+use super::journal::{Step, Transaction, VgpuStep};
 use super::restore::RestoredDevice;
 use super::{AttachError, Host, Liveness};
 use crate::outcome::{Outcome, ReportOutcome};
@@ -30,21 +26,6 @@ pub struct HeldDevice {
     pub device: PciAddress,
     /// Who holds it.
     pub holders: Vec<Holder>,
-}
-
-/// An attachment or abandoned transaction of an earlier boot, dropped from the journal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EndedByReboot {
-    /// The owner it was for.
-    pub owner: Owner,
-    /// The boot it was recorded in.
-    pub boot_id: String,
-    /// Whether it was a transaction (interrupted by the reboot), not an attachment.
-    pub transaction: bool,
-    /// Its devices, each with the driver the host has it on now (never written to).
-    pub devices: Vec<RestoredDevice>,
-    /// Its vGPUs and mdevs (the reboot removed them).
-    pub vgpus: Vec<String>,
 }
 
 /// What reconcile did.
@@ -169,81 +150,6 @@ impl Host {
         }
         j.save()?;
         Ok(report)
-    }
-
-    /// Drop the attachments and transactions an earlier boot recorded (see the module's
-    /// documentation); what the device plugin does at start. Writes nothing to any device, so
-    /// it needs no sight of the host's processes. Records without a boot ID (journals of
-    /// version 1), or any record while this boot's ID is unreadable, are kept: a boot that
-    /// cannot be compared is never judged ended.
-    pub fn end_previous_boot(&self) -> Result<Vec<EndedByReboot>, AttachError> {
-        let mut j = self.journal.lock()?;
-        self.end_earlier_boots(&mut j)
-    }
-
-    fn end_earlier_boots(&self, j: &mut LockedJournal) -> Result<Vec<EndedByReboot>, AttachError> {
-        let Some(now) = self.boot_id() else {
-            return Ok(Vec::new());
-        };
-        let earlier = |b: &Option<String>| b.as_ref().is_some_and(|b| *b != now);
-        let state = &mut j.state;
-        let (old_txns, txns) = std::mem::take(&mut state.transactions)
-            .into_iter()
-            .partition::<Vec<_>, _>(|t| earlier(&t.boot_id));
-        let (old_atts, atts) = std::mem::take(&mut state.attachments)
-            .into_iter()
-            .partition::<Vec<_>, _>(|a| earlier(&a.boot_id));
-        state.transactions = txns;
-        state.attachments = atts;
-        let ended = |owner: &Owner,
-                     boot: &Option<String>,
-                     devices: &[super::journal::DeviceRecord],
-                     vgpus: &[super::journal::VgpuRecord],
-                     transaction| EndedByReboot {
-            owner: owner.clone(),
-            boot_id: boot.clone().unwrap_or_default(),
-            transaction,
-            devices: devices
-                .iter()
-                .map(|d| RestoredDevice {
-                    device: d.device,
-                    driver: self.sysfs.driver(d.device),
-                    health: None,
-                })
-                .collect(),
-            vgpus: vgpus.iter().map(|v| v.label()).collect(),
-        };
-        let mut out: Vec<EndedByReboot> = old_txns
-            .iter()
-            .map(|t| ended(&t.owner, &t.boot_id, &t.devices, &t.vgpus, true))
-            .collect();
-        out.extend(
-            old_atts
-                .iter()
-                .map(|a| ended(&a.owner, &a.boot_id, &a.devices, &a.vgpus, false)),
-        );
-        for e in &out {
-            // Its VM ended with the boot: its hold ends in the history too.
-            if !state.attachments.iter().any(|a| a.owner == e.owner) {
-                state.forget(&e.owner);
-            }
-        }
-        if !out.is_empty() {
-            for e in &out {
-                tracing::warn!(
-                    "{} of {} belongs to boot {}, not this one: ended, dropped from the journal",
-                    if e.transaction {
-                        "an interrupted attach"
-                    } else {
-                        "the attachment"
-                    },
-                    e.owner,
-                    e.boot_id
-                );
-            }
-            j.save()?;
-        }
-        Ok(out)
     }
 
     /// Past the point of no return: every device verified and still on vfio-pci with its

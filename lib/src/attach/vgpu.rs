@@ -165,6 +165,7 @@ impl Host {
     pub fn attach_vgpu(&self, req: &VgpuAttachRequest) -> Result<BootSpec, AttachError> {
         self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
+        self.end_earlier_boots(&mut j)?;
         let (cat, totals) = self.vgpu_catalogue_learning();
         let placement = vgpu::place(&cat, &req.place)?;
         // Kept before the tables shrink: the next catalogue still knows each GPU's total.
