@@ -150,6 +150,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The devices directory (`/dev`), where `vfio/<group>` nodes are.
     pub dev_dir: PathBuf,
+    /// The proc filesystem (`/proc`): who holds a device, and whether the host's processes
+    /// are visible at all (see `gpu_passthrough::pidns`).
+    pub proc_root: PathBuf,
     /// `pci.ids` for resource names (default: the system's).
     pub pci_ids: Option<PathBuf>,
     /// The NVIDIA driver's `supported-gpus.json`: names when `pci.ids` has none.
@@ -175,6 +178,7 @@ impl std::fmt::Debug for Config {
             .field("sysfs_root", &self.sysfs_root)
             .field("state_dir", &self.state_dir)
             .field("dev_dir", &self.dev_dir)
+            .field("proc_root", &self.proc_root)
             .field("prepare", &self.prepare)
             .field("poll_interval", &self.poll_interval)
             .field("kernel_events", &self.kernel_events)
@@ -193,6 +197,7 @@ impl Config {
             sysfs_root: PathBuf::from(paths::SYSFS_ROOT),
             state_dir: PathBuf::from(paths::STATE_DIR),
             dev_dir: PathBuf::from(paths::DEV_DIR),
+            proc_root: PathBuf::from("/proc"),
             pci_ids: None,
             supported_gpus: None,
             prepare: Prepare::None,
@@ -245,8 +250,13 @@ impl Config {
         Host::new(
             &self.sysfs_root,
             &self.state_dir,
-            Box::new(PidLiveness::default()),
+            Box::new(PidLiveness {
+                proc_root: self.proc_root.clone(),
+                gone: Vec::new(),
+            }),
         )
+        // Before the devices directory, which picks the simulated kernel's driver listing.
+        .with_proc_root(&self.proc_root)
         .with_dev_dir(&self.dev_dir)
     }
 

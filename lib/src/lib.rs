@@ -56,6 +56,7 @@ pub mod outcome;
 pub mod owner;
 pub mod paths;
 pub mod pci;
+pub mod pidns;
 pub mod provision;
 pub mod quarantine;
 pub mod registry;

@@ -41,7 +41,9 @@ impl Host {
     /// Reset `device` on demand, then verify it. Refused while it is attached or in a
     /// transaction, and when only a bus reset is possible with a busy sibling on the bus.
     pub fn reset(&self, device: PciAddress) -> Result<HealthCheck, AttachError> {
-        let j = self.journal.lock()?;
+        self.sees_host_processes()?;
+        let mut j = self.journal.lock()?;
+        self.end_earlier_boots(&mut j)?;
         if let Some(owner) = j.state.owner_of(device) {
             return Err(AttachError::ResetRefused {
                 device,
