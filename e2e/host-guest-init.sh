@@ -197,6 +197,27 @@ hardening_holders() {
 }
 hardening_holders
 
+# Blind (issue 24): in a PID namespace of its own, as in a pod without hostPID, /proc shows none
+# of the host's processes, so nothing is moved or released: the device plugin's --prepare is
+# refused naming the fix (bounded: a plugin that started serving would run until killed),
+# attach is refused with the edu device left as it is, doctor fails host_processes (checked by
+# e2e-check from its JSON).
+blind() {
+    mkdir -p /tmp/kubelet/device-plugins
+    run blind-plugin timeout 60 unshare --pid --fork --mount-proc \
+        $CLI device-plugin --kubelet-dir /tmp/kubelet --prepare all
+    rc=$?
+    check "blind: device-plugin --prepare all stops with an error, not the timeout" \
+        test $rc -ne 0 -a $rc -ne 124 -a $rc -ne 143
+    check "blind: the plugin's refusal names hostPID: true" grep -q "hostPID: true" /tmp/out /tmp/err
+    run blind-attach unshare --pid --fork --mount-proc $CLI attach $EDU --owner vm-blind --json
+    check "blind: attach refused" test $? -ne 0
+    check "blind: the attach refusal names hostPID: true" grep -q "hostPID: true" /tmp/out /tmp/err
+    check "blind: edu not moved (no driver, as it came)" test "$(driver_of $EDU)" = none
+    run blind-doctor unshare --pid --fork --mount-proc $CLI doctor --json
+}
+blind
+
 # Optional: a nested QEMU given the edu device through the boot spec's vfio-pci arguments.
 if [ -x /nested/qemu-system-x86_64 ]; then
     run nested-attach $CLI attach $EDU --owner nested --vmm qemu --json

@@ -72,7 +72,7 @@ enum Command {
     /// Reset a device (not attached to anyone) and verify it.
     Reset(health::DeviceArg),
     /// Serve the node's GPUs to the kubelet (a KubeVirt device plugin) until SIGTERM.
-    DevicePlugin(device_plugin::DevicePluginArgs),
+    DevicePlugin(gpu_passthrough_device_plugin::ServeOptions),
 }
 
 fn main() -> ExitCode {

@@ -287,7 +287,7 @@ pub fn allocate(
     moving.sort();
     moving.dedup();
     let owner = new_owner();
-    record(&mut j, &owner, |att, new| {
+    record(&mut j, host, &owner, |att, new| {
         let (out, keep) = att
             .devices
             .drain(..)
@@ -317,6 +317,7 @@ fn vfio_cdev(sysfs: &gpu_passthrough::pci::Sysfs, device: PciAddress) -> Option<
 /// drop the plugin attachments left empty, and save.
 fn record(
     j: &mut LockedJournal,
+    host: &Host,
     owner: &Owner,
     mut take: impl FnMut(&mut Attachment, &mut Attachment),
 ) -> Result<(), AllocateError> {
@@ -325,6 +326,7 @@ fn record(
         owner_process: None,
         devices: Vec::new(),
         vgpus: Vec::new(),
+        boot_id: host.boot_id(),
     };
     for att in j
         .state
@@ -428,7 +430,7 @@ fn allocate_vgpus(
         answers.push(answer);
     }
     let owner = new_owner();
-    record(&mut j, &owner, |att, new| {
+    record(&mut j, host, &owner, |att, new| {
         let (out, keep) = att
             .vgpus
             .drain(..)

@@ -9,7 +9,9 @@ use std::fmt;
 use std::path::Path;
 
 use gpu_passthrough::attach::journal::JournalState;
-use gpu_passthrough::attach::{AttachRequest, Host, Owner, PlanRequest};
+use gpu_passthrough::attach::{
+    AttachError, AttachRequest, EndedByReboot, Host, Owner, PlanRequest,
+};
 use gpu_passthrough::pci::{PciAddress, Sysfs};
 
 use crate::naming::{NameSource, Namer, ResourceKind};
@@ -167,6 +169,9 @@ impl std::str::FromStr for Prepare {
 /// What the start-up pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PrepareReport {
+    /// Attachments of an earlier boot (the plugin's or anyone's), ended and dropped from the
+    /// journal before anything else: after a reboot none of them is in place.
+    pub ended_by_reboot: Vec<EndedByReboot>,
     /// GPUs already on vfio-pci, recorded for the pool without a write.
     pub adopted: Vec<PciAddress>,
     /// GPUs moved to vfio-pci by the attach transaction.
@@ -189,6 +194,9 @@ impl fmt::Display for PrepareReport {
                     .join(", ")
             }
         };
+        for e in &self.ended_by_reboot {
+            writeln!(f, "ended {} (recorded in boot {})", e.owner, e.boot_id)?;
+        }
         writeln!(f, "adopted (already on vfio-pci): {}", list(&self.adopted))?;
         writeln!(f, "moved to vfio-pci: {}", list(&self.moved))?;
         for (a, why) in &self.skipped {
@@ -201,13 +209,27 @@ impl fmt::Display for PrepareReport {
 /// Record the unowned NVIDIA GPUs already on vfio-pci for the pool, and move `prepare` more
 /// to vfio-pci, each through the attach transaction with owner [`POOL_OWNER`]. Never takes
 /// the boot display or a group with host devices (the plan refuses them).
+///
+/// A plugin that cannot see the host's processes (no `hostPID`) refuses a `prepare` other
+/// than [`Prepare::None`] outright, naming the fix: it was asked to move GPUs and cannot do so
+/// safely. With [`Prepare::None`] it adopts nothing (each candidate is skipped with that
+/// reason) and serves what the journal already holds.
 pub fn prepare(
     host: &Host,
     prepare: Prepare,
     supported_gpus: Option<&Path>,
 ) -> Result<PrepareReport, PluginError> {
+    // First, so a GPU the reboot left on vfio-pci (`vfio-pci.ids=`) is adopted afresh rather
+    // than served on an earlier boot's record.
+    let ended_by_reboot = host.end_previous_boot()?;
+    if prepare != Prepare::None {
+        host.sees_host_processes().map_err(AttachError::from)?;
+    }
     let owner = Owner::new(POOL_OWNER).expect("valid owner");
-    let mut report = PrepareReport::default();
+    let mut report = PrepareReport {
+        ended_by_reboot,
+        ..Default::default()
+    };
     let mut budget = match prepare {
         Prepare::None => 0,
         Prepare::Count(n) => n,

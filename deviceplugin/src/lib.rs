@@ -41,6 +41,7 @@ use std::time::Duration;
 use gpu_passthrough::attach::{AttachError, Host, JournalError, PidLiveness};
 use gpu_passthrough::paths;
 use gpu_passthrough::pci::ids::{PciIds, SupportedGpus};
+use gpu_passthrough::provision::Locations;
 
 pub use inventory::Prepare;
 pub use server::run;
@@ -103,6 +104,41 @@ pub enum PluginError {
     },
 }
 
+/// What an operator chooses when starting the plugin: the CLI's `device-plugin` flags (derived
+/// with the `cli` feature), turned into a [`Config`] by [`Config::from_options`].
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct ServeOptions {
+    /// The kubelet's directory; sockets go in its `device-plugins/`.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "DIR", default_value = "/var/lib/kubelet")
+    )]
+    pub kubelet_dir: PathBuf,
+    /// Also move this many free GPUs (or `all`) to vfio-pci at start (owner `device-plugin`).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N|all"))]
+    pub prepare: Option<Prepare>,
+    /// How often health, the sockets and the kubelet are checked when no kernel event woke the
+    /// plugin sooner, in milliseconds.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "MS", default_value_t = 30_000)
+    )]
+    pub poll_ms: u64,
+    /// pci.ids for resource names [default: the system's].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
+    pub pci_ids: Option<PathBuf>,
+    /// The NVIDIA driver's supported-gpus.json: names for GPUs pci.ids does not know.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "FILE", env = "GPU_PASSTHROUGH_SUPPORTED_GPUS")
+    )]
+    pub supported_gpus: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9400) [default: none].
+    #[cfg_attr(feature = "cli", arg(long, value_name = "ADDR"))]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
 /// How the plugin runs.
 #[derive(Clone)]
 pub struct Config {
@@ -114,6 +150,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The devices directory (`/dev`), where `vfio/<group>` nodes are.
     pub dev_dir: PathBuf,
+    /// The proc filesystem (`/proc`): who holds a device, and whether the host's processes
+    /// are visible at all (see `gpu_passthrough::pidns`).
+    pub proc_root: PathBuf,
     /// `pci.ids` for resource names (default: the system's).
     pub pci_ids: Option<PathBuf>,
     /// The NVIDIA driver's `supported-gpus.json`: names when `pci.ids` has none.
@@ -139,6 +178,7 @@ impl std::fmt::Debug for Config {
             .field("sysfs_root", &self.sysfs_root)
             .field("state_dir", &self.state_dir)
             .field("dev_dir", &self.dev_dir)
+            .field("proc_root", &self.proc_root)
             .field("prepare", &self.prepare)
             .field("poll_interval", &self.poll_interval)
             .field("kernel_events", &self.kernel_events)
@@ -157,6 +197,7 @@ impl Config {
             sysfs_root: PathBuf::from(paths::SYSFS_ROOT),
             state_dir: PathBuf::from(paths::STATE_DIR),
             dev_dir: PathBuf::from(paths::DEV_DIR),
+            proc_root: PathBuf::from("/proc"),
             pci_ids: None,
             supported_gpus: None,
             prepare: Prepare::None,
@@ -164,6 +205,23 @@ impl Config {
             quarantine: None,
             kernel_events: true,
             metrics_addr: None,
+        }
+    }
+
+    /// The configuration an operator's [`ServeOptions`] ask for, on the host `at` names. The
+    /// poll is at least 10 ms, so a typo cannot make the plugin spin.
+    pub fn from_options(at: &Locations, options: &ServeOptions) -> Self {
+        Config {
+            kubelet_dir: options.kubelet_dir.clone(),
+            sysfs_root: at.sysfs_root.clone(),
+            state_dir: at.state_dir.clone(),
+            dev_dir: at.dev_dir.clone(),
+            pci_ids: options.pci_ids.clone(),
+            supported_gpus: options.supported_gpus.clone(),
+            prepare: options.prepare.unwrap_or(Prepare::None),
+            poll_interval: Duration::from_millis(options.poll_ms.max(10)),
+            metrics_addr: options.metrics_addr,
+            ..Config::new()
         }
     }
 
@@ -192,8 +250,13 @@ impl Config {
         Host::new(
             &self.sysfs_root,
             &self.state_dir,
-            Box::new(PidLiveness::default()),
+            Box::new(PidLiveness {
+                proc_root: self.proc_root.clone(),
+                gone: Vec::new(),
+            }),
         )
+        // Before the devices directory, which picks the simulated kernel's driver listing.
+        .with_proc_root(&self.proc_root)
         .with_dev_dir(&self.dev_dir)
     }
 
@@ -268,4 +331,36 @@ pub fn run_until_signal(config: Config) -> Result<inventory::PrepareReport, Plug
         })
         .await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_become_a_config_on_the_named_host_with_a_floor_on_the_poll() {
+        let at = Locations {
+            registries: Vec::new(),
+            cache_dir: None,
+            sysfs_root: PathBuf::from("/fake/sys"),
+            state_dir: PathBuf::from("/fake/state"),
+            dev_dir: PathBuf::from("/fake/dev"),
+        };
+        let options = ServeOptions {
+            kubelet_dir: PathBuf::from("/fake/kubelet"),
+            prepare: None,
+            poll_ms: 0,
+            pci_ids: None,
+            supported_gpus: None,
+            metrics_addr: None,
+        };
+        let config = Config::from_options(&at, &options);
+        assert_eq!(config.sysfs_root, at.sysfs_root);
+        assert_eq!(config.state_dir, at.state_dir);
+        assert_eq!(config.dev_dir, at.dev_dir);
+        assert_eq!(config.kubelet_dir, options.kubelet_dir);
+        assert_eq!(config.prepare, Prepare::None);
+        assert_eq!(config.poll_interval, Duration::from_millis(10));
+        assert!(config.kernel_events, "kernel events stay on by default");
+    }
 }

@@ -4,17 +4,22 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
-/// An exclusive `flock` on `path` (created if missing), held until the value is dropped.
+/// An exclusive `flock` on `path` (created `0600` if missing, never through a symlink planted
+/// there), held until the value is dropped.
 pub(crate) fn lock_exclusive(path: &Path) -> io::Result<Flock<File>> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
     Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| io::Error::from(errno))
 }
@@ -32,6 +37,12 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Flush everything written to the filesystem holding `path` (`syncfs(2)`): one call for a
+/// whole unpacked tree instead of an fsync per file.
+pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {
+    nix::unistd::syncfs(File::open(path)?).map_err(io::Error::from)
+}
+
 /// Rename `from` to `to` and make the rename durable (fsync of `to`'s directory).
 pub(crate) fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     fs::rename(from, to)?;
@@ -43,19 +54,79 @@ pub(crate) fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
 
 /// Replace `path` with `bytes` atomically: a reader sees the old or the new content, never a
 /// mix, and after return the new content survives a power cut (temp file in the same
-/// directory, fsync, rename, fsync of the directory).
+/// directory, fsync, rename, fsync of the directory). The file is `0644` (less the umask).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp_name = name.to_owned();
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let result = write_synced(&tmp, bytes).and_then(|()| rename_durable(&tmp, path));
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// [`write_atomic`] for state only root reads (the journal, the health records): `0600`.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let (tmp, mut file) = create_temp_beside(path, mode)?;
+    let result = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| rename_durable(&tmp, path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// A new file beside `path` under a fresh name, created exclusively (`O_CREAT|O_EXCL`, plus
+/// `O_NOFOLLOW`): never an existing file, never through a symlink someone planted under the
+/// name; a name taken is skipped for the next.
+fn create_temp_beside(path: &Path, mode: u32) -> io::Result<(PathBuf, File)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?
+        .to_string_lossy()
+        .into_owned();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut last = None;
+    for _ in 0..16 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{name}.{}.{n}.{nanos:x}.tmp", std::process::id()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists)))
+}
+
+/// Create `dir` (and missing parents) `0700` if missing; then, whether new or not, say why it
+/// is not safe for state only root may change: `Some(why)` when it is owned by someone other
+/// than root or this user, or is group- or world-writable (anyone could then replace the
+/// journal, or plant a link under a name it writes). `None` when it is safe.
+pub(crate) fn private_dir(dir: &Path) -> io::Result<Option<String>> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let mode = meta.permissions().mode() & 0o7777;
+    Ok(if meta.uid() != 0 && meta.uid() != me {
+        Some(format!("it is owned by uid {}, not root", meta.uid()))
+    } else if mode & 0o022 != 0 {
+        Some(format!("it is group- or world-writable (mode {mode:04o})"))
+    } else {
+        None
+    })
 }
 
 /// The sha256 and length of everything `reader` yields.
@@ -92,6 +163,50 @@ mod tests {
         let p = dir.path().join("missing/state.json");
         assert!(write_atomic(&p, b"x").is_err());
         assert!(!dir.path().join("missing").exists());
+    }
+
+    #[test]
+    fn a_link_planted_under_a_temp_or_lock_name_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let p = dir.path().join("journal.json");
+        // A link under the temp name the previous scheme used (predictable: `<name>.tmp.<pid>`).
+        let pid = std::process::id();
+        std::os::unix::fs::symlink(&victim, dir.path().join(format!("journal.json.tmp.{pid}")))
+            .unwrap();
+        write_private(&p, b"state").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(&p).unwrap(), b"state");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // The lock file, too, is never opened through a link.
+        let lock = dir.path().join("lock");
+        std::os::unix::fs::symlink(&victim, &lock).unwrap();
+        assert!(lock_exclusive(&lock).is_err());
+    }
+
+    #[test]
+    fn a_state_dir_is_made_0700_and_refused_when_others_may_write_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/state");
+        assert_eq!(private_dir(&state).unwrap(), None);
+        assert_eq!(
+            fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        let why = private_dir(&state).unwrap().expect("refused");
+        assert!(why.contains("0777"), "{why}");
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(private_dir(&state).unwrap(), None, "0755 is safe");
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+            let why = private_dir(&state).unwrap().expect("refused");
+            assert!(why.contains("uid 4242"), "{why}");
+        }
     }
 
     #[test]

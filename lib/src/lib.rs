@@ -15,6 +15,7 @@
 //! - [`initrd`]: build the base, GPU and combined initrd layers.
 //! - [`driver_build`]: compile NVIDIA's modules for one kernel in a bubblewrap sandbox.
 //! - [`paths`]: default locations (cache, state dir, sysfs).
+//! - [`tools`]: the host programs the library runs, found at checked system paths, never via `PATH`.
 //! - [`pci`]: the host's PCI devices as sysfs shows them (read-only).
 //! - [`attach`]: plan, bind to vfio-pci as a journaled transaction, verify, detach, reconcile.
 //! - [`owner`]: who holds devices ([`owner::Owner`]), named by every record and report.
@@ -55,6 +56,7 @@ pub mod outcome;
 pub mod owner;
 pub mod paths;
 pub mod pci;
+pub mod pidns;
 pub mod provision;
 pub mod quarantine;
 pub mod registry;
@@ -62,6 +64,7 @@ pub mod remedy;
 #[cfg(feature = "simulation")]
 pub mod simulation;
 pub mod text;
+pub mod tools;
 pub mod versions;
 pub mod vfio;
 pub mod vgpu;

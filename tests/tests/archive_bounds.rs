@@ -237,3 +237,26 @@ fn directory_modes_are_normalised_to_0755() {
         assert_eq!(mode & 0o7777, 0o755, "{dir}");
     }
 }
+
+#[test]
+fn file_modes_lose_group_and_world_write_and_keep_their_read_and_execute_bits() {
+    let mut t = tar::Builder::new(Vec::new());
+    for (name, mode) in [("shared", 0o666), ("tool", 0o777), ("private", 0o600)] {
+        t.append(&gnu_header(name, EntryType::Regular, 1, mode), &b"x"[..])
+            .unwrap();
+    }
+    let bytes = t.into_inner().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("files.tar");
+    std::fs::write(&archive, &bytes).unwrap();
+    let dest = tmp.path().join("out");
+    extract_tar(&archive, &dest, &Limits::default()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for (name, want) in [("shared", 0o644), ("tool", 0o755), ("private", 0o600)] {
+        let mode = std::fs::metadata(dest.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, want, "{name}: {mode:o}");
+    }
+}

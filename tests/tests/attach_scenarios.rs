@@ -561,3 +561,49 @@ fn a_journal_with_mdev_records_of_an_earlier_release_is_released() {
     assert!(h.journal_clean());
     assert_eq!(h.mdevs().len(), 0);
 }
+
+/// `attach --mdev-type T A B A` asks for one mdev on A, not two: duplicates are dropped
+/// wherever they stand, not only when adjacent.
+#[test]
+fn a_device_named_twice_apart_is_taken_once() {
+    let h = sysfs::vgpu_host();
+    h.add(
+        sysfs::FakeDevice::new("0000:3e:00.0", 0x10de, 0x25b6, 0x030200)
+            .driver("nvidia")
+            .group(31)
+            .mdev("nvidia-735", "NVIDIA A16-4Q", 4),
+    );
+    let mreq = PlanRequest {
+        mdev_type: Some("nvidia-735".into()),
+        ..req(&["0000:3d:00.0", "0000:3e:00.0", "0000:3d:00.0"])
+    };
+    let p = h.host().plan(&mreq).unwrap();
+    assert_eq!(p.requested, [a("0000:3d:00.0"), a("0000:3e:00.0")]);
+    assert_eq!(p.mdevs.len(), 2, "{:?}", p.mdevs);
+    let spec = h
+        .host()
+        .attach(&AttachRequest {
+            plan: mreq,
+            owner: owner("vm-v"),
+            initrd: None,
+        })
+        .unwrap();
+    assert_eq!(spec.devices.len(), 2);
+    let avail = |d: &str| {
+        std::fs::read_to_string(h.sys.join(format!(
+            "bus/pci/devices/{d}/mdev_supported_types/nvidia-735/available_instances"
+        )))
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(avail("0000:3d:00.0"), "3", "one mdev on A, not two");
+    assert_eq!(avail("0000:3e:00.0"), "3");
+    // Bound devices too: the same address twice, apart, is one device.
+    let w = sysfs::workstation();
+    let p = w
+        .host()
+        .plan(&req(&["0000:01:00.0", "0000:03:00.0", "0000:01:00.0"]))
+        .unwrap();
+    assert_eq!(p.requested, [a("0000:01:00.0"), a("0000:03:00.0")]);
+}

@@ -1073,3 +1073,142 @@ async fn vfio_node_and_kubelet_changes_are_seen_without_waiting_for_the_poll() {
     plugin.stop().await;
     kubelet.stop().await;
 }
+
+/// A proc root as a pod without `hostPID` sees it: its own PID namespace.
+fn container_proc(h: &FakeHost) -> PathBuf {
+    let root = h.dir.path().join("container-proc");
+    fs::create_dir_all(root.join("self/ns")).unwrap();
+    symlink("pid:[4026532611]", root.join("self/ns/pid")).unwrap();
+    root
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blind_plugin_refuses_prepare_naming_host_pid_and_moves_nothing() {
+    let h = workstation();
+    let cfg = Config {
+        prepare: Prepare::All,
+        proc_root: container_proc(&h),
+        ..config(&h)
+    };
+    let err = gpu_passthrough_device_plugin::run(cfg, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("hostPID: true"), "{err}");
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
+    assert!(h.journal_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blind_plugin_serves_its_pool_but_adopts_nothing() {
+    let h = vfio_host();
+    // Prepared earlier by a plugin that saw the host: 18:00.0 is in the pool.
+    let pool = gpu_passthrough::attach::Owner::new("device-plugin").unwrap();
+    h.host()
+        .attach(&gpu_passthrough::attach::AttachRequest {
+            plan: gpu_passthrough::attach::PlanRequest {
+                devices: vec!["0000:18:00.0".parse().unwrap()],
+                ..Default::default()
+            },
+            owner: pool,
+            initrd: None,
+        })
+        .unwrap();
+    let cfg = Config {
+        proc_root: container_proc(&h),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    let regs = kubelet.wait_registrations(1, WAIT).await;
+    assert_eq!(regs[0].resource_name, H100);
+    let mut client = plugin_client(&plugin.dir.join(H100_SOCK)).await;
+    let mut stream = client.list_and_watch(Empty {}).await.unwrap().into_inner();
+    let first = next(&mut stream).await;
+    let ids: Vec<&str> = first.devices.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["0000:18:00.0"], "the unowned 9a:00.0 is not adopted");
+    assert_eq!(health(&first, "0000:18:00.0"), "Healthy");
+    // Allocate moves no device (a pool GPU on vfio-pci changes owner in the journal): served.
+    client.allocate(alloc(&["0000:18:00.0"])).await.unwrap();
+    assert_eq!(owner_of(&h, "0000:9a:00.0"), None);
+    let report = plugin.stop().await;
+    assert!(report.adopted.is_empty(), "{report:?}");
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|(a, why)| a.to_string() == "0000:9a:00.0" && why.contains("hostPID: true")),
+        "{report:?}"
+    );
+    kubelet.stop().await;
+}
+
+/// A proc root seeing the host, in boot `boot`.
+fn host_proc_in_boot(h: &FakeHost, boot: &str) -> PathBuf {
+    let root = h.dir.path().join("host-proc");
+    fs::create_dir_all(root.join("self/ns")).unwrap();
+    let _ = symlink(
+        gpu_passthrough::pidns::INITIAL_PID_NS,
+        root.join("self/ns/pid"),
+    );
+    fs::create_dir_all(root.join("sys/kernel/random")).unwrap();
+    fs::write(root.join("sys/kernel/random/boot_id"), format!("{boot}\n")).unwrap();
+    root
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_start_after_a_reboot_the_earlier_boots_records_end_and_gpus_are_adopted_afresh() {
+    let h = vfio_host();
+    // Boot A: 18:00.0 in the pool, 9a:00.0 allocated to a pod.
+    let before = host_proc_in_boot(&h, "boot-a");
+    for (addr, who) in [
+        ("0000:18:00.0", "device-plugin"),
+        ("0000:9a:00.0", "device-plugin:alloc-1"),
+    ] {
+        h.host()
+            .with_proc_root(&before)
+            .attach(&gpu_passthrough::attach::AttachRequest {
+                plan: gpu_passthrough::attach::PlanRequest {
+                    devices: vec![addr.parse().unwrap()],
+                    ..Default::default()
+                },
+                owner: gpu_passthrough::attach::Owner::new(who).unwrap(),
+                initrd: None,
+            })
+            .unwrap();
+    }
+    // Boot B: both GPUs are on vfio-pci again by the node's own configuration.
+    let cfg = Config {
+        proc_root: host_proc_in_boot(&h, "boot-b"),
+        ..config(&h)
+    };
+    let kubelet = StubKubelet::start(&cfg.plugin_dir());
+    let plugin = start(cfg);
+    kubelet.wait_registrations(2, WAIT).await;
+    let j = h.journal().unwrap();
+    for att in j["attachments"].as_array().unwrap() {
+        assert_eq!(att["boot_id"], "boot-b", "{att}");
+        assert_eq!(
+            att["owner"], "device-plugin",
+            "the pod's allocation ended: {att}"
+        );
+    }
+    let report = plugin.stop().await;
+    let ended: Vec<String> = report
+        .ended_by_reboot
+        .iter()
+        .map(|e| format!("{} {}", e.owner, e.boot_id))
+        .collect();
+    assert_eq!(
+        ended,
+        ["device-plugin boot-a", "device-plugin:alloc-1 boot-a"]
+    );
+    let mut adopted: Vec<String> = report.adopted.iter().map(|a| a.to_string()).collect();
+    adopted.sort();
+    assert!(
+        adopted.contains(&"0000:18:00.0".to_owned())
+            && adopted.contains(&"0000:9a:00.0".to_owned()),
+        "{report:?}"
+    );
+    kubelet.stop().await;
+}

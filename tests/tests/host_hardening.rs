@@ -47,8 +47,14 @@ struct FakeProc(PathBuf);
 
 impl FakeProc {
     fn new(h: &FakeHost, name: &str) -> FakeProc {
+        FakeProc::in_namespace(h, name, gpu_passthrough::pidns::INITIAL_PID_NS)
+    }
+
+    /// A proc root whose `self/ns/pid` reads `ns`: the host's, or a container's.
+    fn in_namespace(h: &FakeHost, name: &str, ns: &str) -> FakeProc {
         let root = h.dir.path().join(name);
-        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(root.join("self/ns")).unwrap();
+        symlink(ns, root.join("self/ns/pid")).unwrap();
         FakeProc(root)
     }
 
@@ -235,6 +241,7 @@ fn reconcile_does_not_roll_back_an_abandoned_transaction_whose_device_is_held() 
             owner_process: None,
             devices,
             vgpus: Vec::new(),
+            boot_id: att.boot_id,
         });
         j.save().unwrap();
     }
@@ -267,8 +274,94 @@ fn an_unreadable_proc_root_fails_closed() {
         .with_proc_root(h.dir.path().join("no-proc"))
         .detach(&owner("vm-1"))
         .unwrap_err();
-    assert!(matches!(err, AttachError::ProcUnreadable { .. }), "{err}");
+    assert!(matches!(err, AttachError::Blind(_)), "{err}");
     assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+}
+
+// ---------------------------------------------------------------- blind: another PID namespace
+
+/// A container's PID namespace (a pod without `hostPID`): its proc shows none of the host's
+/// processes, so a holder check would find nobody.
+const CONTAINER_NS: &str = "pid:[4026532611]";
+
+fn assert_blind(e: &AttachError) {
+    assert!(matches!(e, AttachError::Blind(_)), "{e}");
+    assert_eq!(e.outcome(), Outcome::Refused);
+    let text = e.to_string();
+    assert!(
+        text.contains("hostPID: true") && text.contains(CONTAINER_NS),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_blind_process_moves_and_releases_nothing() {
+    let h = sysfs::workstation();
+    let container = FakeProc::in_namespace(&h, "proc-container", CONTAINER_NS);
+    let blind = h.host().with_proc_root(&container.0);
+    // Attach: refused before anything is recorded or written.
+    assert_blind(&attach(&blind, &["0000:01:00.0"], "vm-1").unwrap_err());
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("nvidia"));
+    assert!(h.journal_clean());
+    // Attached from the host; then detach, reset and reconcile from the container refuse.
+    attach(&h.host(), &["0000:01:00.0"], "vm-1").unwrap();
+    assert_blind(&blind.detach(&owner("vm-1")).unwrap_err());
+    assert_blind(&blind.reset(a("0000:03:00.0")).unwrap_err());
+    assert_blind(&blind.reconcile().unwrap_err());
+    assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("nvme"));
+    assert_eq!(h.journal().unwrap()["attachments"][0]["owner"], "vm-1");
+    h.host().detach(&owner("vm-1")).unwrap();
+}
+
+#[test]
+fn read_only_commands_work_blind_and_say_so() {
+    let h = sysfs::workstation();
+    let container = FakeProc::in_namespace(&h, "proc-container", CONTAINER_NS);
+    let blind = h.host().with_proc_root(&container.0);
+    let plan = blind.plan(&req(&["0000:01:00.0"])).unwrap();
+    assert!(
+        plan.refusals
+            .iter()
+            .any(|r| r.reason == RefusalReason::Blind && r.message.contains("hostPID")),
+        "{:?}",
+        plan.refusals
+    );
+    let listing = blind.listing(false, None).unwrap();
+    let gpu = listing
+        .devices
+        .iter()
+        .find(|d| d.device.address == a("0000:01:00.0"))
+        .unwrap();
+    assert!(!gpu.ready);
+    assert!(
+        gpu.not_ready_because.iter().any(|w| w.contains("hostPID")),
+        "{:?}",
+        gpu.not_ready_because
+    );
+    let doctor = blind.doctor(None).unwrap();
+    let finding = doctor
+        .checks
+        .iter()
+        .find(|c| c.name == "host_processes")
+        .unwrap();
+    assert_eq!(finding.status, gpu_passthrough::attach::CheckStatus::Fail);
+    assert!(finding.fix.contains("hostPID: true"), "{finding:?}");
+    // From the host's namespace the same checks pass.
+    let seeing = FakeProc::new(&h, "proc-host");
+    let host = h.host().with_proc_root(&seeing.0);
+    assert!(
+        host.plan(&req(&["0000:01:00.0"]))
+            .unwrap()
+            .refusals
+            .is_empty()
+    );
+    let doctor = host.doctor(None).unwrap();
+    let finding = doctor.checks.iter().find(|c| c.name == "host_processes");
+    assert_eq!(
+        finding.map(|c| c.status),
+        Some(gpu_passthrough::attach::CheckStatus::Ok)
+    );
 }
 
 #[test]

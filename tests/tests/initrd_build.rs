@@ -817,3 +817,46 @@ fn walk_find(dir: &Path, name: &str) -> PathBuf {
     }
     panic!("{name} not under {}", dir.display())
 }
+
+#[test]
+fn an_unpacked_tree_without_its_record_is_unpacked_again_not_trusted() {
+    // A crash after the tree moved into place but before its record was written, or a
+    // directory someone made by hand: either way the tree is not the artifact's.
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Artifacts::real().registry(dir.path(), fixtures::KERNEL_VERSION);
+    let init = guest_init(dir.path());
+    let cache = dir.path().join("cache");
+    let opts = options(&init, LayerCompression::None);
+    let first = build(&cache, &registry, &opts, false).unwrap();
+    let unpacked = cache.join("unpacked");
+    let mut trees = Vec::new();
+    for entry in fs::read_dir(&unpacked).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() && !path.to_string_lossy().contains("tmp-") {
+            let record = path.with_file_name(format!(
+                "{}.tree.json",
+                path.file_name().unwrap().to_string_lossy()
+            ));
+            fs::remove_file(&record).unwrap();
+            fs::write(path.join("planted"), b"not from the artifact").unwrap();
+            trees.push((path, record));
+        }
+    }
+    assert_eq!(trees.len(), 4, "{trees:?}");
+    let first_gpu = fs::read(&first.gpu.path).unwrap();
+    fs::remove_dir_all(first.gpu.path.parent().unwrap()).unwrap();
+
+    let second = build(&cache, &registry, &opts, false).unwrap();
+    for (tree, record) in &trees {
+        assert!(
+            !tree.join("planted").exists(),
+            "{} was trusted",
+            tree.display()
+        );
+        assert!(record.is_file(), "{} not recorded again", record.display());
+    }
+    assert!(
+        fs::read(&second.gpu.path).unwrap() == first_gpu,
+        "the layer made from the re-unpacked trees differs"
+    );
+}

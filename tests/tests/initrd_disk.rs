@@ -1,19 +1,18 @@
 //! The GPU disk (`--form disk|both`) over the real fixtures: a byte-reproducible erofs image
 //! that fsck.erofs accepts and that holds exactly the GPU layer's `/gpu` tree, a base layer with
 //! the mount modules in load order, and the refusals (a mount module missing from the
-//! kernel-modules artifact, mkfs.erofs not installed).
+//! kernel-modules artifact, mkfs.erofs not installed or planted in PATH).
 
 use gpu_passthrough::outcome::{Classify, Outcome};
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use gpu_passthrough::archive::cpio::read_initrd;
 use gpu_passthrough::fetch::{FetchOptions, Fetcher, NoProgress};
-use gpu_passthrough::initrd::disk::{
-    EROFS_PACKAGE, IMAGE_ALIGN, MKFS_EROFS, MODULE_DIR, ORDER_FILE,
-};
+use gpu_passthrough::initrd::disk::{IMAGE_ALIGN, MKFS_EROFS, MODULE_DIR, ORDER_FILE};
 use gpu_passthrough::initrd::listing::{self, Listing, ListingError};
 use gpu_passthrough::initrd::{
     BuildOptions, DiskError, InitrdBuilder, InitrdError, LayerForm, Layers,
@@ -442,40 +441,41 @@ fn kernel_modules_without_a_mount_module_are_refused_naming_it() {
     let _ = fs::remove_dir_all(&dir);
 }
 
-/// Child of the next test: runs a disk build with a PATH that has no mkfs.erofs.
+/// Child of the next test: runs a disk build with a PATH whose first directory holds a planted
+/// `mkfs.erofs`.
 #[test]
-#[ignore = "child process of missing_mkfs_erofs_is_a_typed_error_naming_the_package"]
-fn no_mkfs_child() {
+#[ignore = "child process of a_planted_mkfs_erofs_first_in_path_is_never_run"]
+fn planted_mkfs_child() {
     let dir = PathBuf::from(std::env::var_os("DISK_CHILD_DIR").expect("run by the parent only"));
     let registry = Registry::load(&[dir.join("registry.toml")]).unwrap();
-    let err = build(
+    let layers = build(
         &dir.join("cache"),
         &registry,
         &dir.join("gpu-init"),
         LayerForm::Disk,
     )
-    .unwrap_err();
-    match &err {
-        InitrdError::Disk(DiskError::MkfsMissing {
-            program, package, ..
-        }) => {
-            assert_eq!(*program, MKFS_EROFS);
-            assert_eq!(*package, EROFS_PACKAGE);
-        }
-        other => panic!("expected MkfsMissing, got {other:?}"),
-    }
-    assert!(err.to_string().contains("erofs-utils"), "{err}");
+    .unwrap();
+    assert!(layers.disk.is_some());
 }
 
 #[test]
-fn missing_mkfs_erofs_is_a_typed_error_naming_the_package() {
-    let (dir, _registry, _init) = setup("initrd_disk-nomkfs", fixtures::KERNEL_MODULES_PMEM);
-    let empty = dir.join("empty-path");
-    fs::create_dir_all(&empty).unwrap();
+fn a_planted_mkfs_erofs_first_in_path_is_never_run() {
+    let (dir, _registry, _init) = setup("initrd_disk-planted", fixtures::KERNEL_MODULES_PMEM);
+    let planted = dir.join("planted");
+    fs::create_dir_all(&planted).unwrap();
+    let marker = dir.join("planted-ran");
+    let script = planted.join(MKFS_EROFS.program);
+    fs::write(
+        &script,
+        format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", planted.display(), std::env::var("PATH").unwrap());
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "no_mkfs_child", "--ignored", "--nocapture"])
+        .args(["--exact", "planted_mkfs_child", "--ignored", "--nocapture"])
         .env("DISK_CHILD_DIR", &dir)
-        .env("PATH", &empty)
+        .env("PATH", &path)
         .output()
         .unwrap();
     assert!(
@@ -485,5 +485,25 @@ fn missing_mkfs_erofs_is_a_typed_error_naming_the_package() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+    assert!(!marker.exists(), "the mkfs.erofs planted first in PATH ran");
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn mkfs_erofs_is_found_only_in_the_system_directories_and_its_absence_names_the_package() {
+    let found = MKFS_EROFS
+        .find()
+        .expect("erofs-utils is installed for these tests");
+    assert!(
+        found.starts_with("/usr") || found.starts_with("/sbin") || found.starts_with("/bin"),
+        "{}",
+        found.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let err = MKFS_EROFS.find_in(&[dir.path().to_path_buf()]).unwrap_err();
+    let disk = InitrdError::Disk(DiskError::Mkfs(err));
+    let text = disk.to_string();
+    assert!(text.contains(MKFS_EROFS.package), "{text}");
+    assert!(text.contains(&dir.path().display().to_string()), "{text}");
+    assert_eq!(disk.outcome(), Outcome::Failed);
 }

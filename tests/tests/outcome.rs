@@ -21,6 +21,7 @@ use gpu_passthrough::pci::{AddressError, PciAddress, PciError};
 use gpu_passthrough::provision::ProvisionError;
 use gpu_passthrough::registry::{Arch, ArtifactKind, DigestError, RegistryError, Sha256Digest};
 use gpu_passthrough::remedy::Remedy;
+use gpu_passthrough::tools::ToolError;
 use gpu_passthrough::versions::{DiffError, Verdict, VersionsError};
 use gpu_passthrough::vfio::VfioCheckError;
 use gpu_passthrough::vgpu::VgpuError;
@@ -66,6 +67,7 @@ fn every_error_type_of_the_library_is_classified() {
     classified::<VersionsError>();
     classified::<VfioCheckError>();
     classified::<VgpuError>();
+    classified::<ToolError>();
 }
 
 fn io() -> std::io::Error {
@@ -235,12 +237,17 @@ fn a_disk_whose_mount_modules_are_missing_failed_verification() {
         InitrdError::Disk(missing).outcome(),
         Outcome::VerificationFailed
     );
-    let mkfs = DiskError::MkfsMissing {
-        program: "mkfs.erofs",
-        package: "erofs-utils",
-        source: io(),
-    };
+    let mkfs = DiskError::Mkfs(ToolError::Missing {
+        tool: gpu_passthrough::initrd::disk::MKFS_EROFS,
+        dirs: Vec::new(),
+    });
     assert_eq!(InitrdError::Disk(mkfs).outcome(), Outcome::Failed);
+    let planted = DiskError::Mkfs(ToolError::Untrusted {
+        tool: gpu_passthrough::initrd::disk::MKFS_EROFS,
+        path: "/usr/local/sbin".into(),
+        why: "it is owned by uid 1000".into(),
+    });
+    assert_eq!(InitrdError::Disk(planted).outcome(), Outcome::Refused);
 }
 
 #[test]

@@ -32,8 +32,8 @@ fn resets(h: &FakeHost, addr: &str) -> String {
     fs::read_to_string(dev_file(h, addr, SIM_RESET_LOG)).unwrap_or_default()
 }
 
-/// A fake proc tree: the nvidia driver's GPU list (`Device Minor` N for each GPU) and no
-/// processes yet.
+/// A fake proc tree of the host's PID namespace: the nvidia driver's GPU list (`Device Minor`
+/// N for each GPU) and no processes yet.
 fn fake_proc(h: &FakeHost, gpus: &[(&str, u32)]) -> PathBuf {
     let proc = h.dir.path().join("proc");
     for (addr, minor) in gpus {
@@ -41,7 +41,12 @@ fn fake_proc(h: &FakeHost, gpus: &[(&str, u32)]) -> PathBuf {
         fs::create_dir_all(&d).unwrap();
         fs::write(d.join("information"), format!("Device Minor: \t {minor}\n")).unwrap();
     }
-    fs::create_dir_all(&proc).unwrap();
+    fs::create_dir_all(proc.join("self/ns")).unwrap();
+    symlink(
+        gpu_passthrough::pidns::INITIAL_PID_NS,
+        proc.join("self/ns/pid"),
+    )
+    .unwrap();
     proc
 }
 

@@ -207,6 +207,24 @@ pub fn checks(console: &Console, nested: bool) -> Checks {
         || format!("vfio checks: {vfio:?}"),
     );
     c.info(format!("doctor checks: {statuses:?}"));
+    c.check(
+        "doctor: host_processes OK (the guest's init runs in the initial PID namespace)",
+        statuses.get("host_processes") == Some(&CheckStatus::Ok),
+        || format!("checks: {statuses:?}"),
+    );
+    // Run under `unshare --pid --fork --mount-proc` (a pod without hostPID): blind, and it says so.
+    let blind = run.command("blind-doctor").parse::<DoctorReport>();
+    c.check(
+        "blind: doctor in a PID namespace of its own fails host_processes, naming hostPID: true",
+        blind.as_ref().is_ok_and(|d| {
+            d.checks.iter().any(|k| {
+                k.name == "host_processes"
+                    && k.status == CheckStatus::Fail
+                    && k.fix.contains("hostPID: true")
+            })
+        }),
+        || format!("{blind:?}"),
+    );
     if run.facts.get("kvm").map(String::as_str) == Some("present") {
         rc_is(&mut c, &run, "doctor", 0);
     } else {

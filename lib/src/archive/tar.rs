@@ -654,8 +654,14 @@ impl Walker {
             source,
         })? & 0o777;
         // A directory's mode from an artifact only decides who may add files under it (0777)
-        // or lock the builder out of it (0000): both are wrong for a layer, so it is fixed.
-        let mode = if node == Node::Dir { 0o755 } else { mode };
+        // or lock the builder out of it (0000): both are wrong for a layer, so it is fixed. A
+        // file keeps its read and execute bits but nobody other than its owner may write it:
+        // the unpacked tree is what layers and disks are built from.
+        let mode = if node == Node::Dir {
+            0o755
+        } else {
+            mode & 0o755
+        };
 
         let kind = match node {
             Node::Dir => {

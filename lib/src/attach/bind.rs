@@ -16,8 +16,10 @@ impl Host {
         if req.plan.devices.is_empty() && req.plan.gpus.unwrap_or(0) == 0 {
             return Err(AttachError::NothingRequested);
         }
+        self.sees_host_processes()?;
         let gpus = load_supported(req.plan.supported_gpus.as_deref())?;
         let mut j = self.journal.lock()?;
+        self.end_earlier_boots(&mut j)?;
         let mut plan_req = req.plan.clone();
         plan_req.owner = Some(req.owner.clone());
         let plan = self.plan_with(&j.state, &plan_req, gpus.as_ref())?;
@@ -31,6 +33,7 @@ impl Host {
                 .owner
                 .pid()
                 .and_then(|pid| process_identity(&self.proc_root, pid)),
+            boot_id: self.boot_id(),
             devices: plan
                 .devices
                 .iter()

@@ -31,7 +31,10 @@ impl Host {
     /// Give every device of `owner` back to its original driver (or none, if it had none) and
     /// remove the mdevs created for it. Safe to repeat after a crash.
     pub fn detach(&self, owner: &Owner) -> Result<DetachReport, AttachError> {
+        self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
+        // An attachment of an earlier boot ended with it: never released on its record.
+        self.end_earlier_boots(&mut j)?;
         let Some(i) = j.state.attachments.iter().position(|a| &a.owner == owner) else {
             return Err(AttachError::NotAttached(owner.clone()));
         };

@@ -132,6 +132,19 @@ impl Host {
             },
         );
         checks.push(self.kvm_check());
+        checks.push(match self.sees_host_processes() {
+            Ok(()) => check(
+                "host_processes",
+                Good,
+                format!(
+                    "{} is the host's PID namespace",
+                    self.proc_root.join("self/ns/pid").display()
+                ),
+                "",
+            ),
+            // attach, detach, reset and reconcile refuse: a holder would go unseen.
+            Err(blind) => check("host_processes", Fail, blind.to_string(), crate::pidns::FIX),
+        });
         let huge = fs::read_dir(root.join("kernel/mm/hugepages"))
             .map(|d| {
                 d.filter_map(|e| e.ok())

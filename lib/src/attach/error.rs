@@ -146,6 +146,10 @@ pub enum AttachError {
         /// The proc root.
         path: PathBuf,
     },
+    /// This process does not see the host's processes (a container without `hostPID`):
+    /// nothing is moved or released.
+    #[error(transparent)]
+    Blind(#[from] crate::pidns::Blind),
     /// The health record could not be read or written: nothing is handed out (fail closed).
     #[error(transparent)]
     Health(#[from] crate::health::HealthError),
@@ -277,6 +281,7 @@ impl Classify for AttachError {
             AttachError::Vfio { source, .. } => source.outcome(),
             AttachError::Health(e) => e.outcome(),
             AttachError::Vgpu(e) => e.outcome(),
+            AttachError::Blind(e) => e.outcome(),
             // A safety rule or the request itself said no: nothing was changed.
             AttachError::Refused(_)
             | AttachError::NotEnoughGpus { .. }
@@ -308,6 +313,7 @@ impl Classify for AttachError {
             AttachError::Vfio { source, .. } => source.remedy(),
             AttachError::Health(e) => e.remedy(),
             AttachError::Vgpu(e) => e.remedy(),
+            AttachError::Blind(e) => e.remedy(),
             AttachError::NothingRequested => Some(Remedy::NameDevices),
             AttachError::RollbackFailed { .. } => Some(Remedy::Reconcile),
             AttachError::Refused(refusals) => refusals

@@ -59,6 +59,8 @@ impl Host {
         if paths.is_empty() {
             return Ok(Vec::new());
         }
+        // A scan of another PID namespace's processes finds nobody: that is no answer.
+        self.sees_host_processes()?;
         if !scan_readable(&self.proc_root) {
             return Err(AttachError::ProcUnreadable {
                 path: self.proc_root.clone(),

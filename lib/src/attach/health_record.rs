@@ -163,7 +163,9 @@ impl Host {
     /// transaction, while it is the boot display, while a process uses it on its host driver
     /// (named), and when only a bus reset is possible with a sibling on the bus in use.
     pub fn reset(&self, device: PciAddress) -> Result<HealthCheck, AttachError> {
+        self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
+        self.end_earlier_boots(&mut j)?;
         if let Some(owner) = j.state.owner_of(device) {
             return Err(AttachError::ResetRefused {
                 device,

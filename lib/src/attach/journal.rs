@@ -11,6 +11,11 @@
 //! actual state rather than trusting the step.
 //!
 //! Crash tests abort the process at each [`crate::failpoint::Failpoint`] of the transaction.
+//!
+//! The file carries its format version ([`JOURNAL_VERSION`]). An older one is read and
+//! migrated forward (version 1 had no boot IDs: its records' boot stays unknown); a newer one
+//! is refused before anything is done, since saving it would drop what this binary does not
+//! know (a plugin image older than the host's CLI sharing the state dir, say).
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -25,9 +30,23 @@ use crate::owner::Owner;
 use crate::pci::PciAddress;
 use crate::remedy::Remedy;
 
+/// The journal format this binary reads and writes. 2: attachments and transactions record
+/// the boot they belong to (`boot_id`).
+pub const JOURNAL_VERSION: u32 = 2;
+
 /// Errors reading or writing the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    /// A newer binary wrote the journal: this one would drop what it does not know.
+    #[error(
+        "{path} has journal format version {found}, newer than the version {JOURNAL_VERSION} this binary understands; nothing was read or written. Fix: upgrade this gpu-passthrough (CLI or device-plugin image) to the release that wrote it"
+    )]
+    Newer {
+        /// The file.
+        path: PathBuf,
+        /// The version found.
+        found: u32,
+    },
     /// I/O on the state dir.
     #[error("cannot {action} {path} (check that the state dir is writable: root)")]
     Io {
@@ -37,6 +56,16 @@ pub enum JournalError {
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// Others may change the state dir: they could replace the journal or plant links in it.
+    #[error(
+        "the state dir {path} is not safe: {why}; nothing was read or written. Fix: `chown root:root {path} && chmod 700 {path}`, or choose another state dir"
+    )]
+    UnsafeStateDir {
+        /// The state dir.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
     },
     /// The journal does not parse.
     #[error(
@@ -66,13 +95,16 @@ impl Classify for JournalError {
             JournalError::Io { .. }
             | JournalError::Corrupt { .. }
             | JournalError::Serialize { .. } => Outcome::Failed,
+            JournalError::Newer { .. } | JournalError::UnsafeStateDir { .. } => Outcome::Refused,
         }
     }
 
     fn remedy(&self) -> Option<Remedy> {
         match self {
-            JournalError::Io { .. } => Some(Remedy::StateDir),
-            JournalError::Corrupt { .. } | JournalError::Serialize { .. } => None,
+            JournalError::Io { .. } | JournalError::UnsafeStateDir { .. } => Some(Remedy::StateDir),
+            JournalError::Corrupt { .. }
+            | JournalError::Serialize { .. }
+            | JournalError::Newer { .. } => None,
         }
     }
 }
@@ -230,6 +262,10 @@ pub struct Transaction {
     pub devices: Vec<DeviceRecord>,
     /// vGPUs and mdevs (`attach --vgpu`, `attach --mdev-type`), in the order they are created.
     pub vgpus: Vec<VgpuRecord>,
+    /// The boot it ran in (`/proc/sys/kernel/random/boot_id`); `None` when unknown (version 1
+    /// journals). After a reboot nothing it did is still in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// A [`Transaction`] as any release wrote it.
@@ -239,6 +275,8 @@ struct TransactionOnDisk {
     pid: u32,
     #[serde(default)]
     owner_process: Option<ProcessIdentity>,
+    #[serde(default)]
+    boot_id: Option<String>,
     devices: Vec<DeviceRecord>,
     #[serde(default)]
     mdevs: Vec<LegacyMdevRecord>,
@@ -252,6 +290,7 @@ impl From<TransactionOnDisk> for Transaction {
             owner: t.owner,
             pid: t.pid,
             owner_process: t.owner_process,
+            boot_id: t.boot_id,
             devices: t.devices,
             vgpus: t
                 .mdevs
@@ -277,6 +316,10 @@ pub struct Attachment {
     pub devices: Vec<DeviceRecord>,
     /// vGPUs and mdevs created for it.
     pub vgpus: Vec<VgpuRecord>,
+    /// The boot it was made in (`/proc/sys/kernel/random/boot_id`); `None` when unknown
+    /// (version 1 journals). `reconcile` ends the attachments of an earlier boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// An [`Attachment`] as any release wrote it.
@@ -285,6 +328,8 @@ struct AttachmentOnDisk {
     owner: Owner,
     #[serde(default)]
     owner_process: Option<ProcessIdentity>,
+    #[serde(default)]
+    boot_id: Option<String>,
     devices: Vec<DeviceRecord>,
     #[serde(default)]
     mdevs: Vec<LegacyMdevRecord>,
@@ -297,6 +342,7 @@ impl From<AttachmentOnDisk> for Attachment {
         Attachment {
             owner: a.owner,
             owner_process: a.owner_process,
+            boot_id: a.boot_id,
             devices: a.devices,
             vgpus: a
                 .mdevs
@@ -311,7 +357,7 @@ impl From<AttachmentOnDisk> for Attachment {
 /// Everything in the journal.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalState {
-    /// Format version (1).
+    /// Format version ([`JOURNAL_VERSION`] once read: older ones are migrated on reading).
     pub version: u32,
     /// Transactions in flight (or abandoned by a crash).
     pub transactions: Vec<Transaction>,
@@ -456,6 +502,7 @@ impl JournalState {
             owner_process,
             devices,
             vgpus,
+            boot_id,
             ..
         } = txn;
         if let Some(a) = self.attachments.iter_mut().find(|a| a.owner == owner) {
@@ -467,6 +514,7 @@ impl JournalState {
                 owner_process,
                 devices,
                 vgpus,
+                boot_id,
             });
         }
     }
@@ -520,7 +568,13 @@ impl Journal {
                 source,
             }
         };
-        fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
+        // Created 0700; an existing one others may write is refused.
+        if let Some(why) = crate::fsutil::private_dir(&self.dir).map_err(io("create", &self.dir))? {
+            return Err(JournalError::UnsafeStateDir {
+                path: self.dir.clone(),
+                why,
+            });
+        }
         let lock_path = self.dir.join("lock");
         let lock = crate::fsutil::lock_exclusive(&lock_path).map_err(io("lock", &lock_path))?;
         let path = self.path();
@@ -540,12 +594,9 @@ impl Journal {
 
 fn read_state(path: &Path) -> Result<JournalState, JournalError> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| JournalError::Corrupt {
-            path: path.to_owned(),
-            source,
-        }),
+        Ok(bytes) => parse_state(path, &bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(JournalState {
-            version: 1,
+            version: JOURNAL_VERSION,
             ..Default::default()
         }),
         Err(source) => Err(JournalError::Io {
@@ -556,16 +607,43 @@ fn read_state(path: &Path) -> Result<JournalState, JournalError> {
     }
 }
 
+/// The version first, so a newer format is refused as such (not as corrupt, and before its
+/// unknown fields are dropped); then the state, migrated to [`JOURNAL_VERSION`].
+fn parse_state(path: &Path, bytes: &[u8]) -> Result<JournalState, JournalError> {
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(default)]
+        version: u32,
+    }
+    let corrupt = |source| JournalError::Corrupt {
+        path: path.to_owned(),
+        source,
+    };
+    let found = serde_json::from_slice::<Version>(bytes)
+        .map_err(corrupt)?
+        .version;
+    if found > JOURNAL_VERSION {
+        return Err(JournalError::Newer {
+            path: path.to_owned(),
+            found,
+        });
+    }
+    let mut state: JournalState = serde_json::from_slice(bytes).map_err(corrupt)?;
+    // 1 → 2: records without a boot ID keep an unknown boot (`None`); nothing else changed.
+    state.version = JOURNAL_VERSION;
+    Ok(state)
+}
+
 impl LockedJournal {
     /// Write the state atomically: temp file, fsync, rename, fsync the directory.
     pub fn save(&mut self) -> Result<(), JournalError> {
-        self.state.version = 1;
+        self.state.version = JOURNAL_VERSION;
         let bytes =
             serde_json::to_vec_pretty(&self.state).map_err(|source| JournalError::Serialize {
                 path: self.path.clone(),
                 source,
             })?;
-        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|source| JournalError::Io {
+        crate::fsutil::write_private(&self.path, &bytes).map_err(|source| JournalError::Io {
             action: "write",
             path: self.path.clone(),
             source,

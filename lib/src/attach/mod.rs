@@ -29,8 +29,8 @@
 //! `restore.rs` (a device back to its driver, rollback), `detach.rs`, `reconcile.rs`,
 //! `boot.rs` (the boot spec), `vfio_node.rs` (waiting for the node), `persistence.rs`
 //! (`nvidia-smi`), `reset.rs`, `health_record.rs`, `journal.rs`, `guard.rs`, `holders.rs`,
-//! `liveness.rs`, `doctor.rs`, `driver_fit.rs`, `error.rs` (what an operation fails on and
-//! leaves behind).
+//! `liveness.rs`, `doctor.rs`, `driver_fit.rs`, `boots.rs` (an earlier boot's records ended),
+//! `error.rs` (what an operation fails on and leaves behind).
 //!
 //! vGPUs ([`Host::attach_vgpu`], `vgpu.rs`) are created in the same journal without moving any
 //! device: a type ID written to a vendor-VFIO VF, or an mdev created from a UUID (also what
@@ -39,6 +39,7 @@
 
 mod bind;
 mod boot;
+mod boots;
 mod detach;
 mod devices;
 mod doctor;
@@ -65,6 +66,7 @@ use serde::Serialize;
 
 pub use crate::kernel::{self, Kernel, RealKernel};
 pub use crate::owner::{Owner, OwnerError};
+pub use boots::{DeviceNow, EndedByReboot};
 pub use detach::DetachReport;
 pub use devices::{DeviceListing, DeviceReport};
 pub use doctor::{Check, CheckStatus, DoctorReport};
@@ -270,6 +272,22 @@ impl Host {
     pub fn with_vfio_wait(mut self, wait: Duration) -> Host {
         self.vfio_wait = wait;
         self
+    }
+
+    /// `Ok` when this process sees the host's processes through its proc root; every
+    /// operation that moves or releases a device asks first and refuses when blind (see
+    /// [`crate::pidns`]).
+    pub fn sees_host_processes(&self) -> Result<(), crate::pidns::Blind> {
+        crate::pidns::sees_host(&self.proc_root)
+    }
+
+    /// This boot's ID as the kernel gives it (`<proc>/sys/kernel/random/boot_id`), recorded
+    /// with every transaction; `None` when unreadable (nothing is then judged by boot).
+    pub fn boot_id(&self) -> Option<String> {
+        std::fs::read_to_string(self.proc_root.join("sys/kernel/random/boot_id"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
     }
 
     /// The sysfs view.

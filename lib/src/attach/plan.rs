@@ -90,6 +90,9 @@ pub enum RefusalReason {
     /// A vendor-VFIO vGPU function (a VF with `nvidia/current_vgpu_type`, or its PF): unbinding
     /// it breaks the driver's VFIO registration.
     VgpuFunction,
+    /// This process does not see the host's processes (a container without `hostPID`):
+    /// whoever holds a device would go unseen, so nothing is moved.
+    Blind,
 }
 
 /// A refusal: the device, the reason, and a message with the fix.
@@ -204,7 +207,9 @@ impl Host {
         if let Some(n) = req.gpus.filter(|n| *n > 0) {
             requested.extend(self.pick_gpus(state, n, req, gpus)?);
         }
-        requested.dedup();
+        // `A B A` asks for A once: a second mdev or bind of it was never meant.
+        let mut seen = std::collections::BTreeSet::new();
+        requested.retain(|a| seen.insert(*a));
         let mut plan = Plan {
             requested: requested.clone(),
             devices: Vec::new(),
@@ -231,6 +236,9 @@ impl Host {
                     self.sysfs.root().join("kernel/iommu_groups").display()
                 ),
             );
+        }
+        if let Err(blind) = self.sees_host_processes() {
+            refuse(&mut plan, None, RefusalReason::Blind, blind.to_string());
         }
         let all = self.sysfs.addresses()?;
         let mut devs: BTreeMap<PciAddress, PciDevice> = BTreeMap::new();

@@ -1,8 +1,12 @@
-//! Reconcile: finish or roll back what a crash left in the journal, then release the owners
-//! their liveness check says are gone; never what a process still holds.
+//! Reconcile: end what an earlier boot left in the journal, finish or roll back what a crash
+//! left, then release the owners their liveness check says are gone; never what a process
+//! still holds.
+//!
+//! An earlier boot's records are ended first (`boots.rs`).
 
 use serde::{Deserialize, Serialize};
 
+use super::boots::EndedByReboot;
 use super::detach::DetachReport;
 use super::holders::Holder;
 use super::journal::{Step, Transaction, VgpuStep};
@@ -27,6 +31,9 @@ pub struct HeldDevice {
 /// What reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
+    /// Attachments and transactions of an earlier boot: ended, dropped from the journal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ended_by_reboot: Vec<EndedByReboot>,
     /// Abandoned transactions that were past the point of no return and still verified:
     /// committed as attachments of their owner.
     pub finished: Vec<Owner>,
@@ -61,8 +68,12 @@ impl Host {
     /// attachments whose owner is [`Liveness::Gone`]. Never releases an owner that is alive
     /// or unknown.
     pub fn reconcile(&self) -> Result<ReconcileReport, AttachError> {
+        self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
-        let mut report = ReconcileReport::default();
+        let mut report = ReconcileReport {
+            ended_by_reboot: self.end_earlier_boots(&mut j)?,
+            ..Default::default()
+        };
         // The lock is held by every running attach, so these were all abandoned.
         let txns = std::mem::take(&mut j.state.transactions);
         for txn in txns {

@@ -165,13 +165,15 @@ impl Host {
     /// Create `req`'s vGPUs as one journaled transaction and return the VM's boot spec. Any
     /// failure releases what was created; nothing is left behind.
     pub fn attach_vgpu(&self, req: &VgpuAttachRequest) -> Result<BootSpec, AttachError> {
+        self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
+        self.end_earlier_boots(&mut j)?;
         let (cat, totals) = self.vgpu_catalogue_learning();
         let placement = vgpu::place(&cat, &req.place)?;
         // Kept before the tables shrink: the next catalogue still knows each GPU's total.
         let path = self.totals_path();
         let bytes = serde_json::to_vec(&totals).unwrap_or_default();
-        crate::fsutil::write_atomic(&path, &bytes).map_err(|source| JournalError::Io {
+        crate::fsutil::write_private(&path, &bytes).map_err(|source| JournalError::Io {
             action: "write",
             path,
             source,
@@ -186,6 +188,7 @@ impl Host {
                 .and_then(|pid| process_identity(&self.proc_root, pid)),
             devices: Vec::new(),
             vgpus,
+            boot_id: self.boot_id(),
         });
         let t = j.state.transactions.len() - 1;
         j.save()?;

@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::toolchain::BWRAP;
 use crate::outcome::{Classify, Outcome};
+use crate::tools::ToolError;
 
 /// Where the writable scratch directory appears inside the sandbox.
 pub const WORK_DIR: &str = "/build";
@@ -66,6 +68,10 @@ impl Default for SandboxLimits {
 /// Why a sandboxed command did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
+    /// bwrap is not installed where the system keeps programs, or could be replaced by someone
+    /// other than root (it runs as root).
+    #[error(transparent)]
+    Bwrap(#[from] ToolError),
     /// bwrap (or the scratch directory it needs) could not be set up.
     #[error("cannot start the build sandbox ({what})")]
     Start {
@@ -114,6 +120,7 @@ pub enum SandboxError {
 impl Classify for SandboxError {
     fn outcome(&self) -> Outcome {
         match self {
+            SandboxError::Bwrap(e) => e.outcome(),
             SandboxError::Start { .. }
             | SandboxError::TimedOut { .. }
             | SandboxError::Refused { .. }
@@ -370,7 +377,7 @@ impl Sandbox {
         let err = out
             .try_clone()
             .map_err(start_err("creating the build log"))?;
-        let mut command = Command::new("bwrap");
+        let mut command = Command::new(BWRAP.find()?);
         command
             .args(&args)
             .stdin(Stdio::null())
@@ -438,7 +445,10 @@ pub fn is_root() -> bool {
 
 /// `bwrap --version`'s version, if bwrap runs.
 pub fn bwrap_version() -> Option<String> {
-    let out = Command::new("bwrap").arg("--version").output().ok()?;
+    let out = Command::new(BWRAP.find().ok()?)
+        .arg("--version")
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace().nth(1).map(str::to_string)
 }

@@ -8,10 +8,21 @@ use std::process::Command;
 
 use crate::outcome::{Classify, Outcome};
 use crate::registry::Signer;
+use crate::tools::{Tool, ToolError};
+
+/// The certificate reader, run as root: found only at a checked system path.
+pub const OPENSSL: Tool = Tool {
+    program: "openssl",
+    package: "openssl",
+};
 
 /// Why the certificate cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum SignerError {
+    /// openssl is not installed where the system keeps programs, or could be replaced by
+    /// someone other than root.
+    #[error(transparent)]
+    Openssl(#[from] ToolError),
     /// openssl could not be run.
     #[error("cannot run `openssl x509` on {cert} (install the Debian package `openssl`)")]
     Run {
@@ -38,6 +49,7 @@ pub enum SignerError {
 impl Classify for SignerError {
     fn outcome(&self) -> Outcome {
         match self {
+            SignerError::Openssl(e) => e.outcome(),
             SignerError::Run { .. } => Outcome::Failed,
             SignerError::NotACertificate { .. } => Outcome::Refused,
         }
@@ -46,9 +58,10 @@ impl Classify for SignerError {
 
 /// The signer named by the certificate at `cert`.
 pub fn signer(cert: &Path) -> Result<Signer, SignerError> {
+    let openssl = OPENSSL.find()?;
     let mut last = String::new();
     for form in ["PEM", "DER"] {
-        let out = Command::new("openssl")
+        let out = Command::new(&openssl)
             .args([
                 "x509",
                 "-noout",

@@ -9,21 +9,17 @@ use crate::outcome::{Classify, Outcome};
 /// The sandbox's `PATH`: the host's system directories, nothing from the caller's environment.
 pub const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
 
-/// A program and the Debian package that installs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tool {
-    /// The program's name.
-    pub program: &'static str,
-    /// The Debian package that has it.
-    pub package: &'static str,
-}
+pub use crate::tools::Tool;
+
+/// The sandbox, run as root on the host: found only at a checked system path.
+pub const BWRAP: Tool = Tool {
+    program: "bwrap",
+    package: "bubblewrap",
+};
 
 /// What every build runs: the sandbox, its memory limit, make, strip.
 pub const BUILD_TOOLS: [Tool; 4] = [
-    Tool {
-        program: "bwrap",
-        package: "bubblewrap",
-    },
+    BWRAP,
     Tool {
         program: "prlimit",
         package: "util-linux",

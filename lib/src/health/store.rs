@@ -652,7 +652,7 @@ impl HealthStore {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        fsutil::write_atomic(&path, &bytes).map_err(io("write", &path))?;
+        fsutil::write_private(&path, &bytes).map_err(io("write", &path))?;
         Ok(out)
     }
 }

@@ -146,29 +146,36 @@ impl InitrdBuilder<'_> {
         Ok(layers)
     }
 
-    /// The unpacked tree of a verified artifact, extracted once and kept by digest.
+    /// The unpacked tree of a verified artifact, extracted once and kept by digest. The tree is
+    /// trusted only with its record, which is written last, after the tree is on disk: a tree
+    /// left without one (a crash, a hand-made directory) is unpacked again.
     pub(super) fn unpacked(&self, archive: &Path, sha256: &str) -> Result<PathBuf, InitrdError> {
         let root = self.cache_dir.join("unpacked");
         let dest = root.join(sha256);
-        if dest.is_dir() {
+        let record = super::tree::record_path(&dest);
+        let complete = |dest: &Path| dest.is_dir() && record.is_file();
+        if complete(&dest) {
             return Ok(dest);
         }
         fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
         let _lock = lock_file(&root.join(format!("{sha256}.lock")))?;
-        if dest.is_dir() {
+        if complete(&dest) {
             return Ok(dest);
         }
-        let tmp = root.join(format!("tmp-{sha256}"));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)
-                .map_err(io_err(format!("removing stale {}", tmp.display())))?;
+        for stale in [root.join(format!("tmp-{sha256}")), dest.clone()] {
+            if fs::symlink_metadata(&stale).is_ok() {
+                fs::remove_dir_all(&stale)
+                    .map_err(io_err(format!("removing stale {}", stale.display())))?;
+            }
         }
+        let tmp = root.join(format!("tmp-{sha256}"));
         extract_tar(archive, &tmp, &Limits::default())?;
-        // What the tree holds, for a later deep verify (the cache trusts the tree by presence).
-        let record = super::tree::record_path(&dest);
-        super::tree::write_record(&tmp, &record)
-            .map_err(io_err(format!("recording {}", record.display())))?;
+        fsutil::sync_filesystem(&tmp).map_err(io_err(format!("syncing {}", tmp.display())))?;
         fs::rename(&tmp, &dest).map_err(io_err(format!("moving {} into place", dest.display())))?;
+        fsutil::sync_dir(&root).map_err(io_err(format!("syncing {}", root.display())))?;
+        // What the tree holds, for a later deep verify.
+        super::tree::write_record(&dest, &record)
+            .map_err(io_err(format!("recording {}", record.display())))?;
         Ok(dest)
     }
 }

@@ -24,11 +24,13 @@ use super::LayerFile;
 use crate::fsutil::sha256_file;
 use crate::inspect::{ClosureGap, Expectations, InspectedModule, Problem, kernel_closure};
 use crate::outcome::{Classify, Outcome};
+use crate::tools::{Tool, ToolError};
 
-/// The program that writes the image, and the package that ships it.
-pub const MKFS_EROFS: &str = "mkfs.erofs";
-/// The Debian/Ubuntu/Fedora package with [`MKFS_EROFS`].
-pub const EROFS_PACKAGE: &str = "erofs-utils";
+/// The program that writes the image, and the package that ships it (Debian, Ubuntu, Fedora).
+pub const MKFS_EROFS: Tool = Tool {
+    program: "mkfs.erofs",
+    package: "erofs-utils",
+};
 /// The image is padded to a multiple of this (QEMU maps virtio-pmem in 2 MiB steps).
 pub const IMAGE_ALIGN: u64 = 2 << 20;
 /// File name of the image in a cache entry.
@@ -105,19 +107,10 @@ impl FromStr for LayerForm {
 /// Errors making the image or resolving its mount modules. Each names the culprit and the fix.
 #[derive(Debug, Error)]
 pub enum DiskError {
-    /// `mkfs.erofs` is not installed.
-    #[error(
-        "`{program}` is not installed (looked in PATH): install the `{package}` package, or build \
-         the initramfs form only"
-    )]
-    MkfsMissing {
-        /// The program looked for.
-        program: &'static str,
-        /// The package that ships it.
-        package: &'static str,
-        /// Why it could not be started.
-        source: io::Error,
-    },
+    /// `mkfs.erofs` is not installed where the system keeps programs, or could be replaced by
+    /// someone other than root.
+    #[error(transparent)]
+    Mkfs(#[from] ToolError),
     /// `mkfs.erofs` ran and failed.
     #[error("`{program}` failed ({status}) making {image}: {stderr}")]
     MkfsFailed {
@@ -182,8 +175,8 @@ impl Classify for DiskError {
             DiskError::MountModuleMissing { .. } | DiskError::MountModuleProblems { .. } => {
                 Outcome::VerificationFailed
             }
-            DiskError::MkfsMissing { .. }
-            | DiskError::MkfsFailed { .. }
+            DiskError::Mkfs(e) => e.outcome(),
+            DiskError::MkfsFailed { .. }
             | DiskError::NoKernelModules { .. }
             | DiskError::Io { .. } => Outcome::Failed,
         }
@@ -266,7 +259,8 @@ pub fn uuid_from_key(key: &str) -> String {
 /// `/gpu`), pad it to [`IMAGE_ALIGN`], and describe it (path relative to `dir`).
 pub(super) fn make_image(tree: &Path, dir: &Path, uuid: &str) -> Result<LayerFile, DiskError> {
     let image = dir.join(IMAGE_NAME);
-    let output = Command::new(MKFS_EROFS)
+    let mkfs = MKFS_EROFS.find()?;
+    let output = Command::new(&mkfs)
         .arg("--quiet")
         .arg("-T0")
         .arg(format!("-U{uuid}"))
@@ -278,16 +272,12 @@ pub(super) fn make_image(tree: &Path, dir: &Path, uuid: &str) -> Result<LayerFil
         .arg(tree)
         .env("LC_ALL", "C")
         .output()
-        .map_err(|source| DiskError::MkfsMissing {
-            program: MKFS_EROFS,
-            package: EROFS_PACKAGE,
-            source,
-        })?;
+        .map_err(io_err(format!("running {}", mkfs.display())))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
         return Err(DiskError::MkfsFailed {
-            program: MKFS_EROFS,
+            program: MKFS_EROFS.program,
             status: output.status,
             image,
             stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),

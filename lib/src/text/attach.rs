@@ -222,6 +222,35 @@ impl Display for DetachReport {
 
 impl Display for ReconcileReport {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for e in &self.ended_by_reboot {
+            let now: Vec<String> = e
+                .devices
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{} on {}",
+                        d.device,
+                        d.driver.as_deref().unwrap_or("no driver")
+                    )
+                })
+                .collect();
+            writeln!(
+                f,
+                "ended {} of {}: recorded in boot {}, before the last reboot (now: {})",
+                if e.transaction {
+                    "an interrupted attach"
+                } else {
+                    "the attachment"
+                },
+                e.owner,
+                e.boot_id,
+                if now.is_empty() {
+                    "no devices".to_owned()
+                } else {
+                    now.join(", ")
+                }
+            )?;
+        }
         for o in &self.finished {
             writeln!(f, "finished an interrupted attach for {o}")?;
         }

@@ -1,0 +1,271 @@
+//! The host programs the library runs (`mkfs.erofs`, `bwrap`, `openssl`), found at a fixed,
+//! checked path instead of through `PATH`.
+//!
+//! The builder runs as root, often from a service whose environment someone else wrote: a
+//! `PATH` with a user-writable directory first would let that user's `mkfs.erofs` write the
+//! driver disk every VM loads its modules from. So a tool is looked for only in the system's
+//! directories ([`SYSTEM_DIRS`]), and the file found, and every directory above it, must be
+//! owned by root and writable by nobody else (a sticky directory such as `/tmp` excepted, where
+//! nobody may rename another's entry).
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::outcome::{Classify, Outcome};
+
+/// Where system programs are installed, searched in this order.
+pub const SYSTEM_DIRS: [&str; 4] = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"];
+
+/// A program the library runs, and the package that ships it (named in the fix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tool {
+    /// The program's file name.
+    pub program: &'static str,
+    /// The Debian package that ships it.
+    pub package: &'static str,
+}
+
+impl fmt::Display for Tool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.program)
+    }
+}
+
+/// A tool that cannot be run safely, or is not installed.
+#[derive(Debug, Error)]
+pub enum ToolError {
+    /// No directory searched holds the program.
+    #[error(
+        "`{tool}` is not installed (looked in {}): install the `{}` package",
+        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+        tool.package
+    )]
+    Missing {
+        /// The tool.
+        tool: Tool,
+        /// The directories searched.
+        dirs: Vec<PathBuf>,
+    },
+    /// The program, or a directory above it, could be replaced by someone other than root.
+    #[error(
+        "`{tool}` at {path} is not trusted: {why}; reinstall the `{}` package or fix the \
+         ownership and mode ({path} must be owned by root and writable by root only)",
+        tool.package
+    )]
+    Untrusted {
+        /// The tool.
+        tool: Tool,
+        /// The file or directory that fails the check.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The program's path could not be examined.
+    #[error("cannot examine {path} (looking for `{tool}`)")]
+    Io {
+        /// The tool.
+        tool: Tool,
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Classify for ToolError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ToolError::Untrusted { .. } => Outcome::Refused,
+            ToolError::Missing { .. } | ToolError::Io { .. } => Outcome::Failed,
+        }
+    }
+}
+
+impl Tool {
+    /// The checked path of this tool in the system's directories.
+    pub fn find(self) -> Result<PathBuf, ToolError> {
+        let dirs: Vec<PathBuf> = SYSTEM_DIRS.iter().map(PathBuf::from).collect();
+        self.find_in(&dirs)
+    }
+
+    /// The checked path of this tool in the first of `dirs` that holds it. A candidate that
+    /// fails the check is refused, never skipped for a later one: an untrusted copy first in
+    /// line is something the operator must know about.
+    pub fn find_in(self, dirs: &[PathBuf]) -> Result<PathBuf, ToolError> {
+        for dir in dirs {
+            let candidate = dir.join(self.program);
+            match std::fs::symlink_metadata(&candidate) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(ToolError::Io {
+                        tool: self,
+                        path: candidate,
+                        source,
+                    });
+                }
+                Ok(_) => return self.checked(&candidate),
+            }
+        }
+        Err(ToolError::Missing {
+            tool: self,
+            dirs: dirs.to_vec(),
+        })
+    }
+
+    /// `path`, resolved through its links, if it and every directory above it pass the check.
+    fn checked(self, path: &Path) -> Result<PathBuf, ToolError> {
+        let resolved = std::fs::canonicalize(path).map_err(|source| ToolError::Io {
+            tool: self,
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let untrusted = |path: &Path, why: String| ToolError::Untrusted {
+            tool: self,
+            path: path.to_path_buf(),
+            why,
+        };
+        let meta = self.metadata(&resolved)?;
+        if !meta.is_file() {
+            return Err(untrusted(&resolved, "it is not a regular file".into()));
+        }
+        if meta.mode() & 0o111 == 0 {
+            return Err(untrusted(&resolved, "it is not executable".into()));
+        }
+        check_owner_and_mode(&resolved, &meta).map_err(|why| untrusted(&resolved, why))?;
+        for dir in resolved.ancestors().skip(1) {
+            let meta = self.metadata(dir)?;
+            let sticky = meta.mode() & 0o1000 != 0;
+            if !sticky {
+                check_owner_and_mode(dir, &meta).map_err(|why| untrusted(dir, why))?;
+            } else if meta.uid() != 0 {
+                return Err(untrusted(dir, format!("it is owned by uid {}", meta.uid())));
+            }
+        }
+        Ok(resolved)
+    }
+
+    fn metadata(self, path: &Path) -> Result<std::fs::Metadata, ToolError> {
+        std::fs::metadata(path).map_err(|source| ToolError::Io {
+            tool: self,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+fn check_owner_and_mode(_path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+    if meta.uid() != 0 {
+        return Err(format!("it is owned by uid {}", meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "its mode {:o} lets group or others write it",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const TOOL: Tool = Tool {
+        program: "mkfs.test",
+        package: "test-utils",
+    };
+
+    fn installed(mode: u32) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(TOOL.program);
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        (dir, path)
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn a_root_owned_tool_writable_by_root_only_is_found_through_its_link() {
+        let (dir, path) = installed(0o755);
+        let links = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&path, links.path().join(TOOL.program)).unwrap();
+        let found = TOOL.find_in(&[links.path().to_path_buf()]);
+        if is_root() {
+            assert_eq!(found.unwrap(), std::fs::canonicalize(&path).unwrap());
+        } else {
+            // What a test makes is its user's: the same file is refused for its owner.
+            let err = found.unwrap_err().to_string();
+            assert!(err.contains("owned by uid"), "{err}");
+        }
+        drop(dir);
+    }
+
+    #[test]
+    fn a_tool_others_may_write_is_refused_naming_the_file_and_the_fix() {
+        let (dir, path) = installed(0o757);
+        let err = TOOL.find_in(&[dir.path().to_path_buf()]).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ToolError::Untrusted { .. }), "{err:?}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("test-utils"), "{text}");
+        assert_eq!(err.outcome(), Outcome::Refused);
+    }
+
+    #[test]
+    fn a_tool_in_a_directory_others_may_write_is_refused_even_before_a_trusted_one() {
+        let (dir, _path) = installed(0o755);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (trusted, _) = installed(0o755);
+        let err = TOOL
+            .find_in(&[dir.path().to_path_buf(), trusted.path().to_path_buf()])
+            .unwrap_err();
+        match &err {
+            ToolError::Untrusted { path, .. } if is_root() => {
+                assert_eq!(path, &std::fs::canonicalize(dir.path()).unwrap())
+            }
+            ToolError::Untrusted { .. } => {} // not root: the file itself is refused first
+            other => panic!("expected Untrusted, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tool_owned_by_another_user_is_refused() {
+        let (dir, path) = installed(0o755);
+        if is_root() {
+            std::os::unix::fs::chown(&path, Some(1000), None).unwrap();
+        } // else the file is already another user's than root
+        let err = TOOL.find_in(&[dir.path().to_path_buf()]).unwrap_err();
+        assert!(err.to_string().contains("owned by uid"), "{err}");
+    }
+
+    #[test]
+    fn a_directory_or_a_non_executable_file_is_no_tool() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(TOOL.program)).unwrap();
+        let err = TOOL.find_in(&[dir.path().to_path_buf()]).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let (plain, _) = installed(0o644);
+        let err = TOOL.find_in(&[plain.path().to_path_buf()]).unwrap_err();
+        assert!(err.to_string().contains("not executable"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_tool_names_its_package_and_where_it_was_looked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = TOOL.find_in(&[dir.path().to_path_buf()]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("`test-utils`"), "{text}");
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
+        assert_eq!(err.outcome(), Outcome::Failed);
+    }
+}
