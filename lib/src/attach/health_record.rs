@@ -87,7 +87,9 @@ impl Host {
     /// goes back to service if it passes, and a failure quarantines it. Refused while the
     /// device is attached (its VM has it: detach checks it).
     pub fn check_device(&self, device: PciAddress) -> Result<DeviceCheck, AttachError> {
-        let j = self.journal.lock()?;
+        let mut j = self.journal.lock()?;
+        // An earlier boot's attachment must not keep the device "attached" (boots.rs).
+        self.end_earlier_boots(&mut j)?;
         if let Some(owner) = j.state.owner_of(device) {
             return Err(AttachError::CheckRefused {
                 device,
