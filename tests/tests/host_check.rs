@@ -234,3 +234,20 @@ fn a_link_narrower_than_its_maximum_is_judged_only_against_attach() {
     assert!(check.verify.ok, "{:?}", check.verify.problems);
     assert_eq!(check.verify.link_width, Some((8, 16)));
 }
+
+/// A GPU asleep (runtime-suspended) reads all-ones without being broken: BAR0 is not read.
+#[test]
+fn bar0_is_not_read_while_the_device_sleeps() {
+    let h = gpu();
+    bar0(&h, u32::MAX);
+    fs::create_dir_all(file(&h, "power")).unwrap();
+    fs::write(file(&h, "power/runtime_status"), "suspended\n").unwrap();
+    let check = h.host().check_device(a(GPU)).unwrap();
+    assert!(check.verify.ok, "{:?}", check.verify.problems);
+    assert_eq!(check.verify.bar0, None);
+    fs::write(file(&h, "power/runtime_status"), "active\n").unwrap();
+    assert!(
+        !h.host().check_device(a(GPU)).unwrap().verify.ok,
+        "awake: read and judged"
+    );
+}

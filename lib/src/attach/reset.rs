@@ -153,6 +153,12 @@ fn bar0_register(dir: &Path) -> Option<u32> {
     if std::fs::read_to_string(dir.join("enable")).is_ok_and(|e| e.trim() == "0") {
         return None;
     }
+    // Asleep (runtime-suspended, or in a D3 state): reads say nothing either; D3cold itself
+    // is a problem of its own above.
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    if read("power/runtime_status").trim() == "suspended" || read("power_state").starts_with("D3") {
+        return None;
+    }
     let file = std::fs::File::open(dir.join("resource0")).ok()?;
     if file.metadata().ok()?.len() < 4 {
         return None;
