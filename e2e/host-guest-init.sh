@@ -218,6 +218,61 @@ blind() {
 }
 blind
 
+# Kernel events on a real kernel: the device plugin, polling only every 10 minutes, hears the
+# kernel announce driver changes (netlink uevents) and scans at once. Unbinding a device from
+# vfio-pci by hand must show in its kernel_events_total{source="uevent"} and start a scan within
+# seconds. No NVIDIA device exists in this guest, so what that scan concludes for a served GPU
+# (Unhealthy) is shown by the device plugin's fake-sysfs tests.
+metric() { # NAME SOURCE -> the plugin's counter, 0 when absent
+    v=$(wget -q -O - http://127.0.0.1:9400/metrics 2>/dev/null |
+        awk -v m="gpu_passthrough_plugin_$1_total{source=\"$2\"}" '$1 == m { print $2 }')
+    echo "${v:-0}"
+}
+plugin_events() {
+    ip link set lo up
+    mkdir -p /tmp/kubelet/device-plugins
+    $CLI device-plugin --kubelet-dir /tmp/kubelet --poll-ms 600000 \
+        --metrics-addr 127.0.0.1:9400 > /tmp/plugin.out 2> /tmp/plugin.err &
+    plugin=$!
+    i=0
+    until wget -q -O /dev/null http://127.0.0.1:9400/metrics 2>/dev/null || [ $i -ge 300 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    check "events: the plugin serves metrics" wget -q -O /dev/null http://127.0.0.1:9400/metrics
+    g=$(basename "$(readlink /sys/bus/pci/devices/$EDU/iommu_group)")
+    echo vfio-pci > /sys/bus/pci/devices/$EDU/driver_override
+    echo $EDU > /sys/bus/pci/drivers_probe
+    i=0; while [ ! -e /dev/vfio/$g ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    sleep 1 # let the bind's own events settle
+    uevents=$(metric kernel_events uevent)
+    scans=$(metric scans uevent)
+    t0=$(now_ms)
+    echo $EDU > /sys/bus/pci/drivers/vfio-pci/unbind
+    i=0
+    while [ "$(metric kernel_events uevent)" -le "$uevents" ] && [ $i -lt 100 ]; do
+        sleep 0.05; i=$((i + 1))
+    done
+    t1=$(now_ms)
+    check "events: unbinding edu from vfio-pci reached the plugin as a uevent" \
+        test "$(metric kernel_events uevent)" -gt "$uevents"
+    say timing plugin_uevent_ms $((t1 - t0))
+    i=0
+    while [ "$(metric scans uevent)" -le "$scans" ] && [ "$(metric scans inotify)" -eq 0 ] &&
+        [ $i -lt 100 ]; do
+        sleep 0.05; i=$((i + 1))
+    done
+    check "events: a kernel event started a scan, the 10-minute poll none" \
+        test "$(metric scans poll)" -eq 0 -a \
+        "$(( $(metric scans uevent) + $(metric scans inotify) ))" -gt 0
+    echo > /sys/bus/pci/devices/$EDU/driver_override
+    kill $plugin; wait $plugin 2>/dev/null
+    echo "E2E-C begin plugin-events"; cat /tmp/plugin.out
+    echo "E2E-C stderr plugin-events"; cat /tmp/plugin.err
+    echo "E2E-C end plugin-events"
+    check "events: edu left with no driver" test "$(driver_of $EDU)" = none
+}
+plugin_events
+
 # Optional: a nested QEMU given the edu device through the boot spec's vfio-pci arguments.
 if [ -x /nested/qemu-system-x86_64 ]; then
     run nested-attach $CLI attach $EDU --owner nested --vmm qemu --json

@@ -18,7 +18,6 @@ use nix::sys::socket::{
     socket, sockopt,
 };
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
 use tokio_stream::StreamExt;
 
 /// The kernel's uevent multicast group (udev's own re-broadcasts are on group 2).
@@ -38,19 +37,41 @@ pub fn relevant_uevent(message: &[u8]) -> bool {
         .any(|s| SUBSYSTEMS.iter().any(|want| want.as_bytes() == s))
 }
 
-/// Start watching; `notify` is signalled on each relevant event. A source that cannot be
+/// Where an event that woke a scan came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSource {
+    /// A kernel uevent (bind, unbind, add, remove of a PCI, VFIO, IOMMU or mdev device).
+    Uevent,
+    /// An entry changed in `/dev/vfio`, `/dev/vfio/devices`, `/dev` or the plugin directory.
+    Inotify,
+}
+
+impl EventSource {
+    /// Its name in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventSource::Uevent => "uevent",
+            EventSource::Inotify => "inotify",
+        }
+    }
+}
+
+/// What is told of each relevant event.
+pub(crate) type OnEvent = Arc<dyn Fn(EventSource) + Send + Sync>;
+
+/// Start watching; `on_event` is called for each relevant event. A source that cannot be
 /// opened (no netlink in this network namespace, no inotify) is reported and left to the poll.
-pub(crate) fn spawn(dev_dir: &Path, plugin_dir: &Path, notify: Arc<Notify>) -> Watchers {
+pub(crate) fn spawn(dev_dir: &Path, plugin_dir: &Path, on_event: OnEvent) -> Watchers {
     let mut tasks = Vec::new();
     match uevent_socket() {
-        Ok(fd) => tasks.push(tokio::spawn(uevents(fd, notify.clone()))),
+        Ok(fd) => tasks.push(tokio::spawn(uevents(fd, on_event.clone()))),
         Err(e) => tracing::warn!(
             "no kernel uevents ({e}); driver changes are seen at the next poll (run the plugin in \
              the host's network namespace: hostNetwork: true)"
         ),
     }
     match watch_dirs(dev_dir, plugin_dir) {
-        Ok(w) => tasks.push(tokio::spawn(inotify_events(w, notify))),
+        Ok(w) => tasks.push(tokio::spawn(inotify_events(w, on_event))),
         Err(e) => tracing::warn!(
             "cannot watch {} and {} ({e}); VFIO node changes are seen at the next poll",
             dev_dir.display(),
@@ -93,7 +114,7 @@ fn readable(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
         .map_err(io::Error::from)
 }
 
-async fn uevents(fd: OwnedFd, notify: Arc<Notify>) {
+async fn uevents(fd: OwnedFd, on_event: OnEvent) {
     let fd = match readable(fd) {
         Ok(fd) => fd,
         Err(e) => {
@@ -112,11 +133,13 @@ async fn uevents(fd: OwnedFd, notify: Arc<Notify>) {
             // Only the kernel (port 0) speaks for devices; anything else is ignored.
             Ok(Ok((n, from))) => {
                 if from.is_some_and(|a| a.pid() == 0) && relevant_uevent(&buf[..n]) {
-                    notify.notify_one();
+                    on_event(EventSource::Uevent);
                 }
             }
             // Overflow: events were lost, so look again.
-            Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => notify.notify_one(),
+            Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => {
+                on_event(EventSource::Uevent)
+            }
             Ok(Err(e)) => {
                 tracing::warn!("kernel uevents: {e}; driver changes are seen at the next poll");
                 return;
@@ -166,7 +189,7 @@ impl Watched {
     }
 }
 
-async fn inotify_events(w: Watched, notify: Arc<Notify>) {
+async fn inotify_events(w: Watched, on_event: OnEvent) {
     let watches = w.inotify.watches();
     let mut stream = match w.inotify.into_event_stream(vec![0u8; 16 * 1024]) {
         Ok(s) => s,
@@ -188,7 +211,7 @@ async fn inotify_events(w: Watched, notify: Arc<Notify>) {
         match event {
             Ok(e) => {
                 rewatch(e.name.as_deref());
-                notify.notify_one();
+                on_event(EventSource::Inotify);
             }
             Err(e) => {
                 tracing::warn!(

@@ -58,6 +58,11 @@ struct OperationLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BootLabel {
     boot_id: String,
 }
@@ -117,6 +122,8 @@ pub struct Metrics {
     faults: Family<FaultLabel, Gauge>,
     errors: Family<OperationLabel, Counter>,
     boot: Family<BootLabel, Gauge>,
+    scans: Family<SourceLabel, Counter>,
+    kernel_events: Family<SourceLabel, Counter>,
     state_dir: PathBuf,
 }
 
@@ -139,6 +146,8 @@ impl Metrics {
             faults: Family::default(),
             errors: Family::default(),
             boot: Family::default(),
+            scans: Family::default(),
+            kernel_events: Family::default(),
             state_dir: state_dir.to_owned(),
         };
         registry.register(
@@ -176,6 +185,16 @@ impl Metrics {
             "The boot the plugin runs in (its boot_id), always 1",
             m.boot.clone(),
         );
+        registry.register(
+            "scans",
+            "Health scans, by what started them: a kernel event (uevent, inotify) or the poll",
+            m.scans.clone(),
+        );
+        registry.register(
+            "kernel_events",
+            "Relevant kernel events seen, by source (uevent, inotify)",
+            m.kernel_events.clone(),
+        );
         for op in Operation::ALL {
             m.errors.get_or_create(&op.label()).inc_by(0);
         }
@@ -193,6 +212,24 @@ impl Metrics {
             .get_or_create(&AllocationLabel {
                 resource: resource.to_owned(),
                 result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Count a health scan started by `source` (`uevent`, `inotify` or `poll`).
+    pub fn scan(&self, source: &str) {
+        self.scans
+            .get_or_create(&SourceLabel {
+                source: source.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Count a relevant kernel event from `source` (`uevent` or `inotify`).
+    pub fn kernel_event(&self, source: &str) {
+        self.kernel_events
+            .get_or_create(&SourceLabel {
+                source: source.to_owned(),
             })
             .inc();
     }

@@ -462,10 +462,23 @@ pub async fn run(
     });
     let mut servers: BTreeMap<String, Served> = BTreeMap::new();
     let wake = Arc::new(Notify::new());
+    // What woke the next scan, for the scans metric: the first event since the last scan.
+    let woken_by = Arc::new(std::sync::Mutex::new(None::<events::EventSource>));
+    let on_event: events::OnEvent = {
+        let (wake, woken_by, metrics) = (wake.clone(), woken_by.clone(), shared.metrics.clone());
+        Arc::new(move |source: events::EventSource| {
+            metrics.kernel_event(source.as_str());
+            woken_by
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(source);
+            wake.notify_one();
+        })
+    };
     // Dropped with `run`, which stops them.
     let _watchers = config
         .kernel_events
-        .then(|| events::spawn(&config.dev_dir, &dir, wake.clone()));
+        .then(|| events::spawn(&config.dev_dir, &dir, on_event));
     tokio::pin!(shutdown);
     loop {
         tick(&shared, &mut servers).await;
@@ -474,6 +487,10 @@ pub async fn run(
             _ = tokio::time::sleep(config.poll_interval) => {}
             () = wake.notified() => {}
         }
+        let source = woken_by.lock().unwrap_or_else(|p| p.into_inner()).take();
+        shared
+            .metrics
+            .scan(source.map_or("poll", events::EventSource::as_str));
         match scan(&config, &namer).await {
             Ok(inv) => {
                 inv_tx.send_if_modified(|cur| {

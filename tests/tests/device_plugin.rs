@@ -990,6 +990,15 @@ async fn metrics_are_served_and_parse_as_openmetrics() {
         sample(&m, &format!("{p}device_healthy"), &dev_9a),
         Some(0.0)
     );
+    // The removed VFIO node woke a scan through inotify, not the poll.
+    let by_inotify = sample(&m, &format!("{p}scans_total"), &[("source", "inotify")]);
+    assert!(by_inotify.is_some_and(|n| n >= 1.0), "{by_inotify:?}");
+    let seen = sample(
+        &m,
+        &format!("{p}kernel_events_total"),
+        &[("source", "inotify")],
+    );
+    assert!(seen.is_some_and(|n| n >= 1.0), "{seen:?}");
     let allocations = format!("{p}allocations_total");
     let result = |r| [("resource", H100), ("result", r)];
     assert_eq!(sample(&m, &allocations, &result("granted")), Some(1.0));
