@@ -60,11 +60,13 @@ pub fn problems(
             now,
         });
     }
-    if let Some(g) = recorded_group {
-        let node = dev_dir.join("vfio").join(g.to_string());
-        if !node.exists() {
-            out.push(Problem::NoVfioNode(node));
-        }
+    // The group node, or on an iommufd-only host the device's own cdev.
+    if let Some(g) = recorded_group
+        && gpu_passthrough::vfio::present_node(&sysfs.device_dir(address), dev_dir, g).is_none()
+    {
+        out.push(Problem::NoVfioNode(
+            dev_dir.join("vfio").join(g.to_string()),
+        ));
     }
     if quarantine.is_quarantined(address) {
         out.push(Problem::Quarantined);

@@ -90,11 +90,13 @@ pub fn problems(
             now,
         });
     }
-    if let Some(g) = rec.iommu_group {
-        let node = dev_dir.join("vfio").join(g.to_string());
-        if !node.exists() {
-            out.push(Problem::NoVfioNode(node));
-        }
+    // The group node, or on an iommufd-only host the VF's or mdev's own cdev.
+    if let Some(g) = rec.iommu_group
+        && gpu_passthrough::vfio::present_node(&dir, dev_dir, g).is_none()
+    {
+        out.push(Problem::NoVfioNode(
+            dev_dir.join("vfio").join(g.to_string()),
+        ));
     }
     // The parent only on the host's evidence; a VF also on its own tenants' faults.
     if quarantine.is_quarantined(rec.parent)

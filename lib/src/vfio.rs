@@ -201,6 +201,19 @@ fn device_bind_iommufd(device: RawFd, iommufd: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The node a VMM opens for the device at `sysfs_device` in `group`: `dev_dir/vfio/<group>`,
+/// or on a kernel with iommufd and no legacy group interface, the device's
+/// `dev_dir/vfio/devices/vfioX`. `None` while neither exists.
+pub fn present_node(sysfs_device: &Path, dev_dir: &Path, group: u32) -> Option<PathBuf> {
+    let node = dev_dir.join("vfio").join(group.to_string());
+    if node.exists() {
+        return Some(node);
+    }
+    cdevs(sysfs_device, dev_dir)
+        .into_iter()
+        .find(|c| c.exists())
+}
+
 /// The device's iommufd cdevs (`/dev/vfio/devices/vfioX` for each `vfio-dev/vfioX` in its
 /// sysfs directory), in name order.
 pub(crate) fn cdevs(sysfs_device: &Path, dev_dir: &Path) -> Vec<PathBuf> {

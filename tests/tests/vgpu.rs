@@ -641,3 +641,52 @@ fn an_mdev_parent_with_mdevs_is_not_moved_or_reset() {
     // Creating more mdevs on it is still what it is for.
     attach(&h, "T4-1B", 1, "vm-1");
 }
+
+/// A host with iommufd and no legacy group nodes: the VF's own cdev is the node a VMM opens,
+/// the attach waits for it (not for a group node that never comes), and the device plugin
+/// serves the vGPU as healthy there; once released, the plugin sees the node gone.
+#[test]
+fn an_iommufd_only_host_attaches_a_vgpu_through_the_vfs_cdev_and_serves_it_healthy() {
+    let h = sysfs::l40s_host();
+    h.inject("iommufd-only");
+    let spec = attach(&h, "L40S-24Q", 1, "vm-1");
+    let vgpu = &spec.devices[0];
+    assert!(
+        vgpu.vfio_device.starts_with(h.dev.join("vfio/devices")),
+        "{}",
+        vgpu.vfio_device.display()
+    );
+    assert!(
+        fs::read_dir(h.dev.join("vfio"))
+            .unwrap()
+            .flatten()
+            .all(|e| e.file_name() == "devices" || e.file_name() == "vfio"),
+        "a group node appeared on an iommufd-only host: {:?}",
+        fs::read_dir(h.dev.join("vfio"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>()
+    );
+    let j = h.host().journal().read().unwrap();
+    let rec = j.attachments[0].vgpus[0].clone();
+    let healthy = gpu_passthrough_device_plugin::vgpu::problems(
+        h.host().sysfs(),
+        &h.dev,
+        &rec,
+        &gpu_passthrough::quarantine::NoQuarantine,
+    );
+    assert!(healthy.is_empty(), "{healthy:?}");
+    // The cdev goes with the vGPU: the plugin reports the missing node.
+    fs::remove_file(&vgpu.vfio_device).unwrap();
+    let gone = gpu_passthrough_device_plugin::vgpu::problems(
+        h.host().sysfs(),
+        &h.dev,
+        &rec,
+        &gpu_passthrough::quarantine::NoQuarantine,
+    );
+    assert!(
+        gone.iter().any(|p| p.to_string().contains("is missing")),
+        "{gone:?}"
+    );
+}

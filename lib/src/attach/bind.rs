@@ -187,9 +187,9 @@ impl Host {
                 continue;
             };
             self.set_step(j, t, i, Step::NodeReady)?;
-            let node = self.wait_node(group, Some(rec.device))?;
-            Failpoint::AfterNode.hit();
             let dir = self.sysfs.device_dir(rec.device);
+            let node = self.wait_node(group, &dir)?;
+            Failpoint::AfterNode.hit();
             let report = if rec.passed {
                 Some(
                     self.verifier

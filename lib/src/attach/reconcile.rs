@@ -161,7 +161,7 @@ impl Host {
             d.step == Step::Verified
                 && self.sysfs.driver(d.device).as_deref() == Some("vfio-pci")
                 && d.iommu_group.is_some_and(|g| {
-                    self.present_node(g, Some(d.device)).is_some()
+                    self.present_node(g, d.device).is_some()
                         && (!d.passed
                             || self
                                 .verifier

@@ -1,33 +1,26 @@
 //! Waiting for the VFIO node a VMM opens after a bind or a vGPU creation.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{Aftermath, AttachError, Host};
 use crate::pci::PciAddress;
 
 impl Host {
-    /// The node a VMM opens for `device` in `group`: `/dev/vfio/<group>`, or on a kernel with
-    /// iommufd and no legacy group interface, the device's `/dev/vfio/devices/vfioX`.
-    pub(super) fn present_node(&self, group: u32, device: Option<PciAddress>) -> Option<PathBuf> {
-        let node = self.dev_dir.join("vfio").join(group.to_string());
-        if node.exists() {
-            return Some(node);
-        }
-        device
-            .into_iter()
-            .flat_map(|d| self.vfio_cdevs(d))
-            .find(|c| c.exists())
+    /// The node a VMM opens for `device` in `group` ([`crate::vfio::present_node`]).
+    pub(super) fn present_node(&self, group: u32, device: PciAddress) -> Option<PathBuf> {
+        crate::vfio::present_node(&self.sysfs.device_dir(device), &self.dev_dir, group)
     }
 
+    /// Wait for the node of the device (a PCI function, a VF or an mdev) at `sysfs_device`.
     pub(super) fn wait_node(
         &self,
         group: u32,
-        device: Option<PciAddress>,
+        sysfs_device: &Path,
     ) -> Result<PathBuf, AttachError> {
         let start = Instant::now();
         loop {
-            if let Some(node) = self.present_node(group, device) {
+            if let Some(node) = crate::vfio::present_node(sysfs_device, &self.dev_dir, group) {
                 return Ok(node);
             }
             if start.elapsed() >= self.vfio_wait {

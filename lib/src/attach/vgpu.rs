@@ -294,7 +294,8 @@ impl Host {
                         .into(),
                 }));
             };
-            let node = self.wait_node(group, None)?;
+            // The VF's or mdev's own cdev where the kernel has no group nodes (iommufd only).
+            let node = self.wait_node(group, &dir)?;
             let report = self
                 .verifier
                 .verify(&dir, group)
