@@ -6,8 +6,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::guard::describe;
+use super::host_check::Verification;
 use super::journal::Journal;
-use super::reset::{HealthCheck, ResetOutcome, ResetReport, Verification};
+use super::reset::{HealthCheck, ResetOutcome, ResetReport};
 use super::{AttachError, Host};
 use crate::health::{
     Action, EventSource, Fault, FaultKind, HealthError, HealthEvent, HealthStore, HostCheckRecord,

@@ -22,6 +22,7 @@
 //! Reset and verification at detach live in `attach` (they write sysfs); they record their
 //! failures here.
 
+mod event;
 mod ingest;
 mod store;
 

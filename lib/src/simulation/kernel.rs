@@ -76,11 +76,11 @@ impl SimulatedKernel {
     }
 
     fn add_cdev(&self, dev: &Path) -> io::Result<()> {
-        add_cdev(&self.dev_dir, dev)
+        super::add_cdev(&self.dev_dir, dev)
     }
 
     fn remove_cdevs(&self, dev: &Path) {
-        remove_cdevs(&self.dev_dir, dev)
+        super::remove_cdevs(&self.dev_dir, dev)
     }
 
     fn unbind(&self, address: PciAddress, driver: &str) -> io::Result<()> {
@@ -275,28 +275,4 @@ impl Kernel for SimulatedKernel {
             _ => Err(errno(libc::EACCES)),
         }
     }
-}
-
-/// A kernel with iommufd and no legacy group interface: `<dev>/vfio-dev/vfioN` and
-/// `/dev/vfio/devices/vfioN`, no `/dev/vfio/<group>`.
-pub(super) fn add_cdev(dev_dir: &Path, dev: &Path) -> io::Result<()> {
-    let cdevs = dev_dir.join("vfio/devices");
-    fs::create_dir_all(&cdevs)?;
-    let n = (0..)
-        .find(|n: &u32| !cdevs.join(format!("vfio{n}")).exists())
-        .unwrap_or(0);
-    fs::create_dir_all(dev.join("vfio-dev").join(format!("vfio{n}")))?;
-    fs::write(cdevs.join(format!("vfio{n}")), b"")
-}
-
-/// Undo [`add_cdev`].
-pub(super) fn remove_cdevs(dev_dir: &Path, dev: &Path) {
-    for e in fs::read_dir(dev.join("vfio-dev"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let _ = fs::remove_file(dev_dir.join("vfio/devices").join(e.file_name()));
-    }
-    let _ = fs::remove_dir_all(dev.join("vfio-dev"));
 }

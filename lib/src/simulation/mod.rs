@@ -88,3 +88,27 @@ fn has_flag(sysfs_root: &Path, flag: &str) -> bool {
     fs::read_to_string(sysfs_root.join(SIMULATION_MARKER))
         .is_ok_and(|t| t.lines().any(|l| l.trim() == flag))
 }
+
+/// A kernel with iommufd and no legacy group interface: `<dev>/vfio-dev/vfioN` and
+/// `/dev/vfio/devices/vfioN`, no `/dev/vfio/<group>`.
+fn add_cdev(dev_dir: &Path, dev: &Path) -> std::io::Result<()> {
+    let cdevs = dev_dir.join("vfio/devices");
+    fs::create_dir_all(&cdevs)?;
+    let n = (0..)
+        .find(|n: &u32| !cdevs.join(format!("vfio{n}")).exists())
+        .unwrap_or(0);
+    fs::create_dir_all(dev.join("vfio-dev").join(format!("vfio{n}")))?;
+    fs::write(cdevs.join(format!("vfio{n}")), b"")
+}
+
+/// Undo [`add_cdev`].
+fn remove_cdevs(dev_dir: &Path, dev: &Path) {
+    for e in fs::read_dir(dev.join("vfio-dev"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = fs::remove_file(dev_dir.join("vfio/devices").join(e.file_name()));
+    }
+    let _ = fs::remove_dir_all(dev.join("vfio-dev"));
+}

@@ -82,9 +82,9 @@ pub(super) fn set_type(
     fs::write(dir.join("nvidia/current_vgpu_type"), format!("{value}\n"))?;
     if has_flag(sysfs.root(), "iommufd-only") {
         if value == "0" {
-            super::kernel::remove_cdevs(dev_dir, &dir);
+            super::remove_cdevs(dev_dir, &dir);
         } else {
-            super::kernel::add_cdev(dev_dir, &dir)?;
+            super::add_cdev(dev_dir, &dir)?;
         }
     } else if let Some(group) = sysfs.iommu_group(vf) {
         let node = dev_dir.join("vfio").join(group.to_string());
