@@ -7,19 +7,23 @@
 //! Then the GPU is checked against the very driver the guest will load (its own
 //! `supported-gpus.json`, kept beside the layers), with the release's module flavor.
 
+mod layers;
+mod locations;
+
+pub use layers::{
+    Freshness, LayerRequest, default_build_options, host_arch, layers, release_layers,
+};
+pub use locations::Locations;
+
 use std::path::{Path, PathBuf};
 
 use crate::attach::{
-    AttachError, AttachRequest, Host, Owner, PidLiveness, Plan, PlanRequest, VgpuAttachRequest,
+    AttachError, AttachRequest, Host, Owner, Plan, PlanRequest, VgpuAttachRequest,
 };
-use crate::capabilities::CapabilitySet;
-use crate::fetch::{FetchOptions, Fetcher, Progress};
-use crate::initrd::{
-    BuildOptions, InitrdBuilder, InitrdError, LayerCompression, LayerForm, Layers, guest_init,
-};
+use crate::fetch::Progress;
+use crate::initrd::{InitrdError, LayerForm, Layers};
 use crate::outcome::{Classify, Outcome};
-use crate::paths;
-use crate::registry::{Arch, Registry, RegistryError, Release};
+use crate::registry::{Registry, RegistryError, Release};
 use crate::remedy::Remedy;
 use crate::vmm::{BootSpec, DiskAttach, GpuDisk};
 
@@ -110,191 +114,6 @@ impl ProvisionError {
             ProvisionError::Layers { source, .. } | ProvisionError::Initrd(source) => Some(source),
             _ => None,
         }
-    }
-}
-
-/// Where the host's files are: the sysfs and devices roots, the state dir, the cache, and the
-/// registry files merged over the embedded default. Every default is [`paths`]'s.
-#[derive(Debug, Clone)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-pub struct Locations {
-    /// Registry file merged over the embedded default; repeatable, later files win.
-    #[cfg_attr(
-        feature = "cli",
-        arg(
-            long = "registry",
-            value_name = "FILE",
-            global = true,
-            env = "GPU_PASSTHROUGH_REGISTRY",
-            value_delimiter = ':'
-        )
-    )]
-    pub registries: Vec<PathBuf>,
-    /// Artifact and layer cache [default: $XDG_CACHE_HOME/gpu-passthrough, or
-    /// /var/cache/gpu-passthrough for root].
-    #[cfg_attr(
-        feature = "cli",
-        arg(
-            long,
-            value_name = "DIR",
-            global = true,
-            env = "GPU_PASSTHROUGH_CACHE_DIR"
-        )
-    )]
-    pub cache_dir: Option<PathBuf>,
-    /// Root of the sysfs tree to read and write (tests point this at a fake tree).
-    #[cfg_attr(feature = "cli", arg(
-        long, value_name = "DIR", global = true, default_value = paths::SYSFS_ROOT
-    ))]
-    pub sysfs_root: PathBuf,
-    /// Where attachments and the bind journal are kept.
-    #[cfg_attr(feature = "cli", arg(
-        long, value_name = "DIR", global = true, default_value = paths::STATE_DIR
-    ))]
-    pub state_dir: PathBuf,
-    /// Devices directory where `vfio/<group>` nodes appear (tests point this at a fake tree).
-    #[cfg_attr(feature = "cli", arg(
-        long, value_name = "DIR", global = true, default_value = paths::DEV_DIR
-    ))]
-    pub dev_dir: PathBuf,
-}
-
-impl Default for Locations {
-    fn default() -> Self {
-        Locations {
-            registries: Vec::new(),
-            cache_dir: None,
-            sysfs_root: paths::SYSFS_ROOT.into(),
-            state_dir: paths::STATE_DIR.into(),
-            dev_dir: paths::DEV_DIR.into(),
-        }
-    }
-}
-
-impl Locations {
-    /// The cache directory: the one given, or [`paths::default_cache_dir`].
-    pub fn cache_dir(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(paths::default_cache_dir)
-    }
-
-    /// The embedded registry with the registry files merged over it.
-    pub fn registry(&self) -> Result<Registry, RegistryError> {
-        Registry::load(&self.registries)
-    }
-
-    /// The host at these roots; owners in `gone` are declared gone, `pid:N` owners are judged
-    /// by their process.
-    pub fn host(&self, gone: Vec<Owner>) -> Host {
-        let liveness = PidLiveness {
-            gone,
-            ..Default::default()
-        };
-        Host::new(&self.sysfs_root, &self.state_dir, Box::new(liveness)).with_dev_dir(&self.dev_dir)
-    }
-}
-
-/// A release's layers to build (`initrd build|ensure` on the CLI).
-#[derive(Debug, Clone)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-pub struct LayerRequest {
-    /// Registry release [default: the registry's default release].
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub release: Option<String>,
-    /// Guest architecture [default: this machine's].
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub arch: Option<Arch>,
-    /// Compression of the GPU layer (the base layer is always plain cpio).
-    #[cfg_attr(feature = "cli", arg(long, default_value = "zstd"))]
-    pub compression: LayerCompression,
-    /// How the GPU payload reaches the guest: `initrd` (a layer), `disk` (an erofs image for
-    /// virtio-pmem or virtio-blk, with its mount modules in the base layer) or `both`.
-    #[cfg_attr(feature = "cli", arg(long, default_value = "initrd"))]
-    pub form: LayerForm,
-    /// Also copy the layers and manifest.json into this directory.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "DIR"))]
-    pub out: Option<PathBuf>,
-    /// The static guest-init binary [default: `gpu-init` beside this program].
-    #[cfg_attr(
-        feature = "cli",
-        arg(long, value_name = "PATH", env = "GPU_PASSTHROUGH_GUEST_INIT")
-    )]
-    pub guest_init: Option<PathBuf>,
-    /// NVIDIA modules to load in the guest (repeatable) [default: nvidia, nvidia_uvm,
-    /// nvidia_modeset, nvidia_drm].
-    #[cfg_attr(feature = "cli", arg(long = "module", value_name = "NAME"))]
-    pub modules: Vec<String>,
-    /// Driver capabilities to pack, e.g. `compute,utility,video` or `all` [default: every
-    /// capability the driver libraries have].
-    #[cfg_attr(feature = "cli", arg(long, value_name = "LIST"))]
-    pub capabilities: Option<CapabilitySet>,
-}
-
-/// The layers `req` asks for, built (and cached) when needed, then copied to `req.out`.
-pub fn layers(
-    at: &Locations,
-    req: &LayerRequest,
-    freshness: Freshness,
-    progress: &dyn Progress,
-) -> Result<Layers, ProvisionError> {
-    let registry = at.registry()?;
-    let release = registry.resolve(req.release.as_deref())?;
-    let arch = req.arch.map_or_else(host_arch, Ok)?;
-    let mut options = default_build_options(arch, req.guest_init.as_deref())?;
-    options.compression = req.compression;
-    options.form = req.form;
-    if !req.modules.is_empty() {
-        options.modules = req.modules.clone();
-    }
-    options.capabilities = req.capabilities.clone();
-    let mut layers = release_layers(&at.cache_dir(), release, &options, freshness, progress)?;
-    if let Some(out) = &req.out {
-        layers.copy_to(out)?;
-    }
-    Ok(layers)
-}
-
-/// The architecture of guests built on this machine unless the caller says otherwise.
-pub fn host_arch() -> Result<Arch, ProvisionError> {
-    Arch::host().ok_or(ProvisionError::UnsupportedArch(std::env::consts::ARCH))
-}
-
-/// Build options for `release`'s guests: the defaults, with the given guest init or the
-/// installed one.
-pub fn default_build_options(
-    arch: Arch,
-    guest_init: Option<&Path>,
-) -> Result<BuildOptions, InitrdError> {
-    let guest_init = match guest_init {
-        Some(p) => p.to_owned(),
-        None => guest_init::find_installed()?,
-    };
-    Ok(BuildOptions::new(arch, guest_init))
-}
-
-/// Whether [`release_layers`] may return a cached result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Freshness {
-    /// Return intact cached layers at once (a warm call costs milliseconds).
-    Ensure,
-    /// Build again and replace the cached result.
-    Rebuild,
-}
-
-/// The layers of `release`, built (and cached under `cache_dir`) when needed.
-pub fn release_layers(
-    cache_dir: &Path,
-    release: &Release,
-    options: &BuildOptions,
-    freshness: Freshness,
-    progress: &dyn Progress,
-) -> Result<Layers, InitrdError> {
-    let fetcher = Fetcher::new(cache_dir, FetchOptions::default())?;
-    let builder = InitrdBuilder::new(cache_dir, &fetcher);
-    match freshness {
-        Freshness::Ensure => builder.ensure(release, options, progress),
-        Freshness::Rebuild => builder.build(release, options, progress),
     }
 }
 
