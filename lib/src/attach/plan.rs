@@ -83,6 +83,9 @@ pub enum RefusalReason {
     MdevUnavailable,
     /// A bridge was asked for: bridges stay with the host.
     Bridge,
+    /// An NVSwitch would move without the rest of its baseboard (asked for alone, or only a
+    /// member of a moving device's IOMMU group).
+    NvSwitch,
     /// Quarantined by its health record (failure events from distinct owners).
     Quarantined,
     /// The health record cannot be read: nothing is handed out (fail closed).
@@ -428,6 +431,9 @@ impl Host {
                 None,
             );
         }
+        if d.kind == DeviceKind::NvSwitch {
+            self.nvswitch_refusal(req, p, &mut refuse);
+        }
         if d.boot_vga && !req.allow_boot_vga {
             refuse(
                 RefusalReason::BootVga,
@@ -516,6 +522,63 @@ impl Host {
                 ),
                 Some(_) => {}
             }
+        }
+    }
+
+    /// An NVSwitch moves only when the request names its whole baseboard (every GPU and
+    /// NVSwitch of it): alone it is useless to a VM and takes the fabric from the host's GPUs.
+    fn nvswitch_refusal(
+        &self,
+        req: &PlanRequest,
+        p: &PlannedDevice,
+        refuse: &mut impl FnMut(RefusalReason, String, Option<Owner>),
+    ) {
+        let addr = p.address;
+        let board = match self.sysfs.baseboard_of(addr) {
+            Ok(Some(b)) => b,
+            Ok(None) | Err(_) => {
+                refuse(
+                    RefusalReason::NvSwitch,
+                    format!(
+                        "{addr} is an NVSwitch whose baseboard cannot be told from sysfs: it stays with the host"
+                    ),
+                    None,
+                );
+                return;
+            }
+        };
+        let missing: Vec<String> = board
+            .members()
+            .into_iter()
+            .filter(|m| !req.devices.contains(m))
+            .map(|m| m.to_string())
+            .collect();
+        if p.role != PlanRole::Requested {
+            refuse(
+                RefusalReason::NvSwitch,
+                format!(
+                    "{addr} is an NVSwitch of baseboard {} in IOMMU group {} with {}: it moves only with its whole baseboard; request the baseboard, or put the device in a slot with its own group",
+                    board.id,
+                    p.iommu_group.map_or("-".to_owned(), |g| g.to_string()),
+                    p.of
+                ),
+                None,
+            );
+        } else if !missing.is_empty() || board.gpus.is_empty() {
+            refuse(
+                RefusalReason::NvSwitch,
+                format!(
+                    "{addr} is an NVSwitch of baseboard {}: it moves only with the whole baseboard; missing: {}",
+                    board.id,
+                    if board.gpus.is_empty() {
+                        "its GPUs cannot be told from sysfs (several boards in one PCI domain)"
+                            .to_owned()
+                    } else {
+                        missing.join(" ")
+                    }
+                ),
+                None,
+            );
         }
     }
 

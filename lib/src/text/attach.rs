@@ -81,6 +81,9 @@ impl Display for DeviceReport {
             or_dash(dev.numa_node),
             u8::from(dev.boot_vga),
         )?;
+        if let Some(board) = &self.baseboard {
+            writeln!(f, "    NVLink baseboard {board}")?;
+        }
         if !self.companions.is_empty() {
             writeln!(f, "    companions: {}", join(&self.companions))?;
         }

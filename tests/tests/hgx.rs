@@ -1,0 +1,172 @@
+//! HGX boards and Grace (#25) on fake sysfs trees shaped like the real machines
+//! (`sysfs::hgx_8gpu`): NVSwitches as devices of their own, baseboards, terabyte BARs.
+
+use gpu_passthrough::attach::{AttachError, AttachRequest, Owner, PlanRequest, RefusalReason};
+use gpu_passthrough::pci::{DeviceKind, PciAddress};
+use gpu_passthrough_tests::sysfs::{self, FakeDevice, FakeHost, HGX_GPUS, HGX_NVSWITCHES};
+
+fn a(s: &str) -> PciAddress {
+    s.parse().unwrap()
+}
+
+fn req(devs: &[&str]) -> PlanRequest {
+    PlanRequest {
+        devices: devs.iter().map(|d| a(d)).collect(),
+        ..Default::default()
+    }
+}
+
+fn whole_board() -> Vec<&'static str> {
+    HGX_GPUS
+        .iter()
+        .chain(HGX_NVSWITCHES.iter())
+        .copied()
+        .collect()
+}
+
+#[test]
+fn nvswitches_are_listed_as_nvswitches_with_their_baseboard() {
+    let h = sysfs::hgx_8gpu(false);
+    let list = h.host().devices(false, None).unwrap();
+    let switches: Vec<_> = list
+        .iter()
+        .filter(|d| d.device.kind == DeviceKind::NvSwitch)
+        .collect();
+    let addrs: Vec<String> = switches
+        .iter()
+        .map(|d| d.device.address.to_string())
+        .collect();
+    assert_eq!(addrs, HGX_NVSWITCHES);
+    for s in &switches {
+        assert_eq!(s.baseboard.as_deref(), Some("0000:03:00.0"));
+        assert!(!s.ready, "an NVSwitch alone is never ready");
+        assert!(
+            s.not_ready_because[0].contains("whole baseboard"),
+            "{:?}",
+            s.not_ready_because
+        );
+        let json = serde_json::to_value(s).unwrap();
+        assert_eq!(json["kind"], "nvswitch");
+        assert_eq!(json["baseboard"], "0000:03:00.0");
+    }
+    let gpus: Vec<_> = list
+        .iter()
+        .filter(|d| d.device.kind == DeviceKind::Display)
+        .collect();
+    assert_eq!(gpus.len(), 8);
+    assert!(
+        gpus.iter()
+            .all(|g| g.ready && g.baseboard.as_deref() == Some("0000:03:00.0"))
+    );
+    let boards = gpu_passthrough::pci::Sysfs::new(&h.sys)
+        .baseboards()
+        .unwrap();
+    assert_eq!(boards.len(), 1);
+    assert_eq!(boards[0].gpus.len(), 8);
+    assert_eq!(boards[0].nvswitches.len(), 4);
+}
+
+#[test]
+fn nvswitches_are_never_counted_as_gpus() {
+    let h = sysfs::hgx_8gpu(false);
+    let p = h
+        .host()
+        .plan(&PlanRequest {
+            gpus: Some(8),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+    let mut picked: Vec<String> = p.requested.iter().map(|a| a.to_string()).collect();
+    picked.sort();
+    assert_eq!(picked, HGX_GPUS);
+    let nine = h.host().plan(&PlanRequest {
+        gpus: Some(9),
+        ..Default::default()
+    });
+    assert!(
+        matches!(nine, Err(AttachError::NotEnoughGpus { wanted: 9, free: 8 })),
+        "{nine:?}"
+    );
+}
+
+#[test]
+fn an_nvswitch_alone_is_refused_naming_what_is_missing() {
+    let h = sysfs::hgx_8gpu(false);
+    let p = h.host().plan(&req(&["0000:05:00.0"])).unwrap();
+    let r = p
+        .refusals
+        .iter()
+        .find(|r| r.reason == RefusalReason::NvSwitch)
+        .expect("an NVSwitch refusal");
+    for missing in HGX_GPUS.iter().chain(&HGX_NVSWITCHES[1..]) {
+        assert!(r.message.contains(missing), "{}", r.message);
+    }
+    assert!(!r.message.contains("missing: 0000:05:00.0"));
+    // Bridges of its group (the management switch) never move; the other NVSwitches are
+    // group members and refused as such.
+    assert!(
+        p.devices
+            .iter()
+            .all(|d| d.kind != DeviceKind::Bridge && d.address.bus >= 5 && d.address.bus <= 8)
+    );
+    assert_eq!(
+        p.refusals
+            .iter()
+            .filter(|r| r.reason == RefusalReason::NvSwitch)
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn an_nvswitch_in_a_gpus_group_is_not_moved_by_accident() {
+    // A board without ACS between a GPU and an NVSwitch: one IOMMU group.
+    let h = FakeHost::new(true);
+    h.add(
+        FakeDevice::new("0000:1b:00.0", 0x10de, 0x2330, 0x030200)
+            .driver("vfio-pci")
+            .group(9),
+    )
+    .add(FakeDevice::new("0000:05:00.0", 0x10de, 0x22a3, 0x068000).group(9));
+    let p = h.host().plan(&req(&["0000:1b:00.0"])).unwrap();
+    let r = p
+        .refusals
+        .iter()
+        .find(|r| r.reason == RefusalReason::NvSwitch)
+        .expect("refused");
+    assert_eq!(r.device, Some(a("0000:05:00.0")));
+    assert!(r.message.contains("IOMMU group 9"), "{}", r.message);
+}
+
+#[test]
+fn the_whole_board_plans_attaches_and_detaches_as_one() {
+    let h = sysfs::hgx_8gpu(true);
+    let host = h.host();
+    let p = host.plan(&req(&whole_board())).unwrap();
+    assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+    assert_eq!(p.devices.len(), 12);
+    assert!(p.devices.iter().all(|d| d.kind != DeviceKind::Bridge));
+    let owner = Owner::new("vm-hgx").unwrap();
+    let spec = host
+        .attach(&AttachRequest {
+            plan: req(&whole_board()),
+            owner: owner.clone(),
+            initrd: None,
+        })
+        .unwrap();
+    assert_eq!(spec.devices.len(), 12);
+    assert_eq!(spec.devices.iter().filter(|d| d.gpu).count(), 8);
+    for d in whole_board() {
+        assert_eq!(h.driver(d).as_deref(), Some("vfio-pci"), "{d}");
+    }
+    assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("pcieport"));
+    host.detach(&owner).unwrap();
+    for d in HGX_GPUS {
+        assert_eq!(h.driver(d).as_deref(), Some("nvidia"), "{d}");
+    }
+    for d in HGX_NVSWITCHES {
+        assert_eq!(h.driver(d), None, "{d}");
+    }
+    assert!(h.journal_clean());
+}
