@@ -170,3 +170,109 @@ fn the_whole_board_plans_attaches_and_detaches_as_one() {
     }
     assert!(h.journal_clean());
 }
+
+/// A proc root in the host's PID namespace whose CPU has `bits` physical address bits.
+fn proc_with_address_bits(h: &FakeHost, bits: u8) -> std::path::PathBuf {
+    let root = h.dir.path().join(format!("proc-{bits}"));
+    std::fs::create_dir_all(root.join("self/ns")).unwrap();
+    std::os::unix::fs::symlink(
+        gpu_passthrough::pidns::INITIAL_PID_NS,
+        root.join("self/ns/pid"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("cpuinfo"),
+        format!(
+            "processor\t: 0\nvendor_id\t: GenuineIntel\naddress sizes\t: {bits} bits physical, 57 bits virtual\n\nprocessor\t: 1\naddress sizes\t: {bits} bits physical, 57 bits virtual\n"
+        ),
+    )
+    .unwrap();
+    root
+}
+
+#[test]
+fn eight_h200s_get_a_terabyte_window_in_the_plan_and_the_boot_spec() {
+    let h = sysfs::hgx_8gpu(true);
+    let host = h.host().with_proc_root(proc_with_address_bits(&h, 46));
+    let p = host.plan(&req(&whole_board())).unwrap();
+    assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+    let m = p.mmio.expect("a window");
+    // 8 × (256 GiB + 32 MiB) of GPU BARs and 4 × 32 MiB of NVSwitch BARs, read from sysfs.
+    assert_eq!(
+        m.bar_bytes,
+        8 * ((256u64 << 30) + (32 << 20)) + 4 * (32 << 20)
+    );
+    assert_eq!(m.largest_bar, 256 << 30);
+    assert!(m.window_bytes >= m.bar_bytes);
+    assert!(m.guest_phys_bits <= 46);
+    assert_eq!(p.host_phys_bits, Some(46));
+    let json = serde_json::to_value(&p).unwrap();
+    assert_eq!(json["mmio"]["window_bytes"], m.window_bytes);
+    assert_eq!(json["mmio"]["guest_phys_bits"], m.guest_phys_bits);
+    eprintln!(
+        "eight H200 + four NVSwitches: {} GiB of BARs, window {} GiB ({} bytes), {} guest address bits",
+        m.bar_bytes >> 30,
+        m.window_gib(),
+        m.window_bytes,
+        m.guest_phys_bits
+    );
+
+    let spec = host
+        .attach(&AttachRequest {
+            plan: req(&whole_board()),
+            owner: Owner::new("vm-h200").unwrap(),
+            initrd: None,
+        })
+        .unwrap();
+    assert_eq!(spec.mmio.window_bytes, m.window_bytes);
+    let q = &spec.qemu.args;
+    let hole = format!("q35-pcihost.pci-hole64-size={}G", m.window_gib());
+    let i = q.iter().position(|a| *a == hole).expect("pci-hole64-size");
+    assert_eq!(q[i - 1], "-global");
+    assert_eq!(
+        q.iter().filter(|a| a.contains("pci-hole64-size")).count(),
+        1,
+        "{q:?}"
+    );
+    let ovmf = format!("name=opt/ovmf/X-PciMmio64Mb,string={}", m.window_mib());
+    let j = q.iter().position(|a| *a == ovmf).expect("X-PciMmio64Mb");
+    assert_eq!(q[j - 1], "-fw_cfg");
+    assert!(
+        spec.mmio
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains("guest physical address bits")
+    );
+}
+
+#[test]
+fn a_cpu_with_too_few_address_bits_is_refused_before_anything_moves() {
+    let h = sysfs::hgx_8gpu(true);
+    // The board's window takes 43 bits; one H200's takes 40.
+    let host = h.host().with_proc_root(proc_with_address_bits(&h, 42));
+    let p = host.plan(&req(&whole_board())).unwrap();
+    let r = p
+        .refusals
+        .iter()
+        .find(|r| r.reason == RefusalReason::AddressBits)
+        .expect("refused for address bits");
+    assert!(r.message.contains("has 42"), "{}", r.message);
+    let err = host
+        .attach(&AttachRequest {
+            plan: req(&whole_board()),
+            owner: Owner::new("vm-small-cpu").unwrap(),
+            initrd: None,
+        })
+        .unwrap_err();
+    assert!(matches!(err, AttachError::Refused(_)), "{err:?}");
+    for d in HGX_GPUS {
+        assert_eq!(h.driver(d).as_deref(), Some("nvidia"), "{d}");
+        assert_eq!(h.driver_override(d), None);
+    }
+    assert!(h.journal_clean());
+    // One H200 fits the same CPU.
+    let one = host.plan(&req(&[HGX_GPUS[0]])).unwrap();
+    assert!(one.refusals.is_empty(), "{:?}", one.refusals);
+    assert!(one.mmio.unwrap().guest_phys_bits <= 42);
+}

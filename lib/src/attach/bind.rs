@@ -88,13 +88,15 @@ impl Host {
                 j.state.commit(txn);
                 j.save()?;
                 Failpoint::AfterCommit.hit();
-                Ok(self.boot_spec(
-                    &req.owner,
-                    boot,
-                    held,
-                    req.initrd.clone(),
-                    req.plan.p2p_clique,
-                ))
+                Ok(self
+                    .boot_spec(
+                        &req.owner,
+                        boot,
+                        held,
+                        req.initrd.clone(),
+                        req.plan.p2p_clique,
+                    )
+                    .with_mmio(plan.mmio))
             }
             Err(cause) => {
                 let txn = j.state.transactions[t].clone();

@@ -134,6 +134,17 @@ impl Display for Plan {
         for w in &self.writes {
             writeln!(f, "write {:?} > {}", w.value, w.path.display())?;
         }
+        if let Some(m) = &self.mmio {
+            writeln!(
+                f,
+                "64-bit MMIO window {} GiB ({} bytes) for {} GiB of BARs: {} guest physical address bits (host: {})",
+                m.window_gib(),
+                m.window_bytes,
+                m.bar_bytes >> 30,
+                m.guest_phys_bits,
+                or_dash(self.host_phys_bits)
+            )?;
+        }
         for r in &self.refusals {
             writeln!(f, "REFUSED: {}", r.message)?;
         }
