@@ -7,6 +7,7 @@
 mod address;
 mod baseboard;
 pub mod ids;
+pub mod variant;
 
 use std::fs;
 use std::io;
