@@ -117,6 +117,10 @@ pub struct BootSpec {
     pub qemu: Qemu,
     /// The 64-bit MMIO window.
     pub mmio: MmioHint,
+    /// What this spec cannot express for these devices, for every VMM (e.g. a Grace GPU's
+    /// memory NUMA nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// The GPU payload as a read-only image, when the layers were built in the disk form: its
     /// VMM arguments and kernel word are already in the ones above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -278,6 +282,7 @@ impl BootSpec {
             },
             devices,
             held_devices,
+            warnings: Vec::new(),
             disk: None,
         }
     }
@@ -322,6 +327,17 @@ impl BootSpec {
         }
         self.mmio.window_bytes = w.window_bytes;
         self.mmio.sized = Some(w);
+        self
+    }
+
+    /// The spec with warnings for Grace GPUs among its devices: what a Grace guest needs that
+    /// the spec cannot express yet, said instead of pretending.
+    pub fn with_grace_gpus(mut self, gpus: &[PciAddress]) -> BootSpec {
+        for g in gpus {
+            self.warnings.push(format!(
+                "{g} is a Grace superchip GPU: its memory is coherent with the CPU and the guest needs it as NUMA nodes of their own (QEMU: acpi-generic-initiator objects), a virtual SMMUv3 with nested translation, and the nvgrace_gpu_vfio_pci variant driver on the host; this boot spec expresses none of them yet, so the guest sees the GPU without its memory nodes"
+            ));
+        }
         self
     }
 

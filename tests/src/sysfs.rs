@@ -802,3 +802,25 @@ pub fn hgx_8gpu(h200: bool) -> FakeHost {
     }
     h
 }
+
+/// A GH200 superchip's GPU at its real address, PCI domain 0009 (`0009:01:00.0`, as
+/// `nvidia-smi` shows it on GH200 systems), 10de:2342, behind its root port, on the `nvidia`
+/// driver: BAR0 16 MiB, BAR2 the 128 GiB device-memory aperture and BAR4 32 MiB.
+pub fn gh200() -> FakeHost {
+    let h = FakeHost::new(true);
+    h.add(
+        FakeDevice::new("0009:00:00.0", 0x10de, 0x22b2, 0x060400)
+            .driver("pcieport")
+            .group(8),
+    )
+    .add(
+        FakeDevice::new("0009:01:00.0", 0x10de, 0x2342, 0x030200)
+            .driver("nvidia")
+            .group(9)
+            .numa(0)
+            .bar64(128 << 30)
+            .bar64(32 << 20)
+            .under("pci0009:00/0009:00:00.0"),
+    );
+    h
+}

@@ -276,3 +276,41 @@ fn a_cpu_with_too_few_address_bits_is_refused_before_anything_moves() {
     assert!(one.refusals.is_empty(), "{:?}", one.refusals);
     assert!(one.mmio.unwrap().guest_phys_bits <= 42);
 }
+
+#[test]
+fn a_gh200_in_domain_0009_plans_attaches_and_its_spec_says_what_it_lacks() {
+    let h = sysfs::gh200();
+    let host = h.host();
+    let gpu = "0009:01:00.0";
+    let p = host.plan(&req(&[gpu])).unwrap();
+    assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+    assert_eq!(p.requested, [a(gpu)]);
+    let owner = Owner::new("vm-gh200").unwrap();
+    let spec = host
+        .attach(&AttachRequest {
+            plan: req(&[gpu]),
+            owner: owner.clone(),
+            initrd: None,
+        })
+        .unwrap();
+    assert_eq!(h.driver(gpu).as_deref(), Some("vfio-pci"));
+    assert!(spec.qemu.args.contains(&format!("vfio-pci,host={gpu}")));
+    assert_eq!(spec.warnings.len(), 1, "{:?}", spec.warnings);
+    assert!(spec.warnings[0].contains(gpu));
+    assert!(spec.warnings[0].contains("NUMA nodes"));
+    assert!(spec.warnings[0].contains("SMMUv3"));
+    // An H100 gets no such warning.
+    let hgx = sysfs::hgx_8gpu(false);
+    let s = hgx
+        .host()
+        .attach(&AttachRequest {
+            plan: req(&[HGX_GPUS[0]]),
+            owner: Owner::new("vm-h100").unwrap(),
+            initrd: None,
+        })
+        .unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    host.detach(&owner).unwrap();
+    assert_eq!(h.driver(gpu).as_deref(), Some("nvidia"));
+    assert!(h.journal_clean());
+}

@@ -163,6 +163,11 @@ impl PciDevice {
         self.vendor_id == ids::NVIDIA_VENDOR_ID && self.kind == DeviceKind::Display
     }
 
+    /// The GPU of a Grace superchip (GH200, GB200).
+    pub fn is_grace_gpu(&self) -> bool {
+        self.is_nvidia_gpu() && ids::GRACE_GPU_DEVICE_IDS.contains(&self.device_id)
+    }
+
     /// Total bytes of the 64-bit memory BARs (what the VM's 64-bit MMIO window must hold).
     pub fn bar64_bytes(&self) -> u64 {
         self.bars

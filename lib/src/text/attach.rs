@@ -202,6 +202,9 @@ impl Display for BootSpecText<'_> {
             writeln!(f, "initrd: {}", i.display())?;
         }
         writeln!(f, "vmm args: {}", s.args(self.vmm).join(" "))?;
+        for w in &s.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
         if self.vmm == Vmm::CloudHypervisor {
             for w in &s.cloud_hypervisor.warnings {
                 writeln!(f, "warning: {w}")?;
