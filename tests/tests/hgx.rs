@@ -314,3 +314,28 @@ fn a_gh200_in_domain_0009_plans_attaches_and_its_spec_says_what_it_lacks() {
     assert_eq!(h.driver(gpu).as_deref(), Some("nvidia"));
     assert!(h.journal_clean());
 }
+
+#[test]
+fn a_board_attach_that_fails_midway_rolls_every_device_back() {
+    let h = sysfs::hgx_8gpu(false);
+    // The seventh device's probe fails: six have moved by then.
+    h.inject("fail-once drivers_probe after 6");
+    let err = h
+        .host()
+        .attach(&AttachRequest {
+            plan: req(&whole_board()),
+            owner: Owner::new("vm-hgx").unwrap(),
+            initrd: None,
+        })
+        .unwrap_err();
+    assert!(!matches!(err, AttachError::Refused(_)), "{err:?}");
+    for d in HGX_GPUS {
+        assert_eq!(h.driver(d).as_deref(), Some("nvidia"), "{d}");
+        assert_eq!(h.driver_override(d), None, "{d}");
+    }
+    for d in HGX_NVSWITCHES {
+        assert_eq!(h.driver(d), None, "{d}");
+        assert_eq!(h.driver_override(d), None, "{d}");
+    }
+    assert!(h.journal_clean());
+}
