@@ -1,7 +1,9 @@
 //! `vmm`: render a boot spec for Cloud Hypervisor and QEMU.
 
 pub mod disk;
+pub mod mmio;
 pub use disk::{DiskAttach, GpuDisk};
+pub use mmio::MmioWindow;
 
 use std::path::PathBuf;
 
@@ -89,6 +91,10 @@ pub struct MmioHint {
     pub window_bytes: u64,
     /// What to do, when the default window is likely too small.
     pub hint: Option<String>,
+    /// The window sized from the devices' real BARs, with the guest address bits it takes
+    /// (set by [`BootSpec::with_mmio`]; then `window_bytes` is its size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sized: Option<MmioWindow>,
 }
 
 /// Everything a VMM needs to boot the VM with its devices.
@@ -111,6 +117,10 @@ pub struct BootSpec {
     pub qemu: Qemu,
     /// The 64-bit MMIO window.
     pub mmio: MmioHint,
+    /// What this spec cannot express for these devices, for every VMM (e.g. a Grace GPU's
+    /// memory NUMA nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// The GPU payload as a read-only image, when the layers were built in the disk form: its
     /// VMM arguments and kernel word are already in the ones above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,6 +161,9 @@ impl BootSpec {
 
 /// QEMU's default 64-bit PCI hole on q35 (32 GiB); larger BAR sums need a bigger one.
 const DEFAULT_HOLE64: u64 = 32 << 30;
+
+/// Cloud Hypervisor's default `--cpus max_phys_bits` (also capped at the host's).
+const CLOUD_HYPERVISOR_DEFAULT_PHYS_BITS: u8 = 46;
 
 impl BootSpec {
     /// Render the spec for `devices` attached to `owner`, with no P2P clique.
@@ -265,11 +278,67 @@ impl BootSpec {
                 bar64_bytes: bar64,
                 window_bytes: window,
                 hint,
+                sized: None,
             },
             devices,
             held_devices,
+            warnings: Vec::new(),
             disk: None,
         }
+    }
+
+    /// The spec with its 64-bit MMIO window sized from the devices' real BARs (`None`: kept as
+    /// rendered). QEMU gets `pci-hole64-size` and OVMF's `X-PciMmio64Mb` for it; Cloud
+    /// Hypervisor has no window size (its 64-bit MMIO space runs from the end of RAM to the top
+    /// of the guest's physical address space), so it gets a warning when the window needs more
+    /// than its default 46 guest address bits.
+    pub fn with_mmio(mut self, window: Option<MmioWindow>) -> BootSpec {
+        let Some(w) = window else {
+            return self;
+        };
+        // The rendered estimate's argument, if any, gives way to the sized one.
+        if let Some(i) = self
+            .qemu
+            .args
+            .iter()
+            .position(|a| a.starts_with("q35-pcihost.pci-hole64-size="))
+        {
+            self.qemu.args.drain(i - 1..=i);
+        }
+        let (gib, bits) = (w.window_gib(), w.guest_phys_bits);
+        if w.window_bytes > DEFAULT_HOLE64 {
+            self.qemu.args.extend([
+                "-global".to_owned(),
+                format!("q35-pcihost.pci-hole64-size={gib}G"),
+                "-fw_cfg".to_owned(),
+                format!("name=opt/ovmf/X-PciMmio64Mb,string={}", w.window_mib()),
+            ]);
+            self.mmio.hint = Some(format!(
+                "the devices' 64-bit prefetchable BARs total {} GiB (largest {} GiB): the VM needs a {gib} GiB 64-bit MMIO window, which takes {bits} guest physical address bits (QEMU: -global q35-pcihost.pci-hole64-size={gib}G -fw_cfg name=opt/ovmf/X-PciMmio64Mb,string={} and -cpu host,host-phys-bits=on; Cloud Hypervisor: --cpus max_phys_bits={bits} or more)",
+                w.bar_bytes >> 30,
+                w.largest_bar >> 30,
+                w.window_mib()
+            ));
+        }
+        if bits > CLOUD_HYPERVISOR_DEFAULT_PHYS_BITS {
+            self.cloud_hypervisor.warnings.push(format!(
+                "the {gib} GiB MMIO window takes {bits} guest physical address bits, more than Cloud Hypervisor's default {CLOUD_HYPERVISOR_DEFAULT_PHYS_BITS}: start it with --cpus max_phys_bits={bits}"
+            ));
+        }
+        self.mmio.window_bytes = w.window_bytes;
+        self.mmio.sized = Some(w);
+        self
+    }
+
+    /// The spec with warnings for Grace GPUs among its devices: what a Grace guest needs that
+    /// the spec cannot express yet, said instead of pretending.
+    pub fn with_grace_gpus(mut self, gpus: &[PciAddress]) -> BootSpec {
+        for g in gpus {
+            self.warnings.push(format!(
+                "{g} is a Grace superchip GPU: its memory is coherent with the CPU and the guest needs it as NUMA nodes of their own (QEMU: acpi-generic-initiator objects), a virtual SMMUv3 with nested translation, and the nvgrace_gpu_vfio_pci variant driver on the host; this boot spec expresses none of them yet, so the guest sees the GPU without its memory nodes"
+            ));
+        }
+        self
     }
 
     /// The spec with the GPU payload delivered as `disk`: its kernel word (next to `HAS_GPU=1`),

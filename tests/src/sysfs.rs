@@ -698,3 +698,129 @@ pub fn mixed_vgpu_host() -> FakeHost {
     .add_t4_mdev("0000:3b:00.0", 90, 1, 0);
     h
 }
+
+/// The GPUs of [`hgx_8gpu`], NUMA node 0 first: the addresses of the DGX H100 user guide's GPU
+/// table (GPU0–7), which the HGX H100/H200 baseboard gives every 8-GPU server built on it.
+pub const HGX_GPUS: [&str; 8] = [
+    "0000:1b:00.0",
+    "0000:43:00.0",
+    "0000:52:00.0",
+    "0000:61:00.0",
+    "0000:9d:00.0",
+    "0000:c3:00.0",
+    "0000:d1:00.0",
+    "0000:df:00.0",
+];
+
+/// The four NVSwitches of [`hgx_8gpu`] (10de:22a3, class 0680), behind management switch
+/// `0000:03:00.0`.
+pub const HGX_NVSWITCHES: [&str; 4] = [
+    "0000:05:00.0",
+    "0000:06:00.0",
+    "0000:07:00.0",
+    "0000:08:00.0",
+];
+
+/// An 8-GPU HGX H100 (or, with `h200`, H200) board as a DGX H100-class server shows it.
+///
+/// Where it comes from: the GPU addresses are those of the DGX H100 user guide's GPU table;
+/// each GPU sits behind its own PCIe switch with a ConnectX-7 beside it (the guide's block
+/// diagram: one switch per GPU/NIC pair; the NIC at GPU bus − 3 as in public DGX H100
+/// `lspci -t` dumps, root port and switch ports numbered below it); the four NVSwitches
+/// (10de:22a3) sit behind one management switch on NUMA node 0 and share its IOMMU group, as
+/// the issue describes; NUMA 0 holds GPUs 0–3, NUMA 1 GPUs 4–7. Hopper BARs: BAR0 16 MiB
+/// (32-bit), BAR1 128 GiB (H200: 256 GiB as the issue asks) and BAR3 32 MiB, both 64-bit
+/// prefetchable. Bus numbers of switch ports are plausible, not copied from one machine.
+pub fn hgx_8gpu(h200: bool) -> FakeHost {
+    let h = FakeHost::new(true);
+    let port = |addr: String, under: Option<String>, group: u32, numa: i32| {
+        let d = FakeDevice::new(&addr, 0x8086, 0x352a, 0x060400)
+            .driver("pcieport")
+            .group(group)
+            .numa(numa);
+        match under {
+            Some(u) => d.under(&u),
+            None => d,
+        }
+    };
+    h.add(FakeDevice::new("0000:00:00.0", 0x8086, 0x09a2, 0x060000).group(0));
+    // The management switch: root port, upstream port, one downstream port per NVSwitch.
+    let root = "pci0000:00/0000:00:01.1".to_owned();
+    h.add(port("0000:00:01.1".into(), None, 40, 0));
+    let up = format!("{root}/0000:03:00.0");
+    h.add(port("0000:03:00.0".into(), Some(root), 40, 0));
+    for (i, sw) in HGX_NVSWITCHES.iter().enumerate() {
+        let down = format!("0000:04:{i:02x}.0");
+        h.add(port(down.clone(), Some(up.clone()), 40, 0));
+        h.add(
+            FakeDevice::new(sw, 0x10de, 0x22a3, 0x068000)
+                .group(40)
+                .numa(0)
+                .bar64(32 << 20)
+                .under(&format!("{up}/{down}")),
+        );
+    }
+    let bar1: u64 = if h200 { 256 << 30 } else { 128 << 30 };
+    let device_id = if h200 { 0x2335 } else { 0x2330 };
+    for (i, gpu) in HGX_GPUS.iter().enumerate() {
+        let b = u8::from_str_radix(&gpu[5..7], 16).expect("bus");
+        let numa = if i < 4 { 0 } else { 1 };
+        let g = 100 + 10 * i as u32;
+        let root_port = format!("0000:{:02x}:01.0", b - 6);
+        let root = format!("pci0000:{:02x}/{root_port}", b - 6);
+        h.add(port(root_port, None, g, numa));
+        let upstream = format!("0000:{:02x}:00.0", b - 5);
+        let up = format!("{root}/{upstream}");
+        h.add(port(upstream, Some(root), g + 1, numa));
+        let (nic_port, gpu_port) = (
+            format!("0000:{:02x}:00.0", b - 4),
+            format!("0000:{:02x}:01.0", b - 4),
+        );
+        h.add(port(nic_port.clone(), Some(up.clone()), g + 2, numa));
+        h.add(port(gpu_port.clone(), Some(up.clone()), g + 3, numa));
+        h.add(
+            FakeDevice::new(
+                &format!("0000:{:02x}:00.0", b - 3),
+                0x15b3,
+                0x1021,
+                0x020700,
+            )
+            .driver("mlx5_core")
+            .group(g + 4)
+            .numa(numa)
+            .under(&format!("{up}/{nic_port}")),
+        );
+        h.add(
+            FakeDevice::new(gpu, 0x10de, device_id, 0x030200)
+                .driver("nvidia")
+                .group(g + 5)
+                .numa(numa)
+                .bar64(bar1)
+                .bar64(32 << 20)
+                .under(&format!("{up}/{gpu_port}")),
+        );
+    }
+    h
+}
+
+/// A GH200 superchip's GPU at its real address, PCI domain 0009 (`0009:01:00.0`, as
+/// `nvidia-smi` shows it on GH200 systems), 10de:2342, behind its root port, on the `nvidia`
+/// driver: BAR0 16 MiB, BAR2 the 128 GiB device-memory aperture and BAR4 32 MiB.
+pub fn gh200() -> FakeHost {
+    let h = FakeHost::new(true);
+    h.add(
+        FakeDevice::new("0009:00:00.0", 0x10de, 0x22b2, 0x060400)
+            .driver("pcieport")
+            .group(8),
+    )
+    .add(
+        FakeDevice::new("0009:01:00.0", 0x10de, 0x2342, 0x030200)
+            .driver("nvidia")
+            .group(9)
+            .numa(0)
+            .bar64(128 << 30)
+            .bar64(32 << 20)
+            .under("pci0009:00/0009:00:00.0"),
+    );
+    h
+}

@@ -173,12 +173,15 @@ fn server_plans_one_gpu_alone_and_picks_gpus_on_one_numa_node() {
     let h = sysfs::server_8gpu();
     let host = h.host();
     let list = host.devices(false, None).unwrap();
-    assert_eq!(
-        list.len(),
-        8,
-        "8 GPUs, no NVSwitch or NIC among the candidates"
-    );
-    assert!(list.iter().all(|d| d.ready && d.companions.is_empty()));
+    // NVSwitches are listed as devices of their own (#25), never ready alone; NICs are not.
+    assert_eq!(list.len(), 12, "8 GPUs and 4 NVSwitches, no NIC");
+    let (switches, gpus): (Vec<_>, Vec<_>) = list
+        .iter()
+        .partition(|d| d.device.kind == gpu_passthrough::pci::DeviceKind::NvSwitch);
+    assert_eq!(switches.len(), 4);
+    assert!(switches.iter().all(|d| !d.ready));
+    assert_eq!(gpus.len(), 8);
+    assert!(gpus.iter().all(|d| d.ready && d.companions.is_empty()));
     let p = host.plan(&req(&["0000:18:00.0"])).unwrap();
     assert_eq!(p.devices.len(), 1);
     assert!(p.refusals.is_empty());

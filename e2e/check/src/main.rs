@@ -14,6 +14,7 @@ mod drivers;
 mod guest;
 mod host;
 mod layers;
+mod mmio;
 mod modules;
 mod serve;
 mod signing;
@@ -48,6 +49,23 @@ struct GuestBoot {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run M: the guest address bits and the QEMU arguments of the window for these BARs.
+    MmioArgs {
+        /// BAR sizes in bytes.
+        #[arg(required = true)]
+        bars: Vec<u64>,
+    },
+    /// Run M: the guest booted with the window shows it on its root bus.
+    MmioGuest {
+        /// The console log.
+        log: PathBuf,
+        /// The window the library computed, bytes.
+        #[arg(long)]
+        window_bytes: u64,
+        /// QEMU's exit code.
+        #[arg(long, allow_hyphen_values = true)]
+        boot_rc: i32,
+    },
     /// Run A: a HAS_GPU=1 guest without a GPU (GPU-INIT report and workload).
     GpuGuest {
         #[command(flatten)]
@@ -290,6 +308,12 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     let verdicts = match command {
+        Command::MmioArgs { bars } => return mmio::args(&bars),
+        Command::MmioGuest {
+            log,
+            window_bytes,
+            boot_rc,
+        } => mmio::guest(&Console::read(&log)?, window_bytes, boot_rc),
         Command::GpuGuest { boot } => guest::gpu_guest(
             &Console::read(&boot.log)?,
             &boot.driver,

@@ -6,7 +6,7 @@ use super::liveness::process_identity;
 use super::persistence::persistence;
 use super::{Aftermath, AttachError, AttachRequest, Host, load_supported};
 use crate::failpoint::Failpoint;
-use crate::pci::valid_driver_name;
+use crate::pci::{PciAddress, valid_driver_name};
 use crate::vmm::{BootDevice, BootSpec};
 
 impl Host {
@@ -88,13 +88,16 @@ impl Host {
                 j.state.commit(txn);
                 j.save()?;
                 Failpoint::AfterCommit.hit();
-                Ok(self.boot_spec(
-                    &req.owner,
-                    boot,
-                    held,
-                    req.initrd.clone(),
-                    req.plan.p2p_clique,
-                ))
+                Ok(self
+                    .boot_spec(
+                        &req.owner,
+                        boot,
+                        held,
+                        req.initrd.clone(),
+                        req.plan.p2p_clique,
+                    )
+                    .with_mmio(plan.mmio)
+                    .with_grace_gpus(&self.grace_gpus(&plan)))
             }
             Err(cause) => {
                 let txn = j.state.transactions[t].clone();
@@ -217,5 +220,14 @@ impl Host {
         }
         Failpoint::AfterVerify.hit();
         Ok(boot)
+    }
+    /// The passed Grace GPUs of `plan`.
+    fn grace_gpus(&self, plan: &super::Plan) -> Vec<PciAddress> {
+        plan.devices
+            .iter()
+            .filter(|p| p.passed)
+            .filter(|p| self.sysfs.device(p.address).is_ok_and(|d| d.is_grace_gpu()))
+            .map(|p| p.address)
+            .collect()
     }
 }

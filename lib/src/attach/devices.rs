@@ -20,6 +20,9 @@ pub struct DeviceReport {
     pub companions: Vec<PciAddress>,
     /// The owner holding it.
     pub owner: Option<Owner>,
+    /// GPUs and NVSwitches: the NVLink baseboard it belongs to (see [`crate::pci::Baseboard`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseboard: Option<String>,
     /// NVIDIA GPUs: whether the open modules support it (when supported-gpus.json is known).
     pub open_modules_supported: Option<bool>,
     /// Ready to attach.
@@ -83,8 +86,8 @@ impl Host {
             .map(str::to_owned);
     }
 
-    /// Passthrough candidates (display controllers, devices with mdev types and devices on
-    /// vfio-pci), or every device with `all`, each with a verdict.
+    /// Passthrough candidates (display controllers, NVSwitches, devices with mdev types and
+    /// devices on vfio-pci), or every device with `all`, each with a verdict.
     pub fn devices(
         &self,
         all: bool,
@@ -94,8 +97,10 @@ impl Host {
         let ids = PciIds::system();
         let state = self.journal.read()?;
         let mut out = Vec::new();
+        let boards = self.sysfs.baseboards()?;
         for mut d in self.sysfs.devices()? {
             let candidate = d.kind == DeviceKind::Display
+                || d.kind == DeviceKind::NvSwitch
                 || !d.mdev_types.is_empty()
                 || d.driver.as_deref() == Some("vfio-pci");
             if !all && !candidate {
@@ -134,6 +139,10 @@ impl Host {
                     .filter(|_| d.is_nvidia_gpu())
                     .map(|g| g.supports_open(d.device_id)),
                 owner: state.owner_of(d.address).cloned(),
+                baseboard: boards
+                    .iter()
+                    .find(|b| b.members().contains(&d.address))
+                    .map(|b| b.id.clone()),
                 iommu_group_members: members,
                 companions,
                 ready,

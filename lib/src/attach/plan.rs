@@ -16,6 +16,8 @@ use crate::pci::{DeviceKind, PciAddress, PciDevice};
 use crate::quarantine::Standing;
 use crate::registry::ModuleFlavor;
 use crate::remedy::Remedy;
+use crate::vmm::MmioWindow;
+use crate::vmm::mmio::host_phys_bits;
 
 /// Why a device is in the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +85,12 @@ pub enum RefusalReason {
     MdevUnavailable,
     /// A bridge was asked for: bridges stay with the host.
     Bridge,
+    /// The devices' 64-bit MMIO window needs more physical address bits than the host's CPU
+    /// has (`/proc/cpuinfo` "address sizes"): the VM could not map their BARs.
+    AddressBits,
+    /// An NVSwitch would move without the rest of its baseboard (asked for alone, or only a
+    /// member of a moving device's IOMMU group).
+    NvSwitch,
     /// Quarantined by its health record (failure events from distinct owners).
     Quarantined,
     /// The health record cannot be read: nothing is handed out (fail closed).
@@ -132,6 +140,13 @@ pub struct Plan {
     pub refusals: Vec<Refusal>,
     /// The sysfs writes attach would make, in order (rollback not shown).
     pub writes: Vec<SysfsWrite>,
+    /// The 64-bit MMIO window the VM needs for the passed devices' BARs, and the guest address
+    /// bits it takes (none without 64-bit prefetchable BARs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmio: Option<MmioWindow>,
+    /// The host CPU's physical address bits (`/proc/cpuinfo`), when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_phys_bits: Option<u8>,
 }
 
 /// A plan with refusals is refused; a boot display among them names its remedy.
@@ -217,6 +232,8 @@ impl Host {
             iommu_groups: Vec::new(),
             refusals: Vec::new(),
             writes: Vec::new(),
+            mmio: None,
+            host_phys_bits: None,
         };
         let refuse = |plan: &mut Plan, device, reason, message: String| {
             plan.refusals.push(Refusal {
@@ -354,12 +371,48 @@ impl Host {
                 );
             }
         }
+        self.size_mmio(&devs, &mut plan);
         let mut groups: Vec<u32> = plan.devices.iter().filter_map(|p| p.iommu_group).collect();
         groups.sort_unstable();
         groups.dedup();
         plan.iommu_groups = groups;
         plan.writes = self.writes_for(&plan);
         Ok(plan)
+    }
+
+    /// The window for the passed devices' 64-bit prefetchable BARs, refused when the host CPU
+    /// cannot address it (a guest cannot have more physical address bits than its host).
+    fn size_mmio(&self, devs: &BTreeMap<PciAddress, PciDevice>, plan: &mut Plan) {
+        let bars = plan
+            .devices
+            .iter()
+            .filter(|p| p.passed)
+            .filter_map(|p| devs.get(&p.address))
+            .flat_map(|d| d.bars.iter())
+            .filter(|b| b.is_64bit && b.prefetchable)
+            .map(|b| b.size);
+        plan.mmio = MmioWindow::for_bars(bars);
+        let cpuinfo = self.proc_root.join("cpuinfo");
+        plan.host_phys_bits = std::fs::read_to_string(&cpuinfo)
+            .ok()
+            .and_then(|t| host_phys_bits(&t));
+        if let (Some(w), Some(host)) = (plan.mmio, plan.host_phys_bits)
+            && w.guest_phys_bits > host
+        {
+            plan.refusals.push(Refusal {
+                device: None,
+                reason: RefusalReason::AddressBits,
+                message: format!(
+                    "the devices' 64-bit BARs ({} GiB, largest {} GiB) need a {} GiB MMIO window, which takes {} physical address bits; this host's CPU has {host} ({}): the VM could not map them; pass fewer devices, or use a host whose CPU has more address bits",
+                    w.bar_bytes >> 30,
+                    w.largest_bar >> 30,
+                    w.window_gib(),
+                    w.guest_phys_bits,
+                    cpuinfo.display()
+                ),
+                owner: None,
+            });
+        }
     }
 
     fn refusals_for(
@@ -427,6 +480,9 @@ impl Host {
                 ),
                 None,
             );
+        }
+        if d.kind == DeviceKind::NvSwitch {
+            self.nvswitch_refusal(req, p, &mut refuse);
         }
         if d.boot_vga && !req.allow_boot_vga {
             refuse(
@@ -516,6 +572,63 @@ impl Host {
                 ),
                 Some(_) => {}
             }
+        }
+    }
+
+    /// An NVSwitch moves only when the request names its whole baseboard (every GPU and
+    /// NVSwitch of it): alone it is useless to a VM and takes the fabric from the host's GPUs.
+    fn nvswitch_refusal(
+        &self,
+        req: &PlanRequest,
+        p: &PlannedDevice,
+        refuse: &mut impl FnMut(RefusalReason, String, Option<Owner>),
+    ) {
+        let addr = p.address;
+        let board = match self.sysfs.baseboard_of(addr) {
+            Ok(Some(b)) => b,
+            Ok(None) | Err(_) => {
+                refuse(
+                    RefusalReason::NvSwitch,
+                    format!(
+                        "{addr} is an NVSwitch whose baseboard cannot be told from sysfs: it stays with the host"
+                    ),
+                    None,
+                );
+                return;
+            }
+        };
+        let missing: Vec<String> = board
+            .members()
+            .into_iter()
+            .filter(|m| !req.devices.contains(m))
+            .map(|m| m.to_string())
+            .collect();
+        if p.role != PlanRole::Requested {
+            refuse(
+                RefusalReason::NvSwitch,
+                format!(
+                    "{addr} is an NVSwitch of baseboard {} in IOMMU group {} with {}: it moves only with its whole baseboard; request the baseboard, or put the device in a slot with its own group",
+                    board.id,
+                    p.iommu_group.map_or("-".to_owned(), |g| g.to_string()),
+                    p.of
+                ),
+                None,
+            );
+        } else if !missing.is_empty() || board.gpus.is_empty() {
+            refuse(
+                RefusalReason::NvSwitch,
+                format!(
+                    "{addr} is an NVSwitch of baseboard {}: it moves only with the whole baseboard; missing: {}",
+                    board.id,
+                    if board.gpus.is_empty() {
+                        "its GPUs cannot be told from sysfs (several boards in one PCI domain)"
+                            .to_owned()
+                    } else {
+                        missing.join(" ")
+                    }
+                ),
+                None,
+            );
         }
     }
 

@@ -11,6 +11,10 @@ use serde::Deserialize;
 /// NVIDIA's PCI vendor ID.
 pub const NVIDIA_VENDOR_ID: u16 = 0x10de;
 
+/// Grace superchips' GPUs (GH200 and GB200 parts), which the kernel's `nvgrace_gpu_vfio_pci`
+/// variant driver lists.
+pub const GRACE_GPU_DEVICE_IDS: [u16; 4] = [0x2342, 0x2345, 0x2348, 0x2941];
+
 /// Where the system's `pci.ids` may live.
 pub const PCI_IDS_PATHS: [&str; 2] = ["/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids"];
 

@@ -5,7 +5,9 @@
 //! sysfs links, never from raw user input.
 
 mod address;
+mod baseboard;
 pub mod ids;
+pub mod variant;
 
 use std::fs;
 use std::io;
@@ -16,6 +18,7 @@ use crate::remedy::Remedy;
 use serde::{Deserialize, Serialize};
 
 pub use address::{AddressError, PciAddress};
+pub use baseboard::Baseboard;
 
 /// Errors reading the PCI model from sysfs.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +82,11 @@ pub enum DeviceKind {
     Bridge,
     /// A USB controller (class 0c03), e.g. a GPU's USB-C function.
     Usb,
-    /// A bridge/switch such as an NVSwitch (class 0680) or anything else.
+    /// An NVIDIA NVSwitch (vendor 10de, class 0680): a device of its own, not a bridge and not
+    /// a GPU; it moves only with its whole baseboard.
+    #[serde(rename = "nvswitch")]
+    NvSwitch,
+    /// Anything else (including other vendors' class 0680 "other bridge" devices).
     Other,
 }
 
@@ -156,6 +163,11 @@ impl PciDevice {
         self.vendor_id == ids::NVIDIA_VENDOR_ID && self.kind == DeviceKind::Display
     }
 
+    /// The GPU of a Grace superchip (GH200, GB200).
+    pub fn is_grace_gpu(&self) -> bool {
+        self.is_nvidia_gpu() && ids::GRACE_GPU_DEVICE_IDS.contains(&self.device_id)
+    }
+
     /// Total bytes of the 64-bit memory BARs (what the VM's 64-bit MMIO window must hold).
     pub fn bar64_bytes(&self) -> u64 {
         self.bars
@@ -165,7 +177,20 @@ impl PciDevice {
     }
 }
 
-/// Classify a 24-bit class code.
+/// The class an NVSwitch reports: 0680, "other bridge device" (it bridges NVLink, not PCI).
+pub const NVSWITCH_CLASS: u32 = 0x068000;
+
+/// Classify a device from its vendor and 24-bit class code: an NVIDIA 0680 is an NVSwitch,
+/// everything else as [`kind_of_class`] says.
+pub fn kind_of(vendor_id: u16, class: u32) -> DeviceKind {
+    if vendor_id == ids::NVIDIA_VENDOR_ID && class & 0xffff00 == NVSWITCH_CLASS {
+        DeviceKind::NvSwitch
+    } else {
+        kind_of_class(class)
+    }
+}
+
+/// Classify a 24-bit class code alone (without the vendor, an NVSwitch is `Other`).
 pub fn kind_of_class(class: u32) -> DeviceKind {
     let base = class >> 16;
     let sub = (class >> 8) & 0xff;
@@ -341,7 +366,7 @@ impl Sysfs {
             vendor_name: None,
             device_name: None,
             class,
-            kind: kind_of_class(class),
+            kind: kind_of(vendor_id, class),
             driver: self.driver(address),
             driver_override: self.driver_override(address),
             iommu_group: self.iommu_group(address),
@@ -486,6 +511,18 @@ mod tests {
         assert_eq!(kind_of_class(0x068000), DeviceKind::Other);
         assert_eq!(kind_of_class(0x020000), DeviceKind::Network);
         assert_eq!(kind_of_class(0x010802), DeviceKind::Storage);
+    }
+
+    #[test]
+    fn an_nvidia_0680_is_an_nvswitch_and_no_bridge() {
+        assert_eq!(kind_of(0x10de, 0x068000), DeviceKind::NvSwitch);
+        assert_eq!(kind_of(0x8086, 0x068000), DeviceKind::Other);
+        assert_eq!(kind_of(0x10de, 0x060400), DeviceKind::Bridge);
+        assert_eq!(kind_of(0x10de, 0x030200), DeviceKind::Display);
+        assert_eq!(
+            serde_json::to_value(DeviceKind::NvSwitch).unwrap(),
+            serde_json::json!("nvswitch")
+        );
     }
 
     #[test]

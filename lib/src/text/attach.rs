@@ -81,6 +81,9 @@ impl Display for DeviceReport {
             or_dash(dev.numa_node),
             u8::from(dev.boot_vga),
         )?;
+        if let Some(board) = &self.baseboard {
+            writeln!(f, "    NVLink baseboard {board}")?;
+        }
         if !self.companions.is_empty() {
             writeln!(f, "    companions: {}", join(&self.companions))?;
         }
@@ -130,6 +133,17 @@ impl Display for Plan {
         }
         for w in &self.writes {
             writeln!(f, "write {:?} > {}", w.value, w.path.display())?;
+        }
+        if let Some(m) = &self.mmio {
+            writeln!(
+                f,
+                "64-bit MMIO window {} GiB ({} bytes) for {} GiB of BARs: {} guest physical address bits (host: {})",
+                m.window_gib(),
+                m.window_bytes,
+                m.bar_bytes >> 30,
+                m.guest_phys_bits,
+                or_dash(self.host_phys_bits)
+            )?;
         }
         for r in &self.refusals {
             writeln!(f, "REFUSED: {}", r.message)?;
@@ -188,6 +202,9 @@ impl Display for BootSpecText<'_> {
             writeln!(f, "initrd: {}", i.display())?;
         }
         writeln!(f, "vmm args: {}", s.args(self.vmm).join(" "))?;
+        for w in &s.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
         if self.vmm == Vmm::CloudHypervisor {
             for w in &s.cloud_hypervisor.warnings {
                 writeln!(f, "warning: {w}")?;
