@@ -83,18 +83,20 @@ impl Host {
                         .filter_map(|b| b.address)
                         .collect(),
                 );
-                j.state.remember(&req.owner, passed, gpus);
-                j.state.remember_vgpus(&req.owner, &txn.vgpus);
-                j.state.commit(txn);
-                j.save()?;
-                Failpoint::AfterCommit.hit();
-                Ok(self.boot_spec(
+                let spec = self.boot_spec(
                     &req.owner,
                     boot,
                     held,
                     req.initrd.clone(),
                     req.plan.p2p_clique,
-                ))
+                );
+                j.state.remember(&req.owner, passed, gpus);
+                j.state.remember_vgpus(&req.owner, &txn.vgpus);
+                j.state.remember_guest(&req.owner, spec.guest_map());
+                j.state.commit(txn);
+                j.save()?;
+                Failpoint::AfterCommit.hit();
+                Ok(spec)
             }
             Err(cause) => {
                 let txn = j.state.transactions[t].clone();

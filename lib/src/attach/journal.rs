@@ -24,7 +24,7 @@ use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::liveness::ProcessIdentity;
-use crate::health::{HeldDevices, HeldVgpu};
+use crate::health::{GuestDevice, HeldDevices, HeldVgpu};
 use crate::outcome::{Classify, Outcome};
 use crate::owner::Owner;
 use crate::pci::PciAddress;
@@ -391,6 +391,9 @@ impl HistoryEntry {
             devices: self.devices.clone(),
             gpus: self.gpus.clone(),
             vgpus: self.vgpus.clone(),
+            guest: self.guest.clone(),
+            since: Some(self.since),
+            until: self.until,
         }
     }
 }
@@ -414,6 +417,10 @@ pub struct HistoryEntry {
     /// vGPUs handed to its VM (their faults are charged to them, not to the parent GPU).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vgpus: Vec<HeldVgpu>,
+    /// Where its VM sees each device: the guest→host map of the boot spec attach returned
+    /// (empty in older journals and for holds `reconcile` finished, which return no spec).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest: Vec<GuestDevice>,
 }
 
 fn unix_now() -> u64 {
@@ -471,6 +478,7 @@ impl JournalState {
             since: unix_now(),
             until: None,
             vgpus: Vec::new(),
+            guest: Vec::new(),
         });
         let excess = self.history.len().saturating_sub(HISTORY_KEEP);
         self.history.drain(..excess);
@@ -484,6 +492,14 @@ impl JournalState {
                 vf: v.vf,
                 mdev: v.uuid.clone(),
             }));
+        }
+    }
+
+    /// Add where its VM sees each device to `owner`'s newest hold (after
+    /// [`JournalState::remember`]).
+    pub fn remember_guest(&mut self, owner: &Owner, guest: Vec<GuestDevice>) {
+        if let Some(h) = self.history.iter_mut().rev().find(|h| &h.owner == owner) {
+            h.guest = guest;
         }
     }
 
