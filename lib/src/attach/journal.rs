@@ -371,6 +371,20 @@ pub struct JournalState {
     /// written: reconcile puts back any a crash left ([`ResetRestriction`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reset_restrictions: Vec<ResetRestriction>,
+    /// SR-IOV cycles of a PF in progress, saved before its VFs are removed: reconcile puts
+    /// back any `sriov_numvfs` a crash left at 0 ([`SriovCycle`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sriov_cycles: Vec<SriovCycle>,
+}
+
+/// A PF whose VFs are being removed and re-created (`sriov_numvfs` to 0 and back) to recover
+/// a wedged vGPU, and how many VFs it had.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SriovCycle {
+    /// The PF.
+    pub pf: PciAddress,
+    /// `sriov_numvfs` before the cycle.
+    pub numvfs: u32,
 }
 
 /// A device's `reset_method` narrowed (a bus reset left out while a sibling is in use) for
