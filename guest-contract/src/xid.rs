@@ -256,6 +256,10 @@ pub struct ScanStats {
     pub occurrences_not_kept: u64,
     /// `GPU-XID` lines the host did not take: unparseable, or claiming a host-side kind.
     pub guest_lines_refused: u64,
+    /// Marker lines stamped with a wall-clock time outside the lifetime the scan was given
+    /// ([`Scanner::within`]): not classified.
+    #[serde(default)]
+    pub outside_lifetime: u64,
 }
 
 /// One distinct fault and how often the log had it.
@@ -328,6 +332,8 @@ pub struct Scanner {
     finders: [memmem::Finder<'static>; 3],
     /// What a line's text came to (`None`: no fault, or a refused `GPU-XID` line).
     memo: HashMap<Box<str>, Option<Seen>>,
+    /// Unix seconds from and until which lines count (see [`Scanner::within`]).
+    lifetime: Option<(u64, Option<u64>)>,
 }
 
 impl Default for Scanner {
@@ -343,11 +349,23 @@ impl Default for Scanner {
             last_classified: None,
             finders: MARKERS.map(memmem::Finder::new),
             memo: HashMap::new(),
+            lifetime: None,
         }
     }
 }
 
 impl Scanner {
+    /// A scanner that skips lines stamped with a wall-clock time (RFC 3339 at the line's start,
+    /// as `dmesg --time-format iso` or `journalctl -o short-iso` print it) before `since` or
+    /// after `until` (Unix seconds): a fault outside an attachment's lifetime is not about it.
+    /// Lines stamped only with the guest kernel's uptime cannot be placed and count.
+    pub fn within(since: u64, until: Option<u64>) -> Scanner {
+        Scanner {
+            lifetime: Some((since, until)),
+            ..Scanner::default()
+        }
+    }
+
     /// Feed the next bytes of the log (any chunking; lines may span chunks).
     pub fn feed(&mut self, chunk: &[u8]) {
         self.stats.bytes += chunk.len() as u64;
@@ -432,6 +450,12 @@ impl Scanner {
         let text = String::from_utf8_lossy(bytes);
         let text = text.trim_end_matches('\r');
         let number = self.stats.lines;
+        if let (Some((since, until)), Some(at)) = (self.lifetime, wall_time(text))
+            && (at < since || until.is_some_and(|u| at > u))
+        {
+            self.stats.outside_lifetime += 1;
+            return;
+        }
         if let Some(at) = text.find(XID_PREFIX) {
             // Only the JSON after the prefix matters: a repeated line is read once.
             let key = &text[at..];
@@ -529,6 +553,62 @@ impl Scanner {
             Seen::NotKept => self.stats.occurrences_not_kept += 1,
         }
     }
+}
+
+/// The Unix time (seconds) of an RFC 3339 stamp at the start of `line`
+/// (`2026-12-07T13:42:10[.,fraction](Z|+hh:mm|+hhmm)`), if it has one.
+pub fn wall_time(line: &str) -> Option<u64> {
+    let b = line.trim_start().as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let d = b.get(r)?;
+        d.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| d.iter().fold(0i64, |a, c| a * 10 + i64::from(c - b'0')))
+    };
+    let sep = |i: usize, c: u8| b.get(i) == Some(&c);
+    if !(sep(4, b'-')
+        && sep(7, b'-')
+        && (sep(10, b'T') || sep(10, b' '))
+        && sep(13, b':')
+        && sep(16, b':'))
+    {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    if matches!(b.get(i), Some(b'.' | b',')) {
+        i += 1;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+    }
+    let offset = match b.get(i)? {
+        b'Z' | b'z' => 0,
+        sign @ (b'+' | b'-') => {
+            let oh = num(i + 1..i + 3)?;
+            let om = if sep(i + 3, b':') {
+                num(i + 4..i + 6)?
+            } else {
+                num(i + 3..i + 5)?
+            };
+            let o = oh * 3600 + om * 60;
+            if *sign == b'+' { o } else { -o }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + mi * 60 + sec - offset).ok()
 }
 
 /// A distinct fault of a scan: its index among those kept, or beyond the cap.
@@ -1075,5 +1155,47 @@ GPU-XID {"kind":
         assert_eq!(full_address("0000:01:20.0"), None);
         assert_eq!(full_address("0000:01:00.9"), None);
         assert_eq!(full_address("01:00"), None);
+    }
+
+    #[test]
+    fn wall_clock_stamps_parse_in_each_iso_form() {
+        // 2026-12-07T13:42:10Z is 1796650930 (Python's calendar.timegm).
+        for stamp in [
+            "2026-12-07T13:42:10Z",
+            "2026-12-07T13:42:10.5Z",
+            "2026-12-07T14:42:10,123456+01:00",
+            "2026-12-07T08:42:10-0500",
+            "  2026-12-07 13:42:10+00:00",
+        ] {
+            assert_eq!(
+                wall_time(&format!("{stamp} kernel: x")),
+                Some(1_796_650_930),
+                "{stamp}"
+            );
+        }
+        assert_eq!(wall_time("2024-03-01T00:59:59+02:00"), Some(1_709_247_599));
+        for none in [
+            "[  42.000000] NVRM: Xid",
+            "2026-12-07T13:42:10",
+            "2026-13-07T13:42:10Z",
+            "x",
+        ] {
+            assert_eq!(wall_time(none), None, "{none}");
+        }
+    }
+
+    #[test]
+    fn lines_stamped_outside_the_lifetime_are_skipped_and_counted() {
+        let xid = "NVRM: Xid (PCI:0000:01:00): 79, pid=0, GPU has fallen off the bus.";
+        let mut s = Scanner::within(1_796_650_930, Some(1_796_650_990));
+        s.feed(
+            format!(
+                "2026-12-07T13:42:09Z {xid}\n2026-12-07T13:42:10Z {xid}\n[ 9.0] {xid}\n2026-12-07T13:43:11Z {xid}\n"
+            )
+            .as_bytes(),
+        );
+        let r = s.finish();
+        assert_eq!(r.stats.outside_lifetime, 2, "{:?}", r.stats);
+        assert_eq!(r.faults[0].count, 2);
     }
 }

@@ -66,6 +66,12 @@ pub struct CloudHypervisor {
 pub struct ChDeviceConfig {
     /// The sysfs path, with a trailing `/`.
     pub path: String,
+    /// The device's id in the VM (`gpt0`, `gpt1`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Segment 0's slot the device takes: its guest address is `0000:00:SLOT.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
     /// P2P clique id for several GPUs (`x_nv_gpudirect_clique`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub x_nv_gpudirect_clique: Option<u8>,
@@ -81,6 +87,28 @@ pub struct Qemu {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maxmem_extra_mib: Option<u64>,
 }
+
+/// Where the VM sees a device the boot spec hands it: both VMMs' arguments fix the slot, so a
+/// fault its guest reports at that address is about exactly this device (`health::ingest`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestAddress {
+    /// The device's PCI address inside the VM.
+    pub guest: PciAddress,
+    /// The host device (a vendor-VFIO vGPU's VF; none for an mdev).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<PciAddress>,
+    /// The mdev UUID, for an mdev vGPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdev: Option<String>,
+}
+
+/// The root-bus slots passed-through devices take, in order: above what QEMU's q35 and Cloud
+/// Hypervisor give their own devices first (QEMU: VGA 1, default NIC 2; Cloud Hypervisor
+/// counts up from 1), then the low ones; 0x1d-0x1f are q35's USB, HD audio and LPC/SATA slots.
+const GUEST_SLOTS: [u8; 26] = [
+    0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x1c, 0x03, 0x04, 0x05,
+    0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f,
+];
 
 /// The 64-bit MMIO window the VM needs for large BARs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +153,10 @@ pub struct BootSpec {
     /// VMM arguments and kernel word are already in the ones above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<GpuDisk>,
+    /// Where the VM sees each device (the guest→host map the journal keeps for `health
+    /// ingest`), in the order of `devices`; a device beyond the slots has none.
+    #[serde(default)]
+    pub guest_addresses: Vec<GuestAddress>,
 }
 
 /// A VMM whose arguments a [`BootSpec`] renders.
@@ -202,10 +234,27 @@ impl BootSpec {
             ch_args.push("--platform".to_owned());
             ch_args.push("iommufd=on".to_owned());
         }
-        for d in &devices {
+        let mut guest_addresses = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
             let path = format!("{}/", d.sysfs_path.display());
             let gpu_clique = clique.filter(|_| d.gpu && !d.vgpu && d.mdev_uuid.is_none());
+            // A fixed slot on the root bus, function 0: the guest address is known before boot.
+            let slot = GUEST_SLOTS.get(i).copied();
+            let id = slot.map(|_| format!("gpt{i}"));
             let mut ch = format!("path={path}");
+            if let (Some(slot), Some(id)) = (slot, &id) {
+                ch.push_str(&format!(",id={id},pci_segment=0,pci_device_id={slot}"));
+                guest_addresses.push(GuestAddress {
+                    guest: PciAddress {
+                        domain: 0,
+                        bus: 0,
+                        device: slot,
+                        function: 0,
+                    },
+                    host: d.address,
+                    mdev: d.mdev_uuid.clone(),
+                });
+            }
             if let Some(c) = gpu_clique {
                 ch.push_str(&format!(",x_nv_gpudirect_clique={c}"));
             }
@@ -213,6 +262,8 @@ impl BootSpec {
             ch_args.push(ch);
             ch_devices.push(ChDeviceConfig {
                 path,
+                id,
+                pci_device_id: slot,
                 x_nv_gpudirect_clique: gpu_clique,
             });
             let mut q = match (&d.address, &d.mdev_uuid) {
@@ -225,6 +276,9 @@ impl BootSpec {
             }
             if let Some(c) = gpu_clique {
                 q.push_str(&format!(",x-nv-gpudirect-clique={c}"));
+            }
+            if let Some(slot) = slot {
+                q.push_str(&format!(",bus=pcie.0,addr={slot:#04x}"));
             }
             qemu_args.push("-device".to_owned());
             qemu_args.push(q);
@@ -284,6 +338,7 @@ impl BootSpec {
             held_devices,
             warnings: Vec::new(),
             disk: None,
+            guest_addresses,
         }
     }
 
@@ -379,9 +434,19 @@ mod tests {
         assert_eq!(s.kernel_cmdline, vec!["HAS_GPU=1"]);
         assert_eq!(
             s.cloud_hypervisor.args,
-            vec!["--device", "path=/sys/bus/pci/devices/0000:65:00.0/"]
+            vec![
+                "--device",
+                "path=/sys/bus/pci/devices/0000:65:00.0/,id=gpt0,pci_segment=0,pci_device_id=16"
+            ]
         );
-        assert_eq!(s.qemu.args, vec!["-device", "vfio-pci,host=0000:65:00.0"]);
+        assert_eq!(
+            s.qemu.args,
+            vec!["-device", "vfio-pci,host=0000:65:00.0,bus=pcie.0,addr=0x10"]
+        );
+        assert_eq!(
+            serde_json::to_value(&s.guest_addresses).unwrap(),
+            serde_json::json!([{"guest": "0000:00:10.0", "host": "0000:65:00.0"}])
+        );
         assert!(s.mmio.hint.is_none());
     }
 
@@ -440,7 +505,7 @@ mod tests {
                 "-object",
                 "iommufd,id=iommufd0",
                 "-device",
-                "vfio-pci,host=0000:65:00.0,iommufd=iommufd0"
+                "vfio-pci,host=0000:65:00.0,iommufd=iommufd0,bus=pcie.0,addr=0x10"
             ]
         );
         assert_eq!(s.cloud_hypervisor.args[..2], ["--platform", "iommufd=on"]);
@@ -463,12 +528,39 @@ mod tests {
             s.cloud_hypervisor.vm_config_devices[1].x_nv_gpudirect_clique,
             Some(0)
         );
-        assert!(s.qemu.args[1].ends_with(",x-nv-gpudirect-clique=0"));
+        assert!(
+            s.qemu.args[1].ends_with(",x-nv-gpudirect-clique=0,bus=pcie.0,addr=0x10"),
+            "{:?}",
+            s.qemu.args
+        );
         assert_eq!(s.mmio.window_bytes, 512 << 30);
         assert!(
             s.qemu
                 .args
                 .contains(&"q35-pcihost.pci-hole64-size=512G".to_owned())
         );
+    }
+
+    #[test]
+    fn each_device_gets_its_own_root_bus_slot_until_they_run_out() {
+        let many: Vec<BootDevice> = (1..=27)
+            .map(|b| gpu(&format!("0000:{b:02x}:00.0"), 1 << 20))
+            .collect();
+        let s = BootSpec::new("vm", many, Vec::new(), None);
+        let guest: Vec<String> = s
+            .guest_addresses
+            .iter()
+            .map(|g| g.guest.to_string())
+            .collect();
+        assert_eq!(guest.len(), GUEST_SLOTS.len(), "one per slot, no more");
+        assert_eq!(guest[1], "0000:00:11.0");
+        assert_eq!(guest[13], "0000:00:03.0");
+        let mut unique = guest.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), guest.len(), "{guest:?}");
+        // The 27th device has no fixed slot: the VMM places it, and it is in no guest map.
+        assert_eq!(s.qemu.args[53], "vfio-pci,host=0000:1b:00.0");
+        assert_eq!(s.cloud_hypervisor.vm_config_devices[26].pci_device_id, None);
     }
 }

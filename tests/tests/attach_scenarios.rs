@@ -134,9 +134,21 @@ fn workstation_attach_then_detach_restores_both_functions() {
     assert_eq!(spec.devices[0].vfio_device, h.dev.join("vfio/12"));
     assert_eq!(
         spec.cloud_hypervisor.args[1],
-        format!("path={}/bus/pci/devices/0000:01:00.0/", h.sys.display())
+        format!(
+            "path={}/bus/pci/devices/0000:01:00.0/,id=gpt0,pci_segment=0,pci_device_id=16",
+            h.sys.display()
+        )
     );
-    assert_eq!(spec.qemu.args[1], "vfio-pci,host=0000:01:00.0");
+    // The GPU first, on root-bus slot 0x10; its audio function next, on 0x11.
+    assert_eq!(
+        spec.qemu.args[1],
+        "vfio-pci,host=0000:01:00.0,bus=pcie.0,addr=0x10"
+    );
+    assert!(
+        spec.qemu.args[3].ends_with(",bus=pcie.0,addr=0x11"),
+        "{:?}",
+        spec.qemu.args
+    );
     assert_eq!(
         spec.initrd.as_deref(),
         Some(std::path::Path::new("/cache/combined.img"))

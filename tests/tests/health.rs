@@ -302,12 +302,12 @@ fn ingested_consoles_quarantine_and_gpus_n_skips_the_device() {
     for who in ["vm-a", "vm-b"] {
         assert_eq!(attach_gpus(&host, 1, who).unwrap(), [a(GPU1)]);
         host.detach(&owner(who)).unwrap();
-        // The guest sees its GPU at its own address: mapped to the one GPU the owner held.
+        // The guest sees its GPU where the boot spec put it (00:10.0): mapped to that GPU.
         let console = dir.path().join(format!("{who}.log"));
         fs::write(
             &console,
-            "[  1.0] NVRM: Xid (PCI:0000:00:05): 13, pid=9, Graphics Exception\n\
-             [  9.0] NVRM: Xid (PCI:0000:00:05): 79, pid=9, GPU has fallen off the bus.\n",
+            "[  1.0] NVRM: Xid (PCI:0000:00:10): 13, pid=9, Graphics Exception\n\
+             [  9.0] NVRM: Xid (PCI:0000:00:10): 79, pid=9, GPU has fallen off the bus.\n",
         )
         .unwrap();
         let report = attach::ingest_console(&h.state, &owner(who), &console).unwrap();

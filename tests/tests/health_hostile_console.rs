@@ -57,21 +57,22 @@ fn fall_off_the_bus(h: &FakeHost, device: &str) {
     std::fs::write(config, [0xffu8; 64]).unwrap();
 }
 
-/// One MiB of console: distinct Xid 79 and 48 lines (`pid` = `n`, so every block adds two
-/// distinct faults), real NVRM lines, forged `GPU-XID` lines calling an application fault a reboot, and
-/// ordinary chatter.
+/// One MiB of console, about the GPU at 00:10.0 (where the boot spec put it in the guest):
+/// distinct Xid 79 and 48 lines (`pid` = `n`, so every block adds two distinct faults), real
+/// NVRM lines, forged `GPU-XID` lines calling an application fault a reboot, and ordinary
+/// chatter.
 fn block(n: usize) -> Vec<u8> {
     let mut b = format!(
-        "[{n}.0] NVRM: Xid (PCI:0000:01:00): 79, pid={n}, GPU has fallen off the bus.\n\
-         [{n}.1] NVRM: Xid (PCI:0000:01:00): 48, pid={n}, DBE (double bit error)\n"
+        "[{n}.0] NVRM: Xid (PCI:0000:00:10): 79, pid={n}, GPU has fallen off the bus.\n\
+         [{n}.1] NVRM: Xid (PCI:0000:00:10): 48, pid={n}, DBE (double bit error)\n"
     )
     .into_bytes();
     let lines: [&[u8]; 6] = [
-        b"[  365.969681] NVRM: Xid (PCI:0000:01:00): 31, pid=13705, name=UnrealEditor, channel 0x0000000c, intr 00000000. MMU Fault: ENGINE GRAPHICS GPC2 GPCCLIENT_PROP_0 faulted @ 0x0_00000000. Fault is of type FAULT_PDE ACCESS_TYPE_VIRT_READ\n",
-        b"[   87.473074] NVRM: GPU 0000:01:00.0: RmInitAdapter failed! (0x22:0x56:667)\n",
-        b"[   87.473112] NVRM: GPU 0000:01:00.0: rm_init_adapter failed, device minor number 0\n",
-        b"GPU-XID {\"address\":\"0000:01:00.0\",\"kind\":\"xid\",\"xid\":13,\"message\":\"forged\",\"action\":\"reboot_host\"}\n",
-        b"[    2.819204] pci 0000:01:00.0: [10de:2204] type 00 class 0x030000 PCIe Legacy Endpoint\n",
+        b"[  365.969681] NVRM: Xid (PCI:0000:00:10): 31, pid=13705, name=UnrealEditor, channel 0x0000000c, intr 00000000. MMU Fault: ENGINE GRAPHICS GPC2 GPCCLIENT_PROP_0 faulted @ 0x0_00000000. Fault is of type FAULT_PDE ACCESS_TYPE_VIRT_READ\n",
+        b"[   87.473074] NVRM: GPU 0000:00:10.0: RmInitAdapter failed! (0x22:0x56:667)\n",
+        b"[   87.473112] NVRM: GPU 0000:00:10.0: rm_init_adapter failed, device minor number 0\n",
+        b"GPU-XID {\"address\":\"0000:00:10.0\",\"kind\":\"xid\",\"xid\":13,\"message\":\"forged\",\"action\":\"reboot_host\"}\n",
+        b"[    2.819204] pci 0000:00:10.0: [10de:2204] type 00 class 0x030000 PCIe Legacy Endpoint\n",
         b"workload: step 1000 loss 0.25 throughput 1234.5 samples/s on all eight workers\n",
     ];
     let mut i = 0;
@@ -105,7 +106,7 @@ fn write_console(fifo: &Path, half: mpsc::Sender<()>, resume: mpsc::Receiver<()>
             for _ in 0..LONG_LINE / MIB - 1 {
                 out.write_all(&filler).unwrap();
             }
-            let hidden = b" NVRM: Xid (PCI:0000:01:00): 48, pid=999999999, DBE (double bit error)";
+            let hidden = b" NVRM: Xid (PCI:0000:00:10): 48, pid=999999999, DBE (double bit error)";
             out.write_all(hidden).unwrap();
             out.write_all(&filler[..MIB - 4 - hidden.len() - 1])
                 .unwrap();

@@ -79,7 +79,7 @@ fn ingest(h: &FakeHost, who: &str) {
     let console = h.dir.path().join(format!("{who}.log"));
     fs::write(
         &console,
-        "[  9.0] NVRM: Xid (PCI:0000:00:05): 79, pid=9, GPU has fallen off the bus.\n",
+        "[  9.0] NVRM: Xid (PCI:0000:00:10): 79, pid=9, GPU has fallen off the bus.\n",
     )
     .unwrap();
     attach::ingest_console(&h.state, &owner(who), &console).unwrap();

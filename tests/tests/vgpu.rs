@@ -58,11 +58,14 @@ fn a_type_written_to_a_vf_changes_what_it_and_its_siblings_offer() {
         spec.devices[0].address.map(|a| a.to_string()).as_deref(),
         Some("0000:61:00.4")
     );
-    assert_eq!(spec.qemu.args, ["-device", "vfio-pci,host=0000:61:00.4"]);
+    assert_eq!(
+        spec.qemu.args,
+        ["-device", "vfio-pci,host=0000:61:00.4,bus=pcie.0,addr=0x10"]
+    );
     assert_eq!(
         spec.cloud_hypervisor.args[1],
         format!(
-            "path={}/",
+            "path={}/,id=gpt0,pci_segment=0,pci_device_id=16",
             h.sys.join("bus/pci/devices/0000:61:00.4").display()
         )
     );
@@ -117,7 +120,7 @@ fn mdev_instances_decrement_and_come_back_and_the_directory_comes_and_goes() {
         spec.qemu.args,
         [
             "-device".to_owned(),
-            format!("vfio-pci,sysfsdev={}", dir.display()),
+            format!("vfio-pci,sysfsdev={},bus=pcie.0,addr=0x10", dir.display()),
             "-uuid".to_owned(),
             uuid.clone()
         ]
@@ -434,7 +437,7 @@ fn hostile_console(dir: &std::path::Path, who: &str) -> PathBuf {
     let console = dir.join(format!("{who}.log"));
     fs::write(
         &console,
-        "[  9.0] NVRM: Xid (PCI:0000:00:05): 79, pid=9, GPU has fallen off the bus.\n",
+        "[  9.0] NVRM: Xid (PCI:0000:00:10): 79, pid=9, GPU has fallen off the bus.\n",
     )
     .unwrap();
     console

@@ -5,6 +5,7 @@
 
 mod hardening;
 mod health;
+mod host_check;
 
 use crate::checks::Checks;
 use crate::cli_json::{
@@ -51,8 +52,9 @@ pub struct RunC {
     pub guest_checks: Vec<(String, bool)>,
 }
 
-const FACTS: [&str; 5] = [
+const FACTS: [&str; 6] = [
     "devices",
+    "edu_enable_before",
     "boot_vga",
     "kvm",
     "crash_left_driver",
@@ -392,20 +394,22 @@ pub fn checks(console: &Console, nested: bool) -> Checks {
     rc_is(&mut c, &run, "detach-after-reconcile", 0);
     health::checks(&mut c, &run);
     hardening::checks(&mut c, &run, console);
+    host_check::checks(&mut c, &run);
 
     if nested {
         rc_is(&mut c, &run, "nested-attach", 0);
         let device = run.facts.get("nested_device");
         c.check(
-            "nested: boot spec gave -device vfio-pci,host=<edu>",
-            device.is_some_and(|d| *d == format!("vfio-pci,host={}", show(edu))),
+            "nested: boot spec gave -device vfio-pci,host=<edu>,bus=pcie.0,addr=0x10",
+            device
+                .is_some_and(|d| *d == format!("vfio-pci,host={},bus=pcie.0,addr=0x10", show(edu))),
             || format!("nested_device: {device:?}, edu {}", show(edu)),
         );
         c.check(
-            "nested: the nested guest's PCI list shows the edu device (0x1234:0x11e8)",
+            "nested: the nested guest's PCI list shows the edu device (0x1234:0x11e8) at 0000:00:10.0, the guest address the boot spec fixed",
             console
                 .all_after("E2E-N pci ")
-                .any(|l| l.contains(" 0x1234:0x11e8")),
+                .any(|l| l.starts_with("0000:00:10.0 0x1234:0x11e8")),
             || {
                 format!(
                     "nested PCI list: {:?}",

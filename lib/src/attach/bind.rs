@@ -83,12 +83,7 @@ impl Host {
                         .filter_map(|b| b.address)
                         .collect(),
                 );
-                j.state.remember(&req.owner, passed, gpus);
-                j.state.remember_vgpus(&req.owner, &txn.vgpus);
-                j.state.commit(txn);
-                j.save()?;
-                Failpoint::AfterCommit.hit();
-                Ok(self
+                let spec = self
                     .boot_spec(
                         &req.owner,
                         boot,
@@ -97,7 +92,14 @@ impl Host {
                         req.plan.p2p_clique,
                     )
                     .with_mmio(plan.mmio)
-                    .with_grace_gpus(&self.grace_gpus(&plan)))
+                    .with_grace_gpus(&self.grace_gpus(&plan));
+                j.state.remember(&req.owner, passed, gpus);
+                j.state.remember_vgpus(&req.owner, &txn.vgpus);
+                j.state.remember_guest(&req.owner, spec.guest_map());
+                j.state.commit(txn);
+                j.save()?;
+                Failpoint::AfterCommit.hit();
+                Ok(spec)
             }
             Err(cause) => {
                 let txn = j.state.transactions[t].clone();

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use super::Host;
+use crate::health::GuestDevice;
 use crate::owner::Owner;
 use crate::pci::PciAddress;
 use crate::vmm::{BootDevice, BootSpec};
@@ -25,5 +26,19 @@ impl Host {
             .collect();
         let clique = p2p_asked || self.sysfs.share_pcie_switch(&gpus);
         BootSpec::render(owner.as_str(), boot, held, initrd, clique)
+    }
+}
+
+impl BootSpec {
+    /// Where the VM sees each device, as the journal keeps it for `health ingest`.
+    pub(super) fn guest_map(&self) -> Vec<GuestDevice> {
+        self.guest_addresses
+            .iter()
+            .map(|g| GuestDevice {
+                guest: g.guest,
+                host: g.host,
+                mdev: g.mdev.clone(),
+            })
+            .collect()
     }
 }

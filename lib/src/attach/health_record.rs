@@ -164,7 +164,9 @@ impl Host {
 
     /// Reset `device` on demand, then verify it. Refused while it is attached or in a
     /// transaction, while it is the boot display, while a process uses it on its host driver
-    /// (named), and when only a bus reset is possible with a sibling on the bus in use.
+    /// (named), and when only a bus reset is possible with a sibling on the bus in use. An
+    /// SR-IOV PF with VFs is reset by an SR-IOV cycle ([`Host::sriov_cycle`]: recovers a vGPU
+    /// wedged by a VM killed during its initialisation), refused naming every VF's holder.
     pub fn reset(&self, device: PciAddress) -> Result<HealthCheck, AttachError> {
         self.sees_host_processes()?;
         let mut j = self.journal.lock()?;
@@ -175,15 +177,39 @@ impl Host {
                 reason: format!("it is attached to owner {owner}; detach it first"),
             });
         }
-        if let Some(reason) = crate::vgpu::vgpu_role(&self.sysfs, device) {
-            return Err(AttachError::ResetRefused { device, reason });
-        }
         let found = self.sysfs.device(device)?;
         if found.boot_vga {
             return Err(AttachError::ResetRefused {
                 device,
                 reason: "it is the boot display (boot_vga=1): a reset blanks the host console and may hang the machine".into(),
             });
+        }
+        // A PF with VFs: its reset is the SR-IOV cycle that recovers a wedged vGPU, only
+        // while nobody holds a VF (it removes them all).
+        if let Some(numvfs) = found.sriov_num_vfs.filter(|n| *n > 0) {
+            let holders = self.vf_holders(&j.state, device);
+            if !holders.is_empty() {
+                return Err(AttachError::ResetRefused {
+                    device,
+                    reason: format!(
+                        "an SR-IOV cycle removes all its {numvfs} VFs, and {}; detach their owners (or remove those vGPUs) first",
+                        holders.join(", ")
+                    ),
+                });
+            }
+            let reset = self.sriov_cycle(&mut j, device, numvfs)?;
+            let verify = self.verify_device(device, found.driver.as_deref());
+            let events = Self::events_for(None, EventSource::Reset, Some(&reset), &verify);
+            let events = self.record_health(&events)?;
+            drop(j);
+            return Ok(HealthCheck {
+                reset: Some(reset),
+                verify,
+                events,
+            });
+        }
+        if let Some(reason) = crate::vgpu::vgpu_role(&self.sysfs, device) {
+            return Err(AttachError::ResetRefused { device, reason });
         }
         let before = found.driver;
         if before.as_deref() == Some("nvidia") {

@@ -24,7 +24,7 @@ use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::liveness::ProcessIdentity;
-use crate::health::{HeldDevices, HeldVgpu};
+use crate::health::{GuestDevice, HeldDevices, HeldVgpu};
 use crate::outcome::{Classify, Outcome};
 use crate::owner::Owner;
 use crate::pci::PciAddress;
@@ -371,6 +371,20 @@ pub struct JournalState {
     /// written: reconcile puts back any a crash left ([`ResetRestriction`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reset_restrictions: Vec<ResetRestriction>,
+    /// SR-IOV cycles of a PF in progress, saved before its VFs are removed: reconcile puts
+    /// back any `sriov_numvfs` a crash left at 0 ([`SriovCycle`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sriov_cycles: Vec<SriovCycle>,
+}
+
+/// A PF whose VFs are being removed and re-created (`sriov_numvfs` to 0 and back) to recover
+/// a wedged vGPU, and how many VFs it had.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SriovCycle {
+    /// The PF.
+    pub pf: PciAddress,
+    /// `sriov_numvfs` before the cycle.
+    pub numvfs: u32,
 }
 
 /// A device's `reset_method` narrowed (a bus reset left out while a sibling is in use) for
@@ -391,6 +405,9 @@ impl HistoryEntry {
             devices: self.devices.clone(),
             gpus: self.gpus.clone(),
             vgpus: self.vgpus.clone(),
+            guest: self.guest.clone(),
+            since: Some(self.since),
+            until: self.until,
         }
     }
 }
@@ -414,6 +431,10 @@ pub struct HistoryEntry {
     /// vGPUs handed to its VM (their faults are charged to them, not to the parent GPU).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vgpus: Vec<HeldVgpu>,
+    /// Where its VM sees each device: the guest→host map of the boot spec attach returned
+    /// (empty in older journals and for holds `reconcile` finished, which return no spec).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest: Vec<GuestDevice>,
 }
 
 fn unix_now() -> u64 {
@@ -471,6 +492,7 @@ impl JournalState {
             since: unix_now(),
             until: None,
             vgpus: Vec::new(),
+            guest: Vec::new(),
         });
         let excess = self.history.len().saturating_sub(HISTORY_KEEP);
         self.history.drain(..excess);
@@ -484,6 +506,14 @@ impl JournalState {
                 vf: v.vf,
                 mdev: v.uuid.clone(),
             }));
+        }
+    }
+
+    /// Add where its VM sees each device to `owner`'s newest hold (after
+    /// [`JournalState::remember`]).
+    pub fn remember_guest(&mut self, owner: &Owner, guest: Vec<GuestDevice>) {
+        if let Some(h) = self.history.iter_mut().rev().find(|h| &h.owner == owner) {
+            h.guest = guest;
         }
     }
 

@@ -124,6 +124,7 @@ impl Host {
         }
         // A reset_method a crash left narrowed (reset.rs).
         report.errors.extend(self.undo_reset_restrictions(&mut j)?);
+        report.errors.extend(self.undo_sriov_cycles(&mut j)?);
         let mut i = 0;
         while i < j.state.attachments.len() {
             let owner = j.state.attachments[i].owner.clone();

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::guard::describe;
 use super::host_check::Verification;
-use super::journal::{DeviceRecord, JournalState, LockedJournal, ResetRestriction};
+use super::journal::{DeviceRecord, JournalState, LockedJournal, ResetRestriction, SriovCycle};
 use super::{AttachError, Host};
 use crate::failpoint::Failpoint;
 use crate::health::{Action, EventSource, Fault, FaultKind, HealthEvent};
@@ -49,6 +49,9 @@ pub enum ResetOutcome {
     /// reset now would pull the device from under that driver, so none is done.
     AlreadyReturned,
 }
+
+/// The reset "method" of a PF's SR-IOV cycle ([`Host::sriov_cycle`]).
+pub const SRIOV_CYCLE: &str = "sriov-cycle";
 /// Reset and verification of one device at detach (or on demand).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
@@ -369,5 +372,116 @@ impl Host {
             out.push(event(FaultKind::VerifyFailed, verify.problems.join("; ")));
         }
         out
+    }
+
+    /// Who holds a VF of `pf`, one phrase each: a VF attached here, a VF with a vGPU type
+    /// (created by anyone), mdevs on a VF, a VF on vfio-pci (a VMM may use it). An SR-IOV cycle
+    /// removes every VF, so any of these refuses it.
+    pub(super) fn vf_holders(&self, state: &JournalState, pf: PciAddress) -> Vec<String> {
+        let mut out = Vec::new();
+        for vf in crate::vgpu::virtual_functions(&self.sysfs, pf) {
+            let dir = self.sysfs.device_dir(vf);
+            if let Some(owner) = state.owner_of(vf) {
+                out.push(format!("{vf} is attached to owner {owner}"));
+            }
+            let vgpu_type = std::fs::read_to_string(dir.join("nvidia/current_vgpu_type"))
+                .map(|t| t.trim().to_owned())
+                .unwrap_or_default();
+            if !vgpu_type.is_empty() && vgpu_type != "0" {
+                out.push(format!("{vf} has vGPU type {vgpu_type}"));
+            }
+            let mdevs: usize = std::fs::read_dir(dir.join("mdev_supported_types"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|t| std::fs::read_dir(t.path().join("devices")).map_or(0, |d| d.count()))
+                .sum();
+            if mdevs > 0 {
+                out.push(format!("{vf} has {mdevs} mdev(s)"));
+            }
+            if self.sysfs.driver(vf).as_deref() == Some("vfio-pci") {
+                out.push(format!("{vf} is on vfio-pci"));
+            }
+        }
+        out
+    }
+
+    /// The SR-IOV cycle that recovers a wedged vGPU (a VF left half-initialised by a killed
+    /// VM): `sriov_numvfs` to 0 and back to `numvfs`, journaled first so that reconcile puts
+    /// the VFs back after a crash ([`Host::undo_sriov_cycles`]). The caller has checked that
+    /// every VF is free ([`Host::vf_holders`]).
+    pub(super) fn sriov_cycle(
+        &self,
+        j: &mut LockedJournal,
+        pf: PciAddress,
+        numvfs: u32,
+    ) -> Result<ResetReport, AttachError> {
+        let start = Instant::now();
+        let path = self.sysfs.device_dir(pf).join("sriov_numvfs");
+        j.state.sriov_cycles.retain(|c| c.pf != pf);
+        j.state.sriov_cycles.push(SriovCycle { pf, numvfs });
+        j.save()?;
+        let result = self
+            .write(&path, "0")
+            .and_then(|()| self.write(&path, &numvfs.to_string()));
+        let mut report = ResetReport {
+            device: pf,
+            methods: vec![SRIOV_CYCLE.to_owned()],
+            method: Some(SRIOV_CYCLE.to_owned()),
+            outcome: ResetOutcome::Done,
+            detail: None,
+            ms: 0,
+        };
+        match result {
+            Ok(()) => {
+                j.state.sriov_cycles.retain(|c| c.pf != pf);
+                j.save()?;
+            }
+            Err(e) => {
+                // Kept journaled: reconcile writes the VF count back.
+                report.outcome = ResetOutcome::Failed;
+                report.detail = Some(format!(
+                    "{}; `gpu-passthrough reconcile` puts back sriov_numvfs {numvfs}",
+                    crate::error_chain(&e)
+                ));
+            }
+        }
+        report.ms = ms(start);
+        Ok(report)
+    }
+
+    /// Put back every `sriov_numvfs` a crash (or a failed write) left at 0 in an SR-IOV cycle
+    /// ([`Host::sriov_cycle`]); one sentence per PF it could not put back (kept journaled).
+    /// Reconcile calls it first.
+    pub(super) fn undo_sriov_cycles(
+        &self,
+        j: &mut LockedJournal,
+    ) -> Result<Vec<String>, AttachError> {
+        if j.state.sriov_cycles.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut errors = Vec::new();
+        for c in std::mem::take(&mut j.state.sriov_cycles) {
+            let path = self.sysfs.device_dir(c.pf).join("sriov_numvfs");
+            let Ok(now) = std::fs::read_to_string(&path) else {
+                continue; // the PF is gone: nothing to put back
+            };
+            if now.trim() != "0" {
+                continue; // the VFs are back (or someone set another count: theirs)
+            }
+            if let Err(e) = self.write(&path, &c.numvfs.to_string()) {
+                errors.push(format!(
+                    "putting back sriov_numvfs {} of {}: {}",
+                    c.numvfs,
+                    c.pf,
+                    crate::error_chain(&e)
+                ));
+                j.state.sriov_cycles.push(c);
+            } else {
+                tracing::info!("{}: sriov_numvfs put back to {}", c.pf, c.numvfs);
+            }
+        }
+        j.save()?;
+        Ok(errors)
     }
 }

@@ -197,17 +197,14 @@ impl Host {
             Ok(boot) => {
                 let txn = j.state.transactions.remove(t);
                 // Faults its VM reports later are its vGPUs', never the shared parents'.
+                let spec = BootSpec::new(req.owner.as_str(), boot, Vec::new(), req.initrd.clone());
                 j.state.remember(&req.owner, Vec::new(), Vec::new());
                 j.state.remember_vgpus(&req.owner, &txn.vgpus);
+                j.state.remember_guest(&req.owner, spec.guest_map());
                 j.state.commit(txn);
                 j.save()?;
                 Failpoint::VgpuAfterCommit.hit();
-                Ok(BootSpec::new(
-                    req.owner.as_str(),
-                    boot,
-                    Vec::new(),
-                    req.initrd.clone(),
-                ))
+                Ok(spec)
             }
             Err(cause) => {
                 let txn = j.state.transactions[t].clone();

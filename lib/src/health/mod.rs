@@ -31,9 +31,9 @@ use std::path::{Path, PathBuf};
 
 pub use gpu_passthrough_guest_contract::xid::{
     Action, Classifier, Fault, FaultKind, MAX_DISTINCT, MAX_LINE, MAX_MESSAGE, ScanReport,
-    ScanStats, Scanner, SeenFault, XID_PREFIX, classify_line, host_view, xid_action,
+    ScanStats, Scanner, SeenFault, XID_PREFIX, classify_line, host_view, wall_time, xid_action,
 };
-pub use ingest::{HeldDevices, HeldVgpu, IngestReport, ingest};
+pub use ingest::{GuestDevice, HeldDevices, HeldVgpu, IngestReport, ingest};
 pub use store::{
     ClearReport, DeviceHealth, EventSource, EventTally, HEALTH_FILE, HealthEvent, HealthFile,
     HealthStore, HostCheckRecord, MAX_EVENTS_PER_DEVICE, Policy, Quarantine,
@@ -162,12 +162,17 @@ const SCAN_CHUNK: usize = 1 << 20;
 /// content (binary, one line of gigabytes) is read in bounded memory and linear time. Takes
 /// no lock: callers parse first and record after.
 pub fn scan_file(path: &Path) -> Result<ScanReport, HealthError> {
+    scan_file_with(path, Scanner::default())
+}
+
+/// [`scan_file`] with a scanner of the caller's (e.g. [`Scanner::within`] an attachment's
+/// lifetime).
+pub fn scan_file_with(path: &Path, mut scanner: Scanner) -> Result<ScanReport, HealthError> {
     let err = |source| HealthError::Log {
         path: path.to_owned(),
         source,
     };
     let mut file = std::fs::File::open(path).map_err(err)?;
-    let mut scanner = Scanner::default();
     let mut buf = vec![0u8; SCAN_CHUNK];
     loop {
         let n = match file.read(&mut buf) {

@@ -6,7 +6,9 @@ use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
 
 use super::vgpu;
-use super::{SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_RESET_LOG, has_flag, take_fault};
+use super::{
+    SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_RESET_LOG, SIM_SRIOV_LOG, has_flag, take_fault,
+};
 use crate::kernel::Kernel;
 use crate::pci::{PciAddress, Sysfs, valid_driver_name};
 
@@ -150,6 +152,27 @@ impl SimulatedKernel {
         writeln!(log, "{method}")
     }
 
+    /// `sriov_numvfs`: like the kernel, a new non-zero count while VFs exist is refused
+    /// (EBUSY: go through 0); the count is kept, and each write is appended to
+    /// [`SIM_SRIOV_LOG`] in the device's directory.
+    fn set_numvfs(&self, address: PciAddress, value: &str) -> io::Result<()> {
+        let dir = self.sysfs.device_dir(address);
+        let want: u32 = value.trim().parse().map_err(|_| errno(libc::EINVAL))?;
+        let now: u32 = fs::read_to_string(dir.join("sriov_numvfs"))
+            .ok()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        if now != 0 && want != 0 && want != now {
+            return Err(errno(libc::EBUSY));
+        }
+        fs::write(dir.join("sriov_numvfs"), format!("{want}\n"))?;
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(SIM_SRIOV_LOG))?;
+        writeln!(log, "{want}")
+    }
+
     fn create_mdev(&self, type_dir: &Path, uuid: &str) -> io::Result<()> {
         let uuid = uuid.trim();
         if uuid.is_empty() || !uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
@@ -269,6 +292,9 @@ impl Kernel for SimulatedKernel {
                 "create",
             ] => self.create_mdev(path.parent().unwrap_or(path), value),
             ["bus", "mdev", "devices", uuid, "remove"] => self.remove_mdev(uuid),
+            ["bus", "pci", "devices", addr, "sriov_numvfs"] => {
+                self.set_numvfs(Self::parse_addr(addr)?, value)
+            }
             ["bus", "pci", "devices", addr, "nvidia", "current_vgpu_type"] => {
                 vgpu::set_type(&self.sysfs, &self.dev_dir, Self::parse_addr(addr)?, value)
             }

@@ -17,9 +17,9 @@
 //! kernel without the legacy group interface (`<dev>/vfio-dev/vfioN` and
 //! `/dev/vfio/devices/vfioN` instead); `nvidia-no-gpu` makes
 //! the `nvidia` driver not take a GPU bound to it (no [`SIM_NVIDIA_GPUS`] entry). `reset`,
-//! `reset_method` and `d3cold_allowed` writes are kept in the device's files. vGPU writes
-//! (`current_vgpu_type`, mdev `create`/`remove`) get the vGPU manager's reactions (see
-//! `vgpu.rs`).
+//! `reset_method`, `d3cold_allowed` and `sriov_numvfs` writes are kept in the device's files.
+//! vGPU writes (`current_vgpu_type`, mdev `create`/`remove`) get the vGPU manager's reactions
+//! (see `vgpu.rs`).
 
 mod kernel;
 mod vfio;
@@ -41,6 +41,9 @@ pub const SIM_DEFAULT_DRIVER: &str = ".sim-default-driver";
 
 /// In a simulated tree: the reset methods used on a device, one line per `reset` write.
 pub const SIM_RESET_LOG: &str = ".sim-resets";
+
+/// In a simulated tree: the values written to a PF's `sriov_numvfs`, one line per write.
+pub const SIM_SRIOV_LOG: &str = ".sim-sriov-numvfs";
 
 /// In a simulated tree: stands for `/proc/driver/nvidia/gpus/`: a device bound to `nvidia` has
 /// an entry, unless the marker file has the line `nvidia-no-gpu` (the driver did not take it).
