@@ -294,7 +294,9 @@ fn a_gh200_in_domain_0009_plans_attaches_and_its_spec_says_what_it_lacks() {
         })
         .unwrap();
     assert_eq!(h.driver(gpu).as_deref(), Some("vfio-pci"));
-    assert!(spec.qemu.args.contains(&format!("vfio-pci,host={gpu}")));
+    // At the guest address the boot spec fixes for it.
+    let device = format!("vfio-pci,host={gpu},bus=pcie.0,addr=0x10");
+    assert!(spec.qemu.args.contains(&device), "{:?}", spec.qemu.args);
     assert_eq!(spec.warnings.len(), 1, "{:?}", spec.warnings);
     assert!(spec.warnings[0].contains(gpu));
     assert!(spec.warnings[0].contains("NUMA nodes"));
