@@ -54,6 +54,7 @@ mod liveness;
 mod persistence;
 mod plan;
 mod reconcile;
+mod records;
 mod reset;
 mod restore;
 mod vfio_node;
