@@ -73,8 +73,9 @@ impl Verity {
 
     /// Parse the value of [`VERITY_WORD`]; `None` when malformed.
     pub fn parse(value: &str) -> Option<Verity> {
-        let hex =
-            |s: &str| !s.is_empty() && s.len().is_multiple_of(2) && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let hex = |s: &str| {
+            !s.is_empty() && s.len().is_multiple_of(2) && s.bytes().all(|b| b.is_ascii_hexdigit())
+        };
         let mut parts = value.split(':');
         let (root, salt, data, start) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);

@@ -34,6 +34,7 @@ pub fn qemu_args(image: &Path, attach: &str, memory_mib: u64) -> anyhow::Result<
         image: PathBuf::from(image),
         size,
         attach,
+        verity: None,
     };
     let mut out = disk.qemu_args(memory_mib);
     out.push(disk.kernel_word());
