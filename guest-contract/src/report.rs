@@ -195,8 +195,13 @@ pub enum SetupErrorClass {
     /// The report itself could not be serialized (the line then carries only this error).
     Report,
     /// `GPU_DISK` names no usable image: a bad value, a device that never appeared, a mount
-    /// module that would not load, or a mount that failed.
+    /// module that would not load, a mount that failed, or an image other than the one the base
+    /// layer was built with.
     GpuDisk,
+    /// The image was built with dm-verity and could not be proven intact: the boot carries no
+    /// root hash for it, a root hash other than the base layer's, or the image's bytes do not
+    /// hash to it. Nothing from the image was loaded.
+    GpuDiskIntegrity,
 }
 
 /// Where the GPU payload under `/gpu` came from.

@@ -85,6 +85,8 @@ pub struct BootConfig {
     /// `GPU_DISK`: the GPU payload is an image on this device (`pmem` or `/dev/vdX`), checked
     /// when it is mounted so that a bad value is the report's classified error.
     pub gpu_disk: Option<String>,
+    /// `GPU_DISK_VERITY`: the image's dm-verity root hash and parameters.
+    pub gpu_disk_verity: Option<String>,
     /// The workload: init's argv after its name (words after ` -- ` on the kernel command line).
     pub command: Vec<String>,
 }
@@ -121,6 +123,7 @@ impl BootConfig {
             on_error,
             strict: env("GPU_INIT_STRICT").as_deref() == Some("1"),
             gpu_disk: env(gpu_passthrough_guest_contract::disk::KERNEL_WORD),
+            gpu_disk_verity: env(gpu_passthrough_guest_contract::disk::VERITY_WORD),
             command: args.iter().skip(1).cloned().collect(),
         })
     }
@@ -349,11 +352,16 @@ fn boot(config: &BootConfig) -> Result<i32, BootError> {
         .as_deref()
         .filter(|_| config.has_gpu)
         .map(|value| {
+            let words = disk::DiskWords {
+                device: value,
+                verity: config.gpu_disk_verity.as_deref(),
+            };
             let mounted = disk::mount_payload(
-                value,
+                words,
                 Path::new("/"),
                 &FinitModule,
                 &disk::ErofsMount,
+                &crate::dm::KernelDm,
                 disk::DEVICE_WAIT,
             );
             (value, mounted)

@@ -5,10 +5,22 @@
 //! setup, init loads them, waits for the device and mounts the image read-only at `/gpu`; on
 //! virtio-pmem with DAX, so reads map the host's page cache instead of filling guest RAM. From
 //! there on the setup cannot tell the image from the initramfs layer.
+//!
+//! The base layer names the image it was built with (`/gpu-disk/image`: erofs UUID, and the
+//! dm-verity root hash when built with `--verity`); any other image is refused. A verity image is
+//! opened through a dm-verity device made from `GPU_DISK_VERITY=` (the measured command line),
+//! and fails closed: no root hash, another root hash, or bytes that do not hash to it give
+//! `gpu_disk_integrity` and nothing from the image is loaded. DAX does not pass through
+//! device-mapper, so a verity image is read through the guest's page cache (virtio-blk, or pmem
+//! without DAX).
 
 use crate::context::in_root;
+use crate::dm::{DeviceMapper, DmError};
 use crate::modules::{LoadError, ModuleLoader};
-use gpu_passthrough_guest_contract::disk::{KERNEL_WORD, MODULE_DIR, ORDER_FILE, PMEM};
+use gpu_passthrough_guest_contract::disk::{
+    EROFS_UUID_OFFSET, IMAGE_FILE, ImageBinding, KERNEL_WORD, MODULE_DIR, ORDER_FILE, PMEM,
+    VERITY_WORD, Verity, uuid_text,
+};
 use gpu_passthrough_guest_contract::report::{
     PayloadReport, PayloadSource, Report, ReportError, SetupErrorClass,
 };
@@ -71,6 +83,86 @@ pub enum DiskError {
         /// How long.
         waited: Duration,
     },
+    /// The base layer records a verity image but the boot carries no root hash.
+    #[error(
+        "{device}: the base layer was built for a dm-verity image (root hash {built}) but the \
+         kernel command line has no {VERITY_WORD}=: boot with the boot spec's kernel words, which \
+         carry it; the image is not opened unverified"
+    )]
+    VerityMissing {
+        /// The device.
+        device: String,
+        /// The base layer's root hash.
+        built: String,
+    },
+    /// `GPU_DISK_VERITY` is malformed.
+    #[error(
+        "{device}: {VERITY_WORD}={value} is not valid: use <root hash>:<salt>:<data blocks>:<hash start \
+         block> as the boot spec writes it"
+    )]
+    VerityValue {
+        /// The device.
+        device: String,
+        /// The value given.
+        value: String,
+    },
+    /// The root hash on the command line is not the base layer's.
+    #[error(
+        "{device}: {VERITY_WORD} gives root hash {booted} but the base layer was built with \
+         {built}: boot the base layer and the command line of the same build"
+    )]
+    VerityMismatch {
+        /// The device.
+        device: String,
+        /// The command line's root hash.
+        booted: String,
+        /// The base layer's (`none`: built without verity).
+        built: String,
+    },
+    /// The image's bytes do not hash to the root hash.
+    #[error(
+        "{device}: the image does not match its dm-verity root hash {root} ({errno} reading it \
+         through dm-verity): it was changed or corrupted; copy the image from the build again \
+         (`initrd build --form disk --verity`)"
+    )]
+    Unverified {
+        /// The device.
+        device: String,
+        /// The root hash.
+        root: String,
+        /// The read error (EIO).
+        errno: Errno,
+    },
+    /// The dm-verity device could not be made.
+    #[error("{device}: making the dm-verity device (dm_mod, dm_verity loaded from the base layer)")]
+    DeviceMapper {
+        /// The device.
+        device: String,
+        /// The failed step.
+        #[source]
+        source: DmError,
+    },
+    /// The image is not the one the base layer was built with.
+    #[error(
+        "{device} holds erofs image {found} but the base layer was built with image {expected}: \
+         attach the image built with this base layer (same `initrd build` output)"
+    )]
+    OtherImage {
+        /// The device.
+        device: String,
+        /// The image's UUID.
+        found: String,
+        /// The base layer's.
+        expected: String,
+    },
+    /// The image's superblock could not be read.
+    #[error("reading the erofs superblock of {device}: {errno}")]
+    Read {
+        /// The device.
+        device: String,
+        /// The error.
+        errno: Errno,
+    },
     /// The mount itself failed.
     #[error(
         "mounting {device} (erofs, read-only) on {MOUNTPOINT}: {errno}: is it the image built by \
@@ -82,6 +174,19 @@ pub enum DiskError {
         /// The mount error.
         errno: Errno,
     },
+}
+
+impl DiskError {
+    /// Whether this is an integrity failure (`gpu_disk_integrity`) rather than `gpu_disk`.
+    pub fn is_integrity(&self) -> bool {
+        matches!(
+            self,
+            DiskError::VerityMissing { .. }
+                | DiskError::VerityValue { .. }
+                | DiskError::VerityMismatch { .. }
+                | DiskError::Unverified { .. }
+        )
+    }
 }
 
 /// The device `GPU_DISK` names and whether it is the pmem kind.
@@ -108,6 +213,16 @@ fn device_for(value: &str) -> Result<(PathBuf, PayloadSource), DiskError> {
 pub trait ImageMount {
     /// Mount `device` on `target`, read-only, with `-o dax=always` when `dax`.
     fn mount(&self, device: &Path, target: &Path, dax: bool) -> Result<(), Errno>;
+
+    /// Read `buf.len()` bytes of `device` at `offset`.
+    fn read_at(&self, device: &Path, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        use std::os::unix::fs::FileExt;
+        let errno = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        std::fs::File::open(device)
+            .map_err(errno)?
+            .read_exact_at(buf, offset)
+            .map_err(errno)
+    }
 }
 
 /// `mount(2)` of an erofs file system.
@@ -135,17 +250,65 @@ pub struct Mounted {
     pub problems: Vec<String>,
 }
 
-/// Load the mount modules listed under `root`, wait up to `wait` for the device `value` names
-/// (under `root` too) and mount it read-only at `root/gpu`.
+/// What the kernel command line says about the image: `GPU_DISK` and `GPU_DISK_VERITY`.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskWords<'a> {
+    /// `GPU_DISK`.
+    pub device: &'a str,
+    /// `GPU_DISK_VERITY`, if given.
+    pub verity: Option<&'a str>,
+}
+
+/// The verity parameters to open the image with: from the command line, checked against the
+/// base layer's record before anything loads.
+fn verity_for(
+    words: DiskWords,
+    binding: Option<&ImageBinding>,
+    device: &str,
+) -> Result<Option<Verity>, DiskError> {
+    let built = binding.and_then(|b| b.verity_root.clone());
+    let Some(value) = words.verity else {
+        return match built {
+            Some(built) => Err(DiskError::VerityMissing {
+                device: device.to_string(),
+                built,
+            }),
+            None => Ok(None),
+        };
+    };
+    let verity = Verity::parse(value).ok_or_else(|| DiskError::VerityValue {
+        device: device.to_string(),
+        value: value.to_string(),
+    })?;
+    if binding.is_some() && built.as_deref() != Some(verity.root_hash.as_str()) {
+        return Err(DiskError::VerityMismatch {
+            device: device.to_string(),
+            booted: verity.root_hash,
+            built: built.unwrap_or_else(|| "none".into()),
+        });
+    }
+    Ok(Some(verity))
+}
+
+/// Load the mount modules listed under `root`, wait up to `wait` for the device `words` names
+/// (under `root` too), open it through dm-verity when it has a root hash, check it is the image
+/// the base layer was built with, and mount it read-only at `root/gpu`.
 pub fn mount_payload(
-    value: &str,
+    words: DiskWords,
     root: &Path,
     loader: &dyn ModuleLoader,
     mounter: &dyn ImageMount,
+    mapper: &dyn DeviceMapper,
     wait: Duration,
 ) -> Result<Mounted, DiskError> {
     let start = Instant::now();
+    let value = words.device;
     let (device, source) = device_for(value)?;
+    let binding = std::fs::read_to_string(in_root(root, IMAGE_FILE))
+        .ok()
+        .and_then(|t| ImageBinding::parse(&t));
+    let shown = device.display().to_string();
+    let verity = verity_for(words, binding.as_ref(), &shown)?;
     let available_before = mem_available_kb(root);
     let order = std::fs::read_to_string(in_root(root, ORDER_FILE))
         .map_err(|source| DiskError::NoModuleList { source })?;
@@ -163,7 +326,6 @@ pub fn mount_payload(
         }
         mount_modules.push(file.trim_end_matches(".ko").to_string());
     }
-    let shown = device.display().to_string();
     let device_path = in_root(root, &shown);
     let deadline = Instant::now() + wait;
     while !device_path.exists() {
@@ -185,11 +347,50 @@ pub fn mount_payload(
         ));
     }
     let _ = std::fs::create_dir_all(&target);
-    let mount_err = |errno| DiskError::Mount {
-        device: shown.clone(),
-        errno,
+    let device_path = match &verity {
+        Some(v) => {
+            mapper
+                .create_verity(&device_path, v)
+                .map_err(|source| DiskError::DeviceMapper {
+                    device: shown.clone(),
+                    source,
+                })?
+        }
+        None => device_path,
     };
-    let mut dax = source == PayloadSource::Pmem;
+    let unverified = |errno| match &verity {
+        Some(v) if errno == Errno::EIO => DiskError::Unverified {
+            device: shown.clone(),
+            root: v.root_hash.clone(),
+            errno,
+        },
+        _ => DiskError::Read {
+            device: shown.clone(),
+            errno,
+        },
+    };
+    let mut uuid = [0u8; 16];
+    mounter
+        .read_at(&device_path, EROFS_UUID_OFFSET, &mut uuid)
+        .map_err(unverified)?;
+    if let Some(b) = &binding
+        && b.uuid != uuid_text(&uuid)
+    {
+        return Err(DiskError::OtherImage {
+            device: shown,
+            found: uuid_text(&uuid),
+            expected: b.uuid.clone(),
+        });
+    }
+    let mount_err = |errno| match (&verity, errno) {
+        (Some(_), Errno::EIO) => unverified(errno),
+        _ => DiskError::Mount {
+            device: shown.clone(),
+            errno,
+        },
+    };
+    // DAX does not pass through device-mapper.
+    let mut dax = source == PayloadSource::Pmem && verity.is_none();
     match mounter.mount(&device_path, &target, dax) {
         Ok(()) => {}
         // A kernel or device without DAX for erofs still serves the image, through its page cache.
@@ -238,7 +439,11 @@ pub fn failed_report(kernel: String, value: &str, error: &DiskError) -> Report {
         cause = c.source();
     }
     report.error = Some(ReportError {
-        class: SetupErrorClass::GpuDisk,
+        class: if error.is_integrity() {
+            SetupErrorClass::GpuDiskIntegrity
+        } else {
+            SetupErrorClass::GpuDisk
+        },
         message,
     });
     if let Ok((device, source)) = device_for(value) {
@@ -287,8 +492,49 @@ mod tests {
     struct Mounter {
         answers: RefCell<Vec<Errno>>,
         calls: RefCell<Vec<(PathBuf, bool)>>,
+        reads: RefCell<Vec<PathBuf>>,
+        read_error: RefCell<Option<Errno>>,
+        uuid: [u8; 16],
+    }
+
+    fn words(device: &str) -> DiskWords<'_> {
+        DiskWords {
+            device,
+            verity: None,
+        }
+    }
+
+    /// Makes `/dev/dm-0` under the device's root; records tables; fails when told.
+    #[derive(Default)]
+    struct Dm {
+        tables: RefCell<Vec<String>>,
+        fail: Option<Errno>,
+    }
+    impl DeviceMapper for Dm {
+        fn create_verity(&self, device: &Path, verity: &Verity) -> Result<PathBuf, DmError> {
+            if let Some(errno) = self.fail {
+                return Err(DmError {
+                    step: "DM_TABLE_LOAD (verity)",
+                    errno,
+                });
+            }
+            self.tables
+                .borrow_mut()
+                .push(verity.table(&device.display().to_string()));
+            Ok(device.with_file_name("dm-0"))
+        }
     }
     impl ImageMount for Mounter {
+        fn read_at(&self, device: &Path, _: u64, buf: &mut [u8]) -> Result<(), Errno> {
+            self.reads.borrow_mut().push(device.to_path_buf());
+            match *self.read_error.borrow() {
+                Some(errno) => Err(errno),
+                None => {
+                    buf.copy_from_slice(&self.uuid);
+                    Ok(())
+                }
+            }
+        }
         fn mount(&self, device: &Path, _: &Path, dax: bool) -> Result<(), Errno> {
             self.calls.borrow_mut().push((device.to_path_buf(), dax));
             let mut answers = self.answers.borrow_mut();
@@ -329,7 +575,15 @@ mod tests {
     fn pmem_loads_the_modules_in_order_and_mounts_with_dax() {
         let root = guest("pmem", Some(PMEM_DEVICE));
         let (loader, mounter) = (Loader::default(), Mounter::default());
-        let m = mount_payload("pmem", &root, &loader, &mounter, DEVICE_WAIT).unwrap();
+        let m = mount_payload(
+            words("pmem"),
+            &root,
+            &loader,
+            &mounter,
+            &Dm::default(),
+            DEVICE_WAIT,
+        )
+        .unwrap();
         assert_eq!(*loader.loaded.borrow(), ["virtio_pmem.ko", "erofs.ko"]);
         assert_eq!(m.payload.source, PayloadSource::Pmem);
         assert_eq!(m.payload.device.as_deref(), Some(PMEM_DEVICE));
@@ -349,8 +603,15 @@ mod tests {
     fn a_block_device_is_mounted_without_dax() {
         let root = guest("blk", Some("/dev/vdb"));
         let mounter = Mounter::default();
-        let m =
-            mount_payload("/dev/vdb", &root, &Loader::default(), &mounter, DEVICE_WAIT).unwrap();
+        let m = mount_payload(
+            words("/dev/vdb"),
+            &root,
+            &Loader::default(),
+            &mounter,
+            &Dm::default(),
+            DEVICE_WAIT,
+        )
+        .unwrap();
         assert_eq!(m.payload.source, PayloadSource::VirtioBlk);
         assert!(!m.payload.dax);
         assert_eq!(
@@ -366,7 +627,15 @@ mod tests {
             answers: RefCell::new(vec![Errno::EOPNOTSUPP]),
             ..Mounter::default()
         };
-        let m = mount_payload("pmem", &root, &Loader::default(), &mounter, DEVICE_WAIT).unwrap();
+        let m = mount_payload(
+            words("pmem"),
+            &root,
+            &Loader::default(),
+            &mounter,
+            &Dm::default(),
+            DEVICE_WAIT,
+        )
+        .unwrap();
         assert!(!m.payload.dax);
         assert_eq!(mounter.calls.borrow().len(), 2);
         assert!(m.problems[0].contains("without DAX"), "{:?}", m.problems);
@@ -378,7 +647,15 @@ mod tests {
         let mounter = Mounter::default();
         let wait = Duration::from_millis(120);
         let t = Instant::now();
-        let e = mount_payload("/dev/vdz", &root, &Loader::default(), &mounter, wait).unwrap_err();
+        let e = mount_payload(
+            words("/dev/vdz"),
+            &root,
+            &Loader::default(),
+            &mounter,
+            &Dm::default(),
+            wait,
+        )
+        .unwrap_err();
         assert!(t.elapsed() >= wait);
         assert!(matches!(e, DiskError::NoDevice { .. }), "{e:?}");
         assert!(mounter.calls.borrow().is_empty(), "nothing is mounted");
@@ -399,8 +676,15 @@ mod tests {
         let root = guest("bad", None);
         for value in ["", "vdb", "/dev/", "/dev/../etc/passwd", "nvme", "/tmp/x"] {
             let loader = Loader::default();
-            let e =
-                mount_payload(value, &root, &loader, &Mounter::default(), DEVICE_WAIT).unwrap_err();
+            let e = mount_payload(
+                words(value),
+                &root,
+                &loader,
+                &Mounter::default(),
+                &Dm::default(),
+                DEVICE_WAIT,
+            )
+            .unwrap_err();
             assert!(matches!(e, DiskError::BadValue { .. }), "{value}: {e:?}");
             assert!(e.to_string().contains("GPU_DISK=pmem"), "{e}");
             assert!(loader.loaded.borrow().is_empty());
@@ -414,8 +698,15 @@ mod tests {
             refuse: Some(("erofs.ko", Errno::ENOEXEC)),
             ..Loader::default()
         };
-        let e =
-            mount_payload("pmem", &root, &loader, &Mounter::default(), DEVICE_WAIT).unwrap_err();
+        let e = mount_payload(
+            words("pmem"),
+            &root,
+            &loader,
+            &Mounter::default(),
+            &Dm::default(),
+            DEVICE_WAIT,
+        )
+        .unwrap_err();
         let report = failed_report("k".into(), "pmem", &e);
         let message = report.error.unwrap().message;
         assert!(
@@ -427,7 +718,17 @@ mod tests {
             refuse: Some(("virtio_pmem.ko", Errno::EEXIST)),
             ..Loader::default()
         };
-        assert!(mount_payload("pmem", &root, &loader, &Mounter::default(), DEVICE_WAIT).is_ok());
+        assert!(
+            mount_payload(
+                words("pmem"),
+                &root,
+                &loader,
+                &Mounter::default(),
+                &Dm::default(),
+                DEVICE_WAIT
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -435,10 +736,11 @@ mod tests {
         let root = guest("nolist", Some(PMEM_DEVICE));
         std::fs::remove_file(in_root(&root, ORDER_FILE)).unwrap();
         let e = mount_payload(
-            "pmem",
+            words("pmem"),
             &root,
             &Loader::default(),
             &Mounter::default(),
+            &Dm::default(),
             DEVICE_WAIT,
         )
         .unwrap_err();
@@ -452,18 +754,218 @@ mod tests {
             answers: RefCell::new(vec![Errno::EINVAL, Errno::EINVAL]),
             ..Mounter::default()
         };
-        let e =
-            mount_payload("pmem", &root, &Loader::default(), &mounter, DEVICE_WAIT).unwrap_err();
+        let e = mount_payload(
+            words("pmem"),
+            &root,
+            &Loader::default(),
+            &mounter,
+            &Dm::default(),
+            DEVICE_WAIT,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("EINVAL"), "{e}");
         std::fs::write(in_root(&root, "/gpu/manifest.json"), "{}").unwrap();
         let m = mount_payload(
-            "pmem",
+            words("pmem"),
             &root,
             &Loader::default(),
             &Mounter::default(),
+            &Dm::default(),
             DEVICE_WAIT,
         )
         .unwrap();
         assert!(m.problems[0].contains("hides it"), "{:?}", m.problems);
+    }
+
+    const ROOT_HASH: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+
+    /// A guest root whose base layer records an image with `uuid` (bytes 0..16) and, if given,
+    /// a verity root hash.
+    fn bound(name: &str, verity_root: Option<&str>) -> (PathBuf, [u8; 16]) {
+        let root = guest(name, Some("/dev/vdb"));
+        let uuid: [u8; 16] = core::array::from_fn(|i| i as u8);
+        let binding = ImageBinding {
+            uuid: uuid_text(&uuid),
+            verity_root: verity_root.map(str::to_string),
+        };
+        std::fs::write(in_root(&root, IMAGE_FILE), binding.render()).unwrap();
+        (root, uuid)
+    }
+
+    fn verity_word(root_hash: &str) -> String {
+        format!("{root_hash}:{}:512:512", "ab".repeat(32))
+    }
+
+    #[test]
+    fn a_verity_image_is_opened_through_dm_verity_and_mounted_without_dax() {
+        let (root, uuid) = bound("verity", Some(ROOT_HASH));
+        let mounter = Mounter {
+            uuid,
+            ..Mounter::default()
+        };
+        let dm = Dm::default();
+        let word = verity_word(ROOT_HASH);
+        let w = DiskWords {
+            device: "/dev/vdb",
+            verity: Some(&word),
+        };
+        let m = mount_payload(w, &root, &Loader::default(), &mounter, &dm, DEVICE_WAIT).unwrap();
+        let dm_node = in_root(&root, "/dev/dm-0");
+        assert_eq!(
+            *mounter.reads.borrow(),
+            std::slice::from_ref(&dm_node),
+            "read through verity"
+        );
+        assert_eq!(*mounter.calls.borrow(), [(dm_node, false)]);
+        assert!(!m.payload.dax);
+        let tables = dm.tables.borrow();
+        assert!(
+            tables[0].contains(&format!("512 512 sha256 {ROOT_HASH}")),
+            "{tables:?}"
+        );
+    }
+
+    #[test]
+    fn a_verity_image_fails_closed_with_gpu_disk_integrity() {
+        let (root, uuid) = bound("tamper", Some(ROOT_HASH));
+        let other = "6b".repeat(32);
+        let good = verity_word(ROOT_HASH);
+        let wrong = verity_word(&other);
+        let cases: [(Option<&str>, Option<Errno>, &str); 4] = [
+            (None, None, "no GPU_DISK_VERITY="),
+            (Some(&wrong), None, "was built with 5a5a"),
+            (Some("zz:1"), None, "is not valid"),
+            // A flipped byte: reads through dm-verity fail with EIO.
+            (
+                Some(&good),
+                Some(Errno::EIO),
+                "does not match its dm-verity root hash",
+            ),
+        ];
+        for (verity, read_error, says) in cases {
+            let loader = Loader::default();
+            let mounter = Mounter {
+                uuid,
+                read_error: RefCell::new(read_error),
+                ..Mounter::default()
+            };
+            let w = DiskWords {
+                device: "/dev/vdb",
+                verity,
+            };
+            let e = mount_payload(w, &root, &loader, &mounter, &Dm::default(), DEVICE_WAIT)
+                .unwrap_err();
+            let report = failed_report("k".into(), "/dev/vdb", &e);
+            let error = report.error.unwrap();
+            assert_eq!(error.class, SetupErrorClass::GpuDiskIntegrity, "{e}");
+            assert!(
+                error.message.contains(says) && error.message.contains("/dev/vdb"),
+                "{}",
+                error.message
+            );
+            assert!(mounter.calls.borrow().is_empty(), "nothing mounted: {e}");
+            if read_error.is_none() {
+                assert!(loader.loaded.borrow().is_empty(), "nothing loaded: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_root_hash_for_an_image_built_without_verity_is_refused() {
+        let (root, uuid) = bound("noverity", None);
+        let word = verity_word(ROOT_HASH);
+        let mounter = Mounter {
+            uuid,
+            ..Mounter::default()
+        };
+        let w = DiskWords {
+            device: "/dev/vdb",
+            verity: Some(&word),
+        };
+        let e = mount_payload(
+            w,
+            &root,
+            &Loader::default(),
+            &mounter,
+            &Dm::default(),
+            DEVICE_WAIT,
+        )
+        .unwrap_err();
+        assert!(
+            e.is_integrity() && e.to_string().contains("built with none"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_image_other_than_the_base_layers_is_refused_naming_both() {
+        let (root, uuid) = bound("other", None);
+        let mut other = uuid;
+        other[0] = 0xee;
+        let mounter = Mounter {
+            uuid: other,
+            ..Mounter::default()
+        };
+        let e = mount_payload(
+            words("/dev/vdb"),
+            &root,
+            &Loader::default(),
+            &mounter,
+            &Dm::default(),
+            DEVICE_WAIT,
+        )
+        .unwrap_err();
+        let report = failed_report("k".into(), "/dev/vdb", &e);
+        let error = report.error.unwrap();
+        assert_eq!(error.class, SetupErrorClass::GpuDisk);
+        assert!(
+            error.message.contains(&uuid_text(&other)) && error.message.contains(&uuid_text(&uuid)),
+            "{}",
+            error.message
+        );
+        assert!(mounter.calls.borrow().is_empty());
+        // The same image is accepted.
+        let mounter = Mounter {
+            uuid,
+            ..Mounter::default()
+        };
+        let ok = mount_payload(
+            words("/dev/vdb"),
+            &root,
+            &Loader::default(),
+            &mounter,
+            &Dm::default(),
+            DEVICE_WAIT,
+        );
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn a_device_mapper_failure_is_a_gpu_disk_error_and_nothing_is_mounted() {
+        let (root, uuid) = bound("dmfail", Some(ROOT_HASH));
+        let word = verity_word(ROOT_HASH);
+        let mounter = Mounter {
+            uuid,
+            ..Mounter::default()
+        };
+        let dm = Dm {
+            fail: Some(Errno::EINVAL),
+            ..Dm::default()
+        };
+        let w = DiskWords {
+            device: "/dev/vdb",
+            verity: Some(&word),
+        };
+        let e =
+            mount_payload(w, &root, &Loader::default(), &mounter, &dm, DEVICE_WAIT).unwrap_err();
+        let message = failed_report("k".into(), "/dev/vdb", &e)
+            .error
+            .unwrap()
+            .message;
+        assert!(
+            message.contains("DM_TABLE_LOAD") && message.contains("EINVAL"),
+            "{message}"
+        );
+        assert!(mounter.calls.borrow().is_empty());
     }
 }

@@ -13,6 +13,7 @@ pub mod cdi_hook;
 pub mod context;
 pub mod daemons;
 pub mod disk;
+pub mod dm;
 pub mod dryrun;
 pub mod env;
 pub mod inroot;

@@ -399,7 +399,7 @@ impl BootSpec {
     /// The spec with the GPU payload delivered as `disk`: its kernel word (next to `HAS_GPU=1`),
     /// its QEMU and Cloud Hypervisor arguments, and QEMU's memory slots for virtio-pmem.
     pub fn with_disk(mut self, disk: GpuDisk) -> BootSpec {
-        self.kernel_cmdline.push(disk.kernel_word());
+        self.kernel_cmdline.extend(disk.kernel_words());
         self.cloud_hypervisor
             .args
             .extend(disk.cloud_hypervisor_args());
@@ -457,6 +457,7 @@ mod tests {
             image: "/c/gpu.erofs".into(),
             size: 160 << 20,
             attach: DiskAttach::Pmem,
+            verity: None,
         };
         let s = spec.clone().with_disk(disk.clone());
         assert_eq!(s.kernel_cmdline, ["HAS_GPU=1", "GPU_DISK=pmem"]);
@@ -478,6 +479,28 @@ mod tests {
         assert_eq!(blk.qemu.maxmem_extra_mib, None);
         let json = serde_json::to_value(&blk).unwrap();
         assert_eq!(json["disk"]["attach"]["kind"], "blk");
+        assert!(json["disk"].get("verity").is_none());
+        // A verity disk adds its root hash and parameters to the command line.
+        let verity = gpu_passthrough_guest_contract::disk::Verity {
+            root_hash: "ab".repeat(32),
+            salt: "cd".repeat(32),
+            data_blocks: 512,
+            hash_start_block: 512,
+        };
+        let blk = blk.disk.clone().unwrap();
+        let s = spec_for_disk().with_disk(GpuDisk {
+            verity: Some(verity.clone()),
+            ..blk
+        });
+        assert_eq!(
+            s.kernel_cmdline[1..],
+            ["GPU_DISK=/dev/vda".to_string(), verity.kernel_word()]
+        );
+        assert!(s.kernel_cmdline[2].starts_with("GPU_DISK_VERITY=abab"));
+    }
+
+    fn spec_for_disk() -> BootSpec {
+        BootSpec::new("vm", vec![gpu("0000:65:00.0", 1 << 30)], Vec::new(), None)
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub const KERNEL_MODULES: &str = "linux-6.1.0-56-amd64/kernel-modules-6.1.0-56-a
 /// [`KERNEL_MODULES`] plus the virtio-pmem/nvdimm modules a guest needs to mount a GPU disk.
 pub const KERNEL_MODULES_PMEM: &str =
     "linux-6.1.0-56-amd64/kernel-modules-6.1.0-56-amd64-pmem-x86_64.tar.gz";
+/// [`KERNEL_MODULES_PMEM`] plus `dm_verity` and its dependencies: what a guest needs to open the
+/// GPU disk through dm-verity.
+pub const KERNEL_MODULES_VERITY: &str =
+    "linux-6.1.0-56-amd64/kernel-modules-6.1.0-56-amd64-verity-x86_64.tar.gz";
 /// The NVIDIA driver version of the fixtures.
 pub const DRIVER_VERSION: &str = "535.261.03";
 /// The NVIDIA open kernel modules built for [`KERNEL_VERSION`] (tar.gz).

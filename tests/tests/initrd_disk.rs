@@ -12,7 +12,10 @@ use std::process::{Command, Stdio};
 
 use gpu_passthrough::archive::cpio::read_initrd;
 use gpu_passthrough::fetch::{FetchOptions, Fetcher, NoProgress};
-use gpu_passthrough::initrd::disk::{IMAGE_ALIGN, MKFS_EROFS, MODULE_DIR, ORDER_FILE};
+use gpu_passthrough::initrd::disk::{
+    EROFS_UUID_OFFSET, IMAGE_ALIGN, IMAGE_FILE, ImageBinding, MKFS_EROFS, MODULE_DIR, ORDER_FILE,
+    uuid_text,
+};
 use gpu_passthrough::initrd::listing::{self, Listing, ListingError};
 use gpu_passthrough::initrd::{
     BuildOptions, DiskError, InitrdBuilder, InitrdError, LayerForm, Layers,
@@ -51,9 +54,20 @@ fn build(
     init: &Path,
     form: LayerForm,
 ) -> Result<Layers, InitrdError> {
+    build_with(cache, registry, init, form, false)
+}
+
+fn build_with(
+    cache: &Path,
+    registry: &Registry,
+    init: &Path,
+    form: LayerForm,
+    verity: bool,
+) -> Result<Layers, InitrdError> {
     let fetcher = Fetcher::new(cache, FetchOptions::default()).unwrap();
     let mut options = BuildOptions::new(Arch::X86_64, init);
     options.form = form;
+    options.verity = verity;
     InitrdBuilder::new(cache, &fetcher).build(
         registry.release(RELEASE).unwrap(),
         &options,
@@ -506,4 +520,108 @@ fn mkfs_erofs_is_found_only_in_the_system_directories_and_its_absence_names_the_
     assert!(text.contains(MKFS_EROFS.package), "{text}");
     assert!(text.contains(&dir.path().display().to_string()), "{text}");
     assert_eq!(disk.outcome(), Outcome::Failed);
+}
+
+/// `veritysetup verify` of the image against its record.
+fn verity_verifies(image: &Path, v: &gpu_passthrough::initrd::disk::Verity) -> bool {
+    Command::new("veritysetup")
+        .args(["verify", "--no-superblock"])
+        .arg(format!("--hash-offset={}", v.hash_start_block * 4096))
+        .arg(format!("--data-blocks={}", v.data_blocks))
+        .arg(format!("--salt={}", v.salt))
+        .args([image, image])
+        .arg(&v.root_hash)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn a_verity_disk_records_its_root_hash_and_binds_the_base_layer_to_it() {
+    let (dir, registry, init) = setup("initrd_disk-verity", fixtures::KERNEL_MODULES_VERITY);
+    let cache = dir.join("cache");
+    let plain = build(&cache, &registry, &init, LayerForm::Disk).unwrap();
+    let layers = build_with(&cache, &registry, &init, LayerForm::Disk, true).unwrap();
+    assert_ne!(layers.key, plain.key, "verity joins the cache key");
+    assert!(plain.verity.is_none());
+    let v = layers
+        .verity
+        .clone()
+        .expect("the record carries the verity parameters");
+    let image = layers.disk.as_ref().unwrap();
+    assert_eq!(image.size % IMAGE_ALIGN, 0);
+    assert_eq!(v.data_blocks * 4096, plain.disk.as_ref().unwrap().size);
+    assert!(verity_verifies(&image.path, &v), "veritysetup verify");
+    // The record on disk says the same, and the text output shows the root hash.
+    let record: Layers = serde_json::from_slice(
+        &fs::read(image.path.parent().unwrap().join("layers.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record.verity.as_ref(), Some(&v));
+    assert!(layers.to_string().contains(&v.root_hash));
+    // The base layer loads dm_verity (after its dependencies) and names the image it belongs to.
+    let extract = dir.join("base");
+    unpack_cpio(&layers.base.path, &extract);
+    let order = fs::read_to_string(extract.join(ORDER_FILE.trim_start_matches('/'))).unwrap();
+    let pos = |m: &str| {
+        order
+            .lines()
+            .position(|l| l == format!("{m}.ko"))
+            .unwrap_or_else(|| panic!("{m} missing: {order}"))
+    };
+    assert!(
+        pos("dm_mod") < pos("dm_verity") && pos("dm_bufio") < pos("dm_verity"),
+        "{order}"
+    );
+    let binding = ImageBinding::parse(
+        &fs::read_to_string(extract.join(IMAGE_FILE.trim_start_matches('/'))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(binding.verity_root.as_deref(), Some(v.root_hash.as_str()));
+    // The UUID named is the image's own (erofs superblock).
+    let bytes = fs::read(&image.path).unwrap();
+    let at = EROFS_UUID_OFFSET as usize;
+    let uuid: [u8; 16] = bytes[at..at + 16].try_into().unwrap();
+    assert_eq!(binding.uuid, uuid_text(&uuid));
+    // The plain disk's base layer is bound too, without a root hash, and loads no dm modules.
+    let plain_extract = dir.join("plain-base");
+    unpack_cpio(&plain.base.path, &plain_extract);
+    let plain_binding = ImageBinding::parse(
+        &fs::read_to_string(plain_extract.join(IMAGE_FILE.trim_start_matches('/'))).unwrap(),
+    )
+    .unwrap();
+    assert!(plain_binding.verity_root.is_none());
+    assert_ne!(
+        plain_binding.uuid, binding.uuid,
+        "another build, another image"
+    );
+    assert!(
+        !fs::read_to_string(plain_extract.join(ORDER_FILE.trim_start_matches('/')))
+            .unwrap()
+            .contains("dm_verity")
+    );
+    // One byte flipped in a copy: the root hash no longer proves it.
+    let copy = dir.join("tampered.erofs");
+    let mut tampered = bytes;
+    tampered[1 << 20] ^= 0x01;
+    fs::write(&copy, &tampered).unwrap();
+    assert!(!verity_verifies(&copy, &v));
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn verity_needs_dm_verity_in_the_kernel_modules_artifact() {
+    let (dir, registry, init) = setup("initrd_disk-noverity", fixtures::KERNEL_MODULES_PMEM);
+    let e = build_with(&dir.join("cache"), &registry, &init, LayerForm::Disk, true).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("dm_verity") || text.contains("dm-verity"),
+        "{text}"
+    );
+    assert!(
+        matches!(e, InitrdError::Disk(DiskError::MountModuleMissing { .. })),
+        "{e:?}"
+    );
+    let _ = fs::remove_dir_all(&dir);
 }

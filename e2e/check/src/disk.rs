@@ -34,6 +34,7 @@ pub fn qemu_args(image: &Path, attach: &str, memory_mib: u64) -> anyhow::Result<
         image: PathBuf::from(image),
         size,
         attach,
+        verity: None,
     };
     let mut out = disk.qemu_args(memory_mib);
     out.push(disk.kernel_word());
@@ -196,6 +197,36 @@ pub fn disk_guest(
             format!("last lines: {}", console.tail(4))
         });
     }
+    c
+}
+
+/// A verity image that cannot be proven intact (a byte flipped, no root hash): the report's
+/// `gpu_disk_integrity` naming the device, no module loaded, and the workload still runs.
+pub fn disk_integrity_guest(console: &Console, device: &str) -> Checks {
+    let mut c = Checks::default();
+    let report = find_report(&console.text).and_then(Result::ok);
+    let error = report.as_ref().and_then(|r| r.error.as_ref());
+    c.check(
+        "the image is refused with gpu_disk_integrity, status failed",
+        error.is_some_and(|e| e.class == SetupErrorClass::GpuDiskIntegrity)
+            && report.as_ref().is_some_and(|r| r.status == Status::Failed),
+        || format!("report: {}", json(&report)),
+    );
+    c.check(
+        "the error names the device and the fix",
+        error.is_some_and(|e| e.message.contains(device) && e.message.contains("verity")),
+        || format!("error: {}", json(&error)),
+    );
+    c.check(
+        "no GPU module was loaded from the image",
+        report.as_ref().is_some_and(|r| r.modules.is_empty()),
+        || format!("report: {}", json(&report)),
+    );
+    c.check(
+        "the workload still ran",
+        console.text.contains("E2E-D"),
+        || format!("last lines: {}", console.tail(4)),
+    );
     c
 }
 

@@ -33,6 +33,21 @@ pub fn disk_path(build_json: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// The `GPU_DISK_VERITY=` word of a build with `--verity`.
+pub fn verity_word(build_json: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(build_json)
+        .with_context(|| format!("reading {}", build_json.display()))?;
+    let layers: Layers = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not initrd build's output", build_json.display()))?;
+    match layers.verity {
+        Some(v) => Ok(v.kernel_word()),
+        None => bail!(
+            "{} has no verity record: build with --form disk --verity",
+            build_json.display()
+        ),
+    }
+}
+
 /// The system tool that decompresses a layer starting with these bytes; `None`: a plain cpio.
 fn decompressor(head: &[u8]) -> Option<&'static [&'static str]> {
     const TOOLS: [(&[u8], &[&str]); 4] = [

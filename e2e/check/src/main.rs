@@ -158,6 +158,9 @@ enum Command {
         /// Print the disk image's path instead (forms `disk` and `both`).
         #[arg(long)]
         disk: bool,
+        /// Print the `GPU_DISK_VERITY=` word instead (built with `--verity`).
+        #[arg(long, conflicts_with = "disk")]
+        verity: bool,
     },
     /// Run D: the library's QEMU arguments for the image, one per line, then the kernel word.
     DiskArgs {
@@ -185,6 +188,14 @@ enum Command {
         /// `pmem` or `virtio_blk`.
         #[arg(long)]
         source: String,
+    },
+    /// Run D: a verity image with a byte flipped, or booted without its root hash.
+    DiskIntegrityGuest {
+        /// The console log.
+        log: PathBuf,
+        /// The device the error must name.
+        #[arg(long)]
+        device: String,
     },
     /// Run D: GPU_DISK=pmem with no image attached.
     DiskMissingGuest {
@@ -357,10 +368,15 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::AppendedGuest { log, driver } => {
             builder::appended_guest(&Console::read(&log)?, &driver)
         }
-        Command::Layers { build_json, disk } => {
-            match disk {
-                true => println!("{}", layers::disk_path(&build_json)?),
-                false => println!("{}", layers::paths(&build_json)?.join(" ")),
+        Command::Layers {
+            build_json,
+            disk,
+            verity,
+        } => {
+            match (disk, verity) {
+                (true, _) => println!("{}", layers::disk_path(&build_json)?),
+                (_, true) => println!("{}", layers::verity_word(&build_json)?),
+                _ => println!("{}", layers::paths(&build_json)?.join(" ")),
             }
             return Ok(());
         }
@@ -380,6 +396,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             disk::disk_guest(&console, &boot.driver, &boot.kernel, boot.boot_rc, source)
         }
         Command::DiskImage { image, cli } => disk::disk_image(&image, &cli),
+        Command::DiskIntegrityGuest { log, device } => {
+            disk::disk_integrity_guest(&Console::read(&log)?, &device)
+        }
         Command::DiskMissingGuest { log } => disk::disk_missing_guest(&Console::read(&log)?),
         Command::GuestMemory { boots } => {
             let mut read = Vec::new();

@@ -48,6 +48,9 @@ impl InitrdBuilder<'_> {
         if options.form != super::LayerForm::Initrd {
             field("form", options.form.as_str());
         }
+        if options.verity && options.form.image() {
+            field("verity", "1");
+        }
         field("modules", &options.modules.join(","));
         for (m, p) in &options.module_params {
             field(&format!("param:{m}"), p);

@@ -8,6 +8,13 @@
 //! inline tail data (a tail packed into the inode block cannot be read through DAX, so it would
 //! be copied into the guest's page cache). The image is padded to a multiple of 2 MiB, the
 //! granularity QEMU's virtio-pmem maps it at.
+//!
+//! With `--verity` a dm-verity hash tree (`veritysetup format` from cryptsetup-bin, sha256,
+//! 4096-byte blocks, no verity superblock, a salt derived from the cache key so the bytes stay
+//! reproducible) is appended after the padded data, and the file padded again; its root hash and
+//! parameters go into the record, the base layer and the boot's `GPU_DISK_VERITY=` word. DAX does
+//! not pass through device-mapper, so such a disk is meant for virtio-blk (or pmem without DAX):
+//! the guest reads it through its page cache, each block checked against the tree.
 
 use std::fmt;
 use std::fs::File;
@@ -16,7 +23,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
-pub use gpu_passthrough_guest_contract::disk::{MODULE_DIR, MOUNT_MODULES, ORDER_FILE};
+pub use gpu_passthrough_guest_contract::disk::{
+    EROFS_UUID_OFFSET, IMAGE_FILE, ImageBinding, MODULE_DIR, MOUNT_MODULES, ORDER_FILE,
+    VERITY_BLOCK, VERITY_MODULES, Verity, uuid_text,
+};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -30,6 +40,11 @@ use crate::tools::{Tool, ToolError};
 pub const MKFS_EROFS: Tool = Tool {
     program: "mkfs.erofs",
     package: "erofs-utils",
+};
+/// The program that writes the dm-verity hash tree, and its package.
+pub const VERITYSETUP: Tool = Tool {
+    program: "veritysetup",
+    package: "cryptsetup-bin",
 };
 /// The image is padded to a multiple of this (QEMU maps virtio-pmem in 2 MiB steps).
 pub const IMAGE_ALIGN: u64 = 2 << 20;
@@ -158,6 +173,18 @@ pub enum DiskError {
         /// Every problem found.
         problems: Vec<Problem>,
     },
+    /// `veritysetup` ran and failed, or printed no root hash.
+    #[error("`{program}` failed ({status}) adding the hash tree to {image}: {stderr}")]
+    VerityFailed {
+        /// The program.
+        program: &'static str,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The image.
+        image: PathBuf,
+        /// What it printed (last lines).
+        stderr: String,
+    },
     /// A file-system operation failed.
     #[error("{context}")]
     Io {
@@ -177,6 +204,7 @@ impl Classify for DiskError {
             }
             DiskError::Mkfs(e) => e.outcome(),
             DiskError::MkfsFailed { .. }
+            | DiskError::VerityFailed { .. }
             | DiskError::NoKernelModules { .. }
             | DiskError::Io { .. } => Outcome::Failed,
         }
@@ -188,16 +216,22 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DiskError {
     move |source| DiskError::Io { context, source }
 }
 
-/// The mount modules and their dependencies from the kernel-modules tree, in load order.
+/// The mount modules (and, for a verity image, `dm_verity`) and their dependencies from the
+/// kernel-modules tree, in load order.
 pub(super) fn mount_modules(
     release: &str,
     expect: &Expectations,
     kernel_modules: Option<&Path>,
+    verity: bool,
 ) -> Result<Vec<InspectedModule>, DiskError> {
     let root = kernel_modules.ok_or_else(|| DiskError::NoKernelModules {
         release: release.to_string(),
     })?;
-    kernel_closure(expect, root, &MOUNT_MODULES).map_err(|gap| match gap {
+    let mut wanted = MOUNT_MODULES.to_vec();
+    if verity {
+        wanted.extend(VERITY_MODULES);
+    }
+    kernel_closure(expect, root, &wanted).map_err(|gap| match gap {
         ClosureGap::Missing { module, needed_by } => DiskError::MountModuleMissing {
             release: release.to_string(),
             module,
@@ -212,7 +246,11 @@ pub(super) fn mount_modules(
 
 /// The base-layer files for `modules`: `MODULE_DIR/<name>.ko` each (decompressed) and `ORDER_FILE`, as
 /// (archive path without the leading `/`, bytes).
-pub(super) fn base_files(modules: &[InspectedModule]) -> Result<Vec<(String, Vec<u8>)>, DiskError> {
+/// and `IMAGE_FILE` naming the image the layer is built with.
+pub(super) fn base_files(
+    modules: &[InspectedModule],
+    binding: &ImageBinding,
+) -> Result<Vec<(String, Vec<u8>)>, DiskError> {
     let dir = MODULE_DIR.trim_start_matches('/');
     let mut order = String::new();
     let mut files = Vec::new();
@@ -228,6 +266,10 @@ pub(super) fn base_files(modules: &[InspectedModule]) -> Result<Vec<(String, Vec
     files.push((
         ORDER_FILE.trim_start_matches('/').to_string(),
         order.into_bytes(),
+    ));
+    files.push((
+        IMAGE_FILE.trim_start_matches('/').to_string(),
+        binding.render().into_bytes(),
     ));
     Ok(files)
 }
@@ -256,8 +298,14 @@ pub fn uuid_from_key(key: &str) -> String {
 }
 
 /// Make `dir/IMAGE_NAME` from the tree at `tree` (which becomes the image's root, mounted at
-/// `/gpu`), pad it to [`IMAGE_ALIGN`], and describe it (path relative to `dir`).
-pub(super) fn make_image(tree: &Path, dir: &Path, uuid: &str) -> Result<LayerFile, DiskError> {
+/// `/gpu`), pad it to [`IMAGE_ALIGN`], append a dm-verity hash tree when `verity_salt` is given
+/// (hex), and describe it (path relative to `dir`).
+pub(super) fn make_image(
+    tree: &Path,
+    dir: &Path,
+    uuid: &str,
+    verity_salt: Option<&str>,
+) -> Result<(LayerFile, Option<Verity>), DiskError> {
     let image = dir.join(IMAGE_NAME);
     let mkfs = MKFS_EROFS.find()?;
     let output = Command::new(&mkfs)
@@ -291,17 +339,81 @@ pub(super) fn make_image(tree: &Path, dir: &Path, uuid: &str) -> Result<LayerFil
         .metadata()
         .map_err(io_err(format!("reading {}", image.display())))?
         .len();
-    let padded = len.div_ceil(IMAGE_ALIGN).max(1) * IMAGE_ALIGN;
+    let mut padded = len.div_ceil(IMAGE_ALIGN).max(1) * IMAGE_ALIGN;
     file.set_len(padded)
         .map_err(io_err(format!("padding {}", image.display())))?;
+    let verity = match verity_salt {
+        Some(salt) => {
+            let verity = add_hash_tree(&image, padded, salt)?;
+            let total = file
+                .metadata()
+                .map_err(io_err(format!("reading {}", image.display())))?
+                .len();
+            padded = total.div_ceil(IMAGE_ALIGN) * IMAGE_ALIGN;
+            file.set_len(padded)
+                .map_err(io_err(format!("padding {}", image.display())))?;
+            Some(verity)
+        }
+        None => None,
+    };
     file.sync_all()
         .map_err(io_err(format!("syncing {}", image.display())))?;
     let sha256 = sha256_file(&image).map_err(io_err(format!("hashing {}", image.display())))?;
-    Ok(LayerFile {
+    let layer = LayerFile {
         path: PathBuf::from(IMAGE_NAME),
         size: padded,
         sha256,
-    })
+    };
+    Ok((layer, verity))
+}
+
+/// Append the dm-verity hash tree of the first `data_len` bytes of `image` to it.
+fn add_hash_tree(image: &Path, data_len: u64, salt: &str) -> Result<Verity, DiskError> {
+    let program = VERITYSETUP.find()?;
+    let blocks = data_len / VERITY_BLOCK;
+    let output = Command::new(&program)
+        .arg("format")
+        .arg("--no-superblock")
+        .arg(format!("--hash-offset={data_len}"))
+        .arg(format!("--data-blocks={blocks}"))
+        .arg(format!("--data-block-size={VERITY_BLOCK}"))
+        .arg(format!("--hash-block-size={VERITY_BLOCK}"))
+        .arg("--hash=sha256")
+        .arg(format!("--salt={salt}"))
+        .arg(image)
+        .arg(image)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(io_err(format!("running {}", program.display())))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let root_hash = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Root hash:"))
+        .map(|v| v.trim().to_ascii_lowercase());
+    match root_hash {
+        Some(root_hash) if output.status.success() => Ok(Verity {
+            root_hash,
+            salt: salt.to_ascii_lowercase(),
+            data_blocks: blocks,
+            hash_start_block: blocks,
+        }),
+        _ => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+            Err(DiskError::VerityFailed {
+                program: VERITYSETUP.program,
+                status: output.status,
+                image: image.to_path_buf(),
+                stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
+            })
+        }
+    }
+}
+
+/// The salt of an image's hash tree: from the cache key, so the same inputs give the same bytes.
+pub fn salt_from_key(key: &str) -> String {
+    let hex: String = key.chars().filter(char::is_ascii_hexdigit).collect();
+    format!("{hex:0<64}")[..64].to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -318,6 +430,68 @@ mod tests {
         assert!(LayerForm::Both.initramfs() && LayerForm::Both.image());
         let err = "squashfs".parse::<LayerForm>().unwrap_err().to_string();
         assert!(err.contains("squashfs") && err.contains("disk"), "{err}");
+    }
+
+    /// `veritysetup verify` of `image` against `v`.
+    fn verifies(image: &Path, v: &Verity) -> bool {
+        Command::new(VERITYSETUP.find().unwrap())
+            .arg("verify")
+            .arg("--no-superblock")
+            .arg(format!(
+                "--hash-offset={}",
+                v.hash_start_block * VERITY_BLOCK
+            ))
+            .arg(format!("--data-blocks={}", v.data_blocks))
+            .arg(format!("--salt={}", v.salt))
+            .args([image, image])
+            .arg(&v.root_hash)
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    #[test]
+    fn a_verity_image_carries_a_hash_tree_its_root_hash_proves() {
+        if MKFS_EROFS.find().is_err() || VERITYSETUP.find().is_err() {
+            eprintln!("skipped: needs erofs-utils and cryptsetup-bin (.ci/run installs them)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("modules")).unwrap();
+        std::fs::write(tree.join("modules/nvidia.ko"), vec![7u8; 300_000]).unwrap();
+        let key = "ab".repeat(32);
+        let uuid = uuid_from_key(&key);
+        let salt = salt_from_key(&key);
+        let (plain, none) = make_image(&tree, dir.path(), &uuid, None).unwrap();
+        assert!(none.is_none());
+        let plain_size = plain.size;
+        let (layer, verity) = make_image(&tree, dir.path(), &uuid, Some(&salt)).unwrap();
+        let v = verity.unwrap();
+        assert_eq!(v.salt, salt);
+        assert_eq!(
+            v.data_blocks * VERITY_BLOCK,
+            plain_size,
+            "the tree covers the data"
+        );
+        assert_eq!(v.hash_start_block, v.data_blocks, "appended after it");
+        assert!(layer.size > plain_size && layer.size.is_multiple_of(IMAGE_ALIGN));
+        let image = dir.path().join(&layer.path);
+        assert!(verifies(&image, &v));
+        // Reproducible: the same inputs give the same root hash.
+        let (_, again) = make_image(&tree, dir.path(), &uuid, Some(&salt)).unwrap();
+        assert_eq!(again.unwrap(), v);
+        // One byte flipped in the data: the root hash no longer proves it.
+        let mut bytes = std::fs::read(&image).unwrap();
+        bytes[100_000] ^= 1;
+        std::fs::write(&image, &bytes).unwrap();
+        assert!(!verifies(&image, &v));
+    }
+
+    #[test]
+    fn salts_are_64_hex_digits_of_the_key() {
+        assert_eq!(salt_from_key(&"c".repeat(80)), "c".repeat(64));
+        assert_eq!(salt_from_key("ab"), format!("ab{}", "0".repeat(62)));
     }
 
     #[test]

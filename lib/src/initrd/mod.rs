@@ -51,7 +51,7 @@ use crate::remedy::Remedy;
 
 /// Bumped whenever the builder's output changes for the same inputs, so old cache entries are
 /// never mistaken for new ones.
-const BUILDER_VERSION: u32 = 3;
+const BUILDER_VERSION: u32 = 4;
 
 /// The NVIDIA modules loaded by default. `nvidia_peermem` (GPUDirect RDMA) is left out: it needs
 /// an InfiniBand stack the guest rarely has; ask for it with [`BuildOptions::modules`].
@@ -225,6 +225,9 @@ pub struct BuildOptions {
     pub device_nodes: manifest::DeviceNodes,
     /// How the payload reaches the guest: initramfs layer, disk image, or both.
     pub form: LayerForm,
+    /// Append a dm-verity hash tree to the disk image (forms `disk` and `both`); the guest then
+    /// opens it only through dm-verity with the recorded root hash.
+    pub verity: bool,
     /// Driver capabilities whose libraries and programs go into the layer; `None`: every
     /// capability the artifact has.
     pub capabilities: Option<crate::capabilities::CapabilitySet>,
@@ -245,6 +248,7 @@ impl BuildOptions {
                 gid: 0,
             },
             form: LayerForm::Initrd,
+            verity: false,
             capabilities: None,
         }
     }
@@ -279,6 +283,9 @@ pub struct Layers {
     /// The erofs image of `/gpu` (forms `disk` and `both`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<LayerFile>,
+    /// The disk image's dm-verity root hash and parameters (built with `verity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<disk::Verity>,
     /// The manifest written to `/gpu/manifest.json`.
     pub manifest: manifest::Manifest,
     /// The driver's `supported-gpus.json`, kept beside the layers (not in them) so that attach
@@ -468,6 +475,20 @@ impl<'a> InitrdBuilder<'a> {
         let plan = plan::GpuLayerPlan::new(release, options, &driver_version, &inventory, inputs)?;
 
         let guest_init = guest_init::read_checked(&options.guest_init, arch)?;
+        let verity_wanted = options.verity && options.form.image();
+        // The image first: the base layer names it (UUID, root hash).
+        let uuid = disk::uuid_from_key(key);
+        let (disk, verity) = if options.form.image() {
+            let tree = dir.join("disk-tree");
+            plan.materialize(&tree, &guest_init)?;
+            let salt = verity_wanted.then(|| disk::salt_from_key(key));
+            let image = disk::make_image(&tree, dir, &uuid, salt.as_deref());
+            let _ = fs::remove_dir_all(&tree);
+            let (image, verity) = image?;
+            (Some(image), verity)
+        } else {
+            (None, None)
+        };
         let base_extra = if options.form.image() {
             let kernel_tree = match release.artifact(arch, ArtifactKind::KernelModules) {
                 Some(artifact) => {
@@ -484,8 +505,17 @@ impl<'a> InitrdBuilder<'a> {
                 gsp: release.gsp,
                 signing: SigningRule::of(release),
             };
-            let modules = disk::mount_modules(&release.name, &expect, kernel_tree.as_deref())?;
-            disk::base_files(&modules)?
+            let modules = disk::mount_modules(
+                &release.name,
+                &expect,
+                kernel_tree.as_deref(),
+                verity_wanted,
+            )?;
+            let binding = disk::ImageBinding {
+                uuid: uuid.clone(),
+                verity_root: verity.as_ref().map(|v| v.root_hash.clone()),
+            };
+            disk::base_files(&modules, &binding)?
         } else {
             Vec::new()
         };
@@ -497,15 +527,6 @@ impl<'a> InitrdBuilder<'a> {
             &base_extra,
             options.form.initramfs(),
         )?;
-        let disk = if options.form.image() {
-            let tree = dir.join("disk-tree");
-            plan.materialize(&tree, &guest_init)?;
-            let image = disk::make_image(&tree, dir, &disk::uuid_from_key(key));
-            let _ = fs::remove_dir_all(&tree);
-            Some(image?)
-        } else {
-            None
-        };
 
         let manifest_json = plan.manifest_json()?;
         write::synced(&dir.join("manifest.json"), &manifest_json)?;
@@ -525,6 +546,7 @@ impl<'a> InitrdBuilder<'a> {
             gpu,
             combined,
             disk,
+            verity,
             manifest: plan.manifest,
             supported_gpus,
             reused: false,

@@ -28,6 +28,12 @@ pub struct LayerRequest {
     /// virtio-pmem or virtio-blk, with its mount modules in the base layer) or `both`.
     #[cfg_attr(feature = "cli", arg(long, default_value = "initrd"))]
     pub form: LayerForm,
+    /// Append a dm-verity hash tree to the disk image (with `--form disk` or `both`): the root
+    /// hash goes into the record and the boot's kernel command line, and the guest opens the
+    /// image only through dm-verity. Serve such a disk over virtio-blk: DAX does not pass
+    /// through dm-verity.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub verity: bool,
     /// Also copy the layers and manifest.json into this directory.
     #[cfg_attr(feature = "cli", arg(long, value_name = "DIR"))]
     pub out: Option<PathBuf>,
@@ -60,6 +66,7 @@ pub fn layers(
     let mut options = default_build_options(arch, req.guest_init.as_deref())?;
     options.compression = req.compression;
     options.form = req.form;
+    options.verity = req.verity;
     if !req.modules.is_empty() {
         options.modules = req.modules.clone();
     }

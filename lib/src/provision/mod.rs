@@ -415,6 +415,7 @@ fn disk_of(layers: &Layers, attach: Option<DiskAttach>) -> Option<GpuDisk> {
         image: image.path.clone(),
         size: image.size,
         attach: attach?,
+        verity: layers.verity.clone(),
     })
 }
 

@@ -38,6 +38,15 @@ impl Display for Layers {
         if let Some(disk) = &self.disk {
             layer_line(f, "disk", disk)?;
         }
+        if let Some(v) = &self.verity {
+            writeln!(
+                f,
+                "verity    root {} salt {} (sha256, 4096-byte blocks, {} data blocks, tree at \
+                 block {}; boot word GPU_DISK_VERITY=…; serve over virtio-blk: no DAX through \
+                 dm-verity)",
+                v.root_hash, v.salt, v.data_blocks, v.hash_start_block
+            )?;
+        }
         let order: Vec<_> = m.modules.iter().map(|m| m.name.as_str()).collect();
         writeln!(f, "modules   {}", order.join(" → "))?;
         writeln!(f, "firmware  {}", m.firmware.len())?;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use gpu_passthrough_guest_contract::disk::{KERNEL_WORD, PMEM};
+use gpu_passthrough_guest_contract::disk::{KERNEL_WORD, PMEM, Verity};
 use serde::{Deserialize, Serialize};
 
 /// How the image is attached.
@@ -51,6 +51,10 @@ pub struct GpuDisk {
     pub size: u64,
     /// How it is attached.
     pub attach: DiskAttach,
+    /// Its dm-verity root hash and parameters, when built with a hash tree: the guest then
+    /// opens it only through dm-verity (no DAX, so serve it over virtio-blk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<Verity>,
 }
 
 impl GpuDisk {
@@ -60,6 +64,14 @@ impl GpuDisk {
             DiskAttach::Pmem => format!("{KERNEL_WORD}={PMEM}"),
             DiskAttach::Blk { device } => format!("{KERNEL_WORD}={device}"),
         }
+    }
+
+    /// Every kernel command-line word: [`GpuDisk::kernel_word`] and, for a verity image,
+    /// `GPU_DISK_VERITY=`.
+    pub fn kernel_words(&self) -> Vec<String> {
+        let mut words = vec![self.kernel_word()];
+        words.extend(self.verity.as_ref().map(Verity::kernel_word));
+        words
     }
 
     /// QEMU's `-m` value for a VM of `memory_mib`: virtio-pmem is hot-pluggable memory, so the
@@ -122,6 +134,7 @@ mod tests {
             image: "/c/gpu.erofs".into(),
             size: 216 << 20,
             attach,
+            verity: None,
         }
     }
 
