@@ -55,6 +55,7 @@ mod persistence;
 mod plan;
 mod reconcile;
 mod records;
+mod refusals;
 mod reset;
 mod restore;
 mod vfio_node;
