@@ -480,17 +480,26 @@ pub async fn run(
         .kernel_events
         .then(|| events::spawn(&config.dev_dir, &dir, on_event));
     tokio::pin!(shutdown);
+    let mut last_event = events::EventSource::Uevent.as_str();
     loop {
         tick(&shared, &mut servers).await;
-        tokio::select! {
+        let polled = tokio::select! {
             _ = &mut shutdown => break,
-            _ = tokio::time::sleep(config.poll_interval) => {}
-            () = wake.notified() => {}
-        }
+            _ = tokio::time::sleep(config.poll_interval) => true,
+            () = wake.notified() => false,
+        };
+        // A wake whose event an earlier scan already took (events that came together leave
+        // one extra wake) is still that source's, never the poll's.
         let source = woken_by.lock().unwrap_or_else(|p| p.into_inner()).take();
-        shared
-            .metrics
-            .scan(source.map_or("poll", events::EventSource::as_str));
+        let label = match (source, polled) {
+            (Some(s), _) => s.as_str(),
+            (None, true) => "poll",
+            (None, false) => last_event,
+        };
+        if let Some(s) = source {
+            last_event = s.as_str();
+        }
+        shared.metrics.scan(label);
         match scan(&config, &namer).await {
             Ok(inv) => {
                 inv_tx.send_if_modified(|cur| {

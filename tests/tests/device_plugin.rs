@@ -1221,3 +1221,58 @@ async fn at_start_after_a_reboot_the_earlier_boots_records_end_and_gpus_are_adop
     );
     kubelet.stop().await;
 }
+
+/// The plugin's counter `gpu_passthrough_plugin_scans_total{source="..."}` read over plain HTTP.
+fn scans_by(addr: std::net::SocketAddr, source: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    let name = format!("gpu_passthrough_plugin_scans_total{{source=\"{source}\"}}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Events in a burst leave the plugin one wake more than it has events to take; that scan is
+/// the events', never counted as the poll's (a 10-minute poll never fires here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_kernel_events_is_never_counted_as_the_poll() {
+    let h = vfio_host();
+    let addr = free_port();
+    let cfg = Config {
+        metrics_addr: Some(addr),
+        poll_interval: Duration::from_secs(600),
+        ..config(&h)
+    };
+    let plugin = start(cfg);
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "metrics never served");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for round in 0..50 {
+        let node = h.dev.join(format!("vfio/burst{}", round % 5));
+        let _ = fs::write(&node, b"");
+        let _ = fs::remove_file(&node);
+        if round % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while scans_by(addr, "inotify") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scan after the events"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        scans_by(addr, "poll"),
+        0,
+        "a scan the events started counted as the poll's"
+    );
+    plugin.stop().await;
+}
