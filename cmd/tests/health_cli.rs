@@ -109,7 +109,8 @@ fn ingest_for_two_owners_quarantines_and_gpus_1_picks_another_device() {
     let log = h.dir.path().join("console.log");
     std::fs::write(
         &log,
-        "NVRM: Xid (PCI:0000:00:05): 79, pid=1, GPU has fallen off the bus.\n",
+        // At the guest address the boot spec gives the VM's first device (00:10.0).
+        "NVRM: Xid (PCI:0000:00:10): 79, pid=1, GPU has fallen off the bus.\n",
     )
     .unwrap();
     for who in ["vm-1", "vm-2"] {

@@ -184,9 +184,9 @@ fn attach_vgpu_prints_the_boot_spec_and_detach_releases_it() {
         v["qemu"]["args"],
         serde_json::json!([
             "-device",
-            "vfio-pci,host=0000:61:00.4",
+            "vfio-pci,host=0000:61:00.4,bus=pcie.0,addr=0x10",
             "-device",
-            "vfio-pci,host=0000:61:00.5"
+            "vfio-pci,host=0000:61:00.5,bus=pcie.0,addr=0x11"
         ])
     );
     assert_eq!(v["kernel_cmdline"][0], "HAS_GPU=1");
