@@ -218,20 +218,12 @@ impl Metrics {
 
     /// Count a health scan started by `source` (`uevent`, `inotify` or `poll`).
     pub fn scan(&self, source: &str) {
-        self.scans
-            .get_or_create(&SourceLabel {
-                source: source.to_owned(),
-            })
-            .inc();
+        count(&self.scans, source);
     }
 
     /// Count a relevant kernel event from `source` (`uevent` or `inotify`).
     pub fn kernel_event(&self, source: &str) {
-        self.kernel_events
-            .get_or_create(&SourceLabel {
-                source: source.to_owned(),
-            })
-            .inc();
+        count(&self.kernel_events, source);
     }
 
     /// Count `n` errors of `op`.
@@ -362,4 +354,13 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::PluginE
     TcpListener::bind(addr)
         .await
         .map_err(|source| crate::PluginError::Metrics { addr, source })
+}
+
+/// One more in `family`'s counter for `source`.
+fn count(family: &Family<SourceLabel, Counter>, source: &str) {
+    family
+        .get_or_create(&SourceLabel {
+            source: source.to_owned(),
+        })
+        .inc();
 }

@@ -136,12 +136,12 @@ impl Tool {
         if meta.mode() & 0o111 == 0 {
             return Err(untrusted(&resolved, "it is not executable".into()));
         }
-        check_owner_and_mode(&resolved, &meta).map_err(|why| untrusted(&resolved, why))?;
+        check_owner_and_mode(&meta).map_err(|why| untrusted(&resolved, why))?;
         for dir in resolved.ancestors().skip(1) {
             let meta = self.metadata(dir)?;
             let sticky = meta.mode() & 0o1000 != 0;
             if !sticky {
-                check_owner_and_mode(dir, &meta).map_err(|why| untrusted(dir, why))?;
+                check_owner_and_mode(&meta).map_err(|why| untrusted(dir, why))?;
             } else if meta.uid() != 0 {
                 return Err(untrusted(dir, format!("it is owned by uid {}", meta.uid())));
             }
@@ -158,7 +158,7 @@ impl Tool {
     }
 }
 
-fn check_owner_and_mode(_path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+fn check_owner_and_mode(meta: &std::fs::Metadata) -> Result<(), String> {
     if meta.uid() != 0 {
         return Err(format!("it is owned by uid {}", meta.uid()));
     }
