@@ -390,7 +390,7 @@ impl BootSpec {
     pub fn with_grace_gpus(mut self, gpus: &[PciAddress]) -> BootSpec {
         for g in gpus {
             self.warnings.push(format!(
-                "{g} is a Grace superchip GPU: its memory is coherent with the CPU and the guest needs it as NUMA nodes of their own (QEMU: acpi-generic-initiator objects), a virtual SMMUv3 with nested translation, and the nvgrace_gpu_vfio_pci variant driver on the host; this boot spec expresses none of them yet, so the guest sees the GPU without its memory nodes"
+                "{g} is a Grace superchip GPU: its memory is coherent with the CPU and the guest needs it as NUMA nodes of their own (QEMU: acpi-generic-initiator objects), and a virtual SMMUv3 with nested translation; this boot spec expresses neither yet (the host side, the nvgrace_gpu_vfio_pci variant driver, is bound where the kernel's modules.alias offers it), so the guest sees the GPU without its memory nodes"
             ));
         }
         self

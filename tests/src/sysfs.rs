@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PidLiveness};
 use gpu_passthrough::pci::PciAddress;
 use gpu_passthrough::simulation::{
-    SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_VGPU_TYPES, SIMULATION_MARKER,
+    SIM_DEFAULT_DRIVER, SIM_MODULES_ALIAS, SIM_NVIDIA_GPUS, SIM_VGPU_TYPES, SIMULATION_MARKER,
 };
 
 /// One fake PCI device.
@@ -187,6 +187,20 @@ impl FakeHost {
         w(&real.join("device"), &format!("0x{:04x}\n", dev.device));
         w(&real.join("class"), &format!("0x{:06x}\n", dev.class));
         w(&real.join("numa_node"), &format!("{}\n", dev.numa));
+        // As the kernel writes it (subsystem IDs: the vendor's own, device 0).
+        w(
+            &real.join("modalias"),
+            &format!(
+                "pci:v{:08X}d{:08X}sv{:08X}sd{:08X}bc{:02X}sc{:02X}i{:02X}\n",
+                dev.vendor,
+                dev.device,
+                dev.vendor,
+                0,
+                dev.class >> 16,
+                (dev.class >> 8) & 0xff,
+                dev.class & 0xff
+            ),
+        );
         w(&real.join("driver_override"), "(null)\n");
         if let Some(m) = &dev.reset_method {
             w(&real.join("reset_method"), &format!("{m}\n"));
@@ -238,6 +252,26 @@ impl FakeHost {
             symlink(&gdir, real.join("iommu_group")).expect("link group");
             symlink(&real, gdir.join("devices").join(&a)).expect("link member");
         }
+        self
+    }
+
+    /// The running kernel's `modules.alias` as the simulation reads it
+    /// ([`SIM_MODULES_ALIAS`]): lines in the kernel's own format.
+    pub fn set_modules_alias(&self, text: &str) -> &Self {
+        w(&self.sys.join(SIM_MODULES_ALIAS), text);
+        self
+    }
+
+    /// A loaded VFIO variant driver as the kernel shows one: `module/<module>`, held by
+    /// `vfio_pci_core`, and `bus/pci/drivers/<driver>` whose `module` link names it.
+    pub fn load_vfio_variant(&self, module: &str, driver: &str) -> &Self {
+        let m = self.sys.join("module").join(module);
+        fs::create_dir_all(&m).expect("mkdir module");
+        let holders = self.sys.join("module/vfio_pci_core/holders");
+        fs::create_dir_all(&holders).expect("mkdir holders");
+        let _ = symlink(&m, holders.join(module));
+        let d = self.ensure_driver(driver);
+        let _ = symlink(&m, d.join("module"));
         self
     }
 

@@ -1,5 +1,6 @@
-//! The bind transaction: record, then move each planned device to vfio-pci, wait for its VFIO
-//! node, verify it, create the plan's mdevs, commit; any failure rolls everything back.
+//! The bind transaction: record, then move each planned device to its VFIO driver (vfio-pci or
+//! the variant `vfio_driver.rs` chose and loaded), wait for its VFIO node, verify it, create the
+//! plan's mdevs, commit; any failure rolls everything back.
 
 use super::journal::{DeviceRecord, LockedJournal, Step, Transaction};
 use super::liveness::process_identity;
@@ -10,7 +11,7 @@ use crate::pci::{PciAddress, valid_driver_name};
 use crate::vmm::{BootDevice, BootSpec};
 
 impl Host {
-    /// Bind the planned devices to vfio-pci as one journaled transaction, verify them and return
+    /// Bind the planned devices to their VFIO drivers as one journaled transaction, verify them and return
     /// the VM's boot spec. Any failure rolls back to the original drivers.
     pub fn attach(&self, req: &AttachRequest) -> Result<BootSpec, AttachError> {
         if req.plan.devices.is_empty() && req.plan.gpus.unwrap_or(0) == 0 {
@@ -26,6 +27,13 @@ impl Host {
         if !plan.refusals.is_empty() {
             return Err(AttachError::Refused(plan.refusals));
         }
+        // Every variant driver loaded and named before the journal records anything: one
+        // that cannot be used is refused with nothing moved.
+        let drivers = plan
+            .devices
+            .iter()
+            .map(|p| self.load_vfio(p))
+            .collect::<Result<Vec<_>, _>>()?;
         let txn = Transaction {
             owner: req.owner.clone(),
             pid: std::process::id(),
@@ -37,7 +45,8 @@ impl Host {
             devices: plan
                 .devices
                 .iter()
-                .map(|p| DeviceRecord {
+                .zip(drivers)
+                .map(|(p, vfio_driver)| DeviceRecord {
                     device: p.address,
                     original_driver: if p.adopt { None } else { p.driver.clone() },
                     original_override: self.sysfs.driver_override(p.address),
@@ -46,6 +55,7 @@ impl Host {
                     passed: p.passed,
                     persistence_disabled: false,
                     original_d3cold: None,
+                    vfio_driver,
                     step: Step::Planned,
                     baseline: p.passed.then(|| self.host_baseline(p.address)),
                 })
@@ -162,7 +172,7 @@ impl Host {
             self.set_step(j, t, i, Step::OverrideSet)?;
             self.write(
                 &self.sysfs.device_dir(rec.device).join("driver_override"),
-                "vfio-pci",
+                &rec.vfio_driver,
             )?;
             Failpoint::AfterOverride.hit();
             if let Some(d) = &rec.original_driver
@@ -176,9 +186,10 @@ impl Host {
             self.write(&self.sysfs.drivers_probe(), &a)?;
             Failpoint::AfterProbe.hit();
             let now = self.sysfs.driver(rec.device);
-            if now.as_deref() != Some("vfio-pci") {
+            if now.as_ref() != Some(&rec.vfio_driver) {
                 return Err(AttachError::NotOnVfio {
                     device: rec.device,
+                    wanted: rec.vfio_driver.clone(),
                     driver: now.unwrap_or_else(|| "no driver".into()),
                     aftermath: Aftermath::KeptInJournal,
                 });

@@ -115,7 +115,7 @@ impl Host {
         Ok(report)
     }
 
-    /// Detach of one device: off vfio-pci, reset (devices given to the VM), back to its
+    /// Detach of one device: off its VFIO driver, reset (devices given to the VM), back to its
     /// original driver, verified; with the owner's health events for what failed (the caller
     /// records them).
     pub(super) fn release_device(
@@ -131,7 +131,9 @@ impl Host {
         let now = self.sysfs.driver(rec.device);
         let reset = if !rec.passed {
             None
-        } else if now.is_some() && now.as_deref() != Some("vfio-pci") && now == rec.original_driver
+        } else if now.is_some()
+            && now.as_ref() != Some(&rec.vfio_driver)
+            && now == rec.original_driver
         {
             // A rerun of a detach that failed after giving it back (a health write, say): its
             // host driver has it again, and a reset would pull it from under that driver.
@@ -147,9 +149,9 @@ impl Host {
                 ms: 0,
             })
         } else {
-            if now.as_deref() == Some("vfio-pci") {
+            if now.as_ref() == Some(&rec.vfio_driver) {
                 self.write(
-                    &self.sysfs.driver_dir("vfio-pci").join("unbind"),
+                    &self.sysfs.driver_dir(&rec.vfio_driver).join("unbind"),
                     &rec.device.to_string(),
                 )?;
             }

@@ -14,8 +14,9 @@
 //! is never stopped, and persistence is turned back on at detach); `d3cold_allowed` is set to 0
 //! (restored at detach: waking from D3cold is a known cause of `RmInitAdapter failed`); then
 //! `driver_override` is set
-//! to `vfio-pci`, the device is unbound from its driver and `drivers_probe` binds it to
-//! vfio-pci. Then each group's `/dev/vfio/N` is awaited (bounded) and each device handed to the
+//! to its VFIO driver (vfio-pci, or the variant driver the kernel's `modules.alias` names for
+//! it, loaded before anything is recorded; see `vfio_driver.rs`), the device is unbound from its
+//! driver and `drivers_probe` binds it there. Then each group's `/dev/vfio/N` is awaited (bounded) and each device handed to the
 //! VM is checked through VFIO. A device already on vfio-pci that nobody owns is adopted without
 //! writes and recorded as having no other driver. Detach and rollback undo this from the
 //! device's actual state: unbind from whatever it is on, restore `driver_override`, probe (or
@@ -25,7 +26,7 @@
 //! [`QuarantineCheck`] names (by default the health records, [`HealthRecords`]).
 //!
 //! One concern a file: `plan.rs` (what must move, every refusal), `devices.rs` (the listing),
-//! `bind.rs` (the bind transaction), `vgpu.rs` (vGPUs and mdevs: create, release),
+//! `bind.rs` (the bind transaction), `vfio_driver.rs` (which VFIO driver: vfio-pci or a variant), `vgpu.rs` (vGPUs and mdevs: create, release),
 //! `restore.rs` (a device back to its driver, rollback), `detach.rs`, `reconcile.rs`,
 //! `boot.rs` (the boot spec), `vfio_node.rs` (waiting for the node), `persistence.rs`
 //! (`nvidia-smi`), `reset.rs`, `health_record.rs`, `journal.rs`, `guard.rs`, `holders.rs`,
@@ -58,6 +59,7 @@ mod records;
 mod refusals;
 mod reset;
 mod restore;
+mod vfio_driver;
 mod vfio_node;
 mod vgpu;
 
@@ -140,6 +142,11 @@ pub struct PlanRequest {
     /// Put the GPUs in one P2P (GPUDirect) clique even when the topology does not show them
     /// behind one PCIe switch.
     pub p2p_clique: bool,
+    /// Bind the requested devices to this VFIO driver (its registered name, or its module),
+    /// loaded first if need be, instead of the one the kernel's `modules.alias` chooses
+    /// (a variant driver such as `nvgrace-gpu-vfio-pci`, else vfio-pci). Refused, with
+    /// nothing moved, when it is not a VFIO driver once loaded.
+    pub vfio_driver: Option<String>,
 }
 
 /// What to attach, and for whom.

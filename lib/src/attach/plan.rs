@@ -11,6 +11,7 @@ use super::{AttachError, Host, PlanRequest, load_supported};
 use crate::outcome::{Outcome, ReportOutcome};
 use crate::owner::Owner;
 use crate::pci::ids::SupportedGpus;
+use crate::pci::variant::VfioDriver;
 use crate::pci::{DeviceKind, PciAddress, PciDevice};
 use crate::remedy::Remedy;
 use crate::vmm::MmioWindow;
@@ -45,8 +46,12 @@ pub struct PlannedDevice {
     pub kind: DeviceKind,
     /// Handed to the VM (requested and companions) rather than only held for viability.
     pub passed: bool,
-    /// Already on vfio-pci with no owner: adopted without writes.
+    /// Already on a VFIO driver with no owner: adopted without writes.
     pub adopt: bool,
+    /// The VFIO driver it goes to (a variant from the kernel's `modules.alias`, the caller's,
+    /// or vfio-pci). Plans of earlier releases read as vfio-pci.
+    #[serde(default = "VfioDriver::vfio_pci")]
+    pub vfio: VfioDriver,
 }
 
 /// Why something is refused.
@@ -307,8 +312,8 @@ impl Host {
                     driver: dev.driver.clone(),
                     kind: dev.kind,
                     passed: role != PlanRole::GroupMember,
-                    adopt: dev.driver.as_deref() == Some("vfio-pci")
-                        && state.owner_of(dev.address).is_none(),
+                    adopt: self.sysfs.on_vfio(dev.address) && state.owner_of(dev.address).is_none(),
+                    vfio: VfioDriver::vfio_pci(),
                 });
             };
             add(&mut plan, &d, PlanRole::Requested, addr);
@@ -349,6 +354,12 @@ impl Host {
         // Requested devices first, then in address order within each role.
         plan.devices
             .sort_by_key(|p| (p.role != PlanRole::Requested, p.address));
+        if !plan.devices.is_empty() {
+            let aliases = self.modules_alias();
+            for i in 0..plan.devices.len() {
+                plan.devices[i].vfio = self.choose_vfio(&aliases, req, &plan.devices[i]);
+            }
+        }
         for p in plan.devices.clone() {
             let Some(d) = devs.get(&p.address) else {
                 continue;
@@ -364,7 +375,7 @@ impl Host {
                     &mut plan,
                     Some(parent),
                     RefusalReason::AttachedToOwner,
-                    format!("{parent} is bound to vfio-pci for owner {owner}: detach it first"),
+                    format!("{parent} is bound to VFIO for owner {owner}: detach it first"),
                 );
             }
         }
@@ -418,7 +429,9 @@ impl Host {
             let a = p.address.to_string();
             out.push(SysfsWrite {
                 path: self.sysfs.device_dir(p.address).join("driver_override"),
-                value: "vfio-pci".into(),
+                value: p.vfio.driver.clone().unwrap_or_else(|| {
+                    format!("<the driver {} registers once loaded>", p.vfio.module)
+                }),
             });
             if let Some(d) = &p.driver {
                 out.push(SysfsWrite {

@@ -51,12 +51,21 @@ pub struct DeviceRecord {
     /// `d3cold_allowed` before we set it to 0 (kept out of D3cold while attached).
     #[serde(default)]
     pub original_d3cold: Option<String>,
+    /// The VFIO driver it was bound to (its registered name: `vfio-pci`, or a variant such
+    /// as `nvgrace-gpu-vfio-pci`); detach, rollback and reconcile know it is ours by this
+    /// name. Journals of earlier releases read as vfio-pci.
+    #[serde(default = "vfio_pci")]
+    pub vfio_driver: String,
     /// The last step begun.
     pub step: Step,
     /// What the host read of the device at attach (a device handed to the VM), compared by
     /// the check at detach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<HostBaseline>,
+}
+
+fn vfio_pci() -> String {
+    crate::pci::variant::VFIO_PCI.into()
 }
 
 /// A device's AER error counters and link width, read by the host at attach: the check at

@@ -97,7 +97,7 @@ impl Host {
         // bridge, a disk, a NIC. Only naming it moves it.
         if p.role == PlanRole::GroupMember
             && let Some(driver) = &d.driver
-            && driver != "vfio-pci"
+            && !crate::pci::variant::is_vfio_driver(self.sysfs.root(), driver)
             && driver != "pci-stub"
         {
             refuse(
@@ -132,7 +132,8 @@ impl Host {
             refuse(
                 RefusalReason::HeldOpen,
                 format!(
-                    "{addr} is on vfio-pci with no owner here, and in use: {who}; a VM outside this tool has it: stop that VM first"
+                    "{addr} is on {} with no owner here, and in use: {who}; a VM outside this tool has it: stop that VM first",
+                    d.driver.as_deref().unwrap_or("vfio-pci")
                 ),
                 None,
             );
