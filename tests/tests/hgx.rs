@@ -341,3 +341,153 @@ fn a_board_attach_that_fails_midway_rolls_every_device_back() {
     }
     assert!(h.journal_clean());
 }
+
+/// The placement of `addr` in a plan or boot spec's `placement`.
+fn placed<'a>(
+    placement: &'a [gpu_passthrough::vmm::Placement],
+    addr: &str,
+) -> &'a gpu_passthrough::vmm::Placement {
+    placement
+        .iter()
+        .find(|p| p.host == Some(a(addr)))
+        .unwrap_or_else(|| panic!("{addr} placed: {placement:?}"))
+}
+
+#[test]
+fn eight_gpus_sit_behind_one_expander_per_numa_node() {
+    let h = sysfs::hgx_8gpu(false);
+    let host = h.host();
+    let p = host.plan(&req(&HGX_GPUS)).unwrap();
+    assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+    for (i, g) in HGX_GPUS.iter().enumerate() {
+        let pl = placed(&p.placement, g);
+        let node = u32::from(i >= 4);
+        assert_eq!(pl.numa_node, Some(node), "{g}");
+        assert_eq!(pl.guest_numa_node, Some(node), "{g}");
+        assert_eq!(
+            pl.expander.as_deref(),
+            Some(["pxb0", "pxb1"][node as usize])
+        );
+        assert_eq!(pl.switch, None, "no NIC handed over: no guest switch");
+    }
+    let json = serde_json::to_value(&p).unwrap();
+    assert_eq!(json["placement"][4]["expander"], "pxb1");
+    let owner = Owner::new("vm-8").unwrap();
+    let spec = host
+        .attach(&AttachRequest {
+            plan: req(&HGX_GPUS),
+            owner: owner.clone(),
+            initrd: None,
+        })
+        .unwrap();
+    assert_eq!(
+        spec.placement, p.placement,
+        "the plan showed what the spec does"
+    );
+    let q = &spec.qemu.args;
+    let pxbs: Vec<&String> = q.iter().filter(|a| a.starts_with("pxb-pcie,")).collect();
+    assert_eq!(pxbs.len(), 2, "{q:?}");
+    assert!(pxbs[0].contains("numa_node=0") && pxbs[1].contains("numa_node=1"));
+    for g in HGX_GPUS {
+        let pl = placed(&spec.placement, g);
+        let dev = format!(
+            "vfio-pci,host={g},bus={},addr=0x00",
+            pl.port.as_deref().unwrap()
+        );
+        let i = q.iter().position(|x| *x == dev).expect(&dev);
+        // The port it is plugged into was declared before it, on its expander.
+        let port = q
+            .iter()
+            .position(|x| x.contains(&format!("id={},", pl.port.as_deref().unwrap())))
+            .unwrap();
+        assert!(port < i && q[port].contains(&format!("bus={}", pl.expander.as_deref().unwrap())));
+        // The guest map the journal keeps names QEMU's address and Cloud Hypervisor's.
+        let ga = spec
+            .guest_addresses
+            .iter()
+            .find(|x| x.host == Some(a(g)))
+            .unwrap();
+        assert_eq!(ga.guest, pl.guest);
+        assert_eq!(ga.cloud_hypervisor, pl.cloud_hypervisor);
+    }
+    let mut buses: Vec<u8> = spec.placement.iter().map(|p| p.guest.bus).collect();
+    buses.dedup();
+    assert_eq!(buses.len(), 8, "a bus of its own each: {buses:?}");
+    assert!(
+        spec.warnings.iter().any(|w| w.contains("-numa node")),
+        "{:?}",
+        spec.warnings
+    );
+    assert!(
+        spec.cloud_hypervisor
+            .warnings
+            .iter()
+            .any(|w| w.contains("flat")),
+        "{:?}",
+        spec.cloud_hypervisor.warnings
+    );
+    let history = &h.journal().unwrap()["history"];
+    let text = history.to_string();
+    let first = placed(&spec.placement, HGX_GPUS[0]).guest.to_string();
+    assert!(text.contains(&first), "{first} in {text}");
+    host.detach(&owner).unwrap();
+}
+
+#[test]
+fn a_gpu_and_its_nic_sit_behind_one_guest_switch() {
+    let h = sysfs::hgx_8gpu(false);
+    let (gpu, nic) = (HGX_GPUS[0], "0000:18:00.0");
+    let host = h.host();
+    let p = host.plan(&req(&[gpu, nic])).unwrap();
+    assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+    let (g, n) = (placed(&p.placement, gpu), placed(&p.placement, nic));
+    assert!(g.switch.is_some());
+    assert_eq!(g.switch, n.switch, "one guest switch");
+    assert_ne!(g.port, n.port, "each on a downstream port of its own");
+    assert_eq!(
+        g.guest_numa_node, None,
+        "one NUMA node: no numa_node to declare"
+    );
+    let spec = host
+        .attach(&AttachRequest {
+            plan: req(&[gpu, nic]),
+            owner: Owner::new("vm-pair").unwrap(),
+            initrd: None,
+        })
+        .unwrap();
+    let q = &spec.qemu.args;
+    let sw = g.switch.as_deref().unwrap();
+    assert!(
+        q.iter()
+            .any(|x| x.starts_with("x3130-upstream,") && x.contains(&format!("id={sw},"))),
+        "{q:?}"
+    );
+    assert_eq!(
+        q.iter()
+            .filter(|x| x.starts_with("xio3130-downstream,") && x.contains(&format!("bus={sw},")))
+            .count(),
+        2
+    );
+    assert!(!q.iter().any(|x| x.contains("numa_node")), "{q:?}");
+    assert!(spec.warnings.is_empty(), "{:?}", spec.warnings);
+}
+
+#[test]
+fn a_single_gpu_keeps_the_flat_layout() {
+    let h = sysfs::hgx_8gpu(false);
+    let p = h.host().plan(&req(&[HGX_GPUS[5]])).unwrap();
+    let pl = placed(&p.placement, HGX_GPUS[5]);
+    assert_eq!(pl.guest.to_string(), "0000:00:10.0");
+    assert_eq!(pl.expander, None);
+    let spec = h
+        .host()
+        .attach(&AttachRequest {
+            plan: req(&[HGX_GPUS[5]]),
+            owner: Owner::new("vm-1").unwrap(),
+            initrd: None,
+        })
+        .unwrap();
+    let dev = format!("vfio-pci,host={},bus=pcie.0,addr=0x10", HGX_GPUS[5]);
+    assert!(spec.qemu.args.contains(&dev), "{:?}", spec.qemu.args);
+    assert!(!spec.qemu.args.iter().any(|x| x.contains("pxb")));
+}

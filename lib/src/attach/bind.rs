@@ -228,6 +228,9 @@ impl Host {
                     vgpu: false,
                     bar64_bytes: dev.bar64_bytes(),
                     vfio: report,
+                    numa_node: dev.numa_node,
+                    host_switch: self.sysfs.upstream_switch_address(rec.device),
+                    nic: dev.kind == crate::pci::DeviceKind::Network,
                 });
             }
         }

@@ -14,8 +14,9 @@ use crate::pci::ids::SupportedGpus;
 use crate::pci::variant::VfioDriver;
 use crate::pci::{DeviceKind, PciAddress, PciDevice};
 use crate::remedy::Remedy;
-use crate::vmm::MmioWindow;
+use crate::vmm::mmio::MmioWindow;
 use crate::vmm::mmio::host_phys_bits;
+use crate::vmm::topology::{self, PlaceInput, Placement};
 
 /// Why a device is in the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +150,10 @@ pub struct Plan {
     /// The host CPU's physical address bits (`/proc/cpuinfo`), when it says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_phys_bits: Option<u8>,
+    /// Where the devices handed over will sit in the VM (guest bus and slot, NUMA node,
+    /// switch), as the boot spec will place them ([`crate::vmm::topology`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Placement>,
 }
 
 /// A plan with refusals is refused; a boot display among them names its remedy.
@@ -236,6 +241,7 @@ impl Host {
             writes: Vec::new(),
             mmio: None,
             host_phys_bits: None,
+            placement: Vec::new(),
         };
         let refuse = |plan: &mut Plan, device, reason, message: String| {
             plan.refusals.push(Refusal {
@@ -379,7 +385,8 @@ impl Host {
                 );
             }
         }
-        self.size_mmio(&devs, &mut plan);
+        let expanded = self.place(&devs, &mut plan);
+        self.size_mmio(&devs, expanded, &mut plan);
         let mut groups: Vec<u32> = plan.devices.iter().filter_map(|p| p.iommu_group).collect();
         groups.sort_unstable();
         groups.dedup();
@@ -388,18 +395,51 @@ impl Host {
         Ok(plan)
     }
 
-    /// The window for the passed devices' 64-bit prefetchable BARs, refused when the host CPU
-    /// cannot address it (a guest cannot have more physical address bits than its host).
-    fn size_mmio(&self, devs: &BTreeMap<PciAddress, PciDevice>, plan: &mut Plan) {
+    /// The placement the boot spec will give the passed devices (in its order: as bound,
+    /// GPUs first); whether they sit behind expander bridges.
+    fn place(&self, devs: &BTreeMap<PciAddress, PciDevice>, plan: &mut Plan) -> bool {
+        let mut inputs: Vec<PlaceInput> = plan
+            .devices
+            .iter()
+            .filter(|p| p.passed && p.iommu_group.is_some())
+            .filter_map(|p| devs.get(&p.address))
+            .map(|d| PlaceInput {
+                host: Some(d.address),
+                numa_node: d.numa_node,
+                host_switch: self.sysfs.upstream_switch_address(d.address),
+                gpu: d.kind == DeviceKind::Display,
+                nic: d.kind == DeviceKind::Network,
+            })
+            .collect();
+        inputs.sort_by_key(|i| !i.gpu);
+        let t = topology::place(&inputs, &crate::vmm::GUEST_SLOTS);
+        let expanded = t.expanded();
+        plan.placement = t.placements.into_iter().flatten().collect();
+        expanded
+    }
+
+    /// The window for the passed devices' 64-bit prefetchable BARs (each device's share
+    /// rounded up to its largest BAR when each sits behind a root port of its own), refused
+    /// when the host CPU cannot address it (a guest cannot have more physical address bits
+    /// than its host).
+    fn size_mmio(&self, devs: &BTreeMap<PciAddress, PciDevice>, expanded: bool, plan: &mut Plan) {
         let bars = plan
             .devices
             .iter()
             .filter(|p| p.passed)
             .filter_map(|p| devs.get(&p.address))
-            .flat_map(|d| d.bars.iter())
-            .filter(|b| b.is_64bit && b.prefetchable)
-            .map(|b| b.size);
-        plan.mmio = MmioWindow::for_bars(bars);
+            .map(|d| {
+                d.bars
+                    .iter()
+                    .filter(|b| b.is_64bit && b.prefetchable)
+                    .map(|b| b.size)
+                    .collect::<Vec<u64>>()
+            });
+        plan.mmio = if expanded {
+            MmioWindow::for_ports(bars)
+        } else {
+            MmioWindow::for_bars(bars.flatten())
+        };
         let cpuinfo = self.proc_root.join("cpuinfo");
         plan.host_phys_bits = std::fs::read_to_string(&cpuinfo)
             .ok()

@@ -315,6 +315,9 @@ impl Host {
                     .and_then(|a| self.sysfs.device(a).ok())
                     .map_or(0, |d| d.bar64_bytes()),
                 vfio: Some(report),
+                numa_node: None,
+                host_switch: None,
+                nic: false,
             });
         }
         Failpoint::VgpuAfterVerify.hit();

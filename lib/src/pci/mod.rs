@@ -339,6 +339,15 @@ impl Sysfs {
         (is_function(downstream) && is_function(upstream)).then(|| upstream.to_owned())
     }
 
+    /// [`Sysfs::upstream_switch`] as the upstream port's address.
+    pub fn upstream_switch_address(&self, address: PciAddress) -> Option<PciAddress> {
+        self.upstream_switch(address)?
+            .file_name()?
+            .to_str()?
+            .parse()
+            .ok()
+    }
+
     /// Whether two or more devices all sit behind one PCIe switch (P2P between them stays in
     /// the switch).
     pub fn share_pcie_switch(&self, devices: &[PciAddress]) -> bool {
