@@ -407,3 +407,36 @@ fn an_error_prints_its_cause_once_with_the_flag_that_fixes_it() {
     assert!(stderr.contains(missing.to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("--sysfs-root"), "{stderr}");
 }
+
+#[test]
+fn vfio_driver_names_the_driver_and_an_unknown_one_is_refused() {
+    let h = sysfs::gh200();
+    h.set_modules_alias("alias vfio_pci:v000010DEd00002342sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n")
+        .load_vfio_variant("nvgrace_gpu_vfio_pci", "nvgrace-gpu-vfio-pci");
+    let gpu = "0009:01:00.0";
+    let plan = json(&run(&h, &["--json", "plan", gpu]));
+    assert_eq!(plan["devices"][0]["vfio"]["driver"], "nvgrace-gpu-vfio-pci");
+    assert_eq!(plan["devices"][0]["vfio"]["source"], "modules_alias");
+    let plan = json(&run(
+        &h,
+        &["--json", "plan", gpu, "--vfio-driver", "vfio-pci"],
+    ));
+    assert_eq!(plan["devices"][0]["vfio"]["driver"], "vfio-pci");
+    assert_eq!(plan["devices"][0]["vfio"]["source"], "override");
+    let out = run(
+        &h,
+        &[
+            "attach",
+            gpu,
+            "--owner",
+            "vm-x",
+            "--vfio-driver",
+            "no-such-vfio",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-vfio"), "{err}");
+    assert_eq!(h.driver(gpu).as_deref(), Some("nvidia"));
+    assert!(h.journal_clean());
+}

@@ -491,3 +491,41 @@ fn a_single_gpu_keeps_the_flat_layout() {
     assert!(spec.qemu.args.contains(&dev), "{:?}", spec.qemu.args);
     assert!(!spec.qemu.args.iter().any(|x| x.contains("pxb")));
 }
+
+#[test]
+fn a_fault_at_an_expander_address_is_charged_to_its_gpu() {
+    let h = sysfs::hgx_8gpu(false);
+    let host = h.host();
+    let owner = Owner::new("vm-nccl").unwrap();
+    let spec = host
+        .attach(&AttachRequest {
+            plan: req(&HGX_GPUS),
+            owner: owner.clone(),
+            initrd: None,
+        })
+        .unwrap();
+    host.detach(&owner).unwrap();
+    // One fault at QEMU's address of GPU 5 (behind pxb1), one at Cloud Hypervisor's of GPU 1.
+    let qemu = placed(&spec.placement, HGX_GPUS[5]).guest;
+    let ch = placed(&spec.placement, HGX_GPUS[1])
+        .cloud_hypervisor
+        .unwrap();
+    let short = |g: PciAddress| format!("{:04x}:{:02x}:{:02x}", g.domain, g.bus, g.device);
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("vm-nccl.log");
+    std::fs::write(
+        &console,
+        format!(
+            "[  9.0] NVRM: Xid (PCI:{}): 79, pid=9, GPU has fallen off the bus.\n\
+             [  9.5] NVRM: Xid (PCI:{}): 79, pid=9, GPU has fallen off the bus.\n",
+            short(qemu),
+            short(ch)
+        ),
+    )
+    .unwrap();
+    let report = gpu_passthrough::attach::ingest_console(&h.state, &owner, &console).unwrap();
+    let mut charged: Vec<PciAddress> = report.recorded.iter().map(|e| e.device).collect();
+    charged.sort();
+    assert_eq!(charged, [a(HGX_GPUS[1]), a(HGX_GPUS[5])], "{report:?}");
+    assert_eq!(report.unmapped, 0, "{report:?}");
+}

@@ -142,4 +142,20 @@ mod tests {
         assert_eq!(host_phys_bits(text), Some(46));
         assert_eq!(host_phys_bits("processor : 0\n"), None);
     }
+
+    #[test]
+    fn behind_root_ports_each_device_takes_its_bars_rounded_to_the_largest() {
+        let h200 = vec![256u64 << 30, 32 << 20];
+        let flat = MmioWindow::for_bars(h200.iter().copied().cycle().take(16)).unwrap();
+        let ports = MmioWindow::for_ports(std::iter::repeat_n(h200, 8)).unwrap();
+        assert_eq!(
+            ports.bar_bytes, flat.bar_bytes,
+            "the BARs' own sum either way"
+        );
+        assert_eq!(ports.largest_bar, 256 << 30);
+        // 8 × 512 GiB of bridge windows, plus the VMM's own GiB.
+        assert_eq!(ports.window_bytes, (8 * (512u64 << 30)) + (1 << 30));
+        assert!(ports.window_bytes > flat.window_bytes);
+        assert_eq!(MmioWindow::for_ports(Vec::<Vec<u64>>::new()), None);
+    }
 }
