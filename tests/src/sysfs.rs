@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PidLiveness};
 use gpu_passthrough::pci::PciAddress;
 use gpu_passthrough::simulation::{
-    SIM_DEFAULT_DRIVER, SIM_MODULES_ALIAS, SIM_NVIDIA_GPUS, SIM_VGPU_TYPES, SIMULATION_MARKER,
+    SIM_DEFAULT_DRIVER, SIM_MODULES_ALIAS, SIM_NVIDIA_GPUS, SIM_REGISTERS, SIM_VGPU_TYPES,
+    SIMULATION_MARKER,
 };
 
 /// One fake PCI device.
@@ -272,6 +273,18 @@ impl FakeHost {
         let _ = symlink(&m, holders.join(module));
         let d = self.ensure_driver(driver);
         let _ = symlink(&m, d.join("module"));
+        self
+    }
+
+    /// A VFIO variant module that is installed but not loaded: loading it (attach does)
+    /// registers `driver`, built on `vfio_pci_core`.
+    pub fn install_vfio_variant(&self, module: &str, driver: &str) -> &Self {
+        let m = self.sys.join("module").join(module);
+        fs::create_dir_all(&m).expect("mkdir module");
+        w(&m.join(SIM_REGISTERS), driver);
+        let holders = self.sys.join("module/vfio_pci_core/holders");
+        fs::create_dir_all(&holders).expect("mkdir holders");
+        let _ = symlink(&m, holders.join(module));
         self
     }
 

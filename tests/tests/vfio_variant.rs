@@ -258,3 +258,27 @@ fn reconcile_after_a_crash_honours_the_variant_driver() {
     assert_eq!(h.driver(GH200).as_deref(), Some("nvidia"));
     assert!(h.journal_clean());
 }
+
+#[test]
+fn attach_loads_the_variant_module_and_binds_the_name_it_registers() {
+    let h = sysfs::gh200();
+    h.set_modules_alias(ALIASES)
+        .install_vfio_variant("nvgrace_gpu_vfio_pci", NVGRACE);
+    let host = h.host();
+    let req = attach_req(&[GH200], None);
+    let plan = host.plan(&req.plan).unwrap();
+    let v = &plan.devices[0].vfio;
+    assert_eq!(v.module, "nvgrace_gpu_vfio_pci");
+    assert_eq!(v.driver, None, "not loaded yet: planning loads nothing");
+    assert!(!h.sys.join("bus/pci/drivers").join(NVGRACE).exists());
+    host.attach(&req).unwrap();
+    assert_eq!(
+        h.driver(GH200).as_deref(),
+        Some(NVGRACE),
+        "the registered name"
+    );
+    let j = h.journal().unwrap();
+    assert_eq!(j["attachments"][0]["devices"][0]["vfio_driver"], NVGRACE);
+    host.detach(&req.owner).unwrap();
+    assert_eq!(h.driver(GH200).as_deref(), Some("nvidia"));
+}

@@ -7,8 +7,8 @@ use std::path::{Component, Path, PathBuf};
 
 use super::vgpu;
 use super::{
-    SIM_DEFAULT_DRIVER, SIM_MODULES_ALIAS, SIM_NVIDIA_GPUS, SIM_RESET_LOG, SIM_SRIOV_LOG, has_flag,
-    take_fault,
+    SIM_DEFAULT_DRIVER, SIM_MODULES_ALIAS, SIM_NVIDIA_GPUS, SIM_REGISTERS, SIM_RESET_LOG,
+    SIM_SRIOV_LOG, has_flag, take_fault,
 };
 use crate::kernel::Kernel;
 use crate::pci::variant::is_vfio_driver;
@@ -254,10 +254,23 @@ impl Kernel for SimulatedKernel {
     }
 
     /// Like modprobe: a module is there when the tree has `module/<name>` (the test puts it
-    /// there with its driver); any other is not found.
+    /// there); any other is not found. A module whose directory holds [`SIM_REGISTERS`]
+    /// registers the driver named there on load, as the kernel does (`bus/pci/drivers/NAME`
+    /// with its `module` link).
     fn load_module(&self, module: &str) -> io::Result<()> {
         let name = module.replace('-', "_");
-        if valid_driver_name(&name) && self.sysfs.root().join("module").join(&name).is_dir() {
+        let dir = self.sysfs.root().join("module").join(&name);
+        if valid_driver_name(&name) && dir.is_dir() {
+            if let Ok(driver) = fs::read_to_string(dir.join(SIM_REGISTERS))
+                && valid_driver_name(driver.trim())
+            {
+                let d = self.sysfs.driver_dir(driver.trim());
+                fs::create_dir_all(&d)?;
+                for attr in ["bind", "unbind"] {
+                    fs::write(d.join(attr), b"")?;
+                }
+                let _ = symlink(&dir, d.join("module"));
+            }
             Ok(())
         } else {
             Err(io::Error::new(

@@ -55,6 +55,10 @@ pub const SIM_NVIDIA_GPUS: &str = ".sim-nvidia-gpus";
 /// (`/lib/modules/$(uname -r)/modules.alias`), lines in the kernel's own format.
 pub const SIM_MODULES_ALIAS: &str = ".sim-modules.alias";
 
+/// In a simulated tree: in `module/<name>/`, the driver name the module registers when it is
+/// loaded (a module not loaded yet: its driver appears on load).
+pub const SIM_REGISTERS: &str = ".sim-registers";
+
 /// Whether `sysfs_root` is a simulated tree.
 pub fn is_simulated_root(sysfs_root: &Path) -> bool {
     fs::symlink_metadata(sysfs_root.join(SIMULATION_MARKER)).is_ok_and(|m| m.is_file())
