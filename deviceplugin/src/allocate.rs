@@ -259,7 +259,7 @@ pub fn allocate(
                 if d.kind == DeviceKind::Bridge {
                     continue;
                 }
-                if d.driver.as_deref() != Some("vfio-pci") {
+                if !sysfs.on_vfio(*m) {
                     return Err(unfit(*m, Problem::NotOnVfio(d.driver)));
                 }
                 if iommufd {
