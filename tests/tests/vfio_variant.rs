@@ -282,3 +282,20 @@ fn attach_loads_the_variant_module_and_binds_the_name_it_registers() {
     host.detach(&req.owner).unwrap();
     assert_eq!(h.driver(GH200).as_deref(), Some("nvidia"));
 }
+
+#[test]
+fn the_device_plugin_takes_a_gpu_on_its_variant_driver_as_on_vfio() {
+    use gpu_passthrough_device_plugin::{NoQuarantine, inventory::problems};
+    let h = gh200_with_variant();
+    h.host().attach(&attach_req(&[GH200], None)).unwrap();
+    assert_eq!(h.driver(GH200).as_deref(), Some(NVGRACE));
+    let sysfs = gpu_passthrough::pci::Sysfs::new(&h.sys);
+    let found = problems(
+        &sysfs,
+        &h.dev,
+        GH200.parse().unwrap(),
+        Some(9),
+        &NoQuarantine,
+    );
+    assert!(found.is_empty(), "{found:?}");
+}
