@@ -18,7 +18,7 @@ pub enum Step {
     Planned,
     /// Persistence mode being turned off for this GPU.
     PersistenceOff,
-    /// `driver_override=vfio-pci` being written.
+    /// `driver_override` being set to the device's VFIO driver (vfio-pci or a variant).
     OverrideSet,
     /// Unbinding from the original driver.
     Unbound,
