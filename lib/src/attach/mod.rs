@@ -30,6 +30,7 @@
 //! `boot.rs` (the boot spec), `vfio_node.rs` (waiting for the node), `persistence.rs`
 //! (`nvidia-smi`), `reset.rs`, `health_record.rs`, `journal.rs`, `guard.rs`, `holders.rs`,
 //! `liveness.rs`, `doctor.rs`, `driver_fit.rs`, `boots.rs` (an earlier boot's records ended),
+//! `nvlink.rs` (whole baseboards, NVLink refusals, fabric partitions in shared-NVSwitch mode),
 //! `error.rs` (what an operation fails on and leaves behind).
 //!
 //! vGPUs ([`Host::attach_vgpu`], `vgpu.rs`) are created in the same journal without moving any
