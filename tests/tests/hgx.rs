@@ -720,6 +720,66 @@ fn a_failed_bind_rolls_back_and_deactivates_the_partition() {
     assert!(h.journal_clean());
 }
 
+/// The simulated fabric manager, whose activation fails.
+struct ActivationFails(gpu_passthrough::fabric::PartitionFile);
+
+impl gpu_passthrough::fabric::FabricManager for ActivationFails {
+    fn partitions(
+        &self,
+    ) -> Result<Vec<gpu_passthrough::fabric::Partition>, gpu_passthrough::fabric::FabricError> {
+        self.0.partitions()
+    }
+    fn activate(&self, id: u32) -> Result<(), gpu_passthrough::fabric::FabricError> {
+        Err(gpu_passthrough::fabric::FabricError::NoSuchPartition { id })
+    }
+    fn deactivate(&self, id: u32) -> Result<(), gpu_passthrough::fabric::FabricError> {
+        self.0.deactivate(id)
+    }
+}
+
+#[test]
+fn a_partition_that_does_not_activate_moves_nothing() {
+    let h = sysfs::hgx_shared_nvswitch();
+    let file = gpu_passthrough::fabric::PartitionFile::new(
+        h.sys
+            .join(gpu_passthrough::simulation::SIM_FABRIC_PARTITIONS),
+    );
+    let host = h
+        .host()
+        .with_fabric_manager(Box::new(ActivationFails(file)));
+    let err = host
+        .attach(&AttachRequest {
+            plan: gpus(2),
+            owner: Owner::new("vm-two").unwrap(),
+            initrd: None,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, AttachError::Fabric { partition: 3, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("rolled back"), "{err}");
+    for d in HGX_GPUS {
+        assert_eq!(h.driver(d).as_deref(), Some("nvidia"), "{d}");
+        assert_eq!(h.driver_override(d), None, "{d}");
+    }
+    assert!(h.journal_clean());
+    // Named GPUs and a count together are refused: a VM's GPUs are one partition.
+    let both = PlanRequest {
+        gpus: Some(2),
+        ..req(&[HGX_GPUS[7]])
+    };
+    let p = h.host().plan(&both).unwrap();
+    assert!(
+        p.refusals
+            .iter()
+            .any(|r| r.reason == RefusalReason::FabricPartition
+                && r.message.contains("or ask for a number")),
+        "{:?}",
+        p.refusals
+    );
+}
+
 /// Child half of the crash test below: attach with the failpoint armed (the parent passes the
 /// tree's paths); it aborts after the partition is activated, before any bind.
 #[test]

@@ -151,6 +151,19 @@ impl Host {
             refusals.push(refusal(device, RefusalReason::FabricPartition, message));
             Ok(None)
         };
+        let wanted = req.gpus.take().filter(|n| *n > 0);
+        let mut asked: Vec<PciAddress> = req
+            .devices
+            .iter()
+            .copied()
+            .filter(|a| self.sysfs.device(*a).is_ok_and(|d| d.is_nvidia_gpu()))
+            .collect();
+        asked.sort();
+        asked.dedup();
+        if wanted.is_none() && asked.is_empty() {
+            // No GPU asked for (a NIC alone, say): no partition, and no need to ask.
+            return Ok(None);
+        }
         let partitions = match fm.partitions() {
             Ok(p) => p,
             Err(e) => {
@@ -164,23 +177,22 @@ impl Host {
                 );
             }
         };
-        let chosen = if let Some(n) = req.gpus.take().filter(|n| *n > 0) {
+        if wanted.is_some() && !asked.is_empty() {
+            return refuse(
+                refusals,
+                asked.first().copied(),
+                format!(
+                    "shared-NVSwitch mode: GPUs {} are named and a number of GPUs is asked for too; GPUs go to a VM as one fabric partition: name exactly one partition's GPUs, or ask for a number",
+                    joined(&asked)
+                ),
+            );
+        }
+        let chosen = if let Some(n) = wanted {
             match self.pick_partition(state, n, req, gpus, &partitions)? {
                 Ok(p) => p,
                 Err(message) => return refuse(refusals, None, message),
             }
         } else {
-            let mut asked: Vec<PciAddress> = req
-                .devices
-                .iter()
-                .copied()
-                .filter(|a| self.sysfs.device(*a).is_ok_and(|d| d.is_nvidia_gpu()))
-                .collect();
-            asked.sort();
-            asked.dedup();
-            if asked.is_empty() {
-                return Ok(None);
-            }
             match partitions.iter().find(|p| p.gpus == asked) {
                 Some(p) => p.clone(),
                 None => {
