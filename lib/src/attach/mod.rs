@@ -151,7 +151,7 @@ pub struct PlanRequest {
 
 /// What a request asks of NVLink (`--baseboard`, `--nvlink` on the CLI).
 ///
-/// Which devices form a baseboard is [`crate::pci::baseboard`]'s rule, read from sysfs: the
+/// Which devices form a baseboard is [`crate::pci::Baseboard`]'s rule, read from sysfs: the
 /// NVSwitches behind one upstream PCIe port, and the NVIDIA GPUs of their PCI domain.
 #[derive(Debug, Clone, Default)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
