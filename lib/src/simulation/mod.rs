@@ -49,6 +49,10 @@ pub const SIM_SRIOV_LOG: &str = ".sim-sriov-numvfs";
 /// an entry, unless the marker file has the line `nvidia-no-gpu` (the driver did not take it).
 pub const SIM_NVIDIA_GPUS: &str = ".sim-nvidia-gpus";
 
+/// In a fake sysfs root: the fabric manager's partitions in `fmpm -l`'s JSON; present, the
+/// host runs shared-NVSwitch mode with [`crate::fabric::PartitionFile`] over it.
+pub const SIM_FABRIC_PARTITIONS: &str = ".sim-fabric-partitions.json";
+
 /// Whether `sysfs_root` is a simulated tree.
 pub fn is_simulated_root(sysfs_root: &Path) -> bool {
     fs::symlink_metadata(sysfs_root.join(SIMULATION_MARKER)).is_ok_and(|m| m.is_file())
