@@ -10,15 +10,15 @@
 //! `isActive`, `numGpus` and `gpuInfo[]` (`physicalId`, `pciBusId` as NVML writes it,
 //! `00000000:1B:00.0`).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::outcome::{Classify, Outcome};
 use crate::pci::PciAddress;
+use crate::tools::{RunError, run_bounded};
 
 /// How long one `fmpm` run may take by default: the fabric manager answers in well under a
 /// second; activating a partition trains its NVLinks, which takes seconds.
@@ -141,58 +141,21 @@ impl Fmpm {
 
     fn run(&self, args: &[&str]) -> Result<String, FabricError> {
         let command = format!("{} {}", self.program.display(), args.join(" "));
-        let mut child = Command::new(&self.program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| FabricError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
-        // Read both pipes on threads so a chatty child never blocks on a full pipe.
-        let drain = |pipe: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut text = String::new();
-                if let Some(mut p) = pipe {
-                    let _ = p.read_to_string(&mut text);
-                }
-                text
-            })
-        };
-        let out = drain(
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        let err = drain(
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        let start = Instant::now();
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if start.elapsed() < self.timeout => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) | Err(_) => {
-                    // Killed and reaped; the reader threads end when the pipes close.
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(FabricError::Timeout {
-                        command,
-                        after: self.timeout,
-                    });
-                }
-            }
-        };
-        let stdout = out.join().unwrap_or_default();
-        let stderr = err.join().unwrap_or_default();
+        let output = run_bounded(Command::new(&self.program).args(args), self.timeout).map_err(
+            |e| match e {
+                RunError::TimedOut { after, .. } => FabricError::Timeout {
+                    command: command.clone(),
+                    after,
+                },
+                RunError::Start { source, .. } => FabricError::Spawn {
+                    command: command.clone(),
+                    source,
+                },
+            },
+        )?;
+        let status = output.status;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr);
         // fmpm prints "Failed to ..." on stdout and may still exit 0 on older versions.
         if !status.success() || stdout.trim_start().starts_with("Failed") {
             return Err(FabricError::Failed {
