@@ -327,6 +327,7 @@ fn record(
         devices: Vec::new(),
         vgpus: Vec::new(),
         boot_id: host.boot_id(),
+        fabric_partitions: Vec::new(),
     };
     for att in j
         .state

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::pci::PciAddress;
 use crate::vfio::VfioReport;
 
+pub use gpu_passthrough_guest_contract::NVLINK_DISABLE;
+
 /// The kernel command-line word that tells the guest init to set up the GPU.
 pub const HAS_GPU: &str = "HAS_GPU=1";
 
@@ -455,6 +457,18 @@ impl BootSpec {
             self.warnings.push(format!(
                 "{g} is a Grace superchip GPU: its memory is coherent with the CPU and the guest needs it as NUMA nodes of their own (QEMU: acpi-generic-initiator objects), and a virtual SMMUv3 with nested translation; this boot spec expresses neither yet (the host side, the nvgrace_gpu_vfio_pci variant driver, is bound where the kernel's modules.alias offers it), so the guest sees the GPU without its memory nodes"
             ));
+        }
+        self
+    }
+
+    /// The spec with NVLink turned off in the guest's `nvidia` module (its kernel word
+    /// [`NVLINK_DISABLE`], which the guest init passes to the
+    /// module as modprobe would), for GPUs of an NVLink board whose links cannot train in
+    /// this VM.
+    pub fn with_nvlink_disabled(mut self, disabled: bool) -> BootSpec {
+        let word = NVLINK_DISABLE;
+        if disabled && !self.kernel_cmdline.iter().any(|w| w == word) {
+            self.kernel_cmdline.push(word.to_owned());
         }
         self
     }

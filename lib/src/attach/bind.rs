@@ -2,7 +2,7 @@
 //! the variant `vfio_driver.rs` chose and loaded), wait for its VFIO node, verify it, create the
 //! plan's mdevs, commit; any failure rolls everything back.
 
-use super::journal::{DeviceRecord, LockedJournal, Step, Transaction};
+use super::journal::{DeviceRecord, LockedJournal, PartitionRecord, Step, Transaction};
 use super::liveness::process_identity;
 use super::persistence::persistence;
 use super::{Aftermath, AttachError, AttachRequest, Host, load_supported};
@@ -14,7 +14,10 @@ impl Host {
     /// Bind the planned devices to their VFIO drivers as one journaled transaction, verify them and return
     /// the VM's boot spec. Any failure rolls back to the original drivers.
     pub fn attach(&self, req: &AttachRequest) -> Result<BootSpec, AttachError> {
-        if req.plan.devices.is_empty() && req.plan.gpus.unwrap_or(0) == 0 {
+        if req.plan.devices.is_empty()
+            && req.plan.gpus.unwrap_or(0) == 0
+            && req.plan.fabric.baseboard.is_none()
+        {
             return Err(AttachError::NothingRequested);
         }
         self.sees_host_processes()?;
@@ -65,15 +68,24 @@ impl Host {
                 .iter()
                 .map(|(parent, mdev_type)| self.mdev_record(*parent, mdev_type))
                 .collect::<Result<_, _>>()?,
+            fabric_partition: plan.partition.as_ref().map(|p| PartitionRecord {
+                id: p.id,
+                gpus: p.gpus.clone(),
+                activated: false,
+            }),
         };
         j.state.transactions.push(txn);
         let t = j.state.transactions.len() - 1;
         j.save()?;
         Failpoint::AfterJournal.hit();
-        let result = self.run_binds(&mut j, t).and_then(|mut boot| {
-            boot.extend(self.create_vgpus(&mut j, t)?);
-            Ok(boot)
-        });
+        // The partition before the first bind: its GPUs must be free of the host's driver.
+        let result = self
+            .activate_partition(&mut j, t)
+            .and_then(|()| self.run_binds(&mut j, t))
+            .and_then(|mut boot| {
+                boot.extend(self.create_vgpus(&mut j, t)?);
+                Ok(boot)
+            });
         match result {
             Ok(boot) => {
                 let txn = j.state.transactions.remove(t);
@@ -102,7 +114,8 @@ impl Host {
                         req.plan.p2p_clique,
                     )
                     .with_mmio(plan.mmio)
-                    .with_grace_gpus(&self.grace_gpus(&plan));
+                    .with_grace_gpus(&self.grace_gpus(&plan))
+                    .with_nvlink_disabled(self.nvlink_unusable(&plan)?);
                 j.state.remember(&req.owner, passed, gpus);
                 j.state.remember_vgpus(&req.owner, &txn.vgpus);
                 j.state.remember_guest(&req.owner, spec.guest_map());

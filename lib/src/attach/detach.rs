@@ -25,6 +25,9 @@ pub struct DetachReport {
     /// vGPUs and mdevs released (only ones this tool created).
     #[serde(default)]
     pub released_vgpus: Vec<String>,
+    /// Fabric partitions deactivated once their GPUs were back (shared-NVSwitch mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deactivated_partitions: Vec<u32>,
 }
 
 impl Host {
@@ -78,6 +81,7 @@ impl Host {
             restored: Vec::new(),
             removed_mdevs: Vec::new(),
             released_vgpus: Vec::new(),
+            deactivated_partitions: Vec::new(),
         };
         // Nothing is released while a VMM holds one of the vGPUs.
         self.check_vgpu_holders(&att.owner, &att.vgpus)?;
@@ -108,6 +112,12 @@ impl Host {
                 .retain(|d| d.device != rec.device);
             j.save()?;
             Failpoint::MidDetach.hit();
+        }
+        for p in &att.fabric_partitions {
+            self.deactivate_partition(p)?;
+            report.deactivated_partitions.push(p.id);
+            j.state.attachments[i].fabric_partitions.retain(|x| x != p);
+            j.save()?;
         }
         j.state.attachments.remove(i);
         j.state.forget(&att.owner);

@@ -198,6 +198,26 @@ pub enum AttachError {
         /// What the failure left behind.
         aftermath: Aftermath,
     },
+    /// The fabric manager did not list, activate or deactivate a partition.
+    #[error("fabric partition {partition}: the fabric manager failed{aftermath}")]
+    Fabric {
+        /// The partition.
+        partition: u32,
+        /// Why.
+        #[source]
+        source: crate::fabric::FabricError,
+        /// What the failure left behind.
+        aftermath: Aftermath,
+    },
+    /// The journal holds an active fabric partition and this host has no fabric manager to
+    /// deactivate it with.
+    #[error(
+        "fabric partition {partition} was activated for this owner, and this host has no fabric manager configured to deactivate it: configure the one that activated it (fmpm), then rerun"
+    )]
+    NoFabricManager {
+        /// The partition.
+        partition: u32,
+    },
     /// No such vGPU profile, or not enough room for it.
     #[error(transparent)]
     Vgpu(#[from] crate::vgpu::VgpuError),
@@ -271,7 +291,8 @@ impl AttachError {
             | AttachError::NoVfioNode { aftermath, .. }
             | AttachError::Vfio { aftermath, .. }
             | AttachError::VgpuMismatch { aftermath, .. }
-            | AttachError::CommandTimeout { aftermath, .. } => *aftermath = Aftermath::RolledBack,
+            | AttachError::CommandTimeout { aftermath, .. }
+            | AttachError::Fabric { aftermath, .. } => *aftermath = Aftermath::RolledBack,
             _ => {}
         }
         self
@@ -316,7 +337,9 @@ impl Classify for AttachError {
             | AttachError::Restore { .. }
             | AttachError::NotAttached(_)
             | AttachError::Uuid { .. }
+            | AttachError::NoFabricManager { .. }
             | AttachError::VgpuMismatch { .. } => Outcome::Failed,
+            AttachError::Fabric { source, .. } => source.outcome(),
         }
     }
 
@@ -351,6 +374,8 @@ impl Classify for AttachError {
             | AttachError::Restore { .. }
             | AttachError::NotAttached(_)
             | AttachError::Uuid { .. }
+            | AttachError::Fabric { .. }
+            | AttachError::NoFabricManager { .. }
             | AttachError::VgpuMismatch { .. } => None,
         }
     }

@@ -94,6 +94,13 @@ pub enum RefusalReason {
     /// An NVSwitch would move without the rest of its baseboard (asked for alone, or only a
     /// member of a moving device's IOMMU group).
     NvSwitch,
+    /// NVLink in the guest was asked for without every GPU and NVSwitch of the baseboard.
+    PartialBaseboard,
+    /// A baseboard was asked for through a device on none, or NVLink for a GPU on none.
+    NoBaseboard,
+    /// Shared-NVSwitch mode: no free fabric partition fits, the GPUs span partitions, the
+    /// partition is active already, or the fabric manager cannot be asked.
+    FabricPartition,
     /// Quarantined by its health record (failure events from distinct owners).
     Quarantined,
     /// The health record cannot be read: nothing is handed out (fail closed).
@@ -117,6 +124,15 @@ pub struct Refusal {
     pub message: String,
     /// The owner holding the device, for [`RefusalReason::AttachedToOwner`].
     pub owner: Option<Owner>,
+}
+
+/// The fabric partition an attach activates before its first bind (shared-NVSwitch mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedPartition {
+    /// The fabric manager's partition ID.
+    pub id: u32,
+    /// Its GPUs (every one of them goes to the VM).
+    pub gpus: Vec<PciAddress>,
 }
 
 /// One sysfs write, in order.
@@ -154,6 +170,9 @@ pub struct Plan {
     /// switch), as the boot spec will place them ([`crate::vmm::topology`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placement: Vec<Placement>,
+    /// Shared-NVSwitch mode: the fabric partition activated for these GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<PlannedPartition>,
 }
 
 /// A plan with refusals is refused; a boot display among them names its remedy.
@@ -198,7 +217,7 @@ impl Host {
                 mdev_type: None,
                 ..req.clone()
             };
-            if self.plan_with(state, &single, gpus)?.refusals.is_empty() {
+            if self.plan_devices(state, &single, gpus)?.refusals.is_empty() {
                 free.push(d);
             }
         }
@@ -219,7 +238,26 @@ impl Host {
         Ok(free.iter().take(n).map(|d| d.address).collect())
     }
 
+    /// The plan for `req`: its baseboard and fabric partition (`nvlink.rs`) turned into
+    /// devices, then [`Host::plan_devices`], then the NVLink rules.
     pub(super) fn plan_with(
+        &self,
+        state: &JournalState,
+        req: &PlanRequest,
+        gpus: Option<&SupportedGpus>,
+    ) -> Result<Plan, AttachError> {
+        let mut req = req.clone();
+        let mut refusals = self.expand_baseboard(&mut req)?;
+        let partition = self.place_on_partition(state, &mut req, gpus, &mut refusals)?;
+        let mut plan = self.plan_devices(state, &req, gpus)?;
+        plan.refusals.splice(0..0, refusals);
+        plan.partition = partition;
+        self.nvlink_refusals(&req, &mut plan)?;
+        Ok(plan)
+    }
+
+    /// The plan for the devices `req` names (and `--gpus N` picks), with every refusal.
+    pub(super) fn plan_devices(
         &self,
         state: &JournalState,
         req: &PlanRequest,
@@ -242,6 +280,7 @@ impl Host {
             mmio: None,
             host_phys_bits: None,
             placement: Vec::new(),
+            partition: None,
         };
         let refuse = |plan: &mut Plan, device, reason, message: String| {
             plan.refusals.push(Refusal {

@@ -177,6 +177,7 @@ impl Host {
 
     /// An NVSwitch moves only when the request names its whole baseboard (every GPU and
     /// NVSwitch of it): alone it is useless to a VM and takes the fabric from the host's GPUs.
+    /// In shared-NVSwitch mode it never moves: the host's fabric manager drives it.
     fn nvswitch_refusal(
         &self,
         req: &PlanRequest,
@@ -184,6 +185,16 @@ impl Host {
         refuse: &mut impl FnMut(RefusalReason, String, Option<Owner>),
     ) {
         let addr = p.address;
+        if self.shared_nvswitch() {
+            refuse(
+                RefusalReason::NvSwitch,
+                format!(
+                    "{addr} is an NVSwitch and this host runs shared-NVSwitch mode: NVSwitches stay on nvidia for the host's fabric manager; ask for GPUs only, which go to the VM in a fabric partition"
+                ),
+                None,
+            );
+            return;
+        }
         let board = match self.sysfs.baseboard_of(addr) {
             Ok(Some(b)) => b,
             Ok(None) | Err(_) => {

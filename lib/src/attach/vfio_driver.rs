@@ -73,8 +73,11 @@ impl Host {
     /// or is not a VFIO driver.
     pub(super) fn load_vfio(&self, p: &PlannedDevice) -> Result<String, AttachError> {
         let v = &p.vfio;
-        if v.source == DriverSource::Default {
-            return Ok(VFIO_PCI.into());
+        match (v.source, &v.driver) {
+            (DriverSource::Default, _) => return Ok(VFIO_PCI.into()),
+            // On it already, with no writes: nothing to load.
+            (DriverSource::Adopted, Some(d)) => return Ok(d.clone()),
+            _ => {}
         }
         let root = self.sysfs.root();
         let refused = |why: String| AttachError::VfioDriver {

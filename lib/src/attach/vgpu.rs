@@ -189,6 +189,7 @@ impl Host {
             devices: Vec::new(),
             vgpus,
             boot_id: self.boot_id(),
+            fabric_partition: None,
         });
         let t = j.state.transactions.len() - 1;
         j.save()?;

@@ -58,6 +58,9 @@ pub const SIM_MODULES_ALIAS: &str = ".sim-modules.alias";
 /// In a simulated tree: in `module/<name>/`, the driver name the module registers when it is
 /// loaded (a module not loaded yet: its driver appears on load).
 pub const SIM_REGISTERS: &str = ".sim-registers";
+/// In a fake sysfs root: the fabric manager's partitions in `fmpm -l`'s JSON; present, the
+/// host runs shared-NVSwitch mode with [`crate::fabric::PartitionFile`] over it.
+pub const SIM_FABRIC_PARTITIONS: &str = ".sim-fabric-partitions.json";
 
 /// Whether `sysfs_root` is a simulated tree.
 pub fn is_simulated_root(sysfs_root: &Path) -> bool {
