@@ -217,7 +217,12 @@ fn attach_json_has_both_vmm_configs() {
             .contains(",x-nv-gpudirect-clique=0")
     );
     assert!(spec["mmio"]["bar64_bytes"].as_u64().unwrap() > 256 << 30);
-    assert_eq!(spec["kernel_cmdline"], serde_json::json!(["HAS_GPU=1"]));
+    // Two GPUs of an NVSwitch board without its NVSwitches: their NVLinks cannot train in the
+    // guest, so the spec turns NVLink off for `nvidia` there.
+    assert_eq!(
+        spec["kernel_cmdline"],
+        serde_json::json!(["HAS_GPU=1", "nvidia.NVreg_NvLinkDisable=1"])
+    );
 }
 
 #[test]
