@@ -2,7 +2,7 @@
 
 pub mod disk;
 pub mod mmio;
-pub use disk::{DiskAttach, GpuDisk};
+pub use disk::{DiskAttach, DiskIsolation, DiskRequest, GpuDisk};
 pub use mmio::MmioWindow;
 
 use std::path::PathBuf;
@@ -458,6 +458,7 @@ mod tests {
             size: 160 << 20,
             attach: DiskAttach::Pmem,
             verity: None,
+            isolation: Default::default(),
         };
         let s = spec.clone().with_disk(disk.clone());
         assert_eq!(s.kernel_cmdline, ["HAS_GPU=1", "GPU_DISK=pmem"]);
