@@ -11,7 +11,7 @@ Prints figures and ratios against baselines measured in the same run, never pass
 - our warm `initrd ensure` (nothing changed);
 - peak RSS of our build.
 
-Usage: bench/initrd-build.py [--runs N]   (from the repository root; needs ../shared/fixtures)
+Usage: bench/initrd-build.py [--runs N] [--bin-dir DIR]   (from the repository root; needs ../shared/fixtures)
 """
 import argparse
 import hashlib
@@ -70,18 +70,24 @@ def median_time(cmd, runs, prepare=None, **kw):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (median is shown)")
+    ap.add_argument("--bin-dir", type=Path,
+                    help="use gpu-passthrough and gpu-init already built here (e.g. the static release"
+                         " e2e/run builds, target/x86_64-unknown-linux-gnu/release) instead of building")
     args = ap.parse_args()
     for tool in ("cpio", "zstd", "gzip", "tar"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is needed for the baselines: apt-get install {tool}")
 
-    print("building the release CLI and a static guest init ...", flush=True)
-    subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "gpu-passthrough-cli"], cwd=REPO, check=True)
-    env = dict(os.environ, RUSTFLAGS="-C target-feature=+crt-static")
-    subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "gpu-passthrough-init",
-                    "--target", "x86_64-unknown-linux-gnu"], cwd=REPO, check=True, env=env)
-    cli = str(REPO / "target/release/gpu-passthrough")
-    guest_init = str(REPO / "target/x86_64-unknown-linux-gnu/release/gpu-init")
+    if args.bin_dir:
+        cli, guest_init = str(args.bin_dir / "gpu-passthrough"), str(args.bin_dir / "gpu-init")
+    else:
+        print("building the release CLI and a static guest init ...", flush=True)
+        subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "gpu-passthrough-cli"], cwd=REPO, check=True)
+        env = dict(os.environ, RUSTFLAGS="-C target-feature=+crt-static")
+        subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "gpu-passthrough-init",
+                        "--target", "x86_64-unknown-linux-gnu"], cwd=REPO, check=True, env=env)
+        cli = str(REPO / "target/release/gpu-passthrough")
+        guest_init = str(REPO / "target/x86_64-unknown-linux-gnu/release/gpu-init")
 
     work = Path(tempfile.mkdtemp(prefix="initrd-bench-"))
     try:
