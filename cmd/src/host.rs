@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use gpu_passthrough::attach::{Owner, PlanRequest};
+use gpu_passthrough::attach::{FabricRequest, Owner, PlanRequest};
 use gpu_passthrough::outcome::Classified;
 use gpu_passthrough::pci::AddressError;
 use gpu_passthrough::provision::{Provisioner, VmDevices, VmRequest};
@@ -65,6 +65,11 @@ pub struct Selection {
     /// Put the GPUs in one P2P clique even when they are not behind one PCIe switch.
     #[arg(long)]
     p2p_clique: bool,
+    /// VFIO driver for the named devices [default: the kernel's modules.alias, else vfio-pci].
+    #[arg(long, value_name = "NAME")]
+    vfio_driver: Option<String>,
+    #[command(flatten)]
+    fabric: FabricRequest,
     #[command(flatten)]
     host: HostOpts,
 }
@@ -145,6 +150,8 @@ fn plan_request(sel: &Selection, owner: Option<Owner>) -> Result<PlanRequest, Ad
         allow_boot_vga: sel.allow_boot_vga,
         mdev_type: sel.mdev_type.clone(),
         p2p_clique: sel.p2p_clique,
+        vfio_driver: sel.vfio_driver.clone(),
+        fabric: sel.fabric.clone(),
     })
 }
 

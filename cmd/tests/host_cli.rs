@@ -439,3 +439,83 @@ fn an_error_prints_its_cause_once_with_the_flag_that_fixes_it() {
     assert!(stderr.contains(missing.to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("--sysfs-root"), "{stderr}");
 }
+
+#[test]
+fn a_baseboard_and_nvlink_are_flags_of_plan_and_attach() {
+    let h = sysfs::hgx_8gpu(false);
+    let out = run(
+        &h,
+        &["plan", "--json", "--baseboard", "0000:c3:00.0", "--nvlink"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json(&out)["requested"].as_array().unwrap().len(), 12);
+    let out = run(&h, &["plan", "--json", "0000:1b:00.0", "--nvlink"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let plan = json(&out);
+    let reasons: Vec<&str> = plan["refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["partial_baseboard"]);
+    let out = run(&h, &["plan", "--baseboard", "not-an-address"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {out:?}");
+}
+
+#[test]
+fn shared_nvswitch_mode_shows_the_partition_and_its_release() {
+    let h = sysfs::hgx_shared_nvswitch();
+    let out = run(&h, &["plan", "--json", "--gpus", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json(&out)["partition"]["id"], 3);
+    let out = run(&h, &["attach", "--gpus", "2", "--owner", "vm-pair"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(h.active_partitions(), [3]);
+    let out = run(&h, &["detach", "--owner", "vm-pair"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deactivated fabric partition 3"));
+    assert!(h.active_partitions().is_empty());
+    // The real partition tool, by path: one that cannot run refuses the plan, naming it.
+    let w = sysfs::workstation();
+    let out = run(&w, &["plan", "0000:01:00.0", "--fmpm", "/nonexistent/fmpm"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("/nonexistent/fmpm") && stdout.contains("partitions cannot be read"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn vfio_driver_names_the_driver_and_an_unknown_one_is_refused() {
+    let h = sysfs::gh200();
+    h.set_modules_alias("alias vfio_pci:v000010DEd00002342sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n")
+        .load_vfio_variant("nvgrace_gpu_vfio_pci", "nvgrace-gpu-vfio-pci");
+    let gpu = "0009:01:00.0";
+    let plan = json(&run(&h, &["--json", "plan", gpu]));
+    assert_eq!(plan["devices"][0]["vfio"]["driver"], "nvgrace-gpu-vfio-pci");
+    assert_eq!(plan["devices"][0]["vfio"]["source"], "modules_alias");
+    let plan = json(&run(
+        &h,
+        &["--json", "plan", gpu, "--vfio-driver", "vfio-pci"],
+    ));
+    assert_eq!(plan["devices"][0]["vfio"]["driver"], "vfio-pci");
+    assert_eq!(plan["devices"][0]["vfio"]["source"], "override");
+    let out = run(
+        &h,
+        &[
+            "attach",
+            gpu,
+            "--owner",
+            "vm-x",
+            "--vfio-driver",
+            "no-such-vfio",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-vfio"), "{err}");
+    assert_eq!(h.driver(gpu).as_deref(), Some("nvidia"));
+    assert!(h.journal_clean());
+}

@@ -259,7 +259,7 @@ pub fn allocate(
                 if d.kind == DeviceKind::Bridge {
                     continue;
                 }
-                if d.driver.as_deref() != Some("vfio-pci") {
+                if !sysfs.on_vfio(*m) {
                     return Err(unfit(*m, Problem::NotOnVfio(d.driver)));
                 }
                 if iommufd {
@@ -327,6 +327,7 @@ fn record(
         devices: Vec::new(),
         vgpus: Vec::new(),
         boot_id: host.boot_id(),
+        fabric_partitions: Vec::new(),
     };
     for att in j
         .state

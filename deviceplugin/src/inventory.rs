@@ -49,9 +49,9 @@ pub fn problems(
     if !sysfs.device_dir(address).exists() {
         return vec![Problem::Gone];
     }
-    let driver = sysfs.driver(address);
-    if driver.as_deref() != Some("vfio-pci") {
-        out.push(Problem::NotOnVfio(driver));
+    // vfio-pci, or a VFIO variant driver (nvgrace-gpu-vfio-pci on Grace).
+    if !sysfs.on_vfio(address) {
+        out.push(Problem::NotOnVfio(sysfs.driver(address)));
     }
     let now = sysfs.iommu_group(address);
     if now != recorded_group || now.is_none() {
@@ -243,7 +243,7 @@ pub fn prepare(
         .filter(|d| d.device.is_nvidia_gpu() && d.owner.is_none())
     {
         let addr = d.device.address;
-        let on_vfio = d.device.driver.as_deref() == Some("vfio-pci");
+        let on_vfio = host.sysfs().on_vfio(addr);
         if !on_vfio && budget == 0 {
             continue;
         }

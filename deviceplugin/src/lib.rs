@@ -345,6 +345,7 @@ mod tests {
             sysfs_root: PathBuf::from("/fake/sys"),
             state_dir: PathBuf::from("/fake/state"),
             dev_dir: PathBuf::from("/fake/dev"),
+            fmpm: None,
         };
         let options = ServeOptions {
             kubelet_dir: PathBuf::from("/fake/kubelet"),

@@ -15,7 +15,7 @@ pub enum Problem {
     Gone,
     /// The group's VFIO node is missing.
     NoVfioNode(PathBuf),
-    /// The device is not on vfio-pci any more.
+    /// The device is not on a VFIO driver (vfio-pci or a variant) any more.
     NotOnVfio(Option<String>),
     /// The device is not in the IOMMU group the journal recorded.
     GroupChanged {
@@ -42,7 +42,7 @@ impl fmt::Display for Problem {
             Problem::NoVfioNode(p) => write!(f, "{} is missing", p.display()),
             Problem::NotOnVfio(d) => write!(
                 f,
-                "on {} instead of vfio-pci",
+                "on {} instead of a VFIO driver (vfio-pci or a variant)",
                 d.as_deref().unwrap_or("no driver")
             ),
             Problem::GroupChanged { recorded, now } => {

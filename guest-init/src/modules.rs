@@ -65,6 +65,8 @@ pub fn load_modules(
     let mut reports = Vec::with_capacity(modules.len());
     let mut failed: HashMap<String, FailureClass> = HashMap::new();
     let mut missing_firmware = Vec::new();
+    // `nvidia.NVreg_NvLinkDisable=1` and the like: finit_module never reads the command line.
+    let cmdline = std::fs::read_to_string(ctx.proc_root.join("cmdline")).unwrap_or_default();
     for module in modules {
         let name = normalize_module_name(&module.name);
         if let Some((dep, class)) = module.depends.iter().find_map(|d| {
@@ -87,7 +89,16 @@ pub fn load_modules(
             continue;
         }
         let path = ctx.layer_path(&module.path);
-        let outcome = loader.load(&path, &module.params);
+        let params = std::iter::once(module.params.as_str())
+            .chain(
+                gpu_passthrough_guest_contract::cmdline_module_params(&cmdline, &name)
+                    .iter()
+                    .map(String::as_str),
+            )
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let outcome = loader.load(&path, &params);
         let kernel_lines = log.read_new();
         let firmware: Vec<String> = kernel_lines
             .iter()

@@ -194,6 +194,35 @@ fn all_modules_load_and_everything_is_in_place_for_two_gpus() {
 }
 
 #[test]
+fn module_parameters_on_the_kernel_command_line_reach_the_module() {
+    let guest = Guest::new(RootKind::Debian, 1);
+    std::fs::write(
+        guest.proc_root.join("cmdline"),
+        format!(
+            "console=ttyS0 HAS_GPU=1 {} nvidia-drm.fbdev=1\n",
+            gpu_passthrough_guest_contract::NVLINK_DISABLE
+        ),
+    )
+    .unwrap();
+    let kernel = FakeKernel::new(&guest);
+    let report = run(&guest, &kernel);
+    assert_eq!(report.status, Status::Ok, "{}", report.line());
+    let calls = kernel.calls.borrow().clone();
+    assert_eq!(
+        calls[0],
+        (
+            "nvidia.ko".into(),
+            "NVreg_DeviceFileMode=0660 NVreg_NvLinkDisable=1".into()
+        )
+    );
+    assert_eq!(
+        calls[3],
+        ("nvidia-drm.ko".into(), "modeset=1 fbdev=1".into())
+    );
+    assert_eq!(calls[1], ("nvidia-uvm.ko".into(), String::new()));
+}
+
+#[test]
 fn a_second_run_keeps_what_the_first_made() {
     let guest = Guest::new(RootKind::Debian, 1);
     let first = run(&guest, &FakeKernel::new(&guest));

@@ -64,6 +64,8 @@ pub enum Stage {
     Vgpu,
     /// A kernel reset (detach, `reset`).
     Reset,
+    /// The activation of a fabric partition (shared-NVSwitch mode) before the first bind.
+    Fabric,
 }
 
 /// Every failpoint, in the order its workflow reaches it.
@@ -103,11 +105,13 @@ pub enum Failpoint {
     VgpuMidRelease,
     /// A device's `reset_method` is narrowed for a reset, not yet put back.
     ResetRestricted,
+    /// A fabric partition is activated for an attach; no device is bound yet.
+    AfterPartitionActivate,
 }
 
 impl Failpoint {
     /// Every failpoint.
-    pub const ALL: [Failpoint; 17] = [
+    pub const ALL: [Failpoint; 18] = [
         Failpoint::AfterJournal,
         Failpoint::AfterOverride,
         Failpoint::AfterUnbind,
@@ -125,6 +129,7 @@ impl Failpoint {
         Failpoint::VgpuAfterCommit,
         Failpoint::VgpuMidRelease,
         Failpoint::ResetRestricted,
+        Failpoint::AfterPartitionActivate,
     ];
 
     /// The failpoint of this [`Failpoint::name`].
@@ -152,6 +157,7 @@ impl Failpoint {
             Failpoint::VgpuAfterCommit => "vgpu-after-commit",
             Failpoint::VgpuMidRelease => "vgpu-mid-release",
             Failpoint::ResetRestricted => "reset-restricted",
+            Failpoint::AfterPartitionActivate => "after-partition-activate",
         }
     }
 
@@ -160,6 +166,7 @@ impl Failpoint {
         match self {
             Failpoint::InitrdMidway => Stage::Initrd,
             Failpoint::ResetRestricted => Stage::Reset,
+            Failpoint::AfterPartitionActivate => Stage::Fabric,
             Failpoint::VgpuAfterJournal
             | Failpoint::VgpuAfterCreate
             | Failpoint::VgpuAfterVerify

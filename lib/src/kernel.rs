@@ -18,6 +18,41 @@ pub trait Kernel: Send + Sync {
     fn is_simulated(&self) -> bool {
         false
     }
+
+    /// The running kernel's `modules.alias` (`/lib/modules/$(uname -r)/modules.alias`), where
+    /// VFIO variant drivers are found ([`crate::pci::variant`]); empty when there is none.
+    fn modules_alias(&self) -> io::Result<String> {
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease")?;
+        let path = Path::new("/lib/modules")
+            .join(release.trim())
+            .join("modules.alias");
+        match fs::read_to_string(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
+            other => other,
+        }
+    }
+
+    /// Load a kernel module (`modprobe -- MODULE`, from a checked path; a loaded one is kept).
+    fn load_module(&self, module: &str) -> io::Result<()> {
+        let modprobe = crate::tools::Tool {
+            program: "modprobe",
+            package: "kmod",
+        }
+        .find()
+        .map_err(io::Error::other)?;
+        let out = std::process::Command::new(modprobe)
+            .args(["--", module])
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "modprobe {module}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
 }
 
 /// The real kernel: a single write to the attribute file.

@@ -41,6 +41,7 @@ pub mod archive;
 pub mod attach;
 pub mod capabilities;
 pub mod driver_build;
+pub mod fabric;
 pub mod failpoint;
 pub mod fetch;
 /// The download progress callback every workflow takes.

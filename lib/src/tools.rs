@@ -7,13 +7,21 @@
 //! directories ([`SYSTEM_DIRS`]), and the file found, and every directory above it, must be
 //! owned by root and writable by nobody else (a sticky directory such as `/tmp` excepted, where
 //! nobody may rename another's entry).
+//!
+//! Every program the library runs runs through [`run_bounded`]: a hung program (a wedged
+//! GPU's `nvidia-smi`, a stuck `mkfs.erofs` on a full disk) is killed at its limit, never waited
+//! on forever while a lock or a caller is held.
 
 use std::fmt;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 use thiserror::Error;
+use wait_timeout::ChildExt;
 
 use crate::outcome::{Classify, Outcome};
 
@@ -158,6 +166,102 @@ impl Tool {
     }
 }
 
+/// How long a program asked only for its version or to print a certificate may take: it
+/// answers at once, so anything longer is a hang.
+pub const PROBE_LIMIT: Duration = Duration::from_secs(30);
+
+/// A program run through [`run_bounded`] that did not give its output.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// The program could not be started.
+    #[error("cannot run {program}")]
+    Start {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The program ran past its limit: it and everything it started were killed.
+    #[error("{program} did not finish within {}s and was killed", after.as_secs_f64())]
+    TimedOut {
+        /// The program.
+        program: String,
+        /// Its limit.
+        after: Duration,
+    },
+}
+
+impl Classify for RunError {
+    fn outcome(&self) -> Outcome {
+        Outcome::Failed
+    }
+}
+
+/// Run `command` to its end with stdin empty and its stdout and stderr collected, or kill it
+/// (and its process group, so a child it started cannot keep the pipes open) once `limit`
+/// passes. A non-zero exit is not an error here: the caller reads `Output::status`.
+pub fn run_bounded(command: &mut Command, limit: Duration) -> Result<Output, RunError> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|source| RunError::Start {
+            program: program.clone(),
+            source,
+        })?;
+    // Both pipes are drained while waiting, so a chatty program never blocks on a full pipe.
+    let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+    std::thread::scope(|scope| {
+        let out = scope.spawn(move || drain(stdout.as_mut()));
+        let err = scope.spawn(move || drain(stderr.as_mut()));
+        let status = match child.wait_timeout(limit) {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => {
+                kill_group(&mut child);
+                Err(RunError::TimedOut {
+                    program: program.clone(),
+                    after: limit,
+                })
+            }
+            Err(source) => {
+                kill_group(&mut child);
+                Err(RunError::Start {
+                    program: program.clone(),
+                    source,
+                })
+            }
+        };
+        let (stdout, stderr) = (
+            out.join().unwrap_or_default(),
+            err.join().unwrap_or_default(),
+        );
+        status.map(|status| Output {
+            status,
+            stdout,
+            stderr,
+        })
+    })
+}
+
+fn drain(pipe: Option<&mut impl Read>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Some(pipe) = pipe {
+        let _ = pipe.read_to_end(&mut bytes);
+    }
+    bytes
+}
+
+/// Kill `child`'s process group and reap `child`, so no zombie outlives the call.
+fn kill_group(child: &mut Child) {
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+}
+
 fn check_owner_and_mode(meta: &std::fs::Metadata) -> Result<(), String> {
     if meta.uid() != 0 {
         return Err(format!("it is owned by uid {}", meta.uid()));
@@ -192,6 +296,44 @@ mod tests {
 
     fn is_root() -> bool {
         nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn a_bounded_run_collects_both_streams_without_blocking_on_a_full_pipe() {
+        // 1 MiB on stdout is far past a pipe's buffer: undrained, the child would never exit.
+        let out = run_bounded(
+            Command::new("/bin/sh")
+                .arg("-c")
+                .arg("head -c 1048576 /dev/zero; echo oops >&2; exit 3"),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert_eq!(out.stdout.len(), 1 << 20);
+        assert_eq!(out.stderr, b"oops\n");
+        assert_eq!(out.status.code(), Some(3));
+    }
+
+    #[test]
+    fn a_run_past_its_limit_is_killed_with_what_it_started() {
+        let start = std::time::Instant::now();
+        // The grandchild `sleep` holds the pipes too: only killing the group ends the wait.
+        let err = run_bounded(
+            Command::new("/bin/sh").arg("-c").arg("sleep 30 & sleep 30"),
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(matches!(err, RunError::TimedOut { .. }), "{err:?}");
+        assert!(err.to_string().contains("/bin/sh"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
+        let missing = run_bounded(
+            &mut Command::new("/nonexistent/tool"),
+            Duration::from_secs(1),
+        );
+        assert!(matches!(missing, Err(RunError::Start { .. })));
     }
 
     #[test]

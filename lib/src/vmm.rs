@@ -2,8 +2,10 @@
 
 pub mod disk;
 pub mod mmio;
+pub mod topology;
 pub use disk::{DiskAttach, DiskIsolation, DiskRequest, GpuDisk};
 pub use mmio::MmioWindow;
+pub use topology::{PlaceInput, Placement};
 
 use std::path::PathBuf;
 
@@ -11,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::pci::PciAddress;
 use crate::vfio::VfioReport;
+
+pub use gpu_passthrough_guest_contract::NVLINK_DISABLE;
 
 /// The kernel command-line word that tells the guest init to set up the GPU.
 pub const HAS_GPU: &str = "HAS_GPU=1";
@@ -38,6 +42,15 @@ pub struct BootDevice {
     pub bar64_bytes: u64,
     /// What the VFIO check found.
     pub vfio: Option<VfioReport>,
+    /// Its host NUMA node (the guest places it behind that node's expander bridge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// The upstream port of the host PCIe switch it sits behind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_switch: Option<PciAddress>,
+    /// A network controller (a NIC beside its GPU goes behind one guest switch with it).
+    #[serde(default)]
+    pub nic: bool,
 }
 
 impl BootDevice {
@@ -46,6 +59,17 @@ impl BootDevice {
         self.vfio_device
             .parent()
             .is_some_and(|p| p.ends_with("vfio/devices"))
+    }
+
+    /// What placement needs of it.
+    pub fn place_input(&self) -> PlaceInput {
+        PlaceInput {
+            host: self.address,
+            numa_node: self.numa_node,
+            host_switch: self.host_switch,
+            gpu: self.gpu,
+            nic: self.nic,
+        }
     }
 }
 
@@ -100,12 +124,17 @@ pub struct GuestAddress {
     /// The mdev UUID, for an mdev vGPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mdev: Option<String>,
+    /// Where Cloud Hypervisor puts it, when that differs from `guest` (QEMU's: behind an
+    /// expander bridge; Cloud Hypervisor keeps the flat root-bus slot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_hypervisor: Option<PciAddress>,
 }
 
-/// The root-bus slots passed-through devices take, in order: above what QEMU's q35 and Cloud
+/// The root-bus slots passed-through devices take, in order (and after them, the expander
+/// bridges of [`topology`]): above what QEMU's q35 and Cloud
 /// Hypervisor give their own devices first (QEMU: VGA 1, default NIC 2; Cloud Hypervisor
 /// counts up from 1), then the low ones; 0x1d-0x1f are q35's USB, HD audio and LPC/SATA slots.
-const GUEST_SLOTS: [u8; 26] = [
+pub const GUEST_SLOTS: [u8; 26] = [
     0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x1c, 0x03, 0x04, 0x05,
     0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f,
 ];
@@ -157,6 +186,10 @@ pub struct BootSpec {
     /// ingest`), in the order of `devices`; a device beyond the slots has none.
     #[serde(default)]
     pub guest_addresses: Vec<GuestAddress>,
+    /// Where each device sits on the VM's PCI tree (bus, slot, NUMA node, switch), in the
+    /// order of `devices` ([`topology`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Placement>,
 }
 
 /// A VMM whose arguments a [`BootSpec`] renders.
@@ -234,25 +267,28 @@ impl BootSpec {
             ch_args.push("--platform".to_owned());
             ch_args.push("iommufd=on".to_owned());
         }
+        let inputs: Vec<PlaceInput> = devices.iter().map(BootDevice::place_input).collect();
+        let topo = topology::place(&inputs, &GUEST_SLOTS);
+        for b in &topo.qemu_bridges {
+            qemu_args.push("-device".to_owned());
+            qemu_args.push(b.clone());
+        }
         let mut guest_addresses = Vec::new();
         for (i, d) in devices.iter().enumerate() {
+            let placed = topo.placements.get(i).cloned().flatten();
             let path = format!("{}/", d.sysfs_path.display());
             let gpu_clique = clique.filter(|_| d.gpu && !d.vgpu && d.mdev_uuid.is_none());
             // A fixed slot on the root bus, function 0: the guest address is known before boot.
             let slot = GUEST_SLOTS.get(i).copied();
             let id = slot.map(|_| format!("gpt{i}"));
             let mut ch = format!("path={path}");
-            if let (Some(slot), Some(id)) = (slot, &id) {
+            if let (Some(slot), Some(id), Some(p)) = (slot, &id, &placed) {
                 ch.push_str(&format!(",id={id},pci_segment=0,pci_device_id={slot}"));
                 guest_addresses.push(GuestAddress {
-                    guest: PciAddress {
-                        domain: 0,
-                        bus: 0,
-                        device: slot,
-                        function: 0,
-                    },
+                    guest: p.guest,
                     host: d.address,
                     mdev: d.mdev_uuid.clone(),
+                    cloud_hypervisor: p.cloud_hypervisor,
                 });
             }
             if let Some(c) = gpu_clique {
@@ -277,8 +313,17 @@ impl BootSpec {
             if let Some(c) = gpu_clique {
                 q.push_str(&format!(",x-nv-gpudirect-clique={c}"));
             }
-            if let Some(slot) = slot {
-                q.push_str(&format!(",bus=pcie.0,addr={slot:#04x}"));
+            match (&placed, slot) {
+                (
+                    Some(Placement {
+                        port: Some(port), ..
+                    }),
+                    _,
+                ) => {
+                    q.push_str(&format!(",bus={port},addr=0x00"));
+                }
+                (_, Some(slot)) => q.push_str(&format!(",bus=pcie.0,addr={slot:#04x}")),
+                _ => {}
             }
             qemu_args.push("-device".to_owned());
             qemu_args.push(q);
@@ -286,6 +331,25 @@ impl BootSpec {
         // The vGPU manager reads the VM's UUID: QEMU gets the (first) mdev's; Cloud Hypervisor
         // has no such option.
         let mut ch_warnings = Vec::new();
+        let mut warnings = Vec::new();
+        if topo.expanded() {
+            ch_warnings.push(
+                "Cloud Hypervisor emulates no PCIe switches or expander bridges: the devices stay on PCI segment 0 at their flat slots (guest_addresses' cloud_hypervisor), without the NUMA and switch placement QEMU gets".to_owned(),
+            );
+        }
+        if !topo.guest_numa_nodes.is_empty() {
+            let map: Vec<String> = topo
+                .guest_numa_nodes
+                .iter()
+                .enumerate()
+                .map(|(k, h)| format!("guest node {k} = host node {h}"))
+                .collect();
+            warnings.push(format!(
+                "QEMU: the devices sit behind pxb-pcie expander bridges with numa_node=0..{} ({}); the VM must define those NUMA nodes (-numa node,nodeid=K with its CPUs and memory, best bound to the host node), or QEMU refuses the bridges",
+                topo.guest_numa_nodes.len() - 1,
+                map.join(", ")
+            ));
+        }
         if let Some(uuid) = devices.iter().find_map(|d| d.mdev_uuid.as_ref()) {
             qemu_args.push("-uuid".to_owned());
             qemu_args.push(uuid.clone());
@@ -336,9 +400,10 @@ impl BootSpec {
             },
             devices,
             held_devices,
-            warnings: Vec::new(),
+            warnings,
             disk: None,
             guest_addresses,
+            placement: topo.placements.into_iter().flatten().collect(),
         }
     }
 
@@ -390,8 +455,20 @@ impl BootSpec {
     pub fn with_grace_gpus(mut self, gpus: &[PciAddress]) -> BootSpec {
         for g in gpus {
             self.warnings.push(format!(
-                "{g} is a Grace superchip GPU: its memory is coherent with the CPU and the guest needs it as NUMA nodes of their own (QEMU: acpi-generic-initiator objects), a virtual SMMUv3 with nested translation, and the nvgrace_gpu_vfio_pci variant driver on the host; this boot spec expresses none of them yet, so the guest sees the GPU without its memory nodes"
+                "{g} is a Grace superchip GPU: its memory is coherent with the CPU and the guest needs it as NUMA nodes of their own (QEMU: acpi-generic-initiator objects), and a virtual SMMUv3 with nested translation; this boot spec expresses neither yet (the host side, the nvgrace_gpu_vfio_pci variant driver, is bound where the kernel's modules.alias offers it), so the guest sees the GPU without its memory nodes"
             ));
+        }
+        self
+    }
+
+    /// The spec with NVLink turned off in the guest's `nvidia` module (its kernel word
+    /// [`NVLINK_DISABLE`], which the guest init passes to the
+    /// module as modprobe would), for GPUs of an NVLink board whose links cannot train in
+    /// this VM.
+    pub fn with_nvlink_disabled(mut self, disabled: bool) -> BootSpec {
+        let word = NVLINK_DISABLE;
+        if disabled && !self.kernel_cmdline.iter().any(|w| w == word) {
+            self.kernel_cmdline.push(word.to_owned());
         }
         self
     }
@@ -425,6 +502,9 @@ mod tests {
             vgpu: false,
             bar64_bytes: bar,
             vfio: None,
+            numa_node: None,
+            host_switch: None,
+            nic: false,
         }
     }
 

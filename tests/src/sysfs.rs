@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use gpu_passthrough::attach::{Host, Liveness, Owner, OwnerLiveness, PidLiveness};
 use gpu_passthrough::pci::PciAddress;
 use gpu_passthrough::simulation::{
-    SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_VGPU_TYPES, SIMULATION_MARKER,
+    SIM_DEFAULT_DRIVER, SIM_FABRIC_PARTITIONS, SIM_MODULES_ALIAS, SIM_NVIDIA_GPUS, SIM_REGISTERS,
+    SIM_VGPU_TYPES, SIMULATION_MARKER,
 };
 
 /// One fake PCI device.
@@ -187,6 +188,20 @@ impl FakeHost {
         w(&real.join("device"), &format!("0x{:04x}\n", dev.device));
         w(&real.join("class"), &format!("0x{:06x}\n", dev.class));
         w(&real.join("numa_node"), &format!("{}\n", dev.numa));
+        // As the kernel writes it (subsystem IDs: the vendor's own, device 0).
+        w(
+            &real.join("modalias"),
+            &format!(
+                "pci:v{:08X}d{:08X}sv{:08X}sd{:08X}bc{:02X}sc{:02X}i{:02X}\n",
+                dev.vendor,
+                dev.device,
+                dev.vendor,
+                0,
+                dev.class >> 16,
+                (dev.class >> 8) & 0xff,
+                dev.class & 0xff
+            ),
+        );
         w(&real.join("driver_override"), "(null)\n");
         if let Some(m) = &dev.reset_method {
             w(&real.join("reset_method"), &format!("{m}\n"));
@@ -238,6 +253,38 @@ impl FakeHost {
             symlink(&gdir, real.join("iommu_group")).expect("link group");
             symlink(&real, gdir.join("devices").join(&a)).expect("link member");
         }
+        self
+    }
+
+    /// The running kernel's `modules.alias` as the simulation reads it
+    /// ([`SIM_MODULES_ALIAS`]): lines in the kernel's own format.
+    pub fn set_modules_alias(&self, text: &str) -> &Self {
+        w(&self.sys.join(SIM_MODULES_ALIAS), text);
+        self
+    }
+
+    /// A loaded VFIO variant driver as the kernel shows one: `module/<module>`, held by
+    /// `vfio_pci_core`, and `bus/pci/drivers/<driver>` whose `module` link names it.
+    pub fn load_vfio_variant(&self, module: &str, driver: &str) -> &Self {
+        let m = self.sys.join("module").join(module);
+        fs::create_dir_all(&m).expect("mkdir module");
+        let holders = self.sys.join("module/vfio_pci_core/holders");
+        fs::create_dir_all(&holders).expect("mkdir holders");
+        let _ = symlink(&m, holders.join(module));
+        let d = self.ensure_driver(driver);
+        let _ = symlink(&m, d.join("module"));
+        self
+    }
+
+    /// A VFIO variant module that is installed but not loaded: loading it (attach does)
+    /// registers `driver`, built on `vfio_pci_core`.
+    pub fn install_vfio_variant(&self, module: &str, driver: &str) -> &Self {
+        let m = self.sys.join("module").join(module);
+        fs::create_dir_all(&m).expect("mkdir module");
+        w(&m.join(SIM_REGISTERS), driver);
+        let holders = self.sys.join("module/vfio_pci_core/holders");
+        fs::create_dir_all(&holders).expect("mkdir holders");
+        let _ = symlink(&m, holders.join(module));
         self
     }
 
@@ -732,6 +779,96 @@ pub const HGX_NVSWITCHES: [&str; 4] = [
 /// (32-bit), BAR1 128 GiB (H200: 256 GiB as the issue asks) and BAR3 32 MiB, both 64-bit
 /// prefetchable. Bus numbers of switch ports are plausible, not copied from one machine.
 pub fn hgx_8gpu(h200: bool) -> FakeHost {
+    hgx_board(h200, None)
+}
+
+/// The partitions NVIDIA's fabric manager guide lists for an HGX H100 board in shared-NVSwitch
+/// mode, over [`HGX_GPUS`] (physical IDs 1–8 in that order): ID 0 all eight, 1–2 four (one per
+/// NUMA node), 3–6 two, 7–14 one.
+pub fn hgx_partitions() -> Vec<(u32, Vec<&'static str>)> {
+    let mut out = vec![(0, HGX_GPUS.to_vec())];
+    for (i, c) in HGX_GPUS.chunks(4).enumerate() {
+        out.push((1 + i as u32, c.to_vec()));
+    }
+    for (i, c) in HGX_GPUS.chunks(2).enumerate() {
+        out.push((3 + i as u32, c.to_vec()));
+    }
+    for (i, g) in HGX_GPUS.iter().enumerate() {
+        out.push((7 + i as u32, vec![*g]));
+    }
+    out
+}
+
+/// [`hgx_8gpu`] (H100) in shared-NVSwitch mode: the NVSwitches on `nvidia` (the host's fabric
+/// manager drives them) and the fabric manager's partitions, [`hgx_partitions`], all inactive.
+pub fn hgx_shared_nvswitch() -> FakeHost {
+    let h = hgx_board(false, Some("nvidia"));
+    let parts = hgx_partitions();
+    h.set_partitions(
+        &parts
+            .iter()
+            .map(|(id, gpus)| (*id, gpus.as_slice(), false))
+            .collect::<Vec<_>>(),
+    );
+    h
+}
+
+impl FakeHost {
+    /// Write the fabric manager's partitions, as `fmpm -l` prints them (NVML bus IDs), into
+    /// the file that puts the host in shared-NVSwitch mode: (ID, GPUs, active).
+    pub fn set_partitions(&self, parts: &[(u32, &[&str], bool)]) {
+        let info: Vec<serde_json::Value> = parts
+            .iter()
+            .map(|(id, gpus, active)| {
+                let gpu_info: Vec<serde_json::Value> = gpus
+                    .iter()
+                    .enumerate()
+                    .map(|(i, g)| {
+                        serde_json::json!({
+                            "physicalId": i + 1,
+                            "uuid": format!("GPU-{id:08x}-{i}"),
+                            "pciBusId": format!("0000{}", g.to_uppercase()),
+                            "numNvLinksAvailable": 18,
+                            "maxNumNvLinks": 18,
+                            "nvlinkLineRateMBps": 26562,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "partitionId": id,
+                    "isActive": u32::from(*active),
+                    "numGpus": gpus.len(),
+                    "gpuInfo": gpu_info,
+                })
+            })
+            .collect();
+        let list = serde_json::json!({
+            "version": 16777240,
+            "numPartitions": parts.len(),
+            "maxNumPartitions": 31,
+            "partitionInfo": info,
+        });
+        w(
+            &self.sys.join(SIM_FABRIC_PARTITIONS),
+            &serde_json::to_string_pretty(&list).expect("json"),
+        );
+    }
+
+    /// The IDs of the partitions active now.
+    pub fn active_partitions(&self) -> Vec<u32> {
+        let text = fs::read_to_string(self.sys.join(SIM_FABRIC_PARTITIONS)).expect("partitions");
+        let list: serde_json::Value = serde_json::from_str(&text).expect("json");
+        list["partitionInfo"]
+            .as_array()
+            .expect("partitionInfo")
+            .iter()
+            .filter(|p| p["isActive"] == 1)
+            .map(|p| p["partitionId"].as_u64().expect("id") as u32)
+            .collect()
+    }
+}
+
+fn hgx_board(h200: bool, switch_driver: Option<&str>) -> FakeHost {
     let h = FakeHost::new(true);
     let port = |addr: String, under: Option<String>, group: u32, numa: i32| {
         let d = FakeDevice::new(&addr, 0x8086, 0x352a, 0x060400)
@@ -752,13 +889,15 @@ pub fn hgx_8gpu(h200: bool) -> FakeHost {
     for (i, sw) in HGX_NVSWITCHES.iter().enumerate() {
         let down = format!("0000:04:{i:02x}.0");
         h.add(port(down.clone(), Some(up.clone()), 40, 0));
-        h.add(
-            FakeDevice::new(sw, 0x10de, 0x22a3, 0x068000)
-                .group(40)
-                .numa(0)
-                .bar64(32 << 20)
-                .under(&format!("{up}/{down}")),
-        );
+        let switch = FakeDevice::new(sw, 0x10de, 0x22a3, 0x068000)
+            .group(40)
+            .numa(0)
+            .bar64(32 << 20)
+            .under(&format!("{up}/{down}"));
+        h.add(match switch_driver {
+            Some(d) => switch.driver(d),
+            None => switch,
+        });
     }
     let bar1: u64 = if h200 { 256 << 30 } else { 128 << 30 };
     let device_id = if h200 { 0x2335 } else { 0x2330 };

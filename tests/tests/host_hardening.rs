@@ -242,6 +242,7 @@ fn reconcile_does_not_roll_back_an_abandoned_transaction_whose_device_is_held() 
             devices,
             vgpus: Vec::new(),
             boot_id: att.boot_id,
+            fabric_partition: None,
         });
         j.save().unwrap();
     }

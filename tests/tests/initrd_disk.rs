@@ -372,7 +372,15 @@ fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
             &NoProgress,
         )
         .unwrap();
-    assert_eq!(spec.kernel_cmdline, ["HAS_GPU=1", "GPU_DISK=pmem"]);
+    // The disk's word comes last, after the devices' own (HAS_GPU=1, NVLink words).
+    assert_eq!(
+        spec.kernel_cmdline.first().map(String::as_str),
+        Some("HAS_GPU=1")
+    );
+    assert_eq!(
+        spec.kernel_cmdline.last().map(String::as_str),
+        Some("GPU_DISK=pmem")
+    );
     let disk = spec.disk.clone().expect("the spec names the image");
     assert_eq!(disk.size % IMAGE_ALIGN, 0);
     assert_eq!(fs::metadata(&disk.image).unwrap().len(), disk.size);
@@ -444,7 +452,10 @@ fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
         assert!(args.contains(&*copy.image.display().to_string()), "{args}");
         assert!(!args.contains(&shared), "{args}");
     }
-    assert_eq!(private.kernel_cmdline, ["HAS_GPU=1", "GPU_DISK=/dev/vdb"]);
+    assert_eq!(
+        private.kernel_cmdline.last().map(String::as_str),
+        Some("GPU_DISK=/dev/vdb")
+    );
     host.detach(&owner).unwrap();
     // No VM directory: refused before a device moves, and nothing is left in the journal.
     let err = attach_private(&dir.join("no-such-vm")).unwrap_err();

@@ -247,6 +247,7 @@ fn an_interrupted_attach_of_an_earlier_boot_is_never_finished() {
                 devices: att.devices,
                 vgpus: Vec::new(),
                 boot_id: att.boot_id,
+                fabric_partition: None,
             });
         j.save().unwrap();
     }

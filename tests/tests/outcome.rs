@@ -261,6 +261,8 @@ fn a_plan_with_a_boot_display_refusal_is_refused_and_names_the_remedy() {
         writes: Vec::new(),
         mmio: None,
         host_phys_bits: None,
+        placement: Vec::new(),
+        partition: None,
     };
     assert_eq!((plan.outcome(), plan.remedy()), (None, None));
     let refusal = Refusal {

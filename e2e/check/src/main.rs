@@ -66,6 +66,21 @@ enum Command {
         #[arg(long, allow_hyphen_values = true)]
         boot_rc: i32,
     },
+    /// Run M: the arguments of an HGX-like VM (one GPU per BAR size, two NUMA nodes, a NIC
+    /// beside the first), stand-ins for its devices.
+    PlacementArgs {
+        /// BAR sizes in bytes.
+        #[arg(required = true)]
+        bars: Vec<u64>,
+    },
+    /// Run M: the guest shows each device where the boot spec placed it.
+    MmioPlacement {
+        /// The console log.
+        log: PathBuf,
+        /// The BAR sizes `mmio-args` was given, bytes.
+        #[arg(required = true)]
+        bars: Vec<u64>,
+    },
     /// Run A: a HAS_GPU=1 guest without a GPU (GPU-INIT report and workload).
     GpuGuest {
         #[command(flatten)]
@@ -320,11 +335,13 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     let verdicts = match command {
         Command::MmioArgs { bars } => return mmio::args(&bars),
+        Command::PlacementArgs { bars } => return mmio::placement_args(&bars),
         Command::MmioGuest {
             log,
             window_bytes,
             boot_rc,
         } => mmio::guest(&Console::read(&log)?, window_bytes, boot_rc),
+        Command::MmioPlacement { log, bars } => mmio::placement(&Console::read(&log)?, &bars)?,
         Command::GpuGuest { boot } => guest::gpu_guest(
             &Console::read(&boot.log)?,
             &boot.driver,

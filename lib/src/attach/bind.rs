@@ -1,7 +1,8 @@
-//! The bind transaction: record, then move each planned device to vfio-pci, wait for its VFIO
-//! node, verify it, create the plan's mdevs, commit; any failure rolls everything back.
+//! The bind transaction: record, then move each planned device to its VFIO driver (vfio-pci or
+//! the variant `vfio_driver.rs` chose and loaded), wait for its VFIO node, verify it, create the
+//! plan's mdevs, commit; any failure rolls everything back.
 
-use super::journal::{DeviceRecord, LockedJournal, Step, Transaction};
+use super::journal::{DeviceRecord, LockedJournal, PartitionRecord, Step, Transaction};
 use super::liveness::process_identity;
 use super::persistence::persistence;
 use super::{Aftermath, AttachError, AttachRequest, Host, load_supported};
@@ -10,10 +11,13 @@ use crate::pci::{PciAddress, valid_driver_name};
 use crate::vmm::{BootDevice, BootSpec};
 
 impl Host {
-    /// Bind the planned devices to vfio-pci as one journaled transaction, verify them and return
+    /// Bind the planned devices to their VFIO drivers as one journaled transaction, verify them and return
     /// the VM's boot spec. Any failure rolls back to the original drivers.
     pub fn attach(&self, req: &AttachRequest) -> Result<BootSpec, AttachError> {
-        if req.plan.devices.is_empty() && req.plan.gpus.unwrap_or(0) == 0 {
+        if req.plan.devices.is_empty()
+            && req.plan.gpus.unwrap_or(0) == 0
+            && req.plan.fabric.baseboard.is_none()
+        {
             return Err(AttachError::NothingRequested);
         }
         self.sees_host_processes()?;
@@ -26,6 +30,13 @@ impl Host {
         if !plan.refusals.is_empty() {
             return Err(AttachError::Refused(plan.refusals));
         }
+        // Every variant driver loaded and named before the journal records anything: one
+        // that cannot be used is refused with nothing moved.
+        let drivers = plan
+            .devices
+            .iter()
+            .map(|p| self.load_vfio(p))
+            .collect::<Result<Vec<_>, _>>()?;
         let txn = Transaction {
             owner: req.owner.clone(),
             pid: std::process::id(),
@@ -37,7 +48,8 @@ impl Host {
             devices: plan
                 .devices
                 .iter()
-                .map(|p| DeviceRecord {
+                .zip(drivers)
+                .map(|(p, vfio_driver)| DeviceRecord {
                     device: p.address,
                     original_driver: if p.adopt { None } else { p.driver.clone() },
                     original_override: self.sysfs.driver_override(p.address),
@@ -46,6 +58,7 @@ impl Host {
                     passed: p.passed,
                     persistence_disabled: false,
                     original_d3cold: None,
+                    vfio_driver,
                     step: Step::Planned,
                     baseline: p.passed.then(|| self.host_baseline(p.address)),
                 })
@@ -55,15 +68,24 @@ impl Host {
                 .iter()
                 .map(|(parent, mdev_type)| self.mdev_record(*parent, mdev_type))
                 .collect::<Result<_, _>>()?,
+            fabric_partition: plan.partition.as_ref().map(|p| PartitionRecord {
+                id: p.id,
+                gpus: p.gpus.clone(),
+                activated: false,
+            }),
         };
         j.state.transactions.push(txn);
         let t = j.state.transactions.len() - 1;
         j.save()?;
         Failpoint::AfterJournal.hit();
-        let result = self.run_binds(&mut j, t).and_then(|mut boot| {
-            boot.extend(self.create_vgpus(&mut j, t)?);
-            Ok(boot)
-        });
+        // The partition before the first bind: its GPUs must be free of the host's driver.
+        let result = self
+            .activate_partition(&mut j, t)
+            .and_then(|()| self.run_binds(&mut j, t))
+            .and_then(|mut boot| {
+                boot.extend(self.create_vgpus(&mut j, t)?);
+                Ok(boot)
+            });
         match result {
             Ok(boot) => {
                 let txn = j.state.transactions.remove(t);
@@ -92,7 +114,8 @@ impl Host {
                         req.plan.p2p_clique,
                     )
                     .with_mmio(plan.mmio)
-                    .with_grace_gpus(&self.grace_gpus(&plan));
+                    .with_grace_gpus(&self.grace_gpus(&plan))
+                    .with_nvlink_disabled(self.nvlink_unusable(&plan)?);
                 j.state.remember(&req.owner, passed, gpus);
                 j.state.remember_vgpus(&req.owner, &txn.vgpus);
                 j.state.remember_guest(&req.owner, spec.guest_map());
@@ -162,7 +185,7 @@ impl Host {
             self.set_step(j, t, i, Step::OverrideSet)?;
             self.write(
                 &self.sysfs.device_dir(rec.device).join("driver_override"),
-                "vfio-pci",
+                &rec.vfio_driver,
             )?;
             Failpoint::AfterOverride.hit();
             if let Some(d) = &rec.original_driver
@@ -176,9 +199,10 @@ impl Host {
             self.write(&self.sysfs.drivers_probe(), &a)?;
             Failpoint::AfterProbe.hit();
             let now = self.sysfs.driver(rec.device);
-            if now.as_deref() != Some("vfio-pci") {
+            if now.as_ref() != Some(&rec.vfio_driver) {
                 return Err(AttachError::NotOnVfio {
                     device: rec.device,
+                    wanted: rec.vfio_driver.clone(),
                     driver: now.unwrap_or_else(|| "no driver".into()),
                     aftermath: Aftermath::KeptInJournal,
                 });
@@ -217,6 +241,9 @@ impl Host {
                     vgpu: false,
                     bar64_bytes: dev.bar64_bytes(),
                     vfio: report,
+                    numa_node: dev.numa_node,
+                    host_switch: self.sysfs.upstream_switch_address(rec.device),
+                    nic: dev.kind == crate::pci::DeviceKind::Network,
                 });
             }
         }

@@ -32,12 +32,18 @@ impl Host {
 impl BootSpec {
     /// Where the VM sees each device, as the journal keeps it for `health ingest`.
     pub(super) fn guest_map(&self) -> Vec<GuestDevice> {
+        // Both VMMs' addresses where they differ: the VM runs under one of them, and the other's
+        // addresses (root bus) never collide with QEMU's expander buses.
         self.guest_addresses
             .iter()
-            .map(|g| GuestDevice {
-                guest: g.guest,
-                host: g.host,
-                mdev: g.mdev.clone(),
+            .flat_map(|g| {
+                std::iter::once(g.guest)
+                    .chain(g.cloud_hypervisor)
+                    .map(|guest| GuestDevice {
+                        guest,
+                        host: g.host,
+                        mdev: g.mdev.clone(),
+                    })
             })
             .collect()
     }

@@ -25,6 +25,9 @@ pub struct DetachReport {
     /// vGPUs and mdevs released (only ones this tool created).
     #[serde(default)]
     pub released_vgpus: Vec<String>,
+    /// Fabric partitions deactivated once their GPUs were back (shared-NVSwitch mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deactivated_partitions: Vec<u32>,
 }
 
 impl Host {
@@ -78,6 +81,7 @@ impl Host {
             restored: Vec::new(),
             removed_mdevs: Vec::new(),
             released_vgpus: Vec::new(),
+            deactivated_partitions: Vec::new(),
         };
         // Nothing is released while a VMM holds one of the vGPUs.
         self.check_vgpu_holders(&att.owner, &att.vgpus)?;
@@ -109,13 +113,19 @@ impl Host {
             j.save()?;
             Failpoint::MidDetach.hit();
         }
+        for p in &att.fabric_partitions {
+            self.deactivate_partition(p)?;
+            report.deactivated_partitions.push(p.id);
+            j.state.attachments[i].fabric_partitions.retain(|x| x != p);
+            j.save()?;
+        }
         j.state.attachments.remove(i);
         j.state.forget(&att.owner);
         j.save()?;
         Ok(report)
     }
 
-    /// Detach of one device: off vfio-pci, reset (devices given to the VM), back to its
+    /// Detach of one device: off its VFIO driver, reset (devices given to the VM), back to its
     /// original driver, verified; with the owner's health events for what failed (the caller
     /// records them).
     pub(super) fn release_device(
@@ -131,7 +141,9 @@ impl Host {
         let now = self.sysfs.driver(rec.device);
         let reset = if !rec.passed {
             None
-        } else if now.is_some() && now.as_deref() != Some("vfio-pci") && now == rec.original_driver
+        } else if now.is_some()
+            && now.as_ref() != Some(&rec.vfio_driver)
+            && now == rec.original_driver
         {
             // A rerun of a detach that failed after giving it back (a health write, say): its
             // host driver has it again, and a reset would pull it from under that driver.
@@ -147,9 +159,9 @@ impl Host {
                 ms: 0,
             })
         } else {
-            if now.as_deref() == Some("vfio-pci") {
+            if now.as_ref() == Some(&rec.vfio_driver) {
                 self.write(
-                    &self.sysfs.driver_dir("vfio-pci").join("unbind"),
+                    &self.sysfs.driver_dir(&rec.vfio_driver).join("unbind"),
                     &rec.device.to_string(),
                 )?;
             }

@@ -102,7 +102,7 @@ impl Host {
             let candidate = d.kind == DeviceKind::Display
                 || d.kind == DeviceKind::NvSwitch
                 || !d.mdev_types.is_empty()
-                || d.driver.as_deref() == Some("vfio-pci");
+                || self.sysfs.on_vfio(d.address);
             if !all && !candidate {
                 continue;
             }

@@ -29,6 +29,18 @@ pub enum AttachError {
     /// The plan has refusals; nothing was changed.
     #[error("refused, nothing was changed: {}", .0.iter().map(|r| r.message.as_str()).collect::<Vec<_>>().join("; "))]
     Refused(Vec<Refusal>),
+    /// The VFIO driver planned for a device cannot be used; nothing was changed.
+    #[error(
+        "refused, nothing was changed: the VFIO driver `{name}` for {device} cannot be used: {why}; load its module, or ask for another VFIO driver (none named: the kernel's modules.alias chooses, else vfio-pci)"
+    )]
+    VfioDriver {
+        /// The device.
+        device: PciAddress,
+        /// The driver or module asked for, or the variant modules.alias chose.
+        name: String,
+        /// Why it cannot be used.
+        why: String,
+    },
     /// Nothing to attach.
     #[error("nothing to attach: name devices (DDDD:BB:DD.F) or ask for a number of GPUs")]
     NothingRequested,
@@ -64,13 +76,15 @@ pub enum AttachError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// After `drivers_probe` the device is not on vfio-pci.
+    /// After `drivers_probe` the device is not on its VFIO driver.
     #[error(
-        "{device} is on {driver} after drivers_probe, not vfio-pci; load the driver (modprobe vfio-pci) and retry{aftermath}"
+        "{device} is on {driver} after drivers_probe, not {wanted}; load the driver (modprobe {wanted}) and retry{aftermath}"
     )]
     NotOnVfio {
         /// The device.
         device: PciAddress,
+        /// The VFIO driver it was to go to (`vfio-pci` or a variant).
+        wanted: String,
         /// Its driver now (or `no driver`).
         driver: String,
         /// What the failure left behind.
@@ -184,6 +198,26 @@ pub enum AttachError {
         /// What the failure left behind.
         aftermath: Aftermath,
     },
+    /// The fabric manager did not list, activate or deactivate a partition.
+    #[error("fabric partition {partition}: the fabric manager failed{aftermath}")]
+    Fabric {
+        /// The partition.
+        partition: u32,
+        /// Why.
+        #[source]
+        source: crate::fabric::FabricError,
+        /// What the failure left behind.
+        aftermath: Aftermath,
+    },
+    /// The journal holds an active fabric partition and this host has no fabric manager to
+    /// deactivate it with.
+    #[error(
+        "fabric partition {partition} was activated for this owner, and this host has no fabric manager configured to deactivate it: configure the one that activated it (fmpm), then rerun"
+    )]
+    NoFabricManager {
+        /// The partition.
+        partition: u32,
+    },
     /// No such vGPU profile, or not enough room for it.
     #[error(transparent)]
     Vgpu(#[from] crate::vgpu::VgpuError),
@@ -257,7 +291,8 @@ impl AttachError {
             | AttachError::NoVfioNode { aftermath, .. }
             | AttachError::Vfio { aftermath, .. }
             | AttachError::VgpuMismatch { aftermath, .. }
-            | AttachError::CommandTimeout { aftermath, .. } => *aftermath = Aftermath::RolledBack,
+            | AttachError::CommandTimeout { aftermath, .. }
+            | AttachError::Fabric { aftermath, .. } => *aftermath = Aftermath::RolledBack,
             _ => {}
         }
         self
@@ -287,6 +322,7 @@ impl Classify for AttachError {
             | AttachError::NotEnoughGpus { .. }
             | AttachError::NoSuchMdevType { .. }
             | AttachError::NothingRequested
+            | AttachError::VfioDriver { .. }
             | AttachError::DeviceHeld { .. }
             | AttachError::ProcUnreadable { .. }
             | AttachError::ResetRefused { .. }
@@ -301,7 +337,9 @@ impl Classify for AttachError {
             | AttachError::Restore { .. }
             | AttachError::NotAttached(_)
             | AttachError::Uuid { .. }
+            | AttachError::NoFabricManager { .. }
             | AttachError::VgpuMismatch { .. } => Outcome::Failed,
+            AttachError::Fabric { source, .. } => source.outcome(),
         }
     }
 
@@ -321,6 +359,7 @@ impl Classify for AttachError {
                 .any(|r| r.reason == RefusalReason::BootVga)
                 .then_some(Remedy::AllowBootVga),
             AttachError::NotEnoughGpus { .. }
+            | AttachError::VfioDriver { .. }
             | AttachError::NoSuchMdevType { .. }
             | AttachError::DeviceHeld { .. }
             | AttachError::ProcUnreadable { .. }
@@ -335,6 +374,8 @@ impl Classify for AttachError {
             | AttachError::Restore { .. }
             | AttachError::NotAttached(_)
             | AttachError::Uuid { .. }
+            | AttachError::Fabric { .. }
+            | AttachError::NoFabricManager { .. }
             | AttachError::VgpuMismatch { .. } => None,
         }
     }

@@ -225,7 +225,10 @@ impl Host {
                 });
             }
         }
-        let reset = if before.as_deref() == Some("vfio-pci") {
+        let reset = if before
+            .as_deref()
+            .is_some_and(|d| crate::pci::variant::is_vfio_driver(self.sysfs.root(), d))
+        {
             ResetReport {
                 device,
                 methods: Vec::new(),

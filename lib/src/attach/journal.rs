@@ -24,8 +24,8 @@ use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 pub use super::records::{
-    Attachment, DeviceRecord, HISTORY_KEEP, HistoryEntry, HostBaseline, ResetRestriction,
-    SriovCycle, Step, Transaction, VgpuRecord, VgpuStep,
+    Attachment, DeviceRecord, HISTORY_KEEP, HistoryEntry, HostBaseline, PartitionRecord,
+    ResetRestriction, SriovCycle, Step, Transaction, VgpuRecord, VgpuStep,
 };
 use crate::health::{GuestDevice, HeldVgpu};
 use crate::outcome::{Classify, Outcome};
@@ -231,11 +231,13 @@ impl JournalState {
             devices,
             vgpus,
             boot_id,
+            fabric_partition,
             ..
         } = txn;
         if let Some(a) = self.attachments.iter_mut().find(|a| a.owner == owner) {
             a.devices.extend(devices);
             a.vgpus.extend(vgpus);
+            a.fabric_partitions.extend(fabric_partition);
         } else {
             self.attachments.push(Attachment {
                 owner,
@@ -243,6 +245,7 @@ impl JournalState {
                 devices,
                 vgpus,
                 boot_id,
+                fabric_partitions: fabric_partition.into_iter().collect(),
             });
         }
     }

@@ -14,8 +14,9 @@
 //! is never stopped, and persistence is turned back on at detach); `d3cold_allowed` is set to 0
 //! (restored at detach: waking from D3cold is a known cause of `RmInitAdapter failed`); then
 //! `driver_override` is set
-//! to `vfio-pci`, the device is unbound from its driver and `drivers_probe` binds it to
-//! vfio-pci. Then each group's `/dev/vfio/N` is awaited (bounded) and each device handed to the
+//! to its VFIO driver (vfio-pci, or the variant driver the kernel's `modules.alias` names for
+//! it, loaded before anything is recorded; see `vfio_driver.rs`), the device is unbound from its
+//! driver and `drivers_probe` binds it there. Then each group's `/dev/vfio/N` is awaited (bounded) and each device handed to the
 //! VM is checked through VFIO. A device already on vfio-pci that nobody owns is adopted without
 //! writes and recorded as having no other driver. Detach and rollback undo this from the
 //! device's actual state: unbind from whatever it is on, restore `driver_override`, probe (or
@@ -25,11 +26,12 @@
 //! [`QuarantineCheck`] names (by default the health records, [`HealthRecords`]).
 //!
 //! One concern a file: `plan.rs` (what must move, every refusal), `devices.rs` (the listing),
-//! `bind.rs` (the bind transaction), `vgpu.rs` (vGPUs and mdevs: create, release),
+//! `bind.rs` (the bind transaction), `vfio_driver.rs` (which VFIO driver: vfio-pci or a variant), `vgpu.rs` (vGPUs and mdevs: create, release),
 //! `restore.rs` (a device back to its driver, rollback), `detach.rs`, `reconcile.rs`,
 //! `boot.rs` (the boot spec), `vfio_node.rs` (waiting for the node), `persistence.rs`
 //! (`nvidia-smi`), `reset.rs`, `health_record.rs`, `journal.rs`, `guard.rs`, `holders.rs`,
 //! `liveness.rs`, `doctor.rs`, `driver_fit.rs`, `boots.rs` (an earlier boot's records ended),
+//! `nvlink.rs` (whole baseboards, NVLink refusals, fabric partitions in shared-NVSwitch mode),
 //! `error.rs` (what an operation fails on and leaves behind).
 //!
 //! vGPUs ([`Host::attach_vgpu`], `vgpu.rs`) are created in the same journal without moving any
@@ -51,6 +53,7 @@ pub mod holders;
 mod host_check;
 pub mod journal;
 mod liveness;
+mod nvlink;
 mod persistence;
 mod plan;
 mod reconcile;
@@ -58,6 +61,7 @@ mod records;
 mod refusals;
 mod reset;
 mod restore;
+mod vfio_driver;
 mod vfio_node;
 mod vgpu;
 
@@ -78,12 +82,15 @@ pub use health_record::{DeviceCheck, ingest_console};
 pub use host_check::Verification;
 pub use journal::{Journal, JournalError, JournalState};
 pub use liveness::{PidLiveness, ProcessIdentity, process_identity};
-pub use plan::{Plan, PlanRole, PlannedDevice, Refusal, RefusalReason, SysfsWrite};
+pub use plan::{
+    Plan, PlanRole, PlannedDevice, PlannedPartition, Refusal, RefusalReason, SysfsWrite,
+};
 pub use reconcile::{HeldDevice, ReconcileReport};
 pub use reset::{HealthCheck, ResetOutcome, ResetReport};
 pub use restore::RestoredDevice;
 pub use vgpu::VgpuAttachRequest;
 
+use crate::fabric::FabricManager;
 use crate::health::HealthRecords;
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{PciAddress, Sysfs};
@@ -140,6 +147,31 @@ pub struct PlanRequest {
     /// Put the GPUs in one P2P (GPUDirect) clique even when the topology does not show them
     /// behind one PCIe switch.
     pub p2p_clique: bool,
+    /// Bind the requested devices to this VFIO driver (its registered name, or its module),
+    /// loaded first if need be, instead of the one the kernel's `modules.alias` chooses
+    /// (a variant driver such as `nvgrace-gpu-vfio-pci`, else vfio-pci). Refused, with
+    /// nothing moved, when it is not a VFIO driver once loaded.
+    pub vfio_driver: Option<String>,
+    /// NVLink: a whole baseboard, NVLink in the guest.
+    pub fabric: FabricRequest,
+}
+
+/// What a request asks of NVLink (`--baseboard`, `--nvlink` on the CLI).
+///
+/// Which devices form a baseboard is [`crate::pci::Baseboard`]'s rule, read from sysfs: the
+/// NVSwitches behind one upstream PCIe port, and the NVIDIA GPUs of their PCI domain.
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct FabricRequest {
+    /// Every GPU and NVSwitch of the NVLink baseboard this device (any member of it) is on,
+    /// in one transaction; with a fabric manager on the host (shared-NVSwitch mode), the
+    /// board's GPUs as one partition, its NVSwitches staying with the host.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DEVICE"))]
+    pub baseboard: Option<PciAddress>,
+    /// NVLink in the guest: refused unless the GPUs come with every GPU and NVSwitch of their
+    /// baseboard (or, in shared-NVSwitch mode, form one fabric partition).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub nvlink: bool,
 }
 
 /// What to attach, and for whom.
@@ -171,6 +203,9 @@ pub struct Host {
     nvidia_smi: Option<PathBuf>,
     /// How long a program run for a device may take before it is killed.
     command_timeout: Duration,
+    /// The host's fabric manager: set, the host runs shared-NVSwitch mode (GPUs go to VMs in
+    /// its partitions, NVSwitches stay on `nvidia`).
+    fabric: Option<Box<dyn FabricManager>>,
 }
 
 impl fmt::Debug for Host {
@@ -210,6 +245,7 @@ impl Host {
             vfio_wait: Duration::from_secs(10),
             nvidia_smi: guard::find_nvidia_smi(guard::NVIDIA_SMI_PATHS),
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            fabric: None,
         };
         host.pick_kernel();
         host
@@ -229,6 +265,13 @@ impl Host {
             // The host's nvidia-smi must never act on a simulated tree's addresses.
             self.nvidia_smi = None;
             self.nvidia_gpus = self.sysfs.root().join(crate::simulation::SIM_NVIDIA_GPUS);
+            let partitions = self
+                .sysfs
+                .root()
+                .join(crate::simulation::SIM_FABRIC_PARTITIONS);
+            if partitions.is_file() {
+                self.fabric = Some(Box::new(crate::fabric::PartitionFile::new(partitions)));
+            }
         }
     }
 
@@ -269,6 +312,13 @@ impl Host {
     /// Replace the VFIO check.
     pub fn with_verifier(mut self, verifier: Box<dyn VfioVerifier>) -> Host {
         self.verifier = verifier;
+        self
+    }
+
+    /// Run shared-NVSwitch mode with this fabric manager: GPUs are placed in its partitions,
+    /// each activated before the first bind and deactivated once its GPUs are back.
+    pub fn with_fabric_manager(mut self, fabric: Box<dyn FabricManager>) -> Host {
+        self.fabric = Some(fabric);
         self
     }
 

@@ -7,14 +7,12 @@
 //! other host operation goes on.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use super::{Aftermath, AttachError};
 use crate::pci::PciAddress;
-
-/// How often a running command is polled for its exit.
-const POLL: Duration = Duration::from_millis(20);
+use crate::tools::{RunError, run_bounded};
 
 /// Turn an NVIDIA GPU's persistence mode off (or back on) with `smi -i ADDR -pm 0|1`,
 /// affecting only that GPU; nvidia-persistenced itself is never stopped. Returns whether
@@ -27,41 +25,21 @@ pub(super) fn persistence(
 ) -> Result<bool, AttachError> {
     let address = device.to_string();
     let args = ["-i", address.as_str(), "-pm", if on { "1" } else { "0" }];
-    let Ok(mut child) = Command::new(smi)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
-        return Ok(false);
-    };
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) if s.success() => return Ok(true),
-            Ok(Some(s)) => {
-                tracing::warn!("{} -i {address} -pm: exit {s}", smi.display());
-                return Ok(false);
-            }
-            Ok(None) if start.elapsed() < limit => std::thread::sleep(POLL),
-            Err(e) => {
-                tracing::warn!("{} -i {address} -pm: {e}", smi.display());
-                let _ = child.kill();
-                let _ = child.wait();
-                return Ok(false);
-            }
-            Ok(None) => {
-                // Killed and reaped, so no zombie outlives the call.
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(AttachError::CommandTimeout {
-                    device,
-                    command: format!("{} {}", smi.display(), args.join(" ")),
-                    after: limit,
-                    aftermath: Aftermath::KeptInJournal,
-                });
-            }
+    match run_bounded(Command::new(smi).args(args), limit) {
+        Ok(output) if output.status.success() => Ok(true),
+        Ok(output) => {
+            tracing::warn!("{} -i {address} -pm: exit {}", smi.display(), output.status);
+            Ok(false)
         }
+        Err(RunError::Start { source, .. }) => {
+            tracing::warn!("{} -i {address} -pm: {source}", smi.display());
+            Ok(false)
+        }
+        Err(RunError::TimedOut { .. }) => Err(AttachError::CommandTimeout {
+            device,
+            command: format!("{} {}", smi.display(), args.join(" ")),
+            after: limit,
+            aftermath: Aftermath::KeptInJournal,
+        }),
     }
 }

@@ -11,10 +11,12 @@ use super::{AttachError, Host, PlanRequest, load_supported};
 use crate::outcome::{Outcome, ReportOutcome};
 use crate::owner::Owner;
 use crate::pci::ids::SupportedGpus;
+use crate::pci::variant::VfioDriver;
 use crate::pci::{DeviceKind, PciAddress, PciDevice};
 use crate::remedy::Remedy;
-use crate::vmm::MmioWindow;
+use crate::vmm::mmio::MmioWindow;
 use crate::vmm::mmio::host_phys_bits;
+use crate::vmm::topology::{self, PlaceInput, Placement};
 
 /// Why a device is in the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,8 +47,12 @@ pub struct PlannedDevice {
     pub kind: DeviceKind,
     /// Handed to the VM (requested and companions) rather than only held for viability.
     pub passed: bool,
-    /// Already on vfio-pci with no owner: adopted without writes.
+    /// Already on a VFIO driver with no owner: adopted without writes.
     pub adopt: bool,
+    /// The VFIO driver it goes to (a variant from the kernel's `modules.alias`, the caller's,
+    /// or vfio-pci). Plans of earlier releases read as vfio-pci.
+    #[serde(default = "VfioDriver::vfio_pci")]
+    pub vfio: VfioDriver,
 }
 
 /// Why something is refused.
@@ -88,6 +94,13 @@ pub enum RefusalReason {
     /// An NVSwitch would move without the rest of its baseboard (asked for alone, or only a
     /// member of a moving device's IOMMU group).
     NvSwitch,
+    /// NVLink in the guest was asked for without every GPU and NVSwitch of the baseboard.
+    PartialBaseboard,
+    /// A baseboard was asked for through a device on none, or NVLink for a GPU on none.
+    NoBaseboard,
+    /// Shared-NVSwitch mode: no free fabric partition fits, the GPUs span partitions, the
+    /// partition is active already, or the fabric manager cannot be asked.
+    FabricPartition,
     /// Quarantined by its health record (failure events from distinct owners).
     Quarantined,
     /// The health record cannot be read: nothing is handed out (fail closed).
@@ -111,6 +124,15 @@ pub struct Refusal {
     pub message: String,
     /// The owner holding the device, for [`RefusalReason::AttachedToOwner`].
     pub owner: Option<Owner>,
+}
+
+/// The fabric partition an attach activates before its first bind (shared-NVSwitch mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedPartition {
+    /// The fabric manager's partition ID.
+    pub id: u32,
+    /// Its GPUs (every one of them goes to the VM).
+    pub gpus: Vec<PciAddress>,
 }
 
 /// One sysfs write, in order.
@@ -144,6 +166,13 @@ pub struct Plan {
     /// The host CPU's physical address bits (`/proc/cpuinfo`), when it says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_phys_bits: Option<u8>,
+    /// Where the devices handed over will sit in the VM (guest bus and slot, NUMA node,
+    /// switch), as the boot spec will place them ([`crate::vmm::topology`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Placement>,
+    /// Shared-NVSwitch mode: the fabric partition activated for these GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<PlannedPartition>,
 }
 
 /// A plan with refusals is refused; a boot display among them names its remedy.
@@ -188,7 +217,7 @@ impl Host {
                 mdev_type: None,
                 ..req.clone()
             };
-            if self.plan_with(state, &single, gpus)?.refusals.is_empty() {
+            if self.plan_devices(state, &single, gpus)?.refusals.is_empty() {
                 free.push(d);
             }
         }
@@ -209,7 +238,26 @@ impl Host {
         Ok(free.iter().take(n).map(|d| d.address).collect())
     }
 
+    /// The plan for `req`: its baseboard and fabric partition (`nvlink.rs`) turned into
+    /// devices, then [`Host::plan_devices`], then the NVLink rules.
     pub(super) fn plan_with(
+        &self,
+        state: &JournalState,
+        req: &PlanRequest,
+        gpus: Option<&SupportedGpus>,
+    ) -> Result<Plan, AttachError> {
+        let mut req = req.clone();
+        let mut refusals = self.expand_baseboard(&mut req)?;
+        let partition = self.place_on_partition(state, &mut req, gpus, &mut refusals)?;
+        let mut plan = self.plan_devices(state, &req, gpus)?;
+        plan.refusals.splice(0..0, refusals);
+        plan.partition = partition;
+        self.nvlink_refusals(&req, &mut plan)?;
+        Ok(plan)
+    }
+
+    /// The plan for the devices `req` names (and `--gpus N` picks), with every refusal.
+    pub(super) fn plan_devices(
         &self,
         state: &JournalState,
         req: &PlanRequest,
@@ -231,6 +279,8 @@ impl Host {
             writes: Vec::new(),
             mmio: None,
             host_phys_bits: None,
+            placement: Vec::new(),
+            partition: None,
         };
         let refuse = |plan: &mut Plan, device, reason, message: String| {
             plan.refusals.push(Refusal {
@@ -307,8 +357,8 @@ impl Host {
                     driver: dev.driver.clone(),
                     kind: dev.kind,
                     passed: role != PlanRole::GroupMember,
-                    adopt: dev.driver.as_deref() == Some("vfio-pci")
-                        && state.owner_of(dev.address).is_none(),
+                    adopt: self.sysfs.on_vfio(dev.address) && state.owner_of(dev.address).is_none(),
+                    vfio: VfioDriver::vfio_pci(),
                 });
             };
             add(&mut plan, &d, PlanRole::Requested, addr);
@@ -349,6 +399,12 @@ impl Host {
         // Requested devices first, then in address order within each role.
         plan.devices
             .sort_by_key(|p| (p.role != PlanRole::Requested, p.address));
+        if !plan.devices.is_empty() {
+            let aliases = self.modules_alias();
+            for i in 0..plan.devices.len() {
+                plan.devices[i].vfio = self.choose_vfio(&aliases, req, &plan.devices[i]);
+            }
+        }
         for p in plan.devices.clone() {
             let Some(d) = devs.get(&p.address) else {
                 continue;
@@ -364,11 +420,12 @@ impl Host {
                     &mut plan,
                     Some(parent),
                     RefusalReason::AttachedToOwner,
-                    format!("{parent} is bound to vfio-pci for owner {owner}: detach it first"),
+                    format!("{parent} is bound to VFIO for owner {owner}: detach it first"),
                 );
             }
         }
-        self.size_mmio(&devs, &mut plan);
+        let expanded = self.place(&devs, &mut plan);
+        self.size_mmio(&devs, expanded, &mut plan);
         let mut groups: Vec<u32> = plan.devices.iter().filter_map(|p| p.iommu_group).collect();
         groups.sort_unstable();
         groups.dedup();
@@ -377,18 +434,51 @@ impl Host {
         Ok(plan)
     }
 
-    /// The window for the passed devices' 64-bit prefetchable BARs, refused when the host CPU
-    /// cannot address it (a guest cannot have more physical address bits than its host).
-    fn size_mmio(&self, devs: &BTreeMap<PciAddress, PciDevice>, plan: &mut Plan) {
+    /// The placement the boot spec will give the passed devices (in its order: as bound,
+    /// GPUs first); whether they sit behind expander bridges.
+    fn place(&self, devs: &BTreeMap<PciAddress, PciDevice>, plan: &mut Plan) -> bool {
+        let mut inputs: Vec<PlaceInput> = plan
+            .devices
+            .iter()
+            .filter(|p| p.passed && p.iommu_group.is_some())
+            .filter_map(|p| devs.get(&p.address))
+            .map(|d| PlaceInput {
+                host: Some(d.address),
+                numa_node: d.numa_node,
+                host_switch: self.sysfs.upstream_switch_address(d.address),
+                gpu: d.kind == DeviceKind::Display,
+                nic: d.kind == DeviceKind::Network,
+            })
+            .collect();
+        inputs.sort_by_key(|i| !i.gpu);
+        let t = topology::place(&inputs, &crate::vmm::GUEST_SLOTS);
+        let expanded = t.expanded();
+        plan.placement = t.placements.into_iter().flatten().collect();
+        expanded
+    }
+
+    /// The window for the passed devices' 64-bit prefetchable BARs (each device's share
+    /// rounded up to its largest BAR when each sits behind a root port of its own), refused
+    /// when the host CPU cannot address it (a guest cannot have more physical address bits
+    /// than its host).
+    fn size_mmio(&self, devs: &BTreeMap<PciAddress, PciDevice>, expanded: bool, plan: &mut Plan) {
         let bars = plan
             .devices
             .iter()
             .filter(|p| p.passed)
             .filter_map(|p| devs.get(&p.address))
-            .flat_map(|d| d.bars.iter())
-            .filter(|b| b.is_64bit && b.prefetchable)
-            .map(|b| b.size);
-        plan.mmio = MmioWindow::for_bars(bars);
+            .map(|d| {
+                d.bars
+                    .iter()
+                    .filter(|b| b.is_64bit && b.prefetchable)
+                    .map(|b| b.size)
+                    .collect::<Vec<u64>>()
+            });
+        plan.mmio = if expanded {
+            MmioWindow::for_ports(bars)
+        } else {
+            MmioWindow::for_bars(bars.flatten())
+        };
         let cpuinfo = self.proc_root.join("cpuinfo");
         plan.host_phys_bits = std::fs::read_to_string(&cpuinfo)
             .ok()
@@ -418,7 +508,9 @@ impl Host {
             let a = p.address.to_string();
             out.push(SysfsWrite {
                 path: self.sysfs.device_dir(p.address).join("driver_override"),
-                value: "vfio-pci".into(),
+                value: p.vfio.driver.clone().unwrap_or_else(|| {
+                    format!("<the driver {} registers once loaded>", p.vfio.module)
+                }),
             });
             if let Some(d) = &p.driver {
                 out.push(SysfsWrite {

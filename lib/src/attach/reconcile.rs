@@ -155,12 +155,12 @@ impl Host {
         Ok(report)
     }
 
-    /// Past the point of no return: every device verified and still on vfio-pci with its
+    /// Past the point of no return: every device verified and still on its VFIO driver with its
     /// node present, every mdev verified and present.
     fn can_finish(&self, txn: &Transaction) -> bool {
         let devices_ok = txn.devices.iter().all(|d| {
             d.step == Step::Verified
-                && self.sysfs.driver(d.device).as_deref() == Some("vfio-pci")
+                && self.sysfs.driver(d.device).as_ref() == Some(&d.vfio_driver)
                 && d.iommu_group.is_some_and(|g| {
                     self.present_node(g, d.device).is_some()
                         && (!d.passed

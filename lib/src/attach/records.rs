@@ -18,7 +18,7 @@ pub enum Step {
     Planned,
     /// Persistence mode being turned off for this GPU.
     PersistenceOff,
-    /// `driver_override=vfio-pci` being written.
+    /// `driver_override` being set to the device's VFIO driver (vfio-pci or a variant).
     OverrideSet,
     /// Unbinding from the original driver.
     Unbound,
@@ -51,12 +51,21 @@ pub struct DeviceRecord {
     /// `d3cold_allowed` before we set it to 0 (kept out of D3cold while attached).
     #[serde(default)]
     pub original_d3cold: Option<String>,
+    /// The VFIO driver it was bound to (its registered name: `vfio-pci`, or a variant such
+    /// as `nvgrace-gpu-vfio-pci`); detach, rollback and reconcile know it is ours by this
+    /// name. Journals of earlier releases read as vfio-pci.
+    #[serde(default = "vfio_pci")]
+    pub vfio_driver: String,
     /// The last step begun.
     pub step: Step,
     /// What the host read of the device at attach (a device handed to the VM), compared by
     /// the check at detach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<HostBaseline>,
+}
+
+fn vfio_pci() -> String {
+    crate::pci::variant::VFIO_PCI.into()
 }
 
 /// A device's AER error counters and link width, read by the host at attach: the check at
@@ -148,6 +157,18 @@ impl VgpuRecord {
     }
 }
 
+/// A fabric partition activated for a transaction (shared-NVSwitch mode), recorded before it
+/// is activated, so a crash at any point leaves it found and deactivated by reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionRecord {
+    /// The fabric manager's partition ID.
+    pub id: u32,
+    /// Its GPUs.
+    pub gpus: Vec<PciAddress>,
+    /// The fabric manager said it activated it (until then: activation begun, maybe done).
+    pub activated: bool,
+}
+
 /// A transaction in flight.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "TransactionOnDisk")]
@@ -167,6 +188,9 @@ pub struct Transaction {
     /// journals). After a reboot nothing it did is still in place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// The fabric partition it activates before its first bind (shared-NVSwitch mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric_partition: Option<PartitionRecord>,
 }
 
 /// A [`Transaction`] as any release wrote it.
@@ -183,11 +207,14 @@ struct TransactionOnDisk {
     mdevs: Vec<LegacyMdevRecord>,
     #[serde(default)]
     vgpus: Vec<VgpuRecord>,
+    #[serde(default)]
+    fabric_partition: Option<PartitionRecord>,
 }
 
 impl From<TransactionOnDisk> for Transaction {
     fn from(t: TransactionOnDisk) -> Transaction {
         Transaction {
+            fabric_partition: t.fabric_partition,
             owner: t.owner,
             pid: t.pid,
             owner_process: t.owner_process,
@@ -221,6 +248,10 @@ pub struct Attachment {
     /// (version 1 journals). `reconcile` ends the attachments of an earlier boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// Fabric partitions active for it (shared-NVSwitch mode): deactivated once its devices
+    /// are back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fabric_partitions: Vec<PartitionRecord>,
 }
 
 /// An [`Attachment`] as any release wrote it.
@@ -236,11 +267,14 @@ struct AttachmentOnDisk {
     mdevs: Vec<LegacyMdevRecord>,
     #[serde(default)]
     vgpus: Vec<VgpuRecord>,
+    #[serde(default)]
+    fabric_partitions: Vec<PartitionRecord>,
 }
 
 impl From<AttachmentOnDisk> for Attachment {
     fn from(a: AttachmentOnDisk) -> Attachment {
         Attachment {
+            fabric_partitions: a.fabric_partitions,
             owner: a.owner,
             owner_process: a.owner_process,
             boot_id: a.boot_id,

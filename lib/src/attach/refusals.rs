@@ -97,7 +97,7 @@ impl Host {
         // bridge, a disk, a NIC. Only naming it moves it.
         if p.role == PlanRole::GroupMember
             && let Some(driver) = &d.driver
-            && driver != "vfio-pci"
+            && !crate::pci::variant::is_vfio_driver(self.sysfs.root(), driver)
             && driver != "pci-stub"
         {
             refuse(
@@ -132,7 +132,8 @@ impl Host {
             refuse(
                 RefusalReason::HeldOpen,
                 format!(
-                    "{addr} is on vfio-pci with no owner here, and in use: {who}; a VM outside this tool has it: stop that VM first"
+                    "{addr} is on {} with no owner here, and in use: {who}; a VM outside this tool has it: stop that VM first",
+                    d.driver.as_deref().unwrap_or("vfio-pci")
                 ),
                 None,
             );
@@ -176,6 +177,7 @@ impl Host {
 
     /// An NVSwitch moves only when the request names its whole baseboard (every GPU and
     /// NVSwitch of it): alone it is useless to a VM and takes the fabric from the host's GPUs.
+    /// In shared-NVSwitch mode it never moves: the host's fabric manager drives it.
     fn nvswitch_refusal(
         &self,
         req: &PlanRequest,
@@ -183,6 +185,16 @@ impl Host {
         refuse: &mut impl FnMut(RefusalReason, String, Option<Owner>),
     ) {
         let addr = p.address;
+        if self.shared_nvswitch() {
+            refuse(
+                RefusalReason::NvSwitch,
+                format!(
+                    "{addr} is an NVSwitch and this host runs shared-NVSwitch mode: NVSwitches stay on nvidia for the host's fabric manager; ask for GPUs only, which go to the VM in a fabric partition"
+                ),
+                None,
+            );
+            return;
+        }
         let board = match self.sysfs.baseboard_of(addr) {
             Ok(Some(b)) => b,
             Ok(None) | Err(_) => {

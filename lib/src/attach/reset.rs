@@ -186,17 +186,17 @@ impl Host {
             .filter(|a| *a != device && a.domain == device.domain && a.bus == device.bus)
             .filter_map(|a| {
                 let driver = self.sysfs.driver(a)?;
-                if driver != "vfio-pci" {
+                if !crate::pci::variant::is_vfio_driver(self.sysfs.root(), &driver) {
                     return Some((a, format!("on {driver}")));
                 }
                 if let Some(other) = state.owner_of(a).filter(|o| Some(*o) != owner) {
-                    return Some((a, format!("on vfio-pci for owner {other}")));
+                    return Some((a, format!("on {driver} for owner {other}")));
                 }
                 let group = self.sysfs.device(a).ok().and_then(|d| d.iommu_group);
                 match self.held_by(&self.vfio_nodes(a, group)) {
                     Ok(h) if h.is_empty() => None,
-                    Ok(h) => Some((a, format!("on vfio-pci, {}", describe(&h)))),
-                    Err(e) => Some((a, format!("on vfio-pci, and {e}"))),
+                    Ok(h) => Some((a, format!("on {driver}, {}", describe(&h)))),
+                    Err(e) => Some((a, format!("on {driver}, and {e}"))),
                 }
             })
             .collect()
@@ -399,8 +399,11 @@ impl Host {
             if mdevs > 0 {
                 out.push(format!("{vf} has {mdevs} mdev(s)"));
             }
-            if self.sysfs.driver(vf).as_deref() == Some("vfio-pci") {
-                out.push(format!("{vf} is on vfio-pci"));
+            if self.sysfs.on_vfio(vf) {
+                out.push(format!(
+                    "{vf} is on {}",
+                    self.sysfs.driver(vf).unwrap_or_default()
+                ));
             }
         }
         out

@@ -104,6 +104,10 @@ impl Host {
         for rec in txn.devices.iter().rev() {
             out.push(self.restore(rec)?);
         }
+        // Its GPUs are back with the host: the partition follows.
+        if let Some(p) = &txn.fabric_partition {
+            self.deactivate_partition(p)?;
+        }
         Ok(out)
     }
 }

@@ -189,6 +189,7 @@ impl Host {
             devices: Vec::new(),
             vgpus,
             boot_id: self.boot_id(),
+            fabric_partition: None,
         });
         let t = j.state.transactions.len() - 1;
         j.save()?;
@@ -315,6 +316,9 @@ impl Host {
                     .and_then(|a| self.sysfs.device(a).ok())
                     .map_or(0, |d| d.bar64_bytes()),
                 vfio: Some(report),
+                numa_node: None,
+                host_switch: None,
+                nic: false,
             });
         }
         Failpoint::VgpuAfterVerify.hit();

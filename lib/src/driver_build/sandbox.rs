@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use super::toolchain::BWRAP;
 use crate::outcome::{Classify, Outcome};
-use crate::tools::ToolError;
+use crate::tools::{PROBE_LIMIT, ToolError, run_bounded};
 
 /// Where the writable scratch directory appears inside the sandbox.
 pub const WORK_DIR: &str = "/build";
@@ -445,10 +445,11 @@ pub fn is_root() -> bool {
 
 /// `bwrap --version`'s version, if bwrap runs.
 pub fn bwrap_version() -> Option<String> {
-    let out = Command::new(BWRAP.find().ok()?)
-        .arg("--version")
-        .output()
-        .ok()?;
+    let out = run_bounded(
+        Command::new(BWRAP.find().ok()?).arg("--version"),
+        PROBE_LIMIT,
+    )
+    .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace().nth(1).map(str::to_string)
 }

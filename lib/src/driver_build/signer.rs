@@ -8,7 +8,7 @@ use std::process::Command;
 
 use crate::outcome::{Classify, Outcome};
 use crate::registry::Signer;
-use crate::tools::{Tool, ToolError};
+use crate::tools::{PROBE_LIMIT, RunError, Tool, ToolError, run_bounded};
 
 /// The certificate reader, run as root: found only at a checked system path.
 pub const OPENSSL: Tool = Tool {
@@ -28,9 +28,9 @@ pub enum SignerError {
     Run {
         /// The certificate.
         cert: PathBuf,
-        /// Why.
+        /// Why: not started, or past [`PROBE_LIMIT`].
         #[source]
-        source: std::io::Error,
+        source: RunError,
     },
     /// The file is not a certificate openssl reads.
     #[error(
@@ -61,23 +61,25 @@ pub fn signer(cert: &Path) -> Result<Signer, SignerError> {
     let openssl = OPENSSL.find()?;
     let mut last = String::new();
     for form in ["PEM", "DER"] {
-        let out = Command::new(&openssl)
-            .args([
-                "x509",
-                "-noout",
-                "-issuer",
-                "-serial",
-                "-nameopt",
-                "multiline,utf8,-esc_msb",
-            ])
-            .args(["-inform", form, "-in"])
-            .arg(cert)
-            .env("LC_ALL", "C")
-            .output()
-            .map_err(|source| SignerError::Run {
-                cert: cert.to_path_buf(),
-                source,
-            })?;
+        let out = run_bounded(
+            Command::new(&openssl)
+                .args([
+                    "x509",
+                    "-noout",
+                    "-issuer",
+                    "-serial",
+                    "-nameopt",
+                    "multiline,utf8,-esc_msb",
+                ])
+                .args(["-inform", form, "-in"])
+                .arg(cert)
+                .env("LC_ALL", "C"),
+            PROBE_LIMIT,
+        )
+        .map_err(|source| SignerError::Run {
+            cert: cert.to_path_buf(),
+            source,
+        })?;
         if !out.status.success() {
             last = String::from_utf8_lossy(&out.stderr)
                 .lines()

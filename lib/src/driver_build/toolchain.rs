@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::outcome::{Classify, Outcome};
+use crate::tools::{PROBE_LIMIT, RunError, run_bounded};
 
 /// The sandbox's `PATH`: the host's system directories, nothing from the caller's environment.
 pub const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
@@ -84,9 +85,9 @@ pub enum ToolchainError {
     Run {
         /// The program.
         program: String,
-        /// Why.
+        /// Why: not started, or past [`PROBE_LIMIT`].
         #[source]
-        source: std::io::Error,
+        source: RunError,
     },
 }
 
@@ -181,16 +182,18 @@ pub fn compiler_for(cc_version_text: &str) -> Result<Compiler, ToolchainError> {
 
 /// The first line of `program --version`.
 pub fn version_line(program: &str) -> Result<String, ToolchainError> {
-    let out = Command::new(program)
-        .arg("--version")
-        .env_clear()
-        .env("PATH", SANDBOX_PATH)
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|source| ToolchainError::Run {
-            program: program.to_string(),
-            source,
-        })?;
+    let out = run_bounded(
+        Command::new(program)
+            .arg("--version")
+            .env_clear()
+            .env("PATH", SANDBOX_PATH)
+            .env("LC_ALL", "C"),
+        PROBE_LIMIT,
+    )
+    .map_err(|source| ToolchainError::Run {
+        program: program.to_string(),
+        source,
+    })?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()

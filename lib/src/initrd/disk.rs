@@ -22,6 +22,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
+use std::time::Duration;
 
 pub use gpu_passthrough_guest_contract::disk::{
     EROFS_UUID_OFFSET, IMAGE_FILE, ImageBinding, MODULE_DIR, MOUNT_MODULES, ORDER_FILE,
@@ -34,7 +35,7 @@ use super::LayerFile;
 use crate::fsutil::sha256_file;
 use crate::inspect::{ClosureGap, Expectations, InspectedModule, Problem, kernel_closure};
 use crate::outcome::{Classify, Outcome};
-use crate::tools::{Tool, ToolError};
+use crate::tools::{RunError, Tool, ToolError, run_bounded};
 
 /// The program that writes the image, and the package that ships it (Debian, Ubuntu, Fedora).
 pub const MKFS_EROFS: Tool = Tool {
@@ -46,6 +47,10 @@ pub const VERITYSETUP: Tool = Tool {
     program: "veritysetup",
     package: "cryptsetup-bin",
 };
+/// How long `mkfs.erofs` or `veritysetup` may run on one image (a few seconds for a driver's
+/// few hundred MiB) before it is taken as hung and killed.
+pub const TOOL_LIMIT: Duration = Duration::from_secs(600);
+
 /// The image is padded to a multiple of this (QEMU maps virtio-pmem in 2 MiB steps).
 pub const IMAGE_ALIGN: u64 = 2 << 20;
 /// File name of the image in a cache entry.
@@ -185,6 +190,15 @@ pub enum DiskError {
         /// What it printed (last lines).
         stderr: String,
     },
+    /// `mkfs.erofs` or `veritysetup` could not be started or ran past [`TOOL_LIMIT`].
+    #[error("making the GPU disk {image}")]
+    Run {
+        /// The image being made.
+        image: PathBuf,
+        /// The run's failure.
+        #[source]
+        source: RunError,
+    },
     /// A file-system operation failed.
     #[error("{context}")]
     Io {
@@ -206,6 +220,7 @@ impl Classify for DiskError {
             DiskError::MkfsFailed { .. }
             | DiskError::VerityFailed { .. }
             | DiskError::NoKernelModules { .. }
+            | DiskError::Run { .. }
             | DiskError::Io { .. } => Outcome::Failed,
         }
     }
@@ -308,19 +323,24 @@ pub(super) fn make_image(
 ) -> Result<(LayerFile, Option<Verity>), DiskError> {
     let image = dir.join(IMAGE_NAME);
     let mkfs = MKFS_EROFS.find()?;
-    let output = Command::new(&mkfs)
-        .arg("--quiet")
-        .arg("-T0")
-        .arg(format!("-U{uuid}"))
-        .arg("--all-root")
-        .arg("-Enoinline_data")
-        .arg("-Eforce-inode-compact")
-        .arg("-x-1")
-        .arg(&image)
-        .arg(tree)
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(io_err(format!("running {}", mkfs.display())))?;
+    let output = run_bounded(
+        Command::new(&mkfs)
+            .arg("--quiet")
+            .arg("-T0")
+            .arg(format!("-U{uuid}"))
+            .arg("--all-root")
+            .arg("-Enoinline_data")
+            .arg("-Eforce-inode-compact")
+            .arg("-x-1")
+            .arg(&image)
+            .arg(tree)
+            .env("LC_ALL", "C"),
+        TOOL_LIMIT,
+    )
+    .map_err(|source| DiskError::Run {
+        image: image.clone(),
+        source,
+    })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
@@ -371,20 +391,25 @@ pub(super) fn make_image(
 fn add_hash_tree(image: &Path, data_len: u64, salt: &str) -> Result<Verity, DiskError> {
     let program = VERITYSETUP.find()?;
     let blocks = data_len / VERITY_BLOCK;
-    let output = Command::new(&program)
-        .arg("format")
-        .arg("--no-superblock")
-        .arg(format!("--hash-offset={data_len}"))
-        .arg(format!("--data-blocks={blocks}"))
-        .arg(format!("--data-block-size={VERITY_BLOCK}"))
-        .arg(format!("--hash-block-size={VERITY_BLOCK}"))
-        .arg("--hash=sha256")
-        .arg(format!("--salt={salt}"))
-        .arg(image)
-        .arg(image)
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(io_err(format!("running {}", program.display())))?;
+    let output = run_bounded(
+        Command::new(&program)
+            .arg("format")
+            .arg("--no-superblock")
+            .arg(format!("--hash-offset={data_len}"))
+            .arg(format!("--data-blocks={blocks}"))
+            .arg(format!("--data-block-size={VERITY_BLOCK}"))
+            .arg(format!("--hash-block-size={VERITY_BLOCK}"))
+            .arg("--hash=sha256")
+            .arg(format!("--salt={salt}"))
+            .arg(image)
+            .arg(image)
+            .env("LC_ALL", "C"),
+        TOOL_LIMIT,
+    )
+    .map_err(|source| DiskError::Run {
+        image: image.to_path_buf(),
+        source,
+    })?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let root_hash = stdout
         .lines()

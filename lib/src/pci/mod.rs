@@ -290,6 +290,17 @@ impl Sysfs {
         link_name(&self.device_dir(address).join("driver"))
     }
 
+    /// Whether `address` is on a VFIO driver: vfio-pci or a variant ([`variant::is_vfio_driver`]).
+    pub fn on_vfio(&self, address: PciAddress) -> bool {
+        self.driver(address)
+            .is_some_and(|d| variant::is_vfio_driver(&self.root, &d))
+    }
+
+    /// `modalias` of `address` (`pci:v…d…sv…sd…bc…sc…i…`), which `modules.alias` matches.
+    pub fn modalias(&self, address: PciAddress) -> Option<String> {
+        read_trimmed(&self.device_dir(address).join("modalias"))
+    }
+
     /// `driver_override` of `address` (`None` when unset: empty or `(null)`).
     pub fn driver_override(&self, address: PciAddress) -> Option<String> {
         read_trimmed(&self.device_dir(address).join("driver_override"))
@@ -326,6 +337,15 @@ impl Sysfs {
                 .is_some_and(|n| n.parse::<PciAddress>().is_ok())
         };
         (is_function(downstream) && is_function(upstream)).then(|| upstream.to_owned())
+    }
+
+    /// [`Sysfs::upstream_switch`] as the upstream port's address.
+    pub fn upstream_switch_address(&self, address: PciAddress) -> Option<PciAddress> {
+        self.upstream_switch(address)?
+            .file_name()?
+            .to_str()?
+            .parse()
+            .ok()
     }
 
     /// Whether two or more devices all sit behind one PCIe switch (P2P between them stays in

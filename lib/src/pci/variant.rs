@@ -10,8 +10,90 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
 /// The plain VFIO driver, when no variant matches.
 pub const VFIO_PCI: &str = "vfio-pci";
+
+/// The plain VFIO driver's module.
+pub const VFIO_PCI_MODULE: &str = "vfio_pci";
+
+/// Why a device goes to the VFIO driver it is planned on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverSource {
+    /// No `vfio_pci:` alias matches the device: plain vfio-pci.
+    Default,
+    /// The running kernel's `modules.alias` names a variant driver for it.
+    ModulesAlias,
+    /// The caller named the driver (`--vfio-driver`).
+    Override,
+    /// It is on this VFIO driver already, with no owner: adopted as it is.
+    Adopted,
+}
+
+/// The VFIO driver a device is planned on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfioDriver {
+    /// The module that provides it (`vfio_pci`, or a variant such as `nvgrace_gpu_vfio_pci`);
+    /// for an override, the name as given.
+    pub module: String,
+    /// The name it registers under `bus/pci/drivers` (`nvgrace-gpu-vfio-pci`): `None` while
+    /// the module is not loaded (attach loads it, then finds the name).
+    pub driver: Option<String>,
+    /// Why this one.
+    pub source: DriverSource,
+}
+
+impl VfioDriver {
+    /// Plain vfio-pci.
+    pub fn vfio_pci() -> VfioDriver {
+        VfioDriver {
+            module: VFIO_PCI_MODULE.into(),
+            driver: Some(VFIO_PCI.into()),
+            source: DriverSource::Default,
+        }
+    }
+}
+
+/// The name `module` (or a driver name given for it) registered under `bus/pci/drivers`: the
+/// driver whose `module` link names it ([`registered_driver`], with `-` and `_` alike as
+/// modprobe takes them), or else a driver directory of exactly the given name or the module
+/// name with `_` as `-` (vfio-pci's own). `None`: not loaded.
+pub fn loaded_driver(sysfs_root: &Path, name: &str) -> Option<String> {
+    let module = name.replace('-', "_");
+    registered_driver(sysfs_root, &module).or_else(|| {
+        [name.to_owned(), module.replace('_', "-")]
+            .into_iter()
+            .find(|d| {
+                crate::pci::valid_driver_name(d)
+                    && sysfs_root.join("bus/pci/drivers").join(d).is_dir()
+            })
+    })
+}
+
+/// Whether the driver registered as `driver` is a VFIO PCI driver: vfio-pci itself, or one
+/// whose module is built on `vfio_pci_core` (`<sysfs>/module/vfio_pci_core/holders/<module>`,
+/// as every variant driver is). A host driver (`nvidia`, `mlx5_core`) never is.
+pub fn is_vfio_driver(sysfs_root: &Path, driver: &str) -> bool {
+    if driver == VFIO_PCI {
+        return true;
+    }
+    let Ok(target) = std::fs::read_link(
+        sysfs_root
+            .join("bus/pci/drivers")
+            .join(driver)
+            .join("module"),
+    ) else {
+        return false;
+    };
+    target.file_name().is_some_and(|m| {
+        sysfs_root
+            .join("module/vfio_pci_core/holders")
+            .join(m)
+            .exists()
+    })
+}
 
 /// The module `modules.alias` names for `modalias` (a device's `pci:v…d…sv…sd…bc…sc…i…`), if
 /// any `vfio_pci:` alias matches it; of several, the one with the fewest wildcards (ties:
@@ -137,5 +219,18 @@ alias vfio_pci:v*d*sv*sd*bc*sc*i* catch_all_vfio_pci
             Some("nvgrace-gpu-vfio-pci")
         );
         assert_eq!(registered_driver(dir.path(), "mlx5_vfio_pci"), None);
+        assert_eq!(
+            loaded_driver(dir.path(), "nvgrace-gpu-vfio-pci").as_deref(),
+            Some("nvgrace-gpu-vfio-pci")
+        );
+        assert!(
+            !is_vfio_driver(dir.path(), "nvgrace-gpu-vfio-pci"),
+            "not on vfio_pci_core"
+        );
+        let holders = dir.path().join("module/vfio_pci_core/holders");
+        std::fs::create_dir_all(&holders).unwrap();
+        std::os::unix::fs::symlink(&module, holders.join("nvgrace_gpu_vfio_pci")).unwrap();
+        assert!(is_vfio_driver(dir.path(), "nvgrace-gpu-vfio-pci"));
+        assert!(is_vfio_driver(dir.path(), VFIO_PCI));
     }
 }

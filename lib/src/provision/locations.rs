@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::attach::{Host, Owner, PidLiveness};
+use crate::fabric::Fmpm;
 use crate::paths;
 use crate::registry::{Registry, RegistryError};
 
@@ -51,6 +52,14 @@ pub struct Locations {
         long, value_name = "DIR", global = true, default_value = paths::DEV_DIR
     ))]
     pub dev_dir: PathBuf,
+    /// Shared-NVSwitch mode: NVIDIA's `fmpm` (Fabric-Manager-Client) at this path lists,
+    /// activates and deactivates the fabric manager's partitions; GPUs then go to VMs in
+    /// partitions and NVSwitches stay with the host.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "PATH", global = true, env = "GPU_PASSTHROUGH_FMPM")
+    )]
+    pub fmpm: Option<PathBuf>,
 }
 
 impl Default for Locations {
@@ -61,6 +70,7 @@ impl Default for Locations {
             sysfs_root: paths::SYSFS_ROOT.into(),
             state_dir: paths::STATE_DIR.into(),
             dev_dir: paths::DEV_DIR.into(),
+            fmpm: None,
         }
     }
 }
@@ -85,6 +95,11 @@ impl Locations {
             gone,
             ..Default::default()
         };
-        Host::new(&self.sysfs_root, &self.state_dir, Box::new(liveness)).with_dev_dir(&self.dev_dir)
+        let host = Host::new(&self.sysfs_root, &self.state_dir, Box::new(liveness))
+            .with_dev_dir(&self.dev_dir);
+        match &self.fmpm {
+            Some(program) => host.with_fabric_manager(Box::new(Fmpm::new(program))),
+            None => host,
+        }
     }
 }

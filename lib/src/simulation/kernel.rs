@@ -7,9 +7,11 @@ use std::path::{Component, Path, PathBuf};
 
 use super::vgpu;
 use super::{
-    SIM_DEFAULT_DRIVER, SIM_NVIDIA_GPUS, SIM_RESET_LOG, SIM_SRIOV_LOG, has_flag, take_fault,
+    SIM_DEFAULT_DRIVER, SIM_MODULES_ALIAS, SIM_NVIDIA_GPUS, SIM_REGISTERS, SIM_RESET_LOG,
+    SIM_SRIOV_LOG, has_flag, take_fault,
 };
 use crate::kernel::Kernel;
+use crate::pci::variant::is_vfio_driver;
 use crate::pci::{PciAddress, Sysfs, valid_driver_name};
 
 /// The kernel's reactions, performed on a fake tree (see the module docs).
@@ -63,10 +65,11 @@ impl SimulatedKernel {
             )?;
         }
         let _ = symlink(&dev, driver_dir.join(address.to_string()));
-        if driver == "vfio-pci" && has_flag(self.sysfs.root(), "iommufd-only") {
+        let vfio = is_vfio_driver(self.sysfs.root(), driver);
+        if vfio && has_flag(self.sysfs.root(), "iommufd-only") {
             return self.add_cdev(&dev);
         }
-        if driver == "vfio-pci"
+        if vfio
             && let Some(group) = self.sysfs.iommu_group(address)
             && !has_flag(self.sysfs.root(), "no-vfio-node")
         {
@@ -89,7 +92,8 @@ impl SimulatedKernel {
         if self.sysfs.driver(address).as_deref() != Some(driver) {
             return Err(errno(libc::ENODEV));
         }
-        if driver == "vfio-pci" {
+        let vfio = is_vfio_driver(self.sysfs.root(), driver);
+        if vfio {
             self.remove_cdevs(&self.sysfs.device_dir(address));
         }
         fs::remove_file(self.sysfs.device_dir(address).join("driver"))?;
@@ -100,15 +104,17 @@ impl SimulatedKernel {
                 .join(address.to_string()),
         );
         let _ = fs::remove_file(self.sysfs.driver_dir(driver).join(address.to_string()));
-        if driver == "vfio-pci"
-            && let Some(group) = self.sysfs.iommu_group(address)
-        {
+        if vfio && let Some(group) = self.sysfs.iommu_group(address) {
             let still_used = self
                 .sysfs
                 .group_members(group)
                 .unwrap_or_default()
                 .into_iter()
-                .any(|m| self.sysfs.driver(m).as_deref() == Some("vfio-pci"));
+                .any(|m| {
+                    self.sysfs
+                        .driver(m)
+                        .is_some_and(|d| is_vfio_driver(self.sysfs.root(), &d))
+                });
             if !still_used {
                 let _ = fs::remove_file(self.dev_dir.join("vfio").join(group.to_string()));
             }
@@ -237,6 +243,41 @@ impl SimulatedKernel {
 impl Kernel for SimulatedKernel {
     fn is_simulated(&self) -> bool {
         true
+    }
+
+    /// [`SIM_MODULES_ALIAS`] in the tree's root (none: empty).
+    fn modules_alias(&self) -> io::Result<String> {
+        match fs::read_to_string(self.sysfs.root().join(SIM_MODULES_ALIAS)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
+            other => other,
+        }
+    }
+
+    /// Like modprobe: a module is there when the tree has `module/<name>` (the test puts it
+    /// there); any other is not found. A module whose directory holds [`SIM_REGISTERS`]
+    /// registers the driver named there on load, as the kernel does (`bus/pci/drivers/NAME`
+    /// with its `module` link).
+    fn load_module(&self, module: &str) -> io::Result<()> {
+        let name = module.replace('-', "_");
+        let dir = self.sysfs.root().join("module").join(&name);
+        if valid_driver_name(&name) && dir.is_dir() {
+            if let Ok(driver) = fs::read_to_string(dir.join(SIM_REGISTERS))
+                && valid_driver_name(driver.trim())
+            {
+                let d = self.sysfs.driver_dir(driver.trim());
+                fs::create_dir_all(&d)?;
+                for attr in ["bind", "unbind"] {
+                    fs::write(d.join(attr), b"")?;
+                }
+                let _ = symlink(&dir, d.join("module"));
+            }
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("modprobe: FATAL: Module {module} not found"),
+            ))
+        }
     }
 
     fn write_attr(&self, path: &Path, value: &str) -> io::Result<()> {

@@ -19,7 +19,9 @@
 //! the `nvidia` driver not take a GPU bound to it (no [`SIM_NVIDIA_GPUS`] entry). `reset`,
 //! `reset_method`, `d3cold_allowed` and `sriov_numvfs` writes are kept in the device's files.
 //! vGPU writes (`current_vgpu_type`, mdev `create`/`remove`) get the vGPU manager's reactions
-//! (see `vgpu.rs`).
+//! (see `vgpu.rs`). [`SIM_MODULES_ALIAS`] stands for the kernel's `modules.alias`; loading a
+//! module succeeds when the tree has `module/<name>`; a driver is a VFIO driver when it is
+//! vfio-pci or its module is among `module/vfio_pci_core/holders`, as on a real host.
 
 mod kernel;
 mod vfio;
@@ -48,6 +50,17 @@ pub const SIM_SRIOV_LOG: &str = ".sim-sriov-numvfs";
 /// In a simulated tree: stands for `/proc/driver/nvidia/gpus/`: a device bound to `nvidia` has
 /// an entry, unless the marker file has the line `nvidia-no-gpu` (the driver did not take it).
 pub const SIM_NVIDIA_GPUS: &str = ".sim-nvidia-gpus";
+
+/// In a simulated tree: stands for the running kernel's `modules.alias`
+/// (`/lib/modules/$(uname -r)/modules.alias`), lines in the kernel's own format.
+pub const SIM_MODULES_ALIAS: &str = ".sim-modules.alias";
+
+/// In a simulated tree: in `module/<name>/`, the driver name the module registers when it is
+/// loaded (a module not loaded yet: its driver appears on load).
+pub const SIM_REGISTERS: &str = ".sim-registers";
+/// In a fake sysfs root: the fabric manager's partitions in `fmpm -l`'s JSON; present, the
+/// host runs shared-NVSwitch mode with [`crate::fabric::PartitionFile`] over it.
+pub const SIM_FABRIC_PARTITIONS: &str = ".sim-fabric-partitions.json";
 
 /// Whether `sysfs_root` is a simulated tree.
 pub fn is_simulated_root(sysfs_root: &Path) -> bool {

@@ -44,7 +44,11 @@ impl VfioVerifier for SimulatedVfio {
         }
         let on_vfio = fs::read_link(sysfs_device.join("driver"))
             .ok()
-            .and_then(|t| t.file_name().map(|n| n == "vfio-pci"))
+            .and_then(|t| {
+                t.file_name()
+                    .and_then(|n| n.to_str())
+                    .map(|n| crate::pci::variant::is_vfio_driver(&self.sysfs_root, n))
+            })
             .unwrap_or(false);
         let is_mdev = sysfs_device.join("mdev_type").exists();
         // A vendor-VFIO VF stays on nvidia: it is a VFIO device once it has a vGPU type.

@@ -131,6 +131,15 @@ impl Display for Plan {
         for (parent, t) in &self.mdevs {
             writeln!(f, "create mdev of type {t} on {parent}")?;
         }
+        if let Some(p) = &self.partition {
+            let gpus: Vec<String> = p.gpus.iter().map(|g| g.to_string()).collect();
+            writeln!(
+                f,
+                "activate fabric partition {} ({}) before the first bind",
+                p.id,
+                gpus.join(" ")
+            )?;
+        }
         for w in &self.writes {
             writeln!(f, "write {:?} > {}", w.value, w.path.display())?;
         }
@@ -232,6 +241,9 @@ impl Display for DetachReport {
         }
         for v in &self.released_vgpus {
             writeln!(f, "released vGPU {v}")?;
+        }
+        for p in &self.deactivated_partitions {
+            writeln!(f, "deactivated fabric partition {p}")?;
         }
         Ok(())
     }

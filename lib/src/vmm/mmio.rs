@@ -8,8 +8,9 @@
 //! largest first, so power-of-two BARs fill the window without gaps. With the guest's RAM
 //! ending below that alignment, the window ends below `alignment + window`: that bound gives
 //! the address bits (a guest with more RAM than the alignment needs one bit more). Devices
-//! each behind their own guest root port (not the layout the boot spec renders today: they sit
-//! on the root bus) would need each device's share rounded up to its own largest BAR.
+//! each behind a guest root port of their own (the expander layout of [`super::topology`])
+//! need each device's share rounded up to its own largest BAR, since a bridge's window is
+//! aligned to the largest BAR below it ([`MmioWindow::for_ports`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +49,26 @@ impl MmioWindow {
             window_bytes: window,
             guest_phys_bits: bits as u8,
         })
+    }
+
+    /// [`MmioWindow::for_bars`] for devices each behind a guest root port of its own (each
+    /// item: one device's BAR sizes): each takes the sum of its BARs rounded up to its largest
+    /// (an H200's 256 GiB + 32 MiB takes 512 GiB); `bar_bytes` and `largest_bar` stay the
+    /// BARs' own.
+    pub fn for_ports(devices: impl IntoIterator<Item = Vec<u64>>) -> Option<MmioWindow> {
+        let devices: Vec<Vec<u64>> = devices
+            .into_iter()
+            .map(|b| b.into_iter().filter(|s| *s > 0).collect::<Vec<u64>>())
+            .filter(|b| !b.is_empty())
+            .collect();
+        let sum = |b: &[u64]| b.iter().fold(0u64, |a, s| a.saturating_add(*s));
+        let shares = devices
+            .iter()
+            .map(|b| round_up(sum(b), b.iter().copied().max().unwrap_or(1)));
+        let mut w = MmioWindow::for_bars(shares)?;
+        w.bar_bytes = devices.iter().fold(0u64, |a, b| a.saturating_add(sum(b)));
+        w.largest_bar = devices.iter().flatten().copied().max().unwrap_or(0);
+        Some(w)
     }
 
     /// The window in MiB, as OVMF's `X-PciMmio64Mb` takes it.
@@ -120,5 +141,21 @@ mod tests {
             "processor\t: 0\nflags\t\t: fpu\naddress sizes\t: 46 bits physical, 57 bits virtual\n";
         assert_eq!(host_phys_bits(text), Some(46));
         assert_eq!(host_phys_bits("processor : 0\n"), None);
+    }
+
+    #[test]
+    fn behind_root_ports_each_device_takes_its_bars_rounded_to_the_largest() {
+        let h200 = vec![256u64 << 30, 32 << 20];
+        let flat = MmioWindow::for_bars(h200.iter().copied().cycle().take(16)).unwrap();
+        let ports = MmioWindow::for_ports(std::iter::repeat_n(h200, 8)).unwrap();
+        assert_eq!(
+            ports.bar_bytes, flat.bar_bytes,
+            "the BARs' own sum either way"
+        );
+        assert_eq!(ports.largest_bar, 256 << 30);
+        // 8 × 512 GiB of bridge windows, plus the VMM's own GiB.
+        assert_eq!(ports.window_bytes, (8 * (512u64 << 30)) + (1 << 30));
+        assert!(ports.window_bytes > flat.window_bytes);
+        assert_eq!(MmioWindow::for_ports(Vec::<Vec<u64>>::new()), None);
     }
 }
