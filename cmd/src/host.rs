@@ -10,7 +10,7 @@ use gpu_passthrough::pci::AddressError;
 use gpu_passthrough::provision::{Provisioner, VmDevices, VmRequest};
 use gpu_passthrough::registry::{ModuleFlavor, Registry};
 use gpu_passthrough::vgpu::PlaceRequest;
-use gpu_passthrough::vmm::{DiskAttach, Vmm};
+use gpu_passthrough::vmm::{DiskRequest, Vmm};
 
 use crate::Global;
 use crate::output::{CmdResult, DownloadBar, emit_judged, emit_text};
@@ -108,10 +108,8 @@ pub struct AttachArgs {
     /// The static guest init for the ensured initrd [default: `gpu-init` beside this program].
     #[arg(long, value_name = "PATH", env = "GPU_PASSTHROUGH_GUEST_INIT")]
     guest_init: Option<PathBuf>,
-    /// The release's GPU payload as a read-only disk instead of the initramfs layer: `pmem`
-    /// (virtio-pmem, mapped with DAX) or the virtio-blk device the guest sees (`/dev/vdb`).
-    #[arg(long, value_name = "pmem|/dev/vdX")]
-    gpu_disk: Option<DiskAttach>,
+    #[command(flatten)]
+    disk: DiskRequest,
     #[command(flatten)]
     vgpu: Option<PlaceRequest>,
 }
@@ -209,7 +207,7 @@ pub fn attach(global: &Global, args: &AttachArgs) -> CmdResult {
         owner,
         release: args.sel.release.clone(),
         initrd: args.initrd.clone(),
-        disk: args.gpu_disk.clone(),
+        disk: args.disk.clone(),
     };
     let spec = provisioner.attach_vm(request, &DownloadBar::new(global))?;
     emit_text(global, &spec.text(args.vmm))

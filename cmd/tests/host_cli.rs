@@ -75,6 +75,12 @@ fn a_gpu_disk_needs_a_release_and_a_valid_attachment() {
         err.contains("not a disk attachment") && err.contains("/dev/vdb"),
         "{err}"
     );
+    // A private copy of no disk is a usage error naming the flag it needs.
+    let args = ["attach", "0000:01:00.0", "--owner", "vm-1"];
+    let out = run(&h, &[&args[..], &["--gpu-disk-private", "/tmp"]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--gpu-disk <pmem|/dev/vdX>"), "{err}");
 }
 
 #[test]
@@ -389,7 +395,33 @@ fn attach_with_a_gpu_disk_boots_the_base_layer_and_names_the_image() {
             .to_string()
             .contains("--pmem")
     );
+    assert_eq!(spec["disk"]["isolation"], "shared");
     assert_eq!(h.driver("0000:01:00.0").as_deref(), Some("vfio-pci"));
+    // The platform's choice of isolation: a private copy in the VM's directory.
+    assert!(run(&h, &["detach", "--owner", "vm-3"]).status.success());
+    let vm_dir = dir.path().join("vm-4");
+    std::fs::create_dir(&vm_dir).unwrap();
+    let private = ["--json", "--gpu-disk", "/dev/vdb", "--gpu-disk-private"];
+    let extra = [&private[..], &[vm_dir.to_str().unwrap()]].concat();
+    let out = attach_release(&h, dir.path(), &artifacts, true, "vm-4", &extra);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = json(&out);
+    assert_eq!(spec["disk"]["isolation"], "private");
+    let copy = std::path::PathBuf::from(spec["disk"]["image"].as_str().unwrap());
+    assert!(copy.starts_with(&vm_dir), "{}", copy.display());
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&image).unwrap()
+    );
+    assert!(
+        spec["qemu"]["args"]
+            .to_string()
+            .contains(copy.to_str().unwrap())
+    );
 }
 
 #[test]

@@ -86,7 +86,7 @@ fn run(args: &[String]) -> Result<serde_json::Value, Box<dyn std::error::Error>>
         owner: instance.clone(),
         release: args.get(4).cloned(),
         initrd: None,
-        disk: None,
+        disk: Default::default(),
     };
     let spec = provisioner.attach_vm(request, &NoProgress)?;
 

@@ -3,7 +3,7 @@
 pub mod disk;
 pub mod mmio;
 pub mod topology;
-pub use disk::{DiskAttach, GpuDisk};
+pub use disk::{DiskAttach, DiskIsolation, DiskRequest, GpuDisk};
 pub use mmio::MmioWindow;
 pub use topology::{PlaceInput, Placement};
 
@@ -538,6 +538,7 @@ mod tests {
             size: 160 << 20,
             attach: DiskAttach::Pmem,
             verity: None,
+            isolation: Default::default(),
         };
         let s = spec.clone().with_disk(disk.clone());
         assert_eq!(s.kernel_cmdline, ["HAS_GPU=1", "GPU_DISK=pmem"]);

@@ -122,7 +122,7 @@ fn attach_refuses_before_any_device_moves() {
                 owner: gpu_passthrough::attach::Owner::new("vm-1").unwrap(),
                 release: Some("prop".into()),
                 initrd: Some(dir.path().join("given.img")),
-                disk: None,
+                disk: Default::default(),
             },
             &NoProgress,
         )

@@ -351,7 +351,7 @@ fn xz_compressed_mount_modules_are_written_as_plain_elf() {
 fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
     use gpu_passthrough::attach::{Owner, PlanRequest};
     use gpu_passthrough::provision::{GpuVmRequest, Provisioner};
-    use gpu_passthrough::vmm::DiskAttach;
+    use gpu_passthrough::vmm::{DiskAttach, DiskIsolation, DiskRequest};
     let (dir, registry, init) = setup("initrd_disk-provision", fixtures::KERNEL_MODULES_PMEM);
     let h = gpu_passthrough_tests::sysfs::server_8gpu();
     let host = h.host();
@@ -367,12 +367,20 @@ fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
                 owner: owner.clone(),
                 release: Some(RELEASE.into()),
                 initrd: None,
-                disk: Some(DiskAttach::Pmem),
+                disk: DiskRequest::shared(DiskAttach::Pmem),
             },
             &NoProgress,
         )
         .unwrap();
-    assert_eq!(spec.kernel_cmdline, ["HAS_GPU=1", "GPU_DISK=pmem"]);
+    // The disk's word comes last, after the devices' own (HAS_GPU=1, NVLink words).
+    assert_eq!(
+        spec.kernel_cmdline.first().map(String::as_str),
+        Some("HAS_GPU=1")
+    );
+    assert_eq!(
+        spec.kernel_cmdline.last().map(String::as_str),
+        Some("GPU_DISK=pmem")
+    );
     let disk = spec.disk.clone().expect("the spec names the image");
     assert_eq!(disk.size % IMAGE_ALIGN, 0);
     assert_eq!(fs::metadata(&disk.image).unwrap().len(), disk.size);
@@ -399,7 +407,59 @@ fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
     );
     assert_eq!(spec.qemu.maxmem_extra_mib, Some(disk.size >> 20));
     assert!(spec.cloud_hypervisor.args.iter().any(|a| a == "--pmem"));
+    assert_eq!(disk.isolation, DiskIsolation::Shared);
     host.detach(&owner).unwrap();
+    assert!(h.journal_clean());
+    // The platform's choice: a private copy in the VM's directory, attached by both VMMs in
+    // place of the shared image, byte for byte the same (the base layer's binding holds).
+    let vm_dir = dir.join("vm-disk");
+    fs::create_dir(&vm_dir).unwrap();
+    let attach_private = |vm_dir: &std::path::Path| {
+        Provisioner::new(&host, &registry, dir.join("cache"))
+            .with_guest_init(&init)
+            .attach(
+                &GpuVmRequest {
+                    plan: PlanRequest {
+                        gpus: Some(1),
+                        ..Default::default()
+                    },
+                    owner: owner.clone(),
+                    release: Some(RELEASE.into()),
+                    initrd: None,
+                    disk: DiskRequest::private(
+                        DiskAttach::Blk {
+                            device: "/dev/vdb".into(),
+                        },
+                        vm_dir,
+                    ),
+                },
+                &NoProgress,
+            )
+            // The error's text is what is checked; a String keeps the closure's result small.
+            .map_err(|e| e.to_string())
+    };
+    let private = attach_private(&vm_dir).unwrap();
+    let copy = private.disk.clone().unwrap();
+    assert_eq!(copy.isolation, DiskIsolation::Private);
+    assert!(copy.image.starts_with(&vm_dir), "{}", copy.image.display());
+    assert_eq!(
+        fs::read(&copy.image).unwrap(),
+        fs::read(&disk.image).unwrap()
+    );
+    let shared = disk.image.display().to_string();
+    for args in [&private.qemu.args, &private.cloud_hypervisor.args] {
+        let args = args.join(" ");
+        assert!(args.contains(&*copy.image.display().to_string()), "{args}");
+        assert!(!args.contains(&shared), "{args}");
+    }
+    assert_eq!(
+        private.kernel_cmdline.last().map(String::as_str),
+        Some("GPU_DISK=/dev/vdb")
+    );
+    host.detach(&owner).unwrap();
+    // No VM directory: refused before a device moves, and nothing is left in the journal.
+    let err = attach_private(&dir.join("no-such-vm")).unwrap_err();
+    assert!(err.contains("no-such-vm"), "{err}");
     assert!(h.journal_clean());
     // A disk needs a release the provisioner builds: refused before anything moves.
     let err = Provisioner::new(&host, &registry, dir.join("cache"))
@@ -412,7 +472,7 @@ fn a_provisioner_with_a_disk_attaches_the_image_and_boots_the_base_layer() {
                 owner: owner.clone(),
                 release: Some(RELEASE.into()),
                 initrd: Some(dir.join("own.img")),
-                disk: Some(DiskAttach::Pmem),
+                disk: DiskRequest::shared(DiskAttach::Pmem),
             },
             &NoProgress,
         )

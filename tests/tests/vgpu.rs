@@ -304,7 +304,7 @@ fn vm(release: &str) -> VgpuVmRequest {
         owner: owner("vm-1"),
         release: Some(release.into()),
         initrd: Some(PathBuf::from("/var/lib/vm-1/initrd")),
-        disk: None,
+        disk: Default::default(),
     }
 }
 

@@ -35,6 +35,7 @@ pub fn qemu_args(image: &Path, attach: &str, memory_mib: u64) -> anyhow::Result<
         size,
         attach,
         verity: None,
+        isolation: Default::default(),
     };
     let mut out = disk.qemu_args(memory_mib);
     out.push(disk.kernel_word());

@@ -149,6 +149,49 @@ impl InitrdBuilder<'_> {
         Ok(layers)
     }
 
+    /// [`InitrdBuilder::unpacked`] of every archive, in order, the archives unpacked at once on
+    /// their own threads: the cold path is gzip inflation and file writes, one core's work per
+    /// archive, and the largest archive alone is most of it. The first failure in order is
+    /// returned; every thread is joined first, so none outlives the call.
+    pub(super) fn unpacked_all(
+        &self,
+        archives: &[(&Path, &str)],
+    ) -> Result<Vec<PathBuf>, InitrdError> {
+        let cache = Unpacker {
+            cache_dir: &self.cache_dir,
+        };
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = archives
+                .iter()
+                .map(|&(archive, sha256)| scope.spawn(move || cache.unpacked(archive, sha256)))
+                .collect();
+            let results: Vec<_> = threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect();
+            results.into_iter().collect()
+        })
+    }
+
+    /// The unpacked tree of a verified artifact (see [`Unpacker::unpacked`]).
+    pub(super) fn unpacked(&self, archive: &Path, sha256: &str) -> Result<PathBuf, InitrdError> {
+        Unpacker {
+            cache_dir: &self.cache_dir,
+        }
+        .unpacked(archive, sha256)
+    }
+}
+
+/// The cache's unpacked trees, apart from the builder so that threads can share it.
+#[derive(Clone, Copy)]
+struct Unpacker<'a> {
+    cache_dir: &'a Path,
+}
+
+impl Unpacker<'_> {
     /// The unpacked tree of a verified artifact, extracted once and kept by digest. The tree is
     /// trusted only with its record, which is written last, after the tree is on disk: a tree
     /// left without one (a crash, a hand-made directory) is unpacked again.

@@ -408,7 +408,7 @@ impl<'a> InitrdBuilder<'a> {
         let driver_version = release.driver_version.clone().ok_or_else(|| {
             missing("has no driver_version: it is a kernel-only release; pick a release with NVIDIA artifacts".into())
         })?;
-        let mut trees: BTreeMap<ArtifactKind, PathBuf> = BTreeMap::new();
+        let mut fetched_all = Vec::new();
         let mut inputs = Vec::new();
         for kind in [
             ArtifactKind::KernelModules,
@@ -428,15 +428,21 @@ impl<'a> InitrdBuilder<'a> {
                 continue;
             };
             let fetched = self.fetcher.fetch(release, arch, artifact, progress)?;
-            trees.insert(
-                kind,
-                self.unpacked(&fetched.path, &fetched.sha256.to_string())?,
-            );
             inputs.push(manifest::Input {
                 kind: kind.as_str().to_string(),
                 sha256: fetched.sha256.to_string(),
             });
+            fetched_all.push((kind, fetched.path, fetched.sha256.to_string()));
         }
+        let archives: Vec<(&Path, &str)> = fetched_all
+            .iter()
+            .map(|(_, path, sha256)| (path.as_path(), sha256.as_str()))
+            .collect();
+        let trees: BTreeMap<ArtifactKind, PathBuf> = fetched_all
+            .iter()
+            .map(|(kind, ..)| *kind)
+            .zip(self.unpacked_all(&archives)?)
+            .collect();
         let tree = |k| trees.get(&k).map(PathBuf::as_path);
         // Only the modules this layer carries have their dependencies resolved.
         let inventory = inspect_for(

@@ -25,7 +25,7 @@ use crate::initrd::{InitrdError, LayerForm, Layers};
 use crate::outcome::{Classify, Outcome};
 use crate::registry::{Registry, RegistryError, Release};
 use crate::remedy::Remedy;
-use crate::vmm::{BootSpec, DiskAttach, GpuDisk};
+use crate::vmm::{BootSpec, DiskIsolation, DiskRequest, GpuDisk};
 
 /// Errors of provisioning: which step failed, with its cause.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,22 @@ pub enum ProvisionError {
         "a GPU disk is built from a release's layers: name the release and no initrd of your own, or drop the disk"
     )]
     DiskWithoutRelease,
+    /// A private copy of the disk was asked for without a disk; nothing was changed.
+    #[error(
+        "a private copy of the GPU disk needs a disk: name how to attach it (pmem or /dev/vdX), or drop the private copy"
+    )]
+    PrivateCopyWithoutDisk,
+    /// The VM's private copy of the disk image could not be made; no device was moved.
+    #[error(
+        "the private copy of the GPU disk could not be made in {dir}; no device was moved: give an existing VM directory, writable, with room for the image"
+    )]
+    PrivateCopy {
+        /// The VM's directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// This machine's architecture has no guest artifacts.
     #[error("this machine's architecture ({0}) is not supported; name the guest architecture")]
     UnsupportedArch(&'static str),
@@ -87,7 +103,9 @@ impl Classify for ProvisionError {
             ProvisionError::Attach(e) => e.outcome(),
             ProvisionError::NotVgpuGuest { .. }
             | ProvisionError::VgpuManagerMismatch { .. }
-            | ProvisionError::DiskWithoutRelease => Outcome::Refused,
+            | ProvisionError::DiskWithoutRelease
+            | ProvisionError::PrivateCopyWithoutDisk => Outcome::Refused,
+            ProvisionError::PrivateCopy { .. } => Outcome::Failed,
             ProvisionError::UnsupportedArch(_) => Outcome::Failed,
             ProvisionError::Initrd(e) => e.outcome(),
         }
@@ -101,6 +119,8 @@ impl Classify for ProvisionError {
             ProvisionError::NotVgpuGuest { .. }
             | ProvisionError::VgpuManagerMismatch { .. }
             | ProvisionError::DiskWithoutRelease
+            | ProvisionError::PrivateCopyWithoutDisk
+            | ProvisionError::PrivateCopy { .. }
             | ProvisionError::UnsupportedArch(_) => None,
             ProvisionError::Initrd(e) => e.remedy(),
         }
@@ -129,10 +149,11 @@ pub struct GpuVmRequest {
     pub release: Option<String>,
     /// An initrd the caller built itself: used as is, and the release's layers are not built.
     pub initrd: Option<PathBuf>,
-    /// Deliver the release's GPU payload as a read-only disk attached this way instead of the
+    /// Deliver the release's GPU payload as a read-only disk attached as asked instead of the
     /// initramfs layer: the layers are built in the disk form, the VM boots the base layer and
-    /// [`BootSpec::disk`] is the image. Needs `release` and no `initrd` (else refused).
-    pub disk: Option<DiskAttach>,
+    /// [`BootSpec::disk`] is the image, shared or this VM's private copy. Needs `release` and no
+    /// `initrd` (else refused). [`DiskRequest::default`]: no disk.
+    pub disk: DiskRequest,
 }
 
 /// A vGPU VM: vGPUs of one profile and the release it boots.
@@ -148,7 +169,7 @@ pub struct VgpuVmRequest {
     /// An initrd the caller built itself: used as is, and the release's layers are not built.
     pub initrd: Option<PathBuf>,
     /// The GPU payload as a read-only disk (see [`GpuVmRequest::disk`]).
-    pub disk: Option<DiskAttach>,
+    pub disk: DiskRequest,
 }
 
 /// What a VM gets: whole devices bound to vfio-pci, or vGPUs of one profile.
@@ -173,7 +194,7 @@ pub struct VmRequest {
     /// An initrd the caller built itself: used as is, and the release's layers are not built.
     pub initrd: Option<PathBuf>,
     /// The GPU payload as a read-only disk (see [`GpuVmRequest::disk`]).
-    pub disk: Option<DiskAttach>,
+    pub disk: DiskRequest,
 }
 
 /// The host's vGPU manager version: the loaded `nvidia` module's (`module/nvidia/version` in
@@ -297,7 +318,7 @@ impl<'a> Provisioner<'a> {
         request: &VgpuVmRequest,
         progress: &dyn Progress,
     ) -> Result<BootSpec, ProvisionError> {
-        disk_needs_release(request.disk.as_ref(), &request.release, &request.initrd)?;
+        disk_needs_release(&request.disk, &request.release, &request.initrd)?;
         let mut initrd = request.initrd.clone();
         let mut disk = None;
         if let Some(name) = &request.release {
@@ -319,15 +340,19 @@ impl<'a> Provisioner<'a> {
             self.host.plan_vgpu(&request.place)?;
             if initrd.is_none() {
                 let layers = self.layers(name, release, request.disk.is_some(), progress)?;
-                disk = disk_of(&layers, request.disk.clone());
+                disk = disk_of(&layers, &request.disk);
                 initrd = Some(layers.combined.path);
             }
         }
-        let spec = self.host.attach_vgpu(&VgpuAttachRequest {
-            place: request.place.clone(),
-            owner: request.owner.clone(),
-            initrd,
-        })?;
+        let disk = private_copy(disk, &request.disk)?;
+        let spec = self
+            .host
+            .attach_vgpu(&VgpuAttachRequest {
+                place: request.place.clone(),
+                owner: request.owner.clone(),
+                initrd,
+            })
+            .inspect_err(|_| discard_private_copy(&disk))?;
         Ok(with_disk(spec, disk))
     }
 
@@ -365,7 +390,7 @@ impl<'a> Provisioner<'a> {
         request: &GpuVmRequest,
         progress: &dyn Progress,
     ) -> Result<BootSpec, ProvisionError> {
-        disk_needs_release(request.disk.as_ref(), &request.release, &request.initrd)?;
+        disk_needs_release(&request.disk, &request.release, &request.initrd)?;
         let mut plan = request.plan.clone();
         let mut initrd = request.initrd.clone();
         let mut disk = None;
@@ -374,7 +399,7 @@ impl<'a> Provisioner<'a> {
             plan.flavor = plan.flavor.or(release.module_flavor);
             if initrd.is_none() {
                 let layers = self.layers(name, release, request.disk.is_some(), progress)?;
-                disk = disk_of(&layers, request.disk.clone());
+                disk = disk_of(&layers, &request.disk);
                 initrd = Some(layers.combined.path);
                 plan.supported_gpus = plan.supported_gpus.or(layers.supported_gpus);
             }
@@ -387,36 +412,73 @@ impl<'a> Provisioner<'a> {
                 }
             }
         }
-        let spec = self.host.attach(&AttachRequest {
-            plan,
-            owner: request.owner.clone(),
-            initrd,
-        })?;
+        let disk = private_copy(disk, &request.disk)?;
+        let spec = self
+            .host
+            .attach(&AttachRequest {
+                plan,
+                owner: request.owner.clone(),
+                initrd,
+            })
+            .inspect_err(|_| discard_private_copy(&disk))?;
         Ok(with_disk(spec, disk))
     }
 }
 
 /// A disk payload comes from the release's layers: refuse one the provisioner would not build.
 fn disk_needs_release(
-    disk: Option<&DiskAttach>,
+    disk: &DiskRequest,
     release: &Option<String>,
     initrd: &Option<PathBuf>,
 ) -> Result<(), ProvisionError> {
-    match disk {
+    if disk.private_dir.is_some() && disk.attach.is_none() {
+        return Err(ProvisionError::PrivateCopyWithoutDisk);
+    }
+    match disk.attach {
         Some(_) if release.is_none() || initrd.is_some() => Err(ProvisionError::DiskWithoutRelease),
         _ => Ok(()),
     }
 }
 
-/// The image of layers built in the disk form, attached as asked.
-fn disk_of(layers: &Layers, attach: Option<DiskAttach>) -> Option<GpuDisk> {
+/// The shared image of layers built in the disk form, attached as asked.
+fn disk_of(layers: &Layers, request: &DiskRequest) -> Option<GpuDisk> {
     let image = layers.disk.as_ref()?;
     Some(GpuDisk {
         image: image.path.clone(),
         size: image.size,
-        attach: attach?,
+        attach: request.attach.clone()?,
         verity: layers.verity.clone(),
+        isolation: DiskIsolation::Shared,
     })
+}
+
+/// The disk on the VM's private copy when one is asked for, made after every refusal and
+/// before any device moves: a failed copy leaves every device where it was.
+fn private_copy(
+    disk: Option<GpuDisk>,
+    request: &DiskRequest,
+) -> Result<Option<GpuDisk>, ProvisionError> {
+    match (disk, &request.private_dir) {
+        (Some(disk), Some(dir)) => {
+            disk.into_private_copy(dir)
+                .map(Some)
+                .map_err(|source| ProvisionError::PrivateCopy {
+                    dir: dir.clone(),
+                    source,
+                })
+        }
+        (disk, _) => Ok(disk),
+    }
+}
+
+/// A failed attach leaves no private copy behind: the VM it was made for never ran.
+fn discard_private_copy(disk: &Option<GpuDisk>) {
+    if let Some(disk) = disk
+        .as_ref()
+        .filter(|d| d.isolation == DiskIsolation::Private)
+    {
+        let _ = std::fs::remove_file(&disk.image);
+    }
 }
 
 fn with_disk(spec: BootSpec, disk: Option<GpuDisk>) -> BootSpec {
