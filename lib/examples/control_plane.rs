@@ -134,11 +134,11 @@ mod tests {
         let h = sysfs::server_8gpu();
         let config = run(&args(&h, &["2"])).unwrap();
         assert_eq!(config["devices"].as_array().unwrap().len(), 2);
+        // Two GPUs of an NVSwitch board without its NVSwitches: NVLink is turned off in the guest.
+        let cmdline = config["payload"]["cmdline"].as_str().unwrap();
         assert!(
-            config["payload"]["cmdline"]
-                .as_str()
-                .unwrap()
-                .ends_with("HAS_GPU=1")
+            cmdline.ends_with("HAS_GPU=1 nvidia.NVreg_NvLinkDisable=1"),
+            "{cmdline}"
         );
         assert!(h.journal_clean());
         assert_eq!(h.driver("0000:18:00.0").as_deref(), Some("nvidia"));
