@@ -94,10 +94,10 @@ def main():
     ap.add_argument("--no-detach", action="store_true", help="skip the detach figure (no cargo)")
     args = ap.parse_args()
 
+    # Always through cargo: a no-op when fresh, and never a stale binary from an older tree.
     cli = REPO / "target" / "release" / "gpu-passthrough"
-    if not cli.exists():
-        print("building the release CLI ...", flush=True)
-        subprocess.run(["cargo", "build", "--release", "-p", "gpu-passthrough-cli"], cwd=REPO, check=True)
+    print("building the release CLI (if stale) ...", flush=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "gpu-passthrough-cli"], cwd=REPO, check=True)
 
     tmp = tempfile.TemporaryDirectory()
     console = Path(args.keep) if args.keep else Path(tmp.name) / "console.log"
