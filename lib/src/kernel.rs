@@ -8,6 +8,18 @@
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
+use std::time::Duration;
+
+use crate::tools::{Tool, run_bounded};
+
+/// `modprobe`, which loads a device's VFIO variant driver.
+pub const MODPROBE: Tool = Tool {
+    program: "modprobe",
+    package: "kmod",
+};
+
+/// How long loading one module may take before `modprobe` is taken as hung and killed.
+pub const MODPROBE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Where sysfs attribute writes go.
 pub trait Kernel: Send + Sync {
@@ -32,18 +44,15 @@ pub trait Kernel: Send + Sync {
         }
     }
 
-    /// Load a kernel module (`modprobe -- MODULE`, from a checked path; a loaded one is kept).
+    /// Load a kernel module (`modprobe -- MODULE`, from a checked path, killed past
+    /// [`MODPROBE_LIMIT`]; a loaded one is kept).
     fn load_module(&self, module: &str) -> io::Result<()> {
-        let modprobe = crate::tools::Tool {
-            program: "modprobe",
-            package: "kmod",
-        }
-        .find()
+        let modprobe = MODPROBE.find().map_err(io::Error::other)?;
+        let out = run_bounded(
+            std::process::Command::new(modprobe).args(["--", module]),
+            MODPROBE_LIMIT,
+        )
         .map_err(io::Error::other)?;
-        let out = std::process::Command::new(modprobe)
-            .args(["--", module])
-            .stdin(std::process::Stdio::null())
-            .output()?;
         if out.status.success() {
             Ok(())
         } else {
