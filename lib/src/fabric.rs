@@ -36,6 +36,10 @@ pub struct Partition {
     pub active: bool,
 }
 
+/// The fabric manager's partition list, asked for at most once per operation: listing the
+/// host's devices plans each of them, and that is one `fmpm -l`, not one per GPU.
+pub(crate) type Partitions = std::cell::OnceCell<Result<Vec<Partition>, FabricError>>;
+
 /// What goes wrong talking to the fabric manager.
 #[derive(Debug, thiserror::Error)]
 pub enum FabricError {

@@ -1022,3 +1022,49 @@ fn a_fault_at_an_expander_address_is_charged_to_its_gpu() {
     assert_eq!(charged, [a(HGX_GPUS[1]), a(HGX_GPUS[5])], "{report:?}");
     assert_eq!(report.unmapped, 0, "{report:?}");
 }
+
+/// The simulated fabric manager, counting how often its partitions are asked for.
+struct CountingLists(
+    gpu_passthrough::fabric::PartitionFile,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
+
+impl gpu_passthrough::fabric::FabricManager for CountingLists {
+    fn partitions(
+        &self,
+    ) -> Result<Vec<gpu_passthrough::fabric::Partition>, gpu_passthrough::fabric::FabricError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.partitions()
+    }
+    fn activate(&self, id: u32) -> Result<(), gpu_passthrough::fabric::FabricError> {
+        self.0.activate(id)
+    }
+    fn deactivate(&self, id: u32) -> Result<(), gpu_passthrough::fabric::FabricError> {
+        self.0.deactivate(id)
+    }
+}
+
+#[test]
+fn listing_the_devices_asks_the_fabric_manager_once_not_once_per_gpu() {
+    let h = sysfs::hgx_shared_nvswitch();
+    let file = gpu_passthrough::fabric::PartitionFile::new(
+        h.sys
+            .join(gpu_passthrough::simulation::SIM_FABRIC_PARTITIONS),
+    );
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let host = h
+        .host()
+        .with_fabric_manager(Box::new(CountingLists(file, asked.clone())));
+    let listed = host.devices(false, None).unwrap();
+    let gpus = listed
+        .iter()
+        .filter(|d| d.device.kind == DeviceKind::Display)
+        .count();
+    assert_eq!(gpus, HGX_GPUS.len());
+    assert!(listed.iter().any(|d| d.ready), "{listed:?}");
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one partition list for the whole listing"
+    );
+}

@@ -6,6 +6,7 @@ use super::journal::{DeviceRecord, LockedJournal, PartitionRecord, Step, Transac
 use super::liveness::process_identity;
 use super::persistence::persistence;
 use super::{Aftermath, AttachError, AttachRequest, Host, load_supported};
+use crate::fabric::Partitions;
 use crate::failpoint::Failpoint;
 use crate::pci::{PciAddress, valid_driver_name};
 use crate::vmm::{BootDevice, BootSpec};
@@ -26,7 +27,7 @@ impl Host {
         self.end_earlier_boots(&mut j)?;
         let mut plan_req = req.plan.clone();
         plan_req.owner = Some(req.owner.clone());
-        let plan = self.plan_with(&j.state, &plan_req, gpus.as_ref())?;
+        let plan = self.plan_with(&j.state, &plan_req, gpus.as_ref(), &Partitions::new())?;
         if !plan.refusals.is_empty() {
             return Err(AttachError::Refused(plan.refusals));
         }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{AttachError, Host, PlanRequest, load_supported};
+use crate::fabric::Partitions;
 use crate::owner::Owner;
 use crate::pci::ids::{PciIds, SupportedGpus};
 use crate::pci::{DeviceKind, PciAddress, PciDevice};
@@ -98,6 +99,7 @@ impl Host {
         let state = self.journal.read()?;
         let mut out = Vec::new();
         let boards = self.sysfs.baseboards()?;
+        let partitions = Partitions::new();
         for mut d in self.sysfs.devices()? {
             let candidate = d.kind == DeviceKind::Display
                 || d.kind == DeviceKind::NvSwitch
@@ -127,7 +129,7 @@ impl Host {
                     devices: vec![d.address],
                     ..Default::default()
                 };
-                let plan = self.plan_with(&state, &req, None)?;
+                let plan = self.plan_with(&state, &req, None, &partitions)?;
                 (
                     plan.refusals.is_empty(),
                     plan.refusals.into_iter().map(|r| r.message).collect(),

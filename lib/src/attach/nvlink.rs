@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::journal::{JournalState, LockedJournal, PartitionRecord};
 use super::plan::{Plan, PlannedPartition, Refusal, RefusalReason};
 use super::{Aftermath, AttachError, Host, PlanRequest};
-use crate::fabric::Partition;
+use crate::fabric::{Partition, Partitions};
 use crate::failpoint::Failpoint;
 use crate::pci::ids::SupportedGpus;
 use crate::pci::{DeviceKind, PciAddress};
@@ -142,6 +142,7 @@ impl Host {
         state: &JournalState,
         req: &mut PlanRequest,
         gpus: Option<&SupportedGpus>,
+        partitions: &Partitions,
         refusals: &mut Vec<Refusal>,
     ) -> Result<Option<PlannedPartition>, AttachError> {
         let Some(fm) = &self.fabric else {
@@ -164,7 +165,7 @@ impl Host {
             // No GPU asked for (a NIC alone, say): no partition, and no need to ask.
             return Ok(None);
         }
-        let partitions = match fm.partitions() {
+        let partitions = match partitions.get_or_init(|| fm.partitions()) {
             Ok(p) => p,
             Err(e) => {
                 return refuse(
@@ -172,7 +173,7 @@ impl Host {
                     None,
                     format!(
                         "shared-NVSwitch mode: the fabric manager's partitions cannot be read ({}): nothing moves until it answers",
-                        crate::error_chain(&e)
+                        crate::error_chain(e)
                     ),
                 );
             }
@@ -188,7 +189,7 @@ impl Host {
             );
         }
         let chosen = if let Some(n) = wanted {
-            match self.pick_partition(state, n, req, gpus, &partitions)? {
+            match self.pick_partition(state, n, req, gpus, partitions)? {
                 Ok(p) => p,
                 Err(message) => return refuse(refusals, None, message),
             }

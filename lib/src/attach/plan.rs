@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::journal::JournalState;
 use super::{AttachError, Host, PlanRequest, load_supported};
+use crate::fabric::Partitions;
 use crate::outcome::{Outcome, ReportOutcome};
 use crate::owner::Owner;
 use crate::pci::ids::SupportedGpus;
@@ -194,7 +195,7 @@ impl Host {
     pub fn plan(&self, req: &PlanRequest) -> Result<Plan, AttachError> {
         let state = self.journal.read()?;
         let gpus = load_supported(req.supported_gpus.as_deref())?;
-        self.plan_with(&state, req, gpus.as_ref())
+        self.plan_with(&state, req, gpus.as_ref(), &Partitions::new())
     }
 
     /// Free GPUs (display controllers, NVIDIA first) that could be attached alone, grouped so
@@ -245,10 +246,12 @@ impl Host {
         state: &JournalState,
         req: &PlanRequest,
         gpus: Option<&SupportedGpus>,
+        partitions: &Partitions,
     ) -> Result<Plan, AttachError> {
         let mut req = req.clone();
         let mut refusals = self.expand_baseboard(&mut req)?;
-        let partition = self.place_on_partition(state, &mut req, gpus, &mut refusals)?;
+        let partition =
+            self.place_on_partition(state, &mut req, gpus, partitions, &mut refusals)?;
         let mut plan = self.plan_devices(state, &req, gpus)?;
         plan.refusals.splice(0..0, refusals);
         plan.partition = partition;
