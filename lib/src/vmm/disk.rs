@@ -142,8 +142,7 @@ impl GpuDisk {
             let file = std::fs::File::open(&partial)?;
             file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))?;
             file.sync_all()?;
-            std::fs::rename(&partial, &copy)?;
-            std::fs::File::open(vm_dir)?.sync_all()
+            crate::fsutil::rename_durable(&partial, &copy)
         });
         if let Err(e) = copied {
             let _ = std::fs::remove_file(&partial);
