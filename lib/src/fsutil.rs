@@ -43,6 +43,24 @@ pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {
     nix::unistd::syncfs(File::open(path)?).map_err(io::Error::from)
 }
 
+/// Start writing `len` bytes of `file` from `offset` back to disk, without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a large file written in steps like this leaves
+/// its final fsync little to wait for.
+#[allow(unsafe_code)]
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (offset, len) = (offset as libc::off64_t, len as libc::off64_t);
+    // SAFETY: sync_file_range takes only integers; the descriptor is borrowed for the call.
+    let rc = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Rename `from` to `to` and make the rename durable (fsync of `to`'s directory).
 pub(crate) fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     fs::rename(from, to)?;

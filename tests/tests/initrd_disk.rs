@@ -685,3 +685,20 @@ fn verity_needs_dm_verity_in_the_kernel_modules_artifact() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The initramfs form writes the GPU layer while the driver libraries are still being unpacked
+/// (kernel side first); the both form writes it from the whole plan, after the image. The bytes
+/// must not depend on which.
+#[test]
+fn the_gpu_layer_written_during_unpacking_is_the_one_written_from_the_whole_plan() {
+    let (dir, registry, init) = setup("initrd_disk-streamed", fixtures::KERNEL_MODULES_PMEM);
+    let streamed = build(&dir.join("cache-a"), &registry, &init, LayerForm::Initrd).unwrap();
+    let whole = build(&dir.join("cache-b"), &registry, &init, LayerForm::Both).unwrap();
+    assert_eq!(streamed.gpu.sha256, whole.gpu.sha256);
+    assert_eq!(streamed.gpu.size, whole.gpu.size);
+    assert_eq!(streamed.manifest, whole.manifest);
+    assert_ne!(
+        streamed.base.sha256, whole.base.sha256,
+        "the both form's base layer carries the mount modules"
+    );
+}

@@ -7,7 +7,7 @@
 //! are capped, counting the bytes actually read from the decompressed stream.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -15,6 +15,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
+
+use sha2::{Digest, Sha256};
 
 use super::ArchiveError;
 use super::decompress::{Compression, decompressing_reader_named};
@@ -214,14 +216,59 @@ pub fn extract_tar(
     dest: &Path,
     limits: &Limits,
 ) -> Result<TarSummary, ArchiveError> {
-    extract_from(archive, dest, limits, AbsoluteLinks::Refuse, || {
-        File::open(archive)
-            .map(|f| BufReader::with_capacity(1 << 16, f))
-            .map_err(|source| ArchiveError::Io {
-                archive: archive.to_path_buf(),
-                source,
-            })
+    extract_from(archive, dest, limits, AbsoluteLinks::Refuse, None, || {
+        open_archive(archive)
     })
+}
+
+/// One path an extraction wrote, relative to the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Extracted {
+    /// A directory: an archive entry, or a parent made for one.
+    Dir,
+    /// A regular file: the SHA-256 and length of the bytes written.
+    File {
+        /// SHA-256 of the contents.
+        sha256: [u8; 32],
+        /// Length in bytes.
+        size: u64,
+    },
+    /// A symbolic link.
+    Symlink {
+        /// The target as written.
+        target: PathBuf,
+    },
+}
+
+/// Relative path → what [`extract_tar_listed`] wrote there: every path of the tree.
+pub type Listing = BTreeMap<PathBuf, Extracted>;
+
+/// [`extract_tar`], also returning every path written with each file's digest, hashed as it is
+/// written: a record of the tree without reading it back.
+pub fn extract_tar_listed(
+    archive: &Path,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<(TarSummary, Listing), ArchiveError> {
+    let mut listing = Listing::new();
+    let summary = extract_from(
+        archive,
+        dest,
+        limits,
+        AbsoluteLinks::Refuse,
+        Some(&mut listing),
+        || open_archive(archive),
+    )?;
+    Ok((summary, listing))
+}
+
+fn open_archive(archive: &Path) -> Result<BufReader<File>, ArchiveError> {
+    File::open(archive)
+        .map(|f| BufReader::with_capacity(1 << 16, f))
+        .map_err(|source| ArchiveError::Io {
+            archive: archive.to_path_buf(),
+            source,
+        })
 }
 
 /// [`extract_tar`] of any (possibly compressed) stream; `name` is used in error messages,
@@ -233,7 +280,7 @@ pub fn extract_tar_stream<R: BufRead>(
     limits: &Limits,
     links: AbsoluteLinks,
 ) -> Result<TarSummary, ArchiveError> {
-    extract_from(name, dest, limits, links, || Ok(input))
+    extract_from(name, dest, limits, links, None, || Ok(input))
 }
 
 fn extract_from<R: BufRead>(
@@ -241,6 +288,7 @@ fn extract_from<R: BufRead>(
     dest: &Path,
     limits: &Limits,
     links: AbsoluteLinks,
+    mut listing: Option<&mut Listing>,
     open: impl FnOnce() -> Result<R, ArchiveError>,
 ) -> Result<TarSummary, ArchiveError> {
     let dest_error = |reason: String| ArchiveError::Destination {
@@ -298,6 +346,11 @@ fn extract_from<R: BufRead>(
         let target = root.join(&entry.path);
         if let Some(parent) = entry.path.parent() {
             ensure_dirs(&root, parent).map_err(|e| write_err(&target, e))?;
+            if let Some(listing) = listing.as_deref_mut() {
+                for dir in parent.ancestors().filter(|d| !d.as_os_str().is_empty()) {
+                    listing.entry(dir.to_path_buf()).or_insert(Extracted::Dir);
+                }
+            }
         }
         match &entry.kind {
             EntryKind::Directory => {
@@ -313,6 +366,9 @@ fn extract_from<R: BufRead>(
                     Err(e) => return Err(write_err(&target, e)),
                 }
                 dir_modes.push((target, entry.mode));
+                if let Some(listing) = listing.as_deref_mut() {
+                    listing.insert(entry.path.clone(), Extracted::Dir);
+                }
             }
             EntryKind::File { size } => {
                 let mut file = OpenOptions::new()
@@ -323,12 +379,16 @@ fn extract_from<R: BufRead>(
                     .open(&target)
                     .map_err(|e| write_err(&target, e))?;
                 // Through a large buffer: `io::copy` then fills it straight from the decoder,
-                // one write per 256 KiB instead of per 8 KiB.
-                let mut writer = io::BufWriter::with_capacity(COPY_BUFFER, &mut file);
+                // one write (and one hash update) per 256 KiB instead of per 8 KiB.
+                let hashing = HashingWrite {
+                    inner: &mut file,
+                    hasher: listing.is_some().then(Sha256::new),
+                };
+                let mut writer = io::BufWriter::with_capacity(COPY_BUFFER, hashing);
                 let copied = io::copy(contents, &mut writer)
                     .and_then(|n| writer.flush().map(|()| n))
                     .map_err(|e| write_err(&target, e))?;
-                drop(writer);
+                let hasher = writer.into_parts().0.hasher;
                 if copied != *size {
                     return Err(write_err(
                         &target,
@@ -340,9 +400,23 @@ fn extract_from<R: BufRead>(
                 }
                 file.set_permissions(fs::Permissions::from_mode(entry.mode))
                     .map_err(|e| write_err(&target, e))?;
+                if let (Some(listing), Some(hasher)) = (listing.as_deref_mut(), hasher) {
+                    let sha256 = hasher.finalize().into();
+                    listing.insert(
+                        entry.path.clone(),
+                        Extracted::File {
+                            sha256,
+                            size: copied,
+                        },
+                    );
+                }
             }
             EntryKind::Symlink { target: link } => {
                 std::os::unix::fs::symlink(link, &target).map_err(|e| write_err(&target, e))?;
+                if let Some(listing) = listing.as_deref_mut() {
+                    let target = link.clone();
+                    listing.insert(entry.path.clone(), Extracted::Symlink { target });
+                }
             }
         }
         Ok(())
@@ -372,6 +446,25 @@ fn extract_from<R: BufRead>(
 
 /// The write buffer of an extracted file.
 const COPY_BUFFER: usize = 256 << 10;
+
+/// Writes through to `inner`, hashing what it writes when it has a hasher.
+struct HashingWrite<W> {
+    inner: W,
+    hasher: Option<Sha256>,
+}
+
+impl<W: Write> Write for HashingWrite<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 /// Create the directories of `rel` (relative, validated) under `root`, never following symlinks:
 /// the walker has already refused any entry whose path passes through one.

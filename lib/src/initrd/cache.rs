@@ -3,11 +3,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use sha2::{Digest, Sha256};
 
 use super::{BUILDER_VERSION, BuildOptions, InitrdBuilder, InitrdError, Layers, RECORD, io_err};
-use crate::archive::tar::{Limits, extract_tar};
+use crate::archive::tar::{Limits, extract_tar_listed};
 use crate::fetch::Progress;
 
 use crate::fsutil::{self, sha256_file};
@@ -149,39 +150,67 @@ impl InitrdBuilder<'_> {
         Ok(layers)
     }
 
-    /// [`InitrdBuilder::unpacked`] of every archive, in order, the archives unpacked at once on
-    /// their own threads: the cold path is gzip inflation and file writes, one core's work per
-    /// archive, and the largest archive alone is most of it. The first failure in order is
-    /// returned; every thread is joined first, so none outlives the call.
-    pub(super) fn unpacked_all(
+    /// Run `build` while the trees of `archives` are unpacked, each archive on its own thread:
+    /// the cold path is gzip inflation and file writes, one core's work per archive. `build`
+    /// takes each tree from [`Arrivals`] as soon as it is in place, so it can start on the
+    /// small archives while the largest is still inflating; syncing each tree and writing its
+    /// record (what makes the cache trust it) finish on the threads meanwhile, and are waited
+    /// for before this returns. Every thread is joined first, so none outlives the call; a
+    /// failure of `build` comes first, then the first of the threads', in order.
+    pub(super) fn with_unpacked<T>(
         &self,
         archives: &[(&Path, &str)],
-    ) -> Result<Vec<PathBuf>, InitrdError> {
+        build: impl FnOnce(&Arrivals) -> Result<T, InitrdError>,
+    ) -> Result<T, InitrdError> {
         let cache = Unpacker {
             cache_dir: &self.cache_dir,
         };
         std::thread::scope(|scope| {
-            let threads: Vec<_> = archives
+            let (arrivals, threads): (Vec<_>, Vec<_>) = archives
                 .iter()
-                .map(|&(archive, sha256)| scope.spawn(move || cache.unpacked(archive, sha256)))
+                .map(|&(archive, sha256)| {
+                    let (tx, rx) = mpsc::sync_channel(1);
+                    let thread = scope.spawn(move || {
+                        let mut sent = false;
+                        let result = cache.unpacked(archive, sha256, |tree| {
+                            sent = true;
+                            let _ = tx.send(Ok(tree.to_path_buf()));
+                        });
+                        match result {
+                            // Not unpacked: the error is the tree's, for whoever waits on it.
+                            Err(e) if !sent => {
+                                let _ = tx.send(Err(e));
+                                Ok(())
+                            }
+                            durable => durable,
+                        }
+                    });
+                    (rx, thread)
+                })
                 .collect();
-            let results: Vec<_> = threads
+            let built = build(&Arrivals(arrivals));
+            let durable: Result<Vec<()>, InitrdError> = threads
                 .into_iter()
                 .map(|t| {
                     t.join()
                         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
                 })
                 .collect();
-            results.into_iter().collect()
+            let value = built?;
+            durable.map(|_| value)
         })
     }
+}
 
-    /// The unpacked tree of a verified artifact (see [`Unpacker::unpacked`]).
-    pub(super) fn unpacked(&self, archive: &Path, sha256: &str) -> Result<PathBuf, InitrdError> {
-        Unpacker {
-            cache_dir: &self.cache_dir,
-        }
-        .unpacked(archive, sha256)
+/// The trees of [`InitrdBuilder::with_unpacked`], in the order of its archives.
+pub(super) struct Arrivals(Vec<mpsc::Receiver<Result<PathBuf, InitrdError>>>);
+
+impl Arrivals {
+    /// The `i`th archive's tree, waiting until it is in place; each is taken once.
+    pub(super) fn take(&self, i: usize) -> Result<PathBuf, InitrdError> {
+        self.0[i]
+            .recv()
+            .expect("every unpacking thread sends its tree or its error")
     }
 }
 
@@ -192,21 +221,30 @@ struct Unpacker<'a> {
 }
 
 impl Unpacker<'_> {
-    /// The unpacked tree of a verified artifact, extracted once and kept by digest. The tree is
-    /// trusted only with its record, which is written last, after the tree is on disk: a tree
-    /// left without one (a crash, a hand-made directory) is unpacked again.
-    pub(super) fn unpacked(&self, archive: &Path, sha256: &str) -> Result<PathBuf, InitrdError> {
+    /// Unpack a verified artifact once, kept by digest, and hand its tree to `ready` as soon as
+    /// it is in place. The tree is trusted only with its record, written last, after the tree
+    /// is synced: a tree left without one (a crash, a hand-made directory) is unpacked again.
+    /// The digest's lock is held until the record is written, so a concurrent builder waits
+    /// for a complete tree.
+    fn unpacked(
+        &self,
+        archive: &Path,
+        sha256: &str,
+        ready: impl FnOnce(&Path),
+    ) -> Result<(), InitrdError> {
         let root = self.cache_dir.join("unpacked");
         let dest = root.join(sha256);
         let record = super::tree::record_path(&dest);
         let complete = |dest: &Path| dest.is_dir() && record.is_file();
         if complete(&dest) {
-            return Ok(dest);
+            ready(&dest);
+            return Ok(());
         }
         fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
         let _lock = lock_file(&root.join(format!("{sha256}.lock")))?;
         if complete(&dest) {
-            return Ok(dest);
+            ready(&dest);
+            return Ok(());
         }
         for stale in [root.join(format!("tmp-{sha256}")), dest.clone()] {
             if fs::symlink_metadata(&stale).is_ok() {
@@ -214,15 +252,15 @@ impl Unpacker<'_> {
                     .map_err(io_err(format!("removing stale {}", stale.display())))?;
             }
         }
-        let tmp = root.join(format!("tmp-{sha256}"));
-        extract_tar(archive, &tmp, &Limits::default())?;
-        fsutil::sync_filesystem(&tmp).map_err(io_err(format!("syncing {}", tmp.display())))?;
-        fs::rename(&tmp, &dest).map_err(io_err(format!("moving {} into place", dest.display())))?;
+        // Hashed as it is written: the record needs no second read of the tree.
+        let (_, listing) = extract_tar_listed(archive, &dest, &Limits::default())?;
+        ready(&dest);
+        fsutil::sync_filesystem(&dest).map_err(io_err(format!("syncing {}", dest.display())))?;
         fsutil::sync_dir(&root).map_err(io_err(format!("syncing {}", root.display())))?;
         // What the tree holds, for a later deep verify.
-        super::tree::write_record(&dest, &record)
+        super::tree::write_record(&super::tree::from_listing(&listing), &record)
             .map_err(io_err(format!("recording {}", record.display())))?;
-        Ok(dest)
+        Ok(())
     }
 }
 

@@ -44,7 +44,9 @@ pub use crate::archive::compress::LayerCompression;
 use crate::archive::cpio::CpioError;
 pub use crate::archive::cpio::{InitrdLayer, read_initrd};
 use crate::fetch::{FetchError, Fetcher, Progress};
-use crate::inspect::{Expectations, InspectError, Inventory, SigningRule, Trees, inspect_for};
+use crate::inspect::{
+    self, Expectations, InspectError, Inventory, SigningRule, Trees, inspect_for,
+};
 use crate::outcome::{Classify, Outcome};
 use crate::registry::{Arch, ArtifactKind, Release};
 use crate::remedy::Remedy;
@@ -388,18 +390,22 @@ impl<'a> InitrdBuilder<'a> {
         arch: Arch,
         progress: &dyn Progress,
     ) -> Result<(Inventory, Vec<manifest::Input>), InitrdError> {
-        self.inventory_for(release, arch, None, progress)
+        let fetched = self.fetch_all(release, arch, progress)?;
+        self.with_unpacked(&fetched.archives(), |arrivals| {
+            let trees = fetched.take_trees(arrivals)?;
+            let expect = expectations(release, arch, &fetched.driver_version);
+            let inventory = inspect_for(&expect, &trees.all(), None)?;
+            Ok((inventory, fetched.inputs.clone()))
+        })
     }
 
-    /// [`InitrdBuilder::inventory`], resolving dependencies only from `roots` (see
-    /// [`crate::inspect::inspect_for`]).
-    fn inventory_for(
+    /// Fetch every artifact of the release the layers are made from, verified.
+    fn fetch_all(
         &self,
         release: &Release,
         arch: Arch,
-        roots: Option<&[String]>,
         progress: &dyn Progress,
-    ) -> Result<(Inventory, Vec<manifest::Input>), InitrdError> {
+    ) -> Result<Fetched, InitrdError> {
         let missing = |what: String| InitrdError::Release {
             release: release.name.clone(),
             arch,
@@ -408,8 +414,11 @@ impl<'a> InitrdBuilder<'a> {
         let driver_version = release.driver_version.clone().ok_or_else(|| {
             missing("has no driver_version: it is a kernel-only release; pick a release with NVIDIA artifacts".into())
         })?;
-        let mut fetched_all = Vec::new();
-        let mut inputs = Vec::new();
+        let mut fetched = Fetched {
+            driver_version,
+            artifacts: Vec::new(),
+            inputs: Vec::new(),
+        };
         for kind in [
             ArtifactKind::KernelModules,
             ArtifactKind::NvidiaModules,
@@ -427,45 +436,25 @@ impl<'a> InitrdBuilder<'a> {
                 }
                 continue;
             };
-            let fetched = self.fetcher.fetch(release, arch, artifact, progress)?;
-            inputs.push(manifest::Input {
+            let got = self.fetcher.fetch(release, arch, artifact, progress)?;
+            fetched.inputs.push(manifest::Input {
                 kind: kind.as_str().to_string(),
-                sha256: fetched.sha256.to_string(),
+                sha256: got.sha256.to_string(),
             });
-            fetched_all.push((kind, fetched.path, fetched.sha256.to_string()));
+            fetched
+                .artifacts
+                .push((kind, got.path, got.sha256.to_string()));
         }
-        let archives: Vec<(&Path, &str)> = fetched_all
-            .iter()
-            .map(|(_, path, sha256)| (path.as_path(), sha256.as_str()))
-            .collect();
-        let trees: BTreeMap<ArtifactKind, PathBuf> = fetched_all
-            .iter()
-            .map(|(kind, ..)| *kind)
-            .zip(self.unpacked_all(&archives)?)
-            .collect();
-        let tree = |k| trees.get(&k).map(PathBuf::as_path);
-        // Only the modules this layer carries have their dependencies resolved.
-        let inventory = inspect_for(
-            &Expectations {
-                kernel_version: &release.kernel_version,
-                driver_version: &driver_version,
-                arch,
-                flavor: release.module_flavor,
-                gsp: release.gsp,
-                signing: SigningRule::of(release),
-            },
-            &Trees {
-                nvidia_modules: tree(ArtifactKind::NvidiaModules),
-                kernel_modules: tree(ArtifactKind::KernelModules),
-                firmware: tree(ArtifactKind::NvidiaFirmware),
-                driver_libs: tree(ArtifactKind::NvidiaDriverLibs),
-            },
-            roots,
-        )?;
-        Ok((inventory, inputs))
+        Ok(fetched)
     }
 
     /// Fetch, unpack, inspect, and write the three layers and the record into `dir`.
+    ///
+    /// The plain initramfs form is written while the driver libraries (the largest artifact)
+    /// are still being unpacked: the GPU layer's kernel side (modules and firmware) goes first,
+    /// its userspace side once the libraries are inspected. The other forms need the whole plan
+    /// before the GPU layer (the image comes first, and the base layer names it); the bytes of
+    /// the GPU layer are the same either way.
     fn write_layers(
         &self,
         release: &Release,
@@ -475,91 +464,228 @@ impl<'a> InitrdBuilder<'a> {
         progress: &dyn Progress,
     ) -> Result<Layers, InitrdError> {
         let arch = options.arch;
-        let (inventory, inputs) =
-            self.inventory_for(release, arch, Some(&options.modules), progress)?;
-        let driver_version = release.driver_version.clone().unwrap_or_default();
-        let plan = plan::GpuLayerPlan::new(release, options, &driver_version, &inventory, inputs)?;
-
+        let fetched = self.fetch_all(release, arch, progress)?;
         let guest_init = guest_init::read_checked(&options.guest_init, arch)?;
-        let verity_wanted = options.verity && options.form.image();
-        // The image first: the base layer names it (UUID, root hash).
-        let uuid = disk::uuid_from_key(key);
-        let (disk, verity) = if options.form.image() {
-            let tree = dir.join("disk-tree");
-            plan.materialize(&tree, &guest_init)?;
-            let salt = verity_wanted.then(|| disk::salt_from_key(key));
-            let image = disk::make_image(&tree, dir, &uuid, salt.as_deref());
-            let _ = fs::remove_dir_all(&tree);
-            let (image, verity) = image?;
-            (Some(image), verity)
-        } else {
-            (None, None)
-        };
-        let base_extra = if options.form.image() {
-            let kernel_tree = match release.artifact(arch, ArtifactKind::KernelModules) {
-                Some(artifact) => {
-                    let fetched = self.fetcher.fetch(release, arch, artifact, progress)?;
-                    Some(self.unpacked(&fetched.path, &fetched.sha256.to_string())?)
+        self.with_unpacked(&fetched.archives(), |arrivals| {
+            let trees = fetched.take_kernel_side(arrivals)?;
+            let expect = expectations(release, arch, &fetched.driver_version);
+            // Only the modules this layer carries have their dependencies resolved.
+            let kernel_side =
+                inspect::inspect_kernel_side(&expect, &trees.all(), Some(&options.modules));
+            // The driver libraries last: the largest archive, possibly still inflating.
+            let with_libraries = |kernel_side| {
+                let tree = fetched.take_driver_libs(arrivals)?;
+                inspect::with_driver_libs(kernel_side, &expect, tree.as_deref())
+                    .map_err(InitrdError::from)
+            };
+            let plan_of = |inventory: &Inventory| {
+                plan::GpuLayerPlan::new(
+                    release,
+                    options,
+                    &fetched.driver_version,
+                    inventory,
+                    fetched.inputs.clone(),
+                )
+            };
+            let (inventory, plan, base, gpu, combined, disk, verity) = match kernel_side {
+                Ok(kernel_side) if options.form == LayerForm::Initrd => {
+                    let written = plan::KernelSide::new(release, options, &kernel_side)?;
+                    let (base, base_bytes) = write::base_file(dir, &guest_init, &[])?;
+                    let (gpu, combined, (inventory, plan)) =
+                        write::gpu_files(dir, options.compression, &base_bytes, |cpio| {
+                            written.write(cpio)?;
+                            let inventory = with_libraries(Ok(kernel_side))?;
+                            let plan = plan_of(&inventory)?;
+                            plan.write_userspace(cpio, &guest_init, &written)?;
+                            Ok((inventory, plan))
+                        })?;
+                    (inventory, plan, base, gpu, combined, None, None)
+                }
+                kernel_side => {
+                    let inventory = with_libraries(kernel_side)?;
+                    let plan = plan_of(&inventory)?;
+                    let image = match options.form.image() {
+                        true => Some(disk_image(
+                            release,
+                            options,
+                            key,
+                            dir,
+                            &plan,
+                            &guest_init,
+                            &expect,
+                            trees.kernel_modules.as_deref(),
+                        )?),
+                        false => None,
+                    };
+                    let base_extra = image.as_ref().map_or(&[][..], |i| &i.base_files);
+                    let (base, base_bytes) = write::base_file(dir, &guest_init, base_extra)?;
+                    let (gpu, combined) = if options.form.initramfs() {
+                        let (gpu, combined, ()) =
+                            write::gpu_files(dir, options.compression, &base_bytes, |cpio| {
+                                plan.write(cpio, &guest_init)
+                            })?;
+                        (gpu, combined)
+                    } else {
+                        // The disk form: the base layer is the whole initrd such a VM boots.
+                        (base.clone(), base.clone())
+                    };
+                    let (disk, verity) = match image {
+                        Some(i) => (Some(i.image), i.verity),
+                        None => (None, None),
+                    };
+                    (inventory, plan, base, gpu, combined, disk, verity)
+                }
+            };
+
+            let manifest_json = plan.manifest_json()?;
+            write::synced(&dir.join("manifest.json"), &manifest_json)?;
+            let supported_gpus = match &inventory.supported_gpus {
+                Some(src) => {
+                    let bytes =
+                        fs::read(src).map_err(io_err(format!("reading {}", src.display())))?;
+                    write::synced(&dir.join(SUPPORTED_GPUS), &bytes)?;
+                    Some(PathBuf::from(SUPPORTED_GPUS))
                 }
                 None => None,
             };
-            let expect = Expectations {
-                kernel_version: &release.kernel_version,
-                driver_version: &driver_version,
-                arch,
-                flavor: release.module_flavor,
-                gsp: release.gsp,
-                signing: SigningRule::of(release),
+            let layers = Layers {
+                key: key.to_string(),
+                release: release.name.clone(),
+                compression: options.compression,
+                base,
+                gpu,
+                combined,
+                disk,
+                verity,
+                manifest: plan.manifest,
+                supported_gpus,
+                reused: false,
             };
-            let modules = disk::mount_modules(
-                &release.name,
-                &expect,
-                kernel_tree.as_deref(),
-                verity_wanted,
-            )?;
-            let binding = disk::ImageBinding {
-                uuid: uuid.clone(),
-                verity_root: verity.as_ref().map(|v| v.root_hash.clone()),
-            };
-            disk::base_files(&modules, &binding)?
-        } else {
-            Vec::new()
-        };
-        let (base, gpu, combined) = write::layer_files(
-            dir,
-            options.compression,
-            &plan,
-            &guest_init,
-            &base_extra,
-            options.form.initramfs(),
-        )?;
+            let record = serde_json::to_vec_pretty(&layers)
+                .map_err(|e| io_err("writing the layer record")(io::Error::other(e)))?;
+            write::synced(&dir.join(RECORD), &record)?;
+            Ok(layers)
+        })
+    }
+}
 
-        let manifest_json = plan.manifest_json()?;
-        write::synced(&dir.join("manifest.json"), &manifest_json)?;
-        let supported_gpus = match &inventory.supported_gpus {
-            Some(src) => {
-                let bytes = fs::read(src).map_err(io_err(format!("reading {}", src.display())))?;
-                write::synced(&dir.join(SUPPORTED_GPUS), &bytes)?;
-                Some(PathBuf::from(SUPPORTED_GPUS))
-            }
-            None => None,
-        };
-        let layers = Layers {
-            key: key.to_string(),
-            release: release.name.clone(),
-            compression: options.compression,
-            base,
-            gpu,
-            combined,
-            disk,
-            verity,
-            manifest: plan.manifest,
-            supported_gpus,
-            reused: false,
-        };
-        let record = serde_json::to_vec_pretty(&layers)
-            .map_err(|e| io_err("writing the layer record")(io::Error::other(e)))?;
-        write::synced(&dir.join(RECORD), &record)?;
-        Ok(layers)
+/// The disk forms' image and the base layer's files that mount it.
+struct DiskImage {
+    image: LayerFile,
+    verity: Option<disk::Verity>,
+    /// The mount modules (from the kernel-modules tree) and the binding to this image.
+    base_files: Vec<(String, Vec<u8>)>,
+}
+
+/// Make the disk forms' image of `plan` in `dir` (before the base layer, which names it).
+#[allow(clippy::too_many_arguments)]
+fn disk_image(
+    release: &Release,
+    options: &BuildOptions,
+    key: &str,
+    dir: &Path,
+    plan: &plan::GpuLayerPlan,
+    guest_init: &[u8],
+    expect: &Expectations,
+    kernel_tree: Option<&Path>,
+) -> Result<DiskImage, InitrdError> {
+    let uuid = disk::uuid_from_key(key);
+    let tree = dir.join("disk-tree");
+    plan.materialize(&tree, guest_init)?;
+    let salt = options.verity.then(|| disk::salt_from_key(key));
+    let image = disk::make_image(&tree, dir, &uuid, salt.as_deref());
+    let _ = fs::remove_dir_all(&tree);
+    let (image, verity) = image?;
+    let modules = disk::mount_modules(&release.name, expect, kernel_tree, options.verity)?;
+    let binding = disk::ImageBinding {
+        uuid,
+        verity_root: verity.as_ref().map(|v| v.root_hash.clone()),
+    };
+    Ok(DiskImage {
+        image,
+        verity,
+        base_files: disk::base_files(&modules, &binding)?,
+    })
+}
+
+/// What a release's layers are made from: its artifacts, fetched and verified, in the order
+/// [`InitrdBuilder::with_unpacked`] unpacks them (the driver libraries last).
+struct Fetched {
+    driver_version: String,
+    /// Kind, archive, SHA-256.
+    artifacts: Vec<(ArtifactKind, PathBuf, String)>,
+    /// What the manifest records of them.
+    inputs: Vec<manifest::Input>,
+}
+
+/// The unpacked trees, by kind.
+#[derive(Default)]
+struct UnpackedTrees {
+    kernel_modules: Option<PathBuf>,
+    nvidia_modules: Option<PathBuf>,
+    firmware: Option<PathBuf>,
+    driver_libs: Option<PathBuf>,
+}
+
+impl UnpackedTrees {
+    fn all(&self) -> Trees<'_> {
+        Trees {
+            nvidia_modules: self.nvidia_modules.as_deref(),
+            kernel_modules: self.kernel_modules.as_deref(),
+            firmware: self.firmware.as_deref(),
+            driver_libs: self.driver_libs.as_deref(),
+        }
+    }
+}
+
+impl Fetched {
+    fn archives(&self) -> Vec<(&Path, &str)> {
+        self.artifacts
+            .iter()
+            .map(|(_, path, sha256)| (path.as_path(), sha256.as_str()))
+            .collect()
+    }
+
+    /// Every tree but the driver libraries', waiting for each.
+    fn take_kernel_side(&self, arrivals: &cache::Arrivals) -> Result<UnpackedTrees, InitrdError> {
+        let mut trees = UnpackedTrees::default();
+        for (i, (kind, ..)) in self.artifacts.iter().enumerate() {
+            let slot = match kind {
+                ArtifactKind::KernelModules => &mut trees.kernel_modules,
+                ArtifactKind::NvidiaModules => &mut trees.nvidia_modules,
+                ArtifactKind::NvidiaFirmware => &mut trees.firmware,
+                _ => continue,
+            };
+            *slot = Some(arrivals.take(i)?);
+        }
+        Ok(trees)
+    }
+
+    /// The driver libraries' tree, waiting for it.
+    fn take_driver_libs(&self, arrivals: &cache::Arrivals) -> Result<Option<PathBuf>, InitrdError> {
+        let i = self
+            .artifacts
+            .iter()
+            .position(|(kind, ..)| *kind == ArtifactKind::NvidiaDriverLibs);
+        i.map(|i| arrivals.take(i)).transpose()
+    }
+
+    /// Every tree, waiting for each.
+    fn take_trees(&self, arrivals: &cache::Arrivals) -> Result<UnpackedTrees, InitrdError> {
+        let mut trees = self.take_kernel_side(arrivals)?;
+        trees.driver_libs = self.take_driver_libs(arrivals)?;
+        Ok(trees)
+    }
+}
+
+/// What the release says its artifacts must be.
+fn expectations<'r>(release: &'r Release, arch: Arch, driver_version: &'r str) -> Expectations<'r> {
+    Expectations {
+        kernel_version: &release.kernel_version,
+        driver_version,
+        arch,
+        flavor: release.module_flavor,
+        gsp: release.gsp,
+        signing: SigningRule::of(release),
     }
 }

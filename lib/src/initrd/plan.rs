@@ -1,6 +1,8 @@
 //! What goes into the GPU layer: the modules (with the dependencies they need), firmware,
 //! libraries with their soname links, programs and the manifest, decided before a byte is
-//! written, and then written in path order.
+//! written. The layer is written in two parts, each in path order: the kernel side (modules
+//! and firmware), which is known before the driver libraries (the largest artifact) are
+//! unpacked, so a build can start writing it meanwhile; then the userspace side.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -17,11 +19,26 @@ use crate::registry::Release;
 
 /// What goes into the GPU layer, decided before a byte is written.
 pub(super) struct GpuLayerPlan {
-    /// Archive path → what to put there, sorted by path (parents before children).
-    entries: BTreeMap<String, Source>,
+    kernel_side: KernelSide,
+    /// The driver's libraries and programs, the guest init and the manifest, with the parents
+    /// the kernel side does not already have.
+    userspace: Entries,
     pub(super) manifest: manifest::Manifest,
 }
 
+/// Archive path → what to put there, sorted by path (parents before children).
+type Entries = BTreeMap<String, Source>;
+
+/// The modules and firmware of the layer, with their parents: what [`GpuLayerPlan::write`]
+/// writes first.
+#[derive(PartialEq, Eq)]
+pub(super) struct KernelSide {
+    entries: Entries,
+    modules: Vec<manifest::Module>,
+    firmware: Vec<String>,
+}
+
+#[derive(PartialEq, Eq)]
 enum Source {
     Dir,
     File {
@@ -38,13 +55,13 @@ enum Source {
     Symlink(String),
 }
 
-impl GpuLayerPlan {
+impl KernelSide {
+    /// The kernel side of the layer for `inv` (its modules and firmware; its driver libraries,
+    /// if any, are not looked at).
     pub(super) fn new(
         release: &Release,
         options: &BuildOptions,
-        driver_version: &str,
         inv: &Inventory,
-        inputs: Vec<manifest::Input>,
     ) -> Result<Self, InitrdError> {
         let mut entries = BTreeMap::new();
         let modules = select_modules(release, options, inv)?;
@@ -98,6 +115,30 @@ impl GpuLayerPlan {
             );
             firmware.push(format!("/{path}"));
         }
+        add_parents(&mut entries, &BTreeMap::new());
+        Ok(KernelSide {
+            entries,
+            modules: manifest_modules,
+            firmware,
+        })
+    }
+
+    /// Write the kernel side's entries.
+    pub(super) fn write<W: Write>(&self, cpio: &mut CpioWriter<W>) -> Result<(), InitrdError> {
+        write_entries(cpio, &self.entries, b"", b"")
+    }
+}
+
+impl GpuLayerPlan {
+    pub(super) fn new(
+        release: &Release,
+        options: &BuildOptions,
+        driver_version: &str,
+        inv: &Inventory,
+        inputs: Vec<manifest::Input>,
+    ) -> Result<Self, InitrdError> {
+        let kernel_side = KernelSide::new(release, options, inv)?;
+        let mut entries = BTreeMap::new();
         let selection = super::select::select(release, options, inv)?;
         let mut libraries = Vec::new();
         for lib in selection.libraries {
@@ -140,11 +181,7 @@ impl GpuLayerPlan {
         }
         binaries.sort();
         entries.insert("gpu/manifest.json".into(), Source::Manifest);
-        // The kernel's unpacker does not create missing parents: add every one.
-        let parents: BTreeSet<String> = entries.keys().flat_map(|p| parents_of(p)).collect();
-        for p in parents {
-            entries.entry(p).or_insert(Source::Dir);
-        }
+        add_parents(&mut entries, &kernel_side.entries);
         let manifest = manifest::Manifest {
             schema: manifest::SCHEMA,
             release: release.name.clone(),
@@ -155,15 +192,19 @@ impl GpuLayerPlan {
                 .module_flavor
                 .map_or("open", |f| f.as_str())
                 .to_string(),
-            modules: manifest_modules,
-            firmware,
+            modules: kernel_side.modules.clone(),
+            firmware: kernel_side.firmware.clone(),
             libraries,
             binaries,
             device_nodes: options.device_nodes,
             inputs,
             capabilities: selection.capabilities,
         };
-        Ok(GpuLayerPlan { entries, manifest })
+        Ok(GpuLayerPlan {
+            kernel_side,
+            userspace: entries,
+            manifest,
+        })
     }
 
     pub(super) fn manifest_json(&self) -> Result<Vec<u8>, InitrdError> {
@@ -173,44 +214,81 @@ impl GpuLayerPlan {
         Ok(v)
     }
 
+    /// Write the whole GPU layer's entries: the kernel side, then the userspace side.
     pub(super) fn write<W: Write>(
         &self,
         cpio: &mut CpioWriter<W>,
         guest_init: &[u8],
     ) -> Result<(), InitrdError> {
-        let manifest = self.manifest_json()?;
-        let midway = self.entries.len() / 2;
-        for (i, (path, source)) in self.entries.iter().enumerate() {
-            if i == midway {
-                Failpoint::InitrdMidway.hit();
+        self.kernel_side.write(cpio)?;
+        self.write_userspace(cpio, guest_init, &self.kernel_side)
+    }
+
+    /// Write the userspace side, after `written` (this plan's kernel side, as written before
+    /// the plan was complete).
+    pub(super) fn write_userspace<W: Write>(
+        &self,
+        cpio: &mut CpioWriter<W>,
+        guest_init: &[u8],
+        written: &KernelSide,
+    ) -> Result<(), InitrdError> {
+        // The same inventory's modules and firmware give the same kernel side.
+        debug_assert!(
+            *written == self.kernel_side,
+            "the kernel side written is this plan's"
+        );
+        Failpoint::InitrdMidway.hit();
+        write_entries(cpio, &self.userspace, guest_init, &self.manifest_json()?)
+    }
+
+    /// Every entry, the kernel side's first.
+    fn entries(&self) -> impl Iterator<Item = (&String, &Source)> {
+        self.kernel_side.entries.iter().chain(&self.userspace)
+    }
+}
+
+/// Add to `entries` every parent directory of its paths that neither it nor `written` has: the
+/// kernel's unpacker does not create missing parents.
+fn add_parents(entries: &mut Entries, written: &Entries) {
+    let parents: BTreeSet<String> = entries.keys().flat_map(|p| parents_of(p)).collect();
+    for p in parents.into_iter().filter(|p| !written.contains_key(p)) {
+        entries.entry(p).or_insert(Source::Dir);
+    }
+}
+
+fn write_entries<W: Write>(
+    cpio: &mut CpioWriter<W>,
+    entries: &Entries,
+    guest_init: &[u8],
+    manifest: &[u8],
+) -> Result<(), InitrdError> {
+    for (path, source) in entries {
+        match source {
+            Source::Dir => cpio.directory(path, 0o755)?,
+            Source::Symlink(target) => cpio.symlink(path, target)?,
+            Source::GuestInit => {
+                cpio.file(path, 0o755, guest_init.len() as u64, &mut &guest_init[..])?
             }
-            match source {
-                Source::Dir => cpio.directory(path, 0o755)?,
-                Source::Symlink(target) => cpio.symlink(path, target)?,
-                Source::GuestInit => {
-                    cpio.file(path, 0o755, guest_init.len() as u64, &mut &guest_init[..])?
-                }
-                Source::Manifest => {
-                    cpio.file(path, 0o644, manifest.len() as u64, &mut &manifest[..])?
-                }
-                Source::Module { from } => {
-                    let bytes = crate::modinfo::decompressed_module(from)
-                        .map_err(io_err(format!("decompressing {}", from.display())))?;
-                    cpio.file(path, 0o644, bytes.len() as u64, &mut &bytes[..])?;
-                }
-                Source::File { from, mode } => {
-                    let mut f =
-                        File::open(from).map_err(io_err(format!("reading {}", from.display())))?;
-                    let size = f
-                        .metadata()
-                        .map_err(io_err(format!("reading {}", from.display())))?
-                        .len();
-                    cpio.file(path, *mode, size, &mut f)?;
-                }
+            Source::Manifest => {
+                cpio.file(path, 0o644, manifest.len() as u64, &mut &manifest[..])?
+            }
+            Source::Module { from } => {
+                let bytes = crate::modinfo::decompressed_module(from)
+                    .map_err(io_err(format!("decompressing {}", from.display())))?;
+                cpio.file(path, 0o644, bytes.len() as u64, &mut &bytes[..])?;
+            }
+            Source::File { from, mode } => {
+                let mut f =
+                    File::open(from).map_err(io_err(format!("reading {}", from.display())))?;
+                let size = f
+                    .metadata()
+                    .map_err(io_err(format!("reading {}", from.display())))?
+                    .len();
+                cpio.file(path, *mode, size, &mut f)?;
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl GpuLayerPlan {
@@ -220,7 +298,7 @@ impl GpuLayerPlan {
         use std::os::unix::fs::PermissionsExt;
         let manifest = self.manifest_json()?;
         fs::create_dir_all(root).map_err(io_err(format!("creating {}", root.display())))?;
-        for (path, source) in &self.entries {
+        for (path, source) in self.entries() {
             let Some(rel) = path.strip_prefix("gpu/") else {
                 continue;
             };

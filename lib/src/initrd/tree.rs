@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::archive::tar::{Extracted, Listing};
 use crate::fsutil;
 
 /// One path of a tree.
@@ -65,10 +66,30 @@ pub(crate) fn scan(dir: &Path) -> io::Result<TreeRecord> {
     Ok(out)
 }
 
-/// Write the record of `dir` (freshly scanned) to `record`, atomically.
-pub(crate) fn write_record(dir: &Path, record: &Path) -> io::Result<()> {
-    let tree = scan(dir)?;
-    let bytes = serde_json::to_vec(&tree).map_err(io::Error::other)?;
+/// The record of a tree as its extraction wrote it: the same as [`scan`] of the tree then,
+/// without reading it back.
+pub(crate) fn from_listing(listing: &Listing) -> TreeRecord {
+    listing
+        .iter()
+        .map(|(path, e)| {
+            let entry = match e {
+                Extracted::Dir => TreeEntry::Dir,
+                Extracted::File { sha256, size } => TreeEntry::File {
+                    sha256: hex::encode(sha256),
+                    size: *size,
+                },
+                Extracted::Symlink { target } => TreeEntry::Symlink {
+                    target: target.to_string_lossy().into_owned(),
+                },
+            };
+            (path.to_string_lossy().into_owned(), entry)
+        })
+        .collect()
+}
+
+/// Write `tree` to `record`, atomically.
+pub(crate) fn write_record(tree: &TreeRecord, record: &Path) -> io::Result<()> {
+    let bytes = serde_json::to_vec(tree).map_err(io::Error::other)?;
     fsutil::write_atomic(record, &bytes)
 }
 
@@ -99,6 +120,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_record_from_an_extraction_is_the_record_a_scan_of_the_tree_makes() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a.tar");
+        let mut b = tar::Builder::new(fs::File::create(&archive).unwrap());
+        let mut add = |path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(if kind == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            h.set_size(data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        // Implicit parents (usr/lib/x86_64), an explicit directory, files, a link, an empty file.
+        add(
+            "usr/lib/x86_64/libcuda.so.535",
+            tar::EntryType::Regular,
+            b"elf bytes",
+            None,
+        );
+        add(
+            "usr/lib/x86_64/libcuda.so.1",
+            tar::EntryType::Symlink,
+            b"",
+            Some("libcuda.so.535"),
+        );
+        add("firmware", tar::EntryType::Directory, b"", None);
+        add(
+            "firmware/gsp.bin",
+            tar::EntryType::Regular,
+            &[7u8; 300_000],
+            None,
+        );
+        add("empty", tar::EntryType::Regular, b"", None);
+        b.into_inner().unwrap();
+        let t = dir.path().join("t");
+        let (_, listing) =
+            crate::archive::tar::extract_tar_listed(&archive, &t, &Default::default()).unwrap();
+        let recorded = from_listing(&listing);
+        assert_eq!(recorded, scan(&t).unwrap());
+        assert_eq!(recorded.len(), 8, "{recorded:?}");
+    }
+
+    #[test]
     fn a_changed_added_or_missing_file_is_a_difference() {
         let dir = tempfile::tempdir().unwrap();
         let t = dir.path().join("t");
@@ -106,7 +176,7 @@ mod tests {
         fs::write(t.join("a/f"), b"one").unwrap();
         fs::write(t.join("g"), b"two").unwrap();
         let rec = record_path(&t);
-        write_record(&t, &rec).unwrap();
+        write_record(&scan(&t).unwrap(), &rec).unwrap();
         let recorded = read_record(&rec).unwrap();
         assert!(differences(&recorded, &scan(&t).unwrap()).is_empty());
         fs::write(t.join("a/f"), b"One").unwrap();

@@ -8,52 +8,54 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::plan::GpuLayerPlan;
 use super::{InitrdError, LayerFile, io_err};
 use crate::archive::compress::{LayerCompression, compressing_writer};
 use crate::archive::cpio::CpioWriter;
 use crate::fsutil;
 
-/// Write `base.cpio`, `gpu.<ext>` and `combined.<ext>` into `dir`; paths in the result are
-/// relative to `dir`.
-pub(super) fn layer_files(
+/// Write `base.cpio` into `dir`: its record (path relative to `dir`) and its bytes, which the
+/// combined layer starts with.
+pub(super) fn base_file(
     dir: &Path,
-    compression: LayerCompression,
-    plan: &GpuLayerPlan,
     guest_init: &[u8],
     base_extra: &[(String, Vec<u8>)],
-    initramfs: bool,
-) -> Result<(LayerFile, LayerFile, LayerFile), InitrdError> {
-    let base_name = PathBuf::from("base.cpio");
+) -> Result<(LayerFile, Vec<u8>), InitrdError> {
+    let name = PathBuf::from("base.cpio");
+    let bytes = base_layer(guest_init, base_extra)?;
+    let base = LayerFile {
+        path: name.clone(),
+        size: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(&bytes)),
+    };
+    synced(&dir.join(&name), &bytes)?;
+    Ok((base, bytes))
+}
+
+/// Write `gpu.<ext>` and `combined.<ext>` (`base` then the GPU layer) into `dir`, the GPU
+/// layer's entries written by `write_gpu` into a cpio stream compressed once; paths in the
+/// result are relative to `dir`.
+pub(super) fn gpu_files<T>(
+    dir: &Path,
+    compression: LayerCompression,
+    base: &[u8],
+    write_gpu: impl FnOnce(&mut CpioWriter<&mut dyn Write>) -> Result<T, InitrdError>,
+) -> Result<(LayerFile, LayerFile, T), InitrdError> {
     let gpu_name = PathBuf::from(format!("gpu.{}", compression.suffix()));
     let combined_name = PathBuf::from(format!("combined.{}", compression.suffix()));
-
-    let base_bytes = base_layer(guest_init, base_extra)?;
-    let base = LayerFile {
-        path: base_name.clone(),
-        size: base_bytes.len() as u64,
-        sha256: hex::encode(Sha256::digest(&base_bytes)),
-    };
-    synced(&dir.join(&base_name), &base_bytes)?;
-    if !initramfs {
-        // The disk form: the base layer is the whole initrd such a VM boots.
-        return Ok((base.clone(), base.clone(), base));
-    }
-
     let gpu_file = HashingFile::create(&dir.join(&gpu_name))?;
     let mut combined_file = HashingFile::create(&dir.join(&combined_name))?;
     combined_file
-        .write_all(&base_bytes)
+        .write_all(base)
         .map_err(io_err("writing the combined layer"))?;
     let tee = Tee {
         a: BufWriter::with_capacity(1 << 20, gpu_file),
         b: BufWriter::with_capacity(1 << 20, combined_file),
     };
-    let encoder =
+    let mut encoder =
         compressing_writer(compression, tee).map_err(io_err("starting the compressor"))?;
-    let mut cpio = CpioWriter::new(encoder);
-    plan.write(&mut cpio, guest_init)?;
-    let encoder = cpio.finish()?;
+    let mut cpio = CpioWriter::new(&mut *encoder as &mut dyn Write);
+    let written = write_gpu(&mut cpio)?;
+    cpio.finish()?;
     // No padding after the layer: `zstd -dc`/`gzip -dc` reject trailing zeros, and the
     // kernel needs alignment only before a plain cpio, which whoever appends one must pad.
     let tee = encoder
@@ -62,7 +64,7 @@ pub(super) fn layer_files(
     let (gpu_file, combined_file) = tee.into_inner()?;
     let gpu = gpu_file.finish(gpu_name)?;
     let combined = combined_file.finish(combined_name)?;
-    Ok((base, gpu, combined))
+    Ok((gpu, combined, written))
 }
 
 /// Create `path` with `bytes`, fsynced.
@@ -134,13 +136,18 @@ impl Tee<BufWriter<HashingFile>, BufWriter<HashingFile>> {
     }
 }
 
-/// A file being written, hashed and measured as it goes.
+/// A file being written, hashed and measured as it goes, its writeback started every
+/// [`WRITEBACK_STEP`] bytes so that its final fsync waits for little.
 struct HashingFile {
     file: File,
     path: PathBuf,
     hasher: Sha256,
     len: u64,
+    /// Bytes whose writeback has been started.
+    written_back: u64,
 }
+
+const WRITEBACK_STEP: u64 = 8 << 20;
 
 impl HashingFile {
     fn create(path: &Path) -> Result<Self, InitrdError> {
@@ -150,6 +157,7 @@ impl HashingFile {
             path: path.to_path_buf(),
             hasher: Sha256::new(),
             len: 0,
+            written_back: 0,
         })
     }
 
@@ -170,6 +178,15 @@ impl Write for HashingFile {
         let n = self.file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.len += n as u64;
+        if self.len - self.written_back >= WRITEBACK_STEP {
+            // Only a head start: a failure shows at the fsync in `finish`.
+            let _ = fsutil::start_writeback(
+                &self.file,
+                self.written_back,
+                self.len - self.written_back,
+            );
+            self.written_back = self.len;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {

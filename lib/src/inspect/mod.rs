@@ -152,6 +152,21 @@ pub fn inspect_for(
     trees: &Trees,
     roots: Option<&[String]>,
 ) -> Result<Inventory, InspectError> {
+    with_driver_libs(
+        inspect_kernel_side(expect, trees, roots),
+        expect,
+        trees.driver_libs,
+    )
+}
+
+/// The first half of [`inspect_for`]: the modules and firmware, everything but the driver-libs
+/// tree (which is ignored here). A builder can start on them while the driver libraries, the
+/// largest artifact, are still being unpacked, then finish with [`with_driver_libs`].
+pub fn inspect_kernel_side(
+    expect: &Expectations,
+    trees: &Trees,
+    roots: Option<&[String]>,
+) -> Result<Inventory, InspectError> {
     let mut problems = Vec::new();
     signatures::check_release(expect.signing, &mut problems);
 
@@ -269,22 +284,43 @@ pub fn inspect_for(
     } else {
         Vec::new()
     };
-    let (libraries, binaries, supported_gpus) = match trees.driver_libs {
-        Some(root) => inspect_driver_libs(expect, root, &mut problems),
-        None => (Vec::new(), Vec::new(), None),
-    };
-
     if problems.is_empty() {
         Ok(Inventory {
             modules,
             firmware,
-            libraries,
-            binaries,
-            supported_gpus,
+            libraries: Vec::new(),
+            binaries: Vec::new(),
+            supported_gpus: None,
             external_dependencies: external.into_iter().collect(),
         })
     } else {
         Err(InspectError::Rejected { problems })
+    }
+}
+
+/// The second half of [`inspect_for`]: the driver-libs tree at `driver_libs` added to what
+/// [`inspect_kernel_side`] found. Its problems come after the kernel side's, as one list.
+pub fn with_driver_libs(
+    kernel_side: Result<Inventory, InspectError>,
+    expect: &Expectations,
+    driver_libs: Option<&Path>,
+) -> Result<Inventory, InspectError> {
+    let (inventory, mut problems) = match kernel_side {
+        Ok(inventory) => (Some(inventory), Vec::new()),
+        Err(InspectError::Rejected { problems }) => (None, problems),
+    };
+    let (libraries, binaries, supported_gpus) = match driver_libs {
+        Some(root) => inspect_driver_libs(expect, root, &mut problems),
+        None => (Vec::new(), Vec::new(), None),
+    };
+    match inventory {
+        Some(inventory) if problems.is_empty() => Ok(Inventory {
+            libraries,
+            binaries,
+            supported_gpus,
+            ..inventory
+        }),
+        _ => Err(InspectError::Rejected { problems }),
     }
 }
 
