@@ -97,6 +97,9 @@ mod kind {
     pub const MASK: u32 = 0o170000;
 }
 
+/// How much of a file's contents is read at a time.
+const COPY_CHUNK: usize = 256 << 10;
+
 /// Streams entries into a newc archive with fixed metadata.
 pub struct CpioWriter<W: Write> {
     inner: W,
@@ -169,8 +172,12 @@ impl<W: Write> CpioWriter<W> {
         })?;
         let h = self.header(name, kind::FILE | (perm & 0o7777), 1)?;
         let mut w = h.write(&mut self.inner, size32);
-        let copied = io::copy(&mut contents.take(size), &mut w)
-            .map_err(io_err(format!("writing `{name}`")))?;
+        // Through a large buffer: `io::copy` then makes one read and one write (a compressor
+        // call) per 256 KiB instead of per 8 KiB.
+        let mut source = io::BufReader::with_capacity(COPY_CHUNK, contents.take(size));
+        let copied =
+            io::copy(&mut source, &mut w).map_err(io_err(format!("writing `{name}`")))?;
+        drop(source);
         if copied != size {
             return Err(CpioError::SizeMismatch {
                 name: name.to_string(),

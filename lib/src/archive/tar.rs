@@ -401,6 +401,9 @@ fn extract_from<R: BufRead>(
                 file.set_permissions(fs::Permissions::from_mode(entry.mode))
                     .map_err(|e| write_err(&target, e))?;
                 if let (Some(listing), Some(hasher)) = (listing.as_deref_mut(), hasher) {
+                    // A listed tree is synced as a whole later: start its writeback now, so
+                    // that sync has little left to wait for (a failure shows there).
+                    let _ = crate::fsutil::start_writeback(&file, 0, copied);
                     let sha256 = hasher.finalize().into();
                     listing.insert(
                         entry.path.clone(),

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use sha2::{Digest, Sha256};
 
 use super::{BUILDER_VERSION, BuildOptions, InitrdBuilder, InitrdError, Layers, RECORD, io_err};
-use crate::archive::tar::{Limits, extract_tar_listed};
+use crate::archive::tar::{Limits, Listing, extract_tar_listed};
 use crate::fetch::Progress;
 
 use crate::fsutil::{self, sha256_file};
@@ -153,10 +153,11 @@ impl InitrdBuilder<'_> {
     /// Run `build` while the trees of `archives` are unpacked, each archive on its own thread:
     /// the cold path is gzip inflation and file writes, one core's work per archive. `build`
     /// takes each tree from [`Arrivals`] as soon as it is in place, so it can start on the
-    /// small archives while the largest is still inflating; syncing each tree and writing its
-    /// record (what makes the cache trust it) finish on the threads meanwhile, and are waited
-    /// for before this returns. Every thread is joined first, so none outlives the call; a
-    /// failure of `build` comes first, then the first of the threads', in order.
+    /// small archives while the largest is still inflating. The new trees are then synced
+    /// together (one `syncfs`: a sync per tree while others are being written stalls the
+    /// writers) and only then get their records, which is what makes the cache trust them.
+    /// `build` must take every tree, so an unpacking's failure is its failure. Every thread is
+    /// joined first, so none outlives the call.
     pub(super) fn with_unpacked<T>(
         &self,
         archives: &[(&Path, &str)],
@@ -165,40 +166,39 @@ impl InitrdBuilder<'_> {
         let cache = Unpacker {
             cache_dir: &self.cache_dir,
         };
-        std::thread::scope(|scope| {
+        let (built, unpacked) = std::thread::scope(|scope| {
             let (arrivals, threads): (Vec<_>, Vec<_>) = archives
                 .iter()
                 .map(|&(archive, sha256)| {
                     let (tx, rx) = mpsc::sync_channel(1);
                     let thread = scope.spawn(move || {
-                        let mut sent = false;
-                        let result = cache.unpacked(archive, sha256, |tree| {
-                            sent = true;
-                            let _ = tx.send(Ok(tree.to_path_buf()));
-                        });
-                        match result {
-                            // Not unpacked: the error is the tree's, for whoever waits on it.
-                            Err(e) if !sent => {
-                                let _ = tx.send(Err(e));
-                                Ok(())
-                            }
-                            durable => durable,
-                        }
+                        // The tree, or the error, for `build`, which must take every tree.
+                        let (sent, unpacked) = match cache.unpacked(archive, sha256) {
+                            Ok(u) => (Ok(u.tree.clone()), Some(u)),
+                            Err(e) => (Err(e), None),
+                        };
+                        let _ = tx.send(sent);
+                        unpacked
                     });
                     (rx, thread)
                 })
                 .collect();
             let built = build(&Arrivals(arrivals));
-            let durable: Result<Vec<()>, InitrdError> = threads
+            let unpacked: Vec<Option<Unpacked>> = threads
                 .into_iter()
                 .map(|t| {
                     t.join()
                         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
                 })
                 .collect();
-            let value = built?;
-            durable.map(|_| value)
-        })
+            (built, unpacked)
+        });
+        // Fresh trees are recorded even when `build` failed: they hold verified archives.
+        let recorded = record_fresh(unpacked.iter().flatten());
+        // `build` took every tree, so it returned any unpacking's error.
+        let value = built?;
+        recorded?;
+        Ok(value)
     }
 }
 
@@ -206,12 +206,20 @@ impl InitrdBuilder<'_> {
 pub(super) struct Arrivals(Vec<mpsc::Receiver<Result<PathBuf, InitrdError>>>);
 
 impl Arrivals {
-    /// The `i`th archive's tree, waiting until it is in place; each is taken once.
+    /// The `i`th archive's tree, waiting until it is in place, or why it could not be
+    /// unpacked; each is taken once.
     pub(super) fn take(&self, i: usize) -> Result<PathBuf, InitrdError> {
         self.0[i]
             .recv()
             .expect("every unpacking thread sends its tree or its error")
     }
+}
+
+/// A tree in place; a fresh one with what its record needs, and its digest's lock held until
+/// the record is written.
+struct Unpacked {
+    tree: PathBuf,
+    record: Option<(Listing, PathBuf, nix::fcntl::Flock<fs::File>)>,
 }
 
 /// The cache's unpacked trees, apart from the builder so that threads can share it.
@@ -221,30 +229,26 @@ struct Unpacker<'a> {
 }
 
 impl Unpacker<'_> {
-    /// Unpack a verified artifact once, kept by digest, and hand its tree to `ready` as soon as
-    /// it is in place. The tree is trusted only with its record, written last, after the tree
-    /// is synced: a tree left without one (a crash, a hand-made directory) is unpacked again.
-    /// The digest's lock is held until the record is written, so a concurrent builder waits
-    /// for a complete tree.
-    fn unpacked(
-        &self,
-        archive: &Path,
-        sha256: &str,
-        ready: impl FnOnce(&Path),
-    ) -> Result<(), InitrdError> {
+    /// Unpack a verified artifact once, kept by digest. The tree is trusted only with its
+    /// record, written after the tree is synced (by [`InitrdBuilder::with_unpacked`]): a tree
+    /// left without one (a crash, a hand-made directory) is unpacked again. A fresh tree comes
+    /// back with its digest's lock held, so a concurrent builder waits for it to be complete.
+    fn unpacked(&self, archive: &Path, sha256: &str) -> Result<Unpacked, InitrdError> {
         let root = self.cache_dir.join("unpacked");
         let dest = root.join(sha256);
         let record = super::tree::record_path(&dest);
         let complete = |dest: &Path| dest.is_dir() && record.is_file();
+        let done = |tree: &Path| Unpacked {
+            tree: tree.to_path_buf(),
+            record: None,
+        };
         if complete(&dest) {
-            ready(&dest);
-            return Ok(());
+            return Ok(done(&dest));
         }
         fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
-        let _lock = lock_file(&root.join(format!("{sha256}.lock")))?;
+        let lock = lock_file(&root.join(format!("{sha256}.lock")))?;
         if complete(&dest) {
-            ready(&dest);
-            return Ok(());
+            return Ok(done(&dest));
         }
         for stale in [root.join(format!("tmp-{sha256}")), dest.clone()] {
             if fs::symlink_metadata(&stale).is_ok() {
@@ -254,14 +258,31 @@ impl Unpacker<'_> {
         }
         // Hashed as it is written: the record needs no second read of the tree.
         let (_, listing) = extract_tar_listed(archive, &dest, &Limits::default())?;
-        ready(&dest);
-        fsutil::sync_filesystem(&dest).map_err(io_err(format!("syncing {}", dest.display())))?;
-        fsutil::sync_dir(&root).map_err(io_err(format!("syncing {}", root.display())))?;
-        // What the tree holds, for a later deep verify.
-        super::tree::write_record(&super::tree::from_listing(&listing), &record)
-            .map_err(io_err(format!("recording {}", record.display())))?;
-        Ok(())
+        Ok(Unpacked {
+            tree: dest,
+            record: Some((listing, record, lock)),
+        })
     }
+}
+
+/// Sync the fresh trees among `unpacked` (one `syncfs`: they share the cache's file system),
+/// then write each one's record.
+fn record_fresh<'u>(unpacked: impl Iterator<Item = &'u Unpacked>) -> Result<(), InitrdError> {
+    let fresh: Vec<_> = unpacked
+        .filter_map(|u| u.record.as_ref().map(|r| (&u.tree, r)))
+        .collect();
+    let Some((first, _)) = fresh.first() else {
+        return Ok(());
+    };
+    let root = first.parent().unwrap_or(Path::new("."));
+    fsutil::sync_filesystem(root).map_err(io_err(format!("syncing {}", root.display())))?;
+    fsutil::sync_dir(root).map_err(io_err(format!("syncing {}", root.display())))?;
+    for (_, (listing, record, _lock)) in fresh {
+        // What the tree holds, for a later deep verify; its lock is released after.
+        super::tree::write_record(&super::tree::from_listing(listing), record)
+            .map_err(io_err(format!("recording {}", record.display())))?;
+    }
+    Ok(())
 }
 
 /// An exclusive lock held until the returned value is dropped.
