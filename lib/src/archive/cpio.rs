@@ -175,8 +175,7 @@ impl<W: Write> CpioWriter<W> {
         // Through a large buffer: `io::copy` then makes one read and one write (a compressor
         // call) per 256 KiB instead of per 8 KiB.
         let mut source = io::BufReader::with_capacity(COPY_CHUNK, contents.take(size));
-        let copied =
-            io::copy(&mut source, &mut w).map_err(io_err(format!("writing `{name}`")))?;
+        let copied = io::copy(&mut source, &mut w).map_err(io_err(format!("writing `{name}`")))?;
         drop(source);
         if copied != size {
             return Err(CpioError::SizeMismatch {
