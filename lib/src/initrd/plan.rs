@@ -125,6 +125,7 @@ impl KernelSide {
 
     /// Write the kernel side's entries.
     pub(super) fn write<W: Write>(&self, cpio: &mut CpioWriter<W>) -> Result<(), InitrdError> {
+        // It holds neither the guest init nor the manifest (the userspace side's).
         write_entries(cpio, &self.entries, b"", b"")
     }
 }
