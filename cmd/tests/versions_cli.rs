@@ -225,8 +225,8 @@ fn verify_cached_rehashes_the_cache() {
 
 #[test]
 fn verify_deep_reports_a_tampered_unpacked_tree_with_exit_3() {
-    // An unpacked tree is trusted by its presence; --deep re-hashes it
-    // against the record written beside it when it was unpacked.
+    // An unpacked tree is trusted by its presence (and its record); --deep compares it with
+    // what its cached archive, re-hashed, unpacks to.
     let body = b"kernel bytes".repeat(1000);
     let mirror = Mirror::files([("/vmlinuz", body.clone())]);
     let work = tempfile::tempdir().unwrap();
@@ -236,14 +236,22 @@ fn verify_deep_reports_a_tampered_unpacked_tree_with_exit_3() {
         .args(["versions", "verify", "k1", "--registry"])
         .arg(&registry));
     assert!(out.status.success(), "{}", text(&out));
-    let tree = cache.join("unpacked").join("ab".repeat(32));
-    fs::create_dir_all(tree.join("lib")).unwrap();
-    fs::write(tree.join("lib/nvidia.ko"), b"module").unwrap();
-    let record = format!(
-        r#"{{"lib":{{"type":"dir"}},"lib/nvidia.ko":{{"type":"file","sha256":"{}","size":6}}}}"#,
-        Sha256Digest::of(b"module").to_hex()
-    );
-    fs::write(tree.with_extension("tree.json"), record).unwrap();
+    // A cached archive and its tree, unpacked by GNU tar, with the record unpacking writes.
+    let archive = fixtures::tar_gz(&[("lib/nvidia.ko", b"module"), ("lib/fw/gsp.bin", b"fw")]);
+    let hex = Sha256Digest::of(&archive).to_hex();
+    let cached = cache.join("artifacts/sha256").join(&hex);
+    fs::write(&cached, &archive).unwrap();
+    let tree = cache.join("unpacked").join(&hex);
+    fs::create_dir_all(&tree).unwrap();
+    let tar = Command::new("tar")
+        .arg("xzf")
+        .arg(&cached)
+        .arg("-C")
+        .arg(&tree)
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    fs::write(tree.with_extension("tree.json"), "{}").unwrap();
     let deep = || {
         run(cli(&cache)
             .args([
@@ -261,14 +269,25 @@ fn verify_deep_reports_a_tampered_unpacked_tree_with_exit_3() {
     assert!(text(&out).contains("OK"), "{}", text(&out));
 
     fs::write(tree.join("lib/nvidia.ko"), b"modulE").unwrap();
+    fs::write(tree.join("lib/planted"), b"not from the archive").unwrap();
     let out = deep();
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    assert!(text(&out).contains("lib/nvidia.ko"), "{}", text(&out));
+    assert!(
+        text(&out).contains("lib/nvidia.ko changed")
+            && text(&out).contains("lib/planted was added"),
+        "{}",
+        text(&out)
+    );
     // Without --deep the cache's artifacts alone are checked, and they are intact.
     let out = run(cli(&cache)
         .args(["versions", "verify", "k1", "--cached", "--registry"])
         .arg(&registry));
     assert!(out.status.success(), "{}", text(&out));
+    // With its archive gone the tree cannot be checked, and says so rather than passing.
+    fs::remove_file(&cached).unwrap();
+    let out = deep();
+    assert!(text(&out).contains("no longer cached"), "{}", text(&out));
+    assert!(!text(&out).contains(" OK"), "{}", text(&out));
 }
 
 #[test]

@@ -242,6 +242,19 @@ pub fn xz_compress_modules(input: &Path, out: &Path) -> BTreeMap<String, Vec<u8>
     originals
 }
 
+/// A gzip-compressed tar of regular files (mode 0644; parents left implicit), `(path, bytes)`.
+pub fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (path, bytes) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        tar.append_data(&mut h, path, *bytes).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
 /// A tar with one entry whose raw name and link target are given (a symlink when `link` is
 /// set), bytes the `tar` crate's safe setters would refuse to write: hostile archives for tests.
 pub fn raw_tar(path: &[u8], link: Option<&[u8]>) -> Vec<u8> {

@@ -16,8 +16,6 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
-use sha2::{Digest, Sha256};
-
 use super::ArchiveError;
 use super::decompress::{Compression, decompressing_reader_named};
 use super::tar_headers::{HeaderGuard, Oversized};
@@ -226,10 +224,8 @@ pub fn extract_tar(
 pub enum Extracted {
     /// A directory: an archive entry, or a parent made for one.
     Dir,
-    /// A regular file: the SHA-256 and length of the bytes written.
+    /// A regular file of this many bytes.
     File {
-        /// SHA-256 of the contents.
-        sha256: [u8; 32],
         /// Length in bytes.
         size: u64,
     },
@@ -243,8 +239,9 @@ pub enum Extracted {
 /// Relative path → what [`extract_tar_listed`] wrote there: every path of the tree.
 pub type Listing = BTreeMap<PathBuf, Extracted>;
 
-/// [`extract_tar`], also returning every path written with each file's digest, hashed as it is
-/// written: a record of the tree without reading it back.
+/// [`extract_tar`], also returning every path written (each file with its length): a record
+/// of the tree without reading it back. Nothing is hashed here: the archive itself is the
+/// reference a tree is checked against later.
 pub fn extract_tar_listed(
     archive: &Path,
     dest: &Path,
@@ -379,16 +376,12 @@ fn extract_from<R: BufRead>(
                     .open(&target)
                     .map_err(|e| write_err(&target, e))?;
                 // Through a large buffer: `io::copy` then fills it straight from the decoder,
-                // one write (and one hash update) per 256 KiB instead of per 8 KiB.
-                let hashing = HashingWrite {
-                    inner: &mut file,
-                    hasher: listing.is_some().then(Sha256::new),
-                };
-                let mut writer = io::BufWriter::with_capacity(COPY_BUFFER, hashing);
+                // one write per 256 KiB instead of per 8 KiB.
+                let mut writer = io::BufWriter::with_capacity(COPY_BUFFER, &mut file);
                 let copied = io::copy(contents, &mut writer)
                     .and_then(|n| writer.flush().map(|()| n))
                     .map_err(|e| write_err(&target, e))?;
-                let hasher = writer.into_parts().0.hasher;
+                drop(writer);
                 if copied != *size {
                     return Err(write_err(
                         &target,
@@ -400,18 +393,11 @@ fn extract_from<R: BufRead>(
                 }
                 file.set_permissions(fs::Permissions::from_mode(entry.mode))
                     .map_err(|e| write_err(&target, e))?;
-                if let (Some(listing), Some(hasher)) = (listing.as_deref_mut(), hasher) {
+                if let Some(listing) = listing.as_deref_mut() {
                     // A listed tree is synced as a whole later: start its writeback now, so
                     // that sync has little left to wait for (a failure shows there).
                     let _ = crate::fsutil::start_writeback(&file, 0, copied);
-                    let sha256 = hasher.finalize().into();
-                    listing.insert(
-                        entry.path.clone(),
-                        Extracted::File {
-                            sha256,
-                            size: copied,
-                        },
-                    );
+                    listing.insert(entry.path.clone(), Extracted::File { size: copied });
                 }
             }
             EntryKind::Symlink { target: link } => {
@@ -449,25 +435,6 @@ fn extract_from<R: BufRead>(
 
 /// The write buffer of an extracted file.
 const COPY_BUFFER: usize = 256 << 10;
-
-/// Writes through to `inner`, hashing what it writes when it has a hasher.
-struct HashingWrite<W> {
-    inner: W,
-    hasher: Option<Sha256>,
-}
-
-impl<W: Write> Write for HashingWrite<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        if let Some(h) = &mut self.hasher {
-            h.update(&buf[..n]);
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
 
 /// Create the directories of `rel` (relative, validated) under `root`, never following symlinks:
 /// the walker has already refused any entry whose path passes through one.

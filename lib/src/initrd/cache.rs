@@ -256,7 +256,7 @@ impl Unpacker<'_> {
                     .map_err(io_err(format!("removing stale {}", stale.display())))?;
             }
         }
-        // Hashed as it is written: the record needs no second read of the tree.
+        // Listed as it is written, hashed never: a deep check compares it with the archive.
         let (_, listing) = extract_tar_listed(archive, &dest, &Limits::default())?;
         Ok(Unpacked {
             tree: dest,
@@ -278,7 +278,7 @@ fn record_fresh<'u>(unpacked: impl Iterator<Item = &'u Unpacked>) -> Result<(), 
     fsutil::sync_filesystem(root).map_err(io_err(format!("syncing {}", root.display())))?;
     fsutil::sync_dir(root).map_err(io_err(format!("syncing {}", root.display())))?;
     for (_, (listing, record, _lock)) in fresh {
-        // What the tree holds, for a later deep verify; its lock is released after.
+        // What the tree holds; its lock is released after.
         super::tree::write_record(&super::tree::from_listing(listing), record)
             .map_err(io_err(format!("recording {}", record.display())))?;
     }

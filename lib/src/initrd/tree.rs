@@ -1,6 +1,7 @@
-//! The record of an unpacked artifact tree: every file's digest, link target and directory,
-//! written beside the tree when it is unpacked, so that a later check can tell whether the tree
-//! the cache trusts by presence still holds the bytes the verified archive had.
+//! The record of an unpacked artifact tree: every path it holds (directories, files with their
+//! lengths, link targets), written beside the tree once the tree is synced. Its presence is what
+//! makes the cache trust the tree. A deep check compares the tree with the verified archive it
+//! was unpacked from ([`from_archive`] against [`scan`]), so the unpacking hashes nothing.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -9,7 +10,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::archive::tar::{Extracted, Listing};
+use crate::archive::ArchiveError;
+use crate::archive::tar::{EntryKind, Extracted, Limits, Listing, walk_tar};
 use crate::fsutil;
 
 /// One path of a tree.
@@ -17,8 +19,16 @@ use crate::fsutil;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum TreeEntry {
     Dir,
-    File { sha256: String, size: u64 },
-    Symlink { target: String },
+    /// A regular file; its SHA-256 where it was hashed ([`scan`], [`from_archive`]), not in the
+    /// record written at unpacking, which lists what was written.
+    File {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+        size: u64,
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 /// Relative path → entry, sorted.
@@ -56,7 +66,7 @@ pub(crate) fn scan(dir: &Path) -> io::Result<TreeRecord> {
             } else {
                 let (digest, size) = fsutil::sha256_reader(fs::File::open(&path)?)?;
                 TreeEntry::File {
-                    sha256: hex::encode(digest),
+                    sha256: Some(hex::encode(digest)),
                     size,
                 }
             };
@@ -66,16 +76,16 @@ pub(crate) fn scan(dir: &Path) -> io::Result<TreeRecord> {
     Ok(out)
 }
 
-/// The record of a tree as its extraction wrote it: the same as [`scan`] of the tree then,
-/// without reading it back.
+/// The record of a tree as its extraction wrote it: the paths [`scan`] of the tree finds then,
+/// without digests and without reading it back.
 pub(crate) fn from_listing(listing: &Listing) -> TreeRecord {
     listing
         .iter()
         .map(|(path, e)| {
             let entry = match e {
                 Extracted::Dir => TreeEntry::Dir,
-                Extracted::File { sha256, size } => TreeEntry::File {
-                    sha256: hex::encode(sha256),
+                Extracted::File { size } => TreeEntry::File {
+                    sha256: None,
                     size: *size,
                 },
                 Extracted::Symlink { target } => TreeEntry::Symlink {
@@ -87,29 +97,57 @@ pub(crate) fn from_listing(listing: &Listing) -> TreeRecord {
         .collect()
 }
 
+/// What unpacking `archive` writes, as [`scan`] of that tree would find it: every entry with
+/// each file's digest, and the parent directories the archive leaves implicit. Read through
+/// the same checks as an extraction, without writing anything.
+pub(crate) fn from_archive(archive: &Path) -> Result<TreeRecord, ArchiveError> {
+    let mut out = TreeRecord::new();
+    walk_tar(archive, &Limits::default(), &mut |entry, contents| {
+        for parent in entry.path.ancestors().skip(1) {
+            if !parent.as_os_str().is_empty() {
+                out.insert(parent.to_string_lossy().into_owned(), TreeEntry::Dir);
+            }
+        }
+        let e = match &entry.kind {
+            EntryKind::Directory => TreeEntry::Dir,
+            EntryKind::File { .. } => {
+                let (digest, size) =
+                    fsutil::sha256_reader(contents).map_err(|source| ArchiveError::Io {
+                        archive: archive.to_path_buf(),
+                        source,
+                    })?;
+                TreeEntry::File {
+                    sha256: Some(hex::encode(digest)),
+                    size,
+                }
+            }
+            EntryKind::Symlink { target } => TreeEntry::Symlink {
+                target: target.to_string_lossy().into_owned(),
+            },
+        };
+        out.insert(entry.path.to_string_lossy().into_owned(), e);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// Write `tree` to `record`, atomically.
 pub(crate) fn write_record(tree: &TreeRecord, record: &Path) -> io::Result<()> {
     let bytes = serde_json::to_vec(tree).map_err(io::Error::other)?;
     fsutil::write_atomic(record, &bytes)
 }
 
-/// Read a record written by [`write_record`].
-pub(crate) fn read_record(record: &Path) -> io::Result<TreeRecord> {
-    let bytes = fs::read(record)?;
-    serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-/// The paths where `found` differs from `recorded`: changed, missing or added, sorted.
-pub(crate) fn differences(recorded: &TreeRecord, found: &TreeRecord) -> Vec<String> {
+/// The paths where `found` differs from `expected`: changed, missing or added, sorted.
+pub(crate) fn differences(expected: &TreeRecord, found: &TreeRecord) -> Vec<String> {
     let mut out = Vec::new();
-    for (path, want) in recorded {
+    for (path, want) in expected {
         match found.get(path) {
             None => out.push(format!("{path} is missing")),
             Some(got) if got != want => out.push(format!("{path} changed")),
             Some(_) => {}
         }
     }
-    for path in found.keys().filter(|p| !recorded.contains_key(*p)) {
+    for path in found.keys().filter(|p| !expected.contains_key(*p)) {
         out.push(format!("{path} was added"));
     }
     out
@@ -120,7 +158,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_record_from_an_extraction_is_the_record_a_scan_of_the_tree_makes() {
+    fn the_archive_and_the_extraction_list_what_a_scan_of_the_tree_finds() {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a.tar");
         let mut b = tar::Builder::new(fs::File::create(&archive).unwrap());
@@ -163,9 +201,18 @@ mod tests {
         let t = dir.path().join("t");
         let (_, listing) =
             crate::archive::tar::extract_tar_listed(&archive, &t, &Default::default()).unwrap();
-        let recorded = from_listing(&listing);
-        assert_eq!(recorded, scan(&t).unwrap());
-        assert_eq!(recorded.len(), 8, "{recorded:?}");
+        let scanned = scan(&t).unwrap();
+        assert_eq!(scanned.len(), 8, "{scanned:?}");
+        assert_eq!(from_archive(&archive).unwrap(), scanned);
+        // The record written at unpacking: the same paths, kinds and sizes, no digests.
+        let without_digests: TreeRecord = scanned
+            .into_iter()
+            .map(|(path, e)| match e {
+                TreeEntry::File { size, .. } => (path, TreeEntry::File { sha256: None, size }),
+                other => (path, other),
+            })
+            .collect();
+        assert_eq!(from_listing(&listing), without_digests);
     }
 
     #[test]
@@ -175,9 +222,7 @@ mod tests {
         fs::create_dir_all(t.join("a")).unwrap();
         fs::write(t.join("a/f"), b"one").unwrap();
         fs::write(t.join("g"), b"two").unwrap();
-        let rec = record_path(&t);
-        write_record(&scan(&t).unwrap(), &rec).unwrap();
-        let recorded = read_record(&rec).unwrap();
+        let recorded = scan(&t).unwrap();
         assert!(differences(&recorded, &scan(&t).unwrap()).is_empty());
         fs::write(t.join("a/f"), b"One").unwrap();
         fs::remove_file(t.join("g")).unwrap();

@@ -1,16 +1,18 @@
-//! `verify --deep`: re-hash what the cache trusts by presence (unpacked artifact trees and built
-//! layers) against the digests recorded when they were made.
+//! `verify --deep`: re-check what the cache trusts by presence: unpacked artifact trees against
+//! the verified archives they came from, built layers against the digests recorded when they
+//! were made.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::fetch::Fetcher;
 use crate::fsutil;
 use crate::initrd::Layers;
 use crate::initrd::tree;
 use crate::inspect::{SigningRule, check_signatures};
-use crate::registry::{ArtifactKind, Release};
+use crate::registry::{ArtifactKind, Release, Sha256Digest};
 
 /// What a [`CacheRow`] checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -33,7 +35,8 @@ pub enum CacheStatus {
     Ok,
     /// Its bytes differ from the record; `detail` says where.
     Mismatch,
-    /// Made by an older builder that kept no record; it cannot be checked.
+    /// It cannot be checked: made by an older builder that kept no record, or an unpacked tree
+    /// whose archive is no longer cached.
     Unrecorded,
     /// It could not be read; see `detail`.
     Error,
@@ -95,12 +98,13 @@ impl CacheRow {
     }
 }
 
-/// Check every unpacked tree and every built layer under `cache_dir`, sorted by path.
-pub fn verify_cache(cache_dir: &Path) -> Vec<CacheRow> {
+/// Check every unpacked tree and every built layer under `cache_dir` (the artifacts through
+/// `fetcher`, which caches them there), sorted by path.
+pub fn verify_cache(fetcher: &Fetcher, cache_dir: &Path) -> Vec<CacheRow> {
     let mut rows = Vec::new();
     let unpacked = cache_dir.join("unpacked");
     for dir in subdirs(&unpacked) {
-        rows.push(check_tree(&dir));
+        rows.push(check_tree(fetcher, &dir));
     }
     for dir in subdirs(&cache_dir.join("layers")) {
         rows.extend(check_layers(&dir));
@@ -180,38 +184,67 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn check_tree(dir: &Path) -> CacheRow {
+/// An unpacked tree against the archive it was unpacked from (its name is the archive's
+/// digest), which is re-hashed first: the tree must hold exactly what unpacking it writes.
+fn check_tree(fetcher: &Fetcher, dir: &Path) -> CacheRow {
     let row =
         |status, detail| CacheRow::new(CacheItem::UnpackedTree, dir.to_path_buf(), status, detail);
-    let record = tree::record_path(dir);
-    let recorded = match tree::read_record(&record) {
-        Ok(r) => r,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let unpack_again = "delete the tree and it is unpacked again";
+    if !tree::record_path(dir).is_file() {
+        return row(
+            CacheStatus::Unrecorded,
+            Some(format!(
+                "no record that it was completely unpacked: {unpack_again}"
+            )),
+        );
+    }
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let Ok(digest) = name.parse::<Sha256Digest>() else {
+        return row(
+            CacheStatus::Error,
+            Some(format!(
+                "`{name}` is not an artifact's digest: {unpack_again}"
+            )),
+        );
+    };
+    let archive = match fetcher.rehash_cached(&digest) {
+        Ok(Some(fetched)) if fetched.sha256 == digest => fetched.path,
+        Ok(Some(fetched)) => {
+            return row(
+                CacheStatus::Mismatch,
+                Some(format!(
+                    "the artifact it was unpacked from, {}, no longer has that digest (it has \
+                     {}): delete both and they are fetched and unpacked again",
+                    fetched.path.display(),
+                    fetched.sha256
+                )),
+            );
+        }
+        Ok(None) => {
             return row(
                 CacheStatus::Unrecorded,
-                Some("no record of its contents: delete it and it is unpacked again".into()),
+                Some(format!(
+                    "the artifact it was unpacked from is no longer cached, so there is nothing \
+                     to check it against: {unpack_again}"
+                )),
             );
         }
-        Err(e) => {
-            return row(
-                CacheStatus::Error,
-                Some(format!("{}: {e}", record.display())),
-            );
-        }
+        Err(e) => return row(CacheStatus::Error, Some(e.to_string())),
+    };
+    let expected = match tree::from_archive(&archive) {
+        Ok(e) => e,
+        Err(e) => return row(CacheStatus::Error, Some(e.to_string())),
     };
     match tree::scan(dir) {
         Err(e) => row(CacheStatus::Error, Some(e.to_string())),
         Ok(found) => {
-            let diff = tree::differences(&recorded, &found);
+            let diff = tree::differences(&expected, &found);
             if diff.is_empty() {
                 row(CacheStatus::Ok, None)
             } else {
                 row(
                     CacheStatus::Mismatch,
-                    Some(format!(
-                        "{}; delete the tree and it is unpacked again",
-                        diff.join(", ")
-                    )),
+                    Some(format!("{}; {unpack_again}", diff.join(", "))),
                 )
             }
         }

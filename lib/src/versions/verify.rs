@@ -203,7 +203,7 @@ pub fn verify_deep(
     progress: &dyn Progress,
 ) -> Result<VerifyReport, VersionsError> {
     let mut report = verify(fetcher, registry, release, source, progress)?;
-    report.cache = deep::verify_cache(cache_dir);
+    report.cache = deep::verify_cache(fetcher, cache_dir);
     let releases: Vec<&Release> = match release {
         Some(n) => vec![registry.release(n)?],
         None => registry.releases().collect(),
