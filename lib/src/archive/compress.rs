@@ -109,6 +109,8 @@ impl<W: Write> FinishWrite<W> for zstd::stream::write::Encoder<'static, W> {
 
 /// zstd level for initrd layers: level 3 is zstd's default and unpacks as fast as any level.
 const ZSTD_LEVEL: i32 = 3;
+/// Largest zstd block: just under the 128 KiB that zstd pre-splits (see `compressing_writer`).
+const ZSTD_MAX_BLOCK: u32 = 127 << 10;
 /// gzip level, as `gzip -6`.
 const GZIP_LEVEL: u32 = 6;
 
@@ -132,6 +134,11 @@ pub fn compressing_writer<W: Write + 'static>(
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
             encoder.multithread(workers.max(1))?;
             encoder.include_checksum(true)?;
+            // zstd 1.5.7 splits each full 128 KiB block by content before compressing it
+            // ("pre-splitting"): on these payloads about 10% more CPU at level 3 for 0.8% less
+            // size. It never splits smaller blocks, so a 127 KiB maximum turns it off and keeps
+            // level 3 the work `zstd -3` of 1.5.4 (Debian 12's CLI) does.
+            encoder.set_parameter(zstd::zstd_safe::CParameter::MaxBlockSize(ZSTD_MAX_BLOCK))?;
             Box::new(encoder)
         }
         LayerCompression::Lz4 => Box::new(Lz4LegacyWriter::new(inner)?),

@@ -53,7 +53,7 @@ use crate::remedy::Remedy;
 
 /// Bumped whenever the builder's output changes for the same inputs, so old cache entries are
 /// never mistaken for new ones.
-const BUILDER_VERSION: u32 = 5;
+const BUILDER_VERSION: u32 = 6;
 
 /// The NVIDIA modules loaded by default. `nvidia_peermem` (GPUDirect RDMA) is left out: it needs
 /// an InfiniBand stack the guest rarely has; ask for it with [`BuildOptions::modules`].
