@@ -136,7 +136,8 @@ pub struct VerifyArgs {
     /// Do not fail because of unpinned artifacts.
     #[arg(long)]
     allow_unpinned: bool,
-    /// Also re-hash the unpacked artifact trees and built layers in the cache.
+    /// Also re-check the cache: each unpacked artifact tree against its archive, each built
+    /// layer against its recorded digests.
     #[arg(long)]
     deep: bool,
     /// Rebuild RELEASE's modules from its pinned inputs and compare (exit 3 naming each module

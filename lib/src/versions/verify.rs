@@ -190,8 +190,9 @@ pub fn verify(
     })
 }
 
-/// [`verify`], and then re-hash what the cache at `cache_dir` trusts by presence: every unpacked
-/// artifact tree and every built layer, against the digests recorded when they were made; and
+/// [`verify`], and then re-check what the cache at `cache_dir` trusts by presence: every unpacked
+/// artifact tree against what its cached archive unpacks to, every built layer against the
+/// digests recorded when it was made; and
 /// the module signatures of every unpacked `nvidia-modules` tree of a release that names a
 /// signer (or forces signatures).
 pub fn verify_deep(
